@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# One-shot, idempotent set-up of a node for the AMBERT pipeline.
+#
+#   bash launchers/setup.sh            # venv in ./.venv, CPU torch if no NVIDIA GPU is visible
+#   AMBERT_TORCH=skip bash launchers/setup.sh   # keep whatever torch the venv already has
+#
+# What it does (each step is skipped when already done, so a second run takes seconds):
+#   1. Debian packages: OpenMPI (mpi4py), Boost/zlib/bz2/lzma (KenLM's lmplz), ninja (DeepSpeed JIT).
+#   2. A virtual environment (AMBERT_VENV, default ./.venv).
+#   3. torch: the CPU wheel on machines without an NVIDIA driver; on GPU nodes the default
+#      (CUDA) wheel from PyPI, unless AMBERT_TORCH names a spec or "skip".
+#   4. The project itself (pip install -e '.[dev]').
+#   5. KenLM's lmplz/build_binary, compiled from the `kenlm` sdist on PyPI into ./third_party/kenlm/bin
+#      (no distribution ships lmplz; the pip wheel is only the query module).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${AMBERT_VENV:-$ROOT/.venv}"
+PY="${AMBERT_PYTHON:-python3}"
+KENLM_PREFIX="$ROOT/third_party/kenlm"
+log() { printf '[setup %(%H:%M:%S)T] %s\n' -1 "$*"; }
+
+# ---- 1. system packages ------------------------------------------------------------------
+need_apt=()
+command -v mpirun >/dev/null 2>&1 || need_apt+=(libopenmpi-dev openmpi-bin)
+[ -f /usr/include/boost/program_options.hpp ] || need_apt+=(libboost-program-options-dev libboost-system-dev libboost-thread-dev libboost-test-dev)
+[ -f /usr/include/zlib.h ] || need_apt+=(zlib1g-dev)
+[ -f /usr/include/bzlib.h ] || need_apt+=(libbz2-dev)
+[ -f /usr/include/lzma.h ] || need_apt+=(liblzma-dev)
+command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
+command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
+command -v ninja >/dev/null 2>&1 || need_apt+=(ninja-build)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  if command -v apt-get >/dev/null 2>&1; then
+    log "installing system packages: ${need_apt[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  else
+    log "WARNING: not a Debian/Ubuntu system; install the equivalents of: ${need_apt[*]}"
+  fi
+fi
+
+# ---- 2. virtual environment --------------------------------------------------------------
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating virtual environment $VENV"
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip wheel setuptools
+fi
+PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+
+# ---- 3. torch ----------------------------------------------------------------------------
+TORCH_SPEC="${AMBERT_TORCH:-auto}"
+if [ "$TORCH_SPEC" != "skip" ] && ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  if [ "$TORCH_SPEC" = "auto" ]; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+      TORCH_SPEC="torch>=2.4"          # GPU node: PyPI's default CUDA build
+    else
+      TORCH_SPEC="torch==2.13.0"       # CPU node: a CPU wheel (a range would pull a multi-GB CUDA build)
+    fi
+  fi
+  log "installing $TORCH_SPEC"
+  "${PIP[@]}" "$TORCH_SPEC"
+fi
+
+# ---- 4. the project ----------------------------------------------------------------------
+stamp="$VENV/.ambert-installed"
+if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+  log "installing the project and its dependencies"
+  "${PIP[@]}" -e "$ROOT[dev]"
+  touch "$stamp"
+fi
+
+# ---- 5. KenLM lmplz / build_binary -------------------------------------------------------
+if [ ! -x "$KENLM_PREFIX/bin/lmplz" ] || [ ! -x "$KENLM_PREFIX/bin/build_binary" ]; then
+  log "building KenLM lmplz/build_binary from the kenlm sdist (~1 min)"
+  work="$(mktemp -d)"
+  trap 'rm -rf "$work"' EXIT
+  "$VENV/bin/python" -m pip download -q --no-deps --no-binary :all: -d "$work" kenlm
+  tar -xzf "$work"/kenlm-*.tar.gz -C "$work"
+  src="$(find "$work" -maxdepth 1 -type d -name 'kenlm-*' | head -1)"
+  cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release >"$work/cmake.log" 2>&1 \
+    || { tail -30 "$work/cmake.log"; exit 1; }
+  make -C "$src/build" -j"$(nproc)" lmplz build_binary >"$work/make.log" 2>&1 \
+    || { tail -30 "$work/make.log"; exit 1; }
+  mkdir -p "$KENLM_PREFIX/bin.tmp"
+  cp "$src/build/bin/lmplz" "$src/build/bin/build_binary" "$KENLM_PREFIX/bin.tmp/"
+  rm -rf "$KENLM_PREFIX/bin" && mv "$KENLM_PREFIX/bin.tmp" "$KENLM_PREFIX/bin"
+fi
+
+log "ready: $VENV (python $("$VENV/bin/python" -c 'import sys;print(sys.version.split()[0])'),"\
+" torch $("$VENV/bin/python" -c 'import torch;print(torch.__version__)')), lmplz in $KENLM_PREFIX/bin"
