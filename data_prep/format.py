@@ -1,0 +1,460 @@
+"""The on-disk format of a paired AMBERT dataset: the ONLY contract between data_prep and pipeline.
+
+A dataset directory looks like::
+
+    DIR/
+      meta.json                    # FORMAT_VERSION, language, build params, versions, checksums, stats
+      fine_vocab.txt               # one token a line; line number == id
+      coarse_vocab.txt             # one token a line; line number == id
+      fine_tokenizer.json          # (English only) the HF tokenizers model that produced fine ids
+      phrases.tsv                  # (English only) the phrase dictionary used for coarse tokens
+      train_fine.{bin,idx}         # megatron-core IndexedDataset: fine ids, one sequence a sentence
+      train_coarse.{bin,idx}       #                               coarse ids, one sequence a sentence
+      train_align.{bin,idx}        #   for each coarse token, how many fine tokens it covers
+      valid_fine.{bin,idx} ...     # the same three for the valid split
+
+The three IndexedDatasets of a split have the same number of sequences (sentences) and the same
+document boundaries; for sentence s, ``sum(align[s]) == len(fine[s])`` and
+``len(align[s]) == len(coarse[s])``. Coarse token k of a sentence covers fine tokens
+``[cumsum(align)[k-1], cumsum(align)[k])``: a coarse boundary is always a fine boundary.
+
+Special tokens have the same ids in both vocabularies (``SPECIAL_TOKENS`` below), so one [PAD],
+[CLS], [SEP] and [MASK] id serves both granularities.
+
+A build writes into ``DIR.partial-<pid>`` and renames it to ``DIR`` only when everything, meta.json
+last, is on disk: a directory named DIR with a meta.json is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+FORMAT_VERSION = 1
+
+# ---------------------------------------------------------------------------------------------
+# Special tokens: ids 0..4 in BOTH vocabularies.
+# ---------------------------------------------------------------------------------------------
+PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, CLS, SEP, MASK)
+PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
+NUM_SPECIAL = len(SPECIAL_TOKENS)
+
+SPLITS = ("train", "valid")
+STREAMS = ("fine", "coarse", "align")
+META_FILE = "meta.json"
+FINE_VOCAB_FILE = "fine_vocab.txt"
+COARSE_VOCAB_FILE = "coarse_vocab.txt"
+FINE_TOKENIZER_FILE = "fine_tokenizer.json"
+PHRASES_FILE = "phrases.tsv"
+
+# Alignment counts are stored as uint16: one coarse token never covers more than 65535 fine ones.
+ALIGN_DTYPE = np.uint16
+
+
+class FormatError(ValueError):
+    """A dataset directory is missing, incomplete or inconsistent. The message says how to fix it."""
+
+
+def id_dtype(vocab_size: int) -> type:
+    """Smallest dtype that holds every id of a vocabulary (uint16 up to 65,535 entries)."""
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+
+
+def prefix(directory: str | os.PathLike, split: str, stream: str) -> str:
+    """Path prefix (no extension) of one IndexedDataset of a split."""
+    if split not in SPLITS or stream not in STREAMS:
+        raise ValueError(f"unknown split/stream {split!r}/{stream!r}; expected {SPLITS} x {STREAMS}")
+    return str(Path(directory) / f"{split}_{stream}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabularies
+# ---------------------------------------------------------------------------------------------
+class Vocab:
+    """A token <-> id table whose first NUM_SPECIAL entries are SPECIAL_TOKENS."""
+
+    def __init__(self, tokens: Sequence[str]):
+        tokens = list(tokens)
+        if tuple(tokens[:NUM_SPECIAL]) != SPECIAL_TOKENS:
+            raise FormatError(
+                f"a vocabulary must start with the special tokens {SPECIAL_TOKENS}, got {tokens[:NUM_SPECIAL]}"
+            )
+        self.tokens = tokens
+        self.index = {t: i for i, t in enumerate(tokens)}
+        if len(self.index) != len(tokens):
+            seen: set[str] = set()
+            dup = next(t for t in tokens if t in seen or seen.add(t))
+            raise FormatError(f"duplicate vocabulary entry {dup!r}")
+
+    @classmethod
+    def from_tokens(cls, regular_tokens: Iterable[str]) -> "Vocab":
+        """Special tokens followed by ``regular_tokens`` (order kept, specials skipped)."""
+        return cls(list(SPECIAL_TOKENS) + [t for t in regular_tokens if t not in SPECIAL_TOKENS])
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __contains__(self, token: str) -> bool:
+        return token in self.index
+
+    def id(self, token: str) -> int:
+        return self.index.get(token, UNK_ID)
+
+    def token(self, token_id: int) -> str:
+        return self.tokens[token_id]
+
+    def save(self, path: str | os.PathLike) -> None:
+        for t in self.tokens:
+            if "\n" in t or "\r" in t:
+                raise FormatError(f"vocabulary entry {t!r} contains a line break")
+        Path(path).write_text("".join(t + "\n" for t in self.tokens), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Vocab":
+        text = Path(path).read_text(encoding="utf-8")
+        return cls(text.split("\n")[:-1] if text.endswith("\n") else text.split("\n"))
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256("\n".join(self.tokens).encode("utf-8")).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+def _builder(path_prefix: str, dtype):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    return IndexedDatasetBuilder(path_prefix + ".bin", dtype=dtype)
+
+
+class SplitWriter:
+    """Appends aligned documents to the three IndexedDatasets of one split.
+
+    ``add_document`` takes a list of sentences, each ``(fine_ids, coarse_ids, align)``, and checks
+    the alignment invariant before writing anything, so a bad document never reaches the disk.
+    """
+
+    def __init__(self, directory: str | os.PathLike, split: str, fine_vocab_size: int, coarse_vocab_size: int):
+        self.directory = Path(directory)
+        self.split = split
+        self.fine_vocab_size = fine_vocab_size
+        self.coarse_vocab_size = coarse_vocab_size
+        self.dtypes = {
+            "fine": id_dtype(fine_vocab_size),
+            "coarse": id_dtype(coarse_vocab_size),
+            "align": ALIGN_DTYPE,
+        }
+        self.builders = {s: _builder(prefix(directory, split, s), self.dtypes[s]) for s in STREAMS}
+        self.documents = 0
+        self.sentences = 0
+        self.fine_tokens = 0
+        self.coarse_tokens = 0
+
+    def add_document(self, sentences: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]]) -> None:
+        if not sentences:
+            raise FormatError("a document needs at least one sentence")
+        arrays = []
+        for fine, coarse, align in sentences:
+            fine = np.asarray(fine, dtype=np.int64)
+            coarse = np.asarray(coarse, dtype=np.int64)
+            align = np.asarray(align, dtype=np.int64)
+            check_sentence(fine, coarse, align, self.fine_vocab_size, self.coarse_vocab_size)
+            arrays.append((fine, coarse, align))
+        for fine, coarse, align in arrays:
+            self.builders["fine"].add_item(_tensor(fine, self.dtypes["fine"]))
+            self.builders["coarse"].add_item(_tensor(coarse, self.dtypes["coarse"]))
+            self.builders["align"].add_item(_tensor(align, self.dtypes["align"]))
+            self.fine_tokens += len(fine)
+            self.coarse_tokens += len(coarse)
+        for b in self.builders.values():
+            b.end_document()
+        self.documents += 1
+        self.sentences += len(arrays)
+
+    def add_shard(self, shard_directory: str | os.PathLike) -> None:
+        """Append a whole split written by another SplitWriter (same vocabularies) in ``shard_directory``."""
+        for s in STREAMS:
+            self.builders[s].add_index(prefix(shard_directory, self.split, s))
+        reader = PairedSplit(shard_directory, self.split)
+        self.documents += len(reader)
+        self.sentences += reader.num_sentences
+        self.fine_tokens += int(reader.fine.sequence_lengths.sum())
+        self.coarse_tokens += int(reader.coarse.sequence_lengths.sum())
+
+    def finalize(self) -> dict:
+        for s in STREAMS:
+            self.builders[s].finalize(prefix(self.directory, self.split, s) + ".idx")
+        return {
+            "documents": self.documents,
+            "sentences": self.sentences,
+            "fine_tokens": self.fine_tokens,
+            "coarse_tokens": self.coarse_tokens,
+        }
+
+
+def _tensor(array: np.ndarray, dtype):
+    import torch  # IndexedDatasetBuilder.add_item takes a tensor and casts it to the builder dtype
+
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def check_sentence(fine, coarse, align, fine_vocab_size: int, coarse_vocab_size: int) -> None:
+    """Raise FormatError unless one sentence satisfies the alignment invariant and the id ranges."""
+    if len(coarse) == 0 or len(fine) == 0:
+        raise FormatError("empty sentence (0 fine or 0 coarse tokens)")
+    if len(align) != len(coarse):
+        raise FormatError(f"{len(align)} alignment counts for {len(coarse)} coarse tokens")
+    if np.any(np.asarray(align) <= 0) or np.any(np.asarray(align) > np.iinfo(ALIGN_DTYPE).max):
+        raise FormatError("every coarse token must cover between 1 and 65535 fine tokens")
+    if int(np.sum(align)) != len(fine):
+        raise FormatError(f"alignment covers {int(np.sum(align))} fine tokens, the sentence has {len(fine)}")
+    for name, ids, size in (("fine", fine, fine_vocab_size), ("coarse", coarse, coarse_vocab_size)):
+        ids = np.asarray(ids)
+        if ids.min() < 0 or ids.max() >= size:
+            raise FormatError(f"{name} id out of range [0, {size}): min {ids.min()}, max {ids.max()}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic output directory
+# ---------------------------------------------------------------------------------------------
+class AtomicDirectory:
+    """Build into ``<target>.partial-<pid>``; ``commit()`` renames it to ``target``.
+
+    On an exception (or a kill) the target is never touched: a directory named ``target`` is either
+    the previous complete dataset or the new complete one. With ``overwrite`` an existing target is
+    replaced only at commit time.
+    """
+
+    def __init__(self, target: str | os.PathLike, overwrite: bool = False):
+        self.target = Path(target)
+        self.overwrite = overwrite
+        if self.target.exists() and not overwrite:
+            raise FileExistsError(
+                f"output directory {self.target} already exists; pass --overwrite to replace it "
+                f"(it is replaced only once the new build is complete) or choose another --output"
+            )
+        self.path = self.target.parent / f"{self.target.name}.partial-{os.getpid()}"
+
+    def __enter__(self) -> Path:
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True)
+        return self.path
+
+    def commit(self) -> None:
+        old = None
+        if self.target.exists():
+            old = self.target.parent / f"{self.target.name}.old-{os.getpid()}"
+            self.target.rename(old)
+        self.path.rename(self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def write_meta(directory: str | os.PathLike, meta: dict) -> None:
+    """Write meta.json atomically (tmp + rename). Adds ``format_version``."""
+    meta = {"format_version": FORMAT_VERSION, **meta}
+    path = Path(directory) / META_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Sentence:
+    fine: np.ndarray
+    coarse: np.ndarray
+    align: np.ndarray
+
+
+@dataclass
+class Document:
+    """One document: its sentences concatenated, with sentence boundaries kept.
+
+    ``fine_offsets[s]:fine_offsets[s+1]`` are the fine tokens of sentence s (likewise coarse);
+    ``align`` concatenates the per-sentence alignment counts, so it is valid for the whole document.
+    """
+
+    fine: np.ndarray
+    coarse: np.ndarray
+    align: np.ndarray
+    fine_offsets: np.ndarray
+    coarse_offsets: np.ndarray
+
+    @property
+    def num_sentences(self) -> int:
+        return len(self.fine_offsets) - 1
+
+    def coarse_to_fine_spans(self) -> np.ndarray:
+        """[num_coarse, 2] array: fine [start, end) covered by each coarse token."""
+        ends = np.cumsum(self.align, dtype=np.int64)
+        return np.stack([ends - self.align, ends], axis=1)
+
+
+class PairedSplit:
+    """Reads one split (train or valid) of a paired dataset: documents of aligned fine/coarse ids."""
+
+    def __init__(self, directory: str | os.PathLike, split: str = "train"):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        self.directory = Path(directory)
+        self.split = split
+        for s in STREAMS:
+            for ext in (".bin", ".idx"):
+                if not Path(prefix(directory, split, s) + ext).is_file():
+                    raise FormatError(
+                        f"{prefix(directory, split, s) + ext} is missing: {directory} is not a complete "
+                        f"paired dataset; rebuild it with `python data_prep/build.py ... --output {directory}`"
+                    )
+        # An empty .bin cannot be memory-mapped (an empty split is legal: e.g. no valid documents).
+        mmap = os.path.getsize(prefix(directory, split, "fine") + ".bin") > 0
+        self.fine = IndexedDataset(prefix(directory, split, "fine"), mmap=mmap)
+        self.coarse = IndexedDataset(prefix(directory, split, "coarse"), mmap=mmap)
+        self.align = IndexedDataset(prefix(directory, split, "align"), mmap=mmap)
+        n = len(self.fine)
+        if len(self.coarse) != n or len(self.align) != n:
+            raise FormatError(f"{directory}/{split}: fine/coarse/align sentence counts differ")
+        docs = self.fine.document_indices
+        if not (np.array_equal(docs, self.coarse.document_indices) and np.array_equal(docs, self.align.document_indices)):
+            raise FormatError(f"{directory}/{split}: fine/coarse/align document boundaries differ")
+        self.document_indices = np.asarray(docs, dtype=np.int64)
+        self.num_sentences = n
+
+    def __len__(self) -> int:
+        return len(self.document_indices) - 1
+
+    def sentence(self, s: int) -> Sentence:
+        return Sentence(self.fine[s], self.coarse[s], self.align[s])
+
+    def document(self, i: int) -> Document:
+        if not 0 <= i < len(self):
+            raise IndexError(f"document {i} out of range ({len(self)} documents)")
+        lo, hi = int(self.document_indices[i]), int(self.document_indices[i + 1])
+        fine_lens = self.fine.sequence_lengths[lo:hi].astype(np.int64)
+        coarse_lens = self.coarse.sequence_lengths[lo:hi].astype(np.int64)
+        # Sentences of a document are contiguous on disk: a slice is one read per stream.
+        fine = np.concatenate(self.fine[lo:hi])
+        coarse = np.concatenate(self.coarse[lo:hi])
+        align = np.concatenate(self.align[lo:hi])
+        return Document(
+            fine=fine,
+            coarse=coarse,
+            align=align,
+            fine_offsets=np.concatenate([[0], np.cumsum(fine_lens)]),
+            coarse_offsets=np.concatenate([[0], np.cumsum(coarse_lens)]),
+        )
+
+    def document_lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """(fine, coarse) token count of every document, without reading token data."""
+        idx = self.document_indices
+        fine = np.add.reduceat(self.fine.sequence_lengths.astype(np.int64), idx[:-1]) if len(self) else np.zeros(0, np.int64)
+        coarse = np.add.reduceat(self.coarse.sequence_lengths.astype(np.int64), idx[:-1]) if len(self) else np.zeros(0, np.int64)
+        return fine, coarse
+
+
+class PairedDataset:
+    """A complete dataset directory: meta, vocabularies, and its splits."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        meta_path = self.directory / META_FILE
+        if not meta_path.is_file():
+            partial = sorted(self.directory.parent.glob(self.directory.name + ".partial-*"))
+            hint = f" (found unfinished build {partial[0]}; it was interrupted, rebuild)" if partial else ""
+            raise FormatError(
+                f"{self.directory} is not a paired dataset: {META_FILE} is missing{hint}. "
+                f"Build one with `python data_prep/build.py --lang zh|en --output {self.directory}`"
+            )
+        self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        version = self.meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise FormatError(
+                f"{self.directory}: format version {version}, this code reads version {FORMAT_VERSION}; "
+                f"rebuild the dataset with this version of data_prep/build.py"
+            )
+        self.language = self.meta.get("language")
+        self.fine_vocab = Vocab.load(self.directory / FINE_VOCAB_FILE)
+        self.coarse_vocab = Vocab.load(self.directory / COARSE_VOCAB_FILE)
+        for name, vocab in (("fine", self.fine_vocab), ("coarse", self.coarse_vocab)):
+            recorded = self.meta.get(f"{name}_vocab_size")
+            if recorded is not None and recorded != len(vocab):
+                raise FormatError(f"{self.directory}: meta.json says {name}_vocab_size={recorded}, the file has {len(vocab)}")
+        self._splits: dict[str, PairedSplit] = {}
+
+    def split(self, name: str = "train") -> PairedSplit:
+        if name not in self._splits:
+            self._splits[name] = PairedSplit(self.directory, name)
+        return self._splits[name]
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the data a checkpoint was trained on (vocabularies + content checksums)."""
+        h = hashlib.sha256()
+        h.update(self.fine_vocab.fingerprint().encode())
+        h.update(self.coarse_vocab.fingerprint().encode())
+        h.update(json.dumps(self.meta.get("splits", {}), sort_keys=True).encode())
+        return h.hexdigest()[:16]
+
+    # --- decoding -------------------------------------------------------------------------
+    def fine_tokens(self, ids: Iterable[int]) -> list[str]:
+        return [self.fine_vocab.token(int(i)) for i in ids]
+
+    def coarse_tokens(self, ids: Iterable[int]) -> list[str]:
+        return [self.coarse_vocab.token(int(i)) for i in ids]
+
+    def decode_fine(self, ids: Iterable[int]) -> str:
+        return detokenize(self.fine_tokens(ids), self.language)
+
+    def decode_coarse(self, ids: Iterable[int]) -> str:
+        return detokenize(self.coarse_tokens(ids), self.language)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token strings <-> text. One convention for both languages and both granularities:
+#   - a token that continues the previous word (no space before it) starts with "##";
+#   - for Chinese, CJK characters and punctuation join without spaces, Latin/digit words are
+#     separated by one space, as in the normalised text;
+#   - for English, every token not starting with "##" is preceded by a space; a coarse phrase
+#     token joins its words with "_" ("new_york"), which decodes to a space.
+# ---------------------------------------------------------------------------------------------
+CONTINUATION = "##"
+PHRASE_JOINER = "_"
+
+
+def _is_wordlike(ch: str) -> bool:
+    return ch.isascii() and ch.isalnum()
+
+
+def detokenize(tokens: Sequence[str], language: str | None) -> str:
+    out: list[str] = []
+    prev = ""
+    for tok in tokens:
+        if tok.startswith(CONTINUATION) and len(tok) > len(CONTINUATION):
+            piece = tok[len(CONTINUATION):]
+            out.append(piece)
+            prev = piece
+            continue
+        piece = tok.replace(PHRASE_JOINER, " ") if language == "en" and len(tok) > 1 else tok
+        if out:
+            if language == "en":
+                out.append(" ")
+            elif _is_wordlike(prev[-1:]) and _is_wordlike(piece[:1]):
+                out.append(" ")
+        out.append(piece)
+        prev = piece
+    return "".join(out)

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test suite (CPU, gloo). Extra arguments go to pytest, e.g. `bash launchers/test.sh -k format`.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export DS_ACCELERATOR=cpu HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec "${AMBERT_VENV:-$ROOT/.venv}/bin/python" -m pytest -q -p no:cacheprovider "$@" tests

@@ -1,0 +1,110 @@
+"""The on-disk format: write -> read round trip, invariants, atomic directories."""
+
+import numpy as np
+import pytest
+
+from data_prep import format as fmt
+
+
+def _write(tmp_path, docs, fine_vocab=300, coarse_vocab=70000):
+    with (atomic := fmt.AtomicDirectory(tmp_path / "ds")) as work:
+        w = fmt.SplitWriter(work, "train", fine_vocab, coarse_vocab)
+        for d in docs:
+            w.add_document(d)
+        stats = w.finalize()
+        for split in ("valid",):
+            fmt.SplitWriter(work, split, fine_vocab, coarse_vocab).finalize()
+        fmt.Vocab.from_tokens(f"f{i}" for i in range(fine_vocab - fmt.NUM_SPECIAL)).save(work / fmt.FINE_VOCAB_FILE)
+        fmt.Vocab.from_tokens(f"c{i}" for i in range(coarse_vocab - fmt.NUM_SPECIAL)).save(work / fmt.COARSE_VOCAB_FILE)
+        fmt.write_meta(work, {"language": "zh", "fine_vocab_size": fine_vocab, "coarse_vocab_size": coarse_vocab})
+        atomic.commit()
+    return stats
+
+
+def test_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    docs = []
+    for _ in range(20):
+        sents = []
+        for _ in range(rng.integers(1, 5)):
+            align = rng.integers(1, 4, size=rng.integers(1, 9))
+            fine = rng.integers(0, 300, size=int(align.sum()))
+            coarse = rng.integers(0, 70000, size=len(align))
+            sents.append((fine, coarse, align))
+        docs.append(sents)
+    stats = _write(tmp_path, docs)
+    assert stats["documents"] == 20
+    ds = fmt.PairedDataset(tmp_path / "ds")
+    split = ds.split("train")
+    assert len(split) == 20
+    assert split.coarse.index.dtype == np.int32 and split.fine.index.dtype == np.uint16
+    fine_lens, coarse_lens = split.document_lengths()
+    for i, sents in enumerate(docs):
+        doc = split.document(i)
+        np.testing.assert_array_equal(doc.fine, np.concatenate([s[0] for s in sents]))
+        np.testing.assert_array_equal(doc.coarse, np.concatenate([s[1] for s in sents]))
+        np.testing.assert_array_equal(doc.align, np.concatenate([s[2] for s in sents]))
+        assert doc.num_sentences == len(sents)
+        assert fine_lens[i] == len(doc.fine) and coarse_lens[i] == len(doc.coarse)
+        spans = doc.coarse_to_fine_spans()
+        assert spans[-1, 1] == len(doc.fine) and np.all(spans[:, 1] - spans[:, 0] == doc.align)
+    assert len(ds.split("valid")) == 0
+
+
+@pytest.mark.parametrize(
+    "sentence, message",
+    [
+        (([5, 6, 7], [9, 10], [1, 1]), "covers 2 fine tokens"),
+        (([5, 6], [9], [1, 1]), "2 alignment counts for 1 coarse"),
+        (([5, 6], [9, 10], [2, 0]), "between 1 and 65535"),
+        (([5, 600], [9], [2]), "fine id out of range"),
+        (([], [], []), "empty sentence"),
+    ],
+)
+def test_bad_sentence_rejected_before_write(tmp_path, sentence, message):
+    w = fmt.SplitWriter(tmp_path, "train", 300, 300)
+    w.add_document([([1, 2], [3], [2])])
+    with pytest.raises(fmt.FormatError, match=message):
+        w.add_document([([1, 2], [3], [2]), sentence])
+    w.finalize()
+    split = fmt.PairedSplit(tmp_path, "train")
+    assert len(split) == 1 and split.num_sentences == 1  # the bad document wrote nothing
+
+
+def test_interrupted_build_leaves_no_dataset(tmp_path):
+    with pytest.raises(RuntimeError):
+        with fmt.AtomicDirectory(tmp_path / "ds") as work:
+            (work / "train_fine.bin").write_bytes(b"x")
+            raise RuntimeError("killed")
+    assert not (tmp_path / "ds").exists()
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(fmt.FormatError, match="meta.json is missing"):
+        fmt.PairedDataset(tmp_path / "ds")
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    (tmp_path / "ds").mkdir()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        fmt.AtomicDirectory(tmp_path / "ds")
+    atomic = fmt.AtomicDirectory(tmp_path / "ds", overwrite=True)
+    with atomic as work:
+        (work / "marker").write_text("new")
+        atomic.commit()
+    assert (tmp_path / "ds" / "marker").read_text() == "new"
+
+
+def test_vocab_rules(tmp_path):
+    with pytest.raises(fmt.FormatError, match="special tokens"):
+        fmt.Vocab(["a", "b"])
+    with pytest.raises(fmt.FormatError, match="duplicate"):
+        fmt.Vocab(list(fmt.SPECIAL_TOKENS) + ["a", "a"])
+    v = fmt.Vocab.from_tokens(["中", "国", "[MASK]"])
+    assert len(v) == fmt.NUM_SPECIAL + 2 and v.id("中") == 5 and v.id("x") == fmt.UNK_ID
+    v.save(tmp_path / "v.txt")
+    assert fmt.Vocab.load(tmp_path / "v.txt").tokens == v.tokens
+
+
+def test_detokenize_conventions():
+    assert fmt.detokenize(["中", "国", "GDP", "增", "长", "2", "##0", "%"], "zh") == "中国GDP增长20%"
+    assert fmt.detokenize(["Linux", "kernel", "文", "档"], "zh") == "Linux kernel文档"
+    assert fmt.detokenize(["a_new", "chapel", "in", "york", "##shire"], "en") == "a new chapel in yorkshire"
