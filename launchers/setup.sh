@@ -76,7 +76,7 @@ if [ ! -x "$KENLM_PREFIX/bin/lmplz" ] || [ ! -x "$KENLM_PREFIX/bin/build_binary"
   log "building KenLM lmplz/build_binary from the kenlm sdist (~1 min)"
   work="$(mktemp -d)"
   trap 'rm -rf "$work"' EXIT
-  "$VENV/bin/python" -m pip download -q --no-deps --no-binary :all: -d "$work" kenlm
+  "$VENV/bin/python" -m pip download -q --no-deps --no-binary kenlm --no-build-isolation -d "$work" kenlm
   tar -xzf "$work"/kenlm-*.tar.gz -C "$work"
   src="$(find "$work" -maxdepth 1 -type d -name 'kenlm-*' | head -1)"
   cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release >"$work/cmake.log" 2>&1 \
