@@ -1,0 +1,401 @@
+"""English phrase dictionary (AMBERT's coarse vocabulary): KenLM mining and greedy longest match.
+
+Mining, as in the paper: n-gram statistics come from KenLM (``lmplz``) over the word-tokenized
+corpus, one sentence a line, so no n-gram crosses a sentence boundary. A candidate n-gram
+``w1 .. wn`` (2 <= n <= order) is kept when
+
+- every transition is "sticky": ``log10 p(w_k | w_1 .. w_{k-1}) >= min_logprob`` for k = 2..n,
+  read from the ARPA file (KenLM's interpolated modified Kneser-Ney estimate);
+- every transition into a content word is informative: its lift
+  ``log10 p(w_k | w_1 .. w_{k-1}) - log10 p(w_k)`` (a pointwise mutual information) is at least
+  ``min_lift``. This is what rejects "said the"-like pairs whose last word is merely frequent;
+- it neither starts nor ends with a stop word, has no function word inside other than a few
+  "glue" words (of, and, the, ...: "secretary of the treasury" yes, "command is valid" no), contains no punctuation / digits-only token
+  (those make fragments like "of the", "1 ."), and occurs at least ``min_count`` times. ARPA files
+  carry probabilities, not counts, so candidates are counted in a second streaming pass whose
+  memory is bounded by the number of candidates (lmplz's own ``--prune`` already drops n-grams
+  rarer than ``min_count``);
+- it is not subsumed: if one longer phrase accounts for nearly all of its occurrences
+  ("minister tony blair" inside "prime minister tony blair"), only the longer one is kept.
+
+Phrases are scored by ``min_lift_over_transitions * log10(count)`` -- strong association weighted
+by how much text the phrase covers -- and written, best first, as ``phrases.tsv``.
+
+Tokenization is a greedy left-to-right longest match over words (``PhraseTokenizer``): phrase
+boundaries are word boundaries, so the fine/coarse alignment stays exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+log = logging.getLogger("data_prep.phrases")
+
+LMPLZ_ENV = "AMBERT_LMPLZ"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# English function words. A phrase never starts or ends with one (they make fragments such as
+# "of the", "in a", "the united states"), but may contain one ("united states of america").
+STOP_WORDS: frozenset[str] = frozenset(
+    """
+    a an the and or but nor so yet if then else than that this these those there here
+    of to in on at by for from with without within into onto upon about above below over under
+    between among through during before after since until till against along across around
+    behind beyond near off out up down via per as like unlike
+    i me my mine myself we us our ours ourselves you your yours yourself yourselves
+    he him his himself she her hers herself it its itself they them their theirs themselves
+    who whom whose which what where when why how whoever whatever
+    is am are was were be been being do does did doing done have has had having
+    will would shall should can could may might must ought
+    not no nor only also too very just even still already
+    all any both each every either neither few many more most much other others some such
+    own same one ones s t d ll m re ve n't 't 's 'd 'll 'm 're 've
+    thee thou thy thine ye hath doth art shalt wilt
+    """.split()
+)
+
+# The only function words allowed INSIDE a phrase ("secretary of the treasury", "research and
+# development", "point of view"). Others ("is", "that", "by", "has") inside an n-gram mark a clause
+# fragment ("command is valid", "driver that implements"), not a fixed expression.
+GLUE_WORDS: frozenset[str] = frozenset("of and the a an in on for to de la le du von van der da".split())
+
+_CONTENT_WORD = re.compile(r"[^\W\d_]", re.UNICODE)  # at least one letter
+
+
+class PhraseMiningError(RuntimeError):
+    """Phrase mining cannot run on this input / machine. The message says how to fix it."""
+
+
+@dataclass
+class PhraseMiningConfig:
+    """Parameters of the KenLM phrase miner (each maps to a build.py option)."""
+
+    ngram_order: int = 4
+    """--ngram-order: KenLM order; also the longest phrase, in words."""
+    min_count: int = 5
+    """--phrase-min-count: a phrase must occur at least this many times in the corpus."""
+    min_logprob: float = -2.0
+    """--phrase-min-logprob: every transition needs log10 p(w_k | previous words) >= this."""
+    min_lift: float = 2.0
+    """--phrase-min-lift: every transition into a content word needs log10(p(w|ctx)/p(w)) >= this."""
+    subsume_ratio: float = 0.9
+    """Drop a phrase when one phrase one word longer covers at least this share of its occurrences."""
+    max_phrases: int = 0
+    """Keep at most this many phrases, best score first (0 = no limit)."""
+    lmplz: str | None = None
+    """--lmplz: path of the lmplz binary (else $AMBERT_LMPLZ, PATH, <repo>/third_party/kenlm/bin)."""
+    lmplz_memory: str = "1G"
+    """--lmplz-memory: lmplz -S sorting memory (it spills to its temp dir beyond that)."""
+    discount_fallback: bool = False
+    """--discount-fallback: pass --discount_fallback to lmplz (needed for small corpora)."""
+
+    def validate(self) -> None:
+        if not 2 <= self.ngram_order <= 8:
+            raise ValueError(f"--ngram-order must be between 2 and 8, got {self.ngram_order}")
+        if self.min_count < 1:
+            raise ValueError(f"--phrase-min-count must be >= 1, got {self.min_count}")
+        if self.min_logprob > 0:
+            raise ValueError(f"--phrase-min-logprob is a log10 probability (<= 0), got {self.min_logprob}")
+        if not 0 < self.subsume_ratio <= 1:
+            raise ValueError(f"subsume_ratio must be in (0, 1], got {self.subsume_ratio}")
+
+
+@dataclass
+class Phrase:
+    words: tuple[str, ...]
+    count: int
+    score: float
+    min_logprob: float
+    """Weakest transition: min over k of log10 p(w_k | w_1..w_{k-1})."""
+    min_lift: float
+    """Weakest content-word lift: min over k of log10 p(w_k | ctx) - log10 p(w_k)."""
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.words)
+
+
+def is_stop_word(word: str) -> bool:
+    return word in STOP_WORDS
+
+
+def is_content_token(word: str) -> bool:
+    """A token that may appear in a phrase at all: has a letter (no punctuation, no bare numbers)."""
+    return bool(_CONTENT_WORD.search(word))
+
+
+# ---------------------------------------------------------------------------------------------
+# lmplz
+# ---------------------------------------------------------------------------------------------
+def find_lmplz(explicit: str | None = None) -> str:
+    """The lmplz binary: --lmplz, then $AMBERT_LMPLZ, then PATH, then <repo>/third_party/kenlm/bin."""
+    tried = []
+    for source, candidate in (
+        ("--lmplz", explicit),
+        (f"${LMPLZ_ENV}", os.environ.get(LMPLZ_ENV)),
+        ("PATH", shutil.which("lmplz")),
+        ("repository", str(REPO_ROOT / "third_party" / "kenlm" / "bin" / "lmplz")),
+    ):
+        if not candidate:
+            continue
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+        tried.append(f"{source}: {candidate}")
+        if source in ("--lmplz", f"${LMPLZ_ENV}"):
+            # An explicit choice that does not work is an error, not something to silently skip.
+            raise PhraseMiningError(
+                f"lmplz given by {source} ({candidate}) is not an executable file. Fix the path, or run "
+                f"`bash launchers/setup.sh` which builds KenLM into third_party/kenlm/bin."
+            )
+    raise PhraseMiningError(
+        "KenLM's lmplz was not found (needed to mine the English phrase dictionary); tried "
+        + (", ".join(tried) or "--lmplz, $AMBERT_LMPLZ, PATH")
+        + ". Run `bash launchers/setup.sh` (builds it into third_party/kenlm/bin), or pass --lmplz PATH / set "
+        f"{LMPLZ_ENV}, or reuse an existing dictionary with --phrases FILE."
+    )
+
+
+def run_lmplz(words_file: str | os.PathLike, arpa_file: str | os.PathLike, config: PhraseMiningConfig,
+              temp_dir: str | os.PathLike) -> None:
+    """Estimate a pruned order-N model of ``words_file`` (one sentence a line) into ``arpa_file``."""
+    lmplz = find_lmplz(config.lmplz)
+    order = config.ngram_order
+    # lmplz --prune drops n-grams whose raw count is <= threshold; order 1 must stay 0.
+    prune = ["0"] + [str(max(0, config.min_count - 1))] * (order - 1)
+    cmd = [lmplz, "-o", str(order), "-S", config.lmplz_memory, "-T", str(temp_dir),
+           "--prune", *prune, "--text", str(words_file), "--arpa", str(arpa_file)]
+    if config.discount_fallback:
+        cmd.append("--discount_fallback")
+    t0 = time.time()
+    log.info("phrases: running %s", " ".join(cmd))
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        err = proc.stderr
+        if "BadDiscountException" in err or "discount out of range" in err:
+            raise PhraseMiningError(
+                f"KenLM cannot estimate an order-{order} model on this corpus (BadDiscountException: too little "
+                f"text, or too repetitive, for order {order}). Use a larger corpus, lower --ngram-order, pass "
+                f"--discount-fallback (KenLM then uses fixed discounts), or reuse a dictionary with --phrases FILE."
+            )
+        tail = "\n".join(err.strip().splitlines()[-5:])
+        raise PhraseMiningError(f"lmplz failed (exit {proc.returncode}): {tail}")
+    log.info("phrases: lmplz order %d done in %.1fs", order, time.time() - t0)
+
+
+def iter_arpa(arpa_file: str | os.PathLike) -> Iterator[tuple[int, float, tuple[str, ...]]]:
+    """Stream (order, log10 prob, words) for every n-gram of an ARPA file."""
+    order = 0
+    with open(arpa_file, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            if line.startswith("\\"):
+                m = re.match(r"\\(\d+)-grams:", line)
+                order = int(m.group(1)) if m else 0
+                continue
+            if order == 0:
+                continue
+            parts = line.rstrip("\n").split("\t")
+            yield order, float(parts[0]), tuple(parts[1].split(" "))
+
+
+# ---------------------------------------------------------------------------------------------
+# Mining
+# ---------------------------------------------------------------------------------------------
+def read_word_sentences(words_file: str | os.PathLike) -> Iterator[list[str]]:
+    with open(words_file, encoding="utf-8") as f:
+        for line in f:
+            words = line.split()
+            if words:
+                yield words
+
+
+def select_candidates(arpa_file: str | os.PathLike, config: PhraseMiningConfig) -> dict[tuple[str, ...], tuple[float, float]]:
+    """Candidates that pass the stickiness, lift and stop-word rules: words -> (min_logprob, min_lift)."""
+    unigram: dict[str, float] = {}
+    sticky: dict[tuple[str, ...], float] = {}
+    for order, logprob, words in iter_arpa(arpa_file):
+        if order == 1:
+            unigram[words[0]] = logprob
+        elif logprob >= config.min_logprob and all(is_content_token(w) for w in words):
+            # Kept for the full-path check below: any prefix of a candidate must be sticky too.
+            sticky[words] = logprob
+    candidates: dict[tuple[str, ...], tuple[float, float]] = {}
+    for words in sticky:
+        if is_stop_word(words[0]) or is_stop_word(words[-1]):
+            continue
+        if any(is_stop_word(w) and w not in GLUE_WORDS for w in words[1:-1]):
+            continue
+        worst_logprob, worst_lift, ok = 0.0, math.inf, True
+        for k in range(2, len(words) + 1):
+            logprob = sticky.get(words[:k])
+            if logprob is None:  # an unsticky (or pruned) prefix transition
+                ok = False
+                break
+            worst_logprob = min(worst_logprob, logprob)
+            if not is_stop_word(words[k - 1]):
+                lift = logprob - unigram.get(words[k - 1], 0.0)
+                worst_lift = min(worst_lift, lift)
+        if ok and worst_lift >= config.min_lift:
+            candidates[words] = (worst_logprob, worst_lift)
+    return candidates
+
+
+def count_ngrams(sentences: Iterable[Sequence[str]], ngrams: Iterable[tuple[str, ...]]) -> Counter:
+    """Occurrences of each of ``ngrams`` (overlapping) in ``sentences``; memory ~ len(ngrams)."""
+    wanted = set(ngrams)
+    lengths_by_first: dict[str, list[int]] = {}
+    for g in wanted:
+        lengths_by_first.setdefault(g[0], []).append(len(g))
+    lengths_by_first = {w: sorted(set(ls)) for w, ls in lengths_by_first.items()}
+    counts: Counter = Counter()
+    get = lengths_by_first.get
+    for words in sentences:
+        n = len(words)
+        for i, w in enumerate(words):
+            lengths = get(w)
+            if lengths:
+                for length in lengths:
+                    if i + length <= n:
+                        g = tuple(words[i:i + length])
+                        if g in wanted:
+                            counts[g] += 1
+    return counts
+
+
+def _drop_subsumed(counts: dict[tuple[str, ...], int], ratio: float) -> set[tuple[str, ...]]:
+    """Phrases almost always seen inside one longer phrase (as its prefix or suffix)."""
+    dropped = set()
+    for longer, c in counts.items():
+        if len(longer) < 3:
+            continue
+        for shorter in (longer[:-1], longer[1:]):
+            cs = counts.get(shorter)
+            if cs and c >= ratio * cs:
+                dropped.add(shorter)
+    return dropped
+
+
+def mine_phrases(words_file: str | os.PathLike, config: PhraseMiningConfig,
+                 temp_dir: str | os.PathLike | None = None) -> list[Phrase]:
+    """Mine the phrase dictionary of a word-tokenized corpus (one sentence a line, words space-separated)."""
+    config.validate()
+    find_lmplz(config.lmplz)  # fail before any expensive work
+    with tempfile.TemporaryDirectory(prefix="ambert-kenlm-", dir=temp_dir) as tmp:
+        arpa = Path(tmp) / "model.arpa"
+        run_lmplz(words_file, arpa, config, tmp)
+        t0 = time.time()
+        candidates = select_candidates(arpa, config)
+    log.info("phrases: %d candidates from the ARPA in %.1fs; counting them", len(candidates), time.time() - t0)
+    t0 = time.time()
+    counts = count_ngrams(read_word_sentences(words_file), candidates)
+    counts = {g: c for g, c in counts.items() if c >= config.min_count}
+    for g in _drop_subsumed(counts, config.subsume_ratio):
+        del counts[g]
+    phrases = []
+    for words, count in counts.items():
+        worst_logprob, worst_lift = candidates[words]
+        phrases.append(Phrase(words, count, round(worst_lift * math.log10(count), 4),
+                              round(worst_logprob, 4), round(worst_lift, 4)))
+    phrases.sort(key=lambda p: (-p.score, p.words))
+    if config.max_phrases:
+        phrases = phrases[: config.max_phrases]
+    log.info("phrases: kept %d phrases in %.1fs", len(phrases), time.time() - t0)
+    return phrases
+
+
+# ---------------------------------------------------------------------------------------------
+# The dictionary file
+# ---------------------------------------------------------------------------------------------
+TSV_HEADER = "# phrase\tcount\tscore\tmin_log10_prob\tmin_log10_lift"
+
+
+def write_phrases_tsv(path: str | os.PathLike, phrases: Sequence[Phrase]) -> None:
+    """One phrase a line, words separated by spaces, best score first."""
+    lines = [TSV_HEADER]
+    lines += [f"{p.text}\t{p.count}\t{p.score:.4f}\t{p.min_logprob:.4f}\t{p.min_lift:.4f}" for p in phrases]
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def read_phrases_tsv(path: str | os.PathLike) -> list[Phrase]:
+    """Read a dictionary written by ``write_phrases_tsv`` -- or any file whose first tab-separated
+    column is a phrase (words separated by spaces or "_"); other columns are optional."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"phrase dictionary {path} does not exist (--phrases expects a phrases.tsv file)")
+    phrases = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        cols = line.split("\t")
+        words = tuple(cols[0].replace("_", " ").split())
+        try:
+            numbers = [float(c) for c in cols[1:5]]
+        except ValueError:
+            raise ValueError(f"{path}:{lineno}: expected 'phrase<TAB>count<TAB>score...', got {line!r}") from None
+        numbers += [0.0] * (4 - len(numbers))
+        phrases.append(Phrase(words, int(numbers[0]), numbers[1], numbers[2], numbers[3]))
+    return phrases
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy longest-match tokenization
+# ---------------------------------------------------------------------------------------------
+class PhraseTokenizer:
+    """Greedy left-to-right longest match of multi-word phrases over a list of words.
+
+    A dict from a word to the longest phrase length starting with it makes the common case (a word
+    that starts no phrase) one dict lookup; only then are tuples of decreasing length tried.
+    """
+
+    def __init__(self, phrases: Iterable[Sequence[str]]):
+        self.phrases: frozenset[tuple[str, ...]] = frozenset(tuple(p) for p in phrases if len(p) >= 2)
+        longest: dict[str, int] = {}
+        for p in self.phrases:
+            if len(p) > longest.get(p[0], 0):
+                longest[p[0]] = len(p)
+        self.longest_from = longest
+        self.max_len = max(longest.values(), default=1)
+
+    def __len__(self) -> int:
+        return len(self.phrases)
+
+    def spans(self, words: Sequence[str]) -> list[int]:
+        """Number of words in each coarse token, left to right (sums to len(words))."""
+        out: list[int] = []
+        append = out.append
+        longest = self.longest_from.get
+        phrases = self.phrases
+        n = len(words)
+        i = 0
+        while i < n:
+            m = longest(words[i])
+            if m is None:
+                append(1)
+                i += 1
+                continue
+            length = min(m, n - i)
+            while length > 1 and tuple(words[i:i + length]) not in phrases:
+                length -= 1
+            append(length)
+            i += length
+        return out
+
+    def tokenize(self, words: Sequence[str], joiner: str = "_") -> list[str]:
+        """Coarse tokens: words, and phrases joined with ``joiner``."""
+        out, i = [], 0
+        for length in self.spans(words):
+            out.append(words[i] if length == 1 else joiner.join(words[i:i + length]))
+            i += length
+        return out
