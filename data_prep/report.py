@@ -1,0 +1,107 @@
+"""Human-readable report of an English build: the phrase list and coarse-tokenized examples.
+
+Written into the dataset directory as ``phrase_report.txt`` (for a terminal) and
+``phrase_report.html`` (phrases highlighted). It is for people judging the phrase dictionary:
+are the phrases fixed expressions and names ("prime minister", "new york"), or fragments?
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from data_prep.format import PHRASE_JOINER
+
+if TYPE_CHECKING:  # pragma: no cover
+    from data_prep.english import EnglishTokenizers
+    from data_prep.phrases import Phrase
+
+TEXT_REPORT = "phrase_report.txt"
+HTML_REPORT = "phrase_report.html"
+TOP_PHRASES = 300
+EXAMPLES = 40
+
+
+def sample_sentences(words_file: str | os.PathLike, count: int = EXAMPLES, min_words: int = 8) -> list[list[str]]:
+    """``count`` sentences spread evenly over the corpus (deterministic), each of >= min_words words."""
+    with open(words_file, encoding="utf-8") as f:
+        total = sum(1 for _ in f)
+    if total == 0:
+        return []
+    step = max(1, total // (count * 3))
+    out: list[list[str]] = []
+    with open(words_file, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i % step:
+                continue
+            words = line.split()
+            if len(words) >= min_words and any(len(w) > 1 for w in words):
+                out.append(words)
+    # Prefer sentences that show phrases, but keep the choice deterministic.
+    return out[:: max(1, len(out) // count)][:count]
+
+
+def _coarse(tokenizers: "EnglishTokenizers", words: Sequence[str]) -> list[tuple[str, str]]:
+    """(token, kind) with kind in word | phrase | oov."""
+    out, i = [], 0
+    for length in tokenizers.phrase_tokenizer.spans(words):
+        token = PHRASE_JOINER.join(words[i:i + length])
+        kind = "phrase" if length > 1 else ("word" if token in tokenizers.coarse_vocab else "oov")
+        out.append((token, kind))
+        i += length
+    return out
+
+
+def _fine(tokenizers: "EnglishTokenizers", words: Sequence[str]) -> list[str]:
+    enc = tokenizers.fine_tokenizer.encode(list(words), is_pretokenized=True, add_special_tokens=False)
+    return [tokenizers.fine_vocab.token(i) for i in enc.ids]
+
+
+def write_report(directory: str | os.PathLike, phrases: Sequence["Phrase"], tokenizers: "EnglishTokenizers",
+                 words_file: str | os.PathLike, stats: dict) -> None:
+    directory = Path(directory)
+    examples = sample_sentences(words_file)
+    summary = {k: v for k, v in stats.items() if k not in ("top_phrases",)}
+
+    text = ["AMBERT English build: phrase dictionary report", "=" * 48, ""]
+    text += [f"{k}: {json.dumps(v)}" for k, v in summary.items()]
+    text += ["", f"Top {min(TOP_PHRASES, len(phrases))} of {len(phrases)} phrases (by score; full list in phrases.tsv)",
+             f"{'phrase':40s} {'count':>8s} {'score':>8s} {'log10 p':>8s} {'lift':>6s}"]
+    for p in phrases[:TOP_PHRASES]:
+        text.append(f"{p.text:40s} {p.count:8d} {p.score:8.3f} {p.min_logprob:8.3f} {p.min_lift:6.2f}")
+    text += ["", "Examples: coarse tokens ([phrase], <out of coarse vocabulary>) and fine tokens", ""]
+    for words in examples:
+        coarse = " ".join(f"[{t.replace(PHRASE_JOINER, ' ')}]" if k == "phrase" else (f"<{t}>" if k == "oov" else t)
+                          for t, k in _coarse(tokenizers, words))
+        text += ["coarse: " + coarse, "fine:   " + " ".join(_fine(tokenizers, words)), ""]
+    (directory / TEXT_REPORT).write_text("\n".join(text) + "\n", encoding="utf-8")
+
+    esc = html.escape
+    rows = "\n".join(
+        f"<tr><td>{esc(p.text)}</td><td>{p.count}</td><td>{p.score:.3f}</td><td>{p.min_logprob:.3f}</td>"
+        f"<td>{p.min_lift:.2f}</td></tr>" for p in phrases[:TOP_PHRASES])
+    sample_html = []
+    for words in examples:
+        spans = []
+        for t, k in _coarse(tokenizers, words):
+            label = esc(t.replace(PHRASE_JOINER, " "))
+            spans.append(f'<span class="{k}">{label}</span>')
+        sample_html.append(f"<li>{' '.join(spans)}<br><small>{esc(' '.join(_fine(tokenizers, words)))}</small></li>")
+    stats_html = "".join(f"<tr><th>{esc(k)}</th><td>{esc(json.dumps(v))}</td></tr>" for k, v in summary.items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>AMBERT English phrase report</title>
+<style>body{{font-family:sans-serif;max-width:70em;margin:auto}} td,th{{padding:2px 8px;text-align:left}}
+.phrase{{background:#ffe08a;border-radius:3px;padding:0 2px}} .oov{{background:#f8b4b4}}
+li{{margin-bottom:.6em}} small{{color:#666}}</style></head><body>
+<h1>AMBERT English build: phrase dictionary</h1>
+<table>{stats_html}</table>
+<h2>Coarse-tokenized examples</h2><p><span class="phrase">phrase</span> = one coarse token,
+<span class="oov">word</span> = outside the coarse vocabulary ([UNK] on the coarse side); grey = fine WordPiece tokens.</p>
+<ol>{''.join(sample_html)}</ol>
+<h2>Top {min(TOP_PHRASES, len(phrases))} of {len(phrases)} phrases</h2>
+<table><tr><th>phrase</th><th>count</th><th>score</th><th>min log10 p</th><th>min lift</th></tr>
+{rows}</table></body></html>
+"""
+    (directory / HTML_REPORT).write_text(page, encoding="utf-8")
