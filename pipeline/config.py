@@ -1,0 +1,453 @@
+"""The pre-training configuration: typed nested dataclasses, YAML recipes, key=value overrides.
+
+    config = load_config("pipeline/recipes/bert-base.yaml", ["schedule.train_steps=1000", "data.path=/data/zh"])
+    validate(config, world_size=8, dataset_meta=meta)      # before any collective call
+
+Every field has a default and a one-line doc. A recipe YAML sets any subset; ``section.field=value``
+overrides (values parsed as YAML: ``true``, ``1e-4``, ``[0.9, 0.98]``) come last. The model section
+names a recipe of ``pipeline.model.config.model_recipe`` plus field overrides (``model.hidden_size=64``),
+checked against ``ModelConfig``'s fields. ``validate`` raises ``ConfigError`` naming the field and
+the fix, so a bad run stops before it allocates anything or waits on a peer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_DATASET = "data/demo-zh"
+
+
+def resolve_path(path: str) -> Path:
+    """Absolute paths as given; relative ones from the working directory if they exist there, else
+    from the repository root (so the demo recipe works from any directory)."""
+    p = Path(os.path.expanduser(path))
+    if p.is_absolute():
+        return p
+    return p.resolve() if p.exists() else ROOT / p
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and how to fix it."""
+
+
+@dataclass
+class ModelSection:
+    recipe: str = "tiny"
+    """name for pipeline.model.config.model_recipe (tiny, tiny-modern, bert-base, bert-large, modern-base)"""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """ModelConfig fields set on top of the recipe (on the command line: model.<field>=value)"""
+    activation_checkpointing: bool = False
+    """recompute each layer's activations in the backward pass (less memory, ~30% more compute)"""
+
+
+@dataclass
+class DataSection:
+    path: str = DEMO_DATASET
+    """paired dataset directory (data_prep/build.py output); relative paths are from the repo root"""
+    build_demo_if_missing: bool = True
+    """if `path` is the demo dataset and missing, rank 0 builds it (python data_prep/build.py --lang zh)"""
+    seq_length: int = 64
+    """fine sequence length including [CLS] and [SEP]; consecutive sentences are packed up to it"""
+    coarse_seq_length: int = 0
+    """coarse sequence length; 0 = the longest coarse side of the packing, rounded up to a multiple of 8"""
+    mask_rate: float = 0.15
+    """fraction of COARSE tokens masked per sample (the fine tokens they cover are masked too)"""
+    mask_token_prob: float = 0.8
+    """share of masked spans replaced by [MASK]"""
+    random_token_prob: float = 0.1
+    """share of masked spans replaced by random tokens (the rest is kept unchanged)"""
+    num_workers: int = 1
+    """DataLoader worker processes per rank (0 = build samples in the training process)"""
+    valid_every: int = 0
+    """evaluate on the valid split every N steps (0 = never)"""
+    valid_batches: int = 4
+    """micro-batches per rank in one evaluation (the same fixed samples every time)"""
+
+
+@dataclass
+class OptimizerSection:
+    name: str = "adamw"
+    """adamw (torch.optim.AdamW, client optimizer) | stable_adamw (AdamW with per-tensor update clipping, as ModernBERT) | deepspeed_adamw (DeepSpeed's fused AdamW; JIT-compiles)"""
+    lr: float = 1e-3
+    """peak learning rate"""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """Adam beta1, beta2"""
+    eps: float = 1e-6
+    """Adam epsilon"""
+    weight_decay: float = 0.01
+    """decoupled weight decay (not applied to biases, norms and embeddings' norms)"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this value (0 = off)"""
+
+
+@dataclass
+class ScheduleSection:
+    train_steps: int = 200
+    """optimizer steps of the whole run"""
+    style: str = "linear"
+    """linear (BERT: warm-up, then linear decay to min_lr_ratio) | wsd (ModernBERT: warm-up, stable, linear decay)"""
+    warmup_steps: int = 20
+    """linear warm-up from 0 to the peak learning rate"""
+    decay_fraction: float = 0.1
+    """wsd only: last fraction of train_steps spent decaying"""
+    min_lr_ratio: float = 0.0
+    """final learning rate as a fraction of the peak"""
+
+
+@dataclass
+class ParallelismSection:
+    tensor_parallel: int = 1
+    """tensor-parallel size (megatron-core); must divide attention heads and the world size"""
+    micro_batch_size: int = 8
+    """samples per rank per forward pass"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    global_batch_size: int = 0
+    """samples per optimizer step (0 = micro_batch_size x gradient_accumulation_steps x data-parallel size); if set, must equal that product"""
+    precision: str = "fp32"
+    """fp32 | bf16 | fp16 (fp16 uses DeepSpeed's dynamic loss scaling)"""
+    deepspeed_config: str = "ds_configs/zero3_cpu.json"
+    """DeepSpeed JSON (ZeRO stage, offload, ...); batch sizes, clipping and precision come from this file's keys only if left "auto" or absent"""
+
+
+@dataclass
+class CheckpointSection:
+    dir: str = ""
+    """checkpoint directory ('' = <output_dir>/checkpoints); must be shared by all nodes"""
+    save_every: int = 0
+    """save every N steps (0 = only at the end and on SIGTERM/SIGUSR1)"""
+    keep_last: int = 3
+    """complete checkpoints kept (older ones are deleted once a newer one is complete)"""
+    resume: str = ""
+    """'' = start fresh, 'auto' = newest complete checkpoint in dir (fresh if none), or a checkpoint directory"""
+    save_at_end: bool = True
+    """save a checkpoint after the last step"""
+
+
+@dataclass
+class LoggingSection:
+    every: int = 1
+    """log metrics every N steps"""
+    tensorboard: bool = True
+    """write TensorBoard event files to <output_dir>/tensorboard"""
+    peak_flops: float = 0.0
+    """peak FLOP/s of one device for MFU (0 = a guess: 312e12 for a GPU in bf16, 1e11 per CPU process)"""
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    parallelism: ParallelismSection = field(default_factory=ParallelismSection)
+    checkpointing: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    output_dir: str = "runs/demo"
+    """where config.yaml, metrics.jsonl, tensorboard/ and (by default) checkpoints/ go"""
+    seed: int = 1234
+    """seed for initialisation, dropout, data order and masks"""
+
+    # --- derived paths -------------------------------------------------------------------
+    @property
+    def dataset_dir(self) -> Path:
+        return resolve_path(self.data.path)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpointing.dir or os.path.join(self.output_dir, "checkpoints")).resolve()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: dict -> dataclass with type checks
+# ---------------------------------------------------------------------------------------------
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping of fields, got {value!r}")
+        return _from_dict(annotation, value, name)
+    if annotation is Any:
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    return value
+
+
+def _from_dict(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        where = prefix or "top level"
+        raise ConfigError(f"unknown field(s) {', '.join(unknown)} in {where}; known fields: {', '.join(sorted(known))}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """'a.b.c=value' -> {'a': {'b': {'c': value}}}; model.<field>=v goes to model.overrides."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value (e.g. schedule.train_steps=100)")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    parts = key.strip().split(".")
+    if parts[0] == "model" and len(parts) == 2 and parts[1] not in {f.name for f in dataclasses.fields(ModelSection)}:
+        parts = ["model", "overrides", parts[1]]
+    out: dict = value
+    for p in reversed(parts):
+        out = {p: out}
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> PretrainConfig:
+    """Defaults <- recipe YAML (if any) <- key=value overrides."""
+    values: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config {path}: no such file (recipes live in pipeline/recipes/)")
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {path}: expected a YAML mapping of sections")
+        # Recipes may set model fields directly under `model:`; route them into model.overrides.
+        model = dict(loaded.get("model") or {})
+        section_fields = {f.name for f in dataclasses.fields(ModelSection)}
+        extra = {k: model.pop(k) for k in list(model) if k not in section_fields}
+        if extra:
+            model["overrides"] = {**extra, **model.get("overrides", {})}
+        if model:
+            loaded["model"] = model
+        values = loaded
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+    return _from_dict(PretrainConfig, values)
+
+
+def load_saved_config(path: str | os.PathLike) -> PretrainConfig:
+    """Read back the config.yaml written with a run (or stored in a checkpoint)."""
+    return _from_dict(PretrainConfig, yaml.safe_load(Path(path).read_text(encoding="utf-8")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model config resolution
+# ---------------------------------------------------------------------------------------------
+def build_model_config(config: PretrainConfig, dataset_meta: dict | None = None):
+    """The ModelConfig of this run: recipe + overrides, vocab sizes taken from the dataset if unset."""
+    from pipeline.model.config import ModelConfig, model_recipe
+
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(config.model.overrides) - names)
+    if unknown:
+        raise ConfigError(f"model.{unknown[0]}: not a ModelConfig field; known fields: {', '.join(sorted(names))}")
+    overrides = dict(config.model.overrides)
+    if dataset_meta is not None:
+        for side in ("fine", "coarse"):
+            key = f"{side}_vocab_size"
+            data_size = dataset_meta.get(key)
+            if data_size is None:
+                continue
+            if key not in overrides:
+                overrides[key] = int(data_size)
+            elif int(overrides[key]) < int(data_size):
+                raise ConfigError(
+                    f"model.{key}={overrides[key]} is smaller than the dataset's {key}={data_size} "
+                    f"({config.data.path}/meta.json); remove model.{key} to take it from the dataset"
+                )
+    try:
+        model_config = model_recipe(config.model.recipe, **overrides)
+    except KeyError as exc:
+        raise ConfigError(f"model.recipe={config.model.recipe!r}: unknown recipe ({exc})") from None
+    except ValueError as exc:
+        if "recipe" in str(exc):
+            raise ConfigError(f"model.recipe={config.model.recipe!r}: {exc}") from None
+        raise ConfigError(f"model: {exc}") from None
+    return model_config
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation (no collective call, no allocation: safe to run on every rank first)
+# ---------------------------------------------------------------------------------------------
+def data_parallel_size(config: PretrainConfig, world_size: int) -> int:
+    return world_size // config.parallelism.tensor_parallel
+
+
+def global_batch_size(config: PretrainConfig, world_size: int) -> int:
+    p = config.parallelism
+    return p.micro_batch_size * p.gradient_accumulation_steps * data_parallel_size(config, world_size)
+
+
+def validate(config: PretrainConfig, world_size: int, dataset_meta: dict | None = None, model_config=None) -> None:
+    """Raise ConfigError naming the first wrong field. ``model_config`` / ``dataset_meta`` enable the
+    checks that need them (heads, vocab sizes, sequence length limit)."""
+    p, d, s, o, c = config.parallelism, config.data, config.schedule, config.optimizer, config.checkpointing
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(p.tensor_parallel >= 1, f"parallelism.tensor_parallel={p.tensor_parallel}: must be >= 1")
+    need(
+        world_size % p.tensor_parallel == 0,
+        f"parallelism.tensor_parallel={p.tensor_parallel} does not divide the world size {world_size}; "
+        f"launch a multiple of {p.tensor_parallel} processes or change parallelism.tensor_parallel",
+    )
+    need(p.micro_batch_size >= 1, f"parallelism.micro_batch_size={p.micro_batch_size}: must be >= 1")
+    need(p.gradient_accumulation_steps >= 1, f"parallelism.gradient_accumulation_steps={p.gradient_accumulation_steps}: must be >= 1")
+    dp = data_parallel_size(config, world_size)
+    product = global_batch_size(config, world_size)
+    need(
+        p.global_batch_size in (0, product),
+        f"parallelism.global_batch_size={p.global_batch_size} != micro_batch_size {p.micro_batch_size} x "
+        f"gradient_accumulation_steps {p.gradient_accumulation_steps} x data-parallel size {dp} = {product}; "
+        f"set parallelism.gradient_accumulation_steps={max(1, p.global_batch_size // max(1, p.micro_batch_size * dp))} "
+        f"or parallelism.global_batch_size=0",
+    )
+    need(p.precision in ("fp32", "bf16", "fp16"), f"parallelism.precision={p.precision!r}: expected fp32, bf16 or fp16")
+    need(d.seq_length >= 4, f"data.seq_length={d.seq_length}: must be >= 4 ([CLS] text [SEP])")
+    need(
+        d.coarse_seq_length == 0 or 3 <= d.coarse_seq_length <= d.seq_length,
+        f"data.coarse_seq_length={d.coarse_seq_length}: 0 (from the packing) or between 3 and data.seq_length",
+    )
+    need(0.0 < d.mask_rate < 1.0, f"data.mask_rate={d.mask_rate}: must be in (0, 1) (0.15 BERT, 0.3 ModernBERT)")
+    need(
+        d.mask_token_prob >= 0 and d.random_token_prob >= 0 and d.mask_token_prob + d.random_token_prob <= 1.0,
+        f"data.mask_token_prob + data.random_token_prob = {d.mask_token_prob + d.random_token_prob}: must be in [0, 1]",
+    )
+    need(d.num_workers >= 0, f"data.num_workers={d.num_workers}: must be >= 0")
+    need(o.name in ("adamw", "stable_adamw", "deepspeed_adamw"), f"optimizer.name={o.name!r}: expected adamw, stable_adamw or deepspeed_adamw")
+    need(o.lr > 0, f"optimizer.lr={o.lr}: must be > 0")
+    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optimizer.betas={o.betas}: two values in [0, 1)")
+    need(o.grad_clip >= 0, f"optimizer.grad_clip={o.grad_clip}: must be >= 0 (0 = off)")
+    need(s.train_steps >= 1, f"schedule.train_steps={s.train_steps}: must be >= 1")
+    need(s.style in ("linear", "wsd"), f"schedule.style={s.style!r}: expected linear or wsd")
+    need(0 <= s.warmup_steps <= s.train_steps, f"schedule.warmup_steps={s.warmup_steps}: must be in [0, schedule.train_steps]")
+    need(0 <= s.decay_fraction <= 1, f"schedule.decay_fraction={s.decay_fraction}: must be in [0, 1]")
+    need(0 <= s.min_lr_ratio <= 1, f"schedule.min_lr_ratio={s.min_lr_ratio}: must be in [0, 1]")
+    need(c.keep_last >= 1, f"checkpointing.keep_last={c.keep_last}: must be >= 1")
+    need(c.save_every >= 0, f"checkpointing.save_every={c.save_every}: must be >= 0")
+    need(config.logging.every >= 1, f"logging.every={config.logging.every}: must be >= 1")
+    ds_path = resolve_path(p.deepspeed_config)
+    need(ds_path.is_file(), f"parallelism.deepspeed_config={p.deepspeed_config}: no such file (see ds_configs/README.md)")
+    if c.resume not in ("", "auto"):
+        need(Path(c.resume).is_dir(), f"checkpointing.resume={c.resume}: no such checkpoint directory (use 'auto' or a step_* directory)")
+
+    if dataset_meta is not None and model_config is not None:
+        for side in ("fine", "coarse"):
+            key = f"{side}_vocab_size"
+            data_size = dataset_meta.get(key)
+            model_size = getattr(model_config, key)
+            need(
+                data_size is None or model_size >= int(data_size),
+                f"model.{key}={model_size} is smaller than the dataset's {key}={data_size} "
+                f"({d.path}/meta.json); remove model.{key} to take it from the dataset",
+            )
+    if model_config is not None:
+        heads = model_config.num_attention_heads
+        need(
+            heads % p.tensor_parallel == 0,
+            f"parallelism.tensor_parallel={p.tensor_parallel} does not divide model.num_attention_heads={heads}",
+        )
+        limit = model_config.max_position_embeddings
+        need(
+            d.seq_length <= limit,
+            f"data.seq_length={d.seq_length} exceeds the model's limit model.max_position_embeddings={limit}; "
+            f"lower data.seq_length or raise model.max_position_embeddings",
+        )
+        try:
+            model_config.validate(p.tensor_parallel)
+        except ValueError as exc:
+            raise ConfigError(f"model: {exc}") from None
+
+
+def read_deepspeed_config(path: str) -> dict:
+    return json.loads(resolve_path(path).read_text(encoding="utf-8"))
+
+
+def deepspeed_config(config: PretrainConfig, world_size: int, override_path: str | None = None) -> dict:
+    """The DeepSpeed config dict: the JSON file's ZeRO settings + this config's batch/precision/clipping.
+
+    A key the JSON sets to a concrete value that disagrees with this config is an error (two
+    sources of truth for the batch size is how runs silently train at the wrong batch size).
+    """
+    ds = read_deepspeed_config(override_path or config.parallelism.deepspeed_config)
+    p = config.parallelism
+    wanted = {
+        "train_micro_batch_size_per_gpu": p.micro_batch_size,
+        "gradient_accumulation_steps": p.gradient_accumulation_steps,
+        "train_batch_size": global_batch_size(config, world_size),
+        "gradient_clipping": config.optimizer.grad_clip,
+    }
+    for key, value in wanted.items():
+        have = ds.get(key, "auto")
+        if have != "auto" and have != value:
+            raise ConfigError(
+                f"deepspeed config sets {key}={have} but the run config gives {value}; set it in the run config "
+                f"(parallelism.* / optimizer.grad_clip) and use \"auto\" in the JSON"
+            )
+        ds[key] = value
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": p.precision == "bf16"}
+    ds["fp16"] = {**ds.get("fp16", {}), "enabled": p.precision == "fp16"}
+    if p.precision != "fp16":
+        ds["fp16"] = {"enabled": False}
+    ds.setdefault("steps_per_print", 10**9)  # our own logger reports; keep DeepSpeed quiet
+    ds.setdefault("wall_clock_breakdown", False)
+    if config.optimizer.name == "deepspeed_adamw":
+        o = config.optimizer
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay},
+        }
+    return ds

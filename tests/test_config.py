@@ -1,0 +1,102 @@
+"""Config: YAML + overrides, type checks, and every validation rule naming its field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import config as C
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_recipe_and_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  recipe: tiny\n  hidden_dropout: 0.0\nschedule:\n  train_steps: 7\noptimizer:\n  lr: 1e-4\n")
+    cfg = C.load_config(recipe, ["schedule.warmup_steps=2", "model.num_layers=3", "optimizer.betas=[0.9, 0.95]"])
+    assert cfg.schedule.train_steps == 7 and cfg.schedule.warmup_steps == 2
+    assert cfg.optimizer.lr == 1e-4 and cfg.optimizer.betas == [0.9, 0.95]
+    assert cfg.model.overrides == {"hidden_dropout": 0.0, "num_layers": 3}
+    # the saved YAML loads back to the same config
+    saved = tmp_path / "config.yaml"
+    saved.write_text(cfg.to_yaml())
+    assert C.load_saved_config(saved) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("schedule.train_step=5", "unknown field.*train_step.*schedule"),
+        ("schedule.train_steps=abc", "schedule.train_steps: expected an integer"),
+        ("logging.tensorboard=3", "logging.tensorboard: expected true or false"),
+        ("nonsense", "not key=value"),
+    ],
+)
+def test_bad_overrides_name_the_field(override, message):
+    with pytest.raises(C.ConfigError, match=message):
+        C.load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "overrides, world, message",
+    [
+        (["parallelism.tensor_parallel=3"], 4, "parallelism.tensor_parallel=3 does not divide the world size 4"),
+        (["parallelism.global_batch_size=10", "parallelism.micro_batch_size=4"], 2, "parallelism.global_batch_size=10 != micro_batch_size 4"),
+        (["data.mask_rate=1.5"], 2, "data.mask_rate"),
+        (["schedule.warmup_steps=500"], 2, "schedule.warmup_steps"),
+        (["schedule.style=cosine"], 2, "schedule.style"),
+        (["parallelism.precision=fp8"], 2, "parallelism.precision"),
+        (["parallelism.deepspeed_config=ds_configs/nope.json"], 2, "parallelism.deepspeed_config=ds_configs/nope.json: no such file"),
+        (["checkpointing.resume=/no/such/ckpt"], 2, "checkpointing.resume"),
+    ],
+)
+def test_validation_names_the_field(overrides, world, message):
+    cfg = C.load_config(None, overrides)
+    with pytest.raises(C.ConfigError, match=message):
+        C.validate(cfg, world_size=world)
+
+
+def test_model_dependent_checks():
+    meta = {"fine_vocab_size": 400, "coarse_vocab_size": 900}
+    cfg = C.load_config(None, ["model.recipe=tiny"])
+    model = C.build_model_config(cfg, meta)
+    assert (model.fine_vocab_size, model.coarse_vocab_size) == (400, 900)  # taken from the dataset
+    C.validate(cfg, 2, meta, model)
+    with pytest.raises(C.ConfigError, match="model.fine_vocab_size=300 is smaller than the dataset's fine_vocab_size=400"):
+        C.build_model_config(C.load_config(None, ["model.fine_vocab_size=300"]), meta)
+    cfg = C.load_config(None, ["parallelism.tensor_parallel=8"])  # tiny has 4 heads
+    with pytest.raises(C.ConfigError, match="parallelism.tensor_parallel=8 does not divide model.num_attention_heads=4"):
+        C.validate(cfg, 8, meta, C.build_model_config(cfg, meta))
+    cfg = C.load_config(None, ["data.seq_length=100"])  # tiny: 64 positions
+    with pytest.raises(C.ConfigError, match="data.seq_length=100 exceeds the model's limit model.max_position_embeddings=64"):
+        C.validate(cfg, 2, meta, C.build_model_config(cfg, meta))
+    with pytest.raises(C.ConfigError, match="model.hidden_sise: not a ModelConfig field"):
+        C.build_model_config(C.load_config(None, ["model.hidden_sise=3"]), meta)
+    with pytest.raises(C.ConfigError, match="model.recipe='giant'"):
+        C.build_model_config(C.load_config(None, ["model.recipe=giant"]), meta)
+
+
+def test_deepspeed_config_merge_and_conflict(tmp_path):
+    cfg = C.load_config(None, ["parallelism.micro_batch_size=4", "parallelism.gradient_accumulation_steps=2", "parallelism.precision=bf16"])
+    ds = C.deepspeed_config(cfg, world_size=4)
+    assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["zero_optimization"]["stage"] == 3
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 1}}))
+    with pytest.raises(C.ConfigError, match="train_micro_batch_size_per_gpu=16 but the run config gives 4"):
+        C.deepspeed_config(cfg, world_size=4, override_path=str(bad))
+
+
+def test_shipped_recipes_and_ds_configs_load():
+    recipes = sorted((ROOT / "pipeline" / "recipes").glob("*.yaml"))
+    assert recipes, "no recipes shipped"
+    for recipe in recipes:
+        cfg = C.load_config(recipe)
+        C.build_model_config(cfg, {"fine_vocab_size": 21128, "coarse_vocab_size": 72635})
+    for path in sorted((ROOT / "ds_configs").glob("*.json")):
+        ds = json.loads(path.read_text())
+        assert "zero_optimization" in ds, path
+        assert yaml.safe_load(path.read_text())  # JSON is YAML: sanity
