@@ -1,0 +1,233 @@
+"""Tensor/data-parallel state on top of megatron-core's parallel_state, safe on CPU (gloo) and GPU.
+
+megatron-core assumes CUDA in three places we touch (see /work/shared/ENVIRONMENT.md): the RNG
+tracker (``model_parallel_cuda_manual_seed``, ``get_cuda_rng_tracker().fork()``), the global memory
+buffer (allocates on ``torch.cuda.current_device()``) and GPU initialisation. On a machine without
+CUDA we install a CPU RNG tracker with the same names and semantics (one dropout stream per TP rank,
+used inside tensor-parallel regions) and a global memory buffer that allocates on the accelerator
+device; on GPU we use megatron-core's own. Sequence parallelism stays off (no CPU path).
+
+    initialize_parallel(tensor_parallel_size=2, seed=1234)   # after init_process_group
+    model = build_model(config)                                # megatron layers now know their TP group
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import random as megatron_random
+from megatron.core.utils import GlobalMemoryBuffer
+
+MODEL_PARALLEL_RNG = megatron_random._MODEL_PARALLEL_RNG_TRACKER_NAME
+# megatron-core's offset between the shared seed and the per-TP-rank dropout seed.
+_TP_SEED_OFFSET = 2718
+
+
+def accelerator_device() -> torch.device:
+    """The device this rank computes on: its CUDA device if there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class CpuRNGStatesTracker(megatron_random.CudaRNGStatesTracker):
+    """megatron's RNG tracker on the CPU generator: ``fork(name)`` swaps the global CPU RNG state
+    for the named stream and back, so dropout inside a TP region differs per TP rank while dropout
+    on replicated activations stays identical across TP ranks."""
+
+    def __init__(self) -> None:
+        super().__init__(use_cudagraphable_rng=False, is_inference_rng_tracker=False)
+
+    def add(self, name: str, seed: int) -> None:
+        if seed in self.seeds_:
+            raise ValueError(f"RNG seed {seed} already exists in the tracker")
+        if name in self.states_:
+            raise ValueError(f"RNG state {name!r} already exists in the tracker")
+        self.seeds_.add(seed)
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        self.states_[name] = generator.get_state()
+        self._is_initialized = True
+
+    def get_states(self) -> dict:
+        return {name: state.clone() for name, state in self.states_.items()}
+
+    def set_states(self, states: dict) -> None:
+        self._is_initialized = True
+        self.states_ = {name: state.clone() for name, state in states.items()}
+
+    @contextlib.contextmanager
+    def fork(self, name: str = MODEL_PARALLEL_RNG) -> Iterator[None]:
+        if name not in self.states_:
+            raise KeyError(f"RNG state {name!r} was never added; call initialize_parallel() first")
+        outside = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outside)
+
+
+class DeviceGlobalMemoryBuffer(GlobalMemoryBuffer):
+    """megatron's GlobalMemoryBuffer, allocating on the accelerator device instead of CUDA."""
+
+    def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
+        required = int(np.prod(tensor_shape))
+        buffer = self.buffer.get((name, dtype))
+        if buffer is None or buffer.numel() < required:
+            buffer = torch.empty(required, dtype=dtype, device=accelerator_device())
+            self.buffer[(name, dtype)] = buffer
+        return buffer[:required].view(*tensor_shape)
+
+
+def initialize_parallel(tensor_parallel_size: int = 1, seed: int = 1234) -> None:
+    """Set up megatron-core TP/DP groups, seeds and CPU-safe helpers on an initialised process group.
+
+    Every rank gets the same ``seed`` for the default generators (weights are built identically and
+    replicated activations see identical dropout); the TP-region stream gets ``seed + 2718 + tp_rank``
+    as in megatron-core. Calling it again with the same TP size only re-seeds.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "torch.distributed is not initialised: call torch.distributed.init_process_group "
+            "(gloo on CPU, nccl on GPU) or deepspeed.init_distributed() before initialize_parallel()"
+        )
+    world = dist.get_world_size()
+    if tensor_parallel_size < 1 or world % tensor_parallel_size:
+        raise ValueError(
+            f"tensor_parallel_size={tensor_parallel_size} does not divide the world size {world}; "
+            "use a divisor of the number of processes"
+        )
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if parallel_state.model_parallel_is_initialized():
+        if parallel_state.get_tensor_model_parallel_world_size() != tensor_parallel_size:
+            parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+    if not torch.cuda.is_available():
+        # megatron's buffer allocates on torch.cuda.current_device(): replace it.
+        parallel_state._GLOBAL_MEMORY_BUFFER = DeviceGlobalMemoryBuffer()
+    set_seed(seed)
+
+
+def set_seed(seed: int) -> None:
+    """Seed python/numpy/torch identically on every rank and the per-TP-rank dropout stream."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    tp_seed = seed + _TP_SEED_OFFSET + tensor_parallel_rank()
+    if torch.cuda.is_available():
+        megatron_random.model_parallel_cuda_manual_seed(seed)
+    else:
+        tracker = CpuRNGStatesTracker()
+        tracker.add(MODEL_PARALLEL_RNG, tp_seed)
+        megatron_random._CUDA_RNG_STATE_TRACKER = tracker
+        megatron_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def rng_tracker():
+    """The tracker whose ``fork()`` gives the per-TP-rank dropout stream (CPU or CUDA)."""
+    return megatron_random.get_cuda_rng_tracker()
+
+
+def rng_state() -> dict:
+    """Everything needed to resume dropout bit-exactly (DeepSpeed does not save RNG state)."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _initialized() -> bool:
+    return parallel_state.model_parallel_is_initialized()
+
+
+def tensor_parallel_rank() -> int:
+    return parallel_state.get_tensor_model_parallel_rank() if _initialized() else 0
+
+
+def tensor_parallel_size() -> int:
+    return parallel_state.get_tensor_model_parallel_world_size() if _initialized() else 1
+
+
+def tensor_parallel_group():
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def data_parallel_group():
+    return parallel_state.get_data_parallel_group()
+
+
+def data_parallel_rank() -> int:
+    return parallel_state.get_data_parallel_rank() if _initialized() else 0
+
+
+def data_parallel_size() -> int:
+    return parallel_state.get_data_parallel_world_size() if _initialized() else 1
+
+
+class DeepSpeedMPU:
+    """The ``mpu`` object DeepSpeed wants (get_model_parallel_* etc.), mapped onto megatron-core's
+    tensor-model-parallel groups. Passing ``parallel_state`` itself fails: it has no
+    get_model_parallel_* functions. Use together with ``deepspeed.zero.Init(data_parallel_group=
+    data_parallel_group(), mpu=DeepSpeedMPU())``: without the explicit group ZeRO-3 partitions over
+    the whole world and silently copies TP rank 0's shards to the other TP ranks."""
+
+    get_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
+    get_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
+    get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
+    get_pipeline_model_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(parallel_state.get_pipeline_model_parallel_world_size)
+    get_pipeline_model_parallel_group = staticmethod(parallel_state.get_pipeline_model_parallel_group)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reassembling tensor-parallel shards (tests, checkpoint export)
+# ----------------------------------------------------------------------------------------------
+def full_tensor(shard: torch.Tensor, like: Optional[torch.nn.Parameter] = None) -> torch.Tensor:
+    """Gather a tensor-parallel shard (a parameter, or its gradient with ``like=param``) into the
+    full TP=1 tensor, honouring megatron's ``partition_dim`` and ``partition_stride`` attributes.
+    Replicated tensors come back unchanged."""
+    meta = like if like is not None else shard
+    if not getattr(meta, "tensor_model_parallel", False) or tensor_parallel_size() == 1:
+        return shard.detach().clone()
+    dim = meta.partition_dim
+    stride = getattr(meta, "partition_stride", 1)
+    size = tensor_parallel_size()
+    pieces = [torch.empty_like(shard) for _ in range(size)]
+    dist.all_gather(pieces, shard.detach().contiguous(), group=tensor_parallel_group())
+    if stride == 1:
+        return torch.cat(pieces, dim=dim)
+    # Rank r holds chunks r, r+size, r+2*size, ... of the full tensor split into size*stride chunks.
+    chunks_per_rank = [p.chunk(stride, dim=dim) for p in pieces]
+    ordered = [chunks_per_rank[r][i] for i in range(stride) for r in range(size)]
+    return torch.cat(ordered, dim=dim)
