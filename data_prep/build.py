@@ -1,0 +1,118 @@
+"""Build (or verify) a paired fine/coarse AMBERT dataset.
+
+    python data_prep/build.py --lang zh --output data/zh-demo            # demo: People's Daily 1998-01
+    python data_prep/build.py --lang zh --input 'corpus/*.txt.xz' --output data/zh --workers 8
+    mpirun -np 4 python data_prep/build.py --lang zh --input corpus/ --output data/zh
+    python data_prep/build.py --lang zh ... --resume                     # continue a killed build
+    python data_prep/build.py --verify data/zh                           # re-read and check everything
+
+The logic lives in data_prep/core.py (engine), data_prep/languages.py (plugin contract),
+data_prep/chinese.py / english.py (languages) and data_prep/verify.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_prep import core, inputs  # noqa: E402
+from data_prep.languages import LanguageError, available_languages, get_language, load_all_plugins  # noqa: E402
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Build a paired fine/coarse AMBERT dataset, or --verify one.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        # A language may re-declare a shared option (same dest); the last declaration wins.
+        conflict_handler="resolve",
+    )
+    p.add_argument("--lang", choices=available_languages(), help="language of the corpus")
+    p.add_argument("--input", nargs="+", action="extend", metavar="PATH",
+                   help="files, globs or folders (text, .jsonl, .parquet, HF save_to_disk; .gz/.xz/.bz2); "
+                        "omit to build the built-in demo corpus")
+    p.add_argument("--output", help="dataset directory to create")
+    p.add_argument("--verify", metavar="DIR", help="check an existing dataset (alignment, decode round trip) and exit")
+    p.add_argument("--workers", type=int, default=1, help="processes for segmentation/encoding")
+    p.add_argument("--fine-vocab-size", type=int, help="max fine vocabulary size incl. specials (default: per language)")
+    p.add_argument("--coarse-vocab-size", type=int, help="max coarse vocabulary size incl. specials (default: per language)")
+    p.add_argument("--fine-min-count", type=int, help="minimum corpus count of a fine unit (default: per language)")
+    p.add_argument("--coarse-min-count", type=int, help="minimum corpus count of a coarse word/phrase (default: per language)")
+    p.add_argument("--valid-fraction", type=float, default=0.01, help="share of documents in the valid split")
+    p.add_argument("--shard-documents", type=int, default=2000, help="documents per shard (unit of parallelism/resume)")
+    p.add_argument("--text-mode", choices=inputs.TEXT_MODES, default="paragraph",
+                   help="text files: one document per blank-line-separated block, or per line")
+    p.add_argument("--text-field", default="text", help="JSON field / column holding the text")
+    p.add_argument("--encoding-errors", choices=inputs.ENCODING_ERRORS, default="strict",
+                   help="invalid UTF-8: stop (strict) or replace with U+FFFD")
+    p.add_argument("--max-document-chars", type=int, default=1_000_000,
+                   help="longer documents are cut at sentence ends")
+    p.add_argument("--skip-language-check", action="store_true", help="accept inputs that do not look like --lang")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output (at commit time)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted build (same command)")
+    p.add_argument("--keep-work-dir", action="store_true", help="keep OUTPUT.partial/ (shards, caches) afterwards")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    load_all_plugins()
+    for name in available_languages():
+        try:
+            cls = get_language(name)
+        except LanguageError:
+            continue
+        cls.add_arguments(p.add_argument_group(f"--lang {name}: {cls.description}"))
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> core.BuildConfig:
+    lang_cls = get_language(args.lang)
+    return core.BuildConfig(
+        language=args.lang,
+        output=args.output,
+        inputs=args.input,
+        workers=args.workers,
+        fine_vocab_size=args.fine_vocab_size,
+        coarse_vocab_size=args.coarse_vocab_size,
+        fine_min_count=args.fine_min_count,
+        coarse_min_count=args.coarse_min_count,
+        valid_fraction=args.valid_fraction,
+        shard_documents=args.shard_documents,
+        text_mode=args.text_mode,
+        text_field=args.text_field,
+        encoding_errors=args.encoding_errors,
+        max_document_chars=args.max_document_chars,
+        skip_language_check=args.skip_language_check,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        keep_work_dir=args.keep_work_dir,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        language_options=lang_cls.options_from_args(args),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[data_prep %(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.verify:
+        from data_prep.verify import verify_dataset
+
+        report = verify_dataset(args.verify)
+        print(report.summary())
+        return 0 if report.ok else 1
+    if not args.lang or not args.output:
+        parser.error("--lang and --output are required to build (or pass --verify DIR)")
+    try:
+        meta = core.build(config_from_args(args))
+    except (core.BuildError, inputs.InputError, LanguageError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(core.summarize(meta))
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,481 @@
+"""Chinese: characters as fine tokens, segmenter words as coarse tokens.
+
+Fine tokens
+    One token per character (CJK, punctuation, symbols), vocabulary = the most frequent characters
+    of the corpus seen at least --fine-min-count times, up to --fine-vocab-size.
+    Runs of ASCII letters/digits (after NFKC, so full-width "１９９８" is "1998") are treated like
+    WordPiece words: a run frequent enough (>= --latin-min-count) is ONE token ("1998", "GDP");
+    any other run is split greedily into the longest in-vocabulary pieces, the first piece plain and
+    the following ones with the "##" continuation prefix ("iPhone6s" -> "iPhone" "##6" "##s").
+    All 62 single letters/digits and their "##" forms are always in the vocabulary, so a Latin run
+    never becomes [UNK]. A run that continues the previous coarse word without a space (the
+    segmenter cut inside it) starts with "##" too, so ``format.detokenize`` restores the text exactly:
+    decode(fine) == decode(coarse) == the normalised sentence (data_prep/normalize.py).
+Coarse tokens
+    Words of a segmenter: rjieba by default (the Rust port of jieba: same segmentation, ~20x
+    faster; tests/test_data_prep_zh.py checks it matches jieba on People's Daily), jieba, or pkuseg
+    (optional extra). --user-dict adds words (jieba format: "word [freq] [tag]" per line).
+    Vocabulary = specials + every fine token (so any text the fine side knows can be spelled) + the
+    most frequent multi-token words, up to --coarse-vocab-size. A word outside the vocabulary backs
+    off to in-vocabulary words by greedy longest match over its fine tokens, finally to single fine
+    tokens: never to [UNK] for text the fine side knows.
+Alignment
+    Fine tokens are produced inside each coarse word, so every coarse boundary is a fine boundary.
+
+Segmentation runs once per shard (``analyze_shard``) and is cached as one line per sentence, words
+separated by U+001F (a control character normalisation removes from the text); ``encode_shard``
+only reads the cache. Encoding is vectorised over the shard: characters map to ids through a
+code-point table; only words with Latin letters/digits or outside the coarse vocabulary take the
+Python path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from data_prep import format as fmt
+from data_prep.languages import Corpus, EncodedShard, Language, LanguageError, register
+from data_prep.normalize import normalize_text, split_sentences
+
+SEGMENTERS = ("rjieba", "jieba", "pkuseg")
+WORD_SEP = "\x1f"
+_ASCII_ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+_NEEDS_CARE = re.compile(r"[ #A-Za-z0-9]")
+_RUN_OR_CHAR = re.compile(r"[A-Za-z0-9]+|.", re.S)
+_RUN = re.compile(r"[A-Za-z0-9]+")
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]")
+MAX_BACKOFF_PIECES = 16
+
+
+# ---------------------------------------------------------------------------------------------
+# Segmenters
+# ---------------------------------------------------------------------------------------------
+class Segmenter:
+    """cut(sentence) -> words (may include whitespace tokens, which the caller drops)."""
+
+    name = ""
+
+    def cut(self, text: str) -> list[str]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _user_words(path: str | None) -> list[tuple[str, int | None, str | None]]:
+        if not path:
+            return []
+        if not Path(path).is_file():
+            raise LanguageError(f"--user-dict {path} does not exist")
+        words = []
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            parts = line.strip().split()
+            if not parts:
+                continue
+            freq = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+            tag = parts[2] if len(parts) > 2 else None
+            words.append((parts[0], freq, tag))
+        return words
+
+
+class RJiebaSegmenter(Segmenter):
+    name = "rjieba"
+
+    def __init__(self, user_dict: str | None = None):
+        import rjieba
+
+        self._cut = rjieba.cut
+        for word, freq, tag in self._user_words(user_dict):
+            rjieba.add_word(word, freq, tag)
+
+    def cut(self, text: str) -> list[str]:
+        return self._cut(text)
+
+
+class JiebaSegmenter(Segmenter):
+    name = "jieba"
+
+    def __init__(self, user_dict: str | None = None):
+        import logging
+
+        import jieba
+
+        jieba.setLogLevel(logging.WARNING)
+        self.tokenizer = jieba.Tokenizer()
+        # jieba caches its prefix dictionary (9 MB) in the temp dir; keep it per user.
+        self.tokenizer.tmp_dir = os.environ.get("AMBERT_JIEBA_CACHE", tempfile.gettempdir())
+        if user_dict:
+            if not Path(user_dict).is_file():
+                raise LanguageError(f"--user-dict {user_dict} does not exist")
+            self.tokenizer.load_userdict(user_dict)
+
+    def cut(self, text: str) -> list[str]:
+        return self.tokenizer.lcut(text)
+
+
+class PkusegSegmenter(Segmenter):
+    name = "pkuseg"
+
+    def __init__(self, user_dict: str | None = None):
+        try:
+            import pkuseg
+        except ImportError:
+            raise LanguageError(
+                "--segmenter pkuseg needs the pkuseg package, which is not installed: "
+                "pip install 'ambert-pipeline[pkuseg]' (or pip install pkuseg); or use --segmenter rjieba"
+            ) from None
+        self.seg = pkuseg.pkuseg(user_dict=user_dict or "default")
+
+    def cut(self, text: str) -> list[str]:
+        return self.seg.cut(text)
+
+
+def make_segmenter(name: str, user_dict: str | None = None) -> Segmenter:
+    classes = {"rjieba": RJiebaSegmenter, "jieba": JiebaSegmenter, "pkuseg": PkusegSegmenter}
+    if name not in classes:
+        raise LanguageError(f"unknown --segmenter {name!r}; choose one of {SEGMENTERS}")
+    return classes[name](user_dict)
+
+
+def segment_sentence(segmenter: Segmenter, sentence: str) -> list[str]:
+    """Coarse words of one normalised sentence, spaces dropped, continuation words marked "##".
+
+    A word whose first character is an ASCII letter/digit directly after a word ending in one (no
+    space between: the segmenter cut a Latin run) gets the "##" prefix, the detokenize convention.
+    Leading "#"s of a word that starts with "##" are split off so a cached word never starts with a
+    literal "##".
+    """
+    words = segmenter.cut(sentence)
+    if not _NEEDS_CARE.search(sentence):
+        return words
+    out = []
+    prev = ""
+    for word in words:
+        if not word.strip():
+            prev = " "
+            continue
+        if word.startswith("##"):
+            body = word.lstrip("#")
+            out.extend("#" * (len(word) - len(body)))
+            prev = "#"
+            if not body:
+                continue
+            word = body
+        if word[0] in _ASCII_ALNUM and prev and prev[-1] in _ASCII_ALNUM:
+            out.append("##" + word)
+        else:
+            out.append(word)
+        prev = word
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The language plugin
+# ---------------------------------------------------------------------------------------------
+@register
+class Chinese(Language):
+    name = "zh"
+    description = "Chinese: characters (fine) and segmenter words (coarse)"
+    option_names = ("segmenter", "user_dict", "latin_min_count", "max_sentence_chars",
+                    "min_cjk_fraction")
+    default_fine_vocab_size = 21128
+    default_coarse_vocab_size = 72635
+    default_fine_min_count = 1
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--segmenter", choices=SEGMENTERS, default="rjieba",
+                           help="word segmenter for coarse tokens (rjieba == jieba's output, faster)")
+        group.add_argument("--user-dict", help="extra words for the segmenter (jieba format: word [freq] [tag])")
+        group.add_argument("--latin-min-count", type=int, default=5,
+                           help="a Latin/digit run seen this often becomes one fine token")
+        group.add_argument("--max-sentence-chars", type=int, default=510,
+                           help="longer sentences are cut (at a comma if possible)")
+        group.add_argument("--min-cjk-fraction", type=float, default=0.25,
+                           help="refuse an input whose letters are less than this share Chinese")
+
+    @classmethod
+    def options_from_args(cls, args: argparse.Namespace) -> dict:
+        options = super().options_from_args(args)
+        if options.get("user_dict"):
+            options["user_dict"] = str(Path(options["user_dict"]).resolve())
+        return options
+
+    def __init__(self, options: dict):
+        defaults = {"segmenter": "rjieba", "user_dict": None, "latin_min_count": 5, "coarse_min_count": 2,
+                    "max_sentence_chars": 510, "min_cjk_fraction": 0.25}
+        super().__init__({**defaults, **options})
+        if self.options["segmenter"] not in SEGMENTERS:
+            raise LanguageError(f"unknown --segmenter {self.options['segmenter']!r}; choose one of {SEGMENTERS}")
+        if self.options["segmenter"] == "pkuseg":
+            make_segmenter("pkuseg")  # fail now, with the install hint, not in a worker
+        self._segmenter: Segmenter | None = None
+
+    @property
+    def segmenter(self) -> Segmenter:
+        if self._segmenter is None:
+            self._segmenter = make_segmenter(self.options["segmenter"], self.options["user_dict"])
+        return self._segmenter
+
+    def __getstate__(self):
+        return {"options": self.options, "_segmenter": None}
+
+    def package_versions(self) -> dict[str, str]:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return {self.options["segmenter"]: version(self.options["segmenter"])}
+        except PackageNotFoundError:
+            return {}
+
+    # ---- checks / demo -------------------------------------------------------------------------
+    def check_sample(self, text: str, source: str) -> str | None:
+        letters = sum(1 for ch in text if ch.isalpha())
+        if letters < 50:
+            return None
+        cjk = len(_CJK.findall(text))
+        fraction = cjk / letters
+        if fraction < self.options["min_cjk_fraction"]:
+            return (f"{source} does not look like Chinese: only {100 * fraction:.1f}% of the letters in its first "
+                    f"{len(text):,} characters are Chinese characters (threshold {100 * self.options['min_cjk_fraction']:.0f}%, "
+                    f"--min-cjk-fraction). Pass the right --lang (e.g. --lang en)")
+        return None
+
+    def demo_inputs(self):
+        from data_prep.demo import peoples_daily_inputs
+
+        return peoples_daily_inputs()
+
+    # ---- analyze: normalise, split, segment, cache, count --------------------------------------
+    def analyze_shard(self, documents: list[str], cache_dir: Path) -> dict[str, Counter]:
+        seg = self.segmenter
+        limit = self.options["max_sentence_chars"]
+        lines: list[str] = []
+        sentences_per_document: list[int] = []
+        runs: list[str] = []
+        words_counter: Counter = Counter()
+        for document in documents:
+            sentences = split_sentences(normalize_text(document), limit)
+            n = 0
+            for sentence in sentences:
+                words = segment_sentence(seg, sentence)
+                if not words:
+                    continue
+                if _NEEDS_CARE.search(sentence):
+                    for w in words:
+                        if w.startswith("##"):
+                            m = _RUN.match(w, 2)
+                            runs.append("##" + m.group())
+                            runs.extend(r for r in _RUN.findall(w, m.end()) if len(r) > 1)
+                        else:
+                            runs.extend(r for r in _RUN.findall(w) if len(r) > 1)
+                words_counter.update(words)
+                lines.append(WORD_SEP.join(words))
+                n += 1
+            sentences_per_document.append(n)
+        text = "\n".join(lines)
+        (cache_dir / "words.txt").write_text(text, encoding="utf-8")
+        np.save(cache_dir / "sentences_per_document.npy", np.asarray(sentences_per_document, dtype=np.int64))
+        # Character counts through a code-point histogram (no Python loop over characters).
+        chars = text.replace(WORD_SEP, "").replace("\n", "")
+        char_counts: Counter = Counter()
+        if chars:
+            cps = np.frombuffer(chars.encode("utf-32-le"), dtype=np.uint32)
+            hist = np.bincount(cps)
+            for cp in np.nonzero(hist)[0]:
+                char_counts[chr(cp)] = int(hist[cp])
+        return {"char": char_counts, "run": Counter(runs), "word": words_counter}
+
+    # ---- fit: vocabularies ----------------------------------------------------------------------
+    def fit(self, counts: dict[str, Counter], corpus: Corpus, artifacts_dir: Path) -> dict:
+        max_fine = self.options["fine_vocab_size"]
+        max_coarse = self.options["coarse_vocab_size"]
+        min_count = self.options["fine_min_count"]
+        chars = counts.get("char", Counter())
+        runs = counts.get("run", Counter())
+        words = counts.get("word", Counter())
+        # "#" only appears in the char counts through real text ("##" prefixes are not counted).
+        always = list(_ASCII_ALNUM) + ["##" + c for c in _ASCII_ALNUM]
+        if max_fine < fmt.NUM_SPECIAL + len(always) + 100:
+            raise LanguageError(f"--fine-vocab-size {max_fine} is too small for Chinese: it needs the "
+                                f"{fmt.NUM_SPECIAL} special tokens, {len(always)} Latin letters/digits and characters; "
+                                f"use at least {fmt.NUM_SPECIAL + len(always) + 100}")
+        candidates = [(c, n) for c, n in chars.items() if n >= min_count and c not in _ASCII_ALNUM and not c.isspace()]
+        candidates += [(r, n) for r, n in runs.items() if n >= max(min_count, self.options["latin_min_count"])]
+        candidates.sort(key=lambda item: (-item[1], item[0]))
+        room = max_fine - fmt.NUM_SPECIAL - len(always)
+        fine_tokens = always + [t for t, _ in candidates[:room]]
+        fine = fmt.Vocab.from_tokens(fine_tokens)
+        # Coarse: every fine token (back-off spelling), then the most frequent multi-token words.
+        if max_coarse < len(fine):
+            raise LanguageError(f"--coarse-vocab-size {max_coarse} is smaller than the fine vocabulary ({len(fine)}): "
+                                f"the coarse vocabulary contains every fine token so out-of-vocabulary words can back "
+                                f"off; raise --coarse-vocab-size or lower --fine-vocab-size")
+        coarse_min = self.options["coarse_min_count"]
+        multi = [(w, n) for w, n in words.items() if n >= coarse_min and w not in fine.index and not w.isspace()]
+        multi.sort(key=lambda item: (-item[1], item[0]))
+        coarse = fmt.Vocab(fine.tokens + [w for w, _ in multi[: max_coarse - len(fine)]])
+        fine.save(artifacts_dir / fmt.FINE_VOCAB_FILE)
+        coarse.save(artifacts_dir / fmt.COARSE_VOCAB_FILE)
+        total_words = sum(words.values())
+        in_vocab = sum(n for w, n in words.items() if w in coarse.index)
+        return {
+            "segmenter": self.options["segmenter"],
+            "fine_vocab_latin_runs": sum(1 for t in fine.tokens if len(t) > 1 and t[0] != "[" and not t.startswith("##")),
+            "coarse_vocab_words": len(coarse) - len(fine),
+            "distinct_words": len(words),
+            "word_vocab_coverage": round(in_vocab / total_words, 6) if total_words else None,
+        }
+
+    # ---- encode ---------------------------------------------------------------------------------
+    def load(self, artifacts_dir: Path) -> None:
+        self.fine_vocab = fmt.Vocab.load(Path(artifacts_dir) / fmt.FINE_VOCAB_FILE)
+        self.coarse_vocab = fmt.Vocab.load(Path(artifacts_dir) / fmt.COARSE_VOCAB_FILE)
+        self.char_table = np.full(0x110000, fmt.UNK_ID, dtype=np.int64)
+        self.special_chars = np.zeros(0x110000, dtype=bool)
+        for c in _ASCII_ALNUM + "#":
+            self.special_chars[ord(c)] = True
+        for token, i in self.fine_vocab.index.items():
+            if len(token) == 1:
+                self.char_table[ord(token)] = i
+        latin = [t for t in self.fine_vocab.tokens if _RUN.fullmatch(t.removeprefix("##"))]
+        self.max_run_piece = max((len(t.removeprefix("##")) for t in latin), default=1)
+        self.max_word_pieces = min(MAX_BACKOFF_PIECES, max((len(t) for t in self.coarse_vocab.tokens[fmt.NUM_SPECIAL:]), default=1))
+
+    def _split_run(self, run: str, continuation: bool) -> list[str]:
+        index = self.fine_vocab.index
+        whole = "##" + run if continuation else run
+        if whole in index:
+            return [whole]
+        pieces = []
+        pos = 0
+        while pos < len(run):
+            plain = pos == 0 and not continuation
+            for end in range(min(len(run), pos + self.max_run_piece), pos, -1):
+                token = run[pos:end] if plain else "##" + run[pos:end]
+                if token in index:
+                    break
+            pieces.append(token)
+            pos = end
+        return pieces
+
+    def fine_pieces(self, word: str) -> list[str]:
+        """Fine token strings of one cached coarse word (which may start with the "##" mark)."""
+        continuation = word.startswith("##")
+        body = word[2:] if continuation else word
+        pieces: list[str] = []
+        for m in _RUN_OR_CHAR.finditer(body):
+            piece = m.group()
+            if piece[0] in _ASCII_ALNUM:
+                pieces.extend(self._split_run(piece, continuation and m.start() == 0))
+            else:
+                pieces.append(piece)
+        return pieces
+
+    def _backoff(self, pieces: list[str]) -> tuple[list[int], list[int]]:
+        """Coarse ids + alignment for a word outside the coarse vocabulary: greedy longest match."""
+        index = self.coarse_vocab.index
+        ids, align = [], []
+        i, n = 0, len(pieces)
+        while i < n:
+            for j in range(min(n, i + self.max_word_pieces), i + 1, -1):
+                candidate = pieces[i] + "".join(p[2:] if p.startswith("##") else p for p in pieces[i + 1:j])
+                cid = index.get(candidate)
+                if cid is not None:
+                    ids.append(cid)
+                    align.append(j - i)
+                    i = j
+                    break
+            else:
+                ids.append(index.get(pieces[i], fmt.UNK_ID))
+                align.append(1)
+                i += 1
+        return ids, align
+
+    def encode_words(self, words: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Encode a flat list of cached words -> (fine, coarse, align, fine count per word, coarse count per word)."""
+        W = len(words)
+        cget = self.coarse_vocab.index.get
+        coarse_w = np.fromiter((cget(w, -1) for w in words), dtype=np.int64, count=W)
+        lens = np.fromiter(map(len, words), dtype=np.int64, count=W)
+        cps = np.frombuffer("".join(words).encode("utf-32-le"), dtype=np.uint32)
+        fine_chars = self.char_table[cps]
+        special = np.zeros(W, dtype=bool)
+        special_char = self.special_chars[cps]
+        if special_char.any():
+            special[np.repeat(np.arange(W), lens)[special_char]] = True
+        irregular = np.nonzero(special | (coarse_w < 0))[0]
+        if len(irregular) == 0:
+            return fine_chars, coarse_w, lens.copy(), lens, np.ones(W, dtype=np.int64)
+        starts = np.zeros(W + 1, dtype=np.int64)
+        np.cumsum(lens, out=starts[1:])
+        fine_count = lens.copy()
+        coarse_count = np.ones(W, dtype=np.int64)
+        fine_parts, coarse_parts, align_parts = [], [], []
+        fget = self.fine_vocab.index.get
+        prev = 0
+        for w in irregular.tolist():
+            if w > prev:
+                fine_parts.append(fine_chars[starts[prev]:starts[w]])
+                coarse_parts.append(coarse_w[prev:w])
+                align_parts.append(lens[prev:w])
+            word = words[w]
+            if special[w]:
+                pieces = self.fine_pieces(word)
+                fine_parts.append(np.asarray([fget(p, fmt.UNK_ID) for p in pieces], dtype=np.int64))
+            else:
+                pieces = list(word)
+                fine_parts.append(fine_chars[starts[w]:starts[w + 1]])
+            if coarse_w[w] >= 0:
+                ids, align = [int(coarse_w[w])], [len(pieces)]
+            else:
+                ids, align = self._backoff(pieces)
+            coarse_parts.append(np.asarray(ids, dtype=np.int64))
+            align_parts.append(np.asarray(align, dtype=np.int64))
+            fine_count[w] = len(pieces)
+            coarse_count[w] = len(ids)
+            prev = w + 1
+        if prev < W:
+            fine_parts.append(fine_chars[starts[prev]:])
+            coarse_parts.append(coarse_w[prev:])
+            align_parts.append(lens[prev:])
+        return (np.concatenate(fine_parts), np.concatenate(coarse_parts), np.concatenate(align_parts),
+                fine_count, coarse_count)
+
+    def encode_shard(self, cache_dir: Path) -> EncodedShard:
+        text = (Path(cache_dir) / "words.txt").read_text(encoding="utf-8")
+        sentences_per_document = np.load(Path(cache_dir) / "sentences_per_document.npy")
+        empty = np.zeros(0, dtype=np.int64)
+        if not text:
+            return EncodedShard(empty, empty, empty, empty, empty, sentences_per_document, 0, {})
+        lines = text.split("\n")
+        words_per_sentence = np.fromiter((line.count(WORD_SEP) + 1 for line in lines), dtype=np.int64, count=len(lines))
+        words = text.replace("\n", WORD_SEP).split(WORD_SEP)
+        fine, coarse, align, fine_count, coarse_count = self.encode_words(words)
+        sentence_starts = np.zeros(len(lines), dtype=np.int64)
+        np.cumsum(words_per_sentence[:-1], out=sentence_starts[1:])
+        continuation_marks = 2 * text.count(WORD_SEP + "##") + 2 * text.count("\n##") + 2 * text.startswith("##")
+        return EncodedShard(
+            fine=fine,
+            coarse=coarse,
+            align=align,
+            fine_lengths=np.add.reduceat(fine_count, sentence_starts),
+            coarse_lengths=np.add.reduceat(coarse_count, sentence_starts),
+            document_sentences=sentences_per_document,
+            characters=len(text) - text.count(WORD_SEP) - text.count("\n") - continuation_marks,
+        )
+
+    # ---- convenience for tests / tools ----------------------------------------------------------
+    def encode_text(self, text: str) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Encode one document (after ``load``): [(fine, coarse, align)] per sentence."""
+        out = []
+        for sentence in split_sentences(normalize_text(text), self.options["max_sentence_chars"]):
+            words = segment_sentence(self.segmenter, sentence)
+            if words:
+                fine, coarse, align, _, _ = self.encode_words(words)
+                out.append((fine, coarse, align))
+        return out

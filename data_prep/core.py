@@ -1,0 +1,838 @@
+"""The language-blind build engine: inputs -> deterministic shards -> vocabularies -> paired dataset.
+
+Stages (each resumable, each independent of the number of workers / MPI ranks):
+
+1. check   inputs exist, are readable UTF-8, look like the language; output/work dirs are usable.
+           sha256 of every input is taken here (meta.json, and a --resume with changed inputs is
+           refused). Nothing expensive has run yet.
+2. read    the inputs are streamed once into SHARDS: shard k holds documents
+           [k * shard_documents, (k+1) * shard_documents) of the corpus, so shard contents depend
+           only on the corpus, never on --workers. Each shard is written to
+           ``DIR.partial/shards/<k>/docs.jsonl`` and handed at once to a worker, which runs
+3. analyze ``Language.analyze_shard``: normalise, split sentences, segment, cache the result,
+           return count tables (counts.pkl). Shards finish in any order; that is fine because
+4. fit     sums the counts (over shards, and over MPI ranks with a gather) and lets the language
+           build its vocabularies ONCE (rank 0) into ``DIR.partial/artifacts``.
+5. encode  every shard is encoded from its cache with those vocabularies and written as its own
+           small train/valid IndexedDatasets; the train/valid split is a pure function of the
+           global document index (``is_valid_document``).
+6. merge   rank 0 concatenates the shard datasets IN SHARD ORDER with the megatron-core builder
+           merge (``format.SplitWriter.add_shard``) into ``DIR.partial-<pid>`` (an
+           ``AtomicDirectory``), copies the artifacts, writes meta.json last and renames it to DIR.
+
+Every stage leaves a ``*.done`` marker, so ``--resume`` re-runs only what was not finished and the
+final bytes are the same as an uninterrupted build. ``DIR.partial/params.json`` records the build
+parameters; a resume with different ones is refused.
+
+Parallelism: ``--workers N`` runs stages 3 and 5 on a pool of N processes (the main process
+reads). Under ``mpirun -np K`` (detected from OMPI_COMM_WORLD_SIZE / PMI_SIZE; mpi4py is imported
+only then) rank r owns the shards k with k % K == r; every rank reads the inputs (reading is
+cheap next to segmentation) but analyses/encodes only its own shards; counts are gathered to rank
+0, rank 0 fits and merges. The same code runs on an initialised torch.distributed (gloo) group,
+which is how the tests drive two ranks. DIR's parent must be on a filesystem all ranks share.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import pickle
+import shutil
+import struct
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from data_prep import format as fmt
+from data_prep import inputs as inp
+from data_prep.languages import Corpus, EncodedShard, Language, LanguageError, get_language
+
+log = logging.getLogger("data_prep")
+
+WORK_SUFFIX = ".partial"
+PARAMS_FILE = "params.json"
+READ_FILE = "read.json"
+
+
+class BuildError(RuntimeError):
+    """The build cannot go on; the message names the problem and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class BuildConfig:
+    """Everything a build needs; ``build.py`` fills it from the command line."""
+
+    language: str
+    """--lang: a registered language plugin (zh, en)."""
+    output: str
+    """--output: the dataset directory to create."""
+    inputs: list[str] | None = None
+    """--input: files, globs, folders; None builds the language's built-in demo corpus."""
+    workers: int = 1
+    """--workers: processes for the analyze/encode stages (1 = in the main process)."""
+    fine_vocab_size: int | None = None
+    """--fine-vocab-size: maximum fine vocabulary size incl. special tokens (None: language default)."""
+    coarse_vocab_size: int | None = None
+    """--coarse-vocab-size: maximum coarse vocabulary size incl. special tokens (None: language default)."""
+    fine_min_count: int | None = None
+    """--fine-min-count: a fine unit seen fewer times stays out of the fine vocabulary."""
+    coarse_min_count: int | None = None
+    """--coarse-min-count: a coarse unit seen fewer times stays out of the coarse vocabulary."""
+    valid_fraction: float = 0.01
+    """--valid-fraction: share of documents in the valid split (deterministic, evenly spread)."""
+    shard_documents: int = 2000
+    """--shard-documents: documents per shard (the unit of parallel work and of resume)."""
+    text_mode: str = "paragraph"
+    """--text-mode: text inputs hold one document per blank-line-separated block or per line."""
+    text_field: str = "text"
+    """--text-field: the JSON field / column with the text (jsonl, parquet, HF datasets)."""
+    encoding_errors: str = "strict"
+    """--encoding-errors: 'strict' stops on invalid UTF-8, 'replace' uses U+FFFD."""
+    max_document_chars: int = 1_000_000
+    """--max-document-chars: longer documents are cut at sentence ends (memory stays bounded)."""
+    skip_language_check: bool = False
+    """--skip-language-check: do not refuse inputs that do not look like --lang."""
+    overwrite: bool = False
+    """--overwrite: replace an existing output (only once the new one is complete)."""
+    resume: bool = False
+    """--resume: continue an interrupted build from DIR.partial (same parameters required)."""
+    keep_work_dir: bool = False
+    """--keep-work-dir: keep DIR.partial (shards, caches) after a successful build."""
+    progress: bool = True
+    """Show tqdm progress bars (off in tests)."""
+    language_options: dict = field(default_factory=dict)
+    """The language plugin's own options (Language.options_from_args)."""
+
+    def validate(self) -> None:
+        if self.workers < 1:
+            raise BuildError(f"--workers must be >= 1, got {self.workers}")
+        if not 0.0 < self.valid_fraction < 1.0:
+            raise BuildError(f"--valid-fraction must be in (0, 1) so both splits get documents, got {self.valid_fraction}")
+        if self.shard_documents < 1:
+            raise BuildError(f"--shard-documents must be >= 1, got {self.shard_documents}")
+        if self.encoding_errors not in inp.ENCODING_ERRORS:
+            raise BuildError(f"--encoding-errors must be one of {inp.ENCODING_ERRORS}")
+        if self.max_document_chars < 1000:
+            raise BuildError(f"--max-document-chars must be >= 1000, got {self.max_document_chars}")
+        for name in ("fine_vocab_size", "coarse_vocab_size"):
+            value = getattr(self, name)
+            if value is not None and value <= fmt.NUM_SPECIAL:
+                raise BuildError(f"--{name.replace('_', '-')} must exceed the {fmt.NUM_SPECIAL} special tokens, got {value}")
+
+    def language_plugin_options(self, lang_cls: type[Language]) -> dict:
+        """The dict a plugin is constructed from: its own options plus the shared ones (defaults filled)."""
+        return {
+            **self.language_options,
+            "fine_vocab_size": self.fine_vocab_size or lang_cls.default_fine_vocab_size,
+            "coarse_vocab_size": self.coarse_vocab_size or lang_cls.default_coarse_vocab_size,
+            "fine_min_count": self.fine_min_count or lang_cls.default_fine_min_count,
+            "coarse_min_count": self.coarse_min_count or self.language_options.get("coarse_min_count")
+            or lang_cls.default_coarse_min_count,
+        }
+
+
+def work_dir_for(output: str | os.PathLike) -> Path:
+    """The stable work directory of a (resumable) build of ``output``."""
+    out = Path(output)
+    return out.parent / (out.name + WORK_SUFFIX)
+
+
+# ---------------------------------------------------------------------------------------------
+# Communicators: one process, MPI ranks, or a torch.distributed group
+# ---------------------------------------------------------------------------------------------
+class SingleProcess:
+    rank, size = 0, 1
+
+    def barrier(self) -> None:
+        pass
+
+    def gather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def bcast(self, obj: Any) -> Any:
+        return obj
+
+
+class MPIComm:
+    def __init__(self) -> None:
+        from mpi4py import MPI  # only under mpirun: importing it elsewhere may initialise MPI
+
+        self.comm = MPI.COMM_WORLD
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        return self.comm.gather(obj, root=0)
+
+    def bcast(self, obj: Any) -> Any:
+        return self.comm.bcast(obj, root=0)
+
+
+class TorchComm:
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.rank, self.size = dist.get_rank(), dist.get_world_size()
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        out = [None] * self.size if self.rank == 0 else None
+        self.dist.gather_object(obj, out, dst=0)
+        return out
+
+    def bcast(self, obj: Any) -> Any:
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def launched_under_mpi() -> bool:
+    size = os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE")
+    return size is not None and int(size) > 1
+
+
+def detect_communicator():
+    """MPI under mpirun, torch.distributed if a group is initialised, else a single process."""
+    if launched_under_mpi():
+        return MPIComm()
+    if "torch" in sys.modules:  # never import torch just to find out
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return TorchComm()
+    return SingleProcess()
+
+
+def _agree(comm, error: str | None) -> None:
+    """Collective: raise on every rank if any rank failed (so no rank waits forever in a collective)."""
+    errors = comm.gather(error)
+    summary = None
+    if comm.rank == 0:
+        bad = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
+        summary = "\n".join(bad) if bad else None
+    summary = comm.bcast(summary)
+    if summary:
+        if error:
+            raise BuildError(error)
+        raise BuildError(f"another rank failed:\n{summary}")
+
+
+def _collective(comm, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on this rank, then agree with all ranks that nobody failed."""
+    result, error = None, None
+    try:
+        result = fn()
+    except (BuildError, inp.InputError, LanguageError, fmt.FormatError, FileExistsError) as exc:
+        error = str(exc)
+    except Exception as exc:  # noqa: BLE001 - reported to every rank, then re-raised with context
+        if comm.size == 1:
+            raise
+        error = f"{type(exc).__name__}: {exc}"
+    _agree(comm, error)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers: atomic files, markers
+# ---------------------------------------------------------------------------------------------
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _mark(path: Path, info: dict | None = None) -> None:
+    _write_atomic(path, json.dumps(info or {}, sort_keys=True).encode())
+
+
+def _shard_dir(work: Path, k: int) -> Path:
+    return work / "shards" / f"{k:06d}"
+
+
+def read_shard_documents(shard_dir: Path) -> list[str]:
+    with open(shard_dir / "docs.jsonl", encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def _write_shard_documents(shard_dir: Path, documents: list[str]) -> None:
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    data = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in documents).encode("utf-8")
+    _write_atomic(shard_dir / "docs.jsonl", data)
+    _mark(shard_dir / "docs.done", {"documents": len(documents)})
+
+
+def is_valid_document(index: np.ndarray | int, num_documents: int, num_valid: int):
+    """True for the ``num_valid`` documents (of ``num_documents``) that form the valid split.
+
+    Evenly spread over the corpus (every ~1/fraction-th document), a pure function of the global
+    document index: the same for any number of workers/ranks, O(1) memory.
+    """
+    index = np.asarray(index, dtype=np.int64)
+    return (index + 1) * num_valid // num_documents > index * num_valid // num_documents
+
+
+def num_valid_documents(num_documents: int, fraction: float) -> int:
+    if num_documents < 2:
+        raise BuildError(
+            f"the corpus has {num_documents} non-empty document(s); a train and a valid split need at least 2. "
+            f"Give more text, or --text-mode line if your documents are lines"
+        )
+    return min(num_documents - 1, max(1, round(num_documents * fraction)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing one shard's split as megatron-core IndexedDatasets (bulk, no torch)
+# ---------------------------------------------------------------------------------------------
+_INDEX_HEADER = b"MMIDIDX\x00\x00"
+_DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.float64: 6, np.float32: 7, np.uint16: 8}
+
+
+def write_indexed_dataset(path_prefix: str, dtype, values: np.ndarray, sequence_lengths: np.ndarray,
+                          document_indices: np.ndarray) -> None:
+    """Write ``.bin``/``.idx`` byte-identical to megatron-core's IndexedDatasetBuilder, in one go.
+
+    The builder takes one tensor per sentence (a Python call each); a shard holds ~1e5 sentences,
+    so the whole shard is written from flat arrays instead. Tests read it back with megatron-core.
+    """
+    values = np.ascontiguousarray(values, dtype=dtype)
+    with open(path_prefix + ".bin", "wb") as fh:
+        fh.write(values.tobytes())
+    lengths = np.asarray(sequence_lengths, dtype=np.int32)
+    pointers = np.zeros(len(lengths), dtype=np.int64)
+    if len(lengths) > 1:
+        np.cumsum(lengths[:-1].astype(np.int64) * np.dtype(dtype).itemsize, out=pointers[1:])
+    docs = np.asarray(document_indices, dtype=np.int64)
+    with open(path_prefix + ".idx", "wb") as fh:
+        fh.write(_INDEX_HEADER)
+        fh.write(struct.pack("<Q", 1))
+        fh.write(struct.pack("<B", _DTYPE_CODES[dtype]))
+        fh.write(struct.pack("<Q", len(lengths)))
+        fh.write(struct.pack("<Q", len(docs)))
+        fh.write(lengths.tobytes())
+        fh.write(pointers.tobytes())
+        fh.write(docs.tobytes())
+
+
+def check_encoded_shard(enc: EncodedShard, fine_vocab_size: int, coarse_vocab_size: int, where: str) -> None:
+    """The alignment invariant for every sentence of a shard, vectorised (format.check_sentence rules)."""
+    n_sent = len(enc.fine_lengths)
+    problems = []
+    if len(enc.coarse_lengths) != n_sent or int(enc.document_sentences.sum()) != n_sent:
+        problems.append("sentence counts of fine/coarse/documents differ")
+    elif n_sent:
+        if enc.fine_lengths.min() <= 0 or enc.coarse_lengths.min() <= 0:
+            problems.append("empty sentence (0 fine or 0 coarse tokens)")
+        if int(enc.fine_lengths.sum()) != len(enc.fine) or int(enc.coarse_lengths.sum()) != len(enc.coarse):
+            problems.append("sentence lengths do not add up to the token arrays")
+        elif len(enc.align) != len(enc.coarse):
+            problems.append(f"{len(enc.align)} alignment counts for {len(enc.coarse)} coarse tokens")
+        else:
+            if len(enc.align) and (enc.align.min() <= 0 or enc.align.max() > np.iinfo(fmt.ALIGN_DTYPE).max):
+                problems.append("every coarse token must cover between 1 and 65535 fine tokens")
+            starts = np.concatenate([[0], np.cumsum(enc.coarse_lengths)[:-1]])
+            covered = np.add.reduceat(enc.align, starts) if len(enc.align) else np.zeros(0)
+            bad = np.nonzero(covered != enc.fine_lengths)[0]
+            if len(bad):
+                problems.append(f"sentence {bad[0]}: alignment covers {covered[bad[0]]} fine tokens, it has {enc.fine_lengths[bad[0]]}")
+        for name, ids, size in (("fine", enc.fine, fine_vocab_size), ("coarse", enc.coarse, coarse_vocab_size)):
+            if len(ids) and (ids.min() < 0 or ids.max() >= size):
+                problems.append(f"{name} id out of range [0, {size}): min {ids.min()}, max {ids.max()}")
+    if problems:
+        raise fmt.FormatError(f"{where}: the language plugin produced an invalid encoding: " + "; ".join(problems))
+
+
+def write_shard_splits(shard_dir: Path, enc: EncodedShard, valid_mask: np.ndarray,
+                       fine_vocab_size: int, coarse_vocab_size: int) -> dict:
+    """Write the train and valid IndexedDatasets of one encoded shard; return its statistics."""
+    sentences_per_doc = enc.document_sentences
+    nonempty = sentences_per_doc > 0
+    fine_sentence_starts = np.concatenate([[0], np.cumsum(enc.fine_lengths)])
+    coarse_sentence_starts = np.concatenate([[0], np.cumsum(enc.coarse_lengths)])
+    stats: dict[str, Any] = {"splits": {}}
+    for split, doc_mask in (("train", ~valid_mask & nonempty), ("valid", valid_mask & nonempty)):
+        sentence_mask = np.repeat(doc_mask, sentences_per_doc)
+        fine_mask = np.repeat(sentence_mask, enc.fine_lengths)
+        coarse_mask = np.repeat(sentence_mask, enc.coarse_lengths)
+        fine_lengths = enc.fine_lengths[sentence_mask]
+        coarse_lengths = enc.coarse_lengths[sentence_mask]
+        document_indices = np.concatenate([[0], np.cumsum(sentences_per_doc[doc_mask])])
+        streams = {
+            "fine": (fmt.id_dtype(fine_vocab_size), enc.fine[fine_mask], fine_lengths),
+            "coarse": (fmt.id_dtype(coarse_vocab_size), enc.coarse[coarse_mask], coarse_lengths),
+            "align": (fmt.ALIGN_DTYPE, enc.align[coarse_mask], coarse_lengths),
+        }
+        for stream, (dtype, values, lengths) in streams.items():
+            write_indexed_dataset(fmt.prefix(shard_dir, split, stream), dtype, values, lengths, document_indices)
+        stats["splits"][split] = {
+            "documents": int(doc_mask.sum()),
+            "sentences": int(sentence_mask.sum()),
+            "fine_tokens": int(fine_mask.sum()),
+            "coarse_tokens": int(coarse_mask.sum()),
+        }
+    del fine_sentence_starts, coarse_sentence_starts
+    stats.update(
+        documents=int(nonempty.sum()),
+        empty_after_normalization=int((~nonempty).sum()),
+        sentences=len(enc.fine_lengths),
+        characters=int(enc.characters),
+        fine_tokens=len(enc.fine),
+        coarse_tokens=len(enc.coarse),
+        multi_fine_coarse_tokens=int((enc.align > 1).sum()),
+        fine_unk=int((enc.fine == fmt.UNK_ID).sum()),
+        coarse_unk=int((enc.coarse == fmt.UNK_ID).sum()),
+        extra=dict(enc.extra),
+    )
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side (runs in pool processes, or inline with --workers 1)
+# ---------------------------------------------------------------------------------------------
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(language: str, options: dict) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _WORKER.clear()
+    _WORKER["lang"] = get_language(language)(options)
+    _WORKER["loaded"] = None
+
+
+def _analyze_task(shard_dir: str) -> tuple[str, int]:
+    shard = Path(shard_dir)
+    if (shard / "analyzed.done").exists():
+        return shard_dir, 0
+    documents = read_shard_documents(shard)
+    cache = shard / "cache"
+    if cache.exists():
+        shutil.rmtree(cache)  # left by a killed run
+    cache.mkdir()
+    counts = _WORKER["lang"].analyze_shard(documents, cache)
+    _write_atomic(shard / "counts.pkl", pickle.dumps({k: Counter(v) for k, v in counts.items()}, protocol=4))
+    nbytes = sum(len(d.encode("utf-8")) for d in documents)
+    _mark(shard / "analyzed.done", {"bytes": nbytes})
+    return shard_dir, nbytes
+
+
+def _encode_task(args: tuple) -> str:
+    shard_dir, artifacts, first_document, num_documents, num_valid, fine_size, coarse_size = args
+    shard = Path(shard_dir)
+    if (shard / "encoded.done").exists():
+        return shard_dir
+    lang: Language = _WORKER["lang"]
+    if _WORKER["loaded"] != artifacts:
+        lang.load(Path(artifacts))
+        _WORKER["loaded"] = artifacts
+    enc = lang.encode_shard(shard / "cache")
+    expected = json.loads((shard / "docs.done").read_text())["documents"]
+    if enc.num_documents != expected:
+        raise fmt.FormatError(f"{shard}: the language plugin encoded {enc.num_documents} documents, the shard has {expected}")
+    check_encoded_shard(enc, fine_size, coarse_size, str(shard))
+    valid = is_valid_document(first_document + np.arange(enc.num_documents), num_documents, num_valid)
+    stats = write_shard_splits(shard, enc, valid, fine_size, coarse_size)
+    _write_atomic(shard / "stats.json", json.dumps(stats, sort_keys=True).encode())
+    _mark(shard / "encoded.done")
+    return shard_dir
+
+
+class _Executor:
+    """Runs tasks inline (--workers 1) or on a process pool, results in completion order."""
+
+    def __init__(self, workers: int, language: str, options: dict):
+        self.pool = None
+        if workers > 1:
+            # fork: workers start in milliseconds and inherit the imported modules. The pool is made
+            # before any input is read, so no reader thread (pyarrow, tqdm) exists at fork time.
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            self.pool = mp.get_context(method).Pool(workers, initializer=_worker_init, initargs=(language, options))
+        else:
+            _worker_init(language, options)
+        self.pending: list = []
+
+    def submit(self, fn: Callable, arg: Any) -> None:
+        if self.pool is None:
+            self.pending.append(("done", fn(arg)))
+        else:
+            self.pending.append(("async", self.pool.apply_async(fn, (arg,))))
+
+    def ready(self, wait: bool = False) -> Iterator[Any]:
+        """Results of finished tasks (all of them, in submission order, when ``wait``)."""
+        keep = []
+        for kind, item in self.pending:
+            if kind == "done":
+                yield item
+            elif wait or item.ready():
+                yield item.get()
+            else:
+                keep.append((kind, item))
+        self.pending = keep
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+            self.pool = None
+
+    def terminate(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+
+def _progress(enabled: bool, **kwargs):
+    from tqdm import tqdm
+
+    return tqdm(disable=not enabled, dynamic_ncols=True, mininterval=0.5, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The build
+# ---------------------------------------------------------------------------------------------
+def _package_versions(lang: Language) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("numpy", "megatron-core", "pyarrow", "datasets", "ambert-pipeline"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    out.update(lang.package_versions())
+    return out
+
+
+def _check_inputs(config: BuildConfig, lang: Language, specs: list[inp.InputSpec]) -> tuple[list[dict], list[str]]:
+    """Stage 1: everything cheap that can fail, before any expensive work."""
+    warnings: list[str] = []
+    records = []
+    for spec in specs:
+        scan = inp.scan_input(spec)
+        warnings += inp.check_scan(scan, config.encoding_errors)
+        records.append({"path": spec.path, "kind": spec.kind, "sha256": scan.sha256, "bytes": scan.bytes})
+        if scan.bytes == 0:
+            continue
+        if not config.skip_language_check:
+            sample = inp.sample_text(spec)
+            problem = lang.check_sample(sample, spec.path)
+            if problem:
+                raise LanguageError(problem + " (or pass --skip-language-check if this is intended)")
+    if all(r["bytes"] == 0 for r in records):
+        raise inp.InputError("every input is empty: " + ", ".join(r["path"] for r in records))
+    return records, warnings
+
+
+def _remove_dead_partials(out: Path) -> None:
+    """Remove ``DIR.partial-<pid>`` merge directories left by killed builds (their pid is gone)."""
+    for stale in out.parent.glob(out.name + ".partial-*"):
+        try:
+            pid = int(stale.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
+
+
+def _prepare_work_dir(config: BuildConfig, params: dict) -> Path:
+    out = Path(config.output)
+    work = work_dir_for(out)
+    if out.exists() and not config.overwrite:
+        raise FileExistsError(
+            f"output directory {out} already exists; pass --overwrite to replace it (only once the new build "
+            f"is complete) or choose another --output"
+        )
+    if work.exists():
+        if config.resume:
+            recorded = json.loads((work / PARAMS_FILE).read_text()) if (work / PARAMS_FILE).is_file() else None
+            if recorded != params:
+                diff = sorted(k for k in set(params) | set(recorded or {}) if (recorded or {}).get(k) != params.get(k))
+                raise BuildError(
+                    f"cannot resume: {work} was started with different build parameters ({', '.join(diff) or 'unknown'}); "
+                    f"rerun with the original command, or pass --overwrite without --resume to start over"
+                )
+            log.info("resuming the interrupted build in %s", work)
+            _remove_dead_partials(out)
+            return work
+        if not config.overwrite:
+            raise BuildError(
+                f"{work} holds an unfinished build of {out} (interrupted?). Pass --resume to continue it, or "
+                f"--overwrite to discard it and start over"
+            )
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    _write_atomic(work / PARAMS_FILE, json.dumps(params, indent=2, sort_keys=True).encode())
+    return work
+
+
+def _read_into_shards(config, comm, specs, work: Path, executor: _Executor, bar, read_done: bool) -> dict:
+    """Stage 2 (+ 3 in the background): stream the corpus into shards, analyse each as it is written."""
+    read_path = work / READ_FILE
+    if read_done:  # a resumed build: the corpus was fully read before
+        summary = json.loads(read_path.read_text())
+        for k in range(summary["num_shards"]):
+            if k % comm.size == comm.rank:
+                executor.submit(_analyze_task, str(_shard_dir(work, k)))
+        return summary
+    counters = inp.ReadCounters()
+    documents: list[str] = []
+    num_documents = 0
+    k = 0
+
+    def flush() -> None:
+        nonlocal k, documents
+        if k % comm.size == comm.rank:
+            shard = _shard_dir(work, k)
+            if not (shard / "docs.done").exists():
+                _write_shard_documents(shard, documents)
+            executor.submit(_analyze_task, str(shard))
+        k += 1
+        documents = []
+
+    for text in inp.iter_documents(specs, config.encoding_errors, config.max_document_chars, counters):
+        documents.append(text)
+        num_documents += 1
+        if len(documents) == config.shard_documents:
+            flush()
+        for _, nbytes in executor.ready():
+            bar.update(nbytes)
+    if documents:
+        flush()
+    summary = {"num_documents": num_documents, "num_shards": k, "shard_documents": config.shard_documents,
+               "empty_documents_skipped": counters.empty_documents, "nul_bytes_removed": counters.nul_bytes_removed,
+               "long_documents_cut": counters.split_long_documents}
+    if comm.rank == 0:
+        _mark(read_path, summary)
+    return summary
+
+
+def build(config: BuildConfig, comm=None) -> dict:
+    """Build the dataset described by ``config``; returns its meta.json content (on every rank)."""
+    started = time.time()
+    config.validate()
+    comm = comm or detect_communicator()
+    lang_cls = get_language(config.language)
+    options = config.language_plugin_options(lang_cls)
+    lang = lang_cls(options)
+
+    # ---- 1. checks (rank 0), then agree -----------------------------------------------------
+    specs = [inp.resolve_inputs(config.inputs, config.text_mode, config.text_field) if config.inputs else lang.demo_inputs()][0]
+
+    def check():
+        records, warnings = _check_inputs(config, lang, specs)
+        for w in warnings:
+            log.warning(w)
+        params = {
+            "language": config.language,
+            "language_options": options,
+            "inputs": records,
+            "text_mode": config.text_mode,
+            "text_field": config.text_field,
+            "encoding_errors": config.encoding_errors,
+            "max_document_chars": config.max_document_chars,
+            "shard_documents": config.shard_documents,
+            "valid_fraction": config.valid_fraction,
+            "format_version": fmt.FORMAT_VERSION,
+        }
+        work = _prepare_work_dir(config, params)
+        return params, warnings, (work / READ_FILE).exists()
+
+    params, warnings, read_done = comm.bcast(_collective(comm, check) if comm.rank == 0 else _collective(comm, lambda: None))
+    work = work_dir_for(config.output)
+
+    # ---- 2+3. read into shards, analyse ------------------------------------------------------
+    executor = None
+    try:
+        def read_and_analyze():
+            nonlocal executor
+            executor = _Executor(config.workers, config.language, options)
+            total = sum(r["bytes"] for r in params["inputs"])
+            with _progress(config.progress and comm.rank == 0, desc="analyze", unit="B", unit_scale=True) as bar:
+                summary = _read_into_shards(config, comm, specs, work, executor, bar, read_done)
+                for _, nbytes in executor.ready(wait=True):
+                    bar.update(nbytes)
+            del total
+            mine = [k for k in range(summary["num_shards"]) if k % comm.size == comm.rank]
+            counts: dict[str, Counter] = {}
+            for k in mine:
+                with open(_shard_dir(work, k) / "counts.pkl", "rb") as fh:
+                    for key, table in pickle.load(fh).items():
+                        counts.setdefault(key, Counter()).update(table)
+            return summary, counts
+
+        summary, my_counts = _collective(comm, read_and_analyze)
+        all_counts = comm.gather(my_counts)
+        del my_counts
+
+        # ---- 4. fit (rank 0) -----------------------------------------------------------------
+        artifacts = work / "artifacts"
+
+        def fit():
+            if comm.rank != 0 or (work / "fit.done").exists():
+                return None
+            counts: dict[str, Counter] = {}
+            for rank_counts in all_counts:
+                for key, table in rank_counts.items():
+                    counts.setdefault(key, Counter()).update(table)
+            tmp = work / "artifacts.tmp"
+            scratch = work / "scratch"
+            for d in (tmp, scratch):
+                shutil.rmtree(d, ignore_errors=True)
+                d.mkdir()
+            corpus = Corpus([_shard_dir(work, k) for k in range(summary["num_shards"])], read_shard_documents, scratch)
+            t0 = time.time()
+            fit_stats = lang.fit(counts, corpus, tmp) or {}
+            for name in (fmt.FINE_VOCAB_FILE, fmt.COARSE_VOCAB_FILE):
+                if not (tmp / name).is_file():
+                    raise BuildError(f"language plugin {config.language!r} did not write {name} in fit()")
+            shutil.rmtree(artifacts, ignore_errors=True)
+            tmp.rename(artifacts)
+            shutil.rmtree(scratch, ignore_errors=True)
+            log.info("vocabularies built in %.1fs", time.time() - t0)
+            _mark(work / "fit.done", fit_stats)
+            return None
+
+        _collective(comm, fit)
+        del all_counts
+        fit_stats = json.loads((work / "fit.done").read_text())
+        fine_size = len(fmt.Vocab.load(artifacts / fmt.FINE_VOCAB_FILE))
+        coarse_size = len(fmt.Vocab.load(artifacts / fmt.COARSE_VOCAB_FILE))
+
+        # ---- 5. encode ---------------------------------------------------------------------------
+        num_documents = summary["num_documents"]
+        num_valid = num_valid_documents(num_documents, config.valid_fraction)
+
+        def encode():
+            mine = [k for k in range(summary["num_shards"]) if k % comm.size == comm.rank]
+            with _progress(config.progress and comm.rank == 0, desc="encode", unit="shard", total=len(mine)) as bar:
+                for k in mine:
+                    task = (str(_shard_dir(work, k)), str(artifacts), k * config.shard_documents, num_documents,
+                            num_valid, fine_size, coarse_size)
+                    executor.submit(_encode_task, task)
+                    bar.update(len(list(executor.ready())))
+                bar.update(len(list(executor.ready(wait=True))))
+            executor.close()
+
+        _collective(comm, encode)
+    except BaseException:
+        if executor is not None:
+            executor.terminate()
+        raise
+
+    # ---- 6. merge (rank 0) -------------------------------------------------------------------
+    def merge():
+        if comm.rank != 0:
+            return None
+        return _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_size, warnings, started, comm)
+
+    meta = _collective(comm, merge)
+    return comm.bcast(meta)
+
+
+def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_size, warnings, started, comm) -> dict:
+    shards = [_shard_dir(work, k) for k in range(summary["num_shards"])]
+    totals: Counter = Counter()
+    extra: Counter = Counter()
+    for shard in shards:
+        stats = json.loads((shard / "stats.json").read_text())
+        for key in ("documents", "empty_after_normalization", "sentences", "characters", "fine_tokens",
+                    "coarse_tokens", "multi_fine_coarse_tokens", "fine_unk", "coarse_unk"):
+            totals[key] += stats[key]
+        extra.update(stats["extra"])
+    # The clear error the format needs (a 0-document split makes megatron's samplers spin forever).
+    with (atomic := fmt.AtomicDirectory(config.output, overwrite=config.overwrite)) as out:
+        splits = {}
+        for split in fmt.SPLITS:
+            writer = fmt.SplitWriter(out, split, fine_size, coarse_size)
+            for shard in shards:
+                writer.add_shard(shard)
+            splits[split] = writer.finalize()
+            if splits[split]["documents"] == 0:
+                raise BuildError(
+                    f"the {split} split got 0 documents (corpus: {totals['documents']} documents); "
+                    f"adjust --valid-fraction or give more text"
+                )
+        for f in sorted((work / "artifacts").iterdir()):
+            shutil.copy2(f, out / f.name)
+        elapsed = time.time() - started
+        input_bytes = sum(r["bytes"] for r in params["inputs"])
+        fine, coarse = totals["fine_tokens"], totals["coarse_tokens"]
+        stats = {
+            "documents": totals["documents"],
+            "sentences": totals["sentences"],
+            "characters": totals["characters"],
+            "fine_tokens": fine,
+            "coarse_tokens": coarse,
+            "coarse_fine_ratio": round(coarse / fine, 4) if fine else None,
+            "multi_fine_coarse_fraction": round(totals["multi_fine_coarse_tokens"] / coarse, 4) if coarse else None,
+            "fine_oov_rate": round(totals["fine_unk"] / fine, 6) if fine else None,
+            "coarse_oov_rate": round(totals["coarse_unk"] / coarse, 6) if coarse else None,
+            "empty_documents_skipped": summary["empty_documents_skipped"] + totals["empty_after_normalization"],
+            "nul_bytes_removed": summary["nul_bytes_removed"],
+            "long_documents_cut": summary["long_documents_cut"],
+            **{k: v for k, v in fit_stats.items()},
+            **{k: int(v) for k, v in sorted(extra.items())},
+            "throughput": {
+                "seconds": round(elapsed, 2),
+                "input_mb_per_s": round(input_bytes / 1e6 / elapsed, 3),
+                "chars_per_s": round(totals["characters"] / elapsed),
+            },
+        }
+        meta = {
+            "language": config.language,
+            "fine_vocab_size": fine_size,
+            "coarse_vocab_size": coarse_size,
+            "build": {k: v for k, v in params.items() if k != "inputs"},
+            "inputs": params["inputs"],
+            "versions": _package_versions(lang),
+            "splits": splits,
+            "stats": stats,
+            "warnings": warnings,
+            "run": {"workers": config.workers, "ranks": comm.size},
+        }
+        fmt.write_meta(out, meta)
+        atomic.commit()
+    if not config.keep_work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"format_version": fmt.FORMAT_VERSION, **meta}
+
+
+def summarize(meta: dict) -> str:
+    """Human-readable statistics of a build (printed by build.py)."""
+    s = meta["stats"]
+    lines = [
+        f"dataset: language={meta['language']} fine_vocab={meta['fine_vocab_size']} coarse_vocab={meta['coarse_vocab_size']}",
+        f"  documents {s['documents']:,}  sentences {s['sentences']:,}  characters {s['characters']:,}",
+        f"  fine tokens {s['fine_tokens']:,}  coarse tokens {s['coarse_tokens']:,}  coarse/fine {s['coarse_fine_ratio']}",
+        f"  coarse tokens covering >1 fine token: {100 * (s['multi_fine_coarse_fraction'] or 0):.1f}%",
+        f"  OOV ([UNK]) rate: fine {100 * (s['fine_oov_rate'] or 0):.3f}%  coarse {100 * (s['coarse_oov_rate'] or 0):.3f}%",
+        "  splits: " + ", ".join(f"{k} {v['documents']:,} docs / {v['sentences']:,} sentences" for k, v in meta["splits"].items()),
+        f"  throughput: {s['throughput']['input_mb_per_s']} MB/s of input, {s['throughput']['chars_per_s']:,} chars/s "
+        f"({s['throughput']['seconds']}s, workers={meta['run']['workers']}, ranks={meta['run']['ranks']})",
+    ]
+    skipped = {k: s[k] for k in ("empty_documents_skipped", "nul_bytes_removed", "long_documents_cut") if s.get(k)}
+    if skipped:
+        lines.append("  repaired/skipped: " + ", ".join(f"{k}={v}" for k, v in skipped.items()))
+    return "\n".join(lines)
+
+
+def config_to_dict(config: BuildConfig) -> dict:
+    return asdict(config)

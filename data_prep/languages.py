@@ -1,0 +1,260 @@
+"""Language plugins: how one language turns documents into aligned fine/coarse ids.
+
+The build engine (``data_prep/core.py``) is language-blind: it reads inputs, cuts the corpus into
+deterministic shards, runs the shards on N processes (or MPI ranks), merges them and writes the
+dataset. Everything that depends on the language lives in a ``Language`` subclass registered here.
+
+How to implement a language (English does this in ``data_prep/english.py``)
+-------------------------------------------------------------------------
+1. Subclass ``Language`` and set ``name`` (the ``--lang`` value) and ``description``.
+2. ``add_arguments(group)`` (classmethod): add your own CLI options to ``group`` (an argparse
+   group). The shared options ``--fine-vocab-size``, ``--coarse-vocab-size``, ``--fine-min-count``
+   and ``--valid-fraction`` are added by the core; read them from ``options`` as
+   ``fine_vocab_size`` / ``coarse_vocab_size`` / ``fine_min_count`` (they are copied in; when the
+   user omits them the class attributes ``default_fine_vocab_size`` etc. are used).
+   ``options_from_args(args)`` (classmethod) returns a JSON-able dict of YOUR options (the
+   defaults do: every option you added whose ``dest`` is in ``cls.option_names``). The dict is
+   recorded in meta.json ``build.language_options`` and a ``--resume`` with different options is
+   refused, so put every option that changes the output in it.
+3. ``__init__(self, options)`` receives that dict (plus the shared options). It must be cheap and
+   picklable: workers are separate processes that rebuild the plugin from the same dict.
+4. ``check_sample(text, source)``: called on the first ~256 KB of every input BEFORE any expensive
+   work; return an error message (naming the fix, e.g. "pass --lang en") if the text is clearly not
+   your language, else None. ``--skip-language-check`` disables it.
+5. ``demo_inputs()``: the built-in demo corpus used when no ``--input`` is given, as a list of
+   ``inputs.InputSpec`` (usually text files found inside an installed registry package).
+6. ``analyze_shard(documents, cache_dir) -> dict[str, Counter]``: runs in a worker once per shard.
+   ``documents`` is the list of raw document strings of the shard, in corpus order. Normalise, split
+   sentences, pre-tokenize (segment) and WRITE what ``encode_shard`` needs into ``cache_dir`` (so an
+   expensive segmenter never runs twice); return count tables (e.g. {"char": ..., "word": ...}).
+   The core sums the Counters of all shards (and all MPI ranks) key by key.
+7. ``fit(counts, corpus, artifacts_dir) -> dict``: runs ONCE (main process / MPI rank 0) after
+   every shard was analysed. ``counts`` are the summed Counters. ``corpus`` (a ``Corpus``) streams
+   the documents again if a corpus-level training step needs the text: ``corpus.documents()``
+   yields raw documents in order, ``corpus.shard_cache_dirs()`` gives each shard's cache dir, and
+   ``corpus.scratch_dir`` is a private directory for large temporary files (e.g. the word-tokenized
+   text for KenLM's lmplz). Write ``fine_vocab.txt`` and ``coarse_vocab.txt`` (format.Vocab.save)
+   and any extra files (fine_tokenizer.json, phrases.tsv, ...) into ``artifacts_dir``: every file
+   there is copied into the dataset directory. Return extra statistics for meta.json ``stats``.
+   It must be deterministic (same counts/corpus -> same bytes): the build is reproducible and
+   resumable, and the output must not depend on the number of workers.
+8. ``load(artifacts_dir)``: runs in every worker before encoding; read back what ``fit`` wrote.
+9. ``encode_shard(cache_dir) -> EncodedShard``: encode every document of the shard (one entry of
+   ``document_sentences`` per input document of the shard, in order, 0 for a document that became
+   empty). Build it with ``EncodedShardBuilder`` (one ``add_document`` per document) or directly
+   from flat arrays. ``EncodedShard.extra`` holds integer counters that are summed into
+   meta.json ``stats`` (e.g. {"phrase_tokens": 123}). The core checks the alignment invariant.
+10. Register it: ``register(MyLanguage)`` at the end of your module and add the module name to
+   ``PLUGIN_MODULES`` below (the registry imports it lazily, so a missing optional dependency of
+   one language never breaks another).
+
+Conventions every language must follow (``format.detokenize``): a token that continues the
+previous word without a space starts with "##"; English coarse phrases join words with "_".
+``python data_prep/build.py --verify DIR`` checks, for every document, that each coarse token
+equals the concatenation of the fine tokens it covers (modulo those conventions) and that the
+fine and coarse sides decode to the same text when neither contains [UNK].
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from data_prep.inputs import InputSpec
+
+# Modules that define (and register) a language, imported on first use of the registry.
+PLUGIN_MODULES: dict[str, str] = {"zh": "data_prep.chinese", "en": "data_prep.english"}
+
+_REGISTRY: dict[str, type["Language"]] = {}
+
+
+class LanguageError(ValueError):
+    """Input that does not fit the chosen language (the message names the fix)."""
+
+
+@dataclass
+class EncodedShard:
+    """All encoded documents of one shard as flat arrays (sentences concatenated, in order)."""
+
+    fine: np.ndarray
+    """Fine ids of every sentence of the shard, concatenated."""
+    coarse: np.ndarray
+    """Coarse ids, concatenated."""
+    align: np.ndarray
+    """Per coarse token: how many fine tokens it covers (sum per sentence == fine length)."""
+    fine_lengths: np.ndarray
+    """Number of fine tokens of each sentence."""
+    coarse_lengths: np.ndarray
+    """Number of coarse tokens of each sentence."""
+    document_sentences: np.ndarray
+    """Per input document of the shard: its number of sentences (0 = empty, skipped)."""
+    characters: int = 0
+    """Characters of normalised text encoded (spaces excluded) for the statistics."""
+    extra: dict[str, int] = field(default_factory=dict)
+    """Language-specific integer counters, summed over shards into meta.json stats."""
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.document_sentences)
+
+
+class EncodedShardBuilder:
+    """Collects documents one at a time and produces an ``EncodedShard`` (for per-document encoders)."""
+
+    def __init__(self) -> None:
+        self._fine: list[np.ndarray] = []
+        self._coarse: list[np.ndarray] = []
+        self._align: list[np.ndarray] = []
+        self._fine_lengths: list[int] = []
+        self._coarse_lengths: list[int] = []
+        self._document_sentences: list[int] = []
+        self.characters = 0
+        self.extra: Counter = Counter()
+
+    def add_document(self, sentences: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]]) -> None:
+        """One document as a list of (fine_ids, coarse_ids, align) sentences; [] for an empty document."""
+        for fine, coarse, align in sentences:
+            self._fine.append(np.asarray(fine, dtype=np.int64))
+            self._coarse.append(np.asarray(coarse, dtype=np.int64))
+            self._align.append(np.asarray(align, dtype=np.int64))
+            self._fine_lengths.append(len(fine))
+            self._coarse_lengths.append(len(coarse))
+        self._document_sentences.append(len(sentences))
+
+    def build(self) -> EncodedShard:
+        def cat(parts: list[np.ndarray]) -> np.ndarray:
+            return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+        return EncodedShard(
+            fine=cat(self._fine),
+            coarse=cat(self._coarse),
+            align=cat(self._align),
+            fine_lengths=np.asarray(self._fine_lengths, dtype=np.int64),
+            coarse_lengths=np.asarray(self._coarse_lengths, dtype=np.int64),
+            document_sentences=np.asarray(self._document_sentences, dtype=np.int64),
+            characters=self.characters,
+            extra={k: int(v) for k, v in self.extra.items()},
+        )
+
+
+class Corpus:
+    """What ``Language.fit`` may stream over: the whole corpus, shard by shard, in order."""
+
+    def __init__(self, shard_dirs: Sequence[Path], read_documents: Callable[[Path], list[str]], scratch_dir: Path):
+        self._shard_dirs = list(shard_dirs)
+        self._read_documents = read_documents
+        self.scratch_dir = Path(scratch_dir)
+        """A private, initially empty directory for temporary files of the corpus-level step."""
+
+    def documents(self) -> Iterator[str]:
+        """Raw documents of the whole corpus in order (streamed: one shard in memory at a time)."""
+        for shard in self._shard_dirs:
+            yield from self._read_documents(shard)
+
+    def shard_cache_dirs(self) -> list[Path]:
+        """Each shard's cache directory (what ``analyze_shard`` wrote), in corpus order."""
+        return [d / "cache" for d in self._shard_dirs]
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._shard_dirs)
+
+
+class Language:
+    """Base class of a language plugin; see the module docstring for the contract."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    option_names: ClassVar[tuple[str, ...]] = ()
+    """argparse ``dest`` names of this language's own options (collected by ``options_from_args``)."""
+    default_fine_vocab_size: ClassVar[int] = 21128
+    """--fine-vocab-size when not given (the paper's sizes: zh 21,128; en 30,522)."""
+    default_coarse_vocab_size: ClassVar[int] = 72635
+    """--coarse-vocab-size when not given (the paper's sizes: zh 72,635; en 30,522 + 77,645)."""
+    default_fine_min_count: ClassVar[int] = 1
+    """--fine-min-count when not given: a fine unit seen fewer times stays out of the vocabulary."""
+    default_coarse_min_count: ClassVar[int] = 2
+    """--coarse-min-count when not given: a coarse unit seen fewer times stays out of the vocabulary."""
+
+    def __init__(self, options: dict):
+        self.options = dict(options)
+
+    # ---- command line ----------------------------------------------------------------------
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        """Add this language's own options to ``group``."""
+
+    @classmethod
+    def options_from_args(cls, args: argparse.Namespace) -> dict:
+        """JSON-able dict of this language's options (recorded in meta.json, checked on --resume)."""
+        return {name: getattr(args, name) for name in cls.option_names if hasattr(args, name)}
+
+    # ---- cheap checks ----------------------------------------------------------------------
+    def check_sample(self, text: str, source: str) -> str | None:
+        """An error message if ``text`` (the start of input ``source``) is clearly not this language."""
+        return None
+
+    def demo_inputs(self) -> list["InputSpec"]:
+        raise LanguageError(f"--lang {self.name} has no built-in demo corpus: pass --input PATH")
+
+    # ---- the build ---------------------------------------------------------------------------
+    def analyze_shard(self, documents: list[str], cache_dir: Path) -> dict[str, Counter]:
+        raise NotImplementedError
+
+    def fit(self, counts: dict[str, Counter], corpus: Corpus, artifacts_dir: Path) -> dict:
+        raise NotImplementedError
+
+    def load(self, artifacts_dir: Path) -> None:
+        raise NotImplementedError
+
+    def encode_shard(self, cache_dir: Path) -> EncodedShard:
+        raise NotImplementedError
+
+    # ---- optional: versions of the libraries that shaped the output (meta.json) ------------
+    def package_versions(self) -> dict[str, str]:
+        return {}
+
+
+def register(cls: type[Language]) -> type[Language]:
+    """Make ``cls`` available as ``--lang cls.name`` (usable as a class decorator)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__}.name is empty")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_languages() -> list[str]:
+    return sorted(set(PLUGIN_MODULES) | set(_REGISTRY))
+
+
+def get_language(name: str) -> type[Language]:
+    """The plugin class for ``--lang name`` (imports its module on first use)."""
+    if name not in _REGISTRY and name in PLUGIN_MODULES:
+        try:
+            importlib.import_module(PLUGIN_MODULES[name])
+        except ModuleNotFoundError as exc:
+            if exc.name == PLUGIN_MODULES[name]:
+                raise LanguageError(f"--lang {name}: its plugin module {PLUGIN_MODULES[name]} is not installed") from exc
+            raise
+    if name not in _REGISTRY:
+        raise LanguageError(f"unknown --lang {name!r}; available: {', '.join(available_languages())}")
+    return _REGISTRY[name]
+
+
+def load_all_plugins() -> None:
+    """Import every known plugin module that is present (so each can add its CLI options)."""
+    for name, module in PLUGIN_MODULES.items():
+        if name in _REGISTRY:
+            continue
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise

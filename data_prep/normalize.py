@@ -1,0 +1,66 @@
+"""Text normalisation and sentence splitting shared by the language plugins.
+
+Choices (the decode round trip depends on them, see ``format.detokenize``):
+- Unicode NFKC: People's Daily writes digits and Latin letters full width ("１９９８", "ＧＤＰ");
+  NFKC makes them ASCII so "1998" is one token whatever the source used. It also maps the
+  ideographic space U+3000 to a space.
+- Control characters (C0/C1 except tab/newline), zero-width characters and the BOM are removed;
+  U+FFFD (from --encoding-errors replace) is kept so the damage stays visible as [UNK].
+- Whitespace: for Chinese (``keep_space="wordlike"``) a space survives only between two ASCII
+  letters/digits ("Windows 98"), everything else is joined, exactly what detokenize rebuilds; for
+  English (``keep_space="all"``) runs of whitespace become one space.
+- Sentences end after 。！？!?… (and closing quotes/brackets that follow), after "." followed by a
+  space, and at every line break of the document. A sentence longer than ``max_sentence_chars``
+  is cut at the last comma-like mark, else hard (a sentence is a training unit, not a whole book).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+# C0/C1 controls except \t \n, zero-width space/joiners, word joiner, BOM, soft hyphen.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u00ad\u200b-\u200d\u2060\ufeff]")
+_LINE_BREAKS = re.compile("\r\n|[\r\u2028\u2029\x85]")
+_SPACES = re.compile(r"[^\S\n]+")
+# A space NOT between two ASCII letters/digits: dropped for Chinese.
+_NON_WORD_SPACE = re.compile(r"(?<![A-Za-z0-9]) | (?![A-Za-z0-9])")
+_SENTENCE_END = re.compile(r"(?:[。！？!?]+|…+|\.(?= ))[”’」』）)\]】\"'》]*")
+_SOFT_CUT = re.compile(r"[，,、；;：:]")
+
+
+def normalize_text(text: str, keep_space: str = "wordlike") -> str:
+    """NFKC + control-character removal + whitespace clean-up; line breaks are kept (as '\\n')."""
+    text = unicodedata.normalize("NFKC", text)
+    text = _LINE_BREAKS.sub("\n", text)
+    text = _CONTROL.sub("", text)
+    text = _SPACES.sub(" ", text)
+    if keep_space == "wordlike":
+        text = _NON_WORD_SPACE.sub("", text)
+    return text
+
+
+def split_sentences(text: str, max_sentence_chars: int = 512) -> list[str]:
+    """Sentences of normalised text: split at sentence ends and line breaks; no empty sentence."""
+    sentences: list[str] = []
+    for line in text.split("\n"):
+        start = 0
+        for m in _SENTENCE_END.finditer(line):
+            _add(sentences, line[start:m.end()], max_sentence_chars)
+            start = m.end()
+        _add(sentences, line[start:], max_sentence_chars)
+    return sentences
+
+
+def _add(out: list[str], sentence: str, limit: int) -> None:
+    sentence = sentence.strip()
+    while len(sentence) > limit:
+        cut = None
+        for m in _SOFT_CUT.finditer(sentence, limit // 2, limit):
+            cut = m.end()
+        cut = cut or limit
+        head, sentence = sentence[:cut].strip(), sentence[cut:].strip()
+        if head:
+            out.append(head)
+    if sentence:
+        out.append(sentence)
