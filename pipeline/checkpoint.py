@@ -1,0 +1,179 @@
+"""Checkpoints that survive preemption: complete-marker commit, auto-resume, retention, RNG state.
+
+Layout of ``checkpoints/``::
+
+    step_00000100/                 # DeepSpeed's files for one save (tag = directory name)
+      mp_rank_00_model_states.pt   #   client_state inside: consumed samples, per-rank RNG, config ...
+      zero_pp_rank_*_optim_states.pt
+      COMPLETE                     # written LAST, by rank 0, after every rank finished writing
+    step_00000200/ ...
+    latest                         # DeepSpeed's pointer; NOT trusted (written before all ranks are done)
+
+A save is only ever considered by ``--resume auto`` once its ``COMPLETE`` marker exists: a job killed
+mid-save leaves a directory without one, and the previous checkpoint is used. The marker is a small
+JSON file with what a resume must check before touching a collective (step, dataset fingerprint,
+model config, world layout), so a mismatch fails fast with a clear message on every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("pretrain")
+
+COMPLETE = "COMPLETE"
+TAG_PATTERN = re.compile(r"^step_(\d{8})$")
+# Model fields that change parameter shapes: a checkpoint cannot be loaded if any differs.
+SHAPE_FIELDS = (
+    "variant", "fine_vocab_size", "coarse_vocab_size", "vocab_multiple", "hidden_size", "num_layers",
+    "num_attention_heads", "num_query_groups", "ffn_hidden_size", "max_position_embeddings",
+    "type_vocab_size", "norm", "activation", "position", "bias", "sentence_order_head",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used for this run; the message says why and what to do."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint in ``directory``, oldest first."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = []
+    for child in d.iterdir():
+        m = TAG_PATTERN.match(child.name)
+        if m and (child / COMPLETE).is_file():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def find_resume_checkpoint(directory: str | os.PathLike, resume: str) -> Path | None:
+    """The checkpoint to resume from: None (fresh), the newest complete one ('auto'), or an explicit path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(directory)
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if not (path / COMPLETE).is_file():
+        raise CheckpointError(
+            f"checkpointing.resume={resume}: no {COMPLETE} marker, the save was interrupted; "
+            f"use an older checkpoint or checkpointing.resume=auto"
+        )
+    return path
+
+
+def read_marker(path: str | os.PathLike) -> dict:
+    return json.loads((Path(path) / COMPLETE).read_text(encoding="utf-8"))
+
+
+def check_compatible(marker: dict, fingerprint: str, model_config: dict, path: Path) -> None:
+    """Refuse to resume against another dataset or another model shape (before any collective)."""
+    if marker.get("dataset_fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"checkpoint {path} was trained on dataset {marker.get('dataset_path')} (fingerprint "
+            f"{marker.get('dataset_fingerprint')}), this run reads a different dataset (fingerprint {fingerprint}); "
+            f"point data.path at the original dataset, or start a fresh run in another checkpointing.dir"
+        )
+    saved = marker.get("model_config", {})
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs run {model_config.get(k)!r}" for k in SHAPE_FIELDS if saved.get(k) != model_config.get(k)]
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} has another model shape ({'; '.join(diffs)}); use the checkpoint's model "
+            f"settings (saved in its config.yaml) or start a fresh run in another checkpointing.dir"
+        )
+
+
+def gather_rng_states(rng_state: dict) -> list[dict]:
+    """Every rank's RNG state, in global rank order (each rank keeps the whole list)."""
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, rng_state)
+    return states
+
+
+def save(engine, directory: str | os.PathLike, step: int, client_state: dict, marker: dict, keep_last: int) -> Path:
+    """Save through DeepSpeed, then commit with the COMPLETE marker and prune old checkpoints.
+
+    Every rank must call this. The marker is written by rank 0 only after a barrier that every rank
+    reaches once its own files are on disk.
+    """
+    directory = Path(directory)
+    tag = tag_for(step)
+    path = directory / tag
+    if dist.get_rank() == 0 and path.exists():
+        shutil.rmtree(path)  # a leftover of an interrupted save of the same step
+    dist.barrier()
+    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=True)
+    _fault_injection("save", step)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        tmp = path / (COMPLETE + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"step": step, "tag": tag, **marker}, f, indent=1, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path / COMPLETE)
+        _prune(directory, keep_last)
+        log.info("checkpoint %s complete", path)
+    dist.barrier()
+    return path
+
+
+def _prune(directory: Path, keep_last: int) -> None:
+    complete = complete_checkpoints(directory)
+    newest = complete[-1][0] if complete else -1
+    for _, path in complete[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+    # Interrupted saves older than the newest complete one will never be used.
+    for child in directory.iterdir():
+        m = TAG_PATTERN.match(child.name)
+        if m and int(m.group(1)) < newest and not (child / COMPLETE).exists():
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def load(engine, path: str | os.PathLike, load_optimizer_states: bool = True) -> dict:
+    """Load a complete checkpoint into the engine; returns its client_state."""
+    path = Path(path)
+    load_path, client_state = engine.load_checkpoint(
+        str(path.parent), tag=path.name, load_optimizer_states=load_optimizer_states, load_lr_scheduler_states=True
+    )
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load {path} (files missing?)")
+    return client_state or {}
+
+
+def _fault_injection(point: str, step: int) -> None:
+    """Test hook: AMBERT_FAULT=kill_rank<R>_in_save@<STEP> SIGKILLs rank R after its DeepSpeed files
+    are written but before the COMPLETE marker (a job killed mid-save)."""
+    spec = os.environ.get("AMBERT_FAULT", "")
+    m = re.fullmatch(r"kill_rank(\d+)_in_(\w+)@(\d+)", spec)
+    if m and m.group(2) == point and int(m.group(3)) == step and int(m.group(1)) == dist.get_rank():
+        log.warning("AMBERT_FAULT: killing rank %d during %s at step %d", dist.get_rank(), point, step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def rng_state_for_rank(client_state: dict, rank: int, world_size: int) -> dict | None:
+    states = client_state.get("rng_states")
+    if not states or len(states) != world_size:
+        return None
+    return states[rank]
+
+
+__all__ = [
+    "COMPLETE", "CheckpointError", "check_compatible", "complete_checkpoints", "find_resume_checkpoint",
+    "gather_rng_states", "load", "read_marker", "rng_state_for_rank", "save", "tag_for", "torch",
+]

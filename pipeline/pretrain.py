@@ -1,0 +1,383 @@
+"""AMBERT pre-training: DeepSpeed ZeRO (1/2/3) + megatron-core tensor parallelism, exact resume.
+
+    deepspeed [--num_gpus N | --num_nodes N --hostfile H] pipeline/pretrain.py \
+        [--config pipeline/recipes/X.yaml] [--deepspeed_config ds_configs/X.json] [--resume auto] [key=value ...]
+
+The same script runs under torchrun, mpirun (MPI discovery) and srun. Without --config it runs the
+demo recipe (pipeline/recipes/demo.yaml) on the Chinese demo dataset, building it first if missing.
+
+The loop, top to bottom: config -> validate (no collective yet) -> distributed + TP groups ->
+data -> model under zero.Init -> engine -> resume -> [train step -> log -> evaluate -> save] ->
+final save. Preemption (SIGTERM / SIGUSR1) is noticed at the end of a step: every rank saves, then
+exits 0 so the scheduler can requeue the job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `deepspeed pipeline/pretrain.py` runs this file as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("DS_ACCELERATOR", "cpu" if not os.path.exists("/dev/nvidia0") else "cuda")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from data_prep.format import META_FILE  # noqa: E402
+from pipeline import checkpoint as ckpt  # noqa: E402
+from pipeline.config import (  # noqa: E402
+    DEMO_DATASET,
+    ROOT,
+    ConfigError,
+    PretrainConfig,
+    build_model_config,
+    deepspeed_config,
+    load_config,
+    resolve_path,
+    validate,
+)
+from pipeline.data import MaskingConfig, PretrainingData  # noqa: E402
+from pipeline.metrics import MetricsLogger, default_peak_flops, memory_mb  # noqa: E402
+
+log = logging.getLogger("pretrain")
+DEFAULT_RECIPE = ROOT / "pipeline" / "recipes" / "demo.yaml"
+METRIC_KEYS = ("loss", "fine_loss", "coarse_loss", "fine_accuracy", "coarse_accuracy")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line and environment
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help=f"recipe YAML (default: {DEFAULT_RECIPE.relative_to(ROOT)})")
+    parser.add_argument("--deepspeed_config", help="DeepSpeed JSON (= parallelism.deepspeed_config=...)")
+    parser.add_argument("--resume", help="'auto' or a checkpoint directory (= checkpointing.resume=...)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. schedule.train_steps=100")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.deepspeed_config:
+        overrides.append(f"parallelism.deepspeed_config={args.deepspeed_config}")
+    if args.resume:
+        overrides.append(f"checkpointing.resume={args.resume}")
+    return args, overrides
+
+
+def launch_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as any launcher sets them, before torch.distributed exists."""
+    def first(*names: str, default: int) -> int:
+        for n in names:
+            if n in os.environ:
+                return int(os.environ[n])
+        return default
+
+    rank = first("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID", default=0)
+    world = first("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS", default=1)
+    local = first("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", default=0)
+    return rank, world, local
+
+
+def ensure_demo_dataset(config: PretrainConfig, rank: int) -> None:
+    """Build the demo dataset if it is the configured one and missing: rank 0 builds, the others
+    wait for its meta.json (written last by the atomic build). No collective is involved."""
+    path = config.dataset_dir
+    if (path / META_FILE).is_file():
+        return
+    if config.data.path != DEMO_DATASET or not config.data.build_demo_if_missing:
+        raise ConfigError(
+            f"data.path={config.data.path}: {path} is not a dataset (no {META_FILE}); build one with "
+            f"`python data_prep/build.py --lang zh|en --output {path}` or point data.path at one"
+        )
+    if rank == 0:
+        log.info("building the demo dataset in %s (first run only)", path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, str(ROOT / "data_prep" / "build.py"), "--lang", "zh", "--output", str(path)]
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        return
+    deadline = time.time() + 3600
+    while not (path / META_FILE).is_file():
+        if time.time() > deadline:
+            raise TimeoutError(f"rank {rank}: gave up waiting for rank 0 to build {path}")
+        time.sleep(2)
+
+
+class PreemptionFlag:
+    """Set by SIGTERM / SIGUSR1; checked (and agreed on by all ranks) once per step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.signal = signum
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1.0 if self.signal is not None else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _step_fault_injection(step: int) -> None:
+    """Test hook: AMBERT_FAULT=sleep_per_step=<s> slows steps so a test can signal mid-run."""
+    spec = os.environ.get("AMBERT_FAULT", "")
+    if spec.startswith("sleep_per_step="):
+        time.sleep(float(spec.split("=", 1)[1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+def build_engine(config: PretrainConfig, model_config, ds_config: dict):
+    import deepspeed
+
+    from pipeline.model import build_model
+    from pipeline.optim import build_optimizer, build_scheduler
+    from pipeline.parallel import DeepSpeedMPU, data_parallel_group
+
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    # ZeRO-3 must partition over the data-parallel group only: without it, TP ranks' shards get
+    # mixed up and the model is silently wrong (ENVIRONMENT.md).
+    with deepspeed.zero.Init(
+        data_parallel_group=data_parallel_group(), mpu=DeepSpeedMPU(), config_dict_or_path=ds_config, enabled=stage == 3
+    ):
+        model = build_model(model_config)
+    optimizer = build_optimizer(config, model)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        model_parameters=model.parameters() if optimizer is None else None,
+        lr_scheduler=lambda opt: build_scheduler(config, opt),
+        config=ds_config,
+        mpu=DeepSpeedMPU(),
+    )
+    return engine
+
+
+def train_step(engine, batches, accumulation_steps: int, dp_group) -> dict:
+    """One optimizer step over ``accumulation_steps`` micro-batches; metrics averaged over DP ranks."""
+    totals = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
+    tokens = torch.zeros(3, dtype=torch.float64)  # real (non-pad) tokens, masked fine, masked coarse
+    for _ in range(accumulation_steps):
+        batch = {k: v.to(engine.device) for k, v in next(batches).items()}
+        out = engine(batch)
+        engine.backward(out["loss"])
+        engine.step()
+        totals += torch.tensor([float(out[k].detach()) if k in out else 0.0 for k in METRIC_KEYS], dtype=torch.float64)
+        tokens += torch.tensor(
+            [
+                float(batch["fine_attention_mask"].sum() + batch["coarse_attention_mask"].sum()),
+                float((batch["fine_labels"] >= 0).sum()),
+                float((batch["coarse_labels"] >= 0).sum()),
+            ],
+            dtype=torch.float64,
+        )
+    packed = torch.cat([totals / accumulation_steps, tokens]).float()
+    dist.all_reduce(packed, group=dp_group)
+    dp = dist.get_world_size(dp_group)
+    metrics = {k: packed[i].item() / dp for i, k in enumerate(METRIC_KEYS)}
+    metrics["tokens"] = packed[len(METRIC_KEYS)].item()
+    metrics["fine_masked"] = packed[len(METRIC_KEYS) + 1].item()
+    metrics["coarse_masked"] = packed[len(METRIC_KEYS) + 2].item()
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(engine, data: PretrainingData, config: PretrainConfig, dp_rank: int, dp_size: int, dp_group) -> dict:
+    """Loss and accuracy on the same fixed valid samples every time (masks seeded by position)."""
+    engine.eval()
+    loader = data.loader("valid", 0, config.parallelism.micro_batch_size, 1, dp_rank, dp_size, num_workers=0)
+    totals = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
+    batches = iter(loader)
+    for _ in range(config.data.valid_batches):
+        batch = {k: v.to(engine.device) for k, v in next(batches).items()}
+        out = engine(batch)
+        totals += torch.tensor([float(out[k].detach()) if k in out else 0.0 for k in METRIC_KEYS], dtype=torch.float64)
+    engine.train()
+    packed = (totals / config.data.valid_batches).float()
+    dist.all_reduce(packed, group=dp_group)
+    return {k: packed[i].item() / dp_size for i, k in enumerate(METRIC_KEYS)}
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[%(asctime)s rank{rank}] %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+        force=True,
+    )
+    # megatron-core's IndexedDataset logs every file it opens at INFO.
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    rank, world_size, _ = launch_env()
+    setup_logging(rank)
+
+    # 1. Config, validated on every rank before any collective call or allocation.
+    config = load_config(args.config or DEFAULT_RECIPE, overrides)
+    validate(config, world_size)
+    ensure_demo_dataset(config, rank)
+    from data_prep.format import PairedDataset
+
+    dataset = PairedDataset(config.dataset_dir)
+    model_config = build_model_config(config, dataset.meta)
+    if config.model.activation_checkpointing:
+        model_config.activation_checkpointing = True
+    validate(config, world_size, dataset.meta, model_config)
+    ds_config = deepspeed_config(config, world_size)
+    resume_path = ckpt.find_resume_checkpoint(config.checkpoint_dir, config.checkpointing.resume)
+    if resume_path is not None:
+        ckpt.check_compatible(ckpt.read_marker(resume_path), dataset.fingerprint, model_config.to_dict(), resume_path)
+
+    # 2. Processes and parallel groups.
+    import deepspeed
+
+    from pipeline import parallel
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False)
+    parallel.initialize_parallel(config.parallelism.tensor_parallel, seed=config.seed)
+    dp_rank, dp_size, dp_group = parallel.data_parallel_rank(), parallel.data_parallel_size(), parallel.data_parallel_group()
+    output_dir = Path(config.output_dir)
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+        log.info("config (saved to %s):\n%s", output_dir / "config.yaml", config.to_yaml())
+        log.info("model: %s", model_config.to_dict())
+
+    # 3. Data: every rank builds the same small sample index from sentence lengths (no barrier).
+    masking = MaskingConfig(config.data.mask_rate, config.data.mask_token_prob, config.data.random_token_prob)
+    data = PretrainingData.open(
+        str(config.dataset_dir), config.data.seq_length, masking, config.seed,
+        coarse_length=config.data.coarse_seq_length, with_valid=config.data.valid_every > 0,
+    )
+    log.info(
+        "data: %d train samples, fine length %d, coarse length %d (%s)",
+        len(data.train), data.fine_length, data.coarse_length, config.dataset_dir,
+    )
+
+    # 4. Model, optimizer, schedule, engine.
+    engine = build_engine(config, model_config, ds_config)
+
+    # 5. Resume: engine state from DeepSpeed, the rest (data position, RNG) from client_state.
+    step, consumed_samples = 0, 0
+    if resume_path is not None:
+        client_state = ckpt.load(engine, resume_path)
+        step, consumed_samples = int(client_state["step"]), int(client_state["consumed_samples"])
+        state = ckpt.rng_state_for_rank(client_state, dist.get_rank(), dist.get_world_size())
+        if state is not None:
+            parallel.set_rng_state(state)
+        else:  # another world size (a converted checkpoint): fresh, but distinct, dropout streams
+            log.warning("checkpoint has no RNG state for this layout: re-seeding dropout")
+            parallel.set_seed(config.seed + step)
+        log.info("resumed from %s at step %d (%d samples consumed)", resume_path, step, consumed_samples)
+
+    p = config.parallelism
+    global_batch = p.micro_batch_size * p.gradient_accumulation_steps * dp_size
+    loader = data.loader("train", consumed_samples, p.micro_batch_size, p.gradient_accumulation_steps, dp_rank, dp_size, config.data.num_workers)
+    batches = iter(loader)
+
+    from pipeline.model import flops_per_sample
+
+    peak_flops = config.logging.peak_flops or default_peak_flops(p.precision)
+    metrics_log = MetricsLogger(output_dir, rank == 0, config.logging.tensorboard, config.schedule.train_steps)
+    preemption = PreemptionFlag()
+
+    def save(reason: str) -> None:
+        client_state = {
+            "step": step,
+            "consumed_samples": consumed_samples,
+            "rng_states": ckpt.gather_rng_states(parallel.rng_state()),
+            "config": config.to_dict(),
+            "model_config": model_config.to_dict(),
+            "dataset_fingerprint": dataset.fingerprint,
+            "universal_checkpoint_info": universal_checkpoint_info(engine.module),
+        }
+        marker = {
+            "reason": reason,
+            "consumed_samples": consumed_samples,
+            "dataset_path": str(config.dataset_dir),
+            "dataset_fingerprint": dataset.fingerprint,
+            "model_config": model_config.to_dict(),
+            "tensor_parallel": p.tensor_parallel,
+            "data_parallel": dp_size,
+            "world_size": dist.get_world_size(),
+        }
+        ckpt.save(engine, config.checkpoint_dir, step, client_state, marker, config.checkpointing.keep_last)
+
+    # 6. Train.
+    engine.train()
+    while step < config.schedule.train_steps:
+        start = time.perf_counter()
+        lr = engine.get_lr()[0]
+        metrics = train_step(engine, batches, p.gradient_accumulation_steps, dp_group)
+        step += 1
+        consumed_samples += global_batch
+        step_time = time.perf_counter() - start
+        _step_fault_injection(step)
+
+        if step % config.logging.every == 0 or step == config.schedule.train_steps:
+            flops = global_batch * flops_per_sample(
+                model_config, data.fine_length, data.coarse_length,
+                metrics["fine_masked"] / global_batch, metrics["coarse_masked"] / global_batch,
+            )
+            grad_norm = engine.get_global_grad_norm()
+            metrics.update(
+                lr=lr,
+                grad_norm=float(grad_norm) if grad_norm is not None else 0.0,
+                step_time=step_time,
+                tokens_per_s=metrics["tokens"] / step_time,
+                samples_per_s=global_batch / step_time,
+                mfu=flops / step_time / (dist.get_world_size() * peak_flops),
+                memory_mb=memory_mb(),
+                consumed_samples=consumed_samples,
+            )
+            metrics_log.log(step, metrics)
+        if config.data.valid_every and step % config.data.valid_every == 0:
+            metrics_log.log(step, evaluate(engine, data, config, dp_rank, dp_size, dp_group), split="valid")
+
+        preempted = preemption.any_rank()
+        if preempted:
+            log.warning("preemption signal received: saving at step %d, then exiting", step)
+            save("preemption")
+            break
+        if config.checkpointing.save_every and step % config.checkpointing.save_every == 0:
+            save("periodic")
+        elif step == config.schedule.train_steps and config.checkpointing.save_at_end:
+            save("end")
+
+    metrics_log.close()
+    log.info("done at step %d", step)
+    dist.barrier()
+    return 0
+
+
+def universal_checkpoint_info(module: torch.nn.Module) -> dict:
+    """What DeepSpeed's universal-checkpoint conversion needs to merge tensor-parallel shards
+    correctly: which parameters are replicated, and along which dim the others are split.
+    (Without it, ds_to_universal concatenates replicated LayerNorm weights across TP ranks.)"""
+    from pipeline.convert import universal_checkpoint_info as info
+
+    return info(module)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ConfigError, ckpt.CheckpointError) as exc:
+        logging.getLogger("pretrain").error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
