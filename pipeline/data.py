@@ -384,4 +384,7 @@ class PretrainingData:
             collate_fn=_Collate(self.fine_length, self.coarse_length),
             persistent_workers=False,
             prefetch_factor=4 if num_workers > 0 else None,
+            # Its own generator: creating an iterator must not draw from the global torch RNG,
+            # or a resumed run (which creates one at a different point) would see other dropout.
+            generator=torch.Generator().manual_seed(self.train.seed),
         )

@@ -19,13 +19,19 @@ def write_synthetic_dataset(directory, num_docs=60, fine_vocab=64, coarse_vocab=
     """
     rng = np.random.default_rng(seed)
     words = np.arange(fmt.NUM_SPECIAL, coarse_vocab)
-    spelling = {int(w): rng.integers(fmt.NUM_SPECIAL, fine_vocab, size=int(rng.integers(1, 4))) for w in words}
-    successors = {int(w): rng.choice(words, size=3) for w in words}
+    # Zipf-like frequencies on both sides, as in real text: a model learns the unigram part in a few steps.
+    word_p = 1.0 / np.arange(1, len(words) + 1)
+    word_p /= word_p.sum()
+    chars = np.arange(fmt.NUM_SPECIAL, fine_vocab)
+    char_p = 1.0 / np.arange(1, len(chars) + 1) ** 1.2
+    char_p /= char_p.sum()
+    spelling = {int(w): rng.choice(chars, size=int(rng.integers(1, 4)), p=char_p) for w in words}
+    successors = {int(w): rng.choice(words, size=3, p=word_p) for w in words}
 
     def document(n_sentences):
         sents = []
         for _ in range(n_sentences):
-            w = int(rng.choice(words))
+            w = int(rng.choice(words, p=word_p))
             coarse = []
             for _ in range(int(rng.integers(3, max_sentence_words + 1))):
                 coarse.append(w)

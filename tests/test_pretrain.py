@@ -1,0 +1,198 @@
+"""End-to-end pre-training through the real `deepspeed` launcher on gloo (CPU).
+
+Launches are the expensive part (~20 s each on 2 loaded cores), so they are shared: one 20-step
+ZeRO-3 reference run (dropout on) serves the loss-falls check here and the exact-resume and
+multi-node checks in test_resume.py / test_launchers.py; the (TP, DP) layout runs also provide the
+checkpoint the layout-conversion test continues from.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.metrics import read_metrics
+from tests.distributed import free_port
+from tests.test_data_loader import write_synthetic_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+DEEPSPEED = str(VENV_BIN / "deepspeed")
+PRETRAIN = str(ROOT / "pipeline" / "pretrain.py")
+# A tiny model on short sequences: ~0.1 s/step for 2 ranks on 2 cores.
+BASE = [
+    "model.recipe=tiny",
+    "data.seq_length=32",
+    "parallelism.micro_batch_size=4",
+    "optimizer.lr=3e-3",
+    "schedule.warmup_steps=2",
+    "logging.tensorboard=false",
+    "data.valid_every=0",
+]
+
+
+def run_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)})
+    env.pop("AMBERT_FAULT", None)
+    env.update(extra or {})
+    return env
+
+
+def deepspeed_command(overrides: list[str], nproc: int = 2) -> list[str]:
+    return [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()), PRETRAIN, *BASE, *overrides]
+
+
+def launch(overrides: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 300, log: Path | None = None):
+    """Run one training job to completion; returns (exit code, combined output)."""
+    proc = subprocess.run(
+        deepspeed_command(overrides, nproc), cwd=ROOT, env=run_env(env), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, timeout=timeout,
+    )
+    if log is not None:
+        log.write_text(proc.stdout)
+    return proc.returncode, proc.stdout
+
+
+def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    return {step: rec[key] for step, rec in read_metrics(run_dir).items()}
+
+
+def assert_ok(code: int, output: str) -> None:
+    assert code == 0, output[-4000:]
+
+
+# Runs shared between test modules (test_resume.py, test_launchers.py import these getters): a
+# plain per-process memo, since a fixture imported into another module would run twice.
+_SHARED: dict[str, object] = {}
+
+
+def _shared(name: str, build):
+    if name not in _SHARED:
+        _SHARED[name] = build()
+    return _SHARED[name]
+
+
+def get_dataset(tmp_path_factory) -> Path:
+    return _shared("dataset", lambda: write_synthetic_dataset(tmp_path_factory.mktemp("pretrain_data") / "ds", num_docs=300))
+
+
+REFERENCE_OVERRIDES = ["schedule.train_steps=20", "data.num_workers=1", "data.valid_every=10"]
+
+
+def get_reference_run(tmp_path_factory) -> Path:
+    """20 steps, TP=1 DP=2, ZeRO-3, dropout on, one loader worker, checkpoints at 10 and 20."""
+
+    def build() -> Path:
+        out = tmp_path_factory.mktemp("reference")
+        code, output = launch(
+            [f"data.path={get_dataset(tmp_path_factory)}", f"output_dir={out}", *REFERENCE_OVERRIDES, "checkpointing.save_every=10"],
+            log=out / "log.txt",
+        )
+        assert_ok(code, output)
+        return out
+
+    return _shared("reference", build)
+
+
+@pytest.fixture
+def synthetic_dataset(tmp_path_factory) -> Path:
+    return get_dataset(tmp_path_factory)
+
+
+@pytest.fixture
+def reference_run(tmp_path_factory) -> Path:
+    return get_reference_run(tmp_path_factory)
+
+
+def test_zero3_both_losses_fall(reference_run):
+    metrics = read_metrics(reference_run)
+    assert sorted(metrics) == list(range(1, 21))
+    for key in ("fine_loss", "coarse_loss"):
+        curve = [metrics[s][key] for s in range(1, 21)]
+        first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
+        assert last < first - 0.05, (key, curve)
+    valid = read_metrics(reference_run, split="valid")
+    assert sorted(valid) == [10, 20] and valid[20]["loss"] < valid[10]["loss"] + 0.5
+    first = metrics[1]
+    for key in ("lr", "grad_norm", "tokens_per_s", "samples_per_s", "mfu", "memory_mb", "fine_accuracy", "coarse_accuracy"):
+        assert key in first and first[key] >= 0, key
+    assert (reference_run / "config.yaml").is_file()
+    assert sorted(p.name for p in (reference_run / "checkpoints").glob("step_*")) == ["step_00000010", "step_00000020"]
+
+
+LAYOUTS = [(1, 1), (1, 2), (2, 1), (2, 2)]
+
+
+def get_layout_runs(tmp_path_factory) -> dict[tuple[int, int], Path]:
+    """10 steps at each (TP, DP), same global batch (8), dropout off; the (2, 2) run saves at step 5."""
+
+    def build():
+        runs = {}
+        for tp, dp in LAYOUTS:
+            out = tmp_path_factory.mktemp(f"layout_tp{tp}_dp{dp}")
+            overrides = [
+                f"data.path={get_dataset(tmp_path_factory)}", f"output_dir={out}", *layout_overrides(tp, dp),
+                "checkpointing.save_every=5" if (tp, dp) == (2, 2) else "checkpointing.save_at_end=false",
+            ]
+            code, output = launch(overrides, nproc=tp * dp, log=out / "log.txt", timeout=420)
+            assert_ok(code, output)
+            runs[(tp, dp)] = out
+        return runs
+
+    return _shared("layouts", build)
+
+
+def layout_overrides(tp: int, dp: int) -> list[str]:
+    return [
+        "schedule.train_steps=10", "model.hidden_dropout=0.0", "model.attention_dropout=0.0",
+        f"parallelism.tensor_parallel={tp}", f"parallelism.gradient_accumulation_steps={2 // dp}", "data.num_workers=0",
+    ]
+
+
+@pytest.fixture
+def layout_runs(tmp_path_factory):
+    return get_layout_runs(tmp_path_factory)
+
+
+def test_layouts_give_the_same_loss_curve(layout_runs):
+    reference = losses(layout_runs[(1, 1)])
+    assert len(reference) == 10
+    for layout, run in layout_runs.items():
+        for key in ("loss", "fine_loss", "coarse_loss"):
+            got, ref = losses(run, key), losses(layout_runs[(1, 1)], key)
+            for step in ref:
+                assert abs(got[step] - ref[step]) <= 1e-5 * abs(ref[step]), (layout, key, step, got[step], ref[step])
+
+
+def test_bad_configs_fail_before_training(synthetic_dataset, tmp_path, monkeypatch, capsys):
+    """Validation happens before any collective: main() raises without a process group."""
+    from pipeline import pretrain
+    from pipeline.config import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    common = [*BASE, f"data.path={synthetic_dataset}", f"output_dir={tmp_path}"]
+    cases = [
+        (["parallelism.tensor_parallel=3"], "parallelism.tensor_parallel=3 does not divide the world size 4"),
+        (["parallelism.tensor_parallel=4", "model.num_attention_heads=2"], "does not divide model.num_attention_heads=2"),
+        (["parallelism.global_batch_size=24"], "parallelism.global_batch_size=24 != micro_batch_size 4"),
+        (["model.fine_vocab_size=10"], "model.fine_vocab_size=10 is smaller than the dataset's fine_vocab_size=64"),
+        (["data.path=/no/such/dataset"], "data.path=/no/such/dataset"),
+        (["data.seq_length=128"], "data.seq_length=128 exceeds the model's limit"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            pretrain.main([*common, *overrides])
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    # and through the real launcher: a clear message and a non-zero exit, no training
+    code, output = launch([f"data.path={synthetic_dataset}", f"output_dir={tmp_path}", "parallelism.tensor_parallel=3"], timeout=120)
+    assert code != 0 and "parallelism.tensor_parallel=3 does not divide the world size 2" in output
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -1,0 +1,126 @@
+"""Exact resume under faults, and continuing a run on another (TP, DP) layout.
+
+One chain of launches against the shared 20-step reference run (dropout on, fp32):
+  B: steps 1..10, checkpoints every 5; rank 1 is SIGKILLed while saving step 10 (its DeepSpeed files
+     are written, the COMPLETE marker is not): the launcher must exit non-zero, not hang.
+  C: --resume auto must pick step 5 (not the interrupted step 10); SIGTERM mid-run: a checkpoint is
+     written and every process exits 0.
+  D: --resume auto from C's preemption checkpoint, to step 20.
+Every loss of B, C and D equals the reference run's loss at the same step.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pipeline.checkpoint import COMPLETE, complete_checkpoints
+from pipeline.metrics import read_metrics
+from tests.test_pretrain import (
+    REFERENCE_OVERRIDES,
+    ROOT,
+    assert_ok,
+    deepspeed_command,
+    get_dataset,
+    get_layout_runs,
+    get_reference_run,
+    launch,
+    layout_overrides,
+    losses,
+    run_env,
+)
+
+
+def _assert_same_losses(run: Path, reference: dict, steps, rel: float = 1e-6) -> None:
+    got = read_metrics(run)
+    assert set(steps) <= set(got), (sorted(got), list(steps))
+    for step in steps:
+        for key in ("loss", "fine_loss", "coarse_loss"):
+            ref = reference[step][key]
+            assert abs(got[step][key] - ref) <= rel * abs(ref), (run.name, step, key, got[step][key], ref)
+
+
+def _workers(launcher: subprocess.Popen) -> list[psutil.Process]:
+    try:
+        children = psutil.Process(launcher.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [c for c in children if any("pretrain.py" in part for part in c.cmdline()) and "--local_rank" in " ".join(c.cmdline())]
+
+
+def test_exact_resume_through_kill_during_save_and_sigterm(tmp_path_factory, tmp_path):
+    reference_dir = get_reference_run(tmp_path_factory)
+    reference = read_metrics(reference_dir)
+    dataset = get_dataset(tmp_path_factory)
+    checkpoints = tmp_path / "checkpoints"
+    common = [f"data.path={dataset}", *REFERENCE_OVERRIDES, "checkpointing.save_every=5", f"checkpointing.dir={checkpoints}"]
+
+    # B: killed while saving step 10.
+    start = time.monotonic()
+    code, output = launch(
+        [*common, f"output_dir={tmp_path / 'b'}"], env={"AMBERT_FAULT": "kill_rank1_in_save@10"}, log=tmp_path / "b.log", timeout=240
+    )
+    assert code != 0, output[-3000:]
+    assert time.monotonic() - start < 240  # the surviving rank did not hang the job
+    assert (checkpoints / "step_00000010").is_dir() and not (checkpoints / "step_00000010" / COMPLETE).exists()
+    assert [s for s, _ in complete_checkpoints(checkpoints)] == [5]
+    _assert_same_losses(tmp_path / "b", reference, range(1, 11), rel=0.0)
+
+    # C: resume auto (-> step 5), slowed down so SIGTERM lands mid-run.
+    c_dir = tmp_path / "c"
+    proc = subprocess.Popen(
+        deepspeed_command([*common, f"output_dir={c_dir}", "--resume", "auto"]), cwd=ROOT,
+        env=run_env({"AMBERT_FAULT": "sleep_per_step=0.4"}), stdout=open(tmp_path / "c.log", "w"), stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if (c_dir / "metrics.jsonl").exists() and max(read_metrics(c_dir), default=0) >= 7:
+                break
+            assert proc.poll() is None, (tmp_path / "c.log").read_text()[-3000:]
+            time.sleep(0.2)
+        workers = _workers(proc)
+        assert len(workers) == 2
+        for w in workers:
+            w.send_signal(15)  # SIGTERM, as SLURM / Kubernetes send before preemption
+        code = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    c_log = (tmp_path / "c.log").read_text()
+    assert code == 0, c_log[-3000:]
+    assert "resumed from" in c_log and "step_00000005" in c_log
+    c_steps = sorted(read_metrics(c_dir))
+    assert c_steps[0] == 6 and c_steps[-1] < 20
+    newest_step, newest = complete_checkpoints(checkpoints)[-1]
+    assert newest_step == c_steps[-1]
+    assert json.loads((newest / COMPLETE).read_text())["reason"] == "preemption"
+    _assert_same_losses(c_dir, reference, c_steps)
+
+    # D: resume from the preemption checkpoint to the end.
+    code, output = launch([*common, f"output_dir={tmp_path / 'd'}", "--resume", "auto"], log=tmp_path / "d.log")
+    assert_ok(code, output)
+    d_steps = sorted(read_metrics(tmp_path / "d"))
+    assert d_steps == list(range(newest_step + 1, 21))
+    _assert_same_losses(tmp_path / "d", reference, d_steps)
+    # valid losses at step 20 agree too (the evaluation sees the same weights)
+    assert abs(read_metrics(tmp_path / "d", "valid")[20]["loss"] - read_metrics(reference_dir, "valid")[20]["loss"]) < 1e-5
+
+
+def test_resume_refuses_another_dataset_or_model(tmp_path_factory, tmp_path):
+    from pipeline import pretrain
+    from pipeline.checkpoint import CheckpointError
+    from tests.test_data_loader import write_synthetic_dataset
+
+    reference_dir = get_reference_run(tmp_path_factory)
+    other = write_synthetic_dataset(tmp_path / "other", num_docs=50, seed=9)
+    common = [f"checkpointing.dir={reference_dir / 'checkpoints'}", "--resume", "auto", f"output_dir={tmp_path}", "model.recipe=tiny", "data.seq_length=32"]
+    with pytest.raises(CheckpointError, match="different dataset"):
+        pretrain.main([*common, f"data.path={other}"])
+    with pytest.raises(CheckpointError, match="another model shape.*hidden_size: checkpoint 64 vs run 32"):
+        pretrain.main([*common, f"data.path={get_dataset(tmp_path_factory)}", "model.hidden_size=32"])
