@@ -28,10 +28,12 @@ OOV rate is reported in the stats.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import re
+import sys
 import time
 import unicodedata
 from collections import Counter
@@ -73,7 +75,7 @@ class EnglishInputError(ValueError):
 _CJK = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff"
 _CJK_RE = re.compile(f"[{_CJK}]")
 _WORD_RE = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+|[^\\w\\s]|_")
-_DROP_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn"}
+_DROP_CATEGORIES = {"Cc", "Cf", "Cs", "Co"}  # unassigned (Cn) code points are kept
 # A sentence ends at . ! ? (plus closing quotes/brackets) followed by space and something that can
 # start a sentence; a few abbreviations and single-letter initials ("J. Smith") never end one.
 _SENTENCE_END_RE = re.compile(r"[.!?]+[\"'”’)\]]*(\s+)(?=[\"'“‘(\[]*[A-Z0-9])")
@@ -83,13 +85,30 @@ _NO_BREAK_AFTER = re.compile(
 )
 
 
+@functools.lru_cache(maxsize=1)
+def _invisible_characters() -> re.Pattern:
+    """Control, format, private-use and surrogate code points (whitespace excluded), as one regex class."""
+    ranges: list[tuple[int, int]] = []
+    for cp in range(sys.maxunicode + 1):
+        ch = chr(cp)
+        if unicodedata.category(ch) in _DROP_CATEGORIES and not ch.isspace():
+            if ranges and ranges[-1][1] == cp - 1:
+                ranges[-1] = (ranges[-1][0], cp)
+            else:
+                ranges.append((cp, cp))
+    cls = "".join(re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges)
+    return re.compile(f"[{cls}]+")
+
+
+_ASCII_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]+")
+
+
 def normalize(text: str, lowercase: bool = True) -> str:
     """NFKC, control/format characters dropped (whitespace kept), optionally lower-cased."""
-    text = unicodedata.normalize("NFKC", text)
-    if not text.isascii():
-        text = "".join(ch for ch in text if ch.isspace() or unicodedata.category(ch) not in _DROP_CATEGORIES)
+    if text.isascii():
+        text = _ASCII_CONTROL_RE.sub("", text)
     else:
-        text = "".join(ch for ch in text if ch.isspace() or " " <= ch <= "~")
+        text = _invisible_characters().sub("", unicodedata.normalize("NFKC", text))
     return text.lower() if lowercase else text
 
 
@@ -100,7 +119,7 @@ def split_sentences(text: str) -> list[str]:
     start = 0
     for m in _SENTENCE_END_RE.finditer(text):
         piece = text[start:m.start(1)]
-        if not _NO_BREAK_AFTER.search(piece):
+        if not _NO_BREAK_AFTER.search(piece[-12:]):  # the tail holds any abbreviation; whole-piece search is O(n^2)
             sentences.append(piece)
             start = m.end(1)
     sentences.append(text[start:])
@@ -220,8 +239,9 @@ def train_fine_vocabulary(word_counts: Counter, vocab_size: int, min_count: int,
     if words and budget > 0:
         tsv = Path(scratch_dir) / "fine_word_counts.tsv"
         tsv.write_text("".join(f"{w}\t{word_counts[w]}\n" for w in words), encoding="utf-8")
-        # sentencepiece counts <unk> and its single characters inside vocab_size.
-        sp_size = budget + len(alphabet) + 1
+        # sentencepiece counts <unk> and its single characters inside vocab_size, and its word-initial
+        # pieces of single characters duplicate our required forms: ask for that much more, trim later.
+        sp_size = budget + 2 * len(alphabet) + 1
         for _ in range(3):
             model = io.BytesIO()
             try:

