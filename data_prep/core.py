@@ -219,32 +219,33 @@ def detect_communicator():
     return SingleProcess()
 
 
-def _agree(comm, error: str | None) -> None:
-    """Collective: raise on every rank if any rank failed (so no rank waits forever in a collective)."""
+def _agree(comm, error: str | None) -> str | None:
+    """Collective: every rank learns whether any rank failed (so no rank waits forever in a collective)."""
     errors = comm.gather(error)
     summary = None
     if comm.rank == 0:
         bad = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
         summary = "\n".join(bad) if bad else None
-    summary = comm.bcast(summary)
-    if summary:
-        if error:
-            raise BuildError(error)
-        raise BuildError(f"another rank failed:\n{summary}")
+    return comm.bcast(summary)
 
 
 def _collective(comm, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` on this rank, then agree with all ranks that nobody failed."""
-    result, error = None, None
+    """Run ``fn`` on this rank, then agree with all ranks that nobody failed.
+
+    The failing rank re-raises its own exception; the others raise a BuildError naming it.
+    """
+    if comm.size == 1:
+        return fn()
+    result, failure = None, None
     try:
         result = fn()
-    except (BuildError, inp.InputError, LanguageError, fmt.FormatError, FileExistsError) as exc:
-        error = str(exc)
-    except Exception as exc:  # noqa: BLE001 - reported to every rank, then re-raised with context
-        if comm.size == 1:
-            raise
-        error = f"{type(exc).__name__}: {exc}"
-    _agree(comm, error)
+    except Exception as exc:  # noqa: BLE001 - reported to every rank, then re-raised
+        failure = exc
+    summary = _agree(comm, f"{type(failure).__name__}: {failure}" if failure else None)
+    if failure is not None:
+        raise failure
+    if summary:
+        raise BuildError(f"another rank failed:\n{summary}")
     return result
 
 
@@ -522,20 +523,26 @@ def _package_versions(lang: Language) -> dict[str, str]:
 
 
 def _check_inputs(config: BuildConfig, lang: Language, specs: list[inp.InputSpec]) -> tuple[list[dict], list[str]]:
-    """Stage 1: everything cheap that can fail, before any expensive work."""
+    """Stage 1: everything cheap that can fail, before any expensive work.
+
+    First the head of every input (format, text field, language: seconds), then one pass over the
+    bytes of every input (sha256, NUL bytes, UTF-8 validity: ~1 GB/s).
+    """
+    for spec in specs:
+        try:
+            sample = inp.sample_text(spec, encoding_errors=config.encoding_errors)  # raises on a missing field
+        except UnicodeDecodeError:
+            continue  # the byte scan below reports it with the offset and the fix
+        if not config.skip_language_check and sample:
+            problem = lang.check_sample(sample, spec.path)
+            if problem:
+                raise LanguageError(problem + " (or pass --skip-language-check if this is intended)")
     warnings: list[str] = []
     records = []
     for spec in specs:
         scan = inp.scan_input(spec)
         warnings += inp.check_scan(scan, config.encoding_errors)
         records.append({"path": spec.path, "kind": spec.kind, "sha256": scan.sha256, "bytes": scan.bytes})
-        if scan.bytes == 0:
-            continue
-        if not config.skip_language_check:
-            sample = inp.sample_text(spec)
-            problem = lang.check_sample(sample, spec.path)
-            if problem:
-                raise LanguageError(problem + " (or pass --skip-language-check if this is intended)")
     if all(r["bytes"] == 0 for r in records):
         raise inp.InputError("every input is empty: " + ", ".join(r["path"] for r in records))
     return records, warnings
@@ -635,9 +642,15 @@ def build(config: BuildConfig, comm=None) -> dict:
     options = dict(lang.options)  # with the plugin's defaults filled in: recorded, and what workers get
 
     # ---- 1. checks (rank 0), then agree -----------------------------------------------------
-    specs = [inp.resolve_inputs(config.inputs, config.text_mode, config.text_field) if config.inputs else lang.demo_inputs()][0]
+    specs = inp.resolve_inputs(config.inputs, config.text_mode, config.text_field) if config.inputs else lang.demo_inputs()
 
     def check():
+        out = Path(config.output)
+        if out.exists() and not config.overwrite:  # the cheapest check first
+            raise FileExistsError(
+                f"output directory {out} already exists; pass --overwrite to replace it (only once the new build "
+                f"is complete) or choose another --output"
+            )
         records, warnings = _check_inputs(config, lang, specs)
         for w in warnings:
             log.warning(w)

@@ -1,0 +1,163 @@
+"""Bad input gets a clear message (and the fix), before expensive work; nothing half-built looks complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_prep import core
+from data_prep import format as fmt
+from data_prep import inputs as inp
+from data_prep.chinese import Chinese
+from data_prep.languages import LanguageError
+from data_prep.demo import peoples_daily_gold
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ["".join(words) for words in peoples_daily_gold(200)]
+
+
+def _config(tmp_path, inputs, **kw):
+    fields = dict(language="zh", output=str(tmp_path / "ds"), inputs=[str(p) for p in inputs], text_mode="line",
+                  shard_documents=50, valid_fraction=0.05, progress=False)
+    fields.update(kw)
+    return core.BuildConfig(**fields)
+
+
+def _good(tmp_path, name="good.txt", docs=DOCS):
+    path = tmp_path / name
+    path.write_text("\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+def test_invalid_utf8_stops_with_offset_and_iconv_hint(tmp_path):
+    good = _good(tmp_path)
+    gbk = tmp_path / "gbk.txt"
+    gbk.write_bytes("\n".join(DOCS[:50]).encode("gb18030"))
+    with pytest.raises(inp.InputError, match=r"gbk.txt is not valid UTF-8: \d+ bad byte sequence.*offset 0.*iconv -f GB18030"):
+        core.build(_config(tmp_path, [good, gbk]))
+    assert not core.work_dir_for(tmp_path / "ds").exists()  # refused before any work
+    # --encoding-errors replace goes on, and says so
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_bytes(("\n".join(DOCS[:60]) + "\n").encode() + b"\xff\xfe broken \xc3\n" + ("\n".join(DOCS[60:]) + "\n").encode())
+    meta = core.build(_config(tmp_path, [mixed], encoding_errors="replace"))
+    assert any("invalid UTF-8" in w for w in meta["warnings"])
+    assert meta["stats"]["documents"] == len(DOCS) + 1
+
+
+def test_nul_bytes_empty_files_and_empty_documents_are_skipped_with_counts(tmp_path):
+    nul = tmp_path / "nul.txt"
+    nul.write_text("\n".join(DOCS[:100]).replace("。", "。\0", 5) + "\n\n\n   \n\u200b\n" + "\n".join(DOCS[100:]) + "\n",
+                   encoding="utf-8")
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    meta = core.build(_config(tmp_path, [nul, empty]))
+    stats = meta["stats"]
+    assert stats["nul_bytes_removed"] == 5
+    assert stats["empty_documents_skipped"] == 4  # 3 blank lines + one that is empty after normalisation
+    assert stats["documents"] == len(DOCS)
+    assert any("empty file" in w for w in meta["warnings"]) and any("NUL" in w for w in meta["warnings"])
+    with pytest.raises(inp.InputError, match="every input is empty"):
+        core.build(_config(tmp_path, [empty], output=str(tmp_path / "ds2")))
+
+
+def test_single_50mb_line_is_cut_at_sentence_ends(tmp_path):
+    sentence = "".join(DOCS[:20])  # ~2k characters with sentence ends
+    big = tmp_path / "big.txt"
+    reps = 50_000_000 // len(sentence.encode()) + 1
+    with open(big, "w", encoding="utf-8") as fh:
+        for _ in range(reps):
+            fh.write(sentence)
+        fh.write("\n")
+    assert big.stat().st_size > 50_000_000
+    counters = inp.ReadCounters()
+    spec = inp.resolve_inputs([str(big)], text_mode="line")
+    total, pieces, longest = 0, 0, 0
+    for doc in inp.iter_documents(spec, max_document_chars=1_000_000, counters=counters):
+        pieces += 1
+        total += len(doc)
+        longest = max(longest, len(doc))
+        if pieces == 1:
+            assert doc.endswith(("。", "！", "？", "”", "\n"))  # cut at a sentence end
+    assert counters.split_long_documents == 1 and pieces >= 17 and longest <= 1_000_000
+    assert total == reps * len(sentence) + 1
+    # a whole build over a (smaller) single huge line works and reports the cut
+    small = tmp_path / "line.txt"
+    small.write_text(sentence * 60 + "\n", encoding="utf-8")
+    meta = core.build(_config(tmp_path, [small], max_document_chars=10_000))
+    assert meta["stats"]["long_documents_cut"] == 1 and meta["stats"]["documents"] >= 12
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(inp.InputError, match=r"input not found: .*nope.txt.*Check the path"):
+        core.build(_config(tmp_path, [tmp_path / "nope.txt"]))
+
+
+def test_non_chinese_corpus_refused_before_work(tmp_path):
+    english = tmp_path / "en.txt"
+    words = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
+    english.write_text("\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(30)) + "." for i in range(300)),
+                       encoding="utf-8")
+    with pytest.raises(LanguageError, match=r"does not look like Chinese: only 0.0% .*--lang en.*--skip-language-check"):
+        core.build(_config(tmp_path, [_good(tmp_path), english]))
+    assert not core.work_dir_for(tmp_path / "ds").exists()
+
+
+def test_existing_output_refused_then_overwrite(tmp_path):
+    good = _good(tmp_path)
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
+        core.build(_config(tmp_path, [good]))
+    assert (tmp_path / "ds" / "keep.txt").exists()
+    core.build(_config(tmp_path, [good], overwrite=True))
+    assert fmt.PairedDataset(tmp_path / "ds").meta["stats"]["documents"] == len(DOCS)
+
+
+def test_interrupted_build_never_looks_complete(tmp_path, monkeypatch):
+    good = _good(tmp_path)
+
+    def broken_fit(self, counts, corpus, artifacts_dir):
+        raise RuntimeError("simulated crash while building vocabularies")
+
+    monkeypatch.setattr(Chinese, "fit", broken_fit)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        core.build(_config(tmp_path, [good]))
+    assert not (tmp_path / "ds").exists()
+    with pytest.raises(fmt.FormatError, match="meta.json is missing"):
+        fmt.PairedDataset(tmp_path / "ds")
+    monkeypatch.undo()
+    with pytest.raises(core.BuildError, match="unfinished build.*--resume.*--overwrite"):
+        core.build(_config(tmp_path, [good]))
+    with pytest.raises(core.BuildError, match="cannot resume.*different build parameters \\(shard_documents\\)"):
+        core.build(_config(tmp_path, [good], resume=True, shard_documents=40))
+    meta = core.build(_config(tmp_path, [good], resume=True))
+    assert meta["stats"]["documents"] == len(DOCS)
+    assert not core.work_dir_for(tmp_path / "ds").exists()
+
+
+def test_bad_options_named(tmp_path):
+    good = _good(tmp_path)
+    with pytest.raises(core.BuildError, match="--valid-fraction must be in \\(0, 1\\)"):
+        core.build(_config(tmp_path, [good], valid_fraction=0.0))
+    with pytest.raises(core.BuildError, match="the valid split got 0|2 non-empty|at least 2"):
+        one = _good(tmp_path, "one.txt", DOCS[:1])
+        core.build(_config(tmp_path, [one]))
+    with pytest.raises(LanguageError, match="--coarse-vocab-size 200 is smaller than the fine vocabulary"):
+        core.build(_config(tmp_path, [good], coarse_vocab_size=200, output=str(tmp_path / "ds3")))
+
+
+def test_cli_reports_error_and_exit_code(tmp_path):
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "data_prep" / "build.py"), "--lang", "zh", "--input",
+                           str(tmp_path / "missing.txt"), "--output", str(tmp_path / "x")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert "error: input not found" in proc.stderr and "missing.txt" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    meta_keys = json.dumps(sorted(core.BuildConfig.__dataclass_fields__))
+    assert "valid_fraction" in meta_keys

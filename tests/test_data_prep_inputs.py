@@ -1,0 +1,94 @@
+"""Every input kind (text paragraphs/lines, .gz/.xz, JSON lines, parquet, HF save_to_disk, folders,
+globs, the tagged demo file) yields the same documents, and a build over mixed inputs works."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import lzma
+
+import pytest
+
+from data_prep import core
+from data_prep import format as fmt
+from data_prep import inputs as inp
+from data_prep.demo import peoples_daily_gold, peoples_daily_inputs
+
+DOCS = ["".join(words) for words in peoples_daily_gold(120)]
+
+
+def _read(paths, **kw):
+    specs = inp.resolve_inputs([str(p) for p in paths], **kw)
+    return list(inp.iter_documents(specs))
+
+
+def test_text_paragraph_and_line_modes(tmp_path):
+    # paragraph mode: documents are blank-line-separated blocks (a block may span lines)
+    blocks = [DOCS[i] + "\n" + DOCS[i + 1] for i in range(0, 40, 2)]
+    (tmp_path / "p.txt").write_text("\n\n".join(blocks) + "\n", encoding="utf-8")
+    got = _read([tmp_path / "p.txt"])
+    assert [g.rstrip("\n") for g in got] == blocks
+    (tmp_path / "l.txt").write_text("\n".join(DOCS) + "\n", encoding="utf-8")
+    assert [g.rstrip("\n") for g in _read([tmp_path / "l.txt"], text_mode="line")] == DOCS
+
+
+def test_compressed_jsonl_parquet_hf_disk_read_the_same(tmp_path):
+    text = "\n".join(DOCS) + "\n"
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress(text.encode()))
+    (tmp_path / "a.txt.xz").write_bytes(lzma.compress(text.encode()))
+    jsonl = "".join(json.dumps({"id": i, "body": d}, ensure_ascii=False) + "\n" for i, d in enumerate(DOCS))
+    (tmp_path / "a.jsonl.xz").write_bytes(lzma.compress(jsonl.encode()))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": DOCS}), tmp_path / "a.parquet", row_group_size=50)
+    import datasets
+
+    datasets.Dataset.from_dict({"body": DOCS}).save_to_disk(str(tmp_path / "hf"))
+    for path in ("a.txt.gz", "a.txt.xz"):
+        assert [d.rstrip("\n") for d in _read([tmp_path / path], text_mode="line")] == DOCS, path
+    for path in ("a.jsonl.xz", "a.parquet", "hf"):
+        assert _read([tmp_path / path], text_field="body") == DOCS, path
+    specs = inp.resolve_inputs([str(tmp_path / "hf")])
+    assert specs[0].kind == "hf_disk"
+    with pytest.raises(inp.InputError, match="no field 'text'.*--text-field"):
+        _read([tmp_path / "a.jsonl.xz"])
+    with pytest.raises(inp.InputError, match="no column 'text'.*--text-field"):
+        _read([tmp_path / "a.parquet"])
+
+
+def test_folders_and_globs_sorted_and_deduplicated(tmp_path):
+    sub = tmp_path / "corpus" / "sub"
+    sub.mkdir(parents=True)
+    (tmp_path / "corpus" / "b.txt").write_text(DOCS[1] + "\n", encoding="utf-8")
+    (sub / "a.txt").write_text(DOCS[0] + "\n", encoding="utf-8")
+    (tmp_path / "corpus" / ".hidden").write_text("x", encoding="utf-8")
+    specs = inp.resolve_inputs([str(tmp_path / "corpus"), str(tmp_path / "corpus" / "*.txt")])
+    assert [s.path for s in specs] == [str(tmp_path / "corpus" / "b.txt"), str(sub / "a.txt")]
+    with pytest.raises(inp.InputError, match="glob matched nothing"):
+        inp.resolve_inputs([str(tmp_path / "nothing*.txt")])
+
+
+def test_tagged_demo_file_gives_raw_text():
+    spec = peoples_daily_inputs()[0]
+    first = next(inp.iter_documents([spec]))
+    assert first == DOCS[0] and "/" not in first and " " not in first
+
+
+def test_build_over_mixed_inputs_records_checksums(tmp_path):
+    half = len(DOCS) // 2
+    jsonl = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in DOCS[:half])
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(jsonl.encode()))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": DOCS[half:]}), tmp_path / "b.parquet")
+    meta = core.build(core.BuildConfig(language="zh", output=str(tmp_path / "ds"),
+                                       inputs=[str(tmp_path / "a.jsonl.gz"), str(tmp_path / "b.parquet")],
+                                       shard_documents=25, valid_fraction=0.1, progress=False))
+    assert meta["stats"]["documents"] == len(DOCS)
+    assert [i["sha256"] for i in meta["inputs"]] == [
+        hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in ("a.jsonl.gz", "b.parquet")]
+    ds = fmt.PairedDataset(tmp_path / "ds")
+    assert len(ds.split("train")) + len(ds.split("valid")) == len(DOCS)
