@@ -19,7 +19,8 @@ log = logging.getLogger("pretrain")
 
 def measure_peak_flops(seconds: float = 0.3, size: int = 512) -> float:
     """FLOP/s of a dense fp32 matmul in this process: the physical limit MFU is measured against on CPU."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    generator = torch.Generator().manual_seed(0)  # never touch the global RNG (exact resume)
+    a, b = torch.randn(size, size, generator=generator), torch.randn(size, size, generator=generator)
     torch.mm(a, b)
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:

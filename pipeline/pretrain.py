@@ -277,12 +277,6 @@ def main(argv: list[str] | None = None) -> int:
     if resume_path is not None:
         client_state = ckpt.load(engine, resume_path)
         step, consumed_samples = int(client_state["step"]), int(client_state["consumed_samples"])
-        state = ckpt.rng_state_for_rank(client_state, dist.get_rank(), dist.get_world_size())
-        if state is not None:
-            parallel.set_rng_state(state)
-        else:  # another world size (a converted checkpoint): fresh, but distinct, dropout streams
-            log.warning("checkpoint has no RNG state for this layout: re-seeding dropout")
-            parallel.set_seed(config.seed + step)
         log.info("resumed from %s at step %d (%d samples consumed)", resume_path, step, consumed_samples)
 
     p = config.parallelism
@@ -317,6 +311,15 @@ def main(argv: list[str] | None = None) -> int:
             "world_size": dist.get_world_size(),
         }
         ckpt.save(engine, config.checkpoint_dir, step, client_state, marker, config.checkpointing.keep_last)
+
+    # RNG state last, right before the loop: anything above may draw random numbers.
+    if resume_path is not None:
+        state = ckpt.rng_state_for_rank(client_state, dist.get_rank(), dist.get_world_size())
+        if state is not None:
+            parallel.set_rng_state(state)
+        else:  # another world size (a converted checkpoint): fresh, but distinct, dropout streams
+            log.warning("checkpoint has no RNG state for this layout: re-seeding dropout")
+            parallel.set_seed(config.seed + step)
 
     # 6. Train.
     engine.train()

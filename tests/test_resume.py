@@ -50,7 +50,13 @@ def _workers(launcher: subprocess.Popen) -> list[psutil.Process]:
         children = psutil.Process(launcher.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-    return [c for c in children if any("pretrain.py" in part for part in c.cmdline()) and "--local_rank" in " ".join(c.cmdline())]
+    ranks = []
+    for c in children:
+        cmd = " ".join(c.cmdline())
+        if "pretrain.py" in cmd and "--local_rank" in cmd and "deepspeed.launcher" not in cmd:
+            ranks.append(c)
+    pids = {c.pid for c in ranks}
+    return [c for c in ranks if c.ppid() not in pids]  # not the DataLoader workers forked by a rank
 
 
 def test_exact_resume_through_kill_during_save_and_sigterm(tmp_path_factory, tmp_path):
