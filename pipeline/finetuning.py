@@ -1,0 +1,669 @@
+"""Fine-tuning AMBERT (and the BERT baselines) on sequence and token classification.
+
+Sequence classification follows the paper: three classifiers, on the fine [CLS] vector, on the coarse
+[CLS] vector and on their concatenation; the loss is the sum of their cross-entropies plus
+``agreement_weight`` (lambda) x ||softmax(fine logits) - softmax(coarse logits)||_2 (mean over the
+batch), and predictions come from the concatenation head. Single-granularity baselines (bert-fine,
+bert-coarse) have one head on their [CLS]. Token classification (tagging: NER, word segmentation as
+BIES) classifies each FINE token from its vector concatenated with the vector of the coarse token
+covering it (``fine_to_coarse``).
+
+Inputs are local JSON lines / CSV / parquet files read with HF datasets (columns: text [, text_pair],
+label for sequence tasks; tokens, tags (one tag per token) for token tasks), tokenized with
+``data_prep.encode.TextEncoder``: exactly the tokenizers of the pre-training dataset.
+
+The loop (``run``): resolve the pre-trained weights and tokenizers -> check vocabularies -> load and
+encode train/dev/test (labels from train; unseen dev/test labels are an error) -> for each seed:
+fresh copy of the backbone + new heads -> train with AdamW + linear warm-up/decay, evaluating on dev
+every ``eval_every`` steps, early stopping after ``patience`` evaluations without improvement ->
+restore the best dev state -> evaluate ONCE on test -> results.json (per seed + mean/std).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data_prep.encode import EncodedText, EncodeError, TextEncoder
+from data_prep.format import CLS_ID, PAD_ID, SEP_ID
+from pipeline.batch import IGNORE_INDEX, Batch
+
+log = logging.getLogger("finetune")
+TASKS = ("sequence", "token")
+
+
+class FinetuneError(ValueError):
+    """Bad fine-tuning input (data, labels, model/tokenizer mismatch); the message names the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class FinetuneConfig:
+    """One fine-tuning run (several seeds). Every field is a ``--flag`` of pipeline/finetune.py."""
+
+    model: str = ""
+    """Exported model dir (model.safetensors + config.json), a training checkpoint dir (step_XXXXXXXX
+    with COMPLETE), or random:RECIPE[:VARIANT] (no pre-training; needs --dataset)."""
+    dataset: str = ""
+    """Pre-training dataset dir whose tokenizers to use (default: the export's own copy, or the
+    dataset recorded in the checkpoint)."""
+    train: str = ""
+    """Training file (.jsonl/.json/.csv/.tsv/.parquet)."""
+    dev: str = ""
+    """Dev file: model selection and early stopping."""
+    test: str = ""
+    """Test file: evaluated once, with the best dev state, at the end (optional)."""
+    output: str = "runs/finetune"
+    """Directory for results.json (and the log)."""
+    task: str = "sequence"
+    """sequence (one label per text [pair]) | token (one tag per input token)."""
+    text_field: str = "text"
+    """Column with the text (sequence tasks)."""
+    text_pair_field: str = "text_pair"
+    """Column with the second text of a pair (used when present)."""
+    label_field: str = "label"
+    """Column with the label (sequence tasks)."""
+    tokens_field: str = "tokens"
+    """Column with the list of input tokens (token tasks)."""
+    tags_field: str = "tags"
+    """Column with one tag per input token (token tasks)."""
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """One fine-tuning run per seed (fresh heads, same pre-trained weights)."""
+    epochs: float = 3.0
+    """Passes over the training set (upper bound: early stopping may end sooner)."""
+    batch_size: int = 32
+    """Examples per optimizer step."""
+    lr: float = 5e-5
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not on biases and norms)."""
+    warmup_ratio: float = 0.1
+    """Share of the steps with a linear warm-up, then linear decay to 0."""
+    max_length: int = 128
+    """Longest fine sequence incl. [CLS]/[SEP] (capped by the model's max_position_embeddings)."""
+    max_coarse_length: int = 0
+    """Longest coarse sequence; 0 = max_length."""
+    agreement_weight: float = 1.0
+    """lambda of the agreement term ||y_fine - y_coarse||_2 (AMBERT sequence tasks)."""
+    classifier_dropout: float = 0.1
+    """Dropout on the vectors fed to the classifiers."""
+    eval_every: int = 0
+    """Evaluate on dev every N steps; 0 = once per epoch."""
+    patience: int = 3
+    """Stop after this many dev evaluations without improvement; 0 = never stop early."""
+    metric: str = "accuracy"
+    """Dev metric for model selection: accuracy | macro_f1."""
+    max_train_examples: int = 0
+    """Use only the first N training examples (0 = all): quick runs."""
+    eval_batch_size: int = 64
+    """Examples per evaluation batch."""
+    threads: int = 0
+    """torch threads (0 = torch's default)."""
+
+    def validate(self) -> None:
+        def fail(name: str, problem: str) -> None:
+            raise FinetuneError(f"--{name.replace('_', '-')}: {problem}")
+
+        if not self.model:
+            fail("model", "required: an exported model dir, a checkpoint dir, or random:RECIPE")
+        for name in ("train", "dev"):
+            if not getattr(self, name):
+                fail(name, "required (a .jsonl/.csv/.parquet file)")
+        for name in ("train", "dev", "test"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                fail(name, f"{path} does not exist")
+        if self.task not in TASKS:
+            fail("task", f"unknown task {self.task!r}; use one of {TASKS}")
+        if self.metric not in ("accuracy", "macro_f1"):
+            fail("metric", "use accuracy or macro_f1")
+        if not self.seeds:
+            fail("seeds", "give at least one seed")
+        for name in ("batch_size", "max_length", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                fail(name, "must be >= 1")
+        if self.max_length < 4:
+            fail("max_length", "must leave room for [CLS], [SEP] and tokens (>= 4)")
+        if self.epochs <= 0 or self.lr <= 0:
+            fail("epochs" if self.epochs <= 0 else "lr", "must be > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            fail("warmup_ratio", "must be in [0, 1)")
+        if self.agreement_weight < 0:
+            fail("agreement_weight", "must be >= 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples: [CLS] A [SEP] (B [SEP]) on both granularities, truncated at coarse boundaries
+# ---------------------------------------------------------------------------------------------
+def _truncate(segments: list[EncodedText], fine_budget: int, coarse_budget: int) -> list[int]:
+    """How many coarse tokens of each segment to keep so both budgets hold (longest segment shrinks
+    first, as BERT's longest-first truncation). Cutting at coarse tokens keeps the alignment exact."""
+    cums = [np.concatenate([[0], np.cumsum(s.align)]) for s in segments]
+    if len(segments) == 1:
+        k = int(np.searchsorted(cums[0], fine_budget, side="right")) - 1
+        return [min(k, coarse_budget, len(segments[0].coarse))]
+    keep = [len(s.coarse) for s in segments]
+    while sum(int(c[k]) for c, k in zip(cums, keep)) > fine_budget or sum(keep) > coarse_budget:
+        longest = max(range(len(segments)), key=lambda i: (int(cums[i][keep[i]]), keep[i]))
+        keep[longest] -= 1
+    return keep
+
+
+def build_example(segments: list[EncodedText], max_fine: int, max_coarse: int) -> dict[str, np.ndarray]:
+    """Add the special tokens to 1 or 2 encoded segments: ids, segment ids and fine_to_coarse."""
+    specials = len(segments) + 1
+    keep = _truncate(segments, max_fine - specials, max_coarse - specials)
+    fine, coarse, f_types, c_types, f2c = [CLS_ID], [CLS_ID], [0], [0], [0]
+    kept_fine = []
+    for s, (seg, k) in enumerate(zip(segments, keep)):
+        n_fine = int(seg.align[:k].sum())
+        base = len(coarse)
+        fine += seg.fine[:n_fine].tolist() + [SEP_ID]
+        coarse += seg.coarse[:k].tolist() + [SEP_ID]
+        f2c += (base + np.repeat(np.arange(k), seg.align[:k])).tolist() + [base + k]
+        f_types += [s] * (n_fine + 1)
+        c_types += [s] * (k + 1)
+        kept_fine.append(n_fine)
+    return {
+        "fine_ids": np.asarray(fine, np.int64), "coarse_ids": np.asarray(coarse, np.int64),
+        "fine_token_types": np.asarray(f_types, np.int64), "coarse_token_types": np.asarray(c_types, np.int64),
+        "fine_to_coarse": np.asarray(f2c, np.int64), "kept_fine": np.asarray(kept_fine, np.int64),
+    }
+
+
+def encode_example(encoder: TextEncoder, text: str, text_pair: str | None, max_fine: int, max_coarse: int,
+                   where: str = "example") -> dict[str, np.ndarray]:
+    segments = [encoder.encode(text, where)]
+    if text_pair is not None:
+        segments.append(encoder.encode(text_pair, where + " (text_pair)"))
+    return build_example(segments, max_fine, max_coarse)
+
+
+def encode_token_example(encoder: TextEncoder, tokens: Sequence[str], tag_ids: Sequence[int], max_fine: int,
+                         max_coarse: int, where: str = "example") -> dict[str, np.ndarray]:
+    """A tagging example: the tag of each fine token is the tag of the input token it belongs to."""
+    if len(tokens) != len(tag_ids):
+        raise FinetuneError(f"{where}: {len(tokens)} tokens but {len(tag_ids)} tags; give one tag per token")
+    enc, owner = encoder.encode_units(tokens, where)
+    example = build_example([enc], max_fine, max_coarse)
+    n = int(example["kept_fine"][0])
+    labels = np.full(len(example["fine_ids"]), IGNORE_INDEX, dtype=np.int64)
+    labels[1:1 + n] = np.asarray(tag_ids, dtype=np.int64)[owner[:n]]
+    example["token_labels"] = labels
+    return example
+
+
+def collate(examples: Sequence[dict]) -> Batch:
+    """Pad a list of examples into the pipeline/batch.py contract (+ labels / token_labels)."""
+    batch: Batch = {}
+    for g in ("fine", "coarse"):
+        length = max(len(e[f"{g}_ids"]) for e in examples)
+        ids = torch.full((len(examples), length), PAD_ID, dtype=torch.long)
+        types = torch.zeros((len(examples), length), dtype=torch.long)
+        mask = torch.zeros((len(examples), length), dtype=torch.long)
+        for i, e in enumerate(examples):
+            n = len(e[f"{g}_ids"])
+            ids[i, :n] = torch.from_numpy(e[f"{g}_ids"])
+            types[i, :n] = torch.from_numpy(e[f"{g}_token_types"])
+            mask[i, :n] = 1
+        batch[f"{g}_ids"], batch[f"{g}_token_types"], batch[f"{g}_attention_mask"] = ids, types, mask
+    fine_length = batch["fine_ids"].shape[1]
+    f2c = torch.full((len(examples), fine_length), -1, dtype=torch.long)
+    for i, e in enumerate(examples):
+        f2c[i, :len(e["fine_to_coarse"])] = torch.from_numpy(e["fine_to_coarse"])
+    batch["fine_to_coarse"] = f2c
+    if "label" in examples[0]:
+        batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+    if "token_labels" in examples[0]:
+        labels = torch.full((len(examples), fine_length), IGNORE_INDEX, dtype=torch.long)
+        for i, e in enumerate(examples):
+            labels[i, :len(e["token_labels"])] = torch.from_numpy(e["token_labels"])
+        batch["token_labels"] = labels
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads and losses
+# ---------------------------------------------------------------------------------------------
+def three_classifier_loss(fine_logits: torch.Tensor, coarse_logits: torch.Tensor, joint_logits: torch.Tensor,
+                          labels: torch.Tensor, agreement_weight: float) -> dict[str, torch.Tensor]:
+    """The paper's fine-tuning loss: CE(fine) + CE(coarse) + CE(joint) + lambda * mean_b ||p_fine - p_coarse||_2."""
+    ce = {name: F.cross_entropy(logits.float(), labels)
+          for name, logits in (("fine", fine_logits), ("coarse", coarse_logits), ("joint", joint_logits))}
+    difference = fine_logits.float().softmax(-1) - coarse_logits.float().softmax(-1)
+    agreement = difference.norm(p=2, dim=-1).mean()
+    loss = ce["fine"] + ce["coarse"] + ce["joint"] + agreement_weight * agreement
+    return {"loss": loss, "fine_ce": ce["fine"], "coarse_ce": ce["coarse"], "joint_ce": ce["joint"],
+            "agreement": agreement}
+
+
+def _linear(inputs: int, outputs: int, std: float) -> nn.Linear:
+    layer = nn.Linear(inputs, outputs)
+    nn.init.normal_(layer.weight, std=std)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class AmbertForClassification(nn.Module):
+    """A pre-trained AmbertForPreTraining (its ``encode``) + classification heads.
+
+    ``task="sequence"``: heads ``fine``, ``coarse`` and ``joint`` (AMBERT variants) or one head named
+    after the granularity (BERT baselines); ``logits`` = the joint (resp. the only) head.
+    ``task="token"``: one head over [fine vector ; vector of the covering coarse token] per fine token
+    (bert-fine: the fine vector; bert-coarse: the covering coarse vector)."""
+
+    def __init__(self, backbone: nn.Module, num_labels: int, task: str = "sequence", dropout: float = 0.1,
+                 agreement_weight: float = 1.0):
+        super().__init__()
+        if task not in TASKS:
+            raise FinetuneError(f"unknown task {task!r}; use one of {TASKS}")
+        self.backbone = backbone
+        self.task = task
+        self.num_labels = num_labels
+        self.agreement_weight = agreement_weight
+        config = backbone.config
+        self.granularities = config.granularities
+        hidden, std = config.hidden_size, config.init_std
+        self.dropout = nn.Dropout(dropout)
+        if task == "token":
+            self.heads = nn.ModuleDict({"token": _linear(len(self.granularities) * hidden, num_labels, std)})
+        elif len(self.granularities) == 2:
+            self.heads = nn.ModuleDict({"fine": _linear(hidden, num_labels, std), "coarse": _linear(hidden, num_labels, std),
+                                        "joint": _linear(2 * hidden, num_labels, std)})
+        else:
+            self.heads = nn.ModuleDict({self.granularities[0]: _linear(hidden, num_labels, std)})
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        hidden = self.backbone.encode(batch)
+        if self.task == "token":
+            return self._token_forward(batch, hidden)
+        cls = {g: self.dropout(hidden[f"{g}_hidden"][:, 0]) for g in self.granularities}
+        out: dict[str, torch.Tensor] = {}
+        labels = batch.get("labels")
+        if len(self.granularities) == 2:
+            out["fine_logits"] = self.heads["fine"](cls["fine"])
+            out["coarse_logits"] = self.heads["coarse"](cls["coarse"])
+            out["logits"] = self.heads["joint"](torch.cat([cls["fine"], cls["coarse"]], dim=-1))
+            if labels is not None:
+                out.update(three_classifier_loss(out["fine_logits"], out["coarse_logits"], out["logits"], labels,
+                                                 self.agreement_weight))
+        else:
+            g = self.granularities[0]
+            out["logits"] = self.heads[g](cls[g])
+            if labels is not None:
+                out["loss"] = F.cross_entropy(out["logits"].float(), labels)
+        return out
+
+    def _token_forward(self, batch: Batch, hidden: dict) -> dict[str, torch.Tensor]:
+        parts = []
+        if "fine" in self.granularities:
+            parts.append(hidden["fine_hidden"])
+        if "coarse" in self.granularities:
+            coarse = hidden["coarse_hidden"]
+            index = batch["fine_to_coarse"].clamp(min=0)  # -1 at padding: any row, its label is ignored
+            parts.append(torch.gather(coarse, 1, index.unsqueeze(-1).expand(-1, -1, coarse.shape[-1])))
+        features = self.dropout(torch.cat(parts, dim=-1))
+        logits = self.heads["token"](features)
+        out = {"logits": logits}
+        if "token_labels" in batch:
+            out["loss"] = F.cross_entropy(logits.float().reshape(-1, self.num_labels), batch["token_labels"].reshape(-1),
+                                          ignore_index=IGNORE_INDEX)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+def classification_report(predictions: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> dict:
+    """accuracy, macro-F1 and per-class precision / recall / F1 / support."""
+    k = len(names)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (labels, predictions), 1)
+    tp = np.diag(confusion).astype(np.float64)
+    predicted, support = confusion.sum(0), confusion.sum(1)
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
+    present = support > 0
+    return {
+        "accuracy": float(tp.sum() / max(len(labels), 1)),
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "examples": int(len(labels)),
+        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                             "support": int(support[i])} for i, name in enumerate(names)},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+
+
+def load_table(path: str) -> "datasets.Dataset":  # noqa: F821
+    """A local file as an HF Dataset (offline)."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in _BUILDERS:
+        raise FinetuneError(f"{path}: unknown file type {suffix!r}; use one of {sorted(_BUILDERS)}")
+    kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    datasets.disable_progress_bars()
+    return datasets.load_dataset(_BUILDERS[suffix], data_files={"data": str(path)}, split="data", **kwargs)
+
+
+def _column(table, name: str, path: str, what: str) -> list:
+    if name not in table.column_names:
+        raise FinetuneError(f"{path} has no column {name!r} ({what}); its columns are {table.column_names}: "
+                            f"rename the column or pass --{what.replace('_', '-')} NAME")
+    return table[name]
+
+
+class LabelSet:
+    """Label names of the training set; ids are their sorted order (numbers numerically)."""
+
+    def __init__(self, values: Sequence):
+        distinct = set(values)
+        if any(v is None for v in distinct):
+            raise FinetuneError("the training set has examples without a label (null); drop or label them")
+        self.names = [str(v) for v in sorted(distinct, key=lambda v: (isinstance(v, str), v))]
+        self.index = {name: i for i, name in enumerate(self.names)}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def ids(self, values: Sequence, path: str) -> list[int]:
+        unseen = sorted({str(v) for v in values} - set(self.index))
+        if unseen:
+            raise FinetuneError(
+                f"{path} has label(s) {unseen[:10]} that never occur in the training set (known: {self.names[:20]}); "
+                f"a classifier cannot predict a class it never saw: fix the labels or add training examples")
+        return [self.index[str(v)] for v in values]
+
+
+def encode_split(config: FinetuneConfig, encoder: TextEncoder, path: str, labels: LabelSet | None,
+                 max_fine: int, max_coarse: int, limit: int = 0) -> tuple[list[dict], LabelSet]:
+    """Read one file and encode every example (labels from ``labels``, or a new LabelSet for train)."""
+    table = load_table(path)
+    if limit:
+        table = table.select(range(min(limit, len(table))))
+    if len(table) == 0:
+        raise FinetuneError(f"{path} has no examples")
+    examples: list[dict] = []
+    started = time.time()
+    if config.task == "sequence":
+        texts = _column(table, config.text_field, path, "text_field")
+        pairs = table[config.text_pair_field] if config.text_pair_field in table.column_names else None
+        raw = _column(table, config.label_field, path, "label_field")
+        labels = labels or LabelSet(raw)
+        ids = labels.ids(raw, path)
+        for i, text in enumerate(texts):
+            where = f"{path} row {i}"
+            example = encode_example(encoder, text, pairs[i] if pairs else None, max_fine, max_coarse, where)
+            example["label"] = ids[i]
+            examples.append(example)
+    else:
+        tokens = _column(table, config.tokens_field, path, "tokens_field")
+        raw = _column(table, config.tags_field, path, "tags_field")
+        labels = labels or LabelSet([t for tags in raw for t in tags])
+        for i, (units, tags) in enumerate(zip(tokens, raw)):
+            where = f"{path} row {i}"
+            examples.append(encode_token_example(encoder, units, labels.ids(tags, path), max_fine, max_coarse, where))
+    log.info("encoded %d examples of %s in %.1f s", len(examples), path, time.time() - started)
+    return examples, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-trained weights
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Pretrained:
+    model_config: object
+    state_dict: dict | None
+    tokenizer_dir: Path
+    source: str
+
+
+def _checkpoint_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of a DeepSpeed checkpoint saved at TP=1 (any ZeRO stage / DP size)."""
+    ranks = sorted(path.glob("mp_rank_*_model_states.pt"))
+    if len(ranks) > 1:
+        raise FinetuneError(f"{path} was saved with tensor parallelism ({len(ranks)} TP ranks): convert it to TP=1 "
+                            f"first (`python -m pipeline.convert universal ...` and resume at TP=1) or export it")
+    if not ranks:
+        raise FinetuneError(f"{path} has no mp_rank_00_model_states.pt: not a DeepSpeed checkpoint")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    return {k: v.float() for k, v in state.items()}
+
+
+def resolve_pretrained(model: str, dataset: str = "") -> Pretrained:
+    """Model config, weights and tokenizer directory of ``model`` (export, checkpoint or random:RECIPE)."""
+    from pipeline.inference import CONFIG_FILE, WEIGHTS_FILE, load_state_dict, read_model_config
+
+    if model.startswith("random:"):
+        from pipeline.model import model_recipe
+
+        if not dataset:
+            raise FinetuneError("--model random:RECIPE needs --dataset (the tokenizers and vocabulary sizes)")
+        _, recipe, *variant = model.split(":")
+        encoder_meta = TextEncoder(dataset)
+        overrides = {"fine_vocab_size": len(encoder_meta.fine_vocab), "coarse_vocab_size": len(encoder_meta.coarse_vocab)}
+        if variant:
+            overrides["variant"] = variant[0]
+        return Pretrained(model_recipe(recipe, **overrides), None, Path(dataset), model)
+    path = Path(model)
+    if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+        return Pretrained(read_model_config(path), load_state_dict(path), Path(dataset or path), str(path))
+    if (path / "COMPLETE").is_file():
+        from pipeline.checkpoint import read_marker
+        from pipeline.model import ModelConfig
+
+        marker = read_marker(path)
+        model_config = ModelConfig.from_dict(marker["model_config"])
+        tokenizer_dir = Path(dataset or marker.get("dataset_path", ""))
+        if not dataset:
+            if not (tokenizer_dir / "meta.json").is_file():
+                raise FinetuneError(f"checkpoint {path} was trained on {tokenizer_dir}, which is not there: "
+                                    f"pass --dataset with that dataset (its tokenizers)")
+        else:
+            original = Path(marker.get("dataset_path", ""))
+            if (original / "meta.json").is_file():
+                _check_same_vocabularies(original, tokenizer_dir, path)
+        return Pretrained(model_config, _checkpoint_state_dict(path), tokenizer_dir, str(path))
+    raise FinetuneError(f"--model {model}: neither an exported model ({CONFIG_FILE} + {WEIGHTS_FILE}) nor a complete "
+                        f"training checkpoint (COMPLETE marker) nor random:RECIPE")
+
+
+def _check_same_vocabularies(original: Path, given: Path, checkpoint: Path) -> None:
+    from data_prep.format import COARSE_VOCAB_FILE, FINE_VOCAB_FILE, Vocab
+
+    for name in (FINE_VOCAB_FILE, COARSE_VOCAB_FILE):
+        if Vocab.load(original / name).fingerprint() != Vocab.load(given / name).fingerprint():
+            raise FinetuneError(
+                f"--dataset {given}: its {name} differs from the one checkpoint {checkpoint} was pre-trained with "
+                f"({original / name}): token ids would mean other tokens. Pass --dataset {original}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+def _batches(examples: list[dict], batch_size: int, shuffle: bool, rng: random.Random | None = None):
+    order = list(range(len(examples)))
+    if shuffle:
+        rng.shuffle(order)
+    for start in range(0, len(order), batch_size):
+        yield collate([examples[i] for i in order[start:start + batch_size]])
+
+
+@torch.no_grad()
+def predict(model: AmbertForClassification, examples: list[dict], batch_size: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """(predictions, gold labels, mean loss) over ``examples`` (token tasks: over labelled fine tokens)."""
+    was_training = model.training
+    model.eval()
+    predictions, gold, losses = [], [], []
+    for batch in _batches(examples, batch_size, shuffle=False):
+        out = model(batch)
+        losses.append(float(out["loss"]))
+        if model.task == "token":
+            keep = batch["token_labels"] != IGNORE_INDEX
+            predictions.append(out["logits"].argmax(-1)[keep].numpy())
+            gold.append(batch["token_labels"][keep].numpy())
+        else:
+            predictions.append(out["logits"].argmax(-1).numpy())
+            gold.append(batch["labels"].numpy())
+    model.train(was_training)
+    return np.concatenate(predictions), np.concatenate(gold), float(np.mean(losses))
+
+
+def _optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    seen = set()
+    for name, param in model.named_parameters():
+        if id(param) in seen or not param.requires_grad:
+            continue  # tied weights appear twice
+        seen.add(id(param))
+        (no_decay if param.dim() < 2 or "norm" in name else decay).append(param)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+
+
+def train_seed(config: FinetuneConfig, pretrained: Pretrained, labels: LabelSet, train: list[dict], dev: list[dict],
+               test: list[dict] | None, seed: int) -> dict:
+    """Fine-tune from the pre-trained weights with one seed; returns curves and dev/test reports."""
+    from pipeline import parallel
+    from pipeline.inference import build_backbone
+
+    parallel.set_seed(seed)
+    backbone = build_backbone(pretrained.model_config, pretrained.state_dict)
+    model = AmbertForClassification(backbone, len(labels), config.task, config.classifier_dropout,
+                                    config.agreement_weight)
+    model.train()
+    optimizer = _optimizer(model, config)
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total_steps = max(1, int(round(config.epochs * steps_per_epoch)))
+    warmup = int(config.warmup_ratio * total_steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / max(warmup, 1) if s < warmup else max(0.0, (total_steps - s) / max(total_steps - warmup, 1)))
+    eval_every = config.eval_every or steps_per_epoch
+    rng = random.Random(seed)
+    curve, dev_curve = [], []
+    best, best_state, best_step, stale = -1.0, None, 0, 0
+    step, started = 0, time.time()
+    stop = False
+    while step < total_steps and not stop:
+        for batch in _batches(train, config.batch_size, shuffle=True, rng=rng):
+            out = model(batch)
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            curve.append([step, float(out["loss"])])
+            if step % eval_every == 0 or step == total_steps:
+                predictions, gold, dev_loss = predict(model, dev, config.eval_batch_size)
+                report = classification_report(predictions, gold, labels.names)
+                score = report[config.metric]
+                dev_curve.append([step, dev_loss, report["accuracy"], report["macro_f1"]])
+                rate = step / (time.time() - started)
+                log.info("seed %d step %d/%d loss %.4f dev loss %.4f acc %.4f macro-F1 %.4f (%.2f steps/s, ETA %.0f s)",
+                         seed, step, total_steps, curve[-1][1], dev_loss, report["accuracy"], report["macro_f1"], rate,
+                         (total_steps - step) / rate)
+                if score > best:
+                    best, best_step, stale = score, step, 0
+                    best_state = copy.deepcopy(model.state_dict())
+                else:
+                    stale += 1
+                    if config.patience and stale >= config.patience:
+                        log.info("seed %d: early stop at step %d (best dev %s %.4f at step %d)", seed, step,
+                                 config.metric, best, best_step)
+                        stop = True
+                        break
+            if step >= total_steps:
+                break
+    model.load_state_dict(best_state)
+    predictions, gold, _ = predict(model, dev, config.eval_batch_size)
+    result = {"seed": seed, "steps": step, "best_step": best_step, "train_seconds": time.time() - started,
+              "dev": classification_report(predictions, gold, labels.names), "train_curve": curve,
+              "dev_curve": dev_curve}
+    if test is not None:  # touched once, with the state chosen on dev
+        predictions, gold, _ = predict(model, test, config.eval_batch_size)
+        result["test"] = classification_report(predictions, gold, labels.names)
+    result["model"] = model
+    return result
+
+
+def _summary(results: list[dict], split: str) -> dict:
+    out = {}
+    for metric in ("accuracy", "macro_f1"):
+        values = [r[split][metric] for r in results if split in r]
+        if values:
+            out[metric] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                           "values": values}
+    return out
+
+
+def run(config: FinetuneConfig) -> dict:
+    """Fine-tune with every seed; writes ``output/results.json`` and returns the same dict."""
+    config.validate()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    pretrained = resolve_pretrained(config.model, config.dataset)
+    encoder = TextEncoder(pretrained.tokenizer_dir)
+    from pipeline.inference import ExportError, check_vocabularies
+
+    try:
+        check_vocabularies(pretrained.model_config, len(encoder.fine_vocab), len(encoder.coarse_vocab), config.model)
+    except ExportError as exc:
+        raise FinetuneError(f"{exc} (tokenizers from {pretrained.tokenizer_dir})") from None
+    limit = pretrained.model_config.max_position_embeddings
+    max_fine = min(config.max_length, limit)
+    max_coarse = min(config.max_coarse_length or config.max_length, limit)
+    try:
+        train, labels = encode_split(config, encoder, config.train, None, max_fine, max_coarse, config.max_train_examples)
+        dev, _ = encode_split(config, encoder, config.dev, labels, max_fine, max_coarse)
+        test = encode_split(config, encoder, config.test, labels, max_fine, max_coarse)[0] if config.test else None
+    except EncodeError as exc:
+        raise FinetuneError(str(exc)) from None
+    if len(labels) < 2:
+        raise FinetuneError(f"{config.train} has a single label {labels.names}: nothing to classify")
+    log.info("%s task, %d labels, %d train / %d dev / %s test examples, model %s (%s)", config.task, len(labels),
+             len(train), len(dev), len(test) if test is not None else "no", pretrained.source,
+             pretrained.model_config.variant)
+    results = []
+    for seed in config.seeds:
+        result = train_seed(config, pretrained, labels, train, dev, test, seed)
+        result.pop("model")
+        results.append(result)
+    summary = {"config": asdict(config), "variant": pretrained.model_config.variant, "labels": labels.names,
+               "dev": _summary(results, "dev"), "test": _summary(results, "test"), "seeds": results}
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    log.info("results: dev %s test %s -> %s", {k: round(v["mean"], 4) for k, v in summary["dev"].items()},
+             {k: round(v["mean"], 4) for k, v in summary["test"].items()}, output / "results.json")
+    return summary
+
+
+__all__ = ["AmbertForClassification", "FinetuneConfig", "FinetuneError", "LabelSet", "build_example",
+           "classification_report", "collate", "encode_example", "encode_token_example", "predict",
+           "resolve_pretrained", "run", "three_classifier_loss", "train_seed"]

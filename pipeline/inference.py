@@ -1,0 +1,183 @@
+"""Load an exported AMBERT model and turn texts into fine and coarse vectors: no DeepSpeed, one process.
+
+    from pipeline.inference import AmbertEncoder
+    encoder = AmbertEncoder.load("exported/ambert-zh")          # weights + config + tokenizers
+    out = encoder.encode(["今天天气很好。", "股市大涨"])
+    out.fine_vectors[i]    # [fine tokens of text i (with [CLS]/[SEP]), H]
+    out.coarse_vectors[i]  # [coarse tokens of text i, H]
+    out.fine_cls, out.coarse_cls   # [B, H] the two [CLS] vectors
+
+An exported directory (``python -m pipeline.convert export`` or ``save_exported`` here) holds:
+
+    model.safetensors   consolidated fp32 weights of AmbertForPreTraining at TP=1 (padded vocab rows kept)
+    config.json         {"model_config": ModelConfig fields, ...}
+    meta.json, fine_vocab.txt, coarse_vocab.txt [, fine_tokenizer.json, phrases.tsv]
+                        the pre-training dataset's tokenizer artifacts (data_prep/encode.py reads them)
+
+Texts are tokenized by ``data_prep.encode.TextEncoder`` from those artifacts: exactly the tokenizers
+the model was pre-trained with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class ExportError(ValueError):
+    """An exported model directory is missing a file or does not match its vocabularies."""
+
+
+def ensure_single_process() -> None:
+    """A 1-rank gloo group + megatron TP=1 state, unless a process group already exists.
+
+    Our layers are megatron-core tensor-parallel layers: they need a (trivial) TP group even in
+    one process. No DeepSpeed is involved."""
+    import torch.distributed as dist
+
+    from pipeline import parallel
+
+    if not dist.is_initialized():
+        from pipeline.model.layers import megatron_config  # noqa: F401  (imports megatron early, clearer errors)
+
+        store = dist.HashStore()
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        parallel.initialize_parallel(tensor_parallel_size=1, seed=1234)
+
+
+def read_model_config(directory: str | os.PathLike):
+    from pipeline.model import ModelConfig
+
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise ExportError(f"{directory} has no {CONFIG_FILE}: export a checkpoint first with "
+                          f"`python -m pipeline.convert export CHECKPOINT {directory}`")
+    values = json.loads(path.read_text(encoding="utf-8"))
+    values = values.get("model_config", values)
+    return ModelConfig.from_dict(values)
+
+
+def load_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        raise ExportError(f"{directory} has no {WEIGHTS_FILE}; export a checkpoint with `python -m pipeline.convert export`")
+    return load_file(str(path))
+
+
+def check_vocabularies(model_config, fine_vocab_size: int, coarse_vocab_size: int, where: str) -> None:
+    """The model's embedding tables must have been built for these vocabularies."""
+    if (model_config.fine_vocab_size, model_config.coarse_vocab_size) != (fine_vocab_size, coarse_vocab_size):
+        raise ExportError(
+            f"{where}: the model was trained with vocabularies of {model_config.fine_vocab_size} fine / "
+            f"{model_config.coarse_vocab_size} coarse entries, the tokenizer files have {fine_vocab_size} / "
+            f"{coarse_vocab_size}: the ids would mean other tokens. Use the pre-training dataset's tokenizer "
+            f"files (the export copies them next to the weights)"
+        )
+
+
+def build_backbone(model_config, state_dict: dict[str, torch.Tensor] | None = None):
+    """AmbertForPreTraining at TP=1 in this process, with ``state_dict`` loaded strictly."""
+    ensure_single_process()
+    from pipeline.model import build_model
+
+    model = build_model(model_config)
+    if state_dict is not None:
+        # The MLM head's weight is tied to the word embedding: same tensor under two names.
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        tied = {f"heads.{g}.weight" for g in model_config.granularities}
+        missing = [k for k in missing if k not in tied]
+        if missing or unexpected:
+            raise ExportError(f"weights do not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+def save_exported(model: torch.nn.Module, tokenizer_dir: str | os.PathLike, output: str | os.PathLike,
+                  extra: dict | None = None) -> Path:
+    """Write ``model`` (an AmbertForPreTraining at TP=1) + its config + tokenizer files to ``output``."""
+    from safetensors.torch import save_file
+
+    from data_prep.encode import copy_tokenizer_files
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    # Tied tensors share storage; safetensors refuses shared storage, so each gets its own copy.
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(output / WEIGHTS_FILE))
+    config = {"model_config": model.config.to_dict(), **(extra or {})}
+    (output / CONFIG_FILE).write_text(json.dumps(config, indent=1), encoding="utf-8")
+    copy_tokenizer_files(tokenizer_dir, output)
+    return output
+
+
+@dataclass
+class EncodedBatch:
+    """Vectors of a batch of texts (padding removed per text)."""
+
+    fine_vectors: list[torch.Tensor]
+    """Per text: [fine tokens incl. [CLS]/[SEP], H] (empty list for bert-coarse)."""
+    coarse_vectors: list[torch.Tensor]
+    """Per text: [coarse tokens incl. [CLS]/[SEP], H] (empty list for bert-fine)."""
+    fine_ids: list[torch.Tensor]
+    coarse_ids: list[torch.Tensor]
+
+    @property
+    def fine_cls(self) -> torch.Tensor:
+        return torch.stack([v[0] for v in self.fine_vectors])
+
+    @property
+    def coarse_cls(self) -> torch.Tensor:
+        return torch.stack([v[0] for v in self.coarse_vectors])
+
+
+class AmbertEncoder:
+    """An exported model + its tokenizers: ``encode(texts)`` -> fine and coarse contextual vectors."""
+
+    def __init__(self, model, text_encoder, max_length: int | None = None):
+        self.model = model.eval()
+        self.text_encoder = text_encoder
+        self.max_length = min(max_length or model.config.max_position_embeddings, model.config.max_position_embeddings)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, max_length: int | None = None) -> "AmbertEncoder":
+        from data_prep.encode import TextEncoder
+
+        model_config = read_model_config(directory)
+        text_encoder = TextEncoder(directory)
+        check_vocabularies(model_config, len(text_encoder.fine_vocab), len(text_encoder.coarse_vocab), str(directory))
+        model = build_backbone(model_config, load_state_dict(directory))
+        return cls(model, text_encoder, max_length)
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None) -> EncodedBatch:
+        from pipeline.finetuning import collate, encode_example
+
+        examples = [
+            encode_example(self.text_encoder, t, text_pairs[i] if text_pairs else None, self.max_length,
+                           self.max_length, where=f"text {i}")
+            for i, t in enumerate(texts)
+        ]
+        batch = collate(examples)
+        hidden = self.model.encode(batch)
+        out = EncodedBatch([], [], [], [])
+        for g in self.model.config.granularities:
+            lengths = batch[f"{g}_attention_mask"].sum(1).tolist()
+            getattr(out, f"{g}_vectors").extend(hidden[f"{g}_hidden"][i, :n] for i, n in enumerate(lengths))
+            getattr(out, f"{g}_ids").extend(batch[f"{g}_ids"][i, :n] for i, n in enumerate(lengths))
+        return out
+
+
+__all__ = ["AmbertEncoder", "EncodedBatch", "ExportError", "build_backbone", "check_vocabularies",
+           "ensure_single_process", "load_state_dict", "read_model_config", "save_exported"]
