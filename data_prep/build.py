@@ -110,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     except (core.BuildError, inputs.InputError, LanguageError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(core.summarize(meta))
-    print(f"wrote {args.output}")
+    if core.launch_rank() == 0:
+        print(core.summarize(meta))
+        print(f"wrote {args.output}")
     return 0
 
 

@@ -172,12 +172,18 @@ class MPIComm:
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
 
     def barrier(self) -> None:
-        self.comm.Barrier()
+        # Open MPI's blocking collectives busy-poll: a rank waiting for rank 0 to merge would burn a
+        # core that rank 0 needs. A non-blocking barrier polled with sleeps waits quietly.
+        request = self.comm.Ibarrier()
+        while not request.Test():
+            time.sleep(0.01)
 
     def gather(self, obj: Any) -> list[Any] | None:
+        self.barrier()
         return self.comm.gather(obj, root=0)
 
     def bcast(self, obj: Any) -> Any:
+        self.barrier()
         return self.comm.bcast(obj, root=0)
 
 
@@ -205,6 +211,14 @@ class TorchComm:
 def launched_under_mpi() -> bool:
     size = os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE")
     return size is not None and int(size) > 1
+
+
+def launch_rank() -> int:
+    """This process's rank as told by the launcher (0 outside MPI / torchrun)."""
+    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "RANK"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 0
 
 
 def detect_communicator():

@@ -1,0 +1,115 @@
+"""Scale-out: the output bytes do not depend on --workers, on 2 ranks (gloo and mpirun), or on a kill -9
+followed by --resume."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from data_prep import core
+from tests.distributed import run_distributed
+from tests.test_data_prep_zh import dataset_bytes, small_config, write_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARD_DOCS = 60
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("scale")
+    corpus = write_corpus(tmp / "pd.txt", lines=1200)
+    core.build(small_config(corpus, tmp / "ref", shard_documents=SHARD_DOCS))
+    return corpus, dataset_bytes(tmp / "ref")
+
+
+def _cli(corpus: Path, output: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "data_prep" / "build.py"), "--lang", "zh", "--input", str(corpus),
+            "--output", str(output), "--text-mode", "line", "--shard-documents", str(SHARD_DOCS),
+            "--valid-fraction", "0.05", "--no-progress", *extra]
+
+
+def _env() -> dict:
+    return {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT)}
+
+
+def test_two_workers_identical_to_one(reference, tmp_path):
+    corpus, expected = reference
+    meta = core.build(small_config(corpus, tmp_path / "w2", shard_documents=SHARD_DOCS, workers=2))
+    assert meta["run"]["workers"] == 2
+    assert dataset_bytes(tmp_path / "w2") == expected
+
+
+def _rank_build(corpus: str, output: str) -> dict:
+    from data_prep import core as rank_core
+    from tests.test_data_prep_zh import small_config as config
+
+    comm = rank_core.detect_communicator()
+    assert isinstance(comm, rank_core.TorchComm) and comm.size == 2
+    meta = rank_core.build(config(Path(corpus), Path(output), shard_documents=SHARD_DOCS))
+    return {"rank": comm.rank, "ranks": meta["run"]["ranks"], "documents": meta["stats"]["documents"]}
+
+
+def test_two_gloo_ranks_identical_to_one_process(reference, tmp_path):
+    corpus, expected = reference
+    results = run_distributed(_rank_build, world_size=2, args=(str(corpus), str(tmp_path / "g2")), timeout=300)
+    assert [r["rank"] for r in results] == [0, 1] and all(r["ranks"] == 2 for r in results)
+    assert results[0]["documents"] == results[1]["documents"]
+    assert dataset_bytes(tmp_path / "g2") == expected
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs OpenMPI's mpirun (launchers/setup.sh installs it)")
+def test_mpirun_two_ranks_identical_to_one_process(reference, tmp_path):
+    corpus, expected = reference
+    launcher = ["mpirun", "-np", "2", "--oversubscribe"]
+    if os.geteuid() == 0:
+        launcher.append("--allow-run-as-root")
+    proc = subprocess.run(launcher + _cli(corpus, tmp_path / "mpi"), capture_output=True, text=True, env=_env(),
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ranks=2" in proc.stdout
+    assert dataset_bytes(tmp_path / "mpi") == expected
+
+
+def _run_until(cmd: list[str], work: Path, marker: str, count: int) -> None:
+    """Start the build, kill -9 it (and its pool workers) once ``count`` shards carry ``marker``."""
+    proc = subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    killed = False
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list(work.glob(f"shards/*/{marker}"))) >= count:
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.005)
+    proc.wait(timeout=60)
+    assert killed, f"the build finished (rc={proc.returncode}) before {count} shards had {marker}"
+
+
+def test_kill9_then_resume_gives_identical_bytes(reference, tmp_path):
+    """Killed while segmenting, resumed and killed again while encoding, resumed to the end."""
+    corpus, expected = reference
+    out = tmp_path / "killed"
+    work = core.work_dir_for(out)
+    _run_until(_cli(corpus, out, "--workers", "2"), work, "analyzed.done", 3)
+    assert not out.exists() and 3 <= len(list(work.glob("shards/*/analyzed.done"))) < 20
+    assert not (work / "fit.done").exists()
+    # the same command without --resume refuses to clobber the unfinished work
+    again = subprocess.run(_cli(corpus, out), env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    _run_until(_cli(corpus, out, "--workers", "2", "--resume"), work, "encoded.done", 3)
+    assert not out.exists() and (work / "fit.done").exists()
+    assert 3 <= len(list(work.glob("shards/*/encoded.done"))) < 20
+    resumed = subprocess.run(_cli(corpus, out, "--resume"), env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stderr
+    assert dataset_bytes(out) == expected
+    assert not work.exists() and not list(tmp_path.glob("killed.partial-*"))
