@@ -27,7 +27,7 @@ from torch import nn
 from pipeline import parallel
 from pipeline.batch import IGNORE_INDEX
 from pipeline.model.config import ModelConfig
-from pipeline.model.layers import ReplicatedLinear, make_norm
+from pipeline.model.layers import ReplicatedLinear, gather_rows, make_norm
 
 
 def vocab_parallel_argmax(logits: torch.Tensor, vocab_start: int) -> torch.Tensor:
@@ -65,9 +65,9 @@ class MaskedLMHead(nn.Module):
         hidden = self.norm(F.gelu(self.dense(hidden)))
         logits = F.linear(copy_to_tensor_model_parallel_region(hidden), self.weight, self.bias)
         if self.vocab_end > self.real_vocab_size:
-            # Padding rows of the table must never be predicted.
-            padded = torch.arange(self.vocab_start, self.vocab_end, device=logits.device) >= self.real_vocab_size
-            logits = logits.masked_fill(padded, float("-inf"))
+            # Padding rows of the table must never be predicted. In place: linear's backward does not
+            # need its output, and a full copy of [masked, vocab] logits is not free.
+            logits[:, max(self.real_vocab_size - self.vocab_start, 0):] = float("-inf")
         return logits
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor, return_logits: bool = False) -> dict:
@@ -75,7 +75,7 @@ class MaskedLMHead(nn.Module):
         flat_labels = labels.reshape(-1)
         positions = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
         targets = flat_labels.index_select(0, positions)
-        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+        selected = gather_rows(hidden.reshape(-1, hidden.shape[-1]), positions)
         logits = self.logits(selected).float()
         count = targets.numel()
         with torch.no_grad():

@@ -127,17 +127,56 @@ class TokenLayout:
     def flatten(self, padded: torch.Tensor) -> torch.Tensor:
         """[N, L, C] -> [tokens, C]."""
         flat = padded.reshape(self.num_sequences * self.length, padded.shape[-1])
-        return flat if self.token_index is None else flat.index_select(0, self.token_index)
+        return flat if self.token_index is None else gather_rows(flat, self.token_index)
 
     def unflatten(self, tokens: torch.Tensor) -> torch.Tensor:
         """[tokens, C] -> [N, L, C] (zeros at padding)."""
         if self.token_index is not None:
-            full = tokens.new_zeros(self.num_sequences * self.length, tokens.shape[-1])
-            tokens = full.index_copy(0, self.token_index, tokens)
+            tokens = scatter_rows(tokens, self.token_index, self.num_sequences * self.length)
         return tokens.view(self.num_sequences, self.length, tokens.shape[-1])
 
 
+class _GatherRows(torch.autograd.Function):
+    """``x[index]`` for UNIQUE row indices. The backward is a plain row copy into zeros; autograd's
+    generic index_select backward is an accumulating scatter (several times slower on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.rows, grad.shape[-1]).index_copy_(0, index, grad), None
+
+
+class _ScatterRows(torch.autograd.Function):
+    """Rows of x placed at UNIQUE ``index`` in a zero tensor of ``rows`` rows (inverse of _GatherRows)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        return x.new_zeros(rows, x.shape[-1]).index_copy_(0, index, x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return _GatherRows.apply(x, index)
+
+
+def scatter_rows(x: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+    return _ScatterRows.apply(x, index, rows)
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Tables are fp32; cast so bf16 queries/keys stay bf16 (SDPA needs q, k, v of one dtype).
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     first, second = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-second, first], dim=-1) * sin
 
@@ -175,9 +214,12 @@ class SelfAttention(nn.Module):
         qkv, _ = self.qkv(tokens)
         n, length, d = layout.num_sequences, layout.length, self.head_dim
         qkv = layout.unflatten(qkv).view(n, length, self.local_groups, self.heads_per_group + 2, d)
-        query = qkv[:, :, :, : self.heads_per_group].reshape(n, length, self.local_heads, d).transpose(1, 2)
-        key = qkv[:, :, :, self.heads_per_group].transpose(1, 2)
-        value = qkv[:, :, :, self.heads_per_group + 1].transpose(1, 2)
+        # One split (its backward is one concatenation) rather than three slices (each slice's
+        # backward would allocate and add a full-size zero gradient).
+        query, key, value = qkv.split([self.heads_per_group, 1, 1], dim=3)
+        query = query.reshape(n, length, self.local_heads, d).transpose(1, 2)
+        key = key.squeeze(3).transpose(1, 2)
+        value = value.squeeze(3).transpose(1, 2)
         if layout.rope is not None:
             cos, sin = layout.rope
             query, key = rotate(query, cos, sin), rotate(key, cos, sin)
