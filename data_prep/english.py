@@ -29,6 +29,7 @@ OOV rate is reported in the stats.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import os
@@ -41,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
+
 from data_prep.format import (
     CONTINUATION,
     FINE_TOKENIZER_FILE,
@@ -52,7 +55,7 @@ from data_prep.format import (
     UNK_ID,
     Vocab,
 )
-from data_prep.languages import EncodedShardBuilder, Language, LanguageError, register
+from data_prep.languages import EncodedShard, Language, LanguageError, register
 from data_prep.phrases import (
     Phrase,
     PhraseMiningConfig,
@@ -305,37 +308,16 @@ def load_fine_vocabulary(path: str | os.PathLike) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class EnglishStats:
-    """Counters accumulated while encoding (merged across workers by summing)."""
+    """Counters accumulated while encoding (summed over shards by the engine)."""
 
     sentences: int = 0
     words: int = 0
-    fine_tokens: int = 0
-    fine_unk: int = 0
-    coarse_tokens: int = 0
-    coarse_unk: int = 0
+    characters: int = 0
+    """characters of the words (spaces excluded)"""
     phrase_tokens: int = 0
     """coarse tokens that are multi-word phrases"""
     phrase_words: int = 0
     """words covered by multi-word phrase tokens"""
-
-    def merge(self, other: "EnglishStats | dict") -> None:
-        other = other if isinstance(other, dict) else other.__dict__
-        for k, v in other.items():
-            setattr(self, k, getattr(self, k) + v)
-
-    def summary(self) -> dict:
-        def rate(a, b):
-            return round(a / b, 6) if b else 0.0
-
-        return {
-            "words": self.words,
-            "multiword_phrase_tokens": self.phrase_tokens,
-            "multiword_phrase_fraction_of_coarse_tokens": rate(self.phrase_tokens, self.coarse_tokens),
-            "words_inside_phrases_fraction": rate(self.phrase_words, self.words),
-            "fine_unk_rate": rate(self.fine_unk, self.fine_tokens),
-            "coarse_oov_rate": rate(self.coarse_unk, self.coarse_tokens),
-            "coarse_tokens_per_fine_token": rate(self.coarse_tokens, self.fine_tokens),
-        }
 
 
 class EnglishTokenizers:
@@ -349,6 +331,7 @@ class EnglishTokenizers:
         self.phrase_tokenizer = phrase_tokenizer
         self.lowercase = lowercase
         self._coarse_index = coarse_vocab.index
+        self._reset_word_cache()
         self.stats = EnglishStats()
 
     # --- persistence --------------------------------------------------------------------------
@@ -368,38 +351,99 @@ class EnglishTokenizers:
     def words(self, sentence: str) -> list[str]:
         return words_of(normalize(sentence, self.lowercase))
 
-    def encode_words(self, word_lists: Sequence[Sequence[str]]) -> list[tuple[list[int], list[int], list[int]]]:
-        """(fine ids, coarse ids, align) for each sentence given as words (empty sentences skipped by caller)."""
-        encodings = self.fine_tokenizer.encode_batch(list(word_lists), is_pretokenized=True, add_special_tokens=False)
-        out = []
+    def _ensure_words(self, block_words: set[str]) -> None:
+        """Give the distinct words of a block not seen before an index, their fine pieces and their
+        coarse id. Greedy WordPiece depends on the word alone: a word is encoded once per process."""
+        new_words = block_words.difference(self._word_index)
+        if not new_words:
+            return
+        if len(self._word_index) + len(new_words) > 4_000_000:  # bounded memory on endless distinct tokens
+            self._reset_word_cache()
+            new_words = block_words
+        new_words = sorted(new_words)  # a deterministic order (set order varies between processes)
+        start = len(self._word_index)
+        for i, w in enumerate(new_words):
+            self._word_index[w] = start + i
+        encodings = self.fine_tokenizer.encode_batch([[w] for w in new_words], is_pretokenized=True,
+                                                     add_special_tokens=False)
+        pieces = [e.ids for e in encodings]
+        counts = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+        flat = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=int(counts.sum()))
         coarse_index = self._coarse_index
-        spans_of = self.phrase_tokenizer.spans
+        coarse = np.fromiter((coarse_index.get(w, UNK_ID) for w in new_words), dtype=np.int64, count=len(new_words))
+        longest = self.phrase_tokenizer.longest_from
+        phrase_start = np.fromiter((w in longest for w in new_words), dtype=bool, count=len(new_words))
+        self._piece_offsets = np.concatenate([self._piece_offsets, len(self._pieces) + np.cumsum(counts) - counts])
+        self._piece_counts = np.concatenate([self._piece_counts, counts])
+        self._pieces = np.concatenate([self._pieces, flat])
+        self._word_coarse = np.concatenate([self._word_coarse, coarse])
+        self._word_starts_phrase = np.concatenate([self._word_starts_phrase, phrase_start])
+
+    def _reset_word_cache(self) -> None:
+        self._word_index: dict[str, int] = {}
+        self._piece_offsets = np.zeros(0, dtype=np.int64)
+        self._piece_counts = np.zeros(0, dtype=np.int64)
+        self._pieces = np.zeros(0, dtype=np.int64)
+        self._word_coarse = np.zeros(0, dtype=np.int64)
+        self._word_starts_phrase = np.zeros(0, dtype=bool)
+
+    def encode_block(self, sentences: Sequence[Sequence[str]]) -> dict[str, np.ndarray]:
+        """Encode many sentences (lists of words, none empty) at once, vectorised.
+
+        Greedy WordPiece depends only on the word, so each DISTINCT word is encoded once (and cached
+        across blocks); the fine stream is then a gather of cached pieces, the coarse stream the
+        words' coarse ids with phrase matches folded in. Returns flat ``fine``, ``coarse``, ``align``
+        and per-sentence ``fine_lengths`` / ``coarse_lengths``.
+        """
+        words = list(itertools.chain.from_iterable(sentences))
+        sentence_lengths = np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences))
+        if not words:
+            empty = np.zeros(0, dtype=np.int64)
+            return {"fine": empty, "coarse": empty, "align": empty, "fine_lengths": empty, "coarse_lengths": empty}
+        self._ensure_words(set(words))
+        word_ids = np.fromiter(map(self._word_index.__getitem__, words), dtype=np.int64, count=len(words))
+        unique_counts, unique_offsets, unique_flat, unique_coarse = (
+            self._piece_counts, self._piece_offsets, self._pieces, self._word_coarse)
+        coarse_index = self._coarse_index
+
+        counts = unique_counts[word_ids]  # fine pieces of each word
+        total = int(counts.sum())
+        word_starts = np.cumsum(counts) - counts
+        fine = unique_flat[np.repeat(unique_offsets[word_ids] - word_starts, counts) + np.arange(total)]
+
+        coarse = unique_coarse[word_ids]
+        align = counts.copy()
+        keep = np.ones(len(words), dtype=bool)
+        candidates = np.flatnonzero(self._word_starts_phrase[word_ids])
+        starts, lengths = self.phrase_tokenizer.flat_matches(words, sentence_lengths, candidates)
+        for start, length in zip(starts, lengths):
+            keep[start + 1:start + length] = False
+            coarse[start] = coarse_index[PHRASE_JOINER.join(words[start:start + length])]
+            align[start] = counts[start:start + length].sum()
+        sentence_starts = np.cumsum(sentence_lengths) - sentence_lengths
         st = self.stats
-        for words, enc in zip(word_lists, encodings):
-            fine_ids = enc.ids
-            # pieces per word: word_ids is non-decreasing (pieces never cross a word boundary)
-            pieces_per_word = [0] * len(words)
-            for w in enc.word_ids:
-                pieces_per_word[w] += 1
-            coarse_ids, align = [], []
-            i = 0
-            for length in spans_of(words):
-                if length == 1:
-                    coarse_ids.append(coarse_index.get(words[i], UNK_ID))
-                    align.append(pieces_per_word[i])
-                else:
-                    coarse_ids.append(coarse_index[PHRASE_JOINER.join(words[i:i + length])])
-                    align.append(sum(pieces_per_word[i:i + length]))
-                    st.phrase_tokens += 1
-                    st.phrase_words += length
-                i += length
-            st.sentences += 1
-            st.words += len(words)
-            st.fine_tokens += len(fine_ids)
-            st.fine_unk += fine_ids.count(UNK_ID)
-            st.coarse_tokens += len(coarse_ids)
-            st.coarse_unk += coarse_ids.count(UNK_ID)
-            out.append((fine_ids, coarse_ids, align))
+        st.sentences += len(sentences)
+        st.words += len(words)
+        st.characters += sum(map(len, words))
+        st.phrase_tokens += len(starts)
+        st.phrase_words += sum(lengths)
+        return {
+            "fine": fine,
+            "coarse": coarse[keep],
+            "align": align[keep],
+            "fine_lengths": np.add.reduceat(counts, sentence_starts),
+            "coarse_lengths": np.add.reduceat(keep.astype(np.int64), sentence_starts),
+        }
+
+    def encode_words(self, word_lists: Sequence[Sequence[str]]) -> list[tuple[list[int], list[int], list[int]]]:
+        """(fine ids, coarse ids, align) for each sentence given as words (none empty)."""
+        block = self.encode_block(word_lists)
+        out = []
+        f = c = 0
+        for fl, cl in zip(block["fine_lengths"].tolist(), block["coarse_lengths"].tolist()):
+            out.append((block["fine"][f:f + fl].tolist(), block["coarse"][c:c + cl].tolist(), block["align"][c:c + cl].tolist()))
+            f += fl
+            c += cl
         return out
 
     def encode_sentences(self, sentences: Sequence[str]) -> list[tuple[list[int], list[int], list[int]]]:
@@ -437,21 +481,33 @@ def write_words_file(sentences: Iterable[str], path: str | os.PathLike, lowercas
     return n_sent, n_words
 
 
-def count_coarse_tokens(words_file: str | os.PathLike, phrase_tokenizer: PhraseTokenizer) -> Counter:
+def count_coarse_tokens(words_file: str | os.PathLike, phrase_tokenizer: PhraseTokenizer,
+                        block_sentences: int = 100_000) -> Counter:
     """Frequency of every coarse token (word or "_"-joined phrase) after greedy phrase tokenization."""
     counts: Counter = Counter()
-    spans_of = phrase_tokenizer.spans
+
+    def flush(block: list[list[str]]) -> None:
+        words = [w for sentence in block for w in sentence]
+        counts.update(words)  # every word as a token (C speed), then fold the phrase matches in
+        starts, lengths = phrase_tokenizer.flat_matches(words, [len(s) for s in block])
+        for start, length in zip(starts, lengths):
+            span = words[start:start + length]
+            counts[PHRASE_JOINER.join(span)] += 1
+            for w in span:
+                counts[w] -= 1
+
+    block: list[list[str]] = []
     with open(words_file, encoding="utf-8") as f:
         for line in f:
             words = line.split()
-            if not phrase_tokenizer.phrases:
-                counts.update(words)
-                continue
-            i = 0
-            for length in spans_of(words):
-                counts[words[i] if length == 1 else PHRASE_JOINER.join(words[i:i + length])] += 1
-                i += length
-    return counts
+            if words:
+                block.append(words)
+                if len(block) >= block_sentences:
+                    flush(block)
+                    block = []
+    if block:
+        flush(block)
+    return +counts  # drop words whose every occurrence is inside phrases
 
 
 def _is_phrase(token: str) -> bool:
@@ -801,34 +857,31 @@ class English(Language):
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         tk = self.tokenizers
         tk.stats = EnglishStats()
-        builder = EncodedShardBuilder()
-        batch_docs: list[list[list[str]]] = []
-        batch_sentences = 0
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("fine", "coarse", "align", "fine_lengths", "coarse_lengths")}
+        document_sentences: list[int] = []
+        block: list[list[str]] = []
 
-        def flush():
-            flat = [s for d in batch_docs for s in d]
-            encoded = tk.encode_words(flat) if flat else []
-            i = 0
-            for d in batch_docs:
-                builder.add_document(encoded[i:i + len(d)])
-                i += len(d)
-            batch_docs.clear()
+        def flush() -> None:
+            for key, value in tk.encode_block(block).items():
+                parts[key].append(value)
+            block.clear()
 
-        characters = 0
         for document in read_shard_documents(Path(cache_dir) / SHARD_WORDS_FILE):
-            characters += sum(len(w) for sentence in document for w in sentence)
-            batch_docs.append(document)
-            batch_sentences += len(document)
-            if batch_sentences >= 2048:
+            document_sentences.append(len(document))
+            block.extend(document)
+            if len(block) >= 20_000:
                 flush()
-                batch_sentences = 0
-        flush()
+        if block:
+            flush()
         st = tk.stats
-        builder.characters = characters
-        builder.extra.update({
-            "words": st.words, "multiword_phrase_tokens": st.phrase_tokens, "words_inside_phrases": st.phrase_words,
-        })
-        return builder.build()
+        arrays = {k: np.concatenate(v) if v else np.zeros(0, dtype=np.int64) for k, v in parts.items()}
+        return EncodedShard(
+            **arrays,
+            document_sentences=np.asarray(document_sentences, dtype=np.int64),
+            characters=st.characters,
+            extra={"words": st.words, "multiword_phrase_tokens": st.phrase_tokens,
+                   "words_inside_phrases": st.phrase_words},
+        )
 
     def package_versions(self) -> dict[str, str]:
         import tokenizers

@@ -193,8 +193,9 @@ def run_lmplz(words_file: str | os.PathLike, arpa_file: str | os.PathLike, confi
     log.info("phrases: lmplz order %d done in %.1fs", order, time.time() - t0)
 
 
-def iter_arpa(arpa_file: str | os.PathLike) -> Iterator[tuple[int, float, tuple[str, ...]]]:
-    """Stream (order, log10 prob, words) for every n-gram of an ARPA file."""
+def iter_arpa(arpa_file: str | os.PathLike, min_logprob: float = -math.inf) -> Iterator[tuple[int, float, tuple[str, ...]]]:
+    """Stream (order, log10 prob, words) for every n-gram of an ARPA file (all unigrams; higher orders
+    only with log10 prob >= ``min_logprob``)."""
     order = 0
     with open(arpa_file, encoding="utf-8") as f:
         for line in f:
@@ -206,8 +207,12 @@ def iter_arpa(arpa_file: str | os.PathLike) -> Iterator[tuple[int, float, tuple[
                 continue
             if order == 0:
                 continue
-            parts = line.rstrip("\n").split("\t")
-            yield order, float(parts[0]), tuple(parts[1].split(" "))
+            tab = line.index("\t")
+            logprob = float(line[:tab])
+            if order > 1 and logprob < min_logprob:
+                continue
+            end = line.find("\t", tab + 1)
+            yield order, logprob, tuple(line[tab + 1:end if end >= 0 else len(line.rstrip())].split(" "))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,11 +229,14 @@ def read_word_sentences(words_file: str | os.PathLike) -> Iterator[list[str]]:
 def select_candidates(arpa_file: str | os.PathLike, config: PhraseMiningConfig) -> dict[tuple[str, ...], tuple[float, float]]:
     """Candidates that pass the stickiness, lift and stop-word rules: words -> (min_logprob, min_lift)."""
     unigram: dict[str, float] = {}
+    content: set[str] = set()  # unigrams come first in an ARPA file
     sticky: dict[tuple[str, ...], float] = {}
-    for order, logprob, words in iter_arpa(arpa_file):
+    for order, logprob, words in iter_arpa(arpa_file, config.min_logprob):
         if order == 1:
             unigram[words[0]] = logprob
-        elif logprob >= config.min_logprob and all(is_content_token(w) for w in words):
+            if is_content_token(words[0]) and words[0] not in ("<s>", "</s>", "<unk>"):
+                content.add(words[0])
+        elif content.issuperset(words):
             # Kept for the full-path check below: any prefix of a candidate must be sticky too.
             sticky[words] = logprob
     candidates: dict[tuple[str, ...], tuple[float, float]] = {}
@@ -391,6 +399,46 @@ class PhraseTokenizer:
             append(length)
             i += length
         return out
+
+    def flat_matches(self, words: Sequence[str], sentence_lengths: Sequence[int],
+                     candidates: Sequence[int] | None = None) -> tuple[list[int], list[int]]:
+        """Greedy longest matches over many sentences at once: (starts, lengths) of every multi-word
+        phrase, positions into the flat word list ``words`` (sentences concatenated).
+
+        Same result as ``spans`` sentence by sentence, but the Python loop only visits words that
+        start some phrase (a minority), so whole shards are segmented at memory speed.
+        ``candidates``: the increasing positions of words that start some phrase, if the caller
+        already knows them (``words[i] in self.longest_from``); computed otherwise.
+        """
+        import numpy as np
+
+        longest = self.longest_from
+        if not longest:
+            return [], []
+        if candidates is None:
+            candidates = [i for i, w in enumerate(words) if w in longest]
+        if len(candidates) == 0:
+            return [], []
+        lengths = np.asarray(sentence_lengths, dtype=np.int64)
+        ends = np.cumsum(lengths)
+        # end (exclusive) of the sentence holding each candidate position
+        limit = ends[np.searchsorted(ends, np.asarray(candidates), side="right")].tolist()
+        candidates = candidates.tolist() if isinstance(candidates, np.ndarray) else candidates
+        phrases = self.phrases
+        starts: list[int] = []
+        match_lengths: list[int] = []
+        covered = 0
+        for i, end in zip(candidates, limit):
+            if i < covered:
+                continue
+            length = min(longest[words[i]], end - i)
+            while length > 1 and tuple(words[i:i + length]) not in phrases:
+                length -= 1
+            if length > 1:
+                starts.append(i)
+                match_lengths.append(length)
+                covered = i + length
+        return starts, match_lengths
 
     def tokenize(self, words: Sequence[str], joiner: str = "_") -> list[str]:
         """Coarse tokens: words, and phrases joined with ``joiner``."""

@@ -207,3 +207,23 @@ def test_mining_on_bbc_news_registry_text(tmp_path):
     for fragment in ("of the", "in the", "said the", "it is", "to be"):
         assert fragment not in texts, fragment
     assert 500 < len(found) < 20000
+
+
+def test_flat_matches_equal_sentence_by_sentence_spans():
+    rng = random.Random(1)
+    vocab = ["a", "b", "c", "d", "new", "york", "city"]
+    phrases = [("a", "b"), ("a", "b", "c"), ("b", "c", "d", "a"), ("new", "york"), ("new", "york", "city"), ("c", "c")]
+    tok = PhraseTokenizer(phrases)
+    sentences = [[rng.choice(vocab) for _ in range(rng.randint(1, 15))] for _ in range(500)]
+    flat = [w for s in sentences for w in s]
+    starts, lengths = tok.flat_matches(flat, [len(s) for s in sentences])
+    expected, offset = [], 0
+    for s in sentences:
+        i = 0
+        for length in tok.spans(s):
+            if length > 1:
+                expected.append((offset + i, length))
+            i += length
+        offset += len(s)
+    assert list(zip(starts, lengths)) == expected
+    assert len(expected) > 100  # phrases at sentence ends must not run into the next sentence
