@@ -241,9 +241,28 @@ def test_same_seed_same_weights_and_dropout_is_active_in_training():
     assert float(a(batch)["loss"]) == float(a(batch)["loss"])
 
 
+@pytest.mark.parametrize("recipe", ["tiny", "tiny-modern"])
+def test_bf16_parameters_train(recipe):
+    """The DeepSpeed bf16 path: parameters cast to bf16, loss reported in fp32."""
+    config = _config(recipe)
+    model = _seeded_model(config).to(torch.bfloat16)
+    out = model(_batch(config))
+    out["loss"].backward()
+    assert out["loss"].dtype == torch.float32 and out["loss"].isfinite()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------------------
+def test_initialize_parallel_rejects_a_tp_size_that_does_not_divide_the_world():
+    from pipeline import parallel
+
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 does not divide the world size 1"):
+        parallel.initialize_parallel(tensor_parallel_size=2)
+    parallel.initialize_parallel(tensor_parallel_size=1, seed=1234)
+
+
 @pytest.mark.parametrize(
     "overrides, tp, field",
     [

@@ -110,8 +110,54 @@ def _argmax_and_loss_under_vocab_parallelism():
     return predicted.tolist(), full.argmax(-1).tolist(), (loss - reference).abs().max().item()
 
 
-def test_vocab_parallel_argmax_matches_full_argmax():
-    for predicted, expected, loss_error in run_distributed(_argmax_and_loss_under_vocab_parallelism, world_size=2):
+def _rng_streams_and_dropout_under_tp():
+    """Per-TP-rank stream differs across TP ranks, the default stream does not; with dropout on, a
+    TP=2 model still gives the same loss on both ranks (replicated activations see one mask)."""
+    from pipeline import parallel
+    from pipeline.model import build_model, model_recipe
+    from pipeline.model.synthetic import synthetic_batch
+
+    parallel.initialize_parallel(tensor_parallel_size=2, seed=5)
+    default = torch.rand(3).tolist()
+    with parallel.rng_tracker().fork():
+        tp_stream = torch.rand(3).tolist()
+    after_fork = torch.rand(3).tolist()  # the fork must not disturb the default stream
+    parallel.set_seed(5)
+    torch.rand(3)
+    resumed_default = torch.rand(3).tolist()
+    losses = []
+    for recipe in ("tiny", "tiny-modern"):
+        config = model_recipe(recipe, hidden_dropout=0.2, attention_dropout=0.2)
+        model = build_model(config).train()
+        batch = synthetic_batch(config.fine_vocab_size, config.coarse_vocab_size, seed=3)
+        out = model(batch)
+        out["loss"].backward()
+        losses.append((float(out["loss"]), float(model(batch)["loss"])))
+    return default, tp_stream, after_fork == resumed_default, losses
+
+
+def _argmax_and_rng_checks():
+    return _argmax_and_loss_under_vocab_parallelism(), _rng_streams_and_dropout_under_tp()
+
+
+@pytest.fixture(scope="module")
+def argmax_and_rng_results():
+    # One launch for both checks (each spawn of 2 ranks costs seconds).
+    return run_distributed(_argmax_and_rng_checks, world_size=2)
+
+
+def test_vocab_parallel_argmax_matches_full_argmax(argmax_and_rng_results):
+    for (predicted, expected, loss_error), _ in argmax_and_rng_results:
         assert predicted == expected
         assert predicted[:3] == [2, 6, 4]
         assert loss_error < 1e-5
+
+
+def test_dropout_streams_under_tensor_parallelism(argmax_and_rng_results):
+    (_, (default0, tp0, ok0, losses0)), (_, (default1, tp1, ok1, losses1)) = argmax_and_rng_results
+    assert default0 == default1
+    assert tp0 != tp1
+    assert ok0 and ok1
+    assert losses0 == losses1  # both TP ranks, same loss with dropout on
+    for first, second in losses0:
+        assert first != second  # dropout is active: two forwards differ
