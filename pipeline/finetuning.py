@@ -472,6 +472,8 @@ def resolve_pretrained(model: str, dataset: str = "") -> Pretrained:
         return Pretrained(model_recipe(recipe, **overrides), None, Path(dataset), model)
     path = Path(model)
     if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+        if dataset and (path / "fine_vocab.txt").is_file():
+            _check_same_vocabularies(path, Path(dataset), path)
         return Pretrained(read_model_config(path), load_state_dict(path), Path(dataset or path), str(path))
     if (path / "COMPLETE").is_file():
         from pipeline.checkpoint import read_marker
@@ -494,13 +496,14 @@ def resolve_pretrained(model: str, dataset: str = "") -> Pretrained:
 
 
 def _check_same_vocabularies(original: Path, given: Path, checkpoint: Path) -> None:
+    """Refuse tokenizers whose vocabularies differ from those the model was pre-trained with."""
     from data_prep.format import COARSE_VOCAB_FILE, FINE_VOCAB_FILE, Vocab
 
     for name in (FINE_VOCAB_FILE, COARSE_VOCAB_FILE):
         if Vocab.load(original / name).fingerprint() != Vocab.load(given / name).fingerprint():
             raise FinetuneError(
-                f"--dataset {given}: its {name} differs from the one checkpoint {checkpoint} was pre-trained with "
-                f"({original / name}): token ids would mean other tokens. Pass --dataset {original}")
+                f"--dataset {given}: its {name} differs from the one model {checkpoint} was pre-trained with "
+                f"({original / name}): token ids would mean other tokens. Pass --dataset {original} (or omit --dataset)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,7 +581,7 @@ def train_seed(config: FinetuneConfig, pretrained: Pretrained, labels: LabelSet,
             optimizer.step()
             schedule.step()
             step += 1
-            curve.append([step, float(out["loss"])])
+            curve.append([step, float(out["loss"].detach())])
             if step % eval_every == 0 or step == total_steps:
                 predictions, gold, dev_loss = predict(model, dev, config.eval_batch_size)
                 report = classification_report(predictions, gold, labels.names)

@@ -98,7 +98,7 @@ def build_backbone(model_config, state_dict: dict[str, torch.Tensor] | None = No
         # The MLM head's weight is tied to the word embedding: same tensor under two names.
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         tied = {f"heads.{g}.weight" for g in model_config.granularities}
-        missing = [k for k in missing if k not in tied]
+        missing = [k for k in missing if k not in tied and not k.endswith("._extra_state")]
         if missing or unexpected:
             raise ExportError(f"weights do not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model
@@ -114,7 +114,8 @@ def save_exported(model: torch.nn.Module, tokenizer_dir: str | os.PathLike, outp
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     # Tied tensors share storage; safetensors refuses shared storage, so each gets its own copy.
-    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()
+             if isinstance(v, torch.Tensor)}  # megatron layers add an empty `_extra_state` entry
     save_file(state, str(output / WEIGHTS_FILE))
     config = {"model_config": model.config.to_dict(), **(extra or {})}
     (output / CONFIG_FILE).write_text(json.dumps(config, indent=1), encoding="utf-8")

@@ -1,0 +1,169 @@
+"""Export the FINE branch of an AMBERT model as a Hugging Face ``BertForMaskedLM`` directory.
+
+    python -m pipeline.export_hf exported/ambert-zh hf/ambert-zh-fine      # from an exported model dir
+    # then, anywhere:  transformers.BertForMaskedLM.from_pretrained("hf/ambert-zh-fine")
+    #                  transformers.BertTokenizerFast.from_pretrained("hf/ambert-zh-fine")
+
+What goes in: the fine word embeddings, the position / segment embeddings and the encoder the fine
+tokens go through (the shared one for ``ambert``; the fine one for ``ambert-combo``), and the fine
+MLM head (transform + tied decoder + bias). Padded vocabulary rows are cut off. The tokenizer is a
+WordPiece ``vocab.txt`` = our fine_vocab.txt (same ids; "##" marks continuations in both), with
+``do_lower_case`` as in the pre-training build. Note the HF tokenizer is an approximation of our
+fine tokenizer (BERT's basic tokenization + greedy WordPiece); ids produced by data_prep stay the
+reference, and the logits for the same ids are identical (tests/test_export.py).
+
+Only BERT-compatible encoders can be expressed as BertForMaskedLM: post-LN, LayerNorm with biases,
+GELU, learned absolute positions, multi-head attention (no GQA), no local attention. Anything else
+is refused with the option that prevents it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from data_prep import format as fmt
+
+
+class HFExportError(ValueError):
+    """The model cannot be written as a BertForMaskedLM; the message names the option."""
+
+
+def check_bert_compatible(config) -> None:
+    problems = []
+    if config.variant == "bert-coarse":
+        problems.append("variant bert-coarse has no fine branch")
+    if config.pre_norm:
+        problems.append("pre_norm=True (BERT is post-LN)")
+    if config.norm != "layernorm":
+        problems.append(f"norm={config.norm} (BERT uses LayerNorm)")
+    if config.activation != "gelu":
+        problems.append(f"activation={config.activation} (BERT uses GELU)")
+    if config.position != "learned":
+        problems.append(f"position={config.position} (BERT uses learned absolute positions)")
+    if not config.bias:
+        problems.append("bias=False (BERT has biases)")
+    if config.query_groups != config.num_attention_heads:
+        problems.append(f"num_query_groups={config.num_query_groups} (BERT has no grouped-query attention)")
+    if config.local_window:
+        problems.append(f"local_window={config.local_window} (BERT attends globally)")
+    if problems:
+        raise HFExportError(
+            "this model cannot be exported as a Hugging Face BertForMaskedLM: " + "; ".join(problems)
+            + ". Export it with `python -m pipeline.convert export` (our own format, any options) instead")
+
+
+def bert_state_dict(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """Our parameter names/layouts -> BertForMaskedLM's."""
+    check_bert_compatible(config)
+    stream = "fine" if config.variant == "ambert-combo" else "shared"
+    vocab = config.fine_vocab_size
+    H, heads, d = config.hidden_size, config.num_attention_heads, config.head_dim
+    emb = f"embeddings.{stream}."
+    out = {
+        "bert.embeddings.word_embeddings.weight": state["word_embeddings.fine.weight"][:vocab],
+        "bert.embeddings.position_embeddings.weight": state[emb + "positions"],
+        "bert.embeddings.LayerNorm.weight": state[emb + "norm.weight"],
+        "bert.embeddings.LayerNorm.bias": state[emb + "norm.bias"],
+    }
+    token_types = state.get(emb + "token_types")
+    if token_types is None:  # no segment embeddings: one all-zero row does the same in BERT
+        token_types = torch.zeros(1, H)
+    if config.variant == "ambert-hybrid":  # fine tokens carry granularity embedding 0: fold it in
+        token_types = token_types + state[emb + "granularities"][0]
+    out["bert.embeddings.token_type_embeddings.weight"] = token_types
+    for i in range(config.num_layers):
+        ours, theirs = f"encoders.{stream}.layers.{i}.", f"bert.encoder.layer.{i}."
+        # Fused QKV is laid out head by head ([q_h ; k_h ; v_h] per head when there is no GQA).
+        qkv_w = state[ours + "attention.qkv.weight"].view(heads, 3, d, H)
+        qkv_b = state[ours + "attention.qkv.bias"].view(heads, 3, d)
+        for j, name in enumerate(("query", "key", "value")):
+            out[theirs + f"attention.self.{name}.weight"] = qkv_w[:, j].reshape(heads * d, H)
+            out[theirs + f"attention.self.{name}.bias"] = qkv_b[:, j].reshape(heads * d)
+        pairs = {
+            "attention.output.weight": "attention.output.dense.weight",
+            "attention.output.bias": "attention.output.dense.bias",
+            "attention_norm.weight": "attention.output.LayerNorm.weight",
+            "attention_norm.bias": "attention.output.LayerNorm.bias",
+            "mlp.fc1.weight": "intermediate.dense.weight",
+            "mlp.fc1.bias": "intermediate.dense.bias",
+            "mlp.fc2.weight": "output.dense.weight",
+            "mlp.fc2.bias": "output.dense.bias",
+            "mlp_norm.weight": "output.LayerNorm.weight",
+            "mlp_norm.bias": "output.LayerNorm.bias",
+        }
+        for a, b in pairs.items():
+            out[theirs + b] = state[ours + a]
+    out.update({
+        "cls.predictions.transform.dense.weight": state["heads.fine.dense.weight"],
+        "cls.predictions.transform.dense.bias": state["heads.fine.dense.bias"],
+        "cls.predictions.transform.LayerNorm.weight": state["heads.fine.norm.weight"],
+        "cls.predictions.transform.LayerNorm.bias": state["heads.fine.norm.bias"],
+        "cls.predictions.bias": state["heads.fine.bias"][:vocab],
+        "cls.predictions.decoder.weight": state["word_embeddings.fine.weight"][:vocab],
+        "cls.predictions.decoder.bias": state["heads.fine.bias"][:vocab],
+    })
+    return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
+
+
+def bert_config(config):
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=config.fine_vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_attention_heads, intermediate_size=config.ffn_size, hidden_act="gelu",
+        hidden_dropout_prob=config.hidden_dropout, attention_probs_dropout_prob=config.attention_dropout,
+        max_position_embeddings=config.max_position_embeddings, type_vocab_size=max(config.type_vocab_size, 1),
+        initializer_range=config.init_std, layer_norm_eps=config.layer_norm_eps, pad_token_id=fmt.PAD_ID,
+        tie_word_embeddings=True, architectures=["BertForMaskedLM"],
+    )
+
+
+def export_hf(state: dict[str, torch.Tensor], config, tokenizer_dir: str | Path, output: str | Path) -> Path:
+    """Write a BertForMaskedLM directory (weights, config, WordPiece tokenizer) to ``output``."""
+    from transformers import BertForMaskedLM, BertTokenizerFast
+
+    tensors = bert_state_dict(state, config)
+    model = BertForMaskedLM(bert_config(config))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if "position_ids" not in k]
+    if missing or unexpected:
+        raise HFExportError(f"internal: BertForMaskedLM keys do not match (missing {missing}, unexpected {unexpected})")
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(output))
+    meta = json.loads((Path(tokenizer_dir) / fmt.META_FILE).read_text(encoding="utf-8"))
+    options = meta.get("build", {}).get("language_options", {})
+    lowercase = not options.get("cased", False)  # zh: NFKC keeps case; en: lower-cased unless --cased
+    if meta.get("language") == "zh":
+        lowercase = False
+    vocab_file = output / "vocab.txt"
+    fmt.Vocab.load(Path(tokenizer_dir) / fmt.FINE_VOCAB_FILE).save(vocab_file)
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=lowercase, tokenize_chinese_chars=True,
+                                  model_max_length=config.max_position_embeddings)
+    tokenizer.save_pretrained(str(output))
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.inference import load_state_dict, read_model_config
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="exported model dir (model.safetensors + config.json + vocabularies)")
+    parser.add_argument("output", help="directory for the Hugging Face BertForMaskedLM")
+    args = parser.parse_args(argv)
+    try:
+        path = export_hf(load_state_dict(args.model), read_model_config(args.model), args.model, args.output)
+    except (HFExportError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
