@@ -44,8 +44,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--coarse-min-count", type=int, help="minimum corpus count of a coarse word/phrase (default: per language)")
     p.add_argument("--valid-fraction", type=float, default=0.01, help="share of documents in the valid split")
     p.add_argument("--shard-documents", type=int, default=2000, help="documents per shard (unit of parallelism/resume)")
-    p.add_argument("--text-mode", choices=inputs.TEXT_MODES, default="paragraph",
-                   help="text files: one document per blank-line-separated block, or per line")
+    p.add_argument("--text-mode", choices=inputs.TEXT_MODES, default="auto",
+                   help="text files: one document per blank-line-separated block (paragraph), per line, or auto "
+                        "(paragraph if the file's first MB has a blank line, else line)")
     p.add_argument("--text-field", default="text", help="JSON field / column holding the text")
     p.add_argument("--encoding-errors", choices=inputs.ENCODING_ERRORS, default="strict",
                    help="invalid UTF-8: stop (strict) or replace with U+FFFD")

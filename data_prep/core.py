@@ -93,8 +93,8 @@ class BuildConfig:
     """--valid-fraction: share of documents in the valid split (deterministic, evenly spread)."""
     shard_documents: int = 2000
     """--shard-documents: documents per shard (the unit of parallel work and of resume)."""
-    text_mode: str = "paragraph"
-    """--text-mode: text inputs hold one document per blank-line-separated block or per line."""
+    text_mode: str = "auto"
+    """--text-mode: text inputs hold one document per blank-line-separated block, per line, or auto-detect."""
     text_field: str = "text"
     """--text-field: the JSON field / column with the text (jsonl, parquet, HF datasets)."""
     encoding_errors: str = "strict"
@@ -556,7 +556,10 @@ def _check_inputs(config: BuildConfig, lang: Language, specs: list[inp.InputSpec
     for spec in specs:
         scan = inp.scan_input(spec)
         warnings += inp.check_scan(scan, config.encoding_errors)
-        records.append({"path": spec.path, "kind": spec.kind, "sha256": scan.sha256, "bytes": scan.bytes})
+        record = {"path": spec.path, "kind": spec.kind, "sha256": scan.sha256, "bytes": scan.bytes}
+        if spec.kind == "text":
+            record["text_mode"] = spec.text_mode
+        records.append(record)
     if all(r["bytes"] == 0 for r in records):
         raise inp.InputError("every input is empty: " + ", ".join(r["path"] for r in records))
     return records, warnings
@@ -657,6 +660,7 @@ def build(config: BuildConfig, comm=None) -> dict:
 
     # ---- 1. checks (rank 0), then agree -----------------------------------------------------
     specs = inp.resolve_inputs(config.inputs, config.text_mode, config.text_field) if config.inputs else lang.demo_inputs()
+    specs = [inp.resolve_text_mode(s) for s in specs]
 
     def check():
         out = Path(config.output)

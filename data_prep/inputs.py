@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bz2
 import codecs
+import dataclasses
 import glob
 import gzip
 import hashlib
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-TEXT_MODES = ("paragraph", "line")
+TEXT_MODES = ("auto", "paragraph", "line")
 ENCODING_ERRORS = ("strict", "replace")
 COMPRESSED = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
 # Data files of a saved HF dataset (checksummed; the rest are small JSON descriptors).
@@ -55,8 +56,9 @@ class InputSpec:
     """File or folder path."""
     kind: str
     """text | jsonl | parquet | hf_disk | tagged (word/TAG lines, see tagged_words)."""
-    text_mode: str = "paragraph"
-    """For text inputs: 'paragraph' (blank-line separated documents) or 'line' (one a line)."""
+    text_mode: str = "auto"
+    """For text inputs: 'paragraph' (blank-line separated documents), 'line' (one a line), or 'auto'
+    (paragraph if the first MB has a blank line, else line; see ``resolve_text_mode``)."""
     text_field: str = "text"
     """Field/column holding the text (jsonl, parquet, hf_disk)."""
 
@@ -73,6 +75,8 @@ class InputScan:
     first_invalid_offset: int | None = None
     looks_like: str | None = None
     """For invalid UTF-8: an encoding the whole file decodes with (a hint for the fix)."""
+    truncated: bool = False
+    """The content ends inside a multi-byte character (a file cut at a byte count)."""
 
 
 @dataclass
@@ -101,7 +105,7 @@ def _kind_of(path: Path) -> str:
     return "text"
 
 
-def resolve_inputs(patterns: list[str], text_mode: str = "paragraph", text_field: str = "text") -> list[InputSpec]:
+def resolve_inputs(patterns: list[str], text_mode: str = "auto", text_field: str = "text") -> list[InputSpec]:
     """Expand files, globs and folders into a sorted, de-duplicated list of inputs; missing paths raise."""
     if text_mode not in TEXT_MODES:
         raise InputError(f"--text-mode must be one of {TEXT_MODES}, got {text_mode!r}")
@@ -145,6 +149,23 @@ def resolve_inputs(patterns: list[str], text_mode: str = "paragraph", text_field
     if not specs:
         raise InputError("no input files given")
     return specs
+
+
+_BLANK_LINE = re.compile(rb"\n[ \t\r]*\n")
+
+
+def resolve_text_mode(spec: InputSpec) -> InputSpec:
+    """'auto' -> 'paragraph' if the first MB of a text input has a blank line, else 'line'.
+
+    Corpora come both ways ("one paragraph a line" dumps have no blank lines at all; reading them
+    as blank-line-separated blocks would make the whole file one document).
+    """
+    if spec.kind != "text" or spec.text_mode != "auto":
+        return spec
+    with open_binary(spec.path) as fh:
+        head = fh.read(_CHUNK)
+    mode = "paragraph" if _BLANK_LINE.search(head.strip(b"\n")) else "line"
+    return dataclasses.replace(spec, text_mode=mode)
 
 
 def open_binary(path: str) -> BinaryIO:
@@ -199,6 +220,7 @@ def scan_input(spec: InputSpec) -> InputScan:
             except UnicodeDecodeError:
                 scan.invalid_utf8 += 1
                 scan.first_invalid_offset = offset
+                scan.truncated = True
     return scan
 
 
@@ -217,7 +239,9 @@ def check_scan(scan: InputScan, encoding_errors: str) -> list[str]:
     warnings = []
     if scan.invalid_utf8 and encoding_errors == "strict":
         hint = ""
-        if scan.looks_like and scan.looks_like != "latin-1":
+        if scan.truncated:
+            hint = " The content ends inside a multi-byte character: the file was probably cut at a byte count."
+        elif scan.looks_like and scan.looks_like != "latin-1":
             hint = (f" It decodes as {scan.looks_like.upper()}: convert it with "
                     f"`iconv -f {scan.looks_like.upper()} -t UTF-8 {scan.path} > {scan.path}.utf8.txt`.")
         raise InputError(
