@@ -37,6 +37,8 @@ def check_bert_compatible(config) -> None:
     problems = []
     if config.variant == "bert-coarse":
         problems.append("variant bert-coarse has no fine branch")
+    if config.variant == "ambert-hybrid":
+        problems.append("variant ambert-hybrid (its fine tokens attend to coarse tokens: the fine branch alone is not the model)")
     if config.pre_norm:
         problems.append("pre_norm=True (BERT is post-LN)")
     if config.norm != "layernorm":
@@ -73,8 +75,6 @@ def bert_state_dict(state: dict[str, torch.Tensor], config) -> dict[str, torch.T
     token_types = state.get(emb + "token_types")
     if token_types is None:  # no segment embeddings: one all-zero row does the same in BERT
         token_types = torch.zeros(1, H)
-    if config.variant == "ambert-hybrid":  # fine tokens carry granularity embedding 0: fold it in
-        token_types = token_types + state[emb + "granularities"][0]
     out["bert.embeddings.token_type_embeddings.weight"] = token_types
     for i in range(config.num_layers):
         ours, theirs = f"encoders.{stream}.layers.{i}.", f"bert.encoder.layer.{i}."
@@ -141,10 +141,16 @@ def export_hf(state: dict[str, torch.Tensor], config, tokenizer_dir: str | Path,
     lowercase = not options.get("cased", False)  # zh: NFKC keeps case; en: lower-cased unless --cased
     if meta.get("language") == "zh":
         lowercase = False
-    vocab_file = output / "vocab.txt"
-    fmt.Vocab.load(Path(tokenizer_dir) / fmt.FINE_VOCAB_FILE).save(vocab_file)
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=lowercase, tokenize_chinese_chars=True,
-                                  model_max_length=config.max_position_embeddings)
+    vocab = fmt.Vocab.load(Path(tokenizer_dir) / fmt.FINE_VOCAB_FILE)
+    vocab.save(output / "vocab.txt")  # the classic WordPiece file, for older loaders and other tools
+    try:  # transformers >= 5 takes the vocabulary itself; 4.x a vocab_file path
+        tokenizer = BertTokenizerFast(vocab=dict(vocab.index), do_lower_case=lowercase, tokenize_chinese_chars=True,
+                                      model_max_length=config.max_position_embeddings)
+    except TypeError:
+        tokenizer = BertTokenizerFast(vocab_file=str(output / "vocab.txt"), do_lower_case=lowercase,
+                                      tokenize_chinese_chars=True, model_max_length=config.max_position_embeddings)
+    if len(tokenizer) != len(vocab):
+        raise HFExportError(f"internal: the HF tokenizer has {len(tokenizer)} entries, fine_vocab.txt {len(vocab)}")
     tokenizer.save_pretrained(str(output))
     return output
 

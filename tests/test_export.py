@@ -1,0 +1,98 @@
+"""Export: consolidated weights that load without DeepSpeed; the fine branch as a HF BertForMaskedLM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from data_prep.encode import TextEncoder
+from pipeline.batch import IGNORE_INDEX
+from tests.test_finetune import make_tiny_zh_dataset
+
+TEXTS = ["北京大学很差。", "我们喜欢这个手机，价格满意！"]
+
+
+@pytest.fixture(scope="module")
+def zh_dataset(tmp_path_factory):
+    return make_tiny_zh_dataset(tmp_path_factory.mktemp("zh") / "dataset")
+
+
+def _model(zh_dataset, recipe="tiny", **overrides):
+    from pipeline.inference import build_backbone
+    from pipeline.model import model_recipe
+
+    encoder = TextEncoder(zh_dataset)
+    config = model_recipe(recipe, fine_vocab_size=len(encoder.fine_vocab), coarse_vocab_size=len(encoder.coarse_vocab),
+                          hidden_dropout=0.0, attention_dropout=0.0, **overrides)
+    torch.manual_seed(7)
+    model = build_backbone(config).eval()
+    with torch.no_grad():  # non-zero biases / norm parameters, so a mis-mapped one shows in the logits
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_exported_model_loads_without_deepspeed_and_encodes_the_same(tmp_path, zh_dataset):
+    from pipeline.finetuning import collate, encode_example
+    from pipeline.inference import AmbertEncoder, save_exported
+
+    model = _model(zh_dataset)
+    export = save_exported(model, zh_dataset, tmp_path / "export")
+    assert {p.name for p in export.iterdir()} >= {"model.safetensors", "config.json", "meta.json",
+                                                  "fine_vocab.txt", "coarse_vocab.txt"}
+    loaded = AmbertEncoder.load(export)
+    out = loaded.encode(TEXTS)
+    encoder = TextEncoder(zh_dataset)
+    batch = collate([encode_example(encoder, t, None, 64, 64) for t in TEXTS])
+    with torch.no_grad():
+        reference = model.encode(batch)
+    for i in range(len(TEXTS)):
+        n_fine = int(batch["fine_attention_mask"][i].sum())
+        n_coarse = int(batch["coarse_attention_mask"][i].sum())
+        assert out.fine_vectors[i].shape == (n_fine, model.config.hidden_size)
+        torch.testing.assert_close(out.fine_vectors[i], reference["fine_hidden"][i, :n_fine], rtol=0, atol=1e-6)
+        torch.testing.assert_close(out.coarse_vectors[i], reference["coarse_hidden"][i, :n_coarse], rtol=0, atol=1e-6)
+    assert out.fine_cls.shape == out.coarse_cls.shape == (2, model.config.hidden_size)
+
+
+@pytest.mark.parametrize("variant", ["ambert", "ambert-combo", "bert-fine"])
+def test_fine_branch_round_trips_through_transformers_with_identical_logits(tmp_path, zh_dataset, variant):
+    from transformers import BertForMaskedLM, BertTokenizerFast
+
+    from pipeline.export_hf import export_hf
+    from pipeline.finetuning import collate, encode_example
+
+    model = _model(zh_dataset, variant=variant)
+    out_dir = export_hf(model.state_dict(), model.config, zh_dataset, tmp_path / "hf")
+    hf = BertForMaskedLM.from_pretrained(out_dir).eval()
+    tokenizer = BertTokenizerFast.from_pretrained(out_dir)
+
+    encoder = TextEncoder(zh_dataset)
+    batch = collate([encode_example(encoder, TEXTS[0], TEXTS[1], 64, 64), encode_example(encoder, TEXTS[0], None, 64, 64)])
+    # Our MLM head runs only at labelled positions: label EVERY real fine token to get dense logits.
+    labels = batch["fine_ids"].masked_fill(batch["fine_attention_mask"] == 0, IGNORE_INDEX)
+    batch["fine_labels"] = labels
+    batch["coarse_labels"] = torch.full_like(batch["coarse_ids"], IGNORE_INDEX)
+    batch["coarse_labels"][:, 1] = batch["coarse_ids"][:, 1]
+    with torch.no_grad():
+        ours = model(batch, return_logits=True)["fine_logits"][:, : model.config.fine_vocab_size]
+        theirs = hf(input_ids=batch["fine_ids"], attention_mask=batch["fine_attention_mask"],
+                    token_type_ids=batch["fine_token_types"]).logits
+    theirs = theirs[labels != IGNORE_INDEX]
+    assert ours.shape == theirs.shape and ours.shape[0] == int(batch["fine_attention_mask"].sum())
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    assert ours.std() > 0.1  # not trivially equal
+
+    # The WordPiece tokenizer built from fine_vocab.txt gives our ids for Chinese text.
+    assert tokenizer(TEXTS[0])["input_ids"] == batch["fine_ids"][1][: int(batch["fine_attention_mask"][1].sum())].tolist()
+
+
+def test_non_bert_options_are_refused_with_the_option_named(tmp_path, zh_dataset):
+    from pipeline.export_hf import HFExportError, export_hf
+
+    model = _model(zh_dataset, recipe="tiny-modern")
+    with pytest.raises(HFExportError, match=r"pre_norm=True.*norm=rmsnorm.*activation=geglu.*position=rope.*bias=False"
+                                            r".*num_query_groups=2.*local_window=8"):
+        export_hf(model.state_dict(), model.config, zh_dataset, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
