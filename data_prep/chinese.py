@@ -330,7 +330,9 @@ class Chinese(Language):
                                 f"{fmt.NUM_SPECIAL} special tokens, {len(always)} Latin letters/digits and characters; "
                                 f"use at least {fmt.NUM_SPECIAL + len(always) + 100}")
         candidates = [(c, n) for c, n in chars.items() if n >= min_count and c not in _ASCII_ALNUM and not c.isspace()]
-        candidates += [(r, n) for r, n in runs.items() if n >= max(min_count, self.options["latin_min_count"])]
+        always_set = set(always)
+        candidates += [(r, n) for r, n in runs.items()
+                       if n >= max(min_count, self.options["latin_min_count"]) and r not in always_set]
         candidates.sort(key=lambda item: (-item[1], item[0]))
         room = max_fine - fmt.NUM_SPECIAL - len(always)
         fine_tokens = always + [t for t, _ in candidates[:room]]
