@@ -216,3 +216,22 @@ def test_user_dict_changes_segmentation(tmp_path):
     user = tmp_path / "user.txt"
     user.write_text(f"{word} 100000 n\n", encoding="utf-8")
     assert word in make_segmenter("jieba", str(user)).cut(f"这是{word}。")
+
+
+def test_fit_vocabularies_from_counts(tmp_path):
+    """Vocabulary rules: specials first, every Latin letter/digit (plain and "##"), frequent runs once,
+    characters by frequency with the minimum count, coarse = fine + most frequent words."""
+    from collections import Counter
+
+    lang = Chinese({"fine_vocab_size": 300, "coarse_vocab_size": 310, "fine_min_count": 2, "coarse_min_count": 2})
+    counts = {"char": Counter({"中": 9, "国": 7, "人": 2, "稀": 1, "K": 50}),
+              "run": Counter({"##K": 10, "GDP": 6, "ABCD": 4, "##nm": 5}),
+              "word": Counter({"中国": 8, "中国人": 3, "国人": 1, "中": 1})}
+    lang.fit(counts, None, tmp_path)
+    fine = fmt.Vocab.load(tmp_path / fmt.FINE_VOCAB_FILE)
+    coarse = fmt.Vocab.load(tmp_path / fmt.COARSE_VOCAB_FILE)
+    assert tuple(fine.tokens[:fmt.NUM_SPECIAL]) == fmt.SPECIAL_TOKENS
+    assert fine.tokens.count("##K") == 1 and "GDP" in fine and "##nm" in fine and "ABCD" not in fine
+    assert "中" in fine and "人" in fine and "稀" not in fine  # min count 2
+    assert coarse.tokens[:len(fine)] == fine.tokens
+    assert coarse.tokens[len(fine):] == ["中国", "中国人"]  # by frequency; "国人" seen once
