@@ -457,7 +457,7 @@ def _checkpoint_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def resolve_pretrained(model: str, dataset: str = "") -> Pretrained:
     """Model config, weights and tokenizer directory of ``model`` (export, checkpoint or random:RECIPE)."""
-    from pipeline.inference import CONFIG_FILE, WEIGHTS_FILE, load_state_dict, read_model_config
+    from pipeline.inference import CONFIG_FILE, WEIGHTS_FILE, ExportError, load_state_dict, read_model_config, tokenizer_dir_of
 
     if model.startswith("random:"):
         from pipeline.model import model_recipe
@@ -472,9 +472,15 @@ def resolve_pretrained(model: str, dataset: str = "") -> Pretrained:
         return Pretrained(model_recipe(recipe, **overrides), None, Path(dataset), model)
     path = Path(model)
     if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
-        if dataset and (path / "fine_vocab.txt").is_file():
-            _check_same_vocabularies(path, Path(dataset), path)
-        return Pretrained(read_model_config(path), load_state_dict(path), Path(dataset or path), str(path))
+        try:
+            own = tokenizer_dir_of(path)
+        except ExportError as exc:
+            if not dataset:
+                raise FinetuneError(f"{exc}; or pass --dataset") from None
+            own = None
+        if dataset and own is not None:
+            _check_same_vocabularies(own, Path(dataset), path)
+        return Pretrained(read_model_config(path), load_state_dict(path), Path(dataset) if dataset else own, str(path))
     if (path / "COMPLETE").is_file():
         from pipeline.checkpoint import read_marker
         from pipeline.model import ModelConfig

@@ -10,9 +10,10 @@
 An exported directory (``python -m pipeline.convert export`` or ``save_exported`` here) holds:
 
     model.safetensors   consolidated fp32 weights of AmbertForPreTraining at TP=1 (padded vocab rows kept)
-    config.json         {"model_config": ModelConfig fields, ...}
+    config.json         the ModelConfig fields
     meta.json, fine_vocab.txt, coarse_vocab.txt [, fine_tokenizer.json, phrases.tsv]
-                        the pre-training dataset's tokenizer artifacts (data_prep/encode.py reads them)
+                        the pre-training dataset's tokenizer artifacts (data_prep/encode.py reads them);
+                        without them, training.json's dataset_path is used
 
 Texts are tokenized by ``data_prep.encode.TextEncoder`` from those artifacts: exactly the tokenizers
 the model was pre-trained with.
@@ -54,6 +55,24 @@ def ensure_single_process() -> None:
 
     if not parallel_state.model_parallel_is_initialized():
         parallel.initialize_parallel(tensor_parallel_size=1, seed=1234)
+
+
+def tokenizer_dir_of(directory: str | os.PathLike) -> Path:
+    """Where the tokenizer files of an exported model are: next to the weights, or (an export
+    without them) the pre-training dataset recorded in its training.json."""
+    directory = Path(directory)
+    if (directory / "meta.json").is_file():
+        return directory
+    training = directory / "training.json"
+    if training.is_file():
+        dataset = json.loads(training.read_text(encoding="utf-8")).get("dataset_path")
+        if dataset and (Path(dataset) / "meta.json").is_file():
+            return Path(dataset)
+        raise ExportError(f"{directory} has no tokenizer files and its pre-training dataset {dataset} is gone: copy "
+                          f"meta.json, fine_vocab.txt, coarse_vocab.txt (and fine_tokenizer.json, phrases.tsv) of that "
+                          f"dataset into {directory}")
+    raise ExportError(f"{directory} has no tokenizer files (meta.json, fine_vocab.txt, coarse_vocab.txt): copy them "
+                      f"from the pre-training dataset into it")
 
 
 def read_model_config(directory: str | os.PathLike):
@@ -117,8 +136,10 @@ def save_exported(model: torch.nn.Module, tokenizer_dir: str | os.PathLike, outp
     state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()
              if isinstance(v, torch.Tensor)}  # megatron layers add an empty `_extra_state` entry
     save_file(state, str(output / WEIGHTS_FILE))
-    config = {"model_config": model.config.to_dict(), **(extra or {})}
-    (output / CONFIG_FILE).write_text(json.dumps(config, indent=1), encoding="utf-8")
+    # The same layout as `python -m pipeline.convert export`: config.json is the ModelConfig itself.
+    (output / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=1), encoding="utf-8")
+    if extra:
+        (output / "training.json").write_text(json.dumps(extra, indent=1), encoding="utf-8")
     copy_tokenizer_files(tokenizer_dir, output)
     return output
 
@@ -156,7 +177,7 @@ class AmbertEncoder:
         from data_prep.encode import TextEncoder
 
         model_config = read_model_config(directory)
-        text_encoder = TextEncoder(directory)
+        text_encoder = TextEncoder(tokenizer_dir_of(directory))
         check_vocabularies(model_config, len(text_encoder.fine_vocab), len(text_encoder.coarse_vocab), str(directory))
         model = build_backbone(model_config, load_state_dict(directory))
         return cls(model, text_encoder, max_length)
@@ -180,5 +201,5 @@ class AmbertEncoder:
         return out
 
 
-__all__ = ["AmbertEncoder", "EncodedBatch", "ExportError", "build_backbone", "check_vocabularies",
+__all__ = ["AmbertEncoder", "tokenizer_dir_of", "EncodedBatch", "ExportError", "build_backbone", "check_vocabularies",
            "ensure_single_process", "load_state_dict", "read_model_config", "save_exported"]
