@@ -343,3 +343,15 @@ def test_flops_follow_the_6n_rule_and_scale_with_variants():
     modern = model_recipe("modern-base")
     assert flops_per_sample(modern, 1024, 0, 0, 0) < flops_per_sample(
         model_recipe("modern-base", local_window=0), 1024, 0, 0, 0)
+
+
+def test_a_batch_without_predictions_on_one_side_gives_zero_loss_there():
+    config = _config()
+    model = _seeded_model(config)
+    batch = _batch(config)
+    batch["coarse_labels"] = torch.full_like(batch["coarse_labels"], IGNORE_INDEX)
+    out = model(batch)
+    out["loss"].backward()
+    assert float(out["coarse_loss"]) == 0.0 and float(out["coarse_masked"]) == 0.0
+    assert float(out["loss"]) == pytest.approx(float(out["fine_loss"]))
+    assert model.heads["coarse"].dense.weight.grad is not None
