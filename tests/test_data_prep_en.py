@@ -282,3 +282,27 @@ def test_cli_bad_phrase_file(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "--phrases" in proc.stderr and "no such file" in proc.stderr
+
+
+def test_resume_after_a_crash_in_encoding(built, bbc_corpus, tmp_path, monkeypatch):
+    """A build killed while encoding resumes (fit is not redone) to the same bytes as an uninterrupted one."""
+    out = tmp_path / "resumed"
+    real_encode = english.English.encode_shard
+    calls = {"n": 0}
+
+    def flaky(self, cache_dir):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash in the third shard")
+        return real_encode(self, cache_dir)
+
+    monkeypatch.setattr(english.English, "encode_shard", flaky)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        core.build(_config(bbc_corpus, out))
+    work = core.work_dir_for(out)
+    assert (work / "fit.done").exists() and not out.exists()
+    fitted = (work / "artifacts" / "coarse_vocab.txt").stat().st_mtime_ns
+    monkeypatch.setattr(english.English, "fit", lambda *a, **k: pytest.fail("fit must not run again on resume"))
+    core.build(_config(bbc_corpus, out, resume=True))
+    assert (out / "coarse_vocab.txt").stat().st_mtime_ns == fitted
+    assert _dataset_files(out) == _dataset_files(built)
