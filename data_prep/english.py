@@ -9,7 +9,11 @@ Word tokenization: runs of letters/digits are words; every other non-space chara
 "U.S.-based" -> "u . s . - based". Both sides start from these words:
 
 - fine: each word is split by WordPiece into pieces ("##" marks a continuation), so a piece
-  never crosses a word boundary;
+  never crosses a word boundary. The vocabulary (--fine-vocab-size, default 30,522) is learned
+  with sentencepiece BPE on the corpus' word counts and converted to WordPiece form (see
+  ``train_fine_vocabulary`` for why not HF's WordPiece trainer), or taken from --fine-tokenizer;
+  text is tokenized with the BERT greedy longest-match-first algorithm (HF tokenizers WordPiece,
+  saved as fine_tokenizer.json);
 - coarse: the words are grouped by the greedy longest match of the phrase dictionary
   ("prime_minister"), so every phrase boundary is a word boundary and the alignment
   (fine pieces per coarse token) is exact.
@@ -18,6 +22,9 @@ With format.py's conventions (a token not starting with "##" is preceded by a sp
 coarse token decodes to a space) both sides decode to the words joined by single spaces. A word is
 never "_" -joined by mistake: "_" in the text is a word of its own, and the single-character token
 "_" decodes as itself.
+
+The phrase dictionary (phrases.tsv, see data_prep/phrases.py) is mined with KenLM over the
+word-tokenized corpus, or taken from --phrases.
 
 Coarse vocabulary: words + phrases seen at least ``coarse_min_count`` times after phrase
 tokenization, most frequent first, up to ``coarse_vocab_size``. A phrase that does not make the
@@ -693,6 +700,7 @@ def fit_english(words_file: Path, word_counts: Counter, artifacts_dir: Path, con
     log.info("en: %d phrases (%d in a coarse vocabulary of %d); %.1f%% of coarse tokens are phrases; coarse OOV %.2f%%",
              len(phrases), len(in_vocab), len(coarse_vocab), 100 * stats["multiword_phrase_fraction_of_coarse_tokens"],
              100 * oov / max(1, total))
+    log.info("en: top phrases: %s", ", ".join(f"{p.text} ({p.count})" for p in in_vocab[:15]))
     tokenizers = EnglishTokenizers(fine_tokenizer, fine_vocab, coarse_vocab,
                                    PhraseTokenizer(p.words for p in in_vocab), config.lowercase)
     report.write_report(artifacts_dir, in_vocab, tokenizers, words_file, stats)

@@ -306,3 +306,10 @@ def test_resume_after_a_crash_in_encoding(built, bbc_corpus, tmp_path, monkeypat
     core.build(_config(bbc_corpus, out, resume=True))
     assert (out / "coarse_vocab.txt").stat().st_mtime_ns == fitted
     assert _dataset_files(out) == _dataset_files(built)
+
+
+def test_fine_vocab_too_small_for_the_alphabet(tmp_path):
+    counts = Counter({chr(0x3b1 + i) * 3: 5 for i in range(25)})  # 25 Greek letters
+    counts.update({chr(0x430 + i) * 2: 5 for i in range(32)})  # 32 Cyrillic letters
+    with pytest.raises(english.EnglishInputError, match="--fine-vocab-size"):
+        english.train_fine_vocabulary(counts, 100, 1, tmp_path)
