@@ -355,3 +355,17 @@ def test_a_batch_without_predictions_on_one_side_gives_zero_loss_there():
     assert float(out["coarse_loss"]) == 0.0 and float(out["coarse_masked"]) == 0.0
     assert float(out["loss"]) == pytest.approx(float(out["fine_loss"]))
     assert model.heads["coarse"].dense.weight.grad is not None
+
+
+def test_grouped_query_attention_fallback_for_older_torch_matches(monkeypatch):
+    from pipeline.model import layers
+
+    config = _config("tiny-modern")
+    assert config.query_groups < config.num_attention_heads
+    model = _seeded_model(config).eval()
+    batch = _batch(config)
+    with torch.no_grad():
+        native = model(batch)["loss"]
+        monkeypatch.setattr(layers, "_SDPA_HAS_GQA", False)
+        repeated = model(batch)["loss"]
+    assert float(repeated) == pytest.approx(float(native), rel=1e-6)

@@ -38,6 +38,10 @@ from pipeline import parallel
 from pipeline.model.config import ModelConfig
 
 
+# scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5.
+_SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
 def normal_init(std: float):
     def init(tensor: torch.Tensor) -> torch.Tensor:
         return nn.init.normal_(tensor, mean=0.0, std=std)
@@ -227,10 +231,16 @@ class SelfAttention(nn.Module):
         dropout = self.config.attention_dropout if self.training else 0.0
         # Attention probabilities live inside the TP region (each rank has its own heads): their
         # dropout must come from the per-TP-rank stream.
+        gqa = {}
+        if self.heads_per_group > 1:
+            if _SDPA_HAS_GQA:
+                gqa = {"enable_gqa": True}
+            else:  # torch < 2.5: materialise the shared keys/values per query head
+                key = key.repeat_interleave(self.heads_per_group, dim=1)
+                value = value.repeat_interleave(self.heads_per_group, dim=1)
         with parallel.rng_tracker().fork():
             context = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=mask, dropout_p=dropout,
-                enable_gqa=self.heads_per_group > 1,
+                query, key, value, attn_mask=mask, dropout_p=dropout, **gqa
             )
         context = context.transpose(1, 2).reshape(n, length, self.local_heads * d)
         output, _ = self.output(layout.flatten(context))
