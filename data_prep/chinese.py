@@ -100,6 +100,8 @@ class Segmenter:
 _JIEBA_SKIP = re.compile(r"([a-zA-Z0-9]+(?:\.\d+)?%?)")
 _JIEBA_HAN = re.compile("[\u4E00-\u9FD5]")
 _ASCII_ALNUM_RE = re.compile("[A-Za-z0-9]")
+# A whole word (between separators) without Chinese characters that contains a letter/digit.
+_NON_HAN_WORD = re.compile("(?<![^\x1f])[^\x1f\u4E00-\u9FD5]*[A-Za-z0-9][^\x1f\u4E00-\u9FD5]*(?![^\x1f])")
 
 
 class RJiebaSegmenter(Segmenter):
@@ -118,6 +120,14 @@ class RJiebaSegmenter(Segmenter):
     def cut(self, text: str) -> list[str]:
         words = self._cut(text)
         if not _ASCII_ALNUM_RE.search(text):
+            return words
+        # Cheap screen first: a word needs re-splitting only if it is non-Chinese, contains a
+        # letter/digit and is not ONE match of the pattern (most are: "1998", "GDP", "3.5%").
+        for m in _NON_HAN_WORD.finditer(WORD_SEP.join(words)):
+            w = m.group()
+            if len(w) > 1 and not _JIEBA_SKIP.fullmatch(w) and not self._has_word(w):
+                break
+        else:
             return words
         out = []
         for w in words:
@@ -207,6 +217,37 @@ def segment_sentence(segmenter: Segmenter, sentence: str) -> list[str]:
     return out
 
 
+_CONTINUATION_CUT = re.compile("(?<=[A-Za-z0-9])\x1f(?=[A-Za-z0-9])")
+_SPACE_WORD = re.compile("\x1f \x1f")
+
+
+def segment_document(segmenter: Segmenter, sentences: list[str]) -> list[str]:
+    """Cached lines (words joined by U+001F) of a document's sentences: ``segment_sentence`` for each,
+    done with ONE segmenter call and a few regular-expression passes over the whole document.
+
+    jieba/rjieba emit every whitespace character as its own word and never join across it, so
+    cutting the sentences joined by "\n" gives the per-sentence segmentation. Any surprise (a line
+    count that does not match, a literal "##") falls back to the per-sentence path.
+    """
+    if not sentences:
+        return []
+    text = "\n".join(sentences)
+    if "##" in text or not isinstance(segmenter, (RJiebaSegmenter, JiebaSegmenter)):
+        return [WORD_SEP.join(w) for w in (segment_sentence(segmenter, s) for s in sentences) if w]
+    joined = WORD_SEP.join(segmenter.cut(text)).replace(WORD_SEP + "\n" + WORD_SEP, "\n")
+    if " " in text:
+        # continuation marks first (a space word separates, so "Windows 98" is not marked) ...
+        joined = _CONTINUATION_CUT.sub(WORD_SEP + "##", joined)
+        # ... then drop the space words (normalisation leaves single spaces between letters/digits)
+        joined = _SPACE_WORD.sub(WORD_SEP, joined)
+    elif _ASCII_ALNUM_RE.search(text):
+        joined = _CONTINUATION_CUT.sub(WORD_SEP + "##", joined)
+    lines = joined.split("\n")
+    if len(lines) != len(sentences) or " " in joined:
+        return [WORD_SEP.join(w) for w in (segment_sentence(segmenter, s) for s in sentences) if w]
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------
 # The language plugin
 # ---------------------------------------------------------------------------------------------
@@ -292,17 +333,11 @@ class Chinese(Language):
         sentences_per_document: list[int] = []
         words_counter: Counter = Counter()
         for document in documents:
-            sentences = split_sentences(normalize_text(document), limit)
-            n = 0
-            for sentence in sentences:
-                words = segment_sentence(seg, sentence)
-                if not words:
-                    continue
-                words_counter.update(words)
-                lines.append(WORD_SEP.join(words))
-                n += 1
-            sentences_per_document.append(n)
+            doc_lines = segment_document(seg, split_sentences(normalize_text(document), limit))
+            lines += doc_lines
+            sentences_per_document.append(len(doc_lines))
         text = "\n".join(lines)
+        words_counter.update(text.replace("\n", WORD_SEP).split(WORD_SEP) if text else [])
         (cache_dir / "words.txt").write_text(text, encoding="utf-8")
         np.save(cache_dir / "sentences_per_document.npy", np.asarray(sentences_per_document, dtype=np.int64))
         # Character counts through a code-point histogram (no Python loop over characters).
@@ -371,6 +406,8 @@ class Chinese(Language):
                 self.char_table[ord(token)] = i
         latin = [t for t in self.fine_vocab.tokens if _RUN.fullmatch(t.removeprefix("##"))]
         self.max_run_piece = max((len(t.removeprefix("##")) for t in latin), default=1)
+        # every proper prefix of a multi-character coarse word (guides the greedy longest match)
+        self.coarse_prefixes = {t[:k] for t in self.coarse_vocab.tokens[fmt.NUM_SPECIAL:] for k in range(2, len(t) + 1)}
         self.max_word_pieces = min(MAX_BACKOFF_PIECES, max((len(t) for t in self.coarse_vocab.tokens[fmt.NUM_SPECIAL:]), default=1))
 
     def _split_run(self, run: str, continuation: bool) -> list[str]:
@@ -408,14 +445,11 @@ class Chinese(Language):
         index = self.coarse_vocab.index
         ids, align = [], []
         i, n = 0, len(pieces)
-        plain = all(len(p) == 1 for p in pieces)
-        joined = "".join(pieces) if plain else None
+        if all(len(p) == 1 for p in pieces):
+            return self._backoff_plain("".join(pieces))
         while i < n:
             for j in range(min(n, i + self.max_word_pieces), i + 1, -1):
-                if plain:  # one character per piece: a slice is the candidate word
-                    candidate = joined[i:j]
-                else:
-                    candidate = pieces[i] + "".join(p[2:] if p.startswith("##") else p for p in pieces[i + 1:j])
+                candidate = pieces[i] + "".join(p[2:] if p.startswith("##") else p for p in pieces[i + 1:j])
                 cid = index.get(candidate)
                 if cid is not None:
                     ids.append(cid)
@@ -428,10 +462,34 @@ class Chinese(Language):
                 i += 1
         return ids, align
 
+    def _backoff_plain(self, word: str) -> tuple[list[int], list[int]]:
+        """``_backoff`` for a word of one fine token per character: forward longest match, guided by
+        the set of coarse-word prefixes (stops as soon as no vocabulary word can match)."""
+        index, prefixes = self.coarse_vocab.index, self.coarse_prefixes
+        ids, align = [], []
+        i, n = 0, len(word)
+        while i < n:
+            best, j = i + 1, i + 2
+            while j <= n and word[i:j] in prefixes:
+                if word[i:j] in index:
+                    best = j
+                j += 1
+            ids.append(index.get(word[i:best], fmt.UNK_ID))
+            align.append(best - i)
+            i = best
+        return ids, align
+
     def encode_word(self, word: str) -> tuple[list[int], list[int], list[int]]:
         """(fine ids, coarse ids, align) of one cached word, the slow but general path."""
-        pieces = self.fine_pieces(word) if self._needs_pieces(word) else list(word)
         fget = self.fine_vocab.index.get
+        if not self._needs_pieces(word):  # one fine token per character
+            fine = [fget(c, fmt.UNK_ID) for c in word]
+            cid = self.coarse_vocab.index.get(word)
+            if cid is not None:
+                return fine, [cid], [len(word)]
+            coarse, align = self._backoff_plain(word)
+            return fine, coarse, align
+        pieces = self.fine_pieces(word)
         fine = [fget(p, fmt.UNK_ID) for p in pieces]
         cid = self.coarse_vocab.index.get(word)
         if cid is not None:

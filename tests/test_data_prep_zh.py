@@ -235,3 +235,16 @@ def test_fit_vocabularies_from_counts(tmp_path):
     assert "中" in fine and "人" in fine and "稀" not in fine  # min count 2
     assert coarse.tokens[:len(fine)] == fine.tokens
     assert coarse.tokens[len(fine):] == ["中国", "中国人"]  # by frequency; "国人" seen once
+
+
+def test_document_segmentation_equals_per_sentence():
+    """The one-call-per-document fast path gives exactly the per-sentence segmentation."""
+    from data_prep.chinese import WORD_SEP, segment_document
+
+    docs = ["".join(words) for words in peoples_daily_gold(2500)] + MIXED.split("\n") + [
+        "ab12.5%cd abc中文 a b c 1 2 3。直径为1.3nm,比10nm小", "C##x ## #a 和 ##b"]
+    seg = make_segmenter("rjieba")
+    for doc in docs:
+        sentences = split_sentences(normalize_text(doc))
+        expected = [WORD_SEP.join(w) for w in (segment_sentence(seg, s) for s in sentences) if w]
+        assert segment_document(seg, sentences) == expected, doc
