@@ -443,12 +443,16 @@ class Pretrained:
 
 def _checkpoint_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of a DeepSpeed checkpoint saved at TP=1 (any ZeRO stage / DP size)."""
-    ranks = sorted(path.glob("mp_rank_*_model_states.pt"))
+    import re
+
+    # ZeRO-1/2 write mp_rank_XX_model_states.pt, ZeRO-3 zero_pp_rank_D_mp_rank_XX_model_states.pt.
+    ranks = {m.group(1) for f in path.glob("*mp_rank_*_model_states.pt")
+             if (m := re.search(r"mp_rank_(\d+)_model_states", f.name))}
     if len(ranks) > 1:
-        raise FinetuneError(f"{path} was saved with tensor parallelism ({len(ranks)} TP ranks): convert it to TP=1 "
-                            f"first (`python -m pipeline.convert universal ...` and resume at TP=1) or export it")
+        raise FinetuneError(f"{path} was saved with tensor parallelism ({len(ranks)} TP ranks): export it with "
+                            f"`python -m pipeline.convert export {path} OUT` (merges the TP shards) and pass --model OUT")
     if not ranks:
-        raise FinetuneError(f"{path} has no mp_rank_00_model_states.pt: not a DeepSpeed checkpoint")
+        raise FinetuneError(f"{path} has no *mp_rank_00_model_states.pt: not a DeepSpeed checkpoint")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)

@@ -84,6 +84,8 @@ class StudyConfig:
     """Seed of the train/dev/test shuffle."""
     threads: int = 0
     """torch threads for fine-tuning (0 = default)."""
+    segmentation: bool = False
+    """zh: also fine-tune every model on word segmentation as BIES tagging (People's Daily gold)."""
     quick: bool = False
     """Small everything (minutes on 2 CPU cores): same steps, smaller numbers."""
 
@@ -154,6 +156,41 @@ def write_splits(language: str, directory: Path, config: StudyConfig) -> dict[st
             for row in part:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         log.info("%s %s: %d examples -> %s", language, split, len(part), path)
+    return paths
+
+
+def write_segmentation_splits(directory: Path, config: StudyConfig) -> dict[str, Path]:
+    """People's Daily gold segmentation as character tagging (B/I/E/S), one sentence an example.
+
+    The raw text of these sentences is in the Chinese pre-training corpus (the gold word boundaries
+    are not: the coarse side uses jieba's segmentation)."""
+    from data_prep.demo import peoples_daily_gold
+
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {s: directory / f"{s}.jsonl" for s in ("train", "dev", "test")}
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    sentences, current = [], []
+    for words in peoples_daily_gold():
+        for word in words:
+            current.append(word)
+            if word in ("。", "！", "？") or len(current) >= 40:
+                sentences.append(current)
+                current = []
+        if current:
+            sentences.append(current)
+            current = []
+    random.Random(config.split_seed).shuffle(sentences)
+    n = min(len(sentences), 20000)
+    splits = {"train": sentences[: int(0.8 * n)], "dev": sentences[int(0.8 * n): int(0.9 * n)], "test": sentences[int(0.9 * n): n]}
+    caps = {"train": config.train_examples, "dev": config.eval_examples, "test": config.eval_examples}
+    for split, path in paths.items():
+        part = splits[split][: caps[split]] if caps[split] else splits[split]
+        with path.open("w", encoding="utf-8") as f:
+            for words in part:
+                chars = [c for w in words for c in w]
+                tags = [t for w in words for t in (["S"] if len(w) == 1 else ["B"] + ["I"] * (len(w) - 2) + ["E"])]
+                f.write(json.dumps({"tokens": chars, "tags": tags}, ensure_ascii=False) + "\n")
     return paths
 
 
@@ -239,14 +276,15 @@ def flops_ratio(config: StudyConfig, dataset: Path) -> tuple[float, dict]:
 # ---------------------------------------------------------------------------------------------
 # 4. Fine-tuning
 # ---------------------------------------------------------------------------------------------
-def finetune(checkpoint: Path, dataset: Path, splits: dict[str, Path], run_dir: Path, config: StudyConfig, out: Path) -> dict:
+def finetune(checkpoint: Path, dataset: Path, splits: dict[str, Path], run_dir: Path, config: StudyConfig, out: Path,
+             extra: tuple[str, ...] = ()) -> dict:
     results = run_dir / "results.json"
     if not results.is_file():
         command = [sys.executable, "-m", "pipeline.finetune", "--model", str(checkpoint), "--dataset", str(dataset),
                    "--train", str(splits["train"]), "--dev", str(splits["dev"]), "--test", str(splits["test"]),
                    "--output", str(run_dir), "--seeds", *map(str, config.seeds), "--epochs", str(config.epochs),
                    "--lr", str(config.lr), "--batch-size", str(config.batch_size), "--max-length", str(config.max_length),
-                   "--threads", str(config.threads)]
+                   "--threads", str(config.threads), *extra]
         _run(command, out / "logs" / f"finetune_{run_dir.name}.log", {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
     return json.loads(results.read_text(encoding="utf-8"))
 
@@ -363,6 +401,14 @@ def run_study(config: StudyConfig) -> list[dict]:
                 "seed_curves": [s["train_curve"] for s in results["seeds"]],
             })
             write_report(rows, config, out)
+            if config.segmentation and language == "zh":
+                seg_splits = write_segmentation_splits(out / "labeled" / "zh-segmentation", config)
+                seg = finetune(checkpoint, dataset, seg_splits, out / "finetune" / f"{slug}-segmentation", config, out,
+                               ("--task", "token"))
+                rows.append({**rows[-1], "task": "word segmentation, BIES per character (People's Daily)",
+                             "language": "zh-seg", "dev": seg["dev"], "test": seg["test"],
+                             "seed_curves": [s["train_curve"] for s in seg["seeds"]]})
+                write_report(rows, config, out)
     paths = plot(rows, out)
     log.info("study written to %s (%s)", out / "study.md", ", ".join(p.name for p in paths))
     return rows
