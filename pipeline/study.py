@@ -90,10 +90,10 @@ class StudyConfig:
     """Small everything (minutes on 2 CPU cores): same steps, smaller numbers."""
 
     def apply_quick(self) -> None:
-        self.pretrain_steps = min(self.pretrain_steps, 60)
-        self.epochs = min(self.epochs, 2.0)
-        self.train_examples = self.train_examples or 600
-        self.eval_examples = self.eval_examples or 200
+        self.pretrain_steps = min(self.pretrain_steps, 300)
+        self.epochs = min(self.epochs, 3.0)
+        self.train_examples = self.train_examples or 1000
+        self.eval_examples = self.eval_examples or 300
         self.max_length = min(self.max_length, 64)
 
     def validate(self) -> None:

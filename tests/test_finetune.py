@@ -194,6 +194,48 @@ def test_encode_units_maps_latin_runs_and_english_pieces(encoder):
         encoder.encode_units(["", "  "])
 
 
+def make_tiny_en_dataset(directory: Path) -> Path:
+    """An English dataset directory: WordPiece fine tokenizer + a phrase dictionary (no KenLM run)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordPiece
+
+    directory.mkdir(parents=True, exist_ok=True)
+    words = ["the", "new", "york", "times", "is", "big", "city", "prime", "minister", "said", ".", ","]
+    pieces = ["bl", "##air", "##s", "##ism", "t", "##o", "##n", "##y"]
+    fine = fmt.Vocab.from_tokens(words + pieces)
+    coarse = fmt.Vocab.from_tokens(words + ["new_york", "prime_minister"])
+    fine.save(directory / fmt.FINE_VOCAB_FILE)
+    coarse.save(directory / fmt.COARSE_VOCAB_FILE)
+    Tokenizer(WordPiece(dict(fine.index), unk_token=fmt.UNK, continuing_subword_prefix="##")).save(
+        str(directory / fmt.FINE_TOKENIZER_FILE))
+    (directory / fmt.PHRASES_FILE).write_text("new york\t10\t5.0\nprime minister\t8\t4.0\n", encoding="utf-8")
+    options = {"fine_tokenizer": None, "cased": False, "phrases": None, "coarse_min_count": 2,
+               "fine_vocab_size": 30522, "coarse_vocab_size": 108167, "fine_min_count": 2}  # requested at build time
+    fmt.write_meta(directory, {"language": "en", "fine_vocab_size": len(fine), "coarse_vocab_size": len(coarse),
+                               "build": {"language": "en", "language_options": options}})
+    return directory
+
+
+def test_english_text_and_units_use_the_dataset_tokenizers(tmp_path):
+    from pipeline.finetuning import encode_example
+
+    en = TextEncoder(make_tiny_en_dataset(tmp_path / "en"))
+    enc = en.encode("The New York Times said. Prime Minister Tony Blair is big!")
+    fine = [en.fine_vocab.token(i) for i in enc.fine]
+    coarse = [en.coarse_vocab.token(i) for i in enc.coarse]
+    assert fine == ["the", "new", "york", "times", "said", ".", "prime", "minister", "t", "##o", "##n", "##y",
+                    "bl", "##air", "is", "big", "[UNK]"]
+    assert coarse == ["the", "new_york", "times", "said", ".", "prime_minister", "[UNK]", "[UNK]", "is", "big", "[UNK]"]
+    assert enc.align.tolist() == [1, 2, 1, 1, 1, 2, 4, 2, 1, 1, 1]
+    units, owner = en.encode_units(["The", "New", "York", "Blairism"])
+    assert [en.fine_vocab.token(i) for i in units.fine] == ["the", "new", "york", "bl", "##air", "##ism"]
+    assert owner.tolist() == [0, 1, 2, 3, 3, 3]
+    assert [en.coarse_vocab.token(i) for i in units.coarse] == ["the", "new_york", "[UNK]"]
+    ex = encode_example(en, "new york", "the city", 16, 16)
+    assert [en.coarse_vocab.token(i) for i in ex["coarse_ids"]] == ["[CLS]", "new_york", "[SEP]", "the", "city", "[SEP]"]
+    assert ex["fine_to_coarse"].tolist() == [0, 1, 1, 2, 3, 4, 5]
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------
