@@ -57,6 +57,7 @@ _CUT_RUN = re.compile("[A-Za-z0-9]\x1f[A-Za-z0-9]")
 _CACHED_RUN = re.compile("(?:^|(?<=[\x1f\n]))##[A-Za-z0-9]+|[A-Za-z0-9]{2,}", re.M)
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]")
 MAX_BACKOFF_PIECES = 16
+_LETTER = re.compile(r"[^\W\d_]")
 
 
 def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -309,7 +310,7 @@ class Chinese(Language):
 
     # ---- checks / demo -------------------------------------------------------------------------
     def check_sample(self, text: str, source: str) -> str | None:
-        letters = sum(1 for ch in text if ch.isalpha())
+        letters = len(_LETTER.findall(text))
         if letters < 50:
             return None
         cjk = len(_CJK.findall(text))
@@ -479,10 +480,14 @@ class Chinese(Language):
             i = best
         return ids, align
 
-    def encode_word(self, word: str) -> tuple[list[int], list[int], list[int]]:
-        """(fine ids, coarse ids, align) of one cached word, the slow but general path."""
+    def encode_word(self, word: str, special: bool | None = None) -> tuple[list[int], list[int], list[int]]:
+        """(fine ids, coarse ids, align) of one cached word, the slow but general path.
+
+        ``special``: the word has Latin letters/digits or "#" (None: find out)."""
         fget = self.fine_vocab.index.get
-        if not self._needs_pieces(word):  # one fine token per character
+        if special is None:
+            special = self._needs_pieces(word)
+        if not special:  # one fine token per character
             fine = [fget(c, fmt.UNK_ID) for c in word]
             cid = self.coarse_vocab.index.get(word)
             if cid is not None:
@@ -534,7 +539,7 @@ class Chinese(Language):
             word = words[w]
             encoded = memo.get(word)
             if encoded is None:
-                encoded = memo[word] = self.encode_word(word)
+                encoded = memo[word] = self.encode_word(word, bool(special[w]))
             irr_fine += encoded[0]
             irr_coarse += encoded[1]
             irr_align += encoded[2]

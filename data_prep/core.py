@@ -432,7 +432,30 @@ def _worker_init(language: str, options: dict) -> None:
     _WORKER["loaded"] = None
 
 
+class _NoCyclicGC:
+    """Tasks allocate millions of short-lived objects and create no reference cycles: the cyclic
+    collector would only rescan the (large, imported) heap again and again. Refcounting frees all."""
+
+    def __enter__(self):
+        self.was_enabled = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc):
+        if self.was_enabled:
+            gc.enable()
+
+
 def _analyze_task(shard_dir: str) -> tuple[str, int]:
+    with _NoCyclicGC():
+        return _analyze(shard_dir)
+
+
+def _encode_task(args: tuple) -> str:
+    with _NoCyclicGC():
+        return _encode(args)
+
+
+def _analyze(shard_dir: str) -> tuple[str, int]:
     shard = Path(shard_dir)
     if (shard / "analyzed.done").exists():
         return shard_dir, 0
@@ -448,7 +471,7 @@ def _analyze_task(shard_dir: str) -> tuple[str, int]:
     return shard_dir, nbytes
 
 
-def _encode_task(args: tuple) -> str:
+def _encode(args: tuple) -> str:
     shard_dir, artifacts, first_document, num_documents, num_valid, fine_size, coarse_size = args
     shard = Path(shard_dir)
     if (shard / "encoded.done").exists():
