@@ -101,6 +101,10 @@ class ScheduleSection:
     """wsd only: last fraction of train_steps spent decaying"""
     min_lr_ratio: float = 0.0
     """final learning rate as a fraction of the peak"""
+    stop_after: int = 0
+    """end THIS job (checkpoint, exit 0) after this many steps, the schedule unchanged; resume continues (0 = off)"""
+    stop_after_minutes: float = 0.0
+    """end THIS job (checkpoint, exit 0) after this many minutes, e.g. a time-limited allocation (0 = off)"""
 
 
 @dataclass
@@ -376,6 +380,7 @@ def validate(config: PretrainConfig, world_size: int, dataset_meta: dict | None 
     need(0 <= s.warmup_steps <= s.train_steps, f"schedule.warmup_steps={s.warmup_steps}: must be in [0, schedule.train_steps]")
     need(0 <= s.decay_fraction <= 1, f"schedule.decay_fraction={s.decay_fraction}: must be in [0, 1]")
     need(0 <= s.min_lr_ratio <= 1, f"schedule.min_lr_ratio={s.min_lr_ratio}: must be in [0, 1]")
+    need(s.stop_after >= 0 and s.stop_after_minutes >= 0, "schedule.stop_after / stop_after_minutes: must be >= 0 (0 = off)")
     need(c.keep_last >= 1, f"checkpointing.keep_last={c.keep_last}: must be >= 1")
     need(c.save_every >= 0, f"checkpointing.save_every={c.save_every}: must be >= 0")
     need(config.logging.every >= 1, f"logging.every={config.logging.every}: must be >= 1")

@@ -62,3 +62,149 @@ def universal_checkpoint_info(module: torch.nn.Module) -> dict:
         TP_REPLICATED_PARAMETER_PATTERNS: replicated,
         PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: row_parallel,
     }
+
+
+def tag_parameters_for_universal_load(module: torch.nn.Module) -> None:
+    """Attach ``ds_autotp_universal_checkpoint_meta`` to every parameter, so that loading a universal
+    checkpoint slices each merged tensor for THIS run's TP rank (replicated ones are taken whole)."""
+    from deepspeed.checkpoint.constants import DS_AUTOTP_UC_META, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE
+
+    from pipeline.parallel import tensor_parallel_size
+
+    tp_size = tensor_parallel_size()
+    for _, param in module.named_parameters():
+        full_shape, dim = _full_shape_and_dim(param, tp_size)
+        split = getattr(param, "tensor_model_parallel", False)
+        setattr(param, DS_AUTOTP_UC_META, {
+            UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+            "partition_type": ("row" if int(getattr(param, "partition_dim", 0)) == 1 else "column") if split else None,
+            "partition_dim": int(param.partition_dim) if split else None,
+            "logical_shape": list(full_shape),
+            "replicated": not split,
+            "conversion": {},
+        })
+
+
+def prepare_universal_load(module: torch.nn.Module) -> None:
+    """Everything DeepSpeed needs before ``load_checkpoint`` of a universal checkpoint with TP."""
+    from deepspeed.utils import groups
+
+    from pipeline.parallel import tensor_parallel_group
+
+    groups._TENSOR_MODEL_PARALLEL_GROUP = tensor_parallel_group()
+    tag_parameters_for_universal_load(module)
+
+
+def to_universal(source: Path, target_dir: Path, workers: int = 1) -> Path:
+    """Convert one complete checkpoint (a step_* directory) into a universal one in ``target_dir``.
+
+    The result is a step_* directory with its own COMPLETE marker (``"universal": true``), so
+    ``--resume auto`` with ``checkpointing.dir=<target_dir>`` picks it up at any (TP, DP) layout.
+    """
+    from deepspeed.checkpoint import ds_to_universal
+
+    from pipeline.checkpoint import COMPLETE, read_marker
+
+    source = Path(source)
+    if not (source / COMPLETE).is_file():
+        raise SystemExit(f"{source}: no {COMPLETE} marker (an interrupted save?): convert a complete checkpoint")
+    marker = read_marker(source)
+    target_dir = Path(target_dir)
+    target = target_dir / source.name
+    if target.exists():
+        raise SystemExit(f"{target} already exists: remove it or choose another target directory")
+    partial = target_dir / (source.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    target_dir.mkdir(parents=True, exist_ok=True)
+    args = argparse.Namespace(
+        input_folder=str(source), output_folder=str(partial), num_extract_workers=workers, num_merge_workers=workers,
+        keep_temp_folder=False, strict=True, inject_missing_state=False,
+    )
+    ds_to_universal.main(args)
+    (target_dir / "latest_universal").unlink(missing_ok=True)  # DeepSpeed's pointer: we use COMPLETE markers
+    marker = {**marker, "universal": True, "converted_from": str(source)}
+    partial.rename(target)
+    (target / COMPLETE).write_text(json.dumps(marker, indent=1, default=str), encoding="utf-8")
+    return target
+
+
+def export(source: Path, output: Path) -> Path:
+    """Consolidated fp32 weights (TP shards merged, ZeRO partitions gathered) as safetensors, plus
+    config.json (the ModelConfig) and the run config: loadable with ``load_exported`` and no DeepSpeed."""
+    from safetensors.torch import save_file
+
+    from pipeline.checkpoint import COMPLETE, read_marker
+
+    source = Path(source)
+    if not (source / COMPLETE).is_file():
+        raise SystemExit(f"{source}: no {COMPLETE} marker (an interrupted save?): export a complete checkpoint")
+    marker = read_marker(source)
+    tmp_universal = Path(str(output) + ".universal-tmp")
+    shutil.rmtree(tmp_universal, ignore_errors=True)
+    try:
+        if marker.get("universal"):
+            zero_dir = source / "zero"
+        else:
+            zero_dir = to_universal(source, tmp_universal) / "zero"
+        state = {}
+        for param_dir in sorted(p for p in zero_dir.iterdir() if p.is_dir()):
+            fp32 = torch.load(param_dir / "fp32.pt", map_location="cpu", weights_only=False)
+            tensor = fp32["param"] if isinstance(fp32, dict) else fp32
+            state[param_dir.name] = tensor.float().contiguous().clone()
+    finally:
+        shutil.rmtree(tmp_universal, ignore_errors=True)
+    output.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(output / "model.safetensors"), metadata={"format": "pt", "step": str(marker["step"])})
+    (output / "config.json").write_text(json.dumps(marker["model_config"], indent=1), encoding="utf-8")
+    (output / "training.json").write_text(
+        json.dumps({k: marker.get(k) for k in ("step", "consumed_samples", "dataset_path", "dataset_fingerprint", "tensor_parallel", "data_parallel")}, indent=1),
+        encoding="utf-8",
+    )
+    return output
+
+
+def load_exported(directory: str | Path):
+    """Rebuild the model from an export (single process, TP=1) and load its weights."""
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    from pipeline.model import ModelConfig, build_model
+    from pipeline.parallel import initialize_parallel
+
+    directory = Path(directory)
+    if not dist.is_initialized():  # megatron's layers want a (here: single-process) process group
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    config = ModelConfig.from_dict(json.loads((directory / "config.json").read_text(encoding="utf-8")))
+    initialize_parallel(1)
+    model = build_model(config)
+    missing, unexpected = model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{directory}: weights do not match the model: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    u = sub.add_parser("universal", help="convert a checkpoint so training continues at another (TP, DP) layout")
+    u.add_argument("source", type=Path, help="a complete checkpoint directory (.../checkpoints/step_NNNNNNNN)")
+    u.add_argument("target_dir", type=Path, help="checkpoint directory of the continued run (checkpointing.dir)")
+    u.add_argument("--workers", type=int, default=1, help="processes for extraction/merging")
+    e = sub.add_parser("export", help="consolidated fp32 weights (safetensors) + config.json")
+    e.add_argument("source", type=Path, help="a complete checkpoint directory (.../checkpoints/step_NNNNNNNN)")
+    e.add_argument("output", type=Path, help="output directory")
+    args = parser.parse_args(argv)
+    if args.command == "universal":
+        print(to_universal(args.source, args.target_dir, args.workers))
+    else:
+        print(export(args.source, args.output))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--resume", help="'auto' or a checkpoint directory (= checkpointing.resume=...)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. schedule.train_steps=100")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may come between key=value overrides
     overrides = list(args.overrides)
     if args.deepspeed_config:
         overrides.append(f"parallelism.deepspeed_config={args.deepspeed_config}")
@@ -81,6 +81,15 @@ def launch_env() -> tuple[int, int, int]:
     rank = first("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID", default=0)
     world = first("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS", default=1)
     local = first("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", default=0)
+    if "RANK" not in os.environ and "SLURM_STEP_ID" in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        # Started by srun (one task per GPU): torch.distributed's env:// rendezvous needs these.
+        if "MASTER_ADDR" not in os.environ:
+            raise ConfigError(
+                "started by srun without MASTER_ADDR: export MASTER_ADDR=$(scontrol show hostnames "
+                "$SLURM_JOB_NODELIST | head -n 1) and MASTER_PORT in the batch script (see launchers/slurm.sbatch)"
+            )
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+        os.environ.setdefault("MASTER_PORT", "29500")
     return rank, world, local
 
 
@@ -119,8 +128,10 @@ class PreemptionFlag:
     def _handler(self, signum, frame) -> None:
         self.signal = signum
 
-    def any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.signal is not None else 0.0])
+    def any_rank(self, job_start: float = 0.0, minutes_limit: float = 0.0) -> bool:
+        """True on every rank if any rank got a signal or (minutes_limit > 0) ran out of time."""
+        out_of_time = minutes_limit > 0 and time.time() - job_start >= 60 * minutes_limit
+        flag = torch.tensor([1.0 if self.signal is not None or out_of_time else 0.0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -239,8 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     validate(config, world_size, dataset.meta, model_config)
     ds_config = deepspeed_config(config, world_size)
     resume_path = ckpt.find_resume_checkpoint(config.checkpoint_dir, config.checkpointing.resume)
+    resume_universal = False
     if resume_path is not None:
-        ckpt.check_compatible(ckpt.read_marker(resume_path), dataset.fingerprint, model_config.to_dict(), resume_path)
+        marker = ckpt.read_marker(resume_path)
+        ckpt.check_compatible(marker, dataset.fingerprint, model_config.to_dict(), resume_path)
+        # A checkpoint converted by `python -m pipeline.convert universal` loads at any (TP, DP).
+        resume_universal = bool(marker.get("universal"))
+        if resume_universal:
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
 
     # 2. Processes and parallel groups.
     import deepspeed
@@ -275,7 +292,23 @@ def main(argv: list[str] | None = None) -> int:
     # 5. Resume: engine state from DeepSpeed, the rest (data position, RNG) from client_state.
     step, consumed_samples = 0, 0
     if resume_path is not None:
+        if resume_universal:
+            from pipeline.convert import prepare_universal_load
+
+            prepare_universal_load(engine.module)
+        # DeepSpeed's ZeRO-3 universal load copies param group 0's hyperparameters onto every group
+        # (our no-decay group would get weight decay): keep ours.
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        group_settings = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in inner.param_groups]
         client_state = ckpt.load(engine, resume_path)
+        if resume_universal:
+            for group, settings in zip(inner.param_groups, group_settings):
+                group.update(settings)
+            # ...and it gives every group's state the SAME `step` tensor, which torch's Adam then
+            # increments once per group and step (wrong bias correction): give each its own.
+            for state in inner.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
         step, consumed_samples = int(client_state["step"]), int(client_state["consumed_samples"])
         log.info("resumed from %s at step %d (%d samples consumed)", resume_path, step, consumed_samples)
 
@@ -323,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 6. Train.
     engine.train()
+    job_start, job_first_step = time.time(), step
     while step < config.schedule.train_steps:
         start = time.perf_counter()
         lr = engine.get_lr()[0]
@@ -352,10 +386,13 @@ def main(argv: list[str] | None = None) -> int:
         if config.data.valid_every and step % config.data.valid_every == 0:
             metrics_log.log(step, evaluate(engine, data, config, dp_rank, dp_size, dp_group), split="valid")
 
-        preempted = preemption.any_rank()
-        if preempted:
-            log.warning("preemption signal received: saving at step %d, then exiting", step)
+        if preemption.any_rank(job_start, config.schedule.stop_after_minutes):
+            log.warning("preemption signal or job time limit: saving at step %d, then exiting", step)
             save("preemption")
+            break
+        if config.schedule.stop_after and step - job_first_step >= config.schedule.stop_after:
+            log.info("schedule.stop_after=%d steps reached: saving at step %d, then exiting", config.schedule.stop_after, step)
+            save("stop_after")
             break
         if config.checkpointing.save_every and step % config.checkpointing.save_every == 0:
             save("periodic")

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Start ONE node of a multi-node job, without ssh: run this on every node (e.g. from your own
+# scheduler, a container entrypoint or by hand), each with its NODE_RANK. All nodes must use the
+# same HOSTFILE, MASTER_ADDR (node 0's address) and MASTER_PORT.
+#
+#   node 0:  NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash launchers/per_node.sh data.path=/shared/data/zh
+#   node 1:  NODE_RANK=1 MASTER_ADDR=10.0.0.1 bash launchers/per_node.sh data.path=/shared/data/zh
+#
+# Parameters (environment):
+#   NODE_RANK     this node's index in HOSTFILE (required)
+#   MASTER_ADDR   node 0's address, reachable from all nodes (required)
+#   MASTER_PORT   rendezvous port (default 29500)
+#   HOSTFILE      the job's nodes and slots (default launchers/hostfile.example); only slot counts
+#                 and the order matter here, the names are labels
+#   RECIPE        run config (default pipeline/recipes/bert-base.yaml)
+# Extra arguments are key=value overrides for pipeline/pretrain.py.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+: "${NODE_RANK:?set NODE_RANK (0 on the first node)}"
+: "${MASTER_ADDR:?set MASTER_ADDR (node 0 address)}"
+HOSTFILE="${HOSTFILE:-launchers/hostfile.example}"
+RECIPE="${RECIPE:-pipeline/recipes/bert-base.yaml}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+NUM_NODES="$(awk '!/^#/ && NF' "$HOSTFILE" | wc -l)"
+exec "${AMBERT_VENV:-$ROOT/.venv}/bin/deepspeed" --hostfile "$HOSTFILE" --num_nodes "$NUM_NODES" --no_ssh \
+  --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+  pipeline/pretrain.py --config "$RECIPE" --resume auto "$@"
