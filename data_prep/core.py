@@ -869,7 +869,9 @@ def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_siz
             "splits": splits,
             "stats": stats,
             "warnings": warnings,
-            "run": {"workers": config.workers, "ranks": comm.size},
+            # run-dependent (not part of the reproducible output): a resumed run's throughput
+            # covers only the work it did itself
+            "run": {"workers": config.workers, "ranks": comm.size, "resumed": bool(config.resume)},
         }
         fmt.write_meta(out, meta)
         atomic.commit()
