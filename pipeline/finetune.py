@@ -5,6 +5,7 @@
     python -m pipeline.finetune --model runs/demo/checkpoints/step_00000200 ...   # a training checkpoint
     python -m pipeline.finetune --model random:tiny:bert-fine --dataset data/demo-zh ...  # no pre-training
     python -m pipeline.finetune --task token --tokens-field tokens --tags-field tags ...   # tagging
+    deepspeed --num_gpus 2 pipeline/finetune.py --deepspeed ...   # data parallel (or torchrun / mpirun)
 
 Every flag is a field of ``pipeline.finetuning.FinetuneConfig`` (documented there); results go to
 OUTPUT/results.json (accuracy, macro-F1, per-class report per seed, mean and std over seeds, loss
@@ -19,7 +20,12 @@ import logging
 import sys
 import typing
 
-from pipeline.finetuning import FinetuneConfig, FinetuneError, run
+from pathlib import Path
+
+if __package__ in (None, ""):  # `deepspeed pipeline/finetune.py` runs this file as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.finetuning import FinetuneConfig, FinetuneError, run  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
@@ -30,11 +36,16 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = hints[f.name]
-        if kind == list[int]:
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=docs.get(f.name))
+        elif kind == list[int]:
             parser.add_argument(flag, type=int, nargs="+", default=default, help=docs.get(f.name))
         else:
             parser.add_argument(flag, type=kind, default=default, help=f"{docs.get(f.name, '')} (default: {default})")
-    return FinetuneConfig(**vars(parser.parse_args(argv)))
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    values = vars(parser.parse_args(argv))
+    values.pop("local_rank")
+    return FinetuneConfig(**values)
 
 
 def _field_docs() -> dict[str, str]:
@@ -56,7 +67,11 @@ def _field_docs() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    import os
+
+    rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     try:
         run(parse_args(argv))
     except FinetuneError as exc:

@@ -114,6 +114,11 @@ class FinetuneConfig:
     """Examples per evaluation batch."""
     threads: int = 0
     """torch threads (0 = torch's default)."""
+    deepspeed: bool = False
+    """Data-parallel fine-tuning with a DeepSpeed engine, one process per rank, started by a launcher
+    (deepspeed / torchrun / mpirun); --batch-size is the global batch, split over the ranks."""
+    deepspeed_config: str = ""
+    """DeepSpeed JSON for --deepspeed (ZeRO stage, precision); default ZeRO-1 fp32. Batch keys are set here."""
 
     def validate(self) -> None:
         def fail(name: str, problem: str) -> None:
@@ -145,6 +150,12 @@ class FinetuneConfig:
             fail("warmup_ratio", "must be in [0, 1)")
         if self.agreement_weight < 0:
             fail("agreement_weight", "must be >= 0")
+        if self.deepspeed:
+            world = int(os.environ.get("WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "1")))
+            if self.batch_size % world:
+                fail("batch_size", f"{self.batch_size} is not divisible by the {world} ranks; use a multiple of {world}")
+            if self.deepspeed_config and not Path(self.deepspeed_config).is_file():
+                fail("deepspeed_config", f"{self.deepspeed_config} does not exist")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,12 +530,50 @@ def _check_same_vocabularies(original: Path, given: Path, checkpoint: Path) -> N
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
-def _batches(examples: list[dict], batch_size: int, shuffle: bool, rng: random.Random | None = None):
+def _batches(examples: list[dict], batch_size: int, shuffle: bool, rng: random.Random | None = None,
+             world: int = 1, rank: int = 0):
+    """Batches of ``batch_size`` examples; with ``world`` > 1 this rank's rows of each global batch."""
     order = list(range(len(examples)))
     if shuffle:
         rng.shuffle(order)
     for start in range(0, len(order), batch_size):
-        yield collate([examples[i] for i in order[start:start + batch_size]])
+        rows = order[start:start + batch_size]
+        if world > 1:
+            if len(rows) < world:
+                break
+            rows = rows[rank::world]
+        yield collate([examples[i] for i in rows])
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _deepspeed_config(config: FinetuneConfig, world: int) -> dict:
+    ds = {"zero_optimization": {"stage": 1}, "steps_per_print": 10**9}
+    if config.deepspeed_config:
+        ds = json.loads(Path(config.deepspeed_config).read_text(encoding="utf-8"))
+    ds.update(train_batch_size=config.batch_size, train_micro_batch_size_per_gpu=config.batch_size // world,
+              gradient_accumulation_steps=1, gradient_clipping=1.0)
+    ds.pop("optimizer", None)  # ours (AdamW with decay groups) is passed as a client optimizer
+    ds.pop("scheduler", None)
+    return ds
+
+
+def setup_deepspeed(seed: int) -> None:
+    """Process group from the launcher's environment (or MPI), megatron TP=1 state."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+
+    from pipeline import parallel
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               auto_mpi_discovery=True, verbose=False)
+    parallel.initialize_parallel(tensor_parallel_size=1, seed=seed)
 
 
 @torch.no_grad()
@@ -571,11 +620,21 @@ def train_seed(config: FinetuneConfig, pretrained: Pretrained, labels: LabelSet,
                                     config.agreement_weight)
     model.train()
     optimizer = _optimizer(model, config)
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    world, rank = _world()
+    # Under DeepSpeed every rank walks the same shuffled global batches and takes its rows of each;
+    # a last global batch too small to give every rank a row is dropped.
+    usable = len(train) - (len(train) % config.batch_size if len(train) % config.batch_size < world else 0)
+    steps_per_epoch = max(1, math.ceil(usable / config.batch_size))
     total_steps = max(1, int(round(config.epochs * steps_per_epoch)))
     warmup = int(config.warmup_ratio * total_steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / max(warmup, 1) if s < warmup else max(0.0, (total_steps - s) / max(total_steps - warmup, 1)))
+    engine = None
+    if config.deepspeed:
+        import deepspeed
+
+        engine, optimizer, _, schedule = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                                              config=_deepspeed_config(config, world))
     eval_every = config.eval_every or steps_per_epoch
     rng = random.Random(seed)
     curve, dev_curve = [], []
@@ -583,15 +642,24 @@ def train_seed(config: FinetuneConfig, pretrained: Pretrained, labels: LabelSet,
     step, started = 0, time.time()
     stop = False
     while step < total_steps and not stop:
-        for batch in _batches(train, config.batch_size, shuffle=True, rng=rng):
-            out = model(batch)
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
+        for batch in _batches(train, config.batch_size, shuffle=True, rng=rng, world=world, rank=rank):
+            if engine is not None:
+                out = engine(batch)
+                engine.backward(out["loss"])
+                engine.step()  # clipping, optimizer, schedule and zero_grad, as configured
+                loss = out["loss"].detach().clone()
+                torch.distributed.all_reduce(loss)
+                loss = float(loss) / world
+            else:
+                out = model(batch)
+                optimizer.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                schedule.step()
+                loss = float(out["loss"].detach())
             step += 1
-            curve.append([step, float(out["loss"].detach())])
+            curve.append([step, loss])
             if step % eval_every == 0 or step == total_steps:
                 predictions, gold, dev_loss = predict(model, dev, config.eval_batch_size)
                 report = classification_report(predictions, gold, labels.names)
@@ -641,6 +709,8 @@ def run(config: FinetuneConfig) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
     pretrained = resolve_pretrained(config.model, config.dataset)
+    if config.deepspeed:  # after the cheap checks above, before any model is built
+        setup_deepspeed(config.seeds[0])
     encoder = TextEncoder(pretrained.tokenizer_dir)
     from pipeline.inference import ExportError, check_vocabularies
 
@@ -670,8 +740,9 @@ def run(config: FinetuneConfig) -> dict:
     summary = {"config": asdict(config), "variant": pretrained.model_config.variant, "labels": labels.names,
                "dev": _summary(results, "dev"), "test": _summary(results, "test"), "seeds": results}
     output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "results.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    if _world()[1] == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "results.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     log.info("results: dev %s test %s -> %s", {k: round(v["mean"], 4) for k, v in summary["dev"].items()},
              {k: round(v["mean"], 4) for k, v in summary["test"].items()}, output / "results.json")
     return summary

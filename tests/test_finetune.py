@@ -322,3 +322,36 @@ def test_tiny_end_to_end_finetune_beats_chance(tmp_path, zh_dataset, tiny_model)
     test = results["test"]["accuracy"]
     assert test["mean"] > 0.8, test  # chance is ~0.5
     assert "std" in test and len(test["values"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed (data parallel) == single process
+# ---------------------------------------------------------------------------------------------
+def _deepspeed_finetune(values: dict) -> list:
+    from pipeline.finetuning import FinetuneConfig, run
+
+    results = run(FinetuneConfig(**values))
+    return [results["seeds"][0]["train_curve"], results["seeds"][0]["dev"]["accuracy"]]
+
+
+def test_deepspeed_data_parallel_matches_single_process(tmp_path, zh_dataset, tiny_model):
+    from dataclasses import asdict
+
+    from pipeline.finetuning import run
+    from pipeline.inference import build_backbone, save_exported
+    from tests.distributed import run_distributed
+
+    files = make_sentiment_files(tmp_path, sizes=(64, 16, 16))
+    # No dropout anywhere, so both runs compute the same function (dropout streams differ per rank).
+    export = save_exported(build_backbone(tiny_model.config), zh_dataset, tmp_path / "export")
+    single = _config(export, files, tmp_path, epochs=2.0, lr=1e-3, batch_size=16, classifier_dropout=0.0,
+                     eval_every=2, patience=0)
+    reference = run(single)["seeds"][0]
+    distributed = asdict(single)
+    distributed.update(deepspeed=True, output=str(tmp_path / "out-ds"))
+    ranks = run_distributed(_deepspeed_finetune, world_size=2, args=(distributed,), init=None, timeout=400)
+    for curve, dev_accuracy in ranks:
+        assert [s for s, _ in curve] == [s for s, _ in reference["train_curve"]]
+        np.testing.assert_allclose([v for _, v in curve], [v for _, v in reference["train_curve"]], rtol=2e-4)
+        assert dev_accuracy == reference["dev"]["accuracy"]
+    assert json.loads((tmp_path / "out-ds" / "results.json").read_text())["config"]["deepspeed"] is True
