@@ -93,7 +93,7 @@ def config_from_args(args: argparse.Namespace) -> core.BuildConfig:
         overwrite=args.overwrite,
         resume=args.resume,
         keep_work_dir=args.keep_work_dir,
-        progress=not args.no_progress and sys.stderr.isatty(),
+        progress=not args.no_progress,
         language_options=lang_cls.options_from_args(args),
     )
 

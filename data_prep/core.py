@@ -538,9 +538,12 @@ class _Executor:
 
 
 def _progress(enabled: bool, **kwargs):
+    """A tqdm bar (rate, ETA) on stderr; in a log file (not a terminal) one line every 15 s."""
     from tqdm import tqdm
 
-    return tqdm(disable=not enabled, dynamic_ncols=True, mininterval=0.5, **kwargs)
+    interactive = sys.stderr.isatty()
+    return tqdm(disable=not enabled, dynamic_ncols=interactive, mininterval=0.5 if interactive else 15.0,
+                file=sys.stderr, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -579,7 +582,8 @@ def _check_inputs(config: BuildConfig, lang: Language, specs: list[inp.InputSpec
     for spec in specs:
         scan = inp.scan_input(spec)
         warnings += inp.check_scan(scan, config.encoding_errors)
-        record = {"path": spec.path, "kind": spec.kind, "sha256": scan.sha256, "bytes": scan.bytes}
+        record = {"path": spec.path, "kind": spec.kind, "sha256": scan.sha256, "bytes": scan.bytes,
+                  "content_bytes": scan.content_bytes}
         if spec.kind == "text":
             record["text_mode"] = spec.text_mode
         records.append(record)
@@ -719,12 +723,13 @@ def build(config: BuildConfig, comm=None) -> dict:
         def read_and_analyze():
             nonlocal executor
             executor = _Executor(config.workers, config.language, options)
-            total = sum(r["bytes"] for r in params["inputs"])
-            with _progress(config.progress and comm.rank == 0, desc="analyze", unit="B", unit_scale=True) as bar:
+            sizes = [r.get("content_bytes") for r in params["inputs"]]
+            total = sum(sizes) if None not in sizes else None  # unknown for parquet / HF datasets
+            with _progress(config.progress and comm.rank == 0, desc="analyze", unit="B", unit_scale=True,
+                           total=total) as bar:
                 summary = _read_into_shards(config, comm, specs, work, executor, bar, read_done)
                 for _, nbytes in executor.ready(wait=True):
                     bar.update(nbytes)
-            del total
             mine = [k for k in range(summary["num_shards"]) if k % comm.size == comm.rank]
             counts: dict[str, Counter] = {}
             for k in mine:

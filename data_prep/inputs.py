@@ -75,6 +75,8 @@ class InputScan:
     first_invalid_offset: int | None = None
     looks_like: str | None = None
     """For invalid UTF-8: an encoding the whole file decodes with (a hint for the fix)."""
+    content_bytes: int | None = None
+    """Decompressed size (text/jsonl inputs): the total of the progress bar."""
     truncated: bool = False
     """The content ends inside a multi-byte character (a file cut at a byte count)."""
 
@@ -215,6 +217,7 @@ def scan_input(spec: InputSpec) -> InputScan:
                     break
             offset += len(chunk)
         else:
+            scan.content_bytes = offset
             try:
                 decoder.decode(b"", final=True)
             except UnicodeDecodeError:
