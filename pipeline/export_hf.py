@@ -1,6 +1,7 @@
 """Export the FINE branch of an AMBERT model as a Hugging Face ``BertForMaskedLM`` directory.
 
     python -m pipeline.export_hf exported/ambert-zh hf/ambert-zh-fine      # from an exported model dir
+    python -m pipeline.export_hf runs/demo/checkpoints/step_00000200 hf/demo-fine   # or a checkpoint
     # then, anywhere:  transformers.BertForMaskedLM.from_pretrained("hf/ambert-zh-fine")
     #                  transformers.BertTokenizerFast.from_pretrained("hf/ambert-zh-fine")
 
@@ -156,14 +157,18 @@ def export_hf(state: dict[str, torch.Tensor], config, tokenizer_dir: str | Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.inference import load_state_dict, read_model_config
+    from pipeline.finetuning import resolve_pretrained
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="exported model dir (model.safetensors + config.json + vocabularies)")
+    parser.add_argument("model", help="exported model dir (python -m pipeline.convert export) or a training "
+                                      "checkpoint dir (step_XXXXXXXX with COMPLETE, saved at TP=1)")
     parser.add_argument("output", help="directory for the Hugging Face BertForMaskedLM")
+    parser.add_argument("--dataset", default="", help="pre-training dataset dir (default: the one the model records)")
     args = parser.parse_args(argv)
     try:
-        path = export_hf(load_state_dict(args.model), read_model_config(args.model), args.model, args.output)
+        pretrained = resolve_pretrained(args.model, args.dataset)
+        check_bert_compatible(pretrained.model_config)  # before any file is written
+        path = export_hf(pretrained.state_dict, pretrained.model_config, pretrained.tokenizer_dir, args.output)
     except (HFExportError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -173,13 +173,16 @@ class AmbertEncoder:
         self.max_length = min(max_length or model.config.max_position_embeddings, model.config.max_position_embeddings)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, max_length: int | None = None) -> "AmbertEncoder":
+    def load(cls, directory: str | os.PathLike, max_length: int | None = None, dataset: str = "") -> "AmbertEncoder":
+        """``directory``: an exported model, or a training checkpoint (step_XXXXXXXX, TP=1)."""
         from data_prep.encode import TextEncoder
+        from pipeline.finetuning import resolve_pretrained
 
-        model_config = read_model_config(directory)
-        text_encoder = TextEncoder(tokenizer_dir_of(directory))
-        check_vocabularies(model_config, len(text_encoder.fine_vocab), len(text_encoder.coarse_vocab), str(directory))
-        model = build_backbone(model_config, load_state_dict(directory))
+        pretrained = resolve_pretrained(str(directory), dataset)
+        text_encoder = TextEncoder(pretrained.tokenizer_dir)
+        check_vocabularies(pretrained.model_config, len(text_encoder.fine_vocab), len(text_encoder.coarse_vocab),
+                           str(directory))
+        model = build_backbone(pretrained.model_config, pretrained.state_dict)
         return cls(model, text_encoder, max_length)
 
     @torch.no_grad()
