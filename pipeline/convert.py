@@ -67,7 +67,11 @@ def universal_checkpoint_info(module: torch.nn.Module) -> dict:
 def tag_parameters_for_universal_load(module: torch.nn.Module) -> None:
     """Attach ``ds_autotp_universal_checkpoint_meta`` to every parameter, so that loading a universal
     checkpoint slices each merged tensor for THIS run's TP rank (replicated ones are taken whole)."""
-    from deepspeed.checkpoint.constants import DS_AUTOTP_UC_META, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE
+    from deepspeed.checkpoint.constants import (
+        DS_AUTOTP_UC_META,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
 
     from pipeline.parallel import tensor_parallel_size
 
@@ -183,6 +187,11 @@ def load_exported(directory: str | Path):
     initialize_parallel(1)
     model = build_model(config)
     missing, unexpected = model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=False)
+    # Tied weights (the MLM decoders share the word embeddings) are exported once, under the
+    # parameter's own name; their aliases in the state dict are filled by that same tensor.
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    aliases = {n for n, t in model.state_dict(keep_vars=True).items() if id(t) in canonical and canonical[id(t)] != n}
+    missing = [k for k in missing if k not in aliases]
     if missing or unexpected:
         raise ValueError(f"{directory}: weights do not match the model: missing {missing}, unexpected {unexpected}")
     return model

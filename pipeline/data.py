@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -347,7 +347,7 @@ class PretrainingData:
         seed: int,
         coarse_length: int = 0,
         with_valid: bool = True,
-    ) -> "PretrainingData":
+    ) -> PretrainingData:
         dataset = PairedDataset(path)
         train = PretrainingSamples(dataset, "train", fine_length, None, masking, seed, shuffle=True)
         valid = None

@@ -27,12 +27,12 @@ if __package__ in (None, ""):  # `deepspeed pipeline/pretrain.py` runs this file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not os.path.exists("/dev/nvidia0") else "cuda")
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
-from data_prep.format import META_FILE  # noqa: E402
-from pipeline import checkpoint as ckpt  # noqa: E402
-from pipeline.config import (  # noqa: E402
+from data_prep.format import META_FILE
+from pipeline import checkpoint as ckpt
+from pipeline.config import (
     DEMO_DATASET,
     ROOT,
     ConfigError,
@@ -40,11 +40,10 @@ from pipeline.config import (  # noqa: E402
     build_model_config,
     deepspeed_config,
     load_config,
-    resolve_path,
     validate,
 )
-from pipeline.data import MaskingConfig, PretrainingData  # noqa: E402
-from pipeline.metrics import MetricsLogger, default_peak_flops, memory_mb  # noqa: E402
+from pipeline.data import MaskingConfig, PretrainingData
+from pipeline.metrics import MetricsLogger, default_peak_flops, memory_mb
 
 log = logging.getLogger("pretrain")
 DEFAULT_RECIPE = ROOT / "pipeline" / "recipes" / "demo.yaml"

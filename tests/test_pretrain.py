@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -138,7 +137,7 @@ def get_layout_runs(tmp_path_factory) -> dict[tuple[int, int], Path]:
             out = tmp_path_factory.mktemp(f"layout_tp{tp}_dp{dp}")
             overrides = [
                 f"data.path={get_dataset(tmp_path_factory)}", f"output_dir={out}", *layout_overrides(tp, dp),
-                "checkpointing.save_every=5" if (tp, dp) == (2, 2) else "checkpointing.save_at_end=false",
+                "checkpointing.save_every=5" if (tp, dp) == (2, 2) else f"checkpointing.save_at_end={str((tp, dp) == (1, 1)).lower()}",
             ]
             code, output = launch(overrides, nproc=tp * dp, log=out / "log.txt", timeout=420)
             assert_ok(code, output)
@@ -196,3 +195,49 @@ def test_bad_configs_fail_before_training(synthetic_dataset, tmp_path, monkeypat
     code, output = launch([f"data.path={synthetic_dataset}", f"output_dir={tmp_path}", "parallelism.tensor_parallel=3"], timeout=120)
     assert code != 0 and "parallelism.tensor_parallel=3 does not divide the world size 2" in output
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_continue_on_another_tp_dp_layout(layout_runs, tmp_path, tmp_path_factory):
+    """The (TP=2, DP=2) checkpoint of step 5, converted once, continues at (1, 2) and (2, 1)."""
+    from pipeline.convert import to_universal
+
+    source = layout_runs[(2, 2)] / "checkpoints" / "step_00000005"
+    converted = to_universal(source, tmp_path / "universal")
+    assert converted.name == "step_00000005" and (converted / "COMPLETE").is_file()
+    reference = losses(layout_runs[(2, 2)])
+    for tp, dp in ((1, 2), (2, 1)):
+        out = tmp_path / f"continued_tp{tp}_dp{dp}"
+        code, output = launch(
+            [f"data.path={get_dataset(tmp_path_factory)}", f"output_dir={out}", *layout_overrides(tp, dp),
+             f"checkpointing.dir={tmp_path / 'universal'}", "checkpointing.save_at_end=false", "--resume", "auto"],
+            log=tmp_path / f"tp{tp}_dp{dp}.log",
+        )
+        assert_ok(code, output)
+        got = losses(out)
+        assert sorted(got) == [6, 7, 8, 9, 10], sorted(got)
+        for step, value in got.items():
+            assert abs(value - reference[step]) <= 1e-5 * abs(reference[step]), ((tp, dp), step, value, reference[step])
+
+
+def test_export_consolidated_fp32_weights(layout_runs, tmp_path):
+    """Weights exported from TP=2/DP=2 ZeRO-3 shards equal those of the TP=1/DP=1 run (same curve),
+    and load into a plain model without DeepSpeed."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.convert import export
+
+    from_tp2 = export(layout_runs[(2, 2)] / "checkpoints" / "step_00000010", tmp_path / "tp2")
+    from_tp1 = export(layout_runs[(1, 1)] / "checkpoints" / "step_00000010", tmp_path / "tp1")
+    a, b = load_file(str(from_tp2 / "model.safetensors")), load_file(str(from_tp1 / "model.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 10
+    for name in a:
+        assert a[name].shape == b[name].shape, name
+        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-5), (name, (a[name] - b[name]).abs().max())
+    result = subprocess.run(
+        [sys.executable, "-c", "from pipeline.convert import load_exported; import sys; "
+         "m = load_exported(sys.argv[1]); print(sum(p.numel() for p in m.parameters()))", str(from_tp2)],
+        cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(result.stdout.strip().splitlines()[-1]) == sum(t.numel() for t in a.values())

@@ -27,11 +27,8 @@ from tests.test_pretrain import (
     assert_ok,
     deepspeed_command,
     get_dataset,
-    get_layout_runs,
     get_reference_run,
     launch,
-    layout_overrides,
-    losses,
     run_env,
 )
 

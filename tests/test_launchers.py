@@ -1,0 +1,135 @@
+"""Launchers: every template parses; per-node (2 "nodes" on loopback, no ssh) and plain mpirun
+really train and agree with the single-node reference run; srun's environment is understood."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.metrics import read_metrics
+from tests.distributed import free_port
+from tests.test_pretrain import (
+    BASE,
+    PRETRAIN,
+    REFERENCE_OVERRIDES,
+    ROOT,
+    get_dataset,
+    get_reference_run,
+    run_env,
+)
+
+LAUNCHERS = ROOT / "launchers"
+SHORT = ["schedule.stop_after=3"]  # the reference schedule (20 steps), this job stops after 3
+
+
+def _assert_matches_reference(run: Path, reference: Path, steps=(1, 2, 3)) -> None:
+    got, ref = read_metrics(run), read_metrics(reference)
+    assert sorted(got) == list(steps), sorted(got)
+    for step in steps:
+        for key in ("loss", "fine_loss", "coarse_loss"):
+            assert abs(got[step][key] - ref[step][key]) <= 1e-6 * abs(ref[step][key]), (run, step, key)
+
+
+def test_every_template_parses():
+    scripts = sorted(LAUNCHERS.glob("*.sh")) + [LAUNCHERS / "slurm.sbatch"]
+    assert {p.name for p in scripts} >= {"demo.sh", "multinode_pdsh.sh", "openmpi.sh", "per_node.sh", "slurm.sbatch"}
+    for script in scripts:
+        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert result.returncode == 0, (script, result.stderr)
+    sbatch = (LAUNCHERS / "slurm.sbatch").read_text()
+    assert "#SBATCH --signal=USR1@" in sbatch and "#SBATCH --requeue" in sbatch and "scontrol requeue" in sbatch
+    docs = list(yaml.safe_load_all((LAUNCHERS / "kubernetes.yaml").read_text()))
+    job = docs[0]
+    assert job["kind"] == "PyTorchJob"
+    for role in ("Master", "Worker"):
+        container = job["spec"]["pytorchReplicaSpecs"][role]["template"]["spec"]["containers"][0]
+        command = " ".join(container["args"])
+        assert "torchrun" in command and "pipeline/pretrain.py" in command and "--resume auto" in command
+    hosts = [line.split() for line in (LAUNCHERS / "hostfile.example").read_text().splitlines() if line and not line.startswith("#")]
+    assert all(len(h) == 2 and h[1].startswith("slots=") for h in hosts)
+
+
+def test_openmpi_template_renders_the_mpirun_command(tmp_path):
+    """Run the template with `mpirun` replaced by an echo: the command it would run is complete."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "mpirun").write_text('#!/usr/bin/env bash\necho "mpirun $*"\n')
+    (fake_bin / "mpirun").chmod(0o755)
+    env = {**run_env(), "PATH": f"{fake_bin}:{os.environ['PATH']}", "HOSTFILE": str(LAUNCHERS / "hostfile.example")}
+    result = subprocess.run(["bash", str(LAUNCHERS / "openmpi.sh"), "data.path=/x"], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip()
+    assert line.startswith("mpirun -np 16 ") and "ppr:8:node" in line and line.endswith("--resume auto data.path=/x")
+
+
+def test_srun_environment_is_mapped(monkeypatch):
+    from pipeline.config import ConfigError
+    from pipeline.pretrain import launch_env
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    with pytest.raises(ConfigError, match="srun without MASTER_ADDR"):
+        launch_env()
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    assert launch_env() == (5, 8, 1)
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "8", "1")
+
+
+def test_two_nodes_on_loopback_and_mpirun_agree_with_single_node(tmp_path_factory, tmp_path):
+    reference = get_reference_run(tmp_path_factory)
+    dataset = get_dataset(tmp_path_factory)
+    common = [*BASE, f"data.path={dataset}", *REFERENCE_OVERRIDES, *SHORT]
+
+    # Two "nodes" started separately, each with its node rank: launchers/per_node.sh (no ssh).
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = free_port()
+    nodes = []
+    for node_rank in (0, 1):
+        env = run_env({"NODE_RANK": str(node_rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                       "HOSTFILE": str(hostfile), "RECIPE": "pipeline/recipes/demo.yaml"})
+        log = open(tmp_path / f"node{node_rank}.log", "w")
+        nodes.append(subprocess.Popen(["bash", str(LAUNCHERS / "per_node.sh"), *common, f"output_dir={tmp_path / 'two_nodes'}"],
+                                      cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        codes = [n.wait(timeout=300) for n in nodes]
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                n.kill()
+    assert codes == [0, 0], [(tmp_path / f"node{r}.log").read_text()[-2000:] for r in (0, 1)]
+    _assert_matches_reference(tmp_path / "two_nodes", reference)
+
+    # Plain mpirun: ranks discovered through mpi4py.
+    if shutil.which("mpirun") is None:
+        pytest.skip("mpirun (Open MPI) is not installed: apt-get install openmpi-bin")
+    cmd = ["mpirun", "-np", "2", "--bind-to", "none", "--oversubscribe",
+           "-x", "DS_ACCELERATOR", "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", "-x", f"MASTER_PORT={free_port()}"]
+    if os.geteuid() == 0:
+        cmd.insert(1, "--allow-run-as-root")
+    result = subprocess.run([*cmd, sys.executable, PRETRAIN, *common, f"output_dir={tmp_path / 'mpirun'}"],
+                            cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    _assert_matches_reference(tmp_path / "mpirun", reference)
+
+
+@pytest.mark.skipif(os.environ.get("AMBERT_TEST_DEMO") != "1",
+                    reason="the full README demo (set-up + dataset build + 2 jobs, ~5 min): AMBERT_TEST_DEMO=1 bash launchers/test.sh -k demo")
+def test_readme_demo_command(tmp_path):
+    env = run_env({"AMBERT_DEMO_OUT": str(tmp_path / "demo"), "AMBERT_DEMO_STEPS": "40", "MASTER_PORT": str(free_port())})
+    result = subprocess.run(["bash", str(LAUNCHERS / "demo.sh")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = read_metrics(tmp_path / "demo")
+    assert sorted(metrics) == list(range(1, 41))
+    assert (tmp_path / "demo" / "loss.png").stat().st_size > 1000
+    assert "resumed from" in result.stdout
