@@ -80,12 +80,24 @@ def _parity_cases(cases):
     return report
 
 
-@pytest.mark.timeout(420)
-def test_tensor_parallel_parity_all_variants():
-    cases = [(recipe, variant) for recipe in OPTION_SETS for variant in VARIANT_NAMES]
-    reports = run_distributed(_parity_cases, world_size=2, args=(cases,), timeout=400)
+CASES = [(recipe, variant) for recipe in OPTION_SETS for variant in VARIANT_NAMES]
+
+
+def _all_checks(cases):
+    return _parity_cases(cases), _argmax_and_loss_under_vocab_parallelism(), _rng_streams_and_dropout_under_tp()
+
+
+@pytest.fixture(scope="module")
+def tp_results():
+    # ONE launch of 2 ranks for every check in this file (each spawn costs seconds on a loaded box).
+    return run_distributed(_all_checks, world_size=2, args=(CASES,), timeout=500)
+
+
+@pytest.mark.timeout(520)
+def test_tensor_parallel_parity_all_variants(tp_results):
+    reports = [parity for parity, _, _ in tp_results]
     assert reports[0] == reports[1]  # both ranks computed (and agree on) the same numbers
-    assert [r[0] for r in reports[0]] == [f"{r}/{v}" for r, v in cases]
+    assert [r[0] for r in reports[0]] == [f"{r}/{v}" for r, v in CASES]
 
 
 def _argmax_and_loss_under_vocab_parallelism():
@@ -136,25 +148,17 @@ def _rng_streams_and_dropout_under_tp():
     return default, tp_stream, after_fork == resumed_default, losses
 
 
-def _argmax_and_rng_checks():
-    return _argmax_and_loss_under_vocab_parallelism(), _rng_streams_and_dropout_under_tp()
-
-
-@pytest.fixture(scope="module")
-def argmax_and_rng_results():
-    # One launch for both checks (each spawn of 2 ranks costs seconds).
-    return run_distributed(_argmax_and_rng_checks, world_size=2)
-
-
-def test_vocab_parallel_argmax_matches_full_argmax(argmax_and_rng_results):
-    for (predicted, expected, loss_error), _ in argmax_and_rng_results:
+@pytest.mark.timeout(520)
+def test_vocab_parallel_argmax_matches_full_argmax(tp_results):
+    for _, (predicted, expected, loss_error), _ in tp_results:
         assert predicted == expected
         assert predicted[:3] == [2, 6, 4]
         assert loss_error < 1e-5
 
 
-def test_dropout_streams_under_tensor_parallelism(argmax_and_rng_results):
-    (_, (default0, tp0, ok0, losses0)), (_, (default1, tp1, ok1, losses1)) = argmax_and_rng_results
+@pytest.mark.timeout(520)
+def test_dropout_streams_under_tensor_parallelism(tp_results):
+    (_, _, (default0, tp0, ok0, losses0)), (_, _, (default1, tp1, ok1, losses1)) = tp_results
     assert default0 == default1
     assert tp0 != tp1
     assert ok0 and ok1
