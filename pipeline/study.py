@@ -414,17 +414,32 @@ def run_study(config: StudyConfig) -> list[dict]:
     return rows
 
 
+def _field_docs() -> dict[str, str]:
+    """The docstring under each StudyConfig field (for --help)."""
+    import ast
+    import inspect
+
+    docs = {}
+    body = ast.parse(inspect.getsource(StudyConfig)).body[0].body
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = " ".join(str(b.value.value).split()).replace("%", "%%")
+    return docs
+
+
 def parse_args(argv: list[str] | None = None) -> StudyConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = StudyConfig()
+    docs = _field_docs()
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")
+        doc = f"{docs.get(name, '')} (default: {value})"
         if isinstance(value, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=docs.get(name))
         elif isinstance(value, list):
-            parser.add_argument(flag, nargs="+", type=type(value[0]), default=value)
+            parser.add_argument(flag, nargs="+", type=type(value[0]), default=value, help=doc)
         else:
-            parser.add_argument(flag, type=type(value), default=value)
+            parser.add_argument(flag, type=type(value), default=value, help=doc)
     return StudyConfig(**vars(parser.parse_args(argv)))
 
 
