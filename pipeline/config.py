@@ -417,6 +417,12 @@ def validate(config: PretrainConfig, world_size: int, dataset_meta: dict | None 
             raise ConfigError(f"model: {exc}") from None
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def read_deepspeed_config(path: str) -> dict:
     return json.loads(resolve_path(path).read_text(encoding="utf-8"))
 
@@ -453,6 +459,8 @@ def deepspeed_config(config: PretrainConfig, world_size: int, override_path: str
         o = config.optimizer
         ds["optimizer"] = {
             "type": "AdamW",
-            "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay},
+            "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
+                       # no GPU: torch's Adam instead of JIT-compiling DeepSpeed's fused op (~80 s)
+                       "torch_adam": not _cuda_available()},
         }
     return ds

@@ -5,7 +5,8 @@
     deepspeed --num_gpus 2 pipeline/pretrain.py ... parallelism.tensor_parallel=1 \
         checkpointing.dir=runs/y/checkpoints checkpointing.resume=auto
 
-    # consolidated fp32 weights (safetensors + config.json), loadable without DeepSpeed
+    # consolidated fp32 weights (safetensors + config.json + the dataset's tokenizer files),
+    # loadable without DeepSpeed (pipeline.convert.load_exported, pipeline.inference.AmbertEncoder)
     python -m pipeline.convert export runs/x/checkpoints/step_00001000 exported/ambert-tiny
 
 How TP shards are merged. DeepSpeed's ``ds_to_universal`` concatenates every parameter's TP slices
@@ -160,6 +161,13 @@ def export(source: Path, output: Path) -> Path:
     output.mkdir(parents=True, exist_ok=True)
     save_file(state, str(output / "model.safetensors"), metadata={"format": "pt", "step": str(marker["step"])})
     (output / "config.json").write_text(json.dumps(marker["model_config"], indent=1), encoding="utf-8")
+    # The tokenizers the model was trained with travel with it (pipeline/inference.py reads them).
+    from data_prep.format import COARSE_VOCAB_FILE, FINE_TOKENIZER_FILE, FINE_VOCAB_FILE, META_FILE, PHRASES_FILE
+
+    dataset = Path(str(marker.get("dataset_path", "")))
+    for name in (META_FILE, FINE_VOCAB_FILE, COARSE_VOCAB_FILE, FINE_TOKENIZER_FILE, PHRASES_FILE):
+        if (dataset / name).is_file():
+            shutil.copy2(dataset / name, output / name)
     (output / "training.json").write_text(
         json.dumps({k: marker.get(k) for k in ("step", "consumed_samples", "dataset_path", "dataset_fingerprint", "tensor_parallel", "data_parallel")}, indent=1),
         encoding="utf-8",

@@ -231,6 +231,7 @@ def test_export_consolidated_fp32_weights(layout_runs, tmp_path):
     from_tp1 = export(layout_runs[(1, 1)] / "checkpoints" / "step_00000010", tmp_path / "tp1")
     a, b = load_file(str(from_tp2 / "model.safetensors")), load_file(str(from_tp1 / "model.safetensors"))
     assert a.keys() == b.keys() and len(a) > 10
+    assert (from_tp2 / "config.json").is_file() and (from_tp2 / "fine_vocab.txt").is_file()  # tokenizers travel along
     for name in a:
         assert a[name].shape == b[name].shape, name
         assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-5), (name, (a[name] - b[name]).abs().max())

@@ -127,3 +127,24 @@ def test_resume_refuses_another_dataset_or_model(tmp_path_factory, tmp_path):
         pretrain.main([*common, f"data.path={other}"])
     with pytest.raises(CheckpointError, match="another model shape.*hidden_size: checkpoint 64 vs run 32"):
         pretrain.main([*common, f"data.path={get_dataset(tmp_path_factory)}", "model.hidden_size=32"])
+
+
+def test_auto_resume_picks_newest_complete_and_retention(tmp_path):
+    from pipeline import checkpoint as ckpt
+
+    for step, complete in ((5, True), (10, True), (15, False), (20, True), (25, False)):
+        d = tmp_path / ckpt.tag_for(step)
+        d.mkdir()
+        (d / "mp_rank_00_model_states.pt").write_bytes(b"x")
+        if complete:
+            (d / ckpt.COMPLETE).write_text(json.dumps({"step": step}))
+    (tmp_path / "latest").write_text("step_00000025")  # DeepSpeed's pointer to the interrupted save
+    assert ckpt.find_resume_checkpoint(tmp_path, "auto").name == "step_00000020"
+    assert ckpt.find_resume_checkpoint(tmp_path, "") is None
+    with pytest.raises(ckpt.CheckpointError, match="interrupted"):
+        ckpt.find_resume_checkpoint(tmp_path, str(tmp_path / "step_00000025"))
+    ckpt._prune(tmp_path, keep_last=2)
+    # the 2 newest complete ones stay; the interrupted save older than them is gone; the newer
+    # interrupted one (possibly still being written by a live job) is left alone
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000010", "step_00000020", "step_00000025"]
+    assert ckpt.find_resume_checkpoint(tmp_path / "nothing-here", "auto") is None
