@@ -251,7 +251,7 @@ def train_fine_vocabulary(word_counts: Counter, vocab_size: int, min_count: int,
         tsv.write_text("".join(f"{w}\t{word_counts[w]}\n" for w in words), encoding="utf-8")
         # sentencepiece counts <unk> and its single characters inside vocab_size, and its word-initial
         # pieces of single characters duplicate our required forms: ask for that much more, trim later.
-        sp_size = budget + 2 * len(alphabet) + 1
+        sp_size = budget + 2 * len(alphabet) + 16
         for _ in range(3):
             model = io.BytesIO()
             try:
