@@ -43,7 +43,9 @@ import pickle
 import shutil
 import struct
 import sys
+import threading
 import time
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,6 +58,8 @@ from data_prep import inputs as inp
 from data_prep.languages import Corpus, EncodedShard, Language, LanguageError, get_language
 
 log = logging.getLogger("data_prep")
+# megatron-core warns at import that TransformerEngine/Apex are absent: irrelevant for data files.
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
 
 WORK_SUFFIX = ".partial"
 PARAMS_FILE = "params.json"
@@ -432,6 +436,13 @@ def _worker_init(language: str, options: dict) -> None:
     _WORKER["loaded"] = None
 
 
+def _import_megatron() -> None:
+    try:
+        import megatron.core.datasets.indexed_dataset  # noqa: F401
+    except Exception:  # noqa: BLE001 - the merge imports it again and reports any problem
+        pass
+
+
 class _NoCyclicGC:
     """Tasks allocate millions of short-lived objects and create no reference cycles: the cyclic
     collector would only rescan the (large, imported) heap again and again. Refcounting frees all."""
@@ -723,6 +734,10 @@ def build(config: BuildConfig, comm=None) -> dict:
         def read_and_analyze():
             nonlocal executor
             executor = _Executor(config.workers, config.language, options)
+            if comm.rank == 0 and config.workers > 1:
+                # The merge needs megatron-core (~5 s of imports). With a worker pool the main process
+                # mostly waits, so import it now in the background (after the pool has forked).
+                threading.Thread(target=_import_megatron, daemon=True).start()
             sizes = [r.get("content_bytes") for r in params["inputs"]]
             total = sum(sizes) if None not in sizes else None  # unknown for parquet / HF datasets
             with _progress(config.progress and comm.rank == 0, desc="analyze", unit="B", unit_scale=True,
