@@ -20,13 +20,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import warnings  # noqa: E402
+import warnings
 
 # megatron-core warns at import that TransformerEngine/Apex are absent: irrelevant to data files.
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
 
-from data_prep import core, inputs  # noqa: E402
-from data_prep.languages import LanguageError, available_languages, get_language, load_all_plugins  # noqa: E402
+from data_prep import core, inputs
+from data_prep.languages import LanguageError, available_languages, get_language, load_all_plugins
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -50,11 +50,11 @@ SEGMENTERS = ("rjieba", "jieba", "pkuseg")
 WORD_SEP = "\x1f"
 _ASCII_ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 _NEEDS_CARE = re.compile(r"[ #A-Za-z0-9]")
-_RUN_OR_CHAR = re.compile(r"[A-Za-z0-9]+|.", re.S)
+_RUN_OR_CHAR = re.compile(r"[A-Za-z0-9]+|.", re.DOTALL)
 _RUN = re.compile(r"[A-Za-z0-9]+")
 _CUT_RUN = re.compile("[A-Za-z0-9]\x1f[A-Za-z0-9]")
 # Latin/digit runs of cached words: a "##" continuation run at a word start, or any run of >= 2.
-_CACHED_RUN = re.compile("(?:^|(?<=[\x1f\n]))##[A-Za-z0-9]+|[A-Za-z0-9]{2,}", re.M)
+_CACHED_RUN = re.compile("(?:^|(?<=[\x1f\n]))##[A-Za-z0-9]+|[A-Za-z0-9]{2,}", re.MULTILINE)
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]")
 MAX_BACKOFF_PIECES = 16
 _LETTER = re.compile(r"[^\W\d_]")
@@ -450,7 +450,7 @@ class Chinese(Language):
             return self._backoff_plain("".join(pieces))
         while i < n:
             for j in range(min(n, i + self.max_word_pieces), i + 1, -1):
-                candidate = pieces[i] + "".join(p[2:] if p.startswith("##") else p for p in pieces[i + 1:j])
+                candidate = pieces[i] + "".join(p.removeprefix("##") for p in pieces[i + 1:j])
                 cid = index.get(candidate)
                 if cid is not None:
                     ids.append(cid)

@@ -47,9 +47,10 @@ import threading
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -384,8 +385,6 @@ def write_shard_splits(shard_dir: Path, enc: EncodedShard, valid_mask: np.ndarra
     """Write the train and valid IndexedDatasets of one encoded shard; return its statistics."""
     sentences_per_doc = enc.document_sentences
     nonempty = sentences_per_doc > 0
-    fine_sentence_starts = np.concatenate([[0], np.cumsum(enc.fine_lengths)])
-    coarse_sentence_starts = np.concatenate([[0], np.cumsum(enc.coarse_lengths)])
     stats: dict[str, Any] = {"splits": {}}
     for split, doc_mask in (("train", ~valid_mask & nonempty), ("valid", valid_mask & nonempty)):
         sentence_mask = np.repeat(doc_mask, sentences_per_doc)
@@ -407,7 +406,6 @@ def write_shard_splits(shard_dir: Path, enc: EncodedShard, valid_mask: np.ndarra
             "fine_tokens": int(fine_mask.sum()),
             "coarse_tokens": int(coarse_mask.sum()),
         }
-    del fine_sentence_starts, coarse_sentence_starts
     stats.update(
         documents=int(nonempty.sum()),
         empty_after_normalization=int((~nonempty).sum()),
@@ -762,7 +760,7 @@ def build(config: BuildConfig, comm=None) -> dict:
 
         def fit():
             if comm.rank != 0 or (work / "fit.done").exists():
-                return None
+                return
             counts: dict[str, Counter] = {}
             for rank_counts in all_counts:
                 for key, table in rank_counts.items():
@@ -783,10 +781,10 @@ def build(config: BuildConfig, comm=None) -> dict:
             shutil.rmtree(scratch, ignore_errors=True)
             log.info("vocabularies built in %.1fs", time.time() - t0)
             _mark(work / "fit.done", fit_stats)
-            return None
+            return
 
         _collective(comm, fit)
-        del all_counts
+        all_counts = None  # free the gathered tables
         fit_stats = json.loads((work / "fit.done").read_text())
         fine_size = len(fmt.Vocab.load(artifacts / fmt.FINE_VOCAB_FILE))
         coarse_size = len(fmt.Vocab.load(artifacts / fmt.COARSE_VOCAB_FILE))

@@ -32,9 +32,10 @@ import json
 import lzma
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 TEXT_MODES = ("auto", "paragraph", "line")
 ENCODING_ERRORS = ("strict", "replace")

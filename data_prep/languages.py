@@ -60,9 +60,10 @@ from __future__ import annotations
 import argparse
 import importlib
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
@@ -72,7 +73,7 @@ if TYPE_CHECKING:  # pragma: no cover
 # Modules that define (and register) a language, imported on first use of the registry.
 PLUGIN_MODULES: dict[str, str] = {"zh": "data_prep.chinese", "en": "data_prep.english"}
 
-_REGISTRY: dict[str, type["Language"]] = {}
+_REGISTRY: dict[str, type[Language]] = {}
 
 
 class LanguageError(ValueError):
@@ -201,7 +202,7 @@ class Language:
         """An error message if ``text`` (the start of input ``source``) is clearly not this language."""
         return None
 
-    def demo_inputs(self) -> list["InputSpec"]:
+    def demo_inputs(self) -> list[InputSpec]:
         raise LanguageError(f"--lang {self.name} has no built-in demo corpus: pass --input PATH")
 
     # ---- the build ---------------------------------------------------------------------------

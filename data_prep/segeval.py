@@ -21,9 +21,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_prep.chinese import SEGMENTERS, Chinese, make_segmenter, segment_sentence  # noqa: E402
-from data_prep.demo import peoples_daily_gold  # noqa: E402
-from data_prep.normalize import normalize_text, split_sentences  # noqa: E402
+from data_prep.chinese import SEGMENTERS, Chinese, make_segmenter, segment_sentence
+from data_prep.demo import peoples_daily_gold
+from data_prep.normalize import normalize_text, split_sentences
 
 
 @dataclass
@@ -69,7 +69,7 @@ def _spans(words: list[str]) -> set[tuple[int, int]]:
 
 
 def _strip(word: str) -> str:
-    return word[2:] if word.startswith("##") else word
+    return word.removeprefix("##")
 
 
 def evaluate(segmenter: str = "rjieba", lines: int | None = None, dataset: str | None = None,

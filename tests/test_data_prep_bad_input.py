@@ -14,8 +14,8 @@ from data_prep import core
 from data_prep import format as fmt
 from data_prep import inputs as inp
 from data_prep.chinese import Chinese
-from data_prep.languages import LanguageError
 from data_prep.demo import peoples_daily_gold
+from data_prep.languages import LanguageError
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["".join(words) for words in peoples_daily_gold(200)]
@@ -70,8 +70,7 @@ def test_single_50mb_line_is_cut_at_sentence_ends(tmp_path):
     big = tmp_path / "big.txt"
     reps = 50_000_000 // len(sentence.encode()) + 1
     with open(big, "w", encoding="utf-8") as fh:
-        for _ in range(reps):
-            fh.write(sentence)
+        fh.writelines(sentence for _ in range(reps))
         fh.write("\n")
     assert big.stat().st_size > 50_000_000
     counters = inp.ReadCounters()
@@ -99,7 +98,7 @@ def test_missing_path(tmp_path):
 
 def test_non_chinese_corpus_refused_before_work(tmp_path):
     english = tmp_path / "en.txt"
-    words = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
+    words = ["the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on", "not", "he", "this", "are", "or", "his", "from", "at", "which"]
     english.write_text("\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(30)) + "." for i in range(300)),
                        encoding="utf-8")
     with pytest.raises(LanguageError, match=r"does not look like Chinese: only 0.0% .*--lang en.*--skip-language-check"):

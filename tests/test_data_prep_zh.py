@@ -102,7 +102,7 @@ def test_round_trip_through_real_build(built):
                 spans = np.concatenate([[0], np.cumsum(a, dtype=np.int64)])
                 for k in range(len(c)):  # each coarse token is exactly the fine tokens it covers
                     pieces = ds.fine_tokens(f[spans[k]:spans[k + 1]])
-                    joined = pieces[0] + "".join(p[2:] if p.startswith("##") else p for p in pieces[1:])
+                    joined = pieces[0] + "".join(p.removeprefix("##") for p in pieces[1:])
                     assert ds.coarse_vocab.token(int(c[k])) == joined
 
 
