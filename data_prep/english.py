@@ -47,7 +47,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -64,7 +64,6 @@ from data_prep.format import (
 )
 from data_prep.languages import EncodedShard, Language, LanguageError, register
 from data_prep.phrases import (
-    Phrase,
     PhraseMiningConfig,
     PhraseTokenizer,
     mine_phrases,
@@ -99,7 +98,8 @@ _NO_BREAK_AFTER = re.compile(
 def _invisible_characters() -> re.Pattern:
     """Control, format, private-use and surrogate code points (whitespace excluded), as one regex class."""
     ranges: list[tuple[int, int]] = []
-    for cp in range(sys.maxunicode + 1):
+    # Planes 0-1 and 14 hold every control/format character; planes 15-16 are all private use.
+    for cp in itertools.chain(range(0x20000), range(0xE0000, 0xE1000), range(0xF0000, sys.maxunicode + 1)):
         ch = chr(cp)
         if unicodedata.category(ch) in _DROP_CATEGORIES and not ch.isspace():
             if ranges and ranges[-1][1] == cp - 1:
@@ -453,41 +453,10 @@ class EnglishTokenizers:
             c += cl
         return out
 
-    def encode_sentences(self, sentences: Sequence[str]) -> list[tuple[list[int], list[int], list[int]]]:
-        word_lists = [w for w in (self.words(s) for s in sentences) if w]
-        return self.encode_words(word_lists) if word_lists else []
-
-    def coarse_tokens_of(self, sentence: str) -> list[str]:
-        """Readable coarse tokenization of one sentence (for reports): [UNK] shown as <word>."""
-        words = self.words(sentence)
-        out, i = [], 0
-        for length in self.phrase_tokenizer.spans(words):
-            tok = PHRASE_JOINER.join(words[i:i + length])
-            out.append(tok if tok in self.coarse_vocab else f"<{tok}>")
-            i += length
-        return out
-
 
 # ---------------------------------------------------------------------------------------------
 # Corpus-level training: runs ONCE (rank 0), before any worker encodes
 # ---------------------------------------------------------------------------------------------
-def write_words_file(sentences: Iterable[str], path: str | os.PathLike, lowercase: bool = True,
-                     progress: Callable[[int], None] | None = None) -> tuple[int, int]:
-    """Normalise + word-tokenize sentences into ``path`` (one sentence a line). Returns (sentences, words)."""
-    n_sent = n_words = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for sentence in sentences:
-            words = words_of(normalize(sentence, lowercase))
-            if words:
-                f.write(" ".join(words))
-                f.write("\n")
-                n_sent += 1
-                n_words += len(words)
-                if progress and n_sent % 100_000 == 0:
-                    progress(n_sent)
-    return n_sent, n_words
-
-
 def count_coarse_tokens(words_file: str | os.PathLike, phrase_tokenizer: PhraseTokenizer,
                         block_sentences: int = 100_000) -> Counter:
     """Frequency of every coarse token (word or "_"-joined phrase) after greedy phrase tokenization."""
