@@ -68,7 +68,7 @@ STOP_WORDS: frozenset[str] = frozenset(
 # The only function words allowed INSIDE a phrase ("secretary of the treasury", "research and
 # development", "point of view"). Others ("is", "that", "by", "has") inside an n-gram mark a clause
 # fragment ("command is valid", "driver that implements"), not a fixed expression.
-GLUE_WORDS: frozenset[str] = frozenset("of and the a an in on for to de la le du von van der da".split())
+GLUE_WORDS: frozenset[str] = frozenset("of and the in on for de la le du von van der da".split())
 
 _CONTENT_WORD = re.compile(r"[^\W\d_]", re.UNICODE)  # at least one letter
 
