@@ -20,6 +20,10 @@ runs from the same seed start from identical weights.
 Layers work on a flat ``[tokens, hidden]`` tensor: with ``unpad`` the tokens are only the real
 (non-padding) ones of all sequences, so no FLOP is spent on padding outside attention; attention
 scatters them back to ``[sequences, length]`` for the SDPA call.
+
+Known limit: sliding-window layers pass SDPA a dense boolean ``[N, 1, L, L]`` mask (built once per
+forward). Fine up to a few thousand tokens; for 8k-token ModernBERT-style runs a windowed flash
+kernel (flash-attn's ``window_size``) would be the next step on GPU.
 """
 
 from __future__ import annotations
