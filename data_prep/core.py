@@ -644,7 +644,29 @@ def _prepare_work_dir(config: BuildConfig, params: dict) -> Path:
     return work
 
 
-def _read_into_shards(config, comm, specs, work: Path, executor: _Executor, bar, read_done: bool) -> dict:
+class _CountMerger:
+    """Sums each shard's count tables as soon as its analysis finishes: the main process does it while
+    the workers still segment other shards, instead of in a serial step afterwards. (Summing Counters
+    is order-independent, so the vocabularies do not depend on completion order.)"""
+
+    def __init__(self, bar):
+        self.bar = bar
+        self.counts: dict[str, Counter] = {}
+        self.merged = 0
+
+    def __call__(self, result: tuple[str, int]) -> None:
+        shard_dir, nbytes = result
+        with open(Path(shard_dir) / "counts.pkl", "rb") as fh:
+            for key, table in pickle.load(fh).items():
+                if key in self.counts:
+                    self.counts[key].update(table)
+                else:
+                    self.counts[key] = table
+        self.merged += 1
+        self.bar.update(nbytes)
+
+
+def _read_into_shards(config, comm, specs, work: Path, executor: _Executor, on_analyzed, read_done: bool) -> dict:
     """Stage 2 (+ 3 in the background): stream the corpus into shards, analyse each as it is written."""
     read_path = work / READ_FILE
     if read_done:  # a resumed build: the corpus was fully read before
@@ -673,8 +695,8 @@ def _read_into_shards(config, comm, specs, work: Path, executor: _Executor, bar,
         num_documents += 1
         if len(documents) == config.shard_documents:
             flush()
-        for _, nbytes in executor.ready():
-            bar.update(nbytes)
+        for result in executor.ready():
+            on_analyzed(result)
     if documents:
         flush()
     summary = {"num_documents": num_documents, "num_shards": k, "shard_documents": config.shard_documents,
@@ -740,16 +762,14 @@ def build(config: BuildConfig, comm=None) -> dict:
             total = sum(sizes) if None not in sizes else None  # unknown for parquet / HF datasets
             with _progress(config.progress and comm.rank == 0, desc="analyze", unit="B", unit_scale=True,
                            total=total) as bar:
-                summary = _read_into_shards(config, comm, specs, work, executor, bar, read_done)
-                for _, nbytes in executor.ready(wait=True):
-                    bar.update(nbytes)
+                merger = _CountMerger(bar)
+                summary = _read_into_shards(config, comm, specs, work, executor, merger, read_done)
+                for result in executor.ready(wait=True):
+                    merger(result)
             mine = [k for k in range(summary["num_shards"]) if k % comm.size == comm.rank]
-            counts: dict[str, Counter] = {}
-            for k in mine:
-                with open(_shard_dir(work, k) / "counts.pkl", "rb") as fh:
-                    for key, table in pickle.load(fh).items():
-                        counts.setdefault(key, Counter()).update(table)
-            return summary, counts
+            if merger.merged != len(mine):
+                raise BuildError(f"internal: {merger.merged} shards analysed, {len(mine)} expected")
+            return summary, merger.counts
 
         summary, my_counts = _collective(comm, read_and_analyze)
         all_counts = comm.gather(my_counts)
@@ -761,8 +781,8 @@ def build(config: BuildConfig, comm=None) -> dict:
         def fit():
             if comm.rank != 0 or (work / "fit.done").exists():
                 return
-            counts: dict[str, Counter] = {}
-            for rank_counts in all_counts:
+            counts: dict[str, Counter] = dict(all_counts[0])
+            for rank_counts in all_counts[1:]:
                 for key, table in rank_counts.items():
                     counts.setdefault(key, Counter()).update(table)
             tmp = work / "artifacts.tmp"
