@@ -745,6 +745,7 @@ def build(config: BuildConfig, comm=None) -> dict:
         work = _prepare_work_dir(config, params)
         return params, warnings, (work / READ_FILE).exists()
 
+    stage_seconds: dict[str, float] = {}
     params, warnings, read_done = comm.bcast(_collective(comm, check) if comm.rank == 0 else _collective(comm, lambda: None))
     work = work_dir_for(config.output)
 
@@ -771,7 +772,9 @@ def build(config: BuildConfig, comm=None) -> dict:
                 raise BuildError(f"internal: {merger.merged} shards analysed, {len(mine)} expected")
             return summary, merger.counts
 
+        stage_seconds["check"] = round(time.time() - started, 2)
         summary, my_counts = _collective(comm, read_and_analyze)
+        stage_seconds["read_analyze"] = round(time.time() - started - sum(stage_seconds.values()), 2)
         all_counts = comm.gather(my_counts)
         del my_counts
 
@@ -804,6 +807,7 @@ def build(config: BuildConfig, comm=None) -> dict:
             return
 
         _collective(comm, fit)
+        stage_seconds["fit"] = round(time.time() - started - sum(stage_seconds.values()), 2)
         all_counts = None  # free the gathered tables
         fit_stats = json.loads((work / "fit.done").read_text())
         fine_size = len(fmt.Vocab.load(artifacts / fmt.FINE_VOCAB_FILE))
@@ -825,6 +829,7 @@ def build(config: BuildConfig, comm=None) -> dict:
             executor.close()
 
         _collective(comm, encode)
+        stage_seconds["encode"] = round(time.time() - started - sum(stage_seconds.values()), 2)
     except BaseException:
         if executor is not None:
             executor.terminate()
@@ -834,13 +839,15 @@ def build(config: BuildConfig, comm=None) -> dict:
     def merge():
         if comm.rank != 0:
             return None
-        return _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_size, warnings, started, comm)
+        return _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_size, warnings, started, comm,
+                      stage_seconds)
 
     meta = _collective(comm, merge)
     return comm.bcast(meta)
 
 
-def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_size, warnings, started, comm) -> dict:
+def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_size, warnings, started, comm,
+           stage_seconds) -> dict:
     shards = [_shard_dir(work, k) for k in range(summary["num_shards"])]
     totals: Counter = Counter()
     extra: Counter = Counter()
@@ -909,7 +916,9 @@ def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_siz
             "warnings": warnings,
             # run-dependent (not part of the reproducible output): a resumed run's throughput
             # covers only the work it did itself
-            "run": {"workers": config.workers, "ranks": comm.size, "resumed": bool(config.resume)},
+            "run": {"workers": config.workers, "ranks": comm.size, "resumed": bool(config.resume),
+                    "stage_seconds": {**stage_seconds,
+                                      "merge": round(time.time() - started - sum(stage_seconds.values()), 2)}},
         }
         fmt.write_meta(out, meta)
         atomic.commit()

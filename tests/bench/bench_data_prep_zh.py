@@ -76,10 +76,13 @@ def main() -> None:
                                        text_mode="line", shard_documents=args.shard_documents, progress=False,
                                        language_options={"segmenter": args.segmenter})
                 t0, c0 = time.perf_counter(), cpu()
-                core.build(cfg)
+                meta = core.build(cfg)
                 best = min(best, time.perf_counter() - t0)
                 used = cpu() - c0
+                stages[workers] = meta["run"]["stage_seconds"]
             return best, used
+
+        stages: dict[int, dict] = {}
 
         t1, cpu1 = run_build(1)
         t2, cpu2 = run_build(2)
@@ -96,6 +99,8 @@ def main() -> None:
         print(f"build(1 worker) / segmenter alone: {best_seg / t1:.2f} by wall time, {seg_cpu / cpu1:.2f} by CPU time "
               f"(goal >= 0.50)")
         print(f"build(2 workers) / build(1 worker) speed-up: {t1 / t2:.2f}x  (goal >= 1.7x)")
+        for workers, st in stages.items():
+            print(f"stages (wall s), --workers {workers}: " + ", ".join(f"{k} {v}" for k, v in st.items()))
         print(f"outputs of 1 and 2 workers byte-identical (except meta.json run info): {same}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
