@@ -650,7 +650,10 @@ def fit_english(words_file: Path, word_counts: Counter, artifacts_dir: Path, con
     kept = set(coarse_tokens)
     in_vocab = [p for p in phrases if PHRASE_JOINER.join(p.words) in kept]
     t0 = time.time()
-    final = count_coarse_tokens(words_file, PhraseTokenizer(p.words for p in in_vocab))
+    if len(in_vocab) == len(phrases):  # no phrase was dropped: the first count is already exact
+        final = counts
+    else:
+        final = count_coarse_tokens(words_file, PhraseTokenizer(p.words for p in in_vocab))
     seconds["recount"] = round(time.time() - t0, 2)
     total = sum(final.values())
     phrase_tokens = sum(c for t, c in final.items() if _is_phrase(t))
