@@ -272,11 +272,14 @@ def _collective(comm, fn: Callable[[], Any]) -> Any:
 # Small helpers: atomic files, markers
 # ---------------------------------------------------------------------------------------------
 def _write_atomic(path: Path, data: bytes) -> None:
+    """Write-to-temp + rename: a killed process never leaves a half-written file under ``path``.
+
+    No fsync: resume protects against killed processes (the page cache survives them); after a
+    machine crash, rebuild with --overwrite.
+    """
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     with open(tmp, "wb") as fh:
         fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
