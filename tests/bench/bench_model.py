@@ -8,9 +8,11 @@ AdamW step on the SAME fine and coarse batches (fine then coarse for HF, stacked
 us), tokens/s counted over real (non-padding) fine + coarse tokens. Steps of the two models and
 matmul-peak probes are interleaved round by round, medians reported. The peer:
 
-  HF BertForMaskedLM with one embedding table of fine + coarse rows (coarse ids shifted), i.e. the
-  same parameter count as AMBERT's two tables + shared encoder; it computes logits at every
-  position (its only mode) and runs on padded batches.
+  1. HF BertForMaskedLM with one embedding table of fine + coarse rows (coarse ids shifted): the
+     same parameter count as AMBERT's two tables + shared encoder.
+  2. Two HF BertForMaskedLM (fine vocabulary, coarse vocabulary) sharing ONE encoder module:
+     AMBERT's structure from HF parts, each granularity's logits over its own vocabulary.
+  HF computes logits at every position (its only mode) and runs on padded batches.
 
 Achieved FLOP/s (useful FLOPs from pipeline.model.flops_per_sample, padding not counted) is
 reported as a fraction of this machine's fp32 matmul peak measured in the same run (best torch.mm
@@ -132,71 +134,88 @@ def main() -> None:
         ours_optimizer.step()
         ours_optimizer.zero_grad(set_to_none=True)
 
-    hf_config = BertConfig(
-        vocab_size=config.padded_vocab_size("fine") + config.padded_vocab_size("coarse"),
-        hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=heads,
-        intermediate_size=4 * args.hidden, max_position_embeddings=config.max_position_embeddings,
-        hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    hf = BertForMaskedLM(hf_config).to(device).train()
-    hf_optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True)
-    shift = config.padded_vocab_size("fine")
-    hf_inputs = []
-    for g, offset in (("fine", 0), ("coarse", shift)):
+    def hf_bert(vocab_size: int) -> BertForMaskedLM:
+        hf_config = BertConfig(
+            vocab_size=vocab_size, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=heads,
+            intermediate_size=4 * args.hidden, max_position_embeddings=config.max_position_embeddings,
+            hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, attn_implementation="sdpa",
+        )
+        return BertForMaskedLM(hf_config).to(device).train()
+
+    def hf_inputs(g: str, offset: int = 0) -> dict:
         labels = batch[f"{g}_labels"]
-        hf_inputs.append(dict(
+        return dict(
             input_ids=batch[f"{g}_ids"] + offset,
             attention_mask=batch[f"{g}_attention_mask"],
             token_type_ids=batch[f"{g}_token_types"],
             labels=torch.where(labels == IGNORE_INDEX, labels, labels + offset),
-        ))
+        )
 
-    def hf_step():
-        loss = sum(hf(**inputs).loss for inputs in hf_inputs)  # fine batch, then coarse batch
-        loss.backward()
-        hf_optimizer.step()
-        hf_optimizer.zero_grad(set_to_none=True)
+    def make_step(module: torch.nn.Module, calls):
+        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)
 
-    ours_params = sum(p.numel() for p in ours.parameters())
-    hf_params = sum(p.numel() for p in hf.parameters())
-    ours_step()
-    hf_step()  # warm-up
+        def step():
+            loss = sum(model(**inputs).loss for model, inputs in calls)  # fine batch, then coarse batch
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
+
+    torch.manual_seed(0)
+    fine_rows, coarse_rows = config.padded_vocab_size("fine"), config.padded_vocab_size("coarse")
+    # Peer 1: one BertForMaskedLM whose table holds fine + coarse rows (coarse ids shifted).
+    joint = hf_bert(fine_rows + coarse_rows)
+    joint_step = make_step(joint, [(joint, hf_inputs("fine")), (joint, hf_inputs("coarse", fine_rows))])
+    # Peer 2: two BertForMaskedLM (own table and head each) sharing ONE encoder module: AMBERT's
+    # structure built from HF parts; logits over each granularity's own vocabulary.
+    pair_fine, pair_coarse = hf_bert(fine_rows), hf_bert(coarse_rows)
+    pair_coarse.bert.encoder = pair_fine.bert.encoder
+    pair = torch.nn.ModuleList([pair_fine, pair_coarse])
+    pair_step = make_step(pair, [(pair_fine, hf_inputs("fine")), (pair_coarse, hf_inputs("coarse"))])
+
+    contenders = [
+        ("ours: ambert (shared encoder, masked-only heads)", ours, ours_step),
+        ("HF-joint: BertForMaskedLM, one fine+coarse table", joint, joint_step),
+        ("HF-pair: 2 BertForMaskedLM sharing one encoder", pair, pair_step),
+    ]
+    for _, _, step in contenders:
+        step()  # warm-up
     threads = torch.get_num_threads()
-    ours_times, hf_times, peaks, mfus, ours_cpu, hf_cpu, cpu_peaks = [], [], [], [], [], [], []
+    walls = {name: [] for name, _, _ in contenders}
+    cpus = {name: [] for name, _, _ in contenders}
+    peaks, cpu_peaks, mfus = [], [], []
+    ours_name = contenders[0][0]
     for i in range(args.steps):
-        wall, cpu = timed(ours_step, device)
-        ours_times.append(wall)
-        ours_cpu.append(cpu / threads)
-        wall, cpu = timed(hf_step, device)
-        hf_times.append(wall)
-        hf_cpu.append(cpu / threads)
+        for name, _, step in contenders:
+            wall, cpu = timed(step, device)
+            walls[name].append(wall)
+            cpus[name].append(cpu / threads)
         peak_wall, peak_cpu = matmul_peak(device, sizes=(3072,), repeats=2)
         peaks.append(peak_wall)
         cpu_peaks.append(peak_cpu)
-        mfus.append(useful_flops / ours_times[-1] / peaks[-1])
-        print(f"  round {i + 1}/{args.steps}: ours {ours_times[-1]:.2f}s ({ours_cpu[-1]:.2f} CPU-s/thread)  "
-              f"HF {hf_times[-1]:.2f}s ({hf_cpu[-1]:.2f})  peak {peaks[-1] / 1e9:.1f} GFLOP/s  "
-              f"load {load()}", flush=True)
+        mfus.append(useful_flops / walls[ours_name][-1] / peaks[-1])
+        times = "  ".join(f"{short} {walls[name][-1]:.2f}s" for short, (name, _, _) in zip(("ours", "HF-joint", "HF-pair"), contenders))
+        print(f"  round {i + 1}/{args.steps}: {times}  peak {peaks[-1] / 1e9:.1f} GFLOP/s  load {load()}", flush=True)
 
-    ours_time, hf_time, mfu = median(ours_times), median(hf_times), median(mfus)
     peak = max(peaks + [peak_before])
     cpu_peak = max(cpu_peaks + [cpu_peak_before])
-    ours_rate, hf_rate = real_tokens / ours_time, real_tokens / hf_time
+    ours_time, ours_cpu = median(walls[ours_name]), median(cpus[ours_name])
     print()
-    print(f"{'model':<50}{'params':>10}{'s/step':>9}{'tokens/s':>10}{'CPU-s/thread':>14}")
-    print(f"{'ours: ambert (shared encoder, masked-only heads)':<50}{ours_params / 1e6:>9.1f}M{ours_time:>9.2f}"
-          f"{ours_rate:>10.0f}{median(ours_cpu):>14.2f}")
-    print(f"{'HF BertForMaskedLM (one table: fine+coarse rows)':<50}{hf_params / 1e6:>9.1f}M{hf_time:>9.2f}"
-          f"{hf_rate:>10.0f}{median(hf_cpu):>14.2f}")
+    print(f"{'model':<52}{'params':>10}{'s/step':>9}{'tokens/s':>10}{'CPU-s/thread':>14}{'ours is':>22}")
+    for name, module, _ in contenders:
+        params = sum(p.numel() for p in module.parameters())
+        wall, cpu = median(walls[name]), median(cpus[name])
+        ratio = "" if name == ours_name else f"{wall / ours_time:.2f}x ({cpu / ours_cpu:.2f}x CPU)"
+        print(f"{name:<52}{params / 1e6:>9.1f}M{wall:>9.2f}{real_tokens / wall:>10.0f}{cpu:>14.2f}{ratio:>22}")
     print()
-    print(f"speed-up vs HF (median of {args.steps} interleaved rounds): {ours_rate / hf_rate:.2f}x wall-clock, "
-          f"{median(hf_cpu) / median(ours_cpu):.2f}x in CPU time (goal >= 1.3x)")
+    print(f"speed-up vs HF: medians of {args.steps} interleaved rounds, wall-clock (CPU time); goal >= 1.3x")
+    mfu = median(mfus)
     print(f"achieved: {useful_flops / ours_time / 1e9:.1f} GFLOP/s useful; median per-round fraction of the fp32 "
           f"matmul peak measured right after it: {100 * mfu:.1f}% (goal >= 50%); best peak seen "
           f"{peak / 1e9:.1f} GFLOP/s -> {100 * useful_flops / ours_time / peak:.1f}% of it")
-    print(f"by CPU time (less sensitive to other jobs): {useful_flops / median(ours_cpu) / 1e9:.1f} GFLOP/s useful "
-          f"= {100 * useful_flops / median(ours_cpu) / cpu_peak:.1f}% of the matmul peak measured the same way "
+    print(f"by CPU time (less sensitive to other jobs): {useful_flops / ours_cpu / 1e9:.1f} GFLOP/s useful "
+          f"= {100 * useful_flops / ours_cpu / cpu_peak:.1f}% of the matmul peak measured the same way "
           f"({cpu_peak / 1e9:.1f} GFLOP/s)")
     print(f"load average after: {load()}")
 
