@@ -22,11 +22,15 @@ def measure_peak_flops(seconds: float = 0.3, size: int = 512) -> float:
     generator = torch.Generator().manual_seed(0)  # never touch the global RNG (exact resume)
     a, b = torch.randn(size, size, generator=generator), torch.randn(size, size, generator=generator)
     torch.mm(a, b)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        torch.mm(a, b)
-        n += 1
-    return 2 * size**3 * n / (time.perf_counter() - start)
+    # Best of several short windows: on a shared machine the slowest windows measure the neighbours.
+    best = 0.0
+    for _ in range(5):
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 5:
+            torch.mm(a, b)
+            n += 1
+        best = max(best, 2 * size**3 * n / (time.perf_counter() - start))
+    return best
 
 
 def default_peak_flops(precision: str) -> float:

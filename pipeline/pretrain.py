@@ -26,6 +26,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # `deepspeed pipeline/pretrain.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not os.path.exists("/dev/nvidia0") else "cuda")
+import warnings  # noqa: E402
+
+# Import-time noise of the stack, once per rank: megatron-core without TransformerEngine/Apex (its
+# local fallbacks are what we use) and DeepSpeed's calls to renamed torch.distributed functions.
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 import torch
 import torch.distributed as dist
@@ -263,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline import parallel
 
+    stale = sorted(Path(os.path.expanduser("~/.cache/torch_extensions")).glob("*/deepspeed_shm_comm/lock"))
+    if stale and not torch.cuda.is_available():
+        # A JIT build killed mid-way leaves this lock and every later start waits on it forever.
+        log.warning("%s exists: if start-up hangs here, no build is running and the file is stale: delete it", stale[0])
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False)
     parallel.initialize_parallel(config.parallelism.tensor_parallel, seed=config.seed)

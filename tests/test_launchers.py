@@ -72,8 +72,9 @@ def test_srun_environment_is_mapped(monkeypatch):
     from pipeline.config import ConfigError
     from pipeline.pretrain import launch_env
 
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "OMPI_COMM_WORLD_RANK"):
-        monkeypatch.delenv(name, raising=False)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.setenv(name, "")  # recorded, so launch_env's exports are undone after the test
+        monkeypatch.delenv(name)
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_LOCALID", "1")
