@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -108,9 +108,9 @@ def initialize_parallel(tensor_parallel_size: int = 1, seed: int = 1234) -> None
         )
     if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    if parallel_state.model_parallel_is_initialized():
-        if parallel_state.get_tensor_model_parallel_world_size() != tensor_parallel_size:
-            parallel_state.destroy_model_parallel()
+    if (parallel_state.model_parallel_is_initialized()
+            and parallel_state.get_tensor_model_parallel_world_size() != tensor_parallel_size):
+        parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
     if not torch.cuda.is_available():
@@ -213,7 +213,7 @@ class DeepSpeedMPU:
 # ----------------------------------------------------------------------------------------------
 # Reassembling tensor-parallel shards (tests, checkpoint export)
 # ----------------------------------------------------------------------------------------------
-def full_tensor(shard: torch.Tensor, like: Optional[torch.nn.Parameter] = None) -> torch.Tensor:
+def full_tensor(shard: torch.Tensor, like: torch.nn.Parameter | None = None) -> torch.Tensor:
     """Gather a tensor-parallel shard (a parameter, or its gradient with ``like=param``) into the
     full TP=1 tensor, honouring megatron's ``partition_dim`` and ``partition_stride`` attributes.
     Replicated tensors come back unchanged."""

@@ -57,7 +57,7 @@ def _zero3_vs_plain(cases):
         plain = build_model(config)
         optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-3)
 
-        def plain_step():
+        def plain_step(optimizer=optimizer):
             optimizer.step()
             optimizer.zero_grad()
 

@@ -13,10 +13,10 @@ from pipeline.model.config import RECIPES, VARIANTS, ModelConfig, model_recipe
 from pipeline.model.flops import count_parameters, flops_per_sample
 
 __all__ = [
-    "AmbertForPreTraining",
-    "ModelConfig",
     "RECIPES",
     "VARIANTS",
+    "AmbertForPreTraining",
+    "ModelConfig",
     "build_model",
     "count_parameters",
     "flops_per_sample",

@@ -20,8 +20,6 @@ spot, and one big call is faster than two small ones).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -136,7 +134,7 @@ class AmbertForPreTraining(nn.Module):
     def forward(self, batch: Batch, return_logits: bool = False) -> dict[str, torch.Tensor]:
         hidden = self.encode(batch)
         out: dict[str, torch.Tensor] = {}
-        total: Optional[torch.Tensor] = None
+        total: torch.Tensor | None = None
         for g in self.config.granularities:
             head = self.heads[g](hidden[f"{g}_hidden"], batch[f"{g}_labels"], return_logits=return_logits)
             out[f"{g}_loss"] = head["loss"]
@@ -156,7 +154,7 @@ class AmbertForPreTraining(nn.Module):
         return out
 
 
-def build_model(config: ModelConfig, device: Optional[torch.device | str] = None) -> AmbertForPreTraining:
+def build_model(config: ModelConfig, device: torch.device | str | None = None) -> AmbertForPreTraining:
     """Build the model on this rank's TP slice (call pipeline.parallel.initialize_parallel first).
 
     Weights are created on the CPU from the default generator (identical for any TP size given the

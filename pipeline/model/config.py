@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 from data_prep.format import NUM_SPECIAL
 
@@ -52,9 +51,9 @@ class ModelConfig:
     """Transformer layers per encoder."""
     num_attention_heads: int = 12
     """Query heads."""
-    num_query_groups: Optional[int] = None
+    num_query_groups: int | None = None
     """Key/value heads for grouped-query attention; None = one per query head (multi-head)."""
-    ffn_hidden_size: Optional[int] = None
+    ffn_hidden_size: int | None = None
     """Inner width of the MLP (per branch for GeGLU); None = 4 * hidden_size."""
     max_position_embeddings: int = 512
     """Longest sequence (per granularity) the model accepts; size of the learned position table."""
@@ -127,7 +126,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "ModelConfig":
+    def from_dict(cls, values: dict) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -235,4 +234,4 @@ def model_recipe(name: str, **overrides) -> ModelConfig:
     return ModelConfig.from_dict(values)
 
 
-__all__ = ["ModelConfig", "model_recipe", "RECIPES", "VARIANTS"]
+__all__ = ["RECIPES", "VARIANTS", "ModelConfig", "model_recipe"]

@@ -8,8 +8,6 @@ this module's constructor (safe under deepspeed.zero.Init).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import VocabParallelEmbedding
@@ -55,8 +53,8 @@ class EmbeddingExtras(nn.Module):
         self,
         words: torch.Tensor,
         position_ids: torch.Tensor,
-        token_types: Optional[torch.Tensor],
-        granularity_ids: Optional[torch.Tensor] = None,
+        token_types: torch.Tensor | None,
+        granularity_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = words
         if self.positions is not None:

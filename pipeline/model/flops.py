@@ -84,10 +84,10 @@ def flops_per_sample(config: ModelConfig, fine_len: float, coarse_len: float,
     granularities = config.granularities
     forward = 0.0
     if config.variant == "ambert-hybrid":
-        forward += _encoder_forward_flops(config, int(round(fine_len + coarse_len)))
+        forward += _encoder_forward_flops(config, round(fine_len + coarse_len))
     else:
         for g in granularities:
-            forward += _encoder_forward_flops(config, int(round(lengths[g])))
+            forward += _encoder_forward_flops(config, round(lengths[g]))
     for g in granularities:
         forward += _head_forward_flops(config, g, masked[g])
     if config.sentence_order_head:

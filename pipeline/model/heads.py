@@ -11,8 +11,6 @@ cross-rank argmax (max over ranks, then the smallest global index attaining it, 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -99,7 +97,7 @@ class SentenceOrderHead(nn.Module):
         inputs = len(config.granularities) * config.hidden_size
         self.classifier = ReplicatedLinear(inputs, 2, config.init_std, bias=True)
 
-    def forward(self, cls_vectors: list[torch.Tensor], labels: Optional[torch.Tensor]) -> dict:
+    def forward(self, cls_vectors: list[torch.Tensor], labels: torch.Tensor | None) -> dict:
         # One pooler call over the stacked [CLS] vectors (a module called twice per step is a ZeRO-3
         # trouble spot), then [fine ; coarse] side by side.
         pooled = torch.tanh(self.pooler(torch.cat(cls_vectors, dim=0)))

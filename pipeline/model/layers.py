@@ -29,7 +29,6 @@ kernel (flash-attn's ``window_size``) would be the next step on GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +39,6 @@ from torch import nn
 
 from pipeline import parallel
 from pipeline.model.config import ModelConfig
-
 
 # scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5.
 _SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -97,13 +95,13 @@ class TokenLayout:
 
     num_sequences: int
     length: int
-    token_index: Optional[torch.Tensor]  # flat indices of kept tokens in N*L; None = all kept
-    global_mask: Optional[torch.Tensor]  # SDPA boolean mask for global layers (True = attend) or None
-    local_mask: Optional[torch.Tensor]  # the same for sliding-window layers
-    rope: Optional[tuple[torch.Tensor, torch.Tensor]]  # cos, sin: [N, 1, L, head_dim]
+    token_index: torch.Tensor | None  # flat indices of kept tokens in N*L; None = all kept
+    global_mask: torch.Tensor | None  # SDPA boolean mask for global layers (True = attend) or None
+    local_mask: torch.Tensor | None  # the same for sliding-window layers
+    rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin: [N, 1, L, head_dim]
 
     @classmethod
-    def build(cls, config: ModelConfig, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> "TokenLayout":
+    def build(cls, config: ModelConfig, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> TokenLayout:
         n, length = attention_mask.shape
         valid = attention_mask.bool()
         all_valid = bool(valid.all())
