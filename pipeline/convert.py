@@ -151,10 +151,19 @@ def export(source: Path, output: Path) -> Path:
             zero_dir = source / "zero"
         else:
             zero_dir = to_universal(source, tmp_universal) / "zero"
+        # Without TP, DeepSpeed's ZeRO-3 merge writes flat tensors: shape them from the recorded
+        # parameter shapes (with TP the merge already yields full-shape tensors).
+        shapes = {}
+        for model_file in sorted(source.glob("*mp_rank_00_model_states.pt"))[:1]:
+            for group in torch.load(model_file, map_location="cpu", weights_only=False).get("param_shapes", []):
+                shapes.update({name: tuple(shape) for name, shape in group.items()})
         state = {}
         for param_dir in sorted(p for p in zero_dir.iterdir() if p.is_dir()):
             fp32 = torch.load(param_dir / "fp32.pt", map_location="cpu", weights_only=False)
             tensor = fp32["param"] if isinstance(fp32, dict) else fp32
+            shape = shapes.get(param_dir.name)
+            if tensor.dim() == 1 and shape is not None and len(shape) > 1 and tensor.numel() == int(torch.Size(shape).numel()):
+                tensor = tensor.view(shape)
             state[param_dir.name] = tensor.float().contiguous().clone()
     finally:
         shutil.rmtree(tmp_universal, ignore_errors=True)
