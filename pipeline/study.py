@@ -88,6 +88,8 @@ class StudyConfig:
     """zh: also fine-tune every model on word segmentation as BIES tagging (People's Daily gold)."""
     quick: bool = False
     """Small everything (minutes on 2 CPU cores): same steps, smaller numbers."""
+    plot_only: bool = False
+    """Only redraw the PNGs from OUTPUT/study.json (e.g. after an interrupted study)."""
 
     def apply_quick(self) -> None:
         self.pretrain_steps = min(self.pretrain_steps, 300)
@@ -334,7 +336,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
             steps = list(metrics)
             for ax, key in zip(axes, ("fine_loss", "coarse_loss")):
                 values = [metrics[s].get(key) for s in steps]
-                if any(v is not None for v in values):
+                if any(v for v in values):  # single-granularity runs log 0 for the other side
                     ax.plot(steps, values, label=r["model"])
         for ax, key in zip(axes, ("fine MLM loss", "coarse MLM loss")):
             ax.set_title(f"{language}: {key}")
@@ -368,6 +370,10 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------
 def run_study(config: StudyConfig) -> list[dict]:
+    if config.plot_only:
+        rows = json.loads((Path(config.output) / "study.json").read_text(encoding="utf-8"))["rows"]
+        log.info("wrote %s", ", ".join(str(p) for p in plot(rows, Path(config.output))))
+        return rows
     if config.quick:
         config.apply_quick()
     config.validate()
