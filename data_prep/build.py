@@ -111,14 +111,29 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if report.ok else 1
     if not args.lang or not args.output:
         parser.error("--lang and --output are required to build (or pass --verify DIR)")
+    if core.launch_rank() == 0:  # the build's log also goes next to the dataset (appended on --resume)
+        log_file = Path(args.output).parent / (Path(args.output).name + ".build.log")
+        try:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(log_file, encoding="utf-8")
+        except OSError as exc:
+            print(f"error: cannot write the build log {log_file}: {exc}; choose another --output", file=sys.stderr)
+            return 2
+        handler.setFormatter(logging.Formatter("[data_prep %(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logging.getLogger().addHandler(handler)
+        for console in logging.getLogger().handlers:  # the error is printed already: file only
+            if console is not handler:
+                console.addFilter(lambda record: not getattr(record, "file_only", False))
     try:
         meta = core.build(config_from_args(args))
     except (core.BuildError, inputs.InputError, LanguageError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        logging.getLogger("data_prep.build").log(logging.ERROR, "error: %s", exc, extra={"file_only": True})
         return 2
     if core.launch_rank() == 0:
-        print(core.summarize(meta))
-        print(f"wrote {args.output}")
+        summary = f"{core.summarize(meta)}\nwrote {args.output}"
+        print(summary)
+        logging.getLogger("data_prep.build").info("%s", summary, extra={"file_only": True})
     return 0
 
 

@@ -73,7 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     try:
-        run(parse_args(argv))
+        config = parse_args(argv)
+        if rank == 0 and config.output:  # the log also goes to OUTPUT/finetune.log (appended)
+            Path(config.output).mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(Path(config.output) / "finetune.log", encoding="utf-8")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+            logging.getLogger().addHandler(handler)
+        run(config)
     except FinetuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

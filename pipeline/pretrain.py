@@ -234,6 +234,16 @@ def setup_logging(rank: int) -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)
 
 
+def log_to_file(output_dir: Path, rank: int) -> Path:
+    """Everything this rank logs also goes to OUTPUT/logs/rank<k>.log (appended across resumes)."""
+    path = output_dir / "logs" / f"rank{rank}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(f"[%(asctime)s rank{rank}] %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logging.getLogger().addHandler(handler)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     # 1. Config, validated on every rank before any collective call or allocation.
     config = load_config(args.config or DEFAULT_RECIPE, overrides)
     validate(config, world_size)
+    log_to_file(Path(config.output_dir), rank)
     ensure_demo_dataset(config, rank)
     from data_prep.format import PairedDataset
 

@@ -451,7 +451,12 @@ def parse_args(argv: list[str] | None = None) -> StudyConfig:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    run_study(parse_args(argv))
+    config = parse_args(argv)
+    Path(config.output).mkdir(parents=True, exist_ok=True)  # the log also goes to OUTPUT/study.log
+    handler = logging.FileHandler(Path(config.output) / "study.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logging.getLogger().addHandler(handler)
+    run_study(config)
     return 0
 
 

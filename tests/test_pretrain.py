@@ -126,6 +126,10 @@ def test_zero3_both_losses_fall(reference_run):
     for key in ("lr", "grad_norm", "tokens_per_s", "samples_per_s", "mfu", "memory_mb", "fine_accuracy", "coarse_accuracy"):
         assert key in first and first[key] >= 0, key
     assert (reference_run / "config.yaml").is_file()
+    # The console log is also in files: rank 0 at INFO (through the last step), every rank its own.
+    rank0 = (reference_run / "logs" / "rank0.log").read_text(encoding="utf-8")
+    assert "step 20/20" in rank0 and "done at step 20" in rank0, rank0[-2000:]
+    assert (reference_run / "logs" / "rank1.log").is_file()
     assert sorted(p.name for p in (reference_run / "checkpoints").glob("step_*")) == ["step_00000010", "step_00000020"]
 
 

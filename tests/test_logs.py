@@ -1,0 +1,28 @@
+"""Logs go to files as well as the console: the data_prep build log next to the dataset."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_build_log_records_the_run_and_its_error(tmp_path):
+    # A tiny real build, then a failing one into the same place: both land in OUTPUT.build.log.
+    corpus = tmp_path / "zh.txt"
+    corpus.write_text("".join(f"今天北京的天气很好，我们去公园散步{i}次。\n\n" for i in range(40)), encoding="utf-8")
+    out = tmp_path / "ds"
+    cmd = [sys.executable, "data_prep/build.py", "--lang", "zh", "--input", str(corpus), "--output", str(out),
+           "--no-progress", "--fine-min-count", "1"]
+    ok = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert again.returncode == 2
+    log = (tmp_path / "ds.build.log").read_text(encoding="utf-8")
+    first_error = again.stderr[again.stderr.index("error:"):].strip()
+    assert "--overwrite" in first_error  # an existing output names the fix
+    assert log.count("error:") == 1 and first_error in log, (log[-2000:], first_error)
+    assert f"wrote {out}" in log and "coarse/fine" in log  # the successful build's summary is logged too
+    assert (out / "meta.json").is_file()  # the failed second run left the dataset alone
