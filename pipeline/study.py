@@ -92,11 +92,12 @@ class StudyConfig:
     """Only redraw the PNGs from OUTPUT/study.json (e.g. after an interrupted study)."""
 
     def apply_quick(self) -> None:
-        self.pretrain_steps = min(self.pretrain_steps, 300)
-        self.epochs = min(self.epochs, 3.0)
-        self.train_examples = self.train_examples or 1000
-        self.eval_examples = self.eval_examples or 300
-        self.max_length = min(self.max_length, 64)
+        """Small values for every field still at its default; a value given on the command line wins."""
+        defaults = StudyConfig()
+        quick = {"pretrain_steps": 300, "epochs": 3.0, "train_examples": 1000, "eval_examples": 300, "max_length": 64}
+        for name, value in quick.items():
+            if getattr(self, name) == getattr(defaults, name):
+                setattr(self, name, value)
 
     def validate(self) -> None:
         unknown = sorted(set(self.languages) - set(LANGUAGES))

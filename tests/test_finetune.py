@@ -355,3 +355,14 @@ def test_deepspeed_data_parallel_matches_single_process(tmp_path, zh_dataset, ti
         np.testing.assert_allclose([v for _, v in curve], [v for _, v in reference["train_curve"]], rtol=2e-4)
         assert dev_accuracy == reference["dev"]["accuracy"]
     assert json.loads((tmp_path / "out-ds" / "results.json").read_text())["config"]["deepspeed"] is True
+
+
+def test_study_quick_shrinks_defaults_but_keeps_explicit_values():
+    from pipeline.study import parse_args
+
+    quick = parse_args(["--quick"])
+    quick.apply_quick()
+    assert (quick.pretrain_steps, quick.train_examples, quick.max_length) == (300, 1000, 64)
+    explicit = parse_args(["--quick", "--pretrain-steps", "1000", "--train-examples", "4000"])
+    explicit.apply_quick()
+    assert (explicit.pretrain_steps, explicit.train_examples, explicit.eval_examples) == (1000, 4000, 300)
