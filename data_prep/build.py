@@ -48,7 +48,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--fine-min-count", type=int, help="minimum corpus count of a fine unit (default: per language)")
     p.add_argument("--coarse-min-count", type=int, help="minimum corpus count of a coarse word/phrase (default: per language)")
     p.add_argument("--valid-fraction", type=float, default=0.01, help="share of documents in the valid split")
-    p.add_argument("--shard-documents", type=int, default=2000, help="documents per shard (unit of parallelism/resume)")
+    p.add_argument("--shard-documents", type=int, default=2000,
+                   help="at most this many documents per shard (unit of parallelism/resume)")
+    p.add_argument("--shard-characters", type=int, default=None,
+                   help="a shard also closes at this many characters (default: corpus size / 64, "
+                        "between 50k and 16M)")
     p.add_argument("--text-mode", choices=inputs.TEXT_MODES, default="auto",
                    help="text files: one document per blank-line-separated block (paragraph), per line, or auto "
                         "(paragraph if the file's first MB has a blank line, else line)")
@@ -85,6 +89,7 @@ def config_from_args(args: argparse.Namespace) -> core.BuildConfig:
         coarse_min_count=args.coarse_min_count,
         valid_fraction=args.valid_fraction,
         shard_documents=args.shard_documents,
+        shard_characters=args.shard_characters,
         text_mode=args.text_mode,
         text_field=args.text_field,
         encoding_errors=args.encoding_errors,

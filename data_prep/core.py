@@ -5,9 +5,9 @@ Stages (each resumable, each independent of the number of workers / MPI ranks):
 1. check   inputs exist, are readable UTF-8, look like the language; output/work dirs are usable.
            sha256 of every input is taken here (meta.json, and a --resume with changed inputs is
            refused). Nothing expensive has run yet.
-2. read    the inputs are streamed once into SHARDS: shard k holds documents
-           [k * shard_documents, (k+1) * shard_documents) of the corpus, so shard contents depend
-           only on the corpus, never on --workers. Each shard is written to
+2. read    the inputs are streamed once into SHARDS of consecutive documents: a shard closes at
+           --shard-documents documents or --shard-characters characters (default: from the corpus
+           size), so shard contents depend only on the corpus, never on --workers. Each shard is written to
            ``DIR.partial/shards/<k>/docs.jsonl`` and handed at once to a worker, which runs
 3. analyze ``Language.analyze_shard``: normalise, split sentences, segment, cache the result,
            return count tables (counts.pkl). Shards finish in any order; that is fine because
@@ -16,8 +16,8 @@ Stages (each resumable, each independent of the number of workers / MPI ranks):
 5. encode  every shard is encoded from its cache with those vocabularies and written as its own
            small train/valid IndexedDatasets; the train/valid split is a pure function of the
            global document index (``is_valid_document``).
-6. merge   rank 0 concatenates the shard datasets IN SHARD ORDER with the megatron-core builder
-           merge (``format.SplitWriter.add_shard``) into ``DIR.partial-<pid>`` (an
+6. merge   rank 0 concatenates the shard datasets IN SHARD ORDER (``format.merge_splits``: the bytes
+           megatron-core's builder merge writes, without importing it) into ``DIR.partial-<pid>`` (an
            ``AtomicDirectory``), copies the artifacts, writes meta.json last and renames it to DIR.
 
 Every stage leaves a ``*.done`` marker, so ``--resume`` re-runs only what was not finished and the
@@ -41,9 +41,7 @@ import multiprocessing as mp
 import os
 import pickle
 import shutil
-import struct
 import sys
-import threading
 import time
 import warnings
 from collections import Counter
@@ -97,7 +95,10 @@ class BuildConfig:
     valid_fraction: float = 0.01
     """--valid-fraction: share of documents in the valid split (deterministic, evenly spread)."""
     shard_documents: int = 2000
-    """--shard-documents: documents per shard (the unit of parallel work and of resume)."""
+    """--shard-documents: at most this many documents per shard (the unit of parallel work and of resume)."""
+    shard_characters: int | None = None
+    """--shard-characters: a shard also closes at this many characters (None: corpus size / 64, clamped
+    to [50k, 16M], so a small corpus still gets enough shards to keep every worker busy)."""
     text_mode: str = "auto"
     """--text-mode: text inputs hold one document per blank-line-separated block, per line, or auto-detect."""
     text_field: str = "text"
@@ -126,6 +127,8 @@ class BuildConfig:
             raise BuildError(f"--valid-fraction must be in (0, 1) so both splits get documents, got {self.valid_fraction}")
         if self.shard_documents < 1:
             raise BuildError(f"--shard-documents must be >= 1, got {self.shard_documents}")
+        if self.shard_characters is not None and self.shard_characters < 1:
+            raise BuildError(f"--shard-characters must be >= 1, got {self.shard_characters}")
         if self.encoding_errors not in inp.ENCODING_ERRORS:
             raise BuildError(f"--encoding-errors must be one of {inp.ENCODING_ERRORS}")
         if self.max_document_chars < 1000:
@@ -323,38 +326,8 @@ def num_valid_documents(num_documents: int, fraction: float) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing one shard's split as megatron-core IndexedDatasets (bulk, no torch)
+# Checking and writing one shard's splits
 # ---------------------------------------------------------------------------------------------
-_INDEX_HEADER = b"MMIDIDX\x00\x00"
-_DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.float64: 6, np.float32: 7, np.uint16: 8}
-
-
-def write_indexed_dataset(path_prefix: str, dtype, values: np.ndarray, sequence_lengths: np.ndarray,
-                          document_indices: np.ndarray) -> None:
-    """Write ``.bin``/``.idx`` byte-identical to megatron-core's IndexedDatasetBuilder, in one go.
-
-    The builder takes one tensor per sentence (a Python call each); a shard holds ~1e5 sentences,
-    so the whole shard is written from flat arrays instead. Tests read it back with megatron-core.
-    """
-    values = np.ascontiguousarray(values, dtype=dtype)
-    with open(path_prefix + ".bin", "wb") as fh:
-        fh.write(values.tobytes())
-    lengths = np.asarray(sequence_lengths, dtype=np.int32)
-    pointers = np.zeros(len(lengths), dtype=np.int64)
-    if len(lengths) > 1:
-        np.cumsum(lengths[:-1].astype(np.int64) * np.dtype(dtype).itemsize, out=pointers[1:])
-    docs = np.asarray(document_indices, dtype=np.int64)
-    with open(path_prefix + ".idx", "wb") as fh:
-        fh.write(_INDEX_HEADER)
-        fh.write(struct.pack("<Q", 1))
-        fh.write(struct.pack("<B", _DTYPE_CODES[dtype]))
-        fh.write(struct.pack("<Q", len(lengths)))
-        fh.write(struct.pack("<Q", len(docs)))
-        fh.write(lengths.tobytes())
-        fh.write(pointers.tobytes())
-        fh.write(docs.tobytes())
-
-
 def check_encoded_shard(enc: EncodedShard, fine_vocab_size: int, coarse_vocab_size: int, where: str) -> None:
     """The alignment invariant for every sentence of a shard, vectorised (format.check_sentence rules)."""
     n_sent = len(enc.fine_lengths)
@@ -402,7 +375,7 @@ def write_shard_splits(shard_dir: Path, enc: EncodedShard, valid_mask: np.ndarra
             "align": (fmt.ALIGN_DTYPE, enc.align[coarse_mask], coarse_lengths),
         }
         for stream, (dtype, values, lengths) in streams.items():
-            write_indexed_dataset(fmt.prefix(shard_dir, split, stream), dtype, values, lengths, document_indices)
+            fmt.write_indexed_dataset(fmt.prefix(shard_dir, split, stream), dtype, values, lengths, document_indices)
         stats["splits"][split] = {
             "documents": int(doc_mask.sum()),
             "sentences": int(sentence_mask.sum()),
@@ -435,13 +408,6 @@ def _worker_init(language: str, options: dict) -> None:
     _WORKER.clear()
     _WORKER["lang"] = get_language(language)(options)
     _WORKER["loaded"] = None
-
-
-def _import_megatron() -> None:
-    try:
-        import megatron.core.datasets.indexed_dataset  # noqa: F401
-    except Exception:  # noqa: BLE001 - the merge imports it again and reports any problem
-        pass
 
 
 class _NoCyclicGC:
@@ -669,7 +635,15 @@ class _CountMerger:
         self.bar.update(nbytes)
 
 
-def _read_into_shards(config, comm, specs, work: Path, executor: _Executor, on_analyzed, read_done: bool) -> dict:
+def auto_shard_characters(records: list[dict]) -> int:
+    """Default shard size in characters: ~64 shards for a small corpus (so N workers share the work
+    evenly), at most 16M characters (resume granularity, worker memory) for a large one."""
+    total = sum(r.get("content_bytes") or r["bytes"] for r in records)
+    return int(min(16_000_000, max(50_000, total // 64)))
+
+
+def _read_into_shards(config, comm, specs, work: Path, executor: _Executor, on_analyzed, read_done: bool,
+                      params: dict) -> dict:
     """Stage 2 (+ 3 in the background): stream the corpus into shards, analyse each as it is written."""
     read_path = work / READ_FILE
     if read_done:  # a resumed build: the corpus was fully read before
@@ -681,28 +655,33 @@ def _read_into_shards(config, comm, specs, work: Path, executor: _Executor, on_a
     counters = inp.ReadCounters()
     documents: list[str] = []
     num_documents = 0
-    k = 0
+    characters = 0
+    max_characters = params["shard_characters"]
+    shard_starts: list[int] = []  # global index of each shard's first document
 
     def flush() -> None:
-        nonlocal k, documents
+        nonlocal documents, characters
+        k = len(shard_starts)
+        shard_starts.append(num_documents - len(documents))
         if k % comm.size == comm.rank:
             shard = _shard_dir(work, k)
             if not (shard / "docs.done").exists():
                 _write_shard_documents(shard, documents)
             executor.submit(_analyze_task, str(shard))
-        k += 1
         documents = []
+        characters = 0
 
     for text in inp.iter_documents(specs, config.encoding_errors, config.max_document_chars, counters):
         documents.append(text)
         num_documents += 1
-        if len(documents) == config.shard_documents:
+        characters += len(text)
+        if len(documents) == config.shard_documents or characters >= max_characters:
             flush()
         for result in executor.ready():
             on_analyzed(result)
     if documents:
         flush()
-    summary = {"num_documents": num_documents, "num_shards": k, "shard_documents": config.shard_documents,
+    summary = {"num_documents": num_documents, "num_shards": len(shard_starts), "shard_starts": shard_starts,
                "empty_documents_skipped": counters.empty_documents, "nul_bytes_removed": counters.nul_bytes_removed,
                "long_documents_cut": counters.split_long_documents}
     if comm.rank == 0:
@@ -742,6 +721,7 @@ def build(config: BuildConfig, comm=None) -> dict:
             "encoding_errors": config.encoding_errors,
             "max_document_chars": config.max_document_chars,
             "shard_documents": config.shard_documents,
+            "shard_characters": config.shard_characters or auto_shard_characters(records),
             "valid_fraction": config.valid_fraction,
             "format_version": fmt.FORMAT_VERSION,
         }
@@ -758,16 +738,12 @@ def build(config: BuildConfig, comm=None) -> dict:
         def read_and_analyze():
             nonlocal executor
             executor = _Executor(config.workers, config.language, options)
-            if comm.rank == 0 and config.workers > 1:
-                # The merge needs megatron-core (~5 s of imports). With a worker pool the main process
-                # mostly waits, so import it now in the background (after the pool has forked).
-                threading.Thread(target=_import_megatron, daemon=True).start()
             sizes = [r.get("content_bytes") for r in params["inputs"]]
             total = sum(sizes) if None not in sizes else None  # unknown for parquet / HF datasets
             with _progress(config.progress and comm.rank == 0, desc="analyze", unit="B", unit_scale=True,
                            total=total) as bar:
                 merger = _CountMerger(bar)
-                summary = _read_into_shards(config, comm, specs, work, executor, merger, read_done)
+                summary = _read_into_shards(config, comm, specs, work, executor, merger, read_done, params)
                 for result in executor.ready(wait=True):
                     merger(result)
             mine = [k for k in range(summary["num_shards"]) if k % comm.size == comm.rank]
@@ -824,7 +800,7 @@ def build(config: BuildConfig, comm=None) -> dict:
             mine = [k for k in range(summary["num_shards"]) if k % comm.size == comm.rank]
             with _progress(config.progress and comm.rank == 0, desc="encode", unit="shard", total=len(mine)) as bar:
                 for k in mine:
-                    task = (str(_shard_dir(work, k)), str(artifacts), k * config.shard_documents, num_documents,
+                    task = (str(_shard_dir(work, k)), str(artifacts), summary["shard_starts"][k], num_documents,
                             num_valid, fine_size, coarse_size)
                     executor.submit(_encode_task, task)
                     bar.update(len(list(executor.ready())))
@@ -860,21 +836,11 @@ def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_siz
                     "coarse_tokens", "multi_fine_coarse_tokens", "fine_unk", "coarse_unk"):
             totals[key] += stats[key]
         extra.update(stats["extra"])
-    # megatron's builder calls gc.collect() after every merged index; with torch imported that is
-    # ~0.2 s a call. Freezing the current heap makes those collections cheap (nothing is leaked:
-    # the merge creates no reference cycles).
-    import megatron.core.datasets.indexed_dataset  # noqa: F401 - imported before the freeze
-
-    gc.freeze()
-    logging.getLogger("megatron").setLevel(logging.WARNING)
+    shard_dirs = [str(shard) for shard in shards]
     with (atomic := fmt.AtomicDirectory(config.output, overwrite=config.overwrite)) as out:
         splits = {}
-        for split in fmt.SPLITS:
-            writer = fmt.SplitWriter(out, split, fine_size, coarse_size)
-            for shard in _progress(config.progress, desc=f"merge {split}", unit="shard", total=len(shards),
-                                   iterable=shards):
-                writer.add_shard(shard)
-            splits[split] = writer.finalize()
+        for split in _progress(config.progress, desc="merge", unit="split", iterable=fmt.SPLITS):
+            splits[split] = fmt.merge_splits(out, split, shard_dirs, fine_size, coarse_size)
             # The clear error the format needs (a 0-document split makes megatron's samplers spin forever).
             if splits[split]["documents"] == 0:
                 raise BuildError(
@@ -884,7 +850,8 @@ def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_siz
         for f in sorted((work / "artifacts").iterdir()):
             shutil.copy2(f, out / f.name)
         elapsed = time.time() - started
-        input_bytes = sum(r["bytes"] for r in params["inputs"])
+        # MB/s of text read: decompressed sizes where known (a .xz input is ~4x smaller on disk)
+        input_bytes = sum(r.get("content_bytes") or r["bytes"] for r in params["inputs"])
         fine, coarse = totals["fine_tokens"], totals["coarse_tokens"]
         stats = {
             "documents": totals["documents"],
@@ -925,7 +892,6 @@ def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_siz
         }
         fmt.write_meta(out, meta)
         atomic.commit()
-    gc.unfreeze()
     if not config.keep_work_dir:
         shutil.rmtree(work, ignore_errors=True)
     return {"format_version": fmt.FORMAT_VERSION, **meta}

@@ -3,6 +3,7 @@ followed by --resume."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from data_prep import core
+from data_prep import format as fmt
 from tests.distributed import run_distributed
 from tests.test_data_prep_zh import dataset_bytes, small_config, write_corpus
 
@@ -45,6 +47,29 @@ def test_two_workers_identical_to_one(reference, tmp_path):
     meta = core.build(small_config(corpus, tmp_path / "w2", shard_documents=SHARD_DOCS, workers=2))
     assert meta["run"]["workers"] == 2
     assert dataset_bytes(tmp_path / "w2") == expected
+
+
+def test_shard_size_does_not_change_the_output(reference, tmp_path):
+    """Shards cut by characters (uneven documents per shard) and one big shard: the same bytes."""
+    corpus, expected = reference
+
+    def without_shard_params(files: dict) -> dict:
+        meta = json.loads(files[fmt.META_FILE])
+        for key in ("shard_documents", "shard_characters"):
+            meta["build"].pop(key)
+        return {**files, fmt.META_FILE: meta}
+
+    meta = core.build(small_config(corpus, tmp_path / "chars", shard_documents=SHARD_DOCS, shard_characters=700))
+    assert meta["build"]["shard_characters"] == 700
+    assert without_shard_params(dataset_bytes(tmp_path / "chars")) == without_shard_params(expected)
+    core.build(small_config(corpus, tmp_path / "one", shard_documents=10**6, shard_characters=10**9))
+    assert without_shard_params(dataset_bytes(tmp_path / "one")) == without_shard_params(expected)
+
+
+def test_default_shard_size_scales_with_the_corpus():
+    assert core.auto_shard_characters([{"bytes": 10, "content_bytes": 5_000_000}]) == 5_000_000 // 64
+    assert core.auto_shard_characters([{"bytes": 1000, "content_bytes": None}]) == 50_000
+    assert core.auto_shard_characters([{"bytes": 10**12, "content_bytes": 10**12}]) == 16_000_000
 
 
 def _rank_build(corpus: str, output: str) -> dict:

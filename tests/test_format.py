@@ -108,3 +108,71 @@ def test_detokenize_conventions():
     assert fmt.detokenize(["中", "国", "GDP", "增", "长", "2", "##0", "%"], "zh") == "中国GDP增长20%"
     assert fmt.detokenize(["Linux", "kernel", "文", "档"], "zh") == "Linux kernel文档"
     assert fmt.detokenize(["a_new", "chapel", "in", "york", "##shire"], "en") == "a new chapel in yorkshire"
+
+
+def _random_docs(rng, n, fine_vocab=300, coarse_vocab=70000):
+    docs = []
+    for _ in range(n):
+        sents = []
+        for _ in range(rng.integers(1, 5)):
+            align = rng.integers(1, 4, size=rng.integers(1, 9))
+            sents.append((rng.integers(0, fine_vocab, size=int(align.sum())),
+                          rng.integers(0, coarse_vocab, size=len(align)), align))
+        docs.append(sents)
+    return docs
+
+
+def test_bulk_writer_and_merge_write_megatron_bytes(tmp_path):
+    """write_indexed_dataset / merge_splits (no megatron import) == megatron-core's builder, byte for byte."""
+    rng = np.random.default_rng(1)
+    parts = [_random_docs(rng, n) for n in (7, 1, 12)]
+    # The reference: megatron-core's IndexedDatasetBuilder, one document at a time, all parts in order.
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    w = fmt.SplitWriter(ref, "train", 300, 70000)
+    for docs in parts:
+        for d in docs:
+            w.add_document(d)
+    ref_stats = w.finalize()
+    # Ours: each part written in bulk, then merged.
+    part_dirs = []
+    for k, docs in enumerate(parts):
+        d = tmp_path / f"part{k}"
+        d.mkdir()
+        sents = [s for doc in docs for s in doc]
+        doc_index = np.concatenate([[0], np.cumsum([len(doc) for doc in docs])])
+        for stream, col, dtype in (("fine", 0, fmt.id_dtype(300)), ("coarse", 1, fmt.id_dtype(70000)),
+                                   ("align", 2, fmt.ALIGN_DTYPE)):
+            values = np.concatenate([s[col] for s in sents])
+            lengths = [len(s[col]) for s in sents]
+            fmt.write_indexed_dataset(fmt.prefix(d, "train", stream), dtype, values, lengths, doc_index)
+        part_dirs.append(d)
+    single = tmp_path / "single"
+    single.mkdir()
+    assert fmt.merge_splits(single, "train", part_dirs[:1], 300, 70000)["documents"] == 7
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    stats = fmt.merge_splits(ours, "train", part_dirs, 300, 70000)
+    assert stats == ref_stats
+    for stream in fmt.STREAMS:
+        for ext in (".bin", ".idx"):
+            assert (ours / f"train_{stream}{ext}").read_bytes() == (ref / f"train_{stream}{ext}").read_bytes(), (stream, ext)
+            assert (part_dirs[0] / f"train_{stream}{ext}").read_bytes() == (single / f"train_{stream}{ext}").read_bytes()
+    split = fmt.PairedSplit(ours, "train")  # and megatron-core reads it
+    assert len(split) == 20 and split.num_sentences == stats["sentences"]
+
+
+def test_merge_refuses_parts_with_other_vocabulary_sizes(tmp_path):
+    for name, size in (("a", 300), ("b", 70000)):
+        d = tmp_path / name
+        d.mkdir()
+        for stream in fmt.STREAMS:
+            dtype = fmt.ALIGN_DTYPE if stream == "align" else fmt.id_dtype(size)
+            fmt.write_indexed_dataset(fmt.prefix(d, "train", stream), dtype, np.ones(3), [3], [0, 1])
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(fmt.FormatError, match="different vocabularies"):
+        fmt.merge_splits(out, "train", [tmp_path / "a", tmp_path / "b"], 300, 300)
+    (tmp_path / "a" / "train_fine.idx").write_bytes(b"garbage")
+    with pytest.raises(fmt.FormatError, match="not a megatron-core IndexedDataset index"):
+        fmt.read_index(fmt.prefix(tmp_path / "a", "train", "fine"))
