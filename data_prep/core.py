@@ -470,6 +470,19 @@ def _encode(args: tuple) -> str:
     return shard_dir
 
 
+def _map_task(task: tuple) -> Any:
+    """One shard of ``Corpus.map_shards``: ``fn(cache_dir, arg)``, ``arg`` loaded once per worker."""
+    fn, cache_dir, arg_path = task
+    key = ("map_arg", arg_path)
+    if key not in _WORKER:
+        for k in [k for k in _WORKER if isinstance(k, tuple) and k[0] == "map_arg"]:
+            del _WORKER[k]
+        with open(arg_path, "rb") as fh:
+            _WORKER[key] = pickle.load(fh)
+    with _NoCyclicGC():
+        return fn(Path(cache_dir), _WORKER[key])
+
+
 class _Executor:
     """Runs tasks inline (--workers 1) or on a process pool, results in completion order."""
 
@@ -501,6 +514,19 @@ class _Executor:
             else:
                 keep.append((kind, item))
         self.pending = keep
+
+    def map_shards(self, fn: Callable, cache_dirs: list[Path], arg: Any, scratch: Path) -> list:
+        """``Corpus.map_shards`` on this executor (inline with one worker)."""
+        if self.pool is None:
+            with _NoCyclicGC():
+                return [fn(d, arg) for d in cache_dirs]
+        self._maps = getattr(self, "_maps", 0) + 1
+        arg_path = scratch / f"map_arg_{self._maps}.pkl"
+        arg_path.write_bytes(pickle.dumps(arg, protocol=4))
+        try:
+            return self.pool.map(_map_task, [(fn, str(d), str(arg_path)) for d in cache_dirs], chunksize=1)
+        finally:
+            arg_path.unlink(missing_ok=True)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -772,7 +798,8 @@ def build(config: BuildConfig, comm=None) -> dict:
             for d in (tmp, scratch):
                 shutil.rmtree(d, ignore_errors=True)
                 d.mkdir()
-            corpus = Corpus([_shard_dir(work, k) for k in range(summary["num_shards"])], read_shard_documents, scratch)
+            corpus = Corpus([_shard_dir(work, k) for k in range(summary["num_shards"])], read_shard_documents, scratch,
+                            mapper=lambda fn, dirs, arg: executor.map_shards(fn, dirs, arg, scratch))
             t0 = time.time()
             fit_stats = lang.fit(counts, corpus, tmp) or {}
             for name in (fmt.FINE_VOCAB_FILE, fmt.COARSE_VOCAB_FILE):

@@ -66,8 +66,10 @@ from data_prep.languages import EncodedShard, Language, LanguageError, register
 from data_prep.phrases import (
     PhraseMiningConfig,
     PhraseTokenizer,
+    count_ngrams,
     mine_phrases,
     read_phrases_tsv,
+    read_word_sentences,
     write_phrases_tsv,
 )
 
@@ -582,13 +584,42 @@ def concatenate_words(shard_files: Sequence[Path], out_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Corpus-level step: runs ONCE (main process / MPI rank 0), before any worker encodes
 # ---------------------------------------------------------------------------------------------
+def _shard_ngram_counts(cache_dir: Path, ngrams: set) -> Counter:
+    return count_ngrams(read_word_sentences(Path(cache_dir) / SHARD_WORDS_FILE), ngrams)
+
+
+def _shard_coarse_counts(cache_dir: Path, phrase_tokenizer: PhraseTokenizer) -> Counter:
+    return count_coarse_tokens(Path(cache_dir) / SHARD_WORDS_FILE, phrase_tokenizer)
+
+
+def _summed(counters: Iterable[Counter]) -> Counter:
+    total: Counter = Counter()
+    for c in counters:
+        total.update(c)
+    return total
+
+
 def fit_english(words_file: Path, word_counts: Counter, artifacts_dir: Path, config: EnglishConfig,
-                scratch_dir: Path, fine_min_count: int = 2) -> dict:
+                scratch_dir: Path, fine_min_count: int = 2, corpus=None) -> dict:
     """Fine tokenizer, phrase dictionary, both vocabularies (and the report) from a words file.
 
     Writes fine_tokenizer.json, fine_vocab.txt, phrases.tsv, coarse_vocab.txt, phrase_report.html
     into ``artifacts_dir``; returns the statistics for meta.json. Deterministic given the file.
+    ``corpus`` (the build's ``Corpus``): the counting passes run over its shards on the build's
+    workers instead of over ``words_file`` in this process (same counts: sentences never cross shards).
     """
+    if corpus is not None:
+        def count_ngrams_in_corpus(ngrams: set) -> Counter:
+            return _summed(corpus.map_shards(_shard_ngram_counts, ngrams))
+
+        def count_coarse(phrase_tokenizer: PhraseTokenizer) -> Counter:
+            return _summed(corpus.map_shards(_shard_coarse_counts, phrase_tokenizer))
+    else:
+        count_ngrams_in_corpus = None
+
+        def count_coarse(phrase_tokenizer: PhraseTokenizer) -> Counter:
+            return count_coarse_tokens(words_file, phrase_tokenizer)
+
     from data_prep import report
 
     config.validate()
@@ -634,12 +665,12 @@ def fit_english(words_file: Path, word_counts: Counter, artifacts_dir: Path, con
                 f"KenLM (need at least ~{min_words} words). Use a larger --input, a lower --ngram-order, or reuse "
                 f"an existing dictionary with --phrases FILE."
             )
-        phrases = mine_phrases(words_file, config.mining, temp_dir=scratch_dir)
+        phrases = mine_phrases(words_file, config.mining, temp_dir=scratch_dir, count=count_ngrams_in_corpus)
     write_phrases_tsv(artifacts_dir / PHRASES_FILE, phrases)
     seconds["phrases"] = round(time.time() - t0, 2)
 
     t0 = time.time()
-    counts = count_coarse_tokens(words_file, PhraseTokenizer(p.words for p in phrases))
+    counts = count_coarse(PhraseTokenizer(p.words for p in phrases))
     coarse_tokens = select_coarse_vocabulary(counts, config.coarse_vocab_size, config.coarse_min_count)
     coarse_vocab = Vocab.from_tokens(coarse_tokens)
     coarse_vocab.save(artifacts_dir / "coarse_vocab.txt")
@@ -653,7 +684,7 @@ def fit_english(words_file: Path, word_counts: Counter, artifacts_dir: Path, con
     if len(in_vocab) == len(phrases):  # no phrase was dropped: the first count is already exact
         final = counts
     else:
-        final = count_coarse_tokens(words_file, PhraseTokenizer(p.words for p in in_vocab))
+        final = count_coarse(PhraseTokenizer(p.words for p in in_vocab))
     seconds["recount"] = round(time.time() - t0, 2)
     total = sum(final.values())
     phrase_tokens = sum(c for t, c in final.items() if _is_phrase(t))
@@ -818,7 +849,7 @@ class English(Language):
         concatenate_words([d / SHARD_WORDS_FILE for d in corpus.shard_cache_dirs()], words_file)
         try:
             stats = fit_english(words_file, counts.get("word", Counter()), Path(artifacts_dir), self.config, scratch,
-                                self.fine_min_count)
+                                self.fine_min_count, corpus=corpus)
         except RuntimeError as exc:  # PhraseMiningError: lmplz missing / failed, with the fix
             raise LanguageError(str(exc)) from None
         except EnglishInputError as exc:

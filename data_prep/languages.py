@@ -33,7 +33,8 @@ How to implement a language (English does this in ``data_prep/english.py``)
    the documents again if a corpus-level training step needs the text: ``corpus.documents()``
    yields raw documents in order, ``corpus.shard_cache_dirs()`` gives each shard's cache dir, and
    ``corpus.scratch_dir`` is a private directory for large temporary files (e.g. the word-tokenized
-   text for KenLM's lmplz). Write ``fine_vocab.txt`` and ``coarse_vocab.txt`` (format.Vocab.save)
+   text for KenLM's lmplz); ``corpus.map_shards(fn, arg)`` runs a per-shard pass (counting) on the
+   worker processes. Write ``fine_vocab.txt`` and ``coarse_vocab.txt`` (format.Vocab.save)
    and any extra files (fine_tokenizer.json, phrases.tsv, ...) into ``artifacts_dir``: every file
    there is copied into the dataset directory. Return extra statistics for meta.json ``stats``.
    It must be deterministic (same counts/corpus -> same bytes): the build is reproducible and
@@ -148,11 +149,22 @@ class EncodedShardBuilder:
 class Corpus:
     """What ``Language.fit`` may stream over: the whole corpus, shard by shard, in order."""
 
-    def __init__(self, shard_dirs: Sequence[Path], read_documents: Callable[[Path], list[str]], scratch_dir: Path):
+    def __init__(self, shard_dirs: Sequence[Path], read_documents: Callable[[Path], list[str]], scratch_dir: Path,
+                 mapper: Callable[[Callable, list[Path], object], list] | None = None):
         self._shard_dirs = list(shard_dirs)
         self._read_documents = read_documents
+        self._mapper = mapper
         self.scratch_dir = Path(scratch_dir)
         """A private, initially empty directory for temporary files of the corpus-level step."""
+
+    def map_shards(self, fn: Callable[[Path, object], object], arg: object = None) -> list:
+        """``[fn(cache_dir, arg) for cache_dir in self.shard_cache_dirs()]``, run on the build's worker
+        processes (``--workers``): a corpus-level pass (e.g. counting) in parallel over the shards.
+        ``fn`` must be a module-level function; ``arg`` is pickled once and loaded once per worker.
+        Results come back in shard order."""
+        if self._mapper is None:
+            return [fn(d, arg) for d in self.shard_cache_dirs()]
+        return self._mapper(fn, self.shard_cache_dirs(), arg)
 
     def documents(self) -> Iterator[str]:
         """Raw documents of the whole corpus in order (streamed: one shard in memory at a time)."""

@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 log = logging.getLogger("data_prep.phrases")
 
@@ -296,8 +296,12 @@ def _drop_subsumed(counts: dict[tuple[str, ...], int], ratio: float) -> set[tupl
 
 
 def mine_phrases(words_file: str | os.PathLike, config: PhraseMiningConfig,
-                 temp_dir: str | os.PathLike | None = None) -> list[Phrase]:
-    """Mine the phrase dictionary of a word-tokenized corpus (one sentence a line, words space-separated)."""
+                 temp_dir: str | os.PathLike | None = None,
+                 count: Callable[[set[tuple[str, ...]]], Counter] | None = None) -> list[Phrase]:
+    """Mine the phrase dictionary of a word-tokenized corpus (one sentence a line, words space-separated).
+
+    ``count(candidates)`` counts the candidate n-grams over the corpus (default: one pass over
+    ``words_file``; the build passes a parallel count over its shards)."""
     config.validate()
     find_lmplz(config.lmplz)  # fail before any expensive work
     with tempfile.TemporaryDirectory(prefix="ambert-kenlm-", dir=temp_dir) as tmp:
@@ -307,7 +311,10 @@ def mine_phrases(words_file: str | os.PathLike, config: PhraseMiningConfig,
         candidates = select_candidates(arpa, config)
     log.info("phrases: %d candidates from the ARPA in %.1fs; counting them", len(candidates), time.time() - t0)
     t0 = time.time()
-    counts = count_ngrams(read_word_sentences(words_file), candidates)
+    if count is None:
+        counts = count_ngrams(read_word_sentences(words_file), candidates)
+    else:
+        counts = count(set(candidates))
     counts = {g: c for g, c in counts.items() if c >= config.min_count}
     for g in _drop_subsumed(counts, config.subsume_ratio):
         del counts[g]
