@@ -471,8 +471,9 @@ def _encode(args: tuple) -> str:
 
 
 def _map_task(task: tuple) -> Any:
-    """One shard of ``Corpus.map_shards``: ``fn(cache_dir, arg)``, ``arg`` loaded once per worker."""
-    fn, cache_dir, arg_path = task
+    """Shards of ``Corpus.map_shards``: ``fn(cache_dir, arg)`` for each, ``arg`` loaded once per worker;
+    with ``add`` the results (Counters) are summed here, so the main process sums one per worker."""
+    fn, cache_dirs, arg_path, add = task
     key = ("map_arg", arg_path)
     if key not in _WORKER:
         for k in [k for k in _WORKER if isinstance(k, tuple) and k[0] == "map_arg"]:
@@ -480,7 +481,15 @@ def _map_task(task: tuple) -> Any:
         with open(arg_path, "rb") as fh:
             _WORKER[key] = pickle.load(fh)
     with _NoCyclicGC():
-        return fn(Path(cache_dir), _WORKER[key])
+        results = [fn(Path(d), _WORKER[key]) for d in cache_dirs]
+    return _sum_counters(results) if add else results
+
+
+def _sum_counters(counters: list[Counter]) -> Counter:
+    total: Counter = Counter()
+    for c in counters:
+        total.update(c)
+    return total
 
 
 class _Executor:
@@ -515,16 +524,22 @@ class _Executor:
                 keep.append((kind, item))
         self.pending = keep
 
-    def map_shards(self, fn: Callable, cache_dirs: list[Path], arg: Any, scratch: Path) -> list:
-        """``Corpus.map_shards`` on this executor (inline with one worker)."""
+    def map_shards(self, fn: Callable, cache_dirs: list[Path], arg: Any, scratch: Path, add: bool = False):
+        """``Corpus.map_shards`` / ``Corpus.sum_shards`` on this executor (inline with one worker)."""
         if self.pool is None:
             with _NoCyclicGC():
-                return [fn(d, arg) for d in cache_dirs]
+                results = [fn(d, arg) for d in cache_dirs]
+            return _sum_counters(results) if add else results
         self._maps = getattr(self, "_maps", 0) + 1
         arg_path = scratch / f"map_arg_{self._maps}.pkl"
         arg_path.write_bytes(pickle.dumps(arg, protocol=4))
         try:
-            return self.pool.map(_map_task, [(fn, str(d), str(arg_path)) for d in cache_dirs], chunksize=1)
+            if add:  # one task per worker (shards dealt round-robin), each returns its sum
+                n = self.pool._processes
+                tasks = [(fn, [str(d) for d in cache_dirs[i::n]], str(arg_path), True) for i in range(n)]
+                return _sum_counters(self.pool.map(_map_task, tasks, chunksize=1))
+            tasks = [(fn, [str(d)], str(arg_path), False) for d in cache_dirs]
+            return [r for rs in self.pool.map(_map_task, tasks, chunksize=1) for r in rs]
         finally:
             arg_path.unlink(missing_ok=True)
 
@@ -799,7 +814,7 @@ def build(config: BuildConfig, comm=None) -> dict:
                 shutil.rmtree(d, ignore_errors=True)
                 d.mkdir()
             corpus = Corpus([_shard_dir(work, k) for k in range(summary["num_shards"])], read_shard_documents, scratch,
-                            mapper=lambda fn, dirs, arg: executor.map_shards(fn, dirs, arg, scratch))
+                            mapper=lambda fn, dirs, arg, add=False: executor.map_shards(fn, dirs, arg, scratch, add))
             t0 = time.time()
             fit_stats = lang.fit(counts, corpus, tmp) or {}
             for name in (fmt.FINE_VOCAB_FILE, fmt.COARSE_VOCAB_FILE):

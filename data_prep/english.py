@@ -592,13 +592,6 @@ def _shard_coarse_counts(cache_dir: Path, phrase_tokenizer: PhraseTokenizer) -> 
     return count_coarse_tokens(Path(cache_dir) / SHARD_WORDS_FILE, phrase_tokenizer)
 
 
-def _summed(counters: Iterable[Counter]) -> Counter:
-    total: Counter = Counter()
-    for c in counters:
-        total.update(c)
-    return total
-
-
 def fit_english(words_file: Path, word_counts: Counter, artifacts_dir: Path, config: EnglishConfig,
                 scratch_dir: Path, fine_min_count: int = 2, corpus=None) -> dict:
     """Fine tokenizer, phrase dictionary, both vocabularies (and the report) from a words file.
@@ -610,10 +603,10 @@ def fit_english(words_file: Path, word_counts: Counter, artifacts_dir: Path, con
     """
     if corpus is not None:
         def count_ngrams_in_corpus(ngrams: set) -> Counter:
-            return _summed(corpus.map_shards(_shard_ngram_counts, ngrams))
+            return corpus.sum_shards(_shard_ngram_counts, ngrams)
 
         def count_coarse(phrase_tokenizer: PhraseTokenizer) -> Counter:
-            return _summed(corpus.map_shards(_shard_coarse_counts, phrase_tokenizer))
+            return corpus.sum_shards(_shard_coarse_counts, phrase_tokenizer)
     else:
         count_ngrams_in_corpus = None
 

@@ -33,8 +33,8 @@ How to implement a language (English does this in ``data_prep/english.py``)
    the documents again if a corpus-level training step needs the text: ``corpus.documents()``
    yields raw documents in order, ``corpus.shard_cache_dirs()`` gives each shard's cache dir, and
    ``corpus.scratch_dir`` is a private directory for large temporary files (e.g. the word-tokenized
-   text for KenLM's lmplz); ``corpus.map_shards(fn, arg)`` runs a per-shard pass (counting) on the
-   worker processes. Write ``fine_vocab.txt`` and ``coarse_vocab.txt`` (format.Vocab.save)
+   text for KenLM's lmplz); ``corpus.map_shards(fn, arg)`` / ``corpus.sum_shards(fn, arg)`` run a
+   per-shard pass (e.g. counting) on the worker processes. Write ``fine_vocab.txt`` and ``coarse_vocab.txt`` (format.Vocab.save)
    and any extra files (fine_tokenizer.json, phrases.tsv, ...) into ``artifacts_dir``: every file
    there is copied into the dataset directory. Return extra statistics for meta.json ``stats``.
    It must be deterministic (same counts/corpus -> same bytes): the build is reproducible and
@@ -165,6 +165,16 @@ class Corpus:
         if self._mapper is None:
             return [fn(d, arg) for d in self.shard_cache_dirs()]
         return self._mapper(fn, self.shard_cache_dirs(), arg)
+
+    def sum_shards(self, fn: Callable[[Path, object], Counter], arg: object = None) -> Counter:
+        """The sum of ``fn(cache_dir, arg)`` (Counters) over every shard, on the build's workers; each
+        worker sums its own shards first (sums of counts do not depend on the order)."""
+        if self._mapper is None:
+            total: Counter = Counter()
+            for d in self.shard_cache_dirs():
+                total.update(fn(d, arg))
+            return total
+        return self._mapper(fn, self.shard_cache_dirs(), arg, add=True)
 
     def documents(self) -> Iterator[str]:
         """Raw documents of the whole corpus in order (streamed: one shard in memory at a time)."""
