@@ -91,12 +91,16 @@ class StudyConfig:
     plot_only: bool = False
     """Only redraw the PNGs from OUTPUT/study.json (e.g. after an interrupted study)."""
 
-    def apply_quick(self) -> None:
-        """Small values for every field still at its default; a value given on the command line wins."""
+    def apply_quick(self, explicit: set[str] | None = None) -> None:
+        """Small values for every field not given on the command line (``explicit``: the fields that
+        were; by default, those that differ from the defaults)."""
         defaults = StudyConfig()
         quick = {"pretrain_steps": 300, "epochs": 3.0, "train_examples": 1000, "eval_examples": 300, "max_length": 64}
+        if explicit is None:
+            explicit = getattr(self, "_explicit", None)
         for name, value in quick.items():
-            if getattr(self, name) == getattr(defaults, name):
+            given = name in explicit if explicit is not None else getattr(self, name) != getattr(defaults, name)
+            if not given:
                 setattr(self, name, value)
 
     def validate(self) -> None:
@@ -435,19 +439,28 @@ def _field_docs() -> dict[str, str]:
 
 
 def parse_args(argv: list[str] | None = None) -> StudyConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    config = StudyConfig(**vars(_parser().parse_args(argv)))
+    # Which flags were given (even with their default value): --quick shrinks only the others.
+    config._explicit = set(vars(_parser(argparse.SUPPRESS).parse_args(argv)))
+    return config
+
+
+def _parser(argument_default=None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     argument_default=argument_default)
     defaults = StudyConfig()
     docs = _field_docs()
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")
         doc = f"{docs.get(name, '')} (default: {value})"
+        default = value if argument_default is None else argument_default
         if isinstance(value, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=docs.get(name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=docs.get(name))
         elif isinstance(value, list):
-            parser.add_argument(flag, nargs="+", type=type(value[0]), default=value, help=doc)
+            parser.add_argument(flag, nargs="+", type=type(value[0]), default=default, help=doc)
         else:
-            parser.add_argument(flag, type=type(value), default=value, help=doc)
-    return StudyConfig(**vars(parser.parse_args(argv)))
+            parser.add_argument(flag, type=type(value), default=default, help=doc)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

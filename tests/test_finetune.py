@@ -366,3 +366,6 @@ def test_study_quick_shrinks_defaults_but_keeps_explicit_values():
     explicit = parse_args(["--quick", "--pretrain-steps", "1000", "--train-examples", "4000"])
     explicit.apply_quick()
     assert (explicit.pretrain_steps, explicit.train_examples, explicit.eval_examples) == (1000, 4000, 300)
+    same_as_default = parse_args(["--quick", "--pretrain-steps", "2000"])  # explicit, equal to the default
+    same_as_default.apply_quick()
+    assert (same_as_default.pretrain_steps, same_as_default.train_examples) == (2000, 1000)
