@@ -517,6 +517,7 @@ def select_coarse_vocabulary(counts: Counter, size: int, min_count: int) -> list
 # Shards: documents -> words files (the only pass over raw text)
 # ---------------------------------------------------------------------------------------------
 SHARD_WORDS_FILE = "words.txt"
+DOC_SENTENCES_FILE = "doc_sentences.npy"
 MAX_SENTENCE_WORDS = 256
 """A longer "sentence" (a table, a code listing) is cut into chunks of this many words."""
 
@@ -537,11 +538,14 @@ def document_sentences(document: str, lowercase: bool = True) -> list[list[str]]
 
 
 def write_shard_words(documents: Iterable[str], path: str | os.PathLike, lowercase: bool = True) -> tuple[Counter, Counter]:
-    """One sentence a line (words space-separated); an empty line ends each document.
+    """One sentence a line (words space-separated), and beside it (``DOC_SENTENCES_FILE``) how many
+    sentences each document has. No separator lines: the words files of all shards, in order, are
+    exactly lmplz's input.
 
     Returns (sizes, word counts)."""
     sizes: Counter = Counter()
     word_counts: Counter = Counter()
+    per_document: list[int] = []
     with open(path, "w", encoding="utf-8") as f:
         for document in documents:
             sentences = document_sentences(document, lowercase)
@@ -551,34 +555,23 @@ def write_shard_words(documents: Iterable[str], path: str | os.PathLike, lowerca
                 f.write("\n")
                 sizes["words"] += len(words)
                 sizes["characters"] += sum(map(len, words))
-            f.write("\n")
+            per_document.append(len(sentences))
             sizes["sentences"] += len(sentences)
             sizes["documents"] += 1
+    np.save(Path(path).with_name(DOC_SENTENCES_FILE), np.asarray(per_document, dtype=np.int64))
     return sizes, word_counts
 
 
 def read_shard_documents(path: str | os.PathLike) -> Iterator[list[list[str]]]:
     """Documents of a shard words file: each a list of sentences, each a list of words."""
-    document: list[list[str]] = []
+    counts_file = Path(path).with_name(DOC_SENTENCES_FILE)
+    if not counts_file.is_file():
+        raise FileNotFoundError(f"{counts_file} is missing: the shard cache was written by an older version; "
+                                f"delete the build's .partial work directory and run again")
+    per_document = np.load(counts_file)
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line == "\n":
-                yield document
-                document = []
-            else:
-                document.append(line.split())
-    if document:
-        yield document
-
-
-def concatenate_words(shard_files: Sequence[Path], out_path: Path) -> None:
-    """All sentences of all shards into one file (no document separators) for lmplz and WordPiece."""
-    with open(out_path, "w", encoding="utf-8") as out:
-        for shard in shard_files:
-            with open(shard, encoding="utf-8") as f:
-                for line in f:
-                    if line != "\n":
-                        out.write(line)
+        for n in per_document.tolist():
+            yield [f.readline().split() for _ in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,15 +585,18 @@ def _shard_coarse_counts(cache_dir: Path, phrase_tokenizer: PhraseTokenizer) -> 
     return count_coarse_tokens(Path(cache_dir) / SHARD_WORDS_FILE, phrase_tokenizer)
 
 
-def fit_english(words_file: Path, word_counts: Counter, artifacts_dir: Path, config: EnglishConfig,
-                scratch_dir: Path, fine_min_count: int = 2, corpus=None) -> dict:
-    """Fine tokenizer, phrase dictionary, both vocabularies (and the report) from a words file.
+def fit_english(words_files: Sequence[Path], sizes: Counter, word_counts: Counter, artifacts_dir: Path,
+                config: EnglishConfig, scratch_dir: Path, fine_min_count: int = 2, corpus=None) -> dict:
+    """Fine tokenizer, phrase dictionary, both vocabularies (and the report) from words files (one
+    sentence a line; in corpus order) with their ``sizes`` ("words", "sentences") and word counts.
 
     Writes fine_tokenizer.json, fine_vocab.txt, phrases.tsv, coarse_vocab.txt, phrase_report.html
-    into ``artifacts_dir``; returns the statistics for meta.json. Deterministic given the file.
+    into ``artifacts_dir``; returns the statistics for meta.json. Deterministic given the files.
     ``corpus`` (the build's ``Corpus``): the counting passes run over its shards on the build's
-    workers instead of over ``words_file`` in this process (same counts: sentences never cross shards).
+    workers instead of over ``words_files`` in this process (same counts: sentences never cross shards).
+    The fine vocabulary is trained while lmplz runs (they are independent).
     """
+    words_files = [Path(f) for f in words_files]
     if corpus is not None:
         def count_ngrams_in_corpus(ngrams: set) -> Counter:
             return corpus.sum_shards(_shard_ngram_counts, ngrams)
@@ -611,38 +607,41 @@ def fit_english(words_file: Path, word_counts: Counter, artifacts_dir: Path, con
         count_ngrams_in_corpus = None
 
         def count_coarse(phrase_tokenizer: PhraseTokenizer) -> Counter:
-            return count_coarse_tokens(words_file, phrase_tokenizer)
+            total: Counter = Counter()
+            for f in words_files:
+                total.update(count_coarse_tokens(f, phrase_tokenizer))
+            return total
 
     from data_prep import report
 
     config.validate()
     seconds: dict[str, float] = {}
-    n_words = 0
-    n_sentences = 0
-    with open(words_file, encoding="utf-8") as f:
-        for line in f:
-            n_sentences += 1
-            n_words += line.count(" ") + 1
+    n_words = sizes["words"]
     if n_words == 0:
         raise EnglishInputError("the corpus has no words after normalisation; check --input")
 
-    t0 = time.time()
-    if config.fine_tokenizer:
-        fine_vocab = Vocab.from_tokens(load_fine_vocabulary(config.fine_tokenizer))
-        fine_tokenizer = _new_wordpiece(dict(fine_vocab.index), config.wordpiece_max_chars)
-    else:
-        fine_vocab = Vocab(train_fine_vocabulary(word_counts, config.fine_vocab_size, fine_min_count, scratch_dir))
-        fine_tokenizer = _new_wordpiece(dict(fine_vocab.index), config.wordpiece_max_chars)
-        if len(fine_vocab) < config.fine_vocab_size:
-            log.warning("en: the fine vocabulary has %d entries (< --fine-vocab-size %d): the corpus has no more "
-                        "sub-words among words seen >= %d times", len(fine_vocab), config.fine_vocab_size, fine_min_count)
-    fine_tokenizer.save(str(artifacts_dir / FINE_TOKENIZER_FILE))
-    fine_vocab.save(artifacts_dir / "fine_vocab.txt")
-    seconds["fine_tokenizer"] = round(time.time() - t0, 2)
-    log.info("en: fine WordPiece vocabulary %d entries (%.1fs)", len(fine_vocab), seconds["fine_tokenizer"])
+    fine: dict = {}
+
+    def fit_fine() -> None:
+        t0 = time.time()
+        if config.fine_tokenizer:
+            vocab = Vocab.from_tokens(load_fine_vocabulary(config.fine_tokenizer))
+        else:
+            vocab = Vocab(train_fine_vocabulary(word_counts, config.fine_vocab_size, fine_min_count, scratch_dir))
+            if len(vocab) < config.fine_vocab_size:
+                log.warning("en: the fine vocabulary has %d entries (< --fine-vocab-size %d): the corpus has no more "
+                            "sub-words among words seen >= %d times", len(vocab), config.fine_vocab_size,
+                            fine_min_count)
+        tokenizer = _new_wordpiece(dict(vocab.index), config.wordpiece_max_chars)
+        tokenizer.save(str(artifacts_dir / FINE_TOKENIZER_FILE))
+        vocab.save(artifacts_dir / "fine_vocab.txt")
+        fine.update(vocab=vocab, tokenizer=tokenizer)
+        seconds["fine_tokenizer"] = round(time.time() - t0, 2)
+        log.info("en: fine WordPiece vocabulary %d entries (%.1fs)", len(vocab), seconds["fine_tokenizer"])
 
     t0 = time.time()
     if config.phrases:
+        fit_fine()
         phrases = []
         for p in read_phrases_tsv(config.phrases):
             words = tuple(words_of(normalize(" ".join(p.words), config.lowercase)))
@@ -658,7 +657,8 @@ def fit_english(words_file: Path, word_counts: Counter, artifacts_dir: Path, con
                 f"KenLM (need at least ~{min_words} words). Use a larger --input, a lower --ngram-order, or reuse "
                 f"an existing dictionary with --phrases FILE."
             )
-        phrases = mine_phrases(words_file, config.mining, temp_dir=scratch_dir, count=count_ngrams_in_corpus)
+        phrases = mine_phrases(words_files, config.mining, temp_dir=scratch_dir, count=count_ngrams_in_corpus,
+                               while_lmplz_runs=fit_fine)
     write_phrases_tsv(artifacts_dir / PHRASES_FILE, phrases)
     seconds["phrases"] = round(time.time() - t0, 2)
 
@@ -697,9 +697,9 @@ def fit_english(words_file: Path, word_counts: Counter, artifacts_dir: Path, con
              len(phrases), len(in_vocab), len(coarse_vocab), 100 * stats["multiword_phrase_fraction_of_coarse_tokens"],
              100 * oov / max(1, total))
     log.info("en: top phrases: %s", ", ".join(f"{p.text} ({p.count})" for p in in_vocab[:15]))
-    tokenizers = EnglishTokenizers(fine_tokenizer, fine_vocab, coarse_vocab,
+    tokenizers = EnglishTokenizers(fine["tokenizer"], fine["vocab"], coarse_vocab,
                                    PhraseTokenizer(p.words for p in in_vocab), config.lowercase)
-    report.write_report(artifacts_dir, in_vocab, tokenizers, words_file, stats)
+    report.write_report(artifacts_dir, in_vocab, tokenizers, words_files, stats)
     return stats
 
 
@@ -784,7 +784,8 @@ class English(Language):
         group.add_argument("--lmplz", metavar="PATH", default=None,
                            help="(en) KenLM lmplz binary (default: $AMBERT_LMPLZ, PATH, third_party/kenlm/bin)")
         group.add_argument("--lmplz-memory", default=d.lmplz_memory,
-                           help="(en) lmplz -S sorting memory (default %(default)s)")
+                           help="(en) lmplz -S sorting memory, e.g. 8G or 80%% (default %(default)s: ~8x the "
+                                "words text, 128 MB to half the RAM)")
         group.add_argument("--discount-fallback", action="store_true",
                            help="(en) let lmplz use fixed discounts on corpora too small for its estimate")
 
@@ -838,17 +839,14 @@ class English(Language):
 
     def fit(self, counts: dict[str, Counter], corpus, artifacts_dir: Path) -> dict:
         scratch = Path(corpus.scratch_dir)
-        words_file = scratch / "corpus_words.txt"
-        concatenate_words([d / SHARD_WORDS_FILE for d in corpus.shard_cache_dirs()], words_file)
+        words_files = [d / SHARD_WORDS_FILE for d in corpus.shard_cache_dirs()]
         try:
-            stats = fit_english(words_file, counts.get("word", Counter()), Path(artifacts_dir), self.config, scratch,
-                                self.fine_min_count, corpus=corpus)
+            stats = fit_english(words_files, counts.get("size", Counter()), counts.get("word", Counter()),
+                                Path(artifacts_dir), self.config, scratch, self.fine_min_count, corpus=corpus)
         except RuntimeError as exc:  # PhraseMiningError: lmplz missing / failed, with the fix
             raise LanguageError(str(exc)) from None
         except EnglishInputError as exc:
             raise LanguageError(str(exc)) from None
-        finally:
-            words_file.unlink(missing_ok=True)
         return stats
 
     def load(self, artifacts_dir: Path) -> None:

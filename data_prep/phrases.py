@@ -95,8 +95,9 @@ class PhraseMiningConfig:
     """Keep at most this many phrases, best score first (0 = no limit)."""
     lmplz: str | None = None
     """--lmplz: path of the lmplz binary (else $AMBERT_LMPLZ, PATH, <repo>/third_party/kenlm/bin)."""
-    lmplz_memory: str = "1G"
-    """--lmplz-memory: lmplz -S sorting memory (it spills to its temp dir beyond that)."""
+    lmplz_memory: str = "auto"
+    """--lmplz-memory: lmplz -S sorting memory (it spills to its temp dir beyond that); "auto": see
+    ``lmplz_memory()``."""
     discount_fallback: bool = False
     """--discount-fallback: pass --discount_fallback to lmplz (needed for small corpora)."""
 
@@ -166,53 +167,140 @@ def find_lmplz(explicit: str | None = None) -> str:
     )
 
 
-def run_lmplz(words_file: str | os.PathLike, arpa_file: str | os.PathLike, config: PhraseMiningConfig,
-              temp_dir: str | os.PathLike) -> None:
-    """Estimate a pruned order-N model of ``words_file`` (one sentence a line) into ``arpa_file``."""
+def lmplz_memory(setting: str, words_bytes: int) -> str:
+    """lmplz ``-S`` for ``--lmplz-memory``: as given, or for "auto" ~8x the words text (lmplz's sort
+    buffers; allocating and touching more only costs time) between 128 MB and half the machine's RAM
+    (beyond that lmplz spills to its temp dir, -T)."""
+    if setting != "auto":
+        return setting
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 8 << 30
+    megabytes = max(128, min(8 * words_bytes, ram // 2) >> 20)
+    return f"{megabytes}M"
+
+
+def run_lmplz(words_files: str | os.PathLike | Sequence[str | os.PathLike], arpa_file: str | os.PathLike,
+              config: PhraseMiningConfig, temp_dir: str | os.PathLike,
+              while_running: Callable[[], None] | None = None) -> None:
+    """Estimate a pruned order-N model of the words files (one sentence a line, read in the given
+    order as one text) into ``arpa_file``. Several files stream into lmplz's stdin through
+    ``xargs cat`` (no concatenated copy, no Python in the data path); ``while_running()`` is called
+    while lmplz works (the build trains the fine vocabulary there)."""
     lmplz = find_lmplz(config.lmplz)
+    files = [words_files] if isinstance(words_files, (str, os.PathLike)) else list(words_files)
+    missing = [str(f) for f in files if not os.path.exists(f)]
+    if missing:
+        raise PhraseMiningError(f"words file(s) for lmplz missing: {', '.join(missing[:3])}")
     order = config.ngram_order
+    memory = lmplz_memory(config.lmplz_memory, sum(os.path.getsize(f) for f in files))
     # lmplz --prune drops n-grams whose raw count is <= threshold; order 1 must stay 0.
     prune = ["0"] + [str(max(0, config.min_count - 1))] * (order - 1)
-    cmd = [lmplz, "-o", str(order), "-S", config.lmplz_memory, "-T", str(temp_dir),
-           "--prune", *prune, "--text", str(words_file), "--arpa", str(arpa_file)]
+    cmd = [lmplz, "-o", str(order), "-S", memory, "-T", str(temp_dir), "--prune", *prune, "--arpa", str(arpa_file)]
     if config.discount_fallback:
         cmd.append("--discount_fallback")
     t0 = time.time()
-    log.info("phrases: running %s", " ".join(cmd))
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        err = proc.stderr
-        if "BadDiscountException" in err or "discount out of range" in err:
+    log.info("phrases: running %s < %d words file(s)", " ".join(cmd), len(files))
+    with tempfile.TemporaryFile(dir=temp_dir) as err, tempfile.TemporaryFile(dir=temp_dir) as names:
+        names.write(b"\0".join(os.fsencode(f) for f in files))
+        names.seek(0)
+        # xargs splits a long file list over several `cat`s (ARG_MAX), in order.
+        cat = subprocess.Popen(["xargs", "-0", "cat", "--"], stdin=names, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+        proc = subprocess.Popen(cmd, stdin=cat.stdout, stdout=subprocess.DEVNULL, stderr=err)
+        cat.stdout.close()  # lmplz holds the read end; cat gets SIGPIPE if lmplz dies
+        try:
+            if while_running is not None:
+                while_running()
+            returncode = proc.wait()
+            cat_error = cat.communicate()[1].decode(errors="replace").strip()
+        finally:
+            for p in (proc, cat):
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        err.seek(0)
+        stderr = err.read().decode(errors="replace")
+    if returncode != 0:
+        if "BadDiscountException" in stderr or "discount out of range" in stderr:
             raise PhraseMiningError(
                 f"KenLM cannot estimate an order-{order} model on this corpus (BadDiscountException: too little "
                 f"text, or too repetitive, for order {order}). Use a larger corpus, lower --ngram-order, pass "
                 f"--discount-fallback (KenLM then uses fixed discounts), or reuse a dictionary with --phrases FILE."
             )
-        tail = "\n".join(err.strip().splitlines()[-5:])
-        raise PhraseMiningError(f"lmplz failed (exit {proc.returncode}): {tail}")
-    log.info("phrases: lmplz order %d done in %.1fs", order, time.time() - t0)
+        tail = "\n".join(stderr.strip().splitlines()[-5:])
+        raise PhraseMiningError(f"lmplz failed (exit {returncode}): {tail}")
+    if cat.returncode != 0:  # lmplz saw a truncated corpus: never mine phrases from that
+        raise PhraseMiningError(f"reading the words files for lmplz failed (exit {cat.returncode}): {cat_error}")
+    log.info("phrases: lmplz order %d (-S %s) done in %.1fs", order, memory, time.time() - t0)
 
 
-def iter_arpa(arpa_file: str | os.PathLike, min_logprob: float = -math.inf) -> Iterator[tuple[int, float, tuple[str, ...]]]:
-    """Stream (order, log10 prob, words) for every n-gram of an ARPA file (all unigrams; higher orders
-    only with log10 prob >= ``min_logprob``)."""
-    order = 0
-    with open(arpa_file, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            if line.startswith("\\"):
-                m = re.match(r"\\(\d+)-grams:", line)
-                order = int(m.group(1)) if m else 0
-                continue
-            if order == 0:
-                continue
-            tab = line.index("\t")
-            logprob = float(line[:tab])
-            if order > 1 and logprob < min_logprob:
-                continue
-            end = line.find("\t", tab + 1)
-            yield order, logprob, tuple(line[tab + 1:end if end >= 0 else len(line.rstrip())].split(" "))
+class _ByteRange:
+    """A read-only file object over bytes [start, end) of a buffer (pyarrow streams it in blocks)."""
+
+    def __init__(self, buffer, start: int, end: int):
+        self.buffer, self.pos, self.end, self.closed = buffer, start, end, False
+
+    def read(self, n: int = -1) -> bytes:
+        stop = self.end if n is None or n < 0 else min(self.end, self.pos + n)
+        out = self.buffer[self.pos:stop]
+        self.pos = stop
+        return out
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def arpa_sections(buffer) -> dict[int, tuple[int, int]]:
+    """Byte range of the n-gram lines of each order of an ARPA file (mapped in ``buffer``)."""
+    starts: dict[int, int] = {}
+    order, pos = 1, 0
+    while True:
+        marker = b"\n\\%d-grams:\n" % order
+        i = buffer.find(marker, pos)
+        if i < 0:
+            break
+        starts[order] = pos = i + len(marker)
+        order += 1
+    if not starts:
+        raise PhraseMiningError("lmplz wrote an ARPA file without n-gram sections (is the disk full?)")
+    return {o: (start, buffer.find(b"\n\\", start) + 1) for o, start in starts.items()}
+
+
+def iter_arpa_section(buffer, start: int, end: int, min_logprob: float | None = None):
+    """(log10 probs, n-gram strings) as Arrow arrays, a block at a time, for one ARPA section; with
+    ``min_logprob`` only the n-grams at or above it. Parsed by pyarrow's CSV reader (C++): the ARPA
+    of a large corpus has hundreds of millions of lines, and memory stays at one block."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pcsv
+
+    if end <= start:
+        return
+    first = buffer[start:buffer.find(b"\n", start)]
+    if not first.strip():  # an empty section
+        return
+    names = ["logprob", "ngram", "backoff"][: first.count(b"\t") + 1]
+    reader = pcsv.open_csv(
+        pa.PythonFile(_ByteRange(buffer, start, end), mode="r"),
+        read_options=pcsv.ReadOptions(column_names=names, block_size=16 << 20, use_threads=False),
+        parse_options=pcsv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False, ignore_empty_lines=True),
+        convert_options=pcsv.ConvertOptions(column_types={"logprob": pa.float64(), "ngram": pa.string()},
+                                            include_columns=["logprob", "ngram"]),
+    )
+    for batch in reader:
+        logprob, ngram = batch.column(0), batch.column(1)
+        if min_logprob is not None:
+            keep = pc.greater_equal(logprob, min_logprob)
+            logprob, ngram = pc.filter(logprob, keep), pc.filter(ngram, keep)
+        yield logprob, ngram
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,23 +315,55 @@ def read_word_sentences(words_file: str | os.PathLike) -> Iterator[list[str]]:
 
 
 def select_candidates(arpa_file: str | os.PathLike, config: PhraseMiningConfig) -> dict[tuple[str, ...], tuple[float, float]]:
-    """Candidates that pass the stickiness, lift and stop-word rules: words -> (min_logprob, min_lift)."""
+    """Candidates that pass the stickiness, lift and stop-word rules: words -> (min_logprob, min_lift).
+
+    The word-level rules are applied to whole blocks of the ARPA file at once (Arrow compute): only
+    n-grams that could be a candidate or a candidate's prefix -- all words content tokens, the first
+    not a stop word, the others not a stop word other than a glue word -- reach Python objects."""
+    import mmap
+
+    with open(arpa_file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
+        return _select_candidates(buffer, config)
+
+
+_TINY_ARPA = b"\\data\\\nngram 1=2\nngram 2=1\n\n\\1-grams:\n-1.0\tab\t-0.1\n-1.0\tcd\t0\n\n\\2-grams:\n-0.1\tab cd\n\n\\end\\\n"
+
+
+def warm_up_arpa_reader() -> None:
+    """Import and exercise the Arrow reader on a tiny ARPA file: the build calls this while lmplz runs,
+    so the first real read does not pay pyarrow's start-up (~0.5 s)."""
+    _select_candidates(_TINY_ARPA, PhraseMiningConfig(min_lift=-math.inf))
+
+
+def _select_candidates(buffer, config: PhraseMiningConfig) -> dict[tuple[str, ...], tuple[float, float]]:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    sections = arpa_sections(buffer)
     unigram: dict[str, float] = {}
-    content: set[str] = set()  # unigrams come first in an ARPA file
+    for logprob, ngram in iter_arpa_section(buffer, *sections[1]):
+        unigram.update(zip(ngram.to_pylist(), logprob.to_pylist()))
+    content = [w for w in unigram if is_content_token(w) and w not in ("<s>", "</s>", "<unk>")]
+    inside = pa.array([w for w in content if not is_stop_word(w) or w in GLUE_WORDS], pa.string())
+    first = pa.array([w for w in content if not is_stop_word(w)], pa.string())
+    # Kept for the full-path check below: any prefix of a candidate must be sticky too.
     sticky: dict[tuple[str, ...], float] = {}
-    for order, logprob, words in iter_arpa(arpa_file, config.min_logprob):
-        if order == 1:
-            unigram[words[0]] = logprob
-            if is_content_token(words[0]) and words[0] not in ("<s>", "</s>", "<unk>"):
-                content.add(words[0])
-        elif content.issuperset(words):
-            # Kept for the full-path check below: any prefix of a candidate must be sticky too.
-            sticky[words] = logprob
+    for order in sorted(o for o in sections if o > 1):
+        for logprob, ngram in iter_arpa_section(buffer, *sections[order], min_logprob=config.min_logprob):
+            if len(ngram) == 0:
+                continue
+            words = pc.split_pattern(ngram, " ")
+            outside = ~pc.is_in(pc.list_flatten(words), value_set=inside).to_numpy(zero_copy_only=False)
+            offsets = words.offsets.to_numpy()
+            keep = np.add.reduceat(outside.astype(np.int32), offsets[:-1]) == 0
+            keep &= pc.is_in(pc.list_element(words, 0), value_set=first).to_numpy(zero_copy_only=False)
+            rows = pa.array(np.flatnonzero(keep))
+            for g, p in zip(pc.take(ngram, rows).to_pylist(), pc.take(logprob, rows).to_pylist()):
+                sticky[tuple(g.split(" "))] = p
     candidates: dict[tuple[str, ...], tuple[float, float]] = {}
     for words in sticky:
-        if is_stop_word(words[0]) or is_stop_word(words[-1]):
-            continue
-        if any(is_stop_word(w) and w not in GLUE_WORDS for w in words[1:-1]):
+        if is_stop_word(words[-1]):  # the first word and the inner ones were checked above
             continue
         worst_logprob, worst_lift, ok = 0.0, math.inf, True
         for k in range(2, len(words) + 1):
@@ -295,24 +415,34 @@ def _drop_subsumed(counts: dict[tuple[str, ...], int], ratio: float) -> set[tupl
     return dropped
 
 
-def mine_phrases(words_file: str | os.PathLike, config: PhraseMiningConfig,
+def mine_phrases(words_file: str | os.PathLike | Sequence[str | os.PathLike], config: PhraseMiningConfig,
                  temp_dir: str | os.PathLike | None = None,
-                 count: Callable[[set[tuple[str, ...]]], Counter] | None = None) -> list[Phrase]:
-    """Mine the phrase dictionary of a word-tokenized corpus (one sentence a line, words space-separated).
+                 count: Callable[[set[tuple[str, ...]]], Counter] | None = None,
+                 while_lmplz_runs: Callable[[], None] | None = None) -> list[Phrase]:
+    """Mine the phrase dictionary of a word-tokenized corpus (one sentence a line, words space-separated;
+    one file, or several read in order as one text).
 
-    ``count(candidates)`` counts the candidate n-grams over the corpus (default: one pass over
-    ``words_file``; the build passes a parallel count over its shards)."""
+    ``count(candidates)`` counts the candidate n-grams over the corpus (default: one pass over the
+    words files; the build passes a parallel count over its shards). ``while_lmplz_runs()`` runs
+    while lmplz estimates the model (independent work: lmplz uses one core)."""
     config.validate()
     find_lmplz(config.lmplz)  # fail before any expensive work
+    files = [words_file] if isinstance(words_file, (str, os.PathLike)) else list(words_file)
+
+    def while_running() -> None:
+        if while_lmplz_runs is not None:
+            while_lmplz_runs()
+        warm_up_arpa_reader()
+
     with tempfile.TemporaryDirectory(prefix="ambert-kenlm-", dir=temp_dir) as tmp:
         arpa = Path(tmp) / "model.arpa"
-        run_lmplz(words_file, arpa, config, tmp)
+        run_lmplz(files, arpa, config, tmp, while_running)
         t0 = time.time()
         candidates = select_candidates(arpa, config)
     log.info("phrases: %d candidates from the ARPA in %.1fs; counting them", len(candidates), time.time() - t0)
     t0 = time.time()
     if count is None:
-        counts = count_ngrams(read_word_sentences(words_file), candidates)
+        counts = count_ngrams((words for f in files for words in read_word_sentences(f)), candidates)
     else:
         counts = count(set(candidates))
     counts = {g: c for g, c in counts.items() if c >= config.min_count}

@@ -8,6 +8,7 @@ are the phrases fixed expressions and names ("prime minister", "new york"), or f
 from __future__ import annotations
 
 import html
+import itertools
 import json
 import os
 from pathlib import Path
@@ -25,21 +26,28 @@ TOP_PHRASES = 300
 EXAMPLES = 40
 
 
-def sample_sentences(words_file: str | os.PathLike, count: int = EXAMPLES, min_words: int = 8) -> list[list[str]]:
-    """``count`` sentences spread evenly over the corpus (deterministic), each of >= min_words words."""
-    with open(words_file, encoding="utf-8") as f:
-        total = sum(1 for _ in f)
+def sample_sentences(words_files: str | os.PathLike | Sequence[str | os.PathLike], count: int = EXAMPLES,
+                     min_words: int = 8) -> list[list[str]]:
+    """``count`` sentences spread evenly over the corpus (deterministic), each of >= min_words words;
+    ``words_files``: one sentence a line, in corpus order."""
+    files = [words_files] if isinstance(words_files, (str, os.PathLike)) else list(words_files)
+    lines = []
+    for path in files:
+        with open(path, "rb") as f:
+            lines.append(sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b"")))
+    total = sum(lines)
     if total == 0:
         return []
     step = max(1, total // (count * 3))
     out: list[list[str]] = []
-    with open(words_file, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if i % step:
-                continue
-            words = line.split()
-            if len(words) >= min_words and any(len(w) > 1 for w in words):
-                out.append(words)
+    first = 0  # global index of the file's first line: every step-th line of the corpus is a candidate
+    for path, n in zip(files, lines):
+        with open(path, encoding="utf-8") as f:
+            for line in itertools.islice(f, (-first) % step, None, step):
+                words = line.split()
+                if len(words) >= min_words and any(len(w) > 1 for w in words):
+                    out.append(words)
+        first += n
     # Prefer sentences that show phrases, but keep the choice deterministic.
     return out[:: max(1, len(out) // count)][:count]
 
@@ -61,11 +69,11 @@ def _fine(tokenizers: "EnglishTokenizers", words: Sequence[str]) -> list[str]:
 
 
 def write_report(directory: str | os.PathLike, phrases: Sequence["Phrase"], tokenizers: "EnglishTokenizers",
-                 words_file: str | os.PathLike, stats: dict) -> None:
+                 words_files: str | os.PathLike | Sequence[str | os.PathLike], stats: dict) -> None:
     directory = Path(directory)
     # Two thirds of the examples show at least one phrase (that is what a reader checks), the rest
     # are plain sentences: both spread evenly over the corpus, deterministic.
-    pool = sample_sentences(words_file, count=EXAMPLES * 4)
+    pool = sample_sentences(words_files, count=EXAMPLES * 4)
     with_phrase = [w for w in pool if any(k == "phrase" for _, k in _coarse(tokenizers, w))]
     without = [w for w in pool if w not in with_phrase]
     n_with = min(len(with_phrase), EXAMPLES * 2 // 3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -185,6 +186,62 @@ def test_mining_finds_planted_phrases_and_rejects_fragments(tmp_path):
     assert ("finchley", "gate") not in texts and ("marvo", "finchley") not in texts
     # best first
     assert [p.score for p in found] == sorted((p.score for p in found), reverse=True)
+
+
+@needs_lmplz
+def test_lmplz_reads_shard_files_as_one_text_and_never_a_truncated_one(tmp_path):
+    """The build streams its shards' words files into lmplz (no concatenated copy): the ARPA must be
+    byte-identical to lmplz on the concatenation, and a missing file must stop mining (a silently
+    shorter corpus would give other phrases)."""
+    whole = tmp_path / "words.txt"
+    _generated_corpus(whole, sentences=3000)
+    lines = whole.read_text(encoding="utf-8").splitlines(keepends=True)
+    parts = []
+    for k, chunk in enumerate((lines[:1000], lines[1000:1001], lines[1001:])):
+        part = tmp_path / f"shard {k}.txt"  # a space in the name: paths go through xargs -0
+        part.write_text("".join(chunk), encoding="utf-8")
+        parts.append(part)
+    config = PhraseMiningConfig()
+    ran = []
+    ph.run_lmplz(whole, tmp_path / "one.arpa", config, tmp_path)
+    ph.run_lmplz(parts, tmp_path / "parts.arpa", config, tmp_path, while_running=lambda: ran.append(1))
+    assert ran == [1]
+    assert (tmp_path / "one.arpa").read_bytes() == (tmp_path / "parts.arpa").read_bytes()
+    # the Arrow ARPA reader agrees with a plain line-by-line reading of the same file
+    candidates = ph.select_candidates(tmp_path / "one.arpa", config)
+    assert ("zorblat", "quintex") in candidates
+    logprob = {}
+    order = 0
+    for line in (tmp_path / "one.arpa").read_text(encoding="utf-8").splitlines():
+        if line.startswith("\\") and line.endswith("-grams:"):
+            order = int(line[1:line.index("-")])
+        elif order and line and not line.startswith("\\"):
+            fields = line.split("\t")
+            logprob[tuple(fields[1].split(" "))] = float(fields[0])
+    for words, (worst_logprob, _) in candidates.items():
+        assert worst_logprob == min(logprob[words[:k]] for k in range(2, len(words) + 1))
+    with pytest.raises(PhraseMiningError, match="missing: .*gone.txt"):
+        ph.run_lmplz([parts[0], tmp_path / "gone.txt", parts[2]], tmp_path / "bad.arpa", config, tmp_path)
+    unreadable = tmp_path / "a directory"
+    unreadable.mkdir()
+    with pytest.raises(PhraseMiningError, match="reading the words files .*a directory"):
+        ph.run_lmplz([parts[0], unreadable, parts[2]], tmp_path / "bad.arpa", config, tmp_path)
+
+
+def test_lmplz_memory_auto():
+    assert ph.lmplz_memory("4G", 10) == "4G"
+    assert ph.lmplz_memory("auto", 1 << 20) == "128M"  # the floor
+    assert ph.lmplz_memory("auto", 100 << 20) == "800M"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert ph.lmplz_memory("auto", 1 << 50) == f"{(ram // 2) >> 20}M"  # at most half the RAM
+
+
+def test_arpa_reader_handles_an_empty_section():
+    arpa = (b"\\data\\\nngram 1=3\nngram 2=0\nngram 3=1\n\n\\1-grams:\n-1.0\tnew\t-0.1\n-1.5\tyork\t0\n"
+            b"-2.0\tcity\t0\n\n\\2-grams:\n\n\\3-grams:\n-0.1\tnew york city\n\n\\end\\\n")
+    assert ph.arpa_sections(arpa)[2][1] - ph.arpa_sections(arpa)[2][0] <= 1
+    # "new york" itself is not in the (empty) bigram section: the trigram has no sticky path
+    assert ph._select_candidates(arpa, PhraseMiningConfig(min_lift=-100)) == {}
 
 
 @needs_lmplz
