@@ -916,6 +916,11 @@ def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_siz
                 "chars_per_s": round(totals["characters"] / elapsed),
             },
         }
+        scratch = work / "scratch"
+        scratch.mkdir(exist_ok=True)
+        corpus = Corpus(shards, read_shard_documents, scratch)
+        for key, value in (lang.finish(out, stats, corpus) or {}).items():
+            stats.setdefault(key, value)
         meta = {
             "language": config.language,
             "fine_vocab_size": fine_size,

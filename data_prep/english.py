@@ -587,11 +587,10 @@ def _shard_coarse_counts(cache_dir: Path, phrase_tokenizer: PhraseTokenizer) -> 
 
 def fit_english(words_files: Sequence[Path], sizes: Counter, word_counts: Counter, artifacts_dir: Path,
                 config: EnglishConfig, scratch_dir: Path, fine_min_count: int = 2, corpus=None) -> dict:
-    """Fine tokenizer, phrase dictionary, both vocabularies (and the report) from words files (one
-    sentence a line; in corpus order) with their ``sizes`` ("words", "sentences") and word counts.
+    """Fine tokenizer, phrase dictionary and both vocabularies from words files (one sentence a
+    line; in corpus order) with their ``sizes`` ("words", "sentences") and word counts.
 
-    Writes fine_tokenizer.json, fine_vocab.txt, phrases.tsv, coarse_vocab.txt, phrase_report.html
-    into ``artifacts_dir``; returns the statistics for meta.json. Deterministic given the files.
+    Writes fine_tokenizer.json, fine_vocab.txt, phrases.tsv, coarse_vocab.txt into ``artifacts_dir``; returns the statistics for meta.json. Deterministic given the files.
     ``corpus`` (the build's ``Corpus``): the counting passes run over its shards on the build's
     workers instead of over ``words_files`` in this process (same counts: sentences never cross shards).
     The fine vocabulary is trained while lmplz runs (they are independent).
@@ -611,8 +610,6 @@ def fit_english(words_files: Sequence[Path], sizes: Counter, word_counts: Counte
             for f in words_files:
                 total.update(count_coarse_tokens(f, phrase_tokenizer))
             return total
-
-    from data_prep import report
 
     config.validate()
     seconds: dict[str, float] = {}
@@ -658,7 +655,7 @@ def fit_english(words_files: Sequence[Path], sizes: Counter, word_counts: Counte
                 f"an existing dictionary with --phrases FILE."
             )
         phrases = mine_phrases(words_files, config.mining, temp_dir=scratch_dir, count=count_ngrams_in_corpus,
-                               while_lmplz_runs=fit_fine)
+                               while_lmplz_runs=fit_fine, vocab_size=len(word_counts) or None)
     write_phrases_tsv(artifacts_dir / PHRASES_FILE, phrases)
     seconds["phrases"] = round(time.time() - t0, 2)
 
@@ -669,37 +666,21 @@ def fit_english(words_files: Sequence[Path], sizes: Counter, word_counts: Counte
     coarse_vocab.save(artifacts_dir / "coarse_vocab.txt")
     seconds["coarse_vocab"] = round(time.time() - t0, 2)
 
-    # Recount under the FINAL tokenizer (only phrases that got a coarse id): these are exactly the
-    # coarse tokens encoding the corpus will produce, so the rates below are exact.
+    # No recount here: encoding produces exactly the final coarse tokens, so the rates that need
+    # them (multi-word phrase share, coarse OOV) come from its counts (``finish``, meta.json).
     kept = set(coarse_tokens)
     in_vocab = [p for p in phrases if PHRASE_JOINER.join(p.words) in kept]
-    t0 = time.time()
-    if len(in_vocab) == len(phrases):  # no phrase was dropped: the first count is already exact
-        final = counts
-    else:
-        final = count_coarse(PhraseTokenizer(p.words for p in in_vocab))
-    seconds["recount"] = round(time.time() - t0, 2)
-    total = sum(final.values())
-    phrase_tokens = sum(c for t, c in final.items() if _is_phrase(t))
-    oov = sum(c for t, c in final.items() if t not in kept)
     stats = {
         "phrases_mined": len(phrases),
         "phrases_in_coarse_vocab": len(in_vocab),
-        "multiword_phrase_fraction_of_coarse_tokens": round(phrase_tokens / total, 6) if total else 0.0,
-        "coarse_oov_word_types": sum(1 for t in final if t not in kept),
         "top_phrases": [
             {"phrase": p.text, "count": p.count, "score": p.score} for p in in_vocab[:30]
         ],
         "phrase_source": config.phrases or "kenlm",
         "fit_seconds": seconds,
     }
-    log.info("en: %d phrases (%d in a coarse vocabulary of %d); %.1f%% of coarse tokens are phrases; coarse OOV %.2f%%",
-             len(phrases), len(in_vocab), len(coarse_vocab), 100 * stats["multiword_phrase_fraction_of_coarse_tokens"],
-             100 * oov / max(1, total))
+    log.info("en: %d phrases (%d in a coarse vocabulary of %d)", len(phrases), len(in_vocab), len(coarse_vocab))
     log.info("en: top phrases: %s", ", ".join(f"{p.text} ({p.count})" for p in in_vocab[:15]))
-    tokenizers = EnglishTokenizers(fine["tokenizer"], fine["vocab"], coarse_vocab,
-                                   PhraseTokenizer(p.words for p in in_vocab), config.lowercase)
-    report.write_report(artifacts_dir, in_vocab, tokenizers, words_files, stats)
     return stats
 
 
@@ -884,6 +865,21 @@ class English(Language):
             extra={"words": st.words, "multiword_phrase_tokens": st.phrase_tokens,
                    "words_inside_phrases": st.phrase_words},
         )
+
+    def finish(self, out_dir: Path, stats: dict, corpus) -> dict:
+        """The multi-word phrase share of the coarse tokens, and the report (phrase list, examples)."""
+        from data_prep import report
+
+        coarse = stats.get("coarse_tokens") or 0
+        extra = {"multiword_phrase_fraction_of_coarse_tokens":
+                 round(stats.get("multiword_phrase_tokens", 0) / coarse, 6) if coarse else 0.0}
+        log.info("en: %.1f%% of coarse tokens are multi-word phrases", 100 * extra["multiword_phrase_fraction_of_coarse_tokens"])
+        tokenizers = EnglishTokenizers.load(out_dir, self.config.lowercase)
+        coarse_vocab = tokenizers.coarse_vocab
+        in_vocab = [p for p in read_phrases_tsv(out_dir / PHRASES_FILE) if PHRASE_JOINER.join(p.words) in coarse_vocab]
+        words_files = [d / SHARD_WORDS_FILE for d in corpus.shard_cache_dirs()]
+        report.write_report(out_dir, in_vocab, tokenizers, words_files, {**stats, **extra})
+        return extra
 
     def package_versions(self) -> dict[str, str]:
         import tokenizers

@@ -45,7 +45,10 @@ How to implement a language (English does this in ``data_prep/english.py``)
    empty). Build it with ``EncodedShardBuilder`` (one ``add_document`` per document) or directly
    from flat arrays. ``EncodedShard.extra`` holds integer counters that are summed into
    meta.json ``stats`` (e.g. {"phrase_tokens": 123}). The core checks the alignment invariant.
-10. Register it: ``register(MyLanguage)`` at the end of your module and add the module name to
+10. Optional ``finish(out_dir, stats, corpus) -> dict``: runs ONCE (rank 0) after the shards are
+   merged into ``out_dir``, before meta.json is written; ``stats`` are the dataset's final
+   statistics. Write reports into ``out_dir``; return statistics derived from the final counts.
+11. Register it: ``register(MyLanguage)`` at the end of your module and add the module name to
    ``PLUGIN_MODULES`` below (the registry imports it lazily, so a missing optional dependency of
    one language never breaks another).
 
@@ -239,6 +242,10 @@ class Language:
 
     def encode_shard(self, cache_dir: Path) -> EncodedShard:
         raise NotImplementedError
+
+    # ---- optional: after the merge (reports, statistics of the final dataset) ----------------
+    def finish(self, out_dir: Path, stats: dict, corpus: Corpus) -> dict:
+        return {}
 
     # ---- optional: versions of the libraries that shaped the output (meta.json) ------------
     def package_versions(self) -> dict[str, str]:

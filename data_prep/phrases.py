@@ -183,11 +183,12 @@ def lmplz_memory(setting: str, words_bytes: int) -> str:
 
 def run_lmplz(words_files: str | os.PathLike | Sequence[str | os.PathLike], arpa_file: str | os.PathLike,
               config: PhraseMiningConfig, temp_dir: str | os.PathLike,
-              while_running: Callable[[], None] | None = None) -> None:
+              while_running: Callable[[], None] | None = None, vocab_size: int | None = None) -> None:
     """Estimate a pruned order-N model of the words files (one sentence a line, read in the given
     order as one text) into ``arpa_file``. Several files stream into lmplz's stdin through
     ``xargs cat`` (no concatenated copy, no Python in the data path); ``while_running()`` is called
-    while lmplz works (the build trains the fine vocabulary there)."""
+    while lmplz works (the build trains the fine vocabulary there). ``vocab_size`` (distinct words,
+    when known) sizes lmplz's hash table instead of its default guess of a million words."""
     lmplz = find_lmplz(config.lmplz)
     files = [words_files] if isinstance(words_files, (str, os.PathLike)) else list(words_files)
     missing = [str(f) for f in files if not os.path.exists(f)]
@@ -198,6 +199,8 @@ def run_lmplz(words_files: str | os.PathLike | Sequence[str | os.PathLike], arpa
     # lmplz --prune drops n-grams whose raw count is <= threshold; order 1 must stay 0.
     prune = ["0"] + [str(max(0, config.min_count - 1))] * (order - 1)
     cmd = [lmplz, "-o", str(order), "-S", memory, "-T", str(temp_dir), "--prune", *prune, "--arpa", str(arpa_file)]
+    if vocab_size:
+        cmd += ["--vocab_estimate", str(vocab_size + 3)]  # + <s>, </s>, <unk>
     if config.discount_fallback:
         cmd.append("--discount_fallback")
     t0 = time.time()
@@ -418,7 +421,7 @@ def _drop_subsumed(counts: dict[tuple[str, ...], int], ratio: float) -> set[tupl
 def mine_phrases(words_file: str | os.PathLike | Sequence[str | os.PathLike], config: PhraseMiningConfig,
                  temp_dir: str | os.PathLike | None = None,
                  count: Callable[[set[tuple[str, ...]]], Counter] | None = None,
-                 while_lmplz_runs: Callable[[], None] | None = None) -> list[Phrase]:
+                 while_lmplz_runs: Callable[[], None] | None = None, vocab_size: int | None = None) -> list[Phrase]:
     """Mine the phrase dictionary of a word-tokenized corpus (one sentence a line, words space-separated;
     one file, or several read in order as one text).
 
@@ -436,7 +439,7 @@ def mine_phrases(words_file: str | os.PathLike | Sequence[str | os.PathLike], co
 
     with tempfile.TemporaryDirectory(prefix="ambert-kenlm-", dir=temp_dir) as tmp:
         arpa = Path(tmp) / "model.arpa"
-        run_lmplz(files, arpa, config, tmp, while_running)
+        run_lmplz(files, arpa, config, tmp, while_running, vocab_size)
         t0 = time.time()
         candidates = select_candidates(arpa, config)
     log.info("phrases: %d candidates from the ARPA in %.1fs; counting them", len(candidates), time.time() - t0)

@@ -185,6 +185,10 @@ def test_build_round_trip(built, bbc_corpus):
     # every sentence of the corpus is in the dataset, exactly once, as normalised words
     assert decoded == _expected_sentences(bbc_corpus)
     assert phrase_tokens == stats["multiword_phrase_tokens"]
+    # the share of multi-word phrases is that of the dataset as written, and the report shows it
+    share = round(phrase_tokens / stats["coarse_tokens"], 6)
+    assert stats["multiword_phrase_fraction_of_coarse_tokens"] == share
+    assert f"multiword_phrase_fraction_of_coarse_tokens: {share}" in (built / "phrase_report.txt").read_text()
 
 
 def test_verify_passes(built):
