@@ -382,11 +382,13 @@ class EnglishTokenizers:
         coarse = np.fromiter((coarse_index.get(w, UNK_ID) for w in new_words), dtype=np.int64, count=len(new_words))
         longest = self.phrase_tokenizer.longest_from
         phrase_start = np.fromiter((w in longest for w in new_words), dtype=bool, count=len(new_words))
+        pair_ids = self.phrase_tokenizer.pair_word_ids(new_words)
         self._piece_offsets = np.concatenate([self._piece_offsets, len(self._pieces) + np.cumsum(counts) - counts])
         self._piece_counts = np.concatenate([self._piece_counts, counts])
         self._pieces = np.concatenate([self._pieces, flat])
         self._word_coarse = np.concatenate([self._word_coarse, coarse])
         self._word_starts_phrase = np.concatenate([self._word_starts_phrase, phrase_start])
+        self._word_pair_id = np.concatenate([self._word_pair_id, pair_ids])
 
     def _reset_word_cache(self) -> None:
         self._word_index: dict[str, int] = {}
@@ -395,6 +397,7 @@ class EnglishTokenizers:
         self._pieces = np.zeros(0, dtype=np.int64)
         self._word_coarse = np.zeros(0, dtype=np.int64)
         self._word_starts_phrase = np.zeros(0, dtype=bool)
+        self._word_pair_id = np.zeros(0, dtype=np.int64)
 
     def encode_block(self, sentences: Sequence[Sequence[str]]) -> dict[str, np.ndarray]:
         """Encode many sentences (lists of words, none empty) at once, vectorised.
@@ -424,7 +427,8 @@ class EnglishTokenizers:
         align = counts.copy()
         keep = np.ones(len(words), dtype=bool)
         candidates = np.flatnonzero(self._word_starts_phrase[word_ids])
-        starts, lengths = self.phrase_tokenizer.flat_matches(words, sentence_lengths, candidates)
+        starts, lengths = self.phrase_tokenizer.flat_matches(words, sentence_lengths, candidates,
+                                                             self._word_pair_id[word_ids])
         for start, length in zip(starts, lengths):
             keep[start + 1:start + length] = False
             coarse[start] = coarse_index[PHRASE_JOINER.join(words[start:start + length])]

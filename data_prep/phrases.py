@@ -515,6 +515,23 @@ class PhraseTokenizer:
                 longest[p[0]] = len(p)
         self.longest_from = longest
         self.max_len = max(longest.values(), default=1)
+        # Every phrase starts with one of these word pairs: an id for each word that is a phrase's
+        # first or second word (0 = none), and the sorted pair keys (first id * K + second id).
+        self._pair_word_id: dict[str, int] = {}
+        for p in sorted(self.phrases):
+            for w in p[:2]:
+                self._pair_word_id.setdefault(w, len(self._pair_word_id) + 1)
+        self._pair_base = len(self._pair_word_id) + 1
+        pair_longest: dict[int, int] = {}
+        pair_is_phrase: set[int] = set()
+        for p in self.phrases:
+            key = self._pair_word_id[p[0]] * self._pair_base + self._pair_word_id[p[1]]
+            pair_longest[key] = max(pair_longest.get(key, 0), len(p))
+            if len(p) == 2:
+                pair_is_phrase.add(key)
+        self._pair_keys = sorted(pair_longest)
+        self._pair_longest = [pair_longest[k] for k in self._pair_keys]  # longest phrase from that pair
+        self._pair_is_phrase = [k in pair_is_phrase for k in self._pair_keys]  # the pair itself is one
 
     def __len__(self) -> int:
         return len(self.phrases)
@@ -540,41 +557,61 @@ class PhraseTokenizer:
             i += length
         return out
 
+    def pair_word_ids(self, words: Sequence[str]):
+        """For each word, its id among the first / second words of phrases (0: neither), as numpy."""
+        import itertools
+
+        import numpy as np
+
+        return np.fromiter(map(self._pair_word_id.get, words, itertools.repeat(0)), dtype=np.int64, count=len(words))
+
     def flat_matches(self, words: Sequence[str], sentence_lengths: Sequence[int],
-                     candidates: Sequence[int] | None = None) -> tuple[list[int], list[int]]:
+                     candidates: Sequence[int] | None = None, pair_ids=None) -> tuple[list[int], list[int]]:
         """Greedy longest matches over many sentences at once: (starts, lengths) of every multi-word
         phrase, positions into the flat word list ``words`` (sentences concatenated).
 
-        Same result as ``spans`` sentence by sentence, but the Python loop only visits words that
-        start some phrase (a minority), so whole shards are segmented at memory speed.
+        Same result as ``spans`` sentence by sentence, but the Python loop only visits positions
+        where a phrase's first two words occur (found for all words at once with numpy: a word that
+        starts some phrase is common, one followed by a word that continues one of them is not).
         ``candidates``: the increasing positions of words that start some phrase, if the caller
-        already knows them (``words[i] in self.longest_from``); computed otherwise.
+        already knows them (``words[i] in self.longest_from``); ``pair_ids``: ``pair_word_ids(words)``
+        if the caller has them (the encoder caches them per distinct word); computed otherwise.
         """
         import numpy as np
 
         longest = self.longest_from
-        if not longest:
+        if not longest or len(words) < 2:
             return [], []
+        ids = self.pair_word_ids(words) if pair_ids is None else np.asarray(pair_ids, dtype=np.int64)
+        keys = ids[:-1] * self._pair_base + ids[1:]
+        table = np.asarray(self._pair_keys, dtype=np.int64)
+        slot = np.minimum(np.searchsorted(table, keys), len(table) - 1)
+        pair = table[slot] == keys  # position i starts a (first, second) word pair of some phrase
         if candidates is None:
-            candidates = [i for i, w in enumerate(words) if w in longest]
+            candidates = np.flatnonzero(pair)
+        else:
+            candidates = np.asarray(candidates, dtype=np.int64)
+            candidates = candidates[candidates < len(pair)]
+            candidates = candidates[pair[candidates]]
         if len(candidates) == 0:
             return [], []
         lengths = np.asarray(sentence_lengths, dtype=np.int64)
         ends = np.cumsum(lengths)
         # end (exclusive) of the sentence holding each candidate position
-        limit = ends[np.searchsorted(ends, np.asarray(candidates), side="right")].tolist()
-        candidates = candidates.tolist() if isinstance(candidates, np.ndarray) else candidates
+        limit = ends[np.searchsorted(ends, candidates, side="right")]
+        slot = slot[candidates]
+        longest_here = np.minimum(np.asarray(self._pair_longest, dtype=np.int64)[slot], limit - candidates)
+        pair_is_phrase = np.asarray(self._pair_is_phrase, dtype=bool)[slot]
         phrases = self.phrases
         starts: list[int] = []
         match_lengths: list[int] = []
         covered = 0
-        for i, end in zip(candidates, limit):
-            if i < covered:
+        for i, length, two in zip(candidates.tolist(), longest_here.tolist(), pair_is_phrase.tolist()):
+            if i < covered or length < 2:  # inside the previous match, or the pair crosses a sentence end
                 continue
-            length = min(longest[words[i]], end - i)
-            while length > 1 and tuple(words[i:i + length]) not in phrases:
+            while length > 2 and tuple(words[i:i + length]) not in phrases:
                 length -= 1
-            if length > 1:
+            if length > 2 or two:
                 starts.append(i)
                 match_lengths.append(length)
                 covered = i + length

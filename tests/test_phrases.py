@@ -284,3 +284,7 @@ def test_flat_matches_equal_sentence_by_sentence_spans():
         offset += len(s)
     assert list(zip(starts, lengths)) == expected
     assert len(expected) > 100  # phrases at sentence ends must not run into the next sentence
+    # the encoder's path: candidate starts and pair ids it already has give the same matches
+    candidates = [i for i, w in enumerate(flat) if w in tok.longest_from]
+    assert tok.flat_matches(flat, [len(s) for s in sentences], candidates, tok.pair_word_ids(flat)) == (starts, lengths)
+    assert tok.flat_matches(["a"], [1]) == ([], []) and PhraseTokenizer([]).flat_matches(flat, [len(flat)]) == ([], [])
