@@ -543,6 +543,16 @@ class _Executor:
         finally:
             arg_path.unlink(missing_ok=True)
 
+    def sum_counts(self, shard_dirs: list[str]) -> dict[str, Counter]:
+        """The shards' count tables summed key by key: one task per worker (shards dealt round-robin)."""
+        if self.pool is None:
+            return _sum_shard_counts(shard_dirs)
+        n = self.pool._processes
+        total: dict[str, Counter] = {}
+        for part in self.pool.map(_sum_shard_counts, [shard_dirs[i::n] for i in range(n)], chunksize=1):
+            _add_count_tables(total, part)
+        return total
+
     def close(self) -> None:
         if self.pool is not None:
             self.pool.close()
@@ -654,26 +664,35 @@ def _prepare_work_dir(config: BuildConfig, params: dict) -> Path:
     return work
 
 
-class _CountMerger:
-    """Sums each shard's count tables as soon as its analysis finishes: the main process does it while
-    the workers still segment other shards, instead of in a serial step afterwards. (Summing Counters
-    is order-independent, so the vocabularies do not depend on completion order.)"""
+class _AnalysisProgress:
+    """Counts finished shard analyses (the progress bar advances by each shard's bytes)."""
 
     def __init__(self, bar):
         self.bar = bar
-        self.counts: dict[str, Counter] = {}
         self.merged = 0
 
     def __call__(self, result: tuple[str, int]) -> None:
-        shard_dir, nbytes = result
-        with open(Path(shard_dir) / "counts.pkl", "rb") as fh:
-            for key, table in pickle.load(fh).items():
-                if key in self.counts:
-                    self.counts[key].update(table)
-                else:
-                    self.counts[key] = table
         self.merged += 1
-        self.bar.update(nbytes)
+        self.bar.update(result[1])
+
+
+def _add_count_tables(total: dict[str, Counter], tables: dict[str, Counter]) -> dict[str, Counter]:
+    for key, table in tables.items():
+        if key in total:
+            total[key].update(table)
+        else:
+            total[key] = table
+    return total
+
+
+def _sum_shard_counts(shard_dirs: list[str]) -> dict[str, Counter]:
+    """The count tables (counts.pkl) of these shards, summed key by key (a worker task)."""
+    total: dict[str, Counter] = {}
+    with _NoCyclicGC():
+        for shard_dir in shard_dirs:
+            with open(Path(shard_dir) / "counts.pkl", "rb") as fh:
+                _add_count_tables(total, pickle.load(fh))
+    return total
 
 
 def auto_shard_characters(records: list[dict]) -> int:
@@ -783,14 +802,16 @@ def build(config: BuildConfig, comm=None) -> dict:
             total = sum(sizes) if None not in sizes else None  # unknown for parquet / HF datasets
             with _progress(config.progress and comm.rank == 0, desc="analyze", unit="B", unit_scale=True,
                            total=total) as bar:
-                merger = _CountMerger(bar)
-                summary = _read_into_shards(config, comm, specs, work, executor, merger, read_done, params)
+                progress = _AnalysisProgress(bar)
+                summary = _read_into_shards(config, comm, specs, work, executor, progress, read_done, params)
                 for result in executor.ready(wait=True):
-                    merger(result)
+                    progress(result)
             mine = [k for k in range(summary["num_shards"]) if k % comm.size == comm.rank]
-            if merger.merged != len(mine):
-                raise BuildError(f"internal: {merger.merged} shards analysed, {len(mine)} expected")
-            return summary, merger.counts
+            if progress.merged != len(mine):
+                raise BuildError(f"internal: {progress.merged} shards analysed, {len(mine)} expected")
+            # Summed on the workers, each over its share of the shards: while they analysed, every
+            # core was busy, and the main process would only have taken CPU from them.
+            return summary, executor.sum_counts([str(_shard_dir(work, k)) for k in mine])
 
         stage_seconds["check"] = round(time.time() - started, 2)
         summary, my_counts = _collective(comm, read_and_analyze)
