@@ -837,7 +837,8 @@ def build(config: BuildConfig, comm=None) -> dict:
             corpus = Corpus([_shard_dir(work, k) for k in range(summary["num_shards"])], read_shard_documents, scratch,
                             mapper=lambda fn, dirs, arg, add=False: executor.map_shards(fn, dirs, arg, scratch, add))
             t0 = time.time()
-            fit_stats = lang.fit(counts, corpus, tmp) or {}
+            with _NoCyclicGC():  # as in the worker tasks: millions of short-lived objects, no cycles
+                fit_stats = lang.fit(counts, corpus, tmp) or {}
             for name in (fmt.FINE_VOCAB_FILE, fmt.COARSE_VOCAB_FILE):
                 if not (tmp / name).is_file():
                     raise BuildError(f"language plugin {config.language!r} did not write {name} in fit()")
@@ -940,7 +941,9 @@ def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_siz
         scratch = work / "scratch"
         scratch.mkdir(exist_ok=True)
         corpus = Corpus(shards, read_shard_documents, scratch)
-        for key, value in (lang.finish(out, stats, corpus) or {}).items():
+        with _NoCyclicGC():
+            finished = lang.finish(out, stats, corpus) or {}
+        for key, value in finished.items():
             stats.setdefault(key, value)
         meta = {
             "language": config.language,
