@@ -68,8 +68,10 @@ from data_prep.phrases import (
     PhraseTokenizer,
     count_ngrams,
     mine_phrases,
+    parse_size,
     read_phrases_tsv,
     read_word_sentences,
+    sample_words_files,
     write_phrases_tsv,
 )
 
@@ -607,7 +609,8 @@ def fit_english(words_files: Sequence[Path], sizes: Counter, word_counts: Counte
         def count_coarse(phrase_tokenizer: PhraseTokenizer) -> Counter:
             return corpus.sum_shards(_shard_coarse_counts, phrase_tokenizer)
     else:
-        count_ngrams_in_corpus = None
+        def count_ngrams_in_corpus(ngrams: set) -> Counter:
+            return count_ngrams((w for f in words_files for w in read_word_sentences(f)), ngrams)
 
         def count_coarse(phrase_tokenizer: PhraseTokenizer) -> Counter:
             total: Counter = Counter()
@@ -641,6 +644,7 @@ def fit_english(words_files: Sequence[Path], sizes: Counter, word_counts: Counte
         log.info("en: fine WordPiece vocabulary %d entries (%.1fs)", len(vocab), seconds["fine_tokenizer"])
 
     t0 = time.time()
+    lm_text: dict = {}
     if config.phrases:
         fit_fine()
         phrases = []
@@ -658,7 +662,14 @@ def fit_english(words_files: Sequence[Path], sizes: Counter, word_counts: Counte
                 f"KenLM (need at least ~{min_words} words). Use a larger --input, a lower --ngram-order, or reuse "
                 f"an existing dictionary with --phrases FILE."
             )
-        phrases = mine_phrases(words_files, config.mining, temp_dir=scratch_dir, count=count_ngrams_in_corpus,
+        lm_files = sample_words_files(words_files, parse_size(config.mining.lm_sample, "--lm-sample"))
+        lm_bytes = sum(os.path.getsize(f) for f in lm_files)
+        if len(lm_files) < len(words_files):
+            log.info("en: lmplz estimates on %d of %d shards (every %d-th, %.1f MB of word text; --lm-sample %s); "
+                     "candidates are counted over all of them", len(lm_files), len(words_files),
+                     round(len(words_files) / len(lm_files)), lm_bytes / 1e6, config.mining.lm_sample)
+        lm_text = {"shards": len(lm_files), "of_shards": len(words_files), "mb": round(lm_bytes / 1e6, 1)}
+        phrases = mine_phrases(lm_files, config.mining, temp_dir=scratch_dir, count=count_ngrams_in_corpus,
                                while_lmplz_runs=fit_fine, vocab_size=len(word_counts) or None)
     write_phrases_tsv(artifacts_dir / PHRASES_FILE, phrases)
     seconds["phrases"] = round(time.time() - t0, 2)
@@ -681,6 +692,7 @@ def fit_english(words_files: Sequence[Path], sizes: Counter, word_counts: Counte
             {"phrase": p.text, "count": p.count, "score": p.score} for p in in_vocab[:30]
         ],
         "phrase_source": config.phrases or "kenlm",
+        **({"kenlm_text": lm_text} if lm_text else {}),
         "fit_seconds": seconds,
     }
     log.info("en: %d phrases (%d in a coarse vocabulary of %d)", len(phrases), len(in_vocab), len(coarse_vocab))
@@ -739,6 +751,7 @@ class English(Language):
     option_names = (
         "fine_tokenizer", "cased", "phrases", "ngram_order", "phrase_min_count", "phrase_min_logprob",
         "phrase_min_lift", "max_phrases", "coarse_min_count", "lmplz", "lmplz_memory", "discount_fallback",
+        "lm_sample",
     )
 
     @classmethod
@@ -771,6 +784,10 @@ class English(Language):
         group.add_argument("--lmplz-memory", default=d.lmplz_memory,
                            help="(en) lmplz -S sorting memory, e.g. 8G or 80%% (default %(default)s: ~8x the "
                                 "words text, 128 MB to half the RAM)")
+        group.add_argument("--lm-sample", default=d.lm_sample,
+                           help="(en) lmplz (one core) estimates on at most this much word text, every k-th "
+                                "shard; candidates are still counted over the whole corpus; 0 = all "
+                                "(default %(default)s)")
         group.add_argument("--discount-fallback", action="store_true",
                            help="(en) let lmplz use fixed discounts on corpora too small for its estimate")
 
@@ -793,6 +810,7 @@ class English(Language):
                 lmplz=o.get("lmplz"),
                 lmplz_memory=o.get("lmplz_memory", PhraseMiningConfig.lmplz_memory),
                 discount_fallback=bool(o.get("discount_fallback", False)),
+                lm_sample=str(o.get("lm_sample", PhraseMiningConfig.lm_sample)),
             ),
         )
         self.fine_min_count = o.get("fine_min_count") or self.default_fine_min_count

@@ -100,6 +100,10 @@ class PhraseMiningConfig:
     ``lmplz_memory()``."""
     discount_fallback: bool = False
     """--discount-fallback: pass --discount_fallback to lmplz (needed for small corpora)."""
+    lm_sample: str = "4G"
+    """--lm-sample: lmplz estimates its model on at most this much word text ("0" = all of it), every
+    k-th shard of the corpus; the candidates are still counted over the whole corpus. lmplz runs on
+    one core: on hundreds of GB it would otherwise dominate the build."""
 
     def validate(self) -> None:
         if not 2 <= self.ngram_order <= 8:
@@ -110,6 +114,33 @@ class PhraseMiningConfig:
             raise ValueError(f"--phrase-min-logprob is a log10 probability (<= 0), got {self.min_logprob}")
         if not 0 < self.subsume_ratio <= 1:
             raise ValueError(f"subsume_ratio must be in (0, 1], got {self.subsume_ratio}")
+        parse_size(self.lm_sample, "--lm-sample")
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str | int, option: str) -> int:
+    """Bytes of a size such as 4G, 500M, 1048576 (0 = no limit)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"{option} must be a size such as 4G, 500M or 0 (no limit), got {text!r}")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+
+
+def sample_words_files(files: Sequence[str | os.PathLike], limit: int) -> list:
+    """Every k-th of ``files`` (shards in corpus order), with k the smallest that keeps their total
+    size within ``limit`` (0: all files): an even, deterministic spread over the whole corpus."""
+    files = list(files)
+    sizes = [os.path.getsize(f) for f in files]
+    total = sum(sizes)
+    if limit <= 0 or total <= limit:
+        return files
+    for k in range(2, len(files) + 1):
+        chosen = files[::k]
+        if sum(sizes[::k]) <= limit:
+            return chosen
+    return files[:1]
 
 
 @dataclass

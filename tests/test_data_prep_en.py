@@ -20,7 +20,7 @@ import pytest
 from data_prep import core, english
 from data_prep.format import PHRASES_FILE, PairedDataset, detokenize
 from data_prep.languages import LanguageError
-from data_prep.phrases import PhraseMiningError, find_lmplz
+from data_prep.phrases import PhraseMiningError, find_lmplz, read_phrases_tsv
 
 BUILD_ERRORS = (LanguageError, core.BuildError)  # the engine re-raises a plugin's error as BuildError
 REPO = Path(__file__).resolve().parents[1]
@@ -244,6 +244,32 @@ def test_reuse_phrases_and_fine_tokenizer(built, bbc_corpus, tmp_path, monkeypat
     assert (out / "coarse_vocab.txt").read_text() == (built / "coarse_vocab.txt").read_text()
     a, b = PairedDataset(out).split("train"), PairedDataset(built).split("train")
     assert np.array_equal(a.document(3).coarse, b.document(3).coarse)
+
+
+def test_lm_sample_estimates_on_every_kth_shard_and_counts_everything(built, bbc_corpus, tmp_path):
+    """--lm-sample bounds lmplz's (one-core) input on a huge corpus: the model comes from every k-th
+    shard, but the phrases' counts are still those of the whole corpus."""
+    out = tmp_path / "sampled"
+    core.build(_config(bbc_corpus, out, language_options={"lm_sample": "500K"}))
+    lm = json.loads((out / "meta.json").read_text())["stats"]["kenlm_text"]
+    full = json.loads((built / "meta.json").read_text())["stats"]["kenlm_text"]
+    assert full["shards"] == full["of_shards"] > 8 and lm["of_shards"] == full["of_shards"]
+    assert 1 < lm["shards"] < lm["of_shards"] / 2 and lm["mb"] <= 500 * 1024 / 1e6
+    sampled = {p.words: p.count for p in read_phrases_tsv(out / PHRASES_FILE)}
+    complete = {p.words: p.count for p in read_phrases_tsv(built / PHRASES_FILE)}
+    common = sampled.keys() & complete.keys()
+    assert len(common) >= 0.5 * min(len(sampled), len(complete)) > 20
+    assert all(sampled[w] == complete[w] for w in common)  # counted over every shard
+    from data_prep.verify import verify_dataset
+
+    assert verify_dataset(out).ok
+
+
+def test_bad_lm_sample_is_refused_before_work(bbc_corpus, tmp_path):
+    proc = subprocess.run([*BUILD, "--lang", "en", "--input", str(bbc_corpus), "--output", str(tmp_path / "x"),
+                           "--lm-sample", "lots"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--lm-sample must be a size such as 4G" in proc.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -236,6 +236,23 @@ def test_lmplz_memory_auto():
     assert ph.lmplz_memory("auto", 1 << 50) == f"{(ram // 2) >> 20}M"  # at most half the RAM
 
 
+def test_parse_size_and_every_kth_shard(tmp_path):
+    assert ph.parse_size("4G", "--lm-sample") == 4 << 30 and ph.parse_size("1.5m", "x") == 3 << 19
+    assert ph.parse_size("0", "x") == 0 and ph.parse_size(2048, "x") == 2048
+    with pytest.raises(ValueError, match="--lm-sample must be a size"):
+        ph.parse_size("lots", "--lm-sample")
+    files = []
+    for k in range(10):
+        f = tmp_path / f"{k}.txt"
+        f.write_bytes(b"x" * 100)
+        files.append(f)
+    assert ph.sample_words_files(files, 0) == files and ph.sample_words_files(files, 1000) == files
+    assert ph.sample_words_files(files, 500) == files[::2]
+    assert ph.sample_words_files(files, 400) == files[::3]  # 0, 3, 6, 9
+    assert ph.sample_words_files(files, 350) == files[::4]  # every 3rd would be 400 > 350
+    assert ph.sample_words_files(files, 10) == files[:1]
+
+
 def test_arpa_reader_handles_an_empty_section():
     arpa = (b"\\data\\\nngram 1=3\nngram 2=0\nngram 3=1\n\n\\1-grams:\n-1.0\tnew\t-0.1\n-1.5\tyork\t0\n"
             b"-2.0\tcity\t0\n\n\\2-grams:\n\n\\3-grams:\n-0.1\tnew york city\n\n\\end\\\n")
