@@ -27,29 +27,24 @@ EXAMPLES = 40
 
 
 def sample_sentences(words_files: str | os.PathLike | Sequence[str | os.PathLike], count: int = EXAMPLES,
-                     min_words: int = 8) -> list[list[str]]:
-    """``count`` sentences spread evenly over the corpus (deterministic), each of >= min_words words;
-    ``words_files``: one sentence a line, in corpus order."""
+                     min_words: int = 8, max_files: int = 40, max_lines: int = 5000) -> list[list[str]]:
+    """``count`` sentences spread over the corpus (deterministic), each of >= min_words words;
+    ``words_files``: one sentence a line, in corpus order (the build's shards). Reads at most
+    ``max_lines`` lines of at most ``max_files`` evenly spaced files: the report must not be a
+    serial pass over a corpus of hundreds of GB."""
     files = [words_files] if isinstance(words_files, (str, os.PathLike)) else list(words_files)
-    lines = []
-    for path in files:
-        with open(path, "rb") as f:
-            lines.append(sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b"")))
-    total = sum(lines)
-    if total == 0:
+    if not files:
         return []
-    step = max(1, total // (count * 3))
-    out: list[list[str]] = []
-    first = 0  # global index of the file's first line: every step-th line of the corpus is a candidate
-    for path, n in zip(files, lines):
+    step = max(1, -(-len(files) // max_files))
+    pool: list[list[str]] = []
+    for path in files[::step]:
         with open(path, encoding="utf-8") as f:
-            for line in itertools.islice(f, (-first) % step, None, step):
+            for line in itertools.islice(f, max_lines):
                 words = line.split()
                 if len(words) >= min_words and any(len(w) > 1 for w in words):
-                    out.append(words)
-        first += n
+                    pool.append(words)
     # Prefer sentences that show phrases, but keep the choice deterministic.
-    return out[:: max(1, len(out) // count)][:count]
+    return pool[:: max(1, len(pool) // count)][:count]
 
 
 def _coarse(tokenizers: "EnglishTokenizers", words: Sequence[str]) -> list[tuple[str, str]]:

@@ -371,3 +371,21 @@ def test_cased_build_keeps_case(bbc_corpus, tmp_path):
     assert any(ch.isupper() for ch in text)
     if 1 not in doc.coarse:
         assert ds.decode_coarse(doc.coarse) == text
+
+
+def test_report_samples_a_bounded_spread_of_the_corpus(tmp_path):
+    """The report's examples come from evenly spaced shards and their first lines only: on a corpus of
+    hundreds of GB the report must not be a serial pass over all of it."""
+    from data_prep.report import sample_sentences
+
+    files = []
+    for k in range(100):
+        f = tmp_path / f"{k:03d}.txt"
+        f.write_text("".join(f"shard{k} line{i} a b c d e f g\n" for i in range(300)), encoding="utf-8")
+        files.append(f)
+    got = sample_sentences(files, count=40, max_files=10, max_lines=100)
+    assert len(got) == 40 and got == sample_sentences(files, count=40, max_files=10, max_lines=100)
+    shards = {int(words[0][5:]) for words in got}
+    lines = {int(words[1][4:]) for words in got}
+    assert shards <= set(range(0, 100, 10)) and len(shards) == 10  # spread over the corpus
+    assert max(lines) < 100  # only the first lines of each chosen shard were read
