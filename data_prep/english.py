@@ -67,11 +67,11 @@ from data_prep.phrases import (
     PhraseMiningConfig,
     PhraseTokenizer,
     count_ngrams,
+    lm_line_stride,
     mine_phrases,
     parse_size,
     read_phrases_tsv,
     read_word_sentences,
-    sample_words_files,
     write_phrases_tsv,
 )
 
@@ -662,15 +662,16 @@ def fit_english(words_files: Sequence[Path], sizes: Counter, word_counts: Counte
                 f"KenLM (need at least ~{min_words} words). Use a larger --input, a lower --ngram-order, or reuse "
                 f"an existing dictionary with --phrases FILE."
             )
-        lm_files = sample_words_files(words_files, parse_size(config.mining.lm_sample, "--lm-sample"))
-        lm_bytes = sum(os.path.getsize(f) for f in lm_files)
-        if len(lm_files) < len(words_files):
-            log.info("en: lmplz estimates on %d of %d shards (every %d-th, %.1f MB of word text; --lm-sample %s); "
-                     "candidates are counted over all of them", len(lm_files), len(words_files),
-                     round(len(words_files) / len(lm_files)), lm_bytes / 1e6, config.mining.lm_sample)
-        lm_text = {"shards": len(lm_files), "of_shards": len(words_files), "mb": round(lm_bytes / 1e6, 1)}
-        phrases = mine_phrases(lm_files, config.mining, temp_dir=scratch_dir, count=count_ngrams_in_corpus,
-                               while_lmplz_runs=fit_fine, vocab_size=len(word_counts) or None)
+        total_bytes = sum(os.path.getsize(f) for f in words_files)
+        stride = lm_line_stride(total_bytes, parse_size(config.mining.lm_sample, "--lm-sample"))
+        if stride > 1:
+            log.info("en: lmplz estimates on every %d-th sentence (~%.1f of %.1f MB of word text; --lm-sample %s); "
+                     "candidates are counted over all of them", stride, total_bytes / stride / 1e6, total_bytes / 1e6,
+                     config.mining.lm_sample)
+        lm_text = {"sentence_stride": stride, "mb": round(total_bytes / stride / 1e6, 1)}
+        phrases = mine_phrases(words_files, config.mining, temp_dir=scratch_dir, count=count_ngrams_in_corpus,
+                               while_lmplz_runs=fit_fine, vocab_size=len(word_counts) or None,
+                               line_stride=stride)
     write_phrases_tsv(artifacts_dir / PHRASES_FILE, phrases)
     seconds["phrases"] = round(time.time() - t0, 2)
 

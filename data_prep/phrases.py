@@ -101,9 +101,9 @@ class PhraseMiningConfig:
     discount_fallback: bool = False
     """--discount-fallback: pass --discount_fallback to lmplz (needed for small corpora)."""
     lm_sample: str = "4G"
-    """--lm-sample: lmplz estimates its model on at most this much word text ("0" = all of it), every
-    k-th shard of the corpus; the candidates are still counted over the whole corpus. lmplz runs on
-    one core: on hundreds of GB it would otherwise dominate the build."""
+    """--lm-sample: lmplz estimates its model on at most this much word text ("0" = all of it): every
+    k-th sentence of the corpus; the candidates are still counted over the whole corpus. lmplz runs
+    on one core: on hundreds of GB it would otherwise dominate the build."""
 
     def validate(self) -> None:
         if not 2 <= self.ngram_order <= 8:
@@ -126,21 +126,6 @@ def parse_size(text: str | int, option: str) -> int:
     if not m:
         raise ValueError(f"{option} must be a size such as 4G, 500M or 0 (no limit), got {text!r}")
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
-
-
-def sample_words_files(files: Sequence[str | os.PathLike], limit: int) -> list:
-    """Every k-th of ``files`` (shards in corpus order), with k the smallest that keeps their total
-    size within ``limit`` (0: all files): an even, deterministic spread over the whole corpus."""
-    files = list(files)
-    sizes = [os.path.getsize(f) for f in files]
-    total = sum(sizes)
-    if limit <= 0 or total <= limit:
-        return files
-    for k in range(2, len(files) + 1):
-        chosen = files[::k]
-        if sum(sizes[::k]) <= limit:
-            return chosen
-    return files[:1]
 
 
 @dataclass
@@ -212,45 +197,64 @@ def lmplz_memory(setting: str, words_bytes: int) -> str:
     return f"{megabytes}M"
 
 
+def lm_line_stride(words_bytes: int, limit: int) -> int:
+    """Every how many-th sentence lmplz reads: 1 when the words text fits in ``limit`` bytes
+    (``--lm-sample``; 0 = no limit), else the smallest stride that brings it within."""
+    if limit <= 0 or words_bytes <= limit:
+        return 1
+    return -(-words_bytes // limit)
+
+
 def run_lmplz(words_files: str | os.PathLike | Sequence[str | os.PathLike], arpa_file: str | os.PathLike,
               config: PhraseMiningConfig, temp_dir: str | os.PathLike,
-              while_running: Callable[[], None] | None = None, vocab_size: int | None = None) -> None:
+              while_running: Callable[[], None] | None = None, vocab_size: int | None = None,
+              line_stride: int = 1) -> None:
     """Estimate a pruned order-N model of the words files (one sentence a line, read in the given
     order as one text) into ``arpa_file``. Several files stream into lmplz's stdin through
-    ``xargs cat`` (no concatenated copy, no Python in the data path); ``while_running()`` is called
-    while lmplz works (the build trains the fine vocabulary there). ``vocab_size`` (distinct words,
-    when known) sizes lmplz's hash table instead of its default guess of a million words."""
+    ``xargs cat`` (no concatenated copy, no Python in the data path); with ``line_stride`` k > 1
+    only every k-th sentence of that stream (``awk``), spread evenly over the corpus.
+    ``while_running()`` is called while lmplz works (the build trains the fine vocabulary there).
+    ``vocab_size`` (distinct words, when known) sizes lmplz's hash table instead of its default
+    guess of a million words."""
     lmplz = find_lmplz(config.lmplz)
     files = [words_files] if isinstance(words_files, (str, os.PathLike)) else list(words_files)
     missing = [str(f) for f in files if not os.path.exists(f)]
     if missing:
         raise PhraseMiningError(f"words file(s) for lmplz missing: {', '.join(missing[:3])}")
     order = config.ngram_order
-    memory = lmplz_memory(config.lmplz_memory, sum(os.path.getsize(f) for f in files))
-    # lmplz --prune drops n-grams whose raw count is <= threshold; order 1 must stay 0.
-    prune = ["0"] + [str(max(0, config.min_count - 1))] * (order - 1)
+    memory = lmplz_memory(config.lmplz_memory, sum(os.path.getsize(f) for f in files) // line_stride)
+    # lmplz --prune drops n-grams whose raw count is <= threshold; order 1 must stay 0. On a sample
+    # the threshold shrinks with it: a phrase seen min_count times in the corpus is expected
+    # min_count / stride times in the sample (its count is then taken over the whole corpus).
+    threshold = max(0, -(-config.min_count // line_stride) - 1)
+    prune = ["0"] + [str(threshold)] * (order - 1)
     cmd = [lmplz, "-o", str(order), "-S", memory, "-T", str(temp_dir), "--prune", *prune, "--arpa", str(arpa_file)]
     if vocab_size:
         cmd += ["--vocab_estimate", str(vocab_size + 3)]  # + <s>, </s>, <unk>
     if config.discount_fallback:
         cmd.append("--discount_fallback")
     t0 = time.time()
-    log.info("phrases: running %s < %d words file(s)", " ".join(cmd), len(files))
+    log.info("phrases: running %s < %d words file(s)%s", " ".join(cmd), len(files),
+             f", every {line_stride}-th sentence" if line_stride > 1 else "")
     with tempfile.TemporaryFile(dir=temp_dir) as err, tempfile.TemporaryFile(dir=temp_dir) as names:
         names.write(b"\0".join(os.fsencode(f) for f in files))
         names.seek(0)
         # xargs splits a long file list over several `cat`s (ARG_MAX), in order.
-        cat = subprocess.Popen(["xargs", "-0", "cat", "--"], stdin=names, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE)
-        proc = subprocess.Popen(cmd, stdin=cat.stdout, stdout=subprocess.DEVNULL, stderr=err)
-        cat.stdout.close()  # lmplz holds the read end; cat gets SIGPIPE if lmplz dies
+        feeders = [subprocess.Popen(["xargs", "-0", "cat", "--"], stdin=names, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)]
+        if line_stride > 1:
+            feeders.append(subprocess.Popen(["awk", f"NR % {line_stride} == 1"], stdin=feeders[0].stdout,
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+            feeders[0].stdout.close()
+        proc = subprocess.Popen(cmd, stdin=feeders[-1].stdout, stdout=subprocess.DEVNULL, stderr=err)
+        feeders[-1].stdout.close()  # lmplz holds the read end; the feeders get SIGPIPE if it dies
         try:
             if while_running is not None:
                 while_running()
             returncode = proc.wait()
-            cat_error = cat.communicate()[1].decode(errors="replace").strip()
+            feed_errors = [f.communicate()[1].decode(errors="replace").strip() for f in feeders]
         finally:
-            for p in (proc, cat):
+            for p in (proc, *feeders):
                 if p.poll() is None:
                     p.kill()
                     p.wait()
@@ -265,8 +269,10 @@ def run_lmplz(words_files: str | os.PathLike | Sequence[str | os.PathLike], arpa
             )
         tail = "\n".join(stderr.strip().splitlines()[-5:])
         raise PhraseMiningError(f"lmplz failed (exit {returncode}): {tail}")
-    if cat.returncode != 0:  # lmplz saw a truncated corpus: never mine phrases from that
-        raise PhraseMiningError(f"reading the words files for lmplz failed (exit {cat.returncode}): {cat_error}")
+    for feeder, error in zip(feeders, feed_errors):
+        if feeder.returncode != 0:  # lmplz saw a truncated corpus: never mine phrases from that
+            raise PhraseMiningError(f"reading the words files for lmplz failed ({feeder.args[0]} exit "
+                                    f"{feeder.returncode}): {error}")
     log.info("phrases: lmplz order %d (-S %s) done in %.1fs", order, memory, time.time() - t0)
 
 
@@ -452,7 +458,8 @@ def _drop_subsumed(counts: dict[tuple[str, ...], int], ratio: float) -> set[tupl
 def mine_phrases(words_file: str | os.PathLike | Sequence[str | os.PathLike], config: PhraseMiningConfig,
                  temp_dir: str | os.PathLike | None = None,
                  count: Callable[[set[tuple[str, ...]]], Counter] | None = None,
-                 while_lmplz_runs: Callable[[], None] | None = None, vocab_size: int | None = None) -> list[Phrase]:
+                 while_lmplz_runs: Callable[[], None] | None = None, vocab_size: int | None = None,
+                 line_stride: int = 1) -> list[Phrase]:
     """Mine the phrase dictionary of a word-tokenized corpus (one sentence a line, words space-separated;
     one file, or several read in order as one text).
 
@@ -470,7 +477,7 @@ def mine_phrases(words_file: str | os.PathLike | Sequence[str | os.PathLike], co
 
     with tempfile.TemporaryDirectory(prefix="ambert-kenlm-", dir=temp_dir) as tmp:
         arpa = Path(tmp) / "model.arpa"
-        run_lmplz(files, arpa, config, tmp, while_running, vocab_size)
+        run_lmplz(files, arpa, config, tmp, while_running, vocab_size, line_stride)
         t0 = time.time()
         candidates = select_candidates(arpa, config)
     log.info("phrases: %d candidates from the ARPA in %.1fs; counting them", len(candidates), time.time() - t0)

@@ -246,20 +246,19 @@ def test_reuse_phrases_and_fine_tokenizer(built, bbc_corpus, tmp_path, monkeypat
     assert np.array_equal(a.document(3).coarse, b.document(3).coarse)
 
 
-def test_lm_sample_estimates_on_every_kth_shard_and_counts_everything(built, bbc_corpus, tmp_path):
+def test_lm_sample_estimates_on_every_kth_sentence_and_counts_everything(built, bbc_corpus, tmp_path):
     """--lm-sample bounds lmplz's (one-core) input on a huge corpus: the model comes from every k-th
-    shard, but the phrases' counts are still those of the whole corpus."""
+    sentence, but the phrases' counts are still those of the whole corpus."""
     out = tmp_path / "sampled"
-    core.build(_config(bbc_corpus, out, language_options={"lm_sample": "500K"}))
+    core.build(_config(bbc_corpus, out, language_options={"lm_sample": "300K"}))
     lm = json.loads((out / "meta.json").read_text())["stats"]["kenlm_text"]
     full = json.loads((built / "meta.json").read_text())["stats"]["kenlm_text"]
-    assert full["shards"] == full["of_shards"] > 8 and lm["of_shards"] == full["of_shards"]
-    assert 1 < lm["shards"] < lm["of_shards"] / 2 and lm["mb"] <= 500 * 1024 / 1e6
+    assert full["sentence_stride"] == 1 and lm["sentence_stride"] >= 3 and lm["mb"] <= 300 * 1024 / 1e6
     sampled = {p.words: p.count for p in read_phrases_tsv(out / PHRASES_FILE)}
     complete = {p.words: p.count for p in read_phrases_tsv(built / PHRASES_FILE)}
     common = sampled.keys() & complete.keys()
     assert len(common) >= 0.5 * min(len(sampled), len(complete)) > 20
-    assert all(sampled[w] == complete[w] for w in common)  # counted over every shard
+    assert all(sampled[w] == complete[w] for w in common)  # counted over every sentence
     from data_prep.verify import verify_dataset
 
     assert verify_dataset(out).ok

@@ -236,21 +236,34 @@ def test_lmplz_memory_auto():
     assert ph.lmplz_memory("auto", 1 << 50) == f"{(ram // 2) >> 20}M"  # at most half the RAM
 
 
-def test_parse_size_and_every_kth_shard(tmp_path):
+def test_parse_size_and_sentence_stride():
     assert ph.parse_size("4G", "--lm-sample") == 4 << 30 and ph.parse_size("1.5m", "x") == 3 << 19
     assert ph.parse_size("0", "x") == 0 and ph.parse_size(2048, "x") == 2048
     with pytest.raises(ValueError, match="--lm-sample must be a size"):
         ph.parse_size("lots", "--lm-sample")
-    files = []
-    for k in range(10):
-        f = tmp_path / f"{k}.txt"
-        f.write_bytes(b"x" * 100)
-        files.append(f)
-    assert ph.sample_words_files(files, 0) == files and ph.sample_words_files(files, 1000) == files
-    assert ph.sample_words_files(files, 500) == files[::2]
-    assert ph.sample_words_files(files, 400) == files[::3]  # 0, 3, 6, 9
-    assert ph.sample_words_files(files, 350) == files[::4]  # every 3rd would be 400 > 350
-    assert ph.sample_words_files(files, 10) == files[:1]
+    assert ph.lm_line_stride(1000, 0) == 1 and ph.lm_line_stride(1000, 1000) == 1
+    assert ph.lm_line_stride(1001, 1000) == 2 and ph.lm_line_stride(10_000, 1000) == 10
+
+
+@needs_lmplz
+def test_lmplz_on_every_kth_sentence(tmp_path):
+    """With a stride, lmplz gets exactly every k-th sentence of the shards' stream (awk), and its
+    pruning threshold shrinks with the sample."""
+    whole = tmp_path / "words.txt"
+    _generated_corpus(whole, sentences=6000)
+    lines = whole.read_text(encoding="utf-8").splitlines(keepends=True)
+    parts = []
+    for k, chunk in enumerate((lines[:2001], lines[2001:4000], lines[4000:])):
+        part = tmp_path / f"shard{k}.txt"
+        part.write_text("".join(chunk), encoding="utf-8")
+        parts.append(part)
+    sample = tmp_path / "sample.txt"
+    sample.write_text("".join(lines[::3]), encoding="utf-8")
+    config = PhraseMiningConfig(min_count=5)
+    ph.run_lmplz(parts, tmp_path / "strided.arpa", config, tmp_path, line_stride=3)
+    # ceil(5 / 3) = 2 occurrences in the sample: lmplz --prune 1, i.e. min_count 2 on the sample
+    ph.run_lmplz(sample, tmp_path / "sample.arpa", PhraseMiningConfig(min_count=2), tmp_path)
+    assert (tmp_path / "strided.arpa").read_bytes() == (tmp_path / "sample.arpa").read_bytes()
 
 
 def test_arpa_reader_handles_an_empty_section():
