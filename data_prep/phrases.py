@@ -221,6 +221,10 @@ def run_lmplz(words_files: str | os.PathLike | Sequence[str | os.PathLike], arpa
     missing = [str(f) for f in files if not os.path.exists(f)]
     if missing:
         raise PhraseMiningError(f"words file(s) for lmplz missing: {', '.join(missing[:3])}")
+    for tool, package in (("xargs", "findutils"), ("cat", "coreutils")) + ((("awk", "mawk"),) if line_stride > 1 else ()):
+        if shutil.which(tool) is None:
+            raise PhraseMiningError(f"`{tool}` is not on PATH (it feeds lmplz): install {package}"
+                                    + (" or pass --lm-sample 0" if tool == "awk" else ""))
     order = config.ngram_order
     memory = lmplz_memory(config.lmplz_memory, sum(os.path.getsize(f) for f in files) // line_stride)
     # lmplz --prune drops n-grams whose raw count is <= threshold; order 1 must stay 0. On a sample
