@@ -871,6 +871,11 @@ def build(config: BuildConfig, comm=None) -> dict:
                             num_valid, fine_size, coarse_size)
                     executor.submit(_encode_task, task)
                     bar.update(len(list(executor.ready())))
+                if comm.rank == 0:  # the workers encode meanwhile (inline with --workers 1: after them)
+                    corpus = Corpus([_shard_dir(work, k) for k in range(summary["num_shards"])], read_shard_documents,
+                                    work / "scratch")
+                    with _NoCyclicGC():
+                        lang.prepare_finish(artifacts, corpus)
                 bar.update(len(list(executor.ready(wait=True))))
             executor.close()
 

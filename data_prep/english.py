@@ -889,6 +889,18 @@ class English(Language):
                    "words_inside_phrases": st.phrase_words},
         )
 
+    def prepare_finish(self, artifacts_dir: Path, corpus) -> None:
+        """The report's inputs (tokenizers, phrases with a coarse id, example sentences), prepared
+        while the workers encode."""
+        from data_prep import report
+
+        tokenizers = EnglishTokenizers.load(artifacts_dir, self.config.lowercase)
+        coarse_vocab = tokenizers.coarse_vocab
+        in_vocab = [p for p in read_phrases_tsv(Path(artifacts_dir) / PHRASES_FILE)
+                    if PHRASE_JOINER.join(p.words) in coarse_vocab]
+        examples = report.choose_examples(tokenizers, [d / SHARD_WORDS_FILE for d in corpus.shard_cache_dirs()])
+        self._report_inputs = (tokenizers, in_vocab, examples)
+
     def finish(self, out_dir: Path, stats: dict, corpus) -> dict:
         """The multi-word phrase share of the coarse tokens, and the report (phrase list, examples)."""
         from data_prep import report
@@ -897,11 +909,10 @@ class English(Language):
         extra = {"multiword_phrase_fraction_of_coarse_tokens":
                  round(stats.get("multiword_phrase_tokens", 0) / coarse, 6) if coarse else 0.0}
         log.info("en: %.1f%% of coarse tokens are multi-word phrases", 100 * extra["multiword_phrase_fraction_of_coarse_tokens"])
-        tokenizers = EnglishTokenizers.load(out_dir, self.config.lowercase)
-        coarse_vocab = tokenizers.coarse_vocab
-        in_vocab = [p for p in read_phrases_tsv(out_dir / PHRASES_FILE) if PHRASE_JOINER.join(p.words) in coarse_vocab]
-        words_files = [d / SHARD_WORDS_FILE for d in corpus.shard_cache_dirs()]
-        report.write_report(out_dir, in_vocab, tokenizers, words_files, {**stats, **extra})
+        if getattr(self, "_report_inputs", None) is None:
+            self.prepare_finish(out_dir, corpus)
+        tokenizers, in_vocab, examples = self._report_inputs
+        report.write_report(out_dir, in_vocab, tokenizers, None, {**stats, **extra}, examples=examples)
         return extra
 
     def package_versions(self) -> dict[str, str]:

@@ -48,6 +48,8 @@ How to implement a language (English does this in ``data_prep/english.py``)
 10. Optional ``finish(out_dir, stats, corpus) -> dict``: runs ONCE (rank 0) after the shards are
    merged into ``out_dir``, before meta.json is written; ``stats`` are the dataset's final
    statistics. Write reports into ``out_dir``; return statistics derived from the final counts.
+   Optional ``prepare_finish(artifacts_dir, corpus)`` runs on rank 0 while the workers encode (the
+   main process is otherwise idle there): do the expensive part of ``finish`` in it.
 11. Register it: ``register(MyLanguage)`` at the end of your module and add the module name to
    ``PLUGIN_MODULES`` below (the registry imports it lazily, so a missing optional dependency of
    one language never breaks another).
@@ -244,6 +246,9 @@ class Language:
         raise NotImplementedError
 
     # ---- optional: after the merge (reports, statistics of the final dataset) ----------------
+    def prepare_finish(self, artifacts_dir: Path, corpus: Corpus) -> None:
+        return None
+
     def finish(self, out_dir: Path, stats: dict, corpus: Corpus) -> dict:
         return {}
 

@@ -63,17 +63,27 @@ def _fine(tokenizers: "EnglishTokenizers", words: Sequence[str]) -> list[str]:
     return [tokenizers.fine_vocab.token(i) for i in enc.ids]
 
 
-def write_report(directory: str | os.PathLike, phrases: Sequence["Phrase"], tokenizers: "EnglishTokenizers",
-                 words_files: str | os.PathLike | Sequence[str | os.PathLike], stats: dict) -> None:
-    directory = Path(directory)
-    # Two thirds of the examples show at least one phrase (that is what a reader checks), the rest
-    # are plain sentences: both spread evenly over the corpus, deterministic.
+def choose_examples(tokenizers: "EnglishTokenizers",
+                    words_files: str | os.PathLike | Sequence[str | os.PathLike]) -> list[list[str]]:
+    """The report's example sentences: two thirds show at least one phrase (that is what a reader
+    checks), the rest are plain sentences; both spread over the corpus, deterministic."""
     pool = sample_sentences(words_files, count=EXAMPLES * 4)
     with_phrase = [w for w in pool if any(k == "phrase" for _, k in _coarse(tokenizers, w))]
     without = [w for w in pool if w not in with_phrase]
     n_with = min(len(with_phrase), EXAMPLES * 2 // 3)
     examples = with_phrase[:: max(1, len(with_phrase) // max(1, n_with))][:n_with]
     examples += without[:: max(1, len(without) // max(1, EXAMPLES - n_with))][: EXAMPLES - n_with]
+    return examples
+
+
+def write_report(directory: str | os.PathLike, phrases: Sequence["Phrase"], tokenizers: "EnglishTokenizers",
+                 words_files: str | os.PathLike | Sequence[str | os.PathLike] | None, stats: dict,
+                 examples: list[list[str]] | None = None) -> None:
+    """phrase_report.txt / .html: ``stats``, the top phrases and example sentences (``examples``, or
+    chosen from ``words_files``)."""
+    directory = Path(directory)
+    if examples is None:
+        examples = choose_examples(tokenizers, words_files or [])
     summary = {k: v for k, v in stats.items() if k not in ("top_phrases",)}
 
     text = ["AMBERT English build: phrase dictionary report", "=" * 48, ""]
