@@ -230,7 +230,12 @@ def run_lmplz(words_files: str | os.PathLike | Sequence[str | os.PathLike], arpa
     # lmplz --prune drops n-grams whose raw count is <= threshold; order 1 must stay 0. On a sample
     # the threshold shrinks with it: a phrase seen min_count times in the corpus is expected
     # min_count / stride times in the sample (its count is then taken over the whole corpus).
+    # Singletons of a sample are always dropped (when min_count > 1): they are most of its distinct
+    # n-grams, and on a corpus big enough to be sampled a phrase seen once in the sample is far too
+    # rare for the coarse vocabulary; keeping them would make the ARPA file of a 4G sample huge.
     threshold = max(0, -(-config.min_count // line_stride) - 1)
+    if line_stride > 1 and config.min_count > 1:
+        threshold = max(threshold, 1)
     prune = ["0"] + [str(threshold)] * (order - 1)
     cmd = [lmplz, "-o", str(order), "-S", memory, "-T", str(temp_dir), "--prune", *prune, "--arpa", str(arpa_file)]
     if vocab_size:
