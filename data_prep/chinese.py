@@ -249,6 +249,34 @@ def segment_document(segmenter: Segmenter, sentences: list[str]) -> list[str]:
     return lines
 
 
+def char_and_run_counts(words: Counter) -> tuple[Counter, Counter]:
+    """Character counts and Latin-run counts (``_CACHED_RUN``) of a text, from its word counts.
+
+    Computed over the distinct words, each weighted by its count (a fraction of the text): a
+    code-point histogram for the characters, one regular-expression pass for the runs (a run never
+    crosses a word boundary)."""
+    chars: Counter = Counter()
+    runs: Counter = Counter()
+    if not words:
+        return chars, runs
+    distinct = list(words)
+    weight = np.fromiter(words.values(), dtype=np.int64, count=len(distinct))
+    span = np.fromiter(map(len, distinct), dtype=np.int64, count=len(distinct)) + 1  # + the separator
+    joined = WORD_SEP.join(distinct)
+    cps = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
+    hist = np.bincount(cps, weights=np.repeat(weight, span)[: len(cps)]).astype(np.int64)
+    hist[ord(WORD_SEP)] = 0  # the separators (words never contain one)
+    for cp in np.nonzero(hist)[0].tolist():
+        chars[chr(cp)] = int(hist[cp])
+    matches = [(m.start(), m.group()) for m in _CACHED_RUN.finditer(joined)]
+    if matches:
+        starts = np.cumsum(span) - span
+        owner = np.searchsorted(starts, [pos for pos, _ in matches], side="right") - 1
+        for (_, run), n in zip(matches, weight[owner].tolist()):
+            runs[run] += n
+    return chars, runs
+
+
 # ---------------------------------------------------------------------------------------------
 # The language plugin
 # ---------------------------------------------------------------------------------------------
@@ -332,24 +360,16 @@ class Chinese(Language):
         limit = self.options["max_sentence_chars"]
         lines: list[str] = []
         sentences_per_document: list[int] = []
-        words_counter: Counter = Counter()
         for document in documents:
             doc_lines = segment_document(seg, split_sentences(normalize_text(document), limit))
             lines += doc_lines
             sentences_per_document.append(len(doc_lines))
         text = "\n".join(lines)
-        words_counter.update(text.replace("\n", WORD_SEP).split(WORD_SEP) if text else [])
+        words_counter = Counter(text.replace("\n", WORD_SEP).split(WORD_SEP)) if text else Counter()
         (cache_dir / "words.txt").write_text(text, encoding="utf-8")
         np.save(cache_dir / "sentences_per_document.npy", np.asarray(sentences_per_document, dtype=np.int64))
-        # Character counts through a code-point histogram (no Python loop over characters).
-        chars = text.replace(WORD_SEP, "").replace("\n", "")
-        char_counts: Counter = Counter()
-        if chars:
-            cps = np.frombuffer(chars.encode("utf-32-le"), dtype=np.uint32)
-            hist = np.bincount(cps)
-            for cp in np.nonzero(hist)[0]:
-                char_counts[chr(cp)] = int(hist[cp])
-        return {"char": char_counts, "run": Counter(_CACHED_RUN.findall(text)), "word": words_counter}
+        char_counts, run_counts = char_and_run_counts(words_counter)
+        return {"char": char_counts, "run": run_counts, "word": words_counter}
 
     # ---- fit: vocabularies ----------------------------------------------------------------------
     def fit(self, counts: dict[str, Counter], corpus: Corpus, artifacts_dir: Path) -> dict:
@@ -506,19 +526,23 @@ class Chinese(Language):
     def _needs_pieces(word: str) -> bool:
         return _NEEDS_CARE.search(word) is not None
 
-    def encode_words(self, words: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def encode_words(self, words: list[str], lens: np.ndarray | None = None,
+                     cps: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Encode a flat list of cached words -> (fine, coarse, align, fine count per word, coarse count per word).
 
         Regular words (in the coarse vocabulary, no Latin letters/digits) are encoded with array
         operations: one fine token per character through the code-point table. The others (a few
-        percent) go through ``encode_word`` once per distinct word (memoised) and are scattered
-        into place.
+        percent) go through ``encode_word`` once per distinct word and are gathered into place.
+        ``lens`` (characters per word) and ``cps`` (the words' code points, concatenated) may be
+        passed when the caller has them.
         """
         W = len(words)
         cget = self.coarse_vocab.index.get
         coarse_w = np.fromiter(map(cget, words, itertools.repeat(-1, W)), dtype=np.int64, count=W)
-        lens = np.fromiter(map(len, words), dtype=np.int64, count=W)
-        cps = np.frombuffer("".join(words).encode("utf-32-le"), dtype=np.uint32)
+        if lens is None:
+            lens = np.fromiter(map(len, words), dtype=np.int64, count=W)
+        if cps is None:
+            cps = np.frombuffer("".join(words).encode("utf-32-le"), dtype=np.uint32)
         fine_chars = self.char_table[cps]
         special = np.zeros(W, dtype=bool)
         special_char = self.special_chars[cps]
@@ -529,22 +553,21 @@ class Chinese(Language):
         irregular = np.nonzero(special | (coarse_w < 0))[0]
         if len(irregular) == 0:
             return fine_chars, coarse_w, lens.copy(), lens, np.ones(W, dtype=np.int64)
-        memo: dict[str, tuple[list[int], list[int], list[int]]] = {}
-        irr_fine: list[int] = []
-        irr_coarse: list[int] = []
-        irr_align: list[int] = []
-        irr_fine_count = np.empty(len(irregular), dtype=np.int64)
-        irr_coarse_count = np.empty(len(irregular), dtype=np.int64)
-        for k, w in enumerate(irregular.tolist()):
-            word = words[w]
-            encoded = memo.get(word)
-            if encoded is None:
-                encoded = memo[word] = self.encode_word(word, bool(special[w]))
-            irr_fine += encoded[0]
-            irr_coarse += encoded[1]
-            irr_align += encoded[2]
-            irr_fine_count[k] = len(encoded[0])
-            irr_coarse_count[k] = len(encoded[1])
+        # Distinct irregular words, each encoded once; ``code`` maps each occurrence to its word.
+        distinct: dict[str, int] = {}
+        code = np.array([distinct.setdefault(words[w], len(distinct)) for w in irregular.tolist()], dtype=np.int64)
+        first = np.zeros(len(distinct), dtype=np.int64)
+        first[code[::-1]] = irregular[::-1]  # an occurrence of each distinct word
+        encoded = [self.encode_word(word, bool(special[w])) for word, w in zip(distinct, first.tolist())]
+        d_fine_count = np.fromiter(map(len, (e[0] for e in encoded)), dtype=np.int64, count=len(encoded))
+        d_coarse_count = np.fromiter(map(len, (e[1] for e in encoded)), dtype=np.int64, count=len(encoded))
+        d_fine = np.fromiter(itertools.chain.from_iterable(e[0] for e in encoded), dtype=np.int64, count=int(d_fine_count.sum()))
+        d_coarse = np.fromiter(itertools.chain.from_iterable(e[1] for e in encoded), dtype=np.int64, count=int(d_coarse_count.sum()))
+        d_align = np.fromiter(itertools.chain.from_iterable(e[2] for e in encoded), dtype=np.int64, count=len(d_coarse))
+        irr_fine_count = d_fine_count[code]
+        irr_coarse_count = d_coarse_count[code]
+        irr_fine = d_fine[_ranges((np.cumsum(d_fine_count) - d_fine_count)[code], irr_fine_count)]
+        coarse_src = _ranges((np.cumsum(d_coarse_count) - d_coarse_count)[code], irr_coarse_count)
         fine_count = lens.copy()
         fine_count[irregular] = irr_fine_count
         coarse_count = np.ones(W, dtype=np.int64)
@@ -565,11 +588,11 @@ class Chinese(Language):
         fine[fine_start[wc] + (np.nonzero(regular_char)[0] - char_start[wc])] = fine_chars[regular_char]
         coarse[coarse_start[regular]] = coarse_w[regular]
         align[coarse_start[regular]] = lens[regular]
-        # Irregular words: their concatenated encodings go to [start, start + count) of each word.
+        # Irregular words: their encodings go to [start, start + count) of each occurrence.
         fine[_ranges(fine_start[irregular], irr_fine_count)] = irr_fine
         positions = _ranges(coarse_start[irregular], irr_coarse_count)
-        coarse[positions] = irr_coarse
-        align[positions] = irr_align
+        coarse[positions] = d_coarse[coarse_src]
+        align[positions] = d_align[coarse_src]
         return fine, coarse, align, fine_count, coarse_count
 
     def encode_shard(self, cache_dir: Path) -> EncodedShard:
@@ -578,12 +601,16 @@ class Chinese(Language):
         empty = np.zeros(0, dtype=np.int64)
         if not text:
             return EncodedShard(empty, empty, empty, empty, empty, sentences_per_document, 0, {})
-        lines = text.split("\n")
-        words_per_sentence = np.fromiter((line.count(WORD_SEP) + 1 for line in lines), dtype=np.int64, count=len(lines))
+        # Word and sentence boundaries from the separators' positions (no per-word Python work).
+        all_cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        is_sep = (all_cps == ord(WORD_SEP)) | (all_cps == ord("\n"))
+        seps = np.flatnonzero(is_sep)
+        ends = np.append(seps, len(all_cps))  # end (exclusive) of every word
+        lens = ends - np.concatenate(([0], seps + 1))
+        newline_word = np.flatnonzero(all_cps[seps] == ord("\n"))  # words that end a sentence (but the last)
+        sentence_starts = np.concatenate(([0], newline_word + 1))
         words = text.replace("\n", WORD_SEP).split(WORD_SEP)
-        fine, coarse, align, fine_count, coarse_count = self.encode_words(words)
-        sentence_starts = np.zeros(len(lines), dtype=np.int64)
-        np.cumsum(words_per_sentence[:-1], out=sentence_starts[1:])
+        fine, coarse, align, fine_count, coarse_count = self.encode_words(words, lens, all_cps[~is_sep])
         continuation_marks = 2 * text.count(WORD_SEP + "##") + 2 * text.count("\n##") + 2 * text.startswith("##")
         return EncodedShard(
             fine=fine,
@@ -592,7 +619,7 @@ class Chinese(Language):
             fine_lengths=np.add.reduceat(fine_count, sentence_starts),
             coarse_lengths=np.add.reduceat(coarse_count, sentence_starts),
             document_sentences=sentences_per_document,
-            characters=len(text) - text.count(WORD_SEP) - text.count("\n") - continuation_marks,
+            characters=len(all_cps) - len(seps) - continuation_marks,
         )
 
     # ---- convenience for tests / tools ----------------------------------------------------------

@@ -27,11 +27,28 @@ _SPACES = re.compile(r"[^\S\n]+")
 _NON_WORD_SPACE = re.compile(r"(?<![A-Za-z0-9]) | (?![A-Za-z0-9])")
 _SENTENCE_END = re.compile(r"(?:[。！？!?]+|…+|\.(?= ))[”’」』）)\]】\"'》]*")
 _SOFT_CUT = re.compile(r"[，,、；;：:]")
+# Full-width ASCII forms and the ideographic space: NFKC maps each to one ASCII character.
+_WIDE = re.compile("[\u3000\uff01-\uff5e]+")
+_WIDE_TO_ASCII = {0x3000: " ", **{c: chr(c - 0xFEE0) for c in range(0xFF01, 0xFF5F)}}
+
+
+def _wide_to_ascii(m: re.Match) -> str:
+    return m.group().translate(_WIDE_TO_ASCII)
+
+
+def nfkc(text: str) -> str:
+    """``unicodedata.normalize("NFKC", text)``, ~2x faster on Chinese text with full-width forms.
+
+    Replacing a character by its full compatibility decomposition does not change the NFKC of the
+    text, so the full-width runs are mapped to ASCII first (one regular-expression pass); most text
+    is then already NFKC, which ``is_normalized`` confirms far faster than ``normalize`` builds it."""
+    text = _WIDE.sub(_wide_to_ascii, text)
+    return text if unicodedata.is_normalized("NFKC", text) else unicodedata.normalize("NFKC", text)
 
 
 def normalize_text(text: str, keep_space: str = "wordlike") -> str:
     """NFKC + control-character removal + whitespace clean-up; line breaks are kept (as '\\n')."""
-    text = unicodedata.normalize("NFKC", text)
+    text = nfkc(text)
     text = _LINE_BREAKS.sub("\n", text)
     text = _CONTROL.sub("", text)
     text = _SPACES.sub(" ", text)

@@ -248,3 +248,41 @@ def test_document_segmentation_equals_per_sentence():
         sentences = split_sentences(normalize_text(doc))
         expected = [WORD_SEP.join(w) for w in (segment_sentence(seg, s) for s in sentences) if w]
         assert segment_document(seg, sentences) == expected, doc
+
+
+def test_fast_nfkc_equals_unicodedata():
+    """normalize.nfkc (full-width forms mapped first) is exactly NFKC, on real text and on random
+    strings that mix full-width forms with combining marks, compatibility characters and Hangul."""
+    import random
+    import unicodedata
+
+    from data_prep.normalize import nfkc
+
+    texts = ["".join(words) for words in peoples_daily_gold(3000)] + MIXED.split("\n")
+    pool = ([chr(c) for c in range(0xFF00, 0xFFF0)] + [chr(c) for c in range(0x0300, 0x0370)]
+            + list("\u3000\u2460\u00bd\ufb01\u1100\u1161\u11a8\uac00\u212b\u0041\u0065\u4e2d\u3099\u309a\u304b"))
+    rng = random.Random(0)
+    texts += ["".join(rng.choice(pool) for _ in range(rng.randint(1, 40))) for _ in range(20000)]
+    changed = 0
+    for text in texts:
+        expected = unicodedata.normalize("NFKC", text)
+        assert nfkc(text) == expected, repr(text)
+        changed += expected != text
+    assert changed > 1000  # the test exercised the conversion, not only already-normal text
+
+
+def test_char_and_run_counts_from_word_counts():
+    """Counting characters and Latin runs over the distinct words (weighted) equals counting them
+    over the cached text itself."""
+    from collections import Counter
+
+    from data_prep.chinese import _CACHED_RUN, WORD_SEP, char_and_run_counts, segment_document
+
+    seg = make_segmenter("rjieba")
+    docs = ["".join(words) for words in peoples_daily_gold(1500)] + MIXED.split("\n") + ["C##x ## #a 和 ##b ab12cd ##9"]
+    text = "\n".join(line for doc in docs for line in segment_document(seg, split_sentences(normalize_text(doc))))
+    chars, runs = char_and_run_counts(Counter(text.replace("\n", WORD_SEP).split(WORD_SEP)))
+    assert chars == Counter(text.replace(WORD_SEP, "").replace("\n", ""))
+    assert runs == Counter(_CACHED_RUN.findall(text))
+    assert any(r.startswith("##") for r in runs) and runs["GDP"] >= 8 and chars["中"] > 10
+    assert char_and_run_counts(Counter()) == (Counter(), Counter())
