@@ -44,7 +44,7 @@ import numpy as np
 
 from data_prep import format as fmt
 from data_prep.languages import Corpus, EncodedShard, Language, LanguageError, register
-from data_prep.normalize import normalize_text, split_sentences
+from data_prep.normalize import normalize_documents, normalize_text, split_sentences
 
 SEGMENTERS = ("rjieba", "jieba", "pkuseg")
 WORD_SEP = "\x1f"
@@ -122,20 +122,27 @@ class RJiebaSegmenter(Segmenter):
         words = self._cut(text)
         if not _ASCII_ALNUM_RE.search(text):
             return words
-        # Cheap screen first: a word needs re-splitting only if it is non-Chinese, contains a
-        # letter/digit and is not ONE match of the pattern (most are: "1998", "GDP", "3.5%").
-        for m in _NON_HAN_WORD.finditer(WORD_SEP.join(words)):
+        # A word changes only if it is non-Chinese, contains a letter/digit, is not ONE match of the
+        # pattern (most are: "1998", "GDP", "3.5%") and is not a dictionary word. Find those few
+        # through one pass over the joined words; the rest of the list is kept as it is.
+        joined = WORD_SEP.join(words)
+        fixes: list[tuple[int, list[str]]] = []
+        index = offset = 0
+        for m in _NON_HAN_WORD.finditer(joined):
             w = m.group()
             if len(w) > 1 and not _JIEBA_SKIP.fullmatch(w) and not self._has_word(w):
-                break
-        else:
+                index += joined.count(WORD_SEP, offset, m.start())  # the word's index in ``words``
+                offset = m.start()
+                fixes.append((index, [x for x in _JIEBA_SKIP.split(w) if x]))
+        if not fixes:
             return words
-        out = []
-        for w in words:
-            if len(w) > 1 and not _JIEBA_HAN.search(w) and _JIEBA_SKIP.search(w) and not self._has_word(w):
-                out.extend(x for x in _JIEBA_SKIP.split(w) if x)
-            else:
-                out.append(w)
+        out: list[str] = []
+        last = 0
+        for index, parts in fixes:
+            out += words[last:index]
+            out += parts
+            last = index + 1
+        out += words[last:]
         return out
 
 
@@ -222,19 +229,12 @@ _CONTINUATION_CUT = re.compile("(?<=[A-Za-z0-9])\x1f(?=[A-Za-z0-9])")
 _SPACE_WORD = re.compile("\x1f \x1f")
 
 
-def segment_document(segmenter: Segmenter, sentences: list[str]) -> list[str]:
-    """Cached lines (words joined by U+001F) of a document's sentences: ``segment_sentence`` for each,
-    done with ONE segmenter call and a few regular-expression passes over the whole document.
+def _segment_lines(segmenter: Segmenter, sentences: list[str]) -> list[str] | None:
+    """Cached lines of ``sentences`` (no "##" in them) with ONE segmenter call; None if a check fails.
 
     jieba/rjieba emit every whitespace character as its own word and never join across it, so
-    cutting the sentences joined by "\n" gives the per-sentence segmentation. Any surprise (a line
-    count that does not match, a literal "##") falls back to the per-sentence path.
-    """
-    if not sentences:
-        return []
+    cutting the sentences joined by "\n" gives the per-sentence segmentation."""
     text = "\n".join(sentences)
-    if "##" in text or not isinstance(segmenter, (RJiebaSegmenter, JiebaSegmenter)):
-        return [WORD_SEP.join(w) for w in (segment_sentence(segmenter, s) for s in sentences) if w]
     joined = WORD_SEP.join(segmenter.cut(text)).replace(WORD_SEP + "\n" + WORD_SEP, "\n")
     if " " in text:
         # continuation marks first (a space word separates, so "Windows 98" is not marked) ...
@@ -245,8 +245,49 @@ def segment_document(segmenter: Segmenter, sentences: list[str]) -> list[str]:
         joined = _CONTINUATION_CUT.sub(WORD_SEP + "##", joined)
     lines = joined.split("\n")
     if len(lines) != len(sentences) or " " in joined:
+        return None
+    return lines
+
+
+def _fast_path(segmenter: Segmenter) -> bool:
+    return isinstance(segmenter, (RJiebaSegmenter, JiebaSegmenter))
+
+
+def segment_document(segmenter: Segmenter, sentences: list[str]) -> list[str]:
+    """Cached lines (words joined by U+001F) of a document's sentences: ``segment_sentence`` for each,
+    done with ONE segmenter call and a few regular-expression passes over the whole document.
+    Any surprise (a line count that does not match, a literal "##") falls back to the per-sentence path.
+    """
+    if not sentences:
+        return []
+    lines = None
+    if _fast_path(segmenter) and not any("##" in s for s in sentences):
+        lines = _segment_lines(segmenter, sentences)
+    if lines is None:
         return [WORD_SEP.join(w) for w in (segment_sentence(segmenter, s) for s in sentences) if w]
     return lines
+
+
+def segment_documents(segmenter: Segmenter, documents: list[list[str]]) -> list[list[str]]:
+    """``[segment_document(segmenter, d) for d in documents]`` (each document a list of sentences)
+    with one segmenter call for all of them: per-call overheads dominate on short documents."""
+    if not _fast_path(segmenter) or len(documents) < 2:
+        return [segment_document(segmenter, d) for d in documents]
+    sentences = [s for d in documents for s in d]
+    if not sentences:
+        return [[] for _ in documents]
+    if any("##" in s for s in sentences):  # rare: those documents take the general path
+        plain = [not any("##" in s for s in d) for d in documents]
+        fast = iter(segment_documents(segmenter, [d for d, ok in zip(documents, plain) if ok]))
+        return [next(fast) if ok else segment_document(segmenter, d) for d, ok in zip(documents, plain)]
+    lines = _segment_lines(segmenter, sentences)
+    if lines is None:
+        return [segment_document(segmenter, d) for d in documents]
+    out, pos = [], 0
+    for d in documents:
+        out.append(lines[pos:pos + len(d)])
+        pos += len(d)
+    return out
 
 
 def char_and_run_counts(words: Counter) -> tuple[Counter, Counter]:
@@ -360,8 +401,8 @@ class Chinese(Language):
         limit = self.options["max_sentence_chars"]
         lines: list[str] = []
         sentences_per_document: list[int] = []
-        for document in documents:
-            doc_lines = segment_document(seg, split_sentences(normalize_text(document), limit))
+        sentences = [split_sentences(document, limit) for document in normalize_documents(documents)]
+        for doc_lines in segment_documents(seg, sentences):
             lines += doc_lines
             sentences_per_document.append(len(doc_lines))
         text = "\n".join(lines)

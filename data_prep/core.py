@@ -54,7 +54,7 @@ import numpy as np
 
 from data_prep import format as fmt
 from data_prep import inputs as inp
-from data_prep.languages import Corpus, EncodedShard, Language, LanguageError, get_language
+from data_prep.languages import Corpus, EncodedShard, Language, LanguageError, get_language, sum_counters
 
 log = logging.getLogger("data_prep")
 # megatron-core warns at import that TransformerEngine/Apex are absent: irrelevant for data files.
@@ -482,14 +482,7 @@ def _map_task(task: tuple) -> Any:
             _WORKER[key] = pickle.load(fh)
     with _NoCyclicGC():
         results = [fn(Path(d), _WORKER[key]) for d in cache_dirs]
-    return _sum_counters(results) if add else results
-
-
-def _sum_counters(counters: list[Counter]) -> Counter:
-    total: Counter = Counter()
-    for c in counters:
-        total.update(c)
-    return total
+    return sum_counters(results) if add else results
 
 
 class _Executor:
@@ -529,7 +522,7 @@ class _Executor:
         if self.pool is None:
             with _NoCyclicGC():
                 results = [fn(d, arg) for d in cache_dirs]
-            return _sum_counters(results) if add else results
+            return sum_counters(results) if add else results
         self._maps = getattr(self, "_maps", 0) + 1
         arg_path = scratch / f"map_arg_{self._maps}.pkl"
         arg_path.write_bytes(pickle.dumps(arg, protocol=4))
@@ -537,7 +530,7 @@ class _Executor:
             if add:  # one task per worker (shards dealt round-robin), each returns its sum
                 n = self.pool._processes
                 tasks = [(fn, [str(d) for d in cache_dirs[i::n]], str(arg_path), True) for i in range(n)]
-                return _sum_counters(self.pool.map(_map_task, tasks, chunksize=1))
+                return sum_counters(self.pool.map(_map_task, tasks, chunksize=1))
             tasks = [(fn, [str(d)], str(arg_path), False) for d in cache_dirs]
             return [r for rs in self.pool.map(_map_task, tasks, chunksize=1) for r in rs]
         finally:
@@ -548,10 +541,7 @@ class _Executor:
         if self.pool is None:
             return _sum_shard_counts(shard_dirs)
         n = self.pool._processes
-        total: dict[str, Counter] = {}
-        for part in self.pool.map(_sum_shard_counts, [shard_dirs[i::n] for i in range(n)], chunksize=1):
-            _add_count_tables(total, part)
-        return total
+        return _sum_count_tables(self.pool.map(_sum_shard_counts, [shard_dirs[i::n] for i in range(n)], chunksize=1))
 
     def close(self) -> None:
         if self.pool is not None:
@@ -676,23 +666,23 @@ class _AnalysisProgress:
         self.bar.update(result[1])
 
 
-def _add_count_tables(total: dict[str, Counter], tables: dict[str, Counter]) -> dict[str, Counter]:
-    for key, table in tables.items():
-        if key in total:
-            total[key].update(table)
-        else:
-            total[key] = table
-    return total
+def _sum_count_tables(parts: list[dict[str, Counter]]) -> dict[str, Counter]:
+    """Count tables ({name: Counter}) summed name by name (names and keys in first-seen order)."""
+    tables: dict[str, list[Counter]] = {}
+    for part in parts:
+        for key, table in part.items():
+            tables.setdefault(key, []).append(table)
+    return {key: sum_counters(counters) for key, counters in tables.items()}
 
 
 def _sum_shard_counts(shard_dirs: list[str]) -> dict[str, Counter]:
     """The count tables (counts.pkl) of these shards, summed key by key (a worker task)."""
-    total: dict[str, Counter] = {}
+    parts = []
     with _NoCyclicGC():
         for shard_dir in shard_dirs:
             with open(Path(shard_dir) / "counts.pkl", "rb") as fh:
-                _add_count_tables(total, pickle.load(fh))
-    return total
+                parts.append(pickle.load(fh))
+        return _sum_count_tables(parts)
 
 
 def auto_shard_characters(records: list[dict]) -> int:
@@ -828,10 +818,7 @@ def build(config: BuildConfig, comm=None) -> dict:
         def fit():
             if comm.rank != 0 or (work / "fit.done").exists():
                 return
-            counts: dict[str, Counter] = dict(all_counts[0])
-            for rank_counts in all_counts[1:]:
-                for key, table in rank_counts.items():
-                    counts.setdefault(key, Counter()).update(table)
+            counts = _sum_count_tables(all_counts)
             tmp = work / "artifacts.tmp"
             scratch = work / "scratch"
             for d in (tmp, scratch):

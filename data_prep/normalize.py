@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
+import numpy as np
+
 # C0/C1 controls except \t \n, zero-width space/joiners, word joiner, BOM, soft hyphen.
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u00ad\u200b-\u200d\u2060\ufeff]")
 _LINE_BREAKS = re.compile("\r\n|[\r\u2028\u2029\x85]")
@@ -55,6 +57,46 @@ def normalize_text(text: str, keep_space: str = "wordlike") -> str:
     if keep_space == "wordlike":
         text = _NON_WORD_SPACE.sub("", text)
     return text
+
+
+# Joins documents for batch normalisation: a private-use character (no decomposition, not a
+# control, space or letter/digit, a starter that composes with nothing).
+_DOC_SEP = "\ue000"
+
+
+def normalize_documents(documents: list[str], keep_space: str = "wordlike") -> list[str]:
+    """``[normalize_text(d, keep_space) for d in documents]``, several times faster on short documents.
+
+    The documents are processed as one string (one pass of each regular expression instead of one
+    per document), joined by ``_DOC_SEP``, which no step changes or matches across: full-width forms
+    are mapped to ASCII as code-point arithmetic, then ``is_normalized`` picks the documents that still
+    need NFKC. Falls back to one document at a time if a document contains the separator."""
+    if len(documents) < 2:
+        return [normalize_text(d, keep_space) for d in documents]
+    joined = _DOC_SEP.join(documents)
+    if joined.count(_DOC_SEP) != len(documents) - 1:
+        return [normalize_text(d, keep_space) for d in documents]
+    try:
+        cps = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
+    except UnicodeEncodeError:  # lone surrogates
+        return [normalize_text(d, keep_space) for d in documents]
+    wide = (cps >= 0xFF01) & (cps <= 0xFF5E)
+    ideographic_space = cps == 0x3000
+    if wide.any() or ideographic_space.any():
+        cps = cps.copy()
+        cps[wide] -= 0xFEE0
+        cps[ideographic_space] = 0x20
+        joined = cps.tobytes().decode("utf-32-le")
+    parts = joined.split(_DOC_SEP)
+    is_normalized, normalize = unicodedata.is_normalized, unicodedata.normalize
+    if not all(is_normalized("NFKC", d) for d in parts):
+        joined = _DOC_SEP.join([d if is_normalized("NFKC", d) else normalize("NFKC", d) for d in parts])
+    joined = _LINE_BREAKS.sub("\n", joined)
+    joined = _CONTROL.sub("", joined)
+    joined = _SPACES.sub(" ", joined)
+    if keep_space == "wordlike":
+        joined = _NON_WORD_SPACE.sub("", joined)
+    return joined.split(_DOC_SEP)
 
 
 def split_sentences(text: str, max_sentence_chars: int = 512) -> list[str]:

@@ -138,3 +138,27 @@ def test_kill9_then_resume_gives_identical_bytes(reference, tmp_path):
     assert "resuming" in resumed.stderr
     assert dataset_bytes(out) == expected
     assert not work.exists() and not list(tmp_path.glob("killed.partial-*"))
+
+
+def test_sum_counters_equals_sequential_update():
+    """languages.sum_counters == updating one Counter with each in turn: same values and key order,
+    for string/tuple keys, empty inputs, and the fallbacks (huge totals, non-integer values)."""
+    import random
+    from collections import Counter
+
+    from data_prep.languages import sum_counters
+
+    rng = random.Random(3)
+    vocab = [f"w{i}" for i in range(500)] + [("a", i) for i in range(50)]
+    parts = [Counter({rng.choice(vocab): rng.randint(0, 9) for _ in range(rng.randint(0, 300))}) for _ in range(12)]
+    parts.insert(3, Counter())
+    expected: Counter = Counter()
+    for p in parts:
+        expected.update(p)
+    got = sum_counters(parts)
+    assert got == expected and list(got) == list(expected) and list(got.values()) == list(expected.values())
+    assert all(type(v) is int for v in got.values())
+    assert sum_counters([]) == Counter() and sum_counters([Counter(a=1)]) == Counter(a=1)
+    big = [Counter(a=2**52, b=1), Counter(a=2**52, c=2)]
+    assert sum_counters(big) == Counter(a=2**53, b=1, c=2)
+    assert sum_counters([Counter(a=0.5), Counter(a=0.25, b=1)]) == Counter(a=0.75, b=1)

@@ -286,3 +286,41 @@ def test_char_and_run_counts_from_word_counts():
     assert runs == Counter(_CACHED_RUN.findall(text))
     assert any(r.startswith("##") for r in runs) and runs["GDP"] >= 8 and chars["中"] > 10
     assert char_and_run_counts(Counter()) == (Counter(), Counter())
+
+
+@pytest.mark.parametrize("keep_space", ["wordlike", "all"])
+def test_batch_normalization_equals_per_document(keep_space):
+    """normalize_documents (one string for many documents) == normalize_text on each, including
+    documents that start/end with spaces, line breaks, controls, combining marks or full-width forms,
+    empty documents, and the fallbacks (a document containing the join character, lone surrogates)."""
+    import random
+
+    from data_prep.normalize import normalize_documents
+
+    docs = ["".join(words) for words in peoples_daily_gold(2000)] + MIXED.split("\n") + ["", " ", "\r", "\n"]
+    pool = list(" \t\n\r\x85\u2028\u3000\x00\x07\u200b\ufeff\u0301\u0308\u1161aZ9.。，#\uff21\uff11\uff0e中文\u2026\ufb01\u00bd")
+    rng = random.Random(1)
+    docs += ["".join(rng.choice(pool) for _ in range(rng.randint(0, 12))) for _ in range(5000)]
+    rng.shuffle(docs)
+    expected = [normalize_text(d, keep_space) for d in docs]
+    assert normalize_documents(docs, keep_space) == expected
+    assert normalize_documents(docs[:50] + ["x\ue000y"], keep_space) == expected[:50] + [normalize_text("x\ue000y", keep_space)]
+    assert normalize_documents(["a\ud800b", "c"], keep_space) == [normalize_text("a\ud800b", keep_space), "c"]
+    assert normalize_documents([], keep_space) == [] and normalize_documents(["\uff21 b"], keep_space) == [normalize_text("\uff21 b", keep_space)]
+
+
+def test_shard_segmentation_equals_per_document():
+    """segment_documents (one segmenter call for many documents) == segment_document on each,
+    with documents that take the general path ("##") and empty documents mixed in."""
+    from data_prep.chinese import segment_document, segment_documents
+
+    docs = ["".join(words) for words in peoples_daily_gold(2500)] + MIXED.split("\n") + [
+        "ab12.5%cd abc中文 a b c 1 2 3。直径为1.3nm,比10nm小", "C##x ## #a 和 ##b", "", "Windows 98和iPhone6s"]
+    docs = docs[-6:] + docs
+    sentences = [split_sentences(normalize_text(d)) for d in docs]
+    for name in ("rjieba", "jieba"):
+        seg = make_segmenter(name)
+        expected = [segment_document(seg, s) for s in sentences]
+        assert segment_documents(seg, sentences) == expected
+        assert segment_documents(seg, [s for s in sentences if not any("##" in x for x in s)]) == [
+            e for s, e in zip(sentences, expected) if not any("##" in x for x in s)]
