@@ -37,6 +37,7 @@ import itertools
 import os
 import re
 import tempfile
+from operator import itemgetter
 from collections import Counter
 from pathlib import Path
 
@@ -290,6 +291,13 @@ def segment_documents(segmenter: Segmenter, documents: list[list[str]]) -> list[
     return out
 
 
+def _by_count_then_token(items: list[tuple[str, int]]) -> None:
+    """Sort (token, count) pairs by count descending, then token: the same order as the key
+    (-count, token), as two stable sorts on C-level keys (no tuple per item)."""
+    items.sort(key=itemgetter(0))
+    items.sort(key=itemgetter(1), reverse=True)
+
+
 def char_and_run_counts(words: Counter) -> tuple[Counter, Counter]:
     """Character counts and Latin-run counts (``_CACHED_RUN``) of a text, from its word counts.
 
@@ -430,7 +438,7 @@ class Chinese(Language):
         always_set = set(always)
         candidates += [(r, n) for r, n in runs.items()
                        if n >= max(min_count, self.options["latin_min_count"]) and r not in always_set]
-        candidates.sort(key=lambda item: (-item[1], item[0]))
+        _by_count_then_token(candidates)
         room = max_fine - fmt.NUM_SPECIAL - len(always)
         fine_tokens = always + [t for t, _ in candidates[:room]]
         fine = fmt.Vocab.from_tokens(fine_tokens)
@@ -441,12 +449,12 @@ class Chinese(Language):
                                 f"off; raise --coarse-vocab-size or lower --fine-vocab-size")
         coarse_min = self.options["coarse_min_count"]
         multi = [(w, n) for w, n in words.items() if n >= coarse_min and w not in fine.index and not w.isspace()]
-        multi.sort(key=lambda item: (-item[1], item[0]))
+        _by_count_then_token(multi)
         coarse = fmt.Vocab(fine.tokens + [w for w, _ in multi[: max_coarse - len(fine)]])
         fine.save(artifacts_dir / fmt.FINE_VOCAB_FILE)
         coarse.save(artifacts_dir / fmt.COARSE_VOCAB_FILE)
         total_words = sum(words.values())
-        in_vocab = sum(n for w, n in words.items() if w in coarse.index)
+        in_vocab = sum(filter(None, map(words.get, coarse.tokens)))
         return {
             "segmenter": self.options["segmenter"],
             "fine_vocab_latin_runs": sum(1 for t in fine.tokens if len(t) > 1 and t[0] != "[" and not t.startswith("##")),
