@@ -423,7 +423,7 @@ class _NoCyclicGC:
             gc.enable()
 
 
-def _analyze_task(shard_dir: str) -> tuple[str, int, dict[str, Counter]]:
+def _analyze_task(shard_dir: str) -> tuple[str, int]:
     with _NoCyclicGC():
         return _analyze(shard_dir)
 
@@ -433,23 +433,20 @@ def _encode_task(args: tuple) -> str:
         return _encode(args)
 
 
-def _analyze(shard_dir: str) -> tuple[str, int, dict[str, Counter]]:
-    """(shard, input bytes analysed now, its count tables); a shard analysed before (a resumed
-    build) returns its saved counts."""
+def _analyze(shard_dir: str) -> tuple[str, int]:
     shard = Path(shard_dir)
     if (shard / "analyzed.done").exists():
-        with open(shard / "counts.pkl", "rb") as fh:
-            return shard_dir, 0, pickle.load(fh)
+        return shard_dir, 0
     documents = read_shard_documents(shard)
     cache = shard / "cache"
     if cache.exists():
         shutil.rmtree(cache)  # left by a killed run
     cache.mkdir()
-    counts = {k: Counter(v) for k, v in _WORKER["lang"].analyze_shard(documents, cache).items()}
-    _write_atomic(shard / "counts.pkl", pickle.dumps(counts, protocol=4))
+    counts = _WORKER["lang"].analyze_shard(documents, cache)
+    _write_atomic(shard / "counts.pkl", pickle.dumps({k: Counter(v) for k, v in counts.items()}, protocol=4))
     nbytes = sum(len(d.encode("utf-8")) for d in documents)
     _mark(shard / "analyzed.done", {"bytes": nbytes})
-    return shard_dir, nbytes, counts
+    return shard_dir, nbytes
 
 
 def _encode(args: tuple) -> str:
@@ -538,6 +535,13 @@ class _Executor:
             return [r for rs in self.pool.map(_map_task, tasks, chunksize=1) for r in rs]
         finally:
             arg_path.unlink(missing_ok=True)
+
+    def sum_counts(self, shard_dirs: list[str]) -> dict[str, Counter]:
+        """The shards' count tables summed key by key: one task per worker (shards dealt round-robin)."""
+        if self.pool is None:
+            return _sum_shard_counts(shard_dirs)
+        n = self.pool._processes
+        return _sum_count_tables(self.pool.map(_sum_shard_counts, [shard_dirs[i::n] for i in range(n)], chunksize=1))
 
     def close(self) -> None:
         if self.pool is not None:
@@ -651,34 +655,15 @@ def _prepare_work_dir(config: BuildConfig, params: dict) -> Path:
 
 
 class _AnalysisProgress:
-    """Collects finished shard analyses: advances the progress bar by each shard's bytes and sums
-    the shards' count tables as they arrive, a few at a time (with a pool the main process is
-    otherwise idle while the workers analyse, so little summing is left when the last one ends).
-    Tables are summed in shard order whatever the completion order, so the summed Counters (and
-    their key order) are the same on every run. This rank's shards are first, first + step, ..."""
+    """Counts finished shard analyses (the progress bar advances by each shard's bytes)."""
 
-    def __init__(self, bar, first: int = 0, step: int = 1, batch: int = 8):
+    def __init__(self, bar):
         self.bar = bar
         self.merged = 0
-        self.next, self.step, self.batch = first, step, batch
-        self.waiting: dict[int, dict[str, Counter]] = {}  # finished ahead of an earlier shard
-        self.tables: list[dict[str, Counter]] = []
 
-    def __call__(self, result: tuple[str, int, dict[str, Counter]]) -> None:
-        shard_dir, nbytes, tables = result
+    def __call__(self, result: tuple[str, int]) -> None:
         self.merged += 1
-        self.bar.update(nbytes)
-        self.waiting[int(Path(shard_dir).name)] = tables
-        while self.next in self.waiting:
-            self.tables.append(self.waiting.pop(self.next))
-            self.next += self.step
-        if len(self.tables) > self.batch:
-            self.tables = [_sum_count_tables(self.tables)]
-
-    def counts(self) -> dict[str, Counter]:
-        if self.waiting:
-            raise BuildError(f"internal: shard {self.next} was never analysed (have {sorted(self.waiting)[:5]}...)")
-        return _sum_count_tables(self.tables)
+        self.bar.update(result[1])
 
 
 def _sum_count_tables(parts: list[dict[str, Counter]]) -> dict[str, Counter]:
@@ -688,6 +673,16 @@ def _sum_count_tables(parts: list[dict[str, Counter]]) -> dict[str, Counter]:
         for key, table in part.items():
             tables.setdefault(key, []).append(table)
     return {key: sum_counters(counters) for key, counters in tables.items()}
+
+
+def _sum_shard_counts(shard_dirs: list[str]) -> dict[str, Counter]:
+    """The count tables (counts.pkl) of these shards, summed key by key (a worker task)."""
+    parts = []
+    with _NoCyclicGC():
+        for shard_dir in shard_dirs:
+            with open(Path(shard_dir) / "counts.pkl", "rb") as fh:
+                parts.append(pickle.load(fh))
+        return _sum_count_tables(parts)
 
 
 def auto_shard_characters(records: list[dict]) -> int:
@@ -800,14 +795,16 @@ def build(config: BuildConfig, comm=None) -> dict:
             total = sum(sizes) if None not in sizes else None  # unknown for parquet / HF datasets
             with _progress(config.progress and comm.rank == 0, desc="analyze", unit="B", unit_scale=True,
                            total=total) as bar:
-                progress = _AnalysisProgress(bar, first=comm.rank, step=comm.size)
+                progress = _AnalysisProgress(bar)
                 summary = _read_into_shards(config, comm, specs, work, executor, progress, read_done, params)
                 for result in executor.ready(wait=True):
                     progress(result)
             mine = [k for k in range(summary["num_shards"]) if k % comm.size == comm.rank]
             if progress.merged != len(mine):
                 raise BuildError(f"internal: {progress.merged} shards analysed, {len(mine)} expected")
-            return summary, progress.counts()
+            # Summed on the workers, each over its share of the shards: while they analysed, every
+            # core was busy, and the main process would only have taken CPU from them.
+            return summary, executor.sum_counts([str(_shard_dir(work, k)) for k in mine])
 
         stage_seconds["check"] = round(time.time() - started, 2)
         summary, my_counts = _collective(comm, read_and_analyze)
