@@ -377,6 +377,9 @@ class Chinese(Language):
     def __getstate__(self):
         return {"options": self.options, "_segmenter": None}
 
+    def warm_up(self) -> None:
+        self.segmenter.cut("预热")  # rjieba imports (and jieba loads) its dictionary: ~0.25 s
+
     def package_versions(self) -> dict[str, str]:
         from importlib.metadata import PackageNotFoundError, version
 

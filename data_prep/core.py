@@ -403,11 +403,16 @@ def write_shard_splits(shard_dir: Path, enc: EncodedShard, valid_mask: np.ndarra
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(language: str, options: dict) -> None:
+def _worker_init(language: str, options: dict, warm_up: bool = False) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _WORKER.clear()
     _WORKER["lang"] = get_language(language)(options)
     _WORKER["loaded"] = None
+    if warm_up:  # a pool worker: overlaps the main process reading the first shard
+        try:
+            _WORKER["lang"].warm_up()
+        except Exception:  # noqa: BLE001 - raised again by the first task, which reports it
+            pass
 
 
 class _NoCyclicGC:
@@ -494,7 +499,7 @@ class _Executor:
             # fork: workers start in milliseconds and inherit the imported modules. The pool is made
             # before any input is read, so no reader thread (pyarrow, tqdm) exists at fork time.
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            self.pool = mp.get_context(method).Pool(workers, initializer=_worker_init, initargs=(language, options))
+            self.pool = mp.get_context(method).Pool(workers, initializer=_worker_init, initargs=(language, options, True))
         else:
             _worker_init(language, options)
         self.pending: list = []

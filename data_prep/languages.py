@@ -260,6 +260,12 @@ class Language:
         raise LanguageError(f"--lang {self.name} has no built-in demo corpus: pass --input PATH")
 
     # ---- the build ---------------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """Optional: load what ``analyze_shard`` needs (a segmenter's dictionary). Pool workers call
+        it as they start, while the main process reads the first shard; an error here is ignored
+        (the first ``analyze_shard`` raises it again, and the build reports it)."""
+        return None
+
     def analyze_shard(self, documents: list[str], cache_dir: Path) -> dict[str, Counter]:
         raise NotImplementedError
 
