@@ -477,11 +477,22 @@ class Chinese(Language):
         for token, i in self.fine_vocab.index.items():
             if len(token) == 1:
                 self.char_table[ord(token)] = i
+        # Coarse ids of single characters: the fine ones, plus characters that are coarse words only
+        # (rare characters outside a full fine vocabulary that occur as words).
+        self.coarse_char_table = self.char_table.copy()
+        for token in self.coarse_vocab.tokens[len(self.fine_vocab):]:
+            if len(token) == 1:
+                self.coarse_char_table[ord(token)] = self.coarse_vocab.index[token]
         latin = [t for t in self.fine_vocab.tokens if _RUN.fullmatch(t.removeprefix("##"))]
         self.max_run_piece = max((len(t.removeprefix("##")) for t in latin), default=1)
         # every proper prefix of a multi-character coarse word (guides the greedy longest match)
         self.coarse_prefixes = {t[:k] for t in self.coarse_vocab.tokens[fmt.NUM_SPECIAL:] for k in range(2, len(t) + 1)}
         self.max_word_pieces = min(MAX_BACKOFF_PIECES, max((len(t) for t in self.coarse_vocab.tokens[fmt.NUM_SPECIAL:]), default=1))
+        # The first two characters of every multi-character coarse word, as code-point pair keys: an
+        # out-of-vocabulary word none of whose adjacent character pairs is among them backs off to
+        # single characters (``_backoff_plain`` cannot match anything longer).
+        self.prefix_pairs = np.unique(np.array(
+            [ord(t[0]) * 0x110000 + ord(t[1]) for t in self.coarse_prefixes if len(t) == 2], dtype=np.int64))
 
     def _split_run(self, run: str, continuation: bool) -> list[str]:
         index = self.fine_vocab.index
@@ -602,8 +613,19 @@ class Chinese(Language):
         if special_char.any():
             word_of_char = np.repeat(np.arange(W), lens)
             special[word_of_char[special_char]] = True
-        irregular = np.nonzero(special | (coarse_w < 0))[0]
-        if len(irregular) == 0:
+        # Out-of-vocabulary words of one fine token per character back off to single characters
+        # unless an adjacent character pair could start a coarse word: those are encoded here.
+        trivial = ~special & (coarse_w < 0)
+        if trivial.any():
+            if word_of_char is None:
+                word_of_char = np.repeat(np.arange(W), lens)
+            keys = cps[:-1].astype(np.int64) * 0x110000 + cps[1:]
+            inside = (word_of_char[:-1] == word_of_char[1:]) & trivial[word_of_char[:-1]]
+            hits = inside.copy()
+            hits[inside] = np.isin(keys[inside], self.prefix_pairs)
+            trivial[word_of_char[:-1][hits]] = False
+        irregular = np.nonzero(special | ((coarse_w < 0) & ~trivial))[0]
+        if len(irregular) == 0 and not trivial.any():
             return fine_chars, coarse_w, lens.copy(), lens, np.ones(W, dtype=np.int64)
         # Distinct irregular words, each encoded once; ``code`` maps each occurrence to its word.
         distinct: dict[str, int] = {}
@@ -623,6 +645,7 @@ class Chinese(Language):
         fine_count = lens.copy()
         fine_count[irregular] = irr_fine_count
         coarse_count = np.ones(W, dtype=np.int64)
+        coarse_count[trivial] = lens[trivial]
         coarse_count[irregular] = irr_coarse_count
         fine_start = np.cumsum(fine_count) - fine_count
         coarse_start = np.cumsum(coarse_count) - coarse_count
@@ -638,8 +661,13 @@ class Chinese(Language):
         regular_char = regular[word_of_char]
         wc = word_of_char[regular_char]
         fine[fine_start[wc] + (np.nonzero(regular_char)[0] - char_start[wc])] = fine_chars[regular_char]
-        coarse[coarse_start[regular]] = coarse_w[regular]
-        align[coarse_start[regular]] = lens[regular]
+        single = regular & ~trivial
+        coarse[coarse_start[single]] = coarse_w[single]
+        align[coarse_start[single]] = lens[single]
+        if trivial.any():  # their characters' fine ids, one coarse token each
+            positions = _ranges(coarse_start[trivial], lens[trivial])
+            coarse[positions] = self.coarse_char_table[cps[trivial[word_of_char]]]
+            align[positions] = 1
         # Irregular words: their encodings go to [start, start + count) of each occurrence.
         fine[_ranges(fine_start[irregular], irr_fine_count)] = irr_fine
         positions = _ranges(coarse_start[irregular], irr_coarse_count)

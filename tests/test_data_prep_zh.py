@@ -324,3 +324,37 @@ def test_shard_segmentation_equals_per_document():
         assert segment_documents(seg, sentences) == expected
         assert segment_documents(seg, [s for s in sentences if not any("##" in x for x in s)]) == [
             e for s, e in zip(sentences, expected) if not any("##" in x for x in s)]
+
+
+def test_vectorised_word_encoding_equals_word_by_word(tmp_path):
+    """encode_words (array path; out-of-vocabulary words without a possible longer match backed off
+    to single characters in bulk) == encode_word on each word, with a small vocabulary so most words
+    are out of it: multi-character back-off, unknown characters, a character that is a coarse word
+    but not a fine token, Latin runs and continuation marks."""
+    from collections import Counter
+
+    from data_prep.chinese import WORD_SEP, segment_document
+
+    seg = make_segmenter("rjieba")
+    docs = ["".join(words) for words in peoples_daily_gold(800)] + MIXED.split("\n")
+    text = "\n".join(line for d in docs for line in segment_document(seg, split_sentences(normalize_text(d))))
+    words = text.replace("\n", WORD_SEP).split(WORD_SEP)
+    counts = Counter(words)
+    chars = Counter(c for w in words for c in w)
+    chars["罕"] = 0  # below --fine-min-count: not a fine token ...
+    counts["罕"] = 50  # ... but a frequent one-character word: a coarse token
+    lang = Chinese({"fine_vocab_size": 1200, "coarse_vocab_size": 3000, "fine_min_count": 2, "coarse_min_count": 3})
+    lang.fit({"char": chars, "run": Counter(), "word": counts}, None, tmp_path)
+    lang.load(tmp_path)
+    assert "罕" in lang.coarse_vocab.index and "罕" not in lang.fine_vocab.index
+    extra = ["罕见", "见罕", "罕", "中华人民共和国万岁", "𠀀中国", "中国人民银行行长", "人民人民", "##GDP增长", "iPhone6s", ""]
+    words = extra + words + extra
+    fine, coarse, align, fine_count, coarse_count = lang.encode_words(words)
+    per_word = [lang.encode_word(w) for w in words]
+    assert fine.tolist() == [i for f, _, _ in per_word for i in f]
+    assert coarse.tolist() == [i for _, c, _ in per_word for i in c]
+    assert align.tolist() == [i for _, _, a in per_word for i in a]
+    assert fine_count.tolist() == [len(f) for f, _, _ in per_word]
+    assert coarse_count.tolist() == [len(c) for _, c, _ in per_word]
+    oov = sum(1 for w in set(words) if w not in lang.coarse_vocab.index)
+    assert oov > 1000  # the test exercised the back-off, in bulk and word by word
