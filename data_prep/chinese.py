@@ -366,6 +366,9 @@ class Chinese(Language):
             raise LanguageError(f"unknown --segmenter {self.options['segmenter']!r}; choose one of {SEGMENTERS}")
         if self.options["segmenter"] == "pkuseg":
             make_segmenter("pkuseg")  # fail now, with the install hint, not in a worker
+        if self.options["user_dict"] and not Path(self.options["user_dict"]).is_file():
+            raise LanguageError(f"--user-dict {self.options['user_dict']} does not exist (or is not a file): "
+                                f"pass a jieba-format dictionary (\"word [freq] [tag]\" per line)")
         self._segmenter: Segmenter | None = None
 
     @property

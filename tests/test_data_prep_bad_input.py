@@ -106,6 +106,15 @@ def test_non_chinese_corpus_refused_before_work(tmp_path):
     assert not core.work_dir_for(tmp_path / "ds").exists()
 
 
+def test_missing_user_dict_refused_before_work(tmp_path):
+    """A --user-dict that does not exist stops the build before any input is read (it used to
+    surface in the first analysis task, with a half-read corpus left for --resume)."""
+    with pytest.raises(LanguageError, match=r"--user-dict .*nope.dict does not exist.*jieba-format"):
+        core.build(_config(tmp_path, [_good(tmp_path)], workers=2,
+                           language_options={"user_dict": str(tmp_path / "nope.dict")}))
+    assert not core.work_dir_for(tmp_path / "ds").exists() and not (tmp_path / "ds").exists()
+
+
 def test_existing_output_refused_then_overwrite(tmp_path):
     good = _good(tmp_path)
     (tmp_path / "ds").mkdir()
