@@ -45,7 +45,7 @@ import numpy as np
 
 from data_prep import format as fmt
 from data_prep.languages import Corpus, EncodedShard, Language, LanguageError, register
-from data_prep.normalize import normalize_documents, normalize_text, split_sentences
+from data_prep.normalize import batches, normalize_documents, normalize_text, split_sentences
 
 SEGMENTERS = ("rjieba", "jieba", "pkuseg")
 WORD_SEP = "\x1f"
@@ -269,9 +269,19 @@ def segment_document(segmenter: Segmenter, sentences: list[str]) -> list[str]:
     return lines
 
 
-def segment_documents(segmenter: Segmenter, documents: list[list[str]]) -> list[list[str]]:
+def segment_documents(segmenter: Segmenter, documents: list[list[str]], batch_chars: int = 1 << 20) -> list[list[str]]:
     """``[segment_document(segmenter, d) for d in documents]`` (each document a list of sentences)
-    with one segmenter call for all of them: per-call overheads dominate on short documents."""
+    with one segmenter call per ~``batch_chars`` characters of documents: per-call overheads dominate
+    on short documents."""
+    def chars(d: list[str]) -> int:
+        return sum(map(len, d))
+
+    if sum(map(chars, documents)) > batch_chars:
+        return [lines for batch in batches(documents, chars, batch_chars) for lines in _segment_batch(segmenter, batch)]
+    return _segment_batch(segmenter, documents)
+
+
+def _segment_batch(segmenter: Segmenter, documents: list[list[str]]) -> list[list[str]]:
     if not _fast_path(segmenter) or len(documents) < 2:
         return [segment_document(segmenter, d) for d in documents]
     sentences = [s for d in documents for s in d]
@@ -279,7 +289,7 @@ def segment_documents(segmenter: Segmenter, documents: list[list[str]]) -> list[
         return [[] for _ in documents]
     if any("##" in s for s in sentences):  # rare: those documents take the general path
         plain = [not any("##" in s for s in d) for d in documents]
-        fast = iter(segment_documents(segmenter, [d for d, ok in zip(documents, plain) if ok]))
+        fast = iter(_segment_batch(segmenter, [d for d, ok in zip(documents, plain) if ok]))
         return [next(fast) if ok else segment_document(segmenter, d) for d, ok in zip(documents, plain)]
     lines = _segment_lines(segmenter, sentences)
     if lines is None:

@@ -304,6 +304,7 @@ def test_batch_normalization_equals_per_document(keep_space):
     rng.shuffle(docs)
     expected = [normalize_text(d, keep_space) for d in docs]
     assert normalize_documents(docs, keep_space) == expected
+    assert normalize_documents(docs, keep_space, batch_chars=5000) == expected  # in batches
     assert normalize_documents(docs[:50] + ["x\ue000y"], keep_space) == expected[:50] + [normalize_text("x\ue000y", keep_space)]
     assert normalize_documents(["a\ud800b", "c"], keep_space) == [normalize_text("a\ud800b", keep_space), "c"]
     assert normalize_documents([], keep_space) == [] and normalize_documents(["\uff21 b"], keep_space) == [normalize_text("\uff21 b", keep_space)]
@@ -322,6 +323,7 @@ def test_shard_segmentation_equals_per_document():
         seg = make_segmenter(name)
         expected = [segment_document(seg, s) for s in sentences]
         assert segment_documents(seg, sentences) == expected
+        assert segment_documents(seg, sentences, batch_chars=3000) == expected  # in batches
         assert segment_documents(seg, [s for s in sentences if not any("##" in x for x in s)]) == [
             e for s, e in zip(sentences, expected) if not any("##" in x for x in s)]
 
