@@ -5,13 +5,14 @@ corpus, one sentence a line, so no n-gram crosses a sentence boundary. A candida
 ``w1 .. wn`` (2 <= n <= order) is kept when
 
 - every transition is "sticky": ``log10 p(w_k | w_1 .. w_{k-1}) >= min_logprob`` for k = 2..n,
-  read from the ARPA file (KenLM's interpolated modified Kneser-Ney estimate);
+  read from lmplz's model (KenLM's interpolated modified Kneser-Ney estimate; its intermediate
+  binary files, which hold the numbers of the ARPA file; an ARPA file can be read too);
 - every transition into a content word is informative: its lift
   ``log10 p(w_k | w_1 .. w_{k-1}) - log10 p(w_k)`` (a pointwise mutual information) is at least
   ``min_lift``. This is what rejects "said the"-like pairs whose last word is merely frequent;
 - it neither starts nor ends with a stop word, has no function word inside other than a few
   "glue" words (of, and, the, ...: "secretary of the treasury" yes, "command is valid" no), contains no punctuation / digits-only token
-  (those make fragments like "of the", "1 ."), and occurs at least ``min_count`` times. ARPA files
+  (those make fragments like "of the", "1 ."), and occurs at least ``min_count`` times. KenLM models
   carry probabilities, not counts, so candidates are counted in a second streaming pass whose
   memory is bounded by the number of candidates (lmplz's own ``--prune`` already drops n-grams
   rarer than ``min_count``);
@@ -205,12 +206,14 @@ def lm_line_stride(words_bytes: int, limit: int) -> int:
     return -(-words_bytes // limit)
 
 
-def run_lmplz(words_files: str | os.PathLike | Sequence[str | os.PathLike], arpa_file: str | os.PathLike,
+def run_lmplz(words_files: str | os.PathLike | Sequence[str | os.PathLike], arpa_file: str | os.PathLike | None,
               config: PhraseMiningConfig, temp_dir: str | os.PathLike,
               while_running: Callable[[], None] | None = None, vocab_size: int | None = None,
-              line_stride: int = 1) -> None:
+              line_stride: int = 1, intermediate: str | os.PathLike | None = None) -> None:
     """Estimate a pruned order-N model of the words files (one sentence a line, read in the given
-    order as one text) into ``arpa_file``. Several files stream into lmplz's stdin through
+    order as one text) into ``arpa_file`` and/or, with ``intermediate`` (a path prefix), KenLM's
+    intermediate binary files (``read_intermediate``: the same n-grams and probabilities, without
+    the ARPA text stage). Several files stream into lmplz's stdin through
     ``xargs cat`` (no concatenated copy, no Python in the data path); with ``line_stride`` k > 1
     only every k-th sentence of that stream (``awk``), spread evenly over the corpus.
     ``while_running()`` is called while lmplz works (the build trains the fine vocabulary there).
@@ -237,7 +240,11 @@ def run_lmplz(words_files: str | os.PathLike | Sequence[str | os.PathLike], arpa
     if line_stride > 1 and config.min_count > 1:
         threshold = max(threshold, 1)
     prune = ["0"] + [str(threshold)] * (order - 1)
-    cmd = [lmplz, "-o", str(order), "-S", memory, "-T", str(temp_dir), "--prune", *prune, "--arpa", str(arpa_file)]
+    if arpa_file is None and intermediate is None:
+        raise ValueError("run_lmplz needs arpa_file and/or intermediate")
+    cmd = [lmplz, "-o", str(order), "-S", memory, "-T", str(temp_dir), "--prune", *prune]
+    cmd += ["--arpa", str(arpa_file)] if arpa_file is not None else []
+    cmd += ["--intermediate", str(intermediate)] if intermediate is not None else []
     if vocab_size:
         cmd += ["--vocab_estimate", str(vocab_size + 3)]  # + <s>, </s>, <unk>
     if config.discount_fallback:
@@ -352,6 +359,78 @@ def iter_arpa_section(buffer, start: int, end: int, min_logprob: float | None = 
         yield logprob, ngram
 
 
+INTERMEDIATE_HEADER = "KenLM intermediate binary file"
+
+
+def read_intermediate(prefix: str | os.PathLike):
+    """KenLM's intermediate model files (``lmplz --intermediate PREFIX``): (vocabulary, one record
+    array per order). ``vocabulary[i]`` is word id i; the records of order n hold ``w`` (n word ids,
+    in text order), ``prob`` (log10 p(w_n | w_1 .. w_{n-1}), float32) and ``backoff``: exactly the
+    numbers lmplz prints into an ARPA file (``lm/common/model_buffer.cc``, ``print.cc``), read with
+    numpy instead of parsing hundreds of thousands of text lines."""
+    import numpy as np
+
+    prefix = str(prefix)
+    meta_path = Path(prefix + ".kenlm_intermediate")
+    try:
+        meta = meta_path.read_text(encoding="utf-8").split("\n")
+    except OSError as exc:
+        raise PhraseMiningError(f"lmplz wrote no intermediate model ({exc}); is the disk full?") from None
+    if len(meta) < 3 or meta[0] != INTERMEDIATE_HEADER or not meta[1].startswith("Counts ") or meta[2] != "Payload pb":
+        raise PhraseMiningError(
+            f"{meta_path}: not a KenLM intermediate model this reader knows (expected '{INTERMEDIATE_HEADER}', "
+            f"'Counts ...', 'Payload pb'; got {meta[:3]}): was lmplz built from another KenLM version? "
+            f"Rebuild it with `bash launchers/setup.sh` or pass --lmplz")
+    counts = [int(c) for c in meta[1].split()[1:]]
+    vocabulary = Path(prefix + ".vocab").read_bytes().decode("utf-8").split("\0")[: counts[0] + 1]
+    orders = []
+    for n, count in enumerate(counts, start=1):
+        dtype = np.dtype([("w", "=u4", (n,)), ("prob", "=f4"), ("backoff", "=f4")])
+        records = np.fromfile(f"{prefix}.{n}", dtype=dtype)
+        if len(records) != count:
+            raise PhraseMiningError(f"{prefix}.{n}: {len(records)} order-{n} records, the header says {count} "
+                                    f"(a truncated file: is the disk full?)")
+        orders.append(records)
+    return vocabulary, orders
+
+
+def _arpa_floats(values) -> list[float]:
+    """float32 log10 probabilities as the ARPA file would give them: lmplz prints the shortest decimal
+    that reads back as the same float32 (double-conversion's ToShortestSingle), and parsing that
+    decimal gives a double; numpy's float32 -> str is the same shortest form."""
+    import numpy as np
+
+    return np.asarray(values, dtype=np.float32).astype(str).astype(np.float64).tolist()
+
+
+def select_candidates_intermediate(prefix: str | os.PathLike, config: PhraseMiningConfig
+                                   ) -> dict[tuple[str, ...], tuple[float, float]]:
+    """``select_candidates`` on lmplz's intermediate files: the same candidates with the same numbers
+    (a test runs both on one lmplz run), the word rules applied to whole record arrays by word id."""
+    import numpy as np
+
+    vocabulary, orders = read_intermediate(prefix)
+    ids = orders[0]["w"][:, 0]
+    unigram = dict(zip([vocabulary[i] for i in ids.tolist()], _arpa_floats(orders[0]["prob"])))
+    inside, first = _word_classes(unigram)
+    inside_mask = np.zeros(len(vocabulary), dtype=bool)
+    first_mask = np.zeros(len(vocabulary), dtype=bool)
+    index = {w: i for i, w in enumerate(vocabulary)}
+    inside_mask[[index[w] for w in inside]] = True
+    first_mask[[index[w] for w in first]] = True
+    sticky: dict[tuple[str, ...], float] = {}
+    for records in orders[1:]:
+        keep = inside_mask[records["w"]].all(axis=1) & first_mask[records["w"][:, 0]]
+        if config.min_logprob is not None:
+            # float32 vs its decimal differ by < 1e-7 relative: a loose test here, the exact one below
+            keep &= records["prob"] >= config.min_logprob - 1e-6 * abs(config.min_logprob) - 1e-30
+        rows = records[keep]
+        for words, p in zip(rows["w"].tolist(), _arpa_floats(rows["prob"])):
+            if config.min_logprob is None or p >= config.min_logprob:
+                sticky[tuple(map(vocabulary.__getitem__, words))] = p
+    return _candidates(unigram, sticky, config)
+
+
 # ---------------------------------------------------------------------------------------------
 # Mining
 # ---------------------------------------------------------------------------------------------
@@ -375,15 +454,6 @@ def select_candidates(arpa_file: str | os.PathLike, config: PhraseMiningConfig) 
         return _select_candidates(buffer, config)
 
 
-_TINY_ARPA = b"\\data\\\nngram 1=2\nngram 2=1\n\n\\1-grams:\n-1.0\tab\t-0.1\n-1.0\tcd\t0\n\n\\2-grams:\n-0.1\tab cd\n\n\\end\\\n"
-
-
-def warm_up_arpa_reader() -> None:
-    """Import and exercise the Arrow reader on a tiny ARPA file: the build calls this while lmplz runs,
-    so the first real read does not pay pyarrow's start-up (~0.5 s)."""
-    _select_candidates(_TINY_ARPA, PhraseMiningConfig(min_lift=-math.inf))
-
-
 def _select_candidates(buffer, config: PhraseMiningConfig) -> dict[tuple[str, ...], tuple[float, float]]:
     import numpy as np
     import pyarrow as pa
@@ -393,9 +463,7 @@ def _select_candidates(buffer, config: PhraseMiningConfig) -> dict[tuple[str, ..
     unigram: dict[str, float] = {}
     for logprob, ngram in iter_arpa_section(buffer, *sections[1]):
         unigram.update(zip(ngram.to_pylist(), logprob.to_pylist()))
-    content = [w for w in unigram if is_content_token(w) and w not in ("<s>", "</s>", "<unk>")]
-    inside = pa.array([w for w in content if not is_stop_word(w) or w in GLUE_WORDS], pa.string())
-    first = pa.array([w for w in content if not is_stop_word(w)], pa.string())
+    inside, first = (pa.array(words, pa.string()) for words in _word_classes(unigram))
     # Kept for the full-path check below: any prefix of a candidate must be sticky too.
     sticky: dict[tuple[str, ...], float] = {}
     for order in sorted(o for o in sections if o > 1):
@@ -410,6 +478,20 @@ def _select_candidates(buffer, config: PhraseMiningConfig) -> dict[tuple[str, ..
             rows = pa.array(np.flatnonzero(keep))
             for g, p in zip(pc.take(ngram, rows).to_pylist(), pc.take(logprob, rows).to_pylist()):
                 sticky[tuple(g.split(" "))] = p
+    return _candidates(unigram, sticky, config)
+
+
+def _word_classes(unigram: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(words allowed inside a candidate, words allowed first): content tokens, no stop word first,
+    only glue words among the stop words inside."""
+    content = [w for w in unigram if is_content_token(w) and w not in ("<s>", "</s>", "<unk>")]
+    return [w for w in content if not is_stop_word(w) or w in GLUE_WORDS], [w for w in content if not is_stop_word(w)]
+
+
+def _candidates(unigram: dict[str, float], sticky: dict[tuple[str, ...], float], config: PhraseMiningConfig
+                ) -> dict[tuple[str, ...], tuple[float, float]]:
+    """The candidates among the sticky n-grams (their words already checked): every prefix transition
+    sticky, the last word no stop word, every transition into a content word lifted enough."""
     candidates: dict[tuple[str, ...], tuple[float, float]] = {}
     for words in sticky:
         if is_stop_word(words[-1]):  # the first word and the inner ones were checked above
@@ -479,17 +561,15 @@ def mine_phrases(words_file: str | os.PathLike | Sequence[str | os.PathLike], co
     find_lmplz(config.lmplz)  # fail before any expensive work
     files = [words_file] if isinstance(words_file, (str, os.PathLike)) else list(words_file)
 
-    def while_running() -> None:
-        if while_lmplz_runs is not None:
-            while_lmplz_runs()
-        warm_up_arpa_reader()
-
     with tempfile.TemporaryDirectory(prefix="ambert-kenlm-", dir=temp_dir) as tmp:
-        arpa = Path(tmp) / "model.arpa"
-        run_lmplz(files, arpa, config, tmp, while_running, vocab_size, line_stride)
+        # KenLM's intermediate binary model, not the ARPA text: the same numbers (a test checks the
+        # candidates against the ARPA reader's), without lmplz printing and us parsing 400k lines
+        # per 20 MB of text on the build's one-core path.
+        model = Path(tmp) / "model"
+        run_lmplz(files, None, config, tmp, while_lmplz_runs, vocab_size, line_stride, intermediate=model)
         t0 = time.time()
-        candidates = select_candidates(arpa, config)
-    log.info("phrases: %d candidates from the ARPA in %.1fs; counting them", len(candidates), time.time() - t0)
+        candidates = select_candidates_intermediate(model, config)
+    log.info("phrases: %d candidates from the model in %.2fs; counting them", len(candidates), time.time() - t0)
     t0 = time.time()
     if count is None:
         counts = count_ngrams((words for f in files for words in read_word_sentences(f)), candidates)

@@ -27,17 +27,21 @@ EXAMPLES = 40
 
 
 def sample_sentences(words_files: str | os.PathLike | Sequence[str | os.PathLike], count: int = EXAMPLES,
-                     min_words: int = 8, max_files: int = 40, max_lines: int = 5000) -> list[list[str]]:
+                     min_words: int = 8, max_files: int = 40, max_lines: int | None = None) -> list[list[str]]:
     """``count`` sentences spread over the corpus (deterministic), each of >= min_words words;
     ``words_files``: one sentence a line, in corpus order (the build's shards). Reads at most
-    ``max_lines`` lines of at most ``max_files`` evenly spaced files: the report must not be a
-    serial pass over a corpus of hundreds of GB."""
+    ``max_lines`` lines (default: 4 x count over the files read, at least 16 a file) of at most
+    ``max_files`` evenly spaced files: the report must not be a serial pass over the corpus (reading
+    whole shards took the 20 MB build's main process 0.4 s, beside the workers encoding)."""
     files = [words_files] if isinstance(words_files, (str, os.PathLike)) else list(words_files)
     if not files:
         return []
     step = max(1, -(-len(files) // max_files))
+    chosen = files[::step]
+    if max_lines is None:
+        max_lines = max(16, -(-4 * count // len(chosen)))
     pool: list[list[str]] = []
-    for path in files[::step]:
+    for path in chosen:
         with open(path, encoding="utf-8") as f:
             for line in itertools.islice(f, max_lines):
                 words = line.split()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections import Counter
@@ -226,6 +227,43 @@ def test_lmplz_reads_shard_files_as_one_text_and_never_a_truncated_one(tmp_path)
     unreadable.mkdir()
     with pytest.raises(PhraseMiningError, match="reading the words files .*a directory"):
         ph.run_lmplz([parts[0], unreadable, parts[2]], tmp_path / "bad.arpa", config, tmp_path)
+
+
+@needs_lmplz
+def test_intermediate_model_gives_the_arpa_numbers_and_candidates(tmp_path):
+    """Mining reads lmplz's intermediate binary files instead of the ARPA text. One lmplz run writes
+    both: every n-gram and log10 probability of the binary files must be the ARPA file's, and the
+    candidates (words and numbers) the ARPA reader's, under strict and loose rules."""
+    words = tmp_path / "words.txt"
+    _generated_corpus(words, sentences=4000)
+    ph.run_lmplz(words, tmp_path / "m.arpa", PhraseMiningConfig(min_count=2), tmp_path, intermediate=tmp_path / "m")
+    arpa = {}
+    order = 0
+    for line in (tmp_path / "m.arpa").read_text(encoding="utf-8").splitlines():
+        if line.startswith("\\") and line.endswith("-grams:"):
+            order = int(line[1:line.index("-")])
+        elif order and line and not line.startswith("\\"):
+            fields = line.split("\t")
+            arpa[tuple(fields[1].split(" "))] = float(fields[0])
+    vocabulary, orders = ph.read_intermediate(tmp_path / "m")
+    binary = {}
+    for records in orders:
+        for ids, p in zip(records["w"].tolist(), ph._arpa_floats(records["prob"])):
+            binary[tuple(vocabulary[i] for i in ids)] = p
+    assert len(orders) == 4 and len(binary) == len(arpa) > 10_000 and binary == arpa
+    for config in (PhraseMiningConfig(), PhraseMiningConfig(min_lift=-math.inf, min_logprob=-4.0)):
+        from_arpa = ph.select_candidates(tmp_path / "m.arpa", config)
+        from_binary = ph.select_candidates_intermediate(tmp_path / "m", config)
+        assert from_binary == from_arpa and list(from_binary) == list(from_arpa)
+    assert ("zorblat", "quintex") in from_binary and len(from_binary) > 100
+    # a truncated or foreign file is an error that says so, not fewer phrases
+    data = (tmp_path / "m.3").read_bytes()
+    (tmp_path / "m.3").write_bytes(data[: len(data) // 2])
+    with pytest.raises(PhraseMiningError, match=r"m\.3: .* order-3 records, the header says .* truncated"):
+        ph.read_intermediate(tmp_path / "m")
+    (tmp_path / "m.kenlm_intermediate").write_text("KenLM intermediate binary file\nCounts 1 2\nPayload q\n")
+    with pytest.raises(PhraseMiningError, match="not a KenLM intermediate model this reader knows"):
+        ph.read_intermediate(tmp_path / "m")
 
 
 def test_lmplz_memory_auto():
