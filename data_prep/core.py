@@ -921,7 +921,8 @@ def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_siz
                     f"adjust --valid-fraction or give more text"
                 )
         for f in sorted((work / "artifacts").iterdir()):
-            shutil.copy2(f, out / f.name)
+            if f.is_file():  # directories are the plugin's build-time caches, not part of the dataset
+                shutil.copy2(f, out / f.name)
         elapsed = time.time() - started
         # MB/s of text read: decompressed sizes where known (a .xz input is ~4x smaller on disk)
         input_bytes = sum(r.get("content_bytes") or r["bytes"] for r in params["inputs"])

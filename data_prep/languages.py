@@ -36,7 +36,8 @@ How to implement a language (English does this in ``data_prep/english.py``)
    text for KenLM's lmplz); ``corpus.map_shards(fn, arg)`` / ``corpus.sum_shards(fn, arg)`` run a
    per-shard pass (e.g. counting) on the worker processes. Write ``fine_vocab.txt`` and ``coarse_vocab.txt`` (format.Vocab.save)
    and any extra files (fine_tokenizer.json, phrases.tsv, ...) into ``artifacts_dir``: every file
-   there is copied into the dataset directory. Return extra statistics for meta.json ``stats``.
+   there is copied into the dataset directory; subdirectories are build-time caches for ``load``
+   (not copied). Return extra statistics for meta.json ``stats``.
    It must be deterministic (same counts/corpus -> same bytes): the build is reproducible and
    resumable, and the output must not depend on the number of workers.
 8. ``load(artifacts_dir)``: runs in every worker before encoding; read back what ``fit`` wrote.

@@ -211,6 +211,22 @@ def test_alignment_is_word_exact(built):
         assert detokenize(pieces, "en") == coarse.replace("_", " ") if len(coarse) > 1 else coarse
 
 
+def test_fine_pieces_of_many_words_at_once_equal_word_by_word(built, bbc_corpus):
+    """The encoder gives the Rust tokenizer all new words as one pre-tokenized sequence and splits the
+    pieces back by word id: the same pieces as encoding each word alone, for the corpus's words and
+    for edge cases (a word longer than WordPiece's limit -> [UNK], unknown characters, digits, CJK)."""
+    tk = english.EnglishTokenizers.load(built)
+    words = sorted({w for line in bbc_corpus.read_text(encoding="utf-8").splitlines()[:300]
+                    for s in english.document_sentences(json.loads(line)["text"]) for w in s})
+    words += ["x" * 300, "\u2603", "\u4e2d\u6587", "123456789", "naïve", "[UNK]", "a", "##ing"]
+    counts, flat = tk._fine_pieces(words)
+    expected = [e.ids for e in tk.fine_tokenizer.encode_batch([[w] for w in words], is_pretokenized=True,
+                                                              add_special_tokens=False)]
+    assert counts.tolist() == [len(p) for p in expected] and len(words) > 1000
+    assert flat.tolist() == [i for p in expected for i in p]
+    assert tk._fine_pieces([])[0].size == 0
+
+
 def test_two_workers_identical(built, bbc_corpus, tmp_path):
     out = tmp_path / "en2"
     core.build(_config(bbc_corpus, out, workers=2))
