@@ -147,7 +147,7 @@ def words_of(normalized_text: str) -> list[str]:
 
 def cjk_fraction(text: str) -> float:
     """Share of CJK ideographs among the letters of ``text`` (to catch Chinese given --lang en)."""
-    letters = sum(1 for ch in text if ch.isalpha())
+    letters = sum(map(str.isalpha, text))
     return len(_CJK_RE.findall(text)) / letters if letters else 0.0
 
 

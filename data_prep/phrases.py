@@ -406,29 +406,59 @@ def _arpa_floats(values) -> list[float]:
 def select_candidates_intermediate(prefix: str | os.PathLike, config: PhraseMiningConfig
                                    ) -> dict[tuple[str, ...], tuple[float, float]]:
     """``select_candidates`` on lmplz's intermediate files: the same candidates with the same numbers
-    (a test runs both on one lmplz run), the word rules applied to whole record arrays by word id."""
+    (a test runs both on one lmplz run), every rule applied to whole record arrays by word id (this
+    runs on the build's one-core path between lmplz and the parallel counting)."""
     import numpy as np
 
     vocabulary, orders = read_intermediate(prefix)
-    ids = orders[0]["w"][:, 0]
-    unigram = dict(zip([vocabulary[i] for i in ids.tolist()], _arpa_floats(orders[0]["prob"])))
-    inside, first = _word_classes(unigram)
+    unigram_ids = orders[0]["w"][:, 0]
+    unigram_logprob = np.zeros(len(vocabulary), dtype=np.float64)
+    unigram_logprob[unigram_ids] = _arpa_floats(orders[0]["prob"])
+    inside, first = _word_classes(vocabulary[i] for i in unigram_ids.tolist())
+    index = {w: i for i, w in enumerate(vocabulary)}
     inside_mask = np.zeros(len(vocabulary), dtype=bool)
     first_mask = np.zeros(len(vocabulary), dtype=bool)
-    index = {w: i for i, w in enumerate(vocabulary)}
+    stop_mask = np.zeros(len(vocabulary), dtype=bool)
     inside_mask[[index[w] for w in inside]] = True
     first_mask[[index[w] for w in first]] = True
-    sticky: dict[tuple[str, ...], float] = {}
-    for records in orders[1:]:
-        keep = inside_mask[records["w"]].all(axis=1) & first_mask[records["w"][:, 0]]
+    stop_mask[[i for i, w in enumerate(vocabulary) if is_stop_word(w)]] = True
+    candidates: dict[tuple[str, ...], tuple[float, float]] = {}
+    # The sticky n-grams whose every prefix transition is sticky, order by order: their word ids,
+    # worst log10 prob and worst lift (as ``_candidates``, joined to the (n-1)-gram prefix by row).
+    path_ids = np.zeros((0, 1), dtype=np.uint32)
+    path_logprob = path_lift = np.zeros(0)
+    for n, records in enumerate(orders[1:], start=2):
+        ids = records["w"]
+        keep = inside_mask[ids].all(axis=1) & first_mask[ids[:, 0]]
         if config.min_logprob is not None:
             # float32 vs its decimal differ by < 1e-7 relative: a loose test here, the exact one below
             keep &= records["prob"] >= config.min_logprob - 1e-6 * abs(config.min_logprob) - 1e-30
-        rows = records[keep]
-        for words, p in zip(rows["w"].tolist(), _arpa_floats(rows["prob"])):
-            if config.min_logprob is None or p >= config.min_logprob:
-                sticky[tuple(map(vocabulary.__getitem__, words))] = p
-    return _candidates(unigram, sticky, config)
+        ids = ids[keep]
+        logprob = np.asarray(_arpa_floats(records["prob"][keep]), dtype=np.float64)
+        if config.min_logprob is not None:
+            exact = logprob >= config.min_logprob
+            ids, logprob = ids[exact], logprob[exact]
+        if n == 2:
+            previous_logprob, previous_lift = np.zeros(len(ids)), np.full(len(ids), math.inf)
+        else:  # the row of each n-gram's prefix among the (n-1)-gram paths (-1: none)
+            _, inverse = np.unique(np.concatenate([path_ids, ids[:, :-1]]), axis=0, return_inverse=True)
+            inverse = inverse.reshape(-1)
+            row = np.full(int(inverse.max(initial=-1)) + 1, -1, dtype=np.int64)
+            row[inverse[:len(path_ids)]] = np.arange(len(path_ids))
+            prefix = row[inverse[len(path_ids):]]
+            found = prefix >= 0
+            ids, logprob, prefix = ids[found], logprob[found], prefix[found]
+            previous_logprob, previous_lift = path_logprob[prefix], path_lift[prefix]
+        last = ids[:, -1]
+        stop = stop_mask[last]
+        path_ids = ids
+        path_logprob = np.minimum(previous_logprob, logprob)
+        path_lift = np.where(stop, previous_lift, np.minimum(previous_lift, logprob - unigram_logprob[last]))
+        chosen = np.flatnonzero(~stop & (path_lift >= config.min_lift))
+        for words, worst_logprob, worst_lift in zip(ids[chosen].tolist(), path_logprob[chosen].tolist(),
+                                                    path_lift[chosen].tolist()):
+            candidates[tuple(map(vocabulary.__getitem__, words))] = (worst_logprob, worst_lift)
+    return candidates
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,21 +523,22 @@ def _candidates(unigram: dict[str, float], sticky: dict[tuple[str, ...], float],
     """The candidates among the sticky n-grams (their words already checked): every prefix transition
     sticky, the last word no stop word, every transition into a content word lifted enough."""
     candidates: dict[tuple[str, ...], tuple[float, float]] = {}
-    for words in sticky:
-        if is_stop_word(words[-1]):  # the first word and the inner ones were checked above
+    # (worst log10 prob, worst lift) of the n-grams whose every prefix transition is sticky, built
+    # shortest first from the (n-1)-gram prefix's entry: one lookup per n-gram.
+    paths: dict[tuple[str, ...], tuple[float, float]] = {}
+    start = (0.0, math.inf)
+    for words in sorted(sticky, key=len):  # stable: the candidates keep the model's order
+        previous = start if len(words) == 2 else paths.get(words[:-1])
+        if previous is None:  # an unsticky (or pruned) prefix transition
             continue
-        worst_logprob, worst_lift, ok = 0.0, math.inf, True
-        for k in range(2, len(words) + 1):
-            logprob = sticky.get(words[:k])
-            if logprob is None:  # an unsticky (or pruned) prefix transition
-                ok = False
-                break
-            worst_logprob = min(worst_logprob, logprob)
-            if not is_stop_word(words[k - 1]):
-                lift = logprob - unigram.get(words[k - 1], 0.0)
-                worst_lift = min(worst_lift, lift)
-        if ok and worst_lift >= config.min_lift:
-            candidates[words] = (worst_logprob, worst_lift)
+        logprob = sticky[words]
+        last = words[-1]
+        if is_stop_word(last):  # a glue word inside a longer phrase ("bank of ..."), never last
+            paths[words] = (min(previous[0], logprob), previous[1])
+            continue
+        path = paths[words] = (min(previous[0], logprob), min(previous[1], logprob - unigram.get(last, 0.0)))
+        if path[1] >= config.min_lift:
+            candidates[words] = path
     return candidates
 
 
@@ -642,23 +673,35 @@ class PhraseTokenizer:
                 longest[p[0]] = len(p)
         self.longest_from = longest
         self.max_len = max(longest.values(), default=1)
-        # Every phrase starts with one of these word pairs: an id for each word that is a phrase's
-        # first or second word (0 = none), and the sorted pair keys (first id * K + second id).
-        self._pair_word_id: dict[str, int] = {}
-        for p in sorted(self.phrases):
-            for w in p[:2]:
-                self._pair_word_id.setdefault(w, len(self._pair_word_id) + 1)
-        self._pair_base = len(self._pair_word_id) + 1
-        pair_longest: dict[int, int] = {}
-        pair_is_phrase: set[int] = set()
-        for p in self.phrases:
-            key = self._pair_word_id[p[0]] * self._pair_base + self._pair_word_id[p[1]]
-            pair_longest[key] = max(pair_longest.get(key, 0), len(p))
-            if len(p) == 2:
-                pair_is_phrase.add(key)
-        self._pair_keys = sorted(pair_longest)
-        self._pair_longest = [pair_longest[k] for k in self._pair_keys]  # longest phrase from that pair
-        self._pair_is_phrase = [k in pair_is_phrase for k in self._pair_keys]  # the pair itself is one
+        self._pairs = None  # the word-pair tables of ``flat_matches``, built on first use
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pairs": None}  # rebuilt where used (each worker, in parallel)
+
+    def _pair_tables(self):
+        """Every phrase starts with one of these word pairs: an id for each word that is a phrase's
+        first or second word (0 = none); the id base K; the sorted pair keys (first id * K + second
+        id); for each key the longest phrase starting with that pair, and whether the pair itself is one."""
+        if self._pairs is None:
+            import numpy as np
+
+            word_id: dict[str, int] = {}
+            for p in sorted(self.phrases):
+                for w in p[:2]:
+                    word_id.setdefault(w, len(word_id) + 1)
+            base = len(word_id) + 1
+            pair_longest: dict[int, int] = {}
+            pair_is_phrase: set[int] = set()
+            for p in self.phrases:
+                key = word_id[p[0]] * base + word_id[p[1]]
+                pair_longest[key] = max(pair_longest.get(key, 0), len(p))
+                if len(p) == 2:
+                    pair_is_phrase.add(key)
+            keys = sorted(pair_longest)
+            self._pairs = (word_id, base, np.asarray(keys, dtype=np.int64),
+                           np.asarray([pair_longest[k] for k in keys], dtype=np.int64),
+                           np.asarray([k in pair_is_phrase for k in keys], dtype=bool))
+        return self._pairs
 
     def __len__(self) -> int:
         return len(self.phrases)
@@ -690,7 +733,7 @@ class PhraseTokenizer:
 
         import numpy as np
 
-        return np.fromiter(map(self._pair_word_id.get, words, itertools.repeat(0)), dtype=np.int64, count=len(words))
+        return np.fromiter(map(self._pair_tables()[0].get, words, itertools.repeat(0)), dtype=np.int64, count=len(words))
 
     def flat_matches(self, words: Sequence[str], sentence_lengths: Sequence[int],
                      candidates: Sequence[int] | None = None, pair_ids=None) -> tuple[list[int], list[int]]:
@@ -710,8 +753,8 @@ class PhraseTokenizer:
         if not longest or len(words) < 2:
             return [], []
         ids = self.pair_word_ids(words) if pair_ids is None else np.asarray(pair_ids, dtype=np.int64)
-        keys = ids[:-1] * self._pair_base + ids[1:]
-        table = np.asarray(self._pair_keys, dtype=np.int64)
+        _, base, table, pair_longest, pair_is_phrase = self._pair_tables()
+        keys = ids[:-1] * base + ids[1:]
         slot = np.minimum(np.searchsorted(table, keys), len(table) - 1)
         pair = table[slot] == keys  # position i starts a (first, second) word pair of some phrase
         if candidates is None:
@@ -727,8 +770,8 @@ class PhraseTokenizer:
         # end (exclusive) of the sentence holding each candidate position
         limit = ends[np.searchsorted(ends, candidates, side="right")]
         slot = slot[candidates]
-        longest_here = np.minimum(np.asarray(self._pair_longest, dtype=np.int64)[slot], limit - candidates)
-        pair_is_phrase = np.asarray(self._pair_is_phrase, dtype=bool)[slot]
+        longest_here = np.minimum(pair_longest[slot], limit - candidates)
+        pair_is_phrase = pair_is_phrase[slot]
         phrases = self.phrases
         starts: list[int] = []
         match_lengths: list[int] = []
