@@ -367,7 +367,8 @@ def read_intermediate(prefix: str | os.PathLike):
     array per order). ``vocabulary[i]`` is word id i; the records of order n hold ``w`` (n word ids,
     in text order), ``prob`` (log10 p(w_n | w_1 .. w_{n-1}), float32) and ``backoff``: exactly the
     numbers lmplz prints into an ARPA file (``lm/common/model_buffer.cc``, ``print.cc``), read with
-    numpy instead of parsing hundreds of thousands of text lines."""
+    numpy instead of parsing hundreds of thousands of text lines. The record arrays are memory-mapped
+    (a model of a multi-GB sample does not have to fit in RAM)."""
     import numpy as np
 
     prefix = str(prefix)
@@ -386,11 +387,11 @@ def read_intermediate(prefix: str | os.PathLike):
     orders = []
     for n, count in enumerate(counts, start=1):
         dtype = np.dtype([("w", "=u4", (n,)), ("prob", "=f4"), ("backoff", "=f4")])
-        records = np.fromfile(f"{prefix}.{n}", dtype=dtype)
-        if len(records) != count:
-            raise PhraseMiningError(f"{prefix}.{n}: {len(records)} order-{n} records, the header says {count} "
-                                    f"(a truncated file: is the disk full?)")
-        orders.append(records)
+        size = os.path.getsize(f"{prefix}.{n}")
+        if size != count * dtype.itemsize:
+            raise PhraseMiningError(f"{prefix}.{n}: {size / dtype.itemsize:g} order-{n} records, the header says "
+                                    f"{count} (a truncated file: is the disk full?)")
+        orders.append(np.memmap(f"{prefix}.{n}", dtype=dtype, mode="r") if count else np.zeros(0, dtype=dtype))
     return vocabulary, orders
 
 
@@ -428,13 +429,18 @@ def select_candidates_intermediate(prefix: str | os.PathLike, config: PhraseMini
     path_ids = np.zeros((0, 1), dtype=np.uint32)
     path_logprob = path_lift = np.zeros(0)
     for n, records in enumerate(orders[1:], start=2):
-        ids = records["w"]
-        keep = inside_mask[ids].all(axis=1) & first_mask[ids[:, 0]]
-        if config.min_logprob is not None:
-            # float32 vs its decimal differ by < 1e-7 relative: a loose test here, the exact one below
-            keep &= records["prob"] >= config.min_logprob - 1e-6 * abs(config.min_logprob) - 1e-30
-        ids = ids[keep]
-        logprob = np.asarray(_arpa_floats(records["prob"][keep]), dtype=np.float64)
+        kept_ids, kept_prob = [np.zeros((0, n), dtype=np.uint32)], [np.zeros(0, dtype=np.float32)]
+        for begin in range(0, len(records), 1 << 22):  # bounded memory: the kept rows are few
+            block = records[begin:begin + (1 << 22)]
+            ids = block["w"]
+            keep = inside_mask[ids].all(axis=1) & first_mask[ids[:, 0]]
+            if config.min_logprob is not None:
+                # float32 vs its decimal differ by < 1e-7 relative: a loose test here, the exact one below
+                keep &= block["prob"] >= config.min_logprob - 1e-6 * abs(config.min_logprob) - 1e-30
+            kept_ids.append(ids[keep])
+            kept_prob.append(block["prob"][keep])
+        ids = np.concatenate(kept_ids)
+        logprob = np.asarray(_arpa_floats(np.concatenate(kept_prob)), dtype=np.float64)
         if config.min_logprob is not None:
             exact = logprob >= config.min_logprob
             ids, logprob = ids[exact], logprob[exact]
