@@ -35,6 +35,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -229,7 +230,8 @@ def run_lmplz(words_files: str | os.PathLike | Sequence[str | os.PathLike], arpa
             raise PhraseMiningError(f"`{tool}` is not on PATH (it feeds lmplz): install {package}"
                                     + (" or pass --lm-sample 0" if tool == "awk" else ""))
     order = config.ngram_order
-    memory = lmplz_memory(config.lmplz_memory, sum(os.path.getsize(f) for f in files) // line_stride)
+    words_bytes = sum(os.path.getsize(f) for f in files)
+    memory = lmplz_memory(config.lmplz_memory, words_bytes // line_stride)
     # lmplz --prune drops n-grams whose raw count is <= threshold; order 1 must stay 0. On a sample
     # the threshold shrinks with it: a phrase seen min_count times in the corpus is expected
     # min_count / stride times in the sample (its count is then taken over the whole corpus).
@@ -264,12 +266,16 @@ def run_lmplz(words_files: str | os.PathLike | Sequence[str | os.PathLike], arpa
             feeders[0].stdout.close()
         proc = subprocess.Popen(cmd, stdin=feeders[-1].stdout, stdout=subprocess.DEVNULL, stderr=err)
         feeders[-1].stdout.close()  # lmplz holds the read end; the feeders get SIGPIPE if it dies
+        progress = _LmplzProgress(proc.pid, err.fileno(), words_bytes // line_stride)
+        progress.start()
         try:
             if while_running is not None:
                 while_running()
             returncode = proc.wait()
             feed_errors = [f.communicate()[1].decode(errors="replace").strip() for f in feeders]
         finally:
+            progress.finished.set()
+            progress.join()
             for p in (proc, *feeders):
                 if p.poll() is None:
                     p.kill()
@@ -290,6 +296,68 @@ def run_lmplz(words_files: str | os.PathLike | Sequence[str | os.PathLike], arpa
             raise PhraseMiningError(f"reading the words files for lmplz failed ({feeder.args[0]} exit "
                                     f"{feeder.returncode}): {error}")
     log.info("phrases: lmplz order %d (-S %s) done in %.1fs", order, memory, time.time() - t0)
+
+
+LMPLZ_PROGRESS_SECONDS = 30.0
+"""How often a running lmplz is reported in the log (the first line after this long: a small
+corpus's lmplz stays quiet)."""
+
+_LMPLZ_STAGE = re.compile(r"=== (\d+)/(\d+) ([^=\n]+?) ===")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def lmplz_progress_line(elapsed: float, stderr_text: str, bytes_read: int | None, total_bytes: int) -> str:
+    """One log line about a running lmplz: its current stage (from its stderr) and, while it counts
+    (stage 1), how much of the ~total_bytes of word text it has read, the rate and an ETA."""
+    stages = _LMPLZ_STAGE.findall(stderr_text)
+    line = f"phrases: lmplz running for {_duration(elapsed)}"
+    if not stages:
+        return line + ", starting"
+    k, n, name = stages[-1]
+    line += f", stage {k}/{n} ({name.lower()})"
+    if k == "1" and bytes_read is not None and total_bytes > 0:
+        fraction = min(1.0, bytes_read / total_bytes)
+        rate = bytes_read / max(elapsed, 1e-9)
+        line += f": {bytes_read / 1e6:,.0f} of ~{total_bytes / 1e6:,.0f} MB of word text read ({100 * fraction:.0f}%), " \
+                f"{rate / 1e6:.1f} MB/s"
+        if rate > 0 and fraction < 1.0:
+            line += f", counting done in ~{_duration((total_bytes - bytes_read) / rate)}"
+    return line
+
+
+class _LmplzProgress(threading.Thread):
+    """Logs ``lmplz_progress_line`` every LMPLZ_PROGRESS_SECONDS while lmplz runs: on a multi-GB
+    sample it works for minutes on one core. Bytes read come from /proc/PID/io (Linux; omitted where
+    unreadable); the stage from lmplz's stderr, read without moving the file's position."""
+
+    def __init__(self, pid: int, stderr_fd: int, total_bytes: int):
+        super().__init__(name="lmplz-progress", daemon=True)
+        self.pid, self.stderr_fd, self.total_bytes = pid, stderr_fd, total_bytes
+        self.started = time.time()
+        self.finished = threading.Event()
+
+    def bytes_read(self) -> int | None:
+        try:
+            with open(f"/proc/{self.pid}/io", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("rchar:"):
+                        return int(line.split()[1])
+        except (OSError, ValueError):
+            pass
+        return None
+
+    def run(self) -> None:
+        while not self.finished.wait(LMPLZ_PROGRESS_SECONDS):
+            try:
+                text = os.pread(self.stderr_fd, 1 << 20, max(0, os.fstat(self.stderr_fd).st_size - (1 << 20)))
+            except OSError:
+                return
+            log.info("%s", lmplz_progress_line(time.time() - self.started, text.decode(errors="replace"),
+                                               self.bytes_read(), self.total_bytes))
 
 
 class _ByteRange:

@@ -266,6 +266,30 @@ def test_intermediate_model_gives_the_arpa_numbers_and_candidates(tmp_path):
         ph.read_intermediate(tmp_path / "m")
 
 
+def test_lmplz_progress_line():
+    """A running lmplz is reported with its stage and, while it counts, text read, rate and ETA."""
+    stderr = "=== 1/5 Counting and sorting n-grams ===\nReading /dev/stdin\n*****"
+    line = ph.lmplz_progress_line(40.0, stderr, 1_000_000_000, 4_000_000_000)
+    assert "running for 0m40s, stage 1/5 (counting and sorting n-grams)" in line
+    assert "1,000 of ~4,000 MB of word text read (25%), 25.0 MB/s, counting done in ~2m00s" in line
+    later = stderr + "\n=== 3/5 Calculating and sorting initial probabilities ===\n"
+    assert ph.lmplz_progress_line(3700, later, 5_000_000_000, 4_000_000_000).endswith(
+        "running for 1h01m, stage 3/5 (calculating and sorting initial probabilities)")
+    assert ph.lmplz_progress_line(1, "", None, 10).endswith("starting")
+    assert "read" not in ph.lmplz_progress_line(50, stderr, None, 4_000_000_000)  # no /proc: the stage only
+
+
+@needs_lmplz
+def test_lmplz_progress_is_logged_while_it_runs(tmp_path, monkeypatch, caplog):
+    words = tmp_path / "words.txt"
+    _generated_corpus(words, sentences=3000)
+    monkeypatch.setattr(ph, "LMPLZ_PROGRESS_SECONDS", 0.005)
+    with caplog.at_level("INFO", logger="data_prep.phrases"):
+        ph.run_lmplz(words, None, PhraseMiningConfig(), tmp_path, intermediate=tmp_path / "m")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("phrases: lmplz running for")]
+    assert any(" stage " in line for line in lines), lines
+
+
 def test_lmplz_memory_auto():
     assert ph.lmplz_memory("4G", 10) == "4G"
     assert ph.lmplz_memory("auto", 1 << 20) == "128M"  # the floor
