@@ -189,6 +189,19 @@ def test_mining_finds_planted_phrases_and_rejects_fragments(tmp_path):
     assert [p.score for p in found] == sorted((p.score for p in found), reverse=True)
 
 
+def _arpa_logprobs(path: Path) -> dict[tuple[str, ...], float]:
+    """n-gram -> log10 prob of an ARPA file, read line by line (the reference for the fast readers)."""
+    logprob = {}
+    order = 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("\\") and line.endswith("-grams:"):
+            order = int(line[1:line.index("-")])
+        elif order and line and not line.startswith("\\"):
+            fields = line.split("\t")
+            logprob[tuple(fields[1].split(" "))] = float(fields[0])
+    return logprob
+
+
 @needs_lmplz
 def test_lmplz_reads_shard_files_as_one_text_and_never_a_truncated_one(tmp_path):
     """The build streams its shards' words files into lmplz (no concatenated copy): the ARPA must be
@@ -211,14 +224,7 @@ def test_lmplz_reads_shard_files_as_one_text_and_never_a_truncated_one(tmp_path)
     # the Arrow ARPA reader agrees with a plain line-by-line reading of the same file
     candidates = ph.select_candidates(tmp_path / "one.arpa", config)
     assert ("zorblat", "quintex") in candidates
-    logprob = {}
-    order = 0
-    for line in (tmp_path / "one.arpa").read_text(encoding="utf-8").splitlines():
-        if line.startswith("\\") and line.endswith("-grams:"):
-            order = int(line[1:line.index("-")])
-        elif order and line and not line.startswith("\\"):
-            fields = line.split("\t")
-            logprob[tuple(fields[1].split(" "))] = float(fields[0])
+    logprob = _arpa_logprobs(tmp_path / "one.arpa")
     for words, (worst_logprob, _) in candidates.items():
         assert worst_logprob == min(logprob[words[:k]] for k in range(2, len(words) + 1))
     with pytest.raises(PhraseMiningError, match="missing: .*gone.txt"):
@@ -237,14 +243,7 @@ def test_intermediate_model_gives_the_arpa_numbers_and_candidates(tmp_path):
     words = tmp_path / "words.txt"
     _generated_corpus(words, sentences=4000)
     ph.run_lmplz(words, tmp_path / "m.arpa", PhraseMiningConfig(min_count=2), tmp_path, intermediate=tmp_path / "m")
-    arpa = {}
-    order = 0
-    for line in (tmp_path / "m.arpa").read_text(encoding="utf-8").splitlines():
-        if line.startswith("\\") and line.endswith("-grams:"):
-            order = int(line[1:line.index("-")])
-        elif order and line and not line.startswith("\\"):
-            fields = line.split("\t")
-            arpa[tuple(fields[1].split(" "))] = float(fields[0])
+    arpa = _arpa_logprobs(tmp_path / "m.arpa")
     vocabulary, orders = ph.read_intermediate(tmp_path / "m")
     binary = {}
     for records in orders:
