@@ -649,6 +649,12 @@ def _prepare_work_dir(config: BuildConfig, params: dict) -> Path:
             recorded = json.loads((work / PARAMS_FILE).read_text()) if (work / PARAMS_FILE).is_file() else None
             if recorded != params:
                 diff = sorted(k for k in set(params) | set(recorded or {}) if (recorded or {}).get(k) != params.get(k))
+                if recorded is not None and recorded.get("work_format") != WORK_FORMAT:
+                    raise BuildError(
+                        f"cannot resume: {work} was started by another version of data_prep (work files in format "
+                        f"{recorded.get('work_format', 1)}, this version writes {WORK_FORMAT}); pass --overwrite "
+                        f"without --resume to start over"
+                    )
                 raise BuildError(
                     f"cannot resume: {work} was started with different build parameters ({', '.join(diff) or 'unknown'}); "
                     f"rerun with the original command, or pass --overwrite without --resume to start over"

@@ -143,6 +143,13 @@ def test_interrupted_build_never_looks_complete(tmp_path, monkeypatch):
         core.build(_config(tmp_path, [good]))
     with pytest.raises(core.BuildError, match="cannot resume.*different build parameters \\(shard_documents\\)"):
         core.build(_config(tmp_path, [good], resume=True, shard_documents=40))
+    # a work dir left by a data_prep whose work files are laid out differently is refused, and kept
+    params_file = core.work_dir_for(tmp_path / "ds") / core.PARAMS_FILE
+    params = json.loads(params_file.read_text())
+    params_file.write_text(json.dumps({k: v for k, v in params.items() if k != "work_format"}))
+    with pytest.raises(core.BuildError, match="another version of data_prep .*format 1.*--overwrite without --resume"):
+        core.build(_config(tmp_path, [good], resume=True))
+    params_file.write_text(json.dumps(params))
     meta = core.build(_config(tmp_path, [good], resume=True))
     assert meta["stats"]["documents"] == len(DOCS)
     assert not core.work_dir_for(tmp_path / "ds").exists()
