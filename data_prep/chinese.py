@@ -45,7 +45,7 @@ import numpy as np
 
 from data_prep import format as fmt
 from data_prep.languages import Corpus, EncodedShard, Language, LanguageError, register
-from data_prep.normalize import batches, normalize_documents, normalize_text, split_sentences
+from data_prep.normalize import batches, normalize_documents, normalize_text, split_sentences, split_sentences_batch
 
 SEGMENTERS = ("rjieba", "jieba", "pkuseg")
 WORD_SEP = "\x1f"
@@ -425,7 +425,7 @@ class Chinese(Language):
         limit = self.options["max_sentence_chars"]
         lines: list[str] = []
         sentences_per_document: list[int] = []
-        sentences = [split_sentences(document, limit) for document in normalize_documents(documents)]
+        sentences = split_sentences_batch(normalize_documents(documents), limit)
         for doc_lines in segment_documents(seg, sentences):
             lines += doc_lines
             sentences_per_document.append(len(doc_lines))

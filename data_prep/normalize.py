@@ -135,6 +135,32 @@ def split_sentences(text: str, max_sentence_chars: int = 512) -> list[str]:
     return sentences
 
 
+def split_sentences_batch(documents: list[str], max_sentence_chars: int = 512) -> list[list[str]]:
+    """``[split_sentences(d, max_sentence_chars) for d in documents]`` in a few passes over the whole
+    batch: a line break is inserted after every sentence end (one regular-expression substitution;
+    a match never spans a line break, so the pieces are those of the per-line scan), documents are
+    told apart by a NUL line (no document holds a NUL: the reader removes them), and only sentences
+    over the limit go through the cutting loop. A test compares it with the per-document function."""
+    joined = "\n\0\n".join(documents)
+    if joined.count("\0") != max(0, len(documents) - 1):  # a NUL inside a document
+        return [split_sentences(d, max_sentence_chars) for d in documents]
+    out: list[list[str]] = []
+    doc: list[str] = []
+    for sentence in [p.strip() for p in _SENTENCE_END.sub("\\g<0>\n", joined).split("\n")]:
+        if not sentence:
+            continue
+        if sentence == "\0":
+            out.append(doc)
+            doc = []
+        elif len(sentence) > max_sentence_chars:
+            _add(doc, sentence, max_sentence_chars)
+        else:
+            doc.append(sentence)
+    if documents:
+        out.append(doc)
+    return out
+
+
 def _add(out: list[str], sentence: str, limit: int) -> None:
     sentence = sentence.strip()
     while len(sentence) > limit:

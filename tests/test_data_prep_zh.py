@@ -288,6 +288,26 @@ def test_char_and_run_counts_from_word_counts():
     assert char_and_run_counts(Counter()) == (Counter(), Counter())
 
 
+@pytest.mark.parametrize("limit", [5, 12, 512])
+def test_batch_sentence_split_equals_per_document(limit):
+    """split_sentences_batch (one substitution over many documents) == split_sentences on each: sentence
+    ends with closers, "." before a space, line breaks, whitespace-only and empty documents, sentences
+    over the limit (cut at commas, else hard), and the fallback for a document holding a NUL."""
+    import random
+
+    from data_prep.normalize import split_sentences, split_sentences_batch
+
+    docs = [normalize_text("".join(words)) for words in peoples_daily_gold(500)] + ["", " ", "\n", "\n\n"]
+    pool = list("。！？!?…. \n”’」』）)]】\"'》，,、；;：:ab中文字x\u2028\x1c") + ["  ", "Mr. X", "..."]
+    rng = random.Random(limit)
+    docs += ["".join(rng.choice(pool) for _ in range(rng.randint(0, 40))) for _ in range(3000)]
+    rng.shuffle(docs)
+    assert split_sentences_batch(docs, limit) == [split_sentences(d, limit) for d in docs]
+    with_nul = docs[:20] + ["a。b\0c！d"]
+    assert split_sentences_batch(with_nul, limit) == [split_sentences(d, limit) for d in with_nul]
+    assert split_sentences_batch([], limit) == [] and split_sentences_batch([""], limit) == [[]]
+
+
 @pytest.mark.parametrize("keep_space", ["wordlike", "all"])
 def test_batch_normalization_equals_per_document(keep_space):
     """normalize_documents (one string for many documents) == normalize_text on each, including
