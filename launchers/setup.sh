@@ -12,6 +12,7 @@
 #   4. The project itself (pip install -e '.[dev]').
 #   5. KenLM's lmplz/build_binary, compiled from the `kenlm` sdist on PyPI into ./third_party/kenlm/bin
 #      (no distribution ships lmplz; the pip wheel is only the query module).
+#   6. The project's bytecode (compileall), read even where PYTHONDONTWRITEBYTECODE is set.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -87,6 +88,12 @@ if [ ! -x "$KENLM_PREFIX/bin/lmplz" ] || [ ! -x "$KENLM_PREFIX/bin/build_binary"
   cp "$src/build/bin/lmplz" "$src/build/bin/build_binary" "$KENLM_PREFIX/bin.tmp/"
   rm -rf "$KENLM_PREFIX/bin" && mv "$KENLM_PREFIX/bin.tmp" "$KENLM_PREFIX/bin"
 fi
+
+# ---- 6. the project's bytecode -------------------------------------------------------------
+# An editable install compiles nothing, and where PYTHONDONTWRITEBYTECODE is set (as in this
+# project's CI image) every process would compile data_prep/ and pipeline/ again (~0.1 s each; a
+# training launch starts one per rank). Python reads these caches even then; stale ones are ignored.
+"$VENV/bin/python" -m compileall -q -j 0 "$ROOT/data_prep" "$ROOT/pipeline" "$ROOT/tests" >/dev/null || true
 
 log "ready: $VENV (python $("$VENV/bin/python" -c 'import sys;print(sys.version.split()[0])'),"\
 " torch $("$VENV/bin/python" -c 'import torch;print(torch.__version__)')), lmplz in $KENLM_PREFIX/bin"
