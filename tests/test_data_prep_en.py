@@ -227,6 +227,27 @@ def test_fine_pieces_of_many_words_at_once_equal_word_by_word(built, bbc_corpus)
     assert tk._fine_pieces([])[0].size == 0
 
 
+def test_encoding_from_the_fit_word_cache_equals_encoding_from_scratch(built, bbc_corpus, tmp_path):
+    """Encoding workers start from the fine pieces the fit computed for the corpus's words (a build
+    cache); the arrays must equal those of a tokenizer that encodes every word itself, including
+    words missing from the cache."""
+    from tokenizers import Tokenizer
+
+    for f in built.iterdir():
+        if f.is_file():
+            shutil.copy2(f, tmp_path / f.name)
+    sentences = [s for line in bbc_corpus.read_text(encoding="utf-8").splitlines()[:200]
+                 for s in english.document_sentences(json.loads(line)["text"])]
+    counts = Counter(w for s in sentences[::2] for w in s)  # half the sentences: some words not cached
+    tokenizer = Tokenizer.from_file(str(built / "fine_tokenizer.json"))
+    n = english.write_fine_pieces(tmp_path / english.BUILD_CACHE_DIR / english.FINE_PIECES_FILE, tokenizer, counts)
+    cached = english.EnglishTokenizers.load(tmp_path)
+    scratch = english.EnglishTokenizers.load(tmp_path, word_cache=False)
+    assert len(cached._word_index) == n == len(counts) and not scratch._word_index
+    a, b = cached.encode_block(sentences), scratch.encode_block(sentences)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_two_workers_identical(built, bbc_corpus, tmp_path):
     out = tmp_path / "en2"
     core.build(_config(bbc_corpus, out, workers=2))
