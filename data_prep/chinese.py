@@ -37,8 +37,8 @@ import itertools
 import os
 import re
 import tempfile
-from operator import itemgetter
-from collections import Counter
+from operator import itemgetter, methodcaller
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,13 @@ from data_prep.normalize import batches, normalize_documents, normalize_text, sp
 
 SEGMENTERS = ("rjieba", "jieba", "pkuseg")
 WORD_SEP = "\x1f"
+# A shard's cache (``analyze_shard``): its distinct words (joined by WORD_SEP), the word id of every
+# token (int32), the words of every sentence, and the sentences of every document.
+SHARD_WORDS_FILE = "words.txt"
+SHARD_IDS_FILE = "word_ids.npy"
+SHARD_SENTENCES_FILE = "sentence_words.npy"
 _ASCII_ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+_ASCII_ALNUM_SET = frozenset(_ASCII_ALNUM)
 _NEEDS_CARE = re.compile(r"[ #A-Za-z0-9]")
 _RUN_OR_CHAR = re.compile(r"[A-Za-z0-9]+|.", re.DOTALL)
 _RUN = re.compile(r"[A-Za-z0-9]+")
@@ -301,6 +307,128 @@ def _segment_batch(segmenter: Segmenter, documents: list[list[str]]) -> list[lis
     return out
 
 
+class WordIds:
+    """Shard-local word ids: each distinct word gets the next id the first time it is seen.
+
+    The numbering runs in C (a ``defaultdict`` whose factory is a counter, mapped over the
+    segmenter's list), so a shard's words become one integer array without a Python-level loop, and
+    the strings of a chunk are freed as soon as it is numbered (the segmenter's output is never kept).
+    Ids 0 and 1 are the line break (a sentence boundary) and the space (dropped)."""
+
+    NEWLINE, SPACE = 0, 1
+
+    def __init__(self) -> None:
+        self.index: defaultdict[str, int] = defaultdict(itertools.count().__next__)
+        self.index["\n"], self.index[" "]  # ids 0 and 1
+        self.words: list[str] = []  # id -> word, extended by ``_sync``
+        self.starts_alnum = np.zeros(0, dtype=bool)
+        self.ends_alnum = np.zeros(0, dtype=bool)
+        self.odd = np.zeros(0, dtype=bool)  # whitespace inside a word other than the two above
+        self._sync()
+
+    def __call__(self, words: list[str]) -> np.ndarray:
+        return np.fromiter(map(self.index.__getitem__, words), dtype=np.int64, count=len(words))
+
+    def _sync(self) -> None:
+        """Extend the per-word tables to the words numbered since the last call (once per new word)."""
+        if len(self.index) == len(self.words):
+            return
+        new = list(itertools.islice(self.index, len(self.words), None))
+        self.words += new
+        alnum = _ASCII_ALNUM_SET
+        self.starts_alnum = np.append(self.starts_alnum, [w[0] in alnum for w in new])
+        self.ends_alnum = np.append(self.ends_alnum, [w[-1] in alnum for w in new])
+        self.odd = np.append(self.odd, [(" " in w or "\n" in w) and w != " " and w != "\n" for w in new])
+
+    def chunk(self, segmenter: Segmenter, sentences: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+        """(word ids, words per sentence) of ``sentences`` (none containing "##") with ONE segmenter
+        call: ``_segment_lines`` in id space. None if a check fails (the caller takes the general path).
+
+        A word that starts with an ASCII letter/digit right after one that ends with one (no space
+        word between: the segmenter cut a Latin run) becomes its "##" form; space words are dropped."""
+        ids = self(segmenter.cut("\n".join(sentences)))
+        self._sync()
+        if self.odd[ids].any():
+            return None
+        cont = np.flatnonzero(self.ends_alnum[ids[:-1]] & self.starts_alnum[ids[1:]]) + 1
+        if len(cont):
+            distinct, where = np.unique(ids[cont], return_inverse=True)
+            marked = [self.index["##" + self.words[i]] for i in distinct.tolist()]
+            ids[cont] = np.asarray(marked, dtype=np.int64)[where]
+            self._sync()
+        ids = ids[ids != self.SPACE]
+        breaks = np.flatnonzero(ids == self.NEWLINE)
+        if len(breaks) != len(sentences) - 1:
+            return None
+        lengths = np.diff(np.concatenate(([-1], breaks, [len(ids)]))) - 1
+        if not lengths.all():
+            return None
+        return ids[ids != self.NEWLINE], lengths
+
+    def sentence(self, segmenter: Segmenter, sentence: str) -> np.ndarray:
+        """Word ids of one sentence through the general path (``segment_sentence``)."""
+        ids = self(segment_sentence(segmenter, sentence))
+        self._sync()
+        return ids
+
+
+def segment_shard(segmenter: Segmenter, sentences: list[str], chunk_chars: int = 1 << 14) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Segment a shard's sentences into (words, word ids, words per sentence): ``words[id]`` is the
+    cached word (``segment_sentence``'s output, "##" marks included) of each id; every listed word
+    occurs; a sentence may have 0 words (only when the general path gives none).
+
+    Equal to ``segment_document`` over the same sentences (a test checks it). The jieba segmenters
+    get one call per ~``chunk_chars`` characters of sentences (rjieba is slower on much longer
+    strings, and the words of a chunk are freed once numbered); a sentence containing "##", a chunk
+    that fails a check, and other segmenters take the per-sentence path."""
+    table = WordIds()
+    ids_parts: list[np.ndarray] = []
+    length_parts: list[np.ndarray] = []
+
+    def general(batch: list[str]) -> None:
+        for sentence in batch:
+            ids = table.sentence(segmenter, sentence)
+            ids_parts.append(ids)
+            length_parts.append(np.array([len(ids)], dtype=np.int64))
+
+    if not _fast_path(segmenter):
+        general(sentences)
+    else:
+        hashes = {i for i, s in enumerate(sentences) if "##" in s} if any("##" in s for s in sentences) else set()
+        start = size = 0
+        for i, sentence in enumerate(sentences):
+            if i in hashes or size >= chunk_chars:
+                if start < i:
+                    done = table.chunk(segmenter, sentences[start:i])
+                    if done is None:
+                        general(sentences[start:i])
+                    else:
+                        ids_parts.append(done[0])
+                        length_parts.append(done[1])
+                if i in hashes:
+                    general([sentence])
+                    start, size = i + 1, 0
+                    continue
+                start, size = i, 0
+            size += len(sentence) + 1
+        if start < len(sentences):
+            done = table.chunk(segmenter, sentences[start:])
+            if done is None:
+                general(sentences[start:])
+            else:
+                ids_parts.append(done[0])
+                length_parts.append(done[1])
+    empty = np.zeros(0, dtype=np.int64)
+    ids = np.concatenate(ids_parts) if ids_parts else empty
+    lengths = np.concatenate(length_parts) if length_parts else empty
+    # Keep the words that occur (not the line break, the space, nor a word seen only before its "##").
+    counts = np.bincount(ids, minlength=len(table.words))
+    used = np.flatnonzero(counts)
+    remap = np.zeros(len(table.words), dtype=np.int64)
+    remap[used] = np.arange(len(used))
+    return [table.words[i] for i in used.tolist()], remap[ids], lengths
+
+
 def _by_count_then_token(items: list[tuple[str, int]]) -> None:
     """Sort (token, count) pairs by count descending, then token: the same order as the key
     (-count, token), as two stable sorts on C-level keys (no tuple per item)."""
@@ -421,18 +549,17 @@ class Chinese(Language):
 
     # ---- analyze: normalise, split, segment, cache, count --------------------------------------
     def analyze_shard(self, documents: list[str], cache_dir: Path) -> dict[str, Counter]:
-        seg = self.segmenter
-        limit = self.options["max_sentence_chars"]
-        lines: list[str] = []
-        sentences_per_document: list[int] = []
-        sentences = split_sentences_batch(normalize_documents(documents), limit)
-        for doc_lines in segment_documents(seg, sentences):
-            lines += doc_lines
-            sentences_per_document.append(len(doc_lines))
-        text = "\n".join(lines)
-        words_counter = Counter(text.replace("\n", WORD_SEP).split(WORD_SEP)) if text else Counter()
-        (cache_dir / "words.txt").write_text(text, encoding="utf-8")
-        np.save(cache_dir / "sentences_per_document.npy", np.asarray(sentences_per_document, dtype=np.int64))
+        sentences = split_sentences_batch(normalize_documents(documents), self.options["max_sentence_chars"])
+        flat = list(itertools.chain.from_iterable(sentences))
+        words, ids, lengths = segment_shard(self.segmenter, flat)
+        # Sentences without words (the general path can give none) are not kept.
+        document = np.repeat(np.arange(len(sentences)), np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences)))
+        sentences_per_document = np.bincount(document[lengths > 0], minlength=len(sentences))
+        (cache_dir / SHARD_WORDS_FILE).write_text(WORD_SEP.join(words), encoding="utf-8")
+        np.save(cache_dir / SHARD_IDS_FILE, ids.astype(np.int32))
+        np.save(cache_dir / SHARD_SENTENCES_FILE, lengths[lengths > 0])
+        np.save(cache_dir / "sentences_per_document.npy", sentences_per_document.astype(np.int64))
+        words_counter = Counter(dict(zip(words, np.bincount(ids, minlength=len(words)).tolist())))
         char_counts, run_counts = char_and_run_counts(words_counter)
         return {"char": char_counts, "run": run_counts, "word": words_counter}
 
@@ -689,30 +816,32 @@ class Chinese(Language):
         return fine, coarse, align, fine_count, coarse_count
 
     def encode_shard(self, cache_dir: Path) -> EncodedShard:
-        text = (Path(cache_dir) / "words.txt").read_text(encoding="utf-8")
-        sentences_per_document = np.load(Path(cache_dir) / "sentences_per_document.npy")
+        """Each distinct word of the shard is encoded once (``encode_words``); the shard's tokens are
+        then gathered from those encodings by word id (array operations only)."""
+        cache_dir = Path(cache_dir)
+        text = (cache_dir / SHARD_WORDS_FILE).read_text(encoding="utf-8")
+        ids = np.load(cache_dir / SHARD_IDS_FILE).astype(np.int64)
+        sentence_words = np.load(cache_dir / SHARD_SENTENCES_FILE)
+        sentences_per_document = np.load(cache_dir / "sentences_per_document.npy")
         empty = np.zeros(0, dtype=np.int64)
-        if not text:
+        if not len(ids):
             return EncodedShard(empty, empty, empty, empty, empty, sentences_per_document, 0, {})
-        # Word and sentence boundaries from the separators' positions (no per-word Python work).
-        all_cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        is_sep = (all_cps == ord(WORD_SEP)) | (all_cps == ord("\n"))
-        seps = np.flatnonzero(is_sep)
-        ends = np.append(seps, len(all_cps))  # end (exclusive) of every word
-        lens = ends - np.concatenate(([0], seps + 1))
-        newline_word = np.flatnonzero(all_cps[seps] == ord("\n"))  # words that end a sentence (but the last)
-        sentence_starts = np.concatenate(([0], newline_word + 1))
-        words = text.replace("\n", WORD_SEP).split(WORD_SEP)
-        fine, coarse, align, fine_count, coarse_count = self.encode_words(words, lens, all_cps[~is_sep])
-        continuation_marks = 2 * text.count(WORD_SEP + "##") + 2 * text.count("\n##") + 2 * text.startswith("##")
+        words = text.split(WORD_SEP)
+        w_fine, w_coarse, w_align, w_fine_count, w_coarse_count = self.encode_words(words)
+        fine_count, coarse_count = w_fine_count[ids], w_coarse_count[ids]
+        fine = w_fine[_ranges((np.cumsum(w_fine_count) - w_fine_count)[ids], fine_count)]
+        coarse_src = _ranges((np.cumsum(w_coarse_count) - w_coarse_count)[ids], coarse_count)
+        sentence_starts = np.cumsum(sentence_words) - sentence_words
+        w_chars = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        w_chars -= 2 * np.fromiter(map(methodcaller("startswith", "##"), words), dtype=np.int64, count=len(words))
         return EncodedShard(
             fine=fine,
-            coarse=coarse,
-            align=align,
+            coarse=w_coarse[coarse_src],
+            align=w_align[coarse_src],
             fine_lengths=np.add.reduceat(fine_count, sentence_starts),
             coarse_lengths=np.add.reduceat(coarse_count, sentence_starts),
             document_sentences=sentences_per_document,
-            characters=len(all_cps) - len(seps) - continuation_marks,
+            characters=int(w_chars[ids].sum()),
         )
 
     # ---- convenience for tests / tools ----------------------------------------------------------

@@ -298,7 +298,7 @@ def _shard_dir(work: Path, k: int) -> Path:
 # none contains one). One encode / decode + split per shard: JSON lines cost the main process
 # 0.16 s per 20 MB of English, beside the workers, and the workers as much again to parse.
 SHARD_DOCUMENTS_FILE = "docs.txt"
-WORK_FORMAT = 2  # of DIR.partial (params.json): a --resume of a work dir in another layout is refused
+WORK_FORMAT = 3  # of DIR.partial (params.json): a --resume of a work dir in another layout is refused
 
 
 def read_shard_documents(shard_dir: Path) -> list[str]:

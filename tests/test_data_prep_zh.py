@@ -330,6 +330,30 @@ def test_batch_normalization_equals_per_document(keep_space):
     assert normalize_documents([], keep_space) == [] and normalize_documents(["\uff21 b"], keep_space) == [normalize_text("\uff21 b", keep_space)]
 
 
+def test_segment_shard_word_ids_equal_per_sentence_segmentation():
+    """segment_shard (one segmenter call per chunk, words numbered in C, "##" marks and dropped spaces
+    worked out on word ids) gives the cached words of segment_document, sentence by sentence, for any
+    chunk size, with sentences that take the general path ("##") mixed in."""
+    from data_prep.chinese import WORD_SEP, segment_document, segment_shard
+
+    docs = ["".join(words) for words in peoples_daily_gold(2500)] + MIXED.split("\n") + [
+        "ab12.5%cd abc中文 a b c 1 2 3。直径为1.3nm,比10nm小", "C##x ## #a 和 ##b", "Windows 98和iPhone6s",
+        "a b", "##", "Win 98 ## abc", "x1 y2z3 4"]
+    sentences = [s for d in docs[-8:] + docs for s in split_sentences(normalize_text(d))]
+    for name in ("rjieba", "jieba"):
+        seg = make_segmenter(name)
+        expected = segment_document(seg, sentences)
+        for chunk_chars in (1 << 14, 300, 1):
+            words, ids, lengths = segment_shard(seg, sentences, chunk_chars)
+            assert len(lengths) == len(sentences) and len(set(words)) == len(words)
+            assert sorted(set(ids.tolist())) == list(range(len(words)))  # every listed word occurs
+            bounds = np.cumsum(lengths)
+            lines = [WORD_SEP.join(words[i] for i in ids[end - n:end]) for n, end in zip(lengths.tolist(), bounds.tolist()) if n]
+            assert lines == expected, (name, chunk_chars)
+    words, ids, lengths = segment_shard(seg, [])
+    assert words == [] and len(ids) == 0 and len(lengths) == 0
+
+
 def test_shard_segmentation_equals_per_document():
     """segment_documents (one segmenter call for many documents) == segment_document on each,
     with documents that take the general path ("##") and empty documents mixed in."""
