@@ -23,11 +23,12 @@ Coarse tokens
 Alignment
     Fine tokens are produced inside each coarse word, so every coarse boundary is a fine boundary.
 
-Segmentation runs once per shard (``analyze_shard``) and is cached as one line per sentence, words
-separated by U+001F (a control character normalisation removes from the text); ``encode_shard``
-only reads the cache. Encoding is vectorised over the shard: characters map to ids through a
-code-point table; only words with Latin letters/digits or outside the coarse vocabulary take the
-Python path.
+Segmentation runs once per shard (``analyze_shard`` -> ``segment_shard``): one segmenter call per
+~16k characters of sentences, whose words are numbered at once (``WordIds``), so the shard's cache is
+its distinct words (joined by U+001F, a control character normalisation removes from the text), an
+int32 word id per token and the words per sentence; ``encode_shard`` only reads the cache. Each
+distinct word is encoded once per worker (``_EncodedWords``; most go through array operations: one
+fine token per character through a code-point table) and the tokens are gathered by id.
 """
 
 from __future__ import annotations
@@ -37,15 +38,15 @@ import itertools
 import os
 import re
 import tempfile
-from operator import itemgetter, methodcaller
 from collections import Counter, defaultdict
+from operator import itemgetter, methodcaller
 from pathlib import Path
 
 import numpy as np
 
 from data_prep import format as fmt
 from data_prep.languages import Corpus, EncodedShard, Language, LanguageError, register
-from data_prep.normalize import batches, normalize_documents, normalize_text, split_sentences, split_sentences_batch
+from data_prep.normalize import normalize_documents, normalize_text, split_sentences, split_sentences_batch
 
 SEGMENTERS = ("rjieba", "jieba", "pkuseg")
 WORD_SEP = "\x1f"
@@ -273,38 +274,6 @@ def segment_document(segmenter: Segmenter, sentences: list[str]) -> list[str]:
     if lines is None:
         return [WORD_SEP.join(w) for w in (segment_sentence(segmenter, s) for s in sentences) if w]
     return lines
-
-
-def segment_documents(segmenter: Segmenter, documents: list[list[str]], batch_chars: int = 1 << 20) -> list[list[str]]:
-    """``[segment_document(segmenter, d) for d in documents]`` (each document a list of sentences)
-    with one segmenter call per ~``batch_chars`` characters of documents: per-call overheads dominate
-    on short documents."""
-    def chars(d: list[str]) -> int:
-        return sum(map(len, d))
-
-    if sum(map(chars, documents)) > batch_chars:
-        return [lines for batch in batches(documents, chars, batch_chars) for lines in _segment_batch(segmenter, batch)]
-    return _segment_batch(segmenter, documents)
-
-
-def _segment_batch(segmenter: Segmenter, documents: list[list[str]]) -> list[list[str]]:
-    if not _fast_path(segmenter) or len(documents) < 2:
-        return [segment_document(segmenter, d) for d in documents]
-    sentences = [s for d in documents for s in d]
-    if not sentences:
-        return [[] for _ in documents]
-    if any("##" in s for s in sentences):  # rare: those documents take the general path
-        plain = [not any("##" in s for s in d) for d in documents]
-        fast = iter(_segment_batch(segmenter, [d for d, ok in zip(documents, plain) if ok]))
-        return [next(fast) if ok else segment_document(segmenter, d) for d, ok in zip(documents, plain)]
-    lines = _segment_lines(segmenter, sentences)
-    if lines is None:
-        return [segment_document(segmenter, d) for d in documents]
-    out, pos = [], 0
-    for d in documents:
-        out.append(lines[pos:pos + len(d)])
-        pos += len(d)
-    return out
 
 
 class WordIds:

