@@ -54,7 +54,8 @@ import numpy as np
 
 from data_prep import format as fmt
 from data_prep import inputs as inp
-from data_prep.languages import Corpus, EncodedShard, Language, LanguageError, get_language, sum_counters
+from data_prep.languages import (Corpus, EncodedShard, Language, LanguageError, PackedCounter, get_language,
+                                 sum_count_tables, sum_counters)
 
 log = logging.getLogger("data_prep")
 # megatron-core warns at import that TransformerEngine/Apex are absent: irrelevant for data files.
@@ -456,7 +457,8 @@ def _analyze(shard_dir: str) -> tuple[str, int]:
         shutil.rmtree(cache)  # left by a killed run
     cache.mkdir()
     counts = _WORKER["lang"].analyze_shard(documents, cache)
-    _write_atomic(shard / "counts.pkl", pickle.dumps({k: Counter(v) for k, v in counts.items()}, protocol=4))
+    tables = {k: PackedCounter.pack(v if isinstance(v, Counter) else Counter(v)) for k, v in counts.items()}
+    _write_atomic(shard / "counts.pkl", pickle.dumps(tables, protocol=4))
     nbytes = sum(len(d.encode("utf-8")) for d in documents)
     _mark(shard / "analyzed.done", {"bytes": nbytes})
     return shard_dir, nbytes
@@ -685,16 +687,17 @@ class _AnalysisProgress:
         self.bar.update(result[1])
 
 
-def _sum_count_tables(parts: list[dict[str, Counter]]) -> dict[str, Counter]:
-    """Count tables ({name: Counter}) summed name by name (names and keys in first-seen order)."""
-    tables: dict[str, list[Counter]] = {}
+def _sum_count_tables(parts: list[dict[str, PackedCounter | Counter]]) -> dict[str, PackedCounter | Counter]:
+    """Count tables ({name: table}) summed name by name (names and keys in first-seen order); packed
+    tables stay packed (``languages.PackedCounter``) until the fit."""
+    tables: dict[str, list] = {}
     for part in parts:
         for key, table in part.items():
             tables.setdefault(key, []).append(table)
-    return {key: sum_counters(counters) for key, counters in tables.items()}
+    return {key: sum_count_tables(counters) for key, counters in tables.items()}
 
 
-def _sum_shard_counts(shard_dirs: list[str]) -> dict[str, Counter]:
+def _sum_shard_counts(shard_dirs: list[str]) -> dict[str, PackedCounter | Counter]:
     """The count tables (counts.pkl) of these shards, summed key by key (a worker task)."""
     parts = []
     with _NoCyclicGC():
@@ -838,7 +841,7 @@ def build(config: BuildConfig, comm=None) -> dict:
         def fit():
             if comm.rank != 0 or (work / "fit.done").exists():
                 return
-            counts = _sum_count_tables(all_counts)
+            counts = {k: v.unpack() if isinstance(v, PackedCounter) else v for k, v in _sum_count_tables(all_counts).items()}
             tmp = work / "artifacts.tmp"
             scratch = work / "scratch"
             for d in (tmp, scratch):

@@ -67,11 +67,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import itertools
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -111,6 +111,57 @@ def sum_counters(counters: Sequence[Counter]) -> Counter:
     codes = np.fromiter(map(position.__getitem__, keys), dtype=np.int64, count=len(keys))
     sums = np.bincount(codes, weights=values, minlength=len(unique)).astype(np.int64)
     return Counter(dict(zip(unique, sums.tolist())))
+
+
+class PackedCounter(NamedTuple):
+    """A count table of str keys as ONE string (the keys joined by NUL) and an int64 array: a shard's
+    table (tens of thousands of words) pickles, loads and is summed without a Python object per key
+    until the fit needs the Counter (``unpack``). ``pack`` keeps a table it cannot represent exactly
+    (other key types, a NUL in a key, values that are not non-negative ints below 2**40) as it is."""
+
+    keys: str
+    values: np.ndarray
+
+    @staticmethod
+    def pack(table: Counter) -> PackedCounter | Counter:
+        if not table:
+            return PackedCounter("", np.zeros(0, dtype=np.int64))
+        if set(map(type, table)) != {str} or set(map(type, table.values())) != {int}:
+            return table
+        keys = "\0".join(table)
+        if keys.count("\0") != len(table) - 1:
+            return table
+        try:
+            values = np.fromiter(table.values(), dtype=np.int64, count=len(table))
+        except OverflowError:
+            return table
+        if values.min() < 0 or values.max() >= 2**40:
+            return table
+        return PackedCounter(keys, values)
+
+    def key_list(self) -> list[str]:
+        return self.keys.split("\0") if len(self.values) else []
+
+    def unpack(self) -> Counter:
+        return Counter(dict(zip(self.key_list(), self.values.tolist())))
+
+
+def sum_count_tables(tables: Sequence[PackedCounter | Counter]) -> PackedCounter | Counter:
+    """``sum_counters`` for tables that may be packed: the same keys, values and key order. Packed
+    tables are summed in one pass over their keys (numbered in first-seen order, in C) and stay
+    packed; any other table makes it the plain sum of Counters."""
+    packed = [t for t in tables if isinstance(t, PackedCounter)]
+    bound = sum(int(t.values.max()) for t in packed if len(t.values))
+    if len(packed) != len(tables) or bound >= 2**62:
+        return sum_counters([t.unpack() if isinstance(t, PackedCounter) else t for t in tables])
+    index: defaultdict[str, int] = defaultdict(itertools.count().__next__)
+    total = np.zeros(0, dtype=np.int64)
+    for table in packed:
+        ids = np.fromiter(map(index.__getitem__, table.key_list()), dtype=np.int64, count=len(table.values))
+        if len(index) > len(total):
+            total = np.concatenate([total, np.zeros(len(index) - len(total), dtype=np.int64)])
+        total[ids] += table.values  # the keys of one table are distinct
+    return PackedCounter("\0".join(index), total)
 
 
 class LanguageError(ValueError):

@@ -162,3 +162,39 @@ def test_sum_counters_equals_sequential_update():
     big = [Counter(a=2**52, b=1), Counter(a=2**52, c=2)]
     assert sum_counters(big) == Counter(a=2**53, b=1, c=2)
     assert sum_counters([Counter(a=0.5), Counter(a=0.25, b=1)]) == Counter(a=0.75, b=1)
+
+
+def test_packed_count_tables_sum_like_counters():
+    """PackedCounter (a shard's counts as one NUL-joined string + an int64 array) round-trips through
+    pickle, and sum_count_tables over packed tables == sum_counters over the Counters: same values and
+    key order; tables it cannot pack (tuple keys, a NUL in a key, floats, huge values) stay Counters
+    and a mix sums through the plain path."""
+    import pickle
+    import random
+    from collections import Counter
+
+    from data_prep.languages import PackedCounter, sum_count_tables, sum_counters
+
+    rng = random.Random(5)
+    vocab = [f"w{i}" for i in range(400)] + ["", "中国", "a b", "\x1f"]
+    parts = [Counter({rng.choice(vocab): rng.randint(0, 9) for _ in range(rng.randint(0, 200))}) for _ in range(10)]
+    parts.insert(2, Counter())
+    packed = [PackedCounter.pack(p) for p in parts]
+    assert all(isinstance(p, PackedCounter) for p in packed)
+    for p, q in zip(parts, packed):
+        back = pickle.loads(pickle.dumps(q, protocol=4)).unpack()
+        assert back == p and list(back) == list(p)
+    expected = sum_counters(parts)
+    got = sum_count_tables(packed)
+    assert isinstance(got, PackedCounter)
+    got = got.unpack()
+    assert got == expected and list(got) == list(expected) and all(type(v) is int for v in got.values())
+    # sums of sums (worker tables, then the ranks') are the same
+    halves = [sum_count_tables(packed[:5]), sum_count_tables(packed[5:])]
+    assert list(sum_count_tables(halves).unpack().items()) == list(expected.items())
+    for odd in (Counter({("a", 1): 2}), Counter({"a\0b": 1}), Counter(a=0.5), Counter(a=2**41), Counter(a=-1)):
+        assert PackedCounter.pack(odd) is odd
+        mixed = sum_count_tables([packed[0], odd, packed[1]])
+        assert mixed == sum_counters([parts[0], odd, parts[1]]) and not isinstance(mixed, PackedCounter)
+    empty = sum_count_tables([])
+    assert isinstance(empty, PackedCounter) and empty.unpack() == Counter()
