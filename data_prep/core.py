@@ -54,8 +54,16 @@ import numpy as np
 
 from data_prep import format as fmt
 from data_prep import inputs as inp
-from data_prep.languages import (Corpus, EncodedShard, Language, LanguageError, PackedCounter, get_language,
-                                 sum_count_tables, sum_counters)
+from data_prep.languages import (
+    Corpus,
+    EncodedShard,
+    Language,
+    LanguageError,
+    PackedCounter,
+    get_language,
+    sum_count_tables,
+    sum_counters,
+)
 
 log = logging.getLogger("data_prep")
 # megatron-core warns at import that TransformerEngine/Apex are absent: irrelevant for data files.
