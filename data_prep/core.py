@@ -540,6 +540,13 @@ class _Executor:
                 keep.append((kind, item))
         self.pending = keep
 
+    def wait_first(self, timeout: float) -> None:
+        """Wait until the oldest pending task is done (at most ``timeout`` seconds)."""
+        for kind, item in self.pending:
+            if kind == "async":
+                item.wait(timeout)
+            return
+
     def map_shards(self, fn: Callable, cache_dirs: list[Path], arg: Any, scratch: Path, add: bool = False):
         """``Corpus.map_shards`` / ``Corpus.sum_shards`` on this executor (inline with one worker)."""
         if self.pool is None:
@@ -818,6 +825,7 @@ def build(config: BuildConfig, comm=None) -> dict:
 
     # ---- 2+3. read into shards, analyse ------------------------------------------------------
     executor = None
+    concatenator: fmt.BinConcatenator | None = None  # rank 0, from the encode stage on
     try:
         def read_and_analyze():
             nonlocal executor
@@ -881,20 +889,36 @@ def build(config: BuildConfig, comm=None) -> dict:
         num_documents = summary["num_documents"]
         num_valid = num_valid_documents(num_documents, config.valid_fraction)
 
+        def encoded(k: int) -> bool:
+            return (_shard_dir(work, k) / "encoded.done").exists()
+
         def encode():
+            nonlocal concatenator
             mine = [k for k in range(summary["num_shards"]) if k % comm.size == comm.rank]
+            if comm.rank == 0:
+                # Rank 0 concatenates the shards' token bytes (.bin) in order as they are encoded, by
+                # any rank: the bulk of the merge overlaps the encoding. Redone from scratch on resume.
+                staging = work / "merged"
+                shutil.rmtree(staging, ignore_errors=True)
+                concatenator = fmt.BinConcatenator(staging, [_shard_dir(work, k) for k in range(summary["num_shards"])])
             with _progress(config.progress and comm.rank == 0, desc="encode", unit="shard", total=len(mine)) as bar:
                 for k in mine:
                     task = (str(_shard_dir(work, k)), str(artifacts), summary["shard_starts"][k], num_documents,
                             num_valid, fine_size, coarse_size)
                     executor.submit(_encode_task, task)
                     bar.update(len(list(executor.ready())))
+                    if concatenator is not None:
+                        concatenator.append_ready(encoded)
                 if comm.rank == 0:  # the workers encode meanwhile (inline with --workers 1: after them)
                     corpus = Corpus([_shard_dir(work, k) for k in range(summary["num_shards"])], read_shard_documents,
                                     work / "scratch")
                     with _NoCyclicGC():
                         lang.prepare_finish(artifacts, corpus)
-                bar.update(len(list(executor.ready(wait=True))))
+                while executor.pending:
+                    executor.wait_first(timeout=0.5)
+                    bar.update(len(list(executor.ready())))
+                    if concatenator is not None:
+                        concatenator.append_ready(encoded)
             executor.close()
 
         _collective(comm, encode)
@@ -902,21 +926,26 @@ def build(config: BuildConfig, comm=None) -> dict:
     except BaseException:
         if executor is not None:
             executor.terminate()
+        if concatenator is not None:
+            concatenator.close()
         raise
 
     # ---- 6. merge (rank 0) -------------------------------------------------------------------
     def merge():
         if comm.rank != 0:
             return None
+        if concatenator is not None:
+            concatenator.append_ready(encoded)  # the shards other ranks finished last
+            concatenator.close()
         return _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_size, warnings, started, comm,
-                      stage_seconds)
+                      stage_seconds, concatenator)
 
     meta = _collective(comm, merge)
     return comm.bcast(meta)
 
 
 def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_size, warnings, started, comm,
-           stage_seconds) -> dict:
+           stage_seconds, concatenator: fmt.BinConcatenator | None = None) -> dict:
     shards = [_shard_dir(work, k) for k in range(summary["num_shards"])]
     totals: Counter = Counter()
     extra: Counter = Counter()
@@ -929,8 +958,13 @@ def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_siz
     shard_dirs = [str(shard) for shard in shards]
     with (atomic := fmt.AtomicDirectory(config.output, overwrite=config.overwrite)) as out:
         splits = {}
+        bin_written = concatenator is not None and concatenator.complete
+        if bin_written:  # the token bytes were concatenated during the encoding: move them in
+            for split in fmt.SPLITS:
+                for stream in fmt.STREAMS:
+                    shutil.move(fmt.prefix(concatenator.directory, split, stream) + ".bin", fmt.prefix(out, split, stream) + ".bin")
         for split in _progress(config.progress, desc="merge", unit="split", iterable=fmt.SPLITS):
-            splits[split] = fmt.merge_splits(out, split, shard_dirs, fine_size, coarse_size)
+            splits[split] = fmt.merge_splits(out, split, shard_dirs, fine_size, coarse_size, bin_written)
             # The clear error the format needs (a 0-document split makes megatron's samplers spin forever).
             if splits[split]["documents"] == 0:
                 raise BuildError(

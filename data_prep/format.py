@@ -310,10 +310,12 @@ class MergeTotals:
     tokens: int
 
 
-def merge_indexed_datasets(out_prefix: str, part_prefixes: Sequence[str], dtype) -> MergeTotals:
+def merge_indexed_datasets(out_prefix: str, part_prefixes: Sequence[str], dtype, bin_written: bool = False) -> MergeTotals:
     """Concatenate IndexedDatasets in order into ``out_prefix``: the bytes megatron-core's
     ``IndexedDatasetBuilder.add_index`` + ``finalize`` write, without importing it (~5 s with torch).
-    The .bin parts are copied in chunks; the indexes are read one part at a time per section."""
+    The .bin parts are copied in chunks (``bin_written``: the caller already wrote their
+    concatenation to ``out_prefix.bin``; its size is checked); the indexes are read one part at a
+    time per section."""
     dtype = np.dtype(dtype)
     counts = []
     for p in part_prefixes:
@@ -324,10 +326,16 @@ def merge_indexed_datasets(out_prefix: str, part_prefixes: Sequence[str], dtype)
         counts.append((len(info.sequence_lengths), len(info.document_indices) - 1))
     num_seq = sum(c[0] for c in counts)
     num_docs = sum(c[1] for c in counts)
-    with open(out_prefix + ".bin", "wb") as out:
-        for p in part_prefixes:
-            with open(p + ".bin", "rb") as fh:
-                shutil.copyfileobj(fh, out, _COPY_CHUNK)
+    if bin_written:
+        expected = sum(os.path.getsize(p + ".bin") for p in part_prefixes)
+        if os.path.getsize(out_prefix + ".bin") != expected:
+            raise FormatError(f"{out_prefix}.bin holds {os.path.getsize(out_prefix + '.bin')} bytes, its parts "
+                              f"{expected}: the concatenation was interrupted; rebuild")
+    else:
+        with open(out_prefix + ".bin", "wb") as out:
+            for p in part_prefixes:
+                with open(p + ".bin", "rb") as fh:
+                    shutil.copyfileobj(fh, out, _COPY_CHUNK)
     with open(out_prefix + ".idx", "wb") as out:
         _write_index_header(out, dtype, num_seq, num_docs + 1)
         for p in part_prefixes:  # section 1: sequence lengths
@@ -347,12 +355,13 @@ def merge_indexed_datasets(out_prefix: str, part_prefixes: Sequence[str], dtype)
 
 
 def merge_splits(directory: str | os.PathLike, split: str, part_directories: Sequence[str | os.PathLike],
-                 fine_vocab_size: int, coarse_vocab_size: int) -> dict:
+                 fine_vocab_size: int, coarse_vocab_size: int, bin_written: bool = False) -> dict:
     """Concatenate one split of several part datasets (same vocabularies), in order, into ``directory``;
-    returns the split's documents / sentences / fine_tokens / coarse_tokens."""
+    returns the split's documents / sentences / fine_tokens / coarse_tokens. ``bin_written``: the
+    .bin files are already there (``BinConcatenator``)."""
     dtypes = {"fine": id_dtype(fine_vocab_size), "coarse": id_dtype(coarse_vocab_size), "align": ALIGN_DTYPE}
     totals = {s: merge_indexed_datasets(prefix(directory, split, s), [prefix(d, split, s) for d in part_directories],
-                                        dtypes[s]) for s in STREAMS}
+                                        dtypes[s], bin_written) for s in STREAMS}
     if len({(t.sequences, t.documents) for t in totals.values()}) != 1:
         raise FormatError(f"{split}: the parts' fine/coarse/align streams have different sentence or document "
                           f"counts; rebuild them")
@@ -362,6 +371,36 @@ def merge_splits(directory: str | os.PathLike, split: str, part_directories: Seq
         "fine_tokens": totals["fine"].tokens,
         "coarse_tokens": totals["coarse"].tokens,
     }
+
+
+class BinConcatenator:
+    """Appends the .bin files of part datasets, in part order, to one .bin file per split and stream
+    in ``directory`` while the parts are still being produced: ``append_ready(is_ready)`` copies every
+    leading part that is ready and not yet copied. The bulk of a merge (the token bytes) thus overlaps
+    the encoding; ``merge_splits(..., bin_written=True)`` then writes only the indexes."""
+
+    def __init__(self, directory: str | os.PathLike, part_directories: Sequence[str | os.PathLike]):
+        self.directory = Path(directory)
+        self.parts = [Path(d) for d in part_directories]
+        self.done = 0  # leading parts copied
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._files = {(sp, st): open(prefix(self.directory, sp, st) + ".bin", "wb") for sp in SPLITS for st in STREAMS}
+
+    def append_ready(self, is_ready) -> None:
+        while self.done < len(self.parts) and is_ready(self.done):
+            part = self.parts[self.done]
+            for (sp, st), out in self._files.items():
+                with open(prefix(part, sp, st) + ".bin", "rb") as fh:
+                    shutil.copyfileobj(fh, out, _COPY_CHUNK)
+            self.done += 1
+
+    @property
+    def complete(self) -> bool:
+        return self.done == len(self.parts)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
 
 
 # ---------------------------------------------------------------------------------------------

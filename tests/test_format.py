@@ -162,6 +162,55 @@ def test_bulk_writer_and_merge_write_megatron_bytes(tmp_path):
     assert len(split) == 20 and split.num_sentences == stats["sentences"]
 
 
+def test_bin_concatenation_during_encoding_equals_the_merge(tmp_path):
+    """BinConcatenator (the shards' .bin bytes appended in order as they become ready, in any order)
+    + merge_splits(bin_written=True) writes the bytes of a plain merge; a concatenation that stopped
+    short is refused with a message that says so."""
+    rng = np.random.default_rng(2)
+    part_dirs = []
+    for k, n in enumerate((5, 9, 1, 4)):
+        d = tmp_path / f"part{k}"
+        d.mkdir()
+        for split in fmt.SPLITS:
+            docs = _random_docs(rng, n)
+            sents = [s for doc in docs for s in doc]
+            doc_index = np.concatenate([[0], np.cumsum([len(doc) for doc in docs])])
+            for stream, col, dtype in (("fine", 0, fmt.id_dtype(300)), ("coarse", 1, fmt.id_dtype(70000)),
+                                       ("align", 2, fmt.ALIGN_DTYPE)):
+                fmt.write_indexed_dataset(fmt.prefix(d, split, stream), dtype, np.concatenate([s[col] for s in sents]),
+                                          [len(s[col]) for s in sents], doc_index)
+        part_dirs.append(d)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    expected = {split: fmt.merge_splits(plain, split, part_dirs, 300, 70000) for split in fmt.SPLITS}
+    concat = fmt.BinConcatenator(tmp_path / "staging", part_dirs)
+    ready: set[int] = set()
+    for k in (2, 0, 3, 1):  # parts finish out of order; only leading ready parts are copied
+        ready.add(k)
+        concat.append_ready(ready.__contains__)
+        assert concat.done == next(i for i in range(5) if i not in ready)
+    concat.append_ready(ready.__contains__)  # nothing left: no double copy
+    concat.close()
+    assert concat.complete
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    for split in fmt.SPLITS:
+        for stream in fmt.STREAMS:
+            (tmp_path / "staging" / f"{split}_{stream}.bin").rename(ours / f"{split}_{stream}.bin")
+        assert fmt.merge_splits(ours, split, part_dirs, 300, 70000, bin_written=True) == expected[split]
+        for stream in fmt.STREAMS:
+            for ext in (".bin", ".idx"):
+                assert (ours / f"{split}_{stream}{ext}").read_bytes() == (plain / f"{split}_{stream}{ext}").read_bytes()
+    short = tmp_path / "short"
+    short.mkdir()
+    concat = fmt.BinConcatenator(short, part_dirs)
+    concat.append_ready(lambda k: k < 2)
+    concat.close()
+    assert not concat.complete
+    with pytest.raises(fmt.FormatError, match="interrupted"):
+        fmt.merge_splits(short, "train", part_dirs, 300, 70000, bin_written=True)
+
+
 def test_merge_refuses_parts_with_other_vocabulary_sizes(tmp_path):
     for name, size in (("a", 300), ("b", 70000)):
         d = tmp_path / name
