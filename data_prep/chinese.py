@@ -111,6 +111,7 @@ _JIEBA_HAN = re.compile("[\u4E00-\u9FD5]")
 _ASCII_ALNUM_RE = re.compile("[A-Za-z0-9]")
 # A whole word (between separators) without Chinese characters that contains a letter/digit.
 _NON_HAN_WORD = re.compile("(?<![^\x1f])[^\x1f\u4E00-\u9FD5]*[A-Za-z0-9][^\x1f\u4E00-\u9FD5]*(?![^\x1f])")
+_NON_HAN = re.compile("[^\x1f\u4E00-\u9FD5]*[A-Za-z0-9][^\x1f\u4E00-\u9FD5]*")  # the same, for one word
 
 
 class RJiebaSegmenter(Segmenter):
@@ -125,6 +126,17 @@ class RJiebaSegmenter(Segmenter):
         self._has_word = rjieba.has_word
         for word, freq, tag in self._user_words(user_dict):
             rjieba.add_word(word, freq, tag)
+
+    def cut_raw(self, text: str) -> list[str]:
+        """rjieba's words, before the rule that makes them jieba's (``split_like_jieba``)."""
+        return self._cut(text)
+
+    def split_like_jieba(self, word: str) -> list[str] | None:
+        """The pieces jieba gives for this rjieba word, or None if jieba gives the word itself."""
+        if (len(word) > 1 and _NON_HAN.fullmatch(word) and not _JIEBA_SKIP.fullmatch(word)
+                and not self._has_word(word)):
+            return [x for x in _JIEBA_SKIP.split(word) if x]
+        return None
 
     def cut(self, text: str) -> list[str]:
         words = self._cut(text)
@@ -293,6 +305,7 @@ class WordIds:
         self.starts_alnum = np.zeros(0, dtype=bool)
         self.ends_alnum = np.zeros(0, dtype=bool)
         self.odd = np.zeros(0, dtype=bool)  # whitespace inside a word other than the two above
+        self.pieces: dict[int, np.ndarray] = {}  # rjieba words jieba splits -> the pieces' ids
         self._extend(list(self.index))
 
     def __call__(self, words: list[str]) -> np.ndarray:
@@ -319,7 +332,26 @@ class WordIds:
 
         A word that starts with an ASCII letter/digit right after one that ends with one (no space
         word between: the segmenter cut a Latin run) becomes its "##" form; space words are dropped."""
-        ids = self(segmenter.cut("\n".join(sentences)))
+        text = "\n".join(sentences)
+        if not isinstance(segmenter, RJiebaSegmenter):
+            ids = self(segmenter.cut(text))
+        else:  # rjieba's words made jieba's on the distinct words (RJiebaSegmenter.cut does it per call)
+            seen = len(self.words)
+            ids = self(segmenter.cut_raw(text))
+            # Only new words without Chinese characters that contain a letter/digit can change:
+            # found with one regular-expression pass over the new words joined.
+            for m in _NON_HAN_WORD.finditer(WORD_SEP.join(self.words[seen:])):
+                pieces = segmenter.split_like_jieba(m.group())
+                if pieces is not None:
+                    self.pieces[self.index[m.group()]] = self(pieces)
+            if self.pieces:
+                where = np.flatnonzero(np.isin(ids, np.fromiter(self.pieces, dtype=np.int64, count=len(self.pieces))))
+                if len(where):
+                    parts, last = [], 0
+                    for pos in where.tolist():
+                        parts += [ids[last:pos], self.pieces[int(ids[pos])]]
+                        last = pos + 1
+                    ids = np.concatenate(parts + [ids[last:]])
         if self.odd[ids].any():
             return None
         cont = np.flatnonzero(self.ends_alnum[ids[:-1]] & self.starts_alnum[ids[1:]]) + 1
