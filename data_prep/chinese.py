@@ -39,7 +39,7 @@ import os
 import re
 import tempfile
 from collections import Counter, defaultdict
-from operator import itemgetter, methodcaller
+from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -443,6 +443,7 @@ class _EncodedWords:
         empty = np.zeros(0, dtype=np.int64)
         self.fine = self.coarse = self.align = empty
         self.fine_count = self.coarse_count = self.fine_start = self.coarse_start = empty
+        self.chars = empty  # characters of text per word ("##" marks excluded)
         self._kept = 0  # slots [0, _kept) are the memo; any beyond belong to the current shard only
 
     def slots(self, words: list[str], encode) -> np.ndarray:
@@ -457,6 +458,7 @@ class _EncodedWords:
             self.coarse = np.concatenate([self.coarse, coarse])
             self.align = np.concatenate([self.align, align])
             self.fine_count = np.concatenate([self.fine_count, fine_count])
+            self.chars = np.concatenate([self.chars, [len(w) - 2 * w.startswith("##") for w in new]]).astype(np.int64)
             self.coarse_count = np.concatenate([self.coarse_count, coarse_count])
             self.fine_start = np.cumsum(self.fine_count) - self.fine_count
             self.coarse_start = np.cumsum(self.coarse_count) - self.coarse_count
@@ -471,7 +473,7 @@ class _EncodedWords:
             self.fine = self.fine[: int(self.fine_start[k])]
             self.coarse = self.coarse[: int(self.coarse_start[k])]
             self.align = self.align[: int(self.coarse_start[k])]
-            self.fine_count, self.coarse_count = self.fine_count[:k], self.coarse_count[:k]
+            self.fine_count, self.coarse_count, self.chars = self.fine_count[:k], self.coarse_count[:k], self.chars[:k]
             self.fine_start, self.coarse_start = self.fine_start[:k], self.coarse_start[:k]
 
 
@@ -882,8 +884,6 @@ class Chinese(Language):
         fine = memo.fine[_ranges(memo.fine_start[tokens], fine_count)]
         coarse_src = _ranges(memo.coarse_start[tokens], coarse_count)
         sentence_starts = np.cumsum(sentence_words) - sentence_words
-        w_chars = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-        w_chars -= 2 * np.fromiter(map(methodcaller("startswith", "##"), words), dtype=np.int64, count=len(words))
         return EncodedShard(
             fine=fine,
             coarse=memo.coarse[coarse_src],
@@ -891,7 +891,7 @@ class Chinese(Language):
             fine_lengths=np.add.reduceat(fine_count, sentence_starts),
             coarse_lengths=np.add.reduceat(coarse_count, sentence_starts),
             document_sentences=sentences_per_document,
-            characters=int(w_chars[ids].sum()),
+            characters=int(memo.chars[tokens].sum()),
         )
 
     # ---- convenience for tests / tools ----------------------------------------------------------
