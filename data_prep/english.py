@@ -843,8 +843,9 @@ class English(Language):
         group.add_argument("--lmplz", metavar="PATH", default=None,
                            help="(en) KenLM lmplz binary (default: $AMBERT_LMPLZ, PATH, third_party/kenlm/bin)")
         group.add_argument("--lmplz-memory", default=d.lmplz_memory,
-                           help="(en) lmplz -S sorting memory, e.g. 8G or 80%% (default %(default)s: ~8x the "
-                                "words text, 128 MB to half the RAM)")
+                           help="(en) lmplz -S sorting memory, e.g. 8G or 80%% (default %(default)s: 1/16 of the "
+                                "words text, at least 16 MB, + its vocabulary table; beyond -S lmplz sorts runs on "
+                                "its temp dir, which costs less than allocating a large -S)")
         group.add_argument("--lm-sample", default=d.lm_sample,
                            help="(en) lmplz (one core) estimates on at most this much word text, every k-th "
                                 "shard; candidates are still counted over the whole corpus; 0 = all "

@@ -291,8 +291,11 @@ def test_lmplz_progress_is_logged_while_it_runs(tmp_path, monkeypatch, caplog):
 
 def test_lmplz_memory_auto():
     assert ph.lmplz_memory("4G", 10) == "4G"
-    assert ph.lmplz_memory("auto", 1 << 20) == "128M"  # the floor
-    assert ph.lmplz_memory("auto", 100 << 20) == "800M"
+    # 1/16 of the text, at least 16 MB, + the vocabulary table (lmplz's default estimate: 1M words)
+    assert ph.lmplz_memory("auto", 1 << 20) == "48M"
+    assert ph.lmplz_memory("auto", 1 << 20, vocab_size=29482) == "17M"
+    assert ph.lmplz_memory("auto", 1 << 30, vocab_size=29482) == "65M"
+    assert ph.lmplz_vocabulary_bytes(1000) == 16 * 2048
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert ph.lmplz_memory("auto", 1 << 50) == f"{(ram // 2) >> 20}M"  # at most half the RAM
 
@@ -379,3 +382,16 @@ def test_flat_matches_equal_sentence_by_sentence_spans():
     candidates = [i for i, w in enumerate(flat) if w in tok.longest_from]
     assert tok.flat_matches(flat, [len(s) for s in sentences], candidates, tok.pair_word_ids(flat)) == (starts, lengths)
     assert tok.flat_matches(["a"], [1]) == ([], []) and PhraseTokenizer([]).flat_matches(flat, [len(flat)]) == ([], [])
+
+
+@needs_lmplz
+def test_lmplz_model_does_not_depend_on_its_memory(tmp_path):
+    """--lmplz-memory auto gives lmplz a small -S (its tables stay in the CPU caches) and lets it sort
+    runs on its temp dir: the model must be byte-identical to one estimated in a large -S."""
+    words = tmp_path / "words.txt"
+    _generated_corpus(words, sentences=10000)
+    vocab = len(set(words.read_text(encoding="utf-8").split()))
+    ph.run_lmplz(words, tmp_path / "small.arpa", PhraseMiningConfig(lmplz_memory="1M"), tmp_path, vocab_size=vocab)
+    ph.run_lmplz(words, tmp_path / "large.arpa", PhraseMiningConfig(lmplz_memory="256M"), tmp_path, vocab_size=vocab)
+    assert (tmp_path / "small.arpa").stat().st_size > 150_000
+    assert (tmp_path / "small.arpa").read_bytes() == (tmp_path / "large.arpa").read_bytes()
