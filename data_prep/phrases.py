@@ -212,7 +212,10 @@ def lmplz_memory(setting: str, words_bytes: int, vocab_size: int = 0) -> str:
     -S 16M / 64M / 400M (the former default, 8x the text) 9.1-10.1 / 9.6-10.1 / 12.7-12.8 s; 20 MB,
     16M to 158M all 2.2-2.8 s, but 2.0 s against 8.6-10 s in a period when the VM's memory was slow;
     372 MB (that period), 8M / 32M / 128M / 512M / 2G 68 / 73 / 90 / 131 / 143 s. A fixed ratio to
-    the text keeps the number of sorted runs lmplz merges the same at every size.
+    the text keeps the number of sorted runs lmplz merges the same at every size; their bytes grow
+    with the text, and here they stayed in the page cache. Not measured beyond 372 MB: for a
+    multi-GB --lm-sample on a machine with little RAM to spare for the page cache, a larger
+    --lmplz-memory keeps lmplz's runs off the disk.
     """
     if setting != "auto":
         return setting
