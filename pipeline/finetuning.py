@@ -567,12 +567,9 @@ def _deepspeed_config(config: FinetuneConfig, world: int) -> dict:
 def setup_deepspeed(seed: int) -> None:
     """Process group from the launcher's environment (or MPI), megatron TP=1 state."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    import deepspeed
-
     from pipeline import parallel
 
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                               auto_mpi_discovery=True, verbose=False)
+    parallel.init_distributed()
     parallel.initialize_parallel(tensor_parallel_size=1, seed=seed)
 
 

@@ -14,6 +14,7 @@ device; on GPU we use megatron-core's own. Sequence parallelism stays off (no CP
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 from collections.abc import Iterator
@@ -24,6 +25,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import random as megatron_random
 from megatron.core.utils import GlobalMemoryBuffer
+
+log = logging.getLogger(__name__)
 
 MODEL_PARALLEL_RNG = megatron_random._MODEL_PARALLEL_RNG_TRACKER_NAME
 # megatron-core's offset between the shared seed and the per-TP-rank dropout seed.
@@ -86,6 +89,76 @@ class DeviceGlobalMemoryBuffer(GlobalMemoryBuffer):
             buffer = torch.empty(required, dtype=dtype, device=accelerator_device())
             self.buffer[(name, dtype)] = buffer
         return buffer[:required].view(*tensor_shape)
+
+
+# DeepSpeed's CPU all-reduce (ShareMemComm, csrc/cpu/comm/shm.cpp) gives each rank of a one-host
+# job a shared-memory workspace /dev/shm/<prefix>_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (69 MB)
+# and never unlinks it: every CPU run, finished or killed, left them behind (a test machine here
+# had 19 GB of them in /dev/shm, RAM no process could use). Known upstream; sglang hit the same.
+DEEPSPEED_SHM_PREFIX = "deepspeed_allreduce_buffer"
+SHM_DIR = "/dev/shm"
+
+
+def deepspeed_shm_file(rank: int) -> str:
+    """The shared-memory workspace DeepSpeed's CPU all-reduce creates for ``rank`` of this job."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return os.path.join(SHM_DIR, f"{DEEPSPEED_SHM_PREFIX}_{os.getuid()}_{addr}_{port}_{rank}")
+
+
+def init_distributed(backend: str | None = None, auto_mpi_discovery: bool = True) -> None:
+    """``deepspeed.init_distributed`` (gloo on CPU, nccl on GPU, or ``backend``), then the
+    release of DeepSpeed's CPU shared-memory names (``release_deepspeed_shm``)."""
+    import deepspeed
+
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=auto_mpi_discovery, verbose=False)
+    release_deepspeed_shm()
+
+
+def release_deepspeed_shm() -> bool:
+    """Unlink this rank's DeepSpeed CPU all-reduce workspace name once every rank has mapped it.
+
+    DeepSpeed maps every rank's workspace while ``init_distributed`` runs (a rank waits until its
+    peers' files exist), so after a barrier the names are no longer needed: the memory stays mapped
+    in the live processes and the kernel frees it when the last of them exits, however it exits
+    (SIGKILL included). Collective: call it on every rank right after ``init_distributed``. Returns
+    whether this rank had a workspace to release (only CPU jobs whose ranks all run on one host do)."""
+    try:
+        from deepspeed.comm import comm as ds_comm
+    except ImportError:
+        return False
+    backend = getattr(ds_comm, "cdb", None)
+    if getattr(backend, "shm_comm_op", None) is None or not dist.is_initialized():
+        return False  # GPU accelerators: no shared-memory all-reduce
+    if os.environ.get("LOCAL_SIZE") != str(dist.get_world_size()):
+        return False  # DeepSpeed's condition for creating the workspaces: all ranks on this host
+    dist.barrier()  # every rank has finished init_distributed, so has mapped every workspace
+    path = deepspeed_shm_file(dist.get_rank())
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    if dist.get_rank() == 0:
+        warn_stale_deepspeed_shm()
+    return True
+
+
+def warn_stale_deepspeed_shm() -> int:
+    """Warn about DeepSpeed CPU workspaces left in /dev/shm by earlier runs (DeepSpeed's own, or
+    this project's before it released them); returns their total bytes. They may belong to a job
+    still running on this host, so they are only reported, never deleted here."""
+    prefix = f"{DEEPSPEED_SHM_PREFIX}_{os.getuid()}_"
+    try:
+        ours = os.path.basename(deepspeed_shm_file(0))[:-1]  # this job's (its peers unlink theirs now)
+        stale = [os.path.join(SHM_DIR, f) for f in os.listdir(SHM_DIR) if f.startswith(prefix) and not f.startswith(ours)]
+        total = sum(os.path.getsize(f) for f in stale)
+    except OSError:
+        return 0
+    if stale:
+        log.warning("%d DeepSpeed CPU all-reduce workspaces (%.1f GB of RAM) are in %s, left by earlier DeepSpeed "
+                    "runs (DeepSpeed never deletes them). If no other DeepSpeed job runs on this host, free them: "
+                    "rm %s/%s*", len(stale), total / 1e9, SHM_DIR, SHM_DIR, prefix)
+    return total
 
 
 def initialize_parallel(tensor_parallel_size: int = 1, seed: int = 1234) -> None:

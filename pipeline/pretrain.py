@@ -276,16 +276,13 @@ def main(argv: list[str] | None = None) -> int:
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
 
     # 2. Processes and parallel groups.
-    import deepspeed
-
     from pipeline import parallel
 
     stale = sorted(Path(os.path.expanduser("~/.cache/torch_extensions")).glob("*/deepspeed_shm_comm/lock"))
     if stale and not torch.cuda.is_available():
         # A JIT build killed mid-way leaves this lock and every later start waits on it forever.
         log.warning("%s exists: if start-up hangs here, no build is running and the file is stale: delete it", stale[0])
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False)
+    parallel.init_distributed()  # + the release of DeepSpeed's CPU shared-memory names
     parallel.initialize_parallel(config.parallelism.tensor_parallel, seed=config.seed)
     dp_rank, dp_size, dp_group = parallel.data_parallel_rank(), parallel.data_parallel_size(), parallel.data_parallel_group()
     output_dir = Path(config.output_dir)

@@ -66,9 +66,9 @@ def _worker(fn, rank, world_size, port, init, args, kwargs, env, queue):
 
             dist.init_process_group("gloo", rank=rank, world_size=world_size)
         elif init == "deepspeed":
-            import deepspeed
+            from pipeline import parallel
 
-            deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+            parallel.init_distributed("gloo")
         result = fn(*args, **kwargs)
         queue.put((rank, "ok", result))
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the parent
