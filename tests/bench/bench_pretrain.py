@@ -83,6 +83,9 @@ def main() -> int:
             from tests.test_data_loader import write_synthetic_dataset
 
             data = str(write_synthetic_dataset(work / "synthetic", num_docs=2000))
+    from tests.bench.machine import machine_line
+
+    print(machine_line())
     print(f"data: {data}\nmodel recipe {args.recipe}, fine length {args.seq}, micro-batch {args.micro}, 2 ranks, {args.steps} steps each, medians after 5 warm-up steps\n")
 
     zero1 = run_training("ds_configs/zero1_cpu.json", data, work / "zero1", args)
