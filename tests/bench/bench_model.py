@@ -116,7 +116,7 @@ def main() -> None:
     from tests.bench.machine import machine_line
 
     print(machine_line())
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {args.threads}, device {device}; "
+    print(f"torch {torch.__version__}, threads {args.threads}, device {device}; "
           f"load average before: {load()} (shared machine: other jobs may be running)")
     peak_before, cpu_peak_before = matmul_peak(device)
     print(f"fp32 matmul peak (torch.mm, best of large squares): {peak_before / 1e9:.1f} GFLOP/s wall-clock, "
