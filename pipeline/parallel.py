@@ -121,8 +121,9 @@ def release_deepspeed_shm() -> bool:
     DeepSpeed maps every rank's workspace while ``init_distributed`` runs (a rank waits until its
     peers' files exist), so after a barrier the names are no longer needed: the memory stays mapped
     in the live processes and the kernel frees it when the last of them exits, however it exits
-    (SIGKILL included). Collective: call it on every rank right after ``init_distributed``. Returns
-    whether this rank had a workspace to release (only CPU jobs whose ranks all run on one host do)."""
+    (SIGKILL included). Collective: call it on every rank right after ``init_distributed``; when it
+    returns, no name of this job's workspaces is left. Returns whether this rank had a workspace to
+    release (only CPU jobs whose ranks all run on one host do)."""
     try:
         from deepspeed.comm import comm as ds_comm
     except ImportError:
@@ -136,11 +137,13 @@ def release_deepspeed_shm() -> bool:
     path = deepspeed_shm_file(dist.get_rank())
     try:
         os.unlink(path)
+        released = True
     except FileNotFoundError:
-        return False
+        released = False
+    dist.barrier()  # on return, no workspace name of this job is left (its ranks all unlinked theirs)
     if dist.get_rank() == 0:
         warn_stale_deepspeed_shm()
-    return True
+    return released
 
 
 def warn_stale_deepspeed_shm() -> int:
@@ -149,7 +152,7 @@ def warn_stale_deepspeed_shm() -> int:
     still running on this host, so they are only reported, never deleted here."""
     prefix = f"{DEEPSPEED_SHM_PREFIX}_{os.getuid()}_"
     try:
-        ours = os.path.basename(deepspeed_shm_file(0))[:-1]  # this job's (its peers unlink theirs now)
+        ours = os.path.basename(deepspeed_shm_file(0))[:-1]  # this job's own (already unlinked; never stale)
         stale = [os.path.join(SHM_DIR, f) for f in os.listdir(SHM_DIR) if f.startswith(prefix) and not f.startswith(ours)]
         total = sum(os.path.getsize(f) for f in stale)
     except OSError:
