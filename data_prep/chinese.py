@@ -676,14 +676,22 @@ class Chinese(Language):
                 self.coarse_char_table[ord(token)] = self.coarse_vocab.index[token]
         latin = [t for t in self.fine_vocab.tokens if _RUN.fullmatch(t.removeprefix("##"))]
         self.max_run_piece = max((len(t.removeprefix("##")) for t in latin), default=1)
-        # every proper prefix of a multi-character coarse word (guides the greedy longest match)
-        self.coarse_prefixes = {t[:k] for t in self.coarse_vocab.tokens[fmt.NUM_SPECIAL:] for k in range(2, len(t) + 1)}
-        self.max_word_pieces = min(MAX_BACKOFF_PIECES, max((len(t) for t in self.coarse_vocab.tokens[fmt.NUM_SPECIAL:]), default=1))
+        body = self.coarse_vocab.tokens[fmt.NUM_SPECIAL:]
+        multi = [t for t in body if len(t) > 1]
+        # every prefix of 2+ characters of a multi-character coarse word (guides the greedy longest
+        # match): the k-character prefixes of the words of k+ characters, sliced in C, k by k
+        by_length = sorted(multi, key=len, reverse=True)
+        lengths = np.fromiter(map(len, by_length), dtype=np.int64, count=len(by_length))
+        self.coarse_prefixes = set()
+        for k in range(2, int(lengths[0]) + 1 if len(lengths) else 2):
+            self.coarse_prefixes.update(map(itemgetter(slice(0, k)), by_length[: int(np.count_nonzero(lengths >= k))]))
+        self.max_word_pieces = min(MAX_BACKOFF_PIECES, max(map(len, body), default=1))
         # The first two characters of every multi-character coarse word, as code-point pair keys: an
         # out-of-vocabulary word none of whose adjacent character pairs is among them backs off to
-        # single characters (``_backoff_plain`` cannot match anything longer).
-        self.prefix_pairs = np.unique(np.array(
-            [ord(t[0]) * 0x110000 + ord(t[1]) for t in self.coarse_prefixes if len(t) == 2], dtype=np.int64))
+        # single characters (``_backoff_plain`` cannot match anything longer). Every pool worker
+        # loads this: built from one UTF-32 buffer, not a Python expression per prefix.
+        pairs = np.frombuffer("".join(t[:2] for t in multi).encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        self.prefix_pairs = np.unique(pairs[0::2] * 0x110000 + pairs[1::2])
 
     def _split_run(self, run: str, continuation: bool) -> list[str]:
         index = self.fine_vocab.index
