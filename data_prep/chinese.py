@@ -478,6 +478,16 @@ class _EncodedWords:
             self.fine_start, self.coarse_start = self.fine_start[:k], self.coarse_start[:k]
 
 
+def _in_sorted(values: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """``np.isin(values, table)`` for a sorted, unique ``table``: a binary search per value (np.isin
+    hashes the table again on every call, ~6 ms for the encoder's tens of thousands of pairs, once
+    per shard's new words)."""
+    if not len(table):
+        return np.zeros(len(values), dtype=bool)
+    pos = np.minimum(np.searchsorted(table, values), len(table) - 1)
+    return table[pos] == values
+
+
 def _by_count_then_token(items: list[tuple[str, int]]) -> None:
     """Sort (token, count) pairs by count descending, then token: the same order as the key
     (-count, token), as two stable sorts on C-level keys (no tuple per item)."""
@@ -821,7 +831,7 @@ class Chinese(Language):
             keys = cps[:-1].astype(np.int64) * 0x110000 + cps[1:]
             inside = (word_of_char[:-1] == word_of_char[1:]) & trivial[word_of_char[:-1]]
             hits = inside.copy()
-            hits[inside] = np.isin(keys[inside], self.prefix_pairs)
+            hits[inside] = _in_sorted(keys[inside], self.prefix_pairs)
             trivial[word_of_char[:-1][hits]] = False
         irregular = np.nonzero(special | ((coarse_w < 0) & ~trivial))[0]
         if len(irregular) == 0 and not trivial.any():

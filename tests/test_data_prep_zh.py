@@ -433,3 +433,14 @@ def test_vectorised_word_encoding_equals_word_by_word(tmp_path):
     assert coarse_count.tolist() == [len(c) for _, c, _ in per_word]
     oov = sum(1 for w in set(words) if w not in lang.coarse_vocab.index)
     assert oov > 1000  # the test exercised the back-off, in bulk and word by word
+
+
+def test_sorted_membership_equals_isin():
+    """The encoder's pair lookup (a binary search in its sorted table) equals np.isin, empty table too."""
+    from data_prep.chinese import _in_sorted
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 7, 2000):
+        table = np.unique(rng.integers(0, 5000, n)).astype(np.int64)
+        values = rng.integers(-10, 5100, 3000).astype(np.int64)
+        assert np.array_equal(_in_sorted(values, table), np.isin(values, table))
