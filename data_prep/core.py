@@ -820,16 +820,17 @@ def build(config: BuildConfig, comm=None) -> dict:
         return params, warnings, (work / READ_FILE).exists()
 
     stage_seconds: dict[str, float] = {}
-    params, warnings, read_done = comm.bcast(_collective(comm, check) if comm.rank == 0 else _collective(comm, lambda: None))
-    work = work_dir_for(config.output)
-
-    # ---- 2+3. read into shards, analyse ------------------------------------------------------
     executor = None
     concatenator: fmt.BinConcatenator | None = None  # rank 0, from the encode stage on
     try:
+        # The pool first (no input has been read yet, so no reader thread exists at fork time): its
+        # workers load what they need (a segmenter's dictionary, ~0.3 s) while rank 0 checks the inputs.
+        executor = _Executor(config.workers, config.language, options)
+        params, warnings, read_done = comm.bcast(_collective(comm, check) if comm.rank == 0 else _collective(comm, lambda: None))
+        work = work_dir_for(config.output)
+
+        # ---- 2+3. read into shards, analyse --------------------------------------------------
         def read_and_analyze():
-            nonlocal executor
-            executor = _Executor(config.workers, config.language, options)
             sizes = [r.get("content_bytes") for r in params["inputs"]]
             total = sum(sizes) if None not in sizes else None  # unknown for parquet / HF datasets
             with _progress(config.progress and comm.rank == 0, desc="analyze", unit="B", unit_scale=True,
