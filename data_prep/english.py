@@ -64,6 +64,7 @@ from data_prep.format import (
 )
 from data_prep.languages import EncodedShard, Language, LanguageError, register
 from data_prep.phrases import (
+    NgramIndex,
     PhraseMiningConfig,
     PhraseTokenizer,
     count_ngrams,
@@ -640,7 +641,7 @@ def read_shard_documents(path: str | os.PathLike) -> Iterator[list[list[str]]]:
 # ---------------------------------------------------------------------------------------------
 # Corpus-level step: runs ONCE (main process / MPI rank 0), before any worker encodes
 # ---------------------------------------------------------------------------------------------
-def _shard_ngram_counts(cache_dir: Path, ngrams: set) -> Counter:
+def _shard_ngram_counts(cache_dir: Path, ngrams: NgramIndex) -> Counter:
     return count_ngrams(read_word_sentences(Path(cache_dir) / SHARD_WORDS_FILE), ngrams)
 
 
@@ -661,7 +662,7 @@ def fit_english(words_files: Sequence[Path], sizes: Counter, word_counts: Counte
     words_files = [Path(f) for f in words_files]
     if corpus is not None:
         def count_ngrams_in_corpus(ngrams: set) -> Counter:
-            return corpus.sum_shards(_shard_ngram_counts, ngrams)
+            return corpus.sum_shards(_shard_ngram_counts, NgramIndex(ngrams))
 
         def count_coarse(phrase_tokenizer: PhraseTokenizer) -> Counter:
             return corpus.sum_shards(_shard_coarse_counts, phrase_tokenizer)

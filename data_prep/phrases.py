@@ -644,15 +644,27 @@ def _candidates(unigram: dict[str, float], sticky: dict[tuple[str, ...], float],
     return candidates
 
 
-def count_ngrams(sentences: Iterable[Sequence[str]], ngrams: Iterable[tuple[str, ...]]) -> Counter:
+class NgramIndex:
+    """The n-grams to count, with their lengths by first word: built once, then passed to
+    ``count_ngrams`` for every shard (the build's workers load it once each, not once per shard)."""
+
+    def __init__(self, ngrams: Iterable[tuple[str, ...]]):
+        self.wanted = set(ngrams)
+        by_first: dict[str, set[int]] = {}
+        for g in self.wanted:
+            by_first.setdefault(g[0], set()).add(len(g))
+        self.lengths_by_first = {w: sorted(ls) for w, ls in by_first.items()}
+
+    def __len__(self) -> int:
+        return len(self.wanted)
+
+
+def count_ngrams(sentences: Iterable[Sequence[str]], ngrams: Iterable[tuple[str, ...]] | NgramIndex) -> Counter:
     """Occurrences of each of ``ngrams`` (overlapping) in ``sentences``; memory ~ len(ngrams)."""
-    wanted = set(ngrams)
-    lengths_by_first: dict[str, list[int]] = {}
-    for g in wanted:
-        lengths_by_first.setdefault(g[0], []).append(len(g))
-    lengths_by_first = {w: sorted(set(ls)) for w, ls in lengths_by_first.items()}
+    index = ngrams if isinstance(ngrams, NgramIndex) else NgramIndex(ngrams)
+    wanted = index.wanted
     counts: Counter = Counter()
-    get = lengths_by_first.get
+    get = index.lengths_by_first.get
     for words in sentences:
         n = len(words)
         for i, w in enumerate(words):
