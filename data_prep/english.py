@@ -68,6 +68,8 @@ from data_prep.phrases import (
     PhraseMiningConfig,
     PhraseTokenizer,
     count_ngrams,
+    count_ngrams_in_words_file,
+    encoded_word_blocks,
     lm_line_stride,
     mine_phrases,
     parse_size,
@@ -523,33 +525,48 @@ class EnglishTokenizers:
 # ---------------------------------------------------------------------------------------------
 # Corpus-level training: runs ONCE (rank 0), before any worker encodes
 # ---------------------------------------------------------------------------------------------
-def count_coarse_tokens(words_file: str | os.PathLike, phrase_tokenizer: PhraseTokenizer,
-                        block_sentences: int = 100_000) -> Counter:
-    """Frequency of every coarse token (word or "_"-joined phrase) after greedy phrase tokenization."""
+def count_coarse_tokens(words_file: str | os.PathLike, phrase_tokenizer: PhraseTokenizer) -> Counter:
+    """Frequency of every coarse token (word or "_"-joined phrase) after greedy phrase tokenization.
+
+    Over Arrow-encoded blocks of the file (``encoded_word_blocks``), with array operations: the
+    longest phrase starting at each position (``NgramIndex.longest_match``), the greedy left-to-right
+    choice among those (a loop over the few percent of positions where a phrase starts), words
+    counted with ``bincount`` less those inside phrases, phrases counted per distinct word sequence."""
     counts: Counter = Counter()
+    index = phrase_tokenizer.ngram_index()
+    for distinct, tokens in encoded_word_blocks(words_file):
+        phrases: Counter = Counter()
+        is_word = np.fromiter((w != "\n" and w != "" for w in distinct), dtype=bool, count=len(distinct))
+        per_word = np.bincount(tokens, minlength=len(distinct)) * is_word
+        table = np.fromiter(map(index.word_id.get, distinct, itertools.repeat(-1)), dtype=np.int64, count=len(distinct))
+        positions, longest = index.longest_match(table[tokens])
+        starts, lengths = [], []
+        covered = 0
+        for i, length in zip(positions.tolist(), longest.tolist()):  # greedy, left to right
+            if i >= covered:
+                starts.append(i)
+                lengths.append(length)
+                covered = i + length
+        if starts:
+            starts_a, lengths_a = np.asarray(starts, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
+            per_word -= np.bincount(tokens[_ranges(starts_a, lengths_a)], minlength=len(distinct))
+            for length in np.unique(lengths_a).tolist():
+                at = starts_a[lengths_a == length]
+                rows = tokens[at[:, None] + np.arange(length)]
+                seen, n = np.unique(rows, axis=0, return_counts=True)
+                for row, k in zip(seen.tolist(), n.tolist()):
+                    phrases[PHRASE_JOINER.join(map(distinct.__getitem__, row))] += k
+        kept = np.flatnonzero(per_word)
+        # (a Counter's update from a dict is one C-level dict update while the Counter is empty)
+        counts.update(dict(zip(map(distinct.__getitem__, kept.tolist()), per_word[kept].tolist())))
+        counts.update(phrases)
+    return counts
 
-    def flush(block: list[list[str]]) -> None:
-        words = [w for sentence in block for w in sentence]
-        counts.update(words)  # every word as a token (C speed), then fold the phrase matches in
-        starts, lengths = phrase_tokenizer.flat_matches(words, [len(s) for s in block])
-        for start, length in zip(starts, lengths):
-            span = words[start:start + length]
-            counts[PHRASE_JOINER.join(span)] += 1
-            for w in span:
-                counts[w] -= 1
 
-    block: list[list[str]] = []
-    with open(words_file, encoding="utf-8") as f:
-        for line in f:
-            words = line.split()
-            if words:
-                block.append(words)
-                if len(block) >= block_sentences:
-                    flush(block)
-                    block = []
-    if block:
-        flush(block)
-    return +counts  # drop words whose every occurrence is inside phrases
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(start, start + count) for each (start, count)."""
+    offsets = np.cumsum(counts) - counts
+    return np.repeat(starts - offsets, counts) + np.arange(int(counts.sum()))
 
 
 def _is_phrase(token: str) -> bool:
@@ -642,7 +659,7 @@ def read_shard_documents(path: str | os.PathLike) -> Iterator[list[list[str]]]:
 # Corpus-level step: runs ONCE (main process / MPI rank 0), before any worker encodes
 # ---------------------------------------------------------------------------------------------
 def _shard_ngram_counts(cache_dir: Path, ngrams: NgramIndex) -> Counter:
-    return count_ngrams(read_word_sentences(Path(cache_dir) / SHARD_WORDS_FILE), ngrams)
+    return count_ngrams_in_words_file(Path(cache_dir) / SHARD_WORDS_FILE, ngrams)
 
 
 def _shard_coarse_counts(cache_dir: Path, phrase_tokenizer: PhraseTokenizer) -> Counter:

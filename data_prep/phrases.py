@@ -28,6 +28,7 @@ boundaries are word boundaries, so the fine/coarse alignment stays exact.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -41,6 +42,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
 
 log = logging.getLogger("data_prep.phrases")
 
@@ -645,36 +648,148 @@ def _candidates(unigram: dict[str, float], sticky: dict[tuple[str, ...], float],
 
 
 class NgramIndex:
-    """The n-grams to count, with their lengths by first word: built once, then passed to
-    ``count_ngrams`` for every shard (the build's workers load it once each, not once per shard)."""
+    """The n-grams to count, indexed for array lookups: built once, then passed to ``count_ngrams``
+    for every shard (the build's workers load it once each, not once per shard).
+
+    Exact for any vocabulary: the words of the n-grams get ids; for each length n the n-word
+    prefixes of the n-grams (``S_n``) are keyed by (index of their (n-1)-word prefix in ``S_(n-1)``,
+    id of their last word), sorted. A text is then matched length by length with ``searchsorted``:
+    the position of the n-gram starting at word i in ``S_n`` follows from that of its (n-1)-gram."""
 
     def __init__(self, ngrams: Iterable[tuple[str, ...]]):
-        self.wanted = set(ngrams)
-        by_first: dict[str, set[int]] = {}
-        for g in self.wanted:
-            by_first.setdefault(g[0], set()).add(len(g))
-        self.lengths_by_first = {w: sorted(ls) for w, ls in by_first.items()}
+        self.wanted = {tuple(g) for g in ngrams if len(g) >= 1}
+        words = sorted({w for g in self.wanted for w in g})
+        self.word_id = dict(zip(words, range(len(words))))
+        self.vocab = max(1, len(words))
+        self.singles = np.array(sorted(self.word_id[g[0]] for g in self.wanted if len(g) == 1), dtype=np.int64)
+        self.levels: list[tuple[np.ndarray, np.ndarray, list[tuple[str, ...]]]] = []
+        previous = {(w,): i for w, i in self.word_id.items()}
+        for n in range(2, max(map(len, self.wanted), default=1) + 1):
+            grams = list({g[:n] for g in self.wanted if len(g) >= n})
+            keys = np.fromiter((previous[g[:-1]] * self.vocab + self.word_id[g[-1]] for g in grams), dtype=np.int64,
+                               count=len(grams))
+            order = np.argsort(keys, kind="stable")
+            grams = [grams[i] for i in order.tolist()]
+            is_wanted = np.fromiter(map(self.wanted.__contains__, grams), dtype=bool, count=len(grams))
+            self.levels.append((keys[order], is_wanted, grams))
+            previous = dict(zip(grams, range(len(grams))))
 
     def __len__(self) -> int:
         return len(self.wanted)
 
+    def ids(self, tokens: Iterable) -> np.ndarray:
+        """Word id of each token; -1 for anything else (other words, sentence separators)."""
+        if not isinstance(tokens, list):
+            tokens = list(tokens)
+        return np.fromiter(map(self.word_id.get, tokens, itertools.repeat(-1)), dtype=np.int64, count=len(tokens))
+
+    def count(self, ids: np.ndarray) -> Counter:
+        """Occurrences of the n-grams (overlapping) in ``ids`` (``ids()`` of a text, -1 between sentences)."""
+        counts: Counter = Counter()
+        if len(self.singles):
+            hits = ids[np.isin(ids, self.singles)]
+            for i, c in zip(*np.unique(hits, return_counts=True)):
+                counts[(self._word(int(i)),)] = int(c)
+        start = np.flatnonzero(ids >= 0)  # positions whose (n-1)-gram is in S_(n-1), with its index
+        index = ids[start]
+        for n, (keys, is_wanted, grams) in enumerate(self.levels, start=2):
+            start_ok = start + n - 1 < len(ids)
+            start, index = start[start_ok], index[start_ok]
+            last = ids[start + n - 1]
+            ok = last >= 0
+            start, key = start[ok], index[ok] * self.vocab + last[ok]
+            found = np.minimum(np.searchsorted(keys, key), len(keys) - 1)
+            ok = keys[found] == key
+            start, index = start[ok], found[ok]
+            if not len(start):
+                break
+            hits = index[is_wanted[index]]
+            if len(hits):
+                seen, c = np.unique(hits, return_counts=True)
+                for i, k in zip(seen.tolist(), c.tolist()):
+                    counts[grams[i]] = k
+        return counts
+
+    def longest_match(self, ids: np.ndarray, min_length: int = 2) -> tuple[np.ndarray, np.ndarray]:
+        """For every position of ``ids`` where one of the n-grams (of ``min_length`` words or more)
+        starts: (positions, length of the longest such n-gram there), positions increasing."""
+        longest = np.zeros(len(ids), dtype=np.int64)
+        start = np.flatnonzero(ids >= 0)
+        index = ids[start]
+        for n, (keys, is_wanted, _) in enumerate(self.levels, start=2):
+            start_ok = start + n - 1 < len(ids)
+            start, index = start[start_ok], index[start_ok]
+            last = ids[start + n - 1]
+            ok = last >= 0
+            start, key = start[ok], index[ok] * self.vocab + last[ok]
+            found = np.minimum(np.searchsorted(keys, key), len(keys) - 1)
+            ok = keys[found] == key
+            start, index = start[ok], found[ok]
+            if not len(start):
+                break
+            if n >= min_length:
+                longest[start[is_wanted[index]]] = n  # n grows: the longest wins
+        positions = np.flatnonzero(longest)
+        return positions, longest[positions]
+
+    def _word(self, i: int) -> str:
+        if not hasattr(self, "_words"):
+            self._words = sorted(self.word_id, key=self.word_id.__getitem__)
+        return self._words[i]
+
 
 def count_ngrams(sentences: Iterable[Sequence[str]], ngrams: Iterable[tuple[str, ...]] | NgramIndex) -> Counter:
-    """Occurrences of each of ``ngrams`` (overlapping) in ``sentences``; memory ~ len(ngrams)."""
+    """Occurrences of each of ``ngrams`` (overlapping) in ``sentences``; memory ~ len(ngrams) + a
+    block of sentences (``NgramIndex``: array lookups, no Python loop per word)."""
     index = ngrams if isinstance(ngrams, NgramIndex) else NgramIndex(ngrams)
-    wanted = index.wanted
     counts: Counter = Counter()
-    get = index.lengths_by_first.get
+    block: list = []
     for words in sentences:
-        n = len(words)
-        for i, w in enumerate(words):
-            lengths = get(w)
-            if lengths:
-                for length in lengths:
-                    if i + length <= n:
-                        g = tuple(words[i:i + length])
-                        if g in wanted:
-                            counts[g] += 1
+        block.extend(words)
+        block.append(None)  # a separator: no n-gram crosses it
+        if len(block) >= 1 << 20:
+            counts.update(index.count(index.ids(block)))
+            block = []
+    if block:
+        counts.update(index.count(index.ids(block)))
+    return counts
+
+
+WORDS_BLOCK_BYTES = 1 << 24
+
+
+def encoded_word_blocks(words_file: str | os.PathLike, block_bytes: int = WORDS_BLOCK_BYTES) -> Iterator[tuple[list[str], np.ndarray]]:
+    """The words of a words file (one sentence a line, words separated by one space, as the build
+    writes them; words never contain whitespace), a block of whole lines at a time, split and
+    dictionary-encoded by Arrow: (distinct tokens, int64 index of each token into them), where a
+    "\n" token ends each sentence (and a final "" may follow). One Python string per distinct word,
+    not one per word; memory bounded by ``block_bytes``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def encode(data: bytes) -> tuple[list[str], np.ndarray]:
+        text = pa.array([data.replace(b"\n", b" \n ")], pa.large_string())
+        words = pc.dictionary_encode(pc.split_pattern(text, " ").flatten())
+        return words.dictionary.to_pylist(), words.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+
+    rest = b""
+    with open(words_file, "rb") as f:
+        while chunk := f.read(block_bytes):
+            data = rest + chunk
+            cut = data.rfind(b"\n") + 1
+            rest = data[cut:]
+            if cut:
+                yield encode(data[:cut])
+    if rest:
+        yield encode(rest + b"\n")
+
+
+def count_ngrams_in_words_file(words_file: str | os.PathLike, index: NgramIndex) -> Counter:
+    """``count_ngrams`` over a words file (see ``encoded_word_blocks``)."""
+    counts: Counter = Counter()
+    for distinct, tokens in encoded_word_blocks(words_file):
+        table = np.fromiter(map(index.word_id.get, distinct, itertools.repeat(-1)), dtype=np.int64, count=len(distinct))
+        counts.update(index.count(table[tokens]))
     return counts
 
 
@@ -790,7 +905,13 @@ class PhraseTokenizer:
         self._pairs = None  # the word-pair tables of ``flat_matches``, built on first use
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pairs": None}  # rebuilt where used (each worker, in parallel)
+        return {**self.__dict__, "_pairs": None, "_index": None}  # rebuilt where used (each worker, in parallel)
+
+    def ngram_index(self) -> NgramIndex:
+        """The phrases as an ``NgramIndex`` (array matching over word ids), built on first use."""
+        if getattr(self, "_index", None) is None:
+            self._index = NgramIndex(self.phrases)
+        return self._index
 
     def _pair_tables(self):
         """Every phrase starts with one of these word pairs: an id for each word that is a phrase's

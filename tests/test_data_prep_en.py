@@ -103,6 +103,33 @@ def test_fine_vocabulary_is_deterministic_and_covers_every_character(tmp_path):
     assert detokenize([a[i] for i in enc.ids], "en") == "ünïcödé unbelievably"
 
 
+@pytest.mark.parametrize("block_bytes", [None, 41])
+def test_coarse_token_counts_equal_tokenizing_each_sentence(tmp_path, block_bytes, monkeypatch):
+    """``count_coarse_tokens`` (array matching over Arrow blocks) == ``PhraseTokenizer.tokenize``
+    sentence by sentence: overlapping phrases, phrases inside longer ones, empty lines, small blocks."""
+    import random
+
+    from data_prep import english
+    from data_prep.phrases import PhraseTokenizer, encoded_word_blocks
+
+    if block_bytes:
+        monkeypatch.setattr(english, "encoded_word_blocks", lambda f: encoded_word_blocks(f, block_bytes))
+    rng = random.Random(3)
+    phrase_tokens = 0
+    for trial in range(25):
+        vocab = [f"w{i}" for i in range(rng.randint(2, 10))] + ["é", "日本"]
+        sentences = [[rng.choice(vocab) for _ in range(rng.randint(0, 12))] for _ in range(150)]
+        phrases = {tuple(rng.choice(vocab) for _ in range(rng.randint(2, 5))) for _ in range(rng.randint(0, 15))}
+        tokenizer = PhraseTokenizer(phrases)
+        path = tmp_path / f"words{trial}.txt"
+        path.write_text("".join(" ".join(s) + "\n" for s in sentences), encoding="utf-8")
+        expected = Counter(t for s in sentences for t in tokenizer.tokenize(s, english.PHRASE_JOINER))
+        got = english.count_coarse_tokens(path, tokenizer)
+        assert dict(got) == dict(expected)
+        phrase_tokens += sum(n for t, n in got.items() if english.PHRASE_JOINER in t)
+    assert phrase_tokens > 200  # the cases exercise real matches
+
+
 def test_coarse_vocabulary_backs_off_dropped_phrases():
     counts = Counter({"new_york": 50, "new": 10, "york": 5, "the": 100, "rare_phrase": 2, "rare": 1, "phrase": 1})
     vocab = english.select_coarse_vocabulary(counts, size=5 + 4, min_count=2)

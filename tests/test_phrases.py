@@ -89,6 +89,49 @@ def test_count_ngrams_matches_brute_force():
     assert sum(expected.values()) > 50  # the test exercises real overlaps
 
 
+def _random_corpus(rng: random.Random, n_words: int):
+    vocab = [f"w{i}" for i in range(n_words)] + ["é", "日本", "don't"]
+    # empty sentences included: a words file may hold empty lines
+    return vocab, [[rng.choice(vocab) for _ in range(rng.randint(0, 12))] for _ in range(200)]
+
+
+def _brute_force_ngram_counts(sentences, wanted) -> Counter:
+    expected = Counter()
+    for s in sentences:
+        for g in wanted:
+            n = len(g)
+            expected[g] += sum(1 for i in range(len(s) - n + 1) if tuple(s[i:i + n]) == g)
+    return +expected
+
+
+@pytest.mark.parametrize("block_bytes", [ph.WORDS_BLOCK_BYTES, 37])
+def test_count_ngrams_in_words_file_matches_brute_force(tmp_path, block_bytes, monkeypatch):
+    """The array matcher (``NgramIndex``) over a words file read in Arrow blocks: every length from
+    1 to 5, n-grams of words the text never has, blocks that cut the file anywhere but inside a line."""
+    monkeypatch.setattr(ph, "WORDS_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(ph.encoded_word_blocks, "__defaults__", (block_bytes,))
+    rng = random.Random(7)
+    for trial in range(20):
+        vocab, sentences = _random_corpus(rng, rng.randint(2, 20))
+        wanted = {tuple(rng.choice(vocab + ["unseen"]) for _ in range(rng.randint(1, 5))) for _ in range(50)}
+        path = tmp_path / f"words{trial}.txt"
+        path.write_text("".join(" ".join(s) + "\n" for s in sentences), encoding="utf-8")
+        expected = _brute_force_ngram_counts(sentences, wanted)
+        assert dict(ph.count_ngrams_in_words_file(path, ph.NgramIndex(wanted))) == dict(expected)
+        assert dict(count_ngrams(sentences, wanted)) == dict(expected)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert ph.count_ngrams_in_words_file(empty, ph.NgramIndex({("a", "b")})) == Counter()
+
+
+def test_longest_match_is_the_longest_phrase_at_each_position():
+    index = ph.NgramIndex([("a", "b"), ("a", "b", "c", "d"), ("b", "c"), ("x", "y", "z")])
+    ids = index.ids(["a", "b", "c", "d", None, "a", "b", "c", "x", "y", "z", "x", "y"])
+    positions, lengths = index.longest_match(ids)
+    # "a b c" is only a prefix (not a phrase): the longest phrase at 5 is "a b"
+    assert dict(zip(positions.tolist(), lengths.tolist())) == {0: 4, 1: 2, 5: 2, 6: 2, 8: 3}
+
+
 def test_drop_subsumed():
     counts = {("prime", "minister", "tony", "blair"): 95, ("minister", "tony", "blair"): 100,
               ("tony", "blair"): 400, ("prime", "minister"): 300}
