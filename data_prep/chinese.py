@@ -57,6 +57,8 @@ SHARD_IDS_FILE = "word_ids.npy"
 SHARD_SENTENCES_FILE = "sentence_words.npy"
 _ASCII_ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 _ASCII_ALNUM_SET = frozenset(_ASCII_ALNUM)
+_ALNUM_TABLE = np.zeros(128, dtype=bool)
+_ALNUM_TABLE[[ord(c) for c in _ASCII_ALNUM]] = True
 _NEEDS_CARE = re.compile(r"[ #A-Za-z0-9]")
 _RUN_OR_CHAR = re.compile(r"[A-Za-z0-9]+|.", re.DOTALL)
 _RUN = re.compile(r"[A-Za-z0-9]+")
@@ -319,12 +321,26 @@ class WordIds:
         return ids
 
     def _extend(self, new: list[str]) -> None:
-        """The per-word tables of words just numbered (in id order)."""
+        """The per-word tables of words just numbered (in id order), from their code points at once."""
         self.words += new
-        alnum = _ASCII_ALNUM_SET
-        self.starts_alnum = np.append(self.starts_alnum, [w[0] in alnum for w in new])
-        self.ends_alnum = np.append(self.ends_alnum, [w[-1] in alnum for w in new])
-        self.odd = np.append(self.odd, [(" " in w or "\n" in w) and w != " " and w != "\n" for w in new])
+        if not new:
+            return
+        lens = np.fromiter(map(len, new), dtype=np.int64, count=len(new))
+        if not lens.all():  # an empty word (no segmenter gives one): the plain way
+            alnum = _ASCII_ALNUM_SET
+            starts_alnum = [bool(w) and w[0] in alnum for w in new]
+            ends_alnum = [bool(w) and w[-1] in alnum for w in new]
+            odd = [(" " in w or "\n" in w) and w != " " and w != "\n" for w in new]
+        else:
+            cps = np.frombuffer("".join(new).encode("utf-32-le"), dtype=np.uint32)
+            first = np.cumsum(lens) - lens
+            alnum = _ALNUM_TABLE[np.minimum(cps, 127)] & (cps < 128)
+            starts_alnum, ends_alnum = alnum[first], alnum[first + lens - 1]
+            # whitespace inside a word other than the one-character words " " and "\n"
+            odd = (np.add.reduceat(((cps == 32) | (cps == 10)).astype(np.int64), first) > 0) & (lens > 1)
+        self.starts_alnum = np.append(self.starts_alnum, starts_alnum)
+        self.ends_alnum = np.append(self.ends_alnum, ends_alnum)
+        self.odd = np.append(self.odd, odd)
 
     def chunk(self, segmenter: Segmenter, sentences: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
         """(word ids, words per sentence) of ``sentences`` (none containing "##") with ONE segmenter

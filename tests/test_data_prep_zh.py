@@ -444,3 +444,24 @@ def test_sorted_membership_equals_isin():
         table = np.unique(rng.integers(0, 5000, n)).astype(np.int64)
         values = rng.integers(-10, 5100, 3000).astype(np.int64)
         assert np.array_equal(_in_sorted(values, table), np.isin(values, table))
+
+
+def test_word_table_flags_from_code_points_equal_per_word_rules():
+    """``WordIds._extend`` computes its per-word flags from the words' code points at once: they must
+    equal the per-word rules (Latin letter/digit at either end; whitespace inside a longer word)."""
+    import random
+
+    from data_prep.chinese import _ASCII_ALNUM_SET, WordIds
+
+    rng = random.Random(0)
+    alphabet = "ab1 \n中文#Z9é😀"
+    for _ in range(300):
+        words = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(0, 30))]
+        table = WordIds()
+        base = len(table.words)
+        table._extend(words)
+        assert table.words[base:] == words
+        assert table.starts_alnum[base:].tolist() == [w[0] in _ASCII_ALNUM_SET for w in words]
+        assert table.ends_alnum[base:].tolist() == [w[-1] in _ASCII_ALNUM_SET for w in words]
+        assert table.odd[base:].tolist() == [(" " in w or "\n" in w) and w not in (" ", "\n") for w in words]
+    assert WordIds().odd.tolist() == [False, False]  # the line break and the space themselves
