@@ -493,6 +493,45 @@ def _encode(args: tuple) -> str:
     return shard_dir
 
 
+def _run_pass(executor: "_Executor", fn: Callable, dirs: list[Path], arg: Any, add: bool, scratch: Path) -> tuple:
+    """This rank's part of a corpus pass: ("ok", result) or ("error", message), never an exception (a
+    rank that raised would leave the others waiting in the gather)."""
+    try:
+        scratch.mkdir(parents=True, exist_ok=True)
+        return "ok", executor.map_shards(fn, dirs, arg, scratch, add)
+    except Exception as exc:  # noqa: BLE001 - reported to rank 0, which raises it for everyone
+        log.exception("a corpus pass failed on this rank")
+        return "error", f"{type(exc).__name__}: {exc}"
+
+
+def _corpus_pass(comm, executor: "_Executor", fn: Callable, dirs: list[Path], arg: Any, add: bool, scratch: Path):
+    """``Corpus.map_shards`` / ``sum_shards`` of the fit (rank 0) over EVERY rank's workers: shard k
+    is read by rank k % size (the work directory is shared, as for the merge); rank 0 gets the sum
+    (``add``) or the results in shard order."""
+    comm.bcast((fn, [str(d) for d in dirs], arg, add))
+    results = comm.gather(_run_pass(executor, fn, dirs[0::comm.size], arg, add, scratch))
+    failed = [f"rank {r}: {message}" for r, (status, message) in enumerate(results) if status != "ok"]
+    if failed:
+        raise BuildError("a corpus pass of the fit failed:\n" + "\n".join(failed))
+    if add:
+        return sum_counters([result for _, result in results])
+    ordered: list = [None] * len(dirs)
+    for r, (_, result) in enumerate(results):
+        ordered[r::comm.size] = result
+    return ordered
+
+
+def _serve_corpus_passes(comm, executor: "_Executor", scratch: Path) -> None:
+    """Ranks other than 0, during the fit: run each corpus pass rank 0 broadcasts on this rank's
+    shards and workers, until rank 0 broadcasts None."""
+    try:
+        while (request := comm.bcast(None)) is not None:
+            fn, dirs, arg, add = request
+            comm.gather(_run_pass(executor, fn, [Path(d) for d in dirs[comm.rank::comm.size]], arg, add, scratch))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _map_task(task: tuple) -> Any:
     """Shards of ``Corpus.map_shards``: ``fn(cache_dir, arg)`` for each, ``arg`` loaded once per worker;
     with ``add`` the results (Counters) are summed here, so the main process sums one per worker."""
@@ -855,17 +894,37 @@ def build(config: BuildConfig, comm=None) -> dict:
         # ---- 4. fit (rank 0) -----------------------------------------------------------------
         artifacts = work / "artifacts"
 
+        # decided once, by rank 0, for every rank: the ranks that help with the fit's corpus passes
+        # must all agree on whether there is a fit
+        fit_needed = comm.bcast(not (work / "fit.done").exists() if comm.rank == 0 else None)
+
         def fit():
-            if comm.rank != 0 or (work / "fit.done").exists():
+            if not fit_needed:
                 return
+            if comm.rank != 0:
+                _serve_corpus_passes(comm, executor, work / f"scratch-rank{comm.rank}")
+                return
+            try:
+                fit_on_rank0()
+            finally:
+                if comm.size > 1:
+                    comm.bcast(None)  # the other ranks stop serving corpus passes (also when the fit failed)
+
+        def fit_on_rank0():
             counts = {k: v.unpack() if isinstance(v, PackedCounter) else v for k, v in _sum_count_tables(all_counts).items()}
             tmp = work / "artifacts.tmp"
             scratch = work / "scratch"
             for d in (tmp, scratch):
                 shutil.rmtree(d, ignore_errors=True)
                 d.mkdir()
+
+            def mapper(fn, dirs, arg, add=False):
+                if comm.size == 1:
+                    return executor.map_shards(fn, dirs, arg, scratch, add)
+                return _corpus_pass(comm, executor, fn, dirs, arg, add, scratch)
+
             corpus = Corpus([_shard_dir(work, k) for k in range(summary["num_shards"])], read_shard_documents, scratch,
-                            mapper=lambda fn, dirs, arg, add=False: executor.map_shards(fn, dirs, arg, scratch, add))
+                            mapper=mapper)
             t0 = time.time()
             with _NoCyclicGC():  # as in the worker tasks: millions of short-lived objects, no cycles
                 fit_stats = lang.fit(counts, corpus, tmp) or {}

@@ -297,6 +297,64 @@ def test_mpirun_two_ranks_identical(built, bbc_corpus, tmp_path):
     assert _dataset_files(out) == _dataset_files(built)
 
 
+def _gloo_rank_build(corpus: str, output: str, log_dir: str, fail: bool) -> dict:
+    """One rank of a 2-rank build (torch.distributed gloo). Rank 1 records every shard its corpus
+    passes read, or (``fail``) fails in the coarse count."""
+    from data_prep import core as rank_core
+    from data_prep import english as rank_english
+
+    comm = rank_core.detect_communicator()
+    if comm.rank == 1:
+        original = rank_english._shard_coarse_counts
+
+        def recording(cache_dir, tokenizer):
+            if fail:
+                raise RuntimeError("disk on fire")
+            with open(Path(log_dir) / "rank1_shards.txt", "a") as f:
+                f.write(f"{cache_dir}\n")
+            return original(cache_dir, tokenizer)
+
+        # what rank 0's request unpickles to on this rank (functions travel by name)
+        rank_english._shard_coarse_counts = recording
+    try:
+        rank_core.build(_config(Path(corpus), Path(output)))  # --workers 1: the passes run in this process
+        return {"rank": comm.rank, "error": None}
+    except Exception as exc:  # noqa: BLE001 - the test checks the message every rank got
+        return {"rank": comm.rank, "error": f"{type(exc).__name__}: {exc}"}
+
+
+@needs_lmplz
+def test_gloo_ranks_share_the_fit_corpus_passes(built, bbc_corpus, tmp_path):
+    """2 ranks: rank 1 counts its share of the shards for rank 0's fit; the dataset is the 1-process one."""
+    from tests.distributed import run_distributed
+
+    out = tmp_path / "g2"
+    results = run_distributed(_gloo_rank_build, world_size=2, args=(str(bbc_corpus), str(out), str(tmp_path), False),
+                              timeout=400)
+    assert [r["error"] for r in results] == [None, None]
+    shards = (tmp_path / "rank1_shards.txt").read_text().split()
+    # rank 1 read shards 1, 3, 5, ... (each once) of the coarse count
+    assert shards and len(set(shards)) == len(shards) and all(int(Path(s).parent.name) % 2 == 1 for s in shards)
+    assert _dataset_files(out) == _dataset_files(built)
+
+
+@needs_lmplz
+def test_a_corpus_pass_failing_on_another_rank_stops_every_rank(bbc_corpus, tmp_path):
+    """Rank 1 fails inside a corpus pass of rank 0's fit: every rank stops with an error that names
+    rank 1 and its exception (no rank waits forever); no dataset is written; the analysed shards are kept."""
+    from tests.distributed import run_distributed
+
+    out = tmp_path / "fails"
+    results = run_distributed(_gloo_rank_build, world_size=2, args=(str(bbc_corpus), str(out), str(tmp_path), True),
+                              timeout=400)
+    assert "a corpus pass of the fit failed" in results[0]["error"]
+    assert "rank 1: RuntimeError: disk on fire" in results[0]["error"]
+    assert "another rank failed" in results[1]["error"] and "disk on fire" in results[1]["error"]
+    assert not out.exists()
+    work = core.work_dir_for(out)
+    assert list(work.glob("shards/*/analyzed.done")) and not (work / "fit.done").exists()
+
+
 def test_reuse_phrases_and_fine_tokenizer(built, bbc_corpus, tmp_path, monkeypatch):
     """--phrases and --fine-tokenizer reuse another build's files; KenLM is then not needed at all."""
     monkeypatch.setenv("AMBERT_LMPLZ", str(tmp_path / "no-lmplz"))
