@@ -936,7 +936,6 @@ def build(config: BuildConfig, comm=None) -> dict:
             shutil.rmtree(scratch, ignore_errors=True)
             log.info("vocabularies built in %.1fs", time.time() - t0)
             _mark(work / "fit.done", fit_stats)
-            return
 
         _collective(comm, fit)
         stage_seconds["fit"] = round(time.time() - started - sum(stage_seconds.values()), 2)
