@@ -69,6 +69,7 @@ from data_prep.phrases import (
     PhraseTokenizer,
     count_ngrams,
     count_ngrams_in_words_file,
+    encode_words_bytes,
     encoded_word_blocks,
     lm_line_stride,
     mine_phrases,
@@ -623,23 +624,33 @@ def write_shard_words(documents: Iterable[str], path: str | os.PathLike, lowerca
     sentences each document has. No separator lines: the words files of all shards, in order, are
     exactly lmplz's input.
 
-    Returns (sizes, word counts)."""
+    Returns (sizes, word counts). The words are counted once over the shard's text (Arrow
+    dictionary encoding + ``bincount``; words in order of first occurrence, as ``Counter.update``
+    sentence by sentence would list them), not sentence by sentence."""
+    lines: list[str] = []
+    per_document: list[int] = []
+    for document in documents:
+        sentences = document_sentences(document, lowercase)
+        lines += map(" ".join, sentences)
+        per_document.append(len(sentences))
+    data = ("\n".join(lines) + "\n").encode("utf-8") if lines else b""
+    with open(path, "wb") as f:
+        f.write(data)
+    np.save(Path(path).with_name(DOC_SENTENCES_FILE), np.asarray(per_document, dtype=np.int64))
     sizes: Counter = Counter()
     word_counts: Counter = Counter()
-    per_document: list[int] = []
-    with open(path, "w", encoding="utf-8") as f:
-        for document in documents:
-            sentences = document_sentences(document, lowercase)
-            for words in sentences:
-                word_counts.update(words)
-                f.write(" ".join(words))
-                f.write("\n")
-                sizes["words"] += len(words)
-                sizes["characters"] += sum(map(len, words))
-            per_document.append(len(sentences))
-            sizes["sentences"] += len(sentences)
-            sizes["documents"] += 1
-    np.save(Path(path).with_name(DOC_SENTENCES_FILE), np.asarray(per_document, dtype=np.int64))
+    if lines:
+        distinct, tokens = encode_words_bytes(data)
+        counts = np.bincount(tokens, minlength=len(distinct))
+        lengths = np.fromiter(map(len, distinct), dtype=np.int64, count=len(distinct))
+        words = np.flatnonzero((counts > 0) & (lengths > 0) & np.fromiter((w != "\n" for w in distinct), dtype=bool,
+                                                                             count=len(distinct)))
+        word_counts.update(dict(zip(map(distinct.__getitem__, words.tolist()), counts[words].tolist())))
+        sizes["words"] = int(counts[words].sum())
+        sizes["characters"] = int((counts[words] * lengths[words]).sum())
+    if per_document:
+        sizes["sentences"] = len(lines)
+        sizes["documents"] = len(per_document)
     return sizes, word_counts
 
 

@@ -764,14 +764,6 @@ def encoded_word_blocks(words_file: str | os.PathLike, block_bytes: int = WORDS_
     dictionary-encoded by Arrow: (distinct tokens, int64 index of each token into them), where a
     "\n" token ends each sentence (and a final "" may follow). One Python string per distinct word,
     not one per word; memory bounded by ``block_bytes``."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    def encode(data: bytes) -> tuple[list[str], np.ndarray]:
-        text = pa.array([data.replace(b"\n", b" \n ")], pa.large_string())
-        words = pc.dictionary_encode(pc.split_pattern(text, " ").flatten())
-        return words.dictionary.to_pylist(), words.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-
     rest = b""
     with open(words_file, "rb") as f:
         while chunk := f.read(block_bytes):
@@ -779,9 +771,20 @@ def encoded_word_blocks(words_file: str | os.PathLike, block_bytes: int = WORDS_
             cut = data.rfind(b"\n") + 1
             rest = data[cut:]
             if cut:
-                yield encode(data[:cut])
+                yield encode_words_bytes(data[:cut])
     if rest:
-        yield encode(rest + b"\n")
+        yield encode_words_bytes(rest + b"\n")
+
+
+def encode_words_bytes(data: bytes) -> tuple[list[str], np.ndarray]:
+    """``encoded_word_blocks`` of one block of whole lines (UTF-8 bytes): (distinct tokens in order of
+    first occurrence, int64 index of each token); "\n" ends each sentence."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    text = pa.array([data.replace(b"\n", b" \n ")], pa.large_string())
+    words = pc.dictionary_encode(pc.split_pattern(text, " ").flatten())
+    return words.dictionary.to_pylist(), words.indices.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def count_ngrams_in_words_file(words_file: str | os.PathLike, index: NgramIndex) -> Counter:

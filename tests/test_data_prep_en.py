@@ -103,6 +103,26 @@ def test_fine_vocabulary_is_deterministic_and_covers_every_character(tmp_path):
     assert detokenize([a[i] for i in enc.ids], "en") == "ünïcödé unbelievably"
 
 
+def test_shard_words_file_and_counts_equal_the_sentence_by_sentence_definition(tmp_path):
+    """``write_shard_words`` counts the words once over the shard's text: the same file, sizes and word
+    counts (in the same first-occurrence order, which the summed tables keep) as sentence by sentence."""
+    documents = ["The U.S. economy grew 2.5% in 2004. Mr. Blair said so!", "", "   ", "\u200b",
+                 "Ünïcödé İstanbul ﬃ test. Another one!\nA second line, same document.", "word " * 700,
+                 "The economy, again: the U.S. economy."]
+    for docs in (documents, [], ["", ""], documents[:1]):
+        sizes, counts = english.write_shard_words(docs, tmp_path / "words.txt")
+        sentences = [s for d in docs for s in english.document_sentences(d)]
+        assert (tmp_path / "words.txt").read_text(encoding="utf-8") == "".join(" ".join(s) + "\n" for s in sentences)
+        expected = Counter()
+        for s in sentences:
+            expected.update(s)
+        assert list(counts.items()) == list(expected.items())
+        assert sizes.get("words", 0) == sum(map(len, sentences))
+        assert sizes.get("characters", 0) == sum(len(w) for s in sentences for w in s)
+        assert sizes.get("sentences", 0) == len(sentences) and sizes.get("documents", 0) == len(docs)
+        assert np.load(tmp_path / english.DOC_SENTENCES_FILE).tolist() == [len(english.document_sentences(d)) for d in docs]
+
+
 @pytest.mark.parametrize("block_bytes", [None, 41])
 def test_coarse_token_counts_equal_tokenizing_each_sentence(tmp_path, block_bytes, monkeypatch):
     """``count_coarse_tokens`` (array matching over Arrow blocks) == ``PhraseTokenizer.tokenize``
