@@ -67,7 +67,6 @@ from data_prep.phrases import (
     NgramIndex,
     PhraseMiningConfig,
     PhraseTokenizer,
-    count_ngrams,
     count_ngrams_in_words_file,
     encode_words_bytes,
     encoded_word_blocks,
@@ -75,7 +74,6 @@ from data_prep.phrases import (
     mine_phrases,
     parse_size,
     read_phrases_tsv,
-    read_word_sentences,
     write_phrases_tsv,
 )
 
@@ -696,7 +694,10 @@ def fit_english(words_files: Sequence[Path], sizes: Counter, word_counts: Counte
             return corpus.sum_shards(_shard_coarse_counts, phrase_tokenizer)
     else:
         def count_ngrams_in_corpus(ngrams: set) -> Counter:
-            return count_ngrams((w for f in words_files for w in read_word_sentences(f)), ngrams)
+            index, total = NgramIndex(ngrams), Counter()
+            for f in words_files:
+                total.update(count_ngrams_in_words_file(f, index))
+            return total
 
         def count_coarse(phrase_tokenizer: PhraseTokenizer) -> Counter:
             total: Counter = Counter()
