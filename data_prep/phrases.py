@@ -690,19 +690,8 @@ class NgramIndex:
             hits = ids[np.isin(ids, self.singles)]
             for i, c in zip(*np.unique(hits, return_counts=True)):
                 counts[(self._word(int(i)),)] = int(c)
-        start = np.flatnonzero(ids >= 0)  # positions whose (n-1)-gram is in S_(n-1), with its index
-        index = ids[start]
-        for n, (keys, is_wanted, grams) in enumerate(self.levels, start=2):
-            start_ok = start + n - 1 < len(ids)
-            start, index = start[start_ok], index[start_ok]
-            last = ids[start + n - 1]
-            ok = last >= 0
-            start, key = start[ok], index[ok] * self.vocab + last[ok]
-            found = np.minimum(np.searchsorted(keys, key), len(keys) - 1)
-            ok = keys[found] == key
-            start, index = start[ok], found[ok]
-            if not len(start):
-                break
+        for n, _, index in self._walk(ids):
+            _, is_wanted, grams = self.levels[n - 2]
             hits = index[is_wanted[index]]
             if len(hits):
                 seen, c = np.unique(hits, return_counts=True)
@@ -714,9 +703,19 @@ class NgramIndex:
         """For every position of ``ids`` where one of the n-grams (of ``min_length`` words or more)
         starts: (positions, length of the longest such n-gram there), positions increasing."""
         longest = np.zeros(len(ids), dtype=np.int64)
-        start = np.flatnonzero(ids >= 0)
+        for n, start, index in self._walk(ids):
+            if n >= min_length:
+                is_wanted = self.levels[n - 2][1]
+                longest[start[is_wanted[index]]] = n  # n grows: the longest wins
+        positions = np.flatnonzero(longest)
+        return positions, longest[positions]
+
+    def _walk(self, ids: np.ndarray):
+        """For n = 2, 3, ...: (n, start positions, level-n key index) of every n-gram of ``ids`` whose
+        prefixes are all keys (whether wanted or not), so a longer match only extends a shorter one."""
+        start = np.flatnonzero(ids >= 0)  # positions whose (n-1)-gram is in S_(n-1), with its index
         index = ids[start]
-        for n, (keys, is_wanted, _) in enumerate(self.levels, start=2):
+        for n, (keys, _, _) in enumerate(self.levels, start=2):
             start_ok = start + n - 1 < len(ids)
             start, index = start[start_ok], index[start_ok]
             last = ids[start + n - 1]
@@ -726,11 +725,8 @@ class NgramIndex:
             ok = keys[found] == key
             start, index = start[ok], found[ok]
             if not len(start):
-                break
-            if n >= min_length:
-                longest[start[is_wanted[index]]] = n  # n grows: the longest wins
-        positions = np.flatnonzero(longest)
-        return positions, longest[positions]
+                return
+            yield n, start, index
 
     def _word(self, i: int) -> str:
         if not hasattr(self, "_words"):

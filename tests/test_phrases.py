@@ -22,17 +22,7 @@ from data_prep.phrases import (
     read_phrases_tsv,
     write_phrases_tsv,
 )
-
-
-def _have_lmplz() -> bool:
-    try:
-        find_lmplz()
-        return True
-    except PhraseMiningError:
-        return False
-
-
-needs_lmplz = pytest.mark.skipif(not _have_lmplz(), reason="KenLM lmplz not built (run `bash launchers/setup.sh`)")
+from tests.kenlm_marks import needs_lmplz
 
 # ---------------------------------------------------------------------------------------------
 # Greedy longest match
