@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep import format as fmt
-from data_prep.languages import Corpus, EncodedShard, Language, LanguageError, register
+from data_prep.languages import Corpus, EncodedShard, Language, LanguageError, concat_ranges, register
 from data_prep.normalize import normalize_documents, normalize_text, split_sentences, split_sentences_batch
 
 SEGMENTERS = ("rjieba", "jieba", "pkuseg")
@@ -68,13 +68,6 @@ _CACHED_RUN = re.compile("(?:^|(?<=[\x1f\n]))##[A-Za-z0-9]+|[A-Za-z0-9]{2,}", re
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]")
 MAX_BACKOFF_PIECES = 16
 _LETTER = re.compile(r"[^\W\d_]")
-
-
-def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(start, start + count) for each (start, count), vectorised."""
-    total = int(counts.sum())
-    offsets = np.cumsum(counts) - counts
-    return np.repeat(starts - offsets, counts) + np.arange(total)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -865,8 +858,8 @@ class Chinese(Language):
         d_align = np.fromiter(itertools.chain.from_iterable(e[2] for e in encoded), dtype=np.int64, count=len(d_coarse))
         irr_fine_count = d_fine_count[code]
         irr_coarse_count = d_coarse_count[code]
-        irr_fine = d_fine[_ranges((np.cumsum(d_fine_count) - d_fine_count)[code], irr_fine_count)]
-        coarse_src = _ranges((np.cumsum(d_coarse_count) - d_coarse_count)[code], irr_coarse_count)
+        irr_fine = d_fine[concat_ranges((np.cumsum(d_fine_count) - d_fine_count)[code], irr_fine_count)]
+        coarse_src = concat_ranges((np.cumsum(d_coarse_count) - d_coarse_count)[code], irr_coarse_count)
         fine_count = lens.copy()
         fine_count[irregular] = irr_fine_count
         coarse_count = np.ones(W, dtype=np.int64)
@@ -890,12 +883,12 @@ class Chinese(Language):
         coarse[coarse_start[single]] = coarse_w[single]
         align[coarse_start[single]] = lens[single]
         if trivial.any():  # their characters' fine ids, one coarse token each
-            positions = _ranges(coarse_start[trivial], lens[trivial])
+            positions = concat_ranges(coarse_start[trivial], lens[trivial])
             coarse[positions] = self.coarse_char_table[cps[trivial[word_of_char]]]
             align[positions] = 1
         # Irregular words: their encodings go to [start, start + count) of each occurrence.
-        fine[_ranges(fine_start[irregular], irr_fine_count)] = irr_fine
-        positions = _ranges(coarse_start[irregular], irr_coarse_count)
+        fine[concat_ranges(fine_start[irregular], irr_fine_count)] = irr_fine
+        positions = concat_ranges(coarse_start[irregular], irr_coarse_count)
         coarse[positions] = d_coarse[coarse_src]
         align[positions] = d_align[coarse_src]
         return fine, coarse, align, fine_count, coarse_count
@@ -916,8 +909,8 @@ class Chinese(Language):
         slots = memo.slots(words, self.encode_words)
         tokens = slots[ids]
         fine_count, coarse_count = memo.fine_count[tokens], memo.coarse_count[tokens]
-        fine = memo.fine[_ranges(memo.fine_start[tokens], fine_count)]
-        coarse_src = _ranges(memo.coarse_start[tokens], coarse_count)
+        fine = memo.fine[concat_ranges(memo.fine_start[tokens], fine_count)]
+        coarse_src = concat_ranges(memo.coarse_start[tokens], coarse_count)
         sentence_starts = np.cumsum(sentence_words) - sentence_words
         return EncodedShard(
             fine=fine,

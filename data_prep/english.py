@@ -62,7 +62,7 @@ from data_prep.format import (
     UNK_ID,
     Vocab,
 )
-from data_prep.languages import EncodedShard, Language, LanguageError, register
+from data_prep.languages import EncodedShard, Language, LanguageError, concat_ranges, register
 from data_prep.phrases import (
     NgramIndex,
     PhraseMiningConfig,
@@ -548,7 +548,7 @@ def count_coarse_tokens(words_file: str | os.PathLike, phrase_tokenizer: PhraseT
                 covered = i + length
         if starts:
             starts_a, lengths_a = np.asarray(starts, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
-            per_word -= np.bincount(tokens[_ranges(starts_a, lengths_a)], minlength=len(distinct))
+            per_word -= np.bincount(tokens[concat_ranges(starts_a, lengths_a)], minlength=len(distinct))
             for length in np.unique(lengths_a).tolist():
                 at = starts_a[lengths_a == length]
                 rows = tokens[at[:, None] + np.arange(length)]
@@ -560,12 +560,6 @@ def count_coarse_tokens(words_file: str | os.PathLike, phrase_tokenizer: PhraseT
         counts.update(dict(zip(map(distinct.__getitem__, kept.tolist()), per_word[kept].tolist())))
         counts.update(phrases)
     return counts
-
-
-def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(start, start + count) for each (start, count)."""
-    offsets = np.cumsum(counts) - counts
-    return np.repeat(starts - offsets, counts) + np.arange(int(counts.sum()))
 
 
 def _is_phrase(token: str) -> bool:

@@ -113,6 +113,13 @@ def sum_counters(counters: Sequence[Counter]) -> Counter:
     return Counter(dict(zip(unique, sums.tolist())))
 
 
+def concat_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(start, start + count) for each (start, count), vectorised: the
+    positions of variable-length slices (a word's tokens in a flat array) gathered at once."""
+    offsets = np.cumsum(counts) - counts
+    return np.repeat(starts - offsets, counts) + np.arange(int(counts.sum()))
+
+
 class PackedCounter(NamedTuple):
     """A count table of str keys as ONE string (the keys joined by NUL) and an int64 array: a shard's
     table (tens of thousands of words) pickles, loads and is summed without a Python object per key
