@@ -871,8 +871,8 @@ class English(Language):
                                 "words text, at least 16 MB, + its vocabulary table; beyond -S lmplz sorts runs on "
                                 "its temp dir, which costs less than allocating a large -S)")
         group.add_argument("--lm-sample", default=d.lm_sample,
-                           help="(en) lmplz (one core) estimates on at most this much word text, every k-th "
-                                "shard; candidates are still counted over the whole corpus; 0 = all "
+                           help="(en) lmplz (a serial step) estimates on at most this much word text, every k-th "
+                                "sentence; candidates are still counted over the whole corpus; 0 = all "
                                 "(default %(default)s)")
         group.add_argument("--discount-fallback", action="store_true",
                            help="(en) let lmplz use fixed discounts on corpora too small for its estimate")

@@ -107,8 +107,8 @@ class PhraseMiningConfig:
     """--discount-fallback: pass --discount_fallback to lmplz (needed for small corpora)."""
     lm_sample: str = "4G"
     """--lm-sample: lmplz estimates its model on at most this much word text ("0" = all of it): every
-    k-th sentence of the corpus; the candidates are still counted over the whole corpus. lmplz runs
-    on one core: on hundreds of GB it would otherwise dominate the build."""
+    k-th sentence of the corpus; the candidates are still counted over the whole corpus. lmplz is
+    one serial step (~1.4 cores): on hundreds of GB it would otherwise dominate the build."""
 
     def validate(self) -> None:
         if not 2 <= self.ngram_order <= 8:
@@ -362,7 +362,7 @@ def lmplz_progress_line(elapsed: float, stderr_text: str, bytes_read: int | None
 
 class _LmplzProgress(threading.Thread):
     """Logs ``lmplz_progress_line`` every LMPLZ_PROGRESS_SECONDS while lmplz runs: on a multi-GB
-    sample it works for minutes on one core. Bytes read come from /proc/PID/io (Linux; omitted where
+    sample it works for minutes. Bytes read come from /proc/PID/io (Linux; omitted where
     unreadable); the stage from lmplz's stderr, read without moving the file's position."""
 
     def __init__(self, pid: int, stderr_fd: int, total_bytes: int):
@@ -507,7 +507,7 @@ def select_candidates_intermediate(prefix: str | os.PathLike, config: PhraseMini
                                    ) -> dict[tuple[str, ...], tuple[float, float]]:
     """``select_candidates`` on lmplz's intermediate files: the same candidates with the same numbers
     (a test runs both on one lmplz run), every rule applied to whole record arrays by word id (this
-    runs on the build's one-core path between lmplz and the parallel counting)."""
+    runs on the build's serial path between lmplz and the parallel counting)."""
     import numpy as np
 
     vocabulary, orders = read_intermediate(prefix)
@@ -815,7 +815,7 @@ def mine_phrases(words_file: str | os.PathLike | Sequence[str | os.PathLike], co
 
     ``count(candidates)`` counts the candidate n-grams over the corpus (default: one pass over the
     words files; the build passes a parallel count over its shards). ``while_lmplz_runs()`` runs
-    while lmplz estimates the model (independent work: lmplz uses one core)."""
+    while lmplz estimates the model (independent work: lmplz leaves part of a second core free)."""
     config.validate()
     find_lmplz(config.lmplz)  # fail before any expensive work
     files = [words_file] if isinstance(words_file, (str, os.PathLike)) else list(words_file)
@@ -823,7 +823,7 @@ def mine_phrases(words_file: str | os.PathLike | Sequence[str | os.PathLike], co
     with tempfile.TemporaryDirectory(prefix="ambert-kenlm-", dir=temp_dir) as tmp:
         # KenLM's intermediate binary model, not the ARPA text: the same numbers (a test checks the
         # candidates against the ARPA reader's), without lmplz printing and us parsing 400k lines
-        # per 20 MB of text on the build's one-core path.
+        # per 20 MB of text on the build's serial path.
         model = Path(tmp) / "model"
         run_lmplz(files, None, config, tmp, while_lmplz_runs, vocab_size, line_stride, intermediate=model)
         t0 = time.time()

@@ -381,7 +381,7 @@ def test_reuse_phrases_and_fine_tokenizer(built, bbc_corpus, tmp_path, monkeypat
 
 
 def test_lm_sample_estimates_on_every_kth_sentence_and_counts_everything(built, bbc_corpus, tmp_path):
-    """--lm-sample bounds lmplz's (one-core) input on a huge corpus: the model comes from every k-th
+    """--lm-sample bounds lmplz's (serial) input on a huge corpus: the model comes from every k-th
     sentence, but the phrases' counts are still those of the whole corpus."""
     out = tmp_path / "sampled"
     core.build(_config(bbc_corpus, out, language_options={"lm_sample": "300K"}))

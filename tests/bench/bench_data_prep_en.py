@@ -16,7 +16,7 @@ Rows (each a fresh process, wall time from launch to exit, input MB/s = text byt
   encode-1 / encode-2: the build reusing that fine tokenizer and phrase dictionary
           (``--fine-tokenizer``, ``--phrases``): what the peer does (no training), both granularities.
   sampled-1 / sampled-2: the full build with ``--lm-sample 2M`` (lmplz on every 10th sentence): the
-          regime of a corpus larger than the default --lm-sample, where KenLM's one-core step no
+          regime of a corpus larger than the default --lm-sample, where KenLM's serial step no
           longer grows with the corpus.
 Then, in this process on the same words, single-threaded: phrase tokenization (greedy longest
 match) vs the fine WordPiece tokenizer.
@@ -188,7 +188,7 @@ def main() -> None:
     print(f"  the same two, median of per-round pairs      = {med['build']:.2f}x build, {med['encode']:.2f}x encode-only "
           f"(rounds: {', '.join(f'{x:.2f}' for x in paired['build'])}; drift-robust)")
     print(f"  build with lmplz on a sample, 2 / 1 workers  = {rows['sampled-1'] / rows['sampled-2']:.2f}x, median of pairs "
-          f"{med['sampled']:.2f}x  (a corpus beyond --lm-sample: KenLM's one-core share bounded)")
+          f"{med['sampled']:.2f}x  (a corpus beyond --lm-sample: KenLM's serial share bounded)")
     print(f"  phrase tokenization / fine tokenizer speed    = {best_fine / best_phrase:.1f}x  (>= 5; "
           f"{best_fine / best_spans:.1f}x sentence by sentence)")
     print(f"  CPU cost: peer CPU-s / build-1 CPU-s          = {cpu['peer'] / cpu['build-1']:.2f}x; "
