@@ -493,7 +493,7 @@ def _encode(args: tuple) -> str:
     return shard_dir
 
 
-def _run_pass(executor: "_Executor", fn: Callable, dirs: list[Path], arg: Any, add: bool, scratch: Path) -> tuple:
+def _run_pass(executor: _Executor, fn: Callable, dirs: list[Path], arg: Any, add: bool, scratch: Path) -> tuple:
     """This rank's part of a corpus pass: ("ok", result) or ("error", message), never an exception (a
     rank that raised would leave the others waiting in the gather)."""
     try:
@@ -504,7 +504,7 @@ def _run_pass(executor: "_Executor", fn: Callable, dirs: list[Path], arg: Any, a
         return "error", f"{type(exc).__name__}: {exc}"
 
 
-def _corpus_pass(comm, executor: "_Executor", fn: Callable, dirs: list[Path], arg: Any, add: bool, scratch: Path):
+def _corpus_pass(comm, executor: _Executor, fn: Callable, dirs: list[Path], arg: Any, add: bool, scratch: Path):
     """``Corpus.map_shards`` / ``sum_shards`` of the fit (rank 0) over EVERY rank's workers: shard k
     is read by rank k % size (the work directory is shared, as for the merge); rank 0 gets the sum
     (``add``) or the results in shard order."""
@@ -521,7 +521,7 @@ def _corpus_pass(comm, executor: "_Executor", fn: Callable, dirs: list[Path], ar
     return ordered
 
 
-def _serve_corpus_passes(comm, executor: "_Executor", scratch: Path) -> None:
+def _serve_corpus_passes(comm, executor: _Executor, scratch: Path) -> None:
     """Ranks other than 0, during the fit: run each corpus pass rank 0 broadcasts on this rank's
     shards and workers, until rank 0 broadcasts None."""
     try:

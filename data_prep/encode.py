@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -80,7 +80,7 @@ class TextEncoder:
         self.plugin = self._load_plugin()
 
     @classmethod
-    def from_directory(cls, directory: str | os.PathLike) -> "TextEncoder":
+    def from_directory(cls, directory: str | os.PathLike) -> TextEncoder:
         return cls(directory)
 
     # ---- plugin ------------------------------------------------------------------------------

@@ -45,9 +45,9 @@ import sys
 import time
 import unicodedata
 from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -396,7 +396,7 @@ class EnglishTokenizers:
 
     # --- persistence --------------------------------------------------------------------------
     @classmethod
-    def load(cls, directory: str | os.PathLike, lowercase: bool = True, word_cache: bool = True) -> "EnglishTokenizers":
+    def load(cls, directory: str | os.PathLike, lowercase: bool = True, word_cache: bool = True) -> EnglishTokenizers:
         from tokenizers import Tokenizer
 
         directory = Path(directory)

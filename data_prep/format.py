@@ -32,9 +32,9 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -96,7 +96,7 @@ class Vocab:
             raise FormatError(f"duplicate vocabulary entry {dup!r}")
 
     @classmethod
-    def from_tokens(cls, regular_tokens: Iterable[str]) -> "Vocab":
+    def from_tokens(cls, regular_tokens: Iterable[str]) -> Vocab:
         """Special tokens followed by ``regular_tokens`` (order kept, specials skipped)."""
         return cls(list(SPECIAL_TOKENS) + [t for t in regular_tokens if t not in SPECIAL_TOKENS])
 
@@ -119,7 +119,7 @@ class Vocab:
         Path(path).write_text("".join(t + "\n" for t in self.tokens), encoding="utf-8")
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Vocab":
+    def load(cls, path: str | os.PathLike) -> Vocab:
         text = Path(path).read_text(encoding="utf-8")
         return cls(text.split("\n")[:-1] if text.endswith("\n") else text.split("\n"))
 

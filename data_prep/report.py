@@ -11,8 +11,9 @@ import html
 import itertools
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from data_prep.format import PHRASE_JOINER
 
@@ -51,7 +52,7 @@ def sample_sentences(words_files: str | os.PathLike | Sequence[str | os.PathLike
     return pool[:: max(1, len(pool) // count)][:count]
 
 
-def _coarse(tokenizers: "EnglishTokenizers", words: Sequence[str]) -> list[tuple[str, str]]:
+def _coarse(tokenizers: EnglishTokenizers, words: Sequence[str]) -> list[tuple[str, str]]:
     """(token, kind) with kind in word | phrase | oov."""
     out, i = [], 0
     for length in tokenizers.phrase_tokenizer.spans(words):
@@ -62,12 +63,12 @@ def _coarse(tokenizers: "EnglishTokenizers", words: Sequence[str]) -> list[tuple
     return out
 
 
-def _fine(tokenizers: "EnglishTokenizers", words: Sequence[str]) -> list[str]:
+def _fine(tokenizers: EnglishTokenizers, words: Sequence[str]) -> list[str]:
     enc = tokenizers.fine_tokenizer.encode(list(words), is_pretokenized=True, add_special_tokens=False)
     return [tokenizers.fine_vocab.token(i) for i in enc.ids]
 
 
-def choose_examples(tokenizers: "EnglishTokenizers",
+def choose_examples(tokenizers: EnglishTokenizers,
                     words_files: str | os.PathLike | Sequence[str | os.PathLike]) -> list[list[str]]:
     """The report's example sentences: two thirds show at least one phrase (that is what a reader
     checks), the rest are plain sentences; both spread over the corpus, deterministic."""
@@ -80,7 +81,7 @@ def choose_examples(tokenizers: "EnglishTokenizers",
     return examples
 
 
-def write_report(directory: str | os.PathLike, phrases: Sequence["Phrase"], tokenizers: "EnglishTokenizers",
+def write_report(directory: str | os.PathLike, phrases: Sequence[Phrase], tokenizers: EnglishTokenizers,
                  words_files: str | os.PathLike | Sequence[str | os.PathLike] | None, stats: dict,
                  examples: list[list[str]] | None = None) -> None:
     """phrase_report.txt / .html: ``stats``, the top phrases and example sentences (``examples``, or

@@ -24,8 +24,6 @@ coarse_*); the data side always produces both, so every variant trains on identi
 
 from __future__ import annotations
 
-from typing import Dict
-
 import torch
 
 IGNORE_INDEX = -100
@@ -34,7 +32,7 @@ FINE_KEYS = ("fine_ids", "fine_labels", "fine_attention_mask", "fine_token_types
 COARSE_KEYS = ("coarse_ids", "coarse_labels", "coarse_attention_mask", "coarse_token_types")
 OPTIONAL_KEYS = ("fine_to_coarse", "sentence_order_labels", "labels")
 
-Batch = Dict[str, torch.Tensor]
+Batch = dict[str, torch.Tensor]
 
 
 def batch_to(batch: Batch, device: torch.device | str) -> Batch:

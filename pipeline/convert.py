@@ -171,7 +171,13 @@ def export(source: Path, output: Path) -> Path:
     save_file(state, str(output / "model.safetensors"), metadata={"format": "pt", "step": str(marker["step"])})
     (output / "config.json").write_text(json.dumps(marker["model_config"], indent=1), encoding="utf-8")
     # The tokenizers the model was trained with travel with it (pipeline/inference.py reads them).
-    from data_prep.format import COARSE_VOCAB_FILE, FINE_TOKENIZER_FILE, FINE_VOCAB_FILE, META_FILE, PHRASES_FILE
+    from data_prep.format import (
+        COARSE_VOCAB_FILE,
+        FINE_TOKENIZER_FILE,
+        FINE_VOCAB_FILE,
+        META_FILE,
+        PHRASES_FILE,
+    )
 
     dataset = Path(str(marker.get("dataset_path", "")))
     for name in (META_FILE, FINE_VOCAB_FILE, COARSE_VOCAB_FILE, FINE_TOKENIZER_FILE, PHRASES_FILE):

@@ -19,7 +19,6 @@ import dataclasses
 import logging
 import sys
 import typing
-
 from pathlib import Path
 
 if __package__ in (None, ""):  # `deepspeed pipeline/finetune.py` runs this file as a script

@@ -28,9 +28,9 @@ import math
 import os
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -366,7 +366,7 @@ def classification_report(predictions: np.ndarray, labels: np.ndarray, names: Se
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
 
-def load_table(path: str) -> "datasets.Dataset":  # noqa: F821
+def load_table(path: str) -> datasets.Dataset:  # noqa: F821
     """A local file as an HF Dataset (offline)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -472,7 +472,14 @@ def _checkpoint_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def resolve_pretrained(model: str, dataset: str = "") -> Pretrained:
     """Model config, weights and tokenizer directory of ``model`` (export, checkpoint or random:RECIPE)."""
-    from pipeline.inference import CONFIG_FILE, WEIGHTS_FILE, ExportError, load_state_dict, read_model_config, tokenizer_dir_of
+    from pipeline.inference import (
+        CONFIG_FILE,
+        WEIGHTS_FILE,
+        ExportError,
+        load_state_dict,
+        read_model_config,
+        tokenizer_dir_of,
+    )
 
     if model.startswith("random:"):
         from pipeline.model import model_recipe

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -173,7 +173,7 @@ class AmbertEncoder:
         self.max_length = min(max_length or model.config.max_position_embeddings, model.config.max_position_embeddings)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, max_length: int | None = None, dataset: str = "") -> "AmbertEncoder":
+    def load(cls, directory: str | os.PathLike, max_length: int | None = None, dataset: str = "") -> AmbertEncoder:
         """``directory``: an exported model, or a training checkpoint (step_XXXXXXXX, TP=1)."""
         from data_prep.encode import TextEncoder
         from pipeline.finetuning import resolve_pretrained

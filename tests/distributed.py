@@ -24,13 +24,13 @@ and the error names the ranks that hung (a hang is a failure, never a stuck CI j
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import socket
 import time
 import traceback
-from typing import Any, Callable, Sequence
-
-import multiprocessing as mp
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 class DistributedTestError(AssertionError):
