@@ -656,6 +656,8 @@ def _check_inputs(config: BuildConfig, lang: Language, specs: list[inp.InputSpec
     First the head of every input (format, text field, language: seconds), then one pass over the
     bytes of every input (sha256, NUL bytes, UTF-8 validity: ~1 GB/s).
     """
+    pooled: list[str] = []  # the samples, pooled up to one sample's size: many small files are judged together
+    pooled_chars = 0
     for spec in specs:
         try:
             sample = inp.sample_text(spec, encoding_errors=config.encoding_errors)  # raises on a missing field
@@ -665,6 +667,13 @@ def _check_inputs(config: BuildConfig, lang: Language, specs: list[inp.InputSpec
             problem = lang.check_sample(sample, spec.path)
             if problem:
                 raise LanguageError(problem + " (or pass --skip-language-check if this is intended)")
+            if pooled_chars < inp.SAMPLE_CHARS:
+                pooled.append(sample[: inp.SAMPLE_CHARS - pooled_chars])
+                pooled_chars += len(pooled[-1])
+    if len(pooled) > 1:  # each file may be too short to judge alone (a folder of small files)
+        problem = lang.check_sample("\n".join(pooled), f"the start of the {len(pooled)} inputs taken together")
+        if problem:
+            raise LanguageError(problem + " (or pass --skip-language-check if this is intended)")
     warnings: list[str] = []
     records = []
     for spec in specs:

@@ -384,7 +384,11 @@ def iter_documents(specs: list[InputSpec], encoding_errors: str = "strict", max_
                 yield text
 
 
-def sample_text(spec: InputSpec, max_chars: int = 256_000, encoding_errors: str = "replace") -> str:
+SAMPLE_CHARS = 256_000
+"""How much of each input the language check reads (``sample_text``)."""
+
+
+def sample_text(spec: InputSpec, max_chars: int = SAMPLE_CHARS, encoding_errors: str = "replace") -> str:
     """The first ``max_chars`` characters of an input's documents (for the language check)."""
     parts: list[str] = []
     total = 0

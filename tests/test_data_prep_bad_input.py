@@ -106,6 +106,26 @@ def test_non_chinese_corpus_refused_before_work(tmp_path):
     assert not core.work_dir_for(tmp_path / "ds").exists()
 
 
+def test_many_small_non_chinese_files_refused_together(tmp_path):
+    """Files too short to judge one by one (< 50 letters each) are judged together: a folder of
+    small English files given --lang zh stops before any work; small Chinese files still build."""
+    english = tmp_path / "en"
+    english.mkdir()
+    for i in range(40):
+        (english / f"{i:02d}.txt").write_text(f"note {i}: the meeting moved to room {i + 3}.\n\nsee you there\n",
+                                              encoding="utf-8")
+    with pytest.raises(LanguageError, match=r"the 40 inputs taken together does not look like Chinese: only 0.0% "
+                                            r".*--lang en.*--skip-language-check"):
+        core.build(_config(tmp_path, [english]))
+    assert not core.work_dir_for(tmp_path / "ds").exists()
+    chinese = tmp_path / "zh"
+    chinese.mkdir()
+    for i, doc in enumerate(DOCS[:40]):
+        (chinese / f"{i:02d}.txt").write_text(doc[:40] + "\n\n" + doc[40:80] + "\n", encoding="utf-8")
+    meta = core.build(_config(tmp_path, [chinese], overwrite=True))
+    assert meta["stats"]["documents"] >= 40
+
+
 def test_missing_user_dict_refused_before_work(tmp_path):
     """A --user-dict that does not exist stops the build before any input is read (it used to
     surface in the first analysis task, with a half-read corpus left for --resume)."""
