@@ -45,9 +45,10 @@ import sys
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -680,19 +681,34 @@ def fit_english(words_files: Sequence[Path], sizes: Counter, word_counts: Counte
     The fine vocabulary is trained while lmplz runs (they are independent).
     """
     words_files = [Path(f) for f in words_files]
+    seconds: dict[str, float] = {"corpus_counts": 0.0}  # the two counting passes: the fit's parallel part
+
+    def timed(fn: Callable[[Any], Counter]) -> Callable[[Any], Counter]:
+        def run(arg: Any) -> Counter:
+            t0 = time.time()
+            try:
+                return fn(arg)
+            finally:
+                seconds["corpus_counts"] = round(seconds["corpus_counts"] + time.time() - t0, 2)
+        return run
+
     if corpus is not None:
+        @timed
         def count_ngrams_in_corpus(ngrams: set) -> Counter:
             return corpus.sum_shards(_shard_ngram_counts, NgramIndex(ngrams))
 
+        @timed
         def count_coarse(phrase_tokenizer: PhraseTokenizer) -> Counter:
             return corpus.sum_shards(_shard_coarse_counts, phrase_tokenizer)
     else:
+        @timed
         def count_ngrams_in_corpus(ngrams: set) -> Counter:
             index, total = NgramIndex(ngrams), Counter()
             for f in words_files:
                 total.update(count_ngrams_in_words_file(f, index))
             return total
 
+        @timed
         def count_coarse(phrase_tokenizer: PhraseTokenizer) -> Counter:
             total: Counter = Counter()
             for f in words_files:
@@ -700,7 +716,6 @@ def fit_english(words_files: Sequence[Path], sizes: Counter, word_counts: Counte
             return total
 
     config.validate()
-    seconds: dict[str, float] = {}
     n_words = sizes["words"]
     if n_words == 0:
         raise EnglishInputError("the corpus has no words after normalisation; check --input")
