@@ -1,6 +1,6 @@
 """Build (or verify) a paired fine/coarse AMBERT dataset.
 
-    python data_prep/build.py --lang zh --output data/zh-demo            # demo: People's Daily 1998-01
+    python data_prep/build.py --lang zh --output data/demo-zh            # demo: People's Daily 1998-01
     python data_prep/build.py --lang zh --input 'corpus/*.txt.xz' --output data/zh --workers 8
     mpirun -np 4 python data_prep/build.py --lang zh --input corpus/ --output data/zh
     python data_prep/build.py --lang zh ... --resume                     # continue a killed build

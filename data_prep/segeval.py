@@ -2,7 +2,7 @@
 
     python -m data_prep.segeval                          # rjieba, all 19,484 paragraphs
     python -m data_prep.segeval --segmenter jieba --lines 2000
-    python -m data_prep.segeval --dataset data/zh-demo   # also score the coarse TOKENS of a dataset
+    python -m data_prep.segeval --dataset data/demo-zh   # also score the coarse TOKENS of a dataset
                                                          # (its vocabulary + back-off), not only the segmenter
 
 Word precision / recall / F1 over character spans (the standard SIGHAN scoring): a predicted word
