@@ -116,7 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if report.ok else 1
     if not args.lang or not args.output:
         parser.error("--lang and --output are required to build (or pass --verify DIR)")
+    config = config_from_args(args)
     if core.launch_rank() == 0:  # the build's log also goes next to the dataset (appended on --resume)
+        try:
+            core.check_output(config)  # before the log file is made: never inside an input folder
+        except (inputs.InputError, FileExistsError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         log_file = Path(args.output).parent / (Path(args.output).name + ".build.log")
         try:
             log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -130,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             if console is not handler:
                 console.addFilter(lambda record: not getattr(record, "file_only", False))
     try:
-        meta = core.build(config_from_args(args))
+        meta = core.build(config)
     except (core.BuildError, inputs.InputError, LanguageError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         logging.getLogger("data_prep.build").log(logging.ERROR, "error: %s", exc, extra={"file_only": True})

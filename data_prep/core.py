@@ -334,6 +334,9 @@ def is_valid_document(index: np.ndarray | int, num_documents: int, num_valid: in
 
 
 def num_valid_documents(num_documents: int, fraction: float) -> int:
+    if num_documents == 0:
+        raise BuildError("the inputs hold no text: every document is empty or whitespace. Check --input (and "
+                         "--text-field for JSON lines, parquet and saved datasets)")
     if num_documents < 2:
         raise BuildError(
             f"the corpus has {num_documents} non-empty document(s); a train and a valid split need at least 2. "
@@ -701,6 +704,30 @@ def _remove_dead_partials(out: Path) -> None:
             continue
 
 
+def check_output(config: BuildConfig) -> None:
+    """--output must not be a file, an input, a folder holding an input, or inside an input folder;
+    --overwrite replaces only a dataset (a folder with meta.json) or an empty folder."""
+    out = Path(config.output)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--output {out} is an existing file, not a dataset directory; choose another --output")
+    target = out.resolve()
+    for pattern in config.inputs or []:
+        path = Path(pattern)
+        if not path.exists():  # a glob, or missing (reported with the inputs)
+            continue
+        path = path.resolve()
+        if path == target or target in path.parents:
+            raise inp.InputError(f"--output {out} is, or contains, the input {pattern}: the build would replace it. "
+                                 f"Choose an --output outside the inputs")
+        if path.is_dir() and path in target.parents:
+            raise inp.InputError(f"--output {out} is inside the input folder {pattern}: the dataset and its build log "
+                                 f"would be read as input by the next build from that folder. Choose an --output "
+                                 f"outside it")
+    if config.overwrite and out.is_dir() and not (out / fmt.META_FILE).is_file() and any(out.iterdir()):
+        raise FileExistsError(f"--output {out} exists and is not a dataset (no {fmt.META_FILE}): --overwrite only "
+                              f"replaces a dataset built by data_prep. Choose another --output, or remove {out} yourself")
+
+
 def _prepare_work_dir(config: BuildConfig, params: dict) -> Path:
     out = Path(config.output)
     work = work_dir_for(out)
@@ -719,6 +746,14 @@ def _prepare_work_dir(config: BuildConfig, params: dict) -> Path:
                         f"cannot resume: {work} was started by another version of data_prep (work files in format "
                         f"{recorded.get('work_format', 1)}, this version writes {WORK_FORMAT}); pass --overwrite "
                         f"without --resume to start over"
+                    )
+                if diff == ["inputs"] and recorded is not None and [r["path"] for r in recorded["inputs"]] == [
+                        r["path"] for r in params["inputs"]]:
+                    changed = [r["path"] for r, o in zip(params["inputs"], recorded["inputs"]) if r != o]
+                    raise BuildError(
+                        f"cannot resume: input(s) changed since the interrupted build started ({', '.join(changed[:3])}"
+                        f"{', ...' if len(changed) > 3 else ''}: other content); pass --overwrite without --resume to "
+                        f"start over on the new content"
                     )
                 raise BuildError(
                     f"cannot resume: {work} was started with different build parameters ({', '.join(diff) or 'unknown'}); "
@@ -842,6 +877,7 @@ def build(config: BuildConfig, comm=None) -> dict:
 
     def check():
         out = Path(config.output)
+        check_output(config)
         if out.exists() and not config.overwrite:  # the cheapest check first
             raise FileExistsError(
                 f"output directory {out} already exists; pass --overwrite to replace it (only once the new build "
@@ -955,7 +991,13 @@ def build(config: BuildConfig, comm=None) -> dict:
 
         # ---- 5. encode ---------------------------------------------------------------------------
         num_documents = summary["num_documents"]
-        num_valid = num_valid_documents(num_documents, config.valid_fraction)
+        try:
+            num_valid = num_valid_documents(num_documents, config.valid_fraction)
+        except BuildError:  # no --resume can change that: leave nothing behind
+            comm.barrier()
+            if comm.rank == 0:
+                shutil.rmtree(work, ignore_errors=True)
+            raise
 
         def encoded(k: int) -> bool:
             return (_shard_dir(work, k) / "encoded.done").exists()

@@ -285,6 +285,22 @@ class IndexInfo:
     document_indices: np.ndarray
 
 
+def check_index_size(path_prefix: str) -> None:
+    """FormatError unless ``path_prefix.idx`` has a megatron-core header and the size it implies (O(1):
+    the header only), so that a truncated index is named instead of failing inside megatron-core."""
+    path = path_prefix + ".idx"
+    with open(path, "rb") as fh:
+        head = fh.read(len(_INDEX_HEADER) + 8 + 1 + 8 + 8)
+    if len(head) < len(_INDEX_HEADER) + 25 or head[: len(_INDEX_HEADER)] != _INDEX_HEADER:
+        raise FormatError(f"{path} is not a megatron-core IndexedDataset index (bad header); rebuild the dataset")
+    _, _, num_seq, num_docs = struct.unpack("<QBQQ", head[len(_INDEX_HEADER):])
+    expected = len(head) + num_seq * 4 + num_seq * 8 + num_docs * 8
+    actual = os.path.getsize(path)
+    if actual != expected:
+        raise FormatError(f"{path} has {actual:,} bytes, its header describes {expected:,}: it was truncated or "
+                          f"written to; rebuild the dataset")
+
+
 def read_index(path_prefix: str) -> IndexInfo:
     """Parse ``path_prefix.idx`` (megatron-core's layout) without megatron-core."""
     path = path_prefix + ".idx"
@@ -504,9 +520,25 @@ class PairedSplit:
                     )
         # An empty .bin cannot be memory-mapped (an empty split is legal: e.g. no valid documents).
         mmap = os.path.getsize(prefix(directory, split, "fine") + ".bin") > 0
-        self.fine = IndexedDataset(prefix(directory, split, "fine"), mmap=mmap)
-        self.coarse = IndexedDataset(prefix(directory, split, "coarse"), mmap=mmap)
-        self.align = IndexedDataset(prefix(directory, split, "align"), mmap=mmap)
+        streams = {}
+        for s in STREAMS:
+            path = prefix(directory, split, s)
+            check_index_size(path)
+            try:
+                streams[s] = IndexedDataset(path, mmap=mmap)
+            except Exception as exc:  # megatron-core raises ValueError / AssertionError / struct.error on damage
+                raise FormatError(f"cannot read {path}.idx/.bin ({type(exc).__name__}: {exc}): the files are truncated "
+                                  f"or damaged; rebuild the dataset with `python data_prep/build.py ... --output "
+                                  f"{directory}`") from None
+            index = streams[s].index
+            n = len(index.sequence_lengths)  # the last sequence's end, O(1): pointers are byte offsets
+            expected = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size if n else 0
+            actual = os.path.getsize(path + ".bin")
+            if actual != expected:
+                raise FormatError(f"{path}.bin has {actual:,} bytes, its .idx describes {expected:,}: the file was "
+                                  f"truncated or written to; rebuild the dataset with `python data_prep/build.py ... "
+                                  f"--output {directory}`")
+        self.fine, self.coarse, self.align = streams["fine"], streams["coarse"], streams["align"]
         n = len(self.fine)
         if len(self.coarse) != n or len(self.align) != n:
             raise FormatError(f"{directory}/{split}: fine/coarse/align sentence counts differ")
@@ -554,6 +586,9 @@ class PairedDataset:
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
         meta_path = self.directory / META_FILE
+        if self.directory.is_file():
+            raise FormatError(f"{self.directory} is a file, not a dataset directory; give the directory that "
+                              f"`python data_prep/build.py --output DIR` wrote")
         if not meta_path.is_file():
             partial = sorted(self.directory.parent.glob(self.directory.name + ".partial-*"))
             hint = f" (found unfinished build {partial[0]}; it was interrupted, rebuild)" if partial else ""
@@ -561,7 +596,13 @@ class PairedDataset:
                 f"{self.directory} is not a paired dataset: {META_FILE} is missing{hint}. "
                 f"Build one with `python data_prep/build.py --lang zh|en --output {self.directory}`"
             )
-        self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        try:
+            self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FormatError(f"{meta_path} is not valid JSON ({exc}): the dataset is damaged; rebuild it") from None
+        if not isinstance(self.meta, dict):
+            raise FormatError(f"{meta_path} holds a JSON {type(self.meta).__name__}, not the object data_prep writes: "
+                              f"the dataset is damaged; rebuild it")
         version = self.meta.get("format_version")
         if version != FORMAT_VERSION:
             raise FormatError(

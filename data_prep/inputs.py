@@ -32,6 +32,7 @@ import json
 import lzma
 import os
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,11 +106,23 @@ def _kind_of(path: Path) -> str:
         return "jsonl"
     if last == ".parquet":
         return "parquet"
+    if last in (".csv", ".tsv"):
+        raise InputError(f"{path}: CSV/TSV tables are not read as input (their header and columns would become "
+                         f"text); convert it to JSON lines or parquet with a text column, e.g. "
+                         f"`python -c \"import pandas as pd; pd.read_csv('{path.name}'{', sep=chr(9)' if last == '.tsv' else ''})"
+                         f".to_parquet('{path.stem}.parquet')\"`, or rename it if it is plain text")
     return "text"
 
 
 def resolve_inputs(patterns: list[str], text_mode: str = "auto", text_field: str = "text") -> list[InputSpec]:
     """Expand files, globs and folders into a sorted, de-duplicated list of inputs; missing paths raise."""
+    try:
+        return _resolve_inputs(patterns, text_mode, text_field)
+    except OSError as exc:  # an unreadable folder
+        raise read_error(exc.filename or ", ".join(patterns), "folder", exc) from None
+
+
+def _resolve_inputs(patterns: list[str], text_mode: str, text_field: str) -> list[InputSpec]:
     if text_mode not in TEXT_MODES:
         raise InputError(f"--text-mode must be one of {TEXT_MODES}, got {text_mode!r}")
     specs: list[InputSpec] = []
@@ -165,8 +178,11 @@ def resolve_text_mode(spec: InputSpec) -> InputSpec:
     """
     if spec.kind != "text" or spec.text_mode != "auto":
         return spec
-    with open_binary(spec.path) as fh:
-        head = fh.read(_CHUNK)
+    try:
+        with open_binary(spec.path) as fh:
+            head = fh.read(_CHUNK)
+    except _read_errors() as exc:
+        raise read_error(spec.path, spec.kind, exc) from None
     mode = "paragraph" if _BLANK_LINE.search(head.strip(b"\n")) else "line"
     return dataclasses.replace(spec, text_mode=mode)
 
@@ -184,7 +200,15 @@ def _data_files(spec: InputSpec) -> list[Path]:
 
 
 def scan_input(spec: InputSpec) -> InputScan:
-    """sha256 of the stored bytes; for text/jsonl also NUL bytes and UTF-8 validity of the content."""
+    """sha256 of the stored bytes; for text/jsonl also NUL bytes and UTF-8 validity of the content.
+    An unreadable, corrupt or truncated input raises InputError naming it."""
+    try:
+        return _scan(spec)
+    except _read_errors() as exc:
+        raise read_error(spec.path, spec.kind, exc) from None
+
+
+def _scan(spec: InputSpec) -> InputScan:
     digest = hashlib.sha256()
     size = 0
     for f in _data_files(spec):
@@ -271,7 +295,44 @@ def _text_lines(spec: InputSpec, encoding_errors: str) -> Iterator[str]:
         yield from reader
 
 
+_FORMATS = {".gz": "gzip", ".xz": "xz", ".bz2": "bzip2"}
+
+
+def read_error(path: str, kind: str, exc: BaseException) -> InputError:
+    """The InputError for an input that cannot be read: unreadable, corrupt or truncated."""
+    if isinstance(exc, PermissionError):
+        return InputError(f"cannot read {exc.filename or path}: permission denied. Fix its permissions, or leave it "
+                          f"out of --input")
+    what = {"parquet": "a parquet file", "hf_disk": "a Hugging Face dataset saved with save_to_disk"}.get(kind)
+    if what is None:
+        fmt = _FORMATS.get(Path(path).suffix.lower())
+        what = f"a valid {fmt} file" if fmt else "a readable file"
+    detail = str(exc).strip() or type(exc).__name__
+    return InputError(f"cannot read {path}: it is not {what}, or it is truncated ({type(exc).__name__}: {detail}). "
+                      f"Re-create or re-download it, or leave it out of --input")
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (OSError, EOFError, lzma.LZMAError, zlib.error)
+    try:
+        import pyarrow
+
+        errors += (pyarrow.ArrowException,)
+    except ImportError:  # pragma: no cover - pyarrow is a dependency
+        pass
+    return errors
+
+
 def _raw_documents(spec: InputSpec, encoding_errors: str) -> Iterator[str]:
+    try:
+        yield from _documents_of(spec, encoding_errors)
+    except (InputError, UnicodeDecodeError):
+        raise
+    except _read_errors() as exc:
+        raise read_error(spec.path, spec.kind, exc) from None
+
+
+def _documents_of(spec: InputSpec, encoding_errors: str) -> Iterator[str]:
     if spec.kind == "text":
         if spec.text_mode == "line":
             for line in _text_lines(spec, encoding_errors):
@@ -298,6 +359,9 @@ def _raw_documents(spec: InputSpec, encoding_errors: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
+                if number == 1 and line.lstrip().startswith("["):
+                    raise InputError(f"{spec.path}: a JSON array, not JSON lines (one object a line); convert it, e.g. "
+                                     f"`jq -c '.[]' {spec.path} > {Path(spec.path).stem}.jsonl`") from None
                 raise InputError(f"{spec.path}:{number}: not valid JSON ({exc.msg}); every line of a .jsonl input "
                                  f"must be one JSON object") from None
             yield _field(record, spec, f"{spec.path}:{number}")
@@ -308,9 +372,11 @@ def _raw_documents(spec: InputSpec, encoding_errors: str) -> Iterator[str]:
         if spec.text_field not in pf.schema_arrow.names:
             raise InputError(f"{spec.path} has no column {spec.text_field!r} (columns: {pf.schema_arrow.names}); "
                              f"pass --text-field NAME")
+        row = 0
         for batch in pf.iter_batches(batch_size=1024, columns=[spec.text_field]):
             for text in batch.column(0).to_pylist():
-                yield text if isinstance(text, str) else ""
+                row += 1
+                yield _text_value(text, spec, f"{spec.path} row {row}")
     elif spec.kind == "hf_disk":
         import datasets
 
@@ -321,9 +387,11 @@ def _raw_documents(spec: InputSpec, encoding_errors: str) -> Iterator[str]:
         if spec.text_field not in ds.column_names:
             raise InputError(f"{spec.path} has no column {spec.text_field!r} (columns: {ds.column_names}); "
                              f"pass --text-field NAME")
+        row = 0
         for batch in ds.select_columns([spec.text_field]).iter(batch_size=1024):
             for text in batch[spec.text_field]:
-                yield text if isinstance(text, str) else ""
+                row += 1
+                yield _text_value(text, spec, f"{spec.path} row {row}")
     else:  # pragma: no cover - _kind_of only makes the kinds above
         raise InputError(f"unknown input kind {spec.kind}")
 
@@ -338,11 +406,23 @@ def tagged_words(line: str) -> list[str]:
 
 
 def _field(record, spec: InputSpec, where: str) -> str:
+    if isinstance(record, list) and where.endswith(":1"):
+        raise InputError(f"{where}: a JSON array, not JSON lines (one object a line); convert it, e.g. "
+                         f"`jq -c '.[]' {spec.path} > {Path(spec.path).stem}.jsonl`")
     if not isinstance(record, dict) or spec.text_field not in record:
         keys = list(record) if isinstance(record, dict) else type(record).__name__
         raise InputError(f"{where}: no field {spec.text_field!r} (found {keys}); pass --text-field NAME")
-    text = record[spec.text_field]
-    return text if isinstance(text, str) else ""
+    return _text_value(record[spec.text_field], spec, where)
+
+
+def _text_value(value, spec: InputSpec, where: str) -> str:
+    """A record's text: a string; null is an empty document; anything else is the wrong field."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    raise InputError(f"{where}: field {spec.text_field!r} holds {type(value).__name__}, not text; pass --text-field "
+                     f"NAME of the text field (or fix this record)")
 
 
 _LONG_CUT = re.compile(r"[\n。！？!?]")

@@ -82,7 +82,11 @@ def verify_dataset(directory: str, progress: bool = True) -> VerifyReport:
         from tqdm import tqdm
 
         for d in tqdm(range(len(data)), desc=f"verify {split}", disable=not progress, mininterval=0.5):
-            doc = data.document(d)
+            try:
+                doc = data.document(d)
+            except (ValueError, OSError, IndexError) as exc:  # damaged files that still opened
+                report.defect(f"{split} document {d}: cannot be read ({exc}); rebuild the dataset")
+                break
             counts["fine_tokens"] += len(doc.fine)
             counts["coarse_tokens"] += len(doc.coarse)
             if len(doc.fine) and (doc.fine.max() >= nf or doc.coarse.max() >= nc):

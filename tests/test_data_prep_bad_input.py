@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -142,8 +144,145 @@ def test_existing_output_refused_then_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
         core.build(_config(tmp_path, [good]))
     assert (tmp_path / "ds" / "keep.txt").exists()
+    # --overwrite replaces a dataset, never a folder that is not one (it used to delete it)
+    with pytest.raises(FileExistsError, match=r"exists and is not a dataset \(no meta.json\): --overwrite only replaces"):
+        core.build(_config(tmp_path, [good], overwrite=True))
+    assert (tmp_path / "ds" / "keep.txt").read_text() == "x"
+    (tmp_path / "ds" / "keep.txt").unlink()  # an empty folder is taken
     core.build(_config(tmp_path, [good], overwrite=True))
+    core.build(_config(tmp_path, [good], overwrite=True, valid_fraction=0.1))  # and a dataset is replaced
     assert fmt.PairedDataset(tmp_path / "ds").meta["stats"]["documents"] == len(DOCS)
+    assert fmt.PairedDataset(tmp_path / "ds").meta["build"]["valid_fraction"] == 0.1
+
+
+def test_output_that_is_a_file_an_input_or_inside_an_input_folder_refused(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    good = _good(folder)
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    with pytest.raises(FileExistsError, match=r"notes.txt is an existing file, not a dataset directory"):
+        core.build(_config(tmp_path, [good], output=str(afile), overwrite=True))
+    assert afile.read_text() == "mine"
+    with pytest.raises(inp.InputError, match=r"is, or contains, the input .*build would replace it"):
+        core.build(_config(tmp_path, [folder], output=str(folder), overwrite=True))
+    with pytest.raises(inp.InputError, match=r"is, or contains, the input"):
+        core.build(_config(tmp_path, [good], output=str(tmp_path), overwrite=True))
+    with pytest.raises(inp.InputError, match=r"corpus/ds is inside the input folder .*corpus.*outside it"):
+        core.build(_config(tmp_path, [folder], output=str(folder / "ds")))
+    assert sorted(p.name for p in folder.iterdir()) == ["good.txt"]  # nothing written, nothing removed
+    # the CLI checks before it makes its log file (which would land in the input folder)
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "data_prep" / "build.py"), "--lang", "zh", "--input",
+                           str(folder), "--output", str(folder / "ds"), "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "inside the input folder" in proc.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["good.txt"]
+
+
+def test_corrupt_or_unreadable_inputs_named_before_work(tmp_path):
+    import gzip
+    import lzma
+
+    good = _good(tmp_path)
+    payload = ("\n".join(DOCS) + "\n").encode("utf-8")
+    not_gzip = tmp_path / "plain.txt.gz"
+    not_gzip.write_bytes(payload)
+    truncated_xz = tmp_path / "cut.txt.xz"
+    truncated_xz.write_bytes(lzma.compress(payload)[:-200])
+    truncated_gz = tmp_path / "cut.txt.gz"
+    truncated_gz.write_bytes(gzip.compress(payload)[:-50])
+    bad_parquet = tmp_path / "bad.parquet"
+    bad_parquet.write_bytes(b"PAR1 this is not parquet")
+    for path, what in ((not_gzip, "a valid gzip file"), (truncated_xz, "a valid xz file"),
+                       (truncated_gz, "a valid gzip file"), (bad_parquet, "a parquet file")):
+        with pytest.raises(inp.InputError, match=rf"cannot read .*{path.name}: it is not {what}, or it is truncated "
+                                                 rf"\(.*\)\. Re-create or re-download it, or leave it out of --input"):
+            core.build(_config(tmp_path, [good, path]))
+        assert not core.work_dir_for(tmp_path / "ds").exists()
+
+
+def test_text_field_that_is_not_text_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = tmp_path / "r.jsonl"
+    records.write_text("\n".join(json.dumps({"id": i, "text": doc}) for i, doc in enumerate(DOCS)) + "\n",
+                       encoding="utf-8")
+    with pytest.raises(inp.InputError, match=r"r.jsonl:1: field 'id' holds int, not text; pass --text-field NAME"):
+        core.build(_config(tmp_path, [records], text_field="id"))
+    assert not core.work_dir_for(tmp_path / "ds").exists()
+    table = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"text": [[1, 2]] * 10}), table)
+    with pytest.raises(inp.InputError, match=r"t.parquet row 1: field 'text' holds list, not text"):
+        core.build(_config(tmp_path, [table]))
+    # null is an empty document (skipped and counted), not an error
+    with_null = tmp_path / "n.jsonl"
+    with_null.write_text("\n".join([json.dumps({"text": None})] + [json.dumps({"text": d}) for d in DOCS]) + "\n",
+                         encoding="utf-8")
+    meta = core.build(_config(tmp_path, [with_null]))
+    assert meta["stats"]["empty_documents_skipped"] == 1 and meta["stats"]["documents"] == len(DOCS)
+
+
+def test_tables_arrays_and_blank_inputs_named(tmp_path):
+    table = tmp_path / "t.csv"
+    table.write_text("id,text\n" + "\n".join(f"{i},{d}" for i, d in enumerate(DOCS)) + "\n", encoding="utf-8")
+    with pytest.raises(inp.InputError, match=r"t.csv: CSV/TSV tables are not read as input .*JSON lines or parquet"):
+        core.build(_config(tmp_path, [table]))
+    for name, text in (("a.json", json.dumps([{"text": d} for d in DOCS])),
+                       ("b.json", json.dumps([{"text": d} for d in DOCS], indent=2))):
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        with pytest.raises(inp.InputError, match=rf"{name}.*a JSON array, not JSON lines .*jq -c"):
+            core.build(_config(tmp_path, [tmp_path / name]))
+    blank = tmp_path / "blank.txt"
+    blank.write_text("   \n\n \t \n", encoding="utf-8")
+    with pytest.raises(core.BuildError, match=r"the inputs hold no text: every document is empty or whitespace"):
+        core.build(_config(tmp_path, [blank]))
+    assert not core.work_dir_for(tmp_path / "ds").exists()  # nothing a --resume could use is left behind
+
+
+def test_resume_after_an_input_changed_says_so(tmp_path, monkeypatch):
+    good = _good(tmp_path)
+
+    def interrupted(*args):  # the build stops after its fit, as a kill would
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(core, "num_valid_documents", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        core.build(_config(tmp_path, [good], workers=1))
+    monkeypatch.undo()
+    assert core.work_dir_for(tmp_path / "ds").is_dir()
+    good.write_text("\n".join(reversed(DOCS)) + "\n", encoding="utf-8")
+    with pytest.raises(core.BuildError, match=r"cannot resume: input\(s\) changed since .*good.txt.*--overwrite"):
+        core.build(_config(tmp_path, [good], workers=1, resume=True))
+
+
+def test_verify_names_damaged_files(tmp_path):
+    from data_prep.verify import verify_dataset
+
+    core.build(_config(tmp_path, [_good(tmp_path)]))
+    ds = tmp_path / "ds"
+    assert verify_dataset(ds, progress=False).ok
+    damaged = tmp_path / "damaged"
+
+    def fresh():
+        shutil.rmtree(damaged, ignore_errors=True)
+        shutil.copytree(ds, damaged)
+        return damaged
+
+    cases = [
+        (lambda d: (d / "train_coarse.bin").open("ab").write(b"\0" * 64), r"train_coarse.bin has [\d,]+ bytes, its .idx describes"),
+        (lambda d: os.truncate(d / "train_fine.bin", os.path.getsize(d / "train_fine.bin") - 100), r"train_fine.bin has [\d,]+ bytes"),
+        (lambda d: os.truncate(d / "valid_align.idx", 100), r"valid_align.idx has 100 bytes, its header describes"),
+        (lambda d: (d / "meta.json").write_text("[1, 2]"), r"meta.json holds a JSON list"),
+        (lambda d: (d / "meta.json").write_text("{bad"), r"meta.json is not valid JSON"),
+    ]
+    for damage, message in cases:
+        damage(fresh())
+        report = verify_dataset(damaged, progress=False)
+        assert not report.ok and any(re.search(message, d) for d in report.defects), (message, report.defects)
+    report = verify_dataset(_good(tmp_path), progress=False)
+    assert not report.ok and "is a file, not a dataset directory" in report.defects[0]
 
 
 def test_interrupted_build_never_looks_complete(tmp_path, monkeypatch):
