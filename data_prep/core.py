@@ -982,7 +982,12 @@ def build(config: BuildConfig, comm=None) -> dict:
             log.info("vocabularies built in %.1fs", time.time() - t0)
             _mark(work / "fit.done", fit_stats)
 
-        _collective(comm, fit)
+        try:
+            _collective(comm, fit)
+        except LanguageError as exc:
+            if exc.final and comm.rank == 0:  # no --resume can get past it: leave nothing behind
+                shutil.rmtree(work, ignore_errors=True)
+            raise
         stage_seconds["fit"] = round(time.time() - started - sum(stage_seconds.values()), 2)
         all_counts = None  # free the gathered tables
         fit_stats = json.loads((work / "fit.done").read_text())

@@ -948,9 +948,11 @@ class English(Language):
             stats = fit_english(words_files, counts.get("size", Counter()), counts.get("word", Counter()),
                                 Path(artifacts_dir), self.config, scratch, self.fine_min_count, corpus=corpus)
         except RuntimeError as exc:  # PhraseMiningError: lmplz missing / failed, with the fix
-            raise LanguageError(str(exc)) from None
-        except EnglishInputError as exc:
-            raise LanguageError(str(exc)) from None
+            # a corpus KenLM cannot estimate is final (the fix is an option); a failed lmplz run may be
+            # transient (memory), so its analysed shards stay for --resume
+            raise LanguageError(str(exc), final="BadDiscountException" in str(exc)) from None
+        except EnglishInputError as exc:  # too small / no words: the fix is other input or options
+            raise LanguageError(str(exc), final=True) from None
         return stats
 
     def load(self, artifacts_dir: Path) -> None:

@@ -172,7 +172,13 @@ def sum_count_tables(tables: Sequence[PackedCounter | Counter]) -> PackedCounter
 
 
 class LanguageError(ValueError):
-    """Input that does not fit the chosen language (the message names the fix)."""
+    """Input that does not fit the chosen language (the message names the fix). ``final``: no
+    ``--resume`` can get past it (the fix changes the input or the options), so a build that stops
+    on it leaves no unfinished work behind."""
+
+    def __init__(self, message: str, final: bool = False):
+        super().__init__(message)
+        self.final = final
 
 
 @dataclass

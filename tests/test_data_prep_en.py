@@ -429,6 +429,7 @@ def test_corpus_too_small_for_the_order(tmp_path):
     corpus.write_text("The cat sat on the mat.\n\nA dog sat on a log.\n\nThe end came soon.\n", encoding="utf-8")
     with pytest.raises(BUILD_ERRORS, match="--ngram-order"):
         core.build(_config(corpus, tmp_path / "out", fine_vocab_size=500))
+    assert not core.work_dir_for(tmp_path / "out").exists()  # no --resume can help: nothing is left behind
 
 
 @needs_lmplz
@@ -438,6 +439,11 @@ def test_small_corpus_bad_discount_names_the_fix(tmp_path):
     corpus.write_text("".join(f"Alpha beta gamma delta {i % 3}.\n\n" for i in range(400)), encoding="utf-8")
     with pytest.raises(BUILD_ERRORS, match="--discount-fallback"):
         core.build(_config(corpus, tmp_path / "out", fine_vocab_size=500, language_options={"ngram_order": 4}))
+    # the fix is an option, and a --resume refuses other options: the rerun must not meet a .partial
+    assert not core.work_dir_for(tmp_path / "out").exists()
+    core.build(_config(corpus, tmp_path / "out", fine_vocab_size=500,
+                       language_options={"ngram_order": 4, "discount_fallback": True}))
+    assert (tmp_path / "out" / "meta.json").is_file()
 
 
 def test_cli_bad_phrase_file(tmp_path):
