@@ -198,8 +198,23 @@ class EnglishConfig:
         if self.coarse_min_count < 1:
             raise ValueError(f"--coarse-min-count must be >= 1, got {self.coarse_min_count}")
         for option, path in (("--fine-tokenizer", self.fine_tokenizer), ("--phrases", self.phrases)):
+            if path is not None and Path(path).is_dir():
+                raise FileNotFoundError(f"{option} {path} is a directory; give the file itself")
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"{option} {path}: no such file")
+        # read both now (milliseconds), not after lmplz: a wrong file must stop the build before any work
+        if self.fine_tokenizer is not None:
+            try:
+                load_fine_vocabulary(self.fine_tokenizer)
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
+                raise ValueError(f"--fine-tokenizer {self.fine_tokenizer} is neither a Hugging Face tokenizer.json "
+                                 f"nor a BERT vocab.txt ({type(exc).__name__}: {exc})") from None
+        if self.phrases is not None:
+            try:
+                Path(self.phrases).read_bytes().decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"--phrases {self.phrases} is not UTF-8 text ({exc}); give a phrases.tsv that "
+                                 f"data_prep wrote, or one phrase a line") from None
         if self.phrases is None:
             self.mining.validate()
 

@@ -446,6 +446,22 @@ def test_small_corpus_bad_discount_names_the_fix(tmp_path):
     assert (tmp_path / "out" / "meta.json").is_file()
 
 
+def test_reused_tokenizer_or_phrase_file_that_cannot_be_read_stops_before_work(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Some English text for a build.\n", encoding="utf-8")
+    binary = tmp_path / "garbage.bin"
+    binary.write_bytes(bytes(range(128, 256)))
+    not_json = tmp_path / "tok.json"
+    not_json.write_text("{not json", encoding="utf-8")
+    for options, message in (({"phrases": str(binary)}, r"--phrases .*garbage.bin is not UTF-8 text"),
+                             ({"phrases": str(tmp_path)}, r"--phrases .* is a directory; give the file itself"),
+                             ({"fine_tokenizer": str(not_json)},
+                              r"--fine-tokenizer .*tok.json is neither a Hugging Face tokenizer.json nor a BERT vocab.txt")):
+        with pytest.raises(BUILD_ERRORS, match=message):
+            core.build(_config(corpus, tmp_path / "out", language_options=options))
+        assert not core.work_dir_for(tmp_path / "out").exists()
+
+
 def test_cli_bad_phrase_file(tmp_path):
     proc = subprocess.run([*BUILD, "--lang", "en", "--output", str(tmp_path / "x"), "--phrases", str(tmp_path / "none.tsv")],
                           capture_output=True, text=True, timeout=300)
