@@ -141,9 +141,11 @@ def _resolve_inputs(patterns: list[str], text_mode: str, text_field: str) -> lis
             if any((path / m).is_file() for m in _HF_MARKERS):
                 add(path)
                 continue
-            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            files = sorted(p for p in path.rglob("*")
+                           if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not files:
-                raise InputError(f"input folder {path} contains no files")
+                raise InputError(f"input folder {path} contains no files (files and folders whose names start "
+                                 f"with '.' are skipped)")
             for f in files:
                 add(f)
         elif path.is_file():
@@ -362,7 +364,7 @@ def _documents_of(spec: InputSpec, encoding_errors: str) -> Iterator[str]:
                 if number == 1 and line.lstrip().startswith("["):
                     raise InputError(f"{spec.path}: a JSON array, not JSON lines (one object a line); convert it, e.g. "
                                      f"`jq -c '.[]' {spec.path} > {Path(spec.path).stem}.jsonl`") from None
-                raise InputError(f"{spec.path}:{number}: not valid JSON ({exc.msg}); every line of a .jsonl input "
+                raise InputError(f"{spec.path}:{number}: not valid JSON ({exc.msg}, column {exc.colno}); every line of a .jsonl input "
                                  f"must be one JSON object") from None
             yield _field(record, spec, f"{spec.path}:{number}")
     elif spec.kind == "parquet":

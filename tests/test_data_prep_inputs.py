@@ -64,10 +64,17 @@ def test_folders_and_globs_sorted_and_deduplicated(tmp_path):
     (tmp_path / "corpus" / "b.txt").write_text(DOCS[1] + "\n", encoding="utf-8")
     (sub / "a.txt").write_text(DOCS[0] + "\n", encoding="utf-8")
     (tmp_path / "corpus" / ".hidden").write_text("x", encoding="utf-8")
+    (tmp_path / "corpus" / ".git").mkdir()  # nor what hidden folders hold (a .git checkout of the corpus)
+    (tmp_path / "corpus" / ".git" / "config").write_text("[core]\n", encoding="utf-8")
     specs = inp.resolve_inputs([str(tmp_path / "corpus"), str(tmp_path / "corpus" / "*.txt")])
     assert [s.path for s in specs] == [str(tmp_path / "corpus" / "b.txt"), str(sub / "a.txt")]
     with pytest.raises(inp.InputError, match="glob matched nothing"):
         inp.resolve_inputs([str(tmp_path / "nothing*.txt")])
+    only_hidden = tmp_path / "only_hidden"
+    (only_hidden / ".cache").mkdir(parents=True)
+    (only_hidden / ".cache" / "x.txt").write_text(DOCS[0], encoding="utf-8")
+    with pytest.raises(inp.InputError, match=r"contains no files \(files and folders whose names start with '.' are skipped\)"):
+        inp.resolve_inputs([str(only_hidden)])
 
 
 def test_tagged_demo_file_gives_raw_text():
