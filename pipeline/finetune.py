@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_args(argv)
         if rank == 0 and config.output:  # the log also goes to OUTPUT/finetune.log (appended)
+            if Path(config.output).exists() and not Path(config.output).is_dir():
+                raise FinetuneError(f"--output {config.output} is an existing file; give a directory")
             Path(config.output).mkdir(parents=True, exist_ok=True)
             handler = logging.FileHandler(Path(config.output) / "finetune.log", encoding="utf-8")
             handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%Y-%m-%d %H:%M:%S"))

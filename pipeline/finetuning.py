@@ -150,6 +150,13 @@ class FinetuneConfig:
             fail("warmup_ratio", "must be in [0, 1)")
         if self.agreement_weight < 0:
             fail("agreement_weight", "must be >= 0")
+        if not 0 <= self.classifier_dropout < 1:
+            fail("classifier_dropout", "must be in [0, 1)")
+        for name in ("patience", "max_train_examples"):
+            if getattr(self, name) < 0:
+                fail(name, "must be >= 0 (0 = off / all)")
+        if self.output and Path(self.output).exists() and not Path(self.output).is_dir():
+            fail("output", f"{self.output} is an existing file; give a directory")
         if self.deepspeed:
             world = int(os.environ.get("WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "1")))
             if self.batch_size % world:
@@ -377,7 +384,17 @@ def load_table(path: str) -> datasets.Dataset:  # noqa: F821
         raise FinetuneError(f"{path}: unknown file type {suffix!r}; use one of {sorted(_BUILDERS)}")
     kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
     datasets.disable_progress_bars()
-    return datasets.load_dataset(_BUILDERS[suffix], data_files={"data": str(path)}, split="data", **kwargs)
+    with open(path, "rb") as fh:
+        if not fh.read(1 << 16).strip():
+            raise FinetuneError(f"{path} is empty: no examples")
+    try:
+        return datasets.load_dataset(_BUILDERS[suffix], data_files={"data": str(path)}, split="data", **kwargs)
+    except Exception as exc:  # noqa: BLE001 - datasets wraps the parser's error several levels deep
+        cause = exc
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        raise FinetuneError(f"{path} cannot be read as {suffix[1:]} ({type(cause).__name__}: {cause}); fix the "
+                            f"file (one JSON object a line for .jsonl; a header row for .csv/.tsv)") from None
 
 
 def _column(table, name: str, path: str, what: str) -> list:
@@ -433,6 +450,11 @@ def encode_split(config: FinetuneConfig, encoder: TextEncoder, path: str, labels
     else:
         tokens = _column(table, config.tokens_field, path, "tokens_field")
         raw = _column(table, config.tags_field, path, "tags_field")
+        for i, (units, tags) in enumerate(zip(tokens, raw)):
+            for name, value in ((config.tokens_field, units), (config.tags_field, tags)):
+                if not isinstance(value, (list, tuple)):
+                    raise FinetuneError(f"{path} row {i}: {name!r} holds {type(value).__name__}, not a list; give "
+                                        f"a list of tokens and a list of as many tags")
         labels = labels or LabelSet([t for tags in raw for t in tags])
         for i, (units, tags) in enumerate(zip(tokens, raw)):
             where = f"{path} row {i}"

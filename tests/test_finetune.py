@@ -280,6 +280,38 @@ def test_empty_text_and_missing_column_are_clear_errors(tmp_path, zh_dataset, ti
         run(_config(export, {**files, "train": tmp_path / "nope.jsonl"}, tmp_path))
 
 
+def test_unreadable_files_bad_numbers_and_wrong_token_fields_are_clear_errors(tmp_path, zh_dataset, tiny_model):
+    from pipeline.finetuning import FinetuneError, run
+
+    files = make_sentiment_files(tmp_path, sizes=(20, 10, 10))
+    export = _export(tiny_model, zh_dataset, tmp_path)
+    empty, broken = tmp_path / "empty.jsonl", tmp_path / "broken.jsonl"
+    empty.write_text("\n\n", encoding="utf-8")
+    broken.write_text(files["train"].read_text(encoding="utf-8") + "{not json\n", encoding="utf-8")
+    with pytest.raises(FinetuneError, match=r"empty.jsonl is empty: no examples"):
+        run(_config(export, {**files, "train": empty}, tmp_path))
+    with pytest.raises(FinetuneError, match=r"broken.jsonl cannot be read as jsonl \(.*\); fix the file"):
+        run(_config(export, {**files, "train": broken}, tmp_path))
+    for field, value, message in (("classifier_dropout", 2.0, r"classifier-dropout: must be in \[0, 1\)"),
+                                  ("patience", -1, r"patience: must be >= 0"),
+                                  ("max_train_examples", -1, r"max-train-examples: must be >= 0")):
+        with pytest.raises(FinetuneError, match=message):
+            run(_config(export, files, tmp_path, **{field: value}))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(FinetuneError, match=r"afile is an existing file; give a directory"):
+        run(_config(export, files, tmp_path, output=str(afile)))
+    tagging = {}
+    for split in ("train", "dev", "test"):
+        tagging[split] = tmp_path / f"tag_{split}.jsonl"
+        rows = [{"tokens": ["我们", "喜欢"], "tags": ["B", "E"]}] * 4
+        if split == "train":
+            rows = rows + [{"tokens": ["我们", "喜欢"], "tags": "BE"}]
+        tagging[split].write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    with pytest.raises(FinetuneError, match=r"tag_train.jsonl row 4: 'tags' holds str, not a list"):
+        run(_config(export, tagging, tmp_path, task="token"))
+
+
 def test_model_and_dataset_with_different_vocabularies_are_refused(tmp_path, zh_dataset, tiny_model):
     from pipeline.finetuning import FinetuneError, resolve_pretrained, run
 
