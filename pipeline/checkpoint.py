@@ -70,11 +70,37 @@ def find_resume_checkpoint(directory: str | os.PathLike, resume: str) -> Path | 
         return found[-1][1] if found else None
     path = Path(resume)
     if not (path / COMPLETE).is_file():
-        raise CheckpointError(
-            f"checkpointing.resume={resume}: no {COMPLETE} marker, the save was interrupted; "
-            f"use an older checkpoint or checkpointing.resume=auto"
-        )
+        raise CheckpointError(f"checkpointing.resume={resume}: {why_not_a_checkpoint(path)}; or use checkpointing.resume=auto")
     return path
+
+
+def why_not_a_checkpoint(path: str | os.PathLike) -> str:
+    """Why ``path`` (which has no COMPLETE marker) is not a usable checkpoint, and what to pass instead.
+
+    Tells apart what users actually pass: a missing path, a file, the checkpoints folder itself, an
+    interrupted save, an exported model and a pre-training dataset."""
+    path = Path(path)
+
+    def newest_complete(directory: Path) -> str:
+        found = complete_checkpoints(directory)
+        if not found:
+            return f"{directory} holds no complete checkpoint"
+        return f"the newest complete one is {found[-1][1]}"
+
+    if not path.exists():
+        return f"{path} does not exist"
+    if not path.is_dir():
+        return f"{path} is a file, not a checkpoint directory (.../checkpoints/step_NNNNNNNN)"
+    if TAG_PATTERN.match(path.name):
+        return (f"{path} has no {COMPLETE} marker: that save was interrupted (a job stopped while saving); "
+                f"use a complete one ({newest_complete(path.parent)})")
+    if any(TAG_PATTERN.match(child.name) for child in path.iterdir()):
+        return f"{path} is a checkpoints folder: pass one of its step_NNNNNNNN directories ({newest_complete(path)})"
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return f"{path} is an exported model (python -m pipeline.convert export), not a training checkpoint"
+    if (path / "meta.json").is_file():
+        return f"{path} is a pre-training dataset (data_prep/build.py), not a checkpoint"
+    return f"{path} is not a training checkpoint (no {COMPLETE} marker; expected .../checkpoints/step_NNNNNNNN)"
 
 
 def read_marker(path: str | os.PathLike) -> dict:
@@ -174,6 +200,6 @@ def rng_state_for_rank(client_state: dict, rank: int, world_size: int) -> dict |
 
 
 __all__ = [
-    "COMPLETE", "CheckpointError", "check_compatible", "complete_checkpoints", "find_resume_checkpoint",
+    "COMPLETE", "CheckpointError", "check_compatible", "why_not_a_checkpoint", "complete_checkpoints", "find_resume_checkpoint",
     "gather_rng_states", "load", "read_marker", "rng_state_for_rank", "save", "tag_for", "torch",
 ]

@@ -110,14 +110,14 @@ def to_universal(source: Path, target_dir: Path, workers: int = 1) -> Path:
 
     from pipeline.checkpoint import COMPLETE, read_marker
 
-    source = Path(source)
-    if not (source / COMPLETE).is_file():
-        raise SystemExit(f"{source}: no {COMPLETE} marker (an interrupted save?): convert a complete checkpoint")
+    source = _complete_checkpoint(source)
     marker = read_marker(source)
     target_dir = Path(target_dir)
+    if target_dir.exists() and not target_dir.is_dir():
+        raise ConvertError(f"target {target_dir} is a file: give the checkpoint directory of the continued run")
     target = target_dir / source.name
     if target.exists():
-        raise SystemExit(f"{target} already exists: remove it or choose another target directory")
+        raise ConvertError(f"{target} already exists: remove it or choose another target directory")
     partial = target_dir / (source.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     target_dir.mkdir(parents=True, exist_ok=True)
@@ -138,11 +138,11 @@ def export(source: Path, output: Path) -> Path:
     config.json (the ModelConfig) and the run config: loadable with ``load_exported`` and no DeepSpeed."""
     from safetensors.torch import save_file
 
-    from pipeline.checkpoint import COMPLETE, read_marker
+    from pipeline.checkpoint import read_marker
 
-    source = Path(source)
-    if not (source / COMPLETE).is_file():
-        raise SystemExit(f"{source}: no {COMPLETE} marker (an interrupted save?): export a complete checkpoint")
+    source = _complete_checkpoint(source)
+    output = Path(output)
+    check_export_output(output, ("config.json", "model.safetensors"), "an export")  # before the expensive part
     marker = read_marker(source)
     tmp_universal = Path(str(output) + ".universal-tmp")
     shutil.rmtree(tmp_universal, ignore_errors=True)
@@ -167,7 +167,9 @@ def export(source: Path, output: Path) -> Path:
             state[param_dir.name] = tensor.float().contiguous().clone()
     finally:
         shutil.rmtree(tmp_universal, ignore_errors=True)
-    output.mkdir(parents=True, exist_ok=True)
+    final, output = output, Path(str(output) + ".partial")  # written aside, renamed when complete
+    shutil.rmtree(output, ignore_errors=True)
+    output.mkdir(parents=True)
     save_file(state, str(output / "model.safetensors"), metadata={"format": "pt", "step": str(marker["step"])})
     (output / "config.json").write_text(json.dumps(marker["model_config"], indent=1), encoding="utf-8")
     # The tokenizers the model was trained with travel with it (pipeline/inference.py reads them).
@@ -187,7 +189,46 @@ def export(source: Path, output: Path) -> Path:
         json.dumps({k: marker.get(k) for k in ("step", "consumed_samples", "dataset_path", "dataset_fingerprint", "tensor_parallel", "data_parallel")}, indent=1),
         encoding="utf-8",
     )
-    return output
+    return commit_output(output, final)
+
+
+class ConvertError(ValueError):
+    """A conversion cannot run as asked; the message names the problem and the fix."""
+
+
+def _complete_checkpoint(source) -> Path:
+    from pipeline.checkpoint import COMPLETE, why_not_a_checkpoint
+
+    source = Path(source)
+    if not (source / COMPLETE).is_file():
+        raise ConvertError(f"SOURCE: {why_not_a_checkpoint(source)}. Give a complete checkpoint directory "
+                           f"(.../checkpoints/step_NNNNNNNN)")
+    return source
+
+
+def check_export_output(output: Path, signature: tuple[str, ...], kind: str) -> None:
+    """An output directory may be new, empty, or ``kind`` written before (it is replaced); nothing else
+    is overwritten. Checked before any work."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ConvertError(f"output {output} is a file: give a directory to write {kind} into")
+    if output.is_dir() and any(output.iterdir()) and not all((output / name).is_file() for name in signature):
+        raise ConvertError(f"output {output} is a non-empty folder that does not hold {kind}: give a new or "
+                           f"empty directory, or one holding {kind} written before (it is replaced)")
+
+
+def commit_output(partial: Path, final: Path) -> Path:
+    """Put a completely written ``partial`` directory in place of ``final`` (a previous output is replaced)."""
+    if final.exists():
+        old = Path(str(final) + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        partial.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        partial.rename(final)
+    return final
 
 
 def load_exported(directory: str | Path):
@@ -231,10 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("source", type=Path, help="a complete checkpoint directory (.../checkpoints/step_NNNNNNNN)")
     e.add_argument("output", type=Path, help="output directory")
     args = parser.parse_args(argv)
-    if args.command == "universal":
-        print(to_universal(args.source, args.target_dir, args.workers))
-    else:
-        print(export(args.source, args.output))
+    try:
+        if args.command == "universal":
+            print(to_universal(args.source, args.target_dir, args.workers))
+        else:
+            print(export(args.source, args.output))
+    except ConvertError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 
 from data_prep import format as fmt
+from pipeline.convert import check_export_output, commit_output
 
 
 class HFExportError(ValueError):
@@ -134,8 +136,11 @@ def export_hf(state: dict[str, torch.Tensor], config, tokenizer_dir: str | Path,
     missing = [k for k in missing if "position_ids" not in k]
     if missing or unexpected:
         raise HFExportError(f"internal: BertForMaskedLM keys do not match (missing {missing}, unexpected {unexpected})")
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    final = Path(output)
+    check_export_output(final, ("config.json", "vocab.txt"), "a Hugging Face model")
+    output = Path(str(final) + ".partial")  # written aside, renamed when complete
+    shutil.rmtree(output, ignore_errors=True)
+    output.mkdir(parents=True)
     model.save_pretrained(str(output))
     meta = json.loads((Path(tokenizer_dir) / fmt.META_FILE).read_text(encoding="utf-8"))
     options = meta.get("build", {}).get("language_options", {})
@@ -153,7 +158,7 @@ def export_hf(state: dict[str, torch.Tensor], config, tokenizer_dir: str | Path,
     if len(tokenizer) != len(vocab):
         raise HFExportError(f"internal: the HF tokenizer has {len(tokenizer)} entries, fine_vocab.txt {len(vocab)}")
     tokenizer.save_pretrained(str(output))
-    return output
+    return commit_output(output, final)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,10 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="", help="pre-training dataset dir (default: the one the model records)")
     args = parser.parse_args(argv)
     try:
-        pretrained = resolve_pretrained(args.model, args.dataset)
+        check_export_output(Path(args.output), ("config.json", "vocab.txt"), "a Hugging Face model")
+        pretrained = resolve_pretrained(args.model, args.dataset, flag="MODEL", allow_random=False)
         check_bert_compatible(pretrained.model_config)  # before any file is written
         path = export_hf(pretrained.state_dict, pretrained.model_config, pretrained.tokenizer_dir, args.output)
-    except (HFExportError, ValueError) as exc:
+    except (HFExportError, ValueError) as exc:  # FinetuneError and ConvertError are ValueErrors
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

@@ -492,8 +492,24 @@ def _checkpoint_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in state.items()}
 
 
-def resolve_pretrained(model: str, dataset: str = "") -> Pretrained:
-    """Model config, weights and tokenizer directory of ``model`` (export, checkpoint or random:RECIPE)."""
+def _check_tokenizer_dir(dataset: str, flag: str = "--dataset") -> None:
+    """``dataset`` must hold a dataset's (or an export's) tokenizer files; checked before any loading."""
+    from data_prep.format import COARSE_VOCAB_FILE, FINE_VOCAB_FILE, META_FILE
+
+    path = Path(dataset)
+    if not path.is_dir():
+        raise FinetuneError(f"{flag} {dataset} {'does not exist' if not path.exists() else 'is a file'}: give a "
+                            f"pre-training dataset directory (data_prep/build.py) or an exported model")
+    missing = [name for name in (META_FILE, FINE_VOCAB_FILE, COARSE_VOCAB_FILE) if not (path / name).is_file()]
+    if missing:
+        raise FinetuneError(f"{flag} {dataset} is not a pre-training dataset: it has no {', '.join(missing)}. Give a "
+                            f"directory built by `python data_prep/build.py` (or an exported model, which carries them)")
+
+
+def resolve_pretrained(model: str, dataset: str = "", flag: str = "--model", allow_random: bool = True) -> Pretrained:
+    """Model config, weights and tokenizer directory of ``model`` (export, checkpoint or random:RECIPE).
+
+    ``flag`` names the argument in messages; ``allow_random``: whether random:RECIPE is accepted."""
     from pipeline.inference import (
         CONFIG_FILE,
         WEIGHTS_FILE,
@@ -503,7 +519,9 @@ def resolve_pretrained(model: str, dataset: str = "") -> Pretrained:
         tokenizer_dir_of,
     )
 
-    if model.startswith("random:"):
+    if dataset:
+        _check_tokenizer_dir(dataset)
+    if model.startswith("random:") and allow_random:
         from pipeline.model import model_recipe
 
         if not dataset:
@@ -541,8 +559,12 @@ def resolve_pretrained(model: str, dataset: str = "") -> Pretrained:
             if (original / "meta.json").is_file():
                 _check_same_vocabularies(original, tokenizer_dir, path)
         return Pretrained(model_config, _checkpoint_state_dict(path), tokenizer_dir, str(path))
-    raise FinetuneError(f"--model {model}: neither an exported model ({CONFIG_FILE} + {WEIGHTS_FILE}) nor a complete "
-                        f"training checkpoint (COMPLETE marker) nor random:RECIPE")
+    from pipeline.checkpoint import why_not_a_checkpoint
+
+    accepted = f"an exported model ({CONFIG_FILE} + {WEIGHTS_FILE})"
+    accepted += (", a complete training checkpoint (step_NNNNNNNN) or random:RECIPE" if allow_random
+                 else " or a complete training checkpoint (step_NNNNNNNN)")
+    raise FinetuneError(f"{flag}: {why_not_a_checkpoint(path)}. Give {accepted}")
 
 
 def _check_same_vocabularies(original: Path, given: Path, checkpoint: Path) -> None:
