@@ -397,6 +397,13 @@ def load_table(path: str) -> datasets.Dataset:  # noqa: F821
                             f"file (one JSON object a line for .jsonl; a header row for .csv/.tsv)") from None
 
 
+def _where(path: str, i: int) -> str:
+    """Example ``i`` (0-based) of a data file as a user finds it: data rows of a table are counted
+    from 1 after the header; JSON lines from 1 over the records (blank lines are skipped)."""
+    unit = "row" if Path(path).suffix.lower() in (".csv", ".tsv") else "record"
+    return f"{path} {unit} {i + 1}"
+
+
 def _column(table, name: str, path: str, what: str) -> list:
     if name not in table.column_names:
         raise FinetuneError(f"{path} has no column {name!r} ({what}); its columns are {table.column_names}: "
@@ -443,7 +450,7 @@ def encode_split(config: FinetuneConfig, encoder: TextEncoder, path: str, labels
         labels = labels or LabelSet(raw)
         ids = labels.ids(raw, path)
         for i, text in enumerate(texts):
-            where = f"{path} row {i}"
+            where = _where(path, i)
             example = encode_example(encoder, text, pairs[i] if pairs else None, max_fine, max_coarse, where)
             example["label"] = ids[i]
             examples.append(example)
@@ -453,11 +460,11 @@ def encode_split(config: FinetuneConfig, encoder: TextEncoder, path: str, labels
         for i, (units, tags) in enumerate(zip(tokens, raw)):
             for name, value in ((config.tokens_field, units), (config.tags_field, tags)):
                 if not isinstance(value, (list, tuple)):
-                    raise FinetuneError(f"{path} row {i}: {name!r} holds {type(value).__name__}, not a list; give "
+                    raise FinetuneError(f"{_where(path, i)}: {name!r} holds {type(value).__name__}, not a list; give "
                                         f"a list of tokens and a list of as many tags")
         labels = labels or LabelSet([t for tags in raw for t in tags])
         for i, (units, tags) in enumerate(zip(tokens, raw)):
-            where = f"{path} row {i}"
+            where = _where(path, i)
             examples.append(encode_token_example(encoder, units, labels.ids(tags, path), max_fine, max_coarse, where))
     log.info("encoded %d examples of %s in %.1f s", len(examples), path, time.time() - started)
     return examples, labels

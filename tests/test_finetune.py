@@ -272,8 +272,12 @@ def test_empty_text_and_missing_column_are_clear_errors(tmp_path, zh_dataset, ti
     export = _export(tiny_model, zh_dataset, tmp_path)
     with files["train"].open("a", encoding="utf-8") as f:
         f.write(json.dumps({"text": "   ", "label": "pos"}) + "\n")
-    with pytest.raises(FinetuneError, match=r"train.jsonl row 20 is empty"):
+    with pytest.raises(FinetuneError, match=r"train.jsonl record 21 is empty"):  # counted from 1, as users count
         run(_config(export, files, tmp_path))
+    table = tmp_path / "train.csv"
+    table.write_text("text,label\n很好,pos\n ,neg\n", encoding="utf-8")
+    with pytest.raises(FinetuneError, match=r"train.csv row 2 is empty"):  # data rows, after the header
+        run(_config(export, {**files, "train": table}, tmp_path))
     with pytest.raises(FinetuneError, match=r"has no column 'sentence'.*--text-field"):
         run(_config(export, files, tmp_path, text_field="sentence"))
     with pytest.raises(FinetuneError, match=r"--train: .* does not exist"):
@@ -308,7 +312,7 @@ def test_unreadable_files_bad_numbers_and_wrong_token_fields_are_clear_errors(tm
         if split == "train":
             rows = rows + [{"tokens": ["我们", "喜欢"], "tags": "BE"}]
         tagging[split].write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
-    with pytest.raises(FinetuneError, match=r"tag_train.jsonl row 4: 'tags' holds str, not a list"):
+    with pytest.raises(FinetuneError, match=r"tag_train.jsonl record 5: 'tags' holds str, not a list"):
         run(_config(export, tagging, tmp_path, task="token"))
 
 
