@@ -592,8 +592,9 @@ class PairedDataset:
         if not meta_path.is_file():
             partial = sorted(self.directory.parent.glob(self.directory.name + ".partial-*"))
             hint = f" (found unfinished build {partial[0]}; it was interrupted, rebuild)" if partial else ""
+            what = f"{META_FILE} is missing" if self.directory.is_dir() else "it does not exist"
             raise FormatError(
-                f"{self.directory} is not a paired dataset: {META_FILE} is missing{hint}. "
+                f"{self.directory} is not a paired dataset: {what}{hint}. "
                 f"Build one with `python data_prep/build.py --lang zh|en --output {self.directory}`"
             )
         try:

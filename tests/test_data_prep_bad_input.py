@@ -295,7 +295,7 @@ def test_interrupted_build_never_looks_complete(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated crash"):
         core.build(_config(tmp_path, [good]))
     assert not (tmp_path / "ds").exists()
-    with pytest.raises(fmt.FormatError, match="meta.json is missing"):
+    with pytest.raises(fmt.FormatError, match="is not a paired dataset: it does not exist"):
         fmt.PairedDataset(tmp_path / "ds")
     monkeypatch.undo()
     with pytest.raises(core.BuildError, match="unfinished build.*--resume.*--overwrite"):

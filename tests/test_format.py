@@ -78,7 +78,10 @@ def test_interrupted_build_leaves_no_dataset(tmp_path):
             raise RuntimeError("killed")
     assert not (tmp_path / "ds").exists()
     assert not list(tmp_path.iterdir())
-    with pytest.raises(fmt.FormatError, match="meta.json is missing"):
+    with pytest.raises(fmt.FormatError, match="is not a paired dataset: it does not exist"):
+        fmt.PairedDataset(tmp_path / "ds")
+    (tmp_path / "ds").mkdir()
+    with pytest.raises(fmt.FormatError, match="is not a paired dataset: meta.json is missing"):
         fmt.PairedDataset(tmp_path / "ds")
 
 
