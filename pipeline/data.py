@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -314,6 +315,15 @@ def collate(samples: Sequence[MaskedSample], fine_length: int, coarse_length: in
     return {k: torch.from_numpy(v) for k, v in out.items()}
 
 
+def _leave_preemption_signals_to_the_rank(_worker_id: int) -> None:
+    """Loader workers ignore SIGTERM / SIGUSR1. Schedulers signal every process of a job (SLURM's
+    --signal, a killed process group, DeepSpeed's launcher terminating the process tree): a worker
+    killed by it would make its rank fail ("DataLoader worker is killed by signal") instead of saving
+    the preemption checkpoint. The rank stops its workers itself when it exits."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class _Collate:
     """Picklable collate_fn (DataLoader workers are separate processes)."""
 
@@ -384,6 +394,7 @@ class PretrainingData:
             collate_fn=_Collate(self.fine_length, self.coarse_length),
             persistent_workers=False,
             prefetch_factor=4 if num_workers > 0 else None,
+            worker_init_fn=_leave_preemption_signals_to_the_rank,
             # Its own generator: creating an iterator must not draw from the global torch RNG,
             # or a resumed run (which creates one at a different point) would see other dropout.
             generator=torch.Generator().manual_seed(self.train.seed),

@@ -3,8 +3,8 @@
 One chain of launches against the shared 20-step reference run (dropout on, fp32):
   B: steps 1..10, checkpoints every 5; rank 1 is SIGKILLed while saving step 10 (its DeepSpeed files
      are written, the COMPLETE marker is not): the launcher must exit non-zero, not hang.
-  C: --resume auto must pick step 5 (not the interrupted step 10); SIGTERM mid-run: a checkpoint is
-     written and every process exits 0.
+  C: --resume auto must pick step 5 (not the interrupted step 10); SIGTERM mid-run to every rank and
+     loader worker: a checkpoint is written and every process exits 0.
   D: --resume auto from C's preemption checkpoint, to step 20.
 Every loss of B, C and D equals the reference run's loss at the same step.
 """
@@ -89,8 +89,12 @@ def test_exact_resume_through_kill_during_save_and_sigterm(tmp_path_factory, tmp
             time.sleep(0.2)
         workers = _workers(proc)
         assert len(workers) == 2
-        for w in workers:
-            w.send_signal(15)  # SIGTERM, as SLURM / Kubernetes send before preemption
+        loader_workers = [c for w in workers for c in w.children(recursive=True)]
+        assert loader_workers  # data.num_workers=1: each rank has one
+        # SIGTERM to every process of the job, loader workers too, as SLURM's --signal and a killed
+        # process group deliver it before preemption: the workers must not die of it
+        for w in [*workers, *loader_workers]:
+            w.send_signal(15)
         code = proc.wait(timeout=180)
     finally:
         if proc.poll() is None:
