@@ -107,8 +107,10 @@ def read_marker(path: str | os.PathLike) -> dict:
     return json.loads((Path(path) / COMPLETE).read_text(encoding="utf-8"))
 
 
-def check_compatible(marker: dict, fingerprint: str, model_config: dict, path: Path) -> None:
-    """Refuse to resume against another dataset or another model shape (before any collective)."""
+def check_compatible(marker: dict, fingerprint: str, model_config: dict, path: Path, layout: dict | None = None) -> None:
+    """Refuse to resume against another dataset, another model shape, or (``layout``: this run's
+    tensor_parallel, data_parallel, zero_stage) another layout than a non-universal checkpoint was
+    saved at (before any collective)."""
     if marker.get("dataset_fingerprint") != fingerprint:
         raise CheckpointError(
             f"checkpoint {path} was trained on dataset {marker.get('dataset_path')} (fingerprint "
@@ -122,6 +124,23 @@ def check_compatible(marker: dict, fingerprint: str, model_config: dict, path: P
             f"checkpoint {path} has another model shape ({'; '.join(diffs)}); use the checkpoint's model "
             f"settings (saved in its config.yaml) or start a fresh run in another checkpointing.dir"
         )
+    if layout and not marker.get("universal"):
+        names = {"tensor_parallel": "TP", "data_parallel": "DP", "zero_stage": "ZeRO stage"}
+        family = {0: 0, 1: 1, 2: 1, 3: 3}  # ZeRO-1 and -2 save the same optimizer files; 0 and 3 do not
+
+        def same(key: str) -> bool:
+            a, b = marker[key], layout[key]
+            return family.get(a, a) == family.get(b, b) if key == "zero_stage" else a == b
+
+        diffs = [k for k in names if k in marker and k in layout and not same(k)]
+        if diffs:
+            saved = ", ".join(f"{names[k]}={marker[k]}" for k in diffs)
+            run = ", ".join(f"{names[k]}={layout[k]}" for k in diffs)
+            raise CheckpointError(
+                f"checkpoint {path} was saved at {saved}; this run has {run}. Resume at the saved layout, or "
+                f"convert the checkpoint once with `python -m pipeline.convert universal {path} NEW_DIR` and resume "
+                f"from it with checkpointing.dir=NEW_DIR --resume auto (any TP / DP / ZeRO stage)"
+            )
 
 
 def gather_rng_states(rng_state: dict) -> list[dict]:

@@ -269,7 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     resume_universal = False
     if resume_path is not None:
         marker = ckpt.read_marker(resume_path)
-        ckpt.check_compatible(marker, dataset.fingerprint, model_config.to_dict(), resume_path)
+        layout = {"tensor_parallel": config.parallelism.tensor_parallel,
+                  "data_parallel": world_size // config.parallelism.tensor_parallel,
+                  "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0)}
+        ckpt.check_compatible(marker, dataset.fingerprint, model_config.to_dict(), resume_path, layout)
         # A checkpoint converted by `python -m pipeline.convert universal` loads at any (TP, DP).
         resume_universal = bool(marker.get("universal"))
         if resume_universal:
@@ -359,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             "tensor_parallel": p.tensor_parallel,
             "data_parallel": dp_size,
             "world_size": dist.get_world_size(),
+            "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0),
         }
         ckpt.save(engine, config.checkpoint_dir, step, client_state, marker, config.checkpointing.keep_last)
 
