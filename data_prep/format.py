@@ -611,6 +611,10 @@ class PairedDataset:
                 f"rebuild the dataset with this version of data_prep/build.py"
             )
         self.language = self.meta.get("language")
+        for name in (FINE_VOCAB_FILE, COARSE_VOCAB_FILE):
+            if not (self.directory / name).is_file():
+                raise FormatError(f"{self.directory / name} is missing: {self.directory} is not a complete paired "
+                                  f"dataset; rebuild it with `python data_prep/build.py ... --output {self.directory}`")
         self.fine_vocab = Vocab.load(self.directory / FINE_VOCAB_FILE)
         self.coarse_vocab = Vocab.load(self.directory / COARSE_VOCAB_FILE)
         for name, vocab in (("fine", self.fine_vocab), ("coarse", self.coarse_vocab)):

@@ -33,7 +33,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data_prep.format import CLS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID, PairedDataset, PairedSplit
+from data_prep.format import (
+    CLS_ID,
+    MASK_ID,
+    NUM_SPECIAL,
+    PAD_ID,
+    SEP_ID,
+    FormatError,
+    PairedDataset,
+    PairedSplit,
+)
 from pipeline.batch import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -237,9 +246,28 @@ class PretrainingSamples(torch.utils.data.Dataset):
             self._permutations = {epoch: perm}  # one epoch at a time is all a sequential reader needs
         return epoch, int(perm[offset])
 
+    def _check(self, raw: RawSample, sample_index: int) -> None:
+        """Ids inside the vocabularies and an alignment that covers the fine tokens (a few us per
+        sample). Megatron's vocab-parallel embedding zeroes an out-of-range id at TP > 1, so damaged
+        data would otherwise train silently."""
+        problems = []
+        if raw.fine.size and int(raw.fine.max()) >= self.fine_vocab_size:
+            problems.append(f"fine token id {int(raw.fine.max())} >= the {self.fine_vocab_size} entries of fine_vocab.txt")
+        if raw.coarse.size and int(raw.coarse.max()) >= self.coarse_vocab_size:
+            problems.append(f"coarse token id {int(raw.coarse.max())} >= the {self.coarse_vocab_size} entries of coarse_vocab.txt")
+        if int(raw.align.sum()) != raw.fine.size or (raw.align.size and int(raw.align.min()) < 1):
+            problems.append("its alignment does not cover its fine tokens")
+        if problems:
+            first, end = (int(x) for x in self.index[sample_index][:2])
+            raise FormatError(
+                f"{self.split.directory} {self.split.split} split, sentences {first}..{end - 1} (sample {sample_index}): "
+                f"{'; '.join(problems)}. The dataset is damaged or its vocabulary files were replaced: "
+                f"check it with `python data_prep/build.py --verify DIR` and rebuild it")
+
     def __getitem__(self, position: int) -> MaskedSample:
         epoch, sample_index = self.sample_of_position(position)
         raw = read_sample(self.split, self.index[sample_index])
+        self._check(raw, sample_index)
         # The coarse side is truncated only if a fixed coarse_length smaller than the packing was
         # asked for; cut at a coarse boundary so both sides still hold the same text.
         if len(raw.coarse) > self.coarse_length - 2:

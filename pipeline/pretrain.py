@@ -36,7 +36,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distribu
 import torch
 import torch.distributed as dist
 
-from data_prep.format import META_FILE
+from data_prep.format import META_FILE, FormatError
 from pipeline import checkpoint as ckpt
 from pipeline.config import (
     DEMO_DATASET,
@@ -438,7 +438,10 @@ def universal_checkpoint_info(module: torch.nn.Module) -> dict:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ConfigError, ckpt.CheckpointError) as exc:
-        logging.getLogger("pretrain").error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr)
+    except (ConfigError, ckpt.CheckpointError, FormatError) as exc:
+        message = str(exc).strip()
+        if "Original Traceback" in message:  # raised in a DataLoader worker: its message is the last line
+            message = message.splitlines()[-1].split(": ", 1)[-1]
+        logging.getLogger("pretrain").error("%s", message)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -235,3 +237,42 @@ def test_empty_split_is_refused(tmp_path):
     w.finalize()  # an empty train split
     with pytest.raises(ValueError, match="yields no samples"):
         D.PretrainingData.open(str(d), 32, D.MaskingConfig(), seed=0)
+
+
+def test_damaged_ids_and_alignment_are_named_not_trained_on(tmp_path):
+    """Bytes overwritten inside a .bin (size unchanged, so opening succeeds): the first sample that
+    reads them names the dataset, the sentences and the fix. At TP > 1 megatron's vocab-parallel
+    embedding would zero such ids and train on silently."""
+    d = tmp_path / "ds"
+    write_synthetic_dataset(d, num_docs=20)
+    clean = D.PretrainingData.open(str(d), 32, D.MaskingConfig(), seed=0)
+    for position in range(len(clean.train)):
+        clean.train[position]  # a healthy dataset passes the check
+    path = Path(fmt.prefix(d, "train", "fine") + ".bin")
+    data = bytearray(path.read_bytes())
+    data[64:96] = b"\xff" * 32
+    path.write_bytes(bytes(data))
+    damaged = D.PretrainingData.open(str(d), 32, D.MaskingConfig(), seed=0)
+    with pytest.raises(fmt.FormatError, match=r"train split, sentences \d+\.\.\d+ \(sample \d+\): fine token id \d+ >= "
+                                              r"the 64 entries of fine_vocab.txt.*--verify"):
+        for position in range(len(damaged.train)):
+            damaged.train[position]
+
+    write_synthetic_dataset(d, num_docs=20)
+    path = Path(fmt.prefix(d, "train", "align") + ".bin")
+    data = bytearray(path.read_bytes())
+    data[:8] = b"\x00" * 8
+    path.write_bytes(bytes(data))
+    damaged = D.PretrainingData.open(str(d), 32, D.MaskingConfig(), seed=0)
+    with pytest.raises(fmt.FormatError, match="its alignment does not cover its fine tokens") as error:
+        for position in range(len(damaged.train)):
+            damaged.train[position]
+    assert "token id" not in str(error.value)  # the ids themselves are intact this time
+
+
+def test_dataset_without_vocabulary_files_is_named(tmp_path):
+    d = tmp_path / "ds"
+    write_synthetic_dataset(d, num_docs=4)
+    (d / fmt.COARSE_VOCAB_FILE).unlink()
+    with pytest.raises(fmt.FormatError, match=r"coarse_vocab.txt is missing: .* is not a complete paired dataset"):
+        fmt.PairedDataset(d)

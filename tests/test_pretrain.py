@@ -209,6 +209,20 @@ def test_bad_configs_fail_before_training(synthetic_dataset, tmp_path, monkeypat
     assert not (tmp_path / "metrics.jsonl").exists()  # nothing started
 
 
+def test_damaged_dataset_is_one_error_line_not_a_traceback(tmp_path):
+    """Dataset defects found when the splits are opened (after start-up) end the run with the
+    project's `error:` line and exit code 2, like a bad config."""
+    dataset = write_synthetic_dataset(tmp_path / "ds", num_docs=20)
+    (dataset / "train_align.idx").unlink()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "pipeline" / "pretrain.py"), *BASE, f"data.path={dataset}", f"output_dir={tmp_path / 'run'}"],
+        cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"error: {dataset / 'train_align.idx'} is missing: {dataset} is not a complete paired dataset" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
 def test_continue_on_another_tp_dp_layout(layout_runs, tmp_path, tmp_path_factory):
     """The (TP=2, DP=2) checkpoint of step 5, converted once, continues at (1, 2) and (2, 1)."""
     from pipeline.convert import to_universal
