@@ -100,6 +100,43 @@ def prepare_universal_load(module: torch.nn.Module) -> None:
     tag_parameters_for_universal_load(module)
 
 
+UNIVERSAL_FORMAT = 2
+"""Recorded in a converted checkpoint's COMPLETE marker. 2: every state file is a ``{"param": tensor}``
+dict in the parameter's full shape. Conversions without it (format 1) of a TP=1 ZeRO-3 checkpoint hold
+bare flat tensors, which DeepSpeed's ZeRO-3 loader never slices for tensor parallelism."""
+
+_STATE_FILES = ("fp32.pt", "exp_avg.pt", "exp_avg_sq.pt")
+
+
+def _wrap_bare_zero3_states(universal: Path) -> None:
+    """Give every parameter state the dict form DeepSpeed's TP-aware loaders expect.
+
+    ``ds_to_universal`` writes a ZeRO-3 checkpoint saved at TP=1 through its DP-only merge, which
+    stores each state as a bare flat tensor. The ZeRO-3 universal loader applies the TP slicing
+    (``ds_autotp_universal_checkpoint_meta``) only to ``{"param": ...}`` dicts, so at TP>1 every rank
+    would take the WHOLE tensor of each split parameter (the word embeddings first) and overrun its
+    partition. Wrapped and given the recorded (full, since TP=1) shape, they load at any TP size.
+    """
+    from deepspeed.checkpoint.constants import PARAM
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for model_file in sorted(universal.glob("*mp_rank_00_model_states.pt"))[:1]:
+        for group in torch.load(model_file, map_location="cpu", weights_only=False).get("param_shapes", []):
+            shapes.update({name: tuple(shape) for name, shape in group.items()})
+    for param_dir in sorted(p for p in (universal / "zero").iterdir() if p.is_dir()):
+        for name in _STATE_FILES:
+            path = param_dir / name
+            if not path.is_file():
+                continue
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            if isinstance(state, dict):
+                continue
+            shape = shapes.get(param_dir.name)
+            if shape is not None and state.numel() == int(torch.Size(shape).numel()):
+                state = state.reshape(shape)
+            torch.save({PARAM: state}, path)
+
+
 def to_universal(source: Path, target_dir: Path, workers: int = 1) -> Path:
     """Convert one complete checkpoint (a step_* directory) into a universal one in ``target_dir``.
 
@@ -126,8 +163,9 @@ def to_universal(source: Path, target_dir: Path, workers: int = 1) -> Path:
         keep_temp_folder=False, strict=True, inject_missing_state=False,
     )
     ds_to_universal.main(args)
+    _wrap_bare_zero3_states(partial)
     (target_dir / "latest_universal").unlink(missing_ok=True)  # DeepSpeed's pointer: we use COMPLETE markers
-    marker = {**marker, "universal": True, "converted_from": str(source)}
+    marker = {**marker, "universal": True, "converted_from": str(source), "universal_format": UNIVERSAL_FORMAT}
     partial.rename(target)
     (target / COMPLETE).write_text(json.dumps(marker, indent=1, default=str), encoding="utf-8")
     return target

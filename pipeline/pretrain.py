@@ -275,6 +275,13 @@ def main(argv: list[str] | None = None) -> int:
         ckpt.check_compatible(marker, dataset.fingerprint, model_config.to_dict(), resume_path, layout)
         # A checkpoint converted by `python -m pipeline.convert universal` loads at any (TP, DP).
         resume_universal = bool(marker.get("universal"))
+        if (resume_universal and marker.get("tensor_parallel") == 1 and config.parallelism.tensor_parallel > 1
+                and marker.get("universal_format", 1) < 2):
+            raise ckpt.CheckpointError(
+                f"{resume_path} was converted from a TP=1 checkpoint by an older `pipeline.convert universal` "
+                f"that cannot load at parallelism.tensor_parallel={config.parallelism.tensor_parallel}: convert "
+                f"{marker.get('converted_from', 'the original checkpoint')} again (or continue at tensor_parallel=1)"
+            )
         if resume_universal:
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
 

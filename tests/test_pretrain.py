@@ -137,7 +137,7 @@ LAYOUTS = [(1, 1), (1, 2), (2, 1), (2, 2)]
 
 
 def get_layout_runs(tmp_path_factory) -> dict[tuple[int, int], Path]:
-    """10 steps at each (TP, DP), same global batch (8), dropout off; the (2, 2) run saves at step 5."""
+    """10 steps at each (TP, DP), same global batch (8), dropout off; the (2, 2) and (1, 2) runs save at step 5."""
 
     def build():
         runs = {}
@@ -145,7 +145,7 @@ def get_layout_runs(tmp_path_factory) -> dict[tuple[int, int], Path]:
             out = tmp_path_factory.mktemp(f"layout_tp{tp}_dp{dp}")
             overrides = [
                 f"data.path={get_dataset(tmp_path_factory)}", f"output_dir={out}", *layout_overrides(tp, dp),
-                "checkpointing.save_every=5" if (tp, dp) == (2, 2) else f"checkpointing.save_at_end={str((tp, dp) == (1, 1)).lower()}",
+                "checkpointing.save_every=5" if (tp, dp) in ((2, 2), (1, 2)) else f"checkpointing.save_at_end={str((tp, dp) == (1, 1)).lower()}",
             ]
             code, output = launch(overrides, nproc=tp * dp, log=out / "log.txt", timeout=420, launcher="torchrun")
             assert_ok(code, output)
@@ -243,6 +243,53 @@ def test_continue_on_another_tp_dp_layout(layout_runs, tmp_path, tmp_path_factor
         assert sorted(got) == [6, 7, 8, 9, 10], sorted(got)
         for step, value in got.items():
             assert abs(value - reference[step]) <= 1e-5 * abs(reference[step]), ((tp, dp), step, value, reference[step])
+
+
+def test_continue_a_tp1_checkpoint_at_tp2(layout_runs, tmp_path, tmp_path_factory, monkeypatch):
+    """A ZeRO-3 checkpoint saved at TP=1 (DP=2), converted, continues at TP=2 (DP=1) on the same curve.
+
+    DeepSpeed's DP-only ZeRO-3 merge (TP=1 sources) writes bare flat tensors, which its ZeRO-3 loader
+    never slices for TP: every rank took whole word-embedding tables ("start + length exceeds dimension
+    size"). A checkpoint converted that way (no universal_format in its marker) is refused up front."""
+    import json
+
+    import torch
+    from deepspeed.checkpoint.constants import PARAM
+
+    from pipeline import pretrain
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.convert import to_universal
+
+    source = layout_runs[(1, 2)] / "checkpoints" / "step_00000005"
+    converted = to_universal(source, tmp_path / "universal")
+    shapes = {}
+    for group in torch.load(next(converted.glob("*mp_rank_00_model_states.pt")), weights_only=False)["param_shapes"]:
+        shapes.update(group)
+    for name, shape in shapes.items():
+        state = torch.load(converted / "zero" / name / "fp32.pt", weights_only=False)
+        assert isinstance(state, dict) and state[PARAM].shape == shape, (name, type(state))
+    out = tmp_path / "continued_tp2_dp1"
+    code, output = launch(
+        [f"data.path={get_dataset(tmp_path_factory)}", f"output_dir={out}", *layout_overrides(2, 1),
+         f"checkpointing.dir={tmp_path / 'universal'}", "checkpointing.save_at_end=false", "--resume", "auto"],
+        log=tmp_path / "tp2_dp1.log", launcher="torchrun",
+    )
+    assert_ok(code, output)
+    got, reference = losses(out), losses(layout_runs[(1, 2)])
+    assert sorted(got) == [6, 7, 8, 9, 10], sorted(got)
+    for step, value in got.items():
+        assert abs(value - reference[step]) <= 1e-5 * abs(reference[step]), (step, value, reference[step])
+
+    # A conversion by the older code (marker without universal_format) is refused before any collective.
+    marker_path = converted / "COMPLETE"
+    marker = json.loads(marker_path.read_text(encoding="utf-8"))
+    marker.pop("universal_format")
+    marker_path.write_text(json.dumps(marker), encoding="utf-8")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(CheckpointError, match="convert .* again"):
+        pretrain.main([*BASE, f"data.path={get_dataset(tmp_path_factory)}", f"output_dir={tmp_path / 'refused'}",
+                       *layout_overrides(2, 1), f"checkpointing.dir={tmp_path / 'universal'}", "--resume", "auto"])
 
 
 def test_export_consolidated_fp32_weights(layout_runs, tmp_path):
