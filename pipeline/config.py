@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +190,19 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
         return _from_dict(annotation, value, name)
     if annotation is Any:
         return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, name)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0].replace(", got", " or null, got", 1) if type(None) in options else errors[0])
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping, got {value!r}")
@@ -246,7 +261,11 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not key=value (e.g. schedule.train_steps=100)")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"override {text!r}: the value {raw!r} is not valid YAML (an unclosed bracket or quote?); "
+                          f"fix it") from None
     parts = key.strip().split(".")
     if parts[0] == "model" and len(parts) == 2 and parts[1] not in {f.name for f in dataclasses.fields(ModelSection)}:
         parts = ["model", "overrides", parts[1]]
@@ -263,7 +282,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"--config {path}: no such file (recipes live in pipeline/recipes/)")
-        loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config {path}: not valid YAML ({' '.join(str(exc).split())}); fix the file") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"--config {path}: not UTF-8 text; give a YAML recipe") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config {path}: expected a YAML mapping of sections")
         # Recipes may set model fields directly under `model:`; route them into model.overrides.
@@ -296,7 +320,8 @@ def build_model_config(config: PretrainConfig, dataset_meta: dict | None = None)
     unknown = sorted(set(config.model.overrides) - names)
     if unknown:
         raise ConfigError(f"model.{unknown[0]}: not a ModelConfig field; known fields: {', '.join(sorted(names))}")
-    overrides = dict(config.model.overrides)
+    hints = typing.get_type_hints(ModelConfig)
+    overrides = {k: _coerce(v, hints[k], f"model.{k}") for k, v in config.model.overrides.items()}
     if dataset_meta is not None:
         for side in ("fine", "coarse"):
             key = f"{side}_vocab_size"
@@ -352,12 +377,17 @@ def validate(config: PretrainConfig, world_size: int, dataset_meta: dict | None 
     need(p.gradient_accumulation_steps >= 1, f"parallelism.gradient_accumulation_steps={p.gradient_accumulation_steps}: must be >= 1")
     dp = data_parallel_size(config, world_size)
     product = global_batch_size(config, world_size)
+    per_step = p.micro_batch_size * dp
+    if p.global_batch_size > 0 and p.global_batch_size % per_step == 0:
+        fix = f"set parallelism.gradient_accumulation_steps={p.global_batch_size // per_step}"
+    else:
+        fix = (f"parallelism.global_batch_size must be a positive multiple of micro_batch_size x data-parallel size "
+               f"= {per_step}")
     need(
         p.global_batch_size in (0, product),
         f"parallelism.global_batch_size={p.global_batch_size} != micro_batch_size {p.micro_batch_size} x "
         f"gradient_accumulation_steps {p.gradient_accumulation_steps} x data-parallel size {dp} = {product}; "
-        f"set parallelism.gradient_accumulation_steps={max(1, p.global_batch_size // max(1, p.micro_batch_size * dp))} "
-        f"or parallelism.global_batch_size=0",
+        f"{fix}, or set parallelism.global_batch_size=0",
     )
     need(p.precision in ("fp32", "bf16", "fp16"), f"parallelism.precision={p.precision!r}: expected fp32, bf16 or fp16")
     need(d.seq_length >= 4, f"data.seq_length={d.seq_length}: must be >= 4 ([CLS] text [SEP])")
@@ -372,7 +402,12 @@ def validate(config: PretrainConfig, world_size: int, dataset_meta: dict | None 
     )
     need(d.num_workers >= 0, f"data.num_workers={d.num_workers}: must be >= 0")
     need(o.name in ("adamw", "stable_adamw", "deepspeed_adamw"), f"optimizer.name={o.name!r}: expected adamw, stable_adamw or deepspeed_adamw")
-    need(o.lr > 0, f"optimizer.lr={o.lr}: must be > 0")
+    need(math.isfinite(o.lr) and o.lr > 0, f"optimizer.lr={o.lr}: must be a finite number > 0")
+    need(config.seed >= 0, f"seed={config.seed}: must be >= 0 (numpy and torch seeds are non-negative)")
+    need(bool(str(config.output_dir).strip()), "output_dir is empty: give a directory for config.yaml, logs and checkpoints")
+    for what, where in (("output_dir", config.output_dir), ("checkpointing.dir", c.dir)):
+        need(not where or not Path(where).exists() or Path(where).is_dir(),
+             f"{what}={where} is an existing file: give a directory")
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optimizer.betas={o.betas}: two values in [0, 1)")
     need(o.grad_clip >= 0, f"optimizer.grad_clip={o.grad_clip}: must be >= 0 (0 = off)")
     need(s.train_steps >= 1, f"schedule.train_steps={s.train_steps}: must be >= 1")
@@ -424,7 +459,20 @@ def _cuda_available() -> bool:
 
 
 def read_deepspeed_config(path: str) -> dict:
-    return json.loads(resolve_path(path).read_text(encoding="utf-8"))
+    try:
+        ds = json.loads(resolve_path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"parallelism.deepspeed_config={path}: not valid JSON ({exc}); fix the file or use one "
+                          f"of ds_configs/") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"parallelism.deepspeed_config={path}: holds a JSON {type(ds).__name__}, not a DeepSpeed "
+                          f"config object; see ds_configs/")
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallelism.deepspeed_config={path}: zero_optimization.stage={stage!r}; expected 0, 1, "
+                          f"2 or 3 (a mapping \"zero_optimization\": {{\"stage\": N, ...}})")
+    return ds
 
 
 def deepspeed_config(config: PretrainConfig, world_size: int, override_path: str | None = None) -> dict:

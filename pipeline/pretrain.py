@@ -237,8 +237,12 @@ def setup_logging(rank: int) -> None:
 def log_to_file(output_dir: Path, rank: int) -> Path:
     """Everything this rank logs also goes to OUTPUT/logs/rank<k>.log (appended across resumes)."""
     path = output_dir / "logs" / f"rank{rank}.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"output_dir={output_dir}: cannot write {path} ({exc.strerror}); give a writable "
+                          f"directory") from None
     handler.setFormatter(logging.Formatter(f"[%(asctime)s rank{rank}] %(message)s", "%Y-%m-%d %H:%M:%S"))
     logging.getLogger().addHandler(handler)
     return path

@@ -100,3 +100,48 @@ def test_shipped_recipes_and_ds_configs_load():
         ds = json.loads(path.read_text())
         assert "zero_optimization" in ds, path
         assert yaml.safe_load(path.read_text())  # JSON is YAML: sanity
+
+
+def test_model_overrides_get_the_model_fields_types():
+    meta = {"fine_vocab_size": 400, "coarse_vocab_size": 900}
+    for override, message in (("model.pre_norm=maybe", "model.pre_norm: expected true or false, got 'maybe'"),
+                              ("model.num_layers=true", "model.num_layers: expected an integer, got True"),
+                              ("model.hidden_size=abc", "model.hidden_size: expected an integer, got 'abc'"),
+                              ("model.num_query_groups=abc", "model.num_query_groups: expected an integer or null, got 'abc'"),
+                              ("model.hidden_dropout=abc", "model.hidden_dropout: expected a number, got 'abc'")):
+        with pytest.raises(C.ConfigError, match=message):
+            C.build_model_config(C.load_config(None, [override]), meta)
+    model = C.build_model_config(C.load_config(None, ["model.num_query_groups=null", "model.hidden_dropout=0",
+                                                      "model.pre_norm=true"]), meta)
+    assert model.num_query_groups is None and model.hidden_dropout == 0.0 and type(model.hidden_dropout) is float
+    assert model.pre_norm is True
+
+
+def test_broken_files_and_values_are_config_errors(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("schedule:\n  train_steps: [1\n", encoding="utf-8")
+    with pytest.raises(C.ConfigError, match=rf"--config {recipe}: not valid YAML \(.*line 2.*\); fix the file"):
+        C.load_config(recipe)
+    with pytest.raises(C.ConfigError, match=r"override 'schedule.train_steps=\[': the value '\[' is not valid YAML"):
+        C.load_config(None, ["schedule.train_steps=["])
+    for content, message in (("{not json", "not valid JSON"), ("[1, 2]", "holds a JSON list, not a DeepSpeed config"),
+                             (json.dumps({"zero_optimization": {"stage": 7}}), r"zero_optimization.stage=7; expected 0, 1, 2 or 3")):
+        path = tmp_path / "ds.json"
+        path.write_text(content, encoding="utf-8")
+        with pytest.raises(C.ConfigError, match=rf"parallelism.deepspeed_config={path}: {message}"):
+            C.deepspeed_config(C.load_config(None, [f"parallelism.deepspeed_config={path}"]), world_size=2)
+    afile = tmp_path / "afile"
+    afile.write_text("x", encoding="utf-8")
+    for overrides, message in ((["seed=-1"], r"seed=-1: must be >= 0"),
+                               (["optimizer.lr=.inf"], r"optimizer.lr=inf: must be a finite number > 0"),
+                               (["output_dir="], "output_dir is empty"),
+                               ([f"output_dir={afile}"], rf"output_dir={afile} is an existing file"),
+                               ([f"checkpointing.dir={afile}"], rf"checkpointing.dir={afile} is an existing file"),
+                               # the advice is a value that works (it said gradient_accumulation_steps=1 before)
+                               (["parallelism.global_batch_size=10", "parallelism.micro_batch_size=4"],
+                                "must be a positive multiple of micro_batch_size x data-parallel size = 8"),
+                               (["parallelism.global_batch_size=24", "parallelism.micro_batch_size=4"],
+                                "set parallelism.gradient_accumulation_steps=3")):
+        with pytest.raises(C.ConfigError, match=message):
+            C.validate(C.load_config(None, overrides), world_size=2)
+    assert afile.read_text(encoding="utf-8") == "x"
