@@ -270,6 +270,15 @@ def main(argv: list[str] | None = None) -> int:
     validate(config, world_size, dataset.meta, model_config)
     ds_config = deepspeed_config(config, world_size)
     resume_path = ckpt.find_resume_checkpoint(config.checkpoint_dir, config.checkpointing.resume)
+    earlier = ckpt.complete_checkpoints(config.checkpoint_dir)
+    if not config.checkpointing.resume and earlier:
+        # A fresh run here would interleave its saves with the old ones (retention would delete the
+        # new ones first) and a later --resume auto would pick the old run up again.
+        raise ckpt.CheckpointError(
+            f"{config.checkpoint_dir} holds checkpoints of an earlier run (newest {earlier[-1][1].name}): continue "
+            f"it with --resume auto, or start a fresh run in another output_dir (or checkpointing.dir), or delete them")
+    if config.checkpointing.resume == "auto" and resume_path is None and rank == 0:
+        log.info("--resume auto: no complete checkpoint in %s, starting from step 0", config.checkpoint_dir)
     resume_universal = False
     if resume_path is not None:
         marker = ckpt.read_marker(resume_path)

@@ -131,6 +131,11 @@ def test_resume_refuses_another_dataset_or_model(tmp_path_factory, tmp_path):
         pretrain.main([*common, f"data.path={other}"])
     with pytest.raises(CheckpointError, match="another model shape.*hidden_size: checkpoint 64 vs run 32"):
         pretrain.main([*common, f"data.path={get_dataset(tmp_path_factory)}", "model.hidden_size=32"])
+    # a fresh run (no --resume) into a folder of checkpoints would interleave with them
+    fresh = [c for c in common if c not in ("--resume", "auto")]
+    with pytest.raises(CheckpointError, match=r"holds checkpoints of an earlier run \(newest step_00000020\): "
+                                              r"continue it with --resume auto"):
+        pretrain.main([*fresh, f"data.path={get_dataset(tmp_path_factory)}"])
     # saved at TP=1, DP=2, ZeRO-3; this process is a world of 1 (DeepSpeed's own error was a traceback)
     with pytest.raises(CheckpointError, match=r"saved at DP=2, ZeRO stage=3; this run has DP=1, ZeRO stage=1\. .*"
                                               r"python -m pipeline.convert universal"):
