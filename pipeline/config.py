@@ -123,6 +123,8 @@ class ParallelismSection:
     """fp32 | bf16 | fp16 (fp16 uses DeepSpeed's dynamic loss scaling)"""
     deepspeed_config: str = "ds_configs/zero3_cpu.json"
     """DeepSpeed JSON (ZeRO stage, offload, ...); batch sizes, clipping and precision come from this file's keys only if left "auto" or absent"""
+    collective_timeout_minutes: float = 30.0
+    """how long a rank waits in a collective for its peers before the job fails (a hung rank or node); also bounds a checkpoint save"""
 
 
 @dataclass
@@ -389,6 +391,8 @@ def validate(config: PretrainConfig, world_size: int, dataset_meta: dict | None 
         f"gradient_accumulation_steps {p.gradient_accumulation_steps} x data-parallel size {dp} = {product}; "
         f"{fix}, or set parallelism.global_batch_size=0",
     )
+    need(math.isfinite(p.collective_timeout_minutes) and p.collective_timeout_minutes > 0,
+         f"parallelism.collective_timeout_minutes={p.collective_timeout_minutes}: must be > 0")
     need(p.precision in ("fp32", "bf16", "fp16"), f"parallelism.precision={p.precision!r}: expected fp32, bf16 or fp16")
     need(d.seq_length >= 4, f"data.seq_length={d.seq_length}: must be >= 4 ([CLS] text [SEP])")
     need(

@@ -105,13 +105,17 @@ def deepspeed_shm_file(rank: int) -> str:
     return os.path.join(SHM_DIR, f"{DEEPSPEED_SHM_PREFIX}_{os.getuid()}_{addr}_{port}_{rank}")
 
 
-def init_distributed(backend: str | None = None, auto_mpi_discovery: bool = True) -> None:
+def init_distributed(backend: str | None = None, auto_mpi_discovery: bool = True, timeout_minutes: float = 30.0) -> None:
     """``deepspeed.init_distributed`` (gloo on CPU, nccl on GPU, or ``backend``), then the
-    release of DeepSpeed's CPU shared-memory names (``release_deepspeed_shm``)."""
+    release of DeepSpeed's CPU shared-memory names (``release_deepspeed_shm``). A collective that
+    waits longer than ``timeout_minutes`` for a peer fails instead of hanging the job."""
+    from datetime import timedelta
+
     import deepspeed
 
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=auto_mpi_discovery, verbose=False)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=auto_mpi_discovery, verbose=False,
+                               timeout=timedelta(minutes=timeout_minutes))
     release_deepspeed_shm()
 
 
@@ -164,7 +168,7 @@ def warn_stale_deepspeed_shm() -> int:
     return total
 
 
-def initialize_parallel(tensor_parallel_size: int = 1, seed: int = 1234) -> None:
+def initialize_parallel(tensor_parallel_size: int = 1, seed: int = 1234, timeout_minutes: float = 30.0) -> None:
     """Set up megatron-core TP/DP groups, seeds and CPU-safe helpers on an initialised process group.
 
     Every rank gets the same ``seed`` for the default generators (weights are built identically and
@@ -188,7 +192,9 @@ def initialize_parallel(tensor_parallel_size: int = 1, seed: int = 1234) -> None
             and parallel_state.get_tensor_model_parallel_world_size() != tensor_parallel_size):
         parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+        # (megatron annotates the timeout as int minutes; it only builds a timedelta from it)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size,
+                                                 distributed_timeout_minutes=timeout_minutes)
     if not torch.cuda.is_available():
         # megatron's buffer allocates on torch.cuda.current_device(): replace it.
         parallel_state._GLOBAL_MEMORY_BUFFER = DeviceGlobalMemoryBuffer()

@@ -142,10 +142,13 @@ class PreemptionFlag:
 
 
 def _step_fault_injection(step: int) -> None:
-    """Test hook: AMBERT_FAULT=sleep_per_step=<s> slows steps so a test can signal mid-run."""
+    """Test hooks: AMBERT_FAULT=sleep_per_step=<s> slows steps so a test can signal mid-run;
+    AMBERT_FAULT=fail_rank0_at=<step> makes rank 0 fail with an ordinary exception after that step."""
     spec = os.environ.get("AMBERT_FAULT", "")
     if spec.startswith("sleep_per_step="):
         time.sleep(float(spec.split("=", 1)[1]))
+    if spec.startswith("fail_rank0_at=") and step == int(spec.split("=", 1)[1]) and dist.get_rank() == 0:
+        raise ValueError(f"injected failure at step {step} (AMBERT_FAULT)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     if stale and not torch.cuda.is_available():
         # A JIT build killed mid-way leaves this lock and every later start waits on it forever.
         log.warning("%s exists: if start-up hangs here, no build is running and the file is stale: delete it", stale[0])
-    parallel.init_distributed()  # + the release of DeepSpeed's CPU shared-memory names
-    parallel.initialize_parallel(config.parallelism.tensor_parallel, seed=config.seed)
+    timeout = config.parallelism.collective_timeout_minutes
+    parallel.init_distributed(timeout_minutes=timeout)  # + the release of DeepSpeed's CPU shared-memory names
+    parallel.initialize_parallel(config.parallelism.tensor_parallel, seed=config.seed, timeout_minutes=timeout)
     dp_rank, dp_size, dp_group = parallel.data_parallel_rank(), parallel.data_parallel_size(), parallel.data_parallel_group()
     output_dir = Path(config.output_dir)
     if rank == 0:
@@ -398,52 +402,65 @@ def main(argv: list[str] | None = None) -> int:
     # 6. Train.
     engine.train()
     job_start, job_first_step = time.time(), step
-    while step < config.schedule.train_steps:
-        start = time.perf_counter()
-        lr = engine.get_lr()[0]
-        metrics = train_step(engine, batches, p.gradient_accumulation_steps, dp_group)
-        step += 1
-        consumed_samples += global_batch
-        step_time = time.perf_counter() - start
-        _step_fault_injection(step)
+    try:
+        while step < config.schedule.train_steps:
+            start = time.perf_counter()
+            lr = engine.get_lr()[0]
+            metrics = train_step(engine, batches, p.gradient_accumulation_steps, dp_group)
+            step += 1
+            consumed_samples += global_batch
+            step_time = time.perf_counter() - start
+            _step_fault_injection(step)
 
-        if step % config.logging.every == 0 or step == config.schedule.train_steps:
-            flops = global_batch * flops_per_sample(
-                model_config, data.fine_length, data.coarse_length,
-                metrics["fine_masked"] / global_batch, metrics["coarse_masked"] / global_batch,
-            )
-            grad_norm = engine.get_global_grad_norm()
-            metrics.update(
-                lr=lr,
-                grad_norm=float(grad_norm) if grad_norm is not None else 0.0,
-                step_time=step_time,
-                tokens_per_s=metrics["tokens"] / step_time,
-                samples_per_s=global_batch / step_time,
-                mfu=flops / step_time / (dist.get_world_size() * peak_flops),
-                memory_mb=memory_mb(),
-                consumed_samples=consumed_samples,
-            )
-            metrics_log.log(step, metrics)
-        if config.data.valid_every and step % config.data.valid_every == 0:
-            metrics_log.log(step, evaluate(engine, data, config, dp_rank, dp_size, dp_group), split="valid")
+            if step % config.logging.every == 0 or step == config.schedule.train_steps:
+                flops = global_batch * flops_per_sample(
+                    model_config, data.fine_length, data.coarse_length,
+                    metrics["fine_masked"] / global_batch, metrics["coarse_masked"] / global_batch,
+                )
+                grad_norm = engine.get_global_grad_norm()
+                metrics.update(
+                    lr=lr,
+                    grad_norm=float(grad_norm) if grad_norm is not None else 0.0,
+                    step_time=step_time,
+                    tokens_per_s=metrics["tokens"] / step_time,
+                    samples_per_s=global_batch / step_time,
+                    mfu=flops / step_time / (dist.get_world_size() * peak_flops),
+                    memory_mb=memory_mb(),
+                    consumed_samples=consumed_samples,
+                )
+                metrics_log.log(step, metrics)
+            if config.data.valid_every and step % config.data.valid_every == 0:
+                metrics_log.log(step, evaluate(engine, data, config, dp_rank, dp_size, dp_group), split="valid")
 
-        if preemption.any_rank(job_start, config.schedule.stop_after_minutes):
-            log.warning("preemption signal or job time limit: saving at step %d, then exiting", step)
-            save("preemption")
-            break
-        if config.schedule.stop_after and step - job_first_step >= config.schedule.stop_after:
-            log.info("schedule.stop_after=%d steps reached: saving at step %d, then exiting", config.schedule.stop_after, step)
-            save("stop_after")
-            break
-        if config.checkpointing.save_every and step % config.checkpointing.save_every == 0:
-            save("periodic")
-        elif step == config.schedule.train_steps and config.checkpointing.save_at_end:
-            save("end")
+            if preemption.any_rank(job_start, config.schedule.stop_after_minutes):
+                log.warning("preemption signal or job time limit: saving at step %d, then exiting", step)
+                save("preemption")
+                break
+            if config.schedule.stop_after and step - job_first_step >= config.schedule.stop_after:
+                log.info("schedule.stop_after=%d steps reached: saving at step %d, then exiting", config.schedule.stop_after, step)
+                save("stop_after")
+                break
+            if config.checkpointing.save_every and step % config.checkpointing.save_every == 0:
+                save("periodic")
+            elif step == config.schedule.train_steps and config.checkpointing.save_at_end:
+                save("end")
+
+    finally:
+        stop_loader_workers(batches)
 
     metrics_log.close()
     log.info("done at step %d", step)
     dist.barrier()
     return 0
+
+
+def stop_loader_workers(batches) -> None:
+    """Stop a DataLoader iterator's workers now, on every way out of the loop. They ignore SIGTERM
+    (preemption signals are the rank's), so if an exception kept the iterator alive until exit,
+    multiprocessing's exit handler would SIGTERM them and then wait for them forever."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch's own clean shutdown (sentinel, join)
+    if shutdown is not None:
+        shutdown()
 
 
 def universal_checkpoint_info(module: torch.nn.Module) -> dict:
@@ -465,3 +482,16 @@ if __name__ == "__main__":
         logging.getLogger("pretrain").error("%s", message)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as exc:  # torch.distributed's errors when a peer stops answering
+        text = str(exc)
+        if "Timed out" in text or "timed out" in text:
+            cause = "another rank stopped answering for parallelism.collective_timeout_minutes (hung, or its node is gone)"
+        elif "Connection closed by peer" in text or "Connection reset by peer" in text:
+            cause = "another rank died"
+        else:
+            raise
+        message = (f"{cause}; its own log (OUTPUT/logs/rank<k>.log) says why. Rerun the job with --resume auto to "
+                   f"continue from the newest complete checkpoint. ({text.strip().splitlines()[-1]})")
+        logging.getLogger("pretrain").error("%s", message)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)

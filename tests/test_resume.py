@@ -162,3 +162,62 @@ def test_auto_resume_picks_newest_complete_and_retention(tmp_path):
     # interrupted one (possibly still being written by a live job) is left alone
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000010", "step_00000020", "step_00000025"]
     assert ckpt.find_resume_checkpoint(tmp_path / "nothing-here", "auto") is None
+
+
+def test_hung_rank_fails_the_job_within_the_collective_timeout(tmp_path_factory, tmp_path):
+    """A rank that stops answering (SIGSTOP: a hung GPU or a frozen node) makes its peer fail after
+    parallelism.collective_timeout_minutes with a message that says so, instead of waiting 30 min in
+    silence; and a rank failing with live loader workers still exits (it used to wait for them forever)."""
+    import signal
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        deepspeed_command([f"data.path={get_dataset(tmp_path_factory)}", f"output_dir={out}", "schedule.train_steps=400",
+                           "data.num_workers=1", "parallelism.collective_timeout_minutes=0.1"]),
+        cwd=ROOT, env=run_env({"AMBERT_FAULT": "sleep_per_step=0.2"}), stdout=open(tmp_path / "log.txt", "w"),
+        stderr=subprocess.STDOUT,
+    )
+    job: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not ((out / "metrics.jsonl").exists() and max(read_metrics(out), default=0) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
+            time.sleep(0.2)
+        ranks = sorted(_workers(proc), key=lambda p: " ".join(p.cmdline()))
+        job = [*ranks, *(c for r in ranks for c in r.children(recursive=True))]
+        assert len(ranks) == 2 and len(job) == 4  # two ranks, one loader worker each
+        stopped = time.monotonic()
+        ranks[1].send_signal(signal.SIGSTOP)
+        code = proc.wait(timeout=180)
+        elapsed = time.monotonic() - stopped
+        time.sleep(1)
+        left = [p.pid for p in job if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        for p in job:
+            try:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "log.txt").read_text()
+    assert code != 0, log[-3000:]
+    # 6 s of timeout, then DeepSpeed's launcher gives the stopped rank 30 s to exit before SIGKILL
+    assert elapsed < 120, elapsed
+    assert "error: another rank stopped answering for parallelism.collective_timeout_minutes" in log, log[-3000:]
+    assert "--resume auto" in log
+    assert not left, f"processes of the job were left behind: {left}"
+
+
+def test_rank_failing_with_live_loader_workers_exits(tmp_path_factory, tmp_path):
+    """An ordinary exception on one rank mid-run (loader workers alive; they ignore SIGTERM) ends
+    the job promptly. Before, the failing rank waited at exit for its worker forever, and its peer
+    waited in a collective for the default 30 minutes."""
+    start = time.monotonic()
+    code, output = launch([f"data.path={get_dataset(tmp_path_factory)}", f"output_dir={tmp_path / 'run'}",
+                           "schedule.train_steps=50", "data.num_workers=1"],
+                          env={"AMBERT_FAULT": "fail_rank0_at=3"}, log=tmp_path / "log.txt", timeout=150)
+    assert code != 0, output[-3000:]
+    assert "injected failure at step 3" in output
+    assert time.monotonic() - start < 120
