@@ -193,12 +193,26 @@ def _prune(directory: Path, keep_last: int) -> None:
 def load(engine, path: str | os.PathLike, load_optimizer_states: bool = True) -> dict:
     """Load a complete checkpoint into the engine; returns its client_state."""
     path = Path(path)
-    load_path, client_state = engine.load_checkpoint(
-        str(path.parent), tag=path.name, load_optimizer_states=load_optimizer_states, load_lr_scheduler_states=True
-    )
+    try:
+        load_path, client_state = engine.load_checkpoint(
+            str(path.parent), tag=path.name, load_optimizer_states=load_optimizer_states, load_lr_scheduler_states=True
+        )
+    except (OSError, RuntimeError, EOFError, KeyError, ValueError, AssertionError) as exc:
+        # a file deleted, truncated or overwritten after the save was committed
+        raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:300]}): one of its files is missing or damaged. "
+                              f"{_older_choice(path)}") from None
     if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load {path} (files missing?)")
+        raise CheckpointError(f"DeepSpeed could not load {path} (files missing?). {_older_choice(path)}")
     return client_state or {}
+
+
+def _older_choice(path: Path) -> str:
+    older = [p for step, p in complete_checkpoints(path.parent) if p.name < path.name]
+    if not older:
+        return "No older complete checkpoint is left in its folder: restore the files, or start a fresh run."
+    return (f"Resume from the newest older one with checkpointing.resume={older[-1]} (or move {path.name} away and "
+            f"use --resume auto)")
 
 
 def _fault_injection(point: str, step: int) -> None:

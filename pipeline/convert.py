@@ -162,7 +162,12 @@ def to_universal(source: Path, target_dir: Path, workers: int = 1) -> Path:
         input_folder=str(source), output_folder=str(partial), num_extract_workers=workers, num_merge_workers=workers,
         keep_temp_folder=False, strict=True, inject_missing_state=False,
     )
-    ds_to_universal.main(args)
+    try:
+        ds_to_universal.main(args)
+    except (OSError, RuntimeError, EOFError, KeyError, ValueError, AssertionError) as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise ConvertError(f"checkpoint {source} cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}): "
+                           f"one of its files is missing or damaged; convert an older complete checkpoint") from None
     _wrap_bare_zero3_states(partial)
     (target_dir / "latest_universal").unlink(missing_ok=True)  # DeepSpeed's pointer: we use COMPLETE markers
     marker = {**marker, "universal": True, "converted_from": str(source), "universal_format": UNIVERSAL_FORMAT}

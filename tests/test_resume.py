@@ -221,3 +221,25 @@ def test_rank_failing_with_live_loader_workers_exits(tmp_path_factory, tmp_path)
     assert code != 0, output[-3000:]
     assert "injected failure at step 3" in output
     assert time.monotonic() - start < 120
+
+
+def test_damaged_checkpoint_file_is_named_with_the_older_checkpoint_to_use(tmp_path_factory, tmp_path, capsys):
+    import shutil
+
+    reference_dir = get_reference_run(tmp_path_factory)
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(reference_dir / "checkpoints", checkpoints)  # complete saves at steps 10 and 20
+    optim = sorted((checkpoints / "step_00000020").glob("*rank_0*optim_states.pt"))[0]
+    optim.write_bytes(optim.read_bytes()[: optim.stat().st_size // 2])  # truncated after the commit
+    code, output = launch([f"data.path={get_dataset(tmp_path_factory)}", *REFERENCE_OVERRIDES, "schedule.train_steps=22",
+                           f"checkpointing.dir={checkpoints}", f"output_dir={tmp_path / 'run'}", "--resume", "auto"],
+                          log=tmp_path / "log.txt", timeout=240)
+    assert code != 0
+    assert f"error: checkpoint {checkpoints / 'step_00000020'} cannot be loaded" in output, output[-3000:]
+    assert f"checkpointing.resume={checkpoints / 'step_00000010'}" in output
+
+    from pipeline.convert import main as convert
+
+    assert convert(["export", str(checkpoints / "step_00000020"), str(tmp_path / "export")]) == 2
+    assert f"checkpoint {checkpoints / 'step_00000020'} cannot be read" in capsys.readouterr().err
+    assert not (tmp_path / "export").exists() and not list(tmp_path.glob("export.*"))
