@@ -104,7 +104,16 @@ def why_not_a_checkpoint(path: str | os.PathLike) -> str:
 
 
 def read_marker(path: str | os.PathLike) -> dict:
-    return json.loads((Path(path) / COMPLETE).read_text(encoding="utf-8"))
+    marker_path = Path(path) / COMPLETE
+    try:
+        marker = json.loads(marker_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{marker_path} is not valid JSON ({exc}): the checkpoint's marker was damaged. "
+                              f"{_older_choice(Path(path))}") from None
+    if not isinstance(marker, dict):
+        raise CheckpointError(f"{marker_path} holds a JSON {type(marker).__name__}, not the marker object pretrain.py "
+                              f"writes. {_older_choice(Path(path))}")
+    return marker
 
 
 def check_compatible(marker: dict, fingerprint: str, model_config: dict, path: Path, layout: dict | None = None) -> None:

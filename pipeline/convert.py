@@ -228,6 +228,10 @@ def export(source: Path, output: Path) -> Path:
     for name in (META_FILE, FINE_VOCAB_FILE, COARSE_VOCAB_FILE, FINE_TOKENIZER_FILE, PHRASES_FILE):
         if (dataset / name).is_file():
             shutil.copy2(dataset / name, output / name)
+    if not (dataset / META_FILE).is_file():
+        print(f"warning: the pre-training dataset {dataset} is gone, so the export has no tokenizer files; copy "
+              f"meta.json, fine_vocab.txt, coarse_vocab.txt (and fine_tokenizer.json, phrases.tsv) of it into "
+              f"{final} before using the export", file=sys.stderr)
     (output / "training.json").write_text(
         json.dumps({k: marker.get(k) for k in ("step", "consumed_samples", "dataset_path", "dataset_fingerprint", "tensor_parallel", "data_parallel")}, indent=1),
         encoding="utf-8",
@@ -305,6 +309,8 @@ def load_exported(directory: str | Path):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.checkpoint import CheckpointError
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     u = sub.add_parser("universal", help="convert a checkpoint so training continues at another (TP, DP) layout")
@@ -320,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             print(to_universal(args.source, args.target_dir, args.workers))
         else:
             print(export(args.source, args.output))
-    except ConvertError as exc:
+    except (ConvertError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

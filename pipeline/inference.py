@@ -191,7 +191,7 @@ class AmbertEncoder:
 
         examples = [
             encode_example(self.text_encoder, t, text_pairs[i] if text_pairs else None, self.max_length,
-                           self.max_length, where=f"text {i}")
+                           self.max_length, where=f"texts[{i}]")
             for i, t in enumerate(texts)
         ]
         batch = collate(examples)

@@ -329,6 +329,11 @@ def main(argv: list[str] | None = None) -> int:
         "data: %d train samples, fine length %d, coarse length %d (%s)",
         len(data.train), data.fine_length, data.coarse_length, config.dataset_dir,
     )
+    global_samples = config.parallelism.micro_batch_size * config.parallelism.gradient_accumulation_steps * (
+        world_size // config.parallelism.tensor_parallel)
+    if len(data.train) < global_samples and rank == 0:
+        log.warning("the train split has %d samples, fewer than one global batch (%d): every step repeats them "
+                    "(use a larger dataset or a smaller batch)", len(data.train), global_samples)
 
     # 4. Model, optimizer, schedule, engine.
     engine = build_engine(config, model_config, ds_config)
@@ -400,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
             parallel.set_seed(config.seed + step)
 
     # 6. Train.
+    if step >= config.schedule.train_steps and rank == 0:
+        log.warning("resumed at step %d, already >= schedule.train_steps=%d: nothing to train (raise "
+                    "schedule.train_steps to continue)", step, config.schedule.train_steps)
     engine.train()
     job_start, job_first_step = time.time(), step
     try:

@@ -77,6 +77,9 @@ def test_convert_names_a_wrong_source_and_refuses_a_file_or_foreign_folder_as_ou
     assert [p.name for p in foreign.iterdir()] == ["keep.txt"]
     assert main(["universal", str(checkpoints / "step_00000010"), str(target_file)]) == 2
     assert "is a file" in capsys.readouterr().err
+    (checkpoints / "step_00000010" / "COMPLETE").write_text("{trunc", encoding="utf-8")
+    assert main(["export", str(checkpoints / "step_00000010"), str(tmp_path / "out")]) == 2
+    assert "COMPLETE is not valid JSON" in capsys.readouterr().err
 
 
 def test_export_hf_names_a_wrong_model_and_replaces_only_its_own_output(tmp_path, capsys, zh_dataset, export_dir):

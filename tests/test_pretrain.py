@@ -223,6 +223,25 @@ def test_damaged_dataset_is_one_error_line_not_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr + result.stdout
 
 
+def test_tiny_dataset_and_resume_past_the_end_are_warned_about(tmp_path):
+    import re
+
+    dataset = write_synthetic_dataset(tmp_path / "ds", num_docs=3)  # fewer samples than one global batch of 32
+    outputs = []
+    for extra in ([], ["--resume", "auto"]):
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "pipeline" / "pretrain.py"), *BASE, f"data.path={dataset}",
+             f"output_dir={tmp_path / 'run'}", "schedule.train_steps=2", "schedule.warmup_steps=1",
+             "parallelism.micro_batch_size=32", "checkpointing.save_at_end=true", *extra],
+            cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs.append(result.stdout + result.stderr)
+    found = re.search(r"the train split has (\d+) samples, fewer than one global batch \(32\): every step repeats", outputs[0])
+    assert found and int(found.group(1)) < 32, outputs[0][-3000:]
+    assert "resumed at step 2, already >= schedule.train_steps=2: nothing to train" in outputs[1]
+
+
 def test_continue_on_another_tp_dp_layout(layout_runs, tmp_path, tmp_path_factory):
     """The (TP=2, DP=2) checkpoint of step 5, converted once, continues at (1, 2) and (2, 1)."""
     from pipeline.convert import to_universal
