@@ -70,6 +70,7 @@ def test_exact_resume_through_kill_during_save_and_sigterm(tmp_path_factory, tmp
     )
     assert code != 0, output[-3000:]
     assert time.monotonic() - start < 240  # the surviving rank did not hang the job
+    assert "error: another rank died" in output  # the survivor says what happened, not just a gloo traceback
     assert (checkpoints / "step_00000010").is_dir() and not (checkpoints / "step_00000010" / COMPLETE).exists()
     assert [s for s, _ in complete_checkpoints(checkpoints)] == [5]
     _assert_same_losses(tmp_path / "b", reference, range(1, 11), rel=0.0)
