@@ -7,6 +7,9 @@
     out.coarse_vectors[i]  # [coarse tokens of text i, H]
     out.fine_cls, out.coarse_cls   # [B, H] the two [CLS] vectors
 
+    python -m pipeline.inference exported/ambert-zh "北京大学的学生"   # both tokenizations, [CLS] norms
+    python -m pipeline.inference exported/ambert-zh "..." --json      # one JSON line per text, with the vectors
+
 An exported directory (``python -m pipeline.convert export`` or ``save_exported`` here) holds:
 
     model.safetensors   consolidated fp32 weights of AmbertForPreTraining at TP=1 (padded vocab rows kept)
@@ -204,5 +207,47 @@ class AmbertEncoder:
         return out
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.inference MODEL TEXT...``: both tokenizations of each text and its [CLS] vectors."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        description="Encode texts with an exported model (or a TP=1 training checkpoint): print each text's fine and "
+                    "coarse tokens and the norms of its [CLS] vectors (--json: the vectors). In Python: AmbertEncoder.")
+    parser.add_argument("model", help="exported model dir (python -m pipeline.convert export) or a checkpoint step_* dir")
+    parser.add_argument("texts", nargs="+", help="texts to encode")
+    parser.add_argument("--dataset", default="", help="tokenizers (a dataset dir) if the model does not carry them")
+    parser.add_argument("--json", action="store_true", help="one JSON object per text, with the [CLS] vectors")
+    args = parser.parse_args(argv)
+    try:
+        encoder = AmbertEncoder.load(args.model, dataset=args.dataset)
+        out = encoder.encode(args.texts)
+    except (ValueError, OSError) as exc:  # FinetuneError / ExportError / FormatError / EncodeError are ValueErrors
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    vocabs = {"fine": encoder.text_encoder.fine_vocab, "coarse": encoder.text_encoder.coarse_vocab}
+    for i, text in enumerate(args.texts):
+        record: dict = {"text": text}
+        for g in encoder.model.config.granularities:
+            record[f"{g}_tokens"] = [vocabs[g].token(int(t)) for t in getattr(out, f"{g}_ids")[i]]
+            cls_vector = getattr(out, f"{g}_vectors")[i][0]
+            record[f"{g}_cls" if args.json else f"{g}_cls_norm"] = (
+                cls_vector.tolist() if args.json else round(float(cls_vector.norm()), 4))
+        if args.json:
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            print(text)
+            for key, value in record.items():
+                if key != "text":
+                    print(f"  {key}: {' '.join(value) if isinstance(value, list) else value}")
+    return 0
+
+
+
 __all__ = ["AmbertEncoder", "tokenizer_dir_of", "EncodedBatch", "ExportError", "build_backbone", "check_vocabularies",
            "ensure_single_process", "load_state_dict", "read_model_config", "save_exported"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -96,3 +96,23 @@ def test_non_bert_options_are_refused_with_the_option_named(tmp_path, zh_dataset
                                             r".*num_query_groups=2.*local_window=8"):
         export_hf(model.state_dict(), model.config, zh_dataset, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_inference_command_prints_both_tokenizations_and_the_cls_vectors(tmp_path, zh_dataset, capsys):
+    import json
+
+    from pipeline.inference import AmbertEncoder, main, save_exported
+
+    export = save_exported(_model(zh_dataset), zh_dataset, tmp_path / "export")
+    assert main([str(export), TEXTS[0]]) == 0
+    printed = capsys.readouterr().out
+    assert "fine_tokens: [CLS] 北 京 大 学 很 差 。 [SEP]" in printed
+    assert "coarse_tokens: [CLS] " in printed and "fine_cls_norm: " in printed
+    assert main([str(export), *TEXTS, "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    reference = AmbertEncoder.load(export).encode(TEXTS)
+    assert [r["text"] for r in records] == TEXTS
+    for i, record in enumerate(records):
+        torch.testing.assert_close(torch.tensor(record["coarse_cls"]), reference.coarse_cls[i], rtol=0, atol=1e-6)
+    assert main([str(tmp_path / "nope"), "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
