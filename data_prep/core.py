@@ -260,6 +260,75 @@ def _agree(comm, error: str | None) -> str | None:
     return comm.bcast(summary)
 
 
+# Settings each rank may choose for itself: its machine's pool size and whether it shows progress bars.
+_PER_RANK_SETTINGS = ("workers", "progress")
+
+
+def _flag(key: str) -> str:
+    return {"language": "--lang", "inputs": "--input", "input_files": "the files --input resolves to"}.get(
+        key, "--" + key.replace("_", "-"))
+
+
+def _describe_difference(key: str, mine: Any, theirs: Any) -> str:
+    if key == "input_files" and isinstance(mine, list) and isinstance(theirs, list):
+        extra = sorted(set(theirs) - set(mine))
+        gone = sorted(set(mine) - set(theirs))
+        parts = ([f"sees {len(extra)} file(s) rank 0 does not ({extra[0]}{', ...' if len(extra) > 1 else ''})"] if extra
+                 else []) + ([f"does not see {len(gone)} file(s) of rank 0 ({gone[0]}{', ...' if len(gone) > 1 else ''})"]
+                             if gone else [])
+        return "; ".join(parts) or "lists the same files in another order"
+    if key == "language_options" and isinstance(mine, dict) and isinstance(theirs, dict):
+        keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        return ", ".join(f"--{k.replace('_', '-')} {theirs.get(k)!r} (rank 0: {mine.get(k)!r})" for k in keys)
+    return f"{theirs!r} (rank 0: {mine!r})"
+
+
+def _agree_on_settings(comm, config: BuildConfig) -> tuple[Language, list[inp.InputSpec]]:
+    """Every rank checks its own command line, then all ranks compare settings with rank 0: before any work.
+
+    Each rank reads the inputs and owns the shards k % K == rank, so a rank started with another
+    --shard-documents or --input would silently write other shards (documents lost or doubled), and one
+    with another --output would wait forever for the rest. The MPI command line must be the same on
+    every rank; only --workers (and progress bars) may differ per machine.
+    """
+    def local():
+        config.validate()
+        lang_cls = get_language(config.language)
+        lang = lang_cls(config.language_plugin_options(lang_cls))
+        try:
+            specs = (inp.resolve_inputs(config.inputs, config.text_mode, config.text_field) if config.inputs
+                     else lang.demo_inputs())
+        except inp.InputError as exc:
+            if comm.size > 1:
+                raise inp.InputError(f"{exc} (rank {comm.rank} of {comm.size}: every rank must see the same input "
+                                     f"paths, e.g. on a filesystem all machines share)") from None
+            raise
+        return lang, [inp.resolve_text_mode(s) for s in specs]
+
+    lang, specs = _collective(comm, local)
+    if comm.size == 1:
+        return lang, specs
+    settings = {k: v for k, v in asdict(config).items() if k not in _PER_RANK_SETTINGS}
+    settings["output"] = os.path.abspath(config.output)
+    settings["input_files"] = [os.path.abspath(s.path) for s in specs]
+    everyone = comm.gather(settings)
+    problem = None
+    if comm.rank == 0:
+        lines = []
+        for rank, theirs in enumerate(everyone):
+            for key in settings:
+                if theirs.get(key) != settings[key] and not (key == "input_files" and theirs["inputs"] != config.inputs):
+                    lines.append(f"rank {rank}: {_flag(key)} {_describe_difference(key, settings[key], theirs.get(key))}")
+        if lines:
+            problem = ("the ranks were started with different build settings:\n  " + "\n  ".join(lines)
+                       + "\nEvery rank must run the same command (only --workers may differ per machine): fix the "
+                         "mpirun command line or the per-rank script, then run again")
+    problem = comm.bcast(problem)
+    if problem:
+        raise BuildError(problem)
+    return lang, specs
+
+
 def _collective(comm, fn: Callable[[], Any]) -> Any:
     """Run ``fn`` on this rank, then agree with all ranks that nobody failed.
 
@@ -773,6 +842,22 @@ def _prepare_work_dir(config: BuildConfig, params: dict) -> Path:
     return work
 
 
+def _check_shared_work_dir(comm, work: Path, params: dict) -> None:
+    """Every rank must see the work directory rank 0 just prepared (shards are exchanged through it)."""
+    import socket
+
+    path = work / PARAMS_FILE
+    try:
+        seen = json.loads(path.read_text())
+    except (OSError, ValueError):
+        seen = None
+    if seen != params:
+        raise BuildError(
+            f"rank {comm.rank} (host {socket.gethostname()}) does not see {path} that rank 0 wrote: the parent "
+            f"folder of --output must be on a filesystem every rank shares (NFS, Lustre, ...), at the same path"
+        )
+
+
 class _AnalysisProgress:
     """Counts finished shard analyses (the progress bar advances by each shard's bytes)."""
 
@@ -815,13 +900,16 @@ def auto_shard_characters(records: list[dict]) -> int:
 def _read_into_shards(config, comm, specs, work: Path, executor: _Executor, on_analyzed, read_done: bool,
                       params: dict) -> dict:
     """Stage 2 (+ 3 in the background): stream the corpus into shards, analyse each as it is written."""
-    read_path = work / READ_FILE
-    if read_done:  # a resumed build: the corpus was fully read before
-        summary = json.loads(read_path.read_text())
-        for k in range(summary["num_shards"]):
-            if k % comm.size == comm.rank:
+    if read_done:  # a resumed build: every rank had written its shards before
+        summary = json.loads((work / READ_FILE).read_text())
+        mine = [k for k in range(summary["num_shards"]) if k % comm.size == comm.rank]
+        unwritten = [k for k in mine if not (_shard_dir(work, k) / "docs.done").exists()]
+        if not unwritten:
+            for k in mine:
                 executor.submit(_analyze_task, str(_shard_dir(work, k)))
-        return summary
+            return summary
+        # (a work directory from a version that marked the read before every rank had finished)
+        log.info("rank %d: %d shard(s) were never written; reading the inputs again", comm.rank, len(unwritten))
     counters = inp.ReadCounters()
     documents: list[str] = []
     num_documents = 0
@@ -857,23 +945,16 @@ def _read_into_shards(config, comm, specs, work: Path, executor: _Executor, on_a
     summary = {"num_documents": num_documents, "num_shards": len(shard_starts), "shard_starts": shard_starts,
                "empty_documents_skipped": counters.empty_documents, "nul_bytes_removed": counters.nul_bytes_removed,
                "long_documents_cut": counters.split_long_documents}
-    if comm.rank == 0:
-        _mark(read_path, summary)
-    return summary
+    return summary  # marked as read (READ_FILE) once every rank has written and analysed its shards
 
 
 def build(config: BuildConfig, comm=None) -> dict:
     """Build the dataset described by ``config``; returns its meta.json content (on every rank)."""
     started = time.time()
-    config.validate()
     comm = comm or detect_communicator()
-    lang_cls = get_language(config.language)
-    lang = lang_cls(config.language_plugin_options(lang_cls))
+    # ---- 1. checks: every rank's own settings, the same on all ranks; then the inputs (rank 0) --
+    lang, specs = _agree_on_settings(comm, config)
     options = dict(lang.options)  # with the plugin's defaults filled in: recorded, and what workers get
-
-    # ---- 1. checks (rank 0), then agree -----------------------------------------------------
-    specs = inp.resolve_inputs(config.inputs, config.text_mode, config.text_field) if config.inputs else lang.demo_inputs()
-    specs = [inp.resolve_text_mode(s) for s in specs]
 
     def check():
         out = Path(config.output)
@@ -912,6 +993,8 @@ def build(config: BuildConfig, comm=None) -> dict:
         executor = _Executor(config.workers, config.language, options)
         params, warnings, read_done = comm.bcast(_collective(comm, check) if comm.rank == 0 else _collective(comm, lambda: None))
         work = work_dir_for(config.output)
+        if comm.size > 1:
+            _collective(comm, lambda: _check_shared_work_dir(comm, work, params))
 
         # ---- 2+3. read into shards, analyse --------------------------------------------------
         def read_and_analyze():
@@ -932,6 +1015,10 @@ def build(config: BuildConfig, comm=None) -> dict:
 
         stage_seconds["check"] = round(time.time() - started, 2)
         summary, my_counts = _collective(comm, read_and_analyze)
+        if comm.rank == 0 and not read_done:
+            # Only now: a rank killed while writing its shards must not leave a work directory whose
+            # --resume believes every shard exists.
+            _mark(work / READ_FILE, summary)
         stage_seconds["read_analyze"] = round(time.time() - started - sum(stage_seconds.values()), 2)
         all_counts = comm.gather(my_counts)
         del my_counts

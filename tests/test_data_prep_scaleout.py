@@ -103,6 +103,88 @@ def test_mpirun_two_ranks_identical_to_one_process(reference, tmp_path):
     assert dataset_bytes(tmp_path / "mpi") == expected
 
 
+def _mpirun(np_: int = 2) -> list[str]:
+    launcher = ["mpirun", "--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
+    return launcher + (["-np", str(np_)] if np_ else [])
+
+
+needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None,
+                                  reason="needs OpenMPI's mpirun (launchers/setup.sh installs it)")
+
+
+@needs_mpirun
+@pytest.mark.parametrize("case", ["shard-documents", "output", "input"])
+def test_mpirun_ranks_with_different_settings_are_refused(reference, tmp_path, case):
+    """Each rank owns the shards k % K == rank: a rank with another --shard-documents used to drop a
+    quarter of the corpus with --verify passing, another --output hung, a missing --input on one rank
+    was an unclear FileNotFoundError. All are refused before any work, naming the flag and the ranks."""
+    corpus, _ = reference
+    out = tmp_path / "out"
+    rank0 = _cli(corpus, out)
+    if case == "shard-documents":
+        rank1 = _cli(corpus, out)
+        rank1[rank1.index("--shard-documents") + 1] = "45"
+        expected = "rank 1: --shard-documents 45 (rank 0: 60)"
+    elif case == "output":
+        rank1 = _cli(corpus, tmp_path / "elsewhere")
+        expected = f"rank 1: --output '{tmp_path / 'elsewhere'}' (rank 0: '{out}')"
+    else:
+        rank1 = _cli(tmp_path / "only-on-rank-0.txt", out)
+        expected = "rank 1 of 2: every rank must see the same input paths"
+    proc = subprocess.run(_mpirun(0) + ["-np", "1", *rank0, ":", "-np", "1", *rank1], capture_output=True, text=True,
+                          env=_env(), timeout=120)
+    assert proc.returncode != 0
+    assert expected in proc.stderr, proc.stderr[-3000:]
+    if case != "input":
+        assert "Every rank must run the same command" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # refused before any work: no dataset, no work directory on either side
+    for path in (out, core.work_dir_for(out), tmp_path / "elsewhere", core.work_dir_for(tmp_path / "elsewhere")):
+        assert not path.exists(), path
+
+
+@needs_mpirun
+def test_mpirun_rank_killed_while_writing_its_shards_then_resume(reference, tmp_path):
+    """Rank 1 stopped after writing its first shard, rank 0 left to finish its own, then the job is
+    killed: --resume used to fail (rank 0 had marked the corpus as read, rank 1's shards did not
+    exist). Now the read is marked only once every rank has written its shards: identical bytes."""
+    import psutil
+
+    corpus, expected = reference
+    out = tmp_path / "mpi"
+    work = core.work_dir_for(out)
+    proc = subprocess.Popen(_mpirun() + _cli(corpus, out), env=_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        rank1 = None
+        while time.monotonic() < deadline and rank1 is None and proc.poll() is None:
+            if (work / "shards" / "000001" / "docs.done").exists():
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    try:
+                        if child.environ().get("OMPI_COMM_WORLD_RANK") == "1":
+                            rank1 = child
+                            child.suspend()
+                    except psutil.Error:
+                        continue
+            time.sleep(0.002)
+        assert rank1 is not None, "rank 1 never wrote its first shard"
+        rank0_shards = [_shard for _shard in range(0, 20, 2)]
+        while time.monotonic() < deadline and not all(
+                (work / "shards" / f"{k:06d}" / "analyzed.done").exists() for k in rank0_shards):
+            time.sleep(0.05)
+        time.sleep(0.5)  # rank 0 is past its read loop, waiting for rank 1
+        assert not (work / "shards" / "000019" / "docs.done").exists()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert not out.exists()
+    resumed = subprocess.run(_mpirun() + _cli(corpus, out, "--resume"), capture_output=True, text=True, env=_env(),
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert dataset_bytes(out) == expected
+
+
 def _run_until(cmd: list[str], work: Path, marker: str, count: int) -> None:
     """Start the build, kill -9 it (and its pool workers) once ``count`` shards carry ``marker``."""
     proc = subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL,
@@ -198,3 +280,23 @@ def test_packed_count_tables_sum_like_counters():
         assert mixed == sum_counters([parts[0], odd, parts[1]]) and not isinstance(mixed, PackedCounter)
     empty = sum_count_tables([])
     assert isinstance(empty, PackedCounter) and empty.unpack() == Counter()
+
+
+def test_a_rank_that_cannot_see_the_work_directory_is_named(tmp_path):
+    """Shards are exchanged through DIR.partial: a rank on a machine without the shared filesystem is
+    told so (with its host name) instead of failing later on a missing shard file."""
+    import socket
+
+    class Rank1:
+        rank, size = 1, 2
+
+    work = tmp_path / "out.partial"
+    params = {"shard_documents": 60}
+    with pytest.raises(core.BuildError, match="filesystem every rank shares") as info:
+        core._check_shared_work_dir(Rank1(), work, params)
+    assert socket.gethostname() in str(info.value) and "rank 1" in str(info.value)
+    work.mkdir()
+    (work / core.PARAMS_FILE).write_text(json.dumps(params))
+    core._check_shared_work_dir(Rank1(), work, params)  # seen: no error
+    with pytest.raises(core.BuildError):  # another build's work directory at that path
+        core._check_shared_work_dir(Rank1(), work, {"shard_documents": 45})
