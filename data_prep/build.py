@@ -135,12 +135,20 @@ def main(argv: list[str] | None = None) -> int:
         for console in logging.getLogger().handlers:  # the error is printed already: file only
             if console is not handler:
                 console.addFilter(lambda record: not getattr(record, "file_only", False))
+    core.raise_on_sigterm()
     try:
         meta = core.build(config)
     except (core.BuildError, inputs.InputError, LanguageError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         logging.getLogger("data_prep.build").log(logging.ERROR, "error: %s", exc, extra={"file_only": True})
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (core.raise_on_sigterm)
+        signum = getattr(exc, "signum", 2)
+        if core.launch_rank() == 0:
+            message = str(exc) or "interrupted"
+            print(message, file=sys.stderr)
+            logging.getLogger("data_prep.build").log(logging.ERROR, "%s", message, extra={"file_only": True})
+        return 128 + signum
     if core.launch_rank() == 0:
         summary = f"{core.summarize(meta)}\nwrote {args.output}"
         print(summary)

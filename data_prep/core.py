@@ -78,6 +78,25 @@ class BuildError(RuntimeError):
     """The build cannot go on; the message names the problem and the fix."""
 
 
+class BuildInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the build; the message says what is kept and how to go on."""
+
+    def __init__(self, message: str, signum: int = 2) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+def raise_on_sigterm() -> None:
+    """SIGTERM (a scheduler's kill, ``kill PID``) ends the build like Ctrl-C: the pool is stopped and
+    what is finished is kept for --resume, instead of dying with the workers writing into a closed pipe."""
+    import signal
+
+    def handler(signum, frame):
+        raise BuildInterrupted("SIGTERM", signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 # ---------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------
@@ -492,6 +511,24 @@ def write_shard_splits(shard_dir: Path, enc: EncodedShard, valid_mask: np.ndarra
 _WORKER: dict[str, Any] = {}
 
 
+def _pool_worker_init(language: str, options: dict) -> None:
+    """A pool worker leaves Ctrl-C and SIGTERM (also sent to the whole process group) to the main
+    process, which stops the pool (``_Executor.terminate``), and dies with the main process however
+    that ends (kill -9 included): no worker is left writing results into a closed pipe."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    _worker_init(language, options, warm_up=True)
+
+
 def _worker_init(language: str, options: dict, warm_up: bool = False) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _WORKER.clear()
@@ -628,7 +665,7 @@ class _Executor:
             # fork: workers start in milliseconds and inherit the imported modules. The pool is made
             # before any input is read, so no reader thread (pyarrow, tqdm) exists at fork time.
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            self.pool = mp.get_context(method).Pool(workers, initializer=_worker_init, initargs=(language, options, True))
+            self.pool = mp.get_context(method).Pool(workers, initializer=_pool_worker_init, initargs=(language, options))
         else:
             _worker_init(language, options)
         self.pending: list = []
@@ -691,10 +728,26 @@ class _Executor:
             self.pool = None
 
     def terminate(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-            self.pool = None
+        """Stop the pool at once (an error, Ctrl-C, SIGTERM).
+
+        Not ``Pool.terminate()``: it first takes the task queue's read lock, which an idle worker holds
+        while it waits for a task, and which a worker killed there (a signal to the whole process group)
+        holds forever: the build hung. The workers ignore SIGINT/SIGTERM (``_pool_worker_init``); here
+        they are killed, the pool stops replacing them, and its own clean-up at exit is cancelled.
+        """
+        pool, self.pool = self.pool, None
+        if pool is None:
+            return
+        from multiprocessing.pool import TERMINATE
+
+        pool._state = TERMINATE
+        pool._worker_handler._state = TERMINATE  # no replacement workers
+        pool._terminate.cancel()
+        for proc in pool._pool:
+            if proc.exitcode is None:
+                proc.kill()
+        for proc in pool._pool:
+            proc.join(timeout=10)
 
 
 def _progress(enabled: bool, **kwargs):
@@ -828,7 +881,7 @@ def _prepare_work_dir(config: BuildConfig, params: dict) -> Path:
                     f"cannot resume: {work} was started with different build parameters ({', '.join(diff) or 'unknown'}); "
                     f"rerun with the original command, or pass --overwrite without --resume to start over"
                 )
-            log.info("resuming the interrupted build in %s", work)
+            log.info("resuming the interrupted build in %s: %s", work, work_progress(work))
             _remove_dead_partials(out)
             return work
         if not config.overwrite:
@@ -840,6 +893,25 @@ def _prepare_work_dir(config: BuildConfig, params: dict) -> Path:
     work.mkdir(parents=True)
     _write_atomic(work / PARAMS_FILE, json.dumps(params, indent=2, sort_keys=True).encode())
     return work
+
+
+def work_progress(work: Path) -> str:
+    """What an unfinished build in ``work`` has done (for --resume and interruption messages)."""
+    shards = sorted(work.glob("shards/*/"))
+    if not shards:
+        return "nothing finished yet"
+
+    def count(marker: str) -> int:
+        return sum((d / marker).exists() for d in shards)
+
+    read = (work / READ_FILE).is_file()
+    total = json.loads((work / READ_FILE).read_text())["num_shards"] if read else None
+    of = f" of {total}" if total is not None else ""
+    parts = [f"corpus read into {total} shards" if read else f"{count('docs.done')} shard(s) written",
+             f"{count('analyzed.done')}{of} analysed"]
+    if (work / "fit.done").exists():
+        parts += ["vocabularies fitted", f"{count('encoded.done')}{of} encoded"]
+    return ", ".join(parts) + " (kept; --resume reuses them)"
 
 
 def _check_shared_work_dir(comm, work: Path, params: dict) -> None:
@@ -1125,11 +1197,13 @@ def build(config: BuildConfig, comm=None) -> dict:
 
         _collective(comm, encode)
         stage_seconds["encode"] = round(time.time() - started - sum(stage_seconds.values()), 2)
-    except BaseException:
+    except BaseException as exc:
         if executor is not None:
             executor.terminate()
         if concatenator is not None:
             concatenator.close()
+        if isinstance(exc, KeyboardInterrupt):
+            raise _interrupted(exc, config) from None
         raise
 
     # ---- 6. merge (rank 0) -------------------------------------------------------------------
@@ -1142,8 +1216,23 @@ def build(config: BuildConfig, comm=None) -> dict:
         return _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_size, warnings, started, comm,
                       stage_seconds, concatenator)
 
-    meta = _collective(comm, merge)
+    try:
+        meta = _collective(comm, merge)
+    except KeyboardInterrupt as exc:
+        raise _interrupted(exc, config) from None
     return comm.bcast(meta)
+
+
+def _interrupted(exc: KeyboardInterrupt, config: BuildConfig) -> BuildInterrupted:
+    import signal
+
+    signum = getattr(exc, "signum", signal.SIGINT)
+    work = work_dir_for(config.output)
+    if not work.is_dir():
+        return BuildInterrupted(f"interrupted ({signal.Signals(signum).name}) before any work was kept", signum)
+    return BuildInterrupted(
+        f"interrupted ({signal.Signals(signum).name}): {work_progress(work)}. Run the same command with --resume "
+        f"to continue from there", signum)
 
 
 def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_size, warnings, started, comm,

@@ -222,6 +222,39 @@ def test_kill9_then_resume_gives_identical_bytes(reference, tmp_path):
     assert not work.exists() and not list(tmp_path.glob("killed.partial-*"))
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_worker_build_says_what_is_kept_then_resumes(reference, tmp_path, signum):
+    """Ctrl-C / SIGTERM to the whole process group of a --workers 2 build: one line saying what is kept
+    and to pass --resume (before: tracebacks from every worker writing into a closed pipe, and
+    sometimes a hang in Pool.terminate), exit 128+signal, no process left; --resume says what it
+    reuses and gives the same bytes."""
+    import psutil
+
+    corpus, expected = reference
+    out = tmp_path / "interrupted"
+    work = core.work_dir_for(out)
+    proc = subprocess.Popen(_cli(corpus, out, "--workers", "2"), env=_env(), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and len(list(work.glob("shards/*/analyzed.done"))) < 3:
+        time.sleep(0.005)
+    workers = [c.pid for c in psutil.Process(proc.pid).children()] if proc.poll() is None else []
+    assert len(workers) == 2, "the build finished before it could be interrupted"
+    os.killpg(proc.pid, signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, err[-3000:]
+    assert "Traceback" not in err and "Error" not in err, err[-3000:]
+    message = err.strip().splitlines()[-1]
+    assert message.startswith(f"interrupted ({signal.Signals(signum).name}): ") and "--resume" in message
+    assert "analysed" in message and not out.exists()
+    time.sleep(0.5)
+    assert not [pid for pid in workers if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    resumed = subprocess.run(_cli(corpus, out, "--resume"), env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming the interrupted build" in resumed.stderr and "analysed" in resumed.stderr
+    assert dataset_bytes(out) == expected
+
+
 def test_sum_counters_equals_sequential_update():
     """languages.sum_counters == updating one Counter with each in turn: same values and key order,
     for string/tuple keys, empty inputs, and the fallbacks (huge totals, non-integer values)."""
