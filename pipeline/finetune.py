@@ -9,7 +9,9 @@
 
 Every flag is a field of ``pipeline.finetuning.FinetuneConfig`` (documented there); results go to
 OUTPUT/results.json (accuracy, macro-F1, per-class report per seed, mean and std over seeds, loss
-curves). The logic lives in pipeline/finetuning.py.
+curves), written atomically; an OUTPUT that already holds results.json is refused unless --overwrite.
+Under a launcher every rank must get the same flags (checked before any work). The logic lives in
+pipeline/finetuning.py.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     try:
         config = parse_args(argv)
+        config.validate()  # bad flags (or an --output holding results.json) leave no trace behind
         if rank == 0 and config.output:  # the log also goes to OUTPUT/finetune.log (appended)
             if Path(config.output).exists() and not Path(config.output).is_dir():
                 raise FinetuneError(f"--output {config.output} is an existing file; give a directory")

@@ -43,6 +43,7 @@ from pipeline.batch import IGNORE_INDEX, Batch
 
 log = logging.getLogger("finetune")
 TASKS = ("sequence", "token")
+RESULTS_FILE = "results.json"
 
 
 class FinetuneError(ValueError):
@@ -70,6 +71,8 @@ class FinetuneConfig:
     """Test file: evaluated once, with the best dev state, at the end (optional)."""
     output: str = "runs/finetune"
     """Directory for results.json (and the log)."""
+    overwrite: bool = False
+    """Replace the results.json an earlier run left in --output (refused without this flag)."""
     task: str = "sequence"
     """sequence (one label per text [pair]) | token (one tag per input token)."""
     text_field: str = "text"
@@ -157,6 +160,10 @@ class FinetuneConfig:
                 fail(name, "must be >= 0 (0 = off / all)")
         if self.output and Path(self.output).exists() and not Path(self.output).is_dir():
             fail("output", f"{self.output} is an existing file; give a directory")
+        results = Path(self.output) / RESULTS_FILE
+        if results.is_file() and not self.overwrite:
+            fail("output", f"{results} already holds the results of an earlier run; choose another --output, "
+                           f"or pass --overwrite to replace them")
         if self.deepspeed:
             world = int(os.environ.get("WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "1")))
             if self.batch_size % world:
@@ -627,8 +634,49 @@ def setup_deepspeed(seed: int) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     from pipeline import parallel
 
-    parallel.init_distributed()
+    parallel.init_distributed()  # (warns first about a stale lock of DeepSpeed's CPU-op build)
     parallel.initialize_parallel(tensor_parallel_size=1, seed=seed)
+
+
+def _flag_value(name: str, value, with_flag: bool = True) -> str:
+    """``--seeds 1 2``, ``--lr 0.001``, ``--deepspeed`` / ``--no-deepspeed`` (without the flag: ``1 2``)."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value) if value != "" else "''"
+    return f"{flag} {shown}" if with_flag else shown
+
+
+def check_same_settings(config: FinetuneConfig) -> None:
+    """Collective, on every rank after the process group exists: every rank's settings must equal
+    rank 0's (a rank started with another --seed or --lr would silently train differently). On any
+    difference every rank raises the same FinetuneError naming each flag and rank."""
+    from pipeline import parallel
+
+    differences = parallel.settings_differing_from_rank0(asdict(config))
+    if differences:
+        listed = "; ".join(f"rank {rank}: {_flag_value(name, mine)} (rank 0: {_flag_value(name, ours, False)})"
+                           for name, rank, mine, ours in differences)
+        raise FinetuneError(f"the ranks were started with different settings: {listed}; every rank must run the "
+                            f"same command")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: an interrupted write (kill,
+    full disk) leaves ``path`` as it was (absent, or the previous complete file), never half-written."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            temporary.unlink()
+        except OSError:
+            pass
+        raise
 
 
 @torch.no_grad()
@@ -766,6 +814,7 @@ def run(config: FinetuneConfig) -> dict:
     pretrained = resolve_pretrained(config.model, config.dataset)
     if config.deepspeed:  # after the cheap checks above, before any model is built
         setup_deepspeed(config.seeds[0])
+        check_same_settings(config)
     encoder = TextEncoder(pretrained.tokenizer_dir)
     from pipeline.inference import ExportError, check_vocabularies
 
@@ -797,12 +846,12 @@ def run(config: FinetuneConfig) -> dict:
     output = Path(config.output)
     if _world()[1] == 0:
         output.mkdir(parents=True, exist_ok=True)
-        (output / "results.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+        write_atomically(output / RESULTS_FILE, json.dumps(summary, indent=1))
     log.info("results: dev %s test %s -> %s", {k: round(v["mean"], 4) for k, v in summary["dev"].items()},
-             {k: round(v["mean"], 4) for k, v in summary["test"].items()}, output / "results.json")
+             {k: round(v["mean"], 4) for k, v in summary["test"].items()}, output / RESULTS_FILE)
     return summary
 
 
 __all__ = ["AmbertForClassification", "FinetuneConfig", "FinetuneError", "LabelSet", "build_example",
-           "classification_report", "collate", "encode_example", "encode_token_example", "predict",
-           "resolve_pretrained", "run", "three_classifier_loss", "train_seed"]
+           "check_same_settings", "classification_report", "collate", "encode_example", "encode_token_example",
+           "predict", "resolve_pretrained", "run", "three_classifier_loss", "train_seed", "write_atomically"]

@@ -17,7 +17,10 @@ import contextlib
 import logging
 import os
 import random
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -111,12 +114,76 @@ def init_distributed(backend: str | None = None, auto_mpi_discovery: bool = True
     waits longer than ``timeout_minutes`` for a peer fails instead of hanging the job."""
     from datetime import timedelta
 
+    warn_deepspeed_build_lock()  # before DeepSpeed may wait on it (forever, if it is stale)
     import deepspeed
 
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=auto_mpi_discovery, verbose=False,
                                timeout=timedelta(minutes=timeout_minutes))
     release_deepspeed_shm()
+
+
+# DeepSpeed JIT-builds its CPU shared-memory op (deepspeed_shm_comm) with torch.utils.cpp_extension
+# on the first CPU init_distributed. torch guards the build with a lock file in the build directory
+# and every other process polls until that file disappears; a start-up killed during the build
+# (Ctrl-C, a test timeout, scancel) leaves the file behind and every later DeepSpeed start on CPU
+# waits on it forever, silently. A real build takes about a minute (well under 10).
+DEEPSPEED_JIT_OP = "deepspeed_shm_comm"
+STALE_BUILD_LOCK_MINUTES = 10.0
+
+
+def deepspeed_build_lock() -> Path:
+    """The lock file torch's JIT build of DeepSpeed's CPU op uses, where torch would put it:
+    $TORCH_EXTENSIONS_DIR/deepspeed_shm_comm/lock, else ~/.cache/torch_extensions/pyXY_<cpu|cuXYZ|rocmX>/
+    deepspeed_shm_comm/lock (XDG_CACHE_HOME replaces ~/.cache), as torch.utils.cpp_extension does."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        if torch.version.hip is not None:
+            accelerator = "rocm" + torch.version.hip.replace(".", "")
+        elif torch.version.cuda is not None:
+            accelerator = "cu" + torch.version.cuda.replace(".", "")
+        else:
+            accelerator = "cpu"
+        python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+        root = os.path.join(get_default_build_root(), f"{python}_{accelerator}")
+    return Path(root) / DEEPSPEED_JIT_OP / "lock"
+
+
+def _local_rank() -> int:
+    for name in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def warn_deepspeed_build_lock(stale_minutes: float = STALE_BUILD_LOCK_MINUTES) -> str | None:
+    """If the lock of DeepSpeed's CPU-op JIT build exists, print on stderr (local rank 0 only) its
+    path, its age and the command that deletes it, saying plainly when it is older than
+    ``stale_minutes`` (a killed build: every DeepSpeed start on CPU would wait on it forever).
+    Call it before ``deepspeed.init_distributed`` (``init_distributed`` does); returns the message.
+    Only GPU jobs (which do not build this op) skip the check."""
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu":
+        return None
+    lock = deepspeed_build_lock()
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return None  # no lock: nothing to wait for
+    minutes = max(age, 0.0) / 60
+    when = f"{minutes:.0f} min" if minutes >= 1 else f"{max(age, 0.0):.0f} s"
+    if minutes >= stale_minutes:
+        message = (f"warning: {lock} is {when} old: it is STALE (a JIT build of DeepSpeed's CPU op takes well "
+                   f"under {stale_minutes:.0f} min; this one was killed) and every DeepSpeed start on CPU waits "
+                   f"on it forever. Delete it: rm -f {lock}")
+    else:
+        message = (f"warning: {lock} exists ({when} old): another process is building DeepSpeed's CPU op, "
+                   f"and this job waits for it. If start-up still waits {stale_minutes:.0f} min after the lock "
+                   f"was made, that build was killed: delete it with rm -f {lock}")
+    if _local_rank() == 0:
+        print(message, file=sys.stderr, flush=True)
+    return message
 
 
 def release_deepspeed_shm() -> bool:
@@ -166,6 +233,26 @@ def warn_stale_deepspeed_shm() -> int:
                     "runs (DeepSpeed never deletes them). If no other DeepSpeed job runs on this host, free them: "
                     "rm %s/%s*", len(stale), total / 1e9, SHM_DIR, SHM_DIR, prefix)
     return total
+
+
+def settings_differing_from_rank0(settings: dict) -> list[tuple[str, int, object, object]]:
+    """Collective (every rank, after ``init_distributed``): compare this rank's ``settings`` (a
+    picklable dict, e.g. the parsed command line) with rank 0's, on every rank. Returns every
+    difference of every rank as (key, rank, that rank's value, rank 0's value), the same list on
+    every rank, so all ranks can stop together with the same message."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return []
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, settings)
+    missing = object()
+    reference = gathered[0]
+    differences = []
+    for rank, other in enumerate(gathered[1:], start=1):
+        for key in list(reference) + [k for k in other if k not in reference]:
+            mine, theirs = other.get(key, missing), reference.get(key, missing)
+            if mine != theirs:
+                differences.append((key, rank, None if mine is missing else mine, None if theirs is missing else theirs))
+    return differences
 
 
 def initialize_parallel(tensor_parallel_size: int = 1, seed: int = 1234, timeout_minutes: float = 30.0) -> None:

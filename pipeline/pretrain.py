@@ -304,10 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     # 2. Processes and parallel groups.
     from pipeline import parallel
 
-    stale = sorted(Path(os.path.expanduser("~/.cache/torch_extensions")).glob("*/deepspeed_shm_comm/lock"))
-    if stale and not torch.cuda.is_available():
-        # A JIT build killed mid-way leaves this lock and every later start waits on it forever.
-        log.warning("%s exists: if start-up hangs here, no build is running and the file is stale: delete it", stale[0])
+    # init_distributed first warns on stderr (local rank 0) about a lock left by a killed JIT build of
+    # DeepSpeed's CPU op, on which every later start would wait forever (parallel.warn_deepspeed_build_lock).
     timeout = config.parallelism.collective_timeout_minutes
     parallel.init_distributed(timeout_minutes=timeout)  # + the release of DeepSpeed's CPU shared-memory names
     parallel.initialize_parallel(config.parallelism.tensor_parallel, seed=config.seed, timeout_minutes=timeout)
