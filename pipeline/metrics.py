@@ -124,19 +124,30 @@ def _plain(v):
     return v
 
 
-def read_metrics(path: str | os.PathLike, split: str = "train") -> dict[int, dict]:
-    """step -> record of one split from a metrics.jsonl (the last record wins after a resume)."""
-    out: dict[int, dict] = {}
+def scan_metrics(path: str | os.PathLike) -> tuple[dict[str, dict[int, dict]], int]:
+    """Every split of a metrics.jsonl: ({split: {step: record}}, number of lines skipped).
+
+    Skipped: lines that are not JSON (a line cut by a kill -9), not a JSON object, or without an
+    integer "step". After a resume the last record of a step wins."""
+    out: dict[str, dict[int, dict]] = {}
+    skipped = 0
     p = Path(path)
     if p.is_dir():
         p = p / "metrics.jsonl"
-    for line in p.read_text(encoding="utf-8").splitlines():
+    for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a kill -9
+            step = int(record["step"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError):
+            skipped += 1
             continue
-        if record.get("split", "train") == split:
-            out[int(record["step"])] = record
-    return dict(sorted(out.items()))
+        out.setdefault(str(record.get("split", "train")), {})[step] = record
+    return {split: dict(sorted(records.items())) for split, records in out.items()}, skipped
+
+
+def read_metrics(path: str | os.PathLike, split: str = "train") -> dict[int, dict]:
+    """step -> record of one split from a metrics.jsonl (the last record wins after a resume; lines
+    that are not a JSON object with a "step" are skipped: see scan_metrics)."""
+    return scan_metrics(path)[0].get(split, {})

