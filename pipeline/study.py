@@ -643,6 +643,7 @@ def run_study(config: StudyConfig) -> list[dict]:
         config.apply_quick()
     config.validate()
     out = Path(config.output).resolve()
+    _check_same_settings(config, out / "study_config.json")
     (out / "logs").mkdir(parents=True, exist_ok=True)
     (out / "study_config.json").write_text(json.dumps(asdict(config), indent=1), encoding="utf-8")
     rows = []
@@ -683,6 +684,35 @@ def run_study(config: StudyConfig) -> list[dict]:
     paths = plot(rows, out)
     log.info("study written to %s (%s)", out / "study.md", ", ".join(p.name for p in paths))
     return rows
+
+
+# Settings the finished work in OUTPUT depends on (splits, checkpoints, fine-tuning results, all reused
+# by a re-run): a re-run into the same OUTPUT must not change them. Languages, --segmentation and
+# --equal-flops only add or leave out runs; the launcher, threads and save interval change no result.
+RESULT_SETTINGS = ("recipe", "pretrain_steps", "nproc", "seeds", "epochs", "lr", "batch_size", "max_length",
+                   "train_examples", "eval_examples", "dataset_zh", "dataset_en", "split_seed")
+
+
+def _check_same_settings(config: StudyConfig, recorded_file: Path) -> None:
+    """A re-run continues the study in OUTPUT only with the settings its finished work was made with:
+    otherwise that work (e.g. splits of another size, results of other seeds) would be reused and
+    mixed into one table with runs made with the new settings."""
+    if not recorded_file.is_file():
+        return
+    try:
+        recorded = json.loads(recorded_file.read_text(encoding="utf-8"))
+        if not isinstance(recorded, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise StudyError(f"{recorded_file} cannot be read ({exc}): it records the settings of the study in "
+                         f"{recorded_file.parent}; choose another --output") from None
+    current = asdict(config)
+    changed = [f"--{key.replace('_', '-')} {current[key]} (was {recorded[key]})" for key in RESULT_SETTINGS
+               if key in recorded and recorded[key] != current[key]]
+    if changed:
+        raise StudyError(f"{recorded_file.parent} holds a study made with other settings: {'; '.join(changed)}. Its "
+                         f"finished splits, checkpoints and results would be reused and mixed with the new ones: "
+                         f"choose another --output, or run with the recorded settings to continue that study")
 
 
 def _field_docs() -> dict[str, str]:

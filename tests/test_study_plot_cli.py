@@ -168,6 +168,24 @@ def test_study_plot_only_needs_a_study_directory(tmp_path, capsys, no_work):
     assert not (tmp_path / "empty" / "study.log").exists()
 
 
+def test_study_rerun_with_other_settings_is_refused(tmp_path, capsys, monkeypatch, no_work):
+    """A re-run reuses the finished splits and results in OUTPUT: with other --train-examples or
+    --seeds it used to mix old and new work in one table (splits of the old size, results of the
+    old seeds); it is refused, and the recorded settings are kept."""
+    out = tmp_path / "out"
+    out.mkdir()
+    recorded = {**study.asdict(study.StudyConfig(output=str(out), quick=True)), "train_examples": 200}
+    (out / "study_config.json").write_text(json.dumps(recorded), encoding="utf-8")
+    code, err = _main(study, ["--output", out, "--quick", "--train-examples", "300", "--seeds", "1", "2", "3", "4"],
+                      capsys)
+    _assert_error(code, err, "holds a study made with other settings", "--train-examples 300 (was 200)",
+                  "--seeds [1, 2, 3, 4]", "choose another --output")
+    assert json.loads((out / "study_config.json").read_text()) == recorded
+    (out / "study_config.json").write_text("{cut", encoding="utf-8")
+    code, err = _main(study, ["--output", out, "--quick"], capsys)
+    _assert_error(code, err, "study_config.json cannot be read", "choose another --output")
+
+
 def test_study_output_that_is_a_file(tmp_path):
     target = tmp_path / "study.txt"
     target.write_text("not a directory")
