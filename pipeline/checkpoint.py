@@ -213,6 +213,10 @@ def load(engine, path: str | os.PathLike, load_optimizer_states: bool = True) ->
                               f"{_older_choice(path)}") from None
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {path} (files missing?). {_older_choice(path)}")
+    if getattr(engine, "lr_scheduler", None) is not None:
+        from pipeline.optim import sync_learning_rate
+
+        sync_learning_rate(engine.lr_scheduler)  # ZeRO restores the saved schedule's lr after the scheduler
     return client_state or {}
 
 

@@ -11,11 +11,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
 from pipeline.config import PretrainConfig
+
+log = logging.getLogger("pretrain")
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -101,7 +104,45 @@ class LearningRateSchedule:
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * (1.0 - progress)
 
 
+class ScheduleLR(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR whose schedule and peak learning rate always come from the current config.
+
+    Plain LambdaLR saves a callable object's fields and its base learning rates and restores them on
+    load: a run resumed with a larger ``schedule.train_steps`` (what "nothing to train" tells the user
+    to do) silently kept the old schedule and trained its extra steps at learning rate 0. Here a
+    checkpoint restores only the step count; a schedule or learning rate that differs from the
+    checkpoint's is logged, and the new one is followed from the resumed step on.
+    """
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = dict(state_dict)
+        saved = state.pop("lr_lambdas", None) or []
+        current_base = list(self.base_lrs)
+        super().load_state_dict({**state, "lr_lambdas": [None] * len(self.lr_lambdas)})
+        schedule = self.lr_lambdas[0]
+        old = saved[0] if saved and isinstance(saved[0], dict) else None
+        if old is not None and old != vars(schedule):
+            changed = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in vars(schedule).items() if old.get(k) != v)
+            log.warning("schedule changed since the checkpoint (%s): the learning rate follows the new schedule "
+                        "from step %d on", changed, self.last_epoch + 1)
+        if list(self.base_lrs) != current_base:
+            log.warning("optimizer.lr changed since the checkpoint (%s -> %s): the new peak learning rate is used",
+                        self.base_lrs[0], current_base[0])
+            self.base_lrs = current_base
+        self._last_lr = [base * fn(self.last_epoch) for base, fn in zip(self.base_lrs, self.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+            group["lr"] = lr
+
+
+def sync_learning_rate(scheduler) -> None:
+    """Give the optimizer the scheduler's learning rate for the next step (after a checkpoint load:
+    ZeRO loads its optimizer state after the scheduler's, with the saved schedule's learning rate)."""
+    if isinstance(scheduler, ScheduleLR):
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
+
+
 def build_scheduler(config: PretrainConfig, optimizer):
     s = config.schedule
     schedule = LearningRateSchedule(s.style, s.train_steps, s.warmup_steps, s.decay_fraction, s.min_lr_ratio)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return ScheduleLR(optimizer, schedule)

@@ -334,3 +334,31 @@ def test_export_consolidated_fp32_weights(layout_runs, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert int(result.stdout.strip().splitlines()[-1]) == sum(t.numel() for t in a.values())
+
+
+def test_resume_with_more_train_steps_follows_the_new_schedule(tmp_path):
+    """`nothing to train (raise schedule.train_steps to continue)`: doing so used to restore the old
+    schedule from the checkpoint (LambdaLR saves its function's fields), so every extra step trained
+    at learning rate 0. The new schedule is followed from the resumed step, with a warning."""
+    from pipeline.metrics import read_metrics
+    from pipeline.optim import LearningRateSchedule
+
+    dataset = write_synthetic_dataset(tmp_path / "ds", num_docs=40)
+    run = tmp_path / "run"
+    outputs = []
+    for steps, extra in ((4, []), (8, ["--resume", "auto"])):
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "pipeline" / "pretrain.py"), *BASE, f"data.path={dataset}", f"output_dir={run}",
+             f"schedule.train_steps={steps}", "schedule.style=linear", "schedule.min_lr_ratio=0.0",
+             "checkpointing.save_at_end=true", *extra],
+            cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs.append(result.stdout + result.stderr)
+    train = read_metrics(run, "train")
+    assert sorted(train) == list(range(1, 9))
+    new = LearningRateSchedule("linear", 8, 2, 0.2, 0.0)
+    for step in range(5, 9):  # step s trains at lr * f(s - 1)
+        assert train[step]["lr"] == pytest.approx(3e-3 * new(step - 1), rel=1e-6), (step, train[step]["lr"])
+    assert all(train[step]["lr"] > 0 for step in range(5, 9))
+    assert "schedule changed since the checkpoint (train_steps 4 -> 8)" in outputs[1], outputs[1][-3000:]
