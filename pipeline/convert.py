@@ -1,7 +1,7 @@
 """Checkpoint conversion: another (TP, DP) layout via DeepSpeed universal checkpoints; fp32 export.
 
     # continue a TP=2/DP=2 run at TP=1 (any DP): convert, then resume from the converted copy
-    python -m pipeline.convert universal runs/x/checkpoints/step_00001000 runs/y/checkpoints/step_00001000
+    python -m pipeline.convert universal runs/x/checkpoints/step_00001000 runs/y/checkpoints
     deepspeed --num_gpus 2 pipeline/pretrain.py ... parallelism.tensor_parallel=1 \
         checkpointing.dir=runs/y/checkpoints checkpointing.resume=auto
 
@@ -137,6 +137,14 @@ def _wrap_bare_zero3_states(universal: Path) -> None:
             torch.save({PARAM: state}, path)
 
 
+def _read_marker_quietly(path: Path) -> dict:
+    try:
+        marker = json.loads((path / "COMPLETE").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
 def to_universal(source: Path, target_dir: Path, workers: int = 1) -> Path:
     """Convert one complete checkpoint (a step_* directory) into a universal one in ``target_dir``.
 
@@ -145,13 +153,24 @@ def to_universal(source: Path, target_dir: Path, workers: int = 1) -> Path:
     """
     from deepspeed.checkpoint import ds_to_universal
 
-    from pipeline.checkpoint import COMPLETE, read_marker
+    from pipeline.checkpoint import COMPLETE, TAG_PATTERN, complete_checkpoints, read_marker
 
     source = _complete_checkpoint(source)
     marker = read_marker(source)
     target_dir = Path(target_dir)
     if target_dir.exists() and not target_dir.is_dir():
         raise ConvertError(f"target {target_dir} is a file: give the checkpoint directory of the continued run")
+    if TAG_PATTERN.match(target_dir.name):
+        raise ConvertError(f"target {target_dir} is named like a checkpoint (step_NNNNNNNN): give the checkpoints "
+                           f"folder of the continued run (e.g. {target_dir.parent}); the converted checkpoint goes "
+                           f"inside it as {source.name}, where --resume auto finds it")
+    for _step, existing in complete_checkpoints(target_dir):
+        # --resume auto takes the newest complete checkpoint of the folder: it must be this conversion
+        same_run = Path(str(_read_marker_quietly(existing).get("converted_from", ""))).parent == source.parent
+        if not same_run or existing.name >= source.name:
+            raise ConvertError(f"{target_dir} already holds the checkpoint {existing.name}"
+                               f"{'' if same_run else ' of another run'}: --resume auto there would continue from "
+                               f"the newest one, not necessarily this conversion. Give an empty or new folder")
     target = target_dir / source.name
     if target.exists():
         raise ConvertError(f"{target} already exists: remove it or choose another target directory")

@@ -488,7 +488,12 @@ class Pretrained:
     source: str
 
 
-def _checkpoint_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _pass_as(flag: str, value: str) -> str:
+    """How to give ``value`` for ``flag`` in a message: ``--model OUT``, or ``OUT as MODEL`` (positional)."""
+    return f"{flag} {value}" if flag.startswith("-") else f"{value} as {flag}"
+
+
+def _checkpoint_state_dict(path: Path, flag: str = "--model") -> dict[str, torch.Tensor]:
     """fp32 weights of a DeepSpeed checkpoint saved at TP=1 (any ZeRO stage / DP size)."""
     import re
 
@@ -497,7 +502,7 @@ def _checkpoint_state_dict(path: Path) -> dict[str, torch.Tensor]:
              if (m := re.search(r"mp_rank_(\d+)_model_states", f.name))}
     if len(ranks) > 1:
         raise FinetuneError(f"{path} was saved with tensor parallelism ({len(ranks)} TP ranks): export it with "
-                            f"`python -m pipeline.convert export {path} OUT` (merges the TP shards) and pass --model OUT")
+                            f"`python -m pipeline.convert export {path} OUT` (merges the TP shards) and pass {_pass_as(flag, 'OUT')}")
     if not ranks:
         raise FinetuneError(f"{path} has no *mp_rank_00_model_states.pt: not a DeepSpeed checkpoint")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -572,7 +577,7 @@ def resolve_pretrained(model: str, dataset: str = "", flag: str = "--model", all
             original = Path(marker.get("dataset_path", ""))
             if (original / "meta.json").is_file():
                 _check_same_vocabularies(original, tokenizer_dir, path)
-        return Pretrained(model_config, _checkpoint_state_dict(path), tokenizer_dir, str(path))
+        return Pretrained(model_config, _checkpoint_state_dict(path, flag), tokenizer_dir, str(path))
     from pipeline.checkpoint import why_not_a_checkpoint
 
     accepted = f"an exported model ({CONFIG_FILE} + {WEIGHTS_FILE})"

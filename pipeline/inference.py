@@ -176,12 +176,14 @@ class AmbertEncoder:
         self.max_length = min(max_length or model.config.max_position_embeddings, model.config.max_position_embeddings)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, max_length: int | None = None, dataset: str = "") -> AmbertEncoder:
-        """``directory``: an exported model, or a training checkpoint (step_XXXXXXXX, TP=1)."""
+    def load(cls, directory: str | os.PathLike, max_length: int | None = None, dataset: str = "",
+             flag: str = "directory") -> AmbertEncoder:
+        """``directory``: an exported model, or a training checkpoint (step_XXXXXXXX, TP=1). ``flag``
+        names it in error messages."""
         from data_prep.encode import TextEncoder
         from pipeline.finetuning import resolve_pretrained
 
-        pretrained = resolve_pretrained(str(directory), dataset)
+        pretrained = resolve_pretrained(str(directory), dataset, flag=flag)
         text_encoder = TextEncoder(pretrained.tokenizer_dir)
         check_vocabularies(pretrained.model_config, len(text_encoder.fine_vocab), len(text_encoder.coarse_vocab),
                            str(directory))
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object per text, with the [CLS] vectors")
     args = parser.parse_args(argv)
     try:
-        encoder = AmbertEncoder.load(args.model, dataset=args.dataset)
+        encoder = AmbertEncoder.load(args.model, dataset=args.dataset, flag="MODEL")
         out = encoder.encode(args.texts)
     except (ValueError, OSError) as exc:  # FinetuneError / ExportError / FormatError / EncodeError are ValueErrors
         print(f"error: {exc}", file=sys.stderr)

@@ -77,6 +77,14 @@ def test_convert_names_a_wrong_source_and_refuses_a_file_or_foreign_folder_as_ou
     assert [p.name for p in foreign.iterdir()] == ["keep.txt"]
     assert main(["universal", str(checkpoints / "step_00000010"), str(target_file)]) == 2
     assert "is a file" in capsys.readouterr().err
+    # the --help example used to put the conversion in runs/y/checkpoints/step_N/step_N, where
+    # --resume auto never looked: the run silently started again from step 0
+    assert main(["universal", str(checkpoints / "step_00000010"), str(tmp_path / "y" / "step_00000010")]) == 2
+    assert "is named like a checkpoint (step_NNNNNNNN): give the checkpoints folder" in capsys.readouterr().err
+    other_run = _checkpoints(tmp_path / "other")  # a folder with another run's complete checkpoint
+    assert main(["universal", str(checkpoints / "step_00000010"), str(other_run)]) == 2
+    assert "already holds the checkpoint step_00000010 of another run" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists() and not list(other_run.glob("*.partial"))
     (checkpoints / "step_00000010" / "COMPLETE").write_text("{trunc", encoding="utf-8")
     assert main(["export", str(checkpoints / "step_00000010"), str(tmp_path / "out")]) == 2
     assert "COMPLETE is not valid JSON" in capsys.readouterr().err
@@ -121,3 +129,22 @@ def test_finetune_names_a_dataset_folder_that_is_not_one(tmp_path, capsys, zh_da
     assert main(["--model", str(tmp_path / "nope"), *common]) == 2
     err = capsys.readouterr().err
     assert "--model: " in err and "does not exist" in err and "random:RECIPE" in err
+
+
+def test_positional_model_arguments_are_named_as_such(tmp_path, capsys):
+    """export_hf and inference take MODEL as a positional argument: their messages used to tell the
+    user to 'pass --model OUT', a flag neither has."""
+    from pipeline.finetuning import FinetuneError, _checkpoint_state_dict
+    from pipeline.inference import main
+
+    step = tmp_path / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True)
+    for rank in (0, 1):
+        (step / f"mp_rank_0{rank}_model_states.pt").write_bytes(b"")
+    with pytest.raises(FinetuneError, match="and pass OUT as MODEL$"):
+        _checkpoint_state_dict(step, "MODEL")
+    with pytest.raises(FinetuneError, match="and pass --model OUT$"):
+        _checkpoint_state_dict(step, "--model")
+    assert main([str(tmp_path / "nope"), "text"]) == 2
+    err = capsys.readouterr().err
+    assert f"MODEL: {tmp_path / 'nope'} does not exist" in err and "--model" not in err
