@@ -336,7 +336,10 @@ def _agree_on_settings(comm, config: BuildConfig) -> tuple[Language, list[inp.In
         lines = []
         for rank, theirs in enumerate(everyone):
             for key in settings:
-                if theirs.get(key) != settings[key] and not (key == "input_files" and theirs["inputs"] != config.inputs):
+                skip = ((key == "input_files" and theirs["inputs"] != config.inputs)  # named once, as --input
+                        or (key == "inputs" and theirs["input_files"] == settings["input_files"])  # same files
+                        or (key == "language_options" and theirs["language"] != config.language))
+                if theirs.get(key) != settings[key] and not skip:
                     lines.append(f"rank {rank}: {_flag(key)} {_describe_difference(key, settings[key], theirs.get(key))}")
         if lines:
             problem = ("the ranks were started with different build settings:\n  " + "\n  ".join(lines)
@@ -914,10 +917,19 @@ def work_progress(work: Path) -> str:
     return ", ".join(parts) + " (kept; --resume reuses them)"
 
 
-def _check_shared_work_dir(comm, work: Path, params: dict) -> None:
-    """Every rank must see the work directory rank 0 just prepared (shards are exchanged through it)."""
+def _check_shared_work_dir(comm, work: Path, params: dict, digests: list[tuple[str, int]] | None = None) -> None:
+    """Every rank must see the work directory rank 0 just prepared (shards are exchanged through it),
+    and read the same bytes at every input path as rank 0 (``digests``: this rank's (sha256, size))."""
     import socket
 
+    for record, (sha, size) in zip(params["inputs"], digests or []):
+        if sha != record["sha256"]:
+            raise BuildError(
+                f"rank {comm.rank} (host {socket.gethostname()}) reads other content at {record['path']} than rank 0 "
+                f"({size:,} bytes, sha256 {sha[:12]}... against {record['bytes']:,} bytes, {record['sha256'][:12]}...): "
+                f"every rank must read the same files (a stale node-local copy?); put the inputs on a filesystem "
+                f"all ranks share, or make the copies identical"
+            )
     path = work / PARAMS_FILE
     try:
         seen = json.loads(path.read_text())
@@ -1063,10 +1075,13 @@ def build(config: BuildConfig, comm=None) -> dict:
         # The pool first (no input has been read yet, so no reader thread exists at fork time): its
         # workers load what they need (a segmenter's dictionary, ~0.3 s) while rank 0 checks the inputs.
         executor = _Executor(config.workers, config.language, options)
-        params, warnings, read_done = comm.bcast(_collective(comm, check) if comm.rank == 0 else _collective(comm, lambda: None))
+        # Rank 0 checks the inputs (and takes their sha256) while the other ranks take the sha256 of
+        # what they see at the same paths: a stale node-local copy must not slip in its documents.
+        mine = _collective(comm, check if comm.rank == 0 else (lambda: [inp.stored_digest(s) for s in specs]))
+        params, warnings, read_done = comm.bcast(mine if comm.rank == 0 else None)
         work = work_dir_for(config.output)
         if comm.size > 1:
-            _collective(comm, lambda: _check_shared_work_dir(comm, work, params))
+            _collective(comm, lambda: _check_shared_work_dir(comm, work, params, None if comm.rank == 0 else mine))
 
         # ---- 2+3. read into shards, analyse --------------------------------------------------
         def read_and_analyze():

@@ -210,7 +210,15 @@ def scan_input(spec: InputSpec) -> InputScan:
         raise read_error(spec.path, spec.kind, exc) from None
 
 
-def _scan(spec: InputSpec) -> InputScan:
+def stored_digest(spec: InputSpec) -> tuple[str, int]:
+    """(sha256, size) of the input's stored bytes (all data files of a folder input, in order)."""
+    try:
+        return _stored_digest(spec)
+    except _read_errors() as exc:
+        raise read_error(spec.path, spec.kind, exc) from None
+
+
+def _stored_digest(spec: InputSpec) -> tuple[str, int]:
     digest = hashlib.sha256()
     size = 0
     for f in _data_files(spec):
@@ -218,7 +226,11 @@ def _scan(spec: InputSpec) -> InputScan:
             while chunk := fh.read(_CHUNK):
                 digest.update(chunk)
                 size += len(chunk)
-    scan = InputScan(spec.path, digest.hexdigest(), size)
+    return digest.hexdigest(), size
+
+
+def _scan(spec: InputSpec) -> InputScan:
+    scan = InputScan(spec.path, *_stored_digest(spec))
     if spec.kind not in ("text", "jsonl", "tagged"):
         return scan
     decoder = codecs.getincrementaldecoder("utf-8")("strict")

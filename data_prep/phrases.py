@@ -35,6 +35,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -238,6 +239,22 @@ def lm_line_stride(words_bytes: int, limit: int) -> int:
     return -(-words_bytes // limit)
 
 
+def _die_with_parent():
+    """A preexec_fn that makes the child die (SIGKILL) when the build process dies, kill -9 included
+    (Linux PR_SET_PDEATHSIG): an orphaned lmplz held its -S memory and a core, and could hang on the
+    scratch folder a --resume deleted. None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+
+
 def run_lmplz(words_files: str | os.PathLike | Sequence[str | os.PathLike], arpa_file: str | os.PathLike | None,
               config: PhraseMiningConfig, temp_dir: str | os.PathLike,
               while_running: Callable[[], None] | None = None, vocab_size: int | None = None,
@@ -289,13 +306,15 @@ def run_lmplz(words_files: str | os.PathLike | Sequence[str | os.PathLike], arpa
         names.write(b"\0".join(os.fsencode(f) for f in files))
         names.seek(0)
         # xargs splits a long file list over several `cat`s (ARG_MAX), in order.
+        dies_with_us = _die_with_parent()
         feeders = [subprocess.Popen(["xargs", "-0", "cat", "--"], stdin=names, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE)]
+                                    stderr=subprocess.PIPE, preexec_fn=dies_with_us)]
         if line_stride > 1:
             feeders.append(subprocess.Popen(["awk", f"NR % {line_stride} == 1"], stdin=feeders[0].stdout,
-                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=dies_with_us))
             feeders[0].stdout.close()
-        proc = subprocess.Popen(cmd, stdin=feeders[-1].stdout, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(cmd, stdin=feeders[-1].stdout, stdout=subprocess.DEVNULL, stderr=err,
+                                preexec_fn=dies_with_us)
         feeders[-1].stdout.close()  # lmplz holds the read end; the feeders get SIGPIPE if it dies
         progress = _LmplzProgress(proc.pid, err.fileno(), words_bytes // line_stride)
         progress.start()

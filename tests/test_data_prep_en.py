@@ -544,3 +544,42 @@ def test_report_samples_a_bounded_spread_of_the_corpus(tmp_path):
     lines = {int(words[1][4:]) for words in got}
     assert shards <= set(range(0, 100, 10)) and len(shards) == 10  # spread over the corpus
     assert max(lines) < 100  # only the first lines of each chosen shard were read
+
+
+def test_lmplz_dies_with_a_killed_build(bbc_corpus, tmp_path):
+    """kill -9 of the build while lmplz runs: lmplz (and its feeder) used to live on as orphans,
+    holding memory and a core, and could hang on the scratch folder a --resume deleted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    fake = tmp_path / "lmplz"  # an lmplz that never finishes: the kill lands while it runs
+    fake.write_text("#!/bin/sh\nexec sleep 120\n")
+    fake.chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "data_prep" / "build.py"), "--lang", "en", "--input", str(bbc_corpus),
+           "--output", str(tmp_path / "out"), "--lmplz", str(fake), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        children = []
+        while time.monotonic() < deadline and proc.poll() is None and not children:
+            children = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                        if c.name() in ("sleep", "xargs", "lmplz")]
+            time.sleep(0.02)
+        assert children, "lmplz was never started"
+        proc.kill()  # only the build process: its children are not signalled
+        proc.wait(timeout=30)
+        gone, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, [(p.pid, p.name()) for p in alive]
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

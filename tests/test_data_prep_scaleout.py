@@ -90,6 +90,38 @@ def test_two_gloo_ranks_identical_to_one_process(reference, tmp_path):
     assert dataset_bytes(tmp_path / "g2") == expected
 
 
+def _rank_build_with_a_stale_copy(corpus: str, stale: str, output: str) -> str:
+    from data_prep import core as rank_core
+    from data_prep import inputs as rank_inputs
+    from tests.test_data_prep_zh import small_config as config
+
+    comm = rank_core.detect_communicator()
+    if comm.rank == 1:  # this "machine" has another copy at the same path
+        rank_inputs._data_files = lambda spec: [Path(stale)]
+    try:
+        rank_core.build(config(Path(corpus), Path(output), shard_documents=SHARD_DOCS))
+    except rank_core.BuildError as exc:
+        return str(exc)
+    return "built"
+
+
+def test_a_rank_reading_other_content_at_the_same_path_is_refused(reference, tmp_path):
+    """Ranks compared only the input paths: a rank reading a stale node-local copy (same path, same
+    length, other words) wrote its shards from it, --verify passed and meta.json gave rank 0's sha256."""
+    corpus, _ = reference
+    text = corpus.read_text(encoding="utf-8")
+    stale = tmp_path / "stale.txt"
+    stale.write_text(text.replace("中国", "美国"), encoding="utf-8")
+    assert stale.stat().st_size == corpus.stat().st_size and stale.read_bytes() != corpus.read_bytes()
+    out = tmp_path / "out"
+    results = run_distributed(_rank_build_with_a_stale_copy, world_size=2, args=(str(corpus), str(stale), str(out)),
+                              timeout=300)
+    assert "rank 1" in results[1] and f"reads other content at {corpus} than rank 0" in results[1], results
+    assert "stale node-local copy" in results[1]
+    assert results[0].startswith("another rank failed") and "reads other content" in results[0], results
+    assert not out.exists() and not list(core.work_dir_for(out).glob("shards/*"))
+
+
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs OpenMPI's mpirun (launchers/setup.sh installs it)")
 def test_mpirun_two_ranks_identical_to_one_process(reference, tmp_path):
     corpus, expected = reference
@@ -141,6 +173,23 @@ def test_mpirun_ranks_with_different_settings_are_refused(reference, tmp_path, c
     # refused before any work: no dataset, no work directory on either side
     for path in (out, core.work_dir_for(out), tmp_path / "elsewhere", core.work_dir_for(tmp_path / "elsewhere")):
         assert not path.exists(), path
+
+
+@needs_mpirun
+def test_mpirun_ranks_naming_the_same_files_differently_agree(reference, tmp_path):
+    """A relative path on one rank and a glob on the other resolve to the same file: accepted (the
+    resolved files are compared), and the output is the single-process build's."""
+    corpus, expected = reference
+    out = tmp_path / "out"
+    rank0 = _cli(Path(os.path.relpath(corpus, tmp_path)), out)
+    rank1 = _cli(corpus.parent / (corpus.name[:-1] + "?"), out)
+    proc = subprocess.run(_mpirun(0) + ["-np", "1", *rank0, ":", "-np", "1", *rank1], capture_output=True, text=True,
+                          env=_env(), timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = dataset_bytes(out)
+    meta, ref_meta = json.loads(files.pop(fmt.META_FILE)), json.loads(expected[fmt.META_FILE])
+    assert files == {k: v for k, v in expected.items() if k != fmt.META_FILE}
+    assert meta["stats"]["documents"] == ref_meta["stats"]["documents"]
 
 
 @needs_mpirun
