@@ -86,6 +86,10 @@ class BuildInterrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+# Errors whose messages already name the problem and the fix (not wrapped as "damaged work directory").
+_OUR_ERRORS = (BuildError, inp.InputError, LanguageError, FileExistsError)
+
+
 def raise_on_sigterm() -> None:
     """SIGTERM (a scheduler's kill, ``kill PID``) ends the build like Ctrl-C: the pool is stopped and
     what is finished is kept for --resume, instead of dying with the workers writing into a closed pipe."""
@@ -907,8 +911,11 @@ def work_progress(work: Path) -> str:
     def count(marker: str) -> int:
         return sum((d / marker).exists() for d in shards)
 
-    read = (work / READ_FILE).is_file()
-    total = json.loads((work / READ_FILE).read_text())["num_shards"] if read else None
+    try:
+        total = json.loads((work / READ_FILE).read_text())["num_shards"]
+        read = True
+    except (OSError, ValueError, KeyError, TypeError):
+        total, read = None, False
     of = f" of {total}" if total is not None else ""
     parts = [f"corpus read into {total} shards" if read else f"{count('docs.done')} shard(s) written",
              f"{count('analyzed.done')}{of} analysed"]
@@ -922,7 +929,7 @@ def _check_shared_work_dir(comm, work: Path, params: dict, digests: list[tuple[s
     and read the same bytes at every input path as rank 0 (``digests``: this rank's (sha256, size))."""
     import socket
 
-    for record, (sha, size) in zip(params["inputs"], digests or []):
+    for record, (sha, size) in zip(params.get("inputs", []), digests or []):
         if sha != record["sha256"]:
             raise BuildError(
                 f"rank {comm.rank} (host {socket.gethostname()}) reads other content at {record['path']} than rank 0 "
@@ -1038,6 +1045,63 @@ def build(config: BuildConfig, comm=None) -> dict:
     comm = comm or detect_communicator()
     # ---- 1. checks: every rank's own settings, the same on all ranks; then the inputs (rank 0) --
     lang, specs = _agree_on_settings(comm, config)
+    lock = _BuildLock(config.output) if comm.rank == 0 else None
+    resuming = config.resume and work_dir_for(config.output).is_dir()
+    try:
+        # (--output checked first: the lock file must never land in an input folder)
+        _collective(comm, lambda: (check_output(config), lock.acquire()) if lock else None)
+        return _build_stages(config, comm, lang, specs, started)
+    except _OUR_ERRORS:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, IndexError, pickle.UnpicklingError) as exc:
+        if not resuming:
+            raise
+        raise BuildError(
+            f"resuming the interrupted build in {work_dir_for(config.output)} failed ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]}): a file of that build is missing or damaged (removed by hand, or "
+            f"a machine crash). Pass --overwrite without --resume to start over"
+        ) from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+class _BuildLock:
+    """Rank 0 holds an exclusive lock on ``.DIR.build-lock`` (next to DIR) for the whole build: a second
+    build of the same output (a resubmitted job while the first still runs, with or without --resume)
+    would delete or rewrite the files the first one is writing. The file stays (removing a lock file is
+    racy); the lock goes with the process however it ends."""
+
+    def __init__(self, output: str | os.PathLike) -> None:
+        out = Path(output)
+        self.path = out.parent / f".{out.name}.build-lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise BuildError(f"another build of {self.path.parent / self.path.name[1:-len('.build-lock')]} is "
+                             f"running ({holder}; lock {self.path}): wait for it to finish or stop it, then run "
+                             f"again (with --resume to continue its work)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.InputSpec], started: float) -> dict:
     options = dict(lang.options)  # with the plugin's defaults filled in: recorded, and what workers get
 
     def check():
@@ -1270,7 +1334,10 @@ def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_siz
                 for stream in fmt.STREAMS:
                     shutil.move(fmt.prefix(concatenator.directory, split, stream) + ".bin", fmt.prefix(out, split, stream) + ".bin")
         for split in _progress(config.progress, desc="merge", unit="split", iterable=fmt.SPLITS):
-            splits[split] = fmt.merge_splits(out, split, shard_dirs, fine_size, coarse_size, bin_written)
+            try:
+                splits[split] = fmt.merge_splits(out, split, shard_dirs, fine_size, coarse_size, bin_written)
+            except fmt.FormatError as exc:  # nothing is written to DIR; the damaged shard must be redone
+                raise BuildError(f"{exc}. Pass --overwrite without --resume to start over") from None
             # The clear error the format needs (a 0-document split makes megatron's samplers spin forever).
             if splits[split]["documents"] == 0:
                 raise BuildError(

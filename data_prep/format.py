@@ -381,6 +381,12 @@ def merge_splits(directory: str | os.PathLike, split: str, part_directories: Seq
     if len({(t.sequences, t.documents) for t in totals.values()}) != 1:
         raise FormatError(f"{split}: the parts' fine/coarse/align streams have different sentence or document "
                           f"counts; rebuild them")
+    for s, total in totals.items():  # a part's .bin damaged after its index was written (cheap: sizes only)
+        path = prefix(directory, split, s) + ".bin"
+        expected = total.tokens * np.dtype(dtypes[s]).itemsize
+        if os.path.getsize(path) != expected:
+            raise FormatError(f"{path} has {os.path.getsize(path):,} bytes, but the parts' indexes describe "
+                              f"{expected:,}: a part's .bin file was truncated or changed after it was written")
     return {
         "documents": totals["fine"].documents,
         "sentences": totals["fine"].sequences,

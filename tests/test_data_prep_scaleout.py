@@ -225,7 +225,14 @@ def test_mpirun_rank_killed_while_writing_its_shards_then_resume(reference, tmp_
         time.sleep(0.5)  # rank 0 is past its read loop, waiting for rank 1
         assert not (work / "shards" / "000019" / "docs.done").exists()
     finally:
+        ranks = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
         os.killpg(proc.pid, signal.SIGKILL)
+        for rank in ranks:  # Open MPI may start them outside mpirun's process group
+            try:
+                rank.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(ranks, timeout=30)
         proc.wait(timeout=60)
     assert not out.exists()
     resumed = subprocess.run(_mpirun() + _cli(corpus, out, "--resume"), capture_output=True, text=True, env=_env(),
@@ -382,3 +389,56 @@ def test_a_rank_that_cannot_see_the_work_directory_is_named(tmp_path):
     core._check_shared_work_dir(Rank1(), work, params)  # seen: no error
     with pytest.raises(core.BuildError):  # another build's work directory at that path
         core._check_shared_work_dir(Rank1(), work, {"shard_documents": 45})
+
+
+def test_a_second_build_of_the_same_output_is_refused_while_the_first_runs(reference, tmp_path):
+    """A resubmitted job next to a live one (with or without --resume) deleted the caches the first was
+    writing (it died with a FileNotFoundError) or rewrote its shards: now it is refused, naming the holder."""
+    import socket
+
+    corpus, _ = reference
+    out = tmp_path / "out"
+    first = core._BuildLock(out)  # what the running build holds
+    first.acquire()
+    try:
+        for resume in (False, True):
+            with pytest.raises(core.BuildError, match="another build of .*out is running") as info:
+                core.build(small_config(corpus, out, shard_documents=SHARD_DOCS, resume=resume))
+            assert f"pid {os.getpid()} on {socket.gethostname()}" in str(info.value)
+        assert not out.exists() and not core.work_dir_for(out).exists()
+    finally:
+        first.release()
+    core.build(small_config(corpus, out, shard_documents=SHARD_DOCS))  # free again once it ends
+    assert (out / fmt.META_FILE).is_file()
+
+
+def _kept_work(corpus: Path, tmp_path: Path) -> Path:
+    """A finished build whose work directory is kept, output removed: --resume redoes only the merge."""
+    out = tmp_path / "out"
+    core.build(small_config(corpus, out, shard_documents=SHARD_DOCS, keep_work_dir=True))
+    shutil.rmtree(out)
+    return out
+
+
+@pytest.mark.parametrize("damage", ["counts", "read_json", "bin"])
+def test_resume_of_a_damaged_work_directory_names_the_fix(reference, tmp_path, damage):
+    """A work-directory file removed or damaged (by hand, a crash without fsync): --resume used to end
+    in a raw traceback, or - a truncated shard .bin - to write a damaged dataset and exit 0."""
+    corpus, expected = reference
+    out = _kept_work(corpus, tmp_path)
+    work = core.work_dir_for(out)
+    if damage == "counts":
+        (work / "shards" / "000003" / "counts.pkl").write_bytes(b"\x80\x04trunc")  # marked analysed all the same
+        (work / "fit.done").unlink()  # so the counts are read again
+    elif damage == "read_json":
+        (work / core.READ_FILE).write_text("{")
+    else:
+        fine = work / "shards" / "000003" / "train_fine.bin"
+        fine.write_bytes(fine.read_bytes()[:100])
+    with pytest.raises(core.BuildError, match="--overwrite without --resume") as info:
+        core.build(small_config(corpus, out, shard_documents=SHARD_DOCS, resume=True))
+    if damage == "bin":
+        assert "truncated or changed after it was written" in str(info.value)
+    assert not out.exists()
+    core.build(small_config(corpus, out, shard_documents=SHARD_DOCS, overwrite=True))  # the fix works
+    assert dataset_bytes(out) == expected
