@@ -29,10 +29,19 @@ from data_prep import core, inputs
 from data_prep.languages import LanguageError, available_languages, get_language, load_all_plugins
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except where the help already says what the default is."""
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Build a paired fine/coarse AMBERT dataset, or --verify one.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
         # A language may re-declare a shared option (same dest); the last declaration wins.
         conflict_handler="resolve",
     )

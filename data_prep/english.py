@@ -950,7 +950,10 @@ class English(Language):
     def demo_inputs(self):
         from data_prep.inputs import InputSpec
 
-        return [InputSpec(str(bbc_news_jsonl()), "jsonl")]
+        try:
+            return [InputSpec(str(bbc_news_jsonl()), "jsonl")]
+        except EnglishInputError as exc:  # the package that ships the demo text is missing: one error line
+            raise LanguageError(str(exc)) from None
 
     def analyze_shard(self, documents: list[str], cache_dir: Path) -> dict[str, Counter]:
         sizes, word_counts = write_shard_words(documents, Path(cache_dir) / SHARD_WORDS_FILE, self.config.lowercase)

@@ -1,4 +1,4 @@
-"""English phrase dictionary (AMBERT's coarse vocabulary): KenLM mining and greedy longest match.
+r"""English phrase dictionary (AMBERT's coarse vocabulary): KenLM mining and greedy longest match.
 
 Mining, as in the paper: n-gram statistics come from KenLM (``lmplz``) over the word-tokenized
 corpus, one sentence a line, so no n-gram crosses a sentence boundary. A candidate n-gram

@@ -113,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lines", type=int, help="score only the first N paragraphs")
     ap.add_argument("--dataset", help="also score the coarse tokens of this built zh dataset (vocabulary + back-off)")
     args = ap.parse_args(argv)
-    scores = evaluate(args.segmenter, args.lines, args.dataset, args.user_dict)
+    try:
+        scores = evaluate(args.segmenter, args.lines, args.dataset, args.user_dict)
+    except (ValueError, OSError) as exc:  # LanguageError (segmenter missing), FormatError, a missing file
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"People's Daily 1998-01 gold segmentation vs --segmenter {args.segmenter}:")
     print(f"  segmenter words: {scores['segmenter']}")
     if "coarse_tokens" in scores:

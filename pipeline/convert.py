@@ -1,4 +1,4 @@
-"""Checkpoint conversion: another (TP, DP) layout via DeepSpeed universal checkpoints; fp32 export.
+r"""Checkpoint conversion: another (TP, DP) layout via DeepSpeed universal checkpoints; fp32 export.
 
     # continue a TP=2/DP=2 run at TP=1 (any DP): convert, then resume from the converted copy
     python -m pipeline.convert universal runs/x/checkpoints/step_00001000 runs/y/checkpoints

@@ -1,4 +1,4 @@
-"""Fine-tune an AMBERT / BERT-baseline model on sequence or token classification (single process).
+r"""Fine-tune an AMBERT / BERT-baseline model on sequence or token classification (single process).
 
     python -m pipeline.finetune --model exported/ambert-zh --train train.jsonl --dev dev.jsonl \
         --test test.jsonl --output runs/ft-zh --seeds 1 2 3 --epochs 3 --lr 5e-5

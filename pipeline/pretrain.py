@@ -1,4 +1,4 @@
-"""AMBERT pre-training: DeepSpeed ZeRO (1/2/3) + megatron-core tensor parallelism, exact resume.
+r"""AMBERT pre-training: DeepSpeed ZeRO (1/2/3) + megatron-core tensor parallelism, exact resume.
 
     deepspeed [--num_gpus N | --num_nodes N --hostfile H] pipeline/pretrain.py \
         [--config pipeline/recipes/X.yaml] [--deepspeed_config ds_configs/X.json] [--resume auto] [key=value ...]

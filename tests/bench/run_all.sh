@@ -11,8 +11,15 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 PY="${AMBERT_VENV:-$ROOT/.venv}/bin/python"
 export DS_ACCELERATOR=cpu HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+BENCHES="data_prep_zh data_prep_en model pretrain"
+case "${1:-}" in
+  -h|--help) sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; echo "benchmarks: $BENCHES"; exit 0 ;;
+esac
+if [ -n "${1:-}" ] && ! echo "$BENCHES" | tr ' ' '\n' | grep -q -- "${1}"; then
+  echo "error: no benchmark name contains '$1' (benchmarks: $BENCHES)" >&2; exit 2
+fi
 mkdir -p runs/bench
-for bench in data_prep_zh data_prep_en model pretrain; do
+for bench in $BENCHES; do
   case "$bench" in *"${1:-}"*) ;; *) continue ;; esac
   echo "=== tests/bench/bench_$bench.py ($(date +%H:%M:%S), load $(cut -d' ' -f1 /proc/loadavg))"
   "$PY" "tests/bench/bench_$bench.py" 2>&1 | tee "runs/bench/$bench.txt"
