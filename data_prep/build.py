@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         meta = core.build(config)
     except (core.BuildError, inputs.InputError, LanguageError, FileExistsError) as exc:
+        if getattr(exc, "shared", False) and core.launch_rank() != 0:
+            return 2  # the same message as rank 0's, which prints it
         print(f"error: {exc}", file=sys.stderr)
         logging.getLogger("data_prep.build").log(logging.ERROR, "error: %s", exc, extra={"file_only": True})
         return 2

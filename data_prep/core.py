@@ -75,7 +75,12 @@ READ_FILE = "read.json"
 
 
 class BuildError(RuntimeError):
-    """The build cannot go on; the message names the problem and the fix."""
+    """The build cannot go on; the message names the problem and the fix. ``shared``: every rank
+    raises the same message (rank 0 prints it; the others need not repeat it)."""
+
+    def __init__(self, message: str, shared: bool = False) -> None:
+        super().__init__(message)
+        self.shared = shared
 
 
 class BuildInterrupted(KeyboardInterrupt):
@@ -351,7 +356,7 @@ def _agree_on_settings(comm, config: BuildConfig) -> tuple[Language, list[inp.In
                          "mpirun command line or the per-rank script, then run again")
     problem = comm.bcast(problem)
     if problem:
-        raise BuildError(problem)
+        raise BuildError(problem, shared=True)
     return lang, specs
 
 
@@ -371,7 +376,7 @@ def _collective(comm, fn: Callable[[], Any]) -> Any:
     if failure is not None:
         raise failure
     if summary:
-        raise BuildError(f"another rank failed:\n{summary}")
+        raise BuildError(f"another rank failed:\n{summary}", shared=True)
     return result
 
 

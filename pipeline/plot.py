@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{', '.join(sorted(available))}")
 
     output = args.output or (args.runs[0] if args.runs[0].is_dir() else args.runs[0].parent) / "loss.png"
+    if not output.suffix and not output.is_dir():
+        output = output.with_name(output.name + ".png")  # what matplotlib would write: print the real name
     why = _unwritable(output)
     if why:
         return _fail(why)

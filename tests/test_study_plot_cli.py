@@ -349,3 +349,11 @@ def test_study_interrupt_saves_pretraining_and_rerun_resumes(tmp_path):
     assert "resumed from" in pretrain_log and f"step_{step:08d}" in pretrain_log, pretrain_log[-4000:]
     assert f"step {step + 1}/30" in pretrain_log and f"step {step}/30" not in pretrain_log, pretrain_log[-4000:]
     assert sorted(read_metrics(run)) == list(range(1, 31))
+
+
+def test_plot_output_without_a_suffix_is_named_as_written(tmp_path, capsys):
+    """matplotlib appends .png to a name without a suffix; the command printed the name without it."""
+    run = _run_dir(tmp_path, "run", GOOD)
+    assert plot.main([str(run), "--output", str(tmp_path / "curves")]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert printed == str(tmp_path / "curves.png") and Path(printed).is_file()
