@@ -881,6 +881,15 @@ def _prepare_work_dir(config: BuildConfig, params: dict) -> Path:
                         f"{recorded.get('work_format', 1)}, this version writes {WORK_FORMAT}); pass --overwrite "
                         f"without --resume to start over"
                     )
+                if (diff == ["inputs"] and recorded is not None
+                        and [(os.path.abspath(r["path"]), r["sha256"]) for r in recorded["inputs"]]
+                        == [(os.path.abspath(r["path"]), r["sha256"]) for r in params["inputs"]]):
+                    raise BuildError(
+                        f"cannot resume: the inputs are the same files, but spelled differently than when the "
+                        f"interrupted build started ({', '.join(r['path'] for r in recorded['inputs'][:3])}"
+                        f"{', ...' if len(recorded['inputs']) > 3 else ''}): rerun with that spelling of --input "
+                        f"(the dataset records it)"
+                    )
                 if diff == ["inputs"] and recorded is not None and [r["path"] for r in recorded["inputs"]] == [
                         r["path"] for r in params["inputs"]]:
                     changed = [r["path"] for r, o in zip(params["inputs"], recorded["inputs"]) if r != o]

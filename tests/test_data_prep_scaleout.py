@@ -442,3 +442,15 @@ def test_resume_of_a_damaged_work_directory_names_the_fix(reference, tmp_path, d
     assert not out.exists()
     core.build(small_config(corpus, out, shard_documents=SHARD_DOCS, overwrite=True))  # the fix works
     assert dataset_bytes(out) == expected
+
+
+def test_resume_with_the_inputs_spelled_differently_says_so(reference, tmp_path, monkeypatch):
+    """A --resume naming the same files by another path (absolute vs relative) was refused as 'different
+    build parameters (inputs)', which reads as if the content had changed."""
+    corpus, _ = reference
+    out = tmp_path / "out"
+    _kept_work(corpus, tmp_path)
+    monkeypatch.chdir(corpus.parent)
+    with pytest.raises(core.BuildError, match="the inputs are the same files, but spelled differently") as info:
+        core.build(small_config(Path(corpus.name), out, shard_documents=SHARD_DOCS, resume=True))
+    assert str(corpus) in str(info.value)
