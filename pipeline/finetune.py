@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import typing
 from pathlib import Path
@@ -68,11 +69,10 @@ def _field_docs() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
     rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    config = None
     try:
         config = parse_args(argv)
         config.validate()  # bad flags (or an --output holding results.json) leave no trace behind
@@ -85,6 +85,16 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger().addHandler(handler)
         run(config)
     except FinetuneError as exc:
+        if config is not None and config.deepspeed:
+            # Under a launcher, a rank that stops before the process group exists would leave its
+            # peers waiting for it there until the collective timeout: it tells them first.
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                from pipeline import parallel
+
+                world = int(os.environ.get("WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "1")))
+                parallel.startup_failed(exc, world)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

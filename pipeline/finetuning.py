@@ -640,6 +640,10 @@ def setup_deepspeed(seed: int) -> None:
     from pipeline import parallel
 
     parallel.init_distributed()  # (warns first about a stale lock of DeepSpeed's CPU-op build)
+    try:
+        parallel.agree_on_startup()  # a rank that failed its checks before this point stops every rank
+    except parallel.PeerStartupError as exc:
+        raise FinetuneError(str(exc)) from None
     parallel.initialize_parallel(tensor_parallel_size=1, seed=seed)
 
 

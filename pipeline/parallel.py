@@ -118,6 +118,8 @@ def init_distributed(backend: str | None = None, auto_mpi_discovery: bool = True
     import deepspeed
 
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":  # before any collective: NCCL object collectives use the current device
+        torch.cuda.set_device(_local_rank())
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=auto_mpi_discovery, verbose=False,
                                timeout=timedelta(minutes=timeout_minutes))
     release_deepspeed_shm()
@@ -253,6 +255,56 @@ def settings_differing_from_rank0(settings: dict) -> list[tuple[str, int, object
             if mine != theirs:
                 differences.append((key, rank, None if mine is missing else mine, None if theirs is missing else theirs))
     return differences
+
+
+class PeerStartupError(RuntimeError):
+    """Another rank failed its own start-up checks (``agree_on_startup``): this rank stops too."""
+
+
+# How long a rank whose own start-up checks failed waits for its peers to join the process group
+# that tells them so (``startup_failed``). They are starting at the same time, so minutes suffice.
+STARTUP_JOIN_MINUTES = 5.0
+
+
+def agree_on_startup(error: BaseException | None = None) -> None:
+    """Collective, once on every rank right after ``init_distributed``: each rank says whether its
+    own start-up checks (the dataset, checkpoints and output it finds on its node) passed. If any
+    rank failed, every other rank raises ``PeerStartupError`` naming that rank, its host and its
+    error, so the whole job stops at once with the cause on every node's console; the failing rank
+    itself returns (it raises its own error next). With one process, or before a process group
+    exists, it does nothing."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    import socket
+
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (socket.gethostname(), None if error is None else str(error).strip()))
+    failed = [(rank, host, message) for rank, (host, message) in enumerate(gathered) if message]
+    if failed and error is None:
+        rank, host, message = failed[0]
+        others = f" (and {len(failed) - 1} other rank(s): {', '.join(str(r) for r, _, _ in failed[1:])})" if len(failed) > 1 else ""
+        raise PeerStartupError(f"rank {rank} (host {host}) failed its start-up checks{others}, so every rank "
+                               f"stops; fix that rank's node and start the job again. Rank {rank} said: {message}")
+
+
+def startup_failed(error: BaseException, world_size: int, timeout_minutes: float = STARTUP_JOIN_MINUTES) -> None:
+    """On a rank whose own start-up checks failed before the process group exists, just before it
+    raises ``error``: its peers (``world_size`` > 1) are on their way into ``init_distributed`` and
+    would wait there for it until the collective timeout. This rank joins them (waiting at most
+    ``timeout_minutes``) and hands them its error through ``agree_on_startup``, so the whole job
+    stops at once. Best effort: if the peers never come, this rank still raises its own error."""
+    if world_size <= 1:
+        return
+    log.error("%s", str(error).strip())  # at once: the peers may take a while to answer
+    log.warning("telling the other %d rank(s) that this one cannot start (waiting up to %.0f min for them)",
+                world_size - 1, timeout_minutes)
+    try:
+        if not dist.is_initialized():
+            init_distributed(timeout_minutes=timeout_minutes)
+        agree_on_startup(error)
+    except Exception as exc:  # noqa: BLE001 - the peers are gone or never came: our own error is what counts
+        log.warning("could not reach the other ranks (%s); they stop at their collective timeout",
+                    str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
 
 
 def initialize_parallel(tensor_parallel_size: int = 1, seed: int = 1234, timeout_minutes: float = 30.0) -> None:

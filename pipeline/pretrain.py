@@ -15,6 +15,7 @@ exits 0 so the scheduler can requeue the job.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -109,17 +110,30 @@ def ensure_demo_dataset(config: PretrainConfig, rank: int) -> None:
             f"data.path={config.data.path}: {path} is not a dataset (no {META_FILE}); build one with "
             f"`python data_prep/build.py --lang zh|en --output {path}` or point data.path at one"
         )
+    failed = path.parent / f".{path.name}.build-failed"  # rank 0's message to the waiting ranks
     if rank == 0:
         log.info("building the demo dataset in %s (first run only)", path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        failed.unlink(missing_ok=True)
         cmd = [sys.executable, str(ROOT / "data_prep" / "build.py"), "--lang", "zh", "--output", str(path)]
-        subprocess.run(cmd, check=True, cwd=ROOT)
+        code = subprocess.run(cmd, cwd=ROOT).returncode
+        if code != 0:
+            message = (f"building the demo dataset {path} failed (data_prep exited with {code}; its message is "
+                       f"above): fix that and start again, or build a dataset with `python data_prep/build.py` "
+                       f"and point data.path at it")
+            failed.write_text(message, encoding="utf-8")
+            raise ConfigError(message)
         return
-    deadline = time.time() + 3600
+    started = time.time()
+    deadline = started + 3600
     while not (path / META_FILE).is_file():
+        with contextlib.suppress(OSError):  # a marker older than this run is a previous run's
+            if failed.stat().st_mtime >= started - 5:
+                raise ConfigError(f"rank 0 could not build the demo dataset: {failed.read_text(encoding='utf-8')}")
         if time.time() > deadline:
-            raise TimeoutError(f"rank {rank}: gave up waiting for rank 0 to build {path}")
-        time.sleep(2)
+            raise ConfigError(f"rank {rank}: gave up waiting an hour for rank 0 to build the demo dataset {path}; "
+                              f"build it first with `python data_prep/build.py --lang zh --output {path}`")
+        time.sleep(1)
 
 
 class PreemptionFlag:
@@ -254,15 +268,10 @@ def log_to_file(output_dir: Path, rank: int) -> Path:
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    args, overrides = parse_args(argv)
-    rank, world_size, _ = launch_env()
-    setup_logging(rank)
-
-    # 1. Config, validated on every rank before any collective call or allocation.
-    config = load_config(args.config or DEFAULT_RECIPE, overrides)
-    validate(config, world_size)
-    log_to_file(Path(config.output_dir), rank)
+def _startup_checks(config: PretrainConfig, rank: int, world_size: int):
+    """What this rank checks on its own node before any process group: the dataset (built first if
+    it is the missing demo), the model it implies, the DeepSpeed config, and the checkpoint to resume.
+    Returns (dataset, model_config, ds_config, resume_path, resume_universal)."""
     ensure_demo_dataset(config, rank)
     from data_prep.format import PairedDataset
 
@@ -300,14 +309,41 @@ def main(argv: list[str] | None = None) -> int:
             )
         if resume_universal:
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    return dataset, model_config, ds_config, resume_path, resume_universal
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    rank, world_size, _ = launch_env()
+    setup_logging(rank)
+
+    # 1. Config, validated on every rank before any collective call or allocation. A mistake in the
+    #    command line or recipe is the same on every rank: each stops here, no process group needed.
+    config = load_config(args.config or DEFAULT_RECIPE, overrides)
+    validate(config, world_size)
+    log_to_file(Path(config.output_dir), rank)
+    timeout = config.parallelism.collective_timeout_minutes
+    try:
+        state = _startup_checks(config, rank, world_size)
+    except (ConfigError, ckpt.CheckpointError, FormatError) as exc:
+        # What this rank finds on its node (dataset, checkpoints) may differ from its peers': they
+        # would wait for it in init_distributed until the collective timeout. Tell them first.
+        from pipeline import parallel
+
+        parallel.startup_failed(exc, world_size, min(timeout, parallel.STARTUP_JOIN_MINUTES))
+        raise
+    dataset, model_config, ds_config, resume_path, resume_universal = state
 
     # 2. Processes and parallel groups.
     from pipeline import parallel
 
     # init_distributed first warns on stderr (local rank 0) about a lock left by a killed JIT build of
     # DeepSpeed's CPU op, on which every later start would wait forever (parallel.warn_deepspeed_build_lock).
-    timeout = config.parallelism.collective_timeout_minutes
     parallel.init_distributed(timeout_minutes=timeout)  # + the release of DeepSpeed's CPU shared-memory names
+    try:
+        parallel.agree_on_startup()  # a peer that failed its own start-up checks stops this rank too
+    except parallel.PeerStartupError as exc:
+        raise ConfigError(str(exc)) from None
     parallel.initialize_parallel(config.parallelism.tensor_parallel, seed=config.seed, timeout_minutes=timeout)
     dp_rank, dp_size, dp_group = parallel.data_parallel_rank(), parallel.data_parallel_size(), parallel.data_parallel_group()
     output_dir = Path(config.output_dir)

@@ -178,21 +178,26 @@ def test_layouts_give_the_same_loss_curve(layout_runs):
 
 
 def test_bad_configs_fail_before_training(synthetic_dataset, tmp_path, monkeypatch, capsys):
-    """Validation happens before any collective: main() raises without a process group."""
-    from pipeline import pretrain
+    """Validation happens before any collective: main() raises without a process group. A mistake
+    in the command line stops every rank alike; one found in what the rank reads from its node (the
+    dataset) is first handed to the peers (``parallel.startup_failed``, tests/test_startup_agreement.py)."""
+    from pipeline import parallel, pretrain
     from pipeline.config import ConfigError
 
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "0")
     common = [*BASE, f"data.path={synthetic_dataset}", f"output_dir={tmp_path}"]
-    cases = [
-        (["parallelism.tensor_parallel=3"], "parallelism.tensor_parallel=3 does not divide the world size 4"),
-        (["parallelism.tensor_parallel=4", "model.num_attention_heads=2"], "does not divide model.num_attention_heads=2"),
-        (["parallelism.global_batch_size=24"], "parallelism.global_batch_size=24 != micro_batch_size 4"),
-        (["model.fine_vocab_size=10"], "model.fine_vocab_size=10 is smaller than the dataset's fine_vocab_size=64"),
-        (["data.path=/no/such/dataset"], "data.path=/no/such/dataset"),
-        (["data.seq_length=128"], "data.seq_length=128 exceeds the model's limit"),
+    cases = [  # (overrides, message, found on the node)
+        (["parallelism.tensor_parallel=3"], "parallelism.tensor_parallel=3 does not divide the world size 4", False),
+        # checked on the model, which needs the dataset's vocabularies: after the dataset is read
+        (["parallelism.tensor_parallel=4", "model.num_attention_heads=2"], "does not divide model.num_attention_heads=2", True),
+        (["parallelism.global_batch_size=24"], "parallelism.global_batch_size=24 != micro_batch_size 4", False),
+        (["model.fine_vocab_size=10"], "model.fine_vocab_size=10 is smaller than the dataset's fine_vocab_size=64", True),
+        (["data.path=/no/such/dataset"], "data.path=/no/such/dataset", True),
+        (["data.seq_length=128"], "data.seq_length=128 exceeds the model's limit", True),
     ]
+    told: list[tuple[str, int]] = []
+    monkeypatch.setattr(parallel, "startup_failed", lambda exc, world, *a: told.append((str(exc), world)))
     import deepspeed
     import torch.distributed as dist
 
@@ -203,9 +208,14 @@ def test_bad_configs_fail_before_training(synthetic_dataset, tmp_path, monkeypat
 
     monkeypatch.setattr(deepspeed, "init_distributed", no_collectives)
     monkeypatch.setattr(dist, "init_process_group", no_collectives)
-    for overrides, message in cases:
+    for overrides, message, on_node in cases:
+        told.clear()
         with pytest.raises(ConfigError, match=message):
             pretrain.main([*common, *overrides])
+        if on_node:
+            assert len(told) == 1 and message in told[0][0] and told[0][1] == 4, (overrides, told)
+        else:
+            assert told == [], (overrides, told)
     assert not (tmp_path / "metrics.jsonl").exists()  # nothing started
 
 
