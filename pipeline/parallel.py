@@ -120,8 +120,13 @@ def init_distributed(backend: str | None = None, auto_mpi_discovery: bool = True
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":  # before any collective: NCCL object collectives use the current device
         torch.cuda.set_device(_local_rank())
+    # DeepSpeed's MPI discovery (plain `mpirun`, or no launcher at all) sets MASTER_PORT to its
+    # distributed_port, 29500 unless told: the user's MASTER_PORT is passed on, or it would be ignored.
+    port = os.environ.get("MASTER_PORT", "29500")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"MASTER_PORT={port!r} is not a port number: export MASTER_PORT=<a free port, 1024-65535>")
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=auto_mpi_discovery, verbose=False,
-                               timeout=timedelta(minutes=timeout_minutes))
+                               timeout=timedelta(minutes=timeout_minutes), distributed_port=int(port))
     release_deepspeed_shm()
 
 

@@ -530,6 +530,13 @@ if __name__ == "__main__":
             cause = "another rank stopped answering for parallelism.collective_timeout_minutes (hung, or its node is gone)"
         elif "Connection closed by peer" in text or "Connection reset by peer" in text:
             cause = "another rank died"
+        elif "EADDRINUSE" in text or "address already in use" in text.lower():
+            message = (f"the rendezvous port MASTER_PORT={os.environ.get('MASTER_PORT', '29500')} is in use (another job "
+                       f"on this host?): start again with a free port (export MASTER_PORT=..., or the launcher's "
+                       f"--master_port / --master-port)")
+            logging.getLogger("pretrain").error("%s", message)
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(2)
         else:
             raise
         message = (f"{cause}; its own log (OUTPUT/logs/rank<k>.log) says why. Rerun the job with --resume auto to "

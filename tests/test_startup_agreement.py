@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -197,3 +198,26 @@ def test_a_failed_demo_build_reaches_the_waiting_ranks(tmp_path, monkeypatch):
     threading.Thread(target=build_later, daemon=True).start()
     pretrain.ensure_demo_dataset(config, rank=1)  # returns once rank 0's build is there
     assert (tmp_path / "demo-zh" / "meta.json").is_file()
+
+
+def test_master_port_is_honoured_without_a_launcher(tmp_path, tmp_path_factory):
+    """`python pipeline/pretrain.py` with no launcher goes through DeepSpeed's MPI discovery, which
+    used to set MASTER_PORT to 29500 whatever the user exported. A port held by someone else must
+    be the one that is refused, by name, in one error line."""
+    import socket
+
+    dataset = get_dataset(tmp_path_factory)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        env = run_env({"MASTER_PORT": str(port), "MASTER_ADDR": "127.0.0.1"})
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            env.pop(name, None)
+        result = subprocess.run(
+            [sys.executable, PRETRAIN, *BASE, f"data.path={dataset}", f"output_dir={tmp_path / 'run'}",
+             "schedule.train_steps=2", "schedule.warmup_steps=1"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    assert f"error: the rendezvous port MASTER_PORT={port} is in use" in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
