@@ -360,14 +360,45 @@ def global_batch_size(config: PretrainConfig, world_size: int) -> int:
     return p.micro_batch_size * p.gradient_accumulation_steps * data_parallel_size(config, world_size)
 
 
-def validate(config: PretrainConfig, world_size: int, dataset_meta: dict | None = None, model_config=None) -> None:
-    """Raise ConfigError naming the first wrong field. ``model_config`` / ``dataset_meta`` enable the
-    checks that need them (heads, vocab sizes, sequence length limit)."""
-    p, d, s, o, c = config.parallelism, config.data, config.schedule, config.optimizer, config.checkpointing
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
 
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise ConfigError(message)
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def validate_paths(config: PretrainConfig) -> None:
+    """The checks of ``validate`` that look at this node's file system (which can differ between
+    nodes): output and checkpoint directories that can be made and written, the DeepSpeed JSON and an
+    explicit checkpoint to resume exist."""
+    p, c = config.parallelism, config.checkpointing
+    for what, where in (("output_dir", config.output_dir), ("checkpointing.dir", c.dir)):
+        if not where:
+            continue
+        _need(not Path(where).exists() or Path(where).is_dir(), f"{what}={where} is an existing file: give a directory")
+        base = _nearest_existing(Path(where))
+        _need(base.is_dir(), f"{what}={where}: {base} is a file, so the directory cannot be made; give another path")
+        _need(os.access(base, os.W_OK | os.X_OK),
+              f"{what}={where}: {base} is not writable by this user, so nothing could be saved there; give a "
+              f"writable directory")
+    ds_path = resolve_path(p.deepspeed_config)
+    _need(ds_path.is_file(), f"parallelism.deepspeed_config={p.deepspeed_config}: no such file (see ds_configs/README.md)")
+    if c.resume not in ("", "auto"):
+        _need(Path(c.resume).is_dir(), f"checkpointing.resume={c.resume}: no such checkpoint directory (use 'auto' or a step_* directory)")
+
+
+def validate(config: PretrainConfig, world_size: int, dataset_meta: dict | None = None, model_config=None,
+             paths: bool = True) -> None:
+    """Raise ConfigError naming the first wrong field. ``model_config`` / ``dataset_meta`` enable the
+    checks that need them (heads, vocab sizes, sequence length limit); ``paths``: also the file-system
+    checks (``validate_paths``)."""
+    p, d, s, o, c = config.parallelism, config.data, config.schedule, config.optimizer, config.checkpointing
+    need = _need
 
     need(p.tensor_parallel >= 1, f"parallelism.tensor_parallel={p.tensor_parallel}: must be >= 1")
     need(
@@ -409,9 +440,6 @@ def validate(config: PretrainConfig, world_size: int, dataset_meta: dict | None 
     need(math.isfinite(o.lr) and o.lr > 0, f"optimizer.lr={o.lr}: must be a finite number > 0")
     need(config.seed >= 0, f"seed={config.seed}: must be >= 0 (numpy and torch seeds are non-negative)")
     need(bool(str(config.output_dir).strip()), "output_dir is empty: give a directory for config.yaml, logs and checkpoints")
-    for what, where in (("output_dir", config.output_dir), ("checkpointing.dir", c.dir)):
-        need(not where or not Path(where).exists() or Path(where).is_dir(),
-             f"{what}={where} is an existing file: give a directory")
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optimizer.betas={o.betas}: two values in [0, 1)")
     need(o.grad_clip >= 0, f"optimizer.grad_clip={o.grad_clip}: must be >= 0 (0 = off)")
     need(s.train_steps >= 1, f"schedule.train_steps={s.train_steps}: must be >= 1")
@@ -423,10 +451,10 @@ def validate(config: PretrainConfig, world_size: int, dataset_meta: dict | None 
     need(c.keep_last >= 1, f"checkpointing.keep_last={c.keep_last}: must be >= 1")
     need(c.save_every >= 0, f"checkpointing.save_every={c.save_every}: must be >= 0")
     need(config.logging.every >= 1, f"logging.every={config.logging.every}: must be >= 1")
-    ds_path = resolve_path(p.deepspeed_config)
-    need(ds_path.is_file(), f"parallelism.deepspeed_config={p.deepspeed_config}: no such file (see ds_configs/README.md)")
-    if c.resume not in ("", "auto"):
-        need(Path(c.resume).is_dir(), f"checkpointing.resume={c.resume}: no such checkpoint directory (use 'auto' or a step_* directory)")
+    if p.precision == "fp16" and not _cuda_available():
+        need(False, "parallelism.precision=fp16: DeepSpeed has no fp16 on CPU; use fp32 (or bf16) here, fp16 on GPUs")
+    if paths:
+        validate_paths(config)
 
     if dataset_meta is not None and model_config is not None:
         for side in ("fine", "coarse"):
@@ -476,7 +504,54 @@ def read_deepspeed_config(path: str) -> dict:
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallelism.deepspeed_config={path}: zero_optimization.stage={stage!r}; expected 0, 1, "
                           f"2 or 3 (a mapping \"zero_optimization\": {{\"stage\": N, ...}})")
+    _check_deepspeed_keys(ds, path)
     return ds
+
+
+# Top-level DeepSpeed config sections that its constants module does not list.
+_DEEPSPEED_SECTIONS = {
+    "zero_optimization", "activation_checkpointing", "flops_profiler", "tensorboard", "wandb", "csv_monitor",
+    "comet", "comms_logger", "aio", "elasticity", "pipeline", "compression_training", "data_efficiency",
+    "curriculum_learning", "autotuning", "amp", "sparse_attention", "eigenvalue", "progressive_layer_drop",
+    "quantize_training", "weight_quantization", "hybrid_engine", "nebula", "graph_harvesting", "fp32_allreduce",
+    "sparse_gradients", "compile", "timers", "monitor_config", "optimizer", "scheduler",
+}
+
+
+def _check_deepspeed_keys(ds: dict, path: str) -> None:
+    """DeepSpeed ignores a top-level key it does not know and fails late (inside zero.Init, after the
+    data and model are set up) on a wrong key inside zero_optimization. Both are caught here: a
+    top-level key that is a near miss of a known one ("zero_optimisation") and any key DeepSpeed's
+    ZeRO config rejects, with its name and the closest valid one."""
+    import difflib
+
+    try:
+        import deepspeed.runtime.constants as constants
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    except ImportError:  # no DeepSpeed here: it will say so itself
+        return
+    known = _DEEPSPEED_SECTIONS | {v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str)}
+    for key in ds:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+            if close:
+                raise ConfigError(f"parallelism.deepspeed_config={path}: unknown key {key!r} (DeepSpeed would ignore "
+                                  f"it silently); did you mean {close[0]!r}?")
+    zero = ds.get("zero_optimization")
+    if isinstance(zero, dict):
+        import pydantic
+
+        try:
+            DeepSpeedZeroConfig(**zero)
+        except pydantic.ValidationError as exc:
+            error = exc.errors()[0]
+            name = ".".join(str(part) for part in error.get("loc", ())) or "?"
+            fields = set(DeepSpeedZeroConfig.model_fields) | {
+                f.alias for f in DeepSpeedZeroConfig.model_fields.values() if f.alias}
+            close = difflib.get_close_matches(name, sorted(fields), n=1, cutoff=0.7)
+            hint = f"; did you mean {close[0]!r}?" if close and close[0] != name else ""
+            raise ConfigError(f"parallelism.deepspeed_config={path}: zero_optimization.{name}: {error.get('msg')}"
+                              f"{hint} (see ds_configs/README.md)") from None
 
 
 def deepspeed_config(config: PretrainConfig, world_size: int, override_path: str | None = None) -> dict:

@@ -164,6 +164,9 @@ def to_universal(source: Path, target_dir: Path, workers: int = 1) -> Path:
         raise ConvertError(f"target {target_dir} is named like a checkpoint (step_NNNNNNNN): give the checkpoints "
                            f"folder of the continued run (e.g. {target_dir.parent}); the converted checkpoint goes "
                            f"inside it as {source.name}, where --resume auto finds it")
+    if target_dir.resolve() == source.parent.resolve():
+        raise ConvertError(f"target {target_dir} is the folder {source.name} itself is in: give a new, empty folder "
+                           f"for the converted checkpoint (the continued run's checkpointing.dir)")
     for _step, existing in complete_checkpoints(target_dir):
         # --resume auto takes the newest complete checkpoint of the folder: it must be this conversion
         same_run = Path(str(_read_marker_quietly(existing).get("converted_from", ""))).parent == source.parent

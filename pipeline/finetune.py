@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # `deepspeed pipeline/finetune.py` runs this file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.finetuning import FinetuneConfig, FinetuneError, run  # noqa: E402
+from pipeline.inference import ExportError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%Y-%m-%d %H:%M:%S"))
             logging.getLogger().addHandler(handler)
         run(config)
-    except FinetuneError as exc:
+    except (FinetuneError, ExportError) as exc:  # ExportError: weights that do not fit their config
         if config is not None and config.deepspeed:
             # Under a launcher, a rank that stops before the process group exists would leave its
             # peers waiting for it there until the collective timeout: it tells them first.

@@ -160,6 +160,17 @@ class FinetuneConfig:
                 fail(name, "must be >= 0 (0 = off / all)")
         if self.output and Path(self.output).exists() and not Path(self.output).is_dir():
             fail("output", f"{self.output} is an existing file; give a directory")
+        if self.output:  # it is created at the end: its nearest existing ancestor must be a writable directory
+            ancestor = Path(self.output).absolute()
+            while not ancestor.exists() and ancestor != ancestor.parent:
+                ancestor = ancestor.parent
+            if not ancestor.is_dir():
+                fail("output", f"{self.output} cannot be created: {ancestor} is a file, not a directory; give an "
+                               f"--output whose parent folders are directories")
+            if not os.access(ancestor, os.W_OK | os.X_OK):
+                created = "" if ancestor == Path(self.output).absolute() else f"{self.output} cannot be created: "
+                fail("output", f"{created}{ancestor} is not writable by this user; give an --output in a directory "
+                               f"you can write to")
         results = Path(self.output) / RESULTS_FILE
         if results.is_file() and not self.overwrite:
             fail("output", f"{results} already holds the results of an earlier run; choose another --output, "
@@ -440,6 +451,42 @@ class LabelSet:
         return [self.index[str(v)] for v in values]
 
 
+LANGUAGE_CHECK_EXAMPLES = 200
+"""How many training texts the language check looks at (cheap: the check is a pass of two regexes)."""
+
+
+def warn_if_other_language(encoder: TextEncoder, texts: Sequence, path: str, model: str = "") -> str | None:
+    """Log a WARNING when the first training texts do not look like the language of the model's tokenizers
+    (data_prep's own check, the one its build applies to every input): English text given to a Chinese
+    model is tokenized letter by letter, and silently trains on nonsense. Never an error (a task may mix
+    languages on purpose) and never raises; returns the warning, or None."""
+    try:
+        shown = [t for t in texts[:LANGUAGE_CHECK_EXAMPLES] if isinstance(t, str)]
+        sample = "\n".join(shown)[:256_000]
+        if not sample.strip():
+            return None
+        problem = encoder.plugin.check_sample(sample, path)
+        if not problem:
+            return None
+        from data_prep.english import cjk_fraction
+
+        name = (getattr(encoder.plugin, "description", "") or "").split(":")[0] or encoder.language
+        letters = sum(map(str.isalpha, sample))
+        found = (f"{cjk_fraction(sample):.0%} of the letters in its first {len(shown)} texts are Chinese characters"
+                 if letters else f"its first {len(shown)} texts contain no letters")
+        model_part = f"model {model}" if model else "the model"
+        message = (f"WARNING: {path} does not look like {name}, the language of {model_part} (the meta.json of its "
+                   f"tokenizers, in {encoder.directory}, says language={encoder.language!r}): {found}. Its tokenizers "
+                   f"would split such text badly (a Chinese model tokenizes English letter by letter); check that this "
+                   f"is the right file, or use a model pre-trained on the language of the task")
+    except Exception as exc:  # noqa: BLE001 - a warning only: it must never stop a run
+        log.debug("language check of %s skipped: %s", path, exc)
+        return None
+    if _world()[1] == 0:  # once per job, not once per rank
+        log.warning("%s", message)
+    return message
+
+
 def encode_split(config: FinetuneConfig, encoder: TextEncoder, path: str, labels: LabelSet | None,
                  max_fine: int, max_coarse: int, limit: int = 0) -> tuple[list[dict], LabelSet]:
     """Read one file and encode every example (labels from ``labels``, or a new LabelSet for train)."""
@@ -454,6 +501,11 @@ def encode_split(config: FinetuneConfig, encoder: TextEncoder, path: str, labels
         texts = _column(table, config.text_field, path, "text_field")
         pairs = table[config.text_pair_field] if config.text_pair_field in table.column_names else None
         raw = _column(table, config.label_field, path, "label_field")
+        if labels is None:  # the training file: is it in the model's language?
+            head = texts[:LANGUAGE_CHECK_EXAMPLES]
+            if pairs:
+                head = [f"{t}\n{p}" if isinstance(p, str) else t for t, p in zip(head, pairs)]
+            warn_if_other_language(encoder, head, path, config.model)
         labels = labels or LabelSet(raw)
         ids = labels.ids(raw, path)
         for i, text in enumerate(texts):
@@ -469,6 +521,9 @@ def encode_split(config: FinetuneConfig, encoder: TextEncoder, path: str, labels
                 if not isinstance(value, (list, tuple)):
                     raise FinetuneError(f"{_where(path, i)}: {name!r} holds {type(value).__name__}, not a list; give "
                                         f"a list of tokens and a list of as many tags")
+        if labels is None:  # the training file: is it in the model's language?
+            warn_if_other_language(encoder, [" ".join(map(str, units)) for units in tokens[:LANGUAGE_CHECK_EXAMPLES]],
+                                   path, config.model)
         labels = labels or LabelSet([t for tags in raw for t in tags])
         for i, (units, tags) in enumerate(zip(tokens, raw)):
             where = _where(path, i)
@@ -505,10 +560,45 @@ def _checkpoint_state_dict(path: Path, flag: str = "--model") -> dict[str, torch
                             f"`python -m pipeline.convert export {path} OUT` (merges the TP shards) and pass {_pass_as(flag, 'OUT')}")
     if not ranks:
         raise FinetuneError(f"{path} has no *mp_rank_00_model_states.pt: not a DeepSpeed checkpoint")
+    import pickle
+
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    try:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    except (OSError, RuntimeError, EOFError, KeyError, ValueError, AssertionError, IndexError,
+            pickle.UnpicklingError) as exc:  # a file deleted, truncated or overwritten after the save was committed
+        first = " ".join(str(exc).split()).split(". ")[0][:200]  # torch's advice after the first sentence is long
+        raise FinetuneError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {first}): one of its files is "
+                            f"missing or damaged"
+                            f"{_damaged_files(path)}. {_older_checkpoint(path, flag)}") from None
     return {k: v.float() for k, v in state.items()}
+
+
+def _damaged_files(path: Path) -> str:
+    """`` (cut short or corrupt: NAME, ...)`` for the checkpoint's .pt files that are not complete zip
+    archives (torch.save's format): reads only the end of each file."""
+    import zipfile
+
+    damaged = []
+    for f in sorted(path.glob("*.pt")):
+        try:
+            if not zipfile.is_zipfile(f):
+                damaged.append(f.name)
+        except OSError:
+            damaged.append(f.name)
+    return f" (cut short or corrupt: {', '.join(damaged)})" if damaged else ""
+
+
+def _older_checkpoint(path: Path, flag: str) -> str:
+    """What to pass instead of the damaged checkpoint ``path``: the newest older complete one of its folder."""
+    from pipeline.checkpoint import complete_checkpoints
+
+    older = [p for _, p in complete_checkpoints(path.parent) if p.name < path.name]
+    if not older:
+        return (f"No older complete checkpoint is left in {path.parent}: restore the files, or use another model "
+                f"(an export made before the damage)")
+    return f"Restore the files, or use the newest older complete checkpoint: pass {_pass_as(flag, str(older[-1]))}"
 
 
 def _check_tokenizer_dir(dataset: str, flag: str = "--dataset") -> None:
@@ -525,6 +615,34 @@ def _check_tokenizer_dir(dataset: str, flag: str = "--dataset") -> None:
                             f"directory built by `python data_prep/build.py` (or an exported model, which carries them)")
 
 
+def _check_random_model(model: str, flag: str = "--model") -> None:
+    """``random:RECIPE[:VARIANT]`` must name a known recipe and variant (checked before any process group
+    or tokenizer is set up)."""
+    from pipeline.model import RECIPES, VARIANTS
+
+    _, recipe, *variant = model.split(":")
+    usage = "give random:RECIPE or random:RECIPE:VARIANT"
+    if recipe not in RECIPES:
+        raise FinetuneError(f"{flag} {model}: unknown model recipe {recipe!r}; known recipes: "
+                            f"{', '.join(sorted(RECIPES))} ({usage})")
+    if len(variant) > 1:
+        raise FinetuneError(f"{flag} {model}: too many ':' parts; {usage}")
+    if variant and variant[0] not in VARIANTS:
+        raise FinetuneError(f"{flag} {model}: unknown variant {variant[0]!r}; known variants: "
+                            f"{', '.join(VARIANTS)} ({usage})")
+
+
+def _random_model_config(model: str, flag: str, recipe: str, overrides: dict):
+    from pipeline.model import model_recipe
+
+    try:
+        config = model_recipe(recipe, **overrides)
+        config.validate()
+    except (TypeError, ValueError) as exc:
+        raise FinetuneError(f"{flag} {model}: {exc}") from None
+    return config
+
+
 def resolve_pretrained(model: str, dataset: str = "", flag: str = "--model", allow_random: bool = True) -> Pretrained:
     """Model config, weights and tokenizer directory of ``model`` (export, checkpoint or random:RECIPE).
 
@@ -538,11 +656,12 @@ def resolve_pretrained(model: str, dataset: str = "", flag: str = "--model", all
         tokenizer_dir_of,
     )
 
+    random_model = model.startswith("random:") and allow_random
+    if random_model:
+        _check_random_model(model, flag)  # the recipe and variant, before anything is read
     if dataset:
         _check_tokenizer_dir(dataset)
-    if model.startswith("random:") and allow_random:
-        from pipeline.model import model_recipe
-
+    if random_model:
         if not dataset:
             raise FinetuneError("--model random:RECIPE needs --dataset (the tokenizers and vocabulary sizes)")
         _, recipe, *variant = model.split(":")
@@ -550,7 +669,7 @@ def resolve_pretrained(model: str, dataset: str = "", flag: str = "--model", all
         overrides = {"fine_vocab_size": len(encoder_meta.fine_vocab), "coarse_vocab_size": len(encoder_meta.coarse_vocab)}
         if variant:
             overrides["variant"] = variant[0]
-        return Pretrained(model_recipe(recipe, **overrides), None, Path(dataset), model)
+        return Pretrained(_random_model_config(model, flag, recipe, overrides), None, Path(dataset), model)
     path = Path(model)
     if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
         try:
@@ -561,13 +680,25 @@ def resolve_pretrained(model: str, dataset: str = "", flag: str = "--model", all
             own = None
         if dataset and own is not None:
             _check_same_vocabularies(own, Path(dataset), path)
-        return Pretrained(read_model_config(path), load_state_dict(path), Path(dataset) if dataset else own, str(path))
+        try:  # a config.json or model.safetensors damaged after the export: the file and the fix, no traceback
+            return Pretrained(read_model_config(path), load_state_dict(path), Path(dataset) if dataset else own,
+                              str(path))
+        except ExportError as exc:
+            raise FinetuneError(str(exc)) from None
     if (path / "COMPLETE").is_file():
-        from pipeline.checkpoint import read_marker
+        from pipeline.checkpoint import CheckpointError, read_marker
         from pipeline.model import ModelConfig
 
-        marker = read_marker(path)
-        model_config = ModelConfig.from_dict(marker["model_config"])
+        try:
+            marker = read_marker(path)
+        except CheckpointError as exc:  # a damaged COMPLETE marker
+            raise FinetuneError(str(exc)) from None
+        try:
+            model_config = ModelConfig.from_dict(marker["model_config"])
+            model_config.validate()
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FinetuneError(f"{path / 'COMPLETE'} records no usable model config ({type(exc).__name__}: {exc}): "
+                                f"the checkpoint's marker was damaged. {_older_checkpoint(path, flag)}") from None
         tokenizer_dir = Path(dataset or marker.get("dataset_path", ""))
         if not dataset:
             if not (tokenizer_dir / "meta.json").is_file():

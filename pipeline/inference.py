@@ -85,9 +85,22 @@ def read_model_config(directory: str | os.PathLike):
     if not path.is_file():
         raise ExportError(f"{directory} has no {CONFIG_FILE}: export a checkpoint first with "
                           f"`python -m pipeline.convert export CHECKPOINT {directory}`")
-    values = json.loads(path.read_text(encoding="utf-8"))
-    values = values.get("model_config", values)
-    return ModelConfig.from_dict(values)
+    again = f"restore it, or export again: `python -m pipeline.convert export CHECKPOINT {directory}`"
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{path} is not valid JSON ({exc}): the model's config file is damaged; {again}") from None
+    if isinstance(values, dict):
+        values = values.get("model_config", values)
+    if not isinstance(values, dict):
+        raise ExportError(f"{path} holds a JSON {type(values).__name__}, not the model config object an export "
+                          f"writes; {again}")
+    try:
+        config = ModelConfig.from_dict(values)
+        config.validate()
+    except (TypeError, ValueError) as exc:
+        raise ExportError(f"{path} is not a valid model config ({exc}); {again}") from None
+    return config
 
 
 def load_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -96,7 +109,14 @@ def load_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():
         raise ExportError(f"{directory} has no {WEIGHTS_FILE}; export a checkpoint with `python -m pipeline.convert export`")
-    return load_file(str(path))
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:  # cut short, overwritten, unreadable
+        raise ExportError(f"{path} cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}): the "
+                          f"weights file is damaged or incomplete (an interrupted copy or export?); export again: "
+                          f"`python -m pipeline.convert export CHECKPOINT {directory}`") from None
 
 
 def check_vocabularies(model_config, fine_vocab_size: int, coarse_vocab_size: int, where: str) -> None:

@@ -48,6 +48,7 @@ from pipeline.config import (
     deepspeed_config,
     load_config,
     validate,
+    validate_paths,
 )
 from pipeline.data import MaskingConfig, PretrainingData
 from pipeline.metrics import MetricsLogger, default_peak_flops, memory_mb
@@ -99,6 +100,62 @@ def launch_env() -> tuple[int, int, int]:
     return rank, world, local
 
 
+def data_order_settings(config: PretrainConfig) -> dict:
+    """What fixes the training samples and their masks: recorded in each checkpoint's marker, so a
+    resume that changes them is told (the position in the data is a sample count)."""
+    d = config.data
+    return {"data.seq_length": d.seq_length, "data.coarse_seq_length": d.coarse_seq_length, "seed": config.seed,
+            "data.mask_rate": d.mask_rate, "data.mask_token_prob": d.mask_token_prob,
+            "data.random_token_prob": d.random_token_prob}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_same_settings(config: PretrainConfig, fingerprint: str, ds_config: dict) -> None:
+    """Collective, right after the process group exists: every rank's resolved config, dataset and
+    DeepSpeed config must equal rank 0's. Ranks started with other overrides (one node's job script
+    edited, not the other's) would otherwise train inconsistently or wait for each other forever
+    (different step counts). The dataset is compared by content (its fingerprint), not by path: the
+    nodes may mount it in different places. On any difference every rank raises the same error."""
+    from pipeline import parallel
+
+    settings = {k: v for k, v in _flatten(config.to_dict()).items() if k != "data.path"}
+    settings.update({"dataset (fingerprint)": fingerprint, **_flatten(ds_config, "deepspeed: ")})
+    differences = parallel.settings_differing_from_rank0(settings)
+    if differences:
+        listed = "; ".join(f"rank {rank}: {name}={mine!r} (rank 0: {ours!r})" for name, rank, mine, ours in differences[:8])
+        more = f"; and {len(differences) - 8} more" if len(differences) > 8 else ""
+        raise ConfigError(f"the ranks were started with different settings: {listed}{more}; every rank must run the "
+                          f"same recipe, overrides and dataset")
+
+
+def check_dataset_dir(config: PretrainConfig) -> None:
+    """data.path must be a finished dataset; a data_prep work directory or an interrupted build is
+    named as such, with the command that finishes it."""
+    path = config.dataset_dir
+    if (path / META_FILE).is_file():
+        return
+    unfinished = path.with_name(path.name.removesuffix(".partial"))
+    if path.name.endswith(".partial") or unfinished.with_name(unfinished.name + ".partial").is_dir():
+        raise ConfigError(
+            f"data.path={config.data.path}: {path} is not a dataset but the work of an unfinished data_prep build "
+            f"(the dataset appears as {unfinished} when it completes): finish it by running the same "
+            f"`python data_prep/build.py ... --output {unfinished}` command again with --resume, then point data.path at {unfinished}"
+        )
+    raise ConfigError(
+        f"data.path={config.data.path}: {path} is not a dataset (no {META_FILE}); build one with "
+        f"`python data_prep/build.py --lang zh|en --output {path}` or point data.path at one"
+    )
+
+
 def ensure_demo_dataset(config: PretrainConfig, rank: int) -> None:
     """Build the demo dataset if it is the configured one and missing: rank 0 builds, the others
     wait for its meta.json (written last by the atomic build). No collective is involved."""
@@ -106,23 +163,31 @@ def ensure_demo_dataset(config: PretrainConfig, rank: int) -> None:
     if (path / META_FILE).is_file():
         return
     if config.data.path != DEMO_DATASET or not config.data.build_demo_if_missing:
-        raise ConfigError(
-            f"data.path={config.data.path}: {path} is not a dataset (no {META_FILE}); build one with "
-            f"`python data_prep/build.py --lang zh|en --output {path}` or point data.path at one"
-        )
+        check_dataset_dir(config)
     failed = path.parent / f".{path.name}.build-failed"  # rank 0's message to the waiting ranks
     if rank == 0:
-        log.info("building the demo dataset in %s (first run only)", path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        failed.unlink(missing_ok=True)
-        cmd = [sys.executable, str(ROOT / "data_prep" / "build.py"), "--lang", "zh", "--output", str(path)]
-        code = subprocess.run(cmd, cwd=ROOT).returncode
-        if code != 0:
-            message = (f"building the demo dataset {path} failed (data_prep exited with {code}; its message is "
-                       f"above): fix that and start again, or build a dataset with `python data_prep/build.py` "
-                       f"and point data.path at it")
-            failed.write_text(message, encoding="utf-8")
-            raise ConfigError(message)
+        try:
+            if path.is_dir() and any(path.iterdir()):
+                raise ConfigError(
+                    f"data.path={config.data.path}: {path} exists but is not a complete dataset (no {META_FILE}), so "
+                    f"the demo dataset cannot be built there: delete it (rm -rf {path}) and start again, or build "
+                    f"it with `python data_prep/build.py --lang zh --output {path} --overwrite`"
+                )
+            log.info("building the demo dataset in %s (first run only)", path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            failed.unlink(missing_ok=True)
+            # --resume: an interrupted build of it (DIR.partial) continues; none, and it starts afresh
+            cmd = [sys.executable, str(ROOT / "data_prep" / "build.py"), "--lang", "zh", "--output", str(path), "--resume"]
+            code = subprocess.run(cmd, cwd=ROOT).returncode
+            if code != 0:
+                raise ConfigError(
+                    f"building the demo dataset {path} failed (data_prep exited with {code}; its message is above): "
+                    f"fix that and start again, or build a dataset with `python data_prep/build.py` and point "
+                    f"data.path at it")
+        except ConfigError as exc:
+            with contextlib.suppress(OSError):
+                failed.write_text(str(exc), encoding="utf-8")
+            raise
         return
     started = time.time()
     deadline = started + 3600
@@ -273,6 +338,7 @@ def _startup_checks(config: PretrainConfig, rank: int, world_size: int):
     it is the missing demo), the model it implies, the DeepSpeed config, and the checkpoint to resume.
     Returns (dataset, model_config, ds_config, resume_path, resume_universal)."""
     ensure_demo_dataset(config, rank)
+    check_dataset_dir(config)
     from data_prep.format import PairedDataset
 
     dataset = PairedDataset(config.dataset_dir)
@@ -289,6 +355,12 @@ def _startup_checks(config: PretrainConfig, rank: int, world_size: int):
         raise ckpt.CheckpointError(
             f"{config.checkpoint_dir} holds checkpoints of an earlier run (newest {earlier[-1][1].name}): continue "
             f"it with --resume auto, or start a fresh run in another output_dir (or checkpointing.dir), or delete them")
+    metrics = Path(config.output_dir) / "metrics.jsonl"
+    if not config.checkpointing.resume and rank == 0 and metrics.is_file() and metrics.stat().st_size > 0:
+        raise ConfigError(
+            f"output_dir={config.output_dir} holds the metrics.jsonl of an earlier run (and no checkpoint to continue): "
+            f"a fresh run there would mix its loss curve with the old one. Use another output_dir, or delete "
+            f"{metrics} (and {Path(config.output_dir) / 'tensorboard'}) first")
     if config.checkpointing.resume == "auto" and resume_path is None and rank == 0:
         log.info("--resume auto: no complete checkpoint in %s, starting from step 0", config.checkpoint_dir)
     resume_universal = False
@@ -298,6 +370,16 @@ def _startup_checks(config: PretrainConfig, rank: int, world_size: int):
                   "data_parallel": world_size // config.parallelism.tensor_parallel,
                   "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0)}
         ckpt.check_compatible(marker, dataset.fingerprint, model_config.to_dict(), resume_path, layout)
+        saved_order = marker.get("data_order")
+        changed = {k: (saved_order[k], v) for k, v in data_order_settings(config).items()
+                   if saved_order is not None and k in saved_order and saved_order[k] != v}
+        if changed and rank == 0:
+            log.warning(
+                "resuming with other data settings than %s was saved with (%s): the samples are packed and masked "
+                "anew for them and the %d samples consumed so far count as a position in the new order, so this "
+                "run does not see the data an uninterrupted run would (fine for a deliberate change, e.g. a longer "
+                "seq_length for the last phase)", resume_path.name,
+                ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), marker.get("consumed_samples", 0))
         # A checkpoint converted by `python -m pipeline.convert universal` loads at any (TP, DP).
         resume_universal = bool(marker.get("universal"))
         if (resume_universal and marker.get("tensor_parallel") == 1 and config.parallelism.tensor_parallel > 1
@@ -320,10 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     # 1. Config, validated on every rank before any collective call or allocation. A mistake in the
     #    command line or recipe is the same on every rank: each stops here, no process group needed.
     config = load_config(args.config or DEFAULT_RECIPE, overrides)
-    validate(config, world_size)
-    log_to_file(Path(config.output_dir), rank)
+    validate(config, world_size, paths=False)
     timeout = config.parallelism.collective_timeout_minutes
     try:
+        validate_paths(config)
+        log_to_file(Path(config.output_dir), rank)
         state = _startup_checks(config, rank, world_size)
     except (ConfigError, ckpt.CheckpointError, FormatError) as exc:
         # What this rank finds on its node (dataset, checkpoints) may differ from its peers': they
@@ -344,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         parallel.agree_on_startup()  # a peer that failed its own start-up checks stops this rank too
     except parallel.PeerStartupError as exc:
         raise ConfigError(str(exc)) from None
+    check_same_settings(config, dataset.fingerprint, ds_config)
     parallel.initialize_parallel(config.parallelism.tensor_parallel, seed=config.seed, timeout_minutes=timeout)
     dp_rank, dp_size, dp_group = parallel.data_parallel_rank(), parallel.data_parallel_size(), parallel.data_parallel_group()
     output_dir = Path(config.output_dir)
@@ -426,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
             "data_parallel": dp_size,
             "world_size": dist.get_world_size(),
             "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0),
+            "data_order": data_order_settings(config),
         }
         ckpt.save(engine, config.checkpoint_dir, step, client_state, marker, config.checkpointing.keep_last)
 
@@ -539,8 +624,8 @@ if __name__ == "__main__":
             sys.exit(2)
         else:
             raise
-        message = (f"{cause}; its own log (OUTPUT/logs/rank<k>.log) says why. Rerun the job with --resume auto to "
-                   f"continue from the newest complete checkpoint. ({text.strip().splitlines()[-1]})")
+        message = (f"{cause}; its own log (OUTPUT/logs/rank<k>.log) says why. Once that is fixed, rerun the job with "
+                   f"--resume auto to continue from the newest complete checkpoint. ({text.strip().splitlines()[-1]})")
         logging.getLogger("pretrain").error("%s", message)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)

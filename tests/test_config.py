@@ -145,3 +145,39 @@ def test_broken_files_and_values_are_config_errors(tmp_path):
         with pytest.raises(C.ConfigError, match=message):
             C.validate(C.load_config(None, overrides), world_size=2)
     assert afile.read_text(encoding="utf-8") == "x"
+
+
+def test_mistakes_deepspeed_would_find_late_or_never(tmp_path):
+    """Caught while validating, before the data and the model are set up: a checkpoint directory
+    that cannot be made (it failed at the first save, after training), fp16 on CPU (inside
+    deepspeed.initialize), a misspelled key inside zero_optimization (a pydantic traceback from
+    zero.Init), a misspelled top-level key (silently ignored: the run trained without ZeRO), a
+    negative FFN size (a traceback when the model was built)."""
+    afile = tmp_path / "afile"
+    afile.write_text("x", encoding="utf-8")
+    for overrides, message in (
+        ([f"checkpointing.dir={afile}/ck"], rf"checkpointing.dir={afile}/ck: {afile} is a file, so the directory cannot be made"),
+        ([f"output_dir={afile}/run/deeper"], rf"output_dir={afile}/run/deeper: {afile} is a file"),
+        (["parallelism.precision=fp16"], "parallelism.precision=fp16: DeepSpeed has no fp16 on CPU; use fp32"),
+    ):
+        with pytest.raises(C.ConfigError, match=message):
+            C.validate(C.load_config(None, overrides), world_size=2)
+    assert afile.read_text(encoding="utf-8") == "x"
+    for content, message in (
+        ({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_sise": 5}},
+         r"zero_optimization.stage3_prefetch_bucket_sise: Extra inputs are not permitted; did you mean "
+         r"'stage3_prefetch_bucket_size'\?"),
+        ({"zero_optimisation": {"stage": 3}},
+         r"unknown key 'zero_optimisation' \(DeepSpeed would ignore it silently\); did you mean 'zero_optimization'\?"),
+        ({"zero_optimization": {"stage": 2}, "gradient_clipping_": 1.0}, r"unknown key 'gradient_clipping_' .*; did you mean 'gradient_clipping'\?"),
+    ):
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(content), encoding="utf-8")
+        with pytest.raises(C.ConfigError, match=rf"parallelism.deepspeed_config={path}: {message}"):
+            C.deepspeed_config(C.load_config(None, [f"parallelism.deepspeed_config={path}"]), world_size=2)
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "overlap_comm": True}, "my_note": "x"}), encoding="utf-8")
+    C.deepspeed_config(C.load_config(None, [f"parallelism.deepspeed_config={path}"]), world_size=2)  # no near miss: kept
+    with pytest.raises(C.ConfigError, match=r"model: ModelConfig.ffn_hidden_size: must be >= 1, got -1"):
+        cfg = C.load_config(None, ["model.ffn_hidden_size=-1"])
+        meta = {"fine_vocab_size": 64, "coarse_vocab_size": 96, "language": "zh"}
+        C.validate(cfg, 2, meta, C.build_model_config(cfg, meta))

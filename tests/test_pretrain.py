@@ -39,6 +39,9 @@ BASE = [
 def run_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)})
+    # A run without a launcher rendezvouses on MASTER_PORT (29500 if unset): a free one, so it never
+    # collides with another job on this host (launchers pass their own --master_port).
+    env["MASTER_PORT"] = str(free_port())
     env.pop("AMBERT_FAULT", None)
     env.update(extra or {})
     return env

@@ -221,3 +221,92 @@ def test_master_port_is_honoured_without_a_launcher(tmp_path, tmp_path_factory):
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
     assert f"error: the rendezvous port MASTER_PORT={port} is in use" in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+
+
+def test_nodes_started_with_different_settings_stop_together(tmp_path, tmp_path_factory):
+    """One node's job script edited, not the other's: before, rank 0 finished its 4 steps and waited in
+    its last barrier while rank 1 waited in step 5's all-reduce, both until the collective timeout."""
+    dataset = get_dataset(tmp_path_factory)
+    common = [PRETRAIN, *BASE, f"data.path={dataset}", f"output_dir={tmp_path / 'run'}", "schedule.warmup_steps=1"]
+    results = _two_nodes([[*common, "schedule.train_steps=4"], [*common, "schedule.train_steps=6"]], tmp_path)
+    for code, output, _ in results:
+        assert code != 0 and ("error: the ranks were started with different settings: rank 1: "
+                              "schedule.train_steps=6 (rank 0: 4)") in output, output[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def _main_error(argv: list[str], monkeypatch) -> str:
+    from pipeline import pretrain
+    from pipeline.config import ConfigError
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError) as caught:
+        pretrain.main(argv)
+    return str(caught.value)
+
+
+def test_a_fresh_run_does_not_mix_its_curve_into_an_earlier_runs_metrics(tmp_path, tmp_path_factory, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    old = '{"step": 1, "split": "train", "loss": 9.0}\n'
+    (out / "metrics.jsonl").write_text(old, encoding="utf-8")
+    message = _main_error([*BASE, f"data.path={get_dataset(tmp_path_factory)}", f"output_dir={out}"], monkeypatch)
+    assert f"output_dir={out} holds the metrics.jsonl of an earlier run" in message and "Use another output_dir" in message
+    assert (out / "metrics.jsonl").read_text(encoding="utf-8") == old
+
+
+def test_unfinished_datasets_are_named_with_the_command_that_finishes_them(tmp_path, monkeypatch):
+    from pipeline import pretrain
+
+    (tmp_path / "zh.partial" / "shards").mkdir(parents=True)
+    for path in (tmp_path / "zh.partial", tmp_path / "zh"):
+        message = _main_error([*BASE, f"data.path={path}", f"output_dir={tmp_path / 'run'}"], monkeypatch)
+        assert "is not a dataset but the work of an unfinished data_prep build" in message, message
+        assert f"--output {tmp_path / 'zh'}` command again with --resume" in message
+
+    # The demo dataset's folder holding something else: data_prep's own advice (--overwrite) cannot
+    # be given through pretrain, so the message says what to do instead; the waiting ranks hear it.
+    monkeypatch.setattr(pretrain, "DEMO_DATASET", str(tmp_path / "demo-zh"))
+    (tmp_path / "demo-zh").mkdir()
+    (tmp_path / "demo-zh" / "train_fine.bin").write_bytes(b"x")
+    config = _demo_config(tmp_path)
+    with pytest.raises(Exception, match=r"exists but is not a complete dataset .*rm -rf .*demo-zh"):
+        pretrain.ensure_demo_dataset(config, rank=0)
+    assert (tmp_path / ".demo-zh.build-failed").is_file() and (tmp_path / "demo-zh" / "train_fine.bin").is_file()
+
+
+def test_resuming_with_other_data_settings_is_warned_about(tmp_path, tmp_path_factory, caplog):
+    """The checkpoint's marker records what fixes the samples and masks; a resume that changes them
+    (deliberately, e.g. a longer seq_length for a last phase) is told the data order changes."""
+    import logging
+
+    from pipeline import pretrain
+    from pipeline.checkpoint import read_marker
+    from pipeline.config import load_config
+    from tests.test_pretrain import REFERENCE_OVERRIDES, get_reference_run
+
+    reference = get_reference_run(tmp_path_factory)
+    newest = sorted((reference / "checkpoints").glob("step_*"))[-1]
+    assert read_marker(newest)["data_order"]["data.seq_length"] == 32
+    config = load_config(pretrain.DEFAULT_RECIPE, [
+        *BASE, f"data.path={get_dataset(tmp_path_factory)}", f"output_dir={reference}", *REFERENCE_OVERRIDES,
+        "checkpointing.resume=auto", "data.seq_length=24", "seed=7"])
+    with caplog.at_level(logging.WARNING, logger="pretrain"):
+        pretrain._startup_checks(config, rank=0, world_size=2)
+    warned = [r.getMessage() for r in caplog.records if "other data settings" in r.getMessage()]
+    assert len(warned) == 1 and "data.seq_length 32 -> 24" in warned[0] and "seed 1234 -> 7" in warned[0], warned
+    caplog.clear()
+    config.data.seq_length, config.seed = 32, 1234
+    with caplog.at_level(logging.WARNING, logger="pretrain"):
+        pretrain._startup_checks(config, rank=0, world_size=2)
+    assert not [r for r in caplog.records if "other data settings" in r.getMessage()]
+
+
+def test_converting_into_the_checkpoints_own_folder_is_refused(tmp_path_factory):
+    from pipeline.convert import ConvertError, to_universal
+    from tests.test_pretrain import get_reference_run
+
+    newest = sorted((get_reference_run(tmp_path_factory) / "checkpoints").glob("step_*"))[-1]
+    with pytest.raises(ConvertError, match=rf"target {newest.parent} is the folder {newest.name} itself is in"):
+        to_universal(newest, newest.parent)

@@ -173,6 +173,8 @@ class ModelConfig:
         if groups % tp:
             fail("num_query_groups", f"{groups} key/value groups cannot be split over tensor-parallel size "
                  f"{tp}", "use a group count divisible by the TP size")
+        if self.ffn_hidden_size is not None and self.ffn_hidden_size < 1:
+            fail("ffn_hidden_size", f"must be >= 1, got {self.ffn_hidden_size}", "set a positive value (or null: 4 x hidden_size)")
         if self.ffn_size % tp:
             fail("ffn_hidden_size", f"{self.ffn_size} is not divisible by the tensor-parallel size {tp}",
                  "choose a multiple of the TP size")
