@@ -224,8 +224,8 @@ def _older_choice(path: Path) -> str:
     older = [p for step, p in complete_checkpoints(path.parent) if p.name < path.name]
     if not older:
         return "No older complete checkpoint is left in its folder: restore the files, or start a fresh run."
-    return (f"Resume from the newest older one with checkpointing.resume={older[-1]} (or move {path.name} away and "
-            f"use --resume auto)")
+    return (f"The newest older complete one is {older[-1]}: resume from it with checkpointing.resume={older[-1]} (or "
+            f"move {path.name} away and use --resume auto), or give it to fine-tuning / export instead")
 
 
 def _fault_injection(point: str, step: int) -> None:
