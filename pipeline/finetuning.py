@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -117,6 +118,9 @@ class FinetuneConfig:
     """Examples per evaluation batch."""
     threads: int = 0
     """torch threads (0 = torch's default)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to OUTPUT/tensorboard/seed<k> (train loss and learning rate per
+    step, dev loss / accuracy / macro-F1 per evaluation); --no-tensorboard turns it off."""
     deepspeed: bool = False
     """Data-parallel fine-tuning with a DeepSpeed engine, one process per rank, started by a launcher
     (deepspeed / torchrun / mpirun); --batch-size is the global batch, split over the ranks."""
@@ -851,6 +855,21 @@ def _optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimize
                               {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
 
 
+def _tensorboard(config: FinetuneConfig, seed: int):
+    """A TensorBoard writer for this seed's curves in OUTPUT/tensorboard/seed<k> (rank 0), or None."""
+    if not config.tensorboard or not config.output:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        directory = Path(config.output) / "tensorboard" / f"seed{seed}"
+        shutil.rmtree(directory, ignore_errors=True)  # an earlier (overwritten or unfinished) run's curve
+        return SummaryWriter(str(directory))
+    except Exception as exc:  # noqa: BLE001 - logging must never stop training
+        log.warning("TensorBoard disabled: %s", exc)
+        return None
+
+
 def train_seed(config: FinetuneConfig, pretrained: Pretrained, labels: LabelSet, train: list[dict], dev: list[dict],
                test: list[dict] | None, seed: int) -> dict:
     """Fine-tune from the pre-trained weights with one seed; returns curves and dev/test reports."""
@@ -879,6 +898,7 @@ def train_seed(config: FinetuneConfig, pretrained: Pretrained, labels: LabelSet,
         engine, optimizer, _, schedule = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                               config=_deepspeed_config(config, world))
     eval_every = config.eval_every or steps_per_epoch
+    board = _tensorboard(config, seed) if rank == 0 else None
     rng = random.Random(seed)
     curve, dev_curve = [], []
     best, best_state, best_step, stale = -1.0, None, 0, 0
@@ -903,11 +923,18 @@ def train_seed(config: FinetuneConfig, pretrained: Pretrained, labels: LabelSet,
                 loss = float(out["loss"].detach())
             step += 1
             curve.append([step, loss])
+            if board is not None:
+                board.add_scalar("train/loss", loss, step)
+                board.add_scalar("train/lr", engine.get_lr()[0] if engine is not None else optimizer.param_groups[0]["lr"], step)
             if step % eval_every == 0 or step == total_steps:
                 predictions, gold, dev_loss = predict(model, dev, config.eval_batch_size)
                 report = classification_report(predictions, gold, labels.names)
                 score = report[config.metric]
                 dev_curve.append([step, dev_loss, report["accuracy"], report["macro_f1"]])
+                if board is not None:
+                    for name, value in (("loss", dev_loss), ("accuracy", report["accuracy"]), ("macro_f1", report["macro_f1"])):
+                        board.add_scalar(f"dev/{name}", value, step)
+                    board.flush()
                 rate = step / (time.time() - started)
                 log.info("seed %d step %d/%d loss %.4f dev loss %.4f acc %.4f macro-F1 %.4f (%.2f steps/s, ETA %.0f s)",
                          seed, step, total_steps, curve[-1][1], dev_loss, report["accuracy"], report["macro_f1"], rate,
@@ -924,6 +951,8 @@ def train_seed(config: FinetuneConfig, pretrained: Pretrained, labels: LabelSet,
                         break
             if step >= total_steps:
                 break
+    if board is not None:
+        board.close()
     model.load_state_dict(best_state)
     predictions, gold, _ = predict(model, dev, config.eval_batch_size)
     result = {"seed": seed, "steps": step, "best_step": best_step, "train_seconds": time.time() - started,

@@ -358,6 +358,24 @@ def test_tiny_end_to_end_finetune_beats_chance(tmp_path, zh_dataset, tiny_model)
     test = results["test"]["accuracy"]
     assert test["mean"] > 0.8, test  # chance is ~0.5
     assert "std" in test and len(test["values"]) == 2
+    # The same curves in TensorBoard, one run per seed.
+    for seed in saved["seeds"]:
+        scalars = _tensorboard_scalars(tmp_path / "out" / "tensorboard" / f"seed{seed['seed']}")
+        assert [s for s, _ in scalars["train/loss"]] == [s for s, _ in seed["train_curve"]]
+        np.testing.assert_allclose([v for _, v in scalars["train/loss"]], [v for _, v in seed["train_curve"]], rtol=1e-6)
+        assert [s for s, _ in scalars["dev/macro_f1"]] == [row[0] for row in seed["dev_curve"]]
+        np.testing.assert_allclose([v for _, v in scalars["dev/macro_f1"]], [row[3] for row in seed["dev_curve"]], rtol=1e-6)
+        assert [s for s, _ in scalars["dev/accuracy"]] == [row[0] for row in seed["dev_curve"]]
+        assert len(scalars["train/lr"]) == len(seed["train_curve"]) and scalars["train/lr"][0][1] > 0
+
+
+def _tensorboard_scalars(directory) -> dict[str, list[list[float]]]:
+    """tag -> [[step, value], ...] of every event file in ``directory``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory))
+    events.Reload()
+    return {tag: [[e.step, e.value] for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,6 +409,10 @@ def test_deepspeed_data_parallel_matches_single_process(tmp_path, zh_dataset, ti
         np.testing.assert_allclose([v for _, v in curve], [v for _, v in reference["train_curve"]], rtol=2e-4)
         assert dev_accuracy == reference["dev"]["accuracy"]
     assert json.loads((tmp_path / "out-ds" / "results.json").read_text())["config"]["deepspeed"] is True
+    boards = list((tmp_path / "out-ds" / "tensorboard").iterdir())  # rank 0's only
+    assert [b.name for b in boards] == ["seed1"], boards
+    assert len(list(boards[0].iterdir())) == 1
+    assert [s for s, _ in _tensorboard_scalars(boards[0])["train/lr"]] == [s for s, _ in reference["train_curve"]]
 
 
 def test_study_quick_shrinks_defaults_but_keeps_explicit_values():
