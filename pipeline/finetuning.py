@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -119,8 +118,8 @@ class FinetuneConfig:
     threads: int = 0
     """torch threads (0 = torch's default)."""
     tensorboard: bool = True
-    """Write TensorBoard event files to OUTPUT/tensorboard/seed<k> (train loss and learning rate per
-    step, dev loss / accuracy / macro-F1 per evaluation); --no-tensorboard turns it off."""
+    """Write TensorBoard event files to OUTPUT/tensorboard/<date-time>-seed<k> (train loss and learning
+    rate per step, dev loss / accuracy / macro-F1 per evaluation); --no-tensorboard turns it off."""
     deepspeed: bool = False
     """Data-parallel fine-tuning with a DeepSpeed engine, one process per rank, started by a launcher
     (deepspeed / torchrun / mpirun); --batch-size is the global batch, split over the ranks."""
@@ -856,15 +855,15 @@ def _optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimize
 
 
 def _tensorboard(config: FinetuneConfig, seed: int):
-    """A TensorBoard writer for this seed's curves in OUTPUT/tensorboard/seed<k> (rank 0), or None."""
+    """A TensorBoard writer for this seed's curves in OUTPUT/tensorboard/<date-time>-seed<k> (rank 0), or None."""
     if not config.tensorboard or not config.output:
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
 
-        directory = Path(config.output) / "tensorboard" / f"seed{seed}"
-        shutil.rmtree(directory, ignore_errors=True)  # an earlier (overwritten or unfinished) run's curve
-        return SummaryWriter(str(directory))
+        # one folder per run and seed: an earlier run's curves (kept, as its results.json is until the new
+        # one is complete) show as another run in TensorBoard instead of mixing with these
+        return SummaryWriter(str(Path(config.output) / "tensorboard" / f"{time.strftime('%Y%m%d-%H%M%S')}-seed{seed}"))
     except Exception as exc:  # noqa: BLE001 - logging must never stop training
         log.warning("TensorBoard disabled: %s", exc)
         return None

@@ -241,7 +241,8 @@ def test_interrupted_results_write_leaves_no_half_written_file(tmp_path, monkeyp
     with pytest.raises(OSError, match="No space left"):
         run(config)
     monkeypatch.undo()
-    assert list((tmp_path / "out").iterdir()) == []  # no half-written results.json, no temporary file
+    # no half-written results.json, no temporary file (the curves went to TensorBoard as training ran)
+    assert [p.name for p in (tmp_path / "out").iterdir()] in ([], ["tensorboard"])
 
 
 def test_overwrite_replaces_earlier_results_only_with_complete_ones(tmp_path, monkeypatch, zh_dataset):
@@ -255,7 +256,7 @@ def test_overwrite_replaces_earlier_results_only_with_complete_ones(tmp_path, mo
         _failing_writes_in(results.parent, patch)
         with pytest.raises(OSError, match="No space left"):
             run(config)
-    assert results.read_text() == EARLIER and sorted(p.name for p in results.parent.iterdir()) == ["results.json"]
+    assert results.read_text() == EARLIER and sorted(p.name for p in results.parent.iterdir() if p.name != "tensorboard") == ["results.json"]
     summary = run(config)
     assert json.loads(results.read_text()) == json.loads(json.dumps(summary))
-    assert sorted(p.name for p in results.parent.iterdir()) == ["results.json"]
+    assert sorted(p.name for p in results.parent.iterdir() if p.name != "tensorboard") == ["results.json"]
