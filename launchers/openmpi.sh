@@ -17,6 +17,12 @@
 #                 (as root add "--allow-run-as-root"; more ranks than cores: "--oversubscribe")
 # Extra arguments are key=value overrides for pipeline/pretrain.py.
 set -euo pipefail
+# Paths given relative to the directory the script is started from (HOSTFILE=myhosts) are made
+# absolute before the cd to the repository (the defaults are paths inside it).
+from_caller() { case "$1" in /*) printf '%s\n' "$1" ;; *) if [ -e "$1" ]; then printf '%s\n' "$PWD/$1"; else printf '%s\n' "$1"; fi ;; esac; }
+for var in HOSTFILE RECIPE DS_CONFIG; do
+  if [ -n "${!var:-}" ]; then printf -v "$var" '%s' "$(from_caller "${!var}")"; fi
+done
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="${AMBERT_VENV:-$ROOT/.venv}"
@@ -28,9 +34,14 @@ NP="${NP:-$(awk '!/^#/ && NF {split($2, a, "="); n += a[2]} END {print n}' "$HOS
 read -r -a mpi_extra <<< "${MPI_ARGS:-}"
 case "$MODE" in
   deepspeed)
-    # The openmpi launcher does not forward DS_ACCELERATOR & co.: list them in .deepspeed_env.
+    # DeepSpeed's openmpi runner forwards neither MASTER_PORT (remote ranks would use 29500) nor
+    # DS_ACCELERATOR / HF_*: passed with -x here (other variables: .deepspeed_env or MPI_ARGS).
+    forward="-x MASTER_PORT=$MASTER_PORT"
+    for var in DS_ACCELERATOR HF_DATASETS_OFFLINE HF_HUB_OFFLINE; do
+      if [ -n "${!var:-}" ]; then forward+=" -x $var=${!var}"; fi
+    done
     exec "$VENV/bin/deepspeed" --launcher openmpi --hostfile "$HOSTFILE" --master_port "$MASTER_PORT" \
-      --launcher_args "${MPI_ARGS:-}" \
+      --launcher_args "$forward ${MPI_ARGS:-}" \
       pipeline/pretrain.py --config "$RECIPE" --resume auto "$@"
     ;;
   mpirun)

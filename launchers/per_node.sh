@@ -15,6 +15,12 @@
 #   RECIPE        run config (default pipeline/recipes/bert-base.yaml)
 # Extra arguments are key=value overrides for pipeline/pretrain.py.
 set -euo pipefail
+# Paths given relative to the directory the script is started from (HOSTFILE=myhosts) are made
+# absolute before the cd to the repository (the defaults are paths inside it).
+from_caller() { case "$1" in /*) printf '%s\n' "$1" ;; *) if [ -e "$1" ]; then printf '%s\n' "$PWD/$1"; else printf '%s\n' "$1"; fi ;; esac; }
+for var in HOSTFILE RECIPE DS_CONFIG; do
+  if [ -n "${!var:-}" ]; then printf -v "$var" '%s' "$(from_caller "${!var}")"; fi
+done
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 : "${NODE_RANK:?set NODE_RANK (0 on the first node)}"

@@ -7,7 +7,8 @@
 # What it does (each step is skipped when already done, so a second run takes seconds):
 #   1. Debian packages: OpenMPI (mpi4py), Boost/zlib/bz2/lzma (KenLM's lmplz), ninja (DeepSpeed JIT).
 #   2. A virtual environment (AMBERT_VENV, default ./.venv).
-#   3. torch: the CPU wheel on machines without an NVIDIA driver; on GPU nodes the default
+#   3. torch: the CPU wheel on machines without an NVIDIA driver (from PyTorch CPU index when it can
+#      be reached, else from the sources pip is configured with); on GPU nodes the default
 #      (CUDA) wheel from PyPI, unless AMBERT_TORCH names a spec or "skip".
 #   4. The project itself (pip install -e '.[dev]').
 #   5. KenLM's lmplz/build_binary, compiled from the `kenlm` sdist on PyPI into ./third_party/kenlm/bin
@@ -52,16 +53,23 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 
 # ---- 3. torch ----------------------------------------------------------------------------
 TORCH_SPEC="${AMBERT_TORCH:-auto}"
+TORCH_INDEX=()
 if [ "$TORCH_SPEC" != "skip" ] && ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   if [ "$TORCH_SPEC" = "auto" ]; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
       TORCH_SPEC="torch>=2.4"          # GPU node: PyPI's default CUDA build
     else
       TORCH_SPEC="torch==2.13.0"       # CPU node: a CPU wheel (a range would pull a multi-GB CUDA build)
+      # PyPI's torch wheels are CUDA builds: the CPU one comes from PyTorch's index when it can be
+      # reached (a machine whose pip is configured with a local wheel mirror gets it from there).
+      if "$VENV/bin/python" -c 'import urllib.request as u; u.urlopen("https://download.pytorch.org/whl/cpu/torch/", timeout=5)' 2>/dev/null; then
+        TORCH_SPEC="torch==2.13.0+cpu"
+        TORCH_INDEX=(--extra-index-url https://download.pytorch.org/whl/cpu)
+      fi
     fi
   fi
   log "installing $TORCH_SPEC"
-  "${PIP[@]}" "$TORCH_SPEC"
+  "${PIP[@]}" "${TORCH_INDEX[@]}" "$TORCH_SPEC"
 fi
 
 # ---- 4. the project ----------------------------------------------------------------------

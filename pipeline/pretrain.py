@@ -398,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     rank, world_size, _ = launch_env()
     setup_logging(rank)
+    # From the start: a SIGUSR1 / SIGTERM (time limit, preemption) during start-up (engine build,
+    # checkpoint load) is kept and honoured after the first step (save, exit 0), instead of killing
+    # the rank mid-load, which a requeue script would take for a failed run.
+    preemption = PreemptionFlag()
 
     # 1. Config, validated on every rank before any collective call or allocation. A mistake in the
     #    command line or recipe is the same on every rank: each stops here, no process group needed.
@@ -488,7 +492,6 @@ def main(argv: list[str] | None = None) -> int:
 
     peak_flops = config.logging.peak_flops or default_peak_flops(p.precision)
     metrics_log = MetricsLogger(output_dir, rank == 0, config.logging.tensorboard, config.schedule.train_steps)
-    preemption = PreemptionFlag()
 
     def save(reason: str) -> None:
         client_state = {
@@ -599,6 +602,19 @@ def universal_checkpoint_info(module: torch.nn.Module) -> dict:
     return info(module)
 
 
+def _exit_job(code: int) -> None:
+    """Exit with ``code`` after an error this rank has printed. Under plain `mpirun` (mpi4py up, more
+    than one rank) a normal exit would sit in MPI_Finalize, which mpi4py calls at exit and which
+    waits for the other ranks, while they wait for this one in a collective: abort the MPI job
+    instead, so mpirun ends every rank now with this code."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized() and mpi.COMM_WORLD.Get_size() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        mpi.COMM_WORLD.Abort(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
     try:
         sys.exit(main())
@@ -608,7 +624,7 @@ if __name__ == "__main__":
             message = message.splitlines()[-1].split(": ", 1)[-1]
         logging.getLogger("pretrain").error("%s", message)
         print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+        _exit_job(2)
     except RuntimeError as exc:  # torch.distributed's errors when a peer stops answering
         text = str(exc)
         if "Timed out" in text or "timed out" in text:
@@ -621,11 +637,11 @@ if __name__ == "__main__":
                        f"--master_port / --master-port)")
             logging.getLogger("pretrain").error("%s", message)
             print(f"error: {message}", file=sys.stderr)
-            sys.exit(2)
+            _exit_job(2)
         else:
             raise
         message = (f"{cause}; its own log (OUTPUT/logs/rank<k>.log) says why. Once that is fixed, rerun the job with "
                    f"--resume auto to continue from the newest complete checkpoint. ({text.strip().splitlines()[-1]})")
         logging.getLogger("pretrain").error("%s", message)
         print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
+        _exit_job(1)

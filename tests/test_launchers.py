@@ -134,3 +134,67 @@ def test_readme_demo_command(tmp_path):
     assert sorted(metrics) == list(range(1, 41))
     assert (tmp_path / "demo" / "loss.png").stat().st_size > 1000
     assert "resumed from" in result.stdout
+
+
+SRUN_SHIM = """#!/usr/bin/env bash
+# srun on one host: SLURM_NTASKS local tasks with the variables srun gives each task
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < ${SLURM_NTASKS:-2}; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NODEID=0 SLURM_STEP_ID=0 "$@" &
+  pids+=($!)
+done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+exit $rc
+"""
+SCONTROL_SHIM = """#!/usr/bin/env bash
+case "$1 $2" in
+  "show hostnames") echo localhost ;;
+  requeue*) echo "requeue $2" >> "$SHIM_LOG" ;;
+esac
+"""
+
+
+def _sbatch(tmp_path: Path, submit_dir: Path, args: list[str], job: int, root: Path | None = None) -> tuple[int, str]:
+    """Run launchers/slurm.sbatch as slurmd would (bash, batch environment, from the submit
+    directory) with srun / scontrol shims for one host."""
+    shims = tmp_path / "shims"
+    shims.mkdir(exist_ok=True)
+    for name, text in (("srun", SRUN_SHIM), ("scontrol", SCONTROL_SHIM)):
+        (shims / name).write_text(text)
+        (shims / name).chmod(0o755)
+    env = run_env({"PATH": f"{shims}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": str(job), "SLURM_NTASKS": "2",
+                   "SLURM_SUBMIT_DIR": str(submit_dir), "SLURM_JOB_NODELIST": "localhost", "SLURM_CPUS_PER_TASK": "1",
+                   "SHIM_LOG": str(tmp_path / "scontrol.log"), "MASTER_PORT": str(free_port()),
+                   "AMBERT_VENV": str(Path(sys.executable).parent.parent)})
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "AMBERT_ROOT"):
+        env.pop(name, None)
+    if root is not None:
+        env["AMBERT_ROOT"] = str(root)
+    result = subprocess.run(["bash", str(LAUNCHERS / "slurm.sbatch"), *args], cwd=submit_dir, env=env,
+                            capture_output=True, text=True, timeout=300)
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_slurm_template_requeues_until_the_last_step_is_saved(tmp_path, tmp_path_factory):
+    """The sbatch script itself, with srun/scontrol shims: a job that stops early (a time limit, here
+    schedule.stop_after) saves and requeues itself; the requeued job finishes and is not requeued,
+    even with checkpointing.save_at_end=false (which left the last step unsaved: requeued forever);
+    submitted from elsewhere without AMBERT_ROOT it says so (it died with no message)."""
+    dataset = get_dataset(tmp_path_factory)
+    run = tmp_path / "run"
+    args = ["--config", "pipeline/recipes/demo.yaml", *BASE, f"data.path={dataset}", f"output_dir={run}",
+            "schedule.train_steps=4", "checkpointing.save_at_end=false"]
+    code, output = _sbatch(tmp_path, ROOT, [*args, "schedule.stop_after=2"], job=11)
+    assert code == 0 and "requeueing 11" in output, output[-3000:]
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 11\n"
+    code, output = _sbatch(tmp_path, ROOT, args, job=11)
+    assert code == 0 and "training complete" in output, output[-3000:]
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 11\n"  # not requeued again
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000004"]
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code, output = _sbatch(tmp_path, elsewhere, args, job=12)
+    assert code == 2 and f"error: {elsewhere} is not the AMBERT repository" in output and "AMBERT_ROOT" in output, output

@@ -310,3 +310,31 @@ def test_converting_into_the_checkpoints_own_folder_is_refused(tmp_path_factory)
     newest = sorted((get_reference_run(tmp_path_factory) / "checkpoints").glob("step_*"))[-1]
     with pytest.raises(ConvertError, match=rf"target {newest.parent} is the folder {newest.name} itself is in"):
         to_universal(newest, newest.parent)
+
+
+def test_a_rank_stopping_with_an_error_under_plain_mpirun_ends_the_job(tmp_path, tmp_path_factory):
+    """Under `mpirun` (no torch launcher), a rank that stops with its own error line used to sit in
+    MPI_Finalize (mpi4py calls it at exit; it waits for the other ranks) while its peer waited for it
+    in the rendezvous: the job hung until the collective timeout. It now aborts the MPI job."""
+    import shutil
+    import socket
+
+    if shutil.which("mpirun") is None:
+        pytest.skip("mpirun (Open MPI) is not installed: apt-get install openmpi-bin")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("0.0.0.0", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        cmd = ["mpirun", "-np", "2", "--bind-to", "none", "--oversubscribe", "-x", "DS_ACCELERATOR", "-x", "OMP_NUM_THREADS",
+               "-x", "PYTHONPATH", "-x", f"MASTER_PORT={port}"]
+        if os.geteuid() == 0:
+            cmd.insert(1, "--allow-run-as-root")
+        started = time.monotonic()
+        result = subprocess.run(
+            [*cmd, sys.executable, PRETRAIN, *BASE, f"data.path={get_dataset(tmp_path_factory)}",
+             f"output_dir={tmp_path / 'run'}", "schedule.train_steps=2", "schedule.warmup_steps=1",
+             "parallelism.collective_timeout_minutes=10"],
+            cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert f"error: the rendezvous port MASTER_PORT={port} is in use" in result.stderr, result.stderr[-3000:]
+    assert time.monotonic() - started < 150, "the job waited for its collective timeout"
