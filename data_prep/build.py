@@ -85,6 +85,21 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def other_language_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The options of another language given on the command line (e.g. --segmenter with --lang en):
+    a build would ignore them silently."""
+    import dataclasses
+
+    shared = {f.name for f in dataclasses.fields(core.BuildConfig)} | set(get_language(args.lang).option_names)
+    found = []
+    for action in parser._actions:
+        owners = [name for name in available_languages() if name != args.lang
+                  and action.dest in getattr(get_language(name), "option_names", ())]
+        if owners and action.dest not in shared and getattr(args, action.dest, None) != action.default:
+            found.append(f"{action.option_strings[0]} is a --lang {owners[0]} option")
+    return found
+
+
 def config_from_args(args: argparse.Namespace) -> core.BuildConfig:
     lang_cls = get_language(args.lang)
     return core.BuildConfig(
@@ -125,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if report.ok else 1
     if not args.lang or not args.output:
         parser.error("--lang and --output are required to build (or pass --verify DIR)")
+    foreign = other_language_options(parser, args)
+    if foreign:
+        parser.error(f"{'; '.join(foreign)}: a --lang {args.lang} build would ignore it. Drop it, or check --lang")
     config = config_from_args(args)
     if core.launch_rank() == 0:  # the build's log also goes next to the dataset (appended on --resume)
         try:

@@ -37,6 +37,7 @@ import argparse
 import itertools
 import os
 import re
+import sys
 import tempfile
 from collections import Counter, defaultdict
 from operator import itemgetter
@@ -190,8 +191,11 @@ class PkusegSegmenter(Segmenter):
             import pkuseg
         except ImportError:
             raise LanguageError(
-                "--segmenter pkuseg needs the pkuseg package, which is not installed: "
-                "pip install 'ambert-pipeline[pkuseg]' (or pip install pkuseg); or use --segmenter rjieba"
+                "--segmenter pkuseg needs the pkuseg package, which is not installed: in the repository, "
+                "pip install -e '.[pkuseg]'"
+                + (f" (its last release, 0.0.25, builds only on Python <= 3.10: this is {sys.version_info.major}."
+                   f"{sys.version_info.minor}, so use a Python 3.10 environment)" if sys.version_info >= (3, 11) else "")
+                + "; or use --segmenter rjieba"
             ) from None
         self.seg = pkuseg.pkuseg(user_dict=user_dict or "default")
 
@@ -532,6 +536,15 @@ def char_and_run_counts(words: Counter) -> tuple[Counter, Counter]:
     return chars, runs
 
 
+def _check_fine_vocab_size(max_fine: int) -> None:
+    """The fine vocabulary always holds the specials and the Latin letters/digits (and their "##" forms)."""
+    least = fmt.NUM_SPECIAL + 2 * len(_ASCII_ALNUM) + 100
+    if max_fine < least:
+        raise LanguageError(f"--fine-vocab-size {max_fine} is too small for Chinese: it needs the "
+                            f"{fmt.NUM_SPECIAL} special tokens, {2 * len(_ASCII_ALNUM)} Latin letters/digits and "
+                            f"characters; use at least {least}", final=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # The language plugin
 # ---------------------------------------------------------------------------------------------
@@ -576,6 +589,10 @@ class Chinese(Language):
             raise LanguageError(f"--user-dict {self.options['user_dict']} does not exist (or is not a file): "
                                 f"pass a jieba-format dictionary (\"word [freq] [tag]\" per line)")
         self._segmenter: Segmenter | None = None
+
+    def check_build_options(self) -> None:
+        if self.options.get("fine_vocab_size") is not None:
+            _check_fine_vocab_size(self.options["fine_vocab_size"])
 
     @property
     def segmenter(self) -> Segmenter:
@@ -642,10 +659,7 @@ class Chinese(Language):
             chars, runs = char_and_run_counts(words)
         # "#" only appears in the char counts through real text ("##" prefixes are not counted).
         always = list(_ASCII_ALNUM) + ["##" + c for c in _ASCII_ALNUM]
-        if max_fine < fmt.NUM_SPECIAL + len(always) + 100:
-            raise LanguageError(f"--fine-vocab-size {max_fine} is too small for Chinese: it needs the "
-                                f"{fmt.NUM_SPECIAL} special tokens, {len(always)} Latin letters/digits and characters; "
-                                f"use at least {fmt.NUM_SPECIAL + len(always) + 100}")
+        _check_fine_vocab_size(max_fine)
         candidates = [(c, n) for c, n in chars.items() if n >= min_count and c not in _ASCII_ALNUM and not c.isspace()]
         always_set = set(always)
         candidates += [(r, n) for r, n in runs.items()
@@ -658,7 +672,8 @@ class Chinese(Language):
         if max_coarse < len(fine):
             raise LanguageError(f"--coarse-vocab-size {max_coarse} is smaller than the fine vocabulary ({len(fine)}): "
                                 f"the coarse vocabulary contains every fine token so out-of-vocabulary words can back "
-                                f"off; raise --coarse-vocab-size or lower --fine-vocab-size")
+                                f"off; raise --coarse-vocab-size or lower --fine-vocab-size",
+                                final=True)  # the fix is an option, which a --resume refuses: nothing kept
         coarse_min = self.options["coarse_min_count"]
         multi = [(w, n) for w, n in words.items() if n >= coarse_min and w not in fine.index and not w.isspace()]
         _by_count_then_token(multi)

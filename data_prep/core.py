@@ -35,6 +35,7 @@ which is how the tests drive two ranks. DIR's parent must be on a filesystem all
 from __future__ import annotations
 
 import gc
+import glob
 import json
 import logging
 import multiprocessing as mp
@@ -323,6 +324,7 @@ def _agree_on_settings(comm, config: BuildConfig) -> tuple[Language, list[inp.In
         config.validate()
         lang_cls = get_language(config.language)
         lang = lang_cls(config.language_plugin_options(lang_cls))
+        lang.check_build_options()  # before any work
         try:
             specs = (inp.resolve_inputs(config.inputs, config.text_mode, config.text_field) if config.inputs
                      else lang.demo_inputs())
@@ -845,11 +847,14 @@ def check_output(config: BuildConfig) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--output {out} is an existing file, not a dataset directory; choose another --output")
     target = out.resolve()
+    matched = []  # the paths given, and the files and folders a glob matches (a folder is read like one given)
     for pattern in config.inputs or []:
-        path = Path(pattern)
-        if not path.exists():  # a glob, or missing (reported with the inputs)
-            continue
-        path = path.resolve()
+        if Path(pattern).exists():
+            matched.append(pattern)
+        elif glob.has_magic(pattern):  # missing paths are reported with the inputs
+            matched += sorted(glob.glob(pattern, recursive=True))
+    for pattern in matched:
+        path = Path(pattern).resolve()
         if path == target or target in path.parents:
             raise inp.InputError(f"--output {out} is, or contains, the input {pattern}: the build would replace it. "
                                  f"Choose an --output outside the inputs")
@@ -862,14 +867,23 @@ def check_output(config: BuildConfig) -> None:
                               f"replaces a dataset built by data_prep. Choose another --output, or remove {out} yourself")
 
 
+def _output_exists(out: Path, resume: bool) -> FileExistsError:
+    if resume and (out / fmt.META_FILE).is_file():  # e.g. a requeued job whose build had finished
+        return FileExistsError(
+            f"output directory {out} already exists and is complete (it has {fmt.META_FILE}): there is nothing to "
+            f"--resume. Use it as it is, pass --overwrite without --resume to build it again, or choose another --output"
+        )
+    return FileExistsError(
+        f"output directory {out} already exists; pass --overwrite to replace it (only once the new build "
+        f"is complete) or choose another --output"
+    )
+
+
 def _prepare_work_dir(config: BuildConfig, params: dict) -> Path:
     out = Path(config.output)
     work = work_dir_for(out)
     if out.exists() and not config.overwrite:
-        raise FileExistsError(
-            f"output directory {out} already exists; pass --overwrite to replace it (only once the new build "
-            f"is complete) or choose another --output"
-        )
+        raise _output_exists(out, config.resume)
     if work.exists():
         if config.resume:
             recorded = json.loads((work / PARAMS_FILE).read_text()) if (work / PARAMS_FILE).is_file() else None
@@ -1122,10 +1136,7 @@ def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.Inp
         out = Path(config.output)
         check_output(config)
         if out.exists() and not config.overwrite:  # the cheapest check first
-            raise FileExistsError(
-                f"output directory {out} already exists; pass --overwrite to replace it (only once the new build "
-                f"is complete) or choose another --output"
-            )
+            raise _output_exists(out, config.resume)
         records, warnings = _check_inputs(config, lang, specs)
         for w in warnings:
             log.warning(w)

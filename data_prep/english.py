@@ -205,18 +205,48 @@ class EnglishConfig:
         # read both now (milliseconds), not after lmplz: a wrong file must stop the build before any work
         if self.fine_tokenizer is not None:
             try:
-                load_fine_vocabulary(self.fine_tokenizer)
+                tokens = load_fine_vocabulary(self.fine_tokenizer)
             except (UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
                 raise ValueError(f"--fine-tokenizer {self.fine_tokenizer} is neither a Hugging Face tokenizer.json "
                                  f"nor a BERT vocab.txt ({type(exc).__name__}: {exc})") from None
+            if not self.lowercase and not any(t != t.lower() for t in tokens if not t.startswith("[")):
+                raise ValueError(f"--fine-tokenizer {self.fine_tokenizer} has no upper-case letters (an uncased "
+                                 f"vocabulary) but --cased keeps the text's case: every capitalised word would be a "
+                                 f"fine [UNK]. Drop --cased, or give a cased vocabulary")
         if self.phrases is not None:
             try:
                 Path(self.phrases).read_bytes().decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise ValueError(f"--phrases {self.phrases} is not UTF-8 text ({exc}); give a phrases.tsv that "
                                  f"data_prep wrote, or one phrase a line") from None
+            check_phrase_file(self.phrases)
         if self.phrases is None:
             self.mining.validate()
+
+
+def check_phrase_file(path: str | os.PathLike) -> None:
+    """A --phrases file must parse and hold multi-word phrases (checked before any work): a malformed
+    line, a file of single words, or another file (``phrase_report.txt``, whose aligned columns of
+    numbers would be read as phrase words) would otherwise surface after the corpus pass, or never."""
+    from data_prep.phrases import is_content_token
+
+    hint = "give the phrases.tsv of a data_prep build, or one phrase (words separated by spaces) a line"
+    try:
+        phrases = [p for p in read_phrases_tsv(path) if len(p.words) >= 2]
+    except ValueError as exc:
+        raise ValueError(f"--phrases {exc}; {hint}") from None
+    if not phrases:
+        from data_prep.phrases import TSV_HEADER
+
+        with open(path, encoding="utf-8") as f:
+            if f.readline().rstrip("\n") == TSV_HEADER:  # an empty dictionary data_prep wrote: a choice
+                return
+        raise ValueError(f"--phrases {path} holds no phrase of two or more words; {hint}")
+    odd = [p for p in phrases if not all(map(is_content_token, p.words))]
+    if len(odd) > len(phrases) // 2:
+        raise ValueError(f"--phrases {path} does not look like a phrase dictionary: {len(odd)} of its {len(phrases)} "
+                         f"entries hold punctuation or bare numbers (e.g. {' '.join(odd[0].words)!r}; is it "
+                         f"phrase_report.txt?); {hint}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -892,8 +922,8 @@ class English(Language):
         group.add_argument("--max-phrases", type=int, default=0,
                            help="(en) keep at most this many phrases, best first (default: no limit)")
         group.add_argument("--coarse-min-count", type=int, default=2,
-                           help="(en) a word/phrase needs this many occurrences for a coarse id, else coarse "
-                                "[UNK] (default %(default)s)")
+                           help="a coarse unit needs this many occurrences for a coarse id: en, a word/phrase, "
+                                "else coarse [UNK]; zh, a word, else it backs off to pieces (default %(default)s)")
         group.add_argument("--lmplz", metavar="PATH", default=None,
                            help="(en) KenLM lmplz binary (default: $AMBERT_LMPLZ, PATH, third_party/kenlm/bin)")
         group.add_argument("--lmplz-memory", default=d.lmplz_memory,

@@ -596,6 +596,18 @@ class PairedDataset:
             raise FormatError(f"{self.directory} is a file, not a dataset directory; give the directory that "
                               f"`python data_prep/build.py --output DIR` wrote")
         if not meta_path.is_file():
+            unfinished = self.directory.with_name(self.directory.name.removesuffix(".partial"))
+            work = unfinished.with_name(unfinished.name + ".partial")  # a build's work directory (DIR.partial/)
+            if work.is_dir() and (unfinished / META_FILE).is_file():
+                raise FormatError(f"{self.directory} is the work directory of the build of {unfinished} (kept with "
+                                  f"--keep-work-dir, or of an --overwrite that was stopped), not a dataset: the dataset "
+                                  f"is {unfinished}")
+            if work.is_dir():
+                raise FormatError(
+                    f"{self.directory} is not a dataset: an interrupted data_prep build of {unfinished} left its work "
+                    f"in {work}; finish it by running the same `python data_prep/build.py ... --output "
+                    f"{unfinished}` command again with --resume"
+                )
             partial = sorted(self.directory.parent.glob(self.directory.name + ".partial-*"))
             hint = f" (found unfinished build {partial[0]}; it was interrupted, rebuild)" if partial else ""
             what = f"{META_FILE} is missing" if self.directory.is_dir() else "it does not exist"

@@ -41,6 +41,10 @@ from typing import BinaryIO
 TEXT_MODES = ("auto", "paragraph", "line")
 ENCODING_ERRORS = ("strict", "replace")
 COMPRESSED = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
+# Archives and compressors that are not read (they would be read as text): the tool that unpacks them.
+_UNSUPPORTED = {".zst": ("zstd", "zstd -d"), ".zstd": ("zstd", "zstd -d"), ".zip": ("zip", "unzip"),
+                ".tar": ("tar", "tar -xf"), ".tgz": ("tar", "tar -xzf"), ".7z": ("7-Zip", "7z x"),
+                ".lz4": ("lz4", "lz4 -d"), ".rar": ("RAR", "unrar x")}
 # Data files of a saved HF dataset (checksummed; the rest are small JSON descriptors).
 _HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _CHUNK = 1 << 20
@@ -99,9 +103,17 @@ def _kind_of(path: Path) -> str:
             return "hf_disk"
         raise InputError(f"{path} is a folder but not a saved Hugging Face dataset")
     suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in _UNSUPPORTED:
+        tool, unpack = _UNSUPPORTED[suffixes[-1]]
+        raise InputError(f"{path}: {tool} files are not read as input (only .gz, .xz and .bz2 are decompressed, "
+                         f"the rest is read as text); unpack it first (`{unpack} {path.name}`) and pass the files "
+                         f"inside, or recompress them with gzip/xz")
     if suffixes and suffixes[-1] in COMPRESSED:
         suffixes = suffixes[:-1]
     last = suffixes[-1] if suffixes else ""
+    if last == ".tar":  # a compressed tar archive: its headers and files would be read as one text
+        raise InputError(f"{path}: tar archives are not read as input; unpack it first (`tar -xf {path.name}`) and "
+                         f"pass the files or the folder inside")
     if last in (".jsonl", ".json", ".ndjson"):
         return "jsonl"
     if last == ".parquet":
@@ -135,19 +147,27 @@ def _resolve_inputs(patterns: list[str], text_mode: str, text_field: str) -> lis
             seen.add(key)
             specs.append(InputSpec(str(path), _kind_of(path), text_mode, text_field))
 
+    def add_folder(path: Path, required: bool = True) -> None:
+        if any((path / m).is_file() for m in _HF_MARKERS):
+            add(path)
+            return
+        visible = [p for p in path.rglob("*") if not any(part.startswith(".") for part in p.relative_to(path).parts)]
+        # a saved HF dataset inside the folder is one input (its .arrow and .json files are not text)
+        datasets = []
+        for d in sorted(p for p in visible if p.is_dir() and any((p / m).is_file() for m in _HF_MARKERS)):
+            if not any(top in d.parents for top in datasets):
+                datasets.append(d)
+        files = sorted([p for p in visible if p.is_file() and not any(top in p.parents for top in datasets)] + datasets)
+        if not files and required:
+            raise InputError(f"input folder {path} contains no files (files and folders whose names start "
+                             f"with '.' are skipped)")
+        for f in files:
+            add(f)
+
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
-            if any((path / m).is_file() for m in _HF_MARKERS):
-                add(path)
-                continue
-            files = sorted(p for p in path.rglob("*")
-                           if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
-            if not files:
-                raise InputError(f"input folder {path} contains no files (files and folders whose names start "
-                                 f"with '.' are skipped)")
-            for f in files:
-                add(f)
+            add_folder(path)
         elif path.is_file():
             add(path)
         elif glob.has_magic(pattern):
@@ -155,7 +175,9 @@ def _resolve_inputs(patterns: list[str], text_mode: str, text_field: str) -> lis
             if not matches:
                 missing.append(f"{pattern} (glob matched nothing)")
             for m in matches:
-                if Path(m).is_file() or Path(m).is_dir():
+                if Path(m).is_dir():  # a folder a glob matched is read like a folder given by name
+                    add_folder(Path(m), required=False)
+                elif Path(m).is_file():
                     add(Path(m))
         else:
             missing.append(pattern)
@@ -257,11 +279,12 @@ def _scan(spec: InputSpec) -> InputScan:
             offset += len(chunk)
         else:
             scan.content_bytes = offset
+            pending = len(decoder.getstate()[0])  # the bytes of an unfinished character at the end
             try:
                 decoder.decode(b"", final=True)
             except UnicodeDecodeError:
                 scan.invalid_utf8 += 1
-                scan.first_invalid_offset = offset
+                scan.first_invalid_offset = offset - pending
                 scan.truncated = True
     return scan
 

@@ -317,6 +317,11 @@ class Language:
         return {name: getattr(args, name) for name in cls.option_names if hasattr(args, name)}
 
     # ---- cheap checks ----------------------------------------------------------------------
+    def check_build_options(self) -> None:
+        """Raise LanguageError for build options that cannot work, before any work (a build calls it;
+        loading a dataset does not: its recorded options were fine when it was built)."""
+        return None
+
     def check_sample(self, text: str, source: str) -> str | None:
         """An error message if ``text`` (the start of input ``source``) is clearly not this language."""
         return None

@@ -33,6 +33,8 @@ class SegScore:
     correct: int = 0
     lines: int = 0
     skipped_lines: int = 0
+    name: str = ""
+    """The segmenter (of the "segmenter" score)."""
 
     @property
     def precision(self) -> float:
@@ -72,15 +74,26 @@ def _strip(word: str) -> str:
     return word.removeprefix("##")
 
 
-def evaluate(segmenter: str = "rjieba", lines: int | None = None, dataset: str | None = None,
+def evaluate(segmenter: str | None = "rjieba", lines: int | None = None, dataset: str | None = None,
              user_dict: str | None = None) -> dict[str, SegScore]:
-    """Scores of the segmenter words (and, with ``dataset``, of that dataset's coarse tokens)."""
-    seg = make_segmenter(segmenter, user_dict)
+    """Scores of the segmenter words (and, with ``dataset``, of that dataset's coarse tokens).
+    ``segmenter=None``: the dataset's (and its --user-dict), else rjieba."""
     lang = None
     if dataset:
+        from data_prep.format import PairedDataset
+
+        meta = PairedDataset(dataset).meta  # a clear error for a missing or damaged dataset
+        if meta.get("language") != "zh":
+            raise ValueError(f"{dataset} is a --lang {meta.get('language')} dataset: --dataset scores the coarse "
+                             f"tokens of a Chinese (--lang zh) dataset")
+        if segmenter is None:
+            built = meta.get("build", {}).get("language_options", {})
+            segmenter, user_dict = built.get("segmenter", "rjieba"), user_dict or built.get("user_dict")
         lang = Chinese({"segmenter": segmenter, "user_dict": user_dict})
         lang.load(Path(dataset))
-    scores = {"segmenter": SegScore()}
+    segmenter = segmenter or "rjieba"
+    seg = make_segmenter(segmenter, user_dict)
+    scores = {"segmenter": SegScore(name=segmenter)}
     if lang:
         scores["coarse_tokens"] = SegScore()
     for gold in peoples_daily_gold(lines):
@@ -108,7 +121,8 @@ def evaluate(segmenter: str = "rjieba", lines: int | None = None, dataset: str |
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--segmenter", choices=SEGMENTERS, default="rjieba")
+    ap.add_argument("--segmenter", choices=SEGMENTERS, default=None,
+                    help="default: the --dataset's segmenter (and --user-dict), else rjieba")
     ap.add_argument("--user-dict", help="extra words for the segmenter")
     ap.add_argument("--lines", type=int, help="score only the first N paragraphs")
     ap.add_argument("--dataset", help="also score the coarse tokens of this built zh dataset (vocabulary + back-off)")
@@ -118,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:  # LanguageError (segmenter missing), FormatError, a missing file
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"People's Daily 1998-01 gold segmentation vs --segmenter {args.segmenter}:")
+    print(f"People's Daily 1998-01 gold segmentation vs --segmenter {scores['segmenter'].name}:")
     print(f"  segmenter words: {scores['segmenter']}")
     if "coarse_tokens" in scores:
         print(f"  coarse tokens of {args.dataset}: {scores['coarse_tokens']}")

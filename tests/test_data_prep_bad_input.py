@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import lzma
 import os
 import re
 import shutil
@@ -49,6 +50,20 @@ def test_invalid_utf8_stops_with_offset_and_iconv_hint(tmp_path):
     meta = core.build(_config(tmp_path, [mixed], encoding_errors="replace"))
     assert any("invalid UTF-8" in w for w in meta["warnings"])
     assert meta["stats"]["documents"] == len(DOCS) + 1
+
+
+def test_file_cut_inside_a_character_names_where_that_character_starts(tmp_path):
+    """A file cut at a byte count: the offset is the incomplete character's first byte (inside the
+    file), not the file's length, and the message says the file was cut; also for an .xz input."""
+    good = ("\n".join(DOCS[:50]) + "\n").encode()
+    cut = good + "中文".encode()[:5]  # "中" whole, "文" without its last byte
+    for path, data in ((tmp_path / "cut.txt", cut), (tmp_path / "cut.txt.xz", lzma.compress(cut))):
+        path.write_bytes(data)
+        scan = inp.scan_input(inp.resolve_inputs([str(path)])[0])
+        assert scan.truncated and scan.first_invalid_offset == len(good) + 3
+        with pytest.raises(inp.InputError, match=rf"{path.name} is not valid UTF-8: 1 bad byte sequence\(s\), the "
+                                                 rf"first at byte offset {len(good) + 3} .*cut at a byte count"):
+            core.build(_config(tmp_path, [path]))
 
 
 def test_nul_bytes_empty_files_and_empty_documents_are_skipped_with_counts(tmp_path):
@@ -144,6 +159,12 @@ def test_existing_output_refused_then_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
         core.build(_config(tmp_path, [good]))
     assert (tmp_path / "ds" / "keep.txt").exists()
+    # --resume of a build that had finished (a requeued job): says so, instead of asking for --overwrite
+    core.build(_config(tmp_path, [good], output=str(tmp_path / "done"), keep_work_dir=True))
+    with pytest.raises(fmt.FormatError, match=r"done.partial is the work directory of the build of .*done"):
+        fmt.PairedDataset(tmp_path / "done.partial")
+    with pytest.raises(FileExistsError, match=r"done already exists and is complete .*nothing to --resume"):
+        core.build(_config(tmp_path, [good], output=str(tmp_path / "done"), resume=True))
     # --overwrite replaces a dataset, never a folder that is not one (it used to delete it)
     with pytest.raises(FileExistsError, match=r"exists and is not a dataset \(no meta.json\): --overwrite only replaces"):
         core.build(_config(tmp_path, [good], overwrite=True))
@@ -234,6 +255,18 @@ def test_tables_arrays_and_blank_inputs_named(tmp_path):
         (tmp_path / name).write_text(text, encoding="utf-8")
         with pytest.raises(inp.InputError, match=rf"{name}.*a JSON array, not JSON lines .*jq -c"):
             core.build(_config(tmp_path, [tmp_path / name]))
+    # archives and compressors that are not read were taken for text (a .zip "decodes as UTF-16: iconv ...")
+    import tarfile
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "c.zip", "w") as z:
+        z.write(tmp_path / "t.csv", "t.txt")
+    with tarfile.open(tmp_path / "c.tar.gz", "w:gz") as t:
+        t.add(tmp_path / "t.csv", "t.txt")
+    (tmp_path / "c.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd" + bytes(range(200)))
+    for name, fix in (("c.zip", "unzip c.zip"), ("c.tar.gz", "tar -xf c.tar.gz"), ("c.jsonl.zst", "zstd -d c.jsonl.zst")):
+        with pytest.raises(inp.InputError, match=rf"{name}: .* not read as input.*unpack it first \(`{re.escape(fix)}`\)"):
+            core.build(_config(tmp_path, [tmp_path / name]))
     blank = tmp_path / "blank.txt"
     blank.write_text("   \n\n \t \n", encoding="utf-8")
     with pytest.raises(core.BuildError, match=r"the inputs hold no text: every document is empty or whitespace"):
@@ -295,8 +328,11 @@ def test_interrupted_build_never_looks_complete(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated crash"):
         core.build(_config(tmp_path, [good]))
     assert not (tmp_path / "ds").exists()
-    with pytest.raises(fmt.FormatError, match="is not a paired dataset: it does not exist"):
-        fmt.PairedDataset(tmp_path / "ds")
+    # the work kept for --resume is named, with the command that finishes it (--verify, training)
+    for path in (tmp_path / "ds", tmp_path / "ds.partial"):
+        with pytest.raises(fmt.FormatError, match=rf"{path.name} is not a dataset: an interrupted data_prep build of "
+                                                  rf".*ds left its work in .*ds.partial.*again with --resume"):
+            fmt.PairedDataset(path)
     monkeypatch.undo()
     with pytest.raises(core.BuildError, match="unfinished build.*--resume.*--overwrite"):
         core.build(_config(tmp_path, [good]))
@@ -323,6 +359,16 @@ def test_bad_options_named(tmp_path):
         core.build(_config(tmp_path, [one]))
     with pytest.raises(LanguageError, match="--coarse-vocab-size 200 is smaller than the fine vocabulary"):
         core.build(_config(tmp_path, [good], coarse_vocab_size=200, output=str(tmp_path / "ds3")))
+    # the fix is another option, which a --resume would refuse: no DIR.partial/ is left to get in the way
+    assert not core.work_dir_for(tmp_path / "ds3").exists()
+    # a --fine-vocab-size below the fixed part of a Chinese vocabulary is refused before any work
+    with pytest.raises(LanguageError, match="--fine-vocab-size 100 is too small for Chinese.*at least 229"):
+        core.build(_config(tmp_path, [good], fine_vocab_size=100, output=str(tmp_path / "ds4")))
+    assert not core.work_dir_for(tmp_path / "ds4").exists()
+    # ... by the build only: a dataset's recorded options are not checked again when it is loaded
+    from data_prep.chinese import Chinese
+
+    assert Chinese({"fine_vocab_size": 181}).options["fine_vocab_size"] == 181
 
 
 def test_cli_reports_error_and_exit_code(tmp_path):
@@ -335,6 +381,35 @@ def test_cli_reports_error_and_exit_code(tmp_path):
     assert "Traceback" not in proc.stderr
     meta_keys = json.dumps(sorted(core.BuildConfig.__dataclass_fields__))
     assert "valid_fraction" in meta_keys
+
+
+def test_an_option_of_the_other_language_is_refused_not_ignored(tmp_path, capsys):
+    """`--lang zh --cased` or `--lang en --segmenter jieba` used to build without a word about the option."""
+    from data_prep import build
+
+    good = _good(tmp_path)
+    for args, flag in ((["--lang", "zh", "--cased"], "--cased is a --lang en option"),
+                       (["--lang", "en", "--segmenter", "jieba"], "--segmenter is a --lang zh option"),
+                       (["--lang", "zh", "--lm-sample", "1G"], "--lm-sample is a --lang en option")):
+        with pytest.raises(SystemExit) as info:
+            build.main([*args, "--input", str(good), "--output", str(tmp_path / "x"), "--no-progress"])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert flag in err and "would ignore it" in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.build.log").exists()
+    # the shared options are not refused: --coarse-min-count applies to both languages
+    import logging
+
+    handlers = list(logging.getLogger().handlers)
+    try:
+        assert build.main(["--lang", "zh", "--coarse-min-count", "3", "--input", str(good), "--output",
+                           str(tmp_path / "y"), "--no-progress", "--text-mode", "line", "--shard-documents", "50"]) == 0
+    finally:  # main() adds the build log's handler to the root logger
+        for handler in set(logging.getLogger().handlers) - set(handlers):
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    meta = json.loads((tmp_path / "y" / fmt.META_FILE).read_text())
+    assert meta["build"]["language_options"]["coarse_min_count"] == 3
 
 
 def test_missing_demo_package_or_segmenter_is_one_error_line(tmp_path, monkeypatch, capsys):

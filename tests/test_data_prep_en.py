@@ -462,6 +462,52 @@ def test_reused_tokenizer_or_phrase_file_that_cannot_be_read_stops_before_work(t
         assert not core.work_dir_for(tmp_path / "out").exists()
 
 
+def test_phrase_file_that_is_malformed_or_not_a_dictionary_stops_before_work(tmp_path):
+    """A --phrases file is parsed before any work: a bad count column, a file of single words, or the
+    build's phrase_report.txt (aligned columns: numbers would become phrase words) is refused there,
+    not after the corpus pass (a traceback) or silently (a build with no or junk phrases)."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Some English text for a build.\n", encoding="utf-8")
+    bad_number = tmp_path / "bad_number.tsv"
+    bad_number.write_text("new york\tmany\n", encoding="utf-8")
+    single = tmp_path / "words.txt"
+    single.write_text("garbage\nwords\n", encoding="utf-8")
+    report = tmp_path / "phrase_report.txt"
+    report.write_text("documents: 2512\nsentences: 7827\n\nphrase    count    score\n"
+                      "new york      58    6.655   -1.001   3.77\nlos angeles   14    5.357   -0.101   4.67\n",
+                      encoding="utf-8")
+    for path, message in ((bad_number, r"--phrases .*bad_number.tsv:1: expected 'phrase<TAB>count"),
+                          (single, r"--phrases .*words.txt holds no phrase of two or more words"),
+                          (report, r"--phrases .*phrase_report.txt does not look like a phrase dictionary")):
+        with pytest.raises(BUILD_ERRORS, match=message):
+            core.build(_config(corpus, tmp_path / "out", language_options={"phrases": str(path)}))
+        assert not core.work_dir_for(tmp_path / "out").exists()
+    # what is accepted: one phrase a line, and an empty dictionary that data_prep wrote
+    from data_prep.phrases import write_phrases_tsv
+
+    (tmp_path / "user.txt").write_text("hong kong\nlos_angeles\n", encoding="utf-8")
+    english.check_phrase_file(tmp_path / "user.txt")
+    write_phrases_tsv(tmp_path / "empty.tsv", [])
+    english.check_phrase_file(tmp_path / "empty.tsv")
+
+
+def test_uncased_fine_tokenizer_with_cased_is_refused_before_work(tmp_path):
+    """--cased with a reused uncased vocabulary would make every capitalised word a fine [UNK]."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Some English text for a build.\n", encoding="utf-8")
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    uncased = tmp_path / "vocab.txt"
+    uncased.write_text("\n".join(specials + ["some", "english", "text", "##s"]) + "\n", encoding="utf-8")
+    with pytest.raises(BUILD_ERRORS, match=r"--fine-tokenizer .*vocab.txt has no upper-case letters .*Drop --cased"):
+        core.build(_config(corpus, tmp_path / "out", language_options={"fine_tokenizer": str(uncased), "cased": True,
+                                                                        "phrases": str(uncased)}))
+    assert not core.work_dir_for(tmp_path / "out").exists()
+    english.EnglishConfig(fine_tokenizer=str(uncased)).validate()  # uncased text: fine
+    cased = tmp_path / "cased.txt"
+    cased.write_text("\n".join(specials + ["Some", "some", "text"]) + "\n", encoding="utf-8")
+    english.EnglishConfig(fine_tokenizer=str(cased), lowercase=False).validate()
+
+
 def test_cli_bad_phrase_file(tmp_path):
     proc = subprocess.run([*BUILD, "--lang", "en", "--output", str(tmp_path / "x"), "--phrases", str(tmp_path / "none.tsv")],
                           capture_output=True, text=True, timeout=300)

@@ -77,6 +77,34 @@ def test_folders_and_globs_sorted_and_deduplicated(tmp_path):
         inp.resolve_inputs([str(only_hidden)])
 
 
+def test_a_folder_a_glob_matches_is_read_like_a_folder(tmp_path):
+    """`--input 'corpus/*'` over a corpus with sub-folders: each matched folder is read recursively
+    (hidden files skipped), not refused as "not a saved Hugging Face dataset"."""
+    corpus = tmp_path / "corpus"
+    (corpus / "2020").mkdir(parents=True)
+    (corpus / "2021" / ".cache").mkdir(parents=True)
+    (corpus / "2020" / "a.txt").write_text(DOCS[0] + "\n", encoding="utf-8")
+    (corpus / "2021" / "b.txt").write_text(DOCS[1] + "\n", encoding="utf-8")
+    (corpus / "2021" / ".cache" / "x.txt").write_text("x", encoding="utf-8")
+    (corpus / "c.txt").write_text(DOCS[2] + "\n", encoding="utf-8")
+    expected = [str(corpus / "2020" / "a.txt"), str(corpus / "2021" / "b.txt"), str(corpus / "c.txt")]
+    for pattern in ("*", "**", "**/*"):
+        assert [s.path for s in inp.resolve_inputs([str(corpus / pattern)])] == expected
+    # an --output inside (or equal to) a folder the glob matches is refused, as for a folder given by name
+    for output, message in ((corpus / "2021" / "ds", "inside the input folder"), (corpus / "2021", "is, or contains")):
+        with pytest.raises(inp.InputError, match=message):
+            core.check_output(core.BuildConfig(language="zh", output=str(output), inputs=[str(corpus / "*")],
+                                               overwrite=True))
+    # a dataset saved with save_to_disk inside an input folder is one input, not its .arrow/.json files as text
+    import datasets
+
+    datasets.Dataset.from_dict({"text": DOCS[3:6]}).save_to_disk(str(corpus / "2021" / "saved"))
+    specs = inp.resolve_inputs([str(corpus)])
+    assert [(s.path, s.kind) for s in specs] == [(expected[0], "text"), (expected[1], "text"),
+                                                 (str(corpus / "2021" / "saved"), "hf_disk"), (expected[2], "text")]
+    assert [d.rstrip("\n") for d in inp.iter_documents(specs)] == DOCS[:2] + DOCS[3:6] + DOCS[2:3]
+
+
 def test_tagged_demo_file_gives_raw_text():
     spec = peoples_daily_inputs()[0]
     first = next(inp.iter_documents([spec]))

@@ -198,13 +198,31 @@ def test_segeval_scores_gold_segmentation(built):
     assert 0.6 < scores["coarse_tokens"].f1 <= 1.0
 
 
+def test_segeval_dataset_uses_its_segmenter_and_refuses_another_language(built, tmp_path):
+    from data_prep.segeval import evaluate, main
+
+    _, ds_dir, _ = built
+    assert evaluate(None, lines=50, dataset=str(ds_dir))["segmenter"].name == "rjieba"  # the dataset's
+    meta = json.loads((ds_dir / fmt.META_FILE).read_text())
+    meta["build"]["language_options"]["segmenter"] = "jieba"
+    other = tmp_path / "jieba-built"
+    shutil.copytree(ds_dir, other)
+    (other / fmt.META_FILE).write_text(json.dumps({**meta}))
+    assert evaluate(None, lines=50, dataset=str(other))["segmenter"].name == "jieba"
+    assert evaluate("rjieba", lines=50, dataset=str(other))["segmenter"].name == "rjieba"  # given: kept
+    (other / fmt.META_FILE).write_text(json.dumps({**meta, "language": "en"}))
+    with pytest.raises(ValueError, match=r"is a --lang en dataset: --dataset scores .* Chinese"):
+        evaluate(None, lines=50, dataset=str(other))
+    assert main(["--lines", "5", "--dataset", str(tmp_path / "missing")]) == 2
+
+
 def test_pkuseg_missing_gives_install_hint():
     try:
         import pkuseg  # noqa: F401
     except ImportError:
         from data_prep.languages import LanguageError
 
-        with pytest.raises(LanguageError, match=r"pip install 'ambert-pipeline\[pkuseg\]'"):
+        with pytest.raises(LanguageError, match=r"pip install -e '\.\[pkuseg\]'"):
             Chinese({"segmenter": "pkuseg"})
     else:
         assert make_segmenter("pkuseg").cut("中国人民")
