@@ -12,6 +12,7 @@
 #   HOSTFILE      DeepSpeed-style hostfile ("host slots=N"; Open MPI reads the same syntax)
 #   NP            total processes for MODE=mpirun (default: sum of slots)
 #   RECIPE        run config (default pipeline/recipes/bert-base.yaml)
+#   DS_CONFIG     DeepSpeed JSON (default: the recipe's parallelism.deepspeed_config)
 #   MASTER_PORT   rendezvous port (default 29500)
 #   MPI_ARGS      extra mpirun arguments, e.g. "--mca btl_tcp_if_include eth0"
 #                 (as root add "--allow-run-as-root"; more ranks than cores: "--oversubscribe")
@@ -32,6 +33,8 @@ RECIPE="${RECIPE:-pipeline/recipes/bert-base.yaml}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 NP="${NP:-$(awk '!/^#/ && NF {split($2, a, "="); n += a[2]} END {print n}' "$HOSTFILE")}"
 read -r -a mpi_extra <<< "${MPI_ARGS:-}"
+ds_args=()
+[ -n "${DS_CONFIG:-}" ] && ds_args=(--deepspeed_config "$DS_CONFIG")
 case "$MODE" in
   deepspeed)
     # DeepSpeed's openmpi runner forwards neither MASTER_PORT (remote ranks would use 29500) nor
@@ -42,13 +45,13 @@ case "$MODE" in
     done
     exec "$VENV/bin/deepspeed" --launcher openmpi --hostfile "$HOSTFILE" --master_port "$MASTER_PORT" \
       --launcher_args "$forward ${MPI_ARGS:-}" \
-      pipeline/pretrain.py --config "$RECIPE" --resume auto "$@"
+      pipeline/pretrain.py --config "$RECIPE" "${ds_args[@]}" --resume auto "$@"
     ;;
   mpirun)
     exec mpirun -np "$NP" --hostfile "$HOSTFILE" --map-by ppr:"$(awk '!/^#/ && NF {split($2, a, "="); print a[2]; exit}' "$HOSTFILE")":node \
       -x PATH -x LD_LIBRARY_PATH -x MASTER_PORT="$MASTER_PORT" -x DS_ACCELERATOR -x HF_DATASETS_OFFLINE -x HF_HUB_OFFLINE \
       "${mpi_extra[@]}" \
-      "$VENV/bin/python" pipeline/pretrain.py --config "$RECIPE" --resume auto "$@"
+      "$VENV/bin/python" pipeline/pretrain.py --config "$RECIPE" "${ds_args[@]}" --resume auto "$@"
     ;;
   *) echo "MODE must be deepspeed or mpirun, got $MODE" >&2; exit 2 ;;
 esac

@@ -13,6 +13,7 @@
 #   HOSTFILE      the job's nodes and slots (default launchers/hostfile.example); only slot counts
 #                 and the order matter here, the names are labels
 #   RECIPE        run config (default pipeline/recipes/bert-base.yaml)
+#   DS_CONFIG     DeepSpeed JSON (default: the recipe's parallelism.deepspeed_config)
 # Extra arguments are key=value overrides for pipeline/pretrain.py.
 set -euo pipefail
 # Paths given relative to the directory the script is started from (HOSTFILE=myhosts) are made
@@ -29,6 +30,8 @@ HOSTFILE="${HOSTFILE:-launchers/hostfile.example}"
 RECIPE="${RECIPE:-pipeline/recipes/bert-base.yaml}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 NUM_NODES="$(awk '!/^#/ && NF' "$HOSTFILE" | wc -l)"
+ds_args=()
+[ -n "${DS_CONFIG:-}" ] && ds_args=(--deepspeed_config "$DS_CONFIG")
 exec "${AMBERT_VENV:-$ROOT/.venv}/bin/deepspeed" --hostfile "$HOSTFILE" --num_nodes "$NUM_NODES" --no_ssh \
   --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-  pipeline/pretrain.py --config "$RECIPE" --resume auto "$@"
+  pipeline/pretrain.py --config "$RECIPE" "${ds_args[@]}" --resume auto "$@"

@@ -131,7 +131,7 @@ def check_compatible(marker: dict, fingerprint: str, model_config: dict, path: P
     if diffs:
         raise CheckpointError(
             f"checkpoint {path} has another model shape ({'; '.join(diffs)}); use the checkpoint's model "
-            f"settings (saved in its config.yaml) or start a fresh run in another checkpointing.dir"
+            f"settings (\"model_config\" in {path / COMPLETE}) or start a fresh run in another checkpointing.dir"
         )
     if layout and not marker.get("universal"):
         names = {"tensor_parallel": "TP", "data_parallel": "DP", "zero_stage": "ZeRO stage"}

@@ -116,3 +116,17 @@ def test_inference_command_prints_both_tokenizations_and_the_cls_vectors(tmp_pat
         torch.testing.assert_close(torch.tensor(record["coarse_cls"]), reference.coarse_cls[i], rtol=0, atol=1e-6)
     assert main([str(tmp_path / "nope"), "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_tools_do_not_print_megatrons_import_warnings():
+    """`python -m pipeline.inference` (and finetune, convert, export_hf) once printed four UserWarnings
+    of megatron-core ("Transformer Engine and Apex are not installed") before their own output."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = "import pipeline.inference, pipeline.finetuning, pipeline.convert, pipeline.export_hf, pipeline.model"
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Transformer Engine and Apex are not installed" not in result.stderr, result.stderr

@@ -68,6 +68,31 @@ def test_openmpi_template_renders_the_mpirun_command(tmp_path):
     assert line.startswith("mpirun -np 16 ") and "ppr:8:node" in line and line.endswith("--resume auto data.path=/x")
 
 
+def test_every_template_passes_ds_config_relative_to_the_caller(tmp_path):
+    """DS_CONFIG (like HOSTFILE and RECIPE) reaches pretrain.py from every template, given relative
+    to the directory the script is started from; openmpi.sh and per_node.sh once dropped it silently
+    (the run trained with the recipe's ZeRO stage instead)."""
+    fake_venv = tmp_path / "venv"
+    (fake_venv / "bin").mkdir(parents=True)
+    for name in ("mpirun", "deepspeed"):
+        (fake_venv / "bin" / name).write_text(f'#!/usr/bin/env bash\necho "{name} $*"\n')
+        (fake_venv / "bin" / name).chmod(0o755)
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    shutil.copy(LAUNCHERS / "hostfile.example", caller / "myhosts")
+    (caller / "my_ds.json").write_text("{}", encoding="utf-8")
+    env = {**run_env(), "PATH": f"{fake_venv / 'bin'}:{os.environ['PATH']}", "AMBERT_VENV": str(fake_venv),
+           "HOSTFILE": "myhosts", "DS_CONFIG": "my_ds.json", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    for script, extra in (("multinode_pdsh.sh", {}), ("openmpi.sh", {"MODE": "mpirun"}),
+                          ("openmpi.sh", {"MODE": "deepspeed"}), ("per_node.sh", {})):
+        result = subprocess.run(["bash", str(LAUNCHERS / script), "data.path=/x"], env={**env, **extra}, cwd=caller,
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, (script, extra, result.stderr)
+        line = result.stdout.strip()
+        assert f"--deepspeed_config {caller / 'my_ds.json'} --resume auto data.path=/x" in line, (script, extra, line)
+        assert f"--hostfile {caller / 'myhosts'}" in line, (script, extra, line)
+
+
 def test_srun_environment_is_mapped(monkeypatch):
     from pipeline.config import ConfigError
     from pipeline.pretrain import launch_env

@@ -144,6 +144,19 @@ def test_resume_refuses_another_dataset_or_model(tmp_path_factory, tmp_path):
                        "parallelism.deepspeed_config=ds_configs/zero1_cpu.json"])
 
 
+def test_model_mismatch_names_where_the_checkpoints_model_settings_are(tmp_path):
+    from pipeline import checkpoint as ckpt
+
+    saved = {"hidden_size": 64, "variant": "ambert"}
+    marker = {"dataset_fingerprint": "f", "model_config": saved}
+    ckpt.check_compatible(marker, "f", dict(saved), tmp_path)
+    # the message once pointed at "its config.yaml", which a checkpoint directory does not have
+    with pytest.raises(ckpt.CheckpointError, match=r"hidden_size: checkpoint 64 vs run 32\); use the checkpoint's "
+                                                   r"model settings \(\"model_config\" in .*COMPLETE\)") as info:
+        ckpt.check_compatible(marker, "f", {**saved, "hidden_size": 32}, tmp_path)
+    assert str(tmp_path / ckpt.COMPLETE) in str(info.value) and "config.yaml" not in str(info.value)
+
+
 def test_auto_resume_picks_newest_complete_and_retention(tmp_path):
     from pipeline import checkpoint as ckpt
 
