@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -236,6 +237,7 @@ def export(source: Path, output: Path) -> Path:
     shutil.rmtree(output, ignore_errors=True)
     output.mkdir(parents=True)
     save_file(state, str(output / "model.safetensors"), metadata={"format": "pt", "step": str(marker["step"])})
+    shareable(output / "model.safetensors")
     (output / "config.json").write_text(json.dumps(marker["model_config"], indent=1), encoding="utf-8")
     # The tokenizers the model was trained with travel with it (pipeline/inference.py reads them).
     from data_prep.format import (
@@ -275,13 +277,34 @@ def _complete_checkpoint(source) -> Path:
     return source
 
 
+def shareable(*paths: Path) -> None:
+    """Give files the permissions of any other file written here (0666 minus the umask): safetensors
+    writes its files 0600, so an export shared on a cluster would be unreadable to the others."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in paths:
+        os.chmod(path, 0o666 & ~mask)
+
+
+# Files only the other kind of export writes: an HF export also has config.json + model.safetensors,
+# so the signature alone would let `convert export` replace it (and the reverse).
+_EXPORT_KINDS = {"an export": ("fine_vocab.txt", "coarse_vocab.txt"),
+                 "a Hugging Face model": ("vocab.txt", "tokenizer_config.json")}
+
+
 def check_export_output(output: Path, signature: tuple[str, ...], kind: str) -> None:
     """An output directory may be new, empty, or ``kind`` written before (it is replaced); nothing else
-    is overwritten. Checked before any work."""
+    (another kind of export included) is overwritten. Checked before any work."""
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise ConvertError(f"output {output} is a file: give a directory to write {kind} into")
-    if output.is_dir() and any(output.iterdir()) and not all((output / name).is_file() for name in signature):
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    for other, files in _EXPORT_KINDS.items():
+        if other != kind and any((output / name).is_file() for name in files):
+            raise ConvertError(f"output {output} holds {other}, not {kind}: give a new or empty directory, or one "
+                               f"holding {kind} written before (it is replaced)")
+    if not all((output / name).is_file() for name in signature):
         raise ConvertError(f"output {output} is a non-empty folder that does not hold {kind}: give a new or "
                            f"empty directory, or one holding {kind} written before (it is replaced)")
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from data_prep import format as fmt
-from pipeline.convert import check_export_output, commit_output
+from pipeline.convert import check_export_output, commit_output, shareable
 
 
 class HFExportError(ValueError):
@@ -158,6 +158,7 @@ def export_hf(state: dict[str, torch.Tensor], config, tokenizer_dir: str | Path,
     if len(tokenizer) != len(vocab):
         raise HFExportError(f"internal: the HF tokenizer has {len(tokenizer)} entries, fine_vocab.txt {len(vocab)}")
     tokenizer.save_pretrained(str(output))
+    shareable(*(p for p in output.iterdir() if p.is_file()))  # model.safetensors is written 0600
     return commit_output(output, final)
 
 

@@ -159,6 +159,9 @@ def save_exported(model: torch.nn.Module, tokenizer_dir: str | os.PathLike, outp
     state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()
              if isinstance(v, torch.Tensor)}  # megatron layers add an empty `_extra_state` entry
     save_file(state, str(output / WEIGHTS_FILE))
+    from pipeline.convert import shareable
+
+    shareable(output / WEIGHTS_FILE)  # safetensors writes 0600
     # The same layout as `python -m pipeline.convert export`: config.json is the ModelConfig itself.
     (output / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=1), encoding="utf-8")
     if extra:

@@ -4,6 +4,7 @@ named for what it is, before any work, and no existing output is overwritten or 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -109,9 +110,28 @@ def test_export_hf_names_a_wrong_model_and_replaces_only_its_own_output(tmp_path
 
     assert main([str(export_dir), str(out)]) == 0
     first = (out / "model.safetensors").read_bytes()
+    # both kinds of export are readable by the others on a cluster, like every other file written
+    # (safetensors writes its files 0600)
+    mask = os.umask(0)
+    os.umask(mask)
+    for weights in (out / "model.safetensors", export_dir / "model.safetensors"):
+        assert weights.stat().st_mode & 0o777 == 0o666 & ~mask, (weights, oct(weights.stat().st_mode))
     assert main([str(export_dir), str(out)]) == 0  # a previous HF export is replaced in one step
     assert (out / "model.safetensors").read_bytes() == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "notes.txt"]  # no .partial / .old left
+
+    # each kind replaces only its own: an HF export also holds config.json + model.safetensors, which
+    # once let `pipeline.convert export` replace it
+    from pipeline.convert import main as convert_main
+
+    checkpoints = _checkpoints(tmp_path / "run")
+    assert convert_main(["export", str(checkpoints / "step_00000010"), str(out)]) == 2
+    assert f"output {out} holds a Hugging Face model, not an export" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == first and (out / "vocab.txt").is_file()
+    before = sorted(p.name for p in export_dir.iterdir())
+    assert main([str(export_dir), str(export_dir)]) == 2
+    assert f"output {export_dir} holds an export, not a Hugging Face model" in capsys.readouterr().err
+    assert sorted(p.name for p in export_dir.iterdir()) == before
 
 
 def test_finetune_names_a_dataset_folder_that_is_not_one(tmp_path, capsys, zh_dataset, export_dir):
