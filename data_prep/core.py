@@ -1067,12 +1067,34 @@ def _read_into_shards(config, comm, specs, work: Path, executor: _Executor, on_a
     return summary  # marked as read (READ_FILE) once every rank has written and analysed its shards
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: what a SLURM / cgroup allocation leaves it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def warn_oversubscribed(workers: int, rank: int = 0) -> str | None:
+    """A warning (logged, and returned) when --workers exceeds the CPUs this process may use: the
+    workers would take turns on them, slower than --workers = the CPU count (more memory, no gain)."""
+    cpus = usable_cpus()
+    if workers <= cpus:
+        return None
+    where = f" (rank {rank})" if rank else ""
+    message = (f"--workers {workers} is more than the {cpus} CPU(s) this process may use{where}: the workers take "
+               f"turns on them (no faster, more memory); --workers {cpus} is the most that helps here")
+    log.warning(message)
+    return message
+
+
 def build(config: BuildConfig, comm=None) -> dict:
     """Build the dataset described by ``config``; returns its meta.json content (on every rank)."""
     started = time.time()
     comm = comm or detect_communicator()
     # ---- 1. checks: every rank's own settings, the same on all ranks; then the inputs (rank 0) --
     lang, specs = _agree_on_settings(comm, config)
+    warn_oversubscribed(config.workers, comm.rank)
     lock = _BuildLock(config.output) if comm.rank == 0 else None
     resuming = config.resume and work_dir_for(config.output).is_dir()
     try:

@@ -432,3 +432,17 @@ def test_missing_demo_package_or_segmenter_is_one_error_line(tmp_path, monkeypat
         assert segeval.main(["--segmenter", "pkuseg", "--lines", "10"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and "pkuseg" in err and "Traceback" not in err
+
+
+def test_more_workers_than_cpus_is_warned_about_and_still_builds(tmp_path, monkeypatch, caplog):
+    """--workers above the CPUs the process may use (its affinity: a SLURM allocation, a cgroup) only
+    makes the workers take turns: the build says so, and builds the same dataset."""
+    import logging
+
+    monkeypatch.setattr(core, "usable_cpus", lambda: 1)
+    assert core.warn_oversubscribed(1) is None
+    with caplog.at_level(logging.WARNING, logger="data_prep"):
+        meta = core.build(_config(tmp_path, [_good(tmp_path)], workers=2))
+    assert meta["stats"]["documents"] > 0
+    assert "--workers 2 is more than the 1 CPU(s) this process may use" in caplog.text
+    assert "--workers 1 is the most that helps here" in caplog.text
