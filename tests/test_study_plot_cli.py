@@ -186,6 +186,38 @@ def test_study_rerun_with_other_settings_is_refused(tmp_path, capsys, monkeypatc
     _assert_error(code, err, "study_config.json cannot be read", "choose another --output")
 
 
+def test_study_rerun_after_the_recipe_was_edited_or_the_dataset_rebuilt_is_refused(tmp_path, capsys, no_work):
+    """The recipe and --dataset-* were compared by path only: an edited recipe file or a dataset rebuilt
+    at the same path let a re-run mix the old finished work with new runs. Their contents are compared."""
+    import shutil
+
+    from tests.test_finetune import make_tiny_zh_dataset
+
+    recipe = tmp_path / "recipe.yaml"
+    shutil.copy(study.ROOT / "pipeline" / "recipes" / "demo.yaml", recipe)
+    dataset = make_tiny_zh_dataset(tmp_path / "zh")
+    out = tmp_path / "out"
+    argv = ["--output", out, "--quick", "--languages", "zh", "--recipe", recipe, "--dataset-zh", dataset]
+    config = study.parse_args([str(a) for a in argv])
+    config.apply_quick()
+    out.mkdir()
+    recorded = {**study.asdict(config), "contents": study._contents(config)}
+    (out / "study_config.json").write_text(json.dumps(recorded), encoding="utf-8")
+    with pytest.raises(AssertionError, match="started working"):  # the same contents: the study continues
+        study.main([str(a) for a in argv])
+    capsys.readouterr()
+
+    recipe.write_text(recipe.read_text(encoding="utf-8") + "\n# edited\n", encoding="utf-8")
+    code, err = _main(study, argv, capsys)
+    _assert_error(code, err, "holds a study made with other settings", f"the recipe file {recipe} was edited since")
+    recipe.write_text(recipe.read_text(encoding="utf-8").removesuffix("\n# edited\n"), encoding="utf-8")
+    make_tiny_zh_dataset(dataset, extra_chars="龘")  # rebuilt: another vocabulary
+    code, err = _main(study, argv, capsys)
+    _assert_error(code, err, f"the --dataset-zh {dataset} was rebuilt since")
+    assert "recipe" not in err.split("settings:")[1].split("rebuilt")[0]
+    assert json.loads((out / "study_config.json").read_text()) == recorded
+
+
 def test_study_output_that_is_a_file(tmp_path):
     target = tmp_path / "study.txt"
     target.write_text("not a directory")
