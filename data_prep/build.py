@@ -4,6 +4,7 @@
     python data_prep/build.py --lang zh --input 'corpus/*.txt.xz' --output data/zh --workers 8
     mpirun -np 4 python data_prep/build.py --lang zh --input corpus/ --output data/zh
     python data_prep/build.py --lang zh ... --resume                     # continue a killed build
+    python data_prep/build.py --lang zh --input new/ --output data/zh2 --vocab-from data/zh  # DIR's vocabularies
     python data_prep/build.py --verify data/zh                           # re-read and check everything
 
 The logic lives in data_prep/core.py (engine), data_prep/languages.py (plugin contract),
@@ -73,6 +74,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-language-check", action="store_true", help="accept inputs that do not look like --lang")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output (at commit time)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted build (same command)")
+    p.add_argument("--vocab-from", metavar="DIR",
+                   help="take the vocabularies, tokenizer files and encoding options of the finished dataset DIR "
+                        "instead of fitting new ones (continued pre-training on another corpus, a held-out set): "
+                        "the new dataset's ids are DIR's model's ids")
     p.add_argument("--keep-work-dir", action="store_true", help="keep OUTPUT.partial/ (shards, caches) afterwards")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     load_all_plugins()
@@ -100,17 +105,34 @@ def other_language_options(parser: argparse.ArgumentParser, args: argparse.Names
     return found
 
 
-def config_from_args(args: argparse.Namespace) -> core.BuildConfig:
+def explicit_options(argv: list[str] | None) -> set[str]:
+    """The ``dest`` of every option given on the command line ``argv`` (also one given with its
+    default value): the command line parsed again with every default suppressed."""
+    quiet = make_parser()
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(quiet.parse_args(argv)))
+
+
+def config_from_args(args: argparse.Namespace, explicit: set[str] | None = None) -> core.BuildConfig:
+    """The build's configuration. With --vocab-from, only the options in ``explicit`` (the dests given
+    on the command line; default: those that differ from the parser's defaults) are passed on as
+    language and fit options: the others are taken from the --vocab-from dataset."""
     lang_cls = get_language(args.lang)
+    language_options = lang_cls.options_from_args(args)
+    fit = {name: getattr(args, name) for name in core.SHARED_FIT_OPTIONS}
+    if args.vocab_from:
+        if explicit is None:
+            defaults = make_parser()
+            explicit = {name for name, value in vars(args).items() if value != defaults.get_default(name)}
+        language_options = {k: v for k, v in language_options.items() if k in explicit}
+        fit = {name: value if name in explicit else None for name, value in fit.items()}
     return core.BuildConfig(
         language=args.lang,
         output=args.output,
         inputs=args.input,
         workers=args.workers,
-        fine_vocab_size=args.fine_vocab_size,
-        coarse_vocab_size=args.coarse_vocab_size,
-        fine_min_count=args.fine_min_count,
-        coarse_min_count=args.coarse_min_count,
+        **fit,
         valid_fraction=args.valid_fraction,
         shard_documents=args.shard_documents,
         shard_characters=args.shard_characters,
@@ -123,7 +145,8 @@ def config_from_args(args: argparse.Namespace) -> core.BuildConfig:
         resume=args.resume,
         keep_work_dir=args.keep_work_dir,
         progress=not args.no_progress,
-        language_options=lang_cls.options_from_args(args),
+        language_options=language_options,
+        vocab_from=args.vocab_from,
     )
 
 
@@ -143,7 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     foreign = other_language_options(parser, args)
     if foreign:
         parser.error(f"{'; '.join(foreign)}: a --lang {args.lang} build would ignore it. Drop it, or check --lang")
-    config = config_from_args(args)
+    config = config_from_args(args, explicit_options(argv) if args.vocab_from else None)
+    if config.vocab_from:  # DIR and the options, before anything is written (the build checks them again)
+        try:
+            core.vocab_from_options(config, get_language(config.language))
+        except (core.BuildError, LanguageError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if core.launch_rank() == 0:  # the build's log also goes next to the dataset (appended on --resume)
         try:
             core.check_output(config)  # before the log file is made: never inside an input folder

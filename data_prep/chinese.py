@@ -554,6 +554,8 @@ class Chinese(Language):
     description = "Chinese: characters (fine) and segmenter words (coarse)"
     option_names = ("segmenter", "user_dict", "latin_min_count", "max_sentence_chars",
                     "min_cjk_fraction")
+    fit_options = ("latin_min_count",)  # --vocab-from refuses it (it only shapes the fine vocabulary)
+    input_options = ("min_cjk_fraction",)  # only the input check: free with --vocab-from
     default_fine_vocab_size = 21128
     default_coarse_vocab_size = 72635
     default_fine_min_count = 1
@@ -689,6 +691,16 @@ class Chinese(Language):
             "distinct_words": len(words),
             "word_vocab_coverage": round(in_vocab / total_words, 6) if total_words else None,
         }
+
+    def fit_from(self, source_dir: Path, counts: dict[str, Counter], corpus: Corpus, artifacts_dir: Path) -> dict:
+        """--vocab-from: the source's vocabularies, and how well its coarse words cover this corpus."""
+        stats = super().fit_from(source_dir, counts, corpus, artifacts_dir)
+        words = counts.get("word", Counter())
+        coarse = fmt.Vocab.load(Path(artifacts_dir) / fmt.COARSE_VOCAB_FILE)
+        total_words = sum(words.values())
+        in_vocab = sum(filter(None, map(words.get, coarse.tokens)))
+        return {**stats, "segmenter": self.options["segmenter"], "distinct_words": len(words),
+                "word_vocab_coverage": round(in_vocab / total_words, 6) if total_words else None}
 
     # ---- encode ---------------------------------------------------------------------------------
     def load(self, artifacts_dir: Path) -> None:

@@ -156,7 +156,11 @@ class BuildConfig:
     progress: bool = True
     """Show tqdm progress bars (off in tests)."""
     language_options: dict = field(default_factory=dict)
-    """The language plugin's own options (Language.options_from_args)."""
+    """The language plugin's own options (Language.options_from_args). With ``vocab_from``: only the
+    options the user gave explicitly (the others are taken from that dataset)."""
+    vocab_from: str | None = None
+    """--vocab-from: a finished dataset whose vocabularies (and tokenizer artifacts, encoding options)
+    this build takes instead of fitting its own (``vocab_from_options``, ``Language.fit_from``)."""
 
     def validate(self) -> None:
         if self.workers < 1:
@@ -186,6 +190,73 @@ class BuildConfig:
             "coarse_min_count": self.coarse_min_count or self.language_options.get("coarse_min_count")
             or lang_cls.default_coarse_min_count,
         }
+
+
+# Shared options that only shape the fit: --vocab-from refuses them (with the language's fit_options).
+SHARED_FIT_OPTIONS = ("fine_vocab_size", "coarse_vocab_size", "fine_min_count", "coarse_min_count")
+
+
+def read_vocab_source(config: BuildConfig) -> tuple[Path, dict]:
+    """--vocab-from DIR: DIR resolved and its meta.json, once DIR is known to be a finished dataset
+    this code can read, of --lang's language (BuildError naming the fix otherwise)."""
+    source = Path(config.vocab_from)
+    try:
+        meta = fmt.PairedDataset(source).meta  # meta.json, format version, both vocabularies
+    except fmt.FormatError as exc:
+        raise BuildError(f"--vocab-from {source}: {exc} (--vocab-from takes a finished dataset directory, one with "
+                         f"{fmt.META_FILE})") from None
+    language = meta.get("language") or meta.get("build", {}).get("language")
+    if language != config.language:
+        raise BuildError(f"--vocab-from {source} is a --lang {language} dataset, but this build is --lang "
+                         f"{config.language}: pass --lang {language}, or a --lang {config.language} dataset")
+    resolved = source.resolve()
+    if resolved == Path(config.output).resolve():
+        raise BuildError(f"--vocab-from {source} is the --output itself: choose another --output")
+    return resolved, meta
+
+
+def vocab_from_options(config: BuildConfig, lang_cls: type[Language]) -> dict:
+    """The plugin options of a --vocab-from build, checked before any work: the encoding options are
+    those DIR was built with (an explicit different one is refused), options that only shape the
+    fit are refused (the fit is DIR's), input-check options are the command line's."""
+    import argparse
+
+    source, meta = read_vocab_source(config)
+    recorded = dict(meta.get("build", {}).get("language_options", {}))
+    # an encoding option DIR's meta does not record (a build through the API) had its default
+    defaults = argparse.ArgumentParser(add_help=False)
+    lang_cls.add_arguments(defaults.add_argument_group())
+    for name in lang_cls.option_names:
+        if name not in recorded and name not in lang_cls.fit_options and name not in lang_cls.input_options:
+            recorded[name] = defaults.get_default(name)
+    problems = [f"--{name.replace('_', '-')}" for name in SHARED_FIT_OPTIONS if getattr(config, name) is not None]
+    problems += [f"--{name.replace('_', '-')}" for name in config.language_options
+                 if name in lang_cls.fit_options and f"--{name.replace('_', '-')}" not in problems]
+    conflicts = [f"--{name.replace('_', '-')} {value!r} (given) vs {recorded.get(name)!r} ({source})"
+                 for name, value in config.language_options.items()
+                 if name not in lang_cls.fit_options and name not in lang_cls.input_options
+                 and name in lang_cls.option_names and value != recorded.get(name)]
+    messages = []
+    if problems:
+        messages.append(f"{', '.join(problems)} only shape{'s' if len(problems) == 1 else ''} the vocabulary fit, "
+                        f"which --vocab-from replaces (the vocabularies are taken from {source}): drop "
+                        f"{'it' if len(problems) == 1 else 'them'}, or build without --vocab-from")
+    if conflicts:
+        messages.append(f"--vocab-from encodes the new text exactly as {source} was encoded, but the command line "
+                        f"differs from the options it was built with: {'; '.join(conflicts)}. Drop the option "
+                        f"(its value is taken from {source}), or build without --vocab-from")
+    if messages:
+        raise BuildError(". ".join(messages))
+    inputs_only = {name: config.language_options[name] for name in lang_cls.input_options
+                   if name in config.language_options}
+    recorded = {k: v for k, v in recorded.items() if k not in lang_cls.input_options}
+    return {**recorded, **inputs_only, "vocab_from": str(source)}
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def work_dir_for(output: str | os.PathLike) -> Path:
@@ -323,7 +394,9 @@ def _agree_on_settings(comm, config: BuildConfig) -> tuple[Language, list[inp.In
     def local():
         config.validate()
         lang_cls = get_language(config.language)
-        lang = lang_cls(config.language_plugin_options(lang_cls))
+        options = (vocab_from_options(config, lang_cls) if config.vocab_from
+                   else config.language_plugin_options(lang_cls))
+        lang = lang_cls(options)
         lang.check_build_options()  # before any work
         try:
             specs = (inp.resolve_inputs(config.inputs, config.text_mode, config.text_field) if config.inputs
@@ -340,6 +413,8 @@ def _agree_on_settings(comm, config: BuildConfig) -> tuple[Language, list[inp.In
         return lang, specs
     settings = {k: v for k, v in asdict(config).items() if k not in _PER_RANK_SETTINGS}
     settings["output"] = os.path.abspath(config.output)
+    if config.vocab_from:
+        settings["vocab_from"] = os.path.abspath(config.vocab_from)
     settings["input_files"] = [os.path.abspath(s.path) for s in specs]
     everyone = comm.gather(settings)
     problem = None
@@ -1176,6 +1251,8 @@ def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.Inp
             "format_version": fmt.FORMAT_VERSION,
             "work_format": WORK_FORMAT,
         }
+        if config.vocab_from:  # only then: the parameters (and --resume) of other builds are unchanged
+            params["vocab_from"] = options["vocab_from"]
         work = _prepare_work_dir(config, params)
         return params, warnings, (work / READ_FILE).exists()
 
@@ -1257,10 +1334,22 @@ def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.Inp
                             mapper=mapper)
             t0 = time.time()
             with _NoCyclicGC():  # as in the worker tasks: millions of short-lived objects, no cycles
-                fit_stats = lang.fit(counts, corpus, tmp) or {}
+                if config.vocab_from:  # the vocabularies of a finished dataset instead of a fit
+                    source = Path(options["vocab_from"])
+                    fit_stats = lang.fit_from(source, counts, corpus, tmp) or {}
+                else:
+                    fit_stats = lang.fit(counts, corpus, tmp) or {}
             for name in (fmt.FINE_VOCAB_FILE, fmt.COARSE_VOCAB_FILE):
                 if not (tmp / name).is_file():
-                    raise BuildError(f"language plugin {config.language!r} did not write {name} in fit()")
+                    raise BuildError(f"language plugin {config.language!r} did not write {name} in "
+                                     f"{'fit_from' if config.vocab_from else 'fit'}()")
+            if config.vocab_from:
+                digests = {name: _sha256(tmp / name) for name in (fmt.FINE_VOCAB_FILE, fmt.COARSE_VOCAB_FILE)}
+                for name, digest in digests.items():
+                    if digest != _sha256(source / name):  # the model's embedding tables depend on these bytes
+                        raise BuildError(f"{name} differs from {source / name} after fit_from() of language plugin "
+                                         f"{config.language!r} (was {source} changed during the build?)")
+                fit_stats = {**fit_stats, "vocab_from": str(source), "vocab_sha256": digests}
             shutil.rmtree(artifacts, ignore_errors=True)
             tmp.rename(artifacts)
             shutil.rmtree(scratch, ignore_errors=True)
@@ -1462,6 +1551,8 @@ def summarize(meta: dict) -> str:
         f"  throughput: {s['throughput']['input_mb_per_s']} MB/s of input, {s['throughput']['chars_per_s']:,} chars/s "
         f"({s['throughput']['seconds']}s, workers={meta['run']['workers']}, ranks={meta['run']['ranks']})",
     ]
+    if s.get("vocab_from"):
+        lines.insert(5, f"  vocabularies from {s['vocab_from']} (the OOV rates: how well they cover this text)")
     skipped = {k: s[k] for k in ("empty_documents_skipped", "nul_bytes_removed", "long_documents_cut") if s.get(k)}
     if skipped:
         lines.append("  repaired/skipped: " + ", ".join(f"{k}={v}" for k, v in skipped.items()))

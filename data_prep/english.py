@@ -53,8 +53,10 @@ from typing import Any
 import numpy as np
 
 from data_prep.format import (
+    COARSE_VOCAB_FILE,
     CONTINUATION,
     FINE_TOKENIZER_FILE,
+    FINE_VOCAB_FILE,
     NUM_SPECIAL,
     PHRASE_JOINER,
     PHRASES_FILE,
@@ -898,6 +900,10 @@ class English(Language):
         "phrase_min_lift", "max_phrases", "coarse_min_count", "lmplz", "lmplz_memory", "discount_fallback",
         "lm_sample",
     )
+    # Everything but --cased only shapes the fit (WordPiece training, phrase mining, coarse selection):
+    # --vocab-from refuses them and takes --cased from the source dataset.
+    fit_options = tuple(name for name in option_names if name != "cased")
+    artifact_files = (FINE_VOCAB_FILE, COARSE_VOCAB_FILE, FINE_TOKENIZER_FILE, PHRASES_FILE)
 
     @classmethod
     def add_arguments(cls, group) -> None:
@@ -960,6 +966,9 @@ class English(Language):
             ),
         )
         self.fine_min_count = o.get("fine_min_count") or self.default_fine_min_count
+        self.tokenizers: EnglishTokenizers | None = None
+        if o.get("vocab_from"):  # the fit is taken from a finished dataset: no lmplz, no files to reuse
+            return
         try:
             self.config.validate()
             if not self.config.phrases:
@@ -968,7 +977,6 @@ class English(Language):
                 find_lmplz(self.config.mining.lmplz)  # a missing lmplz stops the build before any work
         except (ValueError, FileNotFoundError, RuntimeError) as exc:
             raise LanguageError(str(exc)) from None
-        self.tokenizers: EnglishTokenizers | None = None
 
     def check_sample(self, text: str, source: str) -> str | None:
         try:
@@ -1002,6 +1010,23 @@ class English(Language):
         except EnglishInputError as exc:  # too small / no words: the fix is other input or options
             raise LanguageError(str(exc), final=True) from None
         return stats
+
+    def fit_from(self, source_dir: Path, counts: dict[str, Counter], corpus, artifacts_dir: Path) -> dict:
+        """--vocab-from: the source's tokenizer, phrases and vocabularies, plus the build cache of the
+        fine pieces of THIS corpus's words (as ``fit`` writes it)."""
+        from tokenizers import Tokenizer
+
+        stats = super().fit_from(source_dir, counts, corpus, artifacts_dir)
+        artifacts_dir = Path(artifacts_dir)
+        tokenizer = Tokenizer.from_file(str(artifacts_dir / FINE_TOKENIZER_FILE))
+        cached = write_fine_pieces(artifacts_dir / BUILD_CACHE_DIR / FINE_PIECES_FILE, tokenizer,
+                                   counts.get("word", Counter()))
+        coarse_vocab = Vocab.load(artifacts_dir / COARSE_VOCAB_FILE)
+        phrases = read_phrases_tsv(artifacts_dir / PHRASES_FILE)
+        in_vocab = [p for p in phrases if PHRASE_JOINER.join(p.words) in coarse_vocab]
+        log.info("en: %d phrases (%d in the coarse vocabulary of %d) from %s; fine pieces of %d words cached",
+                 len(phrases), len(in_vocab), len(coarse_vocab), source_dir, cached)
+        return {**stats, "phrases_in_coarse_vocab": len(in_vocab), "phrase_source": str(Path(source_dir) / PHRASES_FILE)}
 
     def load(self, artifacts_dir: Path) -> None:
         self.tokenizers = EnglishTokenizers.load(artifacts_dir, self.config.lowercase)

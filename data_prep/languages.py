@@ -54,6 +54,13 @@ How to implement a language (English does this in ``data_prep/english.py``)
 11. Register it: ``register(MyLanguage)`` at the end of your module and add the module name to
    ``PLUGIN_MODULES`` below (the registry imports it lazily, so a missing optional dependency of
    one language never breaks another).
+12. ``--vocab-from DIR`` (a new dataset with the vocabularies of an existing one): the core takes
+   the options of ``option_names`` that are not in ``fit_options`` / ``input_options`` from DIR's
+   meta.json (an explicit different value is refused), refuses the ``fit_options`` (they would have
+   no effect), and calls ``fit_from(source_dir, counts, corpus, artifacts_dir)`` instead of ``fit``:
+   the default copies ``artifact_files`` from DIR; override it to also write the build-time caches
+   your ``load`` / ``finish`` expect. The plugin is told by ``options["vocab_from"]`` (set on every
+   worker too), e.g. to skip looking for tools only the fit needs.
 
 Conventions every language must follow (``format.detokenize``): a token that continues the
 previous word without a space starts with "##"; English coarse phrases join words with "_".
@@ -302,6 +309,16 @@ class Language:
     """--fine-min-count when not given: a fine unit seen fewer times stays out of the vocabulary."""
     default_coarse_min_count: ClassVar[int] = 2
     """--coarse-min-count when not given: a coarse unit seen fewer times stays out of the vocabulary."""
+    fit_options: ClassVar[tuple[str, ...]] = ()
+    """``dest`` names of this language's options that only shape ``fit`` (the vocabularies): refused
+    with --vocab-from, which takes the vocabularies of another dataset (the shared --fine-vocab-size,
+    --coarse-vocab-size, --fine-min-count and --coarse-min-count always are)."""
+    input_options: ClassVar[tuple[str, ...]] = ()
+    """``dest`` names of options that only shape the input checks (``check_sample``), not the tokens:
+    free with --vocab-from. Every other option of ``option_names`` shapes the encoding and is taken
+    from the --vocab-from dataset."""
+    artifact_files: ClassVar[tuple[str, ...]] = ("fine_vocab.txt", "coarse_vocab.txt")
+    """The files ``fit`` writes into ``artifacts_dir`` that ``load`` reads (copied by ``fit_from``)."""
 
     def __init__(self, options: dict):
         self.options = dict(options)
@@ -341,6 +358,20 @@ class Language:
 
     def fit(self, counts: dict[str, Counter], corpus: Corpus, artifacts_dir: Path) -> dict:
         raise NotImplementedError
+
+    def fit_from(self, source_dir: Path, counts: dict[str, Counter], corpus: Corpus, artifacts_dir: Path) -> dict:
+        """--vocab-from: instead of ``fit``, take the artifacts of the finished dataset ``source_dir``
+        (built with this language and the same encoding options) into ``artifacts_dir``. The default
+        copies ``artifact_files`` byte for byte; return extra statistics for meta.json ``stats``."""
+        import shutil
+
+        for name in self.artifact_files:
+            source = Path(source_dir) / name
+            if not source.is_file():
+                raise LanguageError(f"--vocab-from {source_dir} has no {name} (a --lang {self.name} dataset needs it): "
+                                    f"give a complete dataset built by data_prep/build.py", final=True)
+            shutil.copyfile(source, Path(artifacts_dir) / name)
+        return {}
 
     def load(self, artifacts_dir: Path) -> None:
         raise NotImplementedError
