@@ -682,6 +682,7 @@ class Chinese(Language):
         coarse = fmt.Vocab(fine.tokens + [w for w, _ in multi[: max_coarse - len(fine)]])
         fine.save(artifacts_dir / fmt.FINE_VOCAB_FILE)
         coarse.save(artifacts_dir / fmt.COARSE_VOCAB_FILE)
+        self._keep_user_dict(artifacts_dir)
         total_words = sum(words.values())
         in_vocab = sum(filter(None, map(words.get, coarse.tokens)))
         return {
@@ -695,12 +696,29 @@ class Chinese(Language):
     def fit_from(self, source_dir: Path, counts: dict[str, Counter], corpus: Corpus, artifacts_dir: Path) -> dict:
         """--vocab-from: the source's vocabularies, and how well its coarse words cover this corpus."""
         stats = super().fit_from(source_dir, counts, corpus, artifacts_dir)
+        self._keep_user_dict(artifacts_dir)  # DIR's copy (``dataset_options``), as it segmented this text
         words = counts.get("word", Counter())
         coarse = fmt.Vocab.load(Path(artifacts_dir) / fmt.COARSE_VOCAB_FILE)
         total_words = sum(words.values())
         in_vocab = sum(filter(None, map(words.get, coarse.tokens)))
         return {**stats, "segmenter": self.options["segmenter"], "distinct_words": len(words),
                 "word_vocab_coverage": round(in_vocab / total_words, 6) if total_words else None}
+
+    def _keep_user_dict(self, artifacts_dir: Path) -> None:
+        """The dataset keeps a copy of its --user-dict: encoding more text as the dataset was encoded
+        (fine-tuning, inference, exports, --vocab-from) must not depend on the original file's path."""
+        if self.options.get("user_dict"):
+            import shutil
+
+            shutil.copyfile(self.options["user_dict"], Path(artifacts_dir) / fmt.USER_DICT_FILE)
+
+    @classmethod
+    def dataset_options(cls, options: dict, directory: Path) -> dict:
+        options = dict(options)
+        copy = Path(directory) / fmt.USER_DICT_FILE
+        if options.get("user_dict") and copy.is_file():  # datasets built before the copy keep the path
+            options["user_dict"] = str(copy)
+        return options
 
     # ---- encode ---------------------------------------------------------------------------------
     def load(self, artifacts_dir: Path) -> None:

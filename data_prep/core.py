@@ -250,7 +250,7 @@ def vocab_from_options(config: BuildConfig, lang_cls: type[Language]) -> dict:
     inputs_only = {name: config.language_options[name] for name in lang_cls.input_options
                    if name in config.language_options}
     recorded = {k: v for k, v in recorded.items() if k not in lang_cls.input_options}
-    return {**recorded, **inputs_only, "vocab_from": str(source)}
+    return lang_cls.dataset_options({**recorded, **inputs_only, "vocab_from": str(source)}, source)
 
 
 def _sha256(path: Path) -> str:

@@ -85,15 +85,10 @@ class TextEncoder:
 
     # ---- plugin ------------------------------------------------------------------------------
     def _load_plugin(self) -> Language:
-        options = dict(self.meta.get("build", {}).get("language_options", {}))
         lang_cls = get_language(self.language)
-        if self.language == "en":
-            # The dictionary is already mined: point the plugin at it, so constructing it does not
-            # look for KenLM's lmplz (needed only to mine phrases, not to apply them).
-            phrases = self.directory / fmt.PHRASES_FILE
-            if phrases.is_file():
-                options["phrases"] = str(phrases)
-            options["fine_tokenizer"] = None
+        # the files the build copied into the dataset (en: phrases.tsv; zh: user_dict.txt), not the paths
+        # they were built from
+        options = lang_cls.dataset_options(self.meta.get("build", {}).get("language_options", {}), self.directory)
         plugin = lang_cls(options)
         plugin.load(self.directory)
         return plugin
@@ -184,7 +179,8 @@ class TextEncoder:
 
 
 # Artifacts a directory must carry for TextEncoder (copied next to exported weights).
-TOKENIZER_FILES = (fmt.META_FILE, fmt.FINE_VOCAB_FILE, fmt.COARSE_VOCAB_FILE, fmt.FINE_TOKENIZER_FILE, fmt.PHRASES_FILE)
+TOKENIZER_FILES = (fmt.META_FILE, fmt.FINE_VOCAB_FILE, fmt.COARSE_VOCAB_FILE, fmt.FINE_TOKENIZER_FILE, fmt.PHRASES_FILE,
+                   fmt.USER_DICT_FILE)
 
 
 def copy_tokenizer_files(source: str | os.PathLike, target: str | os.PathLike) -> list[str]:

@@ -1011,6 +1011,17 @@ class English(Language):
             raise LanguageError(str(exc), final=True) from None
         return stats
 
+    @classmethod
+    def dataset_options(cls, options: dict, directory: Path) -> dict:
+        # The dictionary is already mined: point the plugin at the dataset's copy, so constructing it
+        # does not look for KenLM's lmplz (needed only to mine phrases, not to apply them).
+        options = dict(options)
+        phrases = Path(directory) / PHRASES_FILE
+        if phrases.is_file():
+            options["phrases"] = str(phrases)
+        options["fine_tokenizer"] = None
+        return options
+
     def fit_from(self, source_dir: Path, counts: dict[str, Counter], corpus, artifacts_dir: Path) -> dict:
         """--vocab-from: the source's tokenizer, phrases and vocabularies, plus the build cache of the
         fine pieces of THIS corpus's words (as ``fit`` writes it)."""

@@ -55,6 +55,7 @@ FINE_VOCAB_FILE = "fine_vocab.txt"
 COARSE_VOCAB_FILE = "coarse_vocab.txt"
 FINE_TOKENIZER_FILE = "fine_tokenizer.json"
 PHRASES_FILE = "phrases.tsv"
+USER_DICT_FILE = "user_dict.txt"  # zh: a copy of the build's --user-dict (the segmentation depends on it)
 
 # Alignment counts are stored as uint16: one coarse token never covers more than 65535 fine ones.
 ALIGN_DTYPE = np.uint16

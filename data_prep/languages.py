@@ -359,6 +359,14 @@ class Language:
     def fit(self, counts: dict[str, Counter], corpus: Corpus, artifacts_dir: Path) -> dict:
         raise NotImplementedError
 
+    @classmethod
+    def dataset_options(cls, options: dict, directory: Path) -> dict:
+        """The plugin options recorded in a dataset's meta.json (``build.language_options``), made usable
+        where the dataset is now: an option naming a file the build copied into the dataset points at
+        that copy (the original may be elsewhere, changed, or gone: a dataset or an export moves between
+        machines). Used by TextEncoder (fine-tuning, inference), --vocab-from and segeval."""
+        return dict(options)
+
     def fit_from(self, source_dir: Path, counts: dict[str, Counter], corpus: Corpus, artifacts_dir: Path) -> dict:
         """--vocab-from: instead of ``fit``, take the artifacts of the finished dataset ``source_dir``
         (built with this language and the same encoding options) into ``artifacts_dir``. The default

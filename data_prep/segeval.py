@@ -88,6 +88,7 @@ def evaluate(segmenter: str | None = "rjieba", lines: int | None = None, dataset
                              f"tokens of a Chinese (--lang zh) dataset")
         if segmenter is None:
             built = meta.get("build", {}).get("language_options", {})
+            built = Chinese.dataset_options(built, Path(dataset))  # its copy of the --user-dict
             segmenter, user_dict = built.get("segmenter", "rjieba"), user_dict or built.get("user_dict")
         lang = Chinese({"segmenter": segmenter, "user_dict": user_dict})
         lang.load(Path(dataset))

@@ -240,16 +240,11 @@ def export(source: Path, output: Path) -> Path:
     shareable(output / "model.safetensors")
     (output / "config.json").write_text(json.dumps(marker["model_config"], indent=1), encoding="utf-8")
     # The tokenizers the model was trained with travel with it (pipeline/inference.py reads them).
-    from data_prep.format import (
-        COARSE_VOCAB_FILE,
-        FINE_TOKENIZER_FILE,
-        FINE_VOCAB_FILE,
-        META_FILE,
-        PHRASES_FILE,
-    )
+    from data_prep.encode import TOKENIZER_FILES
+    from data_prep.format import META_FILE
 
     dataset = Path(str(marker.get("dataset_path", "")))
-    for name in (META_FILE, FINE_VOCAB_FILE, COARSE_VOCAB_FILE, FINE_TOKENIZER_FILE, PHRASES_FILE):
+    for name in TOKENIZER_FILES:  # meta.json, the vocabularies, fine_tokenizer.json, phrases.tsv, user_dict.txt
         if (dataset / name).is_file():
             shutil.copy2(dataset / name, output / name)
     if not (dataset / META_FILE).is_file():

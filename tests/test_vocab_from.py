@@ -253,3 +253,35 @@ def test_en_refusals_before_any_work(en, tmp_path, capsys):
     (zh_dir / fmt.META_FILE).write_text(json.dumps({**meta, "language": "zh"}))
     _refused(capsys, tmp_path, ["--lang", "en", "--input", str(corpus_b), "--vocab-from", str(zh_dir)],
              "is a --lang zh dataset, but this build is --lang en")
+
+
+def test_zh_user_dict_travels_with_the_dataset(tmp_path):
+    """A dataset keeps a copy of its --user-dict (user_dict.txt): with the original file gone (the
+    dataset copied to another machine), TextEncoder, --vocab-from and an export's tokenizer files still
+    segment with it, as the build did."""
+    from data_prep.encode import copy_tokenizer_files
+
+    word = "新年讲话稿件"  # jieba splits it; the user dictionary makes it one word
+    corpus = write_corpus(tmp_path / "a.txt", lines=200, extra="".join(f"这是第{i}份{word}。\n" for i in range(30)))
+    user = tmp_path / "user.dict"
+    user.write_text(f"{word} 100000 n\n", encoding="utf-8")
+    core.build(small_config(corpus, tmp_path / "A", coarse_min_count=1,
+                            language_options={"user_dict": str(user)}))
+    assert (tmp_path / "A" / fmt.USER_DICT_FILE).read_bytes() == user.read_bytes()
+    coarse = fmt.Vocab.load(tmp_path / "A" / fmt.COARSE_VOCAB_FILE)
+    assert word in coarse  # the build segmented with the dictionary
+    user.unlink()  # the original is gone
+
+    encoder = TextEncoder.from_directory(tmp_path / "A")
+    enc = encoder.encode(f"他读了{word}。")
+    assert coarse.index[word] in enc.coarse.tolist()
+
+    corpus_b = write_corpus(tmp_path / "b.txt", lines=40, start=200, extra=f"又一份{word}。\n")
+    core.build(small_config(corpus_b, tmp_path / "B", vocab_from=str(tmp_path / "A")))
+    assert (tmp_path / "B" / fmt.USER_DICT_FILE).read_bytes() == (tmp_path / "A" / fmt.USER_DICT_FILE).read_bytes()
+    assert coarse.index[word] in TextEncoder.from_directory(tmp_path / "B").encode(f"又一份{word}。").coarse.tolist()
+
+    export = tmp_path / "export"  # what an export / inference directory receives
+    export.mkdir()
+    assert fmt.USER_DICT_FILE in copy_tokenizer_files(tmp_path / "A", export)
+    assert np.array_equal(TextEncoder.from_directory(export).encode(f"他读了{word}。").coarse, enc.coarse)
