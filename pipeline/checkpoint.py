@@ -116,6 +116,66 @@ def read_marker(path: str | os.PathLike) -> dict:
     return marker
 
 
+def load_init_weights(path: str, dataset, model_config: dict) -> dict[str, torch.Tensor]:
+    """``checkpointing.init_from``: the full fp32 weights of an export or a complete TP=1 checkpoint to
+    start a fresh run from. CheckpointError (naming the fix, before any process group) when it is
+    neither, or when its model shape or its vocabularies differ from this run's (``dataset``: the
+    run's PairedDataset; ``model_config``: the run's ModelConfig as a dict)."""
+    from data_prep.format import COARSE_VOCAB_FILE, FINE_VOCAB_FILE, Vocab
+    from pipeline.finetuning import FinetuneError, resolve_pretrained
+
+    flag = "checkpointing.init_from"
+    try:
+        pretrained = resolve_pretrained(path, "", flag=flag, allow_random=False)
+    except FinetuneError as exc:
+        raise CheckpointError(str(exc)) from None
+    saved = pretrained.model_config.to_dict()
+    diffs = [f"{k}: {saved.get(k)!r} there vs {model_config.get(k)!r} here" for k in SHAPE_FIELDS
+             if saved.get(k) != model_config.get(k)]
+    if diffs:
+        raise CheckpointError(f"{flag}={path} is a model of another shape ({'; '.join(diffs)}): give this run the "
+                              f"same model settings (model.recipe / model.* overrides; the export's config.json) or "
+                              f"another {flag}")
+    for name, here in ((FINE_VOCAB_FILE, dataset.fine_vocab), (COARSE_VOCAB_FILE, dataset.coarse_vocab)):
+        there = Vocab.load(Path(pretrained.tokenizer_dir) / name)
+        if there.fingerprint() != here.fingerprint():
+            raise CheckpointError(
+                f"{flag}={path} was pre-trained with another {name} ({Path(pretrained.tokenizer_dir) / name}) than "
+                f"data.path={dataset.directory} has: its token ids would mean other tokens. Build the dataset with "
+                f"the model's vocabularies: python data_prep/build.py --lang {dataset.meta.get('language', 'LANG')} "
+                f"--input ... --output ... --vocab-from {pretrained.tokenizer_dir}")
+    return pretrained.state_dict
+
+
+def copy_full_weights(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load full (unsharded) weights into ``module`` as built for this run: each tensor-parallel
+    parameter gets its slice for this TP rank, ZeRO-3 partitions are filled through a gather (DP rank
+    0's values are broadcast). Call before ``deepspeed.initialize``, so the optimizer's fp32 master
+    copies start from these weights."""
+    import deepspeed
+
+    from pipeline.convert import _full_shape_and_dim
+    from pipeline.parallel import tensor_parallel_rank, tensor_parallel_size
+
+    tp_rank, tp_size = tensor_parallel_rank(), tensor_parallel_size()
+    params = dict(module.named_parameters())  # tied weights once, under the name the export uses
+    # a checkpoint's state dict may also hold the tied weights' other names and buffers: not loaded
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(module.state_dict(keep_vars=True)))
+    if missing or unexpected:
+        raise CheckpointError(f"checkpointing.init_from: the weights do not match the model (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]})")
+    for name, param in params.items():
+        full_shape, dim = _full_shape_and_dim(param, tp_size)
+        full = state[name]
+        if tuple(full.shape) != tuple(full_shape):
+            raise CheckpointError(f"checkpointing.init_from: {name} has shape {tuple(full.shape)}, the model's is "
+                                  f"{tuple(full_shape)}")
+        piece = full if dim is None else full.chunk(tp_size, dim)[tp_rank]
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=hasattr(param, "ds_id")):
+            with torch.no_grad():
+                param.data.copy_(piece.to(param.dtype))
+
+
 def check_compatible(marker: dict, fingerprint: str, model_config: dict, path: Path, layout: dict | None = None) -> None:
     """Refuse to resume against another dataset, another model shape, or (``layout``: this run's
     tensor_parallel, data_parallel, zero_stage) another layout than a non-universal checkpoint was

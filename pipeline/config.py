@@ -137,6 +137,11 @@ class CheckpointSection:
     """complete checkpoints kept (older ones are deleted once a newer one is complete)"""
     resume: str = ""
     """'' = start fresh, 'auto' = newest complete checkpoint in dir (fresh if none), or a checkpoint directory"""
+    init_from: str = ""
+    """start a fresh run (step 0, new optimizer state and schedule) from these weights: an export
+    (python -m pipeline.convert export) or a complete TP=1 checkpoint, of the same model shape and
+    vocabularies (continued pre-training on a dataset built with data_prep/build.py --vocab-from);
+    not used when the run continues from a checkpoint of its own"""
     save_at_end: bool = True
     """save a checkpoint after the last step"""
 
@@ -390,6 +395,9 @@ def validate_paths(config: PretrainConfig) -> None:
     _need(ds_path.is_file(), f"parallelism.deepspeed_config={p.deepspeed_config}: no such file (see ds_configs/README.md)")
     if c.resume not in ("", "auto"):
         _need(Path(c.resume).is_dir(), f"checkpointing.resume={c.resume}: no such checkpoint directory (use 'auto' or a step_* directory)")
+    if c.init_from:
+        _need(Path(c.init_from).is_dir(), f"checkpointing.init_from={c.init_from}: no such directory (give an export of "
+                                           f"`python -m pipeline.convert export` or a complete step_* checkpoint)")
 
 
 def validate(config: PretrainConfig, world_size: int, dataset_meta: dict | None = None, model_config=None,

@@ -233,7 +233,7 @@ def _step_fault_injection(step: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------
-def build_engine(config: PretrainConfig, model_config, ds_config: dict):
+def build_engine(config: PretrainConfig, model_config, ds_config: dict, init_weights: dict | None = None):
     import deepspeed
 
     from pipeline.model import build_model
@@ -247,6 +247,8 @@ def build_engine(config: PretrainConfig, model_config, ds_config: dict):
         data_parallel_group=data_parallel_group(), mpu=DeepSpeedMPU(), config_dict_or_path=ds_config, enabled=stage == 3
     ):
         model = build_model(model_config)
+    if init_weights is not None:  # before the engine: its optimizer copies start from them
+        ckpt.copy_full_weights(model, init_weights)
     optimizer = build_optimizer(config, model)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
@@ -336,7 +338,7 @@ def log_to_file(output_dir: Path, rank: int) -> Path:
 def _startup_checks(config: PretrainConfig, rank: int, world_size: int):
     """What this rank checks on its own node before any process group: the dataset (built first if
     it is the missing demo), the model it implies, the DeepSpeed config, and the checkpoint to resume.
-    Returns (dataset, model_config, ds_config, resume_path, resume_universal)."""
+    Returns (dataset, model_config, ds_config, resume_path, resume_universal, init_weights)."""
     ensure_demo_dataset(config, rank)
     check_dataset_dir(config)
     from data_prep.format import PairedDataset
@@ -391,7 +393,15 @@ def _startup_checks(config: PretrainConfig, rank: int, world_size: int):
             )
         if resume_universal:
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
-    return dataset, model_config, ds_config, resume_path, resume_universal
+    init_weights = None
+    if config.checkpointing.init_from:
+        if resume_path is not None:
+            if rank == 0:
+                log.info("continuing from %s: checkpointing.init_from=%s is not used (it only starts a fresh run)",
+                         resume_path, config.checkpointing.init_from)
+        else:  # every rank reads them (a shared file system, as for the dataset): no broadcast of a whole model
+            init_weights = ckpt.load_init_weights(config.checkpointing.init_from, dataset, model_config.to_dict())
+    return dataset, model_config, ds_config, resume_path, resume_universal, init_weights
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -419,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
 
         parallel.startup_failed(exc, world_size, min(timeout, parallel.STARTUP_JOIN_MINUTES))
         raise
-    dataset, model_config, ds_config, resume_path, resume_universal = state
+    dataset, model_config, ds_config, resume_path, resume_universal, init_weights = state
 
     # 2. Processes and parallel groups.
     from pipeline import parallel
@@ -458,7 +468,11 @@ def main(argv: list[str] | None = None) -> int:
                     "(use a larger dataset or a smaller batch)", len(data.train), global_samples)
 
     # 4. Model, optimizer, schedule, engine.
-    engine = build_engine(config, model_config, ds_config)
+    engine = build_engine(config, model_config, ds_config, init_weights)
+    if init_weights is not None:
+        log.info("initialised the model from checkpointing.init_from=%s (%d tensors); a fresh optimizer state and "
+                 "schedule from step 0", config.checkpointing.init_from, len(init_weights))
+        init_weights = None  # a full fp32 copy of the model: not kept for the whole run
 
     # 5. Resume: engine state from DeepSpeed, the rest (data position, RNG) from client_state.
     step, consumed_samples = 0, 0
