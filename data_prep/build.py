@@ -90,9 +90,12 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def other_language_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+def other_language_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                           explicit: set[str] | None = None) -> list[str]:
     """The options of another language given on the command line (e.g. --segmenter with --lang en):
-    a build would ignore them silently."""
+    a build would ignore them silently. ``explicit`` (``explicit_options``): the dests given on the
+    command line, also those given with their default value; without it, the values that differ
+    from the defaults."""
     import dataclasses
 
     shared = {f.name for f in dataclasses.fields(core.BuildConfig)} | set(get_language(args.lang).option_names)
@@ -100,7 +103,8 @@ def other_language_options(parser: argparse.ArgumentParser, args: argparse.Names
     for action in parser._actions:
         owners = [name for name in available_languages() if name != args.lang
                   and action.dest in getattr(get_language(name), "option_names", ())]
-        if owners and action.dest not in shared and getattr(args, action.dest, None) != action.default:
+        given = action.dest in explicit if explicit is not None else getattr(args, action.dest, None) != action.default
+        if owners and action.dest not in shared and given:
             found.append(f"{action.option_strings[0]} is a --lang {owners[0]} option")
     return found
 
@@ -163,10 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if report.ok else 1
     if not args.lang or not args.output:
         parser.error("--lang and --output are required to build (or pass --verify DIR)")
-    foreign = other_language_options(parser, args)
+    explicit = explicit_options(argv)
+    foreign = other_language_options(parser, args, explicit)
     if foreign:
         parser.error(f"{'; '.join(foreign)}: a --lang {args.lang} build would ignore it. Drop it, or check --lang")
-    config = config_from_args(args, explicit_options(argv) if args.vocab_from else None)
+    config = config_from_args(args, explicit if args.vocab_from else None)
     if config.vocab_from:  # DIR and the options, before anything is written (the build checks them again)
         try:
             core.vocab_from_options(config, get_language(config.language))

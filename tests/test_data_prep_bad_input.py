@@ -390,6 +390,7 @@ def test_an_option_of_the_other_language_is_refused_not_ignored(tmp_path, capsys
     good = _good(tmp_path)
     for args, flag in ((["--lang", "zh", "--cased"], "--cased is a --lang en option"),
                        (["--lang", "en", "--segmenter", "jieba"], "--segmenter is a --lang zh option"),
+                       (["--lang", "en", "--segmenter", "rjieba"], "--segmenter is a --lang zh option"),  # its default
                        (["--lang", "zh", "--lm-sample", "1G"], "--lm-sample is a --lang en option")):
         with pytest.raises(SystemExit) as info:
             build.main([*args, "--input", str(good), "--output", str(tmp_path / "x"), "--no-progress"])
