@@ -46,7 +46,16 @@ from pathlib import Path
 import numpy as np
 
 from data_prep import format as fmt
-from data_prep.languages import Corpus, EncodedShard, Language, LanguageError, concat_ranges, register
+from data_prep.languages import (
+    Corpus,
+    EncodedShard,
+    Language,
+    LanguageError,
+    bincount,
+    compact_ints,
+    concat_ranges,
+    register,
+)
 from data_prep.normalize import normalize_documents, normalize_text, split_sentences, split_sentences_batch
 
 SEGMENTERS = ("rjieba", "jieba", "pkuseg")
@@ -402,7 +411,7 @@ def segment_shard(segmenter: Segmenter, sentences: list[str], chunk_chars: int =
     def general(batch: list[str]) -> None:
         for sentence in batch:
             ids = table.sentence(segmenter, sentence)
-            ids_parts.append(ids)
+            ids_parts.append(compact_ints(ids))
             length_parts.append(np.array([len(ids)], dtype=np.int64))
 
     if not _fast_path(segmenter):
@@ -417,7 +426,7 @@ def segment_shard(segmenter: Segmenter, sentences: list[str], chunk_chars: int =
                     if done is None:
                         general(sentences[start:i])
                     else:
-                        ids_parts.append(done[0])
+                        ids_parts.append(compact_ints(done[0]))
                         length_parts.append(done[1])
                 if i in hashes:
                     general([sentence])
@@ -430,17 +439,21 @@ def segment_shard(segmenter: Segmenter, sentences: list[str], chunk_chars: int =
             if done is None:
                 general(sentences[start:])
             else:
-                ids_parts.append(done[0])
+                ids_parts.append(compact_ints(done[0]))
                 length_parts.append(done[1])
     empty = np.zeros(0, dtype=np.int64)
     ids = np.concatenate(ids_parts) if ids_parts else empty
+    ids_parts.clear()  # the shard's ids are held once (int32: the chunks are compacted as they come)
     lengths = np.concatenate(length_parts) if length_parts else empty
     # Keep the words that occur (not the line break, the space, nor a word seen only before its "##").
-    counts = np.bincount(ids, minlength=len(table.words))
+    counts = bincount(ids, minlength=len(table.words))
     used = np.flatnonzero(counts)
-    remap = np.zeros(len(table.words), dtype=np.int64)
+    remap = np.zeros(len(table.words), dtype=np.int32 if len(table.words) < 2**31 else np.int64)
     remap[used] = np.arange(len(used))
     return [table.words[i] for i in used.tolist()], remap[ids], lengths
+
+
+_ENCODE_CHUNK = 1 << 18  # words per slice of encode_shard's gather
 
 
 class _EncodedWords:
@@ -449,14 +462,16 @@ class _EncodedWords:
 
     ``slots(words)`` -> the slot of each word; slot k's fine ids are
     ``fine[fine_start[k]:fine_start[k] + fine_count[k]]``, its coarse ids and alignment likewise.
-    Bounded: past ``max_words`` words (a huge corpus) new words are encoded per shard, not kept."""
+    Ids, alignments and counts are kept as int32 (int64 only if a value needs it), so the shard's
+    tokens gathered from them are int32 too. Bounded: past ``max_words`` words (a huge corpus) new
+    words are encoded per shard, not kept."""
 
     def __init__(self, max_words: int = 4_000_000) -> None:
         self.max_words = max_words
         self.slot: dict[str, int] = {}
         empty = np.zeros(0, dtype=np.int64)
-        self.fine = self.coarse = self.align = empty
-        self.fine_count = self.coarse_count = self.fine_start = self.coarse_start = empty
+        self.fine = self.coarse = self.align = self.fine_count = self.coarse_count = np.zeros(0, dtype=np.int32)
+        self.fine_start = self.coarse_start = empty
         self.chars = empty  # characters of text per word ("##" marks excluded)
         self._kept = 0  # slots [0, _kept) are the memo; any beyond belong to the current shard only
 
@@ -468,14 +483,14 @@ class _EncodedWords:
             new = [words[i] for i in missing.tolist()]
             fine, coarse, align, fine_count, coarse_count = encode(new)
             slots[missing] = np.arange(len(self.fine_count), len(self.fine_count) + len(new))
-            self.fine = np.concatenate([self.fine, fine])
-            self.coarse = np.concatenate([self.coarse, coarse])
-            self.align = np.concatenate([self.align, align])
-            self.fine_count = np.concatenate([self.fine_count, fine_count])
+            self.fine = np.concatenate([self.fine, compact_ints(fine)])
+            self.coarse = np.concatenate([self.coarse, compact_ints(coarse)])
+            self.align = np.concatenate([self.align, compact_ints(align)])
+            self.fine_count = np.concatenate([self.fine_count, compact_ints(fine_count)])
             self.chars = np.concatenate([self.chars, [len(w) - 2 * w.startswith("##") for w in new]]).astype(np.int64)
-            self.coarse_count = np.concatenate([self.coarse_count, coarse_count])
-            self.fine_start = np.cumsum(self.fine_count) - self.fine_count
-            self.coarse_start = np.cumsum(self.coarse_count) - self.coarse_count
+            self.coarse_count = np.concatenate([self.coarse_count, compact_ints(coarse_count)])
+            self.fine_start = np.cumsum(self.fine_count, dtype=np.int64) - self.fine_count
+            self.coarse_start = np.cumsum(self.coarse_count, dtype=np.int64) - self.coarse_count
             if len(self.slot) + len(new) <= self.max_words:
                 self.slot.update(zip(new, slots[missing].tolist()))
                 self._kept = len(self.fine_count)
@@ -643,11 +658,11 @@ class Chinese(Language):
         document = np.repeat(np.arange(len(sentences)), np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences)))
         sentences_per_document = np.bincount(document[lengths > 0], minlength=len(sentences))
         (cache_dir / SHARD_WORDS_FILE).write_text(WORD_SEP.join(words), encoding="utf-8")
-        np.save(cache_dir / SHARD_IDS_FILE, ids.astype(np.int32))
+        np.save(cache_dir / SHARD_IDS_FILE, ids.astype(np.int32, copy=False))
         np.save(cache_dir / SHARD_SENTENCES_FILE, lengths[lengths > 0])
         np.save(cache_dir / "sentences_per_document.npy", sentences_per_document.astype(np.int64))
         # Character and Latin-run counts follow from the word counts: ``fit`` derives them once.
-        return {"word": Counter(dict(zip(words, np.bincount(ids, minlength=len(words)).tolist())))}
+        return {"word": Counter(dict(zip(words, bincount(ids, minlength=len(words)).tolist())))}
 
     # ---- fit: vocabularies ----------------------------------------------------------------------
     def fit(self, counts: dict[str, Counter], corpus: Corpus, artifacts_dir: Path) -> dict:
@@ -940,31 +955,62 @@ class Chinese(Language):
 
     def encode_shard(self, cache_dir: Path) -> EncodedShard:
         """Each distinct word is encoded once per worker (``encode_words``, kept across shards by
-        ``_EncodedWords``); the shard's tokens are gathered from those encodings by word id."""
+        ``_EncodedWords``); the shard's tokens are gathered from those encodings by word id.
+
+        The gather runs over slices of ``_ENCODE_CHUNK`` words into preallocated output arrays (of
+        the memo's dtype: int32), so its index arrays take memory per slice, not per shard token."""
         cache_dir = Path(cache_dir)
         text = (cache_dir / SHARD_WORDS_FILE).read_text(encoding="utf-8")
-        ids = np.load(cache_dir / SHARD_IDS_FILE).astype(np.int64)
+        ids = np.load(cache_dir / SHARD_IDS_FILE)
         sentence_words = np.load(cache_dir / SHARD_SENTENCES_FILE)
         sentences_per_document = np.load(cache_dir / "sentences_per_document.npy")
         empty = np.zeros(0, dtype=np.int64)
         if not len(ids):
             return EncodedShard(empty, empty, empty, empty, empty, sentences_per_document, 0, {})
+        if int(sentence_words.sum()) != len(ids):
+            raise fmt.FormatError(f"{cache_dir}: the shard cache is inconsistent ({int(sentence_words.sum())} words in its "
+                                  f"sentences, {len(ids)} word ids); delete the build's .partial work directory and run again")
         words = text.split(WORD_SEP)
+        del text
         memo = self._encoded
         slots = memo.slots(words, self.encode_words)
-        tokens = slots[ids]
-        fine_count, coarse_count = memo.fine_count[tokens], memo.coarse_count[tokens]
-        fine = memo.fine[concat_ranges(memo.fine_start[tokens], fine_count)]
-        coarse_src = concat_ranges(memo.coarse_start[tokens], coarse_count)
-        sentence_starts = np.cumsum(sentence_words) - sentence_words
+        # Totals from the occurrences of each distinct word (exact int64 dot products).
+        occurrences = bincount(ids, minlength=len(words))
+        fine_total = int(occurrences @ memo.fine_count[slots].astype(np.int64))
+        coarse_total = int(occurrences @ memo.coarse_count[slots].astype(np.int64))
+        characters = int(occurrences @ memo.chars[slots])
+        del occurrences
+        fine = np.empty(fine_total, dtype=memo.fine.dtype)
+        coarse = np.empty(coarse_total, dtype=memo.coarse.dtype)
+        align = np.empty(coarse_total, dtype=memo.align.dtype)
+        # Per sentence: the offset of its first fine / coarse token (lengths are their differences).
+        sentence_starts = np.cumsum(sentence_words, dtype=np.int64) - sentence_words
+        fine_offsets = np.empty(len(sentence_starts) + 1, dtype=np.int64)
+        coarse_offsets = np.empty(len(sentence_starts) + 1, dtype=np.int64)
+        fine_offsets[-1], coarse_offsets[-1] = fine_total, coarse_total
+        f = c = 0
+        for a in range(0, len(ids), _ENCODE_CHUNK):
+            tokens = slots[ids[a:a + _ENCODE_CHUNK]]
+            fine_count, coarse_count = memo.fine_count[tokens], memo.coarse_count[tokens]
+            fine_local = np.cumsum(fine_count, dtype=np.int64) - fine_count
+            coarse_local = np.cumsum(coarse_count, dtype=np.int64) - coarse_count
+            lo, hi = np.searchsorted(sentence_starts, [a, a + len(tokens)])
+            fine_offsets[lo:hi] = f + fine_local[sentence_starts[lo:hi] - a]
+            coarse_offsets[lo:hi] = c + coarse_local[sentence_starts[lo:hi] - a]
+            nf, nc = int(fine_local[-1]) + int(fine_count[-1]), int(coarse_local[-1]) + int(coarse_count[-1])
+            fine[f:f + nf] = memo.fine[concat_ranges(memo.fine_start[tokens], fine_count)]
+            coarse_src = concat_ranges(memo.coarse_start[tokens], coarse_count)
+            coarse[c:c + nc] = memo.coarse[coarse_src]
+            align[c:c + nc] = memo.align[coarse_src]
+            f, c = f + nf, c + nc
         return EncodedShard(
             fine=fine,
-            coarse=memo.coarse[coarse_src],
-            align=memo.align[coarse_src],
-            fine_lengths=np.add.reduceat(fine_count, sentence_starts),
-            coarse_lengths=np.add.reduceat(coarse_count, sentence_starts),
+            coarse=coarse,
+            align=align,
+            fine_lengths=np.diff(fine_offsets),
+            coarse_lengths=np.diff(coarse_offsets),
             document_sentences=sentences_per_document,
-            characters=int(memo.chars[tokens].sum()),
+            characters=characters,
         )
 
     # ---- convenience for tests / tools ----------------------------------------------------------

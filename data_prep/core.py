@@ -542,7 +542,12 @@ def check_encoded_shard(enc: EncodedShard, fine_vocab_size: int, coarse_vocab_si
             if len(enc.align) and (enc.align.min() <= 0 or enc.align.max() > np.iinfo(fmt.ALIGN_DTYPE).max):
                 problems.append("every coarse token must cover between 1 and 65535 fine tokens")
             starts = np.concatenate([[0], np.cumsum(enc.coarse_lengths)[:-1]])
-            covered = np.add.reduceat(enc.align, starts) if len(enc.align) else np.zeros(0)
+            # Summed in the alignment's own dtype when no sum can overflow it (np.add.reduceat would
+            # otherwise make an int64 copy of the whole stream first).
+            exact = (np.issubdtype(enc.align.dtype, np.signedinteger) and len(enc.align) and int(enc.align.min()) >= 0
+                     and int(enc.align.max()) * len(enc.align) <= np.iinfo(enc.align.dtype).max)
+            covered = (np.add.reduceat(enc.align, starts, dtype=enc.align.dtype if exact else None)
+                       if len(enc.align) else np.zeros(0))
             bad = np.nonzero(covered != enc.fine_lengths)[0]
             if len(bad):
                 problems.append(f"sentence {bad[0]}: alignment covers {covered[bad[0]]} fine tokens, it has {enc.fine_lengths[bad[0]]}")
@@ -553,6 +558,22 @@ def check_encoded_shard(enc: EncodedShard, fine_vocab_size: int, coarse_vocab_si
         raise fmt.FormatError(f"{where}: the language plugin produced an invalid encoding: " + "; ".join(problems))
 
 
+def _selected_tokens(values: np.ndarray, lengths: np.ndarray, sentence_mask: np.ndarray,
+                     chunk: int = 1 << 20) -> Iterator[np.ndarray]:
+    """The tokens of the selected sentences (``values[np.repeat(sentence_mask, lengths)]``), in
+    slices of ``chunk`` tokens: no full-size mask nor copy of the stream."""
+    ends = np.cumsum(lengths, dtype=np.int64)
+    starts = ends - lengths
+    for a in range(0, len(values), chunk):
+        b = min(a + chunk, len(values))
+        i = int(np.searchsorted(ends, a, side="right"))  # the sentences overlapping [a, b)
+        j = int(np.searchsorted(starts, b, side="left"))
+        if sentence_mask[i:j].all():
+            yield values[a:b]
+        elif sentence_mask[i:j].any():
+            yield values[a:b][np.repeat(sentence_mask[i:j], np.minimum(ends[i:j], b) - np.maximum(starts[i:j], a))]
+
+
 def write_shard_splits(shard_dir: Path, enc: EncodedShard, valid_mask: np.ndarray,
                        fine_vocab_size: int, coarse_vocab_size: int) -> dict:
     """Write the train and valid IndexedDatasets of one encoded shard; return its statistics."""
@@ -561,23 +582,22 @@ def write_shard_splits(shard_dir: Path, enc: EncodedShard, valid_mask: np.ndarra
     stats: dict[str, Any] = {"splits": {}}
     for split, doc_mask in (("train", ~valid_mask & nonempty), ("valid", valid_mask & nonempty)):
         sentence_mask = np.repeat(doc_mask, sentences_per_doc)
-        fine_mask = np.repeat(sentence_mask, enc.fine_lengths)
-        coarse_mask = np.repeat(sentence_mask, enc.coarse_lengths)
         fine_lengths = enc.fine_lengths[sentence_mask]
         coarse_lengths = enc.coarse_lengths[sentence_mask]
         document_indices = np.concatenate([[0], np.cumsum(sentences_per_doc[doc_mask])])
         streams = {
-            "fine": (fmt.id_dtype(fine_vocab_size), enc.fine[fine_mask], fine_lengths),
-            "coarse": (fmt.id_dtype(coarse_vocab_size), enc.coarse[coarse_mask], coarse_lengths),
-            "align": (fmt.ALIGN_DTYPE, enc.align[coarse_mask], coarse_lengths),
+            "fine": (fmt.id_dtype(fine_vocab_size), enc.fine, enc.fine_lengths, fine_lengths),
+            "coarse": (fmt.id_dtype(coarse_vocab_size), enc.coarse, enc.coarse_lengths, coarse_lengths),
+            "align": (fmt.ALIGN_DTYPE, enc.align, enc.coarse_lengths, coarse_lengths),
         }
-        for stream, (dtype, values, lengths) in streams.items():
-            fmt.write_indexed_dataset(fmt.prefix(shard_dir, split, stream), dtype, values, lengths, document_indices)
+        for stream, (dtype, values, all_lengths, lengths) in streams.items():
+            fmt.write_indexed_dataset(fmt.prefix(shard_dir, split, stream), dtype,
+                                      _selected_tokens(values, all_lengths, sentence_mask), lengths, document_indices)
         stats["splits"][split] = {
             "documents": int(doc_mask.sum()),
             "sentences": int(sentence_mask.sum()),
-            "fine_tokens": int(fine_mask.sum()),
-            "coarse_tokens": int(coarse_mask.sum()),
+            "fine_tokens": int(fine_lengths.sum()),
+            "coarse_tokens": int(coarse_lengths.sum()),
         }
     stats.update(
         documents=int(nonempty.sum()),

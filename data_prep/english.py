@@ -65,7 +65,7 @@ from data_prep.format import (
     UNK_ID,
     Vocab,
 )
-from data_prep.languages import EncodedShard, Language, LanguageError, concat_ranges, register
+from data_prep.languages import EncodedShard, Language, LanguageError, compact_ints, concat_ranges, register
 from data_prep.phrases import (
     NgramIndex,
     PhraseMiningConfig,
@@ -1055,7 +1055,7 @@ class English(Language):
 
         def flush() -> None:
             for key, value in tk.encode_block(block).items():
-                parts[key].append(value)
+                parts[key].append(compact_ints(value))  # int32: half the memory of the shard's tokens
             block.clear()
 
         for document in read_shard_documents(Path(cache_dir) / SHARD_WORDS_FILE):
@@ -1066,7 +1066,11 @@ class English(Language):
         if block:
             flush()
         st = tk.stats
-        arrays = {k: np.concatenate(v) if v else np.zeros(0, dtype=np.int64) for k, v in parts.items()}
+        arrays = {}
+        for k in list(parts):  # each stream's blocks freed as soon as they are concatenated
+            v = parts.pop(k)
+            arrays[k] = np.concatenate(v) if v else np.zeros(0, dtype=np.int64)
+            del v
         return EncodedShard(
             **arrays,
             document_sentences=np.asarray(document_sentences, dtype=np.int64),

@@ -238,6 +238,7 @@ _DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, 
                 np.uint16: 8}
 _DTYPES = {code: np.dtype(t) for t, code in _DTYPE_CODES.items()}
 _COPY_CHUNK = 16 << 20
+_WRITE_CHUNK = 1 << 20  # values converted to the file's dtype at a time
 
 
 def _write_index_header(fh, dtype, num_sequences: int, num_documents: int) -> None:
@@ -258,16 +259,20 @@ def _pointers(lengths: np.ndarray, itemsize: int, start: int = 0) -> np.ndarray:
     return pointers
 
 
-def write_indexed_dataset(path_prefix: str, dtype, values: np.ndarray, sequence_lengths: np.ndarray,
+def write_indexed_dataset(path_prefix: str, dtype, values: np.ndarray | Iterable[np.ndarray], sequence_lengths: np.ndarray,
                           document_indices: np.ndarray) -> None:
     """Write ``.bin``/``.idx`` byte-identical to megatron-core's IndexedDatasetBuilder, in one go.
 
     The builder takes one tensor per sentence (a Python call each); a shard holds ~1e5 sentences,
-    so a whole shard is written from flat arrays instead.
+    so a whole shard is written from flat arrays instead. ``values``: the stream's values, as one
+    array or as an iterable of consecutive slices of it.
     """
-    values = np.ascontiguousarray(values, dtype=dtype)
+    if isinstance(values, (np.ndarray, list, tuple)):
+        whole = np.asarray(values)
+        values = (whole[i:i + _WRITE_CHUNK] for i in range(0, len(whole), _WRITE_CHUNK))
     with open(path_prefix + ".bin", "wb") as fh:
-        fh.write(values.tobytes())
+        for part in values:  # converted a slice at a time: no full-size copy of the stream
+            fh.write(memoryview(np.ascontiguousarray(part, dtype=dtype)).cast("B"))
     lengths = np.asarray(sequence_lengths, dtype=np.int32)
     docs = np.asarray(document_indices, dtype=np.int64)
     with open(path_prefix + ".idx", "wb") as fh:

@@ -419,6 +419,58 @@ def test_encode_shard_with_the_word_memo_equals_fresh_encoding(tmp_path):
     assert sum(fresh[1][3]) == len(fresh[1][0]) and len(fresh[1][3]) == len(lines)
 
 
+def test_encode_shard_in_slices_equals_the_int64_gather(tmp_path, monkeypatch):
+    """encode_shard gathers a shard's tokens a slice of words at a time into int32 arrays: the same
+    values as the whole-shard int64 gather (the encoding before the slices), for slices that cut
+    sentences anywhere; and write_shard_splits (selected tokens a slice at a time, no masks) writes
+    the bytes of the mask-indexed int64 streams."""
+    from data_prep import chinese
+    from data_prep.chinese import SHARD_IDS_FILE, SHARD_SENTENCES_FILE, SHARD_WORDS_FILE, WORD_SEP
+    from data_prep.languages import concat_ranges
+
+    docs = ["".join(words) for words in peoples_daily_gold(400)] + MIXED.split("\n") + ["Windows 98和iPhone6s", "C##x 和 ##b"]
+    lang = Chinese({"fine_vocab_size": 1500, "coarse_vocab_size": 4000, "fine_min_count": 1, "coarse_min_count": 3})
+    shard = tmp_path / "s"
+    shard.mkdir()
+    lang.fit({"word": lang.analyze_shard(docs, shard)["word"]}, None, tmp_path)
+    for chunk in (chinese._ENCODE_CHUNK, 1, 7, 1000):
+        monkeypatch.setattr(chinese, "_ENCODE_CHUNK", chunk)
+        worker = Chinese(lang.options)
+        worker.load(tmp_path)
+        enc = worker.encode_shard(shard)
+        assert enc.fine.dtype == enc.coarse.dtype == enc.align.dtype == np.int32
+        # The reference: the whole shard at once, int64 (the memo now holds every word of the shard).
+        memo = worker._encoded
+        words = (shard / SHARD_WORDS_FILE).read_text(encoding="utf-8").split(WORD_SEP)
+        tokens = memo.slots(words, worker.encode_words)[np.load(shard / SHARD_IDS_FILE).astype(np.int64)]
+        fine_count, coarse_count = memo.fine_count[tokens].astype(np.int64), memo.coarse_count[tokens].astype(np.int64)
+        coarse_src = concat_ranges(memo.coarse_start[tokens], coarse_count)
+        sentence_words = np.load(shard / SHARD_SENTENCES_FILE)
+        starts = np.cumsum(sentence_words) - sentence_words
+        assert enc.fine.tolist() == memo.fine[concat_ranges(memo.fine_start[tokens], fine_count)].tolist()
+        assert enc.coarse.tolist() == memo.coarse[coarse_src].tolist()
+        assert enc.align.tolist() == memo.align[coarse_src].tolist()
+        assert enc.fine_lengths.tolist() == np.add.reduceat(fine_count, starts).tolist()
+        assert enc.coarse_lengths.tolist() == np.add.reduceat(coarse_count, starts).tolist()
+        assert enc.characters == int(memo.chars[tokens].sum())
+    core.check_encoded_shard(enc, len(worker.fine_vocab), len(worker.coarse_vocab), "s")
+    valid = core.is_valid_document(np.arange(enc.num_documents), enc.num_documents, 40)
+    monkeypatch.setattr(fmt, "_WRITE_CHUNK", 5)
+    stats = core.write_shard_splits(shard, enc, valid, len(worker.fine_vocab), len(worker.coarse_vocab))
+    nonempty = enc.document_sentences > 0
+    for split, doc_mask in (("train", ~valid & nonempty), ("valid", valid & nonempty)):
+        sentence_mask = np.repeat(doc_mask, enc.document_sentences)
+        for stream, lengths, dtype in (("fine", enc.fine_lengths, fmt.id_dtype(len(worker.fine_vocab))),
+                                       ("coarse", enc.coarse_lengths, fmt.id_dtype(len(worker.coarse_vocab))),
+                                       ("align", enc.coarse_lengths, fmt.ALIGN_DTYPE)):
+            values = getattr(enc, stream).astype(np.int64)[np.repeat(sentence_mask, lengths)]
+            assert (shard / f"{split}_{stream}.bin").read_bytes() == values.astype(dtype).tobytes()
+            for chunk in (1, 3, 50, 1 << 20):  # slices that start and end inside sentences
+                parts = list(core._selected_tokens(getattr(enc, stream), lengths, sentence_mask, chunk))
+                assert np.concatenate(parts).tolist() == values.tolist()
+        assert stats["splits"][split]["fine_tokens"] == int(np.repeat(sentence_mask, enc.fine_lengths).sum())
+
+
 def test_vectorised_word_encoding_equals_word_by_word(tmp_path):
     """encode_words (array path; out-of-vocabulary words without a possible longer match backed off
     to single characters in bulk) == encode_word on each word, with a small vocabulary so most words
