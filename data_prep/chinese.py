@@ -60,11 +60,10 @@ from data_prep.normalize import normalize_documents, normalize_text, split_sente
 
 SEGMENTERS = ("rjieba", "jieba", "pkuseg")
 WORD_SEP = "\x1f"
-# A shard's cache (``analyze_shard``): its distinct words (joined by WORD_SEP), the word id of every
-# token (int32), the words of every sentence, and the sentences of every document.
-SHARD_WORDS_FILE = "words.txt"
-SHARD_IDS_FILE = "word_ids.npy"
-SHARD_SENTENCES_FILE = "sentence_words.npy"
+# A shard's cache (``analyze_shard``), one uncompressed .npz file: its distinct words (UTF-8, joined
+# by WORD_SEP), the word id of every token (int32), the words of every sentence, and the sentences
+# of every document (``write_shard_cache`` / ``read_shard_cache``).
+SHARD_CACHE_FILE = "segmented.npz"
 _ASCII_ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 _ASCII_ALNUM_SET = frozenset(_ASCII_ALNUM)
 _ALNUM_TABLE = np.zeros(128, dtype=bool)
@@ -506,6 +505,21 @@ class _EncodedWords:
             self.fine_start, self.coarse_start = self.fine_start[:k], self.coarse_start[:k]
 
 
+def write_shard_cache(cache_dir: Path, words: list[str], ids: np.ndarray, sentence_words: np.ndarray,
+                      sentences_per_document: np.ndarray) -> None:
+    """A shard's segmentation, in one file (file creation is what shared filesystems are slow at)."""
+    with open(Path(cache_dir) / SHARD_CACHE_FILE, "wb") as fh:
+        np.savez(fh, words=np.frombuffer(WORD_SEP.join(words).encode("utf-8"), dtype=np.uint8),
+                 ids=ids.astype(np.int32, copy=False), sentence_words=np.asarray(sentence_words, dtype=np.int64),
+                 sentences_per_document=np.asarray(sentences_per_document, dtype=np.int64))
+
+
+def read_shard_cache(cache_dir: Path) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct words joined by WORD_SEP, word id per token, words per sentence, sentences per document)."""
+    with np.load(Path(cache_dir) / SHARD_CACHE_FILE) as z:
+        return (z["words"].tobytes().decode("utf-8"), z["ids"], z["sentence_words"], z["sentences_per_document"])
+
+
 def _in_sorted(values: np.ndarray, table: np.ndarray) -> np.ndarray:
     """``np.isin(values, table)`` for a sorted, unique ``table``: a binary search per value (np.isin
     hashes the table again on every call, ~6 ms for the encoder's tens of thousands of pairs, once
@@ -657,10 +671,7 @@ class Chinese(Language):
         # Sentences without words (the general path can give none) are not kept.
         document = np.repeat(np.arange(len(sentences)), np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences)))
         sentences_per_document = np.bincount(document[lengths > 0], minlength=len(sentences))
-        (cache_dir / SHARD_WORDS_FILE).write_text(WORD_SEP.join(words), encoding="utf-8")
-        np.save(cache_dir / SHARD_IDS_FILE, ids.astype(np.int32, copy=False))
-        np.save(cache_dir / SHARD_SENTENCES_FILE, lengths[lengths > 0])
-        np.save(cache_dir / "sentences_per_document.npy", sentences_per_document.astype(np.int64))
+        write_shard_cache(cache_dir, words, ids, lengths[lengths > 0], sentences_per_document)
         # Character and Latin-run counts follow from the word counts: ``fit`` derives them once.
         return {"word": Counter(dict(zip(words, bincount(ids, minlength=len(words)).tolist())))}
 
@@ -960,10 +971,7 @@ class Chinese(Language):
         The gather runs over slices of ``_ENCODE_CHUNK`` words into preallocated output arrays (of
         the memo's dtype: int32), so its index arrays take memory per slice, not per shard token."""
         cache_dir = Path(cache_dir)
-        text = (cache_dir / SHARD_WORDS_FILE).read_text(encoding="utf-8")
-        ids = np.load(cache_dir / SHARD_IDS_FILE)
-        sentence_words = np.load(cache_dir / SHARD_SENTENCES_FILE)
-        sentences_per_document = np.load(cache_dir / "sentences_per_document.npy")
+        text, ids, sentence_words, sentences_per_document = read_shard_cache(cache_dir)
         empty = np.zeros(0, dtype=np.int64)
         if not len(ids):
             return EncodedShard(empty, empty, empty, empty, empty, sentences_per_document, 0, {})

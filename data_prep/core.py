@@ -14,13 +14,15 @@ Stages (each resumable, each independent of the number of workers / MPI ranks):
 4. fit     sums the counts (over shards, and over MPI ranks with a gather) and lets the language
            build its vocabularies ONCE (rank 0) into ``DIR.partial/artifacts``.
 5. encode  every shard is encoded from its cache with those vocabularies and written as its own
-           small train/valid IndexedDatasets; the train/valid split is a pure function of the
-           global document index (``is_valid_document``).
+           small train/valid IndexedDatasets, all six in one part file (``format.write_part``); the
+           train/valid split is a pure function of the global document index (``is_valid_document``).
 6. merge   rank 0 concatenates the shard datasets IN SHARD ORDER (``format.merge_splits``: the bytes
            megatron-core's builder merge writes, without importing it) into ``DIR.partial-<pid>`` (an
            ``AtomicDirectory``), copies the artifacts, writes meta.json last and renames it to DIR.
 
-Every stage leaves a ``*.done`` marker, so ``--resume`` re-runs only what was not finished and the
+Every stage's output is written to a temporary name and renamed, so its presence marks the stage
+done (a shard's docs.txt, counts.pkl, encoded.part; the corpus's read.json and fit.done):
+``--resume`` re-runs only what was not finished and the
 final bytes are the same as an uninterrupted build. ``DIR.partial/params.json`` records the build
 parameters; a resume with different ones is refused.
 
@@ -483,8 +485,15 @@ def _shard_dir(work: Path, k: int) -> Path:
 # A shard's documents: UTF-8, separated by NUL (the reader removes NULs from every document, so
 # none contains one). One encode / decode + split per shard: JSON lines cost the main process
 # 0.16 s per 20 MB of English, beside the workers, and the workers as much again to parse.
+# A shard's files; each is written to a temporary name and renamed, so that its presence marks a
+# stage done for the shard: read (its documents), analysed (its count tables; the language's cache
+# is in cache/), encoded (its train/valid datasets and statistics in one part file,
+# ``format.write_part``). Four files a shard (+ the language's cache): creating a file is what
+# parallel filesystems are slow at.
 SHARD_DOCUMENTS_FILE = "docs.txt"
-WORK_FORMAT = 3  # of DIR.partial (params.json): a --resume of a work dir in another layout is refused
+SHARD_COUNTS_FILE = "counts.pkl"
+SHARD_PART_FILE = "encoded.part"
+WORK_FORMAT = 4  # of DIR.partial (params.json): a --resume of a work dir in another layout is refused
 
 
 def read_shard_documents(shard_dir: Path) -> list[str]:
@@ -492,12 +501,16 @@ def read_shard_documents(shard_dir: Path) -> list[str]:
     return text.split("\0") if text else []
 
 
+def count_shard_documents(shard_dir: Path) -> int:
+    data = (shard_dir / SHARD_DOCUMENTS_FILE).read_bytes()
+    return data.count(b"\0") + 1 if data else 0
+
+
 def _write_shard_documents(shard_dir: Path, documents: list[str]) -> None:
     shard_dir.mkdir(parents=True, exist_ok=True)
     if any("\0" in d for d in documents):
         raise ValueError("internal: a document with a NUL reached a shard (the reader removes them)")
     _write_atomic(shard_dir / SHARD_DOCUMENTS_FILE, "\0".join(documents).encode("utf-8"))
-    _mark(shard_dir / "docs.done", {"documents": len(documents)})
 
 
 def is_valid_document(index: np.ndarray | int, num_documents: int, num_valid: int):
@@ -576,10 +589,12 @@ def _selected_tokens(values: np.ndarray, lengths: np.ndarray, sentence_mask: np.
 
 def write_shard_splits(shard_dir: Path, enc: EncodedShard, valid_mask: np.ndarray,
                        fine_vocab_size: int, coarse_vocab_size: int) -> dict:
-    """Write the train and valid IndexedDatasets of one encoded shard; return its statistics."""
+    """Write the train and valid IndexedDatasets of one encoded shard and its statistics into its part
+    file (``SHARD_PART_FILE``, which marks it encoded); return the statistics."""
     sentences_per_doc = enc.document_sentences
     nonempty = sentences_per_doc > 0
     stats: dict[str, Any] = {"splits": {}}
+    sections: dict[tuple[str, str], tuple] = {}
     for split, doc_mask in (("train", ~valid_mask & nonempty), ("valid", valid_mask & nonempty)):
         sentence_mask = np.repeat(doc_mask, sentences_per_doc)
         fine_lengths = enc.fine_lengths[sentence_mask]
@@ -591,8 +606,8 @@ def write_shard_splits(shard_dir: Path, enc: EncodedShard, valid_mask: np.ndarra
             "align": (fmt.ALIGN_DTYPE, enc.align, enc.coarse_lengths, coarse_lengths),
         }
         for stream, (dtype, values, all_lengths, lengths) in streams.items():
-            fmt.write_indexed_dataset(fmt.prefix(shard_dir, split, stream), dtype,
-                                      _selected_tokens(values, all_lengths, sentence_mask), lengths, document_indices)
+            sections[(split, stream)] = (dtype, _selected_tokens(values, all_lengths, sentence_mask), lengths,
+                                         document_indices)
         stats["splits"][split] = {
             "documents": int(doc_mask.sum()),
             "sentences": int(sentence_mask.sum()),
@@ -611,6 +626,7 @@ def write_shard_splits(shard_dir: Path, enc: EncodedShard, valid_mask: np.ndarra
         coarse_unk=int((enc.coarse == fmt.UNK_ID).sum()),
         extra=dict(enc.extra),
     )
+    fmt.write_part(shard_dir / SHARD_PART_FILE, sections, stats)
     return stats
 
 
@@ -675,7 +691,7 @@ def _encode_task(args: tuple) -> str:
 
 def _analyze(shard_dir: str) -> tuple[str, int]:
     shard = Path(shard_dir)
-    if (shard / "analyzed.done").exists():
+    if (shard / SHARD_COUNTS_FILE).exists():
         return shard_dir, 0
     documents = read_shard_documents(shard)
     cache = shard / "cache"
@@ -684,30 +700,26 @@ def _analyze(shard_dir: str) -> tuple[str, int]:
     cache.mkdir()
     counts = _WORKER["lang"].analyze_shard(documents, cache)
     tables = {k: PackedCounter.pack(v if isinstance(v, Counter) else Counter(v)) for k, v in counts.items()}
-    _write_atomic(shard / "counts.pkl", pickle.dumps(tables, protocol=4))
-    nbytes = sum(len(d.encode("utf-8")) for d in documents)
-    _mark(shard / "analyzed.done", {"bytes": nbytes})
-    return shard_dir, nbytes
+    _write_atomic(shard / SHARD_COUNTS_FILE, pickle.dumps(tables, protocol=4))
+    return shard_dir, sum(len(d.encode("utf-8")) for d in documents)
 
 
 def _encode(args: tuple) -> str:
     shard_dir, artifacts, first_document, num_documents, num_valid, fine_size, coarse_size = args
     shard = Path(shard_dir)
-    if (shard / "encoded.done").exists():
+    if (shard / SHARD_PART_FILE).exists():
         return shard_dir
     lang: Language = _WORKER["lang"]
     if _WORKER["loaded"] != artifacts:
         lang.load(Path(artifacts))
         _WORKER["loaded"] = artifacts
     enc = lang.encode_shard(shard / "cache")
-    expected = json.loads((shard / "docs.done").read_text())["documents"]
+    expected = count_shard_documents(shard)
     if enc.num_documents != expected:
         raise fmt.FormatError(f"{shard}: the language plugin encoded {enc.num_documents} documents, the shard has {expected}")
     check_encoded_shard(enc, fine_size, coarse_size, str(shard))
     valid = is_valid_document(first_document + np.arange(enc.num_documents), num_documents, num_valid)
-    stats = write_shard_splits(shard, enc, valid, fine_size, coarse_size)
-    _write_atomic(shard / "stats.json", json.dumps(stats, sort_keys=True).encode())
-    _mark(shard / "encoded.done")
+    write_shard_splits(shard, enc, valid, fine_size, coarse_size)
     return shard_dir
 
 
@@ -1040,10 +1052,10 @@ def work_progress(work: Path) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         total, read = None, False
     of = f" of {total}" if total is not None else ""
-    parts = [f"corpus read into {total} shards" if read else f"{count('docs.done')} shard(s) written",
-             f"{count('analyzed.done')}{of} analysed"]
+    parts = [f"corpus read into {total} shards" if read else f"{count(SHARD_DOCUMENTS_FILE)} shard(s) written",
+             f"{count(SHARD_COUNTS_FILE)}{of} analysed"]
     if (work / "fit.done").exists():
-        parts += ["vocabularies fitted", f"{count('encoded.done')}{of} encoded"]
+        parts += ["vocabularies fitted", f"{count(SHARD_PART_FILE)}{of} encoded"]
     return ", ".join(parts) + " (kept; --resume reuses them)"
 
 
@@ -1099,7 +1111,7 @@ def _sum_shard_counts(shard_dirs: list[str]) -> dict[str, PackedCounter | Counte
     parts = []
     with _NoCyclicGC():
         for shard_dir in shard_dirs:
-            with open(Path(shard_dir) / "counts.pkl", "rb") as fh:
+            with open(Path(shard_dir) / SHARD_COUNTS_FILE, "rb") as fh:
                 parts.append(pickle.load(fh))
         return _sum_count_tables(parts)
 
@@ -1117,7 +1129,7 @@ def _read_into_shards(config, comm, specs, work: Path, executor: _Executor, on_a
     if read_done:  # a resumed build: every rank had written its shards before
         summary = json.loads((work / READ_FILE).read_text())
         mine = [k for k in range(summary["num_shards"]) if k % comm.size == comm.rank]
-        unwritten = [k for k in mine if not (_shard_dir(work, k) / "docs.done").exists()]
+        unwritten = [k for k in mine if not (_shard_dir(work, k) / SHARD_DOCUMENTS_FILE).exists()]
         if not unwritten:
             for k in mine:
                 executor.submit(_analyze_task, str(_shard_dir(work, k)))
@@ -1137,7 +1149,7 @@ def _read_into_shards(config, comm, specs, work: Path, executor: _Executor, on_a
         shard_starts.append(num_documents - len(documents))
         if k % comm.size == comm.rank:
             shard = _shard_dir(work, k)
-            if not (shard / "docs.done").exists():
+            if not (shard / SHARD_DOCUMENTS_FILE).exists():
                 _write_shard_documents(shard, documents)
             executor.submit(_analyze_task, str(shard))
         documents = []
@@ -1399,7 +1411,7 @@ def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.Inp
             raise
 
         def encoded(k: int) -> bool:
-            return (_shard_dir(work, k) / "encoded.done").exists()
+            return (_shard_dir(work, k) / SHARD_PART_FILE).exists()
 
         def encode():
             nonlocal concatenator
@@ -1409,7 +1421,8 @@ def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.Inp
                 # any rank: the bulk of the merge overlaps the encoding. Redone from scratch on resume.
                 staging = work / "merged"
                 shutil.rmtree(staging, ignore_errors=True)
-                concatenator = fmt.BinConcatenator(staging, [_shard_dir(work, k) for k in range(summary["num_shards"])])
+                concatenator = fmt.BinConcatenator(staging, [_shard_dir(work, k) / SHARD_PART_FILE
+                                                             for k in range(summary["num_shards"])])
             with _progress(config.progress and comm.rank == 0, desc="encode", unit="shard", total=len(mine)) as bar:
                 for k in mine:
                     task = (str(_shard_dir(work, k)), str(artifacts), summary["shard_starts"][k], num_documents,
@@ -1475,13 +1488,16 @@ def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_siz
     shards = [_shard_dir(work, k) for k in range(summary["num_shards"])]
     totals: Counter = Counter()
     extra: Counter = Counter()
-    for shard in shards:
-        stats = json.loads((shard / "stats.json").read_text())
+    parts = [str(shard / SHARD_PART_FILE) for shard in shards]
+    for part in parts:
+        try:
+            stats = fmt.read_part(part)[1]
+        except fmt.FormatError as exc:
+            raise BuildError(f"{exc}. Pass --overwrite without --resume to start over") from None
         for key in ("documents", "empty_after_normalization", "sentences", "characters", "fine_tokens",
                     "coarse_tokens", "multi_fine_coarse_tokens", "fine_unk", "coarse_unk"):
             totals[key] += stats[key]
         extra.update(stats["extra"])
-    shard_dirs = [str(shard) for shard in shards]
     with (atomic := fmt.AtomicDirectory(config.output, overwrite=config.overwrite)) as out:
         splits = {}
         bin_written = concatenator is not None and concatenator.complete
@@ -1491,7 +1507,7 @@ def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_siz
                     shutil.move(fmt.prefix(concatenator.directory, split, stream) + ".bin", fmt.prefix(out, split, stream) + ".bin")
         for split in _progress(config.progress, desc="merge", unit="split", iterable=fmt.SPLITS):
             try:
-                splits[split] = fmt.merge_splits(out, split, shard_dirs, fine_size, coarse_size, bin_written)
+                splits[split] = fmt.merge_splits(out, split, parts, fine_size, coarse_size, bin_written)
             except fmt.FormatError as exc:  # nothing is written to DIR; the damaged shard must be redone
                 raise BuildError(f"{exc}. Pass --overwrite without --resume to start over") from None
             # The clear error the format needs (a 0-document split makes megatron's samplers spin forever).

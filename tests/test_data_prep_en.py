@@ -364,7 +364,7 @@ def test_a_corpus_pass_failing_on_another_rank_stops_every_rank(bbc_corpus, tmp_
     assert "another rank failed" in results[1]["error"] and "disk on fire" in results[1]["error"]
     assert not out.exists()
     work = core.work_dir_for(out)
-    assert list(work.glob("shards/*/analyzed.done")) and not (work / "fit.done").exists()
+    assert list(work.glob("shards/*/counts.pkl")) and not (work / "fit.done").exists()
 
 
 def test_reuse_phrases_and_fine_tokenizer(built, bbc_corpus, tmp_path, monkeypatch):

@@ -208,7 +208,7 @@ def test_mpirun_rank_killed_while_writing_its_shards_then_resume(reference, tmp_
         deadline = time.monotonic() + 120
         rank1 = None
         while time.monotonic() < deadline and rank1 is None and proc.poll() is None:
-            if (work / "shards" / "000001" / "docs.done").exists():
+            if (work / "shards" / "000001" / "docs.txt").exists():
                 for child in psutil.Process(proc.pid).children(recursive=True):
                     try:
                         if child.environ().get("OMPI_COMM_WORLD_RANK") == "1":
@@ -220,10 +220,10 @@ def test_mpirun_rank_killed_while_writing_its_shards_then_resume(reference, tmp_
         assert rank1 is not None, "rank 1 never wrote its first shard"
         rank0_shards = [_shard for _shard in range(0, 20, 2)]
         while time.monotonic() < deadline and not all(
-                (work / "shards" / f"{k:06d}" / "analyzed.done").exists() for k in rank0_shards):
+                (work / "shards" / f"{k:06d}" / "counts.pkl").exists() for k in rank0_shards):
             time.sleep(0.05)
         time.sleep(0.5)  # rank 0 is past its read loop, waiting for rank 1
-        assert not (work / "shards" / "000019" / "docs.done").exists()
+        assert not (work / "shards" / "000019" / "docs.txt").exists()
     finally:
         ranks = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
         os.killpg(proc.pid, signal.SIGKILL)
@@ -262,15 +262,15 @@ def test_kill9_then_resume_gives_identical_bytes(reference, tmp_path):
     corpus, expected = reference
     out = tmp_path / "killed"
     work = core.work_dir_for(out)
-    _run_until(_cli(corpus, out, "--workers", "2"), work, "analyzed.done", 3)
-    assert not out.exists() and 3 <= len(list(work.glob("shards/*/analyzed.done"))) < 20
+    _run_until(_cli(corpus, out, "--workers", "2"), work, "counts.pkl", 3)
+    assert not out.exists() and 3 <= len(list(work.glob("shards/*/counts.pkl"))) < 20
     assert not (work / "fit.done").exists()
     # the same command without --resume refuses to clobber the unfinished work
     again = subprocess.run(_cli(corpus, out), env=_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "--resume" in again.stderr
-    _run_until(_cli(corpus, out, "--workers", "2", "--resume"), work, "encoded.done", 3)
+    _run_until(_cli(corpus, out, "--workers", "2", "--resume"), work, "encoded.part", 3)
     assert not out.exists() and (work / "fit.done").exists()
-    assert 3 <= len(list(work.glob("shards/*/encoded.done"))) < 20
+    assert 3 <= len(list(work.glob("shards/*/encoded.part"))) < 20
     resumed = subprocess.run(_cli(corpus, out, "--resume"), env=_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stderr
@@ -292,7 +292,7 @@ def test_interrupted_worker_build_says_what_is_kept_then_resumes(reference, tmp_
     proc = subprocess.Popen(_cli(corpus, out, "--workers", "2"), env=_env(), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and len(list(work.glob("shards/*/analyzed.done"))) < 3:
+    while time.monotonic() < deadline and proc.poll() is None and len(list(work.glob("shards/*/counts.pkl"))) < 3:
         time.sleep(0.005)
     workers = [c.pid for c in psutil.Process(proc.pid).children()] if proc.poll() is None else []
     assert len(workers) == 2, "the build finished before it could be interrupted"
@@ -433,12 +433,13 @@ def test_resume_of_a_damaged_work_directory_names_the_fix(reference, tmp_path, d
     elif damage == "read_json":
         (work / core.READ_FILE).write_text("{")
     else:
-        fine = work / "shards" / "000003" / "train_fine.bin"
-        fine.write_bytes(fine.read_bytes()[:100])
+        part = work / "shards" / "000003" / core.SHARD_PART_FILE
+        part.write_bytes(part.read_bytes()[:100])
     with pytest.raises(core.BuildError, match="--overwrite without --resume") as info:
         core.build(small_config(corpus, out, shard_documents=SHARD_DOCS, resume=True))
     if damage == "bin":
-        assert "truncated or changed after it was written" in str(info.value)
+        assert f"000003/{core.SHARD_PART_FILE} is not a complete shard part" in str(info.value)
+        assert "truncated" in str(info.value)
     assert not out.exists()
     core.build(small_config(corpus, out, shard_documents=SHARD_DOCS, overwrite=True))  # the fix works
     assert dataset_bytes(out) == expected

@@ -425,7 +425,7 @@ def test_encode_shard_in_slices_equals_the_int64_gather(tmp_path, monkeypatch):
     sentences anywhere; and write_shard_splits (selected tokens a slice at a time, no masks) writes
     the bytes of the mask-indexed int64 streams."""
     from data_prep import chinese
-    from data_prep.chinese import SHARD_IDS_FILE, SHARD_SENTENCES_FILE, SHARD_WORDS_FILE, WORD_SEP
+    from data_prep.chinese import WORD_SEP, read_shard_cache
     from data_prep.languages import concat_ranges
 
     docs = ["".join(words) for words in peoples_daily_gold(400)] + MIXED.split("\n") + ["Windows 98和iPhone6s", "C##x 和 ##b"]
@@ -441,11 +441,10 @@ def test_encode_shard_in_slices_equals_the_int64_gather(tmp_path, monkeypatch):
         assert enc.fine.dtype == enc.coarse.dtype == enc.align.dtype == np.int32
         # The reference: the whole shard at once, int64 (the memo now holds every word of the shard).
         memo = worker._encoded
-        words = (shard / SHARD_WORDS_FILE).read_text(encoding="utf-8").split(WORD_SEP)
-        tokens = memo.slots(words, worker.encode_words)[np.load(shard / SHARD_IDS_FILE).astype(np.int64)]
+        text, word_ids, sentence_words, _ = read_shard_cache(shard)
+        tokens = memo.slots(text.split(WORD_SEP), worker.encode_words)[word_ids.astype(np.int64)]
         fine_count, coarse_count = memo.fine_count[tokens].astype(np.int64), memo.coarse_count[tokens].astype(np.int64)
         coarse_src = concat_ranges(memo.coarse_start[tokens], coarse_count)
-        sentence_words = np.load(shard / SHARD_SENTENCES_FILE)
         starts = np.cumsum(sentence_words) - sentence_words
         assert enc.fine.tolist() == memo.fine[concat_ranges(memo.fine_start[tokens], fine_count)].tolist()
         assert enc.coarse.tolist() == memo.coarse[coarse_src].tolist()
@@ -457,6 +456,8 @@ def test_encode_shard_in_slices_equals_the_int64_gather(tmp_path, monkeypatch):
     valid = core.is_valid_document(np.arange(enc.num_documents), enc.num_documents, 40)
     monkeypatch.setattr(fmt, "_WRITE_CHUNK", 5)
     stats = core.write_shard_splits(shard, enc, valid, len(worker.fine_vocab), len(worker.coarse_vocab))
+    sections, extra = fmt.read_part(shard / core.SHARD_PART_FILE)
+    assert extra == stats
     nonempty = enc.document_sentences > 0
     for split, doc_mask in (("train", ~valid & nonempty), ("valid", valid & nonempty)):
         sentence_mask = np.repeat(doc_mask, enc.document_sentences)
@@ -464,7 +465,11 @@ def test_encode_shard_in_slices_equals_the_int64_gather(tmp_path, monkeypatch):
                                        ("coarse", enc.coarse_lengths, fmt.id_dtype(len(worker.coarse_vocab))),
                                        ("align", enc.coarse_lengths, fmt.ALIGN_DTYPE)):
             values = getattr(enc, stream).astype(np.int64)[np.repeat(sentence_mask, lengths)]
-            assert (shard / f"{split}_{stream}.bin").read_bytes() == values.astype(dtype).tobytes()
+            section = sections[(split, stream)]
+            with open(section.path, "rb") as fh:
+                fh.seek(section.offset)
+                assert fh.read(section.nbytes) == values.astype(dtype).tobytes()
+            assert section.index().sequence_lengths.tolist() == lengths[sentence_mask].tolist()
             for chunk in (1, 3, 50, 1 << 20):  # slices that start and end inside sentences
                 parts = list(core._selected_tokens(getattr(enc, stream), lengths, sentence_mask, chunk))
                 assert np.concatenate(parts).tolist() == values.tolist()

@@ -214,6 +214,55 @@ def test_bin_concatenation_during_encoding_equals_the_merge(tmp_path):
         fmt.merge_splits(short, "train", part_dirs, 300, 70000, bin_written=True)
 
 
+def test_part_files_merge_like_plain_datasets(tmp_path):
+    """A shard's six IndexedDatasets in one part file (write_part, values given whole or in slices)
+    merge, plainly or through BinConcatenator, into the bytes the plain .bin/.idx parts merge into
+    (themselves checked against megatron-core's builder above); its extra comes back; a part file
+    cut short, or not one at all, is refused by name."""
+    rng = np.random.default_rng(3)
+    dtypes = {"fine": fmt.id_dtype(300), "coarse": fmt.id_dtype(70000), "align": fmt.ALIGN_DTYPE}
+    part_dirs, part_files = [], []
+    for k, n in enumerate((5, 9, 0, 4)):
+        d = tmp_path / f"part{k}"
+        d.mkdir()
+        sections = {}
+        for split in fmt.SPLITS:
+            docs = _random_docs(rng, n)
+            sents = [s for doc in docs for s in doc]
+            doc_index = np.concatenate([[0], np.cumsum([len(doc) for doc in docs])]).astype(np.int64)
+            for stream, col in (("fine", 0), ("coarse", 1), ("align", 2)):
+                values = np.concatenate([s[col] for s in sents]) if sents else np.zeros(0, dtype=np.int64)
+                lengths = [len(s[col]) for s in sents]
+                fmt.write_indexed_dataset(fmt.prefix(d, split, stream), dtypes[stream], values, lengths, doc_index)
+                chunks = iter([values[i:i + 3] for i in range(0, len(values), 3)]) if k % 2 else values
+                sections[(split, stream)] = (dtypes[stream], chunks, lengths, doc_index)
+        fmt.write_part(tmp_path / f"part{k}.part", sections, {"documents": 2 * n, "k": k})
+        part_dirs.append(d)
+        part_files.append(tmp_path / f"part{k}.part")
+    assert [fmt.read_part(f)[1] for f in part_files] == [{"documents": 2 * n, "k": k} for k, n in enumerate((5, 9, 0, 4))]
+    assert not list(tmp_path.glob("*.tmp-*"))
+    plain, ours = tmp_path / "plain", tmp_path / "ours"
+    plain.mkdir()
+    ours.mkdir()
+    concat = fmt.BinConcatenator(tmp_path / "staging", part_files)
+    concat.append_ready(lambda k: True)
+    concat.close()
+    for split in fmt.SPLITS:
+        expected = fmt.merge_splits(plain, split, part_dirs, 300, 70000)
+        assert fmt.merge_splits(ours, split, part_files, 300, 70000) == expected
+        for stream in fmt.STREAMS:
+            for ext in (".bin", ".idx"):
+                assert (ours / f"{split}_{stream}{ext}").read_bytes() == (plain / f"{split}_{stream}{ext}").read_bytes()
+            assert (tmp_path / "staging" / f"{split}_{stream}.bin").read_bytes() == (plain / f"{split}_{stream}.bin").read_bytes()
+    data = part_files[1].read_bytes()
+    part_files[1].write_bytes(data[:-5])
+    with pytest.raises(fmt.FormatError, match=r"part1.part is not a complete shard part .*truncated"):
+        fmt.merge_splits(ours, "train", part_files, 300, 70000)
+    part_files[1].write_bytes(data[200:])  # the trailer is intact, the sections it describes are not
+    with pytest.raises(fmt.FormatError, match="truncated"):
+        fmt.merge_splits(ours, "train", part_files, 300, 70000)
+
+
 def test_merge_refuses_parts_with_other_vocabulary_sizes(tmp_path):
     for name, size in (("a", 300), ("b", 70000)):
         d = tmp_path / name
