@@ -469,8 +469,12 @@ def _write_atomic(path: Path, data: bytes) -> None:
     machine crash, rebuild with --overwrite.
     """
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+    except BaseException:  # a full disk, a signal: no temporary file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

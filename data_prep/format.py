@@ -490,29 +490,33 @@ def write_part(path: str | os.PathLike, sections: dict[tuple[str, str], tuple], 
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     directory: dict[str, Any] = {"sections": {}, "extra": extra or {}}
-    with open(tmp, "wb") as fh:
-        for (split, stream), (dtype, values, lengths, docs) in sections.items():
-            dtype = np.dtype(dtype)
-            if isinstance(values, (np.ndarray, list, tuple)):
-                whole = np.asarray(values)
-                values = (whole[i:i + _WRITE_CHUNK] for i in range(0, len(whole), _WRITE_CHUNK))
-            start = fh.tell()
-            for part in values:
-                fh.write(memoryview(np.ascontiguousarray(part, dtype=dtype)).cast("B"))
-            nbytes = fh.tell() - start
-            lengths = np.asarray(lengths, dtype=np.int32)
-            docs = np.asarray(docs, dtype=np.int64)
-            lengths_offset = fh.tell()
-            fh.write(lengths.tobytes())
-            docs_offset = fh.tell()
-            fh.write(docs.tobytes())
-            directory["sections"][f"{split}/{stream}"] = {
-                "dtype": dtype.name, "offset": start, "nbytes": nbytes, "num_sequences": len(lengths),
-                "lengths_offset": lengths_offset, "num_document_indices": len(docs), "docs_offset": docs_offset}
-        blob = json.dumps(directory, sort_keys=True).encode()
-        fh.write(blob)
-        fh.write(struct.pack("<Q", len(blob)))
-        fh.write(_PART_MAGIC)
+    try:
+        with open(tmp, "wb") as fh:
+            for (split, stream), (dtype, values, lengths, docs) in sections.items():
+                dtype = np.dtype(dtype)
+                if isinstance(values, (np.ndarray, list, tuple)):
+                    whole = np.asarray(values)
+                    values = (whole[i:i + _WRITE_CHUNK] for i in range(0, len(whole), _WRITE_CHUNK))
+                start = fh.tell()
+                for part in values:
+                    fh.write(memoryview(np.ascontiguousarray(part, dtype=dtype)).cast("B"))
+                nbytes = fh.tell() - start
+                lengths = np.asarray(lengths, dtype=np.int32)
+                docs = np.asarray(docs, dtype=np.int64)
+                lengths_offset = fh.tell()
+                fh.write(lengths.tobytes())
+                docs_offset = fh.tell()
+                fh.write(docs.tobytes())
+                directory["sections"][f"{split}/{stream}"] = {
+                    "dtype": dtype.name, "offset": start, "nbytes": nbytes, "num_sequences": len(lengths),
+                    "lengths_offset": lengths_offset, "num_document_indices": len(docs), "docs_offset": docs_offset}
+            blob = json.dumps(directory, sort_keys=True).encode()
+            fh.write(blob)
+            fh.write(struct.pack("<Q", len(blob)))
+            fh.write(_PART_MAGIC)
+    except BaseException:  # a full disk, a signal: no temporary file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
