@@ -344,7 +344,8 @@ def merge_indexed_datasets(out_prefix: str, parts: Sequence[PartSection], dtype,
     for p in parts:
         info = p.index()
         if info.dtype != dtype:
-            raise FormatError(f"{p.index_path or p.path} holds {info.dtype} ids, the merged dataset {dtype}: the parts "
+            where = f"{p.index_path}.idx" if p.index_path is not None else p.path
+            raise FormatError(f"{where} holds {info.dtype} ids, the merged dataset {dtype}: the parts "
                               f"were built with different vocabularies; rebuild them with the same ones")
         counts.append((len(info.sequence_lengths), len(info.document_indices) - 1))
     num_seq = sum(c[0] for c in counts)
@@ -555,6 +556,7 @@ def _sources(part: str | os.PathLike, split: str | None = None) -> dict[tuple[st
         out = {}
         for sp, st in keys:
             p = prefix(part, sp, st)
+            # (the dtype is the index's: ``index()`` reads it; uint8 here only counts bytes)
             out[(sp, st)] = PartSection(p + ".bin", np.dtype(np.uint8), 0, os.path.getsize(p + ".bin"), index_path=p)
         return out
     return read_part(part)[0]
