@@ -147,6 +147,24 @@ def load_init_weights(path: str, dataset, model_config: dict) -> dict[str, torch
     return pretrained.state_dict
 
 
+def describe_origin(path: str) -> dict:
+    """What ``checkpointing.init_from`` points at, for the run's records (its checkpoints' markers,
+    its exports' training.json): the resolved path, the step and dataset that model was trained to,
+    and where IT started from (the chain of continued pre-training runs)."""
+    source = Path(path).resolve()
+    record: dict = {}
+    for name in ("training.json", COMPLETE):  # an export's, a checkpoint's
+        try:
+            record = json.loads((source / name).read_text(encoding="utf-8"))
+            break
+        except (OSError, ValueError):
+            continue
+    if not isinstance(record, dict):
+        record = {}
+    return {"path": str(source), **{k: record[k] for k in ("step", "dataset_path", "dataset_fingerprint", "started_from")
+                                    if record.get(k) is not None}}
+
+
 def copy_full_weights(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load full (unsharded) weights into ``module`` as built for this run: each tensor-parallel
     parameter gets its slice for this TP rank, ZeRO-3 partitions are filled through a gather (DP rank

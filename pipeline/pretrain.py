@@ -430,6 +430,12 @@ def main(argv: list[str] | None = None) -> int:
         parallel.startup_failed(exc, world_size, min(timeout, parallel.STARTUP_JOIN_MINUTES))
         raise
     dataset, model_config, ds_config, resume_path, resume_universal, init_weights = state
+    # Lineage, in every checkpoint's marker (and an export's training.json): the weights this run
+    # started from (None: a random initialisation), carried over when it is continued.
+    if resume_path is not None:
+        started_from = ckpt.read_marker(resume_path).get("started_from")
+    else:
+        started_from = ckpt.describe_origin(config.checkpointing.init_from) if init_weights is not None else None
 
     # 2. Processes and parallel groups.
     from pipeline import parallel
@@ -528,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
             "world_size": dist.get_world_size(),
             "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0),
             "data_order": data_order_settings(config),
+            "started_from": started_from,
         }
         ckpt.save(engine, config.checkpoint_dir, step, client_state, marker, config.checkpointing.keep_last)
 

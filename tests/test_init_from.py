@@ -21,12 +21,12 @@ def export(tmp_path_factory):
     return export_checkpoint(reference / "checkpoints" / "step_00000020", tmp_path_factory.mktemp("init") / "export")
 
 
-def _run(tmp_path, tmp_path_factory, export, tp: int, name: str) -> dict[int, float]:
+def _run(tmp_path, tmp_path_factory, export, tp: int, name: str, save: bool = False) -> dict[int, float]:
     out = tmp_path / name
     overrides = [
         f"data.path={get_dataset(tmp_path_factory)}", f"output_dir={out}", f"checkpointing.init_from={export}",
         "schedule.train_steps=2", "model.hidden_dropout=0.0", "model.attention_dropout=0.0", "data.num_workers=0",
-        f"parallelism.tensor_parallel={tp}", "parallelism.gradient_accumulation_steps=2", "checkpointing.save_at_end=false",
+        f"parallelism.tensor_parallel={tp}", "parallelism.gradient_accumulation_steps=2", f"checkpointing.save_at_end={str(save).lower()}",
     ]
     code, output = launch(overrides, nproc=tp, log=tmp_path / f"{name}.log", timeout=300, launcher="torchrun")
     assert_ok(code, output)
@@ -37,7 +37,7 @@ def _run(tmp_path, tmp_path_factory, export, tp: int, name: str) -> dict[int, fl
 def test_init_from_an_export_at_tp1_and_tp2(export, tmp_path, tmp_path_factory):
     """The same weights give the same losses at TP=1 and TP=2 (ZeRO-3 both), and they are the trained
     ones: the first step's loss is the trained model's, far below a random model's."""
-    tp1 = _run(tmp_path, tmp_path_factory, export, 1, "tp1")
+    tp1 = _run(tmp_path, tmp_path_factory, export, 1, "tp1", save=True)
     tp2 = _run(tmp_path, tmp_path_factory, export, 2, "tp2")
     assert sorted(tp1) == sorted(tp2) == [1, 2]
     for step in tp1:
@@ -45,6 +45,20 @@ def test_init_from_an_export_at_tp1_and_tp2(export, tmp_path, tmp_path_factory):
     trained = losses(get_reference_run(tmp_path_factory))
     assert tp1[1] < 0.8 * trained[1], (tp1[1], trained[1])  # a random model's first loss
     assert tp1[1] < 1.1 * trained[20], (tp1[1], trained[20])  # the level the export was trained to
+    # Lineage: the run's checkpoints and exports say what it started from (a random run: None).
+    import json
+    from pathlib import Path
+
+    from pipeline.checkpoint import read_marker
+    from pipeline.convert import export as export_checkpoint
+
+    source = read_marker(get_reference_run(tmp_path_factory) / "checkpoints" / "step_00000020")
+    assert source["started_from"] is None
+    origin = read_marker(tmp_path / "tp1" / "checkpoints" / "step_00000002")["started_from"]
+    assert origin == {"path": str(Path(export).resolve()), "step": 20, "dataset_path": source["dataset_path"],
+                      "dataset_fingerprint": source["dataset_fingerprint"]}
+    again = export_checkpoint(tmp_path / "tp1" / "checkpoints" / "step_00000002", tmp_path / "tp1_export")
+    assert json.loads((again / "training.json").read_text())["started_from"] == origin
 
 
 def test_init_from_refusals_before_any_process_group(export, tmp_path, tmp_path_factory, monkeypatch):
