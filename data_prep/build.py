@@ -118,6 +118,19 @@ def explicit_options(argv: list[str] | None) -> set[str]:
     return set(vars(quiet.parse_args(argv)))
 
 
+class _LogFile(logging.FileHandler):
+    """The build's log file; once it cannot be written (a full disk), one warning, then console only
+    (not logging's traceback for every later line)."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            print(f"warning: cannot write the build log {self.baseFilename} ({sys.exc_info()[1]}); the console "
+                  f"has everything", file=sys.stderr)
+
+
 def config_from_args(args: argparse.Namespace, explicit: set[str] | None = None) -> core.BuildConfig:
     """The build's configuration. With --vocab-from, only the options in ``explicit`` (the dests given
     on the command line; default: those that differ from the parser's defaults) are passed on as
@@ -187,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         log_file = Path(args.output).parent / (Path(args.output).name + ".build.log")
         try:
             log_file.parent.mkdir(parents=True, exist_ok=True)
-            handler = logging.FileHandler(log_file, encoding="utf-8")
+            handler = _LogFile(log_file, encoding="utf-8")
         except OSError as exc:
             print(f"error: cannot write the build log {log_file}: {exc}; choose another --output", file=sys.stderr)
             return 2

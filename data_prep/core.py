@@ -36,6 +36,7 @@ which is how the tests drive two ranks. DIR's parent must be on a filesystem all
 
 from __future__ import annotations
 
+import errno
 import gc
 import glob
 import json
@@ -1041,6 +1042,38 @@ def _prepare_work_dir(config: BuildConfig, params: dict) -> Path:
     return work
 
 
+def _size(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _human(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def no_space_message(config, exc: OSError) -> str:
+    """A full disk (or quota) while building: where, what is kept for --resume, how much is needed."""
+    work = work_dir_for(config.output)
+    what = "the disk quota is exceeded" if exc.errno == errno.EDQUOT else "no space left on the device"
+    try:
+        free = f"{_human(shutil.disk_usage(work if work.is_dir() else work.parent).free)} free there now"
+    except OSError:
+        free = "free space unknown"
+    kept = (f"{work} holds what the build has done so far ({_human(_size(work))}): {work_progress(work)}"
+            if work.is_dir() else "nothing was kept")
+    return (f"{what} while writing {exc.filename or 'a file of the build'} ({free}). {kept}. Free space, or "
+            f"move {work.name} to a larger filesystem together with --output (the work directory sits next to it), "
+            f"then run the same command with --resume. A build needs about 5x its input's size in the work "
+            f"directory while it runs (the shards' text, segmentation caches and datasets) and about 2x more for "
+            f"the dataset at the end")
+
+
 def work_progress(work: Path) -> str:
     """What an unfinished build in ``work`` has done (for --resume and interruption messages)."""
     shards = sorted(work.glob("shards/*/"))
@@ -1215,6 +1248,8 @@ def build(config: BuildConfig, comm=None) -> dict:
     except _OUR_ERRORS:
         raise
     except (OSError, ValueError, EOFError, KeyError, IndexError, pickle.UnpicklingError) as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise BuildError(no_space_message(config, exc)) from None
         if not resuming:
             raise
         raise BuildError(

@@ -447,3 +447,46 @@ def test_more_workers_than_cpus_is_warned_about_and_still_builds(tmp_path, monke
     assert meta["stats"]["documents"] > 0
     assert "--workers 2 is more than the 1 CPU(s) this process may use" in caplog.text
     assert "--workers 1 is the most that helps here" in caplog.text
+
+
+def test_a_full_disk_names_the_fix_and_keeps_the_work_for_resume(tmp_path, monkeypatch):
+    """No space left (or a quota) while writing shards: one message that names it, what is kept and
+    --resume, no temporary file left behind; after space is freed, --resume finishes with the bytes
+    of an uninterrupted build."""
+    import errno
+
+    good = _good(tmp_path)
+    reference = core.build(_config(tmp_path, [good], output=str(tmp_path / "ref")))
+    real_write_part = fmt.write_part
+    calls = []
+
+    def full_disk(path, sections, extra=None):
+        calls.append(path)
+        if len(calls) == 3:  # the third shard: its part file half written, then the disk is full
+            key = next(iter(sections))
+            dtype, values, lengths, docs = sections[key]
+
+            def then_full():
+                yield from list(values)[:1]
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            sections = {**sections, key: (dtype, then_full(), lengths, docs)}
+        real_write_part(path, sections, extra)
+
+    monkeypatch.setattr(fmt, "write_part", full_disk)
+    work = core.work_dir_for(tmp_path / "ds")
+    with pytest.raises(core.BuildError) as info:
+        core.build(_config(tmp_path, [good]))
+    message = str(info.value)
+    assert message.startswith("no space left on the device while writing")
+    assert f"{work} holds what the build has done so far" in message and "2 of 4 encoded" in message
+    assert "run the same command with --resume" in message and "5x its input's size" in message
+    assert not (tmp_path / "ds").exists() and work.is_dir() and not list(work.rglob("*.tmp-*"))
+    monkeypatch.setattr(fmt, "write_part", real_write_part)
+    meta = core.build(_config(tmp_path, [good], resume=True))
+    assert meta["stats"] == {**reference["stats"], "throughput": meta["stats"]["throughput"]}
+    for name in sorted(p.name for p in (tmp_path / "ref").iterdir() if p.name != fmt.META_FILE):
+        assert (tmp_path / "ds" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    # a quota says so
+    exc = OSError(errno.EDQUOT, "Disk quota exceeded")
+    assert core.no_space_message(_config(tmp_path, [good]), exc).startswith("the disk quota is exceeded")
