@@ -230,6 +230,56 @@ def check_compatible(marker: dict, fingerprint: str, model_config: dict, path: P
             )
 
 
+def _du(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _human(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def full_disk_error(directory: Path, path: Path, exc: BaseException, keep_last: int) -> CheckpointError | None:
+    """The CheckpointError for a save that failed because the disk (or a quota) is full, or None when it
+    failed for another reason. The incomplete save is removed (it has no COMPLETE marker: nothing
+    would ever read it), which gives its space back."""
+    import errno
+
+    try:
+        usage = shutil.disk_usage(directory)
+    except OSError:
+        usage = None
+    quota = isinstance(exc, OSError) and exc.errno == errno.EDQUOT
+    full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or (
+        usage is not None and usage.free < max(256 << 20, usage.total // 100))
+    if not (full or quota):
+        return None
+    written = _du(path) if path.is_dir() else 0
+    shutil.rmtree(path, ignore_errors=True)
+    complete = complete_checkpoints(directory)
+    if complete:
+        newest = complete[-1][1]
+        size = f"A checkpoint of this run takes {_human(_du(newest))}"
+        kept = f"the newest complete checkpoint, {newest.name}, is intact: --resume auto continues from it"
+    else:
+        size = f"A checkpoint of this run takes more than the {_human(written)} written before the disk was full"
+        kept = "there is no complete checkpoint yet"
+    what = "the disk quota is exceeded" if quota else "the disk is full"
+    free = f"{_human(usage.free)} free of {_human(usage.total)} there" if usage else "free space unknown"
+    return CheckpointError(
+        f"saving checkpoint {path.name} to {directory} failed: {what} ({free}; {type(exc).__name__}: "
+        f"{' '.join(str(exc).split())[:200]}). The incomplete {path.name} was removed; {kept}. {size}, and "
+        f"checkpointing.keep_last={keep_last} are kept: free space, lower checkpointing.keep_last, or give "
+        f"checkpointing.dir on a larger filesystem (moving the checkpoints there), then run the same command "
+        f"with --resume auto")
+
+
 def gather_rng_states(rng_state: dict) -> list[dict]:
     """Every rank's RNG state, in global rank order (each rank keeps the whole list)."""
     states: list = [None] * dist.get_world_size()
@@ -249,7 +299,13 @@ def save(engine, directory: str | os.PathLike, step: int, client_state: dict, ma
     if dist.get_rank() == 0 and path.exists():
         shutil.rmtree(path)  # a leftover of an interrupted save of the same step
     dist.barrier()
-    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=True)
+    try:
+        engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=True)
+    except (OSError, RuntimeError) as exc:  # torch.save says "iostream error" / "unexpected pos" on a full disk
+        failure = full_disk_error(directory, path, exc, keep_last)
+        if failure is None:
+            raise
+        raise failure from None
     _fault_injection("save", step)
     dist.barrier()
     if dist.get_rank() == 0:
