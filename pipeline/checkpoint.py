@@ -245,20 +245,36 @@ def _human(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
-def full_disk_error(directory: Path, path: Path, exc: BaseException, keep_last: int) -> CheckpointError | None:
-    """The CheckpointError for a save that failed because the disk (or a quota) is full, or None when it
-    failed for another reason. The incomplete save is removed (it has no COMPLETE marker: nothing
-    would ever read it), which gives its space back."""
+def disk_full(path: str | os.PathLike, exc: BaseException) -> str | None:
+    """Why writing under ``path`` failed with ``exc`` when the disk (or a quota) is full: "the disk is
+    full (X free of Y there)"; None for any other failure. torch.save and safetensors report a full
+    disk only as "iostream error" / "unexpected pos" / a bare I/O error, so the free space left tells
+    (under 1% of the filesystem or 256 MB), besides ENOSPC / EDQUOT."""
     import errno
 
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+        where = where.parent
     try:
-        usage = shutil.disk_usage(directory)
+        usage = shutil.disk_usage(where)
     except OSError:
         usage = None
     quota = isinstance(exc, OSError) and exc.errno == errno.EDQUOT
     full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or (
         usage is not None and usage.free < max(256 << 20, usage.total // 100))
     if not (full or quota):
+        return None
+    what = "the disk quota is exceeded" if quota else "the disk is full"
+    free = f"{_human(usage.free)} free of {_human(usage.total)} there" if usage else "free space unknown"
+    return f"{what} ({free}; {type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+
+
+def full_disk_error(directory: Path, path: Path, exc: BaseException, keep_last: int) -> CheckpointError | None:
+    """The CheckpointError for a save that failed because the disk (or a quota) is full, or None when it
+    failed for another reason. The incomplete save is removed (it has no COMPLETE marker: nothing
+    would ever read it), which gives its space back."""
+    why = disk_full(directory, exc)
+    if why is None:
         return None
     written = _du(path) if path.is_dir() else 0
     shutil.rmtree(path, ignore_errors=True)
@@ -270,11 +286,8 @@ def full_disk_error(directory: Path, path: Path, exc: BaseException, keep_last: 
     else:
         size = f"A checkpoint of this run takes more than the {_human(written)} written before the disk was full"
         kept = "there is no complete checkpoint yet"
-    what = "the disk quota is exceeded" if quota else "the disk is full"
-    free = f"{_human(usage.free)} free of {_human(usage.total)} there" if usage else "free space unknown"
     return CheckpointError(
-        f"saving checkpoint {path.name} to {directory} failed: {what} ({free}; {type(exc).__name__}: "
-        f"{' '.join(str(exc).split())[:200]}). The incomplete {path.name} was removed; {kept}. {size}, and "
+        f"saving checkpoint {path.name} to {directory} failed: {why}. The incomplete {path.name} was removed; {kept}. {size}, and "
         f"checkpointing.keep_last={keep_last} are kept: free space, lower checkpointing.keep_last, or give "
         f"checkpointing.dir on a larger filesystem (moving the checkpoints there), then run the same command "
         f"with --resume auto")

@@ -188,7 +188,14 @@ def to_universal(source: Path, target_dir: Path, workers: int = 1) -> Path:
     try:
         ds_to_universal.main(args)
     except (OSError, RuntimeError, EOFError, KeyError, ValueError, AssertionError) as exc:
+        from pipeline.checkpoint import disk_full
+
+        why = disk_full(target_dir, exc)  # before the partial output is removed (which frees space)
         shutil.rmtree(partial, ignore_errors=True)
+        if why is not None:
+            raise ConvertError(f"converting {source} into {target_dir} failed: {why}. What it had written was "
+                               f"removed (the source is untouched): free space, or write elsewhere, then run the same "
+                               f"command again") from None
         raise ConvertError(f"checkpoint {source} cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}): "
                            f"one of its files is missing or damaged; convert an older complete checkpoint") from None
     _wrap_bare_zero3_states(partial)
@@ -369,6 +376,22 @@ def main(argv: list[str] | None = None) -> int:
             print(export(args.source, args.output))
     except (ConvertError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as exc:  # a full disk: say so, and remove what was half written
+        from pipeline.checkpoint import disk_full
+
+        universal = args.command == "universal"
+        where = args.target_dir if universal else args.output
+        why = disk_full(where, exc)
+        if why is None:
+            raise
+        partial = ([args.target_dir / (args.source.name + ".partial")] if universal else
+                   [Path(str(args.output) + ".partial"), Path(str(args.output) + ".universal-tmp")])
+        for leftover in partial:
+            shutil.rmtree(leftover, ignore_errors=True)
+        print(f"error: {args.command} of {args.source} to {where} failed: {why}. What it had written was removed "
+              f"(the source and any earlier output are untouched): free space, or give another "
+              f"{'TARGET_DIR' if universal else 'OUTPUT'}, then run the same command again", file=sys.stderr)
         return 2
     return 0
 

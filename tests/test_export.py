@@ -130,3 +130,34 @@ def test_the_tools_do_not_print_megatrons_import_warnings():
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "Transformer Engine and Apex are not installed" not in result.stderr, result.stderr
+
+
+def test_an_export_that_fills_the_disk_says_so_and_removes_what_it_wrote(tmp_path, monkeypatch, capsys):
+    """`pipeline.convert export` / `universal` on a full disk (safetensors and torch.save report it as a
+    bare I/O or "unexpected pos" error): one line that says so, the half-written output removed; a
+    failure with space left is raised as it is."""
+    import shutil
+    from collections import namedtuple
+
+    from pipeline import convert
+
+    out = tmp_path / "export"
+
+    def fills_the_disk(source, output):
+        partial = tmp_path / "export.partial"
+        partial.mkdir()
+        (partial / "model.safetensors").write_bytes(b"x" * 1000)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2688 vs 2580")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(convert, "export", fills_the_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 40, 1 << 40, 0))
+    assert convert.main(["export", str(tmp_path / "step_00000020"), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: export of {tmp_path / 'step_00000020'} to {out} failed: the disk is full (0.0 MB free "
+                          f"of 1099.51 GB there; RuntimeError: [enforce fail")
+    assert "free space, or give another OUTPUT, then run the same command again" in err
+    assert not (tmp_path / "export.partial").exists() and not out.exists()
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 40, 1 << 30, 1 << 39))
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        convert.main(["export", str(tmp_path / "step_00000020"), str(out)])
