@@ -440,6 +440,15 @@ def _agree_on_settings(comm, config: BuildConfig) -> tuple[Language, list[inp.In
     return lang, specs
 
 
+def _failure_text(exc: BaseException) -> str:
+    """A rank's failure as the other ranks are told it; a full disk with what to do about it."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        text += (" (the disk is full: the work directory is kept; free space, then run the same command with "
+                 "--resume)")
+    return text
+
+
 def _collective(comm, fn: Callable[[], Any]) -> Any:
     """Run ``fn`` on this rank, then agree with all ranks that nobody failed.
 
@@ -452,7 +461,7 @@ def _collective(comm, fn: Callable[[], Any]) -> Any:
         result = fn()
     except Exception as exc:  # noqa: BLE001 - reported to every rank, then re-raised
         failure = exc
-    summary = _agree(comm, f"{type(failure).__name__}: {failure}" if failure else None)
+    summary = _agree(comm, _failure_text(failure) if failure else None)
     if failure is not None:
         raise failure
     if summary:
@@ -736,7 +745,7 @@ def _run_pass(executor: _Executor, fn: Callable, dirs: list[Path], arg: Any, add
         return "ok", executor.map_shards(fn, dirs, arg, scratch, add)
     except Exception as exc:  # noqa: BLE001 - reported to rank 0, which raises it for everyone
         log.exception("a corpus pass failed on this rank")
-        return "error", f"{type(exc).__name__}: {exc}"
+        return "error", _failure_text(exc)
 
 
 def _corpus_pass(comm, executor: _Executor, fn: Callable, dirs: list[Path], arg: Any, add: bool, scratch: Path):

@@ -6,6 +6,7 @@ launchers/setup.sh); nothing is copied into the repository.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -321,7 +322,7 @@ def _gloo_rank_build(corpus: str, output: str, log_dir: str, fail: bool) -> dict
 
         def recording(cache_dir, tokenizer):
             if fail:
-                raise RuntimeError("disk on fire")
+                raise OSError(errno.ENOSPC, "No space left on device")
             with open(Path(log_dir) / "rank1_shards.txt", "a") as f:
                 f.write(f"{cache_dir}\n")
             return original(cache_dir, tokenizer)
@@ -352,16 +353,18 @@ def test_gloo_ranks_share_the_fit_corpus_passes(built, bbc_corpus, tmp_path):
 
 @needs_lmplz
 def test_a_corpus_pass_failing_on_another_rank_stops_every_rank(bbc_corpus, tmp_path):
-    """Rank 1 fails inside a corpus pass of rank 0's fit: every rank stops with an error that names
-    rank 1 and its exception (no rank waits forever); no dataset is written; the analysed shards are kept."""
+    """Rank 1 fails inside a corpus pass of rank 0's fit (its disk is full): every rank stops with an
+    error that names rank 1, its exception and the fix (no rank waits forever); no dataset is written;
+    the analysed shards are kept."""
     from tests.distributed import run_distributed
 
     out = tmp_path / "fails"
     results = run_distributed(_gloo_rank_build, world_size=2, args=(str(bbc_corpus), str(out), str(tmp_path), True),
                               timeout=400)
     assert "a corpus pass of the fit failed" in results[0]["error"]
-    assert "rank 1: RuntimeError: disk on fire" in results[0]["error"]
-    assert "another rank failed" in results[1]["error"] and "disk on fire" in results[1]["error"]
+    assert "rank 1: OSError: [Errno 28] No space left on device (the disk is full" in results[0]["error"]
+    assert "free space, then run the same command with --resume" in results[0]["error"]
+    assert "another rank failed" in results[1]["error"] and "No space left on device" in results[1]["error"]
     assert not out.exists()
     work = core.work_dir_for(out)
     assert list(work.glob("shards/*/counts.pkl")) and not (work / "fit.done").exists()
