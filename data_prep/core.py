@@ -719,7 +719,7 @@ def _analyze(shard_dir: str) -> tuple[str, int]:
 
 
 def _encode(args: tuple) -> str:
-    shard_dir, artifacts, first_document, num_documents, num_valid, fine_size, coarse_size = args
+    shard_dir, artifacts, first_document, num_documents, num_valid, fine_size, coarse_size, drop_cache = args
     shard = Path(shard_dir)
     if (shard / SHARD_PART_FILE).exists():
         return shard_dir
@@ -734,6 +734,8 @@ def _encode(args: tuple) -> str:
     check_encoded_shard(enc, fine_size, coarse_size, str(shard))
     valid = is_valid_document(first_document + np.arange(enc.num_documents), num_documents, num_valid)
     write_shard_splits(shard, enc, valid, fine_size, coarse_size)
+    if drop_cache:  # the part is the shard's result from now on (--resume skips the shard)
+        shutil.rmtree(shard / "cache", ignore_errors=True)
     return shard_dir
 
 
@@ -1474,7 +1476,8 @@ def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.Inp
             with _progress(config.progress and comm.rank == 0, desc="encode", unit="shard", total=len(mine)) as bar:
                 for k in mine:
                     task = (str(_shard_dir(work, k)), str(artifacts), summary["shard_starts"][k], num_documents,
-                            num_valid, fine_size, coarse_size)
+                            num_valid, fine_size, coarse_size,
+                            not config.keep_work_dir and not lang.cache_needed_after_encode(k, summary["num_shards"]))
                     executor.submit(_encode_task, task)
                     bar.update(len(list(executor.ready())))
                     if concatenator is not None:

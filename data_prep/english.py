@@ -1091,6 +1091,11 @@ class English(Language):
         examples = report.choose_examples(tokenizers, [d / SHARD_WORDS_FILE for d in corpus.shard_cache_dirs()])
         self._report_inputs = (tokenizers, in_vocab, examples)
 
+    def cache_needed_after_encode(self, shard: int, num_shards: int) -> bool:
+        from data_prep import report
+
+        return shard in report.sampled_files(num_shards)  # the report's example sentences
+
     def finish(self, out_dir: Path, stats: dict, corpus) -> dict:
         """The multi-word phrase share of the coarse tokens, and the report (phrase list, examples)."""
         from data_prep import report

@@ -414,6 +414,12 @@ class Language:
     def prepare_finish(self, artifacts_dir: Path, corpus: Corpus) -> None:
         return None
 
+    def cache_needed_after_encode(self, shard: int, num_shards: int) -> bool:
+        """Whether ``prepare_finish`` / ``finish`` read shard ``shard``'s cache directory. The others are
+        deleted as soon as their encoded part is written (unless --keep-work-dir): the build's peak
+        disk use falls by the caches' size, about the input's."""
+        return False
+
     def finish(self, out_dir: Path, stats: dict, corpus: Corpus) -> dict:
         return {}
 

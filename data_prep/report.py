@@ -27,6 +27,12 @@ TOP_PHRASES = 300
 EXAMPLES = 40
 
 
+def sampled_files(num_files: int, max_files: int = 40) -> range:
+    """Indices of the (at most ``max_files``, evenly spaced) words files ``sample_sentences`` reads:
+    the build keeps these shards' caches until the report is written."""
+    return range(0, num_files, max(1, -(-num_files // max_files)))
+
+
 def sample_sentences(words_files: str | os.PathLike | Sequence[str | os.PathLike], count: int = EXAMPLES,
                      min_words: int = 8, max_files: int = 40, max_lines: int | None = None) -> list[list[str]]:
     """``count`` sentences spread over the corpus (deterministic), each of >= min_words words;
@@ -37,8 +43,7 @@ def sample_sentences(words_files: str | os.PathLike | Sequence[str | os.PathLike
     files = [words_files] if isinstance(words_files, (str, os.PathLike)) else list(words_files)
     if not files:
         return []
-    step = max(1, -(-len(files) // max_files))
-    chosen = files[::step]
+    chosen = [files[i] for i in sampled_files(len(files), max_files)]
     if max_lines is None:
         max_lines = max(16, -(-4 * count // len(chosen)))
     pool: list[list[str]] = []

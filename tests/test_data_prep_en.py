@@ -632,3 +632,42 @@ def test_lmplz_dies_with_a_killed_build(bbc_corpus, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_encoded_shards_lose_their_caches_except_the_reports(built, bbc_corpus, tmp_path, monkeypatch):
+    """Once a shard's part is written its words file goes (peak disk: the caches are about the input's
+    size), except in the evenly spaced shards the report samples its examples from; a resume after a
+    crash in encoding gives the same dataset and the same report examples as an uninterrupted build."""
+    from data_prep.report import sampled_files
+
+    real_encode = english.English.encode_shard
+    calls = {"n": 0}
+
+    def flaky(self, cache_dir):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("simulated crash in the fifth shard")
+        return real_encode(self, cache_dir)
+
+    small_shards = {"shard_documents": 10}  # > 40 shards: the report reads every other one
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(english.English, "encode_shard", flaky)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        core.build(_config(bbc_corpus, out, **small_shards))
+    monkeypatch.setattr(english.English, "encode_shard", real_encode)
+    shards = sorted(core.work_dir_for(out).glob("shards/*/"))
+    sampled = set(sampled_files(len(shards)))
+    assert len(shards) > 40 and len(sampled) < len(shards)
+    encoded = [k for k, d in enumerate(shards) if (d / core.SHARD_PART_FILE).exists()]
+    assert encoded == [0, 1, 2, 3]
+    has_cache = [k for k, d in enumerate(shards) if (d / "cache" / english.SHARD_WORDS_FILE).is_file()]
+    assert has_cache == [k for k in range(len(shards)) if k in sampled or k not in encoded]
+    core.build(_config(bbc_corpus, out, resume=True, **small_shards))
+    assert _dataset_files(out) == _dataset_files(built)
+    whole = tmp_path / "whole"
+    core.build(_config(bbc_corpus, whole, **small_shards))
+
+    def examples(directory: Path) -> str:
+        return (directory / "phrase_report.txt").read_text(encoding="utf-8").split("Examples:", 1)[1]
+
+    assert examples(out) == examples(whole) and examples(out).count("\n") > 10

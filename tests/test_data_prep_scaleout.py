@@ -270,7 +270,13 @@ def test_kill9_then_resume_gives_identical_bytes(reference, tmp_path):
     assert again.returncode == 2 and "--resume" in again.stderr
     _run_until(_cli(corpus, out, "--workers", "2", "--resume"), work, "encoded.part", 3)
     assert not out.exists() and (work / "fit.done").exists()
-    assert 3 <= len(list(work.glob("shards/*/encoded.part"))) < 20
+    encoded = [p.parent for p in work.glob("shards/*/encoded.part")]
+    assert 3 <= len(encoded) < 20
+    # an encoded shard keeps its documents and counts (the resume's markers); its segmentation cache
+    # is deleted once the part is written (the kill may fall in between, once per worker)
+    assert all((d / "docs.txt").is_file() and (d / "counts.pkl").is_file() for d in encoded)
+    assert sum((d / "cache").exists() for d in encoded) <= 2, [d.name for d in encoded if (d / "cache").exists()]
+    assert all((d / "cache" / "segmented.npz").is_file() for d in work.glob("shards/*/") if d not in encoded)
     resumed = subprocess.run(_cli(corpus, out, "--resume"), env=_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stderr
@@ -417,6 +423,8 @@ def _kept_work(corpus: Path, tmp_path: Path) -> Path:
     out = tmp_path / "out"
     core.build(small_config(corpus, out, shard_documents=SHARD_DOCS, keep_work_dir=True))
     shutil.rmtree(out)
+    shards = list(core.work_dir_for(out).glob("shards/*/"))
+    assert shards and all((d / "cache" / "segmented.npz").is_file() for d in shards)  # kept, caches included
     return out
 
 
