@@ -668,8 +668,27 @@ def _pool_worker_init(language: str, options: dict) -> None:
     _worker_init(language, options, warm_up=True)
 
 
+def _keep_freed_memory() -> None:
+    """glibc malloc: arrays up to 32 MB from the heap, and freed heap memory kept for the next shard
+    (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD). By default every large NumPy temporary is a fresh mmap whose
+    pages fault in one by one and are returned on free: ~120k page faults and a quarter of the Chinese
+    encoding's time in the kernel (22 MB of text); with this, ~16k and the encoding 20-30% faster.
+    The process keeps its peak heap (one shard's working set) until it exits. No-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return
+    mallopt(ctypes.c_int(-3), ctypes.c_int(32 << 20))  # M_MMAP_THRESHOLD (glibc's maximum on 64-bit)
+    mallopt(ctypes.c_int(-1), ctypes.c_int(1 << 30))  # M_TRIM_THRESHOLD
+
+
 def _worker_init(language: str, options: dict, warm_up: bool = False) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _keep_freed_memory()
     _WORKER.clear()
     _WORKER["lang"] = get_language(language)(options)
     _WORKER["loaded"] = None

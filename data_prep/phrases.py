@@ -46,6 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.languages import arrow_ints, arrow_strings
+
 log = logging.getLogger("data_prep.phrases")
 
 LMPLZ_ENV = "AMBERT_LMPLZ"
@@ -794,12 +796,11 @@ def encoded_word_blocks(words_file: str | os.PathLike, block_bytes: int = WORDS_
 def encode_words_bytes(data: bytes) -> tuple[list[str], np.ndarray]:
     """``encoded_word_blocks`` of one block of whole lines (UTF-8 bytes): (distinct tokens in order of
     first occurrence, int64 index of each token); "\n" ends each sentence."""
-    import pyarrow as pa
     import pyarrow.compute as pc
 
-    text = pa.array([data.replace(b"\n", b" \n ")], pa.large_string())
+    text = arrow_strings([data.replace(b"\n", b" \n ")])
     words = pc.dictionary_encode(pc.split_pattern(text, " ").flatten())
-    return words.dictionary.to_pylist(), words.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    return words.dictionary.to_pylist(), arrow_ints(words.indices).astype(np.int64)
 
 
 def count_ngrams_in_words_file(words_file: str | os.PathLike, index: NgramIndex) -> Counter:

@@ -356,6 +356,7 @@ def test_packed_count_tables_sum_like_counters():
     vocab = [f"w{i}" for i in range(400)] + ["", "中国", "a b", "\x1f"]
     parts = [Counter({rng.choice(vocab): rng.randint(0, 9) for _ in range(rng.randint(0, 200))}) for _ in range(10)]
     parts.insert(2, Counter())
+    parts.insert(4, Counter({"": 3}))  # one key, the empty string: packed as "" with one value
     packed = [PackedCounter.pack(p) for p in parts]
     assert all(isinstance(p, PackedCounter) for p in packed)
     for p, q in zip(parts, packed):
@@ -375,6 +376,24 @@ def test_packed_count_tables_sum_like_counters():
         assert mixed == sum_counters([parts[0], odd, parts[1]]) and not isinstance(mixed, PackedCounter)
     empty = sum_count_tables([])
     assert isinstance(empty, PackedCounter) and empty.unpack() == Counter()
+
+
+def test_arrow_helpers_give_the_values_without_importing_pandas():
+    """pa.array() and to_numpy(zero_copy_only=False) import pandas on first use: ~0.15 s in each pool
+    worker of an English build (its words files are numbered by Arrow) and in the count sum."""
+    code = (
+        "import sys, numpy as np, pyarrow.compute as pc\n"
+        "from data_prep.languages import arrow_ints, arrow_strings\n"
+        "a = arrow_strings(['x\\0中国\\0x'.encode(), b'', 'y\\0中国'.encode()])\n"
+        "assert a.to_pylist() == ['x\\0中国\\0x', '', 'y\\0中国']\n"
+        "d = pc.dictionary_encode(pc.split_pattern(a, '\\0').flatten())\n"
+        "assert d.dictionary.to_pylist() == ['x', '中国', '', 'y']\n"
+        "assert arrow_ints(d.indices).tolist() == [0, 1, 0, 2, 3, 1]\n"
+        "assert arrow_ints(d.indices.slice(2, 3)).tolist() == [0, 2, 3]\n"
+        "assert 'pandas' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_a_rank_that_cannot_see_the_work_directory_is_named(tmp_path):
