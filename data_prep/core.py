@@ -673,7 +673,8 @@ def _keep_freed_memory() -> None:
     (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD). By default every large NumPy temporary is a fresh mmap whose
     pages fault in one by one and are returned on free: ~120k page faults and a quarter of the Chinese
     encoding's time in the kernel (22 MB of text); with this, ~16k and the encoding 20-30% faster.
-    The process keeps its peak heap (one shard's working set) until it exits. No-op elsewhere."""
+    The process keeps its peak heap (one shard's working set) until it exits: the memory benchmark's
+    peaks rise by 3-9% (tests/bench/bench_data_prep_memory.py). No-op elsewhere."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
