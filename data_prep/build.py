@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             if console is not handler:
                 console.addFilter(lambda record: not getattr(record, "file_only", False))
     core.raise_on_sigterm()
+    core.keep_freed_memory()  # this process builds inline with --workers 1 (see the function)
     try:
         meta = core.build(config)
     except (core.BuildError, inputs.InputError, LanguageError, FileExistsError) as exc:

@@ -665,16 +665,19 @@ def _pool_worker_init(language: str, options: dict) -> None:
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass
+    keep_freed_memory()
     _worker_init(language, options, warm_up=True)
 
 
-def _keep_freed_memory() -> None:
+def keep_freed_memory() -> None:
     """glibc malloc: arrays up to 32 MB from the heap, and freed heap memory kept for the next shard
     (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD). By default every large NumPy temporary is a fresh mmap whose
     pages fault in one by one and are returned on free: ~120k page faults and a quarter of the Chinese
     encoding's time in the kernel (22 MB of text); with this, ~16k and the encoding 20-30% faster.
     The process keeps its peak heap (one shard's working set) until it exits: the memory benchmark's
-    peaks rise by 3-9% (tests/bench/bench_data_prep_memory.py). No-op elsewhere."""
+    peaks rise by 3-9% (tests/bench/bench_data_prep_memory.py). A process-wide setting, so only for
+    processes the build owns: the pool workers, and the command line's process (data_prep/build.py,
+    whose --workers 1 build runs inline), not a program that calls ``build()``. No-op elsewhere."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
@@ -689,7 +692,6 @@ def _keep_freed_memory() -> None:
 
 def _worker_init(language: str, options: dict, warm_up: bool = False) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _keep_freed_memory()
     _WORKER.clear()
     _WORKER["lang"] = get_language(language)(options)
     _WORKER["loaded"] = None

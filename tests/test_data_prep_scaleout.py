@@ -482,3 +482,13 @@ def test_resume_with_the_inputs_spelled_differently_says_so(reference, tmp_path,
     with pytest.raises(core.BuildError, match="the inputs are the same files, but spelled differently") as info:
         core.build(small_config(Path(corpus.name), out, shard_documents=SHARD_DOCS, resume=True))
     assert str(corpus) in str(info.value)
+
+
+def test_an_inline_build_leaves_the_callers_malloc_settings_alone(reference, tmp_path, monkeypatch):
+    """keep_freed_memory() is process-wide (glibc's mallopt): the command line and the pool workers set
+    it, a program that calls build() with --workers 1 keeps its own malloc behaviour."""
+    corpus, expected = reference
+    monkeypatch.setattr(core, "keep_freed_memory", lambda: pytest.fail("build() changed the caller's malloc settings"))
+    out = tmp_path / "inline"
+    core.build(small_config(corpus, out, shard_documents=SHARD_DOCS, workers=1))
+    assert dataset_bytes(out) == expected

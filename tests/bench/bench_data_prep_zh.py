@@ -63,6 +63,7 @@ def main() -> None:
     from tests.bench.machine import machine_line
 
     print(machine_line())
+    core.keep_freed_memory()  # as data_prep/build.py does: the 1-worker build runs inline, in this process
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_zh_"))
     try:
