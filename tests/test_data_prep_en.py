@@ -518,19 +518,25 @@ def test_cli_bad_phrase_file(tmp_path):
     assert "--phrases" in proc.stderr and "no such file" in proc.stderr
 
 
-def test_resume_after_a_crash_in_encoding(built, bbc_corpus, tmp_path, monkeypatch):
-    """A build killed while encoding resumes (fit is not redone) to the same bytes as an uninterrupted one."""
-    out = tmp_path / "resumed"
+def _crash_in_encoding(monkeypatch, shard: int):
+    """English.encode_shard raises on its ``shard``-th call (a build dying mid-encoding); returns the real one."""
     real_encode = english.English.encode_shard
     calls = {"n": 0}
 
     def flaky(self, cache_dir):
         calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated crash in the third shard")
+        if calls["n"] == shard:
+            raise RuntimeError(f"simulated crash in shard call {shard}")
         return real_encode(self, cache_dir)
 
     monkeypatch.setattr(english.English, "encode_shard", flaky)
+    return real_encode
+
+
+def test_resume_after_a_crash_in_encoding(built, bbc_corpus, tmp_path, monkeypatch):
+    """A build killed while encoding resumes (fit is not redone) to the same bytes as an uninterrupted one."""
+    out = tmp_path / "resumed"
+    _crash_in_encoding(monkeypatch, shard=3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         core.build(_config(bbc_corpus, out))
     work = core.work_dir_for(out)
@@ -640,18 +646,9 @@ def test_encoded_shards_lose_their_caches_except_the_reports(built, bbc_corpus, 
     crash in encoding gives the same dataset and the same report examples as an uninterrupted build."""
     from data_prep.report import sampled_files
 
-    real_encode = english.English.encode_shard
-    calls = {"n": 0}
-
-    def flaky(self, cache_dir):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("simulated crash in the fifth shard")
-        return real_encode(self, cache_dir)
-
     small_shards = {"shard_documents": 10}  # > 40 shards: the report reads every other one
     out = tmp_path / "resumed"
-    monkeypatch.setattr(english.English, "encode_shard", flaky)
+    real_encode = _crash_in_encoding(monkeypatch, shard=5)
     with pytest.raises(RuntimeError, match="simulated crash"):
         core.build(_config(bbc_corpus, out, **small_shards))
     monkeypatch.setattr(english.English, "encode_shard", real_encode)
