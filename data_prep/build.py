@@ -52,7 +52,7 @@ def make_parser() -> argparse.ArgumentParser:
                         "omit to build the built-in demo corpus")
     p.add_argument("--output", help="dataset directory to create")
     p.add_argument("--verify", metavar="DIR", help="check an existing dataset (alignment, decode round trip) and exit")
-    p.add_argument("--workers", type=int, default=1, help="processes for segmentation/encoding")
+    p.add_argument("--workers", type=int, default=1, help="processes for segmentation/encoding (and for --verify)")
     p.add_argument("--fine-vocab-size", type=int, help="max fine vocabulary size incl. specials (default: per language)")
     p.add_argument("--coarse-vocab-size", type=int, help="max coarse vocabulary size incl. specials (default: per language)")
     p.add_argument("--fine-min-count", type=int, help="minimum corpus count of a fine unit (default: per language)")
@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.verify:
         from data_prep.verify import verify_dataset
 
-        report = verify_dataset(args.verify, progress=sys.stderr.isatty() and not args.no_progress)
+        report = verify_dataset(args.verify, progress=sys.stderr.isatty() and not args.no_progress,
+                                workers=args.workers)
         print(report.summary())
         return 0 if report.ok else 1
     if not args.lang or not args.output:
