@@ -11,7 +11,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 PY="${AMBERT_VENV:-$ROOT/.venv}/bin/python"
 export DS_ACCELERATOR=cpu HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-BENCHES="data_prep_zh data_prep_en data_prep_memory model pretrain"
+BENCHES="data_prep_zh data_prep_en data_prep_memory verify model pretrain"
 case "${1:-}" in
   -h|--help) sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; echo "benchmarks: $BENCHES"; exit 0 ;;
 esac
