@@ -650,10 +650,11 @@ def write_shard_splits(shard_dir: Path, enc: EncodedShard, valid_mask: np.ndarra
 _WORKER: dict[str, Any] = {}
 
 
-def _pool_worker_init(language: str, options: dict) -> None:
-    """A pool worker leaves Ctrl-C and SIGTERM (also sent to the whole process group) to the main
-    process, which stops the pool (``_Executor.terminate``), and dies with the main process however
-    that ends (kill -9 included): no worker is left writing results into a closed pipe."""
+def detach_pool_worker() -> None:
+    """In a pool worker: leave Ctrl-C and SIGTERM (also sent to the whole process group) to the main
+    process, which stops the pool (``kill_pool``), and die with the main process however that ends
+    (kill -9 included): no worker is left writing results into a closed pipe. Also resets handlers
+    the worker inherited by fork (a SIGTERM handler of the program that called us)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -665,6 +666,30 @@ def _pool_worker_init(language: str, options: dict) -> None:
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass
+
+
+def kill_pool(pool) -> None:
+    """Stop a ``multiprocessing`` pool of ``detach_pool_worker`` workers at once (an error, Ctrl-C,
+    SIGTERM).
+
+    Not ``Pool.terminate()``: it first takes the task queue's read lock, which an idle worker holds
+    while it waits for a task, and which a worker killed there (a signal to the whole process group)
+    holds forever: the build hung. The workers ignore SIGINT/SIGTERM; here they are killed, the pool
+    stops replacing them, and its own clean-up at exit is cancelled."""
+    from multiprocessing.pool import TERMINATE
+
+    pool._state = TERMINATE
+    pool._worker_handler._state = TERMINATE  # no replacement workers
+    pool._terminate.cancel()
+    for proc in pool._pool:
+        if proc.exitcode is None:
+            proc.kill()
+    for proc in pool._pool:
+        proc.join(timeout=10)
+
+
+def _pool_worker_init(language: str, options: dict) -> None:
+    detach_pool_worker()
     keep_freed_memory()
     _worker_init(language, options, warm_up=True)
 
@@ -887,26 +912,10 @@ class _Executor:
             self.pool = None
 
     def terminate(self) -> None:
-        """Stop the pool at once (an error, Ctrl-C, SIGTERM).
-
-        Not ``Pool.terminate()``: it first takes the task queue's read lock, which an idle worker holds
-        while it waits for a task, and which a worker killed there (a signal to the whole process group)
-        holds forever: the build hung. The workers ignore SIGINT/SIGTERM (``_pool_worker_init``); here
-        they are killed, the pool stops replacing them, and its own clean-up at exit is cancelled.
-        """
+        """Stop the pool at once (an error, Ctrl-C, SIGTERM): ``kill_pool``."""
         pool, self.pool = self.pool, None
-        if pool is None:
-            return
-        from multiprocessing.pool import TERMINATE
-
-        pool._state = TERMINATE
-        pool._worker_handler._state = TERMINATE  # no replacement workers
-        pool._terminate.cancel()
-        for proc in pool._pool:
-            if proc.exitcode is None:
-                proc.kill()
-        for proc in pool._pool:
-            proc.join(timeout=10)
+        if pool is not None:
+            kill_pool(pool)
 
 
 def _progress(enabled: bool, **kwargs):

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from data_prep import format as fmt
+from data_prep.core import detach_pool_worker, kill_pool
 from data_prep.languages import concat_ranges
 
 MAX_REPORTED = 20
@@ -352,7 +353,7 @@ def verify_dataset(directory: str, progress: bool = True, workers: int = 1,
     pool = None
     if workers > 1 and len(ordered) > 1:
         _WORKER.update(directory=str(directory), checker=checker)  # inherited by the forked workers
-        pool = mp.get_context("fork").Pool(min(workers, len(ordered)))
+        pool = mp.get_context("fork").Pool(min(workers, len(ordered)), initializer=detach_pool_worker)
         results = pool.imap(_worker_check, ordered)
     else:
         results = map(lambda task: checker.check(*task[1:]), ordered)
@@ -373,9 +374,13 @@ def verify_dataset(directory: str, progress: bool = True, workers: int = 1,
                 records[split] += result.records[:MAX_REPORTED - len(records[split])]
                 if result.unreadable:
                     stopped.add(split)
-    finally:
+    except BaseException:
         if pool is not None:
-            pool.terminate()
+            kill_pool(pool)
+        raise
+    if pool is not None:  # every chunk's result is in: the workers exit at the end of the task queue
+        pool.close()
+        pool.join()
     for split in fmt.SPLITS:
         if split in unopened:
             report.defect(unopened[split])

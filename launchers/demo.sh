@@ -36,6 +36,7 @@ NPROC="${AMBERT_NPROC:-2}"
 if [ ! -f "$DATA/meta.json" ]; then
   log "building the demo dataset in $DATA (~10 s)"
   "$PY" data_prep/build.py --lang zh --output "$DATA"
+  "$PY" data_prep/build.py --verify "$DATA"  # every document re-read and checked (~1 s)
 fi
 
 # 3. Pre-training: the first job stops after $HALF steps with a checkpoint (as a preempted or

@@ -152,13 +152,15 @@ def test_two_nodes_on_loopback_and_mpirun_agree_with_single_node(tmp_path_factor
 @pytest.mark.skipif(os.environ.get("AMBERT_TEST_DEMO") != "1",
                     reason="the full README demo (set-up + dataset build + 2 jobs, ~5 min): AMBERT_TEST_DEMO=1 bash launchers/test.sh -k demo")
 def test_readme_demo_command(tmp_path):
-    env = run_env({"AMBERT_DEMO_OUT": str(tmp_path / "demo"), "AMBERT_DEMO_STEPS": "40", "MASTER_PORT": str(free_port())})
+    env = run_env({"AMBERT_DEMO_OUT": str(tmp_path / "demo"), "AMBERT_DEMO_STEPS": "40", "MASTER_PORT": str(free_port()),
+                   "AMBERT_DEMO_DATA": str(tmp_path / "demo-zh")})  # built and verified by the demo
     result = subprocess.run(["bash", str(LAUNCHERS / "demo.sh")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = read_metrics(tmp_path / "demo")
     assert sorted(metrics) == list(range(1, 41))
     assert (tmp_path / "demo" / "loss.png").stat().st_size > 1000
     assert "resumed from" in result.stdout
+    assert f"verify {tmp_path / 'demo-zh'}: OK" in result.stdout
 
 
 SRUN_SHIM = """#!/usr/bin/env bash

@@ -310,3 +310,29 @@ def test_chunk_checks_match_the_reference_on_random_tokens(monkeypatch):
         for message in ("covers fine tokens", "fine decodes to", "alignment covers", "id beyond", "empty sentence"):
             assert message in kinds, (language, message)
         assert expected_counts["decoded_equal"] > 200 and expected_counts["decode_skipped"] > 5
+
+
+def test_verify_workers_stop_under_a_callers_sigterm_handler(tmp_path):
+    """A program that handles or blocks SIGTERM (a trainer's graceful stop) calls verify with 2
+    workers, which inherit that by fork. Verify once stopped its pool with Pool.terminate(): it takes
+    the task queue's lock, then SIGTERMs the workers, one of which could be waiting for that lock:
+    with SIGTERM blocked it waited forever (the CI run hung; this test hung every time). Now the
+    workers finish the queue and exit, and on an error they are SIGKILLed (``core.kill_pool``)."""
+    import subprocess
+    import sys
+
+    corpus = write_corpus(tmp_path / "pd.txt", lines=300)
+    core.build(small_config(corpus, tmp_path / "ds"))
+    program = (
+        "import signal, sys\n"
+        "signal.signal(signal.SIGTERM, lambda *a: None)\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
+        "from data_prep.verify import verify_dataset\n"
+        "for _ in range(20):\n"
+        f"    report = verify_dataset({str(tmp_path / 'ds')!r}, progress=False, workers=2, chunk_tokens=2000)\n"
+        "    assert report.ok, report.summary()\n"
+        "print('verified')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0 and "verified" in done.stdout, done.stderr[-2000:]

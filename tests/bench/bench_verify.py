@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,9 +70,9 @@ def main() -> None:
             print(f"{lang}: {text.stat().st_size / 1e6:.1f} MB of text, {stats['documents']:,} documents, "
                   f"{stats['fine_tokens']:,} fine / {stats['coarse_tokens']:,} coarse tokens; "
                   f"build --workers 2: {build_seconds:.2f} s; load {os.getloadavg()[0]:.2f}")
-            rows = {"reference": lambda: reference_verify(str(out)),
-                    "verify-1": lambda: verify_dataset(str(out), progress=False, workers=1),
-                    "verify-2": lambda: verify_dataset(str(out), progress=False, workers=2)}
+            rows = {"reference": partial(reference_verify, str(out)),
+                    "verify-1": partial(verify_dataset, str(out), progress=False, workers=1),
+                    "verify-2": partial(verify_dataset, str(out), progress=False, workers=2)}
             best: dict[str, float] = {}
             for r in range(args.rounds):
                 this = {}
