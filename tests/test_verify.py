@@ -336,3 +336,22 @@ def test_verify_workers_stop_under_a_callers_sigterm_handler(tmp_path):
     done = subprocess.run([sys.executable, "-c", program], cwd=Path(__file__).resolve().parents[1],
                           capture_output=True, text=True, timeout=90)
     assert done.returncode == 0 and "verified" in done.stdout, done.stderr[-2000:]
+
+
+def test_streams_of_other_sentence_lengths_are_named(tmp_path):
+    """An align stream whose sentences are not as long as the coarse ones (both files consistent
+    with their own index, so the dataset opens): the chunk is named as unreadable, not misread."""
+    corpus = write_corpus(tmp_path / "pd.txt", lines=200)
+    core.build(small_config(corpus, tmp_path / "ds"))
+
+    def damage(documents):
+        sentence = documents[5][0]
+        sentence[2] = np.append(sentence[2], 1)
+
+    rewrite_train(tmp_path / "ds", tmp_path / "damaged", damage)
+    report = verify_dataset(str(tmp_path / "damaged"), progress=False, chunk_tokens=1000)
+    assert not report.ok
+    assert any(d.startswith("train documents ") and "cannot be read (the coarse and align streams have different "
+               "sentence lengths); rebuild the dataset" in d for d in report.defects), report.summary()
+    # the split's check stopped there: the tokens counted fall short of meta.json's
+    assert report.counts["train"]["fine_tokens"] < fmt.PairedDataset(tmp_path / "ds").meta["splits"]["train"]["fine_tokens"]
