@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verify:
         from data_prep.verify import verify_dataset
 
-        report = verify_dataset(args.verify, progress=sys.stderr.isatty() and not args.no_progress,
+        report = verify_dataset(args.verify, progress=not args.no_progress,
                                 workers=args.workers)
         print(report.summary())
         return 0 if report.ok else 1

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from data_prep import format as fmt
-from data_prep.core import detach_pool_worker, kill_pool
+from data_prep.core import _progress, detach_pool_worker, kill_pool
 from data_prep.languages import concat_ranges
 
 MAX_REPORTED = 20
@@ -357,13 +357,12 @@ def verify_dataset(directory: str, progress: bool = True, workers: int = 1,
         results = pool.imap(_worker_check, ordered)
     else:
         results = map(lambda task: checker.check(*task[1:]), ordered)
-    from tqdm import tqdm
-
     records: dict[str, list] = {split: [] for split in tasks}
     defects: dict[str, int] = {split: 0 for split in tasks}
     stopped: set[str] = set()
     try:
-        with tqdm(total=total_docs, desc="verify", unit="doc", disable=not progress, mininterval=0.5) as bar:
+        # a bar on a terminal; in a job's log file one line every 15 s (as the build's)
+        with _progress(progress, total=total_docs, desc="verify", unit="doc") as bar:
             for (_, split, first, last), result in zip(ordered, results):
                 bar.update(last - first)
                 if split in stopped:  # a chunk could not be read: the split's check ends there
