@@ -520,6 +520,11 @@ def read_shard_cache(cache_dir: Path) -> tuple[str, np.ndarray, np.ndarray, np.n
         return (z["words"].tobytes().decode("utf-8"), z["ids"], z["sentence_words"], z["sentences_per_document"])
 
 
+def _code_points(strings: list[str]) -> np.ndarray:
+    """The code points of ``strings``, concatenated (one UTF-32 buffer)."""
+    return np.frombuffer("".join(strings).encode("utf-32-le"), dtype=np.uint32)
+
+
 def _in_sorted(values: np.ndarray, table: np.ndarray) -> np.ndarray:
     """``np.isin(values, table)`` for a sorted, unique ``table``: a binary search per value (np.isin
     hashes the table again on every call, ~6 ms for the encoder's tens of thousands of pairs, once
@@ -751,36 +756,32 @@ class Chinese(Language):
         self._encoded = _EncodedWords()
         self.fine_vocab = fmt.Vocab.load(Path(artifacts_dir) / fmt.FINE_VOCAB_FILE)
         self.coarse_vocab = fmt.Vocab.load(Path(artifacts_dir) / fmt.COARSE_VOCAB_FILE)
-        self.char_table = np.full(0x110000, fmt.UNK_ID, dtype=np.int64)
+        # Code point -> id tables (int32: every pool worker fills them; int64 took twice the time).
+        self.char_table = np.full(0x110000, fmt.UNK_ID, dtype=np.int32)
         self.special_chars = np.zeros(0x110000, dtype=bool)
-        for c in _ASCII_ALNUM + "#":
-            self.special_chars[ord(c)] = True
-        for token, i in self.fine_vocab.index.items():
-            if len(token) == 1:
-                self.char_table[ord(token)] = i
+        self.special_chars[[ord(c) for c in _ASCII_ALNUM + "#"]] = True
+        self.char_table[_code_points([t for t in self.fine_vocab.tokens if len(t) == 1])] = \
+            [i for i, t in enumerate(self.fine_vocab.tokens) if len(t) == 1]
         # Coarse ids of single characters: the fine ones, plus characters that are coarse words only
         # (rare characters outside a full fine vocabulary that occur as words).
         self.coarse_char_table = self.char_table.copy()
-        for token in self.coarse_vocab.tokens[len(self.fine_vocab):]:
-            if len(token) == 1:
-                self.coarse_char_table[ord(token)] = self.coarse_vocab.index[token]
-        latin = [t for t in self.fine_vocab.tokens if _RUN.fullmatch(t.removeprefix("##"))]
+        n_fine = len(self.fine_vocab)
+        rare = [(t, self.coarse_vocab.index[t]) for t in self.coarse_vocab.tokens[n_fine:] if len(t) == 1]
+        if rare:
+            self.coarse_char_table[_code_points([t for t, _ in rare])] = [i for _, i in rare]
+        # Latin runs of the fine vocabulary (a cheap first-character test before the pattern)
+        latin = [t for t in self.fine_vocab.tokens
+                 if t.removeprefix("##")[:1] in _ASCII_ALNUM_SET and _RUN.fullmatch(t.removeprefix("##"))]
         self.max_run_piece = max((len(t.removeprefix("##")) for t in latin), default=1)
         body = self.coarse_vocab.tokens[fmt.NUM_SPECIAL:]
         multi = [t for t in body if len(t) > 1]
-        # every prefix of 2+ characters of a multi-character coarse word (guides the greedy longest
-        # match): the k-character prefixes of the words of k+ characters, sliced in C, k by k
-        by_length = sorted(multi, key=len, reverse=True)
-        lengths = np.fromiter(map(len, by_length), dtype=np.int64, count=len(by_length))
-        self.coarse_prefixes = set()
-        for k in range(2, int(lengths[0]) + 1 if len(lengths) else 2):
-            self.coarse_prefixes.update(map(itemgetter(slice(0, k)), by_length[: int(np.count_nonzero(lengths >= k))]))
+        self.max_coarse_chars = max(map(len, multi), default=1)  # bounds ``_backoff_plain``'s longest match
         self.max_word_pieces = min(MAX_BACKOFF_PIECES, max(map(len, body), default=1))
         # The first two characters of every multi-character coarse word, as code-point pair keys: an
         # out-of-vocabulary word none of whose adjacent character pairs is among them backs off to
         # single characters (``_backoff_plain`` cannot match anything longer). Every pool worker
         # loads this: built from one UTF-32 buffer, not a Python expression per prefix.
-        pairs = np.frombuffer("".join(t[:2] for t in multi).encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        pairs = _code_points([t[:2] for t in multi]).astype(np.int64)
         self.prefix_pairs = np.unique(pairs[0::2] * 0x110000 + pairs[1::2])
 
     def _split_run(self, run: str, continuation: bool) -> list[str]:
@@ -836,20 +837,21 @@ class Chinese(Language):
         return ids, align
 
     def _backoff_plain(self, word: str) -> tuple[list[int], list[int]]:
-        """``_backoff`` for a word of one fine token per character: forward longest match, guided by
-        the set of coarse-word prefixes (stops as soon as no vocabulary word can match)."""
-        index, prefixes = self.coarse_vocab.index, self.coarse_prefixes
+        """``_backoff`` for a word of one fine token per character: forward longest match over the
+        coarse vocabulary, at most ``max_coarse_chars`` characters at a time."""
+        get, longest = self.coarse_vocab.index.get, self.max_coarse_chars
         ids, align = [], []
         i, n = 0, len(word)
         while i < n:
-            best, j = i + 1, i + 2
-            while j <= n and word[i:j] in prefixes:
-                if word[i:j] in index:
-                    best = j
-                j += 1
-            ids.append(index.get(word[i:best], fmt.UNK_ID))
-            align.append(best - i)
-            i = best
+            for j in range(min(n, i + longest), i + 1, -1):
+                cid = get(word[i:j])
+                if cid is not None:
+                    break
+            else:
+                j, cid = i + 1, get(word[i], fmt.UNK_ID)
+            ids.append(cid)
+            align.append(j - i)
+            i = j
         return ids, align
 
     def encode_word(self, word: str, special: bool | None = None) -> tuple[list[int], list[int], list[int]]:

@@ -91,7 +91,7 @@ class Vocab:
                 f"a vocabulary must start with the special tokens {SPECIAL_TOKENS}, got {tokens[:NUM_SPECIAL]}"
             )
         self.tokens = tokens
-        self.index = {t: i for i, t in enumerate(tokens)}
+        self.index = dict(zip(tokens, range(len(tokens))))
         if len(self.index) != len(tokens):
             seen: set[str] = set()
             dup = next(t for t in tokens if t in seen or seen.add(t))

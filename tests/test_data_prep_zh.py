@@ -137,6 +137,40 @@ def test_latin_runs_whole_or_pieces(built):
     assert "".join(w.removeprefix("##") for w in words) == "abc中文"
 
 
+def test_backoff_is_the_longest_match_over_the_coarse_vocabulary(built):
+    """``_backoff_plain`` (bounded by the longest coarse word) against a brute-force forward longest
+    match: at each position the longest coarse word that starts there, else one character."""
+    _, ds_dir, _ = built
+    lang = Chinese({"segmenter": "rjieba"})
+    lang.load(ds_dir)
+    index = lang.coarse_vocab.index
+
+    def reference(word):
+        ids, align, i = [], [], 0
+        while i < len(word):
+            best = max((j for j in range(i + 2, len(word) + 1) if word[i:j] in index), default=i + 1)
+            ids.append(index.get(word[i:best], fmt.UNK_ID))
+            align.append(best - i)
+            i = best
+        return ids, align
+
+    multi = [t for t in lang.coarse_vocab.tokens[fmt.NUM_SPECIAL:] if len(t) > 1 and not any(c.isascii() for c in t)]
+    chars = [t for t in lang.fine_vocab.tokens if len(t) == 1 and not t.isascii()] + ["\u9fff", "\U00020000"]
+    rng = np.random.default_rng(0)
+    longest = max(multi, key=len)
+    words = [longest, longest + longest, longest[:-1], "\u9fff" * 3]
+    for _ in range(3000):  # vocabulary words, their pieces and stray characters run together
+        parts = []
+        for _ in range(int(rng.integers(1, 6))):
+            w = multi[int(rng.integers(len(multi)))]
+            kind = int(rng.integers(4))
+            parts.append(w if kind < 2 else w[int(rng.integers(len(w))):] if kind == 2 else chars[int(rng.integers(len(chars)))])
+        words.append("".join(parts))
+    assert len(longest) == lang.max_coarse_chars > 2
+    for word in words:
+        assert lang._backoff_plain(word) == reference(word), word
+
+
 def test_coarse_backoff_never_unk_where_fine_knows(tmp_path):
     corpus = write_corpus(tmp_path / "pd.txt", lines=300)
     ds_dir = tmp_path / "ds"
