@@ -51,6 +51,7 @@ from data_prep.languages import (
     EncodedShard,
     Language,
     LanguageError,
+    StringIds,
     bincount,
     compact_ints,
     concat_ranges,
@@ -459,7 +460,7 @@ class _EncodedWords:
     """The encodings of the words a worker has met, kept across its shards: a shard only encodes
     the words no earlier shard had (most words recur), then gathers every token from these arrays.
 
-    ``slots(words)`` -> the slot of each word; slot k's fine ids are
+    ``slots(words)`` -> the slot of each word (found with ``StringIds``); slot k's fine ids are
     ``fine[fine_start[k]:fine_start[k] + fine_count[k]]``, its coarse ids and alignment likewise.
     Ids, alignments and counts are kept as int32 (int64 only if a value needs it), so the shard's
     tokens gathered from them are int32 too. Bounded: past ``max_words`` words (a huge corpus) new
@@ -467,32 +468,35 @@ class _EncodedWords:
 
     def __init__(self, max_words: int = 4_000_000) -> None:
         self.max_words = max_words
-        self.slot: dict[str, int] = {}
+        self.slot = StringIds()  # the kept words -> their slots (slot k = the k-th word kept)
         empty = np.zeros(0, dtype=np.int64)
         self.fine = self.coarse = self.align = self.fine_count = self.coarse_count = np.zeros(0, dtype=np.int32)
         self.fine_start = self.coarse_start = empty
         self.chars = empty  # characters of text per word ("##" marks excluded)
         self._kept = 0  # slots [0, _kept) are the memo; any beyond belong to the current shard only
 
-    def slots(self, words: list[str], encode) -> np.ndarray:
+    def slots(self, words: list[str], encode, text: str | None = None) -> np.ndarray:
+        """The slot of each of ``words`` (distinct), encoding (``encode``) those not kept yet.
+        ``text``: the words joined by WORD_SEP, when the caller has it."""
         self._drop_shard_only()
-        slots = np.fromiter(map(self.slot.get, words, itertools.repeat(-1)), dtype=np.int64, count=len(words))
+        slots, short, keys = self.slot.find(words, WORD_SEP.join(words) if text is None else text, WORD_SEP)
         missing = np.flatnonzero(slots < 0)
         if len(missing):
             new = [words[i] for i in missing.tolist()]
             fine, coarse, align, fine_count, coarse_count = encode(new)
-            slots[missing] = np.arange(len(self.fine_count), len(self.fine_count) + len(new))
             self.fine = np.concatenate([self.fine, compact_ints(fine)])
             self.coarse = np.concatenate([self.coarse, compact_ints(coarse)])
             self.align = np.concatenate([self.align, compact_ints(align)])
-            self.fine_count = np.concatenate([self.fine_count, compact_ints(fine_count)])
             self.chars = np.concatenate([self.chars, [len(w) - 2 * w.startswith("##") for w in new]]).astype(np.int64)
+            if len(self.slot) + len(new) <= self.max_words:
+                self.slot.add(words, slots, short, keys)  # numbered len(memo), len(memo) + 1, ... as ``new``
+                self._kept = len(self.fine_count) + len(new)
+            else:
+                slots[missing] = np.arange(len(self.fine_count), len(self.fine_count) + len(new))
+            self.fine_count = np.concatenate([self.fine_count, compact_ints(fine_count)])
             self.coarse_count = np.concatenate([self.coarse_count, compact_ints(coarse_count)])
             self.fine_start = np.cumsum(self.fine_count, dtype=np.int64) - self.fine_count
             self.coarse_start = np.cumsum(self.coarse_count, dtype=np.int64) - self.coarse_count
-            if len(self.slot) + len(new) <= self.max_words:
-                self.slot.update(zip(new, slots[missing].tolist()))
-                self._kept = len(self.fine_count)
         return slots
 
     def _drop_shard_only(self) -> None:
@@ -981,9 +985,9 @@ class Chinese(Language):
             raise fmt.FormatError(f"{cache_dir}: the shard cache is inconsistent ({int(sentence_words.sum())} words in its "
                                   f"sentences, {len(ids)} word ids); delete the build's .partial work directory and run again")
         words = text.split(WORD_SEP)
-        del text
         memo = self._encoded
-        slots = memo.slots(words, self.encode_words)
+        slots = memo.slots(words, self.encode_words, text)
+        del text
         # Totals from the occurrences of each distinct word (exact int64 dot products).
         occurrences = bincount(ids, minlength=len(words))
         fine_total = int(occurrences @ memo.fine_count[slots].astype(np.int64))

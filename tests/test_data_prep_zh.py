@@ -453,6 +453,41 @@ def test_encode_shard_with_the_word_memo_equals_fresh_encoding(tmp_path):
     assert sum(fresh[1][3]) == len(fresh[1][0]) and len(fresh[1][3]) == len(lines)
 
 
+def test_encoded_words_slots_equal_a_dict_memo():
+    """``_EncodedWords.slots`` finds short BMP words by packed code-point keys and the others by a
+    dict: the slots must be those of a plain dict memo (new words numbered in their order, each
+    encoded once per worker; beyond ``max_words`` new words get slots for their shard only)."""
+    from data_prep.chinese import WORD_SEP, _EncodedWords
+
+    rng = np.random.default_rng(1)
+    alphabet = ["中", "国", "人", "的", "\uffff", "\u0100", "a", "#", "\U0002000b", "\U0010ffff", "。", "1"]
+    pool = sorted({"".join(rng.choice(alphabet, size=int(rng.integers(1, 7)))) for _ in range(3000)})
+    pool += ["##ab", "中国人的中国", "\U0002000b", "ab\uffff\uffff"]
+
+    def encode(new):
+        encoded.extend(new)
+        counts = np.array([len(w) for w in new], dtype=np.int64)
+        return (np.arange(int(counts.sum())), np.arange(len(new)), counts, counts, np.ones(len(new), dtype=np.int64))
+
+    for max_words in (10**6, 700):
+        memo, encoded, reference, kept = _EncodedWords(max_words=max_words), [], {}, 0
+        for shard in range(12):
+            words = list(dict.fromkeys(rng.choice(pool, size=int(rng.integers(1, 600))).tolist()))
+            text = WORD_SEP.join(words) if shard % 2 else None
+            before = len(encoded)
+            slots = memo.slots(words, encode, text)
+            new = [w for w in words if w not in reference]
+            assert encoded[before:] == new  # only the words not kept yet are encoded, in order
+            expected = {w: reference[w] if w in reference else kept + new.index(w) for w in words}
+            assert slots.tolist() == [expected[w] for w in words]
+            if kept + len(new) <= max_words:
+                reference.update((w, expected[w]) for w in new)
+                kept += len(new)
+            # the memo's arrays hold each slot's encoding
+            assert memo.fine_count[slots].tolist() == [len(w) for w in words]
+        assert (kept == len(reference)) and (max_words > 10**5 or kept <= max_words)
+
+
 def test_encode_shard_in_slices_equals_the_int64_gather(tmp_path, monkeypatch):
     """encode_shard gathers a shard's tokens a slice of words at a time into int32 arrays: the same
     values as the whole-shard int64 gather (the encoding before the slices), for slices that cut
