@@ -578,9 +578,10 @@ def _check_fine_vocab_size(max_fine: int) -> None:
     """The fine vocabulary always holds the specials and the Latin letters/digits (and their "##" forms)."""
     least = fmt.NUM_SPECIAL + 2 * len(_ASCII_ALNUM) + 100
     if max_fine < least:
-        raise LanguageError(f"--fine-vocab-size {max_fine} is too small for Chinese: it needs the "
-                            f"{fmt.NUM_SPECIAL} special tokens, {2 * len(_ASCII_ALNUM)} Latin letters/digits and "
-                            f"characters; use at least {least}", final=True)
+        raise LanguageError(f"--fine-vocab-size {max_fine} is too small for Chinese: it needs {fmt.NUM_SPECIAL} "
+                            f"special tokens + {len(_ASCII_ALNUM)} Latin letters/digits and their {len(_ASCII_ALNUM)} "
+                            f"\"##\" continuation forms + room for at least 100 characters; use at least {least}",
+                            final=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -623,6 +624,13 @@ class Chinese(Language):
         super().__init__({**defaults, **options})
         if self.options["segmenter"] not in SEGMENTERS:
             raise LanguageError(f"unknown --segmenter {self.options['segmenter']!r}; choose one of {SEGMENTERS}")
+        for name, low in (("max_sentence_chars", 1), ("latin_min_count", 1), ("coarse_min_count", 1)):
+            value = self.options[name]
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise LanguageError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}", final=True)
+        if not 0 <= self.options["min_cjk_fraction"] <= 1:
+            raise LanguageError(f"--min-cjk-fraction must be between 0 and 1, got {self.options['min_cjk_fraction']!r}",
+                                final=True)
         if self.options["segmenter"] == "pkuseg":
             make_segmenter("pkuseg")  # fail now, with the install hint, not in a worker
         if self.options["user_dict"] and not Path(self.options["user_dict"]).is_file():

@@ -362,9 +362,21 @@ def test_bad_options_named(tmp_path):
     # the fix is another option, which a --resume would refuse: no DIR.partial/ is left to get in the way
     assert not core.work_dir_for(tmp_path / "ds3").exists()
     # a --fine-vocab-size below the fixed part of a Chinese vocabulary is refused before any work
-    with pytest.raises(LanguageError, match="--fine-vocab-size 100 is too small for Chinese.*at least 229"):
+    with pytest.raises(LanguageError, match=r"--fine-vocab-size 100 is too small for Chinese: it needs 5 special "
+                                            r"tokens \+ 62 Latin .* 62 \"##\" .* 100 characters; use at least 229"):
         core.build(_config(tmp_path, [good], fine_vocab_size=100, output=str(tmp_path / "ds4")))
     assert not core.work_dir_for(tmp_path / "ds4").exists()
+    # Chinese options out of range are refused before any work (--max-sentence-chars 0 used to hang:
+    # a sentence cut to 0 characters never gets shorter)
+    for options, message in (({"max_sentence_chars": 0}, "--max-sentence-chars must be an integer >= 1, got 0"),
+                             ({"max_sentence_chars": -3}, "--max-sentence-chars must be an integer >= 1, got -3"),
+                             ({"latin_min_count": 0}, "--latin-min-count must be an integer >= 1, got 0"),
+                             ({"min_cjk_fraction": 1.5}, "--min-cjk-fraction must be between 0 and 1, got 1.5")):
+        with pytest.raises(LanguageError, match=re.escape(message)):
+            core.build(_config(tmp_path, [good], language_options=options, output=str(tmp_path / "ds5")))
+        assert not core.work_dir_for(tmp_path / "ds5").exists() and not (tmp_path / "ds5").exists()
+    meta = core.build(_config(tmp_path, [good], language_options={"max_sentence_chars": 5}, output=str(tmp_path / "ds6")))
+    assert meta["stats"]["sentences"] > meta["stats"]["characters"] / 5 - 1
     # ... by the build only: a dataset's recorded options are not checked again when it is loaded
     from data_prep.chinese import Chinese
 
