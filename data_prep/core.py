@@ -1033,6 +1033,16 @@ def _output_exists(out: Path, resume: bool) -> FileExistsError:
     )
 
 
+def _resume_difference(key: str, then: Any, now: Any) -> str:
+    """One changed build parameter of a refused --resume: the option, then and now."""
+    if key == "language_options" and isinstance(then, dict) and isinstance(now, dict):
+        return "; ".join(f"--{k.replace('_', '-')} {then.get(k)!r} then, {now.get(k)!r} now"
+                         for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k))
+    if key == "inputs" and isinstance(then, list) and isinstance(now, list):
+        return f"--input {len(then)} file(s) then, {len(now)} now"
+    return f"{_flag(key)} {then!r} then, {now!r} now"
+
+
 def _prepare_work_dir(config: BuildConfig, params: dict) -> Path:
     out = Path(config.output)
     work = work_dir_for(out)
@@ -1040,7 +1050,15 @@ def _prepare_work_dir(config: BuildConfig, params: dict) -> Path:
         raise _output_exists(out, config.resume)
     if work.exists():
         if config.resume:
-            recorded = json.loads((work / PARAMS_FILE).read_text()) if (work / PARAMS_FILE).is_file() else None
+            try:
+                recorded = json.loads((work / PARAMS_FILE).read_text())
+                if not isinstance(recorded, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as exc:
+                raise BuildError(
+                    f"cannot resume: {work / PARAMS_FILE} (the interrupted build's parameters) is missing or damaged "
+                    f"({type(exc).__name__}), so what it started cannot be checked; pass --overwrite without --resume "
+                    f"to start over") from None
             if recorded != params:
                 diff = sorted(k for k in set(params) | set(recorded or {}) if (recorded or {}).get(k) != params.get(k))
                 if recorded is not None and recorded.get("work_format") != WORK_FORMAT:
@@ -1067,7 +1085,8 @@ def _prepare_work_dir(config: BuildConfig, params: dict) -> Path:
                         f"start over on the new content"
                     )
                 raise BuildError(
-                    f"cannot resume: {work} was started with different build parameters ({', '.join(diff) or 'unknown'}); "
+                    f"cannot resume: {work} was started with other build parameters "
+                    f"({'; '.join(_resume_difference(k, recorded.get(k), params.get(k)) for k in diff) or 'unknown'}); "
                     f"rerun with the original command, or pass --overwrite without --resume to start over"
                 )
             log.info("resuming the interrupted build in %s: %s", work, work_progress(work))
@@ -1342,6 +1361,8 @@ class _BuildLock:
 def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.InputSpec], started: float) -> dict:
     options = dict(lang.options)  # with the plugin's defaults filled in: recorded, and what workers get
 
+    run_info = {"resumed": False}
+
     def check():
         out = Path(config.output)
         check_output(config)
@@ -1352,7 +1373,8 @@ def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.Inp
             log.warning(w)
         params = {
             "language": config.language,
-            "language_options": options,
+            # --resume may change the options that only change how the build runs (``run_options``)
+            "language_options": {k: v for k, v in options.items() if k not in lang.run_options},
             "inputs": records,
             "text_mode": config.text_mode,
             "text_field": config.text_field,
@@ -1366,6 +1388,7 @@ def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.Inp
         }
         if config.vocab_from:  # only then: the parameters (and --resume) of other builds are unchanged
             params["vocab_from"] = options["vocab_from"]
+        run_info["resumed"] = bool(config.resume) and work_dir_for(out).is_dir()  # work of an earlier run kept
         work = _prepare_work_dir(config, params)
         return params, warnings, (work / READ_FILE).exists()
 
@@ -1544,7 +1567,7 @@ def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.Inp
             concatenator.append_ready(encoded)  # the shards other ranks finished last
             concatenator.close()
         return _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_size, warnings, started, comm,
-                      stage_seconds, concatenator)
+                      stage_seconds, concatenator, resumed=run_info["resumed"])
 
     try:
         meta = _collective(comm, merge)
@@ -1566,7 +1589,7 @@ def _interrupted(exc: KeyboardInterrupt, config: BuildConfig) -> BuildInterrupte
 
 
 def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_size, warnings, started, comm,
-           stage_seconds, concatenator: fmt.BinConcatenator | None = None) -> dict:
+           stage_seconds, concatenator: fmt.BinConcatenator | None = None, resumed: bool = False) -> dict:
     shards = [_shard_dir(work, k) for k in range(summary["num_shards"])]
     totals: Counter = Counter()
     extra: Counter = Counter()
@@ -1620,10 +1643,12 @@ def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_siz
             "long_documents_cut": summary["long_documents_cut"],
             **{k: v for k, v in fit_stats.items()},
             **{k: int(v) for k, v in sorted(extra.items())},
+            # A resumed build's run did only the work left: its time says nothing of the whole input's.
             "throughput": {
                 "seconds": round(elapsed, 2),
-                "input_mb_per_s": round(input_bytes / 1e6 / elapsed, 3),
-                "chars_per_s": round(totals["characters"] / elapsed),
+                "input_mb_per_s": None if resumed else round(input_bytes / 1e6 / elapsed, 3),
+                "chars_per_s": None if resumed else round(totals["characters"] / elapsed),
+                **({"resumed": True} if resumed else {}),
             },
         }
         scratch = work / "scratch"
@@ -1645,7 +1670,7 @@ def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_siz
             "warnings": warnings,
             # run-dependent (not part of the reproducible output): a resumed run's throughput
             # covers only the work it did itself
-            "run": {"workers": config.workers, "ranks": comm.size, "resumed": bool(config.resume),
+            "run": {"workers": config.workers, "ranks": comm.size, "resumed": resumed,
                     "stage_seconds": {**stage_seconds,
                                       "merge": round(time.time() - started - sum(stage_seconds.values()), 2)}},
         }
@@ -1667,7 +1692,10 @@ def summarize(meta: dict) -> str:
         f"  OOV ([UNK]) rate: fine {100 * (s['fine_oov_rate'] or 0):.3f}%  coarse {100 * (s['coarse_oov_rate'] or 0):.3f}%",
         "  splits: " + ", ".join(f"{k} {v['documents']:,} docs / {v['sentences']:,} sentences" for k, v in meta["splits"].items()),
         f"  throughput: {s['throughput']['input_mb_per_s']} MB/s of input, {s['throughput']['chars_per_s']:,} chars/s "
-        f"({s['throughput']['seconds']}s, workers={meta['run']['workers']}, ranks={meta['run']['ranks']})",
+        f"({s['throughput']['seconds']}s, workers={meta['run']['workers']}, ranks={meta['run']['ranks']})"
+        if s["throughput"].get("input_mb_per_s") is not None else
+        f"  throughput: not measured (a resumed build: this run, {s['throughput']['seconds']}s, did only the work "
+        f"left; workers={meta['run']['workers']}, ranks={meta['run']['ranks']})",
     ]
     if s.get("vocab_from"):
         lines.insert(5, f"  vocabularies from {s['vocab_from']} (the OOV rates: how well they cover this text)")

@@ -905,6 +905,8 @@ class English(Language):
     fit_options = tuple(name for name in option_names if name != "cased")
     artifact_files = (FINE_VOCAB_FILE, COARSE_VOCAB_FILE, FINE_TOKENIZER_FILE, PHRASES_FILE)
 
+    run_options = ("lmplz", "lmplz_memory")  # KenLM's binary and its sort memory: the same model either way
+
     @classmethod
     def add_arguments(cls, group) -> None:
         d = PhraseMiningConfig()

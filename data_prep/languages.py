@@ -435,6 +435,9 @@ class Language:
     """``dest`` names of options that only shape the input checks (``check_sample``), not the tokens:
     free with --vocab-from. Every other option of ``option_names`` shapes the encoding and is taken
     from the --vocab-from dataset."""
+    run_options: ClassVar[tuple[str, ...]] = ()
+    """``dest`` names of options that change how a build runs, not what it writes (a tool's path, a
+    memory budget): a ``--resume`` may give them other values (e.g. to fix the one that stopped it)."""
     artifact_files: ClassVar[tuple[str, ...]] = ("fine_vocab.txt", "coarse_vocab.txt")
     """The files ``fit`` writes into ``artifacts_dir`` that ``load`` reads (copied by ``fit_from``)."""
 

@@ -123,6 +123,9 @@ class PhraseMiningConfig:
         if not 0 < self.subsume_ratio <= 1:
             raise ValueError(f"subsume_ratio must be in (0, 1], got {self.subsume_ratio}")
         parse_size(self.lm_sample, "--lm-sample")
+        if self.lmplz_memory != "auto" and not re.fullmatch(r"\d+(\.\d+)?[bKMGTPEZY%]?", str(self.lmplz_memory)):
+            raise ValueError(f"--lmplz-memory must be auto, a size such as 512M, 8G or 80% (a share of the RAM; "
+                             f"lmplz's suffixes: b K M G T P E Z Y %), got {self.lmplz_memory!r}")
 
 
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -343,6 +346,13 @@ def run_lmplz(words_files: str | os.PathLike | Sequence[str | os.PathLike], arpa
             )
         tail = "\n".join(stderr.strip().splitlines()[-5:])
         raise PhraseMiningError(f"lmplz failed (exit {returncode}): {tail}")
+    if any(f.returncode == -13 or (f.returncode != 0 and ("signal 13" in e or "Broken pipe" in e))
+           for f, e in zip(feeders, feed_errors)):  # SIGPIPE: the reader, lmplz, was gone
+        # lmplz exited 0 without reading all of its input (a binary that is not lmplz, e.g. /bin/true)
+        raise PhraseMiningError(
+            f"{lmplz} exited (status 0) without reading its input: it is not KenLM's lmplz, or a broken one. Point "
+            f"--lmplz (or ${LMPLZ_ENV}) at KenLM's lmplz, or run `bash launchers/setup.sh`, which builds it into "
+            f"third_party/kenlm/bin")
     for feeder, error in zip(feeders, feed_errors):
         if feeder.returncode != 0:  # lmplz saw a truncated corpus: never mine phrases from that
             raise PhraseMiningError(f"reading the words files for lmplz failed ({feeder.args[0]} exit "

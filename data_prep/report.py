@@ -98,7 +98,10 @@ def write_report(directory: str | os.PathLike, phrases: Sequence[Phrase], tokeni
 
     text = ["AMBERT English build: phrase dictionary report", "=" * 48, ""]
     text += [f"{k}: {json.dumps(v)}" for k, v in summary.items()]
-    text += ["", f"Top {min(TOP_PHRASES, len(phrases))} of {len(phrases)} phrases (by score; full list in phrases.tsv)",
+    mined = stats.get("phrases_mined")
+    listed = (f"the {len(phrases)} phrases in the coarse vocabulary" + (f"; phrases.tsv lists all {mined} mined"
+              if mined not in (None, len(phrases)) else "; full list in phrases.tsv"))
+    text += ["", f"Top {min(TOP_PHRASES, len(phrases))} of {listed} (by score)",
              f"{'phrase':40s} {'count':>8s} {'score':>8s} {'log10 p':>8s} {'lift':>6s}"]
     for p in phrases[:TOP_PHRASES]:
         text.append(f"{p.text:40s} {p.count:8d} {p.score:8.3f} {p.min_logprob:8.3f} {p.min_lift:6.2f}")
@@ -130,7 +133,7 @@ li{{margin-bottom:.6em}} small{{color:#666}}</style></head><body>
 <h2>Coarse-tokenized examples</h2><p><span class="phrase">phrase</span> = one coarse token,
 <span class="oov">word</span> = outside the coarse vocabulary ([UNK] on the coarse side); grey = fine WordPiece tokens.</p>
 <ol>{''.join(sample_html)}</ol>
-<h2>Top {min(TOP_PHRASES, len(phrases))} of {len(phrases)} phrases</h2>
+<h2>Top {min(TOP_PHRASES, len(phrases))} of {esc(listed)}</h2>
 <table><tr><th>phrase</th><th>count</th><th>score</th><th>min log10 p</th><th>min lift</th></tr>
 {rows}</table></body></html>
 """

@@ -336,7 +336,7 @@ def test_interrupted_build_never_looks_complete(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(core.BuildError, match="unfinished build.*--resume.*--overwrite"):
         core.build(_config(tmp_path, [good]))
-    with pytest.raises(core.BuildError, match="cannot resume.*different build parameters \\(shard_documents\\)"):
+    with pytest.raises(core.BuildError, match="cannot resume.*other build parameters \\(--shard-documents 50 then, 40 now\\)"):
         core.build(_config(tmp_path, [good], resume=True, shard_documents=40))
     # a work dir left by a data_prep whose work files are laid out differently is refused, and kept
     params_file = core.work_dir_for(tmp_path / "ds") / core.PARAMS_FILE

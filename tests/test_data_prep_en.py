@@ -543,9 +543,36 @@ def test_resume_after_a_crash_in_encoding(built, bbc_corpus, tmp_path, monkeypat
     assert (work / "fit.done").exists() and not out.exists()
     fitted = (work / "artifacts" / "coarse_vocab.txt").stat().st_mtime_ns
     monkeypatch.setattr(english.English, "fit", lambda *a, **k: pytest.fail("fit must not run again on resume"))
-    core.build(_config(bbc_corpus, out, resume=True))
+    meta = core.build(_config(bbc_corpus, out, resume=True))
     assert (out / "coarse_vocab.txt").stat().st_mtime_ns == fitted
     assert _dataset_files(out) == _dataset_files(built)
+    # this run did only the work left: no throughput of the whole input is claimed from its time
+    assert meta["run"]["resumed"] is True and meta["stats"]["throughput"]["resumed"] is True
+    assert meta["stats"]["throughput"]["input_mb_per_s"] is None and meta["stats"]["throughput"]["seconds"] > 0
+    assert "throughput: not measured (a resumed build" in core.summarize(meta)
+    fresh = json.loads((built / "meta.json").read_text())
+    assert fresh["run"]["resumed"] is False and fresh["stats"]["throughput"]["input_mb_per_s"] > 0
+
+
+def test_a_wrong_lmplz_is_named_and_a_resume_may_fix_it(built, bbc_corpus, tmp_path):
+    """An executable that is not lmplz (here /bin/true, which reads nothing) is named as such, and
+    --lmplz / --lmplz-memory only change how the build runs: a --resume may fix them (it used to be
+    refused as "different build parameters", so the analysed shards were lost)."""
+    out = tmp_path / "out"
+    with pytest.raises(BUILD_ERRORS, match=r"/bin/true exited \(status 0\) without reading its input: it is not "
+                                            r"KenLM's lmplz.*--lmplz"):
+        core.build(_config(bbc_corpus, out, language_options={"lmplz": "/bin/true"}))
+    assert core.work_dir_for(out).is_dir() and not out.exists()
+    with pytest.raises(BUILD_ERRORS, match=r"--lmplz-memory must be auto, a size such as 512M.*got '5Q'"):
+        core.build(_config(bbc_corpus, out, resume=True, language_options={"lmplz_memory": "5Q"}))
+    meta = core.build(_config(bbc_corpus, out, resume=True, language_options={"lmplz_memory": "64M"}))
+    assert meta["run"]["resumed"] is True
+    assert _dataset_files(out) == _dataset_files(built)
+    # the report names how many phrases it lists and how many were mined (phrases.tsv has them all)
+    mined = len((out / "phrases.tsv").read_text(encoding="utf-8").splitlines()) - 1
+    assert meta["stats"]["phrases_mined"] == mined
+    assert (f"of the {meta['stats']['phrases_in_coarse_vocab']} phrases in the coarse vocabulary; phrases.tsv lists "
+            f"all {mined} mined" in (out / "phrase_report.txt").read_text(encoding="utf-8"))
 
 
 def test_fine_vocab_too_small_for_the_alphabet(tmp_path):

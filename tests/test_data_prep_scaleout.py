@@ -447,7 +447,7 @@ def _kept_work(corpus: Path, tmp_path: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("damage", ["counts", "read_json", "bin"])
+@pytest.mark.parametrize("damage", ["counts", "read_json", "bin", "params"])
 def test_resume_of_a_damaged_work_directory_names_the_fix(reference, tmp_path, damage):
     """A work-directory file removed or damaged (by hand, a crash without fsync): --resume used to end
     in a raw traceback, or - a truncated shard .bin - to write a damaged dataset and exit 0."""
@@ -459,11 +459,15 @@ def test_resume_of_a_damaged_work_directory_names_the_fix(reference, tmp_path, d
         (work / "fit.done").unlink()  # so the counts are read again
     elif damage == "read_json":
         (work / core.READ_FILE).write_text("{")
+    elif damage == "params":  # it used to call every parameter "different"
+        (work / core.PARAMS_FILE).unlink()
     else:
         part = work / "shards" / "000003" / core.SHARD_PART_FILE
         part.write_bytes(part.read_bytes()[:100])
     with pytest.raises(core.BuildError, match="--overwrite without --resume") as info:
         core.build(small_config(corpus, out, shard_documents=SHARD_DOCS, resume=True))
+    if damage == "params":
+        assert f"{core.PARAMS_FILE} (the interrupted build's parameters) is missing or damaged" in str(info.value)
     if damage == "bin":
         assert f"000003/{core.SHARD_PART_FILE} is not a complete shard part" in str(info.value)
         assert "truncated" in str(info.value)
