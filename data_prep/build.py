@@ -31,10 +31,10 @@ from data_prep.languages import LanguageError, available_languages, get_language
 
 
 class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except where the help already says what the default is."""
+    """Shows defaults, except where the help already says what the default is, or there is none."""
 
     def _get_help_string(self, action):
-        if "(default:" in (action.help or ""):
+        if "(default:" in (action.help or "") or action.default is None:  # no "(default: None)"
             return action.help
         return super()._get_help_string(action)
 
@@ -46,7 +46,7 @@ def make_parser() -> argparse.ArgumentParser:
         # A language may re-declare a shared option (same dest); the last declaration wins.
         conflict_handler="resolve",
     )
-    p.add_argument("--lang", choices=available_languages(), help="language of the corpus")
+    p.add_argument("--lang", choices=available_languages(), help="language of the corpus (required to build; not with --verify)")
     p.add_argument("--input", nargs="+", action="extend", metavar="PATH",
                    help="files, globs or folders (text, .jsonl, .parquet, HF save_to_disk; .gz/.xz/.bz2); "
                         "omit to build the built-in demo corpus")

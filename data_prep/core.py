@@ -959,14 +959,14 @@ def _check_inputs(config: BuildConfig, lang: Language, specs: list[inp.InputSpec
         if not config.skip_language_check and sample:
             problem = lang.check_sample(sample, spec.path)
             if problem:
-                raise LanguageError(problem + " (or pass --skip-language-check if this is intended)")
+                raise LanguageError(problem.rstrip(". ") + ", or pass --skip-language-check if this is intended")
             if pooled_chars < inp.SAMPLE_CHARS:
                 pooled.append(sample[: inp.SAMPLE_CHARS - pooled_chars])
                 pooled_chars += len(pooled[-1])
     if len(pooled) > 1:  # each file may be too short to judge alone (a folder of small files)
         problem = lang.check_sample("\n".join(pooled), f"the start of the {len(pooled)} inputs taken together")
         if problem:
-            raise LanguageError(problem + " (or pass --skip-language-check if this is intended)")
+            raise LanguageError(problem.rstrip(". ") + ", or pass --skip-language-check if this is intended")
     warnings: list[str] = []
     records = []
     for spec in specs:

@@ -159,10 +159,12 @@ def _check_chunk(split: str, first_document: int, doc_sentences: np.ndarray, fin
     found: dict[int, np.ndarray] = {}  # kind -> sentences (or documents) with that defect, in order
 
     # ids beyond the vocabulary: the whole document is skipped
-    bad_doc = np.zeros(num_docs, dtype=bool)
-    for ids, n, owner in ((fine, fine_vocab.n, sent_of_fine), (coarse, coarse_vocab.n, sent_of_coarse)):
+    bad_in = {}  # stream -> documents with an id beyond its vocabulary
+    for stream, ids, n, owner in (("fine", fine, fine_vocab.n, sent_of_fine), ("coarse", coarse, coarse_vocab.n, sent_of_coarse)):
         outside = (ids >= n) | (ids < 0)
-        bad_doc[doc_of_sent[owner[outside]]] = True
+        bad_in[stream] = np.zeros(num_docs, dtype=bool)
+        bad_in[stream][doc_of_sent[owner[outside]]] = True
+    bad_doc = bad_in["fine"] | bad_in["coarse"]
     found[_BEYOND] = np.flatnonzero(bad_doc)
     ok = ~bad_doc[doc_of_sent]
     empty = ok & ((fine_lens == 0) | (coarse_lens == 0))
@@ -238,7 +240,8 @@ def _check_chunk(split: str, first_document: int, doc_sentences: np.ndarray, fin
     for d, s_in_doc, kind, pos in candidates[:MAX_REPORTED]:
         document = first_document + d
         if kind == _BEYOND:
-            records.append((document, -1, kind, 0, f"{split} document {document}: id beyond the vocabulary"))
+            files = " and ".join(f"{split}_{stream}.bin" for stream in ("fine", "coarse") if bad_in[stream][d])
+            records.append((document, -1, kind, 0, f"{split} document {document}: id beyond the vocabulary in {files}"))
             continue
         s = pos if kind != _TOKEN else int(sent_of_coarse[pos])
         where = f"{split} document {document} sentence {s_in_doc}"

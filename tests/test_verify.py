@@ -39,7 +39,8 @@ def reference_check(split: str, documents, fine_tokens: list[str], coarse_tokens
         counts["fine_tokens"] += len(all_fine)
         counts["coarse_tokens"] += len(all_coarse)
         if all_fine and (max(all_fine) >= nf or max(all_coarse, default=0) >= nc):
-            report.defect(f"{split} document {d}: id beyond the vocabulary")
+            files = [f"{split}_fine.bin"] * (max(all_fine) >= nf) + [f"{split}_coarse.bin"] * (max(all_coarse, default=0) >= nc)
+            report.defect(f"{split} document {d}: id beyond the vocabulary in {' and '.join(files)}")
             continue
         for s, (fine, coarse, align) in enumerate(sentences):
             fine, coarse, align = [int(i) for i in fine], [int(i) for i in coarse], np.asarray(align, dtype=np.int64)
@@ -181,6 +182,9 @@ def check_damage(built: Path, tmp_path: Path) -> None:
     for message in ("id beyond the vocabulary", "empty sentence", "alignment covers", "covers fine tokens",
                     "fine decodes to"):
         assert message in text, (message, report.summary())
+    # which file holds the bad id
+    assert "id beyond the vocabulary in train_fine.bin\n" in text + "\n"
+    assert "id beyond the vocabulary in train_coarse.bin\n" in text + "\n"
     counts = report.counts["train"]
     assert counts["decode_skipped"] >= 1 and counts["decoded_equal"] < counts["sentences"]
 
