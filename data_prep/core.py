@@ -1330,8 +1330,7 @@ class _BuildLock:
     racy); the lock goes with the process however it ends."""
 
     def __init__(self, output: str | os.PathLike) -> None:
-        out = Path(output)
-        self.path = out.parent / f".{out.name}.build-lock"
+        self.path = fmt.build_lock_path(output)
         self.fd: int | None = None
 
     def acquire(self) -> None:

@@ -723,6 +723,31 @@ class PairedSplit:
         return fine, coarse
 
 
+def build_lock_path(output: str | os.PathLike) -> Path:
+    """``.DIR.build-lock`` next to DIR: held (flock) by the build writing DIR while it runs."""
+    out = Path(output)
+    return out.parent / f".{out.name}.build-lock"
+
+
+def running_build(output: str | os.PathLike) -> str | None:
+    """Who holds DIR's build lock ("pid N on HOST") while a build of DIR runs, else None."""
+    import fcntl
+
+    try:
+        fd = os.open(build_lock_path(output), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.read(fd, 200).decode(errors="replace").strip() or "a process"
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # releases the shared lock, if taken
+    return None
+
+
 class PairedDataset:
     """A complete dataset directory: meta, vocabularies, and its splits."""
 
@@ -739,6 +764,10 @@ class PairedDataset:
                 raise FormatError(f"{self.directory} is the work directory of the build of {unfinished} (kept with "
                                   f"--keep-work-dir, or of an --overwrite that was stopped), not a dataset: the dataset "
                                   f"is {unfinished}")
+            holder = running_build(unfinished) if work.is_dir() else None
+            if holder:
+                raise FormatError(f"{self.directory} is not a dataset yet: a data_prep build of {unfinished} is running "
+                                  f"({holder}, its work in {work}); wait for it to finish")
             if work.is_dir():
                 raise FormatError(
                     f"{self.directory} is not a dataset: an interrupted data_prep build of {unfinished} left its work "

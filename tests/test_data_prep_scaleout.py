@@ -431,6 +431,13 @@ def test_a_second_build_of_the_same_output_is_refused_while_the_first_runs(refer
                 core.build(small_config(corpus, out, shard_documents=SHARD_DOCS, resume=resume))
             assert f"pid {os.getpid()} on {socket.gethostname()}" in str(info.value)
         assert not out.exists() and not core.work_dir_for(out).exists()
+        # --verify (or training) on the output of a build that is still running says so (not "--resume")
+        core.work_dir_for(out).mkdir()
+        for path in (out, core.work_dir_for(out)):
+            with pytest.raises(fmt.FormatError, match=r"is not a dataset yet: a data_prep build of .*out is running "
+                                                      rf"\(pid {os.getpid()} on .*wait for it to finish"):
+                fmt.PairedDataset(path)
+        core.work_dir_for(out).rmdir()
     finally:
         first.release()
     core.build(small_config(corpus, out, shard_documents=SHARD_DOCS))  # free again once it ends
