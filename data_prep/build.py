@@ -193,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     if core.launch_rank() == 0:  # the build's log also goes next to the dataset (appended on --resume)
-        try:
-            core.check_output(config)  # before the log file is made: never inside an input folder
-        except (inputs.InputError, FileExistsError) as exc:
+        try:  # before the log file is made: never inside an input folder, nor a refused build's error
+            core.preflight(config)  # in the log of the dataset already there
+        except (core.BuildError, inputs.InputError, LanguageError, FileExistsError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         log_file = Path(args.output).parent / (Path(args.output).name + ".build.log")

@@ -386,6 +386,28 @@ def _describe_difference(key: str, mine: Any, theirs: Any) -> str:
     return f"{theirs!r} (rank 0: {mine!r})"
 
 
+def checked_language(config: BuildConfig) -> Language:
+    """The build's options checked (``BuildConfig.validate``, the language's own) and its plugin:
+    cheap, before any work."""
+    config.validate()
+    lang_cls = get_language(config.language)
+    options = (vocab_from_options(config, lang_cls) if config.vocab_from
+               else config.language_plugin_options(lang_cls))
+    lang = lang_cls(options)
+    lang.check_build_options()
+    return lang
+
+
+def preflight(config: BuildConfig) -> None:
+    """What the command line checks before it opens the build's log next to DIR (a refused build must
+    not write into the log of the dataset already there): the output, the options."""
+    check_output(config)
+    out = Path(config.output)
+    if out.exists() and not config.overwrite:
+        raise _output_exists(out, config.resume)
+    checked_language(config)
+
+
 def _agree_on_settings(comm, config: BuildConfig) -> tuple[Language, list[inp.InputSpec]]:
     """Every rank checks its own command line, then all ranks compare settings with rank 0: before any work.
 
@@ -395,12 +417,7 @@ def _agree_on_settings(comm, config: BuildConfig) -> tuple[Language, list[inp.In
     every rank; only --workers (and progress bars) may differ per machine.
     """
     def local():
-        config.validate()
-        lang_cls = get_language(config.language)
-        options = (vocab_from_options(config, lang_cls) if config.vocab_from
-                   else config.language_plugin_options(lang_cls))
-        lang = lang_cls(options)
-        lang.check_build_options()  # before any work
+        lang = checked_language(config)
         try:
             specs = (inp.resolve_inputs(config.inputs, config.text_mode, config.text_field) if config.inputs
                      else lang.demo_inputs())
@@ -1408,14 +1425,20 @@ def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.Inp
 
         # ---- 2+3. read into shards, analyse --------------------------------------------------
         def read_and_analyze():
-            sizes = [r.get("content_bytes") for r in params["inputs"]]
-            total = sum(sizes) if None not in sizes else None  # unknown for parquet / HF datasets
+            # The bar counts the documents' text bytes: the files' sizes are its total where they are
+            # close to it (text, JSON lines); unknown for parquet / HF datasets and for tagged text
+            # (the demo's "word/TAG" file is about twice its text).
+            sizes = [r.get("content_bytes") if r.get("kind") != "tagged" else None for r in params["inputs"]]
+            total = sum(sizes) if None not in sizes else None
             with _progress(config.progress and comm.rank == 0, desc="analyze", unit="B", unit_scale=True,
                            total=total) as bar:
                 progress = _AnalysisProgress(bar)
                 summary = _read_into_shards(config, comm, specs, work, executor, progress, read_done, params)
                 for result in executor.ready(wait=True):
                     progress(result)
+                if bar.total and bar.n < bar.total:  # JSON syntax, stripped spaces: the text was smaller
+                    bar.total = bar.n
+                    bar.refresh()
             mine = [k for k in range(summary["num_shards"]) if k % comm.size == comm.rank]
             if progress.merged != len(mine):
                 raise BuildError(f"internal: {progress.merged} shards analysed, {len(mine)} expected")

@@ -395,6 +395,28 @@ def test_cli_reports_error_and_exit_code(tmp_path):
     assert "valid_fraction" in meta_keys
 
 
+def test_a_refused_build_writes_no_log(tmp_path, capsys):
+    """A bad option or an existing output is refused before DIR.build.log is opened: a refused run
+    used to create a log for nothing, or append its error to the log of the dataset already there."""
+    from data_prep import build
+
+    good = _good(tmp_path)
+    out = tmp_path / "x"
+    log = tmp_path / "x.build.log"
+    for bad, message in ((["--max-sentence-chars", "0"], "--max-sentence-chars must be an integer >= 1, got 0"),
+                         (["--workers", "0"], "--workers must be >= 1, got 0")):
+        assert build.main(["--lang", "zh", "--input", str(good), "--output", str(out), "--no-progress", *bad]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists() and not log.exists()
+    assert build.main(["--lang", "zh", "--input", str(good), "--output", str(out), "--no-progress",
+                       "--shard-documents", "50", "--valid-fraction", "0.05"]) == 0
+    written = log.read_bytes()
+    for extra in ([], ["--resume"]):
+        assert build.main(["--lang", "zh", "--input", str(good), "--output", str(out), "--no-progress", *extra]) == 2
+        assert f"output directory {out} already exists" in capsys.readouterr().err
+        assert log.read_bytes() == written
+
+
 def test_an_option_of_the_other_language_is_refused_not_ignored(tmp_path, capsys):
     """`--lang zh --cased` or `--lang en --segmenter jieba` used to build without a word about the option."""
     from data_prep import build

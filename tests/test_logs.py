@@ -18,11 +18,16 @@ def test_build_log_records_the_run_and_its_error(tmp_path):
            "--no-progress", "--fine-min-count", "1"]
     ok = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert ok.returncode == 0, ok.stderr[-3000:]
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    # a rebuild (--overwrite) that fails on its input: its error is logged too, the dataset stays
+    # (a run refused before it starts, e.g. without --overwrite, writes nothing: test_data_prep_bad_input)
+    english = tmp_path / "en.txt"
+    english.write_text("The weather in Beijing is fine today, so we walk in the park.\n" * 40, encoding="utf-8")
+    again = subprocess.run(cmd[:cmd.index("--input") + 1] + [str(english)] + cmd[cmd.index("--input") + 2:]
+                           + ["--overwrite"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert again.returncode == 2
     log = (tmp_path / "ds.build.log").read_text(encoding="utf-8")
     first_error = again.stderr[again.stderr.index("error:"):].strip()
-    assert "--overwrite" in first_error  # an existing output names the fix
+    assert "does not look like Chinese" in first_error and "--lang" in first_error  # names the fix
     assert log.count("error:") == 1 and first_error in log, (log[-2000:], first_error)
     assert f"wrote {out}" in log and "coarse/fine" in log  # the successful build's summary is logged too
     assert (out / "meta.json").is_file()  # the failed second run left the dataset alone
