@@ -182,17 +182,26 @@ class BuildConfig:
             value = getattr(self, name)
             if value is not None and value <= fmt.NUM_SPECIAL:
                 raise BuildError(f"--{name.replace('_', '-')} must exceed the {fmt.NUM_SPECIAL} special tokens, got {value}")
+        for name in ("fine_min_count", "coarse_min_count"):  # 0 used to mean "the default", silently
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise BuildError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
     def language_plugin_options(self, lang_cls: type[Language]) -> dict:
         """The dict a plugin is constructed from: its own options plus the shared ones (defaults filled)."""
         return {
             **self.language_options,
-            "fine_vocab_size": self.fine_vocab_size or lang_cls.default_fine_vocab_size,
-            "coarse_vocab_size": self.coarse_vocab_size or lang_cls.default_coarse_vocab_size,
-            "fine_min_count": self.fine_min_count or lang_cls.default_fine_min_count,
-            "coarse_min_count": self.coarse_min_count or self.language_options.get("coarse_min_count")
-            or lang_cls.default_coarse_min_count,
+            "fine_vocab_size": _first_given(self.fine_vocab_size, lang_cls.default_fine_vocab_size),
+            "coarse_vocab_size": _first_given(self.coarse_vocab_size, lang_cls.default_coarse_vocab_size),
+            "fine_min_count": _first_given(self.fine_min_count, lang_cls.default_fine_min_count),
+            "coarse_min_count": _first_given(self.coarse_min_count, self.language_options.get("coarse_min_count"),
+                                             lang_cls.default_coarse_min_count),
         }
+
+
+def _first_given(*values):
+    """The first value that is not None (an explicit 0 is a value, not "use the default")."""
+    return next((v for v in values if v is not None), None)
 
 
 # Shared options that only shape the fit: --vocab-from refuses them (with the language's fit_options).
@@ -446,7 +455,8 @@ def _agree_on_settings(comm, config: BuildConfig) -> tuple[Language, list[inp.In
                         or (key == "inputs" and theirs["input_files"] == settings["input_files"])  # same files
                         or (key == "language_options" and theirs["language"] != config.language))
                 if theirs.get(key) != settings[key] and not skip:
-                    lines.append(f"rank {rank}: {_flag(key)} {_describe_difference(key, settings[key], theirs.get(key))}")
+                    flag = "" if key == "language_options" else _flag(key) + " "  # each option names its flag
+                    lines.append(f"rank {rank}: {flag}{_describe_difference(key, settings[key], theirs.get(key))}")
         if lines:
             problem = ("the ranks were started with different build settings:\n  " + "\n  ".join(lines)
                        + "\nEvery rank must run the same command (only --workers may differ per machine): fix the "

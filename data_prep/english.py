@@ -81,6 +81,7 @@ from data_prep.phrases import (
 )
 
 log = logging.getLogger("data_prep.english")
+_WARNED: set[tuple[str, ...]] = set()
 
 
 class EnglishInputError(ValueError):
@@ -793,13 +794,17 @@ def fit_english(words_files: Sequence[Path], sizes: Counter, word_counts: Counte
     lm_text: dict = {}
     if config.phrases:
         fit_fine()
-        phrases = []
+        phrases, seen, repeated = [], set(), 0
         for p in read_phrases_tsv(config.phrases):
             words = tuple(words_of(normalize(" ".join(p.words), config.lowercase)))
-            if len(words) >= 2:
+            if len(words) >= 2 and words in seen:  # e.g. two casings of a --cased build's phrase: the first
+                repeated += 1
+            elif len(words) >= 2:
+                seen.add(words)
                 p.words = words
                 phrases.append(p)
-        log.info("en: %d phrases read from %s", len(phrases), config.phrases)
+        log.info("en: %d phrases read from %s%s (their counts and scores are the source's)", len(phrases),
+                 config.phrases, f", {repeated} repeats dropped (the same words after normalisation)" if repeated else "")
     else:
         min_words = 250 * config.mining.ngram_order
         if n_words < min_words:
@@ -811,7 +816,7 @@ def fit_english(words_files: Sequence[Path], sizes: Counter, word_counts: Counte
         total_bytes = sum(os.path.getsize(f) for f in words_files)
         stride = lm_line_stride(total_bytes, parse_size(config.mining.lm_sample, "--lm-sample"))
         if stride > 1:
-            log.info("en: lmplz estimates on every %d-th sentence (~%.1f of %.1f MB of word text; --lm-sample %s); "
+            log.info("en: lmplz estimates on one sentence in %d (~%.1f of %.1f MB of word text; --lm-sample %s); "
                      "candidates are counted over all of them", stride, total_bytes / stride / 1e6, total_bytes / 1e6,
                      config.mining.lm_sample)
         lm_text = {"sentence_stride": stride, "mb": round(total_bytes / stride / 1e6, 1)}
@@ -820,6 +825,10 @@ def fit_english(words_files: Sequence[Path], sizes: Counter, word_counts: Counte
                                line_stride=stride)
     write_phrases_tsv(artifacts_dir / PHRASES_FILE, phrases)
     seconds["phrases"] = round(time.time() - t0, 2)
+    if not phrases:
+        log.warning("en: no phrases %s: the coarse side is words only. Lower --phrase-min-count, "
+                    "--phrase-min-logprob or --phrase-min-lift, or give a larger corpus",
+                    "in --phrases" if config.phrases else "passed the thresholds")
 
     t0 = time.time()
     counts = count_coarse(PhraseTokenizer(p.words for p in phrases))
@@ -833,6 +842,7 @@ def fit_english(words_files: Sequence[Path], sizes: Counter, word_counts: Counte
     kept = set(coarse_tokens)
     in_vocab = [p for p in phrases if PHRASE_JOINER.join(p.words) in kept]
     stats = {
+        # "mined": by KenLM on this corpus, or read from --phrases (then ``phrase_source`` names the file)
         "phrases_mined": len(phrases),
         "phrases_in_coarse_vocab": len(in_vocab),
         "top_phrases": [
@@ -928,7 +938,7 @@ class English(Language):
                            help="(en) ... and log10 p(word | previous) / p(word) >= this for content words "
                                 "(default %(default)s)")
         group.add_argument("--max-phrases", type=int, default=0,
-                           help="(en) keep at most this many phrases, best first (default: no limit)")
+                           help="(en) keep at most this many phrases, best first (default: 0, no limit)")
         group.add_argument("--coarse-min-count", type=int, default=2,
                            help="a coarse unit needs this many occurrences for a coarse id: en, a word/phrase, "
                                 "else coarse [UNK]; zh, a word, else it backs off to pieces (default %(default)s)")
@@ -979,6 +989,19 @@ class English(Language):
                 find_lmplz(self.config.mining.lmplz)  # a missing lmplz stops the build before any work
         except (ValueError, FileNotFoundError, RuntimeError) as exc:
             raise LanguageError(str(exc)) from None
+
+    def check_build_options(self) -> None:
+        if self.config.phrases and not self.options.get("vocab_from"):  # nothing is mined: say what is ignored
+            mining, default = self.config.mining, PhraseMiningConfig()
+            ignored = [flag for flag, name in (("--ngram-order", "ngram_order"), ("--phrase-min-count", "min_count"),
+                                               ("--phrase-min-logprob", "min_logprob"), ("--phrase-min-lift", "min_lift"),
+                                               ("--max-phrases", "max_phrases"), ("--discount-fallback", "discount_fallback"),
+                                               ("--lm-sample", "lm_sample"))
+                       if getattr(mining, name) != getattr(default, name)]
+            if ignored and tuple(ignored) not in _WARNED:  # once a process (the command line checks first)
+                _WARNED.add(tuple(ignored))
+                log.warning("en: %s only shape(s) phrase mining, which --phrases replaces: ignored (recorded in "
+                            "meta.json as given)", ", ".join(ignored))
 
     def check_sample(self, text: str, source: str) -> str | None:
         try:

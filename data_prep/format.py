@@ -32,12 +32,17 @@ import json
 import os
 import shutil
 import struct
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# megatron-core warns at import that TransformerEngine/Apex are absent: irrelevant to data files
+# (the reader and builder this module imports from it are plain NumPy/torch code).
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
 
 FORMAT_VERSION = 1
 
@@ -112,6 +117,8 @@ class Vocab:
         return self.index.get(token, UNK_ID)
 
     def token(self, token_id: int) -> str:
+        if not 0 <= token_id < len(self.tokens):  # a negative id would index from the end, silently
+            raise FormatError(f"token id {token_id} is outside the vocabulary (ids 0..{len(self.tokens) - 1})")
         return self.tokens[token_id]
 
     def save(self, path: str | os.PathLike) -> None:

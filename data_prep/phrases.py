@@ -118,8 +118,12 @@ class PhraseMiningConfig:
             raise ValueError(f"--ngram-order must be between 2 and 8, got {self.ngram_order}")
         if self.min_count < 1:
             raise ValueError(f"--phrase-min-count must be >= 1, got {self.min_count}")
-        if self.min_logprob > 0:
-            raise ValueError(f"--phrase-min-logprob is a log10 probability (<= 0), got {self.min_logprob}")
+        if not math.isfinite(self.min_logprob) or self.min_logprob > 0:
+            raise ValueError(f"--phrase-min-logprob is a log10 probability (finite, <= 0), got {self.min_logprob}")
+        if not math.isfinite(self.min_lift):
+            raise ValueError(f"--phrase-min-lift must be a finite number (a log10 ratio), got {self.min_lift}")
+        if self.max_phrases < 0:
+            raise ValueError(f"--max-phrases must be >= 0 (0: no limit), got {self.max_phrases}")
         if not 0 < self.subsume_ratio <= 1:
             raise ValueError(f"subsume_ratio must be in (0, 1], got {self.subsume_ratio}")
         parse_size(self.lm_sample, "--lm-sample")
@@ -341,8 +345,11 @@ def run_lmplz(words_files: str | os.PathLike | Sequence[str | os.PathLike], arpa
         if "BadDiscountException" in stderr or "discount out of range" in stderr:
             raise PhraseMiningError(
                 f"KenLM cannot estimate an order-{order} model on this corpus (BadDiscountException: too little "
-                f"text, or too repetitive, for order {order}). Use a larger corpus, lower --ngram-order, pass "
-                f"--discount-fallback (KenLM then uses fixed discounts), or reuse a dictionary with --phrases FILE."
+                f"text, or too repetitive, for order {order}"
+                + (f"; it saw every {line_stride}-th sentence only: raise --lm-sample, or pass --lm-sample 0 to give it "
+                   f"all the text" if line_stride > 1 else "")
+                + "). Use a larger corpus, lower --ngram-order, pass --discount-fallback (KenLM then uses fixed "
+                  "discounts), or reuse a dictionary with --phrases FILE."
             )
         tail = "\n".join(stderr.strip().splitlines()[-5:])
         raise PhraseMiningError(f"lmplz failed (exit {returncode}): {tail}")

@@ -375,6 +375,11 @@ def test_bad_options_named(tmp_path):
         with pytest.raises(LanguageError, match=re.escape(message)):
             core.build(_config(tmp_path, [good], language_options=options, output=str(tmp_path / "ds5")))
         assert not core.work_dir_for(tmp_path / "ds5").exists() and not (tmp_path / "ds5").exists()
+    # 0 used to be taken for "the default", silently
+    for name in ("fine_min_count", "coarse_min_count"):
+        with pytest.raises(core.BuildError, match=f"--{name.replace('_', '-')} must be >= 1, got 0"):
+            core.build(_config(tmp_path, [good], output=str(tmp_path / "ds5"), **{name: 0}))
+        assert not core.work_dir_for(tmp_path / "ds5").exists()
     meta = core.build(_config(tmp_path, [good], language_options={"max_sentence_chars": 5}, output=str(tmp_path / "ds6")))
     assert meta["stats"]["sentences"] > meta["stats"]["characters"] / 5 - 1
     # ... by the build only: a dataset's recorded options are not checked again when it is loaded

@@ -383,6 +383,32 @@ def test_reuse_phrases_and_fine_tokenizer(built, bbc_corpus, tmp_path, monkeypat
     assert np.array_equal(a.document(3).coarse, b.document(3).coarse)
 
 
+def test_phrases_file_repeats_dropped_and_ignored_mining_options_named(bbc_corpus, tmp_path, monkeypatch, caplog):
+    """--phrases: two spellings of one phrase (a --cased build's list read uncased) are kept once, and
+    the mining options it makes pointless are named in a warning (they used to be ignored silently)."""
+    monkeypatch.setenv("AMBERT_LMPLZ", str(tmp_path / "no-lmplz"))
+    monkeypatch.setattr(english, "_WARNED", set())
+    listed = tmp_path / "phrases.txt"
+    listed.write_text("New York\nprime minister\nnew york\nPrime  Minister\nbank of england\n", encoding="utf-8")
+    out = tmp_path / "out"
+    with caplog.at_level("INFO", logger="data_prep"):
+        core.build(_config(bbc_corpus, out, language_options={"phrases": str(listed), "lm_sample": "1M"}))
+    assert [p.words for p in read_phrases_tsv(out / PHRASES_FILE)] == [
+        ("new", "york"), ("prime", "minister"), ("bank", "of", "england")]
+    log = caplog.text
+    assert "3 phrases read from" in log and "2 repeats dropped (the same words after normalisation)" in log
+    assert "--ngram-order, --phrase-min-count, --lm-sample only shape(s) phrase mining, which --phrases replaces" in log
+
+
+@needs_lmplz
+def test_no_phrase_passing_the_thresholds_is_a_warning(bbc_corpus, tmp_path, caplog):
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="data_prep"):
+        meta = core.build(_config(bbc_corpus, out, language_options={"phrase_min_count": 10**6}))
+    assert meta["stats"]["phrases_mined"] == 0
+    assert "en: no phrases passed the thresholds: the coarse side is words only" in caplog.text
+
+
 def test_lm_sample_estimates_on_every_kth_sentence_and_counts_everything(built, bbc_corpus, tmp_path):
     """--lm-sample bounds lmplz's (serial) input on a huge corpus: the model comes from every k-th
     sentence, but the phrases' counts are still those of the whole corpus."""

@@ -145,7 +145,7 @@ needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None,
 
 
 @needs_mpirun
-@pytest.mark.parametrize("case", ["shard-documents", "output", "input"])
+@pytest.mark.parametrize("case", ["shard-documents", "output", "input", "language-option"])
 def test_mpirun_ranks_with_different_settings_are_refused(reference, tmp_path, case):
     """Each rank owns the shards k % K == rank: a rank with another --shard-documents used to drop a
     quarter of the corpus with --verify passing, another --output hung, a missing --input on one rank
@@ -157,6 +157,9 @@ def test_mpirun_ranks_with_different_settings_are_refused(reference, tmp_path, c
         rank1 = _cli(corpus, out)
         rank1[rank1.index("--shard-documents") + 1] = "45"
         expected = "rank 1: --shard-documents 45 (rank 0: 60)"
+    elif case == "language-option":  # named by its own flag (it read "--language-options --max-sentence-chars")
+        rank1 = _cli(corpus, out) + ["--max-sentence-chars", "300"]
+        expected = "rank 1: --max-sentence-chars 300 (rank 0: 510)"
     elif case == "output":
         rank1 = _cli(corpus, tmp_path / "elsewhere")
         expected = f"rank 1: --output '{tmp_path / 'elsewhere'}' (rank 0: '{out}')"

@@ -120,6 +120,21 @@ def test_statistics_in_meta(built):
     assert "rjieba" in meta["versions"]
 
 
+def test_reading_a_dataset_prints_no_megatron_warnings(built):
+    """megatron-core warns at import that TransformerEngine/Apex are absent (four UserWarnings with
+    their source lines): irrelevant to reading data files, and --verify already hid them."""
+    import subprocess
+    import sys
+
+    _, ds_dir, _ = built
+    code = (f"from data_prep.format import PairedDataset; ds = PairedDataset({str(ds_dir)!r}); "
+            "print(ds.decode_fine(ds.split('train').document(0).fine)[:5])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() and "Transformer Engine" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
+
+
 def test_latin_runs_whole_or_pieces(built):
     _, ds_dir, _ = built
     ds = fmt.PairedDataset(ds_dir)

@@ -277,3 +277,13 @@ def test_merge_refuses_parts_with_other_vocabulary_sizes(tmp_path):
     (tmp_path / "a" / "train_fine.idx").write_bytes(b"garbage")
     with pytest.raises(fmt.FormatError, match="not a megatron-core IndexedDataset index"):
         fmt.read_index(fmt.prefix(tmp_path / "a", "train", "fine"))
+
+
+def test_vocab_token_names_an_id_outside_it():
+    """``decode_coarse([-1])`` returned the last entry (negative indexing); a large id raised a bare
+    IndexError."""
+    vocab = fmt.Vocab.from_tokens(["a", "b"])
+    assert vocab.token(6) == "b"
+    for bad in (-1, 7, 10**6):
+        with pytest.raises(fmt.FormatError, match=rf"token id {bad} is outside the vocabulary \(ids 0..6\)"):
+            vocab.token(bad)

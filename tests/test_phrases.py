@@ -172,6 +172,34 @@ def test_config_validation():
         PhraseMiningConfig(ngram_order=1).validate()
     with pytest.raises(ValueError, match="--phrase-min-logprob"):
         PhraseMiningConfig(min_logprob=0.5).validate()
+    # NaN / infinite thresholds kept no phrase, silently; a negative --max-phrases meant "no limit"
+    with pytest.raises(ValueError, match=r"--phrase-min-logprob is a log10 probability \(finite, <= 0\), got nan"):
+        PhraseMiningConfig(min_logprob=float("nan")).validate()
+    with pytest.raises(ValueError, match="--phrase-min-lift must be a finite number.*got inf"):
+        PhraseMiningConfig(min_lift=float("inf")).validate()
+    with pytest.raises(ValueError, match=r"--max-phrases must be >= 0 \(0: no limit\), got -1"):
+        PhraseMiningConfig(max_phrases=-1).validate()
+    with pytest.raises(ValueError, match="--lmplz-memory must be auto, a size such as 512M.*got '5Q'"):
+        PhraseMiningConfig(lmplz_memory="5Q").validate()
+    for memory in ("auto", "512M", "8G", "80%", "1.5G", "100"):
+        PhraseMiningConfig(lmplz_memory=memory).validate()
+
+
+def test_bad_discount_on_a_sample_names_lm_sample(tmp_path):
+    """KenLM failing on a sample (--lm-sample) says so: the corpus alone would have been enough."""
+    from data_prep.phrases import run_lmplz
+
+    fake = tmp_path / "lmplz"  # reads its input, then fails as KenLM does on too little text
+    fake.write_text("#!/bin/sh\ncat > /dev/null\necho 'util::BadDiscountException' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    words = tmp_path / "words.txt"
+    words.write_text("a b c\n" * 100, encoding="utf-8")
+    config = PhraseMiningConfig(lmplz=str(fake))
+    with pytest.raises(PhraseMiningError, match=r"every 10-th sentence only: raise --lm-sample, or pass --lm-sample 0"):
+        run_lmplz(words, None, config, tmp_path, line_stride=10, intermediate=tmp_path / "im")
+    with pytest.raises(PhraseMiningError, match="BadDiscountException") as info:
+        run_lmplz(words, None, config, tmp_path, intermediate=tmp_path / "im")
+    assert "--lm-sample" not in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------
