@@ -93,19 +93,38 @@ class Segmenter:
 
     @staticmethod
     def _user_words(path: str | None) -> list[tuple[str, int | None, str | None]]:
-        if not path:
-            return []
-        if not Path(path).is_file():
-            raise LanguageError(f"--user-dict {path} does not exist")
-        words = []
-        for line in Path(path).read_text(encoding="utf-8").splitlines():
-            parts = line.strip().split()
-            if not parts:
-                continue
-            freq = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
-            tag = parts[2] if len(parts) > 2 else None
-            words.append((parts[0], freq, tag))
-        return words
+        return read_user_dict(path) if path else []
+
+
+# jieba's own parsing of a user dictionary line (``jieba.re_userdict``): the word may hold spaces.
+_USER_DICT_LINE = re.compile(r"^(.+?)( [0-9]+)?( [a-z]+)?$")
+
+
+def read_user_dict(path: str | os.PathLike) -> list[tuple[str, int | None, str | None]]:
+    """(word, freq, tag) of a jieba-format user dictionary, parsed as ``jieba.Tokenizer.load_userdict``
+    parses it (UTF-8, a BOM ignored, "word [freq] [tag]" with the word possibly holding spaces), so
+    that rjieba segments as jieba does. Raises LanguageError naming the file for a missing or
+    non-UTF-8 one: called before any work, not first in a worker after the corpus was read."""
+    path = Path(path)
+    if not path.is_file():
+        raise LanguageError(f"--user-dict {path} does not exist (or is not a file): pass a jieba-format "
+                            f"dictionary (\"word [freq] [tag]\" per line)", final=True)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise LanguageError(
+            f"--user-dict {path} is not UTF-8 (byte {exc.start:,}, line {line}): convert it, e.g. "
+            f"`iconv -f GB18030 -t UTF-8 {path} > {path}.utf8` (jieba's dictionaries are UTF-8)", final=True) from None
+    words = []
+    for line in text.splitlines():
+        line = line.strip().lstrip("\ufeff")
+        if not line:
+            continue
+        word, freq, tag = _USER_DICT_LINE.match(line).groups()
+        words.append((word, int(freq) if freq else None, tag.strip() if tag else None))
+    return words
 
 
 # jieba's HMM fallback (finalseg.cut) splits a run of non-Chinese characters outside the dictionary
@@ -595,6 +614,7 @@ class Chinese(Language):
                     "min_cjk_fraction")
     fit_options = ("latin_min_count",)  # --vocab-from refuses it (it only shapes the fine vocabulary)
     input_options = ("min_cjk_fraction",)  # only the input check: free with --vocab-from
+    file_options = ("user_dict",)  # each shard is segmented with it: a --resume must see the same words
     default_fine_vocab_size = 21128
     default_coarse_vocab_size = 72635
     default_fine_min_count = 1
@@ -633,9 +653,8 @@ class Chinese(Language):
                                 final=True)
         if self.options["segmenter"] == "pkuseg":
             make_segmenter("pkuseg")  # fail now, with the install hint, not in a worker
-        if self.options["user_dict"] and not Path(self.options["user_dict"]).is_file():
-            raise LanguageError(f"--user-dict {self.options['user_dict']} does not exist (or is not a file): "
-                                f"pass a jieba-format dictionary (\"word [freq] [tag]\" per line)")
+        if self.options["user_dict"]:
+            read_user_dict(self.options["user_dict"])  # missing or not UTF-8: said now, not in a worker
         self._segmenter: Segmenter | None = None
 
     def check_build_options(self) -> None:

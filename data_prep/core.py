@@ -1023,7 +1023,7 @@ def _remove_dead_partials(out: Path) -> None:
 
 def check_output(config: BuildConfig) -> None:
     """--output must not be a file, an input, a folder holding an input, or inside an input folder;
-    --overwrite replaces only a dataset (a folder with meta.json) or an empty folder."""
+    --overwrite replaces only an empty folder or a data_prep dataset holding nothing else (``fmt.not_replaceable``)."""
     out = Path(config.output)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--output {out} is an existing file, not a dataset directory; choose another --output")
@@ -1043,9 +1043,11 @@ def check_output(config: BuildConfig) -> None:
             raise inp.InputError(f"--output {out} is inside the input folder {pattern}: the dataset and its build log "
                                  f"would be read as input by the next build from that folder. Choose an --output "
                                  f"outside it")
-    if config.overwrite and out.is_dir() and not (out / fmt.META_FILE).is_file() and any(out.iterdir()):
-        raise FileExistsError(f"--output {out} exists and is not a dataset (no {fmt.META_FILE}): --overwrite only "
-                              f"replaces a dataset built by data_prep. Choose another --output, or remove {out} yourself")
+    why = fmt.not_replaceable(out) if config.overwrite else None
+    if why:
+        raise FileExistsError(f"--output {out} exists and {why}: --overwrite only replaces an empty folder or a "
+                              f"dataset built by data_prep that holds nothing else. Choose another --output, or move "
+                              f"what you want to keep out of {out} (or remove {out} yourself)")
 
 
 def _output_exists(out: Path, resume: bool) -> FileExistsError:
@@ -1065,6 +1067,10 @@ def _resume_difference(key: str, then: Any, now: Any) -> str:
     if key == "language_options" and isinstance(then, dict) and isinstance(now, dict):
         return "; ".join(f"--{k.replace('_', '-')} {then.get(k)!r} then, {now.get(k)!r} now"
                          for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k))
+    if key == "option_files" and isinstance(then, dict) and isinstance(now, dict):
+        return "; ".join(f"the file of --{k.replace('_', '-')} has other content (sha256 {str(then.get(k))[:12]} "
+                         f"then, {str(now.get(k))[:12]} now)" for k in sorted(set(then) | set(now))
+                         if then.get(k) != now.get(k))
     if key == "inputs" and isinstance(then, list) and isinstance(now, list):
         return f"--input {len(then)} file(s) then, {len(now)} now"
     return f"{_flag(key)} {then!r} then, {now!r} now"
@@ -1414,6 +1420,10 @@ def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.Inp
         }
         if config.vocab_from:  # only then: the parameters (and --resume) of other builds are unchanged
             params["vocab_from"] = options["vocab_from"]
+        option_files = {name: _sha256(Path(options[name])) for name in lang.file_options
+                        if options.get(name) and Path(options[name]).is_file()}
+        if option_files:  # only then, as for vocab_from
+            params["option_files"] = option_files
         run_info["resumed"] = bool(config.resume) and work_dir_for(out).is_dir()  # work of an earlier run kept
         work = _prepare_work_dir(config, params)
         return params, warnings, (work / READ_FILE).exists()

@@ -916,6 +916,7 @@ class English(Language):
     artifact_files = (FINE_VOCAB_FILE, COARSE_VOCAB_FILE, FINE_TOKENIZER_FILE, PHRASES_FILE)
 
     run_options = ("lmplz", "lmplz_memory")  # KenLM's binary and its sort memory: the same model either way
+    file_options = ("fine_tokenizer", "phrases")
 
     @classmethod
     def add_arguments(cls, group) -> None:

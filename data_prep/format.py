@@ -62,6 +62,38 @@ COARSE_VOCAB_FILE = "coarse_vocab.txt"
 FINE_TOKENIZER_FILE = "fine_tokenizer.json"
 PHRASES_FILE = "phrases.tsv"
 USER_DICT_FILE = "user_dict.txt"  # zh: a copy of the build's --user-dict (the segmentation depends on it)
+TEXT_REPORT = "phrase_report.txt"  # en: the phrase list and coarse-tokenized examples, for people
+HTML_REPORT = "phrase_report.html"
+
+
+def dataset_file_names() -> frozenset[str]:
+    """Every file a data_prep build may write into a dataset directory (what --overwrite may delete)."""
+    names = {META_FILE, FINE_VOCAB_FILE, COARSE_VOCAB_FILE, FINE_TOKENIZER_FILE, PHRASES_FILE, USER_DICT_FILE,
+             TEXT_REPORT, HTML_REPORT}
+    return frozenset(names | {f"{sp}_{st}.{ext}" for sp in SPLITS for st in STREAMS for ext in ("bin", "idx")})
+
+
+def not_replaceable(directory: str | os.PathLike) -> str | None:
+    """Why ``directory`` must not be replaced by a new build (None: missing, empty, or a data_prep dataset
+    holding only the files a build writes). Replacing deletes the folder and everything in it."""
+    directory = Path(directory)
+    if not directory.is_dir() or not any(directory.iterdir()):
+        return None
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        return f"it is not a dataset (no {META_FILE})"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"its {META_FILE} is not a data_prep dataset's ({type(exc).__name__}: {exc})"
+    if not isinstance(meta, dict) or "format_version" not in meta or "language" not in meta:
+        return f"its {META_FILE} is not a data_prep dataset's (no format_version / language)"
+    known = dataset_file_names()
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir() if p.name not in known)
+    if foreign:
+        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        return f"it holds {len(foreign)} file(s) a data_prep build does not write ({shown}), which would be deleted"
+    return None
 
 # Alignment counts are stored as uint16: one coarse token never covers more than 65535 fine ones.
 ALIGN_DTYPE = np.uint16

@@ -438,6 +438,9 @@ class Language:
     run_options: ClassVar[tuple[str, ...]] = ()
     """``dest`` names of options that change how a build runs, not what it writes (a tool's path, a
     memory budget): a ``--resume`` may give them other values (e.g. to fix the one that stopped it)."""
+    file_options: ClassVar[tuple[str, ...]] = ()
+    """``dest`` names of options that name a file whose content shapes the output (a user dictionary):
+    its sha256 is among the build's parameters, so a ``--resume`` after the file changed is refused."""
     artifact_files: ClassVar[tuple[str, ...]] = ("fine_vocab.txt", "coarse_vocab.txt")
     """The files ``fit`` writes into ``artifacts_dir`` that ``load`` reads (copied by ``fit_from``)."""
 

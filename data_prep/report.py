@@ -15,14 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from data_prep.format import PHRASE_JOINER
+from data_prep.format import HTML_REPORT, PHRASE_JOINER, TEXT_REPORT
 
 if TYPE_CHECKING:  # pragma: no cover
     from data_prep.english import EnglishTokenizers
     from data_prep.phrases import Phrase
 
-TEXT_REPORT = "phrase_report.txt"
-HTML_REPORT = "phrase_report.html"
 TOP_PHRASES = 300
 EXAMPLES = 40
 

@@ -152,6 +152,40 @@ def test_missing_user_dict_refused_before_work(tmp_path):
     assert not core.work_dir_for(tmp_path / "ds").exists() and not (tmp_path / "ds").exists()
 
 
+def test_user_dict_not_utf8_refused_before_work(tmp_path):
+    """A GBK --user-dict used to surface as a UnicodeDecodeError traceback in the first analysis task,
+    after the corpus had been read, leaving DIR.partial behind."""
+    user = tmp_path / "gbk.dict"
+    user.write_bytes("迈向充满 1000 n\n".encode("gbk"))
+    with pytest.raises(LanguageError, match=r"--user-dict .*gbk.dict is not UTF-8 \(byte 0, line 1\): convert it, "
+                                            r"e.g. `iconv -f GB18030 -t UTF-8"):
+        core.build(_config(tmp_path, [_good(tmp_path)], workers=2, language_options={"user_dict": str(user)}))
+    assert not core.work_dir_for(tmp_path / "ds").exists() and not (tmp_path / "ds").exists()
+
+
+def test_resume_refused_when_user_dict_changed(tmp_path, monkeypatch):
+    """Each shard is segmented with the user dictionary: a --resume after it changed would mix two
+    segmentations in one dataset (it did: only the path was recorded). Its sha256 is now a parameter."""
+    good, user = _good(tmp_path), tmp_path / "user.dict"
+    user.write_text("迈向充满 1000 n\n", encoding="utf-8")
+    options = {"user_dict": str(user)}
+
+    def broken_fit(self, counts, corpus, artifacts_dir):
+        raise RuntimeError("simulated crash after the analysis")
+
+    monkeypatch.setattr(Chinese, "fit", broken_fit)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        core.build(_config(tmp_path, [good], language_options=options))
+    monkeypatch.undo()
+    user.write_text("迈向充满 1000 n\n新年讲话稿件 100000 n\n", encoding="utf-8")
+    with pytest.raises(core.BuildError, match=r"cannot resume: .*other build parameters \(the file of --user-dict has "
+                                              r"other content \(sha256 \w{12} then, \w{12} now\)\)"):
+        core.build(_config(tmp_path, [good], language_options=options, resume=True))
+    user.write_text("迈向充满 1000 n\n", encoding="utf-8")  # the same content again: the work is taken up
+    meta = core.build(_config(tmp_path, [good], language_options=options, resume=True))
+    assert meta["stats"]["documents"] == len(DOCS) and meta["run"]["resumed"] is True
+
+
 def test_existing_output_refused_then_overwrite(tmp_path):
     good = _good(tmp_path)
     (tmp_path / "ds").mkdir()
@@ -166,11 +200,26 @@ def test_existing_output_refused_then_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match=r"done already exists and is complete .*nothing to --resume"):
         core.build(_config(tmp_path, [good], output=str(tmp_path / "done"), resume=True))
     # --overwrite replaces a dataset, never a folder that is not one (it used to delete it)
-    with pytest.raises(FileExistsError, match=r"exists and is not a dataset \(no meta.json\): --overwrite only replaces"):
+    with pytest.raises(FileExistsError, match=r"exists and it is not a dataset \(no meta.json\): --overwrite only replaces"):
         core.build(_config(tmp_path, [good], overwrite=True))
     assert (tmp_path / "ds" / "keep.txt").read_text() == "x"
-    (tmp_path / "ds" / "keep.txt").unlink()  # an empty folder is taken
+    # nor a folder that merely has a meta.json of its own (a web app's, say): it was deleted with all it held
+    (tmp_path / "ds" / "meta.json").write_text('{"name": "my app"}')
+    with pytest.raises(FileExistsError, match=r"its meta.json is not a data_prep dataset's \(no format_version"):
+        core.build(_config(tmp_path, [good], overwrite=True))
+    assert (tmp_path / "ds" / "keep.txt").read_text() == "x"
+    for name in ("keep.txt", "meta.json"):
+        (tmp_path / "ds" / name).unlink()  # an empty folder is taken
     core.build(_config(tmp_path, [good], overwrite=True))
+    # nor a dataset to which the user added files: they are named, and kept
+    (tmp_path / "ds" / "notes.txt").write_text("mine")
+    (tmp_path / "ds" / "ckpt").mkdir()
+    with pytest.raises(FileExistsError, match=r"holds 2 file\(s\) a data_prep build does not write \(ckpt/, notes.txt\), "
+                                              r"which would be deleted"):
+        core.build(_config(tmp_path, [good], overwrite=True))
+    assert (tmp_path / "ds" / "notes.txt").read_text() == "mine" and (tmp_path / "ds" / "ckpt").is_dir()
+    (tmp_path / "ds" / "notes.txt").unlink()
+    (tmp_path / "ds" / "ckpt").rmdir()
     core.build(_config(tmp_path, [good], overwrite=True, valid_fraction=0.1))  # and a dataset is replaced
     assert fmt.PairedDataset(tmp_path / "ds").meta["stats"]["documents"] == len(DOCS)
     assert fmt.PairedDataset(tmp_path / "ds").meta["build"]["valid_fraction"] == 0.1

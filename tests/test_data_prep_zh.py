@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -284,6 +286,24 @@ def test_user_dict_changes_segmentation(tmp_path):
     user = tmp_path / "user.txt"
     user.write_text(f"{word} 100000 n\n", encoding="utf-8")
     assert word in make_segmenter("jieba", str(user)).cut(f"这是{word}。")
+
+
+def test_user_dict_parsed_like_jieba(tmp_path):
+    """rjieba gets the words jieba's own ``load_userdict`` reads: a BOM ignored (it used to become part
+    of the first word), a word with a space kept whole (it used to add "Hello" alone), freq and tag."""
+    import jieba
+
+    from data_prep.chinese import read_user_dict
+
+    path = tmp_path / "user.txt"
+    path.write_text("\ufeff新年讲话稿件 100000 n\nHello World 10 n\n\n  词语测 nz  \nC++ 5\n单字\r\n", encoding="utf-8")
+    calls = []
+    tokenizer = jieba.Tokenizer()
+    tokenizer.tmp_dir = os.environ.get("AMBERT_JIEBA_CACHE", tempfile.gettempdir())
+    tokenizer.add_word = lambda word, freq=None, tag=None: calls.append((word, int(freq) if freq else None, tag))
+    tokenizer.load_userdict(str(path))
+    assert read_user_dict(path) == calls
+    assert calls[:2] == [("新年讲话稿件", 100000, "n"), ("Hello World", 10, "n")]
 
 
 def test_fit_vocabularies_from_counts(tmp_path):
