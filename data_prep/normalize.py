@@ -10,7 +10,9 @@ Choices (the decode round trip depends on them, see ``format.detokenize``):
   letters/digits ("Windows 98"), everything else is joined, exactly what detokenize rebuilds; for
   English (``keep_space="all"``) runs of whitespace become one space.
 - Sentences end after 。！？!?… (and closing quotes/brackets that follow), after "." followed by a
-  space, and at every line break of the document. A sentence longer than ``max_sentence_chars``
+  space, and at every line break of the document. For Chinese the space after such a "." is dropped
+  with the others, so normalisation turns it into the line break that ends the sentence
+  ("stable. It" -> "stable.\nIt"; it used to become "stable.It", one sentence). A sentence longer than ``max_sentence_chars``
   is cut at the last comma-like mark, else hard (a sentence is a training unit, not a whole book).
 """
 
@@ -30,6 +32,8 @@ _SPACES = re.compile(r"[^\S\n]+")
 # space itself, so the regular-expression engine jumps from space to space: 7x faster.)
 _NON_WORD_SPACE = re.compile(r" (?:(?<![A-Za-z0-9] )|(?![A-Za-z0-9]))")
 _LINE_BREAK_CHARS = ("\r", "\u2028", "\u2029", "\x85")
+# A Western sentence end (see _SENTENCE_END) whose space the Chinese clean-up would drop.
+_PERIOD_SPACE = re.compile(r"\. ")
 # (The lookahead names the possible first characters up front, so the engine skips to them:
 # scanning a batch takes half the time.)
 _SENTENCE_END = re.compile(r"(?=[。！？!?….])(?:[。！？!?]+|…+|\.(?= ))[”’」』）)\]】\"'》]*")
@@ -60,7 +64,7 @@ def normalize_text(text: str, keep_space: str = "wordlike") -> str:
     text = _CONTROL.sub("", text)
     text = _SPACES.sub(" ", text)
     if keep_space == "wordlike":
-        text = _NON_WORD_SPACE.sub("", text)
+        text = _NON_WORD_SPACE.sub("", _PERIOD_SPACE.sub(".\n", text))
     return text
 
 
@@ -124,6 +128,8 @@ def _normalize_batch(documents: list[str], keep_space: str) -> list[str]:
     joined = _CONTROL.sub("", joined)
     joined = _SPACES.sub(" ", joined)
     if keep_space == "wordlike":
+        if ". " in joined:
+            joined = _PERIOD_SPACE.sub(".\n", joined)
         joined = _NON_WORD_SPACE.sub("", joined)
     return joined.split(_DOC_SEP)
 

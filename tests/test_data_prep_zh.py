@@ -398,6 +398,18 @@ def test_batch_sentence_split_equals_per_document(limit):
     assert split_sentences_batch([], limit) == [] and split_sentences_batch([""], limit) == [[]]
 
 
+def test_western_sentence_end_splits_chinese_text():
+    """"." + space ends a sentence in Chinese text too: the clean-up drops that space (it is not between
+    two ASCII letters/digits), and the split used to look for it after it was gone, so a Linux document's
+    "See foo(). See struct foo." became one sentence "See foo().See struct foo."."""
+    from data_prep.normalize import normalize_documents, split_sentences_batch
+
+    text = "The kernel is stable. It was released in 2020. 内核很稳定。Windows 98 很好. Mr.X"
+    expected = ["The kernel is stable.", "It was released in 2020.", "内核很稳定。", "Windows 98很好.", "Mr.X"]
+    assert split_sentences(normalize_text(text)) == expected
+    assert split_sentences_batch(normalize_documents([text, "。"]), 510) == [expected, ["。"]]
+
+
 @pytest.mark.parametrize("keep_space", ["wordlike", "all"])
 def test_batch_normalization_equals_per_document(keep_space):
     """normalize_documents (one string for many documents) == normalize_text on each, including
