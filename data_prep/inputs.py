@@ -152,7 +152,7 @@ def _resolve_inputs(patterns: list[str], text_mode: str, text_field: str) -> lis
         if any((path / m).is_file() for m in _HF_MARKERS):
             add(path)
             return
-        visible = [p for p in path.rglob("*") if not any(part.startswith(".") for part in p.relative_to(path).parts)]
+        visible = _folder_entries(path)
         # a saved HF dataset inside the folder is one input (its .arrow and .json files are not text)
         datasets = []
         for d in sorted(p for p in visible if p.is_dir() and any((p / m).is_file() for m in _HF_MARKERS)):
@@ -190,6 +190,27 @@ def _resolve_inputs(patterns: list[str], text_mode: str, text_field: str) -> lis
     if not specs:
         raise InputError("no input files given")
     return specs
+
+
+def _folder_entries(top: Path) -> list[Path]:
+    """The files and folders below ``top``, names starting with '.' (and what is below them) left out,
+    symlinked folders followed (``Path.rglob`` skipped them, and the files in them, without a word);
+    each real folder is entered once, so a link loop ends. An unreadable folder raises OSError."""
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    entries: list[Path] = []
+    entered = {os.path.realpath(top)}
+    for root, dirs, files in os.walk(top, onerror=fail, followlinks=True):
+        keep = []
+        for d in sorted(dirs):
+            real = os.path.realpath(os.path.join(root, d))
+            if not d.startswith(".") and real not in entered:
+                entered.add(real)
+                keep.append(d)
+        dirs[:] = keep
+        entries += [Path(root, d) for d in keep] + [Path(root, f) for f in files if not f.startswith(".")]
+    return entries
 
 
 _BLANK_LINE = re.compile(rb"\n[ \t\r]*\n")

@@ -132,6 +132,22 @@ def test_folders_and_globs_sorted_and_deduplicated(tmp_path):
         inp.resolve_inputs([str(only_hidden)])
 
 
+def test_symlinked_folders_inside_an_input_folder_are_read(tmp_path):
+    """A corpus folder that links to its parts (``top/linked -> ../real``): the linked files are read
+    (``Path.rglob`` skipped the folder without a word); a link loop, or two links to one folder, read once."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "a.txt").write_text(DOCS[0] + "\n", encoding="utf-8")
+    top = tmp_path / "top"
+    top.mkdir()
+    (top / "b.txt").write_text(DOCS[1] + "\n", encoding="utf-8")
+    (top / "linked").symlink_to("../real", target_is_directory=True)
+    (top / "linked_again").symlink_to("../real", target_is_directory=True)
+    (top / "loop").symlink_to("..", target_is_directory=True)  # top/loop/top/loop/... ends at once
+    specs = inp.resolve_inputs([str(top)])
+    assert [s.path for s in specs] == [str(top / "b.txt"), str(top / "linked" / "a.txt")]
+    assert [d.rstrip("\n") for d in inp.iter_documents(specs)] == DOCS[1::-1]
+
+
 def test_a_folder_a_glob_matches_is_read_like_a_folder(tmp_path):
     """`--input 'corpus/*'` over a corpus with sub-folders: each matched folder is read recursively
     (hidden files skipped), not refused as "not a saved Hugging Face dataset"."""
