@@ -213,7 +213,18 @@ def _folder_entries(top: Path) -> list[Path]:
     return entries
 
 
-_BLANK_LINE = re.compile(rb"\n[ \t\r]*\n")
+def _has_blank_line(head: bytes) -> bool:
+    """Whether the lines of ``head`` as the paragraph reader sees them (universal newlines, so CR-only
+    files too) have a blank one (``str.strip()`` empties it: U+3000 or NBSP too) between non-blank ones.
+    A byte pattern missed both and read such files one document a line."""
+    text = io.TextIOWrapper(io.BytesIO(head), encoding="utf-8", errors="replace", newline=None).read()
+    blank = [not line.strip() for line in text.split("\n")]
+    if all(blank):
+        return False
+    first, last = blank.index(False), len(blank) - blank[::-1].index(False)
+    return any(blank[first:last])
+
+
 
 
 def _is_wide(ch: str) -> bool:
@@ -252,7 +263,7 @@ def resolve_text_mode(spec: InputSpec) -> InputSpec:
             head = fh.read(_CHUNK)
     except _read_errors() as exc:
         raise read_error(spec.path, spec.kind, exc) from None
-    mode = "paragraph" if _BLANK_LINE.search(head.strip(b"\n")) else "line"
+    mode = "paragraph" if _has_blank_line(head) else "line"
     return dataclasses.replace(spec, text_mode=mode)
 
 

@@ -33,6 +33,23 @@ def test_text_paragraph_and_line_modes(tmp_path):
     assert [g.rstrip("\n") for g in _read([tmp_path / "l.txt"], text_mode="line")] == DOCS
 
 
+@pytest.mark.parametrize("separator, newline", [("\n\n", "\n"), ("\n\u3000\u3000\n", "\n"), ("\n\u00a0\n", "\n"),
+                                                ("\n\n", "\r"), ("\n\n", "\r\n"), ("\n \t\n", "\n")])
+def test_auto_text_mode_sees_the_blank_lines_the_paragraph_reader_sees(tmp_path, separator, newline):
+    """--text-mode auto picks paragraphs when a line the reader takes as blank separates two others:
+    lines of ideographic spaces or NBSP (common in Chinese text), and CR-only files, were missed, and
+    every line became a document."""
+    def read_auto(path):  # as a build reads it: the mode resolved first
+        return list(inp.iter_documents([inp.resolve_text_mode(s) for s in inp.resolve_inputs([str(path)])]))
+
+    blocks = [DOCS[i] + "\n" + DOCS[i + 1] for i in range(0, 12, 2)]
+    text = ("\n" + separator.join(blocks) + "\n\n").replace("\n", newline)
+    (tmp_path / "p.txt").write_bytes(text.encode("utf-8"))
+    assert [g.rstrip("\n") for g in read_auto(tmp_path / "p.txt")] == blocks
+    (tmp_path / "l.txt").write_bytes(("\n\n" + "\n".join(DOCS[:12]) + "\n\n").replace("\n", newline).encode("utf-8"))
+    assert [g.rstrip("\n") for g in read_auto(tmp_path / "l.txt")] == DOCS[:12]  # blank lines only around the text
+
+
 def _wrap(paragraph: str, width: int) -> str:
     """Hard-wrap ``paragraph`` near ``width`` characters: at a space, or between two characters of a
     script written without spaces (never inside a Latin word or number)."""
