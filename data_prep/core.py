@@ -983,6 +983,9 @@ def _check_inputs(config: BuildConfig, lang: Language, specs: list[inp.InputSpec
             sample = inp.sample_text(spec, encoding_errors=config.encoding_errors)  # raises on a missing field
         except UnicodeDecodeError:
             continue  # the byte scan below reports it with the offset and the fix
+        problem = inp.mostly_undecodable(spec, sample.count("\ufffd"), len(sample)) if sample else None
+        if problem:  # another encoding read with --encoding-errors replace: said as such, not blamed on --lang
+            raise inp.InputError(problem)
         if not config.skip_language_check and sample:
             problem = lang.check_sample(sample, spec.path)
             if problem:

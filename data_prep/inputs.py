@@ -327,10 +327,14 @@ def _scan(spec: InputSpec) -> InputScan:
                     scan.looks_like = _guess_encoding(head[: 1 << 20])
                     lenient = codecs.getincrementaldecoder("utf-8")("replace")
                     scan.invalid_utf8 = 0
+                    offset += exc.start
                     while head:
                         scan.invalid_utf8 += lenient.decode(head).count("\ufffd")
+                        offset += len(head)
                         head = fh.read(_CHUNK)
+                        scan.nul_bytes += head.count(b"\0")  # the first chunk's are counted above
                     scan.invalid_utf8 += lenient.decode(b"", final=True).count("\ufffd")
+                    scan.content_bytes = offset
                     break
             offset += len(chunk)
         else:
@@ -346,13 +350,57 @@ def _scan(spec: InputSpec) -> InputScan:
 
 
 def _guess_encoding(data: bytes) -> str | None:
-    for enc in ("gb18030", "big5", "utf-16", "latin-1"):
-        try:
-            data.decode(enc)
-            return enc
-        except UnicodeDecodeError:
-            continue
+    """An encoding ``data`` (bytes from the first invalid UTF-8 sequence on, possibly cut inside a
+    character at the end) decodes as: UTF-16 first when it has a BOM or many NUL bytes."""
+    candidates = ["gb18030", "big5", "utf-16", "latin-1"]
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff") or data.count(b"\0") > len(data) // 10:
+        candidates.insert(0, candidates.pop(2))
+    for enc in candidates:
+        for cut in range(4):  # a character cut at the end of the sample
+            try:
+                data[:len(data) - cut].decode(enc)
+                return enc
+            except UnicodeDecodeError:
+                continue
     return None
+
+
+# --encoding-errors replace is for a few bad bytes: beyond this share of the text (and MOSTLY_MIN
+# sequences) an input is in another encoding, and would be read as U+FFFD noise (or blamed on --lang).
+MOSTLY_UNDECODABLE = 0.01
+MOSTLY_MIN = 20
+
+
+def _convert_hint(path: str, looks_like: str | None) -> str:
+    if looks_like and looks_like != "latin-1":
+        return (f" It decodes as {looks_like.upper()}: convert it with "
+                f"`iconv -f {looks_like.upper()} -t UTF-8 {path} > {path}.utf8.txt`.")
+    return (f" Find its encoding (`file -i {path}`) and convert it with "
+            f"`iconv -f ENCODING -t UTF-8 {path} > {path}.utf8.txt`.")
+
+
+def _mostly(scan: InputScan) -> bool:
+    return bool(scan.invalid_utf8 >= MOSTLY_MIN and scan.content_bytes
+                and scan.invalid_utf8 > MOSTLY_UNDECODABLE * scan.content_bytes)
+
+
+def mostly_undecodable(spec: InputSpec, bad: int, chars: int) -> str | None:
+    """The error for an input whose first ``chars`` characters, decoded with --encoding-errors replace,
+    hold ``bad`` replacement characters, if that is most of it (None: a few bad bytes, go on)."""
+    if bad < MOSTLY_MIN or bad <= MOSTLY_UNDECODABLE * chars:
+        return None
+    looks_like = None
+    try:
+        with open_binary(spec.path) as fh:
+            head = fh.read(1 << 20)
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        looks_like = _guess_encoding(head[exc.start:])
+    except _read_errors():
+        pass
+    return (f"{spec.path} is not UTF-8: {bad:,} of its first {chars:,} characters are undecodable bytes, which "
+            f"--encoding-errors replace would turn into U+FFFD (it is for a few bad bytes, not another "
+            f"encoding).{_convert_hint(spec.path, looks_like)}")
 
 
 def check_scan(scan: InputScan, encoding_errors: str) -> list[str]:
@@ -363,13 +411,17 @@ def check_scan(scan: InputScan, encoding_errors: str) -> list[str]:
         if scan.truncated:
             hint = " The content ends inside a multi-byte character: the file was probably cut at a byte count."
         elif scan.looks_like and scan.looks_like != "latin-1":
-            hint = (f" It decodes as {scan.looks_like.upper()}: convert it with "
-                    f"`iconv -f {scan.looks_like.upper()} -t UTF-8 {scan.path} > {scan.path}.utf8.txt`.")
+            hint = _convert_hint(scan.path, scan.looks_like)
         raise InputError(
             f"{scan.path} is not valid UTF-8: {scan.invalid_utf8} bad byte sequence(s), the first at byte offset "
-            f"{scan.first_invalid_offset} (of the decompressed content).{hint} Or pass --encoding-errors replace "
-            f"to replace bad bytes with U+FFFD and go on."
+            f"{scan.first_invalid_offset} (of the decompressed content).{hint}"
+            + ("" if _mostly(scan) else " Or pass --encoding-errors replace to replace bad bytes with U+FFFD and go on.")
         )
+    if _mostly(scan):
+        raise InputError(
+            f"{scan.path} is not UTF-8: {scan.invalid_utf8:,} bad byte sequence(s) in {scan.content_bytes:,} bytes, "
+            f"the first at byte offset {scan.first_invalid_offset}, which --encoding-errors replace would turn into "
+            f"U+FFFD (it is for a few bad bytes, not another encoding).{_convert_hint(scan.path, scan.looks_like)}")
     if scan.invalid_utf8:
         warnings.append(f"{scan.path}: {scan.invalid_utf8} invalid UTF-8 sequence(s) replaced by U+FFFD")
     if scan.nul_bytes:

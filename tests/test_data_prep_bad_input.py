@@ -52,6 +52,31 @@ def test_invalid_utf8_stops_with_offset_and_iconv_hint(tmp_path):
     assert meta["stats"]["documents"] == len(DOCS) + 1
 
 
+@pytest.mark.parametrize("encoding, name", [("gb18030", "GB18030"), ("utf-16", "UTF-16")])
+def test_another_encoding_is_named_even_with_encoding_errors_replace(tmp_path, encoding, name):
+    """--encoding-errors replace (which a corpus folder with one damaged file needs) is for a few bad bytes:
+    a file in another encoding used to be blamed on --lang ("does not look like Chinese"), or with
+    --skip-language-check built as U+FFFD noise. Named with its encoding and the iconv fix, before any work;
+    in strict mode the message no longer suggests --encoding-errors replace for it."""
+    other = tmp_path / f"{encoding}.txt"
+    other.write_bytes(("\n".join(DOCS[:50]) + "\n").encode(encoding))
+    for check in (False, True):
+        with pytest.raises(inp.InputError, match=rf"{encoding}.txt is not UTF-8: [\d,]+ of its first [\d,]+ characters are "
+                                                 rf"undecodable.*not another encoding\). It decodes as {name}: "
+                                                 rf"convert it with `iconv -f {name} -t UTF-8"):
+            core.build(_config(tmp_path, [_good(tmp_path), other], encoding_errors="replace", skip_language_check=check))
+    assert not core.work_dir_for(tmp_path / "ds").exists()
+    with pytest.raises(inp.InputError, match=rf"is not valid UTF-8: .*iconv -f {name} -t UTF-8 [^`]+`\.$"):
+        core.build(_config(tmp_path, [other]))
+    # good text whose other-encoded part starts after the sampled head: stopped by the byte scan
+    late = tmp_path / "late.txt"
+    head = ("\n".join(DOCS) + "\n").encode() * (inp.SAMPLE_CHARS // len("".join(DOCS)) + 1)
+    late.write_bytes(head + ("\n".join(DOCS) + "\n").encode(encoding))
+    with pytest.raises(inp.InputError, match=rf"late.txt is not UTF-8: [\d,]+ bad byte sequence\(s\) in [\d,]+ bytes, the "
+                                             rf"first at byte offset {len(head)}, .*It decodes as {name}"):
+        core.build(_config(tmp_path, [late], encoding_errors="replace"))
+
+
 def test_file_cut_inside_a_character_names_where_that_character_starts(tmp_path):
     """A file cut at a byte count: the offset is the incomplete character's first byte (inside the
     file), not the file's length, and the message says the file was cut; also for an .xz input."""
