@@ -175,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     if args.verify:
+        ignored = sorted(explicit_options(argv) - {"verify", "workers", "no_progress"})
+        if ignored:  # a build option next to --verify would do nothing: say so rather than drop it silently
+            parser.error(f"--verify DIR checks a finished dataset and takes only --workers and --no-progress; drop "
+                         f"{', '.join('--' + name.replace('_', '-') for name in ignored)} (to build, leave out --verify)")
         from data_prep.verify import verify_dataset
 
         report = verify_dataset(args.verify, progress=not args.no_progress,
@@ -200,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         except (core.BuildError, inputs.InputError, LanguageError, FileExistsError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        log_file = Path(args.output).parent / (Path(args.output).name + ".build.log")
+        output = Path(config.output)  # `--output .` resolved to the folder's name (a log ".build.log" went inside it)
+        log_file = output.parent / (output.name + ".build.log")
         try:
             log_file.parent.mkdir(parents=True, exist_ok=True)
             handler = _LogFile(log_file, encoding="utf-8")

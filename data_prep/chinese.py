@@ -660,6 +660,13 @@ class Chinese(Language):
     def check_build_options(self) -> None:
         if self.options.get("fine_vocab_size") is not None:
             _check_fine_vocab_size(self.options["fine_vocab_size"])
+        fixed = fmt.NUM_SPECIAL + 2 * len(_ASCII_ALNUM)  # in every fine vocabulary, so in every coarse one
+        coarse = self.options.get("coarse_vocab_size")
+        if coarse is not None and coarse < fixed:  # refused before the analysis, not after it
+            raise LanguageError(f"--coarse-vocab-size {coarse} is smaller than the fine vocabulary can be: the coarse "
+                                f"vocabulary holds the whole fine one, which always has {fmt.NUM_SPECIAL} special tokens "
+                                f"+ {2 * len(_ASCII_ALNUM)} Latin letters/digits and their \"##\" forms, plus the "
+                                f"corpus's characters; use a few thousand more than --fine-vocab-size", final=True)
 
     @property
     def segmenter(self) -> Segmenter:

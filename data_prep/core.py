@@ -165,6 +165,10 @@ class BuildConfig:
     """--vocab-from: a finished dataset whose vocabularies (and tokenizer artifacts, encoding options)
     this build takes instead of fitting its own (``vocab_from_options``, ``Language.fit_from``)."""
 
+    def __post_init__(self) -> None:
+        if self.output and Path(self.output).name in ("", ".", ".."):  # `--output .`: the folder, by its name
+            self.output = str(Path(self.output).resolve())  # (its work and log files go next to it)
+
     def validate(self) -> None:
         if self.workers < 1:
             raise BuildError(f"--workers must be >= 1, got {self.workers}")
@@ -1713,6 +1717,8 @@ def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_siz
             "splits": splits,
             "stats": stats,
             "warnings": warnings,
+            # what the ids mean: --verify holds the files to these (an edit would change every decode)
+            "files_sha256": {name: _sha256(out / name) for name in sorted(fmt.TOKEN_FILES) if (out / name).is_file()},
             # run-dependent (not part of the reproducible output): a resumed run's throughput
             # covers only the work it did itself
             "run": {"workers": config.workers, "ranks": comm.size, "resumed": resumed,

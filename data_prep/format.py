@@ -66,6 +66,10 @@ TEXT_REPORT = "phrase_report.txt"  # en: the phrase list and coarse-tokenized ex
 HTML_REPORT = "phrase_report.html"
 
 
+# The files that give the ids their meaning: their sha256 is in meta.json ``files_sha256``.
+TOKEN_FILES = (FINE_VOCAB_FILE, COARSE_VOCAB_FILE, FINE_TOKENIZER_FILE, PHRASES_FILE, USER_DICT_FILE)
+
+
 def dataset_file_names() -> frozenset[str]:
     """Every file a data_prep build may write into a dataset directory (what --overwrite may delete)."""
     names = {META_FILE, FINE_VOCAB_FILE, COARSE_VOCAB_FILE, FINE_TOKENIZER_FILE, PHRASES_FILE, USER_DICT_FILE,

@@ -499,7 +499,10 @@ def _documents_of(spec: InputSpec, encoding_errors: str) -> Iterator[str]:
         for line in _text_lines(spec, encoding_errors):
             yield _TAG.sub("", line).strip()
     elif spec.kind == "jsonl":
+        with_field = 0
         for number, line in enumerate(_text_lines(spec, encoding_errors), start=1):
+            if number == 1:
+                line = line.lstrip("\ufeff")  # a BOM (Windows editors), as text inputs allow
             if not line.strip():
                 continue
             try:
@@ -510,7 +513,12 @@ def _documents_of(spec: InputSpec, encoding_errors: str) -> Iterator[str]:
                                      f"`jq -c '.[]' {spec.path} > {Path(spec.path).stem}.jsonl`") from None
                 raise InputError(f"{spec.path}:{number}: not valid JSON ({exc.msg}, column {exc.colno}); every line of a .jsonl input "
                                  f"must be one JSON object") from None
+            if with_field and not (isinstance(record, dict) and spec.text_field in record):
+                keys = list(record) if isinstance(record, dict) else type(record).__name__
+                raise InputError(f"{spec.path}:{number}: no field {spec.text_field!r} (found {keys}), which the "
+                                 f"{with_field:,} record(s) before it have: fix or remove this record")
             yield _field(record, spec, f"{spec.path}:{number}")
+            with_field += 1
     elif spec.kind == "parquet":
         import pyarrow.parquet as pq
 

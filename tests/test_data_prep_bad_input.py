@@ -317,6 +317,18 @@ def test_text_field_that_is_not_text_named(tmp_path):
                          encoding="utf-8")
     meta = core.build(_config(tmp_path, [with_null]))
     assert meta["stats"]["empty_documents_skipped"] == 1 and meta["stats"]["documents"] == len(DOCS)
+    # a BOM before the first record is skipped (it was "not valid JSON"), as in text inputs
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + with_null.read_bytes())
+    read = [list(inp.iter_documents(inp.resolve_inputs([str(p)]))) for p in (bom, with_null)]
+    assert read[0] == read[1] and len(read[0]) >= len(DOCS)
+    # one record without the field after good ones: the record is the problem, not --text-field
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("\n".join([json.dumps({"text": d}) for d in DOCS[:50]] + [json.dumps({"body": "x"})]) + "\n",
+                      encoding="utf-8")
+    with pytest.raises(inp.InputError, match=r"broken.jsonl:51: no field 'text' \(found \['body'\]\), which the 50 "
+                                             r"record\(s\) before it have: fix or remove this record"):
+        list(inp.iter_documents(inp.resolve_inputs([str(broken)])))
 
 
 def test_tables_arrays_and_blank_inputs_named(tmp_path):
@@ -433,6 +445,9 @@ def test_bad_options_named(tmp_path):
         core.build(_config(tmp_path, [one]))
     with pytest.raises(LanguageError, match="--coarse-vocab-size 200 is smaller than the fine vocabulary"):
         core.build(_config(tmp_path, [good], coarse_vocab_size=200, output=str(tmp_path / "ds3")))
+    # one below what any Chinese fine vocabulary holds is refused before the analysis
+    with pytest.raises(LanguageError, match=r"--coarse-vocab-size 100 is smaller than the fine vocabulary can be"):
+        core.preflight(_config(tmp_path, [good], coarse_vocab_size=100, output=str(tmp_path / "ds3")))
     # the fix is another option, which a --resume would refuse: no DIR.partial/ is left to get in the way
     assert not core.work_dir_for(tmp_path / "ds3").exists()
     # a --fine-vocab-size below the fixed part of a Chinese vocabulary is refused before any work
@@ -603,3 +618,22 @@ def test_a_full_disk_names_the_fix_and_keeps_the_work_for_resume(tmp_path, monke
     # a quota says so
     exc = OSError(errno.EDQUOT, "Disk quota exceeded")
     assert core.no_space_message(_config(tmp_path, [good]), exc).startswith("the disk quota is exceeded")
+
+
+def test_output_dot_names_the_folder_and_verify_refuses_build_options(tmp_path, monkeypatch, capsys):
+    """`--output .` is the current folder by its name (its log went *inside* it as ".build.log", and the
+    build then called the folder "not a dataset"); build options next to --verify were silently ignored."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for given in (".", "./", "sub/..", "."):
+        assert core.BuildConfig(language="zh", output=given).output == str(here)
+    assert core.BuildConfig(language="zh", output="ds").output == "ds"  # other paths stay as given
+    from data_prep.build import main
+
+    for extra, named in ((["--lang", "zh"], "--lang"), (["--input", "x.txt", "--overwrite"], "--input, --overwrite")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--verify", str(tmp_path), *extra])
+        assert exit_info.value.code == 2
+        assert (f"--verify DIR checks a finished dataset and takes only --workers and --no-progress; drop {named} "
+                f"(to build, leave out --verify)") in capsys.readouterr().err

@@ -224,7 +224,23 @@ def test_verify_passes_then_catches_corruption(built, tmp_path):
     (bad / fmt.COARSE_VOCAB_FILE).write_text("\n".join(vocab), encoding="utf-8")
     report = verify_dataset(str(bad), progress=False)
     assert not report.ok and report.num_defects > 10
-    assert "covers fine tokens" in report.defects[0]
+    assert report.defects[0].startswith(f"{fmt.COARSE_VOCAB_FILE} was changed after the build (its sha256 is not")
+    assert "covers fine tokens" in report.defects[1]
+    # the same swap of two characters in both vocabularies is consistent, and decodes (wrongly) without a
+    # defect of its own: only the recorded sha256 catches it (--verify passed such a dataset)
+    swapped = tmp_path / "swapped"
+    shutil.copytree(ds_dir, swapped)
+    for name in (fmt.FINE_VOCAB_FILE, fmt.COARSE_VOCAB_FILE):
+        vocab = (swapped / name).read_text(encoding="utf-8").split("\n")
+        i, j = len(fmt.Vocab.load(ds_dir / fmt.FINE_VOCAB_FILE)) - 2, len(fmt.Vocab.load(ds_dir / fmt.FINE_VOCAB_FILE)) - 1
+        vocab[i], vocab[j] = vocab[j], vocab[i]
+        (swapped / name).write_text("\n".join(vocab), encoding="utf-8")
+    report = verify_dataset(str(swapped), progress=False)
+    assert [d.split(" ")[0] for d in report.defects] == [fmt.COARSE_VOCAB_FILE, fmt.FINE_VOCAB_FILE]
+    meta = json.loads((swapped / fmt.META_FILE).read_text(encoding="utf-8"))
+    assert sorted(meta.pop("files_sha256")) == [fmt.COARSE_VOCAB_FILE, fmt.FINE_VOCAB_FILE]
+    (swapped / fmt.META_FILE).write_text(json.dumps(meta), encoding="utf-8")  # as datasets built before it
+    assert verify_dataset(str(swapped), progress=False).ok
     from data_prep.build import main
 
     assert main(["--verify", str(bad), "--no-progress"]) == 1
