@@ -1197,10 +1197,27 @@ def work_progress(work: Path) -> str:
     return ", ".join(parts) + " (kept; --resume reuses them)"
 
 
-def _check_shared_work_dir(comm, work: Path, params: dict, digests: list[tuple[str, int]] | None = None) -> None:
+def _option_file_digests(lang: Language, options: dict) -> dict[str, str]:
+    """sha256 of the files options name whose content shapes the output (``Language.file_options``)."""
+    return {name: _sha256(Path(options[name])) for name in lang.file_options
+            if options.get(name) and Path(options[name]).is_file()}
+
+
+def _check_shared_work_dir(comm, work: Path, params: dict, digests: list[tuple[str, int]] | None = None,
+                           option_files: dict[str, str] | None = None) -> None:
     """Every rank must see the work directory rank 0 just prepared (shards are exchanged through it),
-    and read the same bytes at every input path as rank 0 (``digests``: this rank's (sha256, size))."""
+    and read the same bytes at every input path as rank 0 (``digests``: this rank's (sha256, size)),
+    and in every file an option names (``option_files``: this rank's, e.g. its --user-dict)."""
     import socket
+
+    for name, sha in sorted((option_files or {}).items()):
+        if sha != params.get("option_files", {}).get(name):
+            raise BuildError(
+                f"rank {comm.rank} (host {socket.gethostname()}) reads other content in its --{name.replace('_', '-')} "
+                f"file than rank 0 (sha256 {sha[:12]}... against {str(params.get('option_files', {}).get(name))[:12]}...): "
+                f"every rank must read the same file (a stale node-local copy?); put it on a filesystem all ranks "
+                f"share, or make the copies identical"
+            )
 
     for record, (sha, size) in zip(params.get("inputs", []), digests or []):
         if sha != record["sha256"]:
@@ -1427,8 +1444,7 @@ def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.Inp
         }
         if config.vocab_from:  # only then: the parameters (and --resume) of other builds are unchanged
             params["vocab_from"] = options["vocab_from"]
-        option_files = {name: _sha256(Path(options[name])) for name in lang.file_options
-                        if options.get(name) and Path(options[name]).is_file()}
+        option_files = _option_file_digests(lang, options)
         if option_files:  # only then, as for vocab_from
             params["option_files"] = option_files
         run_info["resumed"] = bool(config.resume) and work_dir_for(out).is_dir()  # work of an earlier run kept
@@ -1448,7 +1464,9 @@ def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.Inp
         params, warnings, read_done = comm.bcast(mine if comm.rank == 0 else None)
         work = work_dir_for(config.output)
         if comm.size > 1:
-            _collective(comm, lambda: _check_shared_work_dir(comm, work, params, None if comm.rank == 0 else mine))
+            _collective(comm, lambda: _check_shared_work_dir(
+                comm, work, params, None if comm.rank == 0 else mine,
+                None if comm.rank == 0 else _option_file_digests(lang, options)))
 
         # ---- 2+3. read into shards, analyse --------------------------------------------------
         def read_and_analyze():

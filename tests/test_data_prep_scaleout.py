@@ -122,6 +122,37 @@ def test_a_rank_reading_other_content_at_the_same_path_is_refused(reference, tmp
     assert not out.exists() and not list(core.work_dir_for(out).glob("shards/*"))
 
 
+def _rank_build_with_a_stale_user_dict(corpus: str, user_dict: str, stale: str, output: str) -> str:
+    from data_prep import core as rank_core
+    from tests.test_data_prep_zh import small_config as config
+
+    comm = rank_core.detect_communicator()
+    if comm.rank == 1:  # this "machine" has another copy of the user dictionary at the same path
+        read = rank_core._sha256
+        rank_core._sha256 = lambda path: read(Path(stale) if str(path) == user_dict else path)
+    try:
+        rank_core.build(config(Path(corpus), Path(output), shard_documents=SHARD_DOCS,
+                               language_options={"user_dict": user_dict}))
+    except rank_core.BuildError as exc:
+        return str(exc)
+    return "built"
+
+
+def test_a_rank_reading_another_user_dict_at_the_same_path_is_refused(reference, tmp_path):
+    """The --user-dict segments each rank's shards: a rank with another copy of it would mix two
+    segmentations in one dataset; its content is compared with rank 0's, as the inputs' are."""
+    corpus, _ = reference
+    user_dict, stale = tmp_path / "user.dict", tmp_path / "stale.dict"
+    user_dict.write_text("迈向充满 1000 n\n", encoding="utf-8")
+    stale.write_text("迈向充满 1000 n\n新年讲话稿件 100000 n\n", encoding="utf-8")
+    out = tmp_path / "out"
+    results = run_distributed(_rank_build_with_a_stale_user_dict, world_size=2,
+                              args=(str(corpus), str(user_dict), str(stale), str(out)), timeout=300)
+    assert "rank 1" in results[1] and "reads other content in its --user-dict file than rank 0" in results[1], results
+    assert results[0].startswith("another rank failed") and "--user-dict" in results[0], results
+    assert not out.exists()
+
+
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs OpenMPI's mpirun (launchers/setup.sh installs it)")
 def test_mpirun_two_ranks_identical_to_one_process(reference, tmp_path):
     corpus, expected = reference
