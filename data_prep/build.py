@@ -181,8 +181,11 @@ def main(argv: list[str] | None = None) -> int:
                          f"{', '.join('--' + name.replace('_', '-') for name in ignored)} (to build, leave out --verify)")
         from data_prep.verify import verify_dataset
 
-        report = verify_dataset(args.verify, progress=not args.no_progress,
-                                workers=args.workers)
+        try:
+            report = verify_dataset(args.verify, progress=not args.no_progress, workers=args.workers)
+        except core.WorkerDied as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         print(report.summary())
         return 0 if report.ok else 1
     if not args.lang or not args.output:

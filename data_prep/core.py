@@ -719,6 +719,43 @@ def kill_pool(pool) -> None:
         proc.join(timeout=10)
 
 
+class WorkerDied(BuildError):
+    """A pool worker died (the OOM killer, a kill -9): ``multiprocessing.Pool`` replaces it, and the task it
+    held never returns, so waiting for its result hung the build forever."""
+
+
+def pool_pids(pool) -> frozenset[int]:
+    return frozenset(p.pid for p in pool._pool)
+
+
+def check_pool_alive(pool, pids: frozenset[int], fix: str) -> None:
+    """Raise WorkerDied if a worker of ``pool`` (started as ``pids``; its workers never exit on their own)
+    has died or been replaced. ``fix``: what to do next (a build: --resume)."""
+    dead = [p for p in pool._pool if p.exitcode is not None]
+    if not dead and pool_pids(pool) == pids:
+        return
+    import signal
+
+    code = dead[0].exitcode if dead else None
+    how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 and -code in signal.valid_signals()
+           else f"exit code {code}" if code is not None else "gone, replaced by a new one")
+    raise WorkerDied(f"a worker process died ({how}; out of memory? see `dmesg` or the job's memory limit), and the "
+                     f"task it held is lost. {fix}")
+
+
+def wait_result(pool, result, pids: frozenset[int], fix: str, poll: float = 0.5):
+    """``result.get()`` of a pool's AsyncResult, checking every ``poll`` seconds that no worker died."""
+    while not result.ready():
+        result.wait(poll)
+        if not result.ready():
+            check_pool_alive(pool, pids, fix)
+    return result.get()
+
+
+RESUME_AFTER_WORKER_DIED = ("The work finished so far is kept: run the same command with --resume (with fewer "
+                            "--workers, or a larger memory limit, if memory ran out)")
+
+
 def _pool_worker_init(language: str, options: dict) -> None:
     detach_pool_worker()
     keep_freed_memory()
@@ -881,6 +918,7 @@ class _Executor:
             # before any input is read, so no reader thread (pyarrow, tqdm) exists at fork time.
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
             self.pool = mp.get_context(method).Pool(workers, initializer=_pool_worker_init, initargs=(language, options))
+            self.pids = pool_pids(self.pool)
         else:
             _worker_init(language, options)
         self.pending: list = []
@@ -898,7 +936,7 @@ class _Executor:
             if kind == "done":
                 yield item
             elif wait or item.ready():
-                yield item.get()
+                yield self._get(item)
             else:
                 keep.append((kind, item))
         self.pending = keep
@@ -908,7 +946,12 @@ class _Executor:
         for kind, item in self.pending:
             if kind == "async":
                 item.wait(timeout)
+                if not item.ready():
+                    check_pool_alive(self.pool, self.pids, RESUME_AFTER_WORKER_DIED)
             return
+
+    def _get(self, result):
+        return wait_result(self.pool, result, self.pids, RESUME_AFTER_WORKER_DIED)
 
     def map_shards(self, fn: Callable, cache_dirs: list[Path], arg: Any, scratch: Path, add: bool = False):
         """``Corpus.map_shards`` / ``Corpus.sum_shards`` on this executor (inline with one worker)."""
@@ -923,9 +966,9 @@ class _Executor:
             if add:  # one task per worker (shards dealt round-robin), each returns its sum
                 n = self.pool._processes
                 tasks = [(fn, [str(d) for d in cache_dirs[i::n]], str(arg_path), True) for i in range(n)]
-                return sum_counters(self.pool.map(_map_task, tasks, chunksize=1))
+                return sum_counters(self._get(self.pool.map_async(_map_task, tasks, chunksize=1)))
             tasks = [(fn, [str(d)], str(arg_path), False) for d in cache_dirs]
-            return [r for rs in self.pool.map(_map_task, tasks, chunksize=1) for r in rs]
+            return [r for rs in self._get(self.pool.map_async(_map_task, tasks, chunksize=1)) for r in rs]
         finally:
             arg_path.unlink(missing_ok=True)
 
@@ -934,7 +977,8 @@ class _Executor:
         if self.pool is None:
             return _sum_shard_counts(shard_dirs)
         n = self.pool._processes
-        return _sum_count_tables(self.pool.map(_sum_shard_counts, [shard_dirs[i::n] for i in range(n)], chunksize=1))
+        return _sum_count_tables(self._get(self.pool.map_async(_sum_shard_counts, [shard_dirs[i::n] for i in range(n)],
+                                                               chunksize=1)))
 
     def close(self) -> None:
         if self.pool is not None:

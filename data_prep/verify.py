@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep import format as fmt
-from data_prep.core import _progress, detach_pool_worker, kill_pool
+from data_prep.core import _progress, check_pool_alive, detach_pool_worker, kill_pool, pool_pids
 from data_prep.languages import concat_ranges
 
 MAX_REPORTED = 20
@@ -330,6 +330,19 @@ def _worker_check(task: tuple[str, str, int, int]) -> _ChunkResult:
     return _WORKER["checker"].check(split, first, last)
 
 
+def _watched(pool, results, count: int):
+    """The results of ``pool.imap``, checking every half second that no worker died (a dead worker's
+    chunk never comes: --verify waited forever)."""
+    pids = pool_pids(pool)
+    for _ in range(count):
+        while True:
+            try:
+                yield results.next(timeout=0.5)
+                break
+            except mp.TimeoutError:
+                check_pool_alive(pool, pids, "Run --verify again (with fewer --workers if memory ran out)")
+
+
 def verify_dataset(directory: str, progress: bool = True, workers: int = 1,
                    chunk_tokens: int = CHUNK_TOKENS) -> VerifyReport:
     """Check every document of the dataset in ``directory`` (see the module docstring); ``workers``
@@ -366,7 +379,7 @@ def verify_dataset(directory: str, progress: bool = True, workers: int = 1,
     if workers > 1 and len(ordered) > 1:
         _WORKER.update(directory=str(directory), checker=checker)  # inherited by the forked workers
         pool = mp.get_context("fork").Pool(min(workers, len(ordered)), initializer=detach_pool_worker)
-        results = pool.imap(_worker_check, ordered)
+        results = _watched(pool, pool.imap(_worker_check, ordered), len(ordered))
     else:
         results = map(lambda task: checker.check(*task[1:]), ordered)
     records: dict[str, list] = {split: [] for split in tasks}

@@ -537,3 +537,45 @@ def test_an_inline_build_leaves_the_callers_malloc_settings_alone(reference, tmp
     out = tmp_path / "inline"
     core.build(small_config(corpus, out, shard_documents=SHARD_DOCS, workers=1))
     assert dataset_bytes(out) == expected
+
+
+def test_a_pool_worker_killed_stops_the_build_and_verify_then_resume(reference, tmp_path, monkeypatch):
+    """A pool worker killed (the OOM killer, a kill -9): multiprocessing.Pool replaced it and the task it
+    held never returned, so the build (and --verify) waited forever at 0% CPU. Now it stops within
+    seconds, naming the death and --resume, which then writes the bytes of an uninterrupted build."""
+    from data_prep import verify
+    from data_prep.chinese import Chinese
+
+    corpus, expected = reference
+    marker = tmp_path / "killed"
+    analyze = Chinese.analyze_shard
+
+    def dies_once(self, *args, **kwargs):  # in a forked pool worker: the first shard kills its process
+        if not marker.exists():
+            marker.write_text("x")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return analyze(self, *args, **kwargs)
+
+    monkeypatch.setattr(Chinese, "analyze_shard", dies_once)
+    out = tmp_path / "out"
+    started = time.monotonic()
+    died = r"a worker process died \((killed by SIGKILL|gone, replaced by a new one); out of memory\?"
+    with pytest.raises(core.WorkerDied, match=died + r".*run the same command with --resume"):
+        core.build(small_config(corpus, out, shard_documents=SHARD_DOCS, workers=2))
+    assert time.monotonic() - started < 60 and marker.exists() and not out.exists()
+    monkeypatch.undo()
+    core.build(small_config(corpus, out, shard_documents=SHARD_DOCS, workers=2, resume=True))
+    assert dataset_bytes(out) == expected
+    # --verify's pool the same way
+    marker.unlink()
+    check = verify._Checker.check
+
+    def check_dies_once(self, *args):
+        if not marker.exists():
+            marker.write_text("x")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return check(self, *args)
+
+    monkeypatch.setattr(verify._Checker, "check", check_dies_once)
+    with pytest.raises(core.WorkerDied, match=died + r".*Run --verify again"):
+        verify.verify_dataset(str(out), progress=False, workers=2, chunk_tokens=2000)
