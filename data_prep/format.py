@@ -726,19 +726,60 @@ class PairedSplit:
                                   f"--output {directory}`")
         self.fine, self.coarse, self.align = streams["fine"], streams["coarse"], streams["align"]
         n = len(self.fine)
-        if len(self.coarse) != n or len(self.align) != n:
-            raise FormatError(f"{directory}/{split}: fine/coarse/align sentence counts differ")
+        for s in ("coarse", "align"):
+            if len(streams[s]) != n:
+                raise FormatError(f"{prefix(directory, split, s)}.idx has {len(streams[s]):,} sentences, "
+                                  f"{prefix(directory, split, 'fine')}.idx {n:,}: the files are damaged or from "
+                                  f"different builds; rebuild the dataset")
         docs = self.fine.document_indices
-        if not (np.array_equal(docs, self.coarse.document_indices) and np.array_equal(docs, self.align.document_indices)):
-            raise FormatError(f"{directory}/{split}: fine/coarse/align document boundaries differ")
-        self.document_indices = np.asarray(docs, dtype=np.int64)
+        for s in ("coarse", "align"):
+            if not np.array_equal(docs, streams[s].document_indices):
+                raise FormatError(f"{prefix(directory, split, s)}.idx and {prefix(directory, split, 'fine')}.idx have "
+                                  f"other document boundaries: the files are damaged or from different builds; "
+                                  f"rebuild the dataset")
+        # Copies, not views into the memory-mapped .idx: megatron-core unmaps it when the reader is
+        # collected, and a view that outlives it (`PairedDataset(d).split("train").document_indices`)
+        # crashed the interpreter with a segmentation fault.
+        self.document_indices = np.array(docs, dtype=np.int64)
         self.num_sentences = n
+
+    def check_index(self, chunk: int = 1 << 22) -> None:
+        """Every sentence's pointer where the lengths before it put it, in every stream; coarse and align
+        lengths equal; document boundaries from 0 to the last sentence, never decreasing. Opening checks
+        only the ends (O(1)): a flipped byte inside an .idx made the reader return other tokens, silently.
+        O(sentences), ``chunk`` at a time (--verify runs it)."""
+        n = self.num_sentences
+        for s, stream in (("fine", self.fine), ("coarse", self.coarse), ("align", self.align)):
+            index, path = stream.index, prefix(self.directory, self.split, s) + ".idx"
+            start = 0
+            for lo in range(0, n, chunk):
+                hi = min(n, lo + chunk)
+                lengths = np.asarray(index.sequence_lengths[lo:hi], dtype=np.int64)
+                if s == "align" and not np.array_equal(lengths, self.coarse.index.sequence_lengths[lo:hi]):
+                    first = lo + int(np.flatnonzero(lengths != self.coarse.index.sequence_lengths[lo:hi])[0])
+                    raise FormatError(f"{path} and {prefix(self.directory, self.split, 'coarse')}.idx give sentence "
+                                      f"{first:,} other lengths (one align count per coarse token): one of them is "
+                                      f"damaged; rebuild the dataset")
+                ends = start + np.cumsum(lengths) * index.dtype_size
+                expected = np.concatenate([[start], ends[:-1]])
+                bad = np.flatnonzero(np.asarray(index.sequence_pointers[lo:hi], dtype=np.int64) != expected)
+                if bad.size:
+                    i = int(bad[0])
+                    raise FormatError(f"{path}: sentence {lo + i:,} starts at byte {int(index.sequence_pointers[lo + i]):,} "
+                                      f"of the .bin, but the lengths before it put it at {int(expected[i]):,}: the "
+                                      f"index is damaged; rebuild the dataset")
+                start = int(ends[-1])
+        docs = self.document_indices
+        if len(docs) < 1 or docs[0] != 0 or docs[-1] != n or np.any(np.diff(docs) < 0):
+            raise FormatError(f"{prefix(self.directory, self.split, 'fine')}.idx: the document boundaries do not run "
+                              f"from 0 to its {n:,} sentences in order: the index is damaged; rebuild the dataset")
 
     def __len__(self) -> int:
         return len(self.document_indices) - 1
 
     def sentence(self, s: int) -> Sentence:
-        return Sentence(self.fine[s], self.coarse[s], self.align[s])
+        # copies (small), for the reason given for document_indices: the reader unmaps its .bin when collected
+        return Sentence(np.array(self.fine[s]), np.array(self.coarse[s]), np.array(self.align[s]))
 
     def document(self, i: int) -> Document:
         if not 0 <= i < len(self):

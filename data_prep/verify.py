@@ -367,6 +367,7 @@ def verify_dataset(directory: str, progress: bool = True, workers: int = 1,
     for split in fmt.SPLITS:
         try:
             data = ds.split(split)
+            data.check_index()
         except fmt.FormatError as exc:
             unopened[split] = str(exc)
             continue

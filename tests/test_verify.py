@@ -355,7 +355,31 @@ def test_streams_of_other_sentence_lengths_are_named(tmp_path):
     rewrite_train(tmp_path / "ds", tmp_path / "damaged", damage)
     report = verify_dataset(str(tmp_path / "damaged"), progress=False, chunk_tokens=1000)
     assert not report.ok
-    assert any(d.startswith("train documents ") and "cannot be read (the coarse and align streams have different "
-               "sentence lengths); rebuild the dataset" in d for d in report.defects), report.summary()
-    # the split's check stopped there: the tokens counted fall short of meta.json's
-    assert report.counts["train"]["fine_tokens"] < fmt.PairedDataset(tmp_path / "ds").meta["splits"]["train"]["fine_tokens"]
+    assert any(d.endswith("train_align.idx and " + str(tmp_path / "damaged" / "train_coarse.idx") + " give sentence "
+                          f"{fmt.PairedDataset(tmp_path / 'ds').split('train').document_indices[5]:,} other lengths (one "
+                          "align count per coarse token): one of them is damaged; rebuild the dataset")
+               for d in report.defects), report.summary()
+    # the split is not checked further: no tokens counted; the valid split is checked and fine
+    assert "train" not in report.counts and report.counts["valid"]["decoded_equal"] > 0
+
+
+def test_a_damaged_index_pointer_or_length_is_named(tmp_path):
+    """A flipped byte inside an .idx (a sentence's pointer, or its length) kept the file's size and its
+    last pointer, so the dataset opened and --verify passed, while the reader returned other tokens."""
+    corpus = write_corpus(tmp_path / "pd.txt", lines=300)
+    core.build(small_config(corpus, tmp_path / "ds"))
+    n = fmt.PairedDataset(tmp_path / "ds").split("train").num_sentences
+    header = 34  # magic 9 + version 8 + dtype 1 + sentence count 8 + document count 8; then int32 lengths, int64 pointers
+    for stream, offset, message in (
+            ("align", header + 4 * n + 8 * 200 + 1, "sentence 200 starts at byte "),
+            ("coarse", header + 4 * 150, "sentence 151 starts at byte "),  # sentence 150's length: 151 moves
+            ("fine", header + 4 * n + 8 * n + 8 * 3, "have other document boundaries")):  # named at open
+        damaged = tmp_path / f"damaged_{stream}"
+        shutil.copytree(tmp_path / "ds", damaged)
+        path = damaged / f"train_{stream}.idx"
+        data = bytearray(path.read_bytes())
+        data[offset] ^= 4
+        path.write_bytes(bytes(data))
+        report = verify_dataset(str(damaged), progress=False)
+        assert not report.ok and any(str(path) in d and message in d for d in report.defects), report.summary()
+    assert verify_dataset(str(tmp_path / "ds"), progress=False).ok
