@@ -313,6 +313,7 @@ def _scan(spec: InputSpec) -> InputScan:
         return scan
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     offset = 0
+    utf8_before = False
     with open_binary(spec.path) as fh:
         while chunk := fh.read(_CHUNK):
             scan.nul_bytes += chunk.count(b"\0")
@@ -324,7 +325,10 @@ def _scan(spec: InputSpec) -> InputScan:
                     scan.first_invalid_offset = offset + exc.start
                     # Count the rest with a lenient decoder, chunk by chunk (memory stays bounded).
                     head = chunk[exc.start:]
-                    scan.looks_like = _guess_encoding(head[: 1 << 20])
+                    # Valid multi-byte UTF-8 before the error: a UTF-8 file with damage, not a legacy encoding
+                    # (guessing GB18030 from the bytes after it gave an iconv that garbles every "é").
+                    if not utf8_before and chunk[:max(exc.start, 0)].isascii():
+                        scan.looks_like = _guess_encoding(head[: 1 << 20])
                     lenient = codecs.getincrementaldecoder("utf-8")("replace")
                     scan.invalid_utf8 = 0
                     offset += exc.start
@@ -337,6 +341,7 @@ def _scan(spec: InputSpec) -> InputScan:
                     scan.content_bytes = offset
                     break
             offset += len(chunk)
+            utf8_before = utf8_before or not chunk.isascii()
         else:
             scan.content_bytes = offset
             pending = len(decoder.getstate()[0])  # the bytes of an unfinished character at the end
@@ -395,7 +400,7 @@ def mostly_undecodable(spec: InputSpec, bad: int, chars: int) -> str | None:
             head = fh.read(1 << 20)
         head.decode("utf-8")
     except UnicodeDecodeError as exc:
-        looks_like = _guess_encoding(head[exc.start:])
+        looks_like = _guess_encoding(head[exc.start:]) if head[:exc.start].isascii() else None
     except _read_errors():
         pass
     return (f"{spec.path} is not UTF-8: {bad:,} of its first {chars:,} characters are undecodable bytes, which "

@@ -44,6 +44,13 @@ def test_invalid_utf8_stops_with_offset_and_iconv_hint(tmp_path):
     with pytest.raises(inp.InputError, match=r"gbk.txt is not valid UTF-8: \d+ bad byte sequence.*offset 0.*iconv -f GB18030"):
         core.build(_config(tmp_path, [good, gbk]))
     assert not core.work_dir_for(tmp_path / "ds").exists()  # refused before any work
+    # a UTF-8 file with one damaged character is not "GB18030" (that iconv garbled every other character)
+    damaged = tmp_path / "damaged.txt"
+    head = ("\n".join(DOCS[:50]) + "\n").encode()
+    damaged.write_bytes(head + "中".encode()[:2] + b"\n" + head)
+    with pytest.raises(inp.InputError, match=rf"damaged.txt is not valid UTF-8: 1 bad byte sequence\(s\), the first at "
+                                             rf"byte offset {len(head)} \(of the decompressed content\)\. Or pass"):
+        core.build(_config(tmp_path, [damaged]))
     # --encoding-errors replace goes on, and says so
     mixed = tmp_path / "mixed.txt"
     mixed.write_bytes(("\n".join(DOCS[:60]) + "\n").encode() + b"\xff\xfe broken \xc3\n" + ("\n".join(DOCS[60:]) + "\n").encode())
@@ -68,12 +75,13 @@ def test_another_encoding_is_named_even_with_encoding_errors_replace(tmp_path, e
     assert not core.work_dir_for(tmp_path / "ds").exists()
     with pytest.raises(inp.InputError, match=rf"is not valid UTF-8: .*iconv -f {name} -t UTF-8 [^`]+`\.$"):
         core.build(_config(tmp_path, [other]))
-    # good text whose other-encoded part starts after the sampled head: stopped by the byte scan
+    # good text whose other-encoded part starts after the sampled head: stopped by the byte scan (no single
+    # encoding converts a file that is part UTF-8: the message does not name one)
     late = tmp_path / "late.txt"
     head = ("\n".join(DOCS) + "\n").encode() * (inp.SAMPLE_CHARS // len("".join(DOCS)) + 1)
     late.write_bytes(head + ("\n".join(DOCS) + "\n").encode(encoding))
     with pytest.raises(inp.InputError, match=rf"late.txt is not UTF-8: [\d,]+ bad byte sequence\(s\) in [\d,]+ bytes, the "
-                                             rf"first at byte offset {len(head)}, .*It decodes as {name}"):
+                                             rf"first at byte offset {len(head)}, .*Find its encoding"):  # not one
         core.build(_config(tmp_path, [late], encoding_errors="replace"))
 
 
