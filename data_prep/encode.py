@@ -75,6 +75,9 @@ class TextEncoder:
         self.language: str = self.meta.get("language") or self.meta.get("build", {}).get("language")
         if not self.language:
             raise fmt.FormatError(f"{meta_path} records no language; rebuild the dataset with data_prep/build.py")
+        problems = fmt.token_file_problems(self.directory, self.meta)
+        if problems:  # a missing or edited file would encode with other ids than the model was trained on
+            raise fmt.FormatError(problems[0])
         self.fine_vocab = fmt.Vocab.load(self.directory / fmt.FINE_VOCAB_FILE)
         self.coarse_vocab = fmt.Vocab.load(self.directory / fmt.COARSE_VOCAB_FILE)
         self.plugin = self._load_plugin()
@@ -179,8 +182,7 @@ class TextEncoder:
 
 
 # Artifacts a directory must carry for TextEncoder (copied next to exported weights).
-TOKENIZER_FILES = (fmt.META_FILE, fmt.FINE_VOCAB_FILE, fmt.COARSE_VOCAB_FILE, fmt.FINE_TOKENIZER_FILE, fmt.PHRASES_FILE,
-                   fmt.USER_DICT_FILE)
+TOKENIZER_FILES = (fmt.META_FILE, *fmt.TOKEN_FILES)
 
 
 def copy_tokenizer_files(source: str | os.PathLike, target: str | os.PathLike) -> list[str]:

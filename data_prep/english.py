@@ -358,8 +358,24 @@ def load_fine_vocabulary(path: str | os.PathLike) -> list[str]:
             raise EnglishInputError(f"--fine-tokenizer {path}: continuation prefix must be '##'")
         vocab = model["vocab"]
         tokens = sorted(vocab, key=vocab.get)
+        if sorted(vocab.values()) != list(range(len(vocab))):
+            raise EnglishInputError(f"--fine-tokenizer {path}: the vocabulary's ids are not 0..{len(vocab) - 1}, each "
+                                    f"once; give the tokenizer.json a tokenizers library saved")
     else:
-        tokens = [t for t in path.read_text(encoding="utf-8").split("\n") if t]
+        tokens, line_of = [], {}
+        for number, t in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+            if not t:
+                continue
+            if any(c.isspace() for c in t):  # a sentencepiece .vocab ("piece<TAB>score") was read as pieces
+                raise EnglishInputError(
+                    f"--fine-tokenizer {path}:{number}: {t[:40]!r} holds whitespace, and a BERT vocab.txt has one "
+                    f"token a line (a sentencepiece .vocab, \"piece<TAB>score\", cannot be reused: data_prep's fine "
+                    f"tokens are WordPiece). Give a vocab.txt or tokenizer.json, or drop --fine-tokenizer")
+            if t in line_of:
+                raise EnglishInputError(f"--fine-tokenizer {path}:{number}: {t!r} repeats line {line_of[t]}; each token "
+                                        f"may appear once (the line number is its id)")
+            line_of[t] = number
+            tokens.append(t)
     if not tokens:
         raise EnglishInputError(f"--fine-tokenizer {path}: empty vocabulary")
     return tokens

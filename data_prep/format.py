@@ -70,6 +70,20 @@ HTML_REPORT = "phrase_report.html"
 TOKEN_FILES = (FINE_VOCAB_FILE, COARSE_VOCAB_FILE, FINE_TOKENIZER_FILE, PHRASES_FILE, USER_DICT_FILE)
 
 
+def token_file_problems(directory: str | os.PathLike, meta: dict) -> list[str]:
+    """The files that give the ids their meaning (``TOKEN_FILES``) that are missing or differ from the
+    sha256 ``meta.json`` recorded at build time (datasets built before it record none)."""
+    problems = []
+    for name, digest in sorted((meta.get("files_sha256") or {}).items()):
+        path = Path(directory) / name
+        if not path.is_file():
+            problems.append(f"{path} is missing (meta.json records it): restore it, or rebuild the dataset")
+        elif hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            problems.append(f"{name} was changed after the build (its sha256 is not the one meta.json records), so "
+                            f"the stored ids would decode to other tokens: restore it, or rebuild the dataset")
+    return problems
+
+
 def dataset_file_names() -> frozenset[str]:
     """Every file a data_prep build may write into a dataset directory (what --overwrite may delete)."""
     names = {META_FILE, FINE_VOCAB_FILE, COARSE_VOCAB_FILE, FINE_TOKENIZER_FILE, PHRASES_FILE, USER_DICT_FILE,
@@ -165,8 +179,14 @@ class Vocab:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocab:
-        text = Path(path).read_text(encoding="utf-8")
-        return cls(text.split("\n")[:-1] if text.endswith("\n") else text.split("\n"))
+        """A vocabulary file (one token a line); errors name the file."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+            return cls(text.split("\n")[:-1] if text.endswith("\n") else text.split("\n"))
+        except FileNotFoundError:
+            raise FormatError(f"{path} is missing: restore it, or rebuild the dataset") from None
+        except (UnicodeDecodeError, FormatError) as exc:
+            raise FormatError(f"{path}: {exc}; restore it, or rebuild the dataset") from None
 
     def fingerprint(self) -> str:
         return hashlib.sha256("\n".join(self.tokens).encode("utf-8")).hexdigest()[:16]

@@ -21,11 +21,9 @@ chunks in parallel processes.
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing as mp
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -355,13 +353,8 @@ def verify_dataset(directory: str, progress: bool = True, workers: int = 1,
         report.defect(str(exc))
         return report
     ds = checker.ds
-    for name, digest in sorted((ds.meta.get("files_sha256") or {}).items()):
-        path = Path(directory) / name
-        if not path.is_file():
-            report.defect(f"{name} is missing (meta.json records it): restore it, or rebuild the dataset")
-        elif hashlib.sha256(path.read_bytes()).hexdigest() != digest:
-            report.defect(f"{name} was changed after the build (its sha256 is not the one meta.json records), so "
-                          f"the stored ids would decode to other tokens: restore it, or rebuild the dataset")
+    for problem in fmt.token_file_problems(directory, ds.meta):
+        report.defect(problem)
     tasks: dict[str, list[tuple[int, int]]] = {}
     unopened: dict[str, str] = {}
     for split in fmt.SPLITS:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 
 from data_prep import core, english
+from data_prep import format as fmt
 from data_prep.format import PHRASES_FILE, PairedDataset, detokenize
 from data_prep.languages import LanguageError
 from data_prep.phrases import read_phrases_tsv
@@ -482,7 +484,15 @@ def test_reused_tokenizer_or_phrase_file_that_cannot_be_read_stops_before_work(t
     binary.write_bytes(bytes(range(128, 256)))
     not_json = tmp_path / "tok.json"
     not_json.write_text("{not json", encoding="utf-8")
+    specials = "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n"
+    repeated = tmp_path / "repeated.txt"  # was a FormatError traceback after the corpus pass and lmplz
+    repeated.write_text(specials + "hello\nworld\n\nhello\n", encoding="utf-8")
+    spm = tmp_path / "spm.vocab"  # was read as pieces "<unk>\t0": 100% fine [UNK], exit 0, no warning
+    spm.write_text("<unk>\t0\n<s>\t0\n▁the\t-3.1\n", encoding="utf-8")
     for options, message in (({"phrases": str(binary)}, r"--phrases .*garbage.bin is not UTF-8 text"),
+                             ({"fine_tokenizer": str(repeated)}, r"repeated.txt:9: 'hello' repeats line 6; each token "
+                                                                 r"may appear once"),
+                             ({"fine_tokenizer": str(spm)}, r"spm.vocab:1: '<unk>\\t0' holds whitespace, .*sentencepiece"),
                              ({"phrases": str(tmp_path)}, r"--phrases .* is a directory; give the file itself"),
                              ({"fine_tokenizer": str(not_json)},
                               r"--fine-tokenizer .*tok.json is neither a Hugging Face tokenizer.json nor a BERT vocab.txt")):
@@ -721,3 +731,34 @@ def test_encoded_shards_lose_their_caches_except_the_reports(built, bbc_corpus, 
         return (directory / "phrase_report.txt").read_text(encoding="utf-8").split("Examples:", 1)[1]
 
     assert examples(out) == examples(whole) and examples(out).count("\n") > 10
+
+
+def test_edited_or_missing_tokenizer_files_are_named_by_verify_and_the_encoder(built, tmp_path):
+    """fine_tokenizer.json and phrases.tsv are what fine-tuning and inference encode with: two ids swapped
+    in the tokenizer encoded "the house is big" with other ids than the model was trained on, and a
+    deleted file surfaced as a bare "No such file or directory" naming no file; --verify passed both."""
+    from data_prep.encode import TextEncoder
+    from data_prep.verify import verify_dataset
+
+    swapped, missing = tmp_path / "swapped", tmp_path / "missing"
+    for copy in (swapped, missing):
+        shutil.copytree(built, copy)
+    spec = json.loads((swapped / fmt.FINE_TOKENIZER_FILE).read_text(encoding="utf-8"))
+    vocab = spec["model"]["vocab"]
+    vocab["the"], vocab["big"] = vocab["big"], vocab["the"]
+    (swapped / fmt.FINE_TOKENIZER_FILE).write_text(json.dumps(spec), encoding="utf-8")
+    (missing / fmt.PHRASES_FILE).unlink()
+    for directory, message in ((swapped, f"{fmt.FINE_TOKENIZER_FILE} was changed after the build"),
+                               (missing, f"{missing / fmt.PHRASES_FILE} is missing (meta.json records it)")):
+        report = verify_dataset(str(directory), progress=False)
+        assert not report.ok and report.defects[0].startswith(message), report.summary()
+        with pytest.raises(fmt.FormatError, match=re.escape(message)):
+            TextEncoder(directory)
+    assert TextEncoder(built).encode("the house is big", "x").fine.size > 0
+    # a vocabulary file that is not UTF-8, or repeats a token, is named
+    (missing / fmt.COARSE_VOCAB_FILE).write_bytes(b"\xff\xfe")
+    with pytest.raises(fmt.FormatError, match=rf"{re.escape(str(missing / fmt.COARSE_VOCAB_FILE))}: 'utf-8' codec"):
+        fmt.Vocab.load(missing / fmt.COARSE_VOCAB_FILE)
+    (missing / fmt.COARSE_VOCAB_FILE).write_text("\n".join(fmt.SPECIAL_TOKENS + ("the", "the")), encoding="utf-8")
+    with pytest.raises(fmt.FormatError, match=r"coarse_vocab.txt: duplicate vocabulary entry 'the'"):
+        fmt.Vocab.load(missing / fmt.COARSE_VOCAB_FILE)
