@@ -1103,9 +1103,15 @@ def check_output(config: BuildConfig) -> None:
 
 def _output_exists(out: Path, resume: bool) -> FileExistsError:
     if resume and (out / fmt.META_FILE).is_file():  # e.g. a requeued job whose build had finished
+        work = work_dir_for(out)
+        holder = fmt.running_build(out)  # this build's own lock, or another build (its work: not to be removed)
+        left = (f" ({work} is left from a build killed just after it renamed {out} into place: remove it, "
+                f"`rm -rf {work}`)" if work.is_dir() and (not holder or holder.startswith(f"pid {os.getpid()} "))
+                else "")
         return FileExistsError(
             f"output directory {out} already exists and is complete (it has {fmt.META_FILE}): there is nothing to "
-            f"--resume. Use it as it is, pass --overwrite without --resume to build it again, or choose another --output"
+            f"--resume{left}. Use it as it is, pass --overwrite without --resume to build it again, or choose another "
+            f"--output"
         )
     return FileExistsError(
         f"output directory {out} already exists; pass --overwrite to replace it (only once the new build "
