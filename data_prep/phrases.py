@@ -127,9 +127,18 @@ class PhraseMiningConfig:
         if not 0 < self.subsume_ratio <= 1:
             raise ValueError(f"subsume_ratio must be in (0, 1], got {self.subsume_ratio}")
         parse_size(self.lm_sample, "--lm-sample")
-        if self.lmplz_memory != "auto" and not re.fullmatch(r"\d+(\.\d+)?[bKMGTPEZY%]?", str(self.lmplz_memory)):
+        memory = re.fullmatch(r"(\d+(?:\.\d+)?)([bKMGTPEZY%]?)", str(self.lmplz_memory))
+        if self.lmplz_memory != "auto" and not memory:
             raise ValueError(f"--lmplz-memory must be auto, a size such as 512M, 8G or 80% (a share of the RAM; "
                              f"lmplz's suffixes: b K M G T P E Z Y %), got {self.lmplz_memory!r}")
+        if memory:  # lmplz's own failures come after the corpus pass: say these before it
+            value, unit = float(memory.group(1)), memory.group(2)
+            if unit == "%" and not 0 < value <= 100:
+                raise ValueError(f"--lmplz-memory {self.lmplz_memory} is not a share of the RAM (0-100%); use e.g. 50%")
+            scale = {"b": 1, "": 1 << 10, "K": 1 << 10, "M": 1 << 20}.get(unit)  # lmplz reads a bare number as KiB
+            if scale is not None and value * scale < 1 << 20:
+                raise ValueError(f"--lmplz-memory {self.lmplz_memory} is below the 1 MB lmplz needs to sort (its "
+                                 f"smallest sort block is 8 KB per n-gram order and file); use e.g. 64M, or auto")
 
 
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -140,7 +149,10 @@ def parse_size(text: str | int, option: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(text), re.IGNORECASE)
     if not m:
         raise ValueError(f"{option} must be a size such as 4G, 500M or 0 (no limit), got {text!r}")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+    size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+    if size == 0 and float(m.group(1)) > 0:  # "0.5" is not 0, which means no limit
+        raise ValueError(f"{option} must be a size such as 4G, 500M or 0 (no limit), got {text!r}: less than a byte")
+    return size
 
 
 @dataclass
@@ -352,6 +364,14 @@ def run_lmplz(words_files: str | os.PathLike | Sequence[str | os.PathLike], arpa
                   "discounts), or reuse a dictionary with --phrases FILE."
             )
         tail = "\n".join(stderr.strip().splitlines()[-5:])
+        if returncode == -9 or "MallocException" in stderr or "Cannot allocate memory" in stderr:
+            raise PhraseMiningError(
+                f"lmplz ran out of memory (-S {memory}{', killed by SIGKILL: the OOM killer?' if returncode == -9 else ''}):"
+                f" run the same command with --resume and a smaller --lmplz-memory (it sorts the rest on disk), or a "
+                f"smaller --lm-sample; the corpus pass is kept. lmplz said: {tail}")
+        if "below the minimum block size" in stderr:
+            raise PhraseMiningError(f"lmplz -S {memory} is too little for its sort blocks: run the same command with "
+                                    f"--resume and a larger --lmplz-memory (e.g. 64M, or auto). lmplz said: {tail}")
         raise PhraseMiningError(f"lmplz failed (exit {returncode}): {tail}")
     if any(f.returncode == -13 or (f.returncode != 0 and ("signal 13" in e or "Broken pipe" in e))
            for f, e in zip(feeders, feed_errors)):  # SIGPIPE: the reader, lmplz, was gone

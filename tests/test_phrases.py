@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -181,8 +182,14 @@ def test_config_validation():
         PhraseMiningConfig(max_phrases=-1).validate()
     with pytest.raises(ValueError, match="--lmplz-memory must be auto, a size such as 512M.*got '5Q'"):
         PhraseMiningConfig(lmplz_memory="5Q").validate()
-    for memory in ("auto", "512M", "8G", "80%", "1.5G", "100"):
+    for memory in ("auto", "512M", "8G", "80%", "1.5G", "2048"):  # a bare number is KiB, as lmplz reads it
         PhraseMiningConfig(lmplz_memory=memory).validate()
+    # what lmplz would refuse (or fail to allocate) only after the corpus pass: refused before it
+    for memory, message in (("150%", r"is not a share of the RAM \(0-100%\)"), ("0%", "is not a share"),
+                            ("0", "is below the 1 MB lmplz needs"), ("1K", "is below the 1 MB"), ("100b", "is below the 1 MB"),
+                            ("100", "is below the 1 MB")):
+        with pytest.raises(ValueError, match=rf"--lmplz-memory {memory} {message}"):
+            PhraseMiningConfig(lmplz_memory=memory).validate()
 
 
 def test_bad_discount_on_a_sample_names_lm_sample(tmp_path):
@@ -200,6 +207,13 @@ def test_bad_discount_on_a_sample_names_lm_sample(tmp_path):
     with pytest.raises(PhraseMiningError, match="BadDiscountException") as info:
         run_lmplz(words, None, config, tmp_path, intermediate=tmp_path / "im")
     assert "--lm-sample" not in str(info.value)
+    # out of memory (KenLM's MallocException, or the OOM killer's SIGKILL): the flag to change and --resume
+    for script, killed in (("echo 'util::MallocException: Cannot allocate memory for 30330644448 bytes' >&2\nexit 1", ""),
+                           ("kill -9 $$", ", killed by SIGKILL: the OOM killer?")):
+        fake.write_text(f"#!/bin/sh\ncat > /dev/null\n{script}\n")
+        with pytest.raises(PhraseMiningError, match=rf"lmplz ran out of memory \(-S \S+{re.escape(killed)}\): run the "
+                                                    rf"same command with --resume and a smaller --lmplz-memory"):
+            run_lmplz(words, None, config, tmp_path, intermediate=tmp_path / "im")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,6 +380,8 @@ def test_parse_size_and_sentence_stride():
     assert ph.parse_size("0", "x") == 0 and ph.parse_size(2048, "x") == 2048
     with pytest.raises(ValueError, match="--lm-sample must be a size"):
         ph.parse_size("lots", "--lm-sample")
+    with pytest.raises(ValueError, match=r"--lm-sample must be a size .*got '0.5': less than a byte"):
+        ph.parse_size("0.5", "--lm-sample")  # it meant 0: no limit
     assert ph.lm_line_stride(1000, 0) == 1 and ph.lm_line_stride(1000, 1000) == 1
     assert ph.lm_line_stride(1001, 1000) == 2 and ph.lm_line_stride(10_000, 1000) == 10
 
