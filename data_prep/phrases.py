@@ -16,6 +16,8 @@ corpus, one sentence a line, so no n-gram crosses a sentence boundary. A candida
   carry probabilities, not counts, so candidates are counted in a second streaming pass whose
   memory is bounded by the number of candidates (lmplz's own ``--prune`` already drops n-grams
   rarer than ``min_count``);
+- its words are not all one word repeated ("ff ff", "5a 5a 5a", "yes yes": residue of hex dumps,
+  tables and dialogue, not names);
 - it is not subsumed: if one longer phrase accounts for nearly all of its occurrences
   ("minister tony blair" inside "prime minister tony blair"), only the longer one is kept.
 
@@ -617,7 +619,8 @@ def select_candidates_intermediate(prefix: str | os.PathLike, config: PhraseMini
         path_ids = ids
         path_logprob = np.minimum(previous_logprob, logprob)
         path_lift = np.where(stop, previous_lift, np.minimum(previous_lift, logprob - unigram_logprob[last]))
-        chosen = np.flatnonzero(~stop & (path_lift >= config.min_lift))
+        repeated = np.all(ids == ids[:, :1], axis=1)  # one word repeated: hex dumps, tables ("ff ff", "5a 5a 5a")
+        chosen = np.flatnonzero(~stop & ~repeated & (path_lift >= config.min_lift))
         for words, worst_logprob, worst_lift in zip(ids[chosen].tolist(), path_logprob[chosen].tolist(),
                                                     path_lift[chosen].tolist()):
             candidates[tuple(map(vocabulary.__getitem__, words))] = (worst_logprob, worst_lift)
@@ -700,7 +703,7 @@ def _candidates(unigram: dict[str, float], sticky: dict[tuple[str, ...], float],
             paths[words] = (min(previous[0], logprob), previous[1])
             continue
         path = paths[words] = (min(previous[0], logprob), min(previous[1], logprob - unigram.get(last, 0.0)))
-        if path[1] >= config.min_lift:
+        if path[1] >= config.min_lift and len(set(words)) > 1:  # not one word repeated ("ff ff", "yes yes")
             candidates[words] = path
     return candidates
 

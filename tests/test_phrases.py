@@ -264,6 +264,27 @@ def test_mining_finds_planted_phrases_and_rejects_fragments(tmp_path):
     assert [p.score for p in found] == sorted((p.score for p in found), reverse=True)
 
 
+@needs_lmplz
+def test_one_word_repeated_is_not_a_phrase(tmp_path):
+    """Hex dumps, tables and dialogue repeat a token ("ff ff ff ff", "5a 5a", "yes yes"): sticky and
+    frequent, they were mined as phrases (17 of them on the shared English corpora); "bank of zembla"
+    and the planted phrases still are."""
+    words = tmp_path / "words.txt"
+    _generated_corpus(words, sentences=4000)
+    rng = random.Random(1)
+    extra = [" ".join(["ff"] * rng.randint(2, 6) + ["w1", "w2"]) for _ in range(300)]
+    extra += [f"w{rng.randint(3, 50)} yes yes w{rng.randint(3, 50)}" for _ in range(300)]
+    words.write_text(words.read_text(encoding="utf-8") + "\n".join(extra) + "\n", encoding="utf-8")
+    ph.run_lmplz(words, tmp_path / "m.arpa", PhraseMiningConfig(), tmp_path, intermediate=tmp_path / "m")
+    for candidates in (ph.select_candidates(tmp_path / "m.arpa", PhraseMiningConfig()),
+                       ph.select_candidates_intermediate(tmp_path / "m", PhraseMiningConfig())):
+        assert ("bank", "of", "zembla") in candidates and ("zorblat", "quintex") in candidates
+        assert not [w for w in candidates if len(set(w)) == 1], sorted(w for w in candidates if len(set(w)) == 1)
+    # they are sticky enough to pass the thresholds: the rule, not the numbers, drops them
+    arpa = _arpa_logprobs(tmp_path / "m.arpa")
+    assert arpa[("ff", "ff")] > PhraseMiningConfig().min_logprob and arpa[("yes", "yes")] > PhraseMiningConfig().min_logprob
+
+
 def _arpa_logprobs(path: Path) -> dict[tuple[str, ...], float]:
     """n-gram -> log10 prob of an ARPA file, read line by line (the reference for the fast readers)."""
     logprob = {}
