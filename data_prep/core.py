@@ -1101,6 +1101,26 @@ def check_output(config: BuildConfig) -> None:
                               f"what you want to keep out of {out} (or remove {out} yourself)")
 
 
+FINE_OOV_WARNING = 0.05
+COARSE_OOV_WARNING = 0.10
+
+
+def _oov_warnings(stats: dict, fine_size: int, coarse_size: int) -> list[str]:
+    """Warnings (logged, and in meta.json) for a dataset whose vocabularies do not fit its text: a build
+    with 100% fine [UNK] (a sentencepiece .vocab given as --fine-tokenizer) ended with exit 0 and none."""
+    out = []
+    fine, coarse = stats.get("fine_oov_rate") or 0.0, stats.get("coarse_oov_rate") or 0.0
+    if fine > FINE_OOV_WARNING:
+        out.append(f"{100 * fine:.1f}% of the fine tokens are [UNK] (fine vocabulary: {fine_size:,} entries): it does "
+                   f"not fit this text (a --fine-tokenizer for other text, or casing? --fine-vocab-size too small?)")
+    if coarse > COARSE_OOV_WARNING:
+        out.append(f"{100 * coarse:.1f}% of the coarse tokens are [UNK] (coarse vocabulary: {coarse_size:,} entries): "
+                   f"raise --coarse-vocab-size or lower --coarse-min-count")
+    for w in out:
+        log.warning(w)
+    return out
+
+
 def _output_exists(out: Path, resume: bool) -> FileExistsError:
     if resume and (out / fmt.META_FILE).is_file():  # e.g. a requeued job whose build had finished
         work = work_dir_for(out)
@@ -1768,6 +1788,7 @@ def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_siz
                 **({"resumed": True} if resumed else {}),
             },
         }
+        warnings = warnings + _oov_warnings(stats, fine_size, coarse_size)
         scratch = work / "scratch"
         scratch.mkdir(exist_ok=True)
         corpus = Corpus(shards, read_shard_documents, scratch)

@@ -279,7 +279,9 @@ def train_fine_vocabulary(word_counts: Counter, vocab_size: int, min_count: int,
     deterministic and trains in well under a second on a 100k-word frequency list.
 
     Every character of the corpus gets a word-initial and a "##" form, so no corpus word becomes a
-    fine [UNK]. Words seen fewer than ``min_count`` times do not shape the merges.
+    fine [UNK] -- up to a quarter of ``vocab_size`` characters (at least 100), the most frequent first; a
+    warning names how many rarer ones are left out. Words seen fewer than ``min_count`` times do not
+    shape the merges.
     """
     import io
 
@@ -291,6 +293,12 @@ def train_fine_vocabulary(word_counts: Counter, vocab_size: int, min_count: int,
             char_counts[ch] += c
     max_alphabet = max(100, (vocab_size - NUM_SPECIAL) // 4)
     alphabet = sorted(char_counts, key=lambda ch: (-char_counts[ch], ch))[:max_alphabet]
+    if len(char_counts) > len(alphabet):  # the rarest characters get no piece: the words holding them are [UNK]
+        dropped = sorted(char_counts, key=lambda ch: (-char_counts[ch], ch))[max_alphabet:]
+        log.warning("the fine vocabulary keeps the %d most frequent of the corpus's %d characters (a quarter of "
+                    "--fine-vocab-size %d); words holding the %d others (%d occurrences, e.g. %s) become fine [UNK]: "
+                    "raise --fine-vocab-size to keep them", len(alphabet), len(char_counts), vocab_size, len(dropped),
+                    sum(char_counts[ch] for ch in dropped), " ".join(dropped[:10]))
     required = [form for ch in alphabet for form in (ch, CONTINUATION + ch)]
     budget = vocab_size - NUM_SPECIAL - len(required)
     if budget < 0:
@@ -1019,6 +1027,15 @@ class English(Language):
                 _WARNED.add(tuple(ignored))
                 log.warning("en: %s only shape(s) phrase mining, which --phrases replaces: ignored (recorded in "
                             "meta.json as given)", ", ".join(ignored))
+        if self.config.fine_tokenizer and not self.options.get("vocab_from"):  # nothing is trained: the same
+            ignored = [flag for flag, value, default in (
+                ("--fine-vocab-size", self.options.get("fine_vocab_size"), self.default_fine_vocab_size),
+                ("--fine-min-count", self.options.get("fine_min_count"), self.default_fine_min_count))
+                if value is not None and value != default]
+            if ignored and ("fine", *ignored) not in _WARNED:
+                _WARNED.add(("fine", *ignored))
+                log.warning("en: %s only shape(s) the WordPiece training, which --fine-tokenizer replaces (its "
+                            "vocabulary is used as it is): ignored (recorded in meta.json as given)", ", ".join(ignored))
 
     def check_sample(self, text: str, source: str) -> str | None:
         try:

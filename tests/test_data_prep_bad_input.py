@@ -646,3 +646,16 @@ def test_output_dot_names_the_folder_and_verify_refuses_build_options(tmp_path, 
         assert exit_info.value.code == 2
         assert (f"--verify DIR checks a finished dataset and takes only --workers and --no-progress; drop {named} "
                 f"(to build, leave out --verify)") in capsys.readouterr().err
+
+
+def test_vocabularies_that_do_not_fit_the_text_are_warned_about(tmp_path):
+    """A dataset that is mostly fine [UNK] (a sentencepiece .vocab or a foreign --fine-tokenizer, a tiny
+    --fine-vocab-size) or coarse [UNK] was written with exit 0 and meta.json "warnings": []."""
+    meta = core.build(_config(tmp_path, [_good(tmp_path)], fine_vocab_size=229))
+    assert meta["stats"]["fine_oov_rate"] > core.FINE_OOV_WARNING
+    assert any(w.startswith(f"{100 * meta['stats']['fine_oov_rate']:.1f}% of the fine tokens are [UNK] (fine "
+                            f"vocabulary: 229 entries)") for w in meta["warnings"]), meta["warnings"]
+    assert core._oov_warnings({"fine_oov_rate": 0.01, "coarse_oov_rate": 0.5}, 100, 200) == [
+        "50.0% of the coarse tokens are [UNK] (coarse vocabulary: 200 entries): raise --coarse-vocab-size or lower "
+        "--coarse-min-count"]
+    assert core._oov_warnings({"fine_oov_rate": 0.0, "coarse_oov_rate": None}, 100, 200) == []

@@ -98,6 +98,20 @@ def test_fine_vocabulary_is_deterministic_and_covers_every_character(tmp_path):
     assert detokenize([a[i] for i in enc.ids], "en") == "ünïcödé unbelievably"
 
 
+def test_characters_beyond_the_fine_alphabet_cap_are_warned_about(tmp_path, caplog):
+    """The fine vocabulary gives pieces to at most a quarter of its size in characters (at least 100):
+    the rest made their words fine [UNK] without a word (2.5% on Brown + some Greek/Cyrillic)."""
+    counts = Counter({"word": 1000, **{chr(0x3B1 + i) * 2: 1 for i in range(20)}, **{chr(0x430 + i): 1 for i in range(100)}})
+    with caplog.at_level("WARNING", logger="data_prep.english"):
+        english.train_fine_vocabulary(counts, 300, 1, tmp_path)
+    assert any(re.match(r"the fine vocabulary keeps the 100 most frequent of the corpus's 124 characters \(a quarter of "
+                        r"--fine-vocab-size 300\); words holding the 24 others \(24 occurrences, e.g\. ", r.getMessage())
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    caplog.clear()
+    english.train_fine_vocabulary(counts, 2000, 1, tmp_path)
+    assert not [r for r in caplog.records if "most frequent of the corpus" in r.getMessage()]
+
+
 def test_shard_words_file_and_counts_equal_the_sentence_by_sentence_definition(tmp_path):
     """``write_shard_words`` counts the words once over the shard's text: the same file, sizes and word
     counts (in the same first-occurrence order, which the summed tables keep) as sentence by sentence."""
@@ -400,6 +414,23 @@ def test_phrases_file_repeats_dropped_and_ignored_mining_options_named(bbc_corpu
     log = caplog.text
     assert "3 phrases read from" in log and "2 repeats dropped (the same words after normalisation)" in log
     assert "--ngram-order, --phrase-min-count, --lm-sample only shape(s) phrase mining, which --phrases replaces" in log
+
+
+def test_fine_options_a_reused_tokenizer_ignores_are_named(tmp_path, monkeypatch, caplog):
+    """--fine-tokenizer replaces the WordPiece training: a --fine-vocab-size 5000 next to a 30k tokenizer was
+    ignored without a word (and recorded in meta.json), unlike the mining options next to --phrases."""
+    monkeypatch.setattr(english, "_WARNED", set())
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(fmt.SPECIAL_TOKENS + ("some", "text", "##s")) + "\n", encoding="utf-8")
+    phrases = tmp_path / "p.txt"
+    phrases.write_text("new york\n", encoding="utf-8")
+    options = {"fine_tokenizer": str(vocab), "phrases": str(phrases)}
+    with caplog.at_level("WARNING", logger="data_prep"):
+        english.English({**options, "fine_vocab_size": 30522, "fine_min_count": 2}).check_build_options()
+        assert "--fine-tokenizer" not in caplog.text  # the defaults: nothing to say
+        english.English({**options, "fine_vocab_size": 5000, "fine_min_count": 3}).check_build_options()
+    assert ("en: --fine-vocab-size, --fine-min-count only shape(s) the WordPiece training, which --fine-tokenizer "
+            "replaces (its vocabulary is used as it is): ignored") in caplog.text
 
 
 @needs_lmplz
