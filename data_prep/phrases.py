@@ -362,8 +362,8 @@ def run_lmplz(words_files: str | os.PathLike | Sequence[str | os.PathLike], arpa
                 f"text, or too repetitive, for order {order}"
                 + (f"; it saw every {line_stride}-th sentence only: raise --lm-sample, or pass --lm-sample 0 to give it "
                    f"all the text" if line_stride > 1 else "")
-                + "). Use a larger corpus, lower --ngram-order, pass --discount-fallback (KenLM then uses fixed "
-                  "discounts), or reuse a dictionary with --phrases FILE."
+                + f"). Use a larger corpus, {'lower --ngram-order, ' if order > 2 else ''}pass --discount-fallback "
+                  f"(KenLM then uses fixed discounts), or reuse a dictionary with --phrases FILE."
             )
         tail = "\n".join(stderr.strip().splitlines()[-5:])
         if returncode == -9 or "MallocException" in stderr or "Cannot allocate memory" in stderr:
@@ -387,7 +387,16 @@ def run_lmplz(words_files: str | os.PathLike | Sequence[str | os.PathLike], arpa
             raise PhraseMiningError(f"reading the words files for lmplz failed ({feeder.args[0]} exit "
                                     f"{feeder.returncode}): {error}")
     log.info("phrases: lmplz order %d (-S %s) done in %.1fs", order, memory, time.time() - t0)
+    kept = {int(m.group(1)): int(m.group(2)) for m in _LMPLZ_KEPT.finditer(stderr)}
+    if order > 2 and kept.get(order) == 0:  # KenLM's step 3 crawls on an empty order (16 s instead of 0.2 on 2 MB)
+        log.warning("phrases: lmplz kept no %d-gram (--prune %s: --phrase-min-count %d), so no phrase has %d words; "
+                    "--ngram-order %d would give phrases as long as these ones in less time (KenLM is slow on an "
+                    "empty order)", order, " ".join(prune), config.min_count, order,
+                    max([o for o, n in kept.items() if n > 0] + [2]))
 
+
+# lmplz's "Statistics:" lines: "<order> <kept>/<total> D1=..." (kept after --prune)
+_LMPLZ_KEPT = re.compile(r"^(\d+) (\d+)/\d+ D1=", re.MULTILINE)
 
 LMPLZ_PROGRESS_SECONDS = 30.0
 """How often a running lmplz is reported in the log (the first line after this long: a small
