@@ -118,11 +118,15 @@ def read_user_dict(path: str | os.PathLike) -> list[tuple[str, int | None, str |
             f"--user-dict {path} is not UTF-8 (byte {exc.start:,}, line {line}): convert it, e.g. "
             f"`iconv -f GB18030 -t UTF-8 {path} > {path}.utf8` (jieba's dictionaries are UTF-8)", final=True) from None
     words = []
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip().lstrip("\ufeff")
         if not line:
             continue
         word, freq, tag = _USER_DICT_LINE.match(line).groups()
+        if "\t" in word or word != word.strip():  # jieba would add a word no text holds: the entry does nothing
+            raise LanguageError(f"--user-dict {path}:{number}: {line[:40]!r} is not \"word [freq] [tag]\" with one space "
+                                f"between the fields (a tab, or two spaces, make them part of the word, as jieba reads "
+                                f"it); fix the line", final=True)
         words.append((word, int(freq) if freq else None, tag.strip() if tag else None))
     return words
 
@@ -146,10 +150,15 @@ class RJiebaSegmenter(Segmenter):
     def __init__(self, user_dict: str | None = None):
         import rjieba
 
-        self._cut = rjieba.cut
-        self._has_word = rjieba.has_word
-        for word, freq, tag in self._user_words(user_dict):
-            rjieba.add_word(word, freq, tag)
+        words = self._user_words(user_dict)
+        # Its own dictionary when there are user words (0.2 s to load): rjieba.add_word changes the module's
+        # shared one, for every later segmenter of the process (a second build without --user-dict, in a
+        # notebook or a test, segmented with the first one's words).
+        jieba = rjieba.Jieba() if words else rjieba
+        for word, freq, tag in words:
+            jieba.add_word(word, freq, tag)
+        self._cut = jieba.cut
+        self._has_word = jieba.has_word
 
     def cut_raw(self, text: str) -> list[str]:
         """rjieba's words, before the rule that makes them jieba's (``split_like_jieba``)."""

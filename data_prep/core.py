@@ -737,10 +737,16 @@ def check_pool_alive(pool, pids: frozenset[int], fix: str) -> None:
     import signal
 
     code = dead[0].exitcode if dead else None
-    how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 and -code in signal.valid_signals()
-           else f"exit code {code}" if code is not None else "gone, replaced by a new one")
-    raise WorkerDied(f"a worker process died ({how}; out of memory? see `dmesg` or the job's memory limit), and the "
-                     f"task it held is lost. {fix}")
+    if code is not None and code > 0:
+        how = f"exit code {code}: it failed, e.g. while loading the segmenter or the vocabularies; its error is above"
+    else:
+        try:
+            name = signal.Signals(-code).name if code is not None else None
+        except ValueError:  # a real-time signal has no name
+            name = f"signal {-code}"
+        how = (f"killed by {name}" if name else "gone, replaced by a new one") + \
+            "; out of memory? see `dmesg` or the job's memory limit"
+    raise WorkerDied(f"a worker process died ({how}), and the task it held is lost. {fix}")
 
 
 def wait_result(pool, result, pids: frozenset[int], fix: str, poll: float = 0.5):
@@ -1031,7 +1037,7 @@ def _check_inputs(config: BuildConfig, lang: Language, specs: list[inp.InputSpec
             sample = inp.sample_text(spec, encoding_errors=config.encoding_errors)  # raises on a missing field
         except UnicodeDecodeError:
             continue  # the byte scan below reports it with the offset and the fix
-        problem = inp.mostly_undecodable(spec, sample.count("\ufffd"), len(sample)) if sample else None
+        problem = inp.mostly_undecodable(spec) if config.encoding_errors == "replace" else None
         if problem:  # another encoding read with --encoding-errors replace: said as such, not blamed on --lang
             raise inp.InputError(problem)
         if not config.skip_language_check and sample:
@@ -1144,6 +1150,9 @@ def _resume_difference(key: str, then: Any, now: Any) -> str:
     if key == "language_options" and isinstance(then, dict) and isinstance(now, dict):
         return "; ".join(f"--{k.replace('_', '-')} {then.get(k)!r} then, {now.get(k)!r} now"
                          for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k))
+    if key == "option_files" and then is None:
+        return (f"the content of {', '.join('--' + k.replace('_', '-') for k in sorted(now or {}))} was not recorded "
+                f"then: the work of an older data_prep, which --overwrite without --resume replaces")
     if key == "option_files" and isinstance(then, dict) and isinstance(now, dict):
         return "; ".join(f"the file of --{k.replace('_', '-')} has other content (sha256 {str(then.get(k))[:12]} "
                          f"then, {str(now.get(k))[:12]} now)" for k in sorted(set(then) | set(now))
@@ -1178,6 +1187,7 @@ def _prepare_work_dir(config: BuildConfig, params: dict) -> Path:
                         f"without --resume to start over"
                     )
                 if (diff == ["inputs"] and recorded is not None
+                        and [r["path"] for r in recorded["inputs"]] != [r["path"] for r in params["inputs"]]
                         and [(os.path.abspath(r["path"]), r["sha256"]) for r in recorded["inputs"]]
                         == [(os.path.abspath(r["path"]), r["sha256"]) for r in params["inputs"]]):
                     raise BuildError(
@@ -1188,7 +1198,11 @@ def _prepare_work_dir(config: BuildConfig, params: dict) -> Path:
                     )
                 if diff == ["inputs"] and recorded is not None and [r["path"] for r in recorded["inputs"]] == [
                         r["path"] for r in params["inputs"]]:
-                    changed = [r["path"] for r, o in zip(params["inputs"], recorded["inputs"]) if r != o]
+                    changed = [r["path"] for r, o in zip(params["inputs"], recorded["inputs"]) if r["sha256"] != o["sha256"]]
+                    if not changed:  # the same content, recorded otherwise (e.g. content_bytes, by an older data_prep)
+                        raise BuildError(
+                            f"cannot resume: {work} was started by another version of data_prep, which recorded the "
+                            f"(unchanged) inputs differently; pass --overwrite without --resume to start over")
                     raise BuildError(
                         f"cannot resume: input(s) changed since the interrupted build started ({', '.join(changed[:3])}"
                         f"{', ...' if len(changed) > 3 else ''}: other content); pass --overwrite without --resume to "

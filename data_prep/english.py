@@ -381,7 +381,7 @@ def load_fine_vocabulary(path: str | os.PathLike) -> list[str]:
                     f"tokens are WordPiece). Give a vocab.txt or tokenizer.json, or drop --fine-tokenizer")
             if t in line_of:
                 raise EnglishInputError(f"--fine-tokenizer {path}:{number}: {t!r} repeats line {line_of[t]}; each token "
-                                        f"may appear once (the line number is its id)")
+                                        f"may appear once (a token's id is its place in the file)")
             line_of[t] = number
             tokens.append(t)
     if not tokens:

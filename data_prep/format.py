@@ -106,7 +106,13 @@ def not_replaceable(directory: str | os.PathLike) -> str | None:
         return f"its {META_FILE} is not a data_prep dataset's ({type(exc).__name__}: {exc})"
     if not isinstance(meta, dict) or "format_version" not in meta or "language" not in meta:
         return f"its {META_FILE} is not a data_prep dataset's (no format_version / language)"
-    known = dataset_file_names()
+    known = set(dataset_file_names())
+    try:  # a language plugin's own files (its fit's artifacts are copied into the dataset)
+        from data_prep.languages import get_language
+
+        known |= set(get_language(meta["language"]).artifact_files)
+    except Exception:  # noqa: BLE001 - an unknown language: only the common files
+        pass
     foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir() if p.name not in known)
     if foreign:
         shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")

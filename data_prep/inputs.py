@@ -194,17 +194,23 @@ def _resolve_inputs(patterns: list[str], text_mode: str, text_field: str) -> lis
 
 def _folder_entries(top: Path) -> list[Path]:
     """The files and folders below ``top``, names starting with '.' (and what is below them) left out,
-    symlinked folders followed (``Path.rglob`` skipped them, and the files in them, without a word);
-    each real folder is entered once, so a link loop ends. An unreadable folder raises OSError."""
+    symlinked folders followed (``Path.rglob`` skipped them, and the files in them, without a word) unless
+    they point inside ``top`` (read where they are); each real folder is entered once, so a link loop
+    ends. An unreadable folder raises OSError."""
     def fail(exc: OSError) -> None:
         raise exc
 
     entries: list[Path] = []
     entered = {os.path.realpath(top)}
+    # a link to a folder that is inside ``top`` anyway (`current -> v2`) is not followed: v2 is read where it is
+    inside = {os.path.realpath(root) for root, _, _ in os.walk(top, onerror=fail)}
     for root, dirs, files in os.walk(top, onerror=fail, followlinks=True):
         keep = []
         for d in sorted(dirs):
-            real = os.path.realpath(os.path.join(root, d))
+            path = os.path.join(root, d)
+            real = os.path.realpath(path)
+            if os.path.islink(path) and real in inside:
+                continue
             if not d.startswith(".") and real not in entered:
                 entered.add(real)
                 keep.append(d)
@@ -332,8 +338,8 @@ def _scan(spec: InputSpec) -> InputScan:
                     lenient = codecs.getincrementaldecoder("utf-8")("replace")
                     scan.invalid_utf8 = 0
                     offset += exc.start
-                    while head:
-                        scan.invalid_utf8 += lenient.decode(head).count("\ufffd")
+                    while head:  # (U+FFFD written in the text is not a bad sequence)
+                        scan.invalid_utf8 += lenient.decode(head).count("\ufffd") - head.count(_REAL_FFFD)
                         offset += len(head)
                         head = fh.read(_CHUNK)
                         scan.nul_bytes += head.count(b"\0")  # the first chunk's are counted above
@@ -356,10 +362,10 @@ def _scan(spec: InputSpec) -> InputScan:
 
 def _guess_encoding(data: bytes) -> str | None:
     """An encoding ``data`` (bytes from the first invalid UTF-8 sequence on, possibly cut inside a
-    character at the end) decodes as: UTF-16 first when it has a BOM or many NUL bytes."""
-    candidates = ["gb18030", "big5", "utf-16", "latin-1"]
+    character at the end) decodes as; UTF-16 only (and first) when it has a BOM or many NUL bytes."""
+    candidates = ["gb18030", "big5", "latin-1"]  # UTF-16 decodes almost any even-length bytes: only with a sign of it
     if data[:2] in (b"\xff\xfe", b"\xfe\xff") or data.count(b"\0") > len(data) // 10:
-        candidates.insert(0, candidates.pop(2))
+        candidates.insert(0, "utf-16")
     for enc in candidates:
         for cut in range(4):  # a character cut at the end of the sample
             try:
@@ -389,21 +395,31 @@ def _mostly(scan: InputScan) -> bool:
                 and scan.invalid_utf8 > MOSTLY_UNDECODABLE * scan.content_bytes)
 
 
-def mostly_undecodable(spec: InputSpec, bad: int, chars: int) -> str | None:
-    """The error for an input whose first ``chars`` characters, decoded with --encoding-errors replace,
-    hold ``bad`` replacement characters, if that is most of it (None: a few bad bytes, go on)."""
-    if bad < MOSTLY_MIN or bad <= MOSTLY_UNDECODABLE * chars:
+_REAL_FFFD = "\ufffd".encode()  # U+FFFD written in the text itself: not a bad byte
+
+
+def mostly_undecodable(spec: InputSpec) -> str | None:
+    """The error for a text or JSON-lines input whose first MB is mostly bytes that are not UTF-8 (read
+    with --encoding-errors replace, they would become U+FFFD noise); None for a few bad bytes. U+FFFD
+    characters the text itself holds are not counted; other kinds (parquet, saved datasets) hold
+    strings, never bytes, so they are never refused here."""
+    if spec.kind not in ("text", "jsonl"):
         return None
-    looks_like = None
     try:
         with open_binary(spec.path) as fh:
             head = fh.read(1 << 20)
+    except _read_errors():
+        return None  # the byte scan names an unreadable file
+    text = head.decode("utf-8", "replace")
+    bad = text.count("\ufffd") - head.count(_REAL_FFFD)
+    if bad < MOSTLY_MIN or bad <= MOSTLY_UNDECODABLE * len(text):
+        return None
+    looks_like = None
+    try:
         head.decode("utf-8")
     except UnicodeDecodeError as exc:
         looks_like = _guess_encoding(head[exc.start:]) if head[:exc.start].isascii() else None
-    except _read_errors():
-        pass
-    return (f"{spec.path} is not UTF-8: {bad:,} of its first {chars:,} characters are undecodable bytes, which "
+    return (f"{spec.path} is not UTF-8: {bad:,} of its first {len(text):,} characters are undecodable bytes, which "
             f"--encoding-errors replace would turn into U+FFFD (it is for a few bad bytes, not another "
             f"encoding).{_convert_hint(spec.path, looks_like)}")
 

@@ -395,8 +395,8 @@ def run_lmplz(words_files: str | os.PathLike | Sequence[str | os.PathLike], arpa
                     max([o for o, n in kept.items() if n > 0] + [2]))
 
 
-# lmplz's "Statistics:" lines: "<order> <kept>/<total> D1=..." (kept after --prune)
-_LMPLZ_KEPT = re.compile(r"^(\d+) (\d+)/\d+ D1=", re.MULTILINE)
+# lmplz's "Statistics:" lines: "<order> <kept>/<total> D1=..." (kept after --prune), or "<order> <count> D1=..."
+_LMPLZ_KEPT = re.compile(r"^(\d+) (\d+)(?:/\d+)? D1=", re.MULTILINE)  # an order nothing was pruned from: no "/total"
 
 LMPLZ_PROGRESS_SECONDS = 30.0
 """How often a running lmplz is reported in the log (the first line after this long: a small

@@ -75,14 +75,35 @@ def test_another_encoding_is_named_even_with_encoding_errors_replace(tmp_path, e
     assert not core.work_dir_for(tmp_path / "ds").exists()
     with pytest.raises(inp.InputError, match=rf"is not valid UTF-8: .*iconv -f {name} -t UTF-8 [^`]+`\.$"):
         core.build(_config(tmp_path, [other]))
+    # U+FFFD written in UTF-8 text (or held by a parquet string) is a character, not a bad byte: not refused
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    marked = [d + "\ufffd\ufffd" for d in DOCS]
+    (tmp_path / "fffd.txt").write_text("\n".join(marked) + "\n", encoding="utf-8")
+    (tmp_path / "fffd.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in marked) + "\n", encoding="utf-8")
+    pq.write_table(pa.table({"text": marked}), tmp_path / "fffd.parquet")
+    (tmp_path / "fffd_bad.txt").write_bytes(b"abc\xff\n" + ("\n".join(marked) + "\n").encode())  # one bad byte first
+    for name in ("fffd.txt", "fffd.jsonl", "fffd.parquet", "fffd_bad.txt"):
+        meta = core.build(_config(tmp_path, [tmp_path / name], encoding_errors="replace", output=str(tmp_path / "f"),
+                                  overwrite=True))
+        assert meta["stats"]["documents"] >= len(DOCS), name
+    # a Western legacy encoding is not called UTF-16 (that iconv turned it into noise): the generic hint
+    french = tmp_path / "french.txt"
+    french.write_bytes(("Les élèves préfèrent le café à l'école, déjà très tôt.\n" * 300).encode("cp1252")[:-1])
+    assert "UTF-16" not in inp.mostly_undecodable(inp.resolve_inputs([str(french)])[0]) and "file -i" in \
+        inp.mostly_undecodable(inp.resolve_inputs([str(french)])[0])
     # good text whose other-encoded part starts after the sampled head: stopped by the byte scan (no single
     # encoding converts a file that is part UTF-8: the message does not name one)
     late = tmp_path / "late.txt"
-    head = ("\n".join(DOCS) + "\n").encode() * (inp.SAMPLE_CHARS // len("".join(DOCS)) + 1)
-    late.write_bytes(head + ("\n".join(DOCS) + "\n").encode(encoding))
-    with pytest.raises(inp.InputError, match=rf"late.txt is not UTF-8: [\d,]+ bad byte sequence\(s\) in [\d,]+ bytes, the "
-                                             rf"first at byte offset {len(head)}, .*Find its encoding"):  # not one
+    block = ("\n".join(DOCS) + "\n").encode()
+    head = block * ((1 << 20) // len(block) + 1)  # past the first MB, which the head check reads
+    late.write_bytes(head + (("\n".join(DOCS) + "\n") * 4).encode(encoding))  # over 1% of the file
+    with pytest.raises(inp.InputError, match=r"late.txt is not UTF-8: [\d,]+ bad byte sequence\(s\) in [\d,]+ bytes, the "
+                                             r"first at byte offset (\d+), .*Find its encoding") as info:  # not one
         core.build(_config(tmp_path, [late], encoding_errors="replace"))
+    offset = int(re.search(r"byte offset (\d+)", str(info.value)).group(1))
+    assert len(head) <= offset < len(head) + 4  # where the other encoding starts (its first bytes may pass as UTF-8)
 
 
 def test_file_cut_inside_a_character_names_where_that_character_starts(tmp_path):
@@ -659,3 +680,80 @@ def test_vocabularies_that_do_not_fit_the_text_are_warned_about(tmp_path):
         "50.0% of the coarse tokens are [UNK] (coarse vocabulary: 200 entries): raise --coarse-vocab-size or lower "
         "--coarse-min-count"]
     assert core._oov_warnings({"fine_oov_rate": 0.0, "coarse_oov_rate": None}, 100, 200) == []
+
+
+def test_overwrite_takes_a_plugin_dataset_with_its_own_artifacts(tmp_path, monkeypatch):
+    """A third-party language plugin's dataset holds its fit's artifacts (``artifact_files``): --overwrite
+    replaces it (it was refused as holding files "a data_prep build does not write")."""
+    from data_prep import languages
+
+    class Plugin(languages.Language):
+        name = "xx"
+        artifact_files = ("fine_vocab.txt", "coarse_vocab.txt", "xx_model.bin")
+
+    monkeypatch.setitem(languages._REGISTRY, "xx", Plugin)
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    (ds / fmt.META_FILE).write_text(json.dumps({"format_version": 1, "language": "xx"}), encoding="utf-8")
+    (ds / "xx_model.bin").write_bytes(b"x")
+    assert fmt.not_replaceable(ds) is None
+    (ds / "notes.txt").write_text("mine", encoding="utf-8")
+    assert "notes.txt" in fmt.not_replaceable(ds) and "xx_model.bin" not in fmt.not_replaceable(ds)
+
+
+def test_user_dict_line_with_a_tab_or_two_spaces_is_named(tmp_path):
+    """jieba reads "word<TAB>10<TAB>n" as one word holding tabs (no text has it): the entry silently did
+    nothing under jieba's parsing; now the line is named."""
+    from data_prep.chinese import read_user_dict
+
+    for line in ("新词\t10\tn", "新词  10"):
+        path = tmp_path / "u.dict"
+        path.write_text("好词 5\n" + line + "\n", encoding="utf-8")
+        with pytest.raises(LanguageError, match=r"u.dict:2: .* is not \"word \[freq\] \[tag\]\" with one space between"):
+            read_user_dict(path)
+
+
+def test_worker_death_names_the_cause():
+    """A worker killed by a real-time signal (no name: signal.Signals(40) raises) or one that exited
+    with an error gets a message, not a ValueError traceback or an out-of-memory hint."""
+    class Proc:
+        def __init__(self, pid, exitcode):
+            self.pid, self.exitcode = pid, exitcode
+
+    class Pool:
+        def __init__(self, *procs):
+            self._pool = list(procs)
+
+    pids = frozenset({1, 2})
+    core.check_pool_alive(Pool(Proc(1, None), Proc(2, None)), pids, "fix")  # all alive: nothing
+    for code, how in ((-9, r"killed by SIGKILL; out of memory\?"), (-40, r"killed by signal 40; out of memory\?"),
+                      (1, r"exit code 1: it failed, e\.g\. while loading"), (None, r"gone, replaced by a new one")):
+        pool = Pool(Proc(1, None), Proc(2, code)) if code is not None else Pool(Proc(1, None), Proc(3, None))
+        with pytest.raises(core.WorkerDied, match=rf"a worker process died \({how}.*\), and the task it held is lost\. fix"):
+            core.check_pool_alive(pool, pids, "fix")
+
+
+def test_resume_of_an_older_work_directory_is_named_as_such(tmp_path, monkeypatch):
+    """Work started before option-file digests and content_bytes of damaged inputs were recorded: the
+    refusal says so, instead of "--option-files None then" or "input(s) changed" (same sha256)."""
+    good, user = _good(tmp_path), tmp_path / "user.dict"
+    user.write_text("迈向充满 1000 n\n", encoding="utf-8")
+
+    def broken_fit(self, counts, corpus, artifacts_dir):
+        raise RuntimeError("simulated crash after the analysis")
+
+    monkeypatch.setattr(Chinese, "fit", broken_fit)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        core.build(_config(tmp_path, [good], language_options={"user_dict": str(user)}))
+    monkeypatch.undo()
+    params_file = core.work_dir_for(tmp_path / "ds") / core.PARAMS_FILE
+    params = json.loads(params_file.read_text())
+    older = {k: v for k, v in params.items() if k != "option_files"}
+    params_file.write_text(json.dumps(older))
+    with pytest.raises(core.BuildError, match=r"the content of --user-dict was not recorded then: the work of an older "
+                                              r"data_prep, which --overwrite without --resume replaces"):
+        core.build(_config(tmp_path, [good], language_options={"user_dict": str(user)}, resume=True))
+    params_file.write_text(json.dumps({**params, "inputs": [{**r, "content_bytes": None} for r in params["inputs"]]}))
+    with pytest.raises(core.BuildError, match=r"started by another version of data_prep, which recorded the \(unchanged\) "
+                                              r"inputs differently"):
+        core.build(_config(tmp_path, [good], language_options={"user_dict": str(user)}, resume=True))

@@ -163,6 +163,12 @@ def test_symlinked_folders_inside_an_input_folder_are_read(tmp_path):
     specs = inp.resolve_inputs([str(top)])
     assert [s.path for s in specs] == [str(top / "b.txt"), str(top / "linked" / "a.txt")]
     assert [d.rstrip("\n") for d in inp.iter_documents(specs)] == DOCS[1::-1]
+    # a link to a folder inside the input folder (`current -> v2`) does not take it over: v2 is read as v2
+    (top / "v2").mkdir()
+    (top / "v2" / "c.txt").write_text(DOCS[2] + "\n", encoding="utf-8")
+    (top / "current").symlink_to("v2", target_is_directory=True)
+    assert [s.path for s in inp.resolve_inputs([str(top)])] == [
+        str(top / "b.txt"), str(top / "linked" / "a.txt"), str(top / "v2" / "c.txt")]
 
 
 def test_a_folder_a_glob_matches_is_read_like_a_folder(tmp_path):

@@ -672,3 +672,14 @@ def test_word_table_flags_from_code_points_equal_per_word_rules():
         assert table.ends_alnum[base:].tolist() == [w[-1] in _ASCII_ALNUM_SET for w in words]
         assert table.odd[base:].tolist() == [(" " in w or "\n" in w) and w not in (" ", "\n") for w in words]
     assert WordIds().odd.tolist() == [False, False]  # the line break and the space themselves
+
+
+def test_a_user_dict_changes_only_its_own_segmenter(tmp_path):
+    """rjieba.add_word changed the module's shared dictionary: a second segmenter (a second build in the
+    same process: a notebook, the tests) segmented with the first one's user words."""
+    user = tmp_path / "user.txt"
+    user.write_text("迈向充满 1000 n\n", encoding="utf-8")
+    text = "迈向充满希望的新世纪"
+    plain = make_segmenter("rjieba").cut(text)
+    assert "迈向充满" in make_segmenter("rjieba", str(user)).cut(text)
+    assert make_segmenter("rjieba").cut(text) == plain and "迈向充满" not in plain

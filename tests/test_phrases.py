@@ -223,7 +223,7 @@ def test_an_empty_top_order_is_warned_about(tmp_path, caplog):
 
     fake = tmp_path / "lmplz"  # reads its input, reports lmplz's statistics, succeeds
     fake.write_text("#!/bin/sh\ncat > /dev/null\nprintf 'Statistics:\\n1 28457 D1=0.6 D2=1.0 D3+=1.3\\n"
-                    "2 155/185492 D1=0.7 D2=1.1 D3+=1.4\\n3 7/318301 D1=0.9 D2=1.3 D3+=1.5\\n"
+                    "2 155/185492 D1=0.7 D2=1.1 D3+=1.4\\n3 441 D1=0.9 D2=1.3 D3+=1.5\\n"
                     "4 0/355368 D1=0.9 D2=1.4 D3+=1.7\\n' >&2\n")
     fake.chmod(0o755)
     words = tmp_path / "words.txt"
