@@ -171,6 +171,7 @@ def config_from_args(args: argparse.Namespace, explicit: set[str] | None = None)
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[data_prep %(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("data_prep").setLevel(logging.INFO)  # also where basicConfig does nothing (a notebook's root)
     logging.getLogger("megatron").setLevel(logging.WARNING)  # it logs every index it opens
     parser = make_parser()
     args = parser.parse_args(argv)
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         except (core.BuildError, LanguageError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    handler, filtered = None, []
     if core.launch_rank() == 0:  # the build's log also goes next to the dataset (appended on --resume)
         try:  # before the log file is made: never inside an input folder, nor a refused build's error
             core.preflight(config)  # in the log of the dataset already there
@@ -219,7 +221,23 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().addHandler(handler)
         for console in logging.getLogger().handlers:  # the error is printed already: file only
             if console is not handler:
-                console.addFilter(lambda record: not getattr(record, "file_only", False))
+                console.addFilter(_not_file_only)
+                filtered.append(console)
+    try:
+        return _build(config, args)
+    finally:  # a second main() in the same process (a notebook, the tests) must not write into this log
+        for console in filtered:
+            console.removeFilter(_not_file_only)
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
+def _not_file_only(record: logging.LogRecord) -> bool:
+    return not getattr(record, "file_only", False)
+
+
+def _build(config: core.BuildConfig, args: argparse.Namespace) -> int:
     core.raise_on_sigterm()
     core.keep_freed_memory()  # this process builds inline with --workers 1 (see the function)
     try:

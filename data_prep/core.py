@@ -225,6 +225,9 @@ def read_vocab_source(config: BuildConfig) -> tuple[Path, dict]:
     if language != config.language:
         raise BuildError(f"--vocab-from {source} is a --lang {language} dataset, but this build is --lang "
                          f"{config.language}: pass --lang {language}, or a --lang {config.language} dataset")
+    problems = fmt.token_file_problems(source, meta)
+    if problems:  # its ids would not match the vocabularies its model was trained with
+        raise BuildError(f"--vocab-from {source}: {problems[0]}")
     resolved = source.resolve()
     if resolved == Path(config.output).resolve():
         raise BuildError(f"--vocab-from {source} is the --output itself: choose another --output")
@@ -248,10 +251,21 @@ def vocab_from_options(config: BuildConfig, lang_cls: type[Language]) -> dict:
     problems = [f"--{name.replace('_', '-')}" for name in SHARED_FIT_OPTIONS if getattr(config, name) is not None]
     problems += [f"--{name.replace('_', '-')}" for name in config.language_options
                  if name in lang_cls.fit_options and f"--{name.replace('_', '-')}" not in problems]
-    conflicts = [f"--{name.replace('_', '-')} {value!r} (given) vs {recorded.get(name)!r} ({source})"
-                 for name, value in config.language_options.items()
+    def differs(name: str, value) -> str | None:
+        """How an encoding option differs from DIR's; a file option by its content (DIR's copy of it)."""
+        if name in lang_cls.file_options and value and recorded.get(name):
+            copy = Path(lang_cls.dataset_options({name: recorded[name]}, source)[name])
+            if copy.is_file() and Path(value).is_file():  # the same words at another path: the same encoding
+                return None if _sha256(Path(value)) == _sha256(copy) else (
+                    f"--{name.replace('_', '-')} {value!r} (given) has other content than the file {source} was built "
+                    f"with ({copy})")
+        if value != recorded.get(name):
+            return f"--{name.replace('_', '-')} {value!r} (given) vs {recorded.get(name)!r} ({source})"
+        return None
+
+    conflicts = [d for name, value in config.language_options.items()
                  if name not in lang_cls.fit_options and name not in lang_cls.input_options
-                 and name in lang_cls.option_names and value != recorded.get(name)]
+                 and name in lang_cls.option_names and (d := differs(name, value))]
     messages = []
     if problems:
         messages.append(f"{', '.join(problems)} only shape{'s' if len(problems) == 1 else ''} the vocabulary fit, "

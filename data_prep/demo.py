@@ -32,7 +32,9 @@ def peoples_daily_inputs() -> list[InputSpec]:
 
 def peoples_daily_gold(limit: int | None = None) -> list[list[str]]:
     """Gold-segmented paragraphs (lists of words) of People's Daily 1998-01, first ``limit`` lines."""
-    out = []
+    out: list[list[str]] = []
+    if limit is not None and limit < 1:
+        return out
     with open(peoples_daily_path(), encoding="utf-8") as fh:
         for line in fh:
             words = tagged_words(line)

@@ -849,10 +849,12 @@ def fit_english(words_files: Sequence[Path], sizes: Counter, word_counts: Counte
                                line_stride=stride)
     write_phrases_tsv(artifacts_dir / PHRASES_FILE, phrases)
     seconds["phrases"] = round(time.time() - t0, 2)
-    if not phrases:
-        log.warning("en: no phrases %s: the coarse side is words only. Lower --phrase-min-count, "
-                    "--phrase-min-logprob or --phrase-min-lift, or give a larger corpus",
-                    "in --phrases" if config.phrases else "passed the thresholds")
+    if not phrases and config.phrases:
+        log.warning("en: no phrases in --phrases %s: the coarse side is words only. Give a file with phrases, or "
+                    "drop --phrases to mine them from this corpus", config.phrases)
+    elif not phrases:
+        log.warning("en: no phrases passed the thresholds: the coarse side is words only. Lower --phrase-min-count, "
+                    "--phrase-min-logprob or --phrase-min-lift, or give a larger corpus")
 
     t0 = time.time()
     counts = count_coarse(PhraseTokenizer(p.words for p in phrases))

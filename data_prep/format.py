@@ -858,6 +858,15 @@ def running_build(output: str | os.PathLike) -> str | None:
     return None
 
 
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime, size) of a file, None if it is gone: a rebuilt dataset's meta.json differs in all three."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 class PairedDataset:
     """A complete dataset directory: meta, vocabularies, and its splits."""
 
@@ -916,9 +925,14 @@ class PairedDataset:
             if recorded is not None and recorded != len(vocab):
                 raise FormatError(f"{self.directory}: meta.json says {name}_vocab_size={recorded}, the file has {len(vocab)}")
         self._splits: dict[str, PairedSplit] = {}
+        self._identity = _file_identity(meta_path)
 
     def split(self, name: str = "train") -> PairedSplit:
         if name not in self._splits:
+            now = _file_identity(self.directory / META_FILE)
+            if now is not None and now != self._identity:  # splits open lazily; the vocabularies were read at open
+                raise FormatError(f"{self.directory} was rebuilt after this reader opened it: its {name} split would be "
+                                  f"read with the old vocabularies. Open the dataset again")
             self._splits[name] = PairedSplit(self.directory, name)
         return self._splits[name]
 

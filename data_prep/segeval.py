@@ -80,9 +80,12 @@ def evaluate(segmenter: str | None = "rjieba", lines: int | None = None, dataset
     ``segmenter=None``: the dataset's (and its --user-dict), else rjieba."""
     lang = None
     if dataset:
-        from data_prep.format import PairedDataset
+        from data_prep.format import FormatError, PairedDataset, token_file_problems
 
         meta = PairedDataset(dataset).meta  # a clear error for a missing or damaged dataset
+        problems = token_file_problems(dataset, meta)
+        if problems:  # an edited vocabulary would be scored as if it were the build's
+            raise FormatError(problems[0])
         if meta.get("language") != "zh":
             raise ValueError(f"{dataset} is a --lang {meta.get('language')} dataset: --dataset scores the coarse "
                              f"tokens of a Chinese (--lang zh) dataset")
@@ -128,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lines", type=int, help="score only the first N paragraphs")
     ap.add_argument("--dataset", help="also score the coarse tokens of this built zh dataset (vocabulary + back-off)")
     args = ap.parse_args(argv)
+    if args.lines is not None and args.lines < 1:  # 0 or -5 scored one paragraph
+        ap.error(f"--lines must be >= 1, got {args.lines}")
     try:
         scores = evaluate(args.segmenter, args.lines, args.dataset, args.user_dict)
     except (ValueError, OSError) as exc:  # LanguageError (segmenter missing), FormatError, a missing file

@@ -793,3 +793,16 @@ def test_edited_or_missing_tokenizer_files_are_named_by_verify_and_the_encoder(b
     (missing / fmt.COARSE_VOCAB_FILE).write_text("\n".join(fmt.SPECIAL_TOKENS + ("the", "the")), encoding="utf-8")
     with pytest.raises(fmt.FormatError, match=r"coarse_vocab.txt: duplicate vocabulary entry 'the'"):
         fmt.Vocab.load(missing / fmt.COARSE_VOCAB_FILE)
+
+
+def test_an_empty_phrases_file_says_what_to_do(bbc_corpus, tmp_path, monkeypatch, caplog):
+    """An empty --phrases file advised lowering the mining thresholds, which --phrases makes pointless."""
+    from data_prep.phrases import write_phrases_tsv
+
+    monkeypatch.setenv("AMBERT_LMPLZ", str(tmp_path / "no-lmplz"))
+    write_phrases_tsv(tmp_path / "empty.tsv", [])
+    with caplog.at_level("WARNING", logger="data_prep"):
+        core.build(_config(bbc_corpus, tmp_path / "out", language_options={"phrases": str(tmp_path / "empty.tsv")}))
+    assert f"en: no phrases in --phrases {tmp_path / 'empty.tsv'}: the coarse side is words only. Give a file with " \
+           f"phrases, or drop --phrases to mine them from this corpus" in caplog.text
+    assert "Lower --phrase-min-count" not in caplog.text

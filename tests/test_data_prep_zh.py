@@ -281,6 +281,19 @@ def test_segeval_dataset_uses_its_segmenter_and_refuses_another_language(built, 
     with pytest.raises(ValueError, match=r"is a --lang en dataset: --dataset scores .* Chinese"):
         evaluate(None, lines=50, dataset=str(other))
     assert main(["--lines", "5", "--dataset", str(tmp_path / "missing")]) == 2
+    # --lines 0 or -5 scored one paragraph; an edited vocabulary was scored as the build's
+    for lines in ("0", "-5"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--lines", lines])
+        assert exit_info.value.code == 2
+    assert peoples_daily_gold(0) == [] and len(peoples_daily_gold(3)) == 3
+    edited = tmp_path / "edited"
+    shutil.copytree(ds_dir, edited)
+    vocab = (edited / fmt.COARSE_VOCAB_FILE).read_text(encoding="utf-8").split("\n")
+    vocab[-3], vocab[-2] = vocab[-2], vocab[-3]  # two words swapped: the sizes agree
+    (edited / fmt.COARSE_VOCAB_FILE).write_text("\n".join(vocab), encoding="utf-8")
+    with pytest.raises(fmt.FormatError, match="coarse_vocab.txt was changed after the build"):
+        evaluate(None, lines=5, dataset=str(edited))
 
 
 def test_pkuseg_missing_gives_install_hint():

@@ -287,3 +287,21 @@ def test_vocab_token_names_an_id_outside_it():
     for bad in (-1, 7, 10**6):
         with pytest.raises(fmt.FormatError, match=rf"token id {bad} is outside the vocabulary \(ids 0..6\)"):
             vocab.token(bad)
+
+
+def test_a_reader_refuses_a_split_of_a_dataset_rebuilt_after_it_opened(tmp_path):
+    """Splits open lazily, the vocabularies at open: a split opened after an in-place rebuild was decoded
+    with the old vocabularies (wrong words, no error)."""
+    from data_prep import core
+    from tests.test_data_prep_zh import small_config, write_corpus
+
+    corpus = write_corpus(tmp_path / "pd.txt", lines=200)
+    core.build(small_config(corpus, tmp_path / "ds"))
+    ds = fmt.PairedDataset(tmp_path / "ds")
+    first = ds.split("train").document(0).fine.copy()
+    core.build(small_config(corpus, tmp_path / "ds", overwrite=True, fine_vocab_size=1200))
+    with pytest.raises(fmt.FormatError, match=r"ds was rebuilt after this reader opened it: its valid split would be "
+                                              r"read with the old vocabularies\. Open the dataset again"):
+        ds.split("valid")
+    assert np.array_equal(ds.split("train").document(0).fine, first)  # a split already open still reads its files
+    assert len(fmt.PairedDataset(tmp_path / "ds").split("valid")) > 0

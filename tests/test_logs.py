@@ -31,3 +31,23 @@ def test_build_log_records_the_run_and_its_error(tmp_path):
     assert log.count("error:") == 1 and first_error in log, (log[-2000:], first_error)
     assert f"wrote {out}" in log and "coarse/fine" in log  # the successful build's summary is logged too
     assert (out / "meta.json").is_file()  # the failed second run left the dataset alone
+
+
+def test_two_builds_in_one_process_keep_their_own_logs(tmp_path, capsys):
+    """build.main() left its log handler (and a filter on every console handler) on the root logger: a
+    second build in the same process (a notebook) also wrote into the first build's log file."""
+    import logging
+
+    from data_prep import build
+
+    corpus = tmp_path / "zh.txt"
+    corpus.write_text("".join(f"今天北京的天气很好，我们去公园散步{i}次。\n\n" for i in range(40)), encoding="utf-8")
+    root = logging.getLogger()
+    before = (list(root.handlers), [list(h.filters) for h in root.handlers])
+    for name in ("m1", "m2"):
+        assert build.main(["--lang", "zh", "--input", str(corpus), "--output", str(tmp_path / name), "--no-progress",
+                           "--fine-min-count", "1"]) == 0
+        assert (list(root.handlers), [list(h.filters) for h in root.handlers]) == before
+    first, second = ((tmp_path / f"{name}.build.log").read_text(encoding="utf-8") for name in ("m1", "m2"))
+    assert str(tmp_path / "m1") in first and str(tmp_path / "m2") not in first
+    assert str(tmp_path / "m2") in second and "wrote" in second

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -259,6 +260,7 @@ def test_zh_user_dict_travels_with_the_dataset(tmp_path):
     """A dataset keeps a copy of its --user-dict (user_dict.txt): with the original file gone (the
     dataset copied to another machine), TextEncoder, --vocab-from and an export's tokenizer files still
     segment with it, as the build did."""
+    from data_prep.chinese import Chinese
     from data_prep.encode import copy_tokenizer_files
 
     word = "新年讲话稿件"  # jieba splits it; the user dictionary makes it one word
@@ -280,6 +282,27 @@ def test_zh_user_dict_travels_with_the_dataset(tmp_path):
     core.build(small_config(corpus_b, tmp_path / "B", vocab_from=str(tmp_path / "A")))
     assert (tmp_path / "B" / fmt.USER_DICT_FILE).read_bytes() == (tmp_path / "A" / fmt.USER_DICT_FILE).read_bytes()
     assert coarse.index[word] in TextEncoder.from_directory(tmp_path / "B").encode(f"又一份{word}。").coarse.tolist()
+
+    # the same words at another path are the same encoding; other words at DIR's path are not (it compared paths)
+    again = tmp_path / "again.dict"
+    again.write_bytes((tmp_path / "A" / fmt.USER_DICT_FILE).read_bytes())
+    options = core.vocab_from_options(small_config(corpus_b, tmp_path / "C", vocab_from=str(tmp_path / "A"),
+                                                   language_options={"user_dict": str(again)}), Chinese)
+    assert options["user_dict"] == str(tmp_path / "A" / fmt.USER_DICT_FILE)
+    again.write_text(f"{word} 100000 n\n来华旅游 300\n", encoding="utf-8")
+    with pytest.raises(core.BuildError, match=r"--user-dict '.*again.dict' \(given\) has other content than the file "
+                                              r".*A was built with \(.*A/user_dict.txt\)"):
+        core.vocab_from_options(small_config(corpus_b, tmp_path / "C", vocab_from=str(tmp_path / "A"),
+                                             language_options={"user_dict": str(again)}), Chinese)
+    # a DIR whose vocabulary was edited after its build is refused (its ids would not match its model)
+    edited = tmp_path / "edited"
+    shutil.copytree(tmp_path / "A", edited)
+    lines = (edited / fmt.COARSE_VOCAB_FILE).read_text(encoding="utf-8").split("\n")
+    lines[100], lines[101] = lines[101], lines[100]
+    (edited / fmt.COARSE_VOCAB_FILE).write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(core.BuildError, match=r"--vocab-from .*edited: coarse_vocab.txt was changed after the build"):
+        core.build(small_config(corpus_b, tmp_path / "D", vocab_from=str(edited)))
+    assert not (tmp_path / "D").exists()
 
     export = tmp_path / "export"  # what an export / inference directory receives
     export.mkdir()
