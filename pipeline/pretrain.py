@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from data_prep.format import META_FILE, FormatError
 from pipeline import checkpoint as ckpt
+from pipeline.batch import IGNORE_INDEX
 from pipeline.config import (
     DEMO_DATASET,
     ROOT,
@@ -55,7 +56,6 @@ from pipeline.metrics import MetricsLogger, default_peak_flops, memory_mb
 
 log = logging.getLogger("pretrain")
 DEFAULT_RECIPE = ROOT / "pipeline" / "recipes" / "demo.yaml"
-METRIC_KEYS = ("loss", "fine_loss", "coarse_loss", "fine_accuracy", "coarse_accuracy")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,31 +261,58 @@ def build_engine(config: PretrainConfig, model_config, ds_config: dict, init_wei
     return engine
 
 
+def metric_keys(model_config) -> tuple[str, ...]:
+    """The losses and accuracies the model reports: a single-granularity baseline has none on the other
+    side (a logged 0 there would read as a perfect loss in metrics.jsonl, TensorBoard and the plots)."""
+    granularities = model_config.granularities
+    return ("loss", *(f"{g}_loss" for g in granularities), *(f"{g}_accuracy" for g in granularities))
+
+
+def micro_batch_work(model_config, batch) -> torch.Tensor:
+    """[real tokens, masked fine, masked coarse, FLOPs] of one micro-batch, counting only the
+    granularities the model reads (bert-fine never sees the coarse side) and each sample's real
+    (non-padding) lengths: padding is no useful work, so MFU and tokens/s must not count it."""
+    from pipeline.model import flops_per_sample
+
+    rows = batch["fine_ids"].shape[0] if "fine_ids" in batch else batch["coarse_ids"].shape[0]
+    lengths, masked = {}, {}
+    for g in ("fine", "coarse"):
+        if g in model_config.granularities:
+            lengths[g] = batch[f"{g}_attention_mask"].sum(dim=1).tolist()
+            masked[g] = (batch[f"{g}_labels"] != IGNORE_INDEX).sum(dim=1).tolist()
+        else:
+            lengths[g] = masked[g] = [0] * rows
+    flops = sum(flops_per_sample(model_config, lengths["fine"][i], lengths["coarse"][i], masked["fine"][i],
+                                 masked["coarse"][i]) for i in range(rows))
+    return torch.tensor([sum(lengths["fine"]) + sum(lengths["coarse"]), sum(masked["fine"]), sum(masked["coarse"]),
+                         flops], dtype=torch.float64)
+
+
 def train_step(engine, batches, accumulation_steps: int, dp_group) -> dict:
-    """One optimizer step over ``accumulation_steps`` micro-batches; metrics averaged over DP ranks."""
-    totals = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
-    tokens = torch.zeros(3, dtype=torch.float64)  # real (non-pad) tokens, masked fine, masked coarse
+    """One optimizer step over ``accumulation_steps`` micro-batches; metrics averaged over DP ranks,
+    work (tokens, masked tokens, FLOPs) summed over them."""
+    model_config = engine.module.config
+    keys = metric_keys(model_config)
+    totals = torch.zeros(len(keys), dtype=torch.float64)
+    work = torch.zeros(4, dtype=torch.float64)
     for _ in range(accumulation_steps):
-        batch = {k: v.to(engine.device) for k, v in next(batches).items()}
+        cpu_batch = next(batches)
+        work += micro_batch_work(model_config, cpu_batch)  # from the loader's CPU tensors: no device sync
+        batch = {k: v.to(engine.device) for k, v in cpu_batch.items()}
         out = engine(batch)
         engine.backward(out["loss"])
         engine.step()
-        totals += torch.tensor([float(out[k].detach()) if k in out else 0.0 for k in METRIC_KEYS], dtype=torch.float64)
-        tokens += torch.tensor(
-            [
-                float(batch["fine_attention_mask"].sum() + batch["coarse_attention_mask"].sum()),
-                float((batch["fine_labels"] >= 0).sum()),
-                float((batch["coarse_labels"] >= 0).sum()),
-            ],
-            dtype=torch.float64,
-        )
-    packed = torch.cat([totals / accumulation_steps, tokens]).float()
+        totals += torch.tensor([float(out[k].detach()) for k in keys], dtype=torch.float64)
+    packed = torch.cat([totals / accumulation_steps, work])
     dist.all_reduce(packed, group=dp_group)
     dp = dist.get_world_size(dp_group)
-    metrics = {k: packed[i].item() / dp for i, k in enumerate(METRIC_KEYS)}
-    metrics["tokens"] = packed[len(METRIC_KEYS)].item()
-    metrics["fine_masked"] = packed[len(METRIC_KEYS) + 1].item()
-    metrics["coarse_masked"] = packed[len(METRIC_KEYS) + 2].item()
+    metrics = {k: packed[i].item() / dp for i, k in enumerate(keys)}
+    tokens, fine_masked, coarse_masked, flops = packed[len(keys):].tolist()
+    metrics["tokens"] = tokens
+    for g, count in (("fine", fine_masked), ("coarse", coarse_masked)):
+        if g in model_config.granularities:
+            metrics[f"{g}_masked"] = count
+    metrics["flops"] = flops
     return metrics
 
 
@@ -294,16 +321,17 @@ def evaluate(engine, data: PretrainingData, config: PretrainConfig, dp_rank: int
     """Loss and accuracy on the same fixed valid samples every time (masks seeded by position)."""
     engine.eval()
     loader = data.loader("valid", 0, config.parallelism.micro_batch_size, 1, dp_rank, dp_size, num_workers=0)
-    totals = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
+    keys = metric_keys(engine.module.config)
+    totals = torch.zeros(len(keys), dtype=torch.float64)
     batches = iter(loader)
     for _ in range(config.data.valid_batches):
         batch = {k: v.to(engine.device) for k, v in next(batches).items()}
         out = engine(batch)
-        totals += torch.tensor([float(out[k].detach()) if k in out else 0.0 for k in METRIC_KEYS], dtype=torch.float64)
+        totals += torch.tensor([float(out[k].detach()) for k in keys], dtype=torch.float64)
     engine.train()
     packed = (totals / config.data.valid_batches).float()
     dist.all_reduce(packed, group=dp_group)
-    return {k: packed[i].item() / dp_size for i, k in enumerate(METRIC_KEYS)}
+    return {k: packed[i].item() / dp_size for i, k in enumerate(keys)}
 
 
 def setup_logging(rank: int) -> None:
@@ -508,8 +536,6 @@ def main(argv: list[str] | None = None) -> int:
     loader = data.loader("train", consumed_samples, p.micro_batch_size, p.gradient_accumulation_steps, dp_rank, dp_size, config.data.num_workers)
     batches = iter(loader)
 
-    from pipeline.model import flops_per_sample
-
     peak_flops = config.logging.peak_flops or default_peak_flops(p.precision)
     metrics_log = MetricsLogger(output_dir, rank == 0, config.logging.tensorboard, config.schedule.train_steps)
 
@@ -564,10 +590,7 @@ def main(argv: list[str] | None = None) -> int:
             _step_fault_injection(step)
 
             if step % config.logging.every == 0 or step == config.schedule.train_steps:
-                flops = global_batch * flops_per_sample(
-                    model_config, data.fine_length, data.coarse_length,
-                    metrics["fine_masked"] / global_batch, metrics["coarse_masked"] / global_batch,
-                )
+                flops = metrics.pop("flops")
                 grad_norm = engine.get_global_grad_norm()
                 metrics.update(
                     lr=lr,

@@ -1,0 +1,81 @@
+"""Pre-training metrics and settings a user reads as facts: what a variant reports, and the useful
+work (tokens, FLOPs) behind tokens/s and MFU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import data as D
+from pipeline.model import flops_per_sample, model_recipe
+from pipeline.pretrain import metric_keys, micro_batch_work
+from tests.test_data_loader import write_synthetic_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _batch(fine_lengths, coarse_widths, fine_length=32, coarse_length=24):
+    """A collated batch of samples of the given real lengths (coarse token k covers coarse_widths[k] fine tokens)."""
+    samples = []
+    for i, widths in enumerate(coarse_widths):
+        align = np.asarray(widths, dtype=np.int64)
+        assert align.sum() == fine_lengths[i]
+        raw = D.RawSample(np.full(int(align.sum()), 9), np.full(len(align), 9), align)
+        samples.append(D.mask_sample(raw, D.mask_rng(0, 0, i), D.MaskingConfig(), 30, 30))
+    return D.collate(samples, fine_length, coarse_length)
+
+
+@pytest.mark.parametrize("variant", ["ambert", "ambert-hybrid", "bert-fine", "bert-coarse"])
+def test_work_counts_real_tokens_of_the_sides_the_model_reads(variant):
+    config = model_recipe("tiny", variant=variant)
+    batch = _batch([4, 20], [[1, 3], [2] * 10])
+    tokens, fine_masked, coarse_masked, flops = micro_batch_work(config, batch).tolist()
+    fine_real = batch["fine_attention_mask"].sum(1).tolist()  # [6, 22]: [CLS] text [SEP]
+    coarse_real = batch["coarse_attention_mask"].sum(1).tolist()  # [4, 12]
+    masked = {g: (batch[f"{g}_labels"] >= 0).sum(1).tolist() for g in ("fine", "coarse")}
+    uses = config.granularities
+    assert tokens == ("fine" in uses) * sum(fine_real) + ("coarse" in uses) * sum(coarse_real)
+    assert fine_masked == ("fine" in uses) * sum(masked["fine"])
+    assert coarse_masked == ("coarse" in uses) * sum(masked["coarse"])
+    expected = sum(
+        flops_per_sample(config, fine_real[i], coarse_real[i], masked["fine"][i], masked["coarse"][i]) for i in range(2)
+    )
+    assert flops == pytest.approx(expected)
+    # what was logged before: every sample at the padded lengths 32 / 24
+    padded = 2 * flops_per_sample(config, 32, 24, sum(masked["fine"]) / 2, sum(masked["coarse"]) / 2)
+    assert flops < 0.8 * padded
+
+
+def test_single_granularity_baselines_report_only_their_side():
+    assert metric_keys(model_recipe("tiny", variant="ambert")) == (
+        "loss", "fine_loss", "coarse_loss", "fine_accuracy", "coarse_accuracy")
+    assert metric_keys(model_recipe("tiny", variant="bert-fine")) == ("loss", "fine_loss", "fine_accuracy")
+    assert metric_keys(model_recipe("tiny", variant="bert-coarse")) == ("loss", "coarse_loss", "coarse_accuracy")
+
+
+def test_bert_fine_run_logs_no_coarse_loss(tmp_path):
+    """One process, 2 steps: the train and valid records of a bert-fine run hold no coarse metric
+    (they held coarse_loss 0.0 and coarse_accuracy 0.0: a 'perfect' loss in every plot)."""
+    dataset = write_synthetic_dataset(tmp_path / "ds", num_docs=40)
+    out = tmp_path / "run"
+    from tests.test_pretrain import run_env
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "pipeline" / "pretrain.py"), "model.recipe=tiny", "model.variant=bert-fine",
+         "data.seq_length=32", "parallelism.micro_batch_size=4", "schedule.train_steps=2", "schedule.warmup_steps=1",
+         "data.valid_every=2", "data.valid_batches=1", "data.num_workers=0", "logging.tensorboard=false",
+         "checkpointing.save_at_end=false", "parallelism.deepspeed_config=ds_configs/zero1_cpu.json",
+         f"data.path={dataset}", f"output_dir={out}"],
+        cwd=ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in records] == [(1, "train"), (2, "train"), (2, "valid")]
+    for record in records:
+        assert "fine_loss" in record and not any(k.startswith("coarse_") for k in record), record
+    assert all(r["mfu"] > 0 and r["tokens"] > 0 for r in records[:2])
