@@ -480,6 +480,13 @@ def validate(config: PretrainConfig, world_size: int, dataset_meta: dict | None 
             heads % p.tensor_parallel == 0,
             f"parallelism.tensor_parallel={p.tensor_parallel} does not divide model.num_attention_heads={heads}",
         )
+        # The pre-training data has one text per sample and no sentence-order labels: the head would
+        # be built, counted in the FLOPs and saved, but never trained.
+        need(
+            not model_config.sentence_order_head,
+            "model.sentence_order_head=true: pre-training samples carry no NSP / sentence-order labels (MLM only, "
+            "the AMBERT default), so the head would never be trained; remove model.sentence_order_head",
+        )
         limit = model_config.max_position_embeddings
         need(
             d.seq_length <= limit,

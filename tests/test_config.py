@@ -73,6 +73,9 @@ def test_model_dependent_checks():
     cfg = C.load_config(None, ["data.seq_length=100"])  # tiny: 64 positions
     with pytest.raises(C.ConfigError, match="data.seq_length=100 exceeds the model's limit model.max_position_embeddings=64"):
         C.validate(cfg, 2, meta, C.build_model_config(cfg, meta))
+    cfg = C.load_config(None, ["model.sentence_order_head=true"])  # no labels in the data: never trained
+    with pytest.raises(C.ConfigError, match="model.sentence_order_head=true: pre-training samples carry no NSP"):
+        C.validate(cfg, 2, meta, C.build_model_config(cfg, meta))
     with pytest.raises(C.ConfigError, match="model.hidden_sise: not a ModelConfig field"):
         C.build_model_config(C.load_config(None, ["model.hidden_sise=3"]), meta)
     with pytest.raises(C.ConfigError, match="model.recipe='giant'"):
