@@ -444,12 +444,18 @@ def validate(config: PretrainConfig, world_size: int, dataset_meta: dict | None 
         f"data.mask_token_prob + data.random_token_prob = {d.mask_token_prob + d.random_token_prob}: must be in [0, 1]",
     )
     need(d.num_workers >= 0, f"data.num_workers={d.num_workers}: must be >= 0")
+    need(d.valid_every >= 0, f"data.valid_every={d.valid_every}: must be >= 0 (0 = never evaluate)")
+    need(d.valid_batches >= 1, f"data.valid_batches={d.valid_batches}: must be >= 1 (to skip evaluation, set "
+                               f"data.valid_every=0)")
     need(o.name in ("adamw", "stable_adamw", "deepspeed_adamw"), f"optimizer.name={o.name!r}: expected adamw, stable_adamw or deepspeed_adamw")
     need(math.isfinite(o.lr) and o.lr > 0, f"optimizer.lr={o.lr}: must be a finite number > 0")
     need(config.seed >= 0, f"seed={config.seed}: must be >= 0 (numpy and torch seeds are non-negative)")
     need(bool(str(config.output_dir).strip()), "output_dir is empty: give a directory for config.yaml, logs and checkpoints")
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optimizer.betas={o.betas}: two values in [0, 1)")
     need(o.grad_clip >= 0, f"optimizer.grad_clip={o.grad_clip}: must be >= 0 (0 = off)")
+    need(o.eps >= 0, f"optimizer.eps={o.eps}: must be >= 0 (1e-6 BERT)")
+    need(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay}: must be >= 0 (0 = off)")
+    need(config.logging.peak_flops >= 0, f"logging.peak_flops={config.logging.peak_flops}: must be >= 0 (0 = a guess)")
     need(s.train_steps >= 1, f"schedule.train_steps={s.train_steps}: must be >= 1")
     need(s.style in ("linear", "wsd"), f"schedule.style={s.style!r}: expected linear or wsd")
     need(0 <= s.warmup_steps <= s.train_steps, f"schedule.warmup_steps={s.warmup_steps}: must be in [0, schedule.train_steps]")

@@ -51,6 +51,13 @@ def test_bad_overrides_name_the_field(override, message):
         (["parallelism.precision=fp8"], 2, "parallelism.precision"),
         (["parallelism.deepspeed_config=ds_configs/nope.json"], 2, "parallelism.deepspeed_config=ds_configs/nope.json: no such file"),
         (["checkpointing.resume=/no/such/ckpt"], 2, "checkpointing.resume"),
+        # evaluation: -1 ran with the valid split never opened, then failed at step 1 with a traceback;
+        # 0 batches logged a NaN valid loss
+        (["data.valid_every=-1"], 2, "data.valid_every=-1: must be >= 0"),
+        (["data.valid_batches=0"], 2, "data.valid_batches=0: must be >= 1"),
+        (["optimizer.weight_decay=-0.01"], 2, "optimizer.weight_decay=-0.01: must be >= 0"),
+        (["optimizer.eps=-1e-6"], 2, "optimizer.eps=-1e-06: must be >= 0"),
+        (["logging.peak_flops=-1"], 2, "logging.peak_flops=-1.0: must be >= 0"),
     ],
 )
 def test_validation_names_the_field(overrides, world, message):
