@@ -237,7 +237,7 @@ def build_engine(config: PretrainConfig, model_config, ds_config: dict, init_wei
     import deepspeed
 
     from pipeline.model import build_model
-    from pipeline.optim import build_optimizer, build_scheduler
+    from pipeline.optim import build_optimizer, build_scheduler, parameter_groups
     from pipeline.parallel import DeepSpeedMPU, data_parallel_group
 
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
@@ -250,10 +250,12 @@ def build_engine(config: PretrainConfig, model_config, ds_config: dict, init_wei
     if init_weights is not None:  # before the engine: its optimizer copies start from them
         ckpt.copy_full_weights(model, init_weights)
     optimizer = build_optimizer(config, model)
+    # DeepSpeed's own optimizer (optimizer.name=deepspeed_adamw) gets the same groups as ours: given
+    # model.parameters() it put weight decay on the biases and norms too.
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
-        model_parameters=model.parameters() if optimizer is None else None,
+        model_parameters=parameter_groups(model, config.optimizer.weight_decay) if optimizer is None else None,
         lr_scheduler=lambda opt: build_scheduler(config, opt),
         config=ds_config,
         mpu=DeepSpeedMPU(),

@@ -79,3 +79,27 @@ def test_bert_fine_run_logs_no_coarse_loss(tmp_path):
     for record in records:
         assert "fine_loss" in record and not any(k.startswith("coarse_") for k in record), record
     assert all(r["mfu"] > 0 and r["tokens"] > 0 for r in records[:2])
+
+
+def _optimizer_groups(ds_config_path):
+    from pipeline import parallel
+    from pipeline.config import build_model_config, deepspeed_config, load_config
+    from pipeline.pretrain import build_engine
+
+    config = load_config(None, ["model.recipe=tiny", "optimizer.name=deepspeed_adamw",
+                                f"parallelism.deepspeed_config={ds_config_path}"])
+    parallel.initialize_parallel(1, seed=1)
+    model_config = build_model_config(config, {"fine_vocab_size": 64, "coarse_vocab_size": 200})
+    engine = build_engine(config, model_config, deepspeed_config(config, 1))
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    return [group["weight_decay"] for group in inner.param_groups]
+
+
+def test_deepspeed_adamw_does_not_decay_biases_and_norms():
+    """optimizer.name=deepspeed_adamw got model.parameters(): ONE group, weight decay on every bias and
+    norm weight, unlike adamw / stable_adamw (the documented rule: matrices only)."""
+    from tests.distributed import run_distributed
+
+    [groups] = run_distributed(_optimizer_groups, world_size=1, args=("ds_configs/zero1_cpu.json",), timeout=400,
+                               init="deepspeed")
+    assert groups == [0.01, 0.0]
