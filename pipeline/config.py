@@ -60,7 +60,7 @@ class DataSection:
     seq_length: int = 64
     """fine sequence length including [CLS] and [SEP]; consecutive sentences are packed up to it"""
     coarse_seq_length: int = 0
-    """coarse sequence length; 0 = the longest coarse side of the packing, rounded up to a multiple of 8"""
+    """coarse sequence length including [CLS] and [SEP]; 0 = the longest coarse side of the packing, rounded up to a multiple of 8; set, samples are packed to fit it too"""
     mask_rate: float = 0.15
     """fraction of COARSE tokens masked per sample (the fine tokens they cover are masked too)"""
     mask_token_prob: float = 0.8

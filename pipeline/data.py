@@ -3,8 +3,9 @@
 The pieces, in the order data flows through them:
 
 1. ``build_sample_index`` packs consecutive sentences of one document up to the fine sequence
-   length (minus [CLS]/[SEP]); a sentence longer than that is cut at coarse-token boundaries, so a
-   sample always holds exactly the same text on both sides. The index is a small int64 array built
+   length (minus [CLS]/[SEP]), and up to a fixed coarse length if one is set; a sentence longer than
+   that is cut at coarse-token boundaries, so a sample always holds exactly the same text on both
+   sides and no text is cut off. The index is a small int64 array built
    from the sentence lengths alone (no token data is read except for over-long sentences), so every
    rank builds it itself, deterministically, in well under a second for the demo: no rank-0 cache,
    no barrier, nothing for another rank to time out on.
@@ -65,13 +66,17 @@ class MaskingConfig:
 # ---------------------------------------------------------------------------------------------
 # 1. Packing
 # ---------------------------------------------------------------------------------------------
-def build_sample_index(split: PairedSplit, max_fine_tokens: int) -> np.ndarray:
+def build_sample_index(split: PairedSplit, max_fine_tokens: int, max_coarse_tokens: int | None = None) -> np.ndarray:
     """[num_samples, 4] int64 rows (first sentence, end sentence, coarse begin, coarse end).
 
-    ``max_fine_tokens`` is the budget for text tokens (sequence length minus [CLS] and [SEP]).
+    ``max_fine_tokens`` is the budget for text tokens (sequence length minus [CLS] and [SEP]);
+    ``max_coarse_tokens`` the same on the coarse side (a fixed data.coarse_seq_length). None: the fine
+    budget alone (a coarse token covers at least one fine token, so the coarse side always fits it).
     """
-    if max_fine_tokens < 1:
-        raise ValueError(f"max_fine_tokens must be >= 1, got {max_fine_tokens}")
+    if max_coarse_tokens is None:
+        max_coarse_tokens = max_fine_tokens
+    if max_fine_tokens < 1 or max_coarse_tokens < 1:
+        raise ValueError(f"max_fine_tokens and max_coarse_tokens must be >= 1, got {max_fine_tokens}, {max_coarse_tokens}")
     fine_lens = np.asarray(split.fine.sequence_lengths, dtype=np.int64)
     coarse_lens = np.asarray(split.coarse.sequence_lengths, dtype=np.int64)
     coarse_cum = np.concatenate([[0], np.cumsum(coarse_lens)])
@@ -80,21 +85,23 @@ def build_sample_index(split: PairedSplit, max_fine_tokens: int) -> np.ndarray:
     dropped_tokens = 0
     for d in range(len(doc_bounds) - 1):
         lo, hi = int(doc_bounds[d]), int(doc_bounds[d + 1])
-        start, total = lo, 0
+        start, total, count = lo, 0, 0
         for s in range(lo, hi):
-            n = int(fine_lens[s])
-            if n > max_fine_tokens:
+            n, c = int(fine_lens[s]), int(coarse_lens[s])
+            if n > max_fine_tokens or c > max_coarse_tokens:
                 if start < s:
                     rows.append((start, s, 0, int(coarse_cum[s] - coarse_cum[start])))
-                pieces, dropped = _split_long_sentence(np.asarray(split.align[s], dtype=np.int64), max_fine_tokens)
+                pieces, dropped = _split_long_sentence(
+                    np.asarray(split.align[s], dtype=np.int64), max_fine_tokens, max_coarse_tokens)
                 rows.extend((s, s + 1, b, e) for b, e in pieces)
                 dropped_tokens += dropped
-                start, total = s + 1, 0
+                start, total, count = s + 1, 0, 0
                 continue
-            if total + n > max_fine_tokens:
+            if total + n > max_fine_tokens or count + c > max_coarse_tokens:
                 rows.append((start, s, 0, int(coarse_cum[s] - coarse_cum[start])))
-                start, total = s, 0
+                start, total, count = s, 0, 0
             total += n
+            count += c
         if start < hi:
             rows.append((start, hi, 0, int(coarse_cum[hi] - coarse_cum[start])))
     if dropped_tokens:
@@ -102,8 +109,9 @@ def build_sample_index(split: PairedSplit, max_fine_tokens: int) -> np.ndarray:
     return np.asarray(rows, dtype=np.int64).reshape(-1, 4)
 
 
-def _split_long_sentence(align: np.ndarray, budget: int) -> tuple[list[tuple[int, int]], int]:
-    """Cut one sentence into coarse-token ranges of at most ``budget`` fine tokens each."""
+def _split_long_sentence(align: np.ndarray, budget: int, coarse_budget: int) -> tuple[list[tuple[int, int]], int]:
+    """Cut one sentence into coarse-token ranges of at most ``budget`` fine tokens and
+    ``coarse_budget`` coarse tokens each."""
     pieces, begin, total, dropped = [], 0, 0, 0
     for k, width in enumerate(align.tolist()):
         if width > budget:  # one coarse token longer than a sequence: cannot be kept whole
@@ -111,7 +119,7 @@ def _split_long_sentence(align: np.ndarray, budget: int) -> tuple[list[tuple[int
                 pieces.append((begin, k))
             begin, total, dropped = k + 1, 0, dropped + 1
             continue
-        if total + width > budget:
+        if total + width > budget or k - begin >= coarse_budget:
             pieces.append((begin, k))
             begin, total = k, 0
         total += width
@@ -218,7 +226,7 @@ class PretrainingSamples(torch.utils.data.Dataset):
         self.split_name = split
         self.split = dataset.split(split)
         self.fine_length = fine_length
-        self.index = build_sample_index(self.split, fine_length - 2)
+        self.index = build_sample_index(self.split, fine_length - 2, coarse_length - 2 if coarse_length else None)
         if len(self.index) == 0:
             raise ValueError(
                 f"split {split!r} of {dataset.directory} yields no samples (no documents); "
@@ -268,11 +276,6 @@ class PretrainingSamples(torch.utils.data.Dataset):
         epoch, sample_index = self.sample_of_position(position)
         raw = read_sample(self.split, self.index[sample_index])
         self._check(raw, sample_index)
-        # The coarse side is truncated only if a fixed coarse_length smaller than the packing was
-        # asked for; cut at a coarse boundary so both sides still hold the same text.
-        if len(raw.coarse) > self.coarse_length - 2:
-            keep = self.coarse_length - 2
-            raw = RawSample(raw.fine[: int(raw.align[:keep].sum())], raw.coarse[:keep], raw.align[:keep])
         rng = mask_rng(self.seed, epoch, sample_index)
         return mask_sample(raw, rng, self.masking, self.fine_vocab_size, self.coarse_vocab_size)
 
@@ -387,10 +390,12 @@ class PretrainingData:
         with_valid: bool = True,
     ) -> PretrainingData:
         dataset = PairedDataset(path)
-        train = PretrainingSamples(dataset, "train", fine_length, None, masking, seed, shuffle=True)
+        # A fixed coarse_length is a packing budget (the text of a sample always fits both sides).
+        fixed = coarse_length or None
+        train = PretrainingSamples(dataset, "train", fine_length, fixed, masking, seed, shuffle=True)
         valid = None
         if with_valid and len(dataset.split("valid")) > 0:
-            valid = PretrainingSamples(dataset, "valid", fine_length, None, masking, seed + 1, shuffle=False)
+            valid = PretrainingSamples(dataset, "valid", fine_length, fixed, masking, seed + 1, shuffle=False)
         if not coarse_length:
             # The longest coarse side of the packing (train and valid), padded to a multiple of 8
             # (never beyond the fine length: a coarse token covers at least one fine token).
