@@ -280,6 +280,8 @@ def test_initialize_parallel_rejects_a_tp_size_that_does_not_divide_the_world():
         (dict(vocab_multiple=3), 2, "vocab_multiple"),
         (dict(ffn_hidden_size=127), 2, "ffn_hidden_size"),
         (dict(hidden_dropout=1.5), 1, "hidden_dropout"),
+        (dict(layer_norm_eps=-1.0), 1, "layer_norm_eps"),  # a NaN loss from step 1, with no error
+        (dict(position="rope", rope_theta=0.0), 1, "rope_theta"),
     ],
 )
 def test_invalid_config_names_the_field(overrides, tp, field):

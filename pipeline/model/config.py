@@ -197,6 +197,11 @@ class ModelConfig:
                 fail(name, f"must be in [0, 1), got {getattr(self, name)}", "use e.g. 0.1 or 0.0")
         if self.init_std <= 0:
             fail("init_std", "must be > 0", "use e.g. 0.02")
+        # Both made every loss NaN from the first step, with no error.
+        if not self.layer_norm_eps >= 0:
+            fail("layer_norm_eps", f"must be >= 0, got {self.layer_norm_eps}", "use e.g. 1e-12 (BERT) or 1e-5")
+        if self.position == "rope" and not self.rope_theta > 0:
+            fail("rope_theta", f"must be > 0, got {self.rope_theta}", "use e.g. 10000 (RoPE) or 160000 (ModernBERT)")
 
 
 # ----------------------------------------------------------------------------------------------
