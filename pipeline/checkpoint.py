@@ -37,7 +37,16 @@ SHAPE_FIELDS = (
     "variant", "fine_vocab_size", "coarse_vocab_size", "vocab_multiple", "hidden_size", "num_layers",
     "num_attention_heads", "num_query_groups", "ffn_hidden_size", "max_position_embeddings",
     "type_vocab_size", "norm", "activation", "position", "bias", "sentence_order_head",
+    "pre_norm",  # pre-LN adds the encoder's final norm
 )
+# Model fields that keep every shape but change what the weights compute: a resume that changes one is
+# told (deliberate, e.g. a larger RoPE base for a long-context phase, or not).
+FUNCTION_FIELDS = ("local_window", "global_every", "rope_theta", "layer_norm_eps")
+
+
+def changed_function_fields(saved: dict, model_config: dict) -> dict[str, tuple]:
+    """{field: (checkpoint's value, run's value)} for the FUNCTION_FIELDS a resume changes."""
+    return {k: (saved[k], model_config.get(k)) for k in FUNCTION_FIELDS if k in saved and saved[k] != model_config.get(k)}
 
 
 class CheckpointError(RuntimeError):

@@ -412,6 +412,12 @@ def _startup_checks(config: PretrainConfig, rank: int, world_size: int):
                 "run does not see the data an uninterrupted run would (fine for a deliberate change, e.g. a longer "
                 "seq_length for the last phase)", resume_path.name,
                 ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), marker.get("consumed_samples", 0))
+        changed = ckpt.changed_function_fields(marker.get("model_config", {}), model_config.to_dict())
+        if changed and rank == 0:
+            log.warning(
+                "resuming with other model settings than %s was saved with (%s): its weights continue under them, "
+                "computing another function than they were trained for (fine for a deliberate change)",
+                resume_path.name, ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
         # A checkpoint converted by `python -m pipeline.convert universal` loads at any (TP, DP).
         resume_universal = bool(marker.get("universal"))
         if (resume_universal and marker.get("tensor_parallel") == 1 and config.parallelism.tensor_parallel > 1

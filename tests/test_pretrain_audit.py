@@ -103,3 +103,20 @@ def test_deepspeed_adamw_does_not_decay_biases_and_norms():
     [groups] = run_distributed(_optimizer_groups, world_size=1, args=("ds_configs/zero1_cpu.json",), timeout=400,
                                init="deepspeed")
     assert groups == [0.01, 0.0]
+
+
+def test_resume_names_a_changed_pre_norm_and_tells_other_architecture_changes(tmp_path):
+    """model.pre_norm changed on resume failed inside DeepSpeed's load, reported as 'one of its files is
+    missing or damaged ... restore the files, or start a fresh run'; a changed local_window / rope_theta
+    resumed silently under another attention pattern."""
+    from pipeline.checkpoint import CheckpointError, changed_function_fields, check_compatible
+
+    saved = model_recipe("tiny-modern").to_dict()
+    marker = {"dataset_fingerprint": "f", "model_config": saved}
+    with pytest.raises(CheckpointError, match="another model shape .*pre_norm: checkpoint True vs run False"):
+        check_compatible(marker, "f", {**saved, "pre_norm": False}, tmp_path)
+    longer = {**saved, "rope_theta": 160_000.0, "local_window": 16, "hidden_dropout": 0.1}
+    check_compatible(marker, "f", longer, tmp_path)  # same shapes: allowed...
+    # ...and told (dropout is a training setting, not the function of the weights)
+    assert changed_function_fields(saved, longer) == {"local_window": (8, 16), "rope_theta": (10_000.0, 160_000.0)}
+    assert changed_function_fields(saved, saved) == {}
