@@ -71,8 +71,8 @@ class DataSection:
     """DataLoader worker processes per rank (0 = build samples in the training process)"""
     valid_every: int = 0
     """evaluate on the valid split every N steps (0 = never)"""
-    valid_batches: int = 4
-    """micro-batches per rank in one evaluation (the same fixed samples every time)"""
+    valid_batches: int = 8
+    """micro-batches in one evaluation, over all data-parallel ranks together: the first valid_batches x micro_batch_size valid samples, the same samples and masks whatever the TP / DP layout"""
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -266,7 +267,10 @@ def build_engine(config: PretrainConfig, model_config, ds_config: dict, init_wei
 def metric_keys(model_config) -> tuple[str, ...]:
     """The losses and accuracies the model reports: a single-granularity baseline has none on the other
     side (a logged 0 there would read as a perfect loss in metrics.jsonl, TensorBoard and the plots)."""
-    granularities = model_config.granularities
+    return metric_keys_of(model_config.granularities)
+
+
+def metric_keys_of(granularities: tuple[str, ...]) -> tuple[str, ...]:
     return ("loss", *(f"{g}_loss" for g in granularities), *(f"{g}_accuracy" for g in granularities))
 
 
@@ -318,22 +322,51 @@ def train_step(engine, batches, accumulation_steps: int, dp_group) -> dict:
     return metrics
 
 
+def valid_sums(engine, data: PretrainingData, config: PretrainConfig, dp_rank: int, dp_size: int) -> torch.Tensor:
+    """This DP rank's share of one evaluation: per granularity of the model, [loss x predicted tokens,
+    correct predictions, predicted tokens] over its rows of the valid set.
+
+    The valid set is the first ``valid_batches x micro_batch_size`` valid positions, dealt out
+    micro-batch by micro-batch like a training step; every rank runs the same number of forwards
+    (ZeRO-3 gathers parameters over the DP group in each), rows past the set predict nothing. So the
+    samples, their masks and the token-weighted result do not depend on the TP / DP layout."""
+    micro_batch_size = config.parallelism.micro_batch_size
+    set_size = config.data.valid_batches * micro_batch_size
+    forwards = math.ceil(config.data.valid_batches / dp_size)
+    granularities = engine.module.config.granularities
+    sums = torch.zeros(3 * len(granularities), dtype=torch.float64)
+    loader = data.loader("valid", 0, micro_batch_size, 1, dp_rank, dp_size, num_workers=0)
+    for micro, batch in zip(range(forwards), loader):
+        first = (micro * dp_size + dp_rank) * micro_batch_size
+        beyond = torch.arange(first, first + micro_batch_size) >= set_size
+        for g in granularities:
+            batch[f"{g}_labels"][beyond] = IGNORE_INDEX
+        out = engine({k: v.to(engine.device) for k, v in batch.items()})
+        for i, g in enumerate(granularities):
+            count = float(out[f"{g}_masked"])
+            sums[3 * i: 3 * i + 3] += torch.tensor(
+                [float(out[f"{g}_loss"]) * count, float(out[f"{g}_accuracy"]) * count, count], dtype=torch.float64)
+    return sums
+
+
+def valid_metrics(sums: torch.Tensor, granularities: tuple[str, ...]) -> dict:
+    """The summed ``valid_sums`` of every DP rank -> token-weighted losses and accuracies."""
+    metrics = {}
+    for i, g in enumerate(granularities):
+        loss_sum, correct, count = sums[3 * i: 3 * i + 3].tolist()
+        metrics[f"{g}_loss"], metrics[f"{g}_accuracy"] = loss_sum / max(count, 1), correct / max(count, 1)
+    metrics["loss"] = sum(metrics[f"{g}_loss"] for g in granularities)
+    return {k: metrics[k] for k in metric_keys_of(granularities)}
+
+
 @torch.no_grad()
 def evaluate(engine, data: PretrainingData, config: PretrainConfig, dp_rank: int, dp_size: int, dp_group) -> dict:
-    """Loss and accuracy on the same fixed valid samples every time (masks seeded by position)."""
+    """Loss and accuracy on the same fixed valid samples every time, whatever the layout (valid_sums)."""
     engine.eval()
-    loader = data.loader("valid", 0, config.parallelism.micro_batch_size, 1, dp_rank, dp_size, num_workers=0)
-    keys = metric_keys(engine.module.config)
-    totals = torch.zeros(len(keys), dtype=torch.float64)
-    batches = iter(loader)
-    for _ in range(config.data.valid_batches):
-        batch = {k: v.to(engine.device) for k, v in next(batches).items()}
-        out = engine(batch)
-        totals += torch.tensor([float(out[k].detach()) for k in keys], dtype=torch.float64)
+    sums = valid_sums(engine, data, config, dp_rank, dp_size)
     engine.train()
-    packed = (totals / config.data.valid_batches).float()
-    dist.all_reduce(packed, group=dp_group)
-    return {k: packed[i].item() / dp_size for i, k in enumerate(keys)}
+    dist.all_reduce(sums, group=dp_group)
+    return valid_metrics(sums, engine.module.config.granularities)
 
 
 def setup_logging(rank: int) -> None:

@@ -120,3 +120,67 @@ def test_resume_names_a_changed_pre_norm_and_tells_other_architecture_changes(tm
     # ...and told (dropout is a training setting, not the function of the weights)
     assert changed_function_fields(saved, longer) == {"local_window": (8, 16), "rope_theta": (10_000.0, 160_000.0)}
     assert changed_function_fields(saved, saved) == {}
+
+
+class _Engine:
+    """What evaluate needs of a DeepSpeed engine, around a plain model (TP=1)."""
+
+    device = "cpu"
+
+    def __init__(self, model):
+        self.module = model
+
+    def __call__(self, batch):
+        return self.module(batch)
+
+
+@pytest.fixture(scope="module")
+def one_rank_group():
+    import os
+
+    import torch.distributed as dist
+
+    from pipeline import parallel
+    from tests.distributed import free_port
+
+    created = not dist.is_initialized()
+    if created:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(free_port())
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    parallel.initialize_parallel(tensor_parallel_size=1, seed=1234)
+    yield
+    if created:
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("variant", ["ambert", "bert-coarse"])
+def test_valid_loss_is_the_same_samples_and_value_at_any_layout(tmp_path, one_rank_group, variant):
+    """The valid set was valid_batches micro-batches PER RANK (twice the samples at DP=2) and its loss a
+    mean of micro-batch means: runs on other cluster sizes reported losses over other samples."""
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.model import build_model
+    from pipeline.pretrain import valid_metrics, valid_sums
+
+    dataset = write_synthetic_dataset(tmp_path / "ds", num_docs=200)
+    data = D.PretrainingData.open(str(dataset), 32, D.MaskingConfig(), seed=0)
+    config = load_config(None, ["data.valid_batches=5", "parallelism.micro_batch_size=3"])
+    torch.manual_seed(0)
+    model = build_model(model_recipe("tiny", variant=variant, fine_vocab_size=64, coarse_vocab_size=200)).eval()
+    engine = _Engine(model)
+    granularities = model.config.granularities
+    with torch.no_grad():
+        results = {dp: valid_metrics(sum(valid_sums(engine, data, config, r, dp) for r in range(dp)), granularities)
+                   for dp in (1, 2, 3)}
+        # the reference: the first 5 x 3 valid samples in one batch, token-weighted by construction
+        batch = D.collate([data.valid[p] for p in range(15)], data.fine_length, data.coarse_length)
+        direct = model(batch)
+    for dp in (2, 3):
+        assert results[dp] == pytest.approx(results[1], rel=1e-5), dp
+    for key in results[1]:
+        assert results[1][key] == pytest.approx(float(direct[key]), rel=1e-5), key
