@@ -38,6 +38,8 @@ def single_rank_group():
 
 
 def _config(recipe="tiny", **overrides) -> ModelConfig:
+    if overrides.get("variant") == "ambert-hybrid":
+        overrides.setdefault("local_window", 0)  # no sliding windows over [fine ; coarse] (ModelConfig.validate)
     overrides.setdefault("hidden_dropout", 0.0)
     overrides.setdefault("attention_dropout", 0.0)
     return model_recipe(recipe, **overrides)
@@ -282,6 +284,8 @@ def test_initialize_parallel_rejects_a_tp_size_that_does_not_divide_the_world():
         (dict(hidden_dropout=1.5), 1, "hidden_dropout"),
         (dict(layer_norm_eps=-1.0), 1, "layer_norm_eps"),  # a NaN loss from step 1, with no error
         (dict(position="rope", rope_theta=0.0), 1, "rope_theta"),
+        # sliding windows over [fine ; coarse] would join coarse token k with unrelated fine text
+        (dict(variant="ambert-hybrid", local_window=8, global_every=2), 1, "local_window"),
     ],
 )
 def test_invalid_config_names_the_field(overrides, tp, field):

@@ -52,7 +52,8 @@ def _parity_cases(cases):
     report = []
     for recipe, variant in cases:
         config = model_recipe(recipe, variant=variant, hidden_dropout=0.0, attention_dropout=0.0,
-                              sentence_order_head=(variant == "ambert"))
+                              sentence_order_head=(variant == "ambert"),
+                              **({"local_window": 0} if variant == "ambert-hybrid" else {}))
         batch = synthetic_batch(config.fine_vocab_size, config.coarse_vocab_size, batch_size=3,
                                 fine_len=24, coarse_len=17, seed=7, sentence_order=True)
         results = {}

@@ -192,6 +192,13 @@ class ModelConfig:
             fail("local_window", f"window {self.local_window} is larger than the sequence length "
                  f"max_position_embeddings={self.max_position_embeddings}",
                  "use a smaller window, or 0 for all-global attention")
+        if self.variant == "ambert-hybrid" and not all(self.is_global_layer(i) for i in range(self.num_layers)):
+            # [fine ; coarse] with positions restarting at 0 for the coarse part: a window over those
+            # positions joins coarse token k with fine token ~k, which covers other text (the coarse
+            # side is ~0.6-0.85x as long), so local layers would attend to the wrong neighbours.
+            fail("local_window", f"ambert-hybrid cannot use sliding-window layers (local_window={self.local_window}): "
+                 "its coarse positions restart at 0, so a window would join unrelated fine and coarse text",
+                 "set local_window=0 (all-global attention) for ambert-hybrid")
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 fail(name, f"must be in [0, 1), got {getattr(self, name)}", "use e.g. 0.1 or 0.0")
