@@ -369,7 +369,11 @@ class AmbertForClassification(nn.Module):
 # Metrics
 # ---------------------------------------------------------------------------------------------
 def classification_report(predictions: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> dict:
-    """accuracy, macro-F1 and per-class precision / recall / F1 / support."""
+    """accuracy, macro-F1 and per-class precision / recall / F1 / support.
+
+    Macro-F1 averages over the classes that occur in the gold labels OR the predictions (as
+    scikit-learn's ``f1_score(average="macro")``): a class predicted but absent from the gold set
+    counts with F1 0, so predicting it is penalised instead of ignored."""
     k = len(names)
     confusion = np.zeros((k, k), dtype=np.int64)
     np.add.at(confusion, (labels, predictions), 1)
@@ -378,7 +382,7 @@ def classification_report(predictions: np.ndarray, labels: np.ndarray, names: Se
     precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
     recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
-    present = support > 0
+    present = (support > 0) | (predicted > 0)
     return {
         "accuracy": float(tp.sum() / max(len(labels), 1)),
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,

@@ -1,0 +1,29 @@
+"""Fine-tuning / export audit: metrics, option checks and tokenizer parity found wrong by a user's eye."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_finetune import make_tiny_zh_dataset
+
+
+@pytest.fixture(scope="module")
+def zh_dataset(tmp_path_factory) -> Path:
+    return make_tiny_zh_dataset(tmp_path_factory.mktemp("zh") / "dataset")
+
+
+def test_macro_f1_counts_a_class_that_is_predicted_but_absent_from_the_gold_labels():
+    from pipeline.finetuning import classification_report
+
+    gold = np.array([0, 0, 0, 0, 1, 1])
+    predicted = np.array([0, 0, 2, 2, 1, 1])  # class 2 never occurs in gold: two false positives
+    report = classification_report(predicted, gold, ["a", "b", "c"])
+    f1_a = 2 * 1.0 * 0.5 / (1.0 + 0.5)
+    # scikit-learn's f1_score(gold, predicted, average="macro") = (2/3 + 1 + 0) / 3
+    assert report["macro_f1"] == pytest.approx((f1_a + 1.0 + 0.0) / 3)
+    assert report["accuracy"] == pytest.approx(4 / 6)
+    # a class neither in gold nor predicted still does not count
+    assert classification_report(np.array([0, 1]), np.array([0, 1]), ["a", "b", "c"])["macro_f1"] == 1.0
