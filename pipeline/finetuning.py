@@ -150,6 +150,8 @@ class FinetuneConfig:
                 fail(name, "must be >= 1")
         if self.max_length < 4:
             fail("max_length", "must leave room for [CLS], [SEP] and tokens (>= 4)")
+        if self.max_coarse_length != 0 and self.max_coarse_length < 4:  # a smaller one empties every example
+            fail("max_coarse_length", "must leave room for [CLS], [SEP] and tokens (>= 4), or be 0 (= --max-length)")
         if self.epochs <= 0 or self.lr <= 0:
             fail("epochs" if self.epochs <= 0 else "lr", "must be > 0")
         if not 0 <= self.warmup_ratio < 1:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_finetune import make_tiny_zh_dataset
+from tests.test_finetune import make_sentiment_files, make_tiny_zh_dataset
 
 
 @pytest.fixture(scope="module")
@@ -27,3 +27,16 @@ def test_macro_f1_counts_a_class_that_is_predicted_but_absent_from_the_gold_labe
     assert report["accuracy"] == pytest.approx(4 / 6)
     # a class neither in gold nor predicted still does not count
     assert classification_report(np.array([0, 1]), np.array([0, 1]), ["a", "b", "c"])["macro_f1"] == 1.0
+
+
+@pytest.mark.parametrize("value", [1, 3, -5])
+def test_a_coarse_length_too_short_for_any_token_is_refused(tmp_path, value):
+    from pipeline.finetuning import FinetuneConfig, FinetuneError
+
+    files = make_sentiment_files(tmp_path, sizes=(4, 4, 4))
+    config = FinetuneConfig(model="random:tiny", train=str(files["train"]), dev=str(files["dev"]),
+                            output=str(tmp_path / "out"), max_coarse_length=value)
+    with pytest.raises(FinetuneError, match=r"--max-coarse-length: must leave room .*\(>= 4\), or be 0"):
+        config.validate()
+    FinetuneConfig(**{**config.__dict__, "max_coarse_length": 4}).validate()
+    FinetuneConfig(**{**config.__dict__, "max_coarse_length": 0}).validate()
