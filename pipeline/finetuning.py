@@ -541,6 +541,21 @@ def encode_split(config: FinetuneConfig, encoder: TextEncoder, path: str, labels
     return examples, labels
 
 
+def check_same_inputs(config: FinetuneConfig, train: list[dict], others: list[tuple[str, list[dict] | None]]) -> None:
+    """Dev and test must give the model what training gave it: single texts, or text pairs. A model
+    trained on pairs and selected / scored on single texts (or the reverse) gives meaningless numbers."""
+    def has_pairs(examples: list[dict]) -> bool:
+        return any(len(e["kept_fine"]) == 2 for e in examples)
+
+    trained_on_pairs = has_pairs(train)
+    for path, examples in others:
+        if examples is not None and has_pairs(examples) != trained_on_pairs:
+            with_pairs, without = (config.train, path) if trained_on_pairs else (path, config.train)
+            raise FinetuneError(f"{with_pairs} has text pairs (column {config.text_pair_field!r}) but {without} has "
+                                f"none: the model would be evaluated on other inputs than it was trained on; give "
+                                f"every split the {config.text_pair_field!r} column (or none of them)")
+
+
 # ---------------------------------------------------------------------------------------------
 # Pre-trained weights
 # ---------------------------------------------------------------------------------------------
@@ -1007,6 +1022,8 @@ def run(config: FinetuneConfig) -> dict:
         raise FinetuneError(str(exc)) from None
     if len(labels) < 2:
         raise FinetuneError(f"{config.train} has a single label {labels.names}: nothing to classify")
+    if config.task == "sequence":
+        check_same_inputs(config, train, [(config.dev, dev), (config.test, test)])
     log.info("%s task, %d labels, %d train / %d dev / %s test examples, model %s (%s)", config.task, len(labels),
              len(train), len(dev), len(test) if test is not None else "no", pretrained.source,
              pretrained.model_config.variant)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -40,3 +41,19 @@ def test_a_coarse_length_too_short_for_any_token_is_refused(tmp_path, value):
         config.validate()
     FinetuneConfig(**{**config.__dict__, "max_coarse_length": 4}).validate()
     FinetuneConfig(**{**config.__dict__, "max_coarse_length": 0}).validate()
+
+
+@pytest.mark.parametrize("paired", ["train", "dev"])
+def test_text_pairs_in_one_split_only_are_refused(tmp_path, zh_dataset, paired):
+    from pipeline.finetuning import FinetuneConfig, FinetuneError, run
+
+    files = make_sentiment_files(tmp_path, sizes=(12, 6, 6))
+    rows = [json.loads(line) for line in files[paired].read_text(encoding="utf-8").splitlines()]
+    files[paired].write_text("".join(json.dumps({**r, "text_pair": "今天很好。"}, ensure_ascii=False) + "\n" for r in rows),
+                             encoding="utf-8")
+    config = FinetuneConfig(model="random:tiny", dataset=str(zh_dataset), train=str(files["train"]),
+                            dev=str(files["dev"]), test=str(files["test"]), output=str(tmp_path / "out"), seeds=[1],
+                            epochs=1.0, batch_size=4, max_length=32, tensorboard=False)
+    with pytest.raises(FinetuneError, match=r"has text pairs \(column 'text_pair'\) but .* has none"):
+        run(config)
+    assert not (tmp_path / "out" / "results.json").exists()
