@@ -149,12 +149,15 @@ def export_hf(state: dict[str, torch.Tensor], config, tokenizer_dir: str | Path,
         lowercase = False
     vocab = fmt.Vocab.load(Path(tokenizer_dir) / fmt.FINE_VOCAB_FILE)
     vocab.save(output / "vocab.txt")  # the classic WordPiece file, for older loaders and other tools
+    # strip_accents=False: BERT strips accents whenever it lower-cases, data_prep never does ("naïve" and
+    # "café" are their own entries of fine_vocab.txt; stripped they would become other ids or [UNK])
     try:  # transformers >= 5 takes the vocabulary itself; 4.x a vocab_file path
-        tokenizer = BertTokenizerFast(vocab=dict(vocab.index), do_lower_case=lowercase, tokenize_chinese_chars=True,
+        tokenizer = BertTokenizerFast(vocab=dict(vocab.index), do_lower_case=lowercase, strip_accents=False,
+                                      tokenize_chinese_chars=True,
                                       model_max_length=config.max_position_embeddings)
     except TypeError:
         tokenizer = BertTokenizerFast(vocab_file=str(output / "vocab.txt"), do_lower_case=lowercase,
-                                      tokenize_chinese_chars=True, model_max_length=config.max_position_embeddings)
+                                      strip_accents=False, tokenize_chinese_chars=True, model_max_length=config.max_position_embeddings)
     if len(tokenizer) != len(vocab):
         raise HFExportError(f"internal: the HF tokenizer has {len(tokenizer)} entries, fine_vocab.txt {len(vocab)}")
     tokenizer.save_pretrained(str(output))

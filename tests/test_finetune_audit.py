@@ -7,7 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from data_prep import format as fmt
+from data_prep.encode import TextEncoder
 from tests.test_finetune import make_sentiment_files, make_tiny_zh_dataset
 
 
@@ -57,3 +60,41 @@ def test_text_pairs_in_one_split_only_are_refused(tmp_path, zh_dataset, paired):
     with pytest.raises(FinetuneError, match=r"has text pairs \(column 'text_pair'\) but .* has none"):
         run(config)
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def _tiny_en_dataset_with_accents(directory: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    directory.mkdir(parents=True, exist_ok=True)
+    words = ["the", "café", "cafe", "naïve", "is", "big", "new", "york", "."]
+    fine = fmt.Vocab.from_tokens(words + ["na", "##ive"])
+    coarse = fmt.Vocab.from_tokens(words + ["new_york"])
+    fine.save(directory / fmt.FINE_VOCAB_FILE)
+    coarse.save(directory / fmt.COARSE_VOCAB_FILE)
+    tokenizer = Tokenizer(models.WordPiece(dict(fine.index), unk_token=fmt.UNK, continuing_subword_prefix="##"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(directory / fmt.FINE_TOKENIZER_FILE))
+    (directory / fmt.PHRASES_FILE).write_text("new york\t10\t5.0\n", encoding="utf-8")
+    options = {"fine_tokenizer": None, "cased": False, "phrases": None, "coarse_min_count": 2}
+    fmt.write_meta(directory, {"language": "en", "fine_vocab_size": len(fine), "coarse_vocab_size": len(coarse),
+                               "build": {"language": "en", "language_options": options}})
+    return directory
+
+
+def test_hf_tokenizer_keeps_accents_as_the_pre_training_tokenizer_does(tmp_path):
+    from transformers import BertTokenizerFast
+
+    from pipeline.export_hf import export_hf
+    from pipeline.inference import build_backbone
+    from pipeline.model import model_recipe
+
+    dataset = _tiny_en_dataset_with_accents(tmp_path / "en")
+    encoder = TextEncoder(dataset)
+    text = "The café is naïve."
+    ours = encoder.encode(text).fine.tolist()
+    assert [encoder.fine_vocab.token(i) for i in ours] == ["the", "café", "is", "naïve", "."]
+    config = model_recipe("tiny", fine_vocab_size=len(encoder.fine_vocab), coarse_vocab_size=len(encoder.coarse_vocab))
+    torch.manual_seed(0)
+    model = build_backbone(config)
+    tokenizer = BertTokenizerFast.from_pretrained(export_hf(model.state_dict(), config, dataset, tmp_path / "hf"))
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == ours  # stripped: "cafe", "na ##ive"
