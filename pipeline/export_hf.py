@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         check_export_output(Path(args.output), ("config.json", "vocab.txt"), "a Hugging Face model")
-        pretrained = resolve_pretrained(args.model, args.dataset, flag="MODEL", allow_random=False)
+        pretrained = resolve_pretrained(args.model, args.dataset, flag="MODEL", allow_random=False,
+                                        same_dataset=True)
         check_bert_compatible(pretrained.model_config)  # before any file is written
         path = export_hf(pretrained.state_dict, pretrained.model_config, pretrained.tokenizer_dir, args.output)
     except (HFExportError, ValueError) as exc:  # FinetuneError and ConvertError are ValueErrors

@@ -667,10 +667,14 @@ def _random_model_config(model: str, flag: str, recipe: str, overrides: dict):
     return config
 
 
-def resolve_pretrained(model: str, dataset: str = "", flag: str = "--model", allow_random: bool = True) -> Pretrained:
+def resolve_pretrained(model: str, dataset: str = "", flag: str = "--model", allow_random: bool = True,
+                       same_dataset: bool = False) -> Pretrained:
     """Model config, weights and tokenizer directory of ``model`` (export, checkpoint or random:RECIPE).
 
-    ``flag`` names the argument in messages; ``allow_random``: whether random:RECIPE is accepted."""
+    ``flag`` names the argument in messages; ``allow_random``: whether random:RECIPE is accepted;
+    ``same_dataset`` (fine-tuning, inference, exports): without ``dataset``, refuse tokenizer files from a
+    dataset that changed since the model was trained (``checkpointing.init_from`` leaves it off: it compares
+    the vocabularies with its run's dataset, which may be that one rebuilt with --vocab-from)."""
     from pipeline.inference import (
         CONFIG_FILE,
         WEIGHTS_FILE,
@@ -704,6 +708,16 @@ def resolve_pretrained(model: str, dataset: str = "", flag: str = "--model", all
             own = None
         if dataset and own is not None:
             _check_same_vocabularies(own, Path(dataset), path)
+        if same_dataset and not dataset and own == path and (path / "training.json").is_file():  # from a checkpoint
+            try:
+                changed = dataset_changed_since(json.loads((path / "training.json").read_text(encoding="utf-8")), path)
+            except (ValueError, AttributeError):  # a damaged training.json: it only serves this check
+                changed = None
+            if changed:
+                raise FinetuneError(f"the tokenizer files in {path} are not those of the dataset the model was trained "
+                                    f"on: their dataset {changed.replace('the checkpoint', 'training.json')} (`convert "
+                                    f"export` warned: it copied them from a dataset rebuilt after training). Copy "
+                                    f"the original dataset's meta.json, vocabularies and tokenizer files into {path}")
         try:  # a config.json or model.safetensors damaged after the export: the file and the fix, no traceback
             return Pretrained(read_model_config(path), load_state_dict(path), Path(dataset) if dataset else own,
                               str(path))
@@ -728,6 +742,12 @@ def resolve_pretrained(model: str, dataset: str = "", flag: str = "--model", all
             if not (tokenizer_dir / "meta.json").is_file():
                 raise FinetuneError(f"checkpoint {path} was trained on {tokenizer_dir}, which is not there: "
                                     f"pass --dataset with that dataset (its tokenizers)")
+            changed = dataset_changed_since(marker, tokenizer_dir) if same_dataset else None
+            if changed:
+                raise FinetuneError(f"checkpoint {path} was trained on {tokenizer_dir}, which {changed}: its tokenizer "
+                                    f"files may give the ids other meanings (a vocabulary rebuilt on other text keeps "
+                                    f"its size). Pass --dataset with the dataset the model was trained on (a copy "
+                                    f"of it); --dataset {tokenizer_dir} uses the current files all the same")
         else:
             original = Path(marker.get("dataset_path", ""))
             if (original / "meta.json").is_file():
@@ -739,6 +759,21 @@ def resolve_pretrained(model: str, dataset: str = "", flag: str = "--model", all
     accepted += (", a complete training checkpoint (step_NNNNNNNN) or random:RECIPE" if allow_random
                  else " or a complete training checkpoint (step_NNNNNNNN)")
     raise FinetuneError(f"{flag}: {why_not_a_checkpoint(path)}. Give {accepted}")
+
+
+def dataset_changed_since(marker: dict, dataset: Path) -> str | None:
+    """How the dataset at ``dataset`` differs from the one a checkpoint's ``marker`` was trained on (its
+    fingerprint: vocabularies + split checksums), or None when it is the same or cannot be compared."""
+    from data_prep.format import FormatError, PairedDataset
+
+    recorded = marker.get("dataset_fingerprint")
+    try:
+        now = PairedDataset(dataset).fingerprint if recorded else None
+    except (FormatError, OSError, ValueError):  # unreadable: the tokenizer loading that follows names it
+        return None
+    if now is None or now == recorded:
+        return None
+    return f"has been rebuilt or replaced since (dataset fingerprint {now}, the checkpoint records {recorded})"
 
 
 def _check_same_vocabularies(original: Path, given: Path, checkpoint: Path) -> None:
@@ -1000,7 +1035,7 @@ def run(config: FinetuneConfig) -> dict:
     config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
-    pretrained = resolve_pretrained(config.model, config.dataset)
+    pretrained = resolve_pretrained(config.model, config.dataset, same_dataset=True)
     if config.deepspeed:  # after the cheap checks above, before any model is built
         setup_deepspeed(config.seeds[0])
         check_same_settings(config)

@@ -206,7 +206,7 @@ class AmbertEncoder:
         from data_prep.encode import TextEncoder
         from pipeline.finetuning import resolve_pretrained
 
-        pretrained = resolve_pretrained(str(directory), dataset, flag=flag)
+        pretrained = resolve_pretrained(str(directory), dataset, flag=flag, same_dataset=True)
         text_encoder = TextEncoder(pretrained.tokenizer_dir)
         check_vocabularies(pretrained.model_config, len(text_encoder.fine_vocab), len(text_encoder.coarse_vocab),
                            str(directory))

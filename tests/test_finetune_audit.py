@@ -98,3 +98,56 @@ def test_hf_tokenizer_keeps_accents_as_the_pre_training_tokenizer_does(tmp_path)
     model = build_backbone(config)
     tokenizer = BertTokenizerFast.from_pretrained(export_hf(model.state_dict(), config, dataset, tmp_path / "hf"))
     assert tokenizer(text, add_special_tokens=False)["input_ids"] == ours  # stripped: "cafe", "na ##ive"
+
+
+def _rebuild_with_same_sizes(dataset: Path) -> None:
+    """What a rebuild on other text does to a vocabulary of capped size: same size, other ids."""
+    import hashlib
+
+    path = dataset / fmt.COARSE_VOCAB_FILE
+    lines = path.read_text(encoding="utf-8").split("\n")
+    lines[-3], lines[-2] = lines[-2], lines[-3]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    meta = json.loads((dataset / fmt.META_FILE).read_text(encoding="utf-8"))
+    if meta.get("files_sha256"):
+        meta["files_sha256"][fmt.COARSE_VOCAB_FILE] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (dataset / fmt.META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+
+
+def test_a_dataset_rebuilt_after_pre_training_is_not_taken_for_the_models_tokenizers(tmp_path, capsys):
+    import subprocess
+
+    from pipeline.convert import export
+    from pipeline.finetuning import FinetuneError, resolve_pretrained
+    from tests.distributed import free_port
+    from tests.test_data_loader import write_synthetic_dataset
+    from tests.test_pretrain import BASE, PRETRAIN, ROOT, TORCHRUN, run_env
+
+    dataset = write_synthetic_dataset(tmp_path / "dataset", num_docs=60)
+    command = [TORCHRUN, "--nproc_per_node", "1", "--master_port", str(free_port()), PRETRAIN, *BASE,
+               f"data.path={dataset}", f"output_dir={tmp_path / 'run'}", "schedule.train_steps=2",
+               "checkpointing.save_every=2", "data.num_workers=0"]
+    proc = subprocess.run(command, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
+    before = export(checkpoint, tmp_path / "before")
+    assert "rebuilt" not in capsys.readouterr().err
+    assert resolve_pretrained(str(checkpoint), same_dataset=True).tokenizer_dir == dataset  # unchanged: no complaint
+
+    _rebuild_with_same_sizes(dataset)
+    with pytest.raises(FinetuneError, match=rf"trained on {dataset}, which has been rebuilt or replaced since .*"
+                                            rf"Pass --dataset with the dataset the model was trained on"):
+        resolve_pretrained(str(checkpoint), same_dataset=True)
+    assert resolve_pretrained(str(checkpoint), str(dataset), same_dataset=True).tokenizer_dir == dataset  # explicitly: taken as given
+    assert resolve_pretrained(str(before), same_dataset=True).tokenizer_dir == before  # the export made before carries the originals
+
+    after = export(checkpoint, tmp_path / "after")
+    assert f"the pre-training dataset {dataset} has been rebuilt or replaced since" in capsys.readouterr().err
+    with pytest.raises(FinetuneError, match=rf"the tokenizer files in {after} are not those of the dataset the model"):
+        resolve_pretrained(str(after), same_dataset=True)
+    # the commands pass same_dataset=True (init_from does not: it compares vocabularies with its own run's)
+    from pipeline.inference import AmbertEncoder
+
+    with pytest.raises(FinetuneError, match="has been rebuilt or replaced since"):
+        AmbertEncoder.load(checkpoint)
+    assert resolve_pretrained(str(checkpoint)).tokenizer_dir == dataset
