@@ -515,6 +515,11 @@ def encode_split(config: FinetuneConfig, encoder: TextEncoder, path: str, labels
             if pairs:
                 head = [f"{t}\n{p}" if isinstance(p, str) else t for t, p in zip(head, pairs)]
             warn_if_other_language(encoder, head, path, config.model)
+        for i, value in enumerate(raw):
+            if isinstance(value, (list, tuple, dict)):
+                raise FinetuneError(f"{_where(path, i)}: {config.label_field!r} holds a {type(value).__name__} "
+                                    f"({str(value)[:60]}), not one label; give each example one label (a string or "
+                                    f"a number), or use --task token for one tag per token")
         labels = labels or LabelSet(raw)
         ids = labels.ids(raw, path)
         for i, text in enumerate(texts):
@@ -530,6 +535,12 @@ def encode_split(config: FinetuneConfig, encoder: TextEncoder, path: str, labels
                 if not isinstance(value, (list, tuple)):
                     raise FinetuneError(f"{_where(path, i)}: {name!r} holds {type(value).__name__}, not a list; give "
                                         f"a list of tokens and a list of as many tags")
+            # (a null tag is named by LabelSet, with the other unlabelled examples)
+            for name, value, kinds in ((config.tokens_field, units, str), (config.tags_field, tags, (str, int, float, type(None)))):
+                wrong = [v for v in value if not isinstance(v, kinds)][:1]
+                if wrong:
+                    raise FinetuneError(f"{_where(path, i)}: {name!r} holds {str(wrong[0])[:60]} (of type "
+                                        f"{type(wrong[0]).__name__}); give {'each token as a string' if kinds is str else 'one tag (a string) per token'}")
         if labels is None:  # the training file: is it in the model's language?
             warn_if_other_language(encoder, [" ".join(map(str, units)) for units in tokens[:LANGUAGE_CHECK_EXAMPLES]],
                                    path, config.model)

@@ -168,3 +168,20 @@ def test_study_splits_hold_each_text_once_so_test_never_repeats_train(tmp_path, 
     assert len(set().union(*map(set, texts.values()))) == 59
     assert not set(texts["test"]) & set(texts["train"]) and not set(texts["dev"]) & set(texts["train"])
     assert "review 0" not in set().union(*map(set, texts.values()))
+
+
+@pytest.mark.parametrize("task, row, message", [
+    ("sequence", {"text": "今天很好。", "label": ["pos"]}, r"record 1: 'label' holds a list \(\['pos'\]\), not one label"),
+    ("token", {"tokens": ["今天", 12], "tags": ["B", "S"]}, r"record 1: 'tokens' holds 12 \(of type int\); give each token"),
+    ("token", {"tokens": ["今天", None], "tags": ["B", "S"]}, r"record 1: 'tokens' holds None \(of type NoneType\)"),
+    ("token", {"tokens": ["今天", "好"], "tags": [["B"], ["S"]]}, r"record 1: 'tags' holds \['B'\] \(of type list\); give one tag"),
+])
+def test_labels_and_tokens_of_the_wrong_type_are_named_not_a_traceback(tmp_path, zh_dataset, task, row, message):
+    from pipeline.finetuning import FinetuneConfig, FinetuneError, run
+
+    path = tmp_path / "train.jsonl"
+    path.write_text((json.dumps(row, ensure_ascii=False) + "\n") * 4, encoding="utf-8")
+    config = FinetuneConfig(model="random:tiny", dataset=str(zh_dataset), train=str(path), dev=str(path), task=task,
+                            output=str(tmp_path / "out"), seeds=[1], tensorboard=False)
+    with pytest.raises(FinetuneError, match=message):
+        run(config)
