@@ -246,6 +246,7 @@ def encode_token_example(encoder: TextEncoder, tokens: Sequence[str], tag_ids: S
     labels = np.full(len(example["fine_ids"]), IGNORE_INDEX, dtype=np.int64)
     labels[1:1 + n] = np.asarray(tag_ids, dtype=np.int64)[owner[:n]]
     example["token_labels"] = labels
+    example["cut_fine"] = len(enc.fine) - n  # tagged tokens past the length limit: neither trained on nor scored
     return example
 
 
@@ -548,6 +549,13 @@ def encode_split(config: FinetuneConfig, encoder: TextEncoder, path: str, labels
         for i, (units, tags) in enumerate(zip(tokens, raw)):
             where = _where(path, i)
             examples.append(encode_token_example(encoder, units, labels.ids(tags, path), max_fine, max_coarse, where))
+        cut = [e["cut_fine"] for e in examples if e["cut_fine"]]
+        if cut and _world()[1] == 0:
+            total = sum(e["cut_fine"] + int(e["kept_fine"].sum()) for e in examples)
+            log.warning("WARNING: %d of %d examples of %s are longer than --max-length %d (--max-coarse-length %d): "
+                        "%d of the file's %d fine tokens (%.1f%%), at their ends, are cut off: neither trained on nor scored; raise "
+                        "the limits (up to the model's max_position_embeddings) to tag every token", len(cut),
+                        len(examples), path, max_fine, max_coarse, sum(cut), total, 100 * sum(cut) / total)
     log.info("encoded %d examples of %s in %.1f s", len(examples), path, time.time() - started)
     return examples, labels
 

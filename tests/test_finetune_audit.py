@@ -185,3 +185,24 @@ def test_labels_and_tokens_of_the_wrong_type_are_named_not_a_traceback(tmp_path,
                             output=str(tmp_path / "out"), seeds=[1], tensorboard=False)
     with pytest.raises(FinetuneError, match=message):
         run(config)
+
+
+def test_tagged_tokens_cut_off_by_the_length_limit_are_reported(tmp_path, zh_dataset, caplog):
+    import logging
+
+    from pipeline.finetuning import FinetuneConfig, encode_split
+
+    path = tmp_path / "train.jsonl"
+    long = {"tokens": list("今天我们觉得这个手机很好") * 2, "tags": ["S"] * 24}  # 24 characters
+    short = {"tokens": list("很好"), "tags": ["S", "S"]}
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in (long, short, long)), encoding="utf-8")
+    config = FinetuneConfig(model="random:tiny", train=str(path), dev=str(path), task="token")
+    encoder = TextEncoder(zh_dataset)
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        examples, _ = encode_split(config, encoder, str(path), None, 16, 16)  # 14 tokens + [CLS] [SEP]
+    assert [int((e["token_labels"] != -100).sum()) for e in examples] == [14, 2, 14]
+    assert "2 of 3 examples of" in caplog.text and "20 of the file's 50 fine tokens (40.0%)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        encode_split(config, encoder, str(path), None, 32, 32)
+    assert "cut off" not in caplog.text
