@@ -145,6 +145,10 @@ class FinetuneConfig:
             fail("metric", "use accuracy or macro_f1")
         if not self.seeds:
             fail("seeds", "give at least one seed")
+        repeated = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+        if repeated:  # the same run twice: its mean and std over seeds would count it twice
+            fail("seeds", f"seed {', '.join(map(str, repeated))} given more than once; give distinct seeds, e.g. "
+                          f"--seeds 1 2 3")
         for name in ("batch_size", "max_length", "eval_batch_size"):
             if getattr(self, name) < 1:
                 fail(name, "must be >= 1")
@@ -160,9 +164,9 @@ class FinetuneConfig:
             fail("agreement_weight", "must be >= 0")
         if not 0 <= self.classifier_dropout < 1:
             fail("classifier_dropout", "must be in [0, 1)")
-        for name in ("patience", "max_train_examples"):
+        for name in ("patience", "max_train_examples", "eval_every", "threads"):
             if getattr(self, name) < 0:
-                fail(name, "must be >= 0 (0 = off / all)")
+                fail(name, "must be >= 0 (0 = off / all / the default)")
         if self.output and Path(self.output).exists() and not Path(self.output).is_dir():
             fail("output", f"{self.output} is an existing file; give a directory")
         if self.output:  # it is created at the end: its nearest existing ancestor must be a writable directory

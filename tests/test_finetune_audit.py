@@ -206,3 +206,18 @@ def test_tagged_tokens_cut_off_by_the_length_limit_are_reported(tmp_path, zh_dat
     with caplog.at_level(logging.WARNING, logger="finetune"):
         encode_split(config, encoder, str(path), None, 32, 32)
     assert "cut off" not in caplog.text
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("threads", -2, r"--threads: must be >= 0"),
+    ("eval_every", -3, r"--eval-every: must be >= 0"),
+    ("seeds", [1, 2, 1], r"--seeds: seed 1 given more than once; give distinct seeds"),
+])
+def test_negative_counts_and_repeated_seeds_are_refused(tmp_path, field, value, message):
+    from pipeline.finetuning import FinetuneConfig, FinetuneError
+
+    files = make_sentiment_files(tmp_path, sizes=(4, 4, 4))
+    config = FinetuneConfig(model="random:tiny", train=str(files["train"]), dev=str(files["dev"]),
+                            output=str(tmp_path / "out"), **{field: value})
+    with pytest.raises(FinetuneError, match=message):
+        config.validate()
