@@ -221,3 +221,22 @@ def test_negative_counts_and_repeated_seeds_are_refused(tmp_path, field, value, 
                             output=str(tmp_path / "out"), **{field: value})
     with pytest.raises(FinetuneError, match=message):
         config.validate()
+
+
+def test_inference_encode_refuses_a_bare_string_no_texts_and_unmatched_pairs(tmp_path, zh_dataset):
+    from pipeline.inference import AmbertEncoder, build_backbone, save_exported
+    from pipeline.model import model_recipe
+
+    encoder = TextEncoder(zh_dataset)
+    config = model_recipe("tiny", fine_vocab_size=len(encoder.fine_vocab), coarse_vocab_size=len(encoder.coarse_vocab))
+    torch.manual_seed(0)
+    loaded = AmbertEncoder.load(save_exported(build_backbone(config), zh_dataset, tmp_path / "export"))
+    with pytest.raises(TypeError, match="takes a list of texts .* wrap a single text in a list"):
+        loaded.encode("今天很好")  # was: one "text" per character, silently
+    with pytest.raises(ValueError, match="got no texts"):
+        loaded.encode([])
+    with pytest.raises(ValueError, match="got 2 texts but 1 text_pairs"):
+        loaded.encode(["今天很好", "很差"], ["手机"])
+    with pytest.raises(ValueError, match="got 1 texts but 2 text_pairs"):
+        loaded.encode(["今天很好"], ["手机", "很差"])  # was: the second pair silently dropped
+    assert len(loaded.encode(["今天很好"], ["手机"]).fine_ids) == 1
