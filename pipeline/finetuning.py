@@ -906,10 +906,9 @@ def predict(model: AmbertForClassification, examples: list[dict], batch_size: in
     """(predictions, gold labels, mean loss) over ``examples`` (token tasks: over labelled fine tokens)."""
     was_training = model.training
     model.eval()
-    predictions, gold, losses = [], [], []
+    predictions, gold, losses, weights = [], [], [], []
     for batch in _batches(examples, batch_size, shuffle=False):
         out = model(batch)
-        losses.append(float(out["loss"]))
         if model.task == "token":
             keep = batch["token_labels"] != IGNORE_INDEX
             predictions.append(out["logits"].argmax(-1)[keep].numpy())
@@ -917,8 +916,12 @@ def predict(model: AmbertForClassification, examples: list[dict], batch_size: in
         else:
             predictions.append(out["logits"].argmax(-1).numpy())
             gold.append(batch["labels"].numpy())
+        if len(gold[-1]):  # a batch's loss is its mean: weighted by its size, the short last batch weighs less
+            losses.append(float(out["loss"]))
+            weights.append(len(gold[-1]))
     model.train(was_training)
-    return np.concatenate(predictions), np.concatenate(gold), float(np.mean(losses))
+    loss = float(np.average(losses, weights=weights)) if weights else float("nan")
+    return np.concatenate(predictions), np.concatenate(gold), loss
 
 
 def _optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:

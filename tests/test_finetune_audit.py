@@ -240,3 +240,19 @@ def test_inference_encode_refuses_a_bare_string_no_texts_and_unmatched_pairs(tmp
     with pytest.raises(ValueError, match="got 1 texts but 2 text_pairs"):
         loaded.encode(["今天很好"], ["手机", "很差"])  # was: the second pair silently dropped
     assert len(loaded.encode(["今天很好"], ["手机"]).fine_ids) == 1
+
+
+def test_dev_loss_is_the_mean_over_examples_whatever_the_evaluation_batch_size(tmp_path, zh_dataset):
+    from pipeline.finetuning import AmbertForClassification, encode_example, predict
+    from pipeline.inference import build_backbone
+    from pipeline.model import model_recipe
+
+    encoder = TextEncoder(zh_dataset)
+    config = model_recipe("tiny", fine_vocab_size=len(encoder.fine_vocab), coarse_vocab_size=len(encoder.coarse_vocab))
+    torch.manual_seed(0)
+    model = AmbertForClassification(build_backbone(config), 2)
+    texts = ["今天很好。", "很差", "我们喜欢这个手机", "快递真的很差。", "价格满意"]
+    examples = [{**encode_example(encoder, t, None, 32, 32), "label": i % 2} for i, t in enumerate(texts)]
+    whole = predict(model, examples, 5)[2]
+    assert predict(model, examples, 4)[2] == pytest.approx(whole, rel=1e-5)  # batches of 4 and 1
+    assert predict(model, examples, 2)[2] == pytest.approx(whole, rel=1e-5)
