@@ -1075,6 +1075,10 @@ def run(config: FinetuneConfig) -> dict:
     limit = pretrained.model_config.max_position_embeddings
     max_fine = min(config.max_length, limit)
     max_coarse = min(config.max_coarse_length or config.max_length, limit)
+    if max(config.max_length, config.max_coarse_length) > limit and _world()[1] == 0:
+        log.warning("WARNING: --max-length %d%s is more than the model's max_position_embeddings %d: sequences are cut "
+                    "at %d tokens", config.max_length, f" / --max-coarse-length {config.max_coarse_length}"
+                    if config.max_coarse_length else "", limit, limit)
     try:
         train, labels = encode_split(config, encoder, config.train, None, max_fine, max_coarse, config.max_train_examples)
         dev, _ = encode_split(config, encoder, config.dev, labels, max_fine, max_coarse)

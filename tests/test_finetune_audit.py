@@ -256,3 +256,20 @@ def test_dev_loss_is_the_mean_over_examples_whatever_the_evaluation_batch_size(t
     whole = predict(model, examples, 5)[2]
     assert predict(model, examples, 4)[2] == pytest.approx(whole, rel=1e-5)  # batches of 4 and 1
     assert predict(model, examples, 2)[2] == pytest.approx(whole, rel=1e-5)
+
+
+def test_a_max_length_beyond_the_models_positions_is_reported(tmp_path, zh_dataset, caplog):
+    import logging
+
+    from pipeline.finetuning import FinetuneConfig, FinetuneError, run
+
+    files = make_sentiment_files(tmp_path, sizes=(8, 4, 4))
+    values = dict(model="random:tiny", dataset=str(zh_dataset), train=str(files["train"]), dev=str(files["dev"]),
+                  output=str(tmp_path / "out"), seeds=[1], tensorboard=False, label_field="missing")
+    with caplog.at_level(logging.WARNING, logger="finetune"), pytest.raises(FinetuneError, match="no column 'missing'"):
+        run(FinetuneConfig(**values, max_length=512))  # (stops at the labels, after the check)
+    assert "--max-length 512 is more than the model's max_position_embeddings 64: sequences are cut at 64" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="finetune"), pytest.raises(FinetuneError, match="no column"):
+        run(FinetuneConfig(**values, max_length=64))
+    assert "max_position_embeddings" not in caplog.text
