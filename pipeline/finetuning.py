@@ -731,16 +731,21 @@ def resolve_pretrained(model: str, dataset: str = "", flag: str = "--model", all
             own = None
         if dataset and own is not None:
             _check_same_vocabularies(own, Path(dataset), path)
-        if same_dataset and not dataset and own == path and (path / "training.json").is_file():  # from a checkpoint
+        if same_dataset and not dataset and own is not None and (path / "training.json").is_file():  # from a checkpoint
             try:
-                changed = dataset_changed_since(json.loads((path / "training.json").read_text(encoding="utf-8")), path)
+                changed = dataset_changed_since(json.loads((path / "training.json").read_text(encoding="utf-8")), own)
             except (ValueError, AttributeError):  # a damaged training.json: it only serves this check
                 changed = None
-            if changed:
+            if changed and own == path:
                 raise FinetuneError(f"the tokenizer files in {path} are not those of the dataset the model was trained "
                                     f"on: their dataset {changed.replace('the checkpoint', 'training.json')} (`convert "
                                     f"export` warned: it copied them from a dataset rebuilt after training). Copy "
                                     f"the original dataset's meta.json, vocabularies and tokenizer files into {path}")
+            if changed:  # an export without tokenizer files: those of the dataset its training.json names
+                raise FinetuneError(f"model {path} has no tokenizer files of its own, and the dataset it was trained on, "
+                                    f"{own}, {changed.replace('the checkpoint', 'training.json')}: its tokenizer files "
+                                    f"may give the ids other meanings. Pass --dataset with the dataset the model was "
+                                    f"trained on (a copy of it); --dataset {own} uses the current files all the same")
         try:  # a config.json or model.safetensors damaged after the export: the file and the fix, no traceback
             return Pretrained(read_model_config(path), load_state_dict(path), Path(dataset) if dataset else own,
                               str(path))

@@ -151,6 +151,12 @@ def test_a_dataset_rebuilt_after_pre_training_is_not_taken_for_the_models_tokeni
     with pytest.raises(FinetuneError, match="has been rebuilt or replaced since"):
         AmbertEncoder.load(checkpoint)
     assert resolve_pretrained(str(checkpoint)).tokenizer_dir == dataset
+    for name in (fmt.META_FILE, fmt.FINE_VOCAB_FILE, fmt.COARSE_VOCAB_FILE):  # an export without tokenizer files
+        (before / name).unlink()
+    with pytest.raises(FinetuneError, match=rf"has no tokenizer files of its own, and the dataset it was trained on, "
+                                            rf"{dataset}, has been rebuilt"):
+        resolve_pretrained(str(before), same_dataset=True)
+    assert resolve_pretrained(str(before), str(dataset), same_dataset=True).tokenizer_dir == dataset
 
 
 def test_study_splits_hold_each_text_once_so_test_never_repeats_train(tmp_path, monkeypatch):
