@@ -279,3 +279,24 @@ def test_a_max_length_beyond_the_models_positions_is_reported(tmp_path, zh_datas
     with caplog.at_level(logging.WARNING, logger="finetune"), pytest.raises(FinetuneError, match="no column"):
         run(FinetuneConfig(**values, max_length=64))
     assert "max_position_embeddings" not in caplog.text
+
+
+def test_hf_tokenizer_applies_nfkc_as_data_prep_does(tmp_path, zh_dataset):
+    from transformers import AutoTokenizer
+
+    from pipeline.export_hf import export_hf
+    from pipeline.inference import build_backbone
+    from pipeline.model import model_recipe
+
+    encoder = TextEncoder(zh_dataset)
+    config = model_recipe("tiny", fine_vocab_size=len(encoder.fine_vocab), coarse_vocab_size=len(encoder.coarse_vocab))
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(export_hf(build_backbone(config).state_dict(), config, zh_dataset,
+                                                        tmp_path / "hf"))
+    text = "北京大学很好，ＡＢ１２！"  # NFKC makes the full-width forms ASCII ("," and "!" are not in this vocabulary)
+    ours = encoder.encode(text).fine.tolist()
+    assert [encoder.fine_vocab.token(i) for i in ours][-6:] == ["[UNK]", "A", "##B", "##1", "##2", "[UNK]"]
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == ours  # was: "，" as a known id, "ＡＢ１２" [UNK]
+    pair = tokenizer("很好", "很差")
+    assert pair["token_type_ids"] == [0, 0, 0, 0, 1, 1, 1]
+    assert pair["input_ids"][0] == fmt.CLS_ID and pair["input_ids"][-1] == fmt.SEP_ID
