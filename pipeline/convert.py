@@ -258,6 +258,15 @@ def export(source: Path, output: Path) -> Path:
         print(f"warning: the pre-training dataset {dataset} is gone, so the export has no tokenizer files; copy "
               f"meta.json, fine_vocab.txt, coarse_vocab.txt (and fine_tokenizer.json, phrases.tsv) of it into "
               f"{final} before using the export", file=sys.stderr)
+    else:
+        from pipeline.finetuning import dataset_changed_since
+
+        changed = dataset_changed_since(marker, dataset)
+        if changed:
+            print(f"warning: the pre-training dataset {dataset} {changed}: the tokenizer files copied into {final} "
+                  f"may not be those the model was trained on (a vocabulary rebuilt on other text keeps its size). "
+                  f"Copy meta.json, fine_vocab.txt, coarse_vocab.txt (and fine_tokenizer.json, phrases.tsv, "
+                  f"user_dict.txt) of the original dataset into {final} before using the export", file=sys.stderr)
     (output / "training.json").write_text(
         json.dumps({k: marker.get(k) for k in ("step", "consumed_samples", "dataset_path", "dataset_fingerprint", "tensor_parallel", "data_parallel",
                                         "started_from")}, indent=1),

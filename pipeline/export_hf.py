@@ -3,15 +3,17 @@
     python -m pipeline.export_hf exported/ambert-zh hf/ambert-zh-fine      # from an exported model dir
     python -m pipeline.export_hf runs/demo/checkpoints/step_00000200 hf/demo-fine   # or a checkpoint
     # then, anywhere:  transformers.BertForMaskedLM.from_pretrained("hf/ambert-zh-fine")
-    #                  transformers.BertTokenizerFast.from_pretrained("hf/ambert-zh-fine")
+    #                  transformers.AutoTokenizer.from_pretrained("hf/ambert-zh-fine")
 
 What goes in: the fine word embeddings, the position / segment embeddings and the encoder the fine
 tokens go through (the shared one for ``ambert``; the fine one for ``ambert-combo``), and the fine
 MLM head (transform + tied decoder + bias). Padded vocabulary rows are cut off. The tokenizer is a
 WordPiece ``vocab.txt`` = our fine_vocab.txt (same ids; "##" marks continuations in both), with
-``do_lower_case`` as in the pre-training build. Note the HF tokenizer is an approximation of our
-fine tokenizer (BERT's basic tokenization + greedy WordPiece); ids produced by data_prep stay the
-reference, and the logits for the same ids are identical (tests/test_export.py).
+``do_lower_case`` as in the pre-training build, accents kept and NFKC first, as data_prep. Note the HF
+tokenizer is an approximation of our fine tokenizer (BERT's basic tokenization + greedy WordPiece);
+ids produced by data_prep stay the reference, and the logits for the same ids are identical
+(tests/test_export.py). Load it with ``AutoTokenizer`` (``tokenizer.json`` as written);
+``BertTokenizerFast`` rebuilds BERT's normalizer under transformers 5, without NFKC.
 
 Only BERT-compatible encoders can be expressed as BertForMaskedLM: post-LN, LayerNorm with biases,
 GELU, learned absolute positions, multi-head attention (no GQA), no local attention. Anything else
@@ -149,15 +151,29 @@ def export_hf(state: dict[str, torch.Tensor], config, tokenizer_dir: str | Path,
         lowercase = False
     vocab = fmt.Vocab.load(Path(tokenizer_dir) / fmt.FINE_VOCAB_FILE)
     vocab.save(output / "vocab.txt")  # the classic WordPiece file, for older loaders and other tools
+    # strip_accents=False: BERT strips accents whenever it lower-cases, data_prep never does ("naïve" and
+    # "café" are their own entries of fine_vocab.txt; stripped they would become other ids or [UNK])
     try:  # transformers >= 5 takes the vocabulary itself; 4.x a vocab_file path
-        tokenizer = BertTokenizerFast(vocab=dict(vocab.index), do_lower_case=lowercase, tokenize_chinese_chars=True,
+        tokenizer = BertTokenizerFast(vocab=dict(vocab.index), do_lower_case=lowercase, strip_accents=False,
+                                      tokenize_chinese_chars=True,
                                       model_max_length=config.max_position_embeddings)
     except TypeError:
         tokenizer = BertTokenizerFast(vocab_file=str(output / "vocab.txt"), do_lower_case=lowercase,
-                                      tokenize_chinese_chars=True, model_max_length=config.max_position_embeddings)
+                                      strip_accents=False, tokenize_chinese_chars=True, model_max_length=config.max_position_embeddings)
     if len(tokenizer) != len(vocab):
         raise HFExportError(f"internal: the HF tokenizer has {len(tokenizer)} entries, fine_vocab.txt {len(vocab)}")
+    # data_prep applies NFKC first (full-width "，" "１２" "（" are "," "12" "(" in fine_vocab.txt): without it
+    # BERT's normalizer leaves them as [UNK], most lines of Chinese news. A BertTokenizerFast rebuilds its
+    # normalizer from its flags when loaded (transformers 5), so the directory names the generic fast class,
+    # which loads tokenizer.json as written (with segment ids, as BERT's).
+    from tokenizers import normalizers
+
+    tokenizer.backend_tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), tokenizer.backend_tokenizer.normalizer])
     tokenizer.save_pretrained(str(output))
+    tokenizer_config = json.loads((output / "tokenizer_config.json").read_text(encoding="utf-8"))
+    tokenizer_config.update(tokenizer_class="PreTrainedTokenizerFast",
+                            model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+    (output / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2), encoding="utf-8")
     shareable(*(p for p in output.iterdir() if p.is_file()))  # model.safetensors is written 0600
     return commit_output(output, final)
 
@@ -173,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         check_export_output(Path(args.output), ("config.json", "vocab.txt"), "a Hugging Face model")
-        pretrained = resolve_pretrained(args.model, args.dataset, flag="MODEL", allow_random=False)
+        pretrained = resolve_pretrained(args.model, args.dataset, flag="MODEL", allow_random=False,
+                                        same_dataset=True)
         check_bert_compatible(pretrained.model_config)  # before any file is written
         path = export_hf(pretrained.state_dict, pretrained.model_config, pretrained.tokenizer_dir, args.output)
     except (HFExportError, ValueError) as exc:  # FinetuneError and ConvertError are ValueErrors

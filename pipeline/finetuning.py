@@ -145,11 +145,17 @@ class FinetuneConfig:
             fail("metric", "use accuracy or macro_f1")
         if not self.seeds:
             fail("seeds", "give at least one seed")
+        repeated = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+        if repeated:  # the same run twice: its mean and std over seeds would count it twice
+            fail("seeds", f"seed {', '.join(map(str, repeated))} given more than once; give distinct seeds, e.g. "
+                          f"--seeds 1 2 3")
         for name in ("batch_size", "max_length", "eval_batch_size"):
             if getattr(self, name) < 1:
                 fail(name, "must be >= 1")
         if self.max_length < 4:
             fail("max_length", "must leave room for [CLS], [SEP] and tokens (>= 4)")
+        if self.max_coarse_length != 0 and self.max_coarse_length < 4:  # a smaller one empties every example
+            fail("max_coarse_length", "must leave room for [CLS], [SEP] and tokens (>= 4), or be 0 (= --max-length)")
         if self.epochs <= 0 or self.lr <= 0:
             fail("epochs" if self.epochs <= 0 else "lr", "must be > 0")
         if not 0 <= self.warmup_ratio < 1:
@@ -158,9 +164,9 @@ class FinetuneConfig:
             fail("agreement_weight", "must be >= 0")
         if not 0 <= self.classifier_dropout < 1:
             fail("classifier_dropout", "must be in [0, 1)")
-        for name in ("patience", "max_train_examples"):
+        for name in ("patience", "max_train_examples", "eval_every", "threads"):
             if getattr(self, name) < 0:
-                fail(name, "must be >= 0 (0 = off / all)")
+                fail(name, "must be >= 0 (0 = off / all / the default)")
         if self.output and Path(self.output).exists() and not Path(self.output).is_dir():
             fail("output", f"{self.output} is an existing file; give a directory")
         if self.output:  # it is created at the end: its nearest existing ancestor must be a writable directory
@@ -244,6 +250,7 @@ def encode_token_example(encoder: TextEncoder, tokens: Sequence[str], tag_ids: S
     labels = np.full(len(example["fine_ids"]), IGNORE_INDEX, dtype=np.int64)
     labels[1:1 + n] = np.asarray(tag_ids, dtype=np.int64)[owner[:n]]
     example["token_labels"] = labels
+    example["cut_fine"] = len(enc.fine) - n  # tagged tokens past the length limit: neither trained on nor scored
     return example
 
 
@@ -369,7 +376,11 @@ class AmbertForClassification(nn.Module):
 # Metrics
 # ---------------------------------------------------------------------------------------------
 def classification_report(predictions: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> dict:
-    """accuracy, macro-F1 and per-class precision / recall / F1 / support."""
+    """accuracy, macro-F1 and per-class precision / recall / F1 / support.
+
+    Macro-F1 averages over the classes that occur in the gold labels OR the predictions (as
+    scikit-learn's ``f1_score(average="macro")``): a class predicted but absent from the gold set
+    counts with F1 0, so predicting it is penalised instead of ignored."""
     k = len(names)
     confusion = np.zeros((k, k), dtype=np.int64)
     np.add.at(confusion, (labels, predictions), 1)
@@ -378,7 +389,7 @@ def classification_report(predictions: np.ndarray, labels: np.ndarray, names: Se
     precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
     recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
-    present = support > 0
+    present = (support > 0) | (predicted > 0)
     return {
         "accuracy": float(tp.sum() / max(len(labels), 1)),
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
@@ -509,6 +520,11 @@ def encode_split(config: FinetuneConfig, encoder: TextEncoder, path: str, labels
             if pairs:
                 head = [f"{t}\n{p}" if isinstance(p, str) else t for t, p in zip(head, pairs)]
             warn_if_other_language(encoder, head, path, config.model)
+        for i, value in enumerate(raw):
+            if isinstance(value, (list, tuple, dict)):
+                raise FinetuneError(f"{_where(path, i)}: {config.label_field!r} holds a {type(value).__name__} "
+                                    f"({str(value)[:60]}), not one label; give each example one label (a string or "
+                                    f"a number), or use --task token for one tag per token")
         labels = labels or LabelSet(raw)
         ids = labels.ids(raw, path)
         for i, text in enumerate(texts):
@@ -524,6 +540,12 @@ def encode_split(config: FinetuneConfig, encoder: TextEncoder, path: str, labels
                 if not isinstance(value, (list, tuple)):
                     raise FinetuneError(f"{_where(path, i)}: {name!r} holds {type(value).__name__}, not a list; give "
                                         f"a list of tokens and a list of as many tags")
+            # (a null tag is named by LabelSet, with the other unlabelled examples)
+            for name, value, kinds in ((config.tokens_field, units, str), (config.tags_field, tags, (str, int, float, type(None)))):
+                wrong = [v for v in value if not isinstance(v, kinds)][:1]
+                if wrong:
+                    raise FinetuneError(f"{_where(path, i)}: {name!r} holds {str(wrong[0])[:60]} (of type "
+                                        f"{type(wrong[0]).__name__}); give {'each token as a string' if kinds is str else 'one tag (a string) per token'}")
         if labels is None:  # the training file: is it in the model's language?
             warn_if_other_language(encoder, [" ".join(map(str, units)) for units in tokens[:LANGUAGE_CHECK_EXAMPLES]],
                                    path, config.model)
@@ -531,8 +553,30 @@ def encode_split(config: FinetuneConfig, encoder: TextEncoder, path: str, labels
         for i, (units, tags) in enumerate(zip(tokens, raw)):
             where = _where(path, i)
             examples.append(encode_token_example(encoder, units, labels.ids(tags, path), max_fine, max_coarse, where))
+        cut = [e["cut_fine"] for e in examples if e["cut_fine"]]
+        if cut and _world()[1] == 0:
+            total = sum(e["cut_fine"] + int(e["kept_fine"].sum()) for e in examples)
+            log.warning("WARNING: %d of %d examples of %s are longer than --max-length %d (--max-coarse-length %d): "
+                        "%d of the file's %d fine tokens (%.1f%%), at their ends, are cut off: neither trained on nor scored; raise "
+                        "the limits (up to the model's max_position_embeddings) to tag every token", len(cut),
+                        len(examples), path, max_fine, max_coarse, sum(cut), total, 100 * sum(cut) / total)
     log.info("encoded %d examples of %s in %.1f s", len(examples), path, time.time() - started)
     return examples, labels
+
+
+def check_same_inputs(config: FinetuneConfig, train: list[dict], others: list[tuple[str, list[dict] | None]]) -> None:
+    """Dev and test must give the model what training gave it: single texts, or text pairs. A model
+    trained on pairs and selected / scored on single texts (or the reverse) gives meaningless numbers."""
+    def has_pairs(examples: list[dict]) -> bool:
+        return any(len(e["kept_fine"]) == 2 for e in examples)
+
+    trained_on_pairs = has_pairs(train)
+    for path, examples in others:
+        if examples is not None and has_pairs(examples) != trained_on_pairs:
+            with_pairs, without = (config.train, path) if trained_on_pairs else (path, config.train)
+            raise FinetuneError(f"{with_pairs} has text pairs (column {config.text_pair_field!r}) but {without} has "
+                                f"none: the model would be evaluated on other inputs than it was trained on; give "
+                                f"every split the {config.text_pair_field!r} column (or none of them)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,10 +690,14 @@ def _random_model_config(model: str, flag: str, recipe: str, overrides: dict):
     return config
 
 
-def resolve_pretrained(model: str, dataset: str = "", flag: str = "--model", allow_random: bool = True) -> Pretrained:
+def resolve_pretrained(model: str, dataset: str = "", flag: str = "--model", allow_random: bool = True,
+                       same_dataset: bool = False) -> Pretrained:
     """Model config, weights and tokenizer directory of ``model`` (export, checkpoint or random:RECIPE).
 
-    ``flag`` names the argument in messages; ``allow_random``: whether random:RECIPE is accepted."""
+    ``flag`` names the argument in messages; ``allow_random``: whether random:RECIPE is accepted;
+    ``same_dataset`` (fine-tuning, inference, exports): without ``dataset``, refuse tokenizer files from a
+    dataset that changed since the model was trained (``checkpointing.init_from`` leaves it off: it compares
+    the vocabularies with its run's dataset, which may be that one rebuilt with --vocab-from)."""
     from pipeline.inference import (
         CONFIG_FILE,
         WEIGHTS_FILE,
@@ -683,6 +731,21 @@ def resolve_pretrained(model: str, dataset: str = "", flag: str = "--model", all
             own = None
         if dataset and own is not None:
             _check_same_vocabularies(own, Path(dataset), path)
+        if same_dataset and not dataset and own is not None and (path / "training.json").is_file():  # from a checkpoint
+            try:
+                changed = dataset_changed_since(json.loads((path / "training.json").read_text(encoding="utf-8")), own)
+            except (ValueError, AttributeError):  # a damaged training.json: it only serves this check
+                changed = None
+            if changed and own == path:
+                raise FinetuneError(f"the tokenizer files in {path} are not those of the dataset the model was trained "
+                                    f"on: their dataset {changed.replace('the checkpoint', 'training.json')} (`convert "
+                                    f"export` warned: it copied them from a dataset rebuilt after training). Copy "
+                                    f"the original dataset's meta.json, vocabularies and tokenizer files into {path}")
+            if changed:  # an export without tokenizer files: those of the dataset its training.json names
+                raise FinetuneError(f"model {path} has no tokenizer files of its own, and the dataset it was trained on, "
+                                    f"{own}, {changed.replace('the checkpoint', 'training.json')}: its tokenizer files "
+                                    f"may give the ids other meanings. Pass --dataset with the dataset the model was "
+                                    f"trained on (a copy of it); --dataset {own} uses the current files all the same")
         try:  # a config.json or model.safetensors damaged after the export: the file and the fix, no traceback
             return Pretrained(read_model_config(path), load_state_dict(path), Path(dataset) if dataset else own,
                               str(path))
@@ -707,6 +770,12 @@ def resolve_pretrained(model: str, dataset: str = "", flag: str = "--model", all
             if not (tokenizer_dir / "meta.json").is_file():
                 raise FinetuneError(f"checkpoint {path} was trained on {tokenizer_dir}, which is not there: "
                                     f"pass --dataset with that dataset (its tokenizers)")
+            changed = dataset_changed_since(marker, tokenizer_dir) if same_dataset else None
+            if changed:
+                raise FinetuneError(f"checkpoint {path} was trained on {tokenizer_dir}, which {changed}: its tokenizer "
+                                    f"files may give the ids other meanings (a vocabulary rebuilt on other text keeps "
+                                    f"its size). Pass --dataset with the dataset the model was trained on (a copy "
+                                    f"of it); --dataset {tokenizer_dir} uses the current files all the same")
         else:
             original = Path(marker.get("dataset_path", ""))
             if (original / "meta.json").is_file():
@@ -718,6 +787,21 @@ def resolve_pretrained(model: str, dataset: str = "", flag: str = "--model", all
     accepted += (", a complete training checkpoint (step_NNNNNNNN) or random:RECIPE" if allow_random
                  else " or a complete training checkpoint (step_NNNNNNNN)")
     raise FinetuneError(f"{flag}: {why_not_a_checkpoint(path)}. Give {accepted}")
+
+
+def dataset_changed_since(marker: dict, dataset: Path) -> str | None:
+    """How the dataset at ``dataset`` differs from the one a checkpoint's ``marker`` was trained on (its
+    fingerprint: vocabularies + split checksums), or None when it is the same or cannot be compared."""
+    from data_prep.format import FormatError, PairedDataset
+
+    recorded = marker.get("dataset_fingerprint")
+    try:
+        now = PairedDataset(dataset).fingerprint if recorded else None
+    except (FormatError, OSError, ValueError):  # unreadable: the tokenizer loading that follows names it
+        return None
+    if now is None or now == recorded:
+        return None
+    return f"has been rebuilt or replaced since (dataset fingerprint {now}, the checkpoint records {recorded})"
 
 
 def _check_same_vocabularies(original: Path, given: Path, checkpoint: Path) -> None:
@@ -827,10 +911,9 @@ def predict(model: AmbertForClassification, examples: list[dict], batch_size: in
     """(predictions, gold labels, mean loss) over ``examples`` (token tasks: over labelled fine tokens)."""
     was_training = model.training
     model.eval()
-    predictions, gold, losses = [], [], []
+    predictions, gold, losses, weights = [], [], [], []
     for batch in _batches(examples, batch_size, shuffle=False):
         out = model(batch)
-        losses.append(float(out["loss"]))
         if model.task == "token":
             keep = batch["token_labels"] != IGNORE_INDEX
             predictions.append(out["logits"].argmax(-1)[keep].numpy())
@@ -838,8 +921,12 @@ def predict(model: AmbertForClassification, examples: list[dict], batch_size: in
         else:
             predictions.append(out["logits"].argmax(-1).numpy())
             gold.append(batch["labels"].numpy())
+        if len(gold[-1]):  # a batch's loss is its mean: weighted by its size, the short last batch weighs less
+            losses.append(float(out["loss"]))
+            weights.append(len(gold[-1]))
     model.train(was_training)
-    return np.concatenate(predictions), np.concatenate(gold), float(np.mean(losses))
+    loss = float(np.average(losses, weights=weights)) if weights else float("nan")
+    return np.concatenate(predictions), np.concatenate(gold), loss
 
 
 def _optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
@@ -979,7 +1066,7 @@ def run(config: FinetuneConfig) -> dict:
     config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
-    pretrained = resolve_pretrained(config.model, config.dataset)
+    pretrained = resolve_pretrained(config.model, config.dataset, same_dataset=True)
     if config.deepspeed:  # after the cheap checks above, before any model is built
         setup_deepspeed(config.seeds[0])
         check_same_settings(config)
@@ -993,6 +1080,10 @@ def run(config: FinetuneConfig) -> dict:
     limit = pretrained.model_config.max_position_embeddings
     max_fine = min(config.max_length, limit)
     max_coarse = min(config.max_coarse_length or config.max_length, limit)
+    if max(config.max_length, config.max_coarse_length) > limit and _world()[1] == 0:
+        log.warning("WARNING: --max-length %d%s is more than the model's max_position_embeddings %d: sequences are cut "
+                    "at %d tokens", config.max_length, f" / --max-coarse-length {config.max_coarse_length}"
+                    if config.max_coarse_length else "", limit, limit)
     try:
         train, labels = encode_split(config, encoder, config.train, None, max_fine, max_coarse, config.max_train_examples)
         dev, _ = encode_split(config, encoder, config.dev, labels, max_fine, max_coarse)
@@ -1001,6 +1092,8 @@ def run(config: FinetuneConfig) -> dict:
         raise FinetuneError(str(exc)) from None
     if len(labels) < 2:
         raise FinetuneError(f"{config.train} has a single label {labels.names}: nothing to classify")
+    if config.task == "sequence":
+        check_same_inputs(config, train, [(config.dev, dev), (config.test, test)])
     log.info("%s task, %d labels, %d train / %d dev / %s test examples, model %s (%s)", config.task, len(labels),
              len(train), len(dev), len(test) if test is not None else "no", pretrained.source,
              pretrained.model_config.variant)

@@ -206,7 +206,7 @@ class AmbertEncoder:
         from data_prep.encode import TextEncoder
         from pipeline.finetuning import resolve_pretrained
 
-        pretrained = resolve_pretrained(str(directory), dataset, flag=flag)
+        pretrained = resolve_pretrained(str(directory), dataset, flag=flag, same_dataset=True)
         text_encoder = TextEncoder(pretrained.tokenizer_dir)
         check_vocabularies(pretrained.model_config, len(text_encoder.fine_vocab), len(text_encoder.coarse_vocab),
                            str(directory))
@@ -217,6 +217,13 @@ class AmbertEncoder:
     def encode(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None) -> EncodedBatch:
         from pipeline.finetuning import collate, encode_example
 
+        if isinstance(texts, str) or (text_pairs is not None and isinstance(text_pairs, str)):
+            raise TypeError("encode() takes a list of texts (and of text_pairs): wrap a single text in a list")
+        if not texts:
+            raise ValueError("encode() got no texts: give a list of at least one text")
+        if text_pairs is not None and len(text_pairs) != len(texts):
+            raise ValueError(f"encode() got {len(texts)} texts but {len(text_pairs)} text_pairs: give one pair per "
+                             f"text (the i-th pair goes with the i-th text)")
         examples = [
             encode_example(self.text_encoder, t, text_pairs[i] if text_pairs else None, self.max_length,
                            self.max_length, where=f"texts[{i}]")
