@@ -581,8 +581,19 @@ def deepspeed_config(config: PretrainConfig, world_size: int, override_path: str
     A key the JSON sets to a concrete value that disagrees with this config is an error (two
     sources of truth for the batch size is how runs silently train at the wrong batch size).
     """
-    ds = read_deepspeed_config(override_path or config.parallelism.deepspeed_config)
+    path = override_path or config.parallelism.deepspeed_config
+    ds = read_deepspeed_config(path)
     p = config.parallelism
+    offload = (ds.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    if (isinstance(offload, dict) and str(offload.get("device", "none")).lower() in ("cpu", "nvme")
+            and config.optimizer.name != "deepspeed_adamw" and ds.get("zero_force_ds_cpu_optimizer", True)):
+        # DeepSpeed refuses a client optimizer with ZeRO-Offload, but only inside deepspeed.initialize,
+        # after the model is built on every rank.
+        raise ConfigError(
+            f"parallelism.deepspeed_config={path} offloads the optimizer (zero_optimization.offload_optimizer.device="
+            f"{offload.get('device')}), which DeepSpeed runs only with its own CPU Adam: set "
+            f"optimizer.name=deepspeed_adamw (not {config.optimizer.name}), or put \"zero_force_ds_cpu_optimizer\": false "
+            f"in the JSON to step {config.optimizer.name} on the CPU anyway (much slower)")
     wanted = {
         "train_micro_batch_size_per_gpu": p.micro_batch_size,
         "gradient_accumulation_steps": p.gradient_accumulation_steps,

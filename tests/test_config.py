@@ -100,6 +100,19 @@ def test_deepspeed_config_merge_and_conflict(tmp_path):
         C.deepspeed_config(cfg, world_size=4, override_path=str(bad))
 
 
+def test_optimizer_offload_needs_deepspeed_adamw():
+    """ds_configs/zero3_offload.json with the default optimizer.name=adamw: DeepSpeed raised its
+    ZeRORuntimeException only inside deepspeed.initialize, after every rank had built the model."""
+    offload = str(ROOT / "ds_configs" / "zero3_offload.json")
+    cfg = C.load_config(None, [f"parallelism.deepspeed_config={offload}"])
+    with pytest.raises(C.ConfigError, match=r"offloads the optimizer .*device=cpu.* optimizer.name=deepspeed_adamw "
+                                            r"\(not adamw\).*zero_force_ds_cpu_optimizer"):
+        C.deepspeed_config(cfg, world_size=2)
+    cfg = C.load_config(None, [f"parallelism.deepspeed_config={offload}", "optimizer.name=deepspeed_adamw"])
+    ds = C.deepspeed_config(cfg, world_size=2)
+    assert ds["optimizer"]["type"] == "AdamW" and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
 def test_shipped_recipes_and_ds_configs_load():
     recipes = sorted((ROOT / "pipeline" / "recipes").glob("*.yaml"))
     assert recipes, "no recipes shipped"
