@@ -1,0 +1,38 @@
+"""Launcher, set-up and conversion defects found by the set-up/launcher audit: each test failed
+before its fix. Stubs stand in for srun / scontrol / nvidia-smi / pip; nothing here trains."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHERS = ROOT / "launchers"
+
+
+def _stub(directory: Path, name: str, text: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / name).write_text("#!/usr/bin/env bash\n" + text)
+    (directory / name).chmod(0o755)
+
+
+def test_slurm_srun_gets_the_cpus_per_task_of_the_job(tmp_path):
+    """Since Slurm 22.05 srun no longer inherits --cpus-per-task from sbatch: the step's tasks got one
+    CPU each (under cgroup core confinement: 8 threads and the loader workers of a rank on 1 core).
+    The script passes the job's value to srun explicitly."""
+    shims = tmp_path / "shims"
+    _stub(shims, "srun", 'echo "srun $*" >> "$SHIM_LOG"\n')  # the step "succeeds" without training
+    _stub(shims, "scontrol", 'case "$1 $2" in "show hostnames") echo node001 ;; requeue*) echo "requeue $2" >> "$SHIM_LOG" ;; esac\n')
+    env = {**os.environ, "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "7",
+           "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_NODELIST": "node[001-002]", "SLURM_CPUS_PER_TASK": "6",
+           "SHIM_LOG": str(tmp_path / "log"), "AMBERT_VENV": str(Path(sys.executable).parent.parent),
+           "PYTHONPATH": str(ROOT)}
+    env.pop("AMBERT_ROOT", None)
+    result = subprocess.run(["bash", str(LAUNCHERS / "slurm.sbatch"), "--config", "pipeline/recipes/demo.yaml",
+                             f"output_dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    srun = [line for line in (tmp_path / "log").read_text().splitlines() if line.startswith("srun ")]
+    assert len(srun) == 1 and " --cpus-per-task=6 " in srun[0], srun
