@@ -159,6 +159,7 @@ def to_universal(source: Path, target_dir: Path, workers: int = 1) -> Path:
     source = _complete_checkpoint(source)
     marker = read_marker(source)
     target_dir = Path(target_dir)
+    _refuse_inside(source, target_dir, "target")
     if target_dir.exists() and not target_dir.is_dir():
         raise ConvertError(f"target {target_dir} is a file: give the checkpoint directory of the continued run")
     if TAG_PATTERN.match(target_dir.name):
@@ -215,6 +216,7 @@ def export(source: Path, output: Path) -> Path:
 
     source = _complete_checkpoint(source)
     output = Path(output)
+    _refuse_inside(source, output, "output")
     check_export_output(output, ("config.json", "model.safetensors"), "an export")  # before the expensive part
     marker = read_marker(source)
     tmp_universal = Path(str(output) + ".universal-tmp")
@@ -277,6 +279,13 @@ def export(source: Path, output: Path) -> Path:
 
 class ConvertError(ValueError):
     """A conversion cannot run as asked; the message names the problem and the fix."""
+
+
+def _refuse_inside(source: Path, output: Path, role: str) -> None:
+    """An output written into the source checkpoint would be deleted with it by keep_last retention."""
+    if output.resolve().is_relative_to(source.resolve()):
+        raise ConvertError(f"{role} {output} is inside the checkpoint {source}: checkpoint retention (keep_last) "
+                           f"would delete it together with the checkpoint. Write it outside {source}")
 
 
 def _complete_checkpoint(source) -> Path:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHERS = ROOT / "launchers"
 
@@ -36,3 +38,23 @@ def test_slurm_srun_gets_the_cpus_per_task_of_the_job(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     srun = [line for line in (tmp_path / "log").read_text().splitlines() if line.startswith("srun ")]
     assert len(srun) == 1 and " --cpus-per-task=6 " in srun[0], srun
+
+
+def _fake_checkpoint(tmp_path: Path) -> Path:
+    source = tmp_path / "run" / "checkpoints" / "step_00000004"
+    source.mkdir(parents=True)
+    (source / "COMPLETE").write_text('{"step": 4, "tag": "step_00000004", "model_config": {}}', encoding="utf-8")
+    return source
+
+
+def test_convert_refuses_an_output_inside_the_source_checkpoint(tmp_path):
+    """`convert export CKPT CKPT/export` (or `universal CKPT CKPT/u`) wrote into the checkpoint itself:
+    retention (keep_last) later deleted the export together with the checkpoint, without a word."""
+    from pipeline.convert import ConvertError, export, to_universal
+
+    source = _fake_checkpoint(tmp_path)
+    for call, output in ((export, source / "export"), (to_universal, source / "universal"),
+                         (export, source / "a" / "b")):
+        with pytest.raises(ConvertError, match="inside the checkpoint"):
+            call(source, output)
+        assert not output.exists() and sorted(p.name for p in source.iterdir()) == ["COMPLETE"]
