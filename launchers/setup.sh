@@ -54,9 +54,17 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 # ---- 3. torch ----------------------------------------------------------------------------
 TORCH_SPEC="${AMBERT_TORCH:-auto}"
 TORCH_INDEX=()
+have_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+# A venv set up on a CPU machine (a login node, the demo) holds the CPU build: on a GPU node it would
+# train every rank on the CPU. Replaced by PyPI's CUDA build (AMBERT_TORCH=skip keeps it).
+if [ "$TORCH_SPEC" = "auto" ] && have_gpu \
+   && "$VENV/bin/python" -c "import sys, torch; sys.exit(torch.version.cuda is not None or getattr(torch.version, 'hip', None) is not None)" 2>/dev/null; then
+  log "this node has an NVIDIA GPU but $VENV holds a CPU-only torch: replacing it with the CUDA build"
+  "$VENV/bin/python" -m pip uninstall -q -y torch
+fi
 if [ "$TORCH_SPEC" != "skip" ] && ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   if [ "$TORCH_SPEC" = "auto" ]; then
-    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    if have_gpu; then
       TORCH_SPEC="torch>=2.4"          # GPU node: PyPI's default CUDA build
     else
       TORCH_SPEC="torch==2.13.0"       # CPU node: a CPU wheel (a range would pull a multi-GB CUDA build)

@@ -58,3 +58,50 @@ def test_convert_refuses_an_output_inside_the_source_checkpoint(tmp_path):
         with pytest.raises(ConvertError, match="inside the checkpoint"):
             call(source, output)
         assert not output.exists() and sorted(p.name for p in source.iterdir()) == ["COMPLETE"]
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# the venv's python: pip and compileall are only logged; `import torch` finds a fake torch module
+case "$1 $2" in
+  "-m pip") echo "pip ${*:3}" >> "$SHIM_LOG"; [ "$3" = uninstall ] && rm -rf "$FAKE_TORCH/torch"; exit 0 ;;
+  "-m compileall") exit 0 ;;
+esac
+PYTHONPATH="$FAKE_TORCH" exec "$REAL_PYTHON" -S "$@"  # -S: no site-packages, no real torch
+"""
+
+
+def _setup(tmp_path: Path, torch_cuda: str | None, gpu: bool) -> list[str]:
+    venv = tmp_path / "venv"
+    _stub(venv / "bin", "python", FAKE_PYTHON.removeprefix("#!/usr/bin/env bash\n"))
+    (venv / ".ambert-installed").touch()
+    os.utime(venv / ".ambert-installed", (2**31, 2**31))  # newer than pyproject.toml: the project is installed
+    fake_torch = tmp_path / "fake_torch" / "torch"
+    fake_torch.mkdir(parents=True, exist_ok=True)
+    (fake_torch / "__init__.py").write_text(
+        f"__version__ = {'2.13.0+cpu' if torch_cuda is None else '2.13.0'!r}\n"
+        f"class version:\n    cuda = {torch_cuda!r}\n    hip = None\n", encoding="utf-8")
+    shims = tmp_path / "shims"
+    for name in ("apt-get", "sudo"):
+        _stub(shims, name, f'echo "{name} $*" >> "$SHIM_LOG"\n')
+    if gpu:
+        _stub(shims, "nvidia-smi", 'echo "GPU 0: NVIDIA H100 (UUID: GPU-0)"\n')
+    log = tmp_path / "log"
+    log.write_text("")
+    env = {**os.environ, "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}", "AMBERT_VENV": str(venv),
+           "SHIM_LOG": str(log), "FAKE_TORCH": str(fake_torch.parent), "REAL_PYTHON": sys.executable}
+    env.pop("AMBERT_TORCH", None)
+    result = subprocess.run(["bash", str(LAUNCHERS / "setup.sh")], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return [line for line in log.read_text().splitlines() if line.startswith("pip ")]
+
+
+@pytest.mark.skipif(not (ROOT / "third_party" / "kenlm" / "bin" / "lmplz").exists(), reason="needs lmplz built")
+def test_setup_on_a_gpu_node_replaces_a_cpu_torch(tmp_path):
+    """A venv set up on a CPU login node (or by the demo) holds the CPU torch; setup.sh on the GPU
+    node kept it (`import torch` worked), and every rank trained on the CPU over gloo. A GPU node now
+    gets the CUDA build in place of a CPU-only one; a CUDA torch, or no GPU, is left alone."""
+    pip = _setup(tmp_path / "gpu", torch_cuda=None, gpu=True)
+    assert any(line.startswith("pip uninstall") and " torch" in line for line in pip), pip
+    assert pip[-1].endswith(" torch>=2.4") and "--extra-index-url" not in pip[-1], pip
+    assert _setup(tmp_path / "gpu_cuda", torch_cuda="12.8", gpu=True) == []
+    assert _setup(tmp_path / "cpu", torch_cuda=None, gpu=False) == []
