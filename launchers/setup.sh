@@ -33,13 +33,20 @@ command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 command -v ninja >/dev/null 2>&1 || need_apt+=(ninja-build)
 if [ ${#need_apt[@]} -gt 0 ]; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  if command -v apt-get >/dev/null 2>&1; then
-    log "installing system packages: ${need_apt[*]}"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  SUDO=(); [ "$(id -u)" -ne 0 ] && SUDO=(sudo)
+  # Without root or sudo (a cluster login node) this step cannot be done here: say what is missing and
+  # what needs it, and go on (a GPU training node needs none of KenLM's; the steps that do say so).
+  missing="install them (an administrator, or your cluster's modules), then run this script again: ${need_apt[*]} (Open MPI: mpi4py and the MPI launchers; Boost/zlib/bz2/lzma, cmake, g++: KenLM's lmplz; ninja: DeepSpeed's CPU ops)"
+  if ! command -v apt-get >/dev/null 2>&1; then
+    log "WARNING: not a Debian/Ubuntu system; $missing"
+  elif [ ${#SUDO[@]} -gt 0 ] && ! command -v sudo >/dev/null 2>&1; then
+    log "WARNING: not root and no sudo, so no system packages can be installed; $missing"
   else
-    log "WARNING: not a Debian/Ubuntu system; install the equivalents of: ${need_apt[*]}"
+    log "installing system packages: ${need_apt[*]}"
+    if ! { "${SUDO[@]}" apt-get update -qq \
+           && "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null; }; then
+      log "WARNING: apt-get could not install the system packages (see above); $missing"
+    fi
   fi
 fi
 

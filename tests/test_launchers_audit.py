@@ -70,7 +70,7 @@ PYTHONPATH="$FAKE_TORCH" exec "$REAL_PYTHON" -S "$@"  # -S: no site-packages, no
 """
 
 
-def _setup(tmp_path: Path, torch_cuda: str | None, gpu: bool) -> list[str]:
+def _setup(tmp_path: Path, torch_cuda: str | None, gpu: bool, without: str = "", sudo: str = "") -> list[str]:
     venv = tmp_path / "venv"
     _stub(venv / "bin", "python", FAKE_PYTHON.removeprefix("#!/usr/bin/env bash\n"))
     (venv / ".ambert-installed").touch()
@@ -83,15 +83,30 @@ def _setup(tmp_path: Path, torch_cuda: str | None, gpu: bool) -> list[str]:
     shims = tmp_path / "shims"
     for name in ("apt-get", "sudo"):
         _stub(shims, name, f'echo "{name} $*" >> "$SHIM_LOG"\n')
+    path = os.environ["PATH"]
+    if without:  # a PATH of every command but `without`
+        only = tmp_path / "path"
+        only.mkdir()
+        for directory in reversed(os.environ["PATH"].split(os.pathsep)):
+            for command in Path(directory).glob("*") if Path(directory).is_dir() else ():
+                if command.name != without and os.access(command, os.X_OK):
+                    (only / command.name).unlink(missing_ok=True)
+                    (only / command.name).symlink_to(command)
+        path = str(only)
+    if sudo:  # not root; `sudo` does what the test says
+        _stub(shims, "id", 'echo 1000\n')
+        _stub(shims, "sudo", sudo)
     if gpu:
         _stub(shims, "nvidia-smi", 'echo "GPU 0: NVIDIA H100 (UUID: GPU-0)"\n')
     log = tmp_path / "log"
     log.write_text("")
-    env = {**os.environ, "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}", "AMBERT_VENV": str(venv),
+    env = {**os.environ, "PATH": f"{shims}{os.pathsep}{path}", "AMBERT_VENV": str(venv),
            "SHIM_LOG": str(log), "FAKE_TORCH": str(fake_torch.parent), "REAL_PYTHON": sys.executable}
     env.pop("AMBERT_TORCH", None)
     result = subprocess.run(["bash", str(LAUNCHERS / "setup.sh")], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+    if sudo:
+        return result.stdout + result.stderr, log.read_text()
     return [line for line in log.read_text().splitlines() if line.startswith("pip ")]
 
 
@@ -105,3 +120,18 @@ def test_setup_on_a_gpu_node_replaces_a_cpu_torch(tmp_path):
     assert pip[-1].endswith(" torch>=2.4") and "--extra-index-url" not in pip[-1], pip
     assert _setup(tmp_path / "gpu_cuda", torch_cuda="12.8", gpu=True) == []
     assert _setup(tmp_path / "cpu", torch_cuda=None, gpu=False) == []
+
+
+@pytest.mark.skipif(not (ROOT / "third_party" / "kenlm" / "bin" / "lmplz").exists(), reason="needs lmplz built")
+def test_setup_without_root_or_sudo_names_the_missing_packages_and_goes_on(tmp_path):
+    """On a cluster login node (no root, no sudo rights) a missing system package (here ninja) made
+    setup.sh die at `sudo apt-get update` with only sudo's own message, before the venv or the project
+    were installed. It now names the packages and what needs them, and does the rest."""
+    output, log = _setup(tmp_path / "a", torch_cuda="12.8", gpu=False, without="ninja",
+                         sudo='echo "sudo: a password is required" >&2; exit 1\n')
+    assert "WARNING: apt-get could not install" in output and "ninja-build" in output and "DeepSpeed" in output, output
+    assert "ready:" in output, output
+    # sudo that works: apt-get runs through it, with DEBIAN_FRONTEND set past sudo's environment reset
+    output, log = _setup(tmp_path / "b", torch_cuda="12.8", gpu=False, without="ninja",
+                         sudo='echo "sudo $*" >> "$SHIM_LOG"\n')
+    assert "sudo apt-get update -qq" in log and "sudo env DEBIAN_FRONTEND=noninteractive apt-get install" in log, log
