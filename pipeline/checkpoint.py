@@ -80,6 +80,18 @@ def find_resume_checkpoint(directory: str | os.PathLike, resume: str) -> Path | 
     path = Path(resume)
     if not (path / COMPLETE).is_file():
         raise CheckpointError(f"checkpointing.resume={resume}: {why_not_a_checkpoint(path)}; or use checkpointing.resume=auto")
+    if path.resolve().parent == Path(directory).resolve():
+        # Rolling back within the run's own folder: the newer checkpoints of the abandoned run would stay
+        # "newest", so keep_last would delete this run's saves first and --resume auto (a requeue) would
+        # go back to them.
+        newer = [p for _, p in complete_checkpoints(directory) if p.name > path.name]
+        if newer:
+            aside = Path(directory) / "set_aside"
+            raise CheckpointError(
+                f"checkpointing.resume={resume}: {directory} also holds newer complete checkpoints "
+                f"({', '.join(p.name for p in newer)}), which would stay the newest: keep_last would delete this "
+                f"run's own saves first and --resume auto (a requeued job) would continue from {newer[-1].name}. "
+                f"Move them out of the folder first: mkdir -p {aside} && mv {' '.join(str(p) for p in newer)} {aside}/")
     return path
 
 
@@ -380,8 +392,9 @@ def _older_choice(path: Path) -> str:
     older = [p for step, p in complete_checkpoints(path.parent) if p.name < path.name]
     if not older:
         return "No older complete checkpoint is left in its folder: restore the files, or start a fresh run."
-    return (f"The newest older complete one is {older[-1]}: resume from it with checkpointing.resume={older[-1]} (or "
-            f"move {path.name} away and use --resume auto), or give it to fine-tuning / export instead")
+    return (f"The newest older complete one is {older[-1]}: move {path.name} (and any newer one) out of {path.parent}, "
+            f"then resume with --resume auto (or checkpointing.resume={older[-1]}), or give it to fine-tuning / export "
+            f"instead")
 
 
 def _fault_injection(point: str, step: int) -> None:

@@ -3,6 +3,7 @@ before its fix. Stubs stand in for srun / scontrol / nvidia-smi / pip; nothing h
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -135,3 +136,24 @@ def test_setup_without_root_or_sudo_names_the_missing_packages_and_goes_on(tmp_p
     output, log = _setup(tmp_path / "b", torch_cuda="12.8", gpu=False, without="ninja",
                          sudo='echo "sudo $*" >> "$SHIM_LOG"\n')
     assert "sudo apt-get update -qq" in log and "sudo env DEBIAN_FRONTEND=noninteractive apt-get install" in log, log
+
+
+def test_explicit_resume_from_an_older_checkpoint_with_newer_ones_beside_it_is_refused(tmp_path):
+    """Rolling back (`--resume .../step_10` while step_20 is still in the folder, as the message for a
+    damaged checkpoint advised) mixed the new saves with the abandoned ones: keep_last=1 deleted the
+    save just written (step 12) and kept step 20, and the next --resume auto (every SLURM requeue)
+    went back to step 20. Refused, naming the newer ones and the move that makes it safe."""
+    from pipeline import checkpoint as ckpt
+
+    def save(step: int) -> None:
+        (tmp_path / ckpt.tag_for(step)).mkdir()
+        (tmp_path / ckpt.tag_for(step) / ckpt.COMPLETE).write_text(json.dumps({"step": step}))
+
+    save(10), save(20)
+    assert ckpt.find_resume_checkpoint(tmp_path, str(tmp_path / "step_00000020")).name == "step_00000020"
+    with pytest.raises(ckpt.CheckpointError, match=r"also holds newer complete checkpoints \(step_00000020\).*mv "):
+        ckpt.find_resume_checkpoint(tmp_path, str(tmp_path / "step_00000010"))
+    # a checkpoint of another folder (another run) is fine: this run's folder has nothing newer
+    other = tmp_path / "other"
+    other.mkdir()
+    assert ckpt.find_resume_checkpoint(other, str(tmp_path / "step_00000020")).name == "step_00000020"
