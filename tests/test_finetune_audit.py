@@ -115,21 +115,13 @@ def _rebuild_with_same_sizes(dataset: Path) -> None:
 
 
 def test_a_dataset_rebuilt_after_pre_training_is_not_taken_for_the_models_tokenizers(tmp_path, capsys):
-    import subprocess
-
     from pipeline.convert import export
     from pipeline.finetuning import FinetuneError, resolve_pretrained
-    from tests.distributed import free_port
     from tests.test_data_loader import write_synthetic_dataset
-    from tests.test_pretrain import BASE, PRETRAIN, ROOT, TORCHRUN, run_env
+    from tests.test_pretrain import train_one_process
 
     dataset = write_synthetic_dataset(tmp_path / "dataset", num_docs=60)
-    command = [TORCHRUN, "--nproc_per_node", "1", "--master_port", str(free_port()), PRETRAIN, *BASE,
-               f"data.path={dataset}", f"output_dir={tmp_path / 'run'}", "schedule.train_steps=2",
-               "checkpointing.save_every=2", "data.num_workers=0"]
-    proc = subprocess.run(command, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
+    checkpoint = train_one_process(dataset, tmp_path / "run", steps=2, save_every=2) / "step_00000002"
     before = export(checkpoint, tmp_path / "before")
     assert "rebuilt" not in capsys.readouterr().err
     assert resolve_pretrained(str(checkpoint), same_dataset=True).tokenizer_dir == dataset  # unchanged: no complaint

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed import free_port
 from tests.test_finetune import make_sentiment_files, make_tiny_en_dataset, make_tiny_zh_dataset
-from tests.test_pretrain import BASE, PRETRAIN, ROOT, TORCHRUN, run_env
+from tests.test_pretrain import ROOT, run_env, train_one_process
 
 OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
 MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
@@ -32,12 +31,7 @@ def pretrained_run(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("damaged")
     dataset = write_synthetic_dataset(root / "dataset", num_docs=60)
-    command = [TORCHRUN, "--nproc_per_node", "1", "--master_port", str(free_port()), PRETRAIN, *BASE,
-               f"data.path={dataset}", f"output_dir={root / 'run'}", "schedule.train_steps=4",
-               "checkpointing.save_every=2", "data.num_workers=0"]
-    proc = subprocess.run(command, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    checkpoints = root / "run" / "checkpoints"
+    checkpoints = train_one_process(dataset, root / "run", steps=4, save_every=2)
     assert (checkpoints / "step_00000002" / "COMPLETE").is_file() and (checkpoints / "step_00000004" / "COMPLETE").is_file()
     return checkpoints
 

@@ -65,6 +65,18 @@ def launch(overrides: list[str], nproc: int = 2, env: dict | None = None, timeou
     return proc.returncode, proc.stdout
 
 
+def train_one_process(dataset: Path, output_dir: Path, steps: int, save_every: int) -> Path:
+    """A tiny pre-training run (torchrun, 1 process: a few seconds); its checkpoints directory."""
+    from tests.distributed import free_port
+
+    command = [TORCHRUN, "--nproc_per_node", "1", "--master_port", str(free_port()), PRETRAIN, *BASE,
+               f"data.path={dataset}", f"output_dir={output_dir}", f"schedule.train_steps={steps}",
+               f"checkpointing.save_every={save_every}", "data.num_workers=0"]
+    proc = subprocess.run(command, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return output_dir / "checkpoints"
+
+
 def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
     return {step: rec[key] for step, rec in read_metrics(run_dir).items()}
 
