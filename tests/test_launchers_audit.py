@@ -41,6 +41,32 @@ def test_slurm_srun_gets_the_cpus_per_task_of_the_job(tmp_path):
     assert len(srun) == 1 and " --cpus-per-task=6 " in srun[0], srun
 
 
+def test_slurm_does_not_requeue_when_it_cannot_tell_whether_training_finished(tmp_path):
+    """The "finished?" check exited 1 on any exception (an unreadable checkpoint folder, a broken
+    venv), which read as "stopped early": the job requeued itself forever. Now a failed check is an
+    error that names the fix; a run stopped early (no checkpoint at the last step) still requeues."""
+    shims = tmp_path / "shims"
+    _stub(shims, "srun", 'echo "srun $*" >> "$SHIM_LOG"\n')
+    _stub(shims, "scontrol", 'case "$1 $2" in "show hostnames") echo node001 ;; requeue*) echo "requeue $2" >> "$SHIM_LOG" ;; esac\n')
+    env = {**os.environ, "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "7",
+           "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_NODELIST": "node001", "SHIM_LOG": str(tmp_path / "log"),
+           "AMBERT_VENV": str(Path(sys.executable).parent.parent), "PYTHONPATH": str(ROOT)}
+    env.pop("AMBERT_ROOT", None)
+
+    def submit(*overrides: str) -> subprocess.CompletedProcess:
+        (tmp_path / "log").unlink(missing_ok=True)
+        return subprocess.run(["bash", str(LAUNCHERS / "slurm.sbatch"), "--config", "pipeline/recipes/demo.yaml",
+                               f"output_dir={tmp_path / 'run'}", *overrides], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    stopped = submit()  # no checkpoint at the last step: stopped early
+    assert stopped.returncode == 0 and "requeue 7" in (tmp_path / "log").read_text(), stopped.stdout + stopped.stderr
+    broken = submit("schedule.train_steps=not-a-number")  # the check itself fails
+    assert broken.returncode != 0, broken.stdout + broken.stderr
+    assert "requeue 7" not in (tmp_path / "log").read_text()
+    assert "could not read the run's checkpoints" in broken.stderr and "not requeueing" in broken.stderr
+
+
 def _fake_checkpoint(tmp_path: Path) -> Path:
     source = tmp_path / "run" / "checkpoints" / "step_00000004"
     source.mkdir(parents=True)
