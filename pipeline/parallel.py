@@ -108,6 +108,32 @@ def deepspeed_shm_file(rank: int) -> str:
     return os.path.join(SHM_DIR, f"{DEEPSPEED_SHM_PREFIX}_{os.getuid()}_{addr}_{port}_{rank}")
 
 
+def warn_cpu_torch_on_gpu_node() -> bool:
+    """A venv set up on a CPU machine (a login node, the demo) holds a CPU-only torch: on a GPU node
+    every rank would train on the CPU over gloo, only slower, without an error. Warns (stderr) when
+    ``nvidia-smi`` lists a GPU that this torch cannot use; returns whether it warned."""
+    import shutil
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available() or torch.version.cuda is not None or getattr(torch.version, "hip", None):
+        return False
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return False
+    try:
+        listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    if listed.returncode != 0 or "GPU" not in listed.stdout:
+        return False
+    print(f"warning: this node has an NVIDIA GPU ({listed.stdout.splitlines()[0].strip()}) but torch "
+          f"{torch.__version__} is a CPU-only build, so this run trains on the CPU over gloo. Run "
+          f"launchers/setup.sh on this node (it replaces a CPU-only torch when nvidia-smi works), or "
+          f"pip install a CUDA build of torch into {sys.prefix}", file=sys.stderr, flush=True)
+    return True
+
+
 def init_distributed(backend: str | None = None, auto_mpi_discovery: bool = True, timeout_minutes: float = 30.0) -> None:
     """``deepspeed.init_distributed`` (gloo on CPU, nccl on GPU, or ``backend``), then the
     release of DeepSpeed's CPU shared-memory names (``release_deepspeed_shm``). A collective that
@@ -115,6 +141,7 @@ def init_distributed(backend: str | None = None, auto_mpi_discovery: bool = True
     from datetime import timedelta
 
     warn_deepspeed_build_lock()  # before DeepSpeed may wait on it (forever, if it is stale)
+    warn_cpu_torch_on_gpu_node()
     import deepspeed
 
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")

@@ -183,3 +183,25 @@ def test_explicit_resume_from_an_older_checkpoint_with_newer_ones_beside_it_is_r
     other = tmp_path / "other"
     other.mkdir()
     assert ckpt.find_resume_checkpoint(other, str(tmp_path / "step_00000020")).name == "step_00000020"
+
+
+def test_a_cpu_torch_on_a_gpu_node_is_warned_about(tmp_path, monkeypatch, capsys):
+    """A venv set up on a CPU login node holds a CPU-only torch; on a GPU node pretrain.py trained
+    every rank on the CPU over gloo without a word."""
+    import torch
+
+    from pipeline import parallel
+
+    shims = tmp_path / "shims"
+    _stub(shims, "nvidia-smi", 'echo "GPU 0: NVIDIA A100-SXM4-80GB (UUID: GPU-0)"\n')
+    monkeypatch.setenv("PATH", f"{shims}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert parallel.warn_cpu_torch_on_gpu_node()
+    err = capsys.readouterr().err
+    assert "NVIDIA A100" in err and "CPU-only build" in err and "launchers/setup.sh" in err
+    monkeypatch.setattr(torch.version, "cuda", "12.4")  # a CUDA build (the driver may be the problem): no warning
+    assert not parallel.warn_cpu_torch_on_gpu_node()
+    monkeypatch.setattr(torch.version, "cuda", None)
+    _stub(shims, "nvidia-smi", "exit 9\n")  # no usable GPU: no warning
+    assert not parallel.warn_cpu_torch_on_gpu_node() and not capsys.readouterr().err
