@@ -15,7 +15,9 @@
 #   DS_CONFIG     DeepSpeed JSON (default: the recipe's parallelism.deepspeed_config)
 #   MASTER_PORT   rendezvous port (default 29500)
 #   MPI_ARGS      extra mpirun arguments, e.g. "--mca btl_tcp_if_include eth0"
-#                 (as root add "--allow-run-as-root"; more ranks than cores: "--oversubscribe")
+#                 (as root add "--allow-run-as-root"; more ranks than cores: "--oversubscribe");
+#                 split like a shell line (shlex), so a value with spaces can be quoted:
+#                 MPI_ARGS='-x NCCL_IB_HCA="mlx5_0 mlx5_1"' (DeepSpeed splits --launcher_args the same way)
 # Extra arguments are key=value overrides for pipeline/pretrain.py.
 set -euo pipefail
 # Paths given relative to the directory the script is started from (HOSTFILE=myhosts) are made
@@ -32,16 +34,26 @@ HOSTFILE="${HOSTFILE:-launchers/hostfile.example}"
 RECIPE="${RECIPE:-pipeline/recipes/bert-base.yaml}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 NP="${NP:-$(awk '!/^#/ && NF {split($2, a, "="); n += a[2]} END {print n}' "$HOSTFILE")}"
-read -r -a mpi_extra <<< "${MPI_ARGS:-}"
+# MPI_ARGS split as DeepSpeed splits --launcher_args (shlex): quotes group a value with spaces
+mpi_extra=()
+MPI_ARGS="${MPI_ARGS:-}"
+if [ -n "${MPI_ARGS// /}" ]; then
+  py="$VENV/bin/python"; [ -x "$py" ] || py=python3
+  mapfile -d '' -t mpi_extra < <("$py" -c 'import shlex, sys; sys.stdout.write("".join(a + "\0" for a in shlex.split(sys.argv[1])))' "$MPI_ARGS" 2>/dev/null)
+  if [ "${#mpi_extra[@]}" -eq 0 ]; then
+    echo "MPI_ARGS could not be split like a shell line (an unbalanced quote?): $MPI_ARGS" >&2; exit 2
+  fi
+fi
 ds_args=()
 [ -n "${DS_CONFIG:-}" ] && ds_args=(--deepspeed_config "$DS_CONFIG")
 case "$MODE" in
   deepspeed)
     # DeepSpeed's openmpi runner forwards neither MASTER_PORT (remote ranks would use 29500) nor
     # DS_ACCELERATOR / HF_*: passed with -x here (other variables: .deepspeed_env or MPI_ARGS).
-    forward="-x MASTER_PORT=$MASTER_PORT"
+    # (quoted for DeepSpeed's shlex split: a value may hold spaces)
+    forward="-x $(printf '%q' "MASTER_PORT=$MASTER_PORT")"
     for var in DS_ACCELERATOR HF_DATASETS_OFFLINE HF_HUB_OFFLINE; do
-      if [ -n "${!var:-}" ]; then forward+=" -x $var=${!var}"; fi
+      if [ -n "${!var:-}" ]; then forward+=" -x $(printf '%q' "$var=${!var}")"; fi
     done
     exec "$VENV/bin/deepspeed" --launcher openmpi --hostfile "$HOSTFILE" --master_port "$MASTER_PORT" \
       --launcher_args "$forward ${MPI_ARGS:-}" \

@@ -205,3 +205,45 @@ def test_a_cpu_torch_on_a_gpu_node_is_warned_about(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(torch.version, "cuda", None)
     _stub(shims, "nvidia-smi", "exit 9\n")  # no usable GPU: no warning
     assert not parallel.warn_cpu_torch_on_gpu_node() and not capsys.readouterr().err
+
+
+def _argv_recorder(path: Path) -> None:
+    """A fake launcher that writes its argv, one argument per line (JSON), to stdout."""
+    path.write_text('#!/usr/bin/env python3\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n')
+    path.chmod(0o755)
+
+
+def test_openmpi_mpi_args_and_forwarded_values_keep_their_quoted_spaces(tmp_path):
+    """MPI_ARGS is split like a shell line (shlex, as DeepSpeed splits --launcher_args): a quoted value
+    with spaces stays one argument; it was split on every space, so `-x NCCL_IB_HCA="mlx5_0 mlx5_1"`
+    reached mpirun as three broken arguments. An unbalanced quote is an error that names MPI_ARGS."""
+    import shlex
+
+    fake_venv = tmp_path / "venv"
+    (fake_venv / "bin").mkdir(parents=True)
+    for name in ("mpirun", "deepspeed"):
+        _argv_recorder(fake_venv / "bin" / name)
+    os.symlink(sys.executable, fake_venv / "bin" / "python")
+    env = {**os.environ, "PATH": f"{fake_venv / 'bin'}:{os.environ['PATH']}", "AMBERT_VENV": str(fake_venv),
+           "HOSTFILE": str(ROOT / "launchers" / "hostfile.example"),
+           "MPI_ARGS": '--mca btl_tcp_if_include eth0 -x NCCL_IB_HCA="mlx5_0 mlx5_1"',
+           "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "a b"}
+    script = str(ROOT / "launchers" / "openmpi.sh")
+    result = subprocess.run(["bash", script, "data.path=/x"], env={**env, "MODE": "mpirun"},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    argv = json.loads(result.stdout)
+    at = argv.index("NCCL_IB_HCA=mlx5_0 mlx5_1")
+    assert argv[at - 1] == "-x" and argv[at - 4:at - 1] == ["--mca", "btl_tcp_if_include", "eth0"], argv
+
+    result = subprocess.run(["bash", script, "data.path=/x"], env={**env, "MODE": "deepspeed"},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    argv = json.loads(result.stdout)
+    launcher_args = shlex.split(argv[argv.index("--launcher_args") + 1])  # as DeepSpeed's OpenMPIRunner splits it
+    assert "DS_ACCELERATOR=a b" in launcher_args and "NCCL_IB_HCA=mlx5_0 mlx5_1" in launcher_args, launcher_args
+    assert "MASTER_PORT=29500" in launcher_args and "HF_HUB_OFFLINE=1" in launcher_args, launcher_args
+
+    result = subprocess.run(["bash", script], env={**env, "MODE": "mpirun", "MPI_ARGS": '-x A="unclosed'},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "MPI_ARGS" in result.stderr and "quote" in result.stderr, result.stderr
