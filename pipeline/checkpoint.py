@@ -157,6 +157,16 @@ def load_init_weights(path: str, dataset, model_config: dict) -> dict[str, torch
         raise CheckpointError(f"{flag}={path} is a model of another shape ({'; '.join(diffs)}): give this run the "
                               f"same model settings (model.recipe / model.* overrides; the export's config.json) or "
                               f"another {flag}")
+    recorded = _record_of(Path(path)).get("vocab_fingerprints")
+    if isinstance(recorded, dict):  # what the model was trained with, whatever its dataset holds now
+        here = vocab_fingerprints(dataset)
+        for side, name in (("fine", FINE_VOCAB_FILE), ("coarse", COARSE_VOCAB_FILE)):
+            if recorded.get(side) is not None and recorded.get(side) != here[side]:
+                raise CheckpointError(
+                    f"{flag}={path} was pre-trained with another {name} (fingerprint {recorded.get(side)}) than "
+                    f"data.path={dataset.directory} has ({here[side]}): its token ids would mean other tokens (the "
+                    f"dataset it was trained on may have been rebuilt since). Build the dataset with the model's "
+                    f"vocabularies (--vocab-from a copy of the original dataset), or give another {flag}")
     for name, here in ((FINE_VOCAB_FILE, dataset.fine_vocab), (COARSE_VOCAB_FILE, dataset.coarse_vocab)):
         there = Vocab.load(Path(pretrained.tokenizer_dir) / name)
         if there.fingerprint() != here.fingerprint():
@@ -168,20 +178,28 @@ def load_init_weights(path: str, dataset, model_config: dict) -> dict[str, torch
     return pretrained.state_dict
 
 
+def vocab_fingerprints(dataset) -> dict[str, str]:
+    """The fingerprints of a PairedDataset's two vocabularies (what its token ids mean)."""
+    return {"fine": dataset.fine_vocab.fingerprint(), "coarse": dataset.coarse_vocab.fingerprint()}
+
+
+def _record_of(source: Path) -> dict:
+    """An export's training.json or a checkpoint's marker; {} when there is none or it is unreadable."""
+    for name in ("training.json", COMPLETE):
+        try:
+            record = json.loads((source / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        return record if isinstance(record, dict) else {}
+    return {}
+
+
 def describe_origin(path: str) -> dict:
     """What ``checkpointing.init_from`` points at, for the run's records (its checkpoints' markers,
     its exports' training.json): the resolved path, the step and dataset that model was trained to,
     and where IT started from (the chain of continued pre-training runs)."""
     source = Path(path).resolve()
-    record: dict = {}
-    for name in ("training.json", COMPLETE):  # an export's, a checkpoint's
-        try:
-            record = json.loads((source / name).read_text(encoding="utf-8"))
-            break
-        except (OSError, ValueError):
-            continue
-    if not isinstance(record, dict):
-        record = {}
+    record = _record_of(source)
     return {"path": str(source), **{k: record[k] for k in ("step", "dataset_path", "dataset_fingerprint", "started_from")
                                     if record.get(k) is not None}}
 

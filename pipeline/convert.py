@@ -270,8 +270,8 @@ def export(source: Path, output: Path) -> Path:
                   f"Copy meta.json, fine_vocab.txt, coarse_vocab.txt (and fine_tokenizer.json, phrases.tsv, "
                   f"user_dict.txt) of the original dataset into {final} before using the export", file=sys.stderr)
     (output / "training.json").write_text(
-        json.dumps({k: marker.get(k) for k in ("step", "consumed_samples", "dataset_path", "dataset_fingerprint", "tensor_parallel", "data_parallel",
-                                        "started_from")}, indent=1),
+        json.dumps({k: marker.get(k) for k in ("step", "consumed_samples", "dataset_path", "dataset_fingerprint", "vocab_fingerprints",
+                                        "tensor_parallel", "data_parallel", "started_from")}, indent=1),
         encoding="utf-8",
     )
     return commit_output(output, final)

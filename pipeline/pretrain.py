@@ -595,6 +595,9 @@ def main(argv: list[str] | None = None) -> int:
             "consumed_samples": consumed_samples,
             "dataset_path": str(config.dataset_dir),
             "dataset_fingerprint": dataset.fingerprint,
+            # the token ids' meaning, checked by a later run's checkpointing.init_from even after the
+            # dataset at dataset_path was rebuilt (the dataset fingerprint also covers the text)
+            "vocab_fingerprints": ckpt.vocab_fingerprints(dataset),
             "model_config": model_config.to_dict(),
             "tensor_parallel": p.tensor_parallel,
             "data_parallel": dp_size,

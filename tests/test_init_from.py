@@ -54,6 +54,12 @@ def test_init_from_an_export_at_tp1_and_tp2(export, tmp_path, tmp_path_factory):
 
     source = read_marker(get_reference_run(tmp_path_factory) / "checkpoints" / "step_00000020")
     assert source["started_from"] is None
+    from data_prep.format import PairedDataset
+
+    trained_on = PairedDataset(source["dataset_path"])
+    assert source["vocab_fingerprints"] == {"fine": trained_on.fine_vocab.fingerprint(),
+                                            "coarse": trained_on.coarse_vocab.fingerprint()}
+    assert json.loads((Path(export) / "training.json").read_text())["vocab_fingerprints"] == source["vocab_fingerprints"]
     origin = read_marker(tmp_path / "tp1" / "checkpoints" / "step_00000002")["started_from"]
     assert origin == {"path": str(Path(export).resolve()), "step": 20, "dataset_path": source["dataset_path"],
                       "dataset_fingerprint": source["dataset_fingerprint"]}
@@ -72,6 +78,12 @@ def test_init_from_refusals_before_any_process_group(export, tmp_path, tmp_path_
     lines = (other_vocab / "fine_vocab.txt").read_text(encoding="utf-8").splitlines()
     lines[-1], lines[-2] = lines[-2], lines[-1]
     (other_vocab / "fine_vocab.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # An export whose tokenizer files were copied from its dataset after a rebuild (`convert export`
+    # warns): they match other_vocab, but the weights were trained with the original ids, which its
+    # training.json records.
+    stale_export = tmp_path / "stale_export"
+    shutil.copytree(export, stale_export)
+    shutil.copy(other_vocab / "fine_vocab.txt", stale_export / "fine_vocab.txt")
     monkeypatch.setattr(parallel, "startup_failed", lambda *a, **k: None)
     common = [*BASE, "schedule.train_steps=2"]
     cases = [
@@ -82,10 +94,14 @@ def test_init_from_refusals_before_any_process_group(export, tmp_path, tmp_path_
          "is a model of another shape (num_layers: 2 there vs 3 here)"),
         (CheckpointError, [f"data.path={other_vocab}", f"checkpointing.init_from={export}"],
          "was pre-trained with another fine_vocab.txt"),
+        (CheckpointError, [f"data.path={other_vocab}", f"checkpointing.init_from={stale_export}"],
+         "was pre-trained with another fine_vocab.txt (fingerprint "),
     ]
     for i, (error, overrides, message) in enumerate(cases):
         with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
             pretrain.main([*common, f"output_dir={tmp_path / f'run{i}'}", *overrides])
         if "another fine_vocab" in message:
             assert "--vocab-from" in str(info.value)
+        if "fingerprint" in message:
+            assert "rebuilt since" in str(info.value)
         assert not (tmp_path / f"run{i}" / "metrics.jsonl").exists()
