@@ -67,6 +67,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--config", help=f"recipe YAML (default: {DEFAULT_RECIPE.relative_to(ROOT)})")
     parser.add_argument("--deepspeed_config", help="DeepSpeed JSON (= parallelism.deepspeed_config=...)")
     parser.add_argument("--resume", help="'auto' or a checkpoint directory (= checkpointing.resume=...)")
+    parser.add_argument("--finished", action="store_true",
+                        help="do not train: exit 0 if the run this command line describes has a complete checkpoint "
+                             "at schedule.train_steps, 3 if it stopped before (preemption, time limit: a job script "
+                             "requeues or restarts it), 2 if its config is wrong (launchers/slurm.sbatch, kubernetes.yaml)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. schedule.train_steps=100")
     args = parser.parse_intermixed_args(argv)  # options may come between key=value overrides
@@ -473,8 +477,27 @@ def _startup_checks(config: PretrainConfig, rank: int, world_size: int):
     return dataset, model_config, ds_config, resume_path, resume_universal, init_weights
 
 
+STOPPED_EARLY = 3  # ``--finished``'s exit code for a run that has not reached its last step
+
+
+def finished_status(config) -> int:
+    """``--finished``: 0 if the run's newest complete checkpoint is at schedule.train_steps (the job
+    scripts train with checkpointing.save_at_end=true), STOPPED_EARLY if not; prints which."""
+    found = ckpt.complete_checkpoints(config.checkpoint_dir)
+    step = found[-1][0] if found else 0
+    if step >= config.schedule.train_steps:
+        print(f"finished: {config.checkpoint_dir} has a complete checkpoint at step {step} "
+              f"(schedule.train_steps={config.schedule.train_steps})")
+        return 0
+    print(f"not finished: the newest complete checkpoint in {config.checkpoint_dir} is "
+          f"{f'at step {step}' if found else 'none'} of schedule.train_steps={config.schedule.train_steps}")
+    return STOPPED_EARLY
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
+    if args.finished:  # no process group, no logs: a job script's check after the training step
+        return finished_status(load_config(args.config or DEFAULT_RECIPE, overrides))
     rank, world_size, _ = launch_env()
     setup_logging(rank)
     # From the start: a SIGUSR1 / SIGTERM (time limit, preemption) during start-up (engine build,

@@ -247,3 +247,78 @@ def test_openmpi_mpi_args_and_forwarded_values_keep_their_quoted_spaces(tmp_path
     result = subprocess.run(["bash", script], env={**env, "MODE": "mpirun", "MPI_ARGS": '-x A="unclosed'},
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "MPI_ARGS" in result.stderr and "quote" in result.stderr, result.stderr
+
+
+def _kubernetes_script() -> str:
+    import yaml
+
+    job = next(iter(yaml.safe_load_all((LAUNCHERS / "kubernetes.yaml").read_text())))
+    scripts = {role: spec["template"]["spec"]["containers"][0]["args"][0]
+               for role, spec in job["spec"]["pytorchReplicaSpecs"].items()}
+    assert len(set(scripts.values())) == 1, "the Master and Worker pods run the same command"
+    return scripts["Master"]
+
+
+def test_kubernetes_pod_restarts_until_the_run_reached_its_last_step(tmp_path):
+    """The pod's command, run as the container runs it (bash -c, torchrun replaced by a recorder):
+    torchrun exiting 0 because the ranks stopped early (a preemption signal on ANY pod: every rank
+    saves and exits 0) made the pod, and with the Master the whole PyTorchJob, "Succeeded" half-way.
+    Now the container asks `pretrain.py --finished`: exit 1 (OnFailure restarts it) until a complete
+    checkpoint is at schedule.train_steps; a SIGTERM to the shell (PID 1 in the pod) reaches torchrun;
+    a failed torchrun's status is kept."""
+    import signal
+    import time
+
+    from pipeline.config import load_config
+
+    work = tmp_path / "workspace"
+    (work / ".venv" / "bin").mkdir(parents=True)
+    for name in ("pipeline", "data_prep"):
+        os.symlink(ROOT / name, work / name)
+    python = work / ".venv" / "bin" / "python"  # a wrapper: a symlink outside the venv loses its packages
+    python.write_text(f'#!/usr/bin/env bash\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    torchrun = work / ".venv" / "bin" / "torchrun"
+    torchrun.write_text('#!/usr/bin/env bash\necho "$*" > "$RECORD"\n'
+                        'trap \'echo TERM >> "$RECORD"; exit 0\' TERM\n'
+                        'if [ -n "${HOLD:-}" ]; then touch "$RECORD.ready"; while :; do sleep 0.1; done; fi\n'
+                        'exit "${TORCHRUN_STATUS:-0}"\n')
+    torchrun.chmod(0o755)
+    run_dir = tmp_path / "run"
+    script = _kubernetes_script().replace("output_dir=/shared/runs/bert-base", f"output_dir={run_dir}")
+    assert str(run_dir) in script
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "ambert-pretrain-master-0",
+           "MASTER_PORT": "23456", "RECORD": str(tmp_path / "torchrun.args"), "PYTHONPATH": str(ROOT)}
+
+    def pod(**extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", script], cwd=work, env={**env, **extra}, capture_output=True,
+                              text=True, timeout=120)
+
+    stopped = pod()  # the ranks stopped early (no checkpoint at the last step): restart the pod
+    assert stopped.returncode == 1 and "stopped before the last step" in stopped.stdout, stopped.stdout + stopped.stderr
+    args = (tmp_path / "torchrun.args").read_text()
+    assert "--nnodes 2 --node_rank 1 --nproc_per_node 8" in args and "--master_port 23456" in args
+    assert f"pipeline/pretrain.py --config pipeline/recipes/bert-base.yaml --resume auto data.path=/shared/data/zh output_dir={run_dir}" in args
+
+    failed = pod(TORCHRUN_STATUS="7")  # a failed run keeps its status
+    assert failed.returncode == 7, failed.stdout + failed.stderr
+
+    # SIGTERM to the shell (the pod's PID 1) is passed on to torchrun, then the check runs
+    proc = subprocess.Popen(["bash", "-c", script], cwd=work, env={**env, "HOLD": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    ready = Path(f"{env['RECORD']}.ready")
+    for _ in range(200):
+        if ready.exists():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert "TERM" in (tmp_path / "torchrun.args").read_text(), out + err
+    assert proc.returncode == 1 and "stopped before the last step" in out, out + err
+
+    config = load_config(str(ROOT / "pipeline" / "recipes" / "bert-base.yaml"), [f"output_dir={run_dir}"])
+    last = config.checkpoint_dir / f"step_{config.schedule.train_steps:08d}"
+    last.mkdir(parents=True)
+    (last / "COMPLETE").write_text("{}", encoding="utf-8")
+    done = pod()  # finished: the pod succeeds
+    assert done.returncode == 0 and "finished" in done.stdout, done.stdout + done.stderr
