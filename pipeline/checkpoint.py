@@ -211,7 +211,7 @@ def copy_full_weights(module: torch.nn.Module, state: dict[str, torch.Tensor]) -
     copies start from these weights."""
     import deepspeed
 
-    from pipeline.convert import _full_shape_and_dim
+    from pipeline.convert import _full_shape_and_dim, tp_shard
     from pipeline.parallel import tensor_parallel_rank, tensor_parallel_size
 
     tp_rank, tp_size = tensor_parallel_rank(), tensor_parallel_size()
@@ -227,7 +227,7 @@ def copy_full_weights(module: torch.nn.Module, state: dict[str, torch.Tensor]) -
         if tuple(full.shape) != tuple(full_shape):
             raise CheckpointError(f"checkpointing.init_from: {name} has shape {tuple(full.shape)}, the model's is "
                                   f"{tuple(full_shape)}")
-        piece = full if dim is None else full.chunk(tp_size, dim)[tp_rank]
+        piece = full if dim is None else tp_shard(full, param, tp_rank, tp_size)
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=hasattr(param, "ds_id")):
             with torch.no_grad():
                 param.data.copy_(piece.to(param.dtype))
@@ -425,9 +425,16 @@ def _fault_injection(point: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def rng_state_for_rank(client_state: dict, rank: int, world_size: int) -> dict | None:
+def rng_state_for_rank(client_state: dict, rank: int, world_size: int, tensor_parallel: int | None = None) -> dict | None:
+    """The RNG state rank ``rank`` saved, or None when the checkpoint was saved at another layout: at
+    the same world size but another TP size (a universal conversion), old rank k's stream would give
+    the TP ranks of one data-parallel group different dropout on replicated tensors, which then drift
+    apart (and DeepSpeed refuses to merge them in the next conversion or export)."""
     states = client_state.get("rng_states")
     if not states or len(states) != world_size:
+        return None
+    saved_tp = ((client_state.get("config") or {}).get("parallelism") or {}).get("tensor_parallel")
+    if tensor_parallel is not None and saved_tp is not None and saved_tp != tensor_parallel:
         return None
     return states[rank]
 

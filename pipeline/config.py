@@ -594,6 +594,16 @@ def deepspeed_config(config: PretrainConfig, world_size: int, override_path: str
             f"{offload.get('device')}), which DeepSpeed runs only with its own CPU Adam: set "
             f"optimizer.name=deepspeed_adamw (not {config.optimizer.name}), or put \"zero_force_ds_cpu_optimizer\": false "
             f"in the JSON to step {config.optimizer.name} on the CPU anyway (much slower)")
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    if config.optimizer.name == "stable_adamw" and (stage or p.precision != "fp32"):
+        # Its update clipping is per tensor; ZeRO (any stage) and DeepSpeed's bf16/fp16 optimizers
+        # step flat partitions of many tensors (DeepSpeed asserts on it inside deepspeed.initialize).
+        raise ConfigError(
+            f"optimizer.name=stable_adamw clips each tensor's update by that tensor's own statistics, but with "
+            f"{f'ZeRO stage {stage}' if stage else f'parallelism.precision={p.precision}'} DeepSpeed steps the "
+            f"optimizer on flat partitions of many tensors (and refuses it inside deepspeed.initialize): use "
+            f"optimizer.name=adamw, or stable_adamw without ZeRO in fp32 "
+            f"(parallelism.deepspeed_config=ds_configs/zero0.json parallelism.precision=fp32)")
     wanted = {
         "train_micro_batch_size_per_gpu": p.micro_batch_size,
         "gradient_accumulation_steps": p.gradient_accumulation_steps,

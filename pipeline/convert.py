@@ -41,28 +41,51 @@ def _full_shape_and_dim(param: torch.nn.Parameter, tp_size: int) -> tuple[tuple[
     return tuple(full), dim
 
 
+def _stride(param: torch.nn.Parameter) -> int:
+    """megatron's ``partition_stride``: GeGLU's fc1 holds [gate ; up] and each TP rank holds its slice
+    of BOTH halves (stride 2), not one contiguous block of the full tensor."""
+    stride = int(getattr(param, "partition_stride", 1))
+    if stride not in (1, 2) or (stride == 2 and int(getattr(param, "partition_dim", 0)) != 0):
+        raise ValueError(f"a tensor-parallel parameter with partition_stride={stride} along dim "
+                         f"{getattr(param, 'partition_dim', 0)}: checkpoint conversion handles stride 1, and 2 along dim 0")
+    return stride
+
+
+def tp_shard(full: torch.Tensor, param: torch.nn.Parameter, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """This TP rank's piece of the full (TP=1) tensor of ``param``: the inverse of
+    ``parallel.full_tensor`` (with stride 2, its slice of each half, concatenated)."""
+    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
+        return full
+    dim, stride = int(param.partition_dim), _stride(param)
+    if stride == 1:
+        return full.chunk(tp_size, dim)[tp_rank]
+    return torch.cat([half.chunk(tp_size, dim)[tp_rank] for half in full.chunk(stride, dim)], dim=dim)
+
+
 def universal_checkpoint_info(module: torch.nn.Module) -> dict:
     """The UNIVERSAL_CHECKPOINT_INFO dict for ``ds_to_universal`` (patterns over parameter names)."""
     from deepspeed.checkpoint.constants import (
+        PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0,
         PARAMETER_WITH_ROW_PARALLELISM_PATTERNS,
         TP_REPLICATED_PARAMETER_PATTERNS,
         UNIVERSAL_CHECKPOINT_VERSION_KEY,
         UNIVERSAL_CHECKPOINT_VERSION_VALUE,
     )
 
-    replicated, row_parallel = [], []
+    replicated, row_parallel, two_halves = [], [], []
     for name, param in module.named_parameters():
         pattern = rf"^{re.escape(name)}$"
         if not getattr(param, "tensor_model_parallel", False):
             replicated.append(pattern)
+        elif _stride(param) == 2:  # merged as [gate of every rank ; up of every rank]
+            two_halves.append(pattern)
         elif int(getattr(param, "partition_dim", 0)) == 1:
             row_parallel.append(pattern)
-        if int(getattr(param, "partition_stride", 1)) != 1:
-            raise ValueError(f"parameter {name} has partition_stride != 1: universal conversion would interleave it wrongly")
     return {
         UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE,
         TP_REPLICATED_PARAMETER_PATTERNS: replicated,
         PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: row_parallel,
+        PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0: two_halves,
     }
 
 
@@ -81,14 +104,19 @@ def tag_parameters_for_universal_load(module: torch.nn.Module) -> None:
     for _, param in module.named_parameters():
         full_shape, dim = _full_shape_and_dim(param, tp_size)
         split = getattr(param, "tensor_model_parallel", False)
-        setattr(param, DS_AUTOTP_UC_META, {
+        meta = {
             UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE,
             "partition_type": ("row" if int(getattr(param, "partition_dim", 0)) == 1 else "column") if split else None,
             "partition_dim": int(param.partition_dim) if split else None,
             "logical_shape": list(full_shape),
             "replicated": not split,
             "conversion": {},
-        })
+        }
+        if split and dim is not None and _stride(param) == 2:  # each rank: its slice of both halves
+            half = full_shape[dim] // 2
+            meta["sub_param_sizes"] = [half, half]
+            meta["sub_param_shard_widths"] = [[half // tp_size] * tp_size, [half // tp_size] * tp_size]
+        setattr(param, DS_AUTOTP_UC_META, meta)
 
 
 def prepare_universal_load(module: torch.nn.Module) -> None:

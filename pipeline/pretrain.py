@@ -633,10 +633,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # RNG state last, right before the loop: anything above may draw random numbers.
     if resume_path is not None:
-        state = ckpt.rng_state_for_rank(client_state, dist.get_rank(), dist.get_world_size())
+        state = ckpt.rng_state_for_rank(client_state, dist.get_rank(), dist.get_world_size(), p.tensor_parallel)
         if state is not None:
             parallel.set_rng_state(state)
-        else:  # another world size (a converted checkpoint): fresh, but distinct, dropout streams
+        else:  # another layout (a converted checkpoint): fresh, but distinct, dropout streams
             log.warning("checkpoint has no RNG state for this layout: re-seeding dropout")
             parallel.set_seed(config.seed + step)
 

@@ -184,3 +184,67 @@ def test_valid_loss_is_the_same_samples_and_value_at_any_layout(tmp_path, one_ra
         assert results[dp] == pytest.approx(results[1], rel=1e-5), dp
     for key in results[1]:
         assert results[1][key] == pytest.approx(float(direct[key]), rel=1e-5), key
+
+
+def test_stable_adamw_is_refused_where_deepspeed_flattens_and_trains_without_zero(tmp_path, tmp_path_factory, monkeypatch):
+    """optimizer.name=stable_adamw (and the modern-base recipe, which used it) crashed inside
+    deepspeed.initialize with DeepSpeed's "untested ZeRO Optimizer" assertion: ZeRO and the bf16/fp16
+    optimizers step flat partitions of many tensors, where its per-tensor clipping cannot be per
+    tensor. Now: refused before any process group, naming the fix; it trains without ZeRO in fp32;
+    the modern-base recipe (AdamW now) trains at ZeRO-3."""
+    from pipeline import parallel, pretrain
+    from pipeline.config import ConfigError
+    from pipeline.metrics import read_metrics
+    from tests.test_pretrain import BASE, assert_ok, get_dataset, launch, losses
+
+    dataset = get_dataset(tmp_path_factory)
+    monkeypatch.setattr(parallel, "startup_failed", lambda *a, **k: None)
+    with pytest.raises(ConfigError, match="optimizer.name=stable_adamw clips each tensor's update") as info:
+        pretrain.main([*BASE, f"data.path={dataset}", f"output_dir={tmp_path / 'refused'}", "optimizer.name=stable_adamw"])
+    assert "ZeRO stage 3" in str(info.value) and "ds_configs/zero0.json" in str(info.value)
+    assert not (tmp_path / "refused" / "metrics.jsonl").exists()
+
+    common = [f"data.path={dataset}", "schedule.train_steps=3", "schedule.warmup_steps=1", "data.num_workers=0"]
+    code, output = launch([*common, f"output_dir={tmp_path / 'stable'}", "optimizer.name=stable_adamw",
+                           "parallelism.deepspeed_config=ds_configs/zero0.json"], nproc=2, launcher="torchrun")
+    assert_ok(code, output)
+    stable = losses(tmp_path / "stable")
+    assert sorted(stable) == [1, 2, 3] and all(np.isfinite(list(stable.values()))), stable
+
+    # The modern recipe (GeGLU: fc1 holds [gate ; up], each TP rank a slice of both halves) at TP=2.
+    # Its first checkpoint save raised ("partition_stride != 1"); now the export merges the halves and
+    # init_from slices them again: the valid loss of the saved weights is the same in the original TP=2
+    # run, from the export at TP=1, and from the export at TP=2 (a tiny lr: the weights do not move).
+    from pipeline.convert import export
+
+    modern = ["--config", "pipeline/recipes/modern-base.yaml", f"data.path={dataset}", "model.recipe=tiny-modern",
+              "data.seq_length=64", "parallelism.micro_batch_size=2", "parallelism.precision=fp32",
+              "parallelism.deepspeed_config=ds_configs/zero3_cpu.json", "data.num_workers=0", "model.hidden_dropout=0.0",
+              "model.attention_dropout=0.0", "schedule.warmup_steps=1", "logging.every=1"]
+    code, output = launch([*modern, f"output_dir={tmp_path / 'modern'}", "schedule.train_steps=3", "data.valid_every=3",
+                           "parallelism.tensor_parallel=2"], nproc=2, launcher="torchrun")
+    assert_ok(code, output)
+    trained = read_metrics(tmp_path / "modern", split="valid")[3]["loss"]
+    exported = export(tmp_path / "modern" / "checkpoints" / "step_00000003", tmp_path / "modern_export")
+    for tp in (1, 2):
+        out = tmp_path / f"from_export_tp{tp}"
+        code, output = launch([*modern, f"output_dir={out}", "schedule.train_steps=1", "data.valid_every=1",
+                               "optimizer.lr=1e-30", f"checkpointing.init_from={exported}", "checkpointing.save_at_end=false",
+                               f"parallelism.tensor_parallel={tp}"], nproc=tp, launcher="torchrun")
+        assert_ok(code, output)
+        again = read_metrics(out, split="valid")[1]["loss"]
+        assert abs(again - trained) <= 1e-5 * abs(trained), (tp, again, trained)
+
+
+def test_rng_states_are_restored_only_at_the_layout_they_were_saved_at():
+    """A universal conversion continued at the same world size but another TP size (TP=1 x DP=2 ->
+    TP=2 x DP=1) gave new rank k old rank k's RNG stream: the two TP ranks of one data-parallel group
+    drew different dropout for replicated tensors, their LayerNorm weights drifted apart, and the next
+    `convert export` failed inside DeepSpeed's merge. Such a resume re-seeds instead."""
+    from pipeline.checkpoint import rng_state_for_rank
+
+    client_state = {"rng_states": [{"rank": 0}, {"rank": 1}], "config": {"parallelism": {"tensor_parallel": 1}}}
+    assert rng_state_for_rank(client_state, 1, 2, tensor_parallel=1) == {"rank": 1}  # same layout: exact resume
+    assert rng_state_for_rank(client_state, 1, 2, tensor_parallel=2) is None  # same world, other TP: re-seed
+    assert rng_state_for_rank(client_state, 1, 4, tensor_parallel=1) is None  # other world size
+    assert rng_state_for_rank({"rng_states": [{}, {}]}, 0, 2, tensor_parallel=2) == {}  # no recorded layout: as before
