@@ -188,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="", help="pre-training dataset dir (default: the one the model records)")
     args = parser.parse_args(argv)
     try:
+        if (Path(args.model) / "COMPLETE").is_file():  # a training checkpoint: retention deletes what is inside
+            from pipeline.convert import _refuse_inside
+
+            _refuse_inside(Path(args.model), Path(args.output), "output")
         check_export_output(Path(args.output), ("config.json", "vocab.txt"), "a Hugging Face model")
         pretrained = resolve_pretrained(args.model, args.dataset, flag="MODEL", allow_random=False,
                                         same_dataset=True)

@@ -74,7 +74,7 @@ def _fake_checkpoint(tmp_path: Path) -> Path:
     return source
 
 
-def test_convert_refuses_an_output_inside_the_source_checkpoint(tmp_path):
+def test_convert_refuses_an_output_inside_the_source_checkpoint(tmp_path, capsys):
     """`convert export CKPT CKPT/export` (or `universal CKPT CKPT/u`) wrote into the checkpoint itself:
     retention (keep_last) later deleted the export together with the checkpoint, without a word."""
     from pipeline.convert import ConvertError, export, to_universal
@@ -85,6 +85,12 @@ def test_convert_refuses_an_output_inside_the_source_checkpoint(tmp_path):
         with pytest.raises(ConvertError, match="inside the checkpoint"):
             call(source, output)
         assert not output.exists() and sorted(p.name for p in source.iterdir()) == ["COMPLETE"]
+    # the Hugging Face export too (it wrote into the checkpoint), before anything is read or written
+    from pipeline.export_hf import main as export_hf_main
+
+    assert export_hf_main([str(source), str(source / "hf")]) == 2
+    assert "inside the checkpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in source.iterdir()) == ["COMPLETE"]
 
 
 FAKE_PYTHON = """#!/usr/bin/env bash
