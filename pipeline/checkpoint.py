@@ -151,6 +151,14 @@ def load_init_weights(path: str, dataset, model_config: dict) -> dict[str, torch
     except FinetuneError as exc:
         raise CheckpointError(str(exc)) from None
     saved = pretrained.model_config.to_dict()
+    sizes = [f"{k}: {saved.get(k)!r} there vs {model_config.get(k)!r} here" for k in ("fine_vocab_size", "coarse_vocab_size")
+             if saved.get(k) != model_config.get(k)]
+    if sizes:  # the run's vocabulary sizes come from its dataset, not from model settings
+        raise CheckpointError(
+            f"{flag}={path} was pre-trained with vocabularies of other sizes than data.path={dataset.directory} has "
+            f"({'; '.join(sizes)}): its token ids would mean other tokens. Build the dataset with the model's "
+            f"vocabularies: python data_prep/build.py --lang {dataset.meta.get('language', 'LANG')} --input ... "
+            f"--output ... --vocab-from {pretrained.tokenizer_dir}")
     diffs = [f"{k}: {saved.get(k)!r} there vs {model_config.get(k)!r} here" for k in SHAPE_FIELDS
              if saved.get(k) != model_config.get(k)]
     if diffs:

@@ -78,6 +78,9 @@ def test_init_from_refusals_before_any_process_group(export, tmp_path, tmp_path_
     lines = (other_vocab / "fine_vocab.txt").read_text(encoding="utf-8").splitlines()
     lines[-1], lines[-2] = lines[-2], lines[-1]
     (other_vocab / "fine_vocab.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    from tests.test_data_loader import write_synthetic_dataset
+
+    smaller_vocab = write_synthetic_dataset(tmp_path / "smaller_vocab", num_docs=300, coarse_vocab=180)
     # An export whose tokenizer files were copied from its dataset after a rebuild (`convert export`
     # warns): they match other_vocab, but the weights were trained with the original ids, which its
     # training.json records.
@@ -96,11 +99,13 @@ def test_init_from_refusals_before_any_process_group(export, tmp_path, tmp_path_
          "was pre-trained with another fine_vocab.txt"),
         (CheckpointError, [f"data.path={other_vocab}", f"checkpointing.init_from={stale_export}"],
          "was pre-trained with another fine_vocab.txt (fingerprint "),
+        (CheckpointError, [f"data.path={smaller_vocab}", f"checkpointing.init_from={export}"],
+         "was pre-trained with vocabularies of other sizes"),
     ]
     for i, (error, overrides, message) in enumerate(cases):
         with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
             pretrain.main([*common, f"output_dir={tmp_path / f'run{i}'}", *overrides])
-        if "another fine_vocab" in message:
+        if "another fine_vocab" in message or "other sizes" in message:
             assert "--vocab-from" in str(info.value)
         if "fingerprint" in message:
             assert "rebuilt since" in str(info.value)
