@@ -56,8 +56,9 @@ def check_bert_compatible(config) -> None:
         problems.append("bias=False (BERT has biases)")
     if config.query_groups != config.num_attention_heads:
         problems.append(f"num_query_groups={config.num_query_groups} (BERT has no grouped-query attention)")
-    if config.local_window:
-        problems.append(f"local_window={config.local_window} (BERT attends globally)")
+    if not all(config.is_global_layer(i) for i in range(config.num_layers)):
+        problems.append(f"local_window={config.local_window} with global_every={config.global_every} "
+                        f"(sliding-window layers; BERT attends globally)")
     if problems:
         raise HFExportError(
             "this model cannot be exported as a Hugging Face BertForMaskedLM: " + "; ".join(problems)

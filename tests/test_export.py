@@ -96,6 +96,11 @@ def test_non_bert_options_are_refused_with_the_option_named(tmp_path, zh_dataset
                                             r".*num_query_groups=2.*local_window=8"):
         export_hf(model.state_dict(), model.config, zh_dataset, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+    # a window that no layer uses (global_every=1: every layer global) is not a reason to refuse
+    from pipeline.export_hf import check_bert_compatible
+    from pipeline.model import model_recipe
+
+    check_bert_compatible(model_recipe("tiny", local_window=8, global_every=1))
 
 
 def test_inference_command_prints_both_tokenizations_and_the_cls_vectors(tmp_path, zh_dataset, capsys):

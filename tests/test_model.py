@@ -286,6 +286,7 @@ def test_initialize_parallel_rejects_a_tp_size_that_does_not_divide_the_world():
         (dict(position="rope", rope_theta=0.0), 1, "rope_theta"),
         # sliding windows over [fine ; coarse] would join coarse token k with unrelated fine text
         (dict(variant="ambert-hybrid", local_window=8, global_every=2), 1, "local_window"),
+        (dict(variant="ambert-hybrid", local_window=8, global_every=1), 1, "local_window"),  # every layer global, still refused
     ],
 )
 def test_invalid_config_names_the_field(overrides, tp, field):

@@ -192,7 +192,8 @@ class ModelConfig:
             fail("local_window", f"window {self.local_window} is larger than the sequence length "
                  f"max_position_embeddings={self.max_position_embeddings}",
                  "use a smaller window, or 0 for all-global attention")
-        if self.variant == "ambert-hybrid" and not all(self.is_global_layer(i) for i in range(self.num_layers)):
+        if self.variant == "ambert-hybrid" and self.local_window:  # even with global_every=1 (a window unused
+            # today would become a wrong one with the next global_every override)
             # [fine ; coarse] with positions restarting at 0 for the coarse part: a window over those
             # positions joins coarse token k with fine token ~k, which covers other text (the coarse
             # side is ~0.6-0.85x as long), so local layers would attend to the wrong neighbours.
