@@ -497,7 +497,11 @@ def finished_status(config) -> int:
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     if args.finished:  # no process group, no logs: a job script's check after the training step
-        return finished_status(load_config(args.config or DEFAULT_RECIPE, overrides))
+        config = load_config(args.config or DEFAULT_RECIPE, overrides)
+        # the checks that need no world size, dataset or file system (a config training would refuse is
+        # not "finished"); the world size is taken as one tensor-parallel group
+        validate(config, max(1, config.parallelism.tensor_parallel), paths=False)
+        return finished_status(config)
     rank, world_size, _ = launch_env()
     setup_logging(rank)
     # From the start: a SIGUSR1 / SIGTERM (time limit, preemption) during start-up (engine build,

@@ -248,3 +248,21 @@ def test_rng_states_are_restored_only_at_the_layout_they_were_saved_at():
     assert rng_state_for_rank(client_state, 1, 2, tensor_parallel=2) is None  # same world, other TP: re-seed
     assert rng_state_for_rank(client_state, 1, 4, tensor_parallel=1) is None  # other world size
     assert rng_state_for_rank({"rng_states": [{}, {}]}, 0, 2, tensor_parallel=2) == {}  # no recorded layout: as before
+
+
+def test_finished_check_refuses_a_config_training_would_refuse(tmp_path):
+    """`pretrain.py --finished` (the job scripts' "requeue?" check) said "finished" (exit 0) for a
+    command line that training refuses, when a checkpoint at schedule.train_steps existed: the
+    config's own checks run first now (a ConfigError: exit 2 from the command line)."""
+    from pipeline import pretrain
+    from pipeline.config import ConfigError
+
+    last = tmp_path / "checkpoints" / "step_00000010"
+    last.mkdir(parents=True)
+    (last / "COMPLETE").write_text("{}", encoding="utf-8")
+    args = ["--finished", "--config", str(ROOT / "pipeline" / "recipes" / "demo.yaml"), f"output_dir={tmp_path}",
+            "schedule.train_steps=10"]
+    assert pretrain.main([*args, "schedule.warmup_steps=2"]) == 0
+    assert pretrain.main([*args, "schedule.train_steps=11", "schedule.warmup_steps=2"]) == pretrain.STOPPED_EARLY
+    with pytest.raises(ConfigError, match="schedule.warmup_steps=50"):
+        pretrain.main([*args, "schedule.warmup_steps=50"])
