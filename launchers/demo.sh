@@ -27,7 +27,11 @@ if ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 fi
 
 STEPS="${AMBERT_DEMO_STEPS:-200}"
+if ! [[ "$STEPS" =~ ^[0-9]+$ ]] || [ "$STEPS" -lt 2 ]; then
+  echo "AMBERT_DEMO_STEPS=$STEPS: give a whole number >= 2 (the first job stops at half of it)" >&2; exit 2
+fi
 HALF=$(( STEPS / 2 ))
+WARMUP=$(( STEPS / 10 < 20 ? STEPS / 10 : 20 ))  # the recipe's 20, shortened for a shorter demo
 OUT="${AMBERT_DEMO_OUT:-runs/demo}"
 DATA="${AMBERT_DEMO_DATA:-data/demo-zh}"
 NPROC="${AMBERT_NPROC:-2}"
@@ -43,12 +47,20 @@ fi
 #    time-limited job would), the second resumes from the newest complete checkpoint.
 rm -rf "$OUT"
 common=(pipeline/pretrain.py --config pipeline/recipes/demo.yaml "data.path=$DATA" "output_dir=$OUT"
-        "schedule.train_steps=$STEPS" "checkpointing.save_every=$HALF" "$@")
+        "schedule.train_steps=$STEPS" "schedule.warmup_steps=$WARMUP" "checkpointing.save_every=$HALF" "$@")
 log "job 1: steps 1..$HALF, then checkpoint and exit"
 deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29517}" "${common[@]}" "schedule.stop_after=$HALF"
 log "job 2: --resume auto, steps $(( HALF + 1 ))..$STEPS"
 deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29517}" "${common[@]}" --resume auto
 
 # 4. Loss curves.
-"$PY" -m pipeline.plot "$OUT" --keys fine_loss coarse_loss loss --smooth 10
+# the losses the run logs (bert-fine / bert-coarse log one side only)
+keys=$("$PY" - "$OUT" <<'PY'
+import sys
+from pipeline.metrics import read_metrics
+logged = set().union(*read_metrics(sys.argv[1]).values())
+print(" ".join(k for k in ("fine_loss", "coarse_loss", "loss") if k in logged))
+PY
+)
+"$PY" -m pipeline.plot "$OUT" --keys $keys --smooth 10
 log "done: metrics $OUT/metrics.jsonl, plot $OUT/loss.png, checkpoints $OUT/checkpoints, TensorBoard: tensorboard --logdir $OUT/tensorboard"
