@@ -99,12 +99,14 @@ class MetricsLogger:
             done = step - self.start_step
             elapsed = time.time() - self.start_time
             eta = elapsed / max(done, 1) * (self.total_steps - step)
+            sides = [g for g in ("fine", "coarse") if f"{g}_loss" in metrics]  # bert-fine / bert-coarse: one side
+            losses = ", ".join(f"{g} {metrics[f'{g}_loss']:.4f}" for g in sides)
+            accuracy = " ".join(f"{g} {metrics.get(f'{g}_accuracy', float('nan')):.3f}" for g in sides)
             log.info(
-                "step %d/%d | loss %.4f (fine %.4f, coarse %.4f) | acc fine %.3f coarse %.3f | lr %.2e | "
+                "step %d/%d | loss %.4f%s | acc %s | lr %.2e | "
                 "grad %.3f | %.0f tok/s | %.1f samples/s | MFU %.2f%% | mem %.0f MB | %.2f s/step | ETA %s",
-                step, self.total_steps, metrics.get("loss", float("nan")), metrics.get("fine_loss", float("nan")),
-                metrics.get("coarse_loss", float("nan")), metrics.get("fine_accuracy", float("nan")),
-                metrics.get("coarse_accuracy", float("nan")), metrics.get("lr", 0.0), metrics.get("grad_norm", 0.0),
+                step, self.total_steps, metrics.get("loss", float("nan")), f" ({losses})" if len(sides) > 1 else "",
+                accuracy or "-", metrics.get("lr", 0.0), metrics.get("grad_norm", 0.0),
                 metrics.get("tokens_per_s", 0.0), metrics.get("samples_per_s", 0.0), 100 * metrics.get("mfu", 0.0),
                 metrics.get("memory_mb", 0.0), metrics.get("step_time", 0.0), _fmt_time(eta),
             )

@@ -266,3 +266,20 @@ def test_finished_check_refuses_a_config_training_would_refuse(tmp_path):
     assert pretrain.main([*args, "schedule.train_steps=11", "schedule.warmup_steps=2"]) == pretrain.STOPPED_EARLY
     with pytest.raises(ConfigError, match="schedule.warmup_steps=50"):
         pretrain.main([*args, "schedule.warmup_steps=50"])
+
+
+def test_console_line_shows_only_the_sides_the_variant_trains(tmp_path, caplog):
+    """bert-fine / bert-coarse printed "coarse nan" / "fine nan" on every console step line."""
+    import logging
+
+    from pipeline.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, True, False, 10)
+    with caplog.at_level(logging.INFO, logger="pretrain"):
+        logger.log(1, {"loss": 1.5, "fine_loss": 1.5, "fine_accuracy": 0.5, "lr": 1e-3, "step_time": 0.1})
+        logger.log(2, {"loss": 3.0, "fine_loss": 1.0, "coarse_loss": 2.0, "fine_accuracy": 0.5,
+                       "coarse_accuracy": 0.25, "lr": 1e-3, "step_time": 0.1})
+    logger.close()
+    one, both = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert "nan" not in one and "| loss 1.5000 | acc fine 0.500 |" in one, one
+    assert "| loss 3.0000 (fine 1.0000, coarse 2.0000) | acc fine 0.500 coarse 0.250 |" in both, both
