@@ -607,12 +607,15 @@ def _checkpoint_state_dict(path: Path, flag: str = "--model") -> dict[str, torch
                             f"`python -m pipeline.convert export {path} OUT` (merges the TP shards) and pass {_pass_as(flag, 'OUT')}")
     if not ranks:
         raise FinetuneError(f"{path} has no *mp_rank_00_model_states.pt: not a DeepSpeed checkpoint")
+    import contextlib
     import pickle
+    import sys
 
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    try:  # DeepSpeed prints its progress on stdout, which is the results' (inference --json: one JSON per line)
+        with contextlib.redirect_stdout(sys.stderr):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    try:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+            state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     except (OSError, RuntimeError, EOFError, KeyError, ValueError, AssertionError, IndexError,
             pickle.UnpicklingError) as exc:  # a file deleted, truncated or overwritten after the save was committed
         first = " ".join(str(exc).split()).split(". ")[0][:200]  # torch's advice after the first sentence is long

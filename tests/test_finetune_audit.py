@@ -292,3 +292,20 @@ def test_hf_tokenizer_applies_nfkc_as_data_prep_does(tmp_path, zh_dataset):
     pair = tokenizer("很好", "很差")
     assert pair["token_type_ids"] == [0, 0, 0, 0, 1, 1, 1]
     assert pair["input_ids"][0] == fmt.CLS_ID and pair["input_ids"][-1] == fmt.SEP_ID
+
+
+def test_loading_a_training_checkpoint_prints_nothing_on_stdout(tmp_path, capfd):
+    """`pipeline.inference CKPT TEXT --json` printed DeepSpeed's checkpoint-loading chatter ("Processing
+    zero checkpoint ...") on stdout, the results' stream, so a consumer parsing one JSON object per line
+    failed (with an export it did not). Loading sends it to stderr."""
+    from pipeline.finetuning import _checkpoint_state_dict
+    from tests.test_data_loader import write_synthetic_dataset
+    from tests.test_pretrain import train_one_process
+
+    dataset = write_synthetic_dataset(tmp_path / "dataset", num_docs=60)
+    checkpoint = train_one_process(dataset, tmp_path / "run", steps=2, save_every=2) / "step_00000002"
+    capfd.readouterr()
+    state = _checkpoint_state_dict(checkpoint)
+    out, err = capfd.readouterr()
+    assert state and out == "", out[:500]
+    assert "zero checkpoint" in err  # DeepSpeed's progress is still shown, on stderr
