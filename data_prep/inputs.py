@@ -424,25 +424,42 @@ def mostly_undecodable(spec: InputSpec) -> str | None:
             f"encoding).{_convert_hint(spec.path, looks_like)}")
 
 
+def _encoding_of_mostly_undecodable(scan: InputScan) -> str | None:
+    """``scan.looks_like``, or for a file that is mostly not UTF-8 the encoding its first MB decodes as
+    from the start (a GB18030 file whose first characters happen to be valid UTF-8 too gave no guess)."""
+    if scan.looks_like or not _mostly(scan):
+        return scan.looks_like
+    try:
+        with open_binary(scan.path) as fh:
+            return _guess_encoding(fh.read(1 << 20))
+    except _read_errors():
+        return None
+
+
 def check_scan(scan: InputScan, encoding_errors: str) -> list[str]:
     """Raise InputError for undecodable input (unless --encoding-errors replace); return warnings."""
     warnings = []
+    where = " of the decompressed content" if Path(scan.path).suffix.lower() in COMPRESSED else ""
     if scan.invalid_utf8 and encoding_errors == "strict":
         hint = ""
+        looks_like = _encoding_of_mostly_undecodable(scan)
         if scan.truncated:
             hint = " The content ends inside a multi-byte character: the file was probably cut at a byte count."
-        elif scan.looks_like and scan.looks_like != "latin-1":
-            hint = _convert_hint(scan.path, scan.looks_like)
+        elif looks_like and looks_like != "latin-1":
+            hint = _convert_hint(scan.path, looks_like)
+        elif _mostly(scan):
+            hint = _convert_hint(scan.path, None)
         raise InputError(
             f"{scan.path} is not valid UTF-8: {scan.invalid_utf8} bad byte sequence(s), the first at byte offset "
-            f"{scan.first_invalid_offset} (of the decompressed content).{hint}"
+            f"{scan.first_invalid_offset}{where}.{hint}"
             + ("" if _mostly(scan) else " Or pass --encoding-errors replace to replace bad bytes with U+FFFD and go on.")
         )
     if _mostly(scan):
         raise InputError(
             f"{scan.path} is not UTF-8: {scan.invalid_utf8:,} bad byte sequence(s) in {scan.content_bytes:,} bytes, "
-            f"the first at byte offset {scan.first_invalid_offset}, which --encoding-errors replace would turn into "
-            f"U+FFFD (it is for a few bad bytes, not another encoding).{_convert_hint(scan.path, scan.looks_like)}")
+            f"the first at byte offset {scan.first_invalid_offset}{where}, which --encoding-errors replace would turn "
+            f"into U+FFFD (it is for a few bad bytes, not another "
+            f"encoding).{_convert_hint(scan.path, _encoding_of_mostly_undecodable(scan))}")
     if scan.invalid_utf8:
         warnings.append(f"{scan.path}: {scan.invalid_utf8} invalid UTF-8 sequence(s) replaced by U+FFFD")
     if scan.nul_bytes:

@@ -49,8 +49,15 @@ def test_invalid_utf8_stops_with_offset_and_iconv_hint(tmp_path):
     head = ("\n".join(DOCS[:50]) + "\n").encode()
     damaged.write_bytes(head + "中".encode()[:2] + b"\n" + head)
     with pytest.raises(inp.InputError, match=rf"damaged.txt is not valid UTF-8: 1 bad byte sequence\(s\), the first at "
-                                             rf"byte offset {len(head)} \(of the decompressed content\)\. Or pass"):
+                                             rf"byte offset {len(head)}\. Or pass"):
         core.build(_config(tmp_path, [damaged]))
+    # a GB18030 file whose first Chinese character is also a valid UTF-8 sequence: it named no iconv
+    both = next(c for c in map(chr, range(0x4E00, 0x9FA6))
+                if 0xC2 <= c.encode("gb18030")[0] <= 0xDF and 0x80 <= c.encode("gb18030")[1] <= 0xBF)
+    tricky = tmp_path / "tricky.txt"
+    tricky.write_bytes(("Title " + both + "\n" + "\n".join(DOCS[:50])).encode("gb18030"))
+    with pytest.raises(inp.InputError, match=r"tricky.txt is not valid UTF-8: \d+ bad byte.*iconv -f GB18030 -t UTF-8"):
+        core.build(_config(tmp_path, [tricky]))
     # --encoding-errors replace goes on, and says so
     mixed = tmp_path / "mixed.txt"
     mixed.write_bytes(("\n".join(DOCS[:60]) + "\n").encode() + b"\xff\xfe broken \xc3\n" + ("\n".join(DOCS[60:]) + "\n").encode())
