@@ -294,16 +294,14 @@ def test_hf_tokenizer_applies_nfkc_as_data_prep_does(tmp_path, zh_dataset):
     assert pair["input_ids"][0] == fmt.CLS_ID and pair["input_ids"][-1] == fmt.SEP_ID
 
 
-def test_loading_a_training_checkpoint_prints_nothing_on_stdout(tmp_path, capfd):
+def test_loading_a_training_checkpoint_prints_nothing_on_stdout(tmp_path_factory, capfd):
     """`pipeline.inference CKPT TEXT --json` printed DeepSpeed's checkpoint-loading chatter ("Processing
     zero checkpoint ...") on stdout, the results' stream, so a consumer parsing one JSON object per line
     failed (with an export it did not). Loading sends it to stderr."""
     from pipeline.finetuning import _checkpoint_state_dict
-    from tests.test_data_loader import write_synthetic_dataset
-    from tests.test_pretrain import train_one_process
+    from tests.test_pretrain import get_reference_run
 
-    dataset = write_synthetic_dataset(tmp_path / "dataset", num_docs=60)
-    checkpoint = train_one_process(dataset, tmp_path / "run", steps=2, save_every=2) / "step_00000002"
+    checkpoint = get_reference_run(tmp_path_factory) / "checkpoints" / "step_00000020"  # ZeRO-3, 2 ranks (shared run)
     capfd.readouterr()
     state = _checkpoint_state_dict(checkpoint)
     out, err = capfd.readouterr()
