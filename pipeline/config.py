@@ -78,7 +78,7 @@ class DataSection:
 @dataclass
 class OptimizerSection:
     name: str = "adamw"
-    """adamw (torch.optim.AdamW, client optimizer) | stable_adamw (AdamW with per-tensor update clipping, as ModernBERT) | deepspeed_adamw (DeepSpeed's fused AdamW; JIT-compiles)"""
+    """adamw (torch.optim.AdamW, client optimizer) | stable_adamw (AdamW with per-tensor update clipping, as ModernBERT; without ZeRO, in fp32: ds_configs/zero0.json) | deepspeed_adamw (DeepSpeed's fused AdamW; JIT-compiles)"""
     lr: float = 1e-3
     """peak learning rate"""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
