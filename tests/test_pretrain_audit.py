@@ -212,29 +212,41 @@ def test_stable_adamw_is_refused_where_deepspeed_flattens_and_trains_without_zer
     assert sorted(stable) == [1, 2, 3] and all(np.isfinite(list(stable.values()))), stable
 
     # The modern recipe (GeGLU: fc1 holds [gate ; up], each TP rank a slice of both halves) at TP=2.
-    # Its first checkpoint save raised ("partition_stride != 1"); now the export merges the halves and
-    # init_from slices them again: the valid loss of the saved weights is the same in the original TP=2
-    # run, from the export at TP=1, and from the export at TP=2 (a tiny lr: the weights do not move).
-    from pipeline.convert import export
+    # Its first checkpoint save raised ("partition_stride != 1"). Now the halves are merged on export
+    # and universal conversion, and sliced again by init_from and by a universal load at TP=2:
+    # - the export's weights, loaded at TP=2 (a tiny lr: they do not move), give the run's valid loss;
+    # - the run's curve continues exactly through TP 2 -> 1 -> 2 (universal conversions).
+    from pipeline.convert import export, to_universal
 
     modern = ["--config", "pipeline/recipes/modern-base.yaml", f"data.path={dataset}", "model.recipe=tiny-modern",
               "data.seq_length=64", "parallelism.micro_batch_size=2", "parallelism.precision=fp32",
               "parallelism.deepspeed_config=ds_configs/zero3_cpu.json", "data.num_workers=0", "model.hidden_dropout=0.0",
-              "model.attention_dropout=0.0", "schedule.warmup_steps=1", "logging.every=1"]
-    code, output = launch([*modern, f"output_dir={tmp_path / 'modern'}", "schedule.train_steps=3", "data.valid_every=3",
-                           "parallelism.tensor_parallel=2"], nproc=2, launcher="torchrun")
-    assert_ok(code, output)
+              "model.attention_dropout=0.0", "schedule.warmup_steps=1", "logging.every=1", "schedule.train_steps=5"]
+
+    def run(name: str, tp: int, *extra: str) -> dict[int, float]:
+        # the same global batch at every layout: TP=1 runs on 1 process, TP=2 on 2
+        code, output = launch([*modern, f"output_dir={tmp_path / name}", f"parallelism.tensor_parallel={tp}", *extra],
+                              nproc=tp, launcher="torchrun")
+        assert_ok(code, output)
+        return losses(tmp_path / name)
+
+    reference = run("modern", 2, "data.valid_every=3", "checkpointing.save_every=3")
     trained = read_metrics(tmp_path / "modern", split="valid")[3]["loss"]
     exported = export(tmp_path / "modern" / "checkpoints" / "step_00000003", tmp_path / "modern_export")
-    for tp in (1, 2):
-        out = tmp_path / f"from_export_tp{tp}"
-        code, output = launch([*modern, f"output_dir={out}", "schedule.train_steps=1", "data.valid_every=1",
-                               "optimizer.lr=1e-30", f"checkpointing.init_from={exported}", "checkpointing.save_at_end=false",
-                               f"parallelism.tensor_parallel={tp}"], nproc=tp, launcher="torchrun")
-        assert_ok(code, output)
-        again = read_metrics(out, split="valid")[1]["loss"]
-        assert abs(again - trained) <= 1e-5 * abs(trained), (tp, again, trained)
+    run("from_export", 2, "schedule.train_steps=1", "data.valid_every=1", "optimizer.lr=1e-30",
+        f"checkpointing.init_from={exported}", "checkpointing.save_at_end=false")
+    again = read_metrics(tmp_path / "from_export", split="valid")[1]["loss"]
+    assert abs(again - trained) <= 1e-5 * abs(trained), (again, trained)
 
+    to_universal(tmp_path / "modern" / "checkpoints" / "step_00000003", tmp_path / "universal_tp1")
+    tp1 = run("continued_tp1", 1, "schedule.train_steps=4", f"checkpointing.dir={tmp_path / 'universal_tp1'}", "--resume", "auto")
+    to_universal(tmp_path / "universal_tp1" / "step_00000004", tmp_path / "universal_tp2")
+    tp2 = run("continued_tp2", 2, f"checkpointing.dir={tmp_path / 'universal_tp2'}", "checkpointing.save_at_end=false",
+              "--resume", "auto")
+    got = {**tp1, **tp2}
+    assert sorted(got) == [4, 5], sorted(got)
+    for step, value in got.items():  # the same sums in another order: ~1e-7 (halves sliced as one block: ~1e-5)
+        assert abs(value - reference[step]) <= 1e-6 * abs(reference[step]), (step, value, reference[step])
 
 def test_rng_states_are_restored_only_at_the_layout_they_were_saved_at():
     """A universal conversion continued at the same world size but another TP size (TP=1 x DP=2 ->
