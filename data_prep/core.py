@@ -427,12 +427,15 @@ def checked_language(config: BuildConfig) -> Language:
 
 def preflight(config: BuildConfig) -> None:
     """What the command line checks before it opens the build's log next to DIR (a refused build must
-    not write into the log of the dataset already there): the output, the options."""
+    not write into the log of the dataset already there, nor leave a log for nothing): the output,
+    the options, the input paths."""
     check_output(config)
     out = Path(config.output)
     if out.exists() and not config.overwrite:
         raise _output_exists(out, config.resume)
     checked_language(config)
+    if config.inputs:  # a missing path or an empty glob (the build resolves them again, on every rank)
+        inp.resolve_inputs(config.inputs, config.text_mode, config.text_field)
 
 
 def _agree_on_settings(comm, config: BuildConfig) -> tuple[Language, list[inp.InputSpec]]:
@@ -1331,9 +1334,11 @@ def _check_shared_work_dir(comm, work: Path, params: dict, digests: list[tuple[s
     except (OSError, ValueError):
         seen = None
     if seen != params:
+        what = (f"does not see {path} that rank 0 wrote" if seen is None else
+                f"sees another {path} than the one rank 0 wrote (another build's work directory, on a disk of its own?)")
         raise BuildError(
-            f"rank {comm.rank} (host {socket.gethostname()}) does not see {path} that rank 0 wrote: the parent "
-            f"folder of --output must be on a filesystem every rank shares (NFS, Lustre, ...), at the same path"
+            f"rank {comm.rank} (host {socket.gethostname()}) {what}: the parent folder of --output must be on a "
+            f"filesystem every rank shares (NFS, Lustre, ...), at the same path"
         )
 
 

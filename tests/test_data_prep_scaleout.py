@@ -256,6 +256,8 @@ def test_mpirun_rank_killed_while_writing_its_shards_then_resume(reference, tmp_
         while time.monotonic() < deadline and not all(
                 (work / "shards" / f"{k:06d}" / "counts.pkl").exists() for k in rank0_shards):
             time.sleep(0.05)
+        assert all((work / "shards" / f"{k:06d}" / "counts.pkl").exists() for k in rank0_shards), \
+            "rank 0 did not finish its shards: not the scenario this test is about"
         time.sleep(0.5)  # rank 0 is past its read loop, waiting for rank 1
         assert not (work / "shards" / "000019" / "docs.txt").exists()
     finally:
@@ -446,7 +448,8 @@ def test_a_rank_that_cannot_see_the_work_directory_is_named(tmp_path):
     work.mkdir()
     (work / core.PARAMS_FILE).write_text(json.dumps(params))
     core._check_shared_work_dir(Rank1(), work, params)  # seen: no error
-    with pytest.raises(core.BuildError):  # another build's work directory at that path
+    with pytest.raises(core.BuildError, match=r"rank 1 \(host .*\) sees another .*params.json than the one rank 0 "
+                                              r"wrote \(another build's work directory.*every rank shares"):
         core._check_shared_work_dir(Rank1(), work, {"shard_documents": 45})
 
 
