@@ -45,12 +45,12 @@ def test_bad_overrides_name_the_field(override, message):
     [
         (["parallelism.tensor_parallel=3"], 4, "parallelism.tensor_parallel=3 does not divide the world size 4"),
         (["parallelism.global_batch_size=10", "parallelism.micro_batch_size=4"], 2, "parallelism.global_batch_size=10 != micro_batch_size 4"),
-        (["data.mask_rate=1.5"], 2, "data.mask_rate"),
-        (["schedule.warmup_steps=500"], 2, "schedule.warmup_steps"),
-        (["schedule.style=cosine"], 2, "schedule.style"),
-        (["parallelism.precision=fp8"], 2, "parallelism.precision"),
+        (["data.mask_rate=1.5"], 2, r"data\.mask_rate=1\.5: must be in \(0, 1\)"),
+        (["schedule.warmup_steps=500"], 2, r"schedule\.warmup_steps=500: must be in \[0, schedule\.train_steps\]"),
+        (["schedule.style=cosine"], 2, r"schedule\.style='cosine': expected linear or wsd"),
+        (["parallelism.precision=fp8"], 2, r"parallelism\.precision='fp8': expected fp32, bf16 or fp16"),
         (["parallelism.deepspeed_config=ds_configs/nope.json"], 2, "parallelism.deepspeed_config=ds_configs/nope.json: no such file"),
-        (["checkpointing.resume=/no/such/ckpt"], 2, "checkpointing.resume"),
+        (["checkpointing.resume=/no/such/ckpt"], 2, r"checkpointing\.resume=/no/such/ckpt: no such checkpoint directory \(use 'auto'"),
         # evaluation: -1 ran with the valid split never opened, then failed at step 1 with a traceback;
         # 0 batches logged a NaN valid loss
         (["data.valid_every=-1"], 2, "data.valid_every=-1: must be >= 0"),

@@ -251,6 +251,12 @@ def test_bf16_parameters_train(recipe):
     out = model(_batch(config))
     out["loss"].backward()
     assert out["loss"].dtype == torch.float32 and out["loss"].isfinite()
+    # The same function as in fp32, to bf16's precision (a wrong bf16 path would still be finite);
+    # without dropout, whose masks differ between the two models.
+    with torch.no_grad():
+        bf16 = float(model.eval()(_batch(config))["loss"])
+        reference = float(_seeded_model(config).eval()(_batch(config))["loss"])
+    assert abs(bf16 - reference) < 0.02 * reference, (bf16, reference)
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
 
 
@@ -291,8 +297,10 @@ def test_initialize_parallel_rejects_a_tp_size_that_does_not_divide_the_world():
 )
 def test_invalid_config_names_the_field(overrides, tp, field):
     config = model_recipe("tiny", **overrides)
-    with pytest.raises(ValueError, match=rf"ModelConfig\.{field}"):
+    with pytest.raises(ValueError, match=rf"ModelConfig\.{field}: ") as info:
         config.validate(tensor_parallel_size=tp)
+    message = str(info.value)  # names the bad value and the fix
+    assert str(overrides[field]) in message and any(fix in message for fix in ("use ", "choose ", "set ")), message
 
 
 def test_invalid_config_fails_at_construction_and_unknown_recipe_or_field():

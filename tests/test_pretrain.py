@@ -136,10 +136,15 @@ def test_zero3_both_losses_fall(reference_run):
         first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
         assert last < first - 0.05, (key, curve)
     valid = read_metrics(reference_run, split="valid")
-    assert sorted(valid) == [10, 20] and valid[20]["loss"] < valid[10]["loss"] + 0.5
+    # Evaluation sees the trained weights (gathered from their ZeRO-3 partitions): the valid loss
+    # falls, and is well below the untrained model's training loss.
+    assert sorted(valid) == [10, 20], valid
+    assert valid[20]["loss"] < valid[10]["loss"] < metrics[1]["loss"] - 1.0, (valid, metrics[1]["loss"])
     first = metrics[1]
-    for key in ("lr", "grad_norm", "tokens_per_s", "samples_per_s", "mfu", "memory_mb", "fine_accuracy", "coarse_accuracy"):
-        assert key in first and first[key] >= 0, key
+    for key in ("lr", "grad_norm", "tokens_per_s", "samples_per_s", "mfu", "memory_mb"):
+        assert first[key] > 0, (key, first)  # grad_norm 0.0 would mean DeepSpeed gave none
+    for key in ("fine_accuracy", "coarse_accuracy"):
+        assert 0 <= first[key] <= 1, (key, first)
     assert (reference_run / "config.yaml").is_file()
     # The console log is also in files: rank 0 at INFO (through the last step), every rank its own.
     rank0 = (reference_run / "logs" / "rank0.log").read_text(encoding="utf-8")

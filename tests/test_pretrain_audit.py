@@ -105,6 +105,47 @@ def test_deepspeed_adamw_does_not_decay_biases_and_norms():
     assert groups == [0.01, 0.0]
 
 
+def _parameter_groups_under_zero_init():
+    """parameter_groups' split of the tiny model's parameters by name, built plainly and under
+    deepspeed.zero.Init (ZeRO-3: every parameter is a 0-size partition there, its shape in ds_shape)."""
+    import deepspeed
+
+    from pipeline import parallel
+    from pipeline.config import build_model_config, deepspeed_config, load_config
+    from pipeline.model import build_model
+    from pipeline.optim import parameter_groups
+
+    config = load_config(None, ["model.recipe=tiny", "parallelism.deepspeed_config=ds_configs/zero3_cpu.json"])
+    parallel.initialize_parallel(1, seed=1)
+    model_config = build_model_config(config, {"fine_vocab_size": 64, "coarse_vocab_size": 200})
+    split = []
+    for zero3 in (False, True):
+        with deepspeed.zero.Init(data_parallel_group=parallel.data_parallel_group(), mpu=parallel.DeepSpeedMPU(),
+                                 config_dict_or_path=deepspeed_config(config, 1), enabled=zero3):
+            model = build_model(model_config)
+        names = {id(p): n for n, p in model.named_parameters()}
+        split.append([(group["weight_decay"], sorted(names[id(p)] for p in group["params"]))
+                      for group in parameter_groups(model, 0.01)])
+        if zero3:
+            assert all(p.numel() == 0 for p in model.parameters()), "not partitioned: the test would not test ds_shape"
+    return split, {n: tuple(p.shape) for n, p in build_model(model_config).named_parameters()}
+
+
+def test_parameter_groups_decay_matrices_only_also_under_zero3():
+    """Weight decay on the matrices, none on biases and norm weights: the same split when the model
+    is built partitioned (ZeRO-3, the default), where ``len(p.shape)`` would put everything in one group."""
+    from tests.distributed import run_distributed
+
+    [(split, shapes)] = run_distributed(_parameter_groups_under_zero_init, world_size=1, timeout=400, init="deepspeed")
+    plain, zero3 = split
+    assert plain == zero3
+    (wd_decay, decay), (wd_none, none) = plain
+    assert (wd_decay, wd_none) == (0.01, 0.0)
+    assert decay and none and sorted(decay + none) == sorted(shapes)
+    assert all(len(shapes[n]) >= 2 for n in decay) and all(len(shapes[n]) == 1 for n in none)
+    assert any("bias" in n for n in none) and any("norm" in n.lower() for n in none), none
+
+
 def test_resume_names_a_changed_pre_norm_and_tells_other_architecture_changes(tmp_path):
     """model.pre_norm changed on resume failed inside DeepSpeed's load, reported as 'one of its files is
     missing or damaged ... restore the files, or start a fresh run'; a changed local_window / rope_theta
@@ -210,6 +251,7 @@ def test_stable_adamw_is_refused_where_deepspeed_flattens_and_trains_without_zer
     assert_ok(code, output)
     stable = losses(tmp_path / "stable")
     assert sorted(stable) == [1, 2, 3] and all(np.isfinite(list(stable.values()))), stable
+    assert stable[3] < stable[1] - 0.3, stable  # it updates the weights (9.6 -> 8.8 when written)
 
     # The modern recipe (GeGLU: fc1 holds [gate ; up], each TP rank a slice of both halves) at TP=2.
     # Its first checkpoint save raised ("partition_stride != 1"). Now the halves are merged on export

@@ -381,6 +381,8 @@ def test_study_interrupt_saves_pretraining_and_rerun_resumes(tmp_path):
     pretrain_log = (out / "logs" / "pretrain_zh-ambert.log").read_text()
     assert "resumed from" in pretrain_log and f"step_{step:08d}" in pretrain_log, pretrain_log[-4000:]
     assert f"step {step + 1}/30" in pretrain_log and f"step {step}/30" not in pretrain_log, pretrain_log[-4000:]
+    # An exact continuation: the same data settings, the saved RNG states restored.
+    assert "other data settings" not in pretrain_log and "re-seeding dropout" not in pretrain_log, pretrain_log[-4000:]
     assert sorted(read_metrics(run)) == list(range(1, 31))
 
 
