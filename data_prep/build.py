@@ -54,7 +54,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", metavar="DIR", help="check an existing dataset (alignment, decode round trip) and exit")
     p.add_argument("--workers", type=int, default=1, help="processes for segmentation/encoding (and for --verify)")
     p.add_argument("--fine-vocab-size", type=int, help="max fine vocabulary size incl. specials (default: per language)")
-    p.add_argument("--coarse-vocab-size", type=int, help="max coarse vocabulary size incl. specials (default: per language)")
+    p.add_argument("--coarse-vocab-size", type=int, help="max coarse vocabulary size incl. specials (default: the paper's, zh 21,128 characters + "
+                   "72,635 words = 93,763; en 30,522 words + 77,645 phrases = 108,167)")
     p.add_argument("--fine-min-count", type=int, help="minimum corpus count of a fine unit (default: per language)")
     p.add_argument("--coarse-min-count", type=int, help="minimum corpus count of a coarse word/phrase (default: per language)")
     p.add_argument("--valid-fraction", type=float, default=0.01, help="share of documents in the valid split")

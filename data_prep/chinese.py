@@ -625,7 +625,9 @@ class Chinese(Language):
     input_options = ("min_cjk_fraction",)  # only the input check: free with --vocab-from
     file_options = ("user_dict",)  # each shard is segmented with it: a --resume must see the same words
     default_fine_vocab_size = 21128
-    default_coarse_vocab_size = 72635
+    # The paper's 72,635 words on top of the 21,128 characters the coarse vocabulary also holds (the
+    # back-off spelling): the reading that gives its 176M parameters, as pipeline/model/config.py.
+    default_coarse_vocab_size = 21128 + 72635
     default_fine_min_count = 1
 
     @classmethod

@@ -182,7 +182,7 @@ class EnglishConfig:
     """--fine-tokenizer: reuse a WordPiece vocabulary (HF tokenizer.json or BERT vocab.txt) instead of training."""
     lowercase: bool = True
     """--cased turns this off: lower-case all text before tokenizing (both granularities)."""
-    coarse_vocab_size: int = 100_000
+    coarse_vocab_size: int = 30522 + 77645
     """--coarse-vocab-size: most frequent words + phrases kept in the coarse vocabulary (incl. specials)."""
     coarse_min_count: int = 2
     """--coarse-min-count: a word / phrase needs this many occurrences to get a coarse id (else [UNK])."""

@@ -421,8 +421,9 @@ class Language:
     """argparse ``dest`` names of this language's own options (collected by ``options_from_args``)."""
     default_fine_vocab_size: ClassVar[int] = 21128
     """--fine-vocab-size when not given (the paper's sizes: zh 21,128; en 30,522)."""
-    default_coarse_vocab_size: ClassVar[int] = 72635
-    """--coarse-vocab-size when not given (the paper's sizes: zh 72,635; en 30,522 + 77,645)."""
+    default_coarse_vocab_size: ClassVar[int] = 21128 + 72635
+    """--coarse-vocab-size when not given (the paper's sizes: zh 21,128 characters + 72,635 words; en
+    30,522 words + 77,645 phrases: the reading that gives its 176M / 194M parameters)."""
     default_fine_min_count: ClassVar[int] = 1
     """--fine-min-count when not given: a fine unit seen fewer times stays out of the vocabulary."""
     default_coarse_min_count: ClassVar[int] = 2

@@ -322,6 +322,19 @@ def test_too_long_sequence_is_rejected_with_the_limit():
 # ----------------------------------------------------------------------------------------------
 # Parameter counts (paper) and FLOPs
 # ----------------------------------------------------------------------------------------------
+def test_data_prep_defaults_are_the_vocabulary_sizes_the_counts_assume():
+    """A default build gives the model the paper's vocabularies: the zh coarse default was 72,635 in
+    all, characters included, ~51.5k words (a 159M model, not the paper's 176M)."""
+    from data_prep.chinese import Chinese
+    from data_prep.english import English, EnglishConfig
+
+    sizes = (Chinese.default_fine_vocab_size, Chinese.default_coarse_vocab_size)
+    assert sizes == (21_128, 21_128 + 72_635) == (ModelConfig().fine_vocab_size, ModelConfig().coarse_vocab_size)
+    assert (English.default_fine_vocab_size, English.default_coarse_vocab_size) == (30_522, 30_522 + 77_645)
+    assert EnglishConfig().coarse_vocab_size == English.default_coarse_vocab_size
+    assert (EnglishConfig().fine_vocab_size, EnglishConfig().coarse_vocab_size) == (30_522, 30_522 + 77_645)
+
+
 @pytest.mark.parametrize(
     "language, fine, coarse, paper",
     [
