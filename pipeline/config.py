@@ -421,9 +421,15 @@ def validate(config: PretrainConfig, world_size: int, dataset_meta: dict | None 
     per_step = p.micro_batch_size * dp
     if p.global_batch_size > 0 and p.global_batch_size % per_step == 0:
         fix = f"set parallelism.gradient_accumulation_steps={p.global_batch_size // per_step}"
+    elif p.global_batch_size > 0 and p.global_batch_size % dp == 0:  # fewer samples per rank: a smaller micro-batch
+        per_rank = p.global_batch_size // dp
+        micro = max(d for d in range(1, min(per_rank, p.micro_batch_size) + 1) if per_rank % d == 0)
+        fix = (f"set parallelism.micro_batch_size={micro} and parallelism.gradient_accumulation_steps="
+               f"{per_rank // micro} ({per_rank} samples per data-parallel rank)")
     else:
-        fix = (f"parallelism.global_batch_size must be a positive multiple of micro_batch_size x data-parallel size "
-               f"= {per_step}")
+        below, above = p.global_batch_size // dp * dp, (p.global_batch_size // dp + 1) * dp
+        fix = (f"parallelism.global_batch_size must be a positive multiple of the data-parallel size {dp} "
+               f"(e.g. {' or '.join(str(n) for n in (below, above) if n > 0)})")
     need(
         p.global_batch_size in (0, product),
         f"parallelism.global_batch_size={p.global_batch_size} != micro_batch_size {p.micro_batch_size} x "

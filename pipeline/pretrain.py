@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -499,8 +500,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.finished:  # no process group, no logs: a job script's check after the training step
         config = load_config(args.config or DEFAULT_RECIPE, overrides)
         # the checks that need no world size, dataset or file system (a config training would refuse is
-        # not "finished"); the world size is taken as one tensor-parallel group
-        validate(config, max(1, config.parallelism.tensor_parallel), paths=False)
+        # not "finished"); the world size is taken as one tensor-parallel group, whose batch arithmetic
+        # says nothing of the job's (the bert-base recipe's global_batch_size=256 is 8 ranks' worth)
+        layout_free = copy.deepcopy(config)
+        layout_free.parallelism.global_batch_size = 0
+        validate(layout_free, max(1, config.parallelism.tensor_parallel), paths=False)
         return finished_status(config)
     rank, world_size, _ = launch_env()
     setup_logging(rank)

@@ -162,9 +162,17 @@ def test_broken_files_and_values_are_config_errors(tmp_path):
                                ([f"checkpointing.dir={afile}"], rf"checkpointing.dir={afile} is an existing file"),
                                # the advice is a value that works (it said gradient_accumulation_steps=1 before)
                                (["parallelism.global_batch_size=10", "parallelism.micro_batch_size=4"],
-                                "must be a positive multiple of micro_batch_size x data-parallel size = 8"),
+                                r"set parallelism.micro_batch_size=1 and parallelism.gradient_accumulation_steps=5"),
+                               (["parallelism.global_batch_size=11", "parallelism.micro_batch_size=4"],
+                                r"must be a positive multiple of the data-parallel size 2 \(e.g. 10 or 12\)"),
                                (["parallelism.global_batch_size=24", "parallelism.micro_batch_size=4"],
-                                "set parallelism.gradient_accumulation_steps=3")):
+                                "set parallelism.gradient_accumulation_steps=3"),
+                               # the bert-base recipe's 256 on more ranks than 256 / micro_batch_size 32
+                               (["parallelism.global_batch_size=12", "parallelism.micro_batch_size=8"],
+                                r"set parallelism.micro_batch_size=6 and parallelism.gradient_accumulation_steps=1 "
+                                r"\(6 samples per data-parallel rank\)"),
+                               (["parallelism.global_batch_size=14", "parallelism.micro_batch_size=4"],
+                                r"set parallelism.micro_batch_size=1 and parallelism.gradient_accumulation_steps=7")):
         with pytest.raises(C.ConfigError, match=message):
             C.validate(C.load_config(None, overrides), world_size=2)
     assert afile.read_text(encoding="utf-8") == "x"

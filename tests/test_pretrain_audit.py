@@ -320,6 +320,16 @@ def test_finished_check_refuses_a_config_training_would_refuse(tmp_path):
     assert pretrain.main([*args, "schedule.train_steps=11", "schedule.warmup_steps=2"]) == pretrain.STOPPED_EARLY
     with pytest.raises(ConfigError, match="schedule.warmup_steps=50"):
         pretrain.main([*args, "schedule.warmup_steps=50"])
+    # The check runs without the job's layout: a global batch size of 8 ranks' worth (the bert-base
+    # recipe's 256) is not refused there, nor on 8 data-parallel ranks; on 16 the fix is named.
+    base = ["--config", str(ROOT / "pipeline" / "recipes" / "bert-base.yaml"), f"output_dir={tmp_path}"]
+    assert pretrain.main(["--finished", *base, "schedule.train_steps=10", "schedule.warmup_steps=2"]) == 0
+    from pipeline.config import load_config, validate
+
+    validate(load_config(base[1], []), 8, paths=False)
+    with pytest.raises(ConfigError, match=r"global_batch_size=256 .* set parallelism.micro_batch_size=16 and "
+                                          r"parallelism.gradient_accumulation_steps=1"):
+        validate(load_config(base[1], ["parallelism.tensor_parallel=2"]), 32, paths=False)
 
 
 def test_console_line_shows_only_the_sides_the_variant_trains(tmp_path, caplog):
