@@ -734,6 +734,20 @@ def _exit_job(code: int) -> None:
     sys.exit(code)
 
 
+def report_error(message: str) -> None:
+    """A stopping error: on stderr, and in this rank's log file; on the console's log lines too (with
+    the rank in front) only when several ranks share the console, where it says whose error it is."""
+    log = logging.getLogger("pretrain")
+    if launch_env()[1] > 1:
+        log.error("%s", message)
+    else:  # one process: the stderr line alone (the same message twice read as two errors)
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (message,), None)
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+    print(f"error: {message}", file=sys.stderr)
+
+
 if __name__ == "__main__":
     try:
         sys.exit(main())
@@ -741,8 +755,7 @@ if __name__ == "__main__":
         message = str(exc).strip()
         if "Original Traceback" in message:  # raised in a DataLoader worker: its message is the last line
             message = message.splitlines()[-1].split(": ", 1)[-1]
-        logging.getLogger("pretrain").error("%s", message)
-        print(f"error: {message}", file=sys.stderr)
+        report_error(message)
         _exit_job(2)
     except RuntimeError as exc:  # torch.distributed's errors when a peer stops answering
         text = str(exc)
@@ -754,13 +767,11 @@ if __name__ == "__main__":
             message = (f"the rendezvous port MASTER_PORT={os.environ.get('MASTER_PORT', '29500')} is in use (another job "
                        f"on this host?): start again with a free port (export MASTER_PORT=..., or the launcher's "
                        f"--master_port / --master-port)")
-            logging.getLogger("pretrain").error("%s", message)
-            print(f"error: {message}", file=sys.stderr)
+            report_error(message)
             _exit_job(2)
         else:
             raise
         message = (f"{cause}; its own log (OUTPUT/logs/rank<k>.log) says why. Once that is fixed, rerun the job with "
                    f"--resume auto to continue from the newest complete checkpoint. ({text.strip().splitlines()[-1]})")
-        logging.getLogger("pretrain").error("%s", message)
-        print(f"error: {message}", file=sys.stderr)
+        report_error(message)
         _exit_job(1)

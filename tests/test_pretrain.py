@@ -249,8 +249,12 @@ def test_damaged_dataset_is_one_error_line_not_a_traceback(tmp_path):
         cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2, result.stderr[-3000:]
-    assert f"error: {dataset / 'train_align.idx'} is missing: {dataset} is not a complete paired dataset" in result.stderr
+    message = f"{dataset / 'train_align.idx'} is missing: {dataset} is not a complete paired dataset"
+    assert f"error: {message}" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+    # Once on the console (one process: not repeated as a log line on stdout), and in the rank's log file.
+    assert message not in result.stdout and result.stderr.count(message) == 1, (result.stdout, result.stderr)
+    assert message in (tmp_path / "run" / "logs" / "rank0.log").read_text(encoding="utf-8")
 
 
 def test_tiny_dataset_and_resume_past_the_end_are_warned_about(tmp_path):
