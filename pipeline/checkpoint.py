@@ -273,8 +273,25 @@ def check_compatible(marker: dict, fingerprint: str, model_config: dict, path: P
             raise CheckpointError(
                 f"checkpoint {path} was saved at {saved}; this run has {run}. Resume at the saved layout, or "
                 f"convert the checkpoint once with `python -m pipeline.convert universal {path} NEW_DIR` and resume "
-                f"from it with checkpointing.dir=NEW_DIR --resume auto (any TP / DP / ZeRO stage)"
+                f"from it with checkpointing.dir=NEW_DIR --resume auto (any TP and DP; ZeRO stage 1 or 2 from stage "
+                f"1 or 2, stage 3 from any)"
             )
+
+
+def check_universal_stage(path: Path, marker: dict, zero_stage: int) -> None:
+    """DeepSpeed loads a universal checkpoint below ZeRO-3 from its ``mp_rank_XX_model_states.pt``
+    files, which only a conversion of a ZeRO-1/2 checkpoint has: one made from a ZeRO-3 checkpoint
+    (``zero_pp_rank_*`` model states only) failed inside DeepSpeed with a bare AssertionError,
+    reported as a damaged checkpoint."""
+    if zero_stage >= 3 or any(Path(path).glob("mp_rank_*_model_states.pt")):
+        return
+    raise CheckpointError(
+        f"{path} was converted from a ZeRO-3 checkpoint (ZeRO stage {marker.get('zero_stage', 3)}), which DeepSpeed "
+        f"loads only at ZeRO stage 3; this run has stage {zero_stage}. Continue it with a ZeRO-3 config "
+        f"(parallelism.deepspeed_config=ds_configs/zero3.json, or zero3_cpu.json on CPU), or start a run at stage "
+        f"{zero_stage} from its weights (`python -m pipeline.convert export {marker.get('converted_from', path)} "
+        f"EXPORT`, then checkpointing.init_from=EXPORT: the optimizer state starts afresh)"
+    )
 
 
 def _du(path: Path) -> int:

@@ -21,6 +21,7 @@ TP size tags every parameter with ``ds_autotp_universal_checkpoint_meta`` (see
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -137,6 +138,31 @@ bare flat tensors, which DeepSpeed's ZeRO-3 loader never slices for tensor paral
 _STATE_FILES = ("fp32.pt", "exp_avg.pt", "exp_avg_sq.pt")
 
 
+@contextlib.contextmanager
+def _module_states_of_tensors_only():
+    """While ``ds_to_universal`` runs: the model states it loads hold tensors only.
+
+    megatron-core's parallel linear layers put ``<layer>._extra_state = None`` into every state dict
+    (compatibility with Transformer Engine), and ``ds_to_universal`` writes each entry of a ZeRO-1/2
+    checkpoint's ``mp_rank_*_model_states.pt`` "module" as ``tensor.float()``: an AttributeError on
+    None, so no ZeRO-1/2 checkpoint (the bert-base and modern-base recipes') could be converted or
+    exported. The files on disk are not touched."""
+    load = torch.load
+
+    def tensors_only(*args, **kwargs):
+        state = load(*args, **kwargs)
+        module = state.get("module") if isinstance(state, dict) else None
+        if isinstance(module, dict) and not all(isinstance(v, torch.Tensor) for v in module.values()):
+            state["module"] = type(module)((k, v) for k, v in module.items() if isinstance(v, torch.Tensor))
+        return state
+
+    torch.load = tensors_only
+    try:
+        yield
+    finally:
+        torch.load = load
+
+
 def _wrap_bare_zero3_states(universal: Path) -> None:
     """Give every parameter state the dict form DeepSpeed's TP-aware loaders expect.
 
@@ -215,8 +241,9 @@ def to_universal(source: Path, target_dir: Path, workers: int = 1) -> Path:
         keep_temp_folder=False, strict=True, inject_missing_state=False,
     )
     try:
-        ds_to_universal.main(args)
-    except (OSError, RuntimeError, EOFError, KeyError, ValueError, AssertionError) as exc:
+        with _module_states_of_tensors_only():
+            ds_to_universal.main(args)
+    except (OSError, RuntimeError, EOFError, KeyError, ValueError, AssertionError, AttributeError, TypeError) as exc:
         from pipeline.checkpoint import disk_full
 
         why = disk_full(target_dir, exc)  # before the partial output is removed (which frees space)

@@ -466,6 +466,7 @@ def _startup_checks(config: PretrainConfig, rank: int, world_size: int):
                 f"{marker.get('converted_from', 'the original checkpoint')} again (or continue at tensor_parallel=1)"
             )
         if resume_universal:
+            ckpt.check_universal_stage(resume_path, marker, layout["zero_stage"])
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     init_weights = None
     if config.checkpointing.init_from:

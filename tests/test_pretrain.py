@@ -298,6 +298,59 @@ def test_continue_on_another_tp_dp_layout(layout_runs, tmp_path, tmp_path_factor
             assert abs(value - reference[step]) <= 1e-5 * abs(reference[step]), ((tp, dp), step, value, reference[step])
 
 
+def test_a_zero1_checkpoint_converts_exports_and_continues(layout_runs, tmp_path, tmp_path_factory):
+    """ZeRO-1/2 checkpoints (the bert-base and modern-base recipes') could not be converted nor exported:
+    DeepSpeed's converter called .float() on the None ``_extra_state`` entries megatron-core's layers
+    put in the model states. Now a ZeRO-1 run at (TP, DP) = (1, 2) converts, exports the weights its
+    model states hold, and its universal checkpoint continues at DP=1 on the layouts' curve; the ZeRO-3
+    universal checkpoint, which DeepSpeed cannot load below stage 3, is refused up front."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline import pretrain
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.convert import export, to_universal
+
+    dataset = get_dataset(tmp_path_factory)
+    zero1 = "parallelism.deepspeed_config=ds_configs/zero1_cpu.json"
+    run = tmp_path / "zero1"
+    code, output = launch([f"data.path={dataset}", f"output_dir={run}", *layout_overrides(1, 2), zero1,
+                           "checkpointing.save_every=5"], log=tmp_path / "zero1.log",
+                          launcher="torchrun")
+    assert_ok(code, output)
+    reference = losses(layout_runs[(1, 1)])
+    assert sorted(losses(run)) == list(range(1, 11))
+    for step, value in losses(run).items():  # ZeRO-1 trains as ZeRO-3 does
+        assert abs(value - reference[step]) <= 1e-5 * abs(reference[step]), (step, value, reference[step])
+    source = run / "checkpoints" / "step_00000005"
+
+    exported = export(source, tmp_path / "export")
+    weights = load_file(str(next(exported.glob("*.safetensors"))))
+    module = torch.load(source / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    tensors = {k: v for k, v in module.items() if isinstance(v, torch.Tensor)}
+    assert len(tensors) < len(module)  # the None entries that broke the conversion are there
+    assert sorted(weights) == sorted(tensors)
+    for name, tensor in tensors.items():
+        assert torch.equal(weights[name], tensor.float()), name
+
+    to_universal(source, tmp_path / "universal")
+    out = tmp_path / "continued"
+    code, output = launch([f"data.path={dataset}", f"output_dir={out}", *layout_overrides(1, 1), zero1,
+                           f"checkpointing.dir={tmp_path / 'universal'}", "checkpointing.save_at_end=false",
+                           "--resume", "auto"], nproc=1, log=tmp_path / "continued.log", launcher="torchrun")
+    assert_ok(code, output)
+    got = losses(out)
+    assert sorted(got) == [6, 7, 8, 9, 10], sorted(got)
+    for step, value in got.items():
+        assert abs(value - reference[step]) <= 1e-5 * abs(reference[step]), (step, value, reference[step])
+
+    zero3 = to_universal(layout_runs[(1, 2)] / "checkpoints" / "step_00000005", tmp_path / "universal_zero3")
+    with pytest.raises(CheckpointError, match=r"converted from a ZeRO-3 checkpoint .* loads only at ZeRO stage 3; this "
+                                              r"run has stage 1\. Continue it with a ZeRO-3 config .*init_from=EXPORT"):
+        pretrain.main([*BASE, f"data.path={dataset}", f"output_dir={tmp_path / 'refused'}", *layout_overrides(1, 1),
+                       zero1, f"checkpointing.dir={zero3.parent}", "--resume", "auto"])
+
+
 def test_continue_a_tp1_checkpoint_at_tp2(layout_runs, tmp_path, tmp_path_factory, monkeypatch):
     """A ZeRO-3 checkpoint saved at TP=1 (DP=2), converted, continues at TP=2 (DP=1) on the same curve.
 
