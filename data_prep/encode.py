@@ -71,13 +71,19 @@ class TextEncoder:
                 f"{self.directory} has no {fmt.META_FILE}: pass a dataset directory built by "
                 f"`python data_prep/build.py` or a model exported by `python -m pipeline.convert export`"
             )
-        self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        try:
+            self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            if not isinstance(self.meta, dict):
+                raise ValueError(f"a JSON {type(self.meta).__name__}, not an object")
+        except (OSError, ValueError) as exc:
+            raise fmt.FormatError(f"{meta_path} cannot be read ({' '.join(str(exc).split())[:200]}): restore it from the "
+                                  f"pre-training dataset it was copied from (or rebuild / export again)") from None
         self.language: str = self.meta.get("language") or self.meta.get("build", {}).get("language")
         if not self.language:
             raise fmt.FormatError(f"{meta_path} records no language; rebuild the dataset with data_prep/build.py")
         problems = fmt.token_file_problems(self.directory, self.meta)
         if problems:  # a missing or edited file would encode with other ids than the model was trained on
-            raise fmt.FormatError(problems[0])
+            raise fmt.FormatError(f"{self.directory}: {problems[0]}")
         self.fine_vocab = fmt.Vocab.load(self.directory / fmt.FINE_VOCAB_FILE)
         self.coarse_vocab = fmt.Vocab.load(self.directory / fmt.COARSE_VOCAB_FILE)
         self.plugin = self._load_plugin()

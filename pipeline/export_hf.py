@@ -131,7 +131,7 @@ def bert_config(config):
 
 def export_hf(state: dict[str, torch.Tensor], config, tokenizer_dir: str | Path, output: str | Path) -> Path:
     """Write a BertForMaskedLM directory (weights, config, WordPiece tokenizer) to ``output``."""
-    from transformers import BertForMaskedLM, BertTokenizerFast
+    from transformers import BertForMaskedLM
 
     tensors = bert_state_dict(state, config)
     model = BertForMaskedLM(bert_config(config))
@@ -141,16 +141,36 @@ def export_hf(state: dict[str, torch.Tensor], config, tokenizer_dir: str | Path,
         raise HFExportError(f"internal: BertForMaskedLM keys do not match (missing {missing}, unexpected {unexpected})")
     final = Path(output)
     check_export_output(final, ("config.json", "vocab.txt"), "a Hugging Face model")
+    meta_file = Path(tokenizer_dir) / fmt.META_FILE  # read before anything is written
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise HFExportError(f"{meta_file} cannot be read ({' '.join(str(exc).split())[:200]}): it is one of the "
+                            f"tokenizer files the export copies from the pre-training dataset; copy the dataset's "
+                            f"meta.json there again (or export again from the checkpoint)") from None
+    vocab = fmt.Vocab.load(Path(tokenizer_dir) / fmt.FINE_VOCAB_FILE)
     output = Path(str(final) + ".partial")  # written aside, renamed when complete
     shutil.rmtree(output, ignore_errors=True)
     output.mkdir(parents=True)
+    try:
+        _write_hf(model, meta, vocab, config, output)
+    except BaseException:
+        shutil.rmtree(output, ignore_errors=True)  # nothing half-written is left behind
+        raise
+    shareable(*(p for p in output.iterdir() if p.is_file()))  # model.safetensors is written 0600
+    return commit_output(output, final)
+
+
+def _write_hf(model, meta: dict, vocab, config, output: Path) -> None:
+    from transformers import BertTokenizerFast
+
     model.save_pretrained(str(output))
-    meta = json.loads((Path(tokenizer_dir) / fmt.META_FILE).read_text(encoding="utf-8"))
     options = meta.get("build", {}).get("language_options", {})
     lowercase = not options.get("cased", False)  # zh: NFKC keeps case; en: lower-cased unless --cased
     if meta.get("language") == "zh":
         lowercase = False
-    vocab = fmt.Vocab.load(Path(tokenizer_dir) / fmt.FINE_VOCAB_FILE)
     vocab.save(output / "vocab.txt")  # the classic WordPiece file, for older loaders and other tools
     # strip_accents=False: BERT strips accents whenever it lower-cases, data_prep never does ("naïve" and
     # "café" are their own entries of fine_vocab.txt; stripped they would become other ids or [UNK])
@@ -175,8 +195,6 @@ def export_hf(state: dict[str, torch.Tensor], config, tokenizer_dir: str | Path,
     tokenizer_config.update(tokenizer_class="PreTrainedTokenizerFast",
                             model_input_names=["input_ids", "token_type_ids", "attention_mask"])
     (output / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2), encoding="utf-8")
-    shareable(*(p for p in output.iterdir() if p.is_file()))  # model.safetensors is written 0600
-    return commit_output(output, final)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # `deepspeed pipeline/finetune.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_prep.encode import EncodeError  # noqa: E402
+from data_prep.format import FormatError  # noqa: E402
 from pipeline.finetuning import FinetuneConfig, FinetuneError, run  # noqa: E402
 from pipeline.inference import ExportError  # noqa: E402
 
@@ -85,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%Y-%m-%d %H:%M:%S"))
             logging.getLogger().addHandler(handler)
         run(config)
-    except (FinetuneError, ExportError) as exc:  # ExportError: weights that do not fit their config
+    # ExportError: weights that do not fit their config; FormatError / EncodeError: the tokenizer files
+    # (meta.json, vocabularies) of the model or --dataset are damaged or were edited
+    except (FinetuneError, ExportError, FormatError, EncodeError) as exc:
         if config is not None and config.deepspeed:
             # Under a launcher, a rank that stops before the process group exists would leave its
             # peers waiting for it there until the collective timeout: it tells them first.

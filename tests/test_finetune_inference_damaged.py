@@ -163,6 +163,36 @@ def test_invalid_export_config_names_the_file(exported, tmp_path, capsys):
         resolve_pretrained(str(export))
 
 
+def test_damaged_tokenizer_files_of_an_export_are_one_error_line_and_nothing_is_written(exported, tmp_path, capsys):
+    """A damaged meta.json in an export: fine-tuning ended in a JSONDecodeError traceback, export_hf
+    printed the JSON error without the file and left OUT.partial (weights, no tokenizer) behind. An
+    edited vocabulary is named too."""
+    from pipeline import export_hf, finetune
+
+    files = make_sentiment_files(tmp_path, sizes=(8, 4, 4))
+    export = Path(shutil.copytree(exported, tmp_path / "export"))
+    meta = export / "meta.json"
+    meta.write_text('{"language": "zh",\n}', encoding="utf-8")
+    hf = tmp_path / "hf"
+    assert export_hf.main([str(export), str(hf)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {meta} cannot be read (" in err and "copy the dataset's meta.json there again" in err, err
+    assert not hf.exists() and not Path(f"{hf}.partial").exists()
+    run = ["--model", str(export), "--train", str(files["train"]), "--dev", str(files["dev"]), "--epochs", "1"]
+    assert finetune.main([*run, "--output", str(tmp_path / "ft")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {meta} cannot be read (" in err and "restore it" in err and "Traceback" not in err, err
+
+    shutil.copy(exported / "meta.json", meta)
+    vocab = export / "fine_vocab.txt"
+    lines = vocab.read_text(encoding="utf-8").splitlines()
+    vocab.write_text("\n".join([*lines[:-1], lines[-1] + "x"]) + "\n", encoding="utf-8")  # same size, one token edited
+    assert finetune.main([*run, "--output", str(tmp_path / "ft2")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: the tokenizer files in {export} are not those of the dataset the model was trained on" in err, err
+    assert "Traceback" not in err
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. random:RECIPE[:VARIANT] typos, before any process group
 # ---------------------------------------------------------------------------------------------
