@@ -17,7 +17,6 @@ token never loses part of the fine tokens it covers.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,9 +71,7 @@ class TextEncoder:
                 f"`python data_prep/build.py` or a model exported by `python -m pipeline.convert export`"
             )
         try:
-            self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            if not isinstance(self.meta, dict):
-                raise ValueError(f"a JSON {type(self.meta).__name__}, not an object")
+            self.meta = fmt.read_json_object(meta_path)
         except (OSError, ValueError) as exc:
             raise fmt.FormatError(f"{meta_path} cannot be read ({' '.join(str(exc).split())[:200]}): restore it from the "
                                   f"pre-training dataset it was copied from (or rebuild / export again)") from None

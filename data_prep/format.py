@@ -70,6 +70,15 @@ HTML_REPORT = "phrase_report.html"
 TOKEN_FILES = (FINE_VOCAB_FILE, COARSE_VOCAB_FILE, FINE_TOKENIZER_FILE, PHRASES_FILE, USER_DICT_FILE)
 
 
+def read_json_object(path: str | os.PathLike) -> dict:
+    """The JSON object in ``path``; OSError / ValueError (bad JSON, or JSON that is not an object) as
+    they come, for the caller to name the file and the fix."""
+    value = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(value, dict):
+        raise ValueError(f"a JSON {type(value).__name__}, not an object")
+    return value
+
+
 def token_file_problems(directory: str | os.PathLike, meta: dict) -> list[str]:
     """The files that give the ids their meaning (``TOKEN_FILES``) that are missing or differ from the
     sha256 ``meta.json`` recorded at build time (datasets built before it record none)."""

@@ -143,9 +143,7 @@ def export_hf(state: dict[str, torch.Tensor], config, tokenizer_dir: str | Path,
     check_export_output(final, ("config.json", "vocab.txt"), "a Hugging Face model")
     meta_file = Path(tokenizer_dir) / fmt.META_FILE  # read before anything is written
     try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
+        meta = fmt.read_json_object(meta_file)
     except (OSError, ValueError) as exc:
         raise HFExportError(f"{meta_file} cannot be read ({' '.join(str(exc).split())[:200]}): it is one of the "
                             f"tokenizer files the export copies from the pre-training dataset; copy the dataset's "

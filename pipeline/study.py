@@ -746,12 +746,12 @@ def _check_same_settings(config: StudyConfig, recorded_file: Path) -> None:
     """A re-run continues the study in OUTPUT only with the settings its finished work was made with:
     otherwise that work (e.g. splits of another size, results of other seeds) would be reused and
     mixed into one table with runs made with the new settings."""
+    from data_prep.format import read_json_object
+
     if not recorded_file.is_file():
         return
     try:
-        recorded = json.loads(recorded_file.read_text(encoding="utf-8"))
-        if not isinstance(recorded, dict):
-            raise ValueError("not a JSON object")
+        recorded = read_json_object(recorded_file)
     except (OSError, ValueError) as exc:
         raise StudyError(f"{recorded_file} cannot be read ({exc}): it records the settings of the study in "
                          f"{recorded_file.parent}; choose another --output") from None
