@@ -150,7 +150,10 @@ def check_dataset_dir(config: PretrainConfig) -> None:
     if (path / META_FILE).is_file():
         return
     unfinished = path.with_name(path.name.removesuffix(".partial"))
-    if path.name.endswith(".partial") or unfinished.with_name(unfinished.name + ".partial").is_dir():
+    if path.name.endswith(".partial") and (unfinished / META_FILE).is_file():  # the build finished meanwhile
+        raise ConfigError(f"data.path={config.data.path}: {path} is not a dataset (the work directory of a data_prep "
+                          f"build); the finished dataset is {unfinished}: point data.path at it")
+    if unfinished.with_name(unfinished.name + ".partial").is_dir():
         raise ConfigError(
             f"data.path={config.data.path}: {path} is not a dataset but the work of an unfinished data_prep build "
             f"(the dataset appears as {unfinished} when it completes): finish it by running the same "

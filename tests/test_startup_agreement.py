@@ -264,6 +264,12 @@ def test_unfinished_datasets_are_named_with_the_command_that_finishes_them(tmp_p
         message = _main_error([*BASE, f"data.path={path}", f"output_dir={tmp_path / 'run'}"], monkeypatch)
         assert "is not a dataset but the work of an unfinished data_prep build" in message, message
         assert f"--output {tmp_path / 'zh'}` command again with --resume" in message
+    # DIR.partial given when the build has finished (no DIR.partial left): the dataset is named, not --resume
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "meta.json").write_text("{}", encoding="utf-8")
+    message = _main_error([*BASE, f"data.path={tmp_path / 'done.partial'}", f"output_dir={tmp_path / 'run'}"], monkeypatch)
+    assert f"the finished dataset is {tmp_path / 'done'}: point data.path at it" in message, message
+    assert "--resume" not in message
 
     # The demo dataset's folder holding something else: data_prep's own advice (--overwrite) cannot
     # be given through pretrain, so the message says what to do instead; the waiting ranks hear it.
