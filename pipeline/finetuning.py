@@ -693,6 +693,21 @@ def _random_model_config(model: str, flag: str, recipe: str, overrides: dict):
     return config
 
 
+def _refuse_hugging_face_export(path: Path, flag: str) -> None:
+    """A ``pipeline.export_hf`` output (BertForMaskedLM: the fine branch only) given where an AMBERT
+    model is expected was told to get tokenizer files, then that its config.json is invalid."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # read_model_config names a damaged file
+    if isinstance(config, dict) and (config.get("model_type") == "bert" or "BertForMaskedLM" in config.get("architectures", [])):
+        raise FinetuneError(
+            f"{flag} {path} is a Hugging Face BertForMaskedLM (written by `python -m pipeline.export_hf`): the fine "
+            f"branch alone, for transformers. Give the AMBERT model it was made from: the export of "
+            f"`python -m pipeline.convert export` or the training checkpoint (step_*)"
+        )
+
+
 def resolve_pretrained(model: str, dataset: str = "", flag: str = "--model", allow_random: bool = True,
                        same_dataset: bool = False) -> Pretrained:
     """Model config, weights and tokenizer directory of ``model`` (export, checkpoint or random:RECIPE).
@@ -726,11 +741,12 @@ def resolve_pretrained(model: str, dataset: str = "", flag: str = "--model", all
         return Pretrained(_random_model_config(model, flag, recipe, overrides), None, Path(dataset), model)
     path = Path(model)
     if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+        _refuse_hugging_face_export(path, flag)
         try:
             own = tokenizer_dir_of(path)
         except ExportError as exc:
-            if not dataset:
-                raise FinetuneError(f"{exc}; or pass --dataset") from None
+            if not dataset:  # the tools that take --dataset; checkpointing.init_from uses the run's own
+                raise FinetuneError(f"{exc}{'; or pass --dataset' if flag.startswith('-') else ''}") from None
             own = None
         if dataset and own is not None:
             _check_same_vocabularies(own, Path(dataset), path)

@@ -86,6 +86,15 @@ def test_fine_branch_round_trips_through_transformers_with_identical_logits(tmp_
 
     # The WordPiece tokenizer built from fine_vocab.txt gives our ids for Chinese text.
     assert tokenizer(TEXTS[0])["input_ids"] == batch["fine_ids"][1][: int(batch["fine_attention_mask"][1].sum())].tolist()
+    if variant == "ambert":  # given back where an AMBERT model is expected: named as what it is
+        from pipeline.checkpoint import CheckpointError, load_init_weights
+        from pipeline.finetuning import FinetuneError, resolve_pretrained
+
+        with pytest.raises(FinetuneError, match=rf"--model {out_dir} is a Hugging Face BertForMaskedLM .*export_hf.*"
+                                                rf"Give the AMBERT model it was made from"):
+            resolve_pretrained(str(out_dir), str(zh_dataset))
+        with pytest.raises(CheckpointError, match=r"checkpointing.init_from .* is a Hugging Face BertForMaskedLM"):
+            load_init_weights(str(out_dir), None, {})
 
 
 def test_non_bert_options_are_refused_with_the_option_named(tmp_path, zh_dataset):
