@@ -403,6 +403,26 @@ def classification_report(predictions: np.ndarray, labels: np.ndarray, names: Se
 # Data
 # ---------------------------------------------------------------------------------------------
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+_COMPRESSED = (".gz", ".xz", ".bz2")  # text files only (HF datasets decompresses them by their suffix)
+
+
+def _file_type(path: str) -> tuple[str, str | None]:
+    """(".jsonl" | ".json" | ".csv" | ".tsv" | ".parquet", compression suffix or None) of a data file."""
+    name = Path(path)
+    compression = name.suffix.lower() if name.suffix.lower() in _COMPRESSED else None
+    suffix = Path(name.stem).suffix.lower() if compression else name.suffix.lower()
+    if suffix not in _BUILDERS or (compression and suffix == ".parquet"):
+        raise FinetuneError(f"{path}: unknown file type {name.suffix.lower()!r}; use one of {sorted(_BUILDERS)}, the "
+                            f"text ones also compressed ({', '.join(_COMPRESSED)}, e.g. train.jsonl.xz)")
+    return suffix, compression
+
+
+def _open_binary(path: str, compression: str | None):
+    import bz2
+    import gzip
+    import lzma
+
+    return {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}.get(compression, open)(path, "rb")
 
 
 def load_table(path: str) -> datasets.Dataset:  # noqa: F821
@@ -411,28 +431,50 @@ def load_table(path: str) -> datasets.Dataset:  # noqa: F821
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import datasets
 
-    suffix = Path(path).suffix.lower()
-    if suffix not in _BUILDERS:
-        raise FinetuneError(f"{path}: unknown file type {suffix!r}; use one of {sorted(_BUILDERS)}")
+    suffix, compression = _file_type(path)
     kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
     datasets.disable_progress_bars()
-    with open(path, "rb") as fh:
-        if not fh.read(1 << 16).strip():
-            raise FinetuneError(f"{path} is empty: no examples")
+    try:
+        with _open_binary(path, compression) as fh:
+            start = fh.read(1 << 16)
+    except (OSError, EOFError) as exc:  # a damaged or truncated compressed file
+        raise FinetuneError(f"{path} cannot be read ({type(exc).__name__}: {exc}); fix or replace the file") from None
+    if not start.strip():
+        raise FinetuneError(f"{path} is empty: no examples")
     try:
         return datasets.load_dataset(_BUILDERS[suffix], data_files={"data": str(path)}, split="data", **kwargs)
     except Exception as exc:  # noqa: BLE001 - datasets wraps the parser's error several levels deep
         cause = exc
         while cause.__cause__ is not None or cause.__context__ is not None:
             cause = cause.__cause__ or cause.__context__
-        raise FinetuneError(f"{path} cannot be read as {suffix[1:]} ({type(cause).__name__}: {cause}); fix the "
-                            f"file (one JSON object a line for .jsonl; a header row for .csv/.tsv)") from None
+        where = _first_bad_json_line(path, compression) if suffix == ".jsonl" else None
+        raise FinetuneError(f"{path} cannot be read as {suffix[1:]} ({where or f'{type(cause).__name__}: {cause}'}); "
+                            f"fix the file (one JSON object a line for .jsonl; a header row for .csv/.tsv)") from None
+
+
+def _first_bad_json_line(path: str, compression: str | None) -> str | None:
+    """Where a JSON-lines file stops parsing, as an editor counts lines (HF datasets names a byte
+    offset within a block, or a 0-based row)."""
+    try:
+        with _open_binary(path, compression) as fh:
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as exc:
+                    return f"line {number} is not JSON: {exc}"
+                if not isinstance(record, dict):
+                    return f"line {number} holds a JSON {type(record).__name__}, not an object"
+    except (OSError, EOFError):
+        return None
+    return None
 
 
 def _where(path: str, i: int) -> str:
     """Example ``i`` (0-based) of a data file as a user finds it: data rows of a table are counted
     from 1 after the header; JSON lines from 1 over the records (blank lines are skipped)."""
-    unit = "row" if Path(path).suffix.lower() in (".csv", ".tsv") else "record"
+    unit = "row" if _file_type(path)[0] in (".csv", ".tsv") else "record"
     return f"{path} {unit} {i + 1}"
 
 

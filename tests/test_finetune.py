@@ -284,6 +284,41 @@ def test_empty_text_and_missing_column_are_clear_errors(tmp_path, zh_dataset, ti
         run(_config(export, {**files, "train": tmp_path / "nope.jsonl"}, tmp_path))
 
 
+def test_compressed_data_files_read_as_the_plain_ones(tmp_path):
+    """The shared labeled sets ship as .jsonl.xz: fine-tuning refused them ("unknown file type '.xz'")."""
+    import bz2
+    import gzip
+    import lzma
+
+    from pipeline.finetuning import FinetuneError, load_table
+
+    files = make_sentiment_files(tmp_path, sizes=(20, 4, 4))
+    plain = load_table(str(files["train"]))
+    data = files["train"].read_bytes()
+    csv = tmp_path / "t.csv"
+    csv.write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in plain), encoding="utf-8")
+    for suffix, compress in ((".xz", lzma.compress), (".gz", gzip.compress), (".bz2", bz2.compress)):
+        path = tmp_path / f"train.jsonl{suffix}"
+        path.write_bytes(compress(data))
+        table = load_table(str(path))
+        assert table.to_list() == plain.to_list()
+        path = tmp_path / f"t.csv{suffix}"
+        path.write_bytes(compress(csv.read_bytes()))
+        assert load_table(str(path)).to_list() == plain.to_list()
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(gzip.compress(data + b"[1, 2]\n"))
+    with pytest.raises(FinetuneError, match=r"bad.jsonl.gz cannot be read as jsonl \(line 21 holds a JSON list"):
+        load_table(str(bad))
+    (tmp_path / "e.jsonl.xz").write_bytes(lzma.compress(b"\n"))
+    with pytest.raises(FinetuneError, match=r"e.jsonl.xz is empty"):
+        load_table(str(tmp_path / "e.jsonl.xz"))
+    (tmp_path / "cut.jsonl.xz").write_bytes(lzma.compress(data)[:40])
+    with pytest.raises(FinetuneError, match=r"cut.jsonl.xz cannot be read \((EOFError|LZMAError)"):
+        load_table(str(tmp_path / "cut.jsonl.xz"))
+    with pytest.raises(FinetuneError, match=r"unknown file type '.xz'.*e.g. train.jsonl.xz"):
+        load_table(str(tmp_path / "data.parquet.xz"))
+
+
 def test_unreadable_files_bad_numbers_and_wrong_token_fields_are_clear_errors(tmp_path, zh_dataset, tiny_model):
     from pipeline.finetuning import FinetuneError, run
 
@@ -294,8 +329,8 @@ def test_unreadable_files_bad_numbers_and_wrong_token_fields_are_clear_errors(tm
     broken.write_text(files["train"].read_text(encoding="utf-8") + "{not json\n", encoding="utf-8")
     with pytest.raises(FinetuneError, match=r"empty.jsonl is empty: no examples"):
         run(_config(export, {**files, "train": empty}, tmp_path))
-    with pytest.raises(FinetuneError, match=r"broken.jsonl cannot be read as jsonl \(.*\); fix the file"):
-        run(_config(export, {**files, "train": broken}, tmp_path))
+    with pytest.raises(FinetuneError, match=r"broken.jsonl cannot be read as jsonl \(line 21 is not JSON: .*\); fix the file"):
+        run(_config(export, {**files, "train": broken}, tmp_path))  # the line an editor shows, not a byte offset
     for field, value, message in (("classifier_dropout", 2.0, r"classifier-dropout: must be in \[0, 1\)"),
                                   ("patience", -1, r"patience: must be >= 0"),
                                   ("max_train_examples", -1, r"max-train-examples: must be >= 0")):
