@@ -1017,9 +1017,13 @@ def _tensorboard(config: FinetuneConfig, seed: int):
         return None
 
 
+PROGRESS_SECONDS = 30.0  # fine-tuning logs a train-loss line this often between dev evaluations
+
+
 def train_seed(config: FinetuneConfig, pretrained: Pretrained, labels: LabelSet, train: list[dict], dev: list[dict],
-               test: list[dict] | None, seed: int) -> dict:
-    """Fine-tune from the pre-trained weights with one seed; returns curves and dev/test reports."""
+               test: list[dict] | None, seed: int, seeds_after: int = 0) -> dict:
+    """Fine-tune from the pre-trained weights with one seed; returns curves and dev/test reports.
+    ``seeds_after``: how many seeds run after this one (for the ETA of the whole run)."""
     from pipeline import parallel
     from pipeline.inference import build_backbone
 
@@ -1050,6 +1054,14 @@ def train_seed(config: FinetuneConfig, pretrained: Pretrained, labels: LabelSet,
     curve, dev_curve = [], []
     best, best_state, best_step, stale = -1.0, None, 0, 0
     step, started = 0, time.time()
+    last_line, since_line = started, []  # a progress line every PROGRESS_SECONDS between evaluations
+
+    def eta() -> str:
+        rate = step / max(time.time() - started, 1e-9)
+        left = (total_steps - step) / rate
+        more = f", {left + seeds_after * total_steps / rate:.0f} s with the {seeds_after} seed(s) after it" if seeds_after else ""
+        return f"{rate:.2f} steps/s, ETA {left:.0f} s{more}"
+
     stop = False
     while step < total_steps and not stop:
         for batch in _batches(train, config.batch_size, shuffle=True, rng=rng, world=world, rank=rank):
@@ -1070,6 +1082,11 @@ def train_seed(config: FinetuneConfig, pretrained: Pretrained, labels: LabelSet,
                 loss = float(out["loss"].detach())
             step += 1
             curve.append([step, loss])
+            since_line.append(loss)
+            if rank == 0 and time.time() - last_line >= PROGRESS_SECONDS and step % eval_every and step < total_steps:
+                log.info("seed %d step %d/%d train loss %.4f (mean of the last %d steps; %s)", seed, step, total_steps,
+                         sum(since_line) / len(since_line), len(since_line), eta())
+                last_line, since_line = time.time(), []
             if board is not None:
                 board.add_scalar("train/loss", loss, step)
                 board.add_scalar("train/lr", engine.get_lr()[0] if engine is not None else optimizer.param_groups[0]["lr"], step)
@@ -1082,10 +1099,9 @@ def train_seed(config: FinetuneConfig, pretrained: Pretrained, labels: LabelSet,
                     for name, value in (("loss", dev_loss), ("accuracy", report["accuracy"]), ("macro_f1", report["macro_f1"])):
                         board.add_scalar(f"dev/{name}", value, step)
                     board.flush()
-                rate = step / (time.time() - started)
-                log.info("seed %d step %d/%d loss %.4f dev loss %.4f acc %.4f macro-F1 %.4f (%.2f steps/s, ETA %.0f s)",
-                         seed, step, total_steps, curve[-1][1], dev_loss, report["accuracy"], report["macro_f1"], rate,
-                         (total_steps - step) / rate)
+                log.info("seed %d step %d/%d loss %.4f dev loss %.4f acc %.4f macro-F1 %.4f (%s)",
+                         seed, step, total_steps, curve[-1][1], dev_loss, report["accuracy"], report["macro_f1"], eta())
+                last_line, since_line = time.time(), []
                 if score > best:
                     best, best_step, stale = score, step, 0
                     best_state = copy.deepcopy(model.state_dict())
@@ -1159,8 +1175,8 @@ def run(config: FinetuneConfig) -> dict:
              len(train), len(dev), len(test) if test is not None else "no", pretrained.source,
              pretrained.model_config.variant)
     results = []
-    for seed in config.seeds:
-        result = train_seed(config, pretrained, labels, train, dev, test, seed)
+    for k, seed in enumerate(config.seeds):
+        result = train_seed(config, pretrained, labels, train, dev, test, seed, seeds_after=len(config.seeds) - k - 1)
         result.pop("model")
         results.append(result)
     summary = {"config": asdict(config), "variant": pretrained.model_config.variant, "labels": labels.names,

@@ -254,6 +254,33 @@ def _config(model, files, tmp_path, **kw):
     return FinetuneConfig(**values)
 
 
+def test_progress_lines_between_evaluations_with_the_eta_of_every_seed(tmp_path, zh_dataset, tiny_model, monkeypatch,
+                                                                       caplog):
+    """Nothing was logged between dev evaluations (once an epoch by default: a whole epoch in silence on
+    a real set), and the ETA covered the running seed only."""
+    import logging
+    import re
+
+    from pipeline import finetuning
+
+    monkeypatch.setattr(finetuning, "PROGRESS_SECONDS", 0.0)  # a line every step
+    files = make_sentiment_files(tmp_path, sizes=(64, 8, 8))
+    with caplog.at_level(logging.INFO, logger=finetuning.log.name):
+        result = finetuning.run(_config(_export(tiny_model, zh_dataset, tmp_path), files, tmp_path, seeds=[1, 2],
+                                        batch_size=16))
+    lines = [r.getMessage() for r in caplog.records]
+    progress = [line for line in lines if " train loss " in line]
+    assert [re.match(r"seed (\d) step (\d)/4 ", line).groups() for line in progress] == [
+        ("1", "1"), ("1", "2"), ("1", "3"), ("2", "1"), ("2", "2"), ("2", "3")], progress  # step 4 evaluates
+    curve = result["seeds"][0]["train_curve"]
+    assert f"train loss {curve[1][1]:.4f} (mean of the last 1 steps;" in progress[1], progress[1]
+    assert all("with the 1 seed(s) after it" in line for line in progress[:3])
+    assert not any("seed(s) after it" in line for line in progress[3:])
+    evaluations = [line for line in lines if " dev loss " in line]
+    assert len(evaluations) == 2 and "with the 1 seed(s) after it" in evaluations[0], evaluations
+    assert "seed(s) after it" not in evaluations[1]
+
+
 def test_unseen_label_in_dev_is_a_clear_error(tmp_path, zh_dataset, tiny_model):
     from pipeline.finetuning import FinetuneError, run
 
