@@ -1175,7 +1175,11 @@ def _resume_difference(key: str, then: Any, now: Any) -> str:
                          f"then, {str(now.get(k))[:12]} now)" for k in sorted(set(then) | set(now))
                          if then.get(k) != now.get(k))
     if key == "inputs" and isinstance(then, list) and isinstance(now, list):
-        return f"--input {len(then)} file(s) then, {len(now)} now"
+        def listed(records: list) -> str:
+            paths = [str(r.get("path")) if isinstance(r, dict) else str(r) for r in records]
+            return ", ".join(paths[:3]) + (f", ... ({len(paths)} files)" if len(paths) > 3 else "")
+
+        return f"--input {listed(then)} then, {listed(now)} now"
     return f"{_flag(key)} {then!r} then, {now!r} now"
 
 
@@ -1197,6 +1201,8 @@ def _prepare_work_dir(config: BuildConfig, params: dict) -> Path:
                     f"to start over") from None
             if recorded != params:
                 diff = sorted(k for k in set(params) | set(recorded or {}) if (recorded or {}).get(k) != params.get(k))
+                if "inputs" in diff and config.shard_characters is None and "shard_characters" in diff:
+                    diff.remove("shard_characters")  # computed from the inputs' size: not an option the user gave
                 if recorded is not None and recorded.get("work_format") != WORK_FORMAT:
                     raise BuildError(
                         f"cannot resume: {work} was started by another version of data_prep (work files in format "

@@ -463,6 +463,12 @@ def test_interrupted_build_never_looks_complete(tmp_path, monkeypatch):
         core.build(_config(tmp_path, [good]))
     with pytest.raises(core.BuildError, match="cannot resume.*other build parameters \\(--shard-documents 50 then, 40 now\\)"):
         core.build(_config(tmp_path, [good], resume=True, shard_documents=40))
+    # other inputs: named, then and now (it said "--input 1 file(s) then, 2 now"), and not the shard
+    # size computed from them, which no option set
+    other = _good(tmp_path, "other.txt", DOCS[:5])
+    with pytest.raises(core.BuildError, match=rf"other build parameters \(--input {good} then, {good}, {other} now\); "
+                                              rf"rerun with the original command"):
+        core.build(_config(tmp_path, [good, other], resume=True))
     # a work dir left by a data_prep whose work files are laid out differently is refused, and kept
     params_file = core.work_dir_for(tmp_path / "ds") / core.PARAMS_FILE
     params = json.loads(params_file.read_text())
