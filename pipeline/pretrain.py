@@ -415,6 +415,11 @@ def _startup_checks(config: PretrainConfig, rank: int, world_size: int):
     from data_prep.format import PairedDataset
 
     dataset = PairedDataset(config.dataset_dir)
+    from data_prep.format import token_file_problems
+
+    edited = token_file_problems(config.dataset_dir, dataset.meta)
+    if edited:  # the ids would be trained under one vocabulary and exported with another
+        raise FormatError(f"data.path={config.data.path}: {edited[0]}")
     model_config = build_model_config(config, dataset.meta)
     if config.model.activation_checkpointing:
         model_config.activation_checkpointing = True

@@ -256,6 +256,29 @@ def test_a_fresh_run_does_not_mix_its_curve_into_an_earlier_runs_metrics(tmp_pat
     assert (out / "metrics.jsonl").read_text(encoding="utf-8") == old
 
 
+def test_a_dataset_whose_vocabulary_was_edited_is_refused_before_training(tmp_path, tmp_path_factory, monkeypatch):
+    """Pre-training trained on a dataset whose fine_vocab.txt had been edited (its ids then meant other
+    tokens in exports), which fine-tuning refused only afterwards."""
+    import hashlib
+    import json
+    import shutil
+
+    from data_prep.format import FINE_VOCAB_FILE, FormatError
+    from pipeline import pretrain
+
+    dataset = Path(shutil.copytree(get_dataset(tmp_path_factory), tmp_path / "ds"))
+    meta = json.loads((dataset / "meta.json").read_text(encoding="utf-8"))
+    vocab = dataset / FINE_VOCAB_FILE
+    meta["files_sha256"] = {FINE_VOCAB_FILE: hashlib.sha256(vocab.read_bytes()).hexdigest()}  # as data_prep records
+    (dataset / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    vocab.write_text(vocab.read_text(encoding="utf-8").replace("\n", "\r\n", 1), encoding="utf-8")  # edited
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(FormatError, match=rf"data.path={dataset}: {FINE_VOCAB_FILE} was changed after the build .*restore it"):
+        pretrain.main([*BASE, f"data.path={dataset}", f"output_dir={tmp_path / 'run'}"])
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_unfinished_datasets_are_named_with_the_command_that_finishes_them(tmp_path, monkeypatch):
     from pipeline import pretrain
 
