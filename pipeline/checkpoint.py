@@ -274,23 +274,26 @@ def check_compatible(marker: dict, fingerprint: str, model_config: dict, path: P
                 f"checkpoint {path} was saved at {saved}; this run has {run}. Resume at the saved layout, or "
                 f"convert the checkpoint once with `python -m pipeline.convert universal {path} NEW_DIR` and resume "
                 f"from it with checkpointing.dir=NEW_DIR --resume auto (any TP and DP; ZeRO stage 1 or 2 from stage "
-                f"1 or 2, stage 3 from any)"
+                f"1 or 2, stage 3 from stage 3)"
             )
 
 
 def check_universal_stage(path: Path, marker: dict, zero_stage: int) -> None:
-    """DeepSpeed loads a universal checkpoint below ZeRO-3 from its ``mp_rank_XX_model_states.pt``
-    files, which only a conversion of a ZeRO-1/2 checkpoint has: one made from a ZeRO-3 checkpoint
-    (``zero_pp_rank_*`` model states only) failed inside DeepSpeed with a bare AssertionError,
-    reported as a damaged checkpoint."""
-    if zero_stage >= 3 or any(Path(path).glob("mp_rank_*_model_states.pt")):
+    """A universal checkpoint loads at any TP and DP, but only within its ZeRO family: below stage 3
+    DeepSpeed reads it from ``mp_rank_XX_model_states.pt`` files, which only a conversion of a ZeRO-1/2
+    checkpoint has, and its stage-3 loader does not take such a conversion. Across families it failed
+    inside DeepSpeed with a bare AssertionError, reported as a damaged checkpoint."""
+    from_zero3 = not any(Path(path).glob("mp_rank_*_model_states.pt"))
+    if from_zero3 == (zero_stage >= 3):
         return
+    stages, configs = ("3", "ds_configs/zero3.json, or zero3_cpu.json on CPU") if from_zero3 else (
+        "1 or 2", "ds_configs/zero1.json or zero2.json, or zero1_cpu.json on CPU")
     raise CheckpointError(
-        f"{path} was converted from a ZeRO-3 checkpoint (ZeRO stage {marker.get('zero_stage', 3)}), which DeepSpeed "
-        f"loads only at ZeRO stage 3; this run has stage {zero_stage}. Continue it with a ZeRO-3 config "
-        f"(parallelism.deepspeed_config=ds_configs/zero3.json, or zero3_cpu.json on CPU), or start a run at stage "
-        f"{zero_stage} from its weights (`python -m pipeline.convert export {marker.get('converted_from', path)} "
-        f"EXPORT`, then checkpointing.init_from=EXPORT: the optimizer state starts afresh)"
+        f"{path} was converted from a ZeRO-{marker.get('zero_stage', 3 if from_zero3 else '1/2')} checkpoint, which "
+        f"DeepSpeed loads only at ZeRO stage {stages}; this run has stage {zero_stage}. Continue it with such a "
+        f"config (parallelism.deepspeed_config={configs}), or start a run at stage {zero_stage} from its weights "
+        f"(`python -m pipeline.convert export {marker.get('converted_from', path)} EXPORT`, then "
+        f"checkpointing.init_from=EXPORT: the optimizer state starts afresh)"
     )
 
 

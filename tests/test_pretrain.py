@@ -344,9 +344,25 @@ def test_a_zero1_checkpoint_converts_exports_and_continues(layout_runs, tmp_path
     for step, value in got.items():
         assert abs(value - reference[step]) <= 1e-5 * abs(reference[step]), (step, value, reference[step])
 
+    # ... and at TP=2, still ZeRO-1; not at ZeRO-3, which DeepSpeed cannot load it at: refused up front
+    out = tmp_path / "continued_tp2"
+    code, output = launch([f"data.path={dataset}", f"output_dir={out}", *layout_overrides(2, 1), zero1,
+                           f"checkpointing.dir={tmp_path / 'universal'}", "checkpointing.save_at_end=false",
+                           "--resume", "auto"], nproc=2, log=tmp_path / "continued_tp2.log", launcher="torchrun")
+    assert_ok(code, output)
+    got = losses(out)
+    assert sorted(got) == [6, 7, 8, 9, 10], sorted(got)
+    for step, value in got.items():
+        assert abs(value - reference[step]) <= 1e-5 * abs(reference[step]), (step, value, reference[step])
+    with pytest.raises(CheckpointError, match=r"converted from a ZeRO-1 checkpoint, which DeepSpeed loads only at ZeRO "
+                                              r"stage 1 or 2; this run has stage 3\."):
+        pretrain.main([*BASE, f"data.path={dataset}", f"output_dir={tmp_path / 'refused3'}", *layout_overrides(1, 1),
+                       "parallelism.deepspeed_config=ds_configs/zero3_cpu.json", f"checkpointing.dir={tmp_path / 'universal'}",
+                       "--resume", "auto"])
+
     zero3 = to_universal(layout_runs[(1, 2)] / "checkpoints" / "step_00000005", tmp_path / "universal_zero3")
-    with pytest.raises(CheckpointError, match=r"converted from a ZeRO-3 checkpoint .* loads only at ZeRO stage 3; this "
-                                              r"run has stage 1\. Continue it with a ZeRO-3 config .*init_from=EXPORT"):
+    with pytest.raises(CheckpointError, match=r"converted from a ZeRO-3 checkpoint, which DeepSpeed loads only at ZeRO stage 3; this "
+                                              r"run has stage 1\. Continue it with such a config \(parallelism.deepspeed_config=ds_configs/zero3.json.*init_from=EXPORT"):
         pretrain.main([*BASE, f"data.path={dataset}", f"output_dir={tmp_path / 'refused'}", *layout_overrides(1, 1),
                        zero1, f"checkpointing.dir={zero3.parent}", "--resume", "auto"])
 
