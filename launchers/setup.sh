@@ -13,7 +13,8 @@
 #   4. The project itself (pip install -e '.[dev]').
 #   5. KenLM's lmplz/build_binary, compiled from the `kenlm` sdist on PyPI into ./third_party/kenlm/bin
 #      (no distribution ships lmplz; the pip wheel is only the query module).
-#   6. The project's bytecode (compileall), read even where PYTHONDONTWRITEBYTECODE is set.
+#   6. On machines without a GPU, DeepSpeed's CPU communication op (JIT-built once, not by the first job).
+#   7. The project's bytecode (compileall), read even where PYTHONDONTWRITEBYTECODE is set.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -112,7 +113,19 @@ if [ ! -x "$KENLM_PREFIX/bin/lmplz" ] || [ ! -x "$KENLM_PREFIX/bin/build_binary"
   rm -rf "$KENLM_PREFIX/bin" && mv "$KENLM_PREFIX/bin.tmp" "$KENLM_PREFIX/bin"
 fi
 
-# ---- 6. the project's bytecode -------------------------------------------------------------
+# ---- 6. DeepSpeed's CPU op -----------------------------------------------------------------
+# On a machine without a GPU, DeepSpeed's CPU all-reduce JIT-compiles its shared-memory op on the
+# first init_distributed (~40 s on 2 cores, under a lock a killed start-up leaves behind: README,
+# Known limitations). Built here once, into the directory every later job loads it from (torch
+# rebuilds it only when its sources or flags change; a built op loads in ~2 s).
+if ! have_gpu; then
+  log "DeepSpeed's CPU communication op (built the first time: ~40 s)"
+  DS_ACCELERATOR=cpu "$VENV/bin/python" -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+ShareMemCommBuilder().load(verbose=False)" >/dev/null 2>&1 \
+    || log "could not build DeepSpeed's CPU op now (the first CPU job builds it instead)"
+fi
+
+# ---- 7. the project's bytecode -------------------------------------------------------------
 # An editable install compiles nothing, and where PYTHONDONTWRITEBYTECODE is set (as in this
 # project's CI image) every process would compile data_prep/ and pipeline/ again (~0.1 s each; a
 # training launch starts one per rank). Python reads these caches even then; stale ones are ignored.

@@ -334,17 +334,16 @@ def test_a_zero1_checkpoint_converts_exports_and_continues(layout_runs, tmp_path
         assert torch.equal(weights[name], tensor.float()), name
 
     to_universal(source, tmp_path / "universal")
-    # it continues at DP=1 and at TP=2, still ZeRO-1; not at ZeRO-3, which DeepSpeed cannot load it at: refused up front
-    for tp, dp in ((1, 1), (2, 1)):
-        out = tmp_path / f"continued_tp{tp}_dp{dp}"
-        code, output = launch([f"data.path={dataset}", f"output_dir={out}", *layout_overrides(tp, dp), zero1,
-                               f"checkpointing.dir={tmp_path / 'universal'}", "checkpointing.save_at_end=false",
-                               "--resume", "auto"], nproc=tp * dp, log=tmp_path / f"{out.name}.log", launcher="torchrun")
-        assert_ok(code, output)
-        got = losses(out)
-        assert sorted(got) == [6, 7, 8, 9, 10], sorted(got)
-        for step, value in got.items():
-            assert abs(value - reference[step]) <= 1e-5 * abs(reference[step]), ((tp, dp), step, value, reference[step])
+    # it continues at (TP, DP) = (2, 1), still ZeRO-1; not at ZeRO-3, which DeepSpeed cannot load it at: refused up front
+    out = tmp_path / "continued_tp2_dp1"
+    code, output = launch([f"data.path={dataset}", f"output_dir={out}", *layout_overrides(2, 1), zero1,
+                           f"checkpointing.dir={tmp_path / 'universal'}", "checkpointing.save_at_end=false",
+                           "--resume", "auto"], nproc=2, log=tmp_path / f"{out.name}.log", launcher="torchrun")
+    assert_ok(code, output)
+    got = losses(out)
+    assert sorted(got) == [6, 7, 8, 9, 10], sorted(got)
+    for step, value in got.items():
+        assert abs(value - reference[step]) <= 1e-5 * abs(reference[step]), (step, value, reference[step])
     with pytest.raises(CheckpointError, match=r"converted from a ZeRO-1 checkpoint, which DeepSpeed loads only at ZeRO "
                                               r"stage 1 or 2; this run has stage 3\."):
         pretrain.main([*BASE, f"data.path={dataset}", f"output_dir={tmp_path / 'refused3'}", *layout_overrides(1, 1),
