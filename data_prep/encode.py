@@ -137,20 +137,30 @@ class TextEncoder:
         Returns the encoding and, for each fine token, the index of the unit it belongs to (a fine
         token spanning several units is given the first). The coarse side is the dataset's own
         segmentation / phrases of the whole text, not of the units."""
+        enc, first, _ = self.encode_unit_spans(units, where)
+        return enc, first
+
+    def encode_unit_spans(self, units: Sequence[str], where: str = "example") -> tuple[EncodedText, np.ndarray, np.ndarray]:
+        """``encode_units`` with, for each fine token, the first AND the last unit it covers (a Chinese
+        Latin/digit run is one fine token over several character units; span extraction maps a
+        predicted token span back to the text with them)."""
         if not units or not any(isinstance(u, str) and u.strip() for u in units):
             raise EncodeError(f"{where}: no tokens; remove the example")
         if self.language == "zh":
             return self._encode_units_zh(units, where)
         if self.language == "en":
-            return self._encode_units_en(units, where)
+            enc, owner = self._encode_units_en(units, where)
+            return enc, owner, owner  # a WordPiece piece lies inside one word
         raise EncodeError(f"token tasks are implemented for zh and en; {self.language!r} needs an encode_units path")
 
-    def _encode_units_zh(self, units: Sequence[str], where: str) -> tuple[EncodedText, np.ndarray]:
+    def _encode_units_zh(self, units: Sequence[str], where: str) -> tuple[EncodedText, np.ndarray, np.ndarray]:
         from data_prep.normalize import normalize_text
 
         normalized = [normalize_text(u).replace(" ", "").replace("\n", "") for u in units]
         owner = np.repeat(np.arange(len(units), dtype=np.int64), [len(u) for u in normalized])
-        enc = self.encode("".join(normalized), where)
+        # A blank unit stays a space in the text encoded ("Windows 98" of a context split into characters
+        # is tokenized as in pre-training, not as "Windows98"); the tokens cover the other characters.
+        enc = self.encode("".join(" " if u.isspace() else n for u, n in zip(units, normalized)), where)
         # Chinese fine tokens are characters or Latin/digit runs ("##" marks a continuation): their
         # length in characters is their string length; [UNK] stands for one character.
         lengths = np.array([1 if t == fmt.UNK else len(t.removeprefix("##"))
@@ -161,7 +171,7 @@ class TextEncoder:
                 f"the units contain characters normalisation drops (controls, line breaks): clean them first"
             )
         starts = np.cumsum(lengths) - lengths
-        return enc, owner[starts]
+        return enc, owner[starts], owner[starts + lengths - 1]
 
     def _encode_units_en(self, units: Sequence[str], where: str) -> tuple[EncodedText, np.ndarray]:
         from data_prep.english import normalize, words_of

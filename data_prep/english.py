@@ -151,6 +151,12 @@ def words_of(normalized_text: str) -> list[str]:
     return _WORD_RE.findall(normalized_text)
 
 
+def word_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) character offsets of the word tokens of ``text`` (``words_of``'s pattern, applied
+    before normalisation: span extraction maps answers back to the original context with them)."""
+    return [m.span() for m in _WORD_RE.finditer(text)]
+
+
 def cjk_fraction(text: str) -> float:
     """Share of CJK ideographs among the letters of ``text`` (to catch Chinese given --lang en)."""
     letters = sum(map(str.isalpha, text))

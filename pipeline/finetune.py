@@ -1,15 +1,16 @@
-r"""Fine-tune an AMBERT / BERT-baseline model on sequence or token classification (single process).
+r"""Fine-tune an AMBERT / BERT-baseline model on sequence or token classification or span extraction.
 
     python -m pipeline.finetune --model exported/ambert-zh --train train.jsonl --dev dev.jsonl \
         --test test.jsonl --output runs/ft-zh --seeds 1 2 3 --epochs 3 --lr 5e-5
     python -m pipeline.finetune --model runs/demo/checkpoints/step_00000200 ...   # a training checkpoint
     python -m pipeline.finetune --model random:tiny:bert-fine --dataset data/demo-zh ...  # no pre-training
     python -m pipeline.finetune --task token --tokens-field tokens --tags-field tags ...   # tagging
+    python -m pipeline.finetune --task span --train squad_train.json --dev squad_dev.json --max-length 384 ...
     deepspeed --num_gpus 2 pipeline/finetune.py --deepspeed ...   # data parallel (or torchrun / mpirun)
 
 Every flag is a field of ``pipeline.finetuning.FinetuneConfig`` (documented there); results go to
-OUTPUT/results.json (accuracy, macro-F1, per-class report per seed, mean and std over seeds, loss
-curves), written atomically; an OUTPUT that already holds results.json is refused unless --overwrite.
+OUTPUT/results.json (accuracy, macro-F1, per-class report per seed -- exact match, F1 and each question's
+predicted answer for span tasks -- mean and std over seeds, loss curves), written atomically; an OUTPUT that already holds results.json is refused unless --overwrite.
 Under a launcher every rank must get the same flags (checked before any work). The logic lives in
 pipeline/finetuning.py.
 """

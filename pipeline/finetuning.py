@@ -1,4 +1,4 @@
-"""Fine-tuning AMBERT (and the BERT baselines) on sequence and token classification.
+"""Fine-tuning AMBERT (and the BERT baselines) on sequence and token classification and span extraction.
 
 Sequence classification follows the paper: three classifiers, on the fine [CLS] vector, on the coarse
 [CLS] vector and on their concatenation; the loss is the sum of their cross-entropies plus
@@ -6,10 +6,12 @@ Sequence classification follows the paper: three classifiers, on the fine [CLS] 
 batch), and predictions come from the concatenation head. Single-granularity baselines (bert-fine,
 bert-coarse) have one head on their [CLS]. Token classification (tagging: NER, word segmentation as
 BIES) classifies each FINE token from its vector concatenated with the vector of the coarse token
-covering it (``fine_to_coarse``).
+covering it (``fine_to_coarse``). Span extraction (reading comprehension, SQuAD / CMRC 2018) puts
+start and end logits on the same per-token vectors (``pipeline/reading.py``).
 
 Inputs are local JSON lines / CSV / parquet files read with HF datasets (columns: text [, text_pair],
-label for sequence tasks; tokens, tags (one tag per token) for token tasks), tokenized with
+label for sequence tasks; tokens, tags (one tag per token) for token tasks; question, context,
+answers for span tasks, or SQuAD's nested JSON), tokenized with
 ``data_prep.encode.TextEncoder``: exactly the tokenizers of the pre-training dataset.
 
 The loop (``run``): resolve the pre-trained weights and tokenizers -> check vocabularies -> load and
@@ -42,7 +44,9 @@ from data_prep.format import CLS_ID, PAD_ID, SEP_ID
 from pipeline.batch import IGNORE_INDEX, Batch
 
 log = logging.getLogger("finetune")
-TASKS = ("sequence", "token")
+TASKS = ("sequence", "token", "span")
+METRICS = {"sequence": ("accuracy", "macro_f1"), "token": ("accuracy", "macro_f1"), "span": ("exact_match", "f1")}
+"""Each task's metrics: the first is the default --metric, both are logged and reported."""
 RESULTS_FILE = "results.json"
 
 
@@ -74,7 +78,8 @@ class FinetuneConfig:
     overwrite: bool = False
     """Replace the results.json an earlier run left in --output (refused without this flag)."""
     task: str = "sequence"
-    """sequence (one label per text [pair]) | token (one tag per input token)."""
+    """sequence (one label per text [pair]) | token (one tag per input token) | span (answer span in a
+    context: reading comprehension)."""
     text_field: str = "text"
     """Column with the text (sequence tasks)."""
     text_pair_field: str = "text_pair"
@@ -85,6 +90,19 @@ class FinetuneConfig:
     """Column with the list of input tokens (token tasks)."""
     tags_field: str = "tags"
     """Column with one tag per input token (token tasks)."""
+    question_field: str = "question"
+    """Column with the question (span tasks)."""
+    context_field: str = "context"
+    """Column with the context the answer is in (span tasks)."""
+    answers_field: str = "answers"
+    """Column with the answers: {"text": [...], "answer_start": [...]} or [{"text", "answer_start"}]; empty =
+    unanswerable (span tasks; a SQuAD-format .json needs no column names)."""
+    max_query_length: int = 64
+    """Longest question in fine tokens; longer ones are cut (span tasks)."""
+    doc_stride: int = 128
+    """Fine tokens between the starts of a long context's overlapping windows (span tasks)."""
+    max_answer_length: int = 30
+    """Longest predicted answer in fine tokens (span tasks)."""
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     """One fine-tuning run per seed (fresh heads, same pre-trained weights)."""
     epochs: float = 3.0
@@ -109,8 +127,9 @@ class FinetuneConfig:
     """Evaluate on dev every N steps; 0 = once per epoch."""
     patience: int = 3
     """Stop after this many dev evaluations without improvement; 0 = never stop early."""
-    metric: str = "accuracy"
-    """Dev metric for model selection: accuracy | macro_f1."""
+    metric: str = ""
+    """Dev metric for model selection: accuracy | macro_f1 (sequence, token), exact_match | f1 (span);
+    empty = the task's first."""
     max_train_examples: int = 0
     """Use only the first N training examples (0 = all): quick runs."""
     eval_batch_size: int = 64
@@ -125,6 +144,11 @@ class FinetuneConfig:
     (deepspeed / torchrun / mpirun); --batch-size is the global batch, split over the ranks."""
     deepspeed_config: str = ""
     """DeepSpeed JSON for --deepspeed (ZeRO stage, precision); default ZeRO-1 fp32. Batch keys are set here."""
+
+    @property
+    def selection_metric(self) -> str:
+        """The dev metric that picks the best state (--metric, or the task's default)."""
+        return self.metric or METRICS[self.task][0]
 
     def validate(self) -> None:
         def fail(name: str, problem: str) -> None:
@@ -141,15 +165,15 @@ class FinetuneConfig:
                 fail(name, f"{path} does not exist")
         if self.task not in TASKS:
             fail("task", f"unknown task {self.task!r}; use one of {TASKS}")
-        if self.metric not in ("accuracy", "macro_f1"):
-            fail("metric", "use accuracy or macro_f1")
+        if self.metric and self.metric not in METRICS[self.task]:
+            fail("metric", f"use {' or '.join(METRICS[self.task])} for --task {self.task}")
         if not self.seeds:
             fail("seeds", "give at least one seed")
         repeated = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
         if repeated:  # the same run twice: its mean and std over seeds would count it twice
             fail("seeds", f"seed {', '.join(map(str, repeated))} given more than once; give distinct seeds, e.g. "
                           f"--seeds 1 2 3")
-        for name in ("batch_size", "max_length", "eval_batch_size"):
+        for name in ("batch_size", "max_length", "eval_batch_size", "max_query_length", "doc_stride", "max_answer_length"):
             if getattr(self, name) < 1:
                 fail(name, "must be >= 1")
         if self.max_length < 4:
@@ -184,6 +208,9 @@ class FinetuneConfig:
         if results.is_file() and not self.overwrite:
             fail("output", f"{results} already holds the results of an earlier run; choose another --output, "
                            f"or pass --overwrite to replace them")
+        if self.task == "span" and self.max_query_length + 4 > self.max_length:
+            fail("max_query_length", f"{self.max_query_length} leaves no room for the context in --max-length "
+                                     f"{self.max_length}; lower it or raise --max-length")
         if self.deepspeed:
             world = int(os.environ.get("WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "1")))
             if self.batch_size % world:
@@ -275,6 +302,10 @@ def collate(examples: Sequence[dict]) -> Batch:
     batch["fine_to_coarse"] = f2c
     if "label" in examples[0]:
         batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+    if "start_position" in examples[0]:
+        from pipeline.reading import collate_positions
+
+        batch.update(collate_positions(examples))
     if "token_labels" in examples[0]:
         labels = torch.full((len(examples), fine_length), IGNORE_INDEX, dtype=torch.long)
         for i, e in enumerate(examples):
@@ -311,7 +342,8 @@ class AmbertForClassification(nn.Module):
     ``task="sequence"``: heads ``fine``, ``coarse`` and ``joint`` (AMBERT variants) or one head named
     after the granularity (BERT baselines); ``logits`` = the joint (resp. the only) head.
     ``task="token"``: one head over [fine vector ; vector of the covering coarse token] per fine token
-    (bert-fine: the fine vector; bert-coarse: the covering coarse vector)."""
+    (bert-fine: the fine vector; bert-coarse: the covering coarse vector). ``task="span"``: the same
+    per-token vectors, a head with two outputs: start and end logits (``num_labels`` is ignored)."""
 
     def __init__(self, backbone: nn.Module, num_labels: int, task: str = "sequence", dropout: float = 0.1,
                  agreement_weight: float = 1.0):
@@ -326,8 +358,8 @@ class AmbertForClassification(nn.Module):
         self.granularities = config.granularities
         hidden, std = config.hidden_size, config.init_std
         self.dropout = nn.Dropout(dropout)
-        if task == "token":
-            self.heads = nn.ModuleDict({"token": _linear(len(self.granularities) * hidden, num_labels, std)})
+        if task in ("token", "span"):
+            self.heads = nn.ModuleDict({task: _linear(len(self.granularities) * hidden, num_labels if task == "token" else 2, std)})
         elif len(self.granularities) == 2:
             self.heads = nn.ModuleDict({"fine": _linear(hidden, num_labels, std), "coarse": _linear(hidden, num_labels, std),
                                         "joint": _linear(2 * hidden, num_labels, std)})
@@ -338,6 +370,8 @@ class AmbertForClassification(nn.Module):
         hidden = self.backbone.encode(batch)
         if self.task == "token":
             return self._token_forward(batch, hidden)
+        if self.task == "span":
+            return self._span_forward(batch, hidden)
         cls = {g: self.dropout(hidden[f"{g}_hidden"][:, 0]) for g in self.granularities}
         out: dict[str, torch.Tensor] = {}
         labels = batch.get("labels")
@@ -355,7 +389,8 @@ class AmbertForClassification(nn.Module):
                 out["loss"] = F.cross_entropy(out["logits"].float(), labels)
         return out
 
-    def _token_forward(self, batch: Batch, hidden: dict) -> dict[str, torch.Tensor]:
+    def _token_features(self, batch: Batch, hidden: dict) -> torch.Tensor:
+        """[fine vector ; vector of the covering coarse token] per fine token (dropout applied)."""
         parts = []
         if "fine" in self.granularities:
             parts.append(hidden["fine_hidden"])
@@ -363,12 +398,25 @@ class AmbertForClassification(nn.Module):
             coarse = hidden["coarse_hidden"]
             index = batch["fine_to_coarse"].clamp(min=0)  # -1 at padding: any row, its label is ignored
             parts.append(torch.gather(coarse, 1, index.unsqueeze(-1).expand(-1, -1, coarse.shape[-1])))
-        features = self.dropout(torch.cat(parts, dim=-1))
-        logits = self.heads["token"](features)
+        return self.dropout(torch.cat(parts, dim=-1))
+
+    def _token_forward(self, batch: Batch, hidden: dict) -> dict[str, torch.Tensor]:
+        logits = self.heads["token"](self._token_features(batch, hidden))
         out = {"logits": logits}
         if "token_labels" in batch:
             out["loss"] = F.cross_entropy(logits.float().reshape(-1, self.num_labels), batch["token_labels"].reshape(-1),
                                           ignore_index=IGNORE_INDEX)
+        return out
+
+    def _span_forward(self, batch: Batch, hidden: dict) -> dict[str, torch.Tensor]:
+        """Start / end logits per fine token (padding at the dtype's minimum); loss = mean of the two
+        cross-entropies over the sequence (BERT's SQuAD loss)."""
+        logits = self.heads["span"](self._token_features(batch, hidden)).float()
+        padding = batch["fine_attention_mask"] == 0
+        start, end = (x.squeeze(-1).masked_fill(padding, torch.finfo(torch.float32).min) for x in logits.split(1, dim=-1))
+        out = {"start_logits": start, "end_logits": end}
+        if "start_positions" in batch:
+            out["loss"] = (F.cross_entropy(start, batch["start_positions"]) + F.cross_entropy(end, batch["end_positions"])) / 2
         return out
 
 
@@ -604,6 +652,21 @@ def encode_split(config: FinetuneConfig, encoder: TextEncoder, path: str, labels
                         len(examples), path, max_fine, max_coarse, sum(cut), total, 100 * sum(cut) / total)
     log.info("encoded %d examples of %s in %.1f s", len(examples), path, time.time() - started)
     return examples, labels
+
+
+def encode_span_split(config: FinetuneConfig, encoder: TextEncoder, path: str, max_fine: int, max_coarse: int,
+                      training: bool, limit: int = 0):
+    """Read and encode one reading-comprehension file (``pipeline.reading``): a SpanSplit."""
+    from pipeline import reading
+
+    try:
+        examples = reading.read_span_file(path, config.question_field, config.context_field, config.answers_field, limit)
+        if training:  # is it in the model's language?
+            warn_if_other_language(encoder, [e.context for e in examples[:LANGUAGE_CHECK_EXAMPLES]], path, config.model)
+        return reading.encode_span_split(encoder, examples, path, max_fine, max_coarse, config.max_query_length,
+                                         config.doc_stride, training)
+    except reading.SpanDataError as exc:
+        raise FinetuneError(str(exc)) from None
 
 
 def check_same_inputs(config: FinetuneConfig, train: list[dict], others: list[tuple[str, list[dict] | None]]) -> None:
@@ -1029,8 +1092,24 @@ def train_seed(config: FinetuneConfig, pretrained: Pretrained, labels: LabelSet,
 
     parallel.set_seed(seed)
     backbone = build_backbone(pretrained.model_config, pretrained.state_dict)
-    model = AmbertForClassification(backbone, len(labels), config.task, config.classifier_dropout,
-                                    config.agreement_weight)
+    model = AmbertForClassification(backbone, len(labels) if labels is not None else 2, config.task,
+                                    config.classifier_dropout, config.agreement_weight)
+    metric_names = METRICS[config.task]
+    span = config.task == "span"
+    allow_null = bool(span and train.has_unanswerable)  # SQuAD 2.0 style: "no answer" can be predicted
+
+    def evaluate(split) -> tuple[dict, float, list[str] | None]:
+        """(report, mean loss, predicted answer texts for span tasks) on a dev / test split."""
+        if span:
+            from pipeline import reading
+
+            return reading.evaluate(model, split, config.eval_batch_size, config.max_answer_length, allow_null,
+                                    split.language)
+        predictions, gold, loss = predict(model, split, config.eval_batch_size)
+        return classification_report(predictions, gold, labels.names), loss, None
+
+    if span:
+        train = train.features  # the windows are the training examples
     model.train()
     optimizer = _optimizer(model, config)
     world, rank = _world()
@@ -1091,16 +1170,15 @@ def train_seed(config: FinetuneConfig, pretrained: Pretrained, labels: LabelSet,
                 board.add_scalar("train/loss", loss, step)
                 board.add_scalar("train/lr", engine.get_lr()[0] if engine is not None else optimizer.param_groups[0]["lr"], step)
             if step % eval_every == 0 or step == total_steps:
-                predictions, gold, dev_loss = predict(model, dev, config.eval_batch_size)
-                report = classification_report(predictions, gold, labels.names)
-                score = report[config.metric]
-                dev_curve.append([step, dev_loss, report["accuracy"], report["macro_f1"]])
+                report, dev_loss, _ = evaluate(dev)
+                score = report[config.selection_metric]
+                dev_curve.append([step, dev_loss] + [report[name] for name in metric_names])
                 if board is not None:
-                    for name, value in (("loss", dev_loss), ("accuracy", report["accuracy"]), ("macro_f1", report["macro_f1"])):
+                    for name, value in [("loss", dev_loss)] + [(name, report[name]) for name in metric_names]:
                         board.add_scalar(f"dev/{name}", value, step)
                     board.flush()
-                log.info("seed %d step %d/%d loss %.4f dev loss %.4f acc %.4f macro-F1 %.4f (%s)",
-                         seed, step, total_steps, curve[-1][1], dev_loss, report["accuracy"], report["macro_f1"], eta())
+                log.info("seed %d step %d/%d loss %.4f dev loss %.4f %s (%s)", seed, step, total_steps, curve[-1][1],
+                         dev_loss, " ".join(f"{_METRIC_NAMES[name]} {report[name]:.4f}" for name in metric_names), eta())
                 last_line, since_line = time.time(), []
                 if score > best:
                     best, best_step, stale = score, step, 0
@@ -1109,7 +1187,7 @@ def train_seed(config: FinetuneConfig, pretrained: Pretrained, labels: LabelSet,
                     stale += 1
                     if config.patience and stale >= config.patience:
                         log.info("seed %d: early stop at step %d (best dev %s %.4f at step %d)", seed, step,
-                                 config.metric, best, best_step)
+                                 config.selection_metric, best, best_step)
                         stop = True
                         break
             if step >= total_steps:
@@ -1117,20 +1195,26 @@ def train_seed(config: FinetuneConfig, pretrained: Pretrained, labels: LabelSet,
     if board is not None:
         board.close()
     model.load_state_dict(best_state)
-    predictions, gold, _ = predict(model, dev, config.eval_batch_size)
+    report, _, texts = evaluate(dev)
     result = {"seed": seed, "steps": step, "best_step": best_step, "train_seconds": time.time() - started,
-              "dev": classification_report(predictions, gold, labels.names), "train_curve": curve,
+              "dev": report, "train_curve": curve, "dev_curve_columns": ["step", "loss", *metric_names],
               "dev_curve": dev_curve}
+    if texts is not None:  # span tasks: each question's predicted answer (for an official evaluation script)
+        result["dev_predictions"] = {e.id: t for e, t in zip(dev.examples, texts)}
     if test is not None:  # touched once, with the state chosen on dev
-        predictions, gold, _ = predict(model, test, config.eval_batch_size)
-        result["test"] = classification_report(predictions, gold, labels.names)
+        result["test"], _, texts = evaluate(test)
+        if texts is not None:
+            result["test_predictions"] = {e.id: t for e, t in zip(test.examples, texts)}
     result["model"] = model
     return result
 
 
-def _summary(results: list[dict], split: str) -> dict:
+_METRIC_NAMES = {"accuracy": "acc", "macro_f1": "macro-F1", "exact_match": "EM", "f1": "F1"}
+
+
+def _summary(results: list[dict], split: str, task: str = "sequence") -> dict:
     out = {}
-    for metric in ("accuracy", "macro_f1"):
+    for metric in METRICS[task]:
         values = [r[split][metric] for r in results if split in r]
         if values:
             out[metric] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
@@ -1162,16 +1246,23 @@ def run(config: FinetuneConfig) -> dict:
                     "at %d tokens", config.max_length, f" / --max-coarse-length {config.max_coarse_length}"
                     if config.max_coarse_length else "", limit, limit)
     try:
-        train, labels = encode_split(config, encoder, config.train, None, max_fine, max_coarse, config.max_train_examples)
-        dev, _ = encode_split(config, encoder, config.dev, labels, max_fine, max_coarse)
-        test = encode_split(config, encoder, config.test, labels, max_fine, max_coarse)[0] if config.test else None
+        if config.task == "span":
+            labels = None
+            train = encode_span_split(config, encoder, config.train, max_fine, max_coarse, True, config.max_train_examples)
+            dev = encode_span_split(config, encoder, config.dev, max_fine, max_coarse, False)
+            test = encode_span_split(config, encoder, config.test, max_fine, max_coarse, False) if config.test else None
+        else:
+            train, labels = encode_split(config, encoder, config.train, None, max_fine, max_coarse, config.max_train_examples)
+            dev, _ = encode_split(config, encoder, config.dev, labels, max_fine, max_coarse)
+            test = encode_split(config, encoder, config.test, labels, max_fine, max_coarse)[0] if config.test else None
     except EncodeError as exc:
         raise FinetuneError(str(exc)) from None
-    if len(labels) < 2:
+    if labels is not None and len(labels) < 2:
         raise FinetuneError(f"{config.train} has a single label {labels.names}: nothing to classify")
     if config.task == "sequence":
         check_same_inputs(config, train, [(config.dev, dev), (config.test, test)])
-    log.info("%s task, %d labels, %d train / %d dev / %s test examples, model %s (%s)", config.task, len(labels),
+    log.info("%s task, %s, %d train / %d dev / %s test examples, model %s (%s)", config.task,
+             f"{len(labels)} labels" if labels is not None else f"metrics {' and '.join(METRICS[config.task])}",
              len(train), len(dev), len(test) if test is not None else "no", pretrained.source,
              pretrained.model_config.variant)
     results = []
@@ -1179,8 +1270,9 @@ def run(config: FinetuneConfig) -> dict:
         result = train_seed(config, pretrained, labels, train, dev, test, seed, seeds_after=len(config.seeds) - k - 1)
         result.pop("model")
         results.append(result)
-    summary = {"config": asdict(config), "variant": pretrained.model_config.variant, "labels": labels.names,
-               "dev": _summary(results, "dev"), "test": _summary(results, "test"), "seeds": results}
+    summary = {"config": asdict(config), "variant": pretrained.model_config.variant,
+               "labels": labels.names if labels is not None else [], "dev": _summary(results, "dev", config.task),
+               "test": _summary(results, "test", config.task), "seeds": results}
     output = Path(config.output)
     if _world()[1] == 0:
         output.mkdir(parents=True, exist_ok=True)
