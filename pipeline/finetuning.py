@@ -48,6 +48,9 @@ TASKS = ("sequence", "token", "span")
 METRICS = {"sequence": ("accuracy", "macro_f1"), "token": ("accuracy", "macro_f1"), "span": ("exact_match", "f1")}
 """Each task's metrics: the first is the default --metric, both are logged and reported."""
 RESULTS_FILE = "results.json"
+MODELS_DIR = "models"  # OUTPUT/models/seed<k>: each seed's fine-tuned model (--save-models)
+TASK_FILE = "task.json"  # in a saved fine-tuned model: the task, labels and encoding settings
+HEADS_FILE = "heads.safetensors"  # in a saved fine-tuned model: the task heads (the backbone is model.safetensors)
 
 
 class FinetuneError(ValueError):
@@ -136,6 +139,10 @@ class FinetuneConfig:
     """Examples per evaluation batch."""
     threads: int = 0
     """torch threads (0 = torch's default)."""
+    save_models: bool = False
+    """Save each seed's fine-tuned model (its best dev state) to OUTPUT/models/seed<k>/: the backbone as an
+    export (usable as --model and by pipeline.inference), the task heads and task.json, for
+    `python -m pipeline.predict`."""
     tensorboard: bool = True
     """Write TensorBoard event files to OUTPUT/tensorboard/<date-time>-seed<k> (train loss and learning
     rate per step, dev loss / accuracy / macro-F1 per evaluation); --no-tensorboard turns it off."""
@@ -542,6 +549,14 @@ class LabelSet:
             raise FinetuneError("the training set has examples without a label (null); drop or label them")
         self.names = [str(v) for v in sorted(distinct, key=lambda v: (isinstance(v, str), v))]
         self.index = {name: i for i, name in enumerate(self.names)}
+
+    @classmethod
+    def from_names(cls, names: Sequence[str]) -> LabelSet:
+        """The label set of a saved model: ``names`` in their saved (id) order."""
+        labels = cls.__new__(cls)
+        labels.names = list(names)
+        labels.index = {name: i for i, name in enumerate(labels.names)}
+        return labels
 
     def __len__(self) -> int:
         return len(self.names)
@@ -1205,11 +1220,60 @@ def train_seed(config: FinetuneConfig, pretrained: Pretrained, labels: LabelSet,
         result["test"], _, texts = evaluate(test)
         if texts is not None:
             result["test_predictions"] = {e.id: t for e, t in zip(test.examples, texts)}
+    if config.save_models and rank == 0:
+        result["saved_model"] = str(save_finetuned(
+            model, config, labels, pretrained, Path(config.output) / MODELS_DIR / f"seed{seed}", allow_null,
+            {"dev": result["dev"], "test": result.get("test"), "seed": seed, "best_step": best_step}))
+        log.info("seed %d: fine-tuned model saved to %s", seed, result["saved_model"])
     result["model"] = model
     return result
 
 
 _METRIC_NAMES = {"accuracy": "acc", "macro_f1": "macro-F1", "exact_match": "EM", "f1": "F1"}
+
+
+def save_finetuned(model: AmbertForClassification, config: FinetuneConfig, labels: LabelSet | None,
+                   pretrained: Pretrained, directory: Path, allow_null: bool = False, scores: dict | None = None) -> Path:
+    """Write a fine-tuned model to ``directory``: the backbone as an export (model.safetensors, config.json,
+    tokenizer files), the heads (heads.safetensors) and task.json. Written to ``<directory>.partial``,
+    then renamed: an interrupted save leaves no half-written model (an older one stays until then)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from pipeline.convert import shareable
+    from pipeline.inference import save_exported
+
+    partial = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        save_exported(model.backbone, pretrained.tokenizer_dir, partial)
+        save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.heads.state_dict().items()},
+                  str(partial / HEADS_FILE))
+        shareable(partial / HEADS_FILE)
+        task = {"task": config.task, "labels": labels.names if labels is not None else [],
+                "variant": pretrained.model_config.variant, "fine_tuned_from": pretrained.source,
+                "allow_null": allow_null, "scores": _jsonable(scores or {}),
+                **{name: getattr(config, name) for name in (
+                    "max_length", "max_coarse_length", "text_field", "text_pair_field", "label_field", "tokens_field",
+                    "tags_field", "question_field", "context_field", "answers_field", "max_query_length",
+                    "doc_stride", "max_answer_length", "classifier_dropout", "agreement_weight")}}
+        (partial / TASK_FILE).write_text(json.dumps(task, indent=1, ensure_ascii=False), encoding="utf-8")
+        if directory.exists():  # a model an earlier run (--overwrite) saved here
+            shutil.rmtree(directory)
+        os.replace(partial, directory)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return directory
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _summary(results: list[dict], split: str, task: str = "sequence") -> dict:

@@ -125,8 +125,9 @@ def _answers(value, where: str, field_name: str) -> list[tuple[str, int]]:
 
 
 def read_span_file(path: str, question_field: str = "question", context_field: str = "context",
-                   answers_field: str = "answers", limit: int = 0) -> list[SpanExample]:
-    """Every question of a file, checked: non-empty question and context strings, answers well formed."""
+                   answers_field: str = "answers", limit: int = 0, require_answers: bool = True) -> list[SpanExample]:
+    """Every question of a file, checked: non-empty question and context strings, answers well formed
+    (``require_answers=False``: a file without the answers column is questions to predict)."""
     from pipeline.finetuning import FinetuneError, _column, _file_type, _open_binary, _where, load_table
 
     suffix, compression = _file_type(path)
@@ -136,7 +137,11 @@ def read_span_file(path: str, question_field: str = "question", context_field: s
         if limit:
             table = table.select(range(min(limit, len(table))))
         columns = [_column(table, name, path, what) for name, what in
-                   ((question_field, "question_field"), (context_field, "context_field"), (answers_field, "answers_field"))]
+                   ((question_field, "question_field"), (context_field, "context_field"))]
+        if require_answers or answers_field in table.column_names:
+            columns.append(_column(table, answers_field, path, "answers_field"))
+        else:
+            columns.append([None] * len(table))
         ids = table["id"] if "id" in table.column_names else [None] * len(table)
         rows = [{"id": ids[i], "question": q, "context": c, "answers": a, "_where": _where(path, i)}
                 for i, (q, c, a) in enumerate(zip(*columns))]
