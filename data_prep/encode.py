@@ -18,6 +18,7 @@ token never loses part of the fine tokens it covers.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,20 +138,25 @@ class TextEncoder:
         Returns the encoding and, for each fine token, the index of the unit it belongs to (a fine
         token spanning several units is given the first). The coarse side is the dataset's own
         segmentation / phrases of the whole text, not of the units."""
-        enc, first, _ = self.encode_unit_spans(units, where)
+        enc, first, _, _ = self.encode_unit_spans(units, where)
         return enc, first
 
-    def encode_unit_spans(self, units: Sequence[str], where: str = "example") -> tuple[EncodedText, np.ndarray, np.ndarray]:
+    def encode_unit_spans(self, units: Sequence[str], where: str = "example"
+                          ) -> tuple[EncodedText, np.ndarray, np.ndarray, np.ndarray]:
         """``encode_units`` with, for each fine token, the first AND the last unit it covers (a Chinese
-        Latin/digit run is one fine token over several character units; span extraction maps a
-        predicted token span back to the text with them)."""
+        Latin/digit run is one fine token over several character units) and its character offsets
+        [start in the first unit, end in the last unit) (an English WordPiece piece is part of its word:
+        "1990" of "1990s"); span extraction maps a predicted token span back to the text with them.
+        A unit whose normalised form is not its own characters one for one (NFKC: "½", "ﬁ") counts
+        as a whole for each of its tokens."""
         if not units or not any(isinstance(u, str) and u.strip() for u in units):
             raise EncodeError(f"{where}: no tokens; remove the example")
         if self.language == "zh":
-            return self._encode_units_zh(units, where)
+            enc, first, last = self._encode_units_zh(units, where)
+            ends = np.fromiter((len(units[k]) for k in last.tolist()), dtype=np.int64, count=len(last))
+            return enc, first, last, np.stack([np.zeros_like(ends), ends], axis=1)
         if self.language == "en":
-            enc, owner = self._encode_units_en(units, where)
-            return enc, owner, owner  # a WordPiece piece lies inside one word
+            return self._encode_units_en(units, where)
         raise EncodeError(f"token tasks are implemented for zh and en; {self.language!r} needs an encode_units path")
 
     def _encode_units_zh(self, units: Sequence[str], where: str) -> tuple[EncodedText, np.ndarray, np.ndarray]:
@@ -158,9 +164,11 @@ class TextEncoder:
 
         normalized = [normalize_text(u).replace(" ", "").replace("\n", "") for u in units]
         owner = np.repeat(np.arange(len(units), dtype=np.int64), [len(u) for u in normalized])
-        # A blank unit stays a space in the text encoded ("Windows 98" of a context split into characters
-        # is tokenized as in pre-training, not as "Windows98"); the tokens cover the other characters.
-        enc = self.encode("".join(" " if u.isspace() else n for u, n in zip(units, normalized)), where)
+        # A blank unit stays a blank in the text encoded, a line break as a line break ("Windows 98" of a
+        # context split into characters is tokenized as in pre-training, not as "Windows98", and the
+        # segmenter does not join words across a line break); the tokens cover the other characters.
+        enc = self.encode("".join(("\n" if _LINE_BREAK.match(u) else " ") if u.isspace() else n
+                                  for u, n in zip(units, normalized)), where)
         # Chinese fine tokens are characters or Latin/digit runs ("##" marks a continuation): their
         # length in characters is their string length; [UNK] stands for one character.
         lengths = np.array([1 if t == fmt.UNK else len(t.removeprefix("##"))
@@ -168,31 +176,41 @@ class TextEncoder:
         if int(lengths.sum()) != len(owner):
             raise EncodeError(
                 f"{where}: the fine tokens cover {int(lengths.sum())} characters but the units have {len(owner)}; "
-                f"the units contain characters normalisation drops (controls, line breaks): clean them first"
+                f"the units contain characters normalisation drops or joins (controls, line breaks, a letter and "
+                f"a separate combining mark such as U+0301): clean them, or give such a letter and its marks as one unit"
             )
         starts = np.cumsum(lengths) - lengths
         return enc, owner[starts], owner[starts + lengths - 1]
 
-    def _encode_units_en(self, units: Sequence[str], where: str) -> tuple[EncodedText, np.ndarray]:
+    def _encode_units_en(self, units: Sequence[str], where: str) -> tuple[EncodedText, np.ndarray, np.ndarray, np.ndarray]:
         from data_prep.english import normalize, words_of
 
         lowercase = self.plugin.config.lowercase
         tokenizers = self.plugin.tokenizers
         words: list[str] = []
         word_owner: list[int] = []
+        exact: list[bool] = []  # the unit is exactly one word, character for character: piece offsets are unit offsets
         for k, unit in enumerate(units):
             w = words_of(normalize(unit, lowercase))
             words += w
             word_owner += [k] * len(w)
+            exact += [len(w) == 1 and len(w[0]) == len(unit)] * len(w)
         if not words:
             raise EncodeError(f"{where}: no words after normalisation; remove the example")
         fine, coarse, align = tokenizers.encode_words([words])[0]
-        # The same fine tokenizer again, to learn which word each piece came from.
+        # The same fine tokenizer again, to learn which word each piece came from and where in it.
         pieces = tokenizers.fine_tokenizer.encode(words, is_pretokenized=True, add_special_tokens=False)
-        owner = np.asarray(word_owner, dtype=np.int64)[np.asarray(pieces.word_ids, dtype=np.int64)]
+        word_of_piece = np.asarray(pieces.word_ids, dtype=np.int64)
+        owner = np.asarray(word_owner, dtype=np.int64)[word_of_piece]
+        offsets = np.asarray(pieces.offsets, dtype=np.int64).reshape(-1, 2)
+        whole = ~np.asarray(exact, dtype=bool)[word_of_piece]
+        offsets[whole, 0] = 0
+        offsets[whole, 1] = np.fromiter((len(units[k]) for k in owner[whole].tolist()), dtype=np.int64, count=int(whole.sum()))
         enc = EncodedText(np.asarray(fine, np.int64), np.asarray(coarse, np.int64), np.asarray(align, np.int64))
-        return enc, owner
+        return enc, owner, owner, offsets
 
+
+_LINE_BREAK = re.compile("[\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
 
 # Artifacts a directory must carry for TextEncoder (copied next to exported weights).
 TOKENIZER_FILES = (fmt.META_FILE, *fmt.TOKEN_FILES)

@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     config = None
+    handler = None
     try:
         config = parse_args(argv)
         config.validate()  # bad flags (or an --output holding results.json) leave no trace behind
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
                 world = int(os.environ.get("WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "1")))
                 parallel.startup_failed(exc, world)
         print(f"error: {exc}", file=sys.stderr)
+        if handler is not None:  # the log file keeps why the run stopped (the console got it above)
+            handler.handle(logging.makeLogRecord({"name": "finetune", "levelno": logging.ERROR, "levelname": "ERROR",
+                                                  "msg": "error: %s", "args": (exc,)}))
         return 2
     return 0
 

@@ -145,7 +145,8 @@ class FinetuneConfig:
     `python -m pipeline.predict`."""
     tensorboard: bool = True
     """Write TensorBoard event files to OUTPUT/tensorboard/<date-time>-seed<k> (train loss and learning
-    rate per step, dev loss / accuracy / macro-F1 per evaluation); --no-tensorboard turns it off."""
+    rate per step, dev loss and metrics per evaluation: accuracy / macro-F1, or exact match / F1 for
+    span tasks); --no-tensorboard turns it off."""
     deepspeed: bool = False
     """Data-parallel fine-tuning with a DeepSpeed engine, one process per rank, started by a launcher
     (deepspeed / torchrun / mpirun); --batch-size is the global batch, split over the ranks."""
@@ -1103,8 +1104,11 @@ def train_seed(config: FinetuneConfig, pretrained: Pretrained, labels: LabelSet,
     """Fine-tune from the pre-trained weights with one seed; returns curves and dev/test reports.
     ``seeds_after``: how many seeds run after this one (for the ETA of the whole run)."""
     from pipeline import parallel
-    from pipeline.inference import build_backbone
+    from pipeline.inference import build_backbone, ensure_single_process
 
+    # The parallel state first: its first set-up seeds the generators (1234), which would otherwise
+    # re-seed the first seed's run after set_seed below (results depended on the order of --seeds).
+    ensure_single_process()
     parallel.set_seed(seed)
     backbone = build_backbone(pretrained.model_config, pretrained.state_dict)
     model = AmbertForClassification(backbone, len(labels) if labels is not None else 2, config.task,
@@ -1315,6 +1319,11 @@ def run(config: FinetuneConfig) -> dict:
             train = encode_span_split(config, encoder, config.train, max_fine, max_coarse, True, config.max_train_examples)
             dev = encode_span_split(config, encoder, config.dev, max_fine, max_coarse, False)
             test = encode_span_split(config, encoder, config.test, max_fine, max_coarse, False) if config.test else None
+            for path, split in ((config.dev, dev), (config.test, test)):
+                if split is not None and split.has_unanswerable and not train.has_unanswerable and _world()[1] == 0:
+                    log.warning("WARNING: %s has unanswerable questions but %s has none: the model never learns to "
+                                "answer \"no answer\", so those questions are scored as wrong; add unanswerable "
+                                "questions to the training set (SQuAD 2.0 style) or leave them out", path, config.train)
         else:
             train, labels = encode_split(config, encoder, config.train, None, max_fine, max_coarse, config.max_train_examples)
             dev, _ = encode_split(config, encoder, config.dev, labels, max_fine, max_coarse)

@@ -19,9 +19,9 @@ logit; when the training set has unanswerable questions, no answer ("") if the [
 
 Metrics: exact match and F1, for English as SQuAD's official script (v2.0's, which equals v1.1's on
 answerable questions: lower-case, punctuation and articles removed, F1 over word tokens), for
-Chinese as CMRC 2018's (punctuation removed, F1 over characters with Latin/digit runs as one token,
-from the longest common substring; its script splits English with NLTK, here by the same runs),
-each the best over the gold answers, averaged over the questions.
+Chinese as CMRC 2018's (its punctuation list removed, F1 over CJK characters and the NLTK word
+tokens of the text between them, from the longest common substring), each the best over the gold
+answers, averaged over the questions.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import logging
 import re
 import string
 import time
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -92,8 +91,9 @@ def _nested_squad(path: str, opener) -> list[dict] | None:
     return rows
 
 
-def _answers(value, where: str, field_name: str) -> list[tuple[str, int]]:
-    """HF's ``{"text": [...], "answer_start": [...]}`` or SQuAD's ``[{"text", "answer_start"}, ...]``."""
+def _answers(value, where: str, field_name: str, blanks: list[str] | None = None) -> list[tuple[str, int]]:
+    """HF's ``{"text": [...], "answer_start": [...]}`` or SQuAD's ``[{"text", "answer_start"}, ...]``
+    (blank answer texts are left out; ``where`` is appended to ``blanks`` for each)."""
     if value is None:
         return []
     if isinstance(value, dict):
@@ -121,6 +121,8 @@ def _answers(value, where: str, field_name: str) -> list[tuple[str, int]]:
                                 f"character offset")
         if text.strip():
             out.append((text, int(start)))
+        elif blanks is not None:
+            blanks.append(where)
     return out
 
 
@@ -150,6 +152,7 @@ def read_span_file(path: str, question_field: str = "question", context_field: s
     if not rows:
         raise FinetuneError(f"{path} has no examples")
     examples = []
+    blanks: list[str] = []
     for i, row in enumerate(rows):
         where = row["_where"]
         for name, key in ((question_field, "question"), (context_field, "context")):
@@ -157,9 +160,12 @@ def read_span_file(path: str, question_field: str = "question", context_field: s
             if not isinstance(value, str) or not value.strip():
                 raise SpanDataError(f"{where}: {name!r} is {'empty' if isinstance(value, str) else repr(value)[:40]}; "
                                     f"give every example a question and a context text")
-        answers = _answers(row["answers"], where, answers_field)
+        answers = _answers(row["answers"], where, answers_field, blanks)
         examples.append(SpanExample(str(row["id"]) if row["id"] is not None else str(i), row["question"],
                                     row["context"], answers, where))
+    if blanks:
+        log.warning("WARNING: %s: %d blank answer texts left out, e.g. %s (a question with only blank answers "
+                    "is unanswerable)", path, len(blanks), blanks[0])
     return examples
 
 
@@ -176,11 +182,30 @@ def locate_answer(context: str, text: str, start: int) -> int | None:
 # ---------------------------------------------------------------------------------------------
 # Encoding: units with character offsets -> fine tokens -> windows
 # ---------------------------------------------------------------------------------------------
+def _characters(context: str) -> list[str]:
+    """A context's characters, each with the combining marks that NFKC composes with it ("e" + U+0301,
+    "ｶ" + "ﾞ"): normalised one by one they would give other characters than the whole text."""
+    from data_prep.normalize import nfkc
+
+    chars = list(context)
+    if "".join(map(nfkc, chars)) == nfkc(context):
+        return chars
+    units: list[str] = []
+    for ch in chars:
+        if units and nfkc(units[-1] + ch) != nfkc(units[-1]) + nfkc(ch):
+            units[-1] += ch
+        else:
+            units.append(ch)
+    return units
+
+
 def context_units(context: str, language: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(units, start offsets, end offsets) of a context: characters (zh) or data_prep's words (en)."""
+    """(units, start offsets, end offsets) of a context: characters (zh; with their combining marks)
+    or data_prep's words (en)."""
     if language == "zh":
-        starts = np.arange(len(context), dtype=np.int64)
-        return list(context), starts, starts + 1
+        units = _characters(context)
+        ends = np.cumsum([len(u) for u in units], dtype=np.int64)
+        return units, ends - np.array([len(u) for u in units], dtype=np.int64), ends
     if language == "en":
         from data_prep.english import word_spans
 
@@ -207,17 +232,18 @@ class EncodedContext:
 
 
 def encode_context(encoder: TextEncoder, context: str, where: str) -> EncodedContext:
-    units, starts, ends = context_units(context, encoder.language)
-    enc, first, last = encoder.encode_unit_spans(units, where)
-    return EncodedContext(enc, starts[first], ends[last])
+    units, starts, _ = context_units(context, encoder.language)
+    enc, first, last, offsets = encoder.encode_unit_spans(units, where)
+    return EncodedContext(enc, starts[first] + offsets[:, 0], starts[last] + offsets[:, 1])
 
 
-def _question(encoder: TextEncoder, question: str, max_query: int, where: str) -> EncodedText:
+def _question(encoder: TextEncoder, question: str, max_query: int, where: str) -> tuple[EncodedText, bool]:
+    """The question's encoding, cut at a coarse boundary to ``max_query`` fine tokens; and whether it was cut."""
     enc = encoder.encode(question, where + " (question)")
     cum = np.concatenate([[0], np.cumsum(enc.align)])
     keep = max(1, int(np.searchsorted(cum, max_query, side="right")) - 1)
     n_fine = int(cum[keep])
-    return EncodedText(enc.fine[:n_fine], enc.coarse[:keep], enc.align[:keep])
+    return EncodedText(enc.fine[:n_fine], enc.coarse[:keep], enc.align[:keep]), keep < len(enc.coarse)
 
 
 def windows(align: np.ndarray, fine_budget: int, coarse_budget: int, stride: int) -> list[tuple[int, int]]:
@@ -264,6 +290,10 @@ def encode_span_split(encoder: TextEncoder, examples: list[SpanExample], path: s
     contexts: dict[str, EncodedContext] = {}  # SQuAD's questions share their paragraph's context
     unlocated: list[str] = []
     uncovered: list[str] = []
+    moved: list[str] = []  # answers whose answer_start was off: found nearby
+    no_window: list[str] = []  # training answers no window holds whole (longer than the windows' overlap)
+    cut_questions: list[str] = []
+    strides: set[int] = set()
     last_line = started
     for done, example in enumerate(examples):
         if done and time.time() - last_line >= PROGRESS_SECONDS:  # a SQuAD-size file takes a few minutes
@@ -278,6 +308,8 @@ def encode_span_split(encoder: TextEncoder, examples: list[SpanExample], path: s
                 unlocated.append(f"{example.where} ({text[:30]!r})")
             else:
                 answers.append((text, found))
+                if found != start:
+                    moved.append(f"{example.where} ({text[:30]!r} at {start} -> {found})")
         if training and example.answers and not answers:
             continue  # its answer is nowhere in its context: nothing to learn from
         context = contexts.get(example.context)
@@ -291,7 +323,9 @@ def encode_span_split(encoder: TextEncoder, examples: list[SpanExample], path: s
                 uncovered.append(f"{example.where} ({text[:30]!r})")
                 if training:
                     continue
-        question = _question(encoder, example.question, max_query, example.where)
+        question, cut = _question(encoder, example.question, max_query, example.where)
+        if cut:
+            cut_questions.append(example.where)
         fine_budget = max_fine - len(question.fine) - 3
         coarse_budget = max_coarse - len(question.coarse) - 3
         if min(fine_budget, coarse_budget) < 1:
@@ -299,10 +333,15 @@ def encode_span_split(encoder: TextEncoder, examples: list[SpanExample], path: s
                                 f"{max_fine} / --max-coarse-length {max_coarse}; lower --max-query-length or raise them")
         index = len(split.examples)
         cum = np.concatenate([[0], np.cumsum(context.enc.align)])
+        # A stride of half the window at most: windows overlap, so an answer cut by one window's end is
+        # whole in the next (BERT's 128 of a 384-token sequence; --max-length 128 leaves ~60 tokens).
+        step = max(1, min(stride, fine_budget // 2))
+        strides.add(step)
         try:
-            ranges = windows(context.enc.align, fine_budget, coarse_budget, stride)
+            ranges = windows(context.enc.align, fine_budget, coarse_budget, step)
         except EncodeError as exc:
             raise SpanDataError(f"{example.where}: {exc}") from None
+        held = False
         for c0, c1 in ranges:
             f0, f1 = int(cum[c0]), int(cum[c1])
             window = EncodedText(context.enc.fine[f0:f1], context.enc.coarse[c0:c1], context.enc.align[c0:c1])
@@ -317,20 +356,42 @@ def encode_span_split(encoder: TextEncoder, examples: list[SpanExample], path: s
                 start_position, end_position = offset + target[0] - f0, offset + target[1] - f0
             feature["start_position"], feature["end_position"] = start_position, end_position
             split.features.append(feature)
+            held = held or start_position > 0
+        if target is not None and not held:
+            no_window.append(f"{example.where} ({answers[0][0][:30]!r})")
         # dev / test keep every gold text for the metrics, found in the context or not
         kept = answers if training else example.answers
         split.examples.append(SpanExample(example.id, example.question, example.context, kept, example.where))
         split.contexts.append(context)
         split.has_unanswerable |= not example.answers
     dropped = len(examples) - len(split.examples)
-    for problems, what in ((unlocated, "answer texts not found in their context"),
-                           (uncovered, "answers no fine token covers (blank or dropped by normalisation)")):
+    for problems, what, consequence in (
+            (unlocated, "answer texts not found in their context", "; those training questions are skipped" if training else ""),
+            (uncovered, "answers no fine token covers (blank or dropped by normalisation)",
+             "; those training questions are skipped" if training else ""),
+            (moved, "answers whose answer_start is off, moved to the nearest occurrence of their text", ""),
+            (no_window, "answers that no window holds whole (longer than the windows' overlap)",
+             "; every window of those questions is trained towards no answer: raise --max-length or lower --doc-stride"
+             if training else ": they cannot be predicted whole"),
+            (cut_questions, f"questions longer than --max-query-length {max_query} fine tokens, cut to it", "")):
         if problems:
-            log.warning("WARNING: %s: %d %s, e.g. %s%s", path, len(problems), what, problems[0],
-                        "; those training questions are skipped" if training else "")
+            log.warning("WARNING: %s: %d %s, e.g. %s%s", path, len(problems), what, problems[0], consequence)
+    if strides and max(strides) < stride:
+        log.info("%s: --doc-stride %d is more than half of a window (%d context tokens at most here): windows start "
+                 "%s fine tokens apart, so that they overlap", path, stride, 2 * max(strides) + 1,
+                 "-".join(map(str, sorted({min(strides), max(strides)}))))
     if not split.examples:
         raise SpanDataError(f"{path}: no usable question (every answer is missing from its context); check the "
                             f"'answer_start' offsets and texts")
+    if training and not any(e.answers for e in split.examples):
+        raise SpanDataError(f"{path}: no training question has an answer (all {len(split.examples)} are unanswerable, "
+                            f"or their answers column is empty): a model cannot learn where answers are; check "
+                            f"--answers-field")
+    ids = collections.Counter(e.id for e in split.examples)
+    repeated = [i for i, n in ids.items() if n > 1]
+    if repeated:
+        log.warning("WARNING: %s: %d question ids occur more than once (e.g. %r): the predictions, keyed by id, keep "
+                    "the last of each; give every question its own id", path, len(repeated), repeated[0])
     log.info("encoded %d questions (%d windows%s) of %s in %.1f s", len(split.examples), len(split.features),
              f", {dropped} skipped" if dropped else "", path, time.time() - started)
     return split
@@ -416,28 +477,37 @@ def squad_scores(prediction: str, gold: str) -> tuple[float, float]:
     return exact, 2 * precision * recall / (precision + recall)
 
 
-_CMRC_PUNCTUATION = set("-:_*^/\\~`+=，。：？！“”；’《》……·、「」（）－～『』")
+# CMRC 2018's official list, as its script has it: "……" is one two-character entry there, which never
+# equals a character, so a lone "…" is kept (and counted) as the official figures do.
+_CMRC_PUNCTUATION = ['-', ':', '_', '*', '^', '/', '\\', '~', '`', '+', '=', '，', '。', '：', '？', '！', '“', '”', '；',
+                     '’', '《', '》', '……', '·', '、', '「', '」', '（', '）', '－', '～', '『', '』']
+_CJK_BASIC = re.compile("[\u4e00-\u9fa5]")
 
 
-def _is_punctuation(ch: str) -> bool:
-    return ch in _CMRC_PUNCTUATION or ch in _SQUAD_PUNCTUATION or unicodedata.category(ch).startswith("P")
+def _english_words(text: str) -> list[str]:
+    """NLTK's word tokenizer (the official script's ``nltk.word_tokenize`` minus its sentence splitter,
+    whose punkt model is a separate download; an answer is rarely two sentences)."""
+    from nltk.tokenize import NLTKWordTokenizer
+
+    return NLTKWordTokenizer().tokenize(text)
 
 
 def _cmrc_tokens(text: str) -> list[str]:
-    """CMRC 2018's mixed segmentation without punctuation: each CJK character one token, each
-    run of other non-blank characters one token; lower-cased."""
+    """CMRC 2018's ``mixed_segmentation(text, rm_punc=True)``: lower-cased and stripped, its punctuation
+    list removed, each CJK character one token, the runs between them split by NLTK's word tokenizer."""
     tokens, run = [], ""
-    for ch in text.lower():
-        if re.match(r"[\u4e00-\u9fa5]", ch) or ch.isspace() or _is_punctuation(ch):
+    for ch in text.lower().strip():
+        if ch in _CMRC_PUNCTUATION:
+            continue
+        if _CJK_BASIC.match(ch):
             if run:
-                tokens.append(run)
+                tokens += _english_words(run)
                 run = ""
-            if not ch.isspace() and not _is_punctuation(ch):
-                tokens.append(ch)
+            tokens.append(ch)
         else:
             run += ch
     if run:
-        tokens.append(run)
+        tokens += _english_words(run)
     return tokens
 
 
@@ -455,15 +525,14 @@ def _longest_common_substring(a: list[str], b: list[str]) -> int:
 
 
 def cmrc_scores(prediction: str, gold: str) -> tuple[float, float]:
-    """(exact match, F1) of one prediction against one gold answer, as CMRC 2018's official script
-    (EM on the texts without punctuation and blanks, F1 from the longest common token substring)."""
+    """(exact match, F1) of one prediction against one gold answer, as CMRC 2018's official script:
+    EM on the lower-cased, stripped texts without its punctuation list (inner blanks kept), F1 from the
+    longest common substring of ``_cmrc_tokens``."""
     def strip(text: str) -> str:
-        return "".join(ch for ch in text.lower() if not ch.isspace() and not _is_punctuation(ch))
+        return "".join(ch for ch in text.lower().strip() if ch not in _CMRC_PUNCTUATION)
 
     exact = float(strip(prediction) == strip(gold))
     pred, ref = _cmrc_tokens(prediction), _cmrc_tokens(gold)
-    if not pred or not ref:
-        return exact, exact
     common = _longest_common_substring(ref, pred)
     if common == 0:
         return exact, 0.0
@@ -477,6 +546,8 @@ def span_report(predictions: Sequence[str], golds: Sequence[Sequence[str]], lang
     score = cmrc_scores if language == "zh" else squad_scores
     exact, f1 = [], []
     for prediction, answers in zip(predictions, golds):
+        if language != "zh":  # SQuAD 2.0's script: gold answers that normalise to nothing do not count
+            answers = [a for a in answers if _squad_normalize(a)]
         pairs = [score(prediction, gold) for gold in (answers or [""])]
         exact.append(max(p[0] for p in pairs))
         f1.append(max(p[1] for p in pairs))
