@@ -1224,11 +1224,21 @@ def train_seed(config: FinetuneConfig, pretrained: Pretrained, labels: LabelSet,
         result["test"], _, texts = evaluate(test)
         if texts is not None:
             result["test_predictions"] = {e.id: t for e, t in zip(test.examples, texts)}
-    if config.save_models and rank == 0:
-        result["saved_model"] = str(save_finetuned(
-            model, config, labels, pretrained, Path(config.output) / MODELS_DIR / f"seed{seed}", allow_null,
-            {"dev": result["dev"], "test": result.get("test"), "seed": seed, "best_step": best_step}))
-        log.info("seed %d: fine-tuned model saved to %s", seed, result["saved_model"])
+    if config.save_models:
+        import contextlib
+
+        gathered = contextlib.nullcontext()
+        if engine is not None:  # ZeRO-3 partitions the parameters: every rank gathers them, rank 0 writes
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+        with gathered:
+            if rank == 0:
+                pairs = config.task == "sequence" and any(len(e["kept_fine"]) == 2 for e in train)
+                result["saved_model"] = str(save_finetuned(
+                    model, config, labels, pretrained, Path(config.output) / MODELS_DIR / f"seed{seed}", allow_null,
+                    {"dev": result["dev"], "test": result.get("test"), "seed": seed, "best_step": best_step}, pairs))
+                log.info("seed %d: fine-tuned model saved to %s", seed, result["saved_model"])
     result["model"] = model
     return result
 
@@ -1237,7 +1247,8 @@ _METRIC_NAMES = {"accuracy": "acc", "macro_f1": "macro-F1", "exact_match": "EM",
 
 
 def save_finetuned(model: AmbertForClassification, config: FinetuneConfig, labels: LabelSet | None,
-                   pretrained: Pretrained, directory: Path, allow_null: bool = False, scores: dict | None = None) -> Path:
+                   pretrained: Pretrained, directory: Path, allow_null: bool = False, scores: dict | None = None,
+                   pairs: bool = False) -> Path:
     """Write a fine-tuned model to ``directory``: the backbone as an export (model.safetensors, config.json,
     tokenizer files), the heads (heads.safetensors) and task.json. Written to ``<directory>.partial``,
     then renamed: an interrupted save leaves no half-written model (an older one stays until then)."""
@@ -1255,8 +1266,11 @@ def save_finetuned(model: AmbertForClassification, config: FinetuneConfig, label
         save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.heads.state_dict().items()},
                   str(partial / HEADS_FILE))
         shareable(partial / HEADS_FILE)
+        source = pretrained.source
+        if not source.startswith("random:") and Path(source).exists():
+            source = str(Path(source).resolve())
         task = {"task": config.task, "labels": labels.names if labels is not None else [],
-                "variant": pretrained.model_config.variant, "fine_tuned_from": pretrained.source,
+                "variant": pretrained.model_config.variant, "fine_tuned_from": source, "pairs": pairs,
                 "allow_null": allow_null, "scores": _jsonable(scores or {}),
                 **{name: getattr(config, name) for name in (
                     "max_length", "max_coarse_length", "text_field", "text_pair_field", "label_field", "tokens_field",
@@ -1338,6 +1352,13 @@ def run(config: FinetuneConfig) -> dict:
              f"{len(labels)} labels" if labels is not None else f"metrics {' and '.join(METRICS[config.task])}",
              len(train), len(dev), len(test) if test is not None else "no", pretrained.source,
              pretrained.model_config.variant)
+    models = Path(config.output) / MODELS_DIR
+    if models.is_dir() and _world()[1] == 0:
+        stale = sorted(d.name for d in models.iterdir() if d.is_dir() and
+                       not (config.save_models and d.name in {f"seed{s}" for s in config.seeds}))
+        if stale:
+            log.warning("WARNING: %s holds fine-tuned models of an earlier run (%s) that this run does not replace; "
+                        "move or delete them so they are not taken for this run's", models, ", ".join(stale))
     results = []
     for k, seed in enumerate(config.seeds):
         result = train_seed(config, pretrained, labels, train, dev, test, seed, seeds_after=len(config.seeds) - k - 1)

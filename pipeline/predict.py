@@ -13,9 +13,10 @@ optional. One JSON line per input example is written (atomically) to ``--output`
   token with no fine token left: blank, or cut by the length limit);
 - span: ``{"id": ..., "answer": ...}`` ("" = no answer, only for models trained with unanswerable questions).
 
-When the input has the gold column, the metrics (as fine-tuning reports them: accuracy and macro-F1,
-per input token for token tasks; exact match and F1 for span tasks) are printed and written to
-``<output>.metrics.json``.
+When the input has the gold column, the metrics (accuracy and macro-F1; for token tasks per input token,
+where fine-tuning scores every fine token: the same when each input token is one fine token; exact match
+and F1 for span tasks) are logged and written to ``<output>.metrics.json`` (rows whose gold is null or
+missing are left out of them, with a warning). Numeric labels are written as strings ("10").
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,16 +57,30 @@ class FineTuned:
         from pipeline.inference import build_backbone, check_vocabularies
 
         self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise PredictError(f"model directory {self.directory} does not exist; give a directory saved by "
+                               f"`python -m pipeline.finetune ... --save-models` (OUTPUT/{ft.MODELS_DIR}/seed<k>)")
         task_file = self.directory / ft.TASK_FILE
         if not task_file.is_file():
             raise PredictError(f"{self.directory} has no {ft.TASK_FILE}: it is not a fine-tuned model; give a directory "
                                f"saved by `python -m pipeline.finetune ... --save-models` (OUTPUT/{ft.MODELS_DIR}/seed<k>)")
         try:
             self.task = json.loads(task_file.read_text(encoding="utf-8"))
-            self.task["task"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise PredictError(f"{task_file} is damaged ({exc}); save the model again (fine-tune with --save-models)") from None
-        pretrained = ft.resolve_pretrained(str(self.directory), flag="model", allow_random=False)
+            problem = _task_problem(self.task)
+        except (OSError, ValueError) as exc:
+            problem = str(exc)
+        if problem:
+            raise PredictError(f"{task_file} is damaged ({problem}); save the model again (fine-tune with --save-models)")
+        from pipeline.inference import CONFIG_FILE, WEIGHTS_FILE
+
+        missing = [name for name in (WEIGHTS_FILE, CONFIG_FILE, ft.HEADS_FILE) if not (self.directory / name).is_file()]
+        if missing:
+            raise PredictError(f"{self.directory} has no {' / '.join(missing)}: the fine-tuned model is incomplete; save "
+                               f"it again (fine-tune with --save-models)")
+        try:
+            pretrained = ft.resolve_pretrained(str(self.directory), flag="model", allow_random=False)
+        except (ft.FinetuneError, ExportError) as exc:
+            raise PredictError(f"{exc} (for a fine-tuned model: save it again, fine-tuning with --save-models)") from None
         self.encoder = TextEncoder(pretrained.tokenizer_dir)
         check_vocabularies(pretrained.model_config, len(self.encoder.fine_vocab), len(self.encoder.coarse_vocab),
                            str(self.directory))
@@ -83,11 +100,11 @@ class FineTuned:
 
     # ---- the three tasks ------------------------------------------------------------------------
     @torch.no_grad()
-    def predict_sequence(self, texts: list, pairs: list | None, batch_size: int) -> list[dict]:
+    def predict_sequence(self, texts: list, pairs: list | None, batch_size: int, path: str = "input") -> list[dict]:
         examples = [ft.encode_example(self.encoder, t, pairs[i] if pairs else None, self.max_fine, self.max_coarse,
-                                      f"example {i + 1}") for i, t in enumerate(texts)]
+                                      ft._where(path, i)) for i, t in enumerate(texts)]
         out = []
-        for start in range(0, len(examples), batch_size):
+        for start in _progress(range(0, len(examples), batch_size), len(examples), batch_size, path):
             probabilities = self.model(ft.collate(examples[start:start + batch_size]))["logits"].float().softmax(-1)
             for row in probabilities.numpy():
                 out.append({"label": self.labels.names[int(row.argmax())],
@@ -95,14 +112,20 @@ class FineTuned:
         return out
 
     @torch.no_grad()
-    def predict_token(self, token_lists: list, batch_size: int) -> list[dict]:
+    def predict_token(self, token_lists: list, batch_size: int, path: str = "input") -> list[dict]:
         encoded = []
+        cut = 0
         for i, units in enumerate(token_lists):
-            enc, owner = self.encoder.encode_units(units, f"example {i + 1}")
+            enc, owner = self.encoder.encode_units(units, ft._where(path, i))
             example = ft.build_example([enc], self.max_fine, self.max_coarse)
-            encoded.append((example, owner[:int(example["kept_fine"][0])], len(units)))
+            kept = int(example["kept_fine"][0])
+            cut += len(set(owner[kept:].tolist()) - set(owner[:kept].tolist()))
+            encoded.append((example, owner[:kept], len(units)))
+        if cut:
+            log.warning("WARNING: %d input tokens of %s are past the model's length limit (max_length %d of "
+                        "task.json): their tags are null", cut, path, self.max_fine)
         out = []
-        for start in range(0, len(encoded), batch_size):
+        for start in _progress(range(0, len(encoded), batch_size), len(encoded), batch_size, path):
             chunk = encoded[start:start + batch_size]
             logits = self.model(ft.collate([e for e, _, _ in chunk]))["logits"]
             for row, (_, owner, n_units) in zip(logits.argmax(-1).numpy(), chunk):
@@ -117,6 +140,8 @@ class FineTuned:
 
         examples = reading.read_span_file(path, fields["question_field"], fields["context_field"],
                                           fields["answers_field"], require_answers=False)
+        ft.warn_if_other_language(self.encoder, [e.context for e in examples[:ft.LANGUAGE_CHECK_EXAMPLES]], path,
+                                  str(self.directory))
         split = reading.encode_span_split(self.encoder, examples, path, self.max_fine, self.max_coarse,
                                           self.task["max_query_length"], self.task["doc_stride"], training=False)
         texts, _ = reading.predict_answers(self.model, split, batch_size, self.task["max_answer_length"],
@@ -124,10 +149,55 @@ class FineTuned:
         return [{"id": e.id, "answer": t} for e, t in zip(split.examples, texts)], split
 
 
+def _task_problem(task) -> str | None:
+    """What is wrong with a task.json's content, or None."""
+    if not isinstance(task, dict):
+        return "not a JSON object"
+    kinds = {"task": str, "labels": list, "max_length": int, "max_coarse_length": int}
+    if task.get("task") == "span":
+        kinds.update(max_query_length=int, doc_stride=int, max_answer_length=int, allow_null=bool)
+    for key, kind in kinds.items():
+        if not isinstance(task.get(key), kind):
+            return f"{key!r} is {'missing' if key not in task else repr(task[key])[:40]}"
+    if task["task"] not in ft.TASKS:
+        return f"unknown task {task['task']!r}"
+    if task["task"] != "span" and len(task["labels"]) < 2:
+        return f"{len(task['labels'])} labels"
+    return None
+
+
+def _progress(steps, total: int, batch_size: int, path: str):
+    """``steps`` (batch starts), logging a progress line with the rate and ETA every 30 s."""
+    started = last = time.time()
+    for start in steps:
+        if start and time.time() - last >= ft.PROGRESS_SECONDS:
+            rate = start / (time.time() - started)
+            log.info("predicting %s: %d/%d examples (%.0f/s, ETA %.0f s)", path, start, total, rate, (total - start) / rate)
+            last = time.time()
+        yield start
+
+
+def _token_rows(token_lists: list, path: str, field: str) -> None:
+    for i, units in enumerate(token_lists):
+        if not isinstance(units, (list, tuple)) or not all(isinstance(u, str) for u in units):
+            wrong = units if not isinstance(units, (list, tuple)) else next(u for u in units if not isinstance(u, str))
+            raise PredictError(f"{ft._where(path, i)}: {field!r} holds {str(wrong)[:40]!r} (of type "
+                               f"{type(wrong).__name__}); give a list of tokens, each a string")
+
+
+def _gold(values: list, path: str, what: str) -> list[int]:
+    """Indices of the rows with a gold value; warns when some rows have none."""
+    rows = [i for i, v in enumerate(values) if v is not None]
+    if rows and len(rows) < len(values):
+        log.warning("WARNING: %d of the %d rows of %s have no %s (null or missing): the metrics are over the other %d",
+                    len(values) - len(rows), len(values), path, what, len(rows))
+    return rows
+
+
 def run(args: argparse.Namespace) -> dict | None:
     model = FineTuned(args.model)
     task = model.task
-    fields = {name: getattr(args, name) or task[name] for name in
+    fields = {name: getattr(args, name) or task.get(name) or name.removesuffix("_field") for name in
               ("text_field", "text_pair_field", "label_field", "tokens_field", "tags_field", "question_field",
                "context_field", "answers_field")}
     kind = task["task"]
@@ -136,38 +206,68 @@ def run(args: argparse.Namespace) -> dict | None:
         from pipeline import reading
 
         predictions, split = model.predict_span(args.input, fields, args.batch_size)
-        golds = [[text for text, _ in e.answers] for e in split.examples]
-        if any(golds):
-            metrics = reading.span_report([p["answer"] for p in predictions], golds, split.language)
+        rows = _gold([e.answers if e.has_gold else None for e in split.examples], args.input, "answers")
+        if rows:
+            metrics = reading.span_report([predictions[i]["answer"] for i in rows],
+                                          [[text for text, _ in split.examples[i].answers] for i in rows], split.language)
     else:
         table = ft.load_table(args.input)
         if len(table) == 0:
             raise PredictError(f"{args.input} has no examples")
         if kind == "sequence":
             texts = ft._column(table, fields["text_field"], args.input, "text_field")
-            pairs = table[fields["text_pair_field"]] if fields["text_pair_field"] in table.column_names else None
-            predictions = model.predict_sequence(texts, pairs, args.batch_size)
+            has_pairs = fields["text_pair_field"] in table.column_names
+            if has_pairs != bool(task.get("pairs", False)):
+                raise PredictError(
+                    f"{args.input} {'has' if has_pairs else 'has no'} column {fields['text_pair_field']!r} but the model "
+                    f"was fine-tuned on {'text pairs' if task.get('pairs') else 'single texts'}: give the input "
+                    f"{'that column' if task.get('pairs') else 'without it (or rename it)'}")
+            pairs = table[fields["text_pair_field"]] if has_pairs else None
+            ft.warn_if_other_language(model.encoder, texts[:ft.LANGUAGE_CHECK_EXAMPLES], args.input, args.model)
+            predictions = model.predict_sequence(texts, pairs, args.batch_size, args.input)
             if fields["label_field"] in table.column_names:
-                gold = model.labels.ids(table[fields["label_field"]], args.input)
-                predicted = model.labels.ids([p["label"] for p in predictions], args.input)
-                metrics = ft.classification_report(np.asarray(predicted), np.asarray(gold), model.labels.names)
+                gold = table[fields["label_field"]]
+                rows = _gold(gold, args.input, fields["label_field"])
+                if rows:
+                    ids = model.labels.ids([gold[i] for i in rows], args.input)
+                    predicted = model.labels.ids([predictions[i]["label"] for i in rows], args.input)
+                    metrics = ft.classification_report(np.asarray(predicted), np.asarray(ids), model.labels.names)
         else:
             token_lists = ft._column(table, fields["tokens_field"], args.input, "tokens_field")
-            predictions = model.predict_token(token_lists, args.batch_size)
-            if fields["tags_field"] in table.column_names:
-                pairs = [(p, g) for record, tags in zip(predictions, table[fields["tags_field"]])
-                         for p, g in zip(record["tags"], tags) if p is not None]
-                gold = model.labels.ids([g for _, g in pairs], args.input)
-                predicted = model.labels.ids([p for p, _ in pairs], args.input)
-                metrics = ft.classification_report(np.asarray(predicted), np.asarray(gold), model.labels.names)
+            _token_rows(token_lists, args.input, fields["tokens_field"])
+            ft.warn_if_other_language(model.encoder, [" ".join(u) for u in token_lists[:ft.LANGUAGE_CHECK_EXAMPLES]],
+                                      args.input, args.model)
+            gold = table[fields["tags_field"]] if fields["tags_field"] in table.column_names else None
+            if gold is not None:
+                for i, (units, tags) in enumerate(zip(token_lists, gold)):
+                    if tags is not None and (not isinstance(tags, (list, tuple)) or len(tags) != len(units)):
+                        raise PredictError(f"{ft._where(args.input, i)}: {len(units)} tokens but "
+                                           f"{len(tags) if isinstance(tags, (list, tuple)) else repr(tags)[:30]} tags; "
+                                           f"give one tag per token")
+            predictions = model.predict_token(token_lists, args.batch_size, args.input)
+            if gold is not None:
+                rows = _gold(gold, args.input, fields["tags_field"])
+                pairs = [(p, g) for i in rows for p, g in zip(predictions[i]["tags"], gold[i]) if p is not None]
+                if pairs:
+                    ids = model.labels.ids([g for _, g in pairs], args.input)
+                    predicted = model.labels.ids([p for p, _ in pairs], args.input)
+                    metrics = ft.classification_report(np.asarray(predicted), np.asarray(ids), model.labels.names)
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    ft.write_atomically(output, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+    metrics_file = output.with_name(output.name + ".metrics.json")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        ft.write_atomically(output, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+        if metrics is None:
+            metrics_file.unlink(missing_ok=True)  # an earlier run's metrics would pass for these predictions'
+        else:
+            ft.write_atomically(metrics_file, json.dumps(metrics, indent=1))
+    except OSError as exc:
+        raise PredictError(f"cannot write --output {output} ({exc.strerror or exc}); give a path in a writable "
+                           f"directory") from None
     log.info("%d predictions -> %s", len(predictions), output)
     if metrics is not None:
         shown = {k: round(v, 4) for k, v in metrics.items() if k in ("accuracy", "macro_f1", "exact_match", "f1")}
-        log.info("metrics against the gold column of %s: %s", args.input, shown)
-        ft.write_atomically(output.with_name(output.name + ".metrics.json"), json.dumps(metrics, indent=1))
+        log.info("metrics against the gold column of %s: %s -> %s", args.input, shown, metrics_file)
     return metrics
 
 
@@ -176,7 +276,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("model", help="a fine-tuned model directory (pipeline.finetune --save-models: OUTPUT/models/seed<k>)")
     parser.add_argument("--input", required=True, help="examples to predict (.jsonl/.json/.csv/.tsv/.parquet, also compressed)")
     parser.add_argument("--output", required=True, help="JSON-lines file of predictions, one per input example")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default: 64)")
     for name in ("text_field", "text_pair_field", "label_field", "tokens_field", "tags_field", "question_field",
                  "context_field", "answers_field"):
         parser.add_argument("--" + name.replace("_", "-"), default="", help="column name (default: the one fine-tuning used)")
@@ -187,6 +287,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--input {args.input} does not exist")
     if Path(args.output).is_dir():
         parser.error(f"--output {args.output} is a directory; give a file name")
+    if Path(args.output).resolve() in (Path(args.input).resolve(), Path(args.input + ".metrics.json").resolve()):
+        parser.error(f"--output {args.output} would overwrite the input (or its metrics); give another file name")
+    ancestor = Path(args.output).absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        parser.error(f"--output {args.output} cannot be written: {ancestor} is {'not a directory' if not ancestor.is_dir() else 'not writable'}")
     return args
 
 

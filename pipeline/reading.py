@@ -60,6 +60,7 @@ class SpanExample:
     context: str
     answers: list[tuple[str, int]]
     where: str
+    has_gold: bool = True  # False: a file to predict had no answers for it (not: an unanswerable question)
 
 
 def _nested_squad(path: str, opener) -> list[dict] | None:
@@ -162,7 +163,7 @@ def read_span_file(path: str, question_field: str = "question", context_field: s
                                     f"give every example a question and a context text")
         answers = _answers(row["answers"], where, answers_field, blanks)
         examples.append(SpanExample(str(row["id"]) if row["id"] is not None else str(i), row["question"],
-                                    row["context"], answers, where))
+                                    row["context"], answers, where, row["answers"] is not None))
     if blanks:
         log.warning("WARNING: %s: %d blank answer texts left out, e.g. %s (a question with only blank answers "
                     "is unanswerable)", path, len(blanks), blanks[0])
@@ -361,7 +362,8 @@ def encode_span_split(encoder: TextEncoder, examples: list[SpanExample], path: s
             no_window.append(f"{example.where} ({answers[0][0][:30]!r})")
         # dev / test keep every gold text for the metrics, found in the context or not
         kept = answers if training else example.answers
-        split.examples.append(SpanExample(example.id, example.question, example.context, kept, example.where))
+        split.examples.append(SpanExample(example.id, example.question, example.context, kept, example.where,
+                                          example.has_gold))
         split.contexts.append(context)
         split.has_unanswerable |= not example.answers
     dropped = len(examples) - len(split.examples)

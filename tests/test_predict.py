@@ -138,3 +138,109 @@ def test_a_directory_that_is_not_a_fine_tuned_model_is_one_clear_error(tmp_path,
     assert main([str(model), "--input", str(data), "--output", str(tmp_path / "p.jsonl")]) == 2
     assert "heads.safetensors cannot be loaded" in capsys.readouterr().err
     assert not (tmp_path / "p.jsonl").exists()
+
+
+def _zero3_finetune(values: dict) -> None:
+    from pipeline.finetuning import FinetuneConfig, run
+
+    run(FinetuneConfig(**values))
+
+
+def test_a_model_fine_tuned_under_zero3_is_saved_whole(tmp_path, export):
+    """ZeRO-3 partitions the parameters over the ranks: rank 0 alone saved empty tensors (the pre-training
+    MLM heads, never gathered by fine-tuning) and the model could not be loaded."""
+    from dataclasses import asdict
+
+    from pipeline.inference import load_state_dict
+    from tests.distributed import run_distributed
+
+    rows = [{"text": "".join(random.Random(i).sample(FILLER, 3)) + (POSITIVE[i % 5] if i % 2 else NEGATIVE[i % 5]),
+             "label": "pos" if i % 2 else "neg"} for i in range(32)]
+    for split in ("train", "dev", "test"):
+        _write(tmp_path / f"{split}.jsonl", rows)
+    config = FinetuneConfig(model=str(export), train=str(tmp_path / "train.jsonl"), dev=str(tmp_path / "dev.jsonl"),
+                            test=str(tmp_path / "test.jsonl"), output=str(tmp_path / "out"), seeds=[1], epochs=1.0,
+                            batch_size=8, max_length=32, save_models=True, deepspeed=True,
+                            deepspeed_config=str(Path(__file__).resolve().parents[1] / "ds_configs" / "zero3_cpu.json"))
+    run_distributed(_zero3_finetune, world_size=2, args=(asdict(config),), init=None, timeout=400)
+    saved = load_state_dict(tmp_path / "out" / "models" / "seed1")
+    start = load_state_dict(export)
+    assert {k: tuple(v.shape) for k, v in saved.items()} == {k: tuple(v.shape) for k, v in start.items()}
+    predictions = _predict(tmp_path / "out" / "models" / "seed1", tmp_path / "test.jsonl", tmp_path / "pred.jsonl")
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    right = sum(p["label"] == r["label"] for p, r in zip(predictions, rows))
+    assert right / len(rows) == pytest.approx(results["seeds"][0]["test"]["accuracy"])
+
+
+@pytest.fixture(scope="module")
+def sequence_model(tmp_path_factory, export) -> Path:
+    directory = tmp_path_factory.mktemp("seq")
+    rows = [{"text": w + "。", "label": "pos" if w in POSITIVE else "neg"} for w in POSITIVE + NEGATIVE] * 2
+    for split in ("train", "dev"):
+        _write(directory / f"{split}.jsonl", rows)
+    run(FinetuneConfig(model=str(export), train=str(directory / "train.jsonl"), dev=str(directory / "dev.jsonl"),
+                       output=str(directory / "out"), seeds=[1], epochs=1.0, batch_size=8, max_length=16, save_models=True))
+    return directory / "out" / "models" / "seed1"
+
+
+def test_predict_refuses_inputs_unlike_the_training_ones_and_keeps_files_apart(tmp_path, sequence_model, capsys):
+    from pipeline.predict import main
+
+    pairs = _write(tmp_path / "pairs.jsonl", [{"text": "很好", "text_pair": "喜欢", "label": "pos"}])
+    assert main([str(sequence_model), "--input", str(pairs), "--output", str(tmp_path / "p.jsonl")]) == 2
+    assert "has column 'text_pair' but the model was fine-tuned on single texts" in capsys.readouterr().err
+    single = _write(tmp_path / "single.jsonl", [{"text": "很好", "label": "pos"}, {"text": "很差", "label": None}])
+    with pytest.raises(SystemExit):
+        main([str(sequence_model), "--input", str(single), "--output", str(single)])
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert json.loads(single.read_text(encoding="utf-8").splitlines()[0])["label"] == "pos"  # untouched
+    assert main([str(sequence_model), "--input", str(single), "--output", str(tmp_path / "p.jsonl")]) == 0
+    metrics = json.loads((tmp_path / "p.jsonl.metrics.json").read_text())
+    assert metrics["examples"] == 1  # the row without a gold label is predicted, not scored
+    # predictions of a file without gold do not sit next to the metrics of an earlier one
+    bare = _write(tmp_path / "bare.jsonl", [{"text": "很好"}])
+    assert main([str(sequence_model), "--input", str(bare), "--output", str(tmp_path / "p.jsonl")]) == 0
+    assert not (tmp_path / "p.jsonl.metrics.json").exists()
+    missing = tmp_path / "nowhere"
+    assert main([str(missing), "--input", str(bare), "--output", str(tmp_path / "p.jsonl")]) == 2
+    assert f"model directory {missing} does not exist" in capsys.readouterr().err
+
+
+def test_token_inputs_are_checked_row_by_row(tmp_path, export, capsys):
+    from pipeline.predict import main
+
+    rows = [{"tokens": list(w), "tags": ["B"] + ["E"] * (len(w) - 1)} for w in POSITIVE + NEGATIVE] * 2
+    for split in ("train", "dev"):
+        _write(tmp_path / f"{split}.jsonl", rows)
+    run(FinetuneConfig(model=str(export), train=str(tmp_path / "train.jsonl"), dev=str(tmp_path / "dev.jsonl"),
+                       output=str(tmp_path / "out"), task="token", seeds=[1], epochs=1.0, batch_size=8, max_length=16,
+                       save_models=True))
+    model = str(tmp_path / "out" / "models" / "seed1")
+    for row, message in (({"tokens": "很好"}, "'tokens' holds '很好' (of type str); give a list of tokens"),
+                         ({"tokens": ["很", 3]}, "'tokens' holds '3' (of type int)"),
+                         ({"tokens": ["很", "好"], "tags": ["B"]}, "2 tokens but 1 tags; give one tag per token")):
+        bad = _write(tmp_path / "bad.jsonl", [rows[0], row])
+        assert main([model, "--input", str(bad), "--output", str(tmp_path / "p.jsonl")]) == 2
+        err = capsys.readouterr().err
+        assert f"{bad} record 2: " in err and message in err, err
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_span_metrics_leave_out_questions_without_answers(tmp_path, export, caplog):
+    from tests.test_finetune_span import make_span_files
+
+    files = make_span_files(tmp_path, sizes=(32, 8, 8))
+    run(FinetuneConfig(model=str(export), train=str(files["train"]), dev=str(files["dev"]), output=str(tmp_path / "out"),
+                       task="span", seeds=[1], epochs=1.0, batch_size=8, max_length=40, max_query_length=8,
+                       doc_stride=16, save_models=True))
+    rows = [json.loads(line) for line in files["test"].read_text(encoding="utf-8").splitlines()]
+    half = _write(tmp_path / "half.jsonl", [r if i % 2 else {k: r[k] for k in ("id", "question", "context")}
+                                            for i, r in enumerate(rows)])
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="predict"):
+        predictions = _predict(tmp_path / "out" / "models" / "seed1", half, tmp_path / "p.jsonl")
+    assert len(predictions) == 8
+    assert "4 of the 8 rows of" in caplog.text and "the metrics are over the other 4" in caplog.text
+    metrics = json.loads((tmp_path / "p.jsonl.metrics.json").read_text())
+    assert metrics["examples"] == 4 and "unanswerable" not in metrics
