@@ -1,4 +1,5 @@
-r"""Fine-tune an AMBERT / BERT-baseline model on sequence or token classification or span extraction.
+r"""Fine-tune an AMBERT / BERT-baseline model on sequence or token classification, span extraction or
+multiple choice.
 
     python -m pipeline.finetune --model exported/ambert-zh --train train.jsonl --dev dev.jsonl \
         --test test.jsonl --output runs/ft-zh --seeds 1 2 3 --epochs 3 --lr 5e-5
@@ -6,11 +7,13 @@ r"""Fine-tune an AMBERT / BERT-baseline model on sequence or token classificatio
     python -m pipeline.finetune --model random:tiny:bert-fine --dataset data/demo-zh ...  # no pre-training
     python -m pipeline.finetune --task token --tokens-field tokens --tags-field tags ...   # tagging
     python -m pipeline.finetune --task span --train squad_train.json --dev squad_dev.json --max-length 384 ...
+    python -m pipeline.finetune --task choice --context-field article --choices-field options \
+        --label-field answer --max-length 512 ...                                          # RACE's columns
     deepspeed --num_gpus 2 pipeline/finetune.py --deepspeed ...   # data parallel (or torchrun / mpirun)
 
 Every flag is a field of ``pipeline.finetuning.FinetuneConfig`` (documented there); results go to
 OUTPUT/results.json (accuracy, macro-F1, per-class report per seed -- exact match, F1 and each question's
-predicted answer for span tasks -- mean and std over seeds, loss curves), written atomically; an OUTPUT that already holds results.json is refused unless --overwrite.
+predicted answer for span tasks, accuracy for choice tasks -- mean and std over seeds, loss curves), written atomically; an OUTPUT that already holds results.json is refused unless --overwrite.
 Under a launcher every rank must get the same flags (checked before any work). The logic lives in
 pipeline/finetuning.py.
 """
@@ -76,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # megatron-core's start-up notes (Megatron-FSDP, ...)
     config = None
     handler = None
     try:

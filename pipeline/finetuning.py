@@ -1,4 +1,5 @@
-"""Fine-tuning AMBERT (and the BERT baselines) on sequence and token classification and span extraction.
+"""Fine-tuning AMBERT (and the BERT baselines) on sequence and token classification, span extraction and
+multiple choice.
 
 Sequence classification follows the paper: three classifiers, on the fine [CLS] vector, on the coarse
 [CLS] vector and on their concatenation; the loss is the sum of their cross-entropies plus
@@ -7,11 +8,15 @@ batch), and predictions come from the concatenation head. Single-granularity bas
 bert-coarse) have one head on their [CLS]. Token classification (tagging: NER, word segmentation as
 BIES) classifies each FINE token from its vector concatenated with the vector of the coarse token
 covering it (``fine_to_coarse``). Span extraction (reading comprehension, SQuAD / CMRC 2018) puts
-start and end logits on the same per-token vectors (``pipeline/reading.py``).
+start and end logits on the same per-token vectors (``pipeline/reading.py``). Multiple choice (RACE, C3)
+scores each option's [CLS] context [SEP] question option [SEP] with the sequence heads (one output
+each) and takes the softmax over a question's options: the same three-classifier loss
+(``pipeline/choice.py``).
 
 Inputs are local JSON lines / CSV / parquet files read with HF datasets (columns: text [, text_pair],
 label for sequence tasks; tokens, tags (one tag per token) for token tasks; question, context,
-answers for span tasks, or SQuAD's nested JSON), tokenized with
+answers for span tasks, or SQuAD's nested JSON; context, question, choices, label for multiple choice,
+or C3's nested JSON), tokenized with
 ``data_prep.encode.TextEncoder``: exactly the tokenizers of the pre-training dataset.
 
 The loop (``run``): resolve the pre-trained weights and tokenizers -> check vocabularies -> load and
@@ -44,8 +49,9 @@ from data_prep.format import CLS_ID, PAD_ID, SEP_ID
 from pipeline.batch import IGNORE_INDEX, Batch
 
 log = logging.getLogger("finetune")
-TASKS = ("sequence", "token", "span")
-METRICS = {"sequence": ("accuracy", "macro_f1"), "token": ("accuracy", "macro_f1"), "span": ("exact_match", "f1")}
+TASKS = ("sequence", "token", "span", "choice")
+METRICS = {"sequence": ("accuracy", "macro_f1"), "token": ("accuracy", "macro_f1"), "span": ("exact_match", "f1"),
+           "choice": ("accuracy",)}
 """Each task's metrics: the first is the default --metric, both are logged and reported."""
 RESULTS_FILE = "results.json"
 MODELS_DIR = "models"  # OUTPUT/models/seed<k>: each seed's fine-tuned model (--save-models)
@@ -82,24 +88,28 @@ class FinetuneConfig:
     """Replace the results.json an earlier run left in --output (refused without this flag)."""
     task: str = "sequence"
     """sequence (one label per text [pair]) | token (one tag per input token) | span (answer span in a
-    context: reading comprehension)."""
+    context: reading comprehension) | choice (the right one of a question's options: RACE, C3)."""
     text_field: str = "text"
     """Column with the text (sequence tasks)."""
     text_pair_field: str = "text_pair"
     """Column with the second text of a pair (used when present)."""
     label_field: str = "label"
-    """Column with the label (sequence tasks)."""
+    """Column with the label (sequence tasks); the right option for choice tasks: a 0-based index, a letter
+    (A = the first option) or the option's text."""
     tokens_field: str = "tokens"
     """Column with the list of input tokens (token tasks)."""
     tags_field: str = "tags"
     """Column with one tag per input token (token tasks)."""
     question_field: str = "question"
-    """Column with the question (span tasks)."""
+    """Column with the question (span and choice tasks)."""
     context_field: str = "context"
-    """Column with the context the answer is in (span tasks)."""
+    """Column with the context the answer is in (span and choice tasks; for choice a list of strings is joined
+    with line breaks, and '' means questions without a context)."""
     answers_field: str = "answers"
     """Column with the answers: {"text": [...], "answer_start": [...]} or [{"text", "answer_start"}]; empty =
     unanswerable (span tasks; a SQuAD-format .json needs no column names)."""
+    choices_field: str = "choices"
+    """Column with each question's list of options (choice tasks; RACE: options, C3: choice)."""
     max_query_length: int = 64
     """Longest question in fine tokens; longer ones are cut (span tasks)."""
     doc_stride: int = 128
@@ -111,7 +121,7 @@ class FinetuneConfig:
     epochs: float = 3.0
     """Passes over the training set (upper bound: early stopping may end sooner)."""
     batch_size: int = 32
-    """Examples per optimizer step."""
+    """Examples per optimizer step (choice tasks: questions, each with all its options)."""
     lr: float = 5e-5
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.01
@@ -131,8 +141,8 @@ class FinetuneConfig:
     patience: int = 3
     """Stop after this many dev evaluations without improvement; 0 = never stop early."""
     metric: str = ""
-    """Dev metric for model selection: accuracy | macro_f1 (sequence, token), exact_match | f1 (span);
-    empty = the task's first."""
+    """Dev metric for model selection: accuracy | macro_f1 (sequence, token), exact_match | f1 (span),
+    accuracy (choice); empty = the task's first."""
     max_train_examples: int = 0
     """Use only the first N training examples (0 = all): quick runs."""
     eval_batch_size: int = 64
@@ -291,6 +301,10 @@ def encode_token_example(encoder: TextEncoder, tokens: Sequence[str], tag_ids: S
 
 def collate(examples: Sequence[dict]) -> Batch:
     """Pad a list of examples into the pipeline/batch.py contract (+ labels / token_labels)."""
+    if "options" in examples[0]:  # multiple choice: a row per option
+        from pipeline.choice import collate_choices
+
+        return collate_choices(examples)
     batch: Batch = {}
     for g in ("fine", "coarse"):
         length = max(len(e[f"{g}_ids"]) for e in examples)
@@ -351,7 +365,9 @@ class AmbertForClassification(nn.Module):
     after the granularity (BERT baselines); ``logits`` = the joint (resp. the only) head.
     ``task="token"``: one head over [fine vector ; vector of the covering coarse token] per fine token
     (bert-fine: the fine vector; bert-coarse: the covering coarse vector). ``task="span"``: the same
-    per-token vectors, a head with two outputs: start and end logits (``num_labels`` is ignored)."""
+    per-token vectors, a head with two outputs: start and end logits (``num_labels`` is ignored).
+    ``task="choice"``: the sequence heads with one output, a score per option; ``logits`` etc. are
+    [questions, options] (``num_labels`` is ignored)."""
 
     def __init__(self, backbone: nn.Module, num_labels: int, task: str = "sequence", dropout: float = 0.1,
                  agreement_weight: float = 1.0):
@@ -366,6 +382,8 @@ class AmbertForClassification(nn.Module):
         self.granularities = config.granularities
         hidden, std = config.hidden_size, config.init_std
         self.dropout = nn.Dropout(dropout)
+        if task == "choice":
+            num_labels = 1
         if task in ("token", "span"):
             self.heads = nn.ModuleDict({task: _linear(len(self.granularities) * hidden, num_labels if task == "token" else 2, std)})
         elif len(self.granularities) == 2:
@@ -383,19 +401,27 @@ class AmbertForClassification(nn.Module):
         cls = {g: self.dropout(hidden[f"{g}_hidden"][:, 0]) for g in self.granularities}
         out: dict[str, torch.Tensor] = {}
         labels = batch.get("labels")
+        shape = (lambda scores: scores) if self.task == "sequence" else self._per_question(batch)
         if len(self.granularities) == 2:
-            out["fine_logits"] = self.heads["fine"](cls["fine"])
-            out["coarse_logits"] = self.heads["coarse"](cls["coarse"])
-            out["logits"] = self.heads["joint"](torch.cat([cls["fine"], cls["coarse"]], dim=-1))
+            out["fine_logits"] = shape(self.heads["fine"](cls["fine"]))
+            out["coarse_logits"] = shape(self.heads["coarse"](cls["coarse"]))
+            out["logits"] = shape(self.heads["joint"](torch.cat([cls["fine"], cls["coarse"]], dim=-1)))
             if labels is not None:
                 out.update(three_classifier_loss(out["fine_logits"], out["coarse_logits"], out["logits"], labels,
                                                  self.agreement_weight))
         else:
             g = self.granularities[0]
-            out["logits"] = self.heads[g](cls[g])
+            out["logits"] = shape(self.heads[g](cls[g]))
             if labels is not None:
                 out["loss"] = F.cross_entropy(out["logits"].float(), labels)
         return out
+
+    @staticmethod
+    def _per_question(batch: Batch):
+        """Choice tasks: a score per option row -> [questions, options], missing options at the minimum."""
+        from pipeline.choice import to_grid
+
+        return lambda scores: to_grid(scores, batch)
 
     def _token_features(self, batch: Batch, hidden: dict) -> torch.Tensor:
         """[fine vector ; vector of the covering coarse token] per fine token (dropout applied)."""
@@ -685,6 +711,24 @@ def encode_span_split(config: FinetuneConfig, encoder: TextEncoder, path: str, m
         raise FinetuneError(str(exc)) from None
 
 
+def encode_choice_split(config: FinetuneConfig, encoder: TextEncoder, path: str, max_fine: int, max_coarse: int,
+                        training: bool, limit: int = 0) -> list[dict]:
+    """Read and encode one multiple-choice file (``pipeline.choice``)."""
+    from pipeline import choice
+
+    try:
+        examples = choice.read_choice_file(path, config.context_field, config.question_field, config.choices_field,
+                                           config.label_field, limit=limit)
+        if training:  # is it in the model's language?
+            warn_if_other_language(encoder, [f"{e.context}\n{e.question}\n{' '.join(e.options)}"
+                                             for e in examples[:LANGUAGE_CHECK_EXAMPLES]], path, config.model)
+        encoded = choice.encode_choice_split(encoder, examples, path, max_fine, max_coarse)
+    except choice.ChoiceDataError as exc:
+        raise FinetuneError(str(exc)) from None
+    log.info("encoded %d questions (%d options) of %s", len(encoded), sum(len(e["options"]) for e in encoded), path)
+    return encoded
+
+
 def check_same_inputs(config: FinetuneConfig, train: list[dict], others: list[tuple[str, list[dict] | None]]) -> None:
     """Dev and test must give the model what training gave it: single texts, or text pairs. A model
     trained on pairs and selected / scored on single texts (or the reverse) gives meaningless numbers."""
@@ -958,9 +1002,28 @@ def _check_same_vocabularies(original: Path, given: Path, checkpoint: Path) -> N
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
+def default_device() -> torch.device:
+    """This process's GPU (its LOCAL_RANK's) when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters are (ZeRO-3's partitioned ones included); the CPU for a model without any."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def to_device(batch: Batch, device: torch.device | None) -> Batch:
+    if device is None or device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def _batches(examples: list[dict], batch_size: int, shuffle: bool, rng: random.Random | None = None,
-             world: int = 1, rank: int = 0):
-    """Batches of ``batch_size`` examples; with ``world`` > 1 this rank's rows of each global batch."""
+             world: int = 1, rank: int = 0, device: torch.device | None = None):
+    """Batches of ``batch_size`` examples (on ``device``); with ``world`` > 1 this rank's rows of each global batch."""
     order = list(range(len(examples)))
     if shuffle:
         rng.shuffle(order)
@@ -970,7 +1033,7 @@ def _batches(examples: list[dict], batch_size: int, shuffle: bool, rng: random.R
             if len(rows) < world:
                 break
             rows = rows[rank::world]
-        yield collate([examples[i] for i in rows])
+        yield to_device(collate([examples[i] for i in rows]), device)
 
 
 def _world() -> tuple[int, int]:
@@ -1052,15 +1115,15 @@ def predict(model: AmbertForClassification, examples: list[dict], batch_size: in
     was_training = model.training
     model.eval()
     predictions, gold, losses, weights = [], [], [], []
-    for batch in _batches(examples, batch_size, shuffle=False):
+    for batch in _batches(examples, batch_size, shuffle=False, device=model_device(model)):
         out = model(batch)
         if model.task == "token":
             keep = batch["token_labels"] != IGNORE_INDEX
-            predictions.append(out["logits"].argmax(-1)[keep].numpy())
-            gold.append(batch["token_labels"][keep].numpy())
+            predictions.append(out["logits"].argmax(-1)[keep].cpu().numpy())
+            gold.append(batch["token_labels"][keep].cpu().numpy())
         else:
-            predictions.append(out["logits"].argmax(-1).numpy())
-            gold.append(batch["labels"].numpy())
+            predictions.append(out["logits"].argmax(-1).cpu().numpy())
+            gold.append(batch["labels"].cpu().numpy())
         if len(gold[-1]):  # a batch's loss is its mean: weighted by its size, the short last batch weighs less
             losses.append(float(out["loss"]))
             weights.append(len(gold[-1]))
@@ -1113,6 +1176,8 @@ def train_seed(config: FinetuneConfig, pretrained: Pretrained, labels: LabelSet,
     backbone = build_backbone(pretrained.model_config, pretrained.state_dict)
     model = AmbertForClassification(backbone, len(labels) if labels is not None else 2, config.task,
                                     config.classifier_dropout, config.agreement_weight)
+    if not config.deepspeed:  # (DeepSpeed places the model on its rank's device itself)
+        model.to(default_device())
     metric_names = METRICS[config.task]
     span = config.task == "span"
     allow_null = bool(span and train.has_unanswerable)  # SQuAD 2.0 style: "no answer" can be predicted
@@ -1125,6 +1190,10 @@ def train_seed(config: FinetuneConfig, pretrained: Pretrained, labels: LabelSet,
             return reading.evaluate(model, split, config.eval_batch_size, config.max_answer_length, allow_null,
                                     split.language)
         predictions, gold, loss = predict(model, split, config.eval_batch_size)
+        if config.task == "choice":
+            from pipeline.choice import choice_report
+
+            return choice_report(predictions, gold), loss, None
         return classification_report(predictions, gold, labels.names), loss, None
 
     if span:
@@ -1162,7 +1231,8 @@ def train_seed(config: FinetuneConfig, pretrained: Pretrained, labels: LabelSet,
 
     stop = False
     while step < total_steps and not stop:
-        for batch in _batches(train, config.batch_size, shuffle=True, rng=rng, world=world, rank=rank):
+        for batch in _batches(train, config.batch_size, shuffle=True, rng=rng, world=world, rank=rank,
+                              device=model_device(model)):
             if engine is not None:
                 out = engine(batch)
                 engine.backward(out["loss"])
@@ -1274,7 +1344,7 @@ def save_finetuned(model: AmbertForClassification, config: FinetuneConfig, label
                 "allow_null": allow_null, "scores": _jsonable(scores or {}),
                 **{name: getattr(config, name) for name in (
                     "max_length", "max_coarse_length", "text_field", "text_pair_field", "label_field", "tokens_field",
-                    "tags_field", "question_field", "context_field", "answers_field", "max_query_length",
+                    "tags_field", "question_field", "context_field", "answers_field", "choices_field", "max_query_length",
                     "doc_stride", "max_answer_length", "classifier_dropout", "agreement_weight")}}
         (partial / TASK_FILE).write_text(json.dumps(task, indent=1, ensure_ascii=False), encoding="utf-8")
         if directory.exists():  # a model an earlier run (--overwrite) saved here
@@ -1338,6 +1408,11 @@ def run(config: FinetuneConfig) -> dict:
                     log.warning("WARNING: %s has unanswerable questions but %s has none: the model never learns to "
                                 "answer \"no answer\", so those questions are scored as wrong; add unanswerable "
                                 "questions to the training set (SQuAD 2.0 style) or leave them out", path, config.train)
+        elif config.task == "choice":
+            labels = None
+            train = encode_choice_split(config, encoder, config.train, max_fine, max_coarse, True, config.max_train_examples)
+            dev = encode_choice_split(config, encoder, config.dev, max_fine, max_coarse, False)
+            test = encode_choice_split(config, encoder, config.test, max_fine, max_coarse, False) if config.test else None
         else:
             train, labels = encode_split(config, encoder, config.train, None, max_fine, max_coarse, config.max_train_examples)
             dev, _ = encode_split(config, encoder, config.dev, labels, max_fine, max_coarse)

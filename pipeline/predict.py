@@ -11,11 +11,12 @@ optional. One JSON line per input example is written (atomically) to ``--output`
 - sequence: ``{"label": ..., "probabilities": {label: p, ...}}`` (from the joint head for AMBERT);
 - token: ``{"tags": [...]}``, one tag per input token (the tag of its first fine token; null for a
   token with no fine token left: blank, or cut by the length limit);
-- span: ``{"id": ..., "answer": ...}`` ("" = no answer, only for models trained with unanswerable questions).
+- span: ``{"id": ..., "answer": ...}`` ("" = no answer, only for models trained with unanswerable questions);
+- choice: ``{"id": ..., "answer": index, "option": its text, "probabilities": [p per option]}``.
 
 When the input has the gold column, the metrics (accuracy and macro-F1; for token tasks per input token,
 where fine-tuning scores every fine token: the same when each input token is one fine token; exact match
-and F1 for span tasks) are logged and written to ``<output>.metrics.json`` (rows whose gold is null or
+and F1 for span tasks; accuracy for choice tasks) are logged and written to ``<output>.metrics.json`` (rows whose gold is null or
 missing are left out of them, with a warning). Numeric labels are written as strings ("10").
 """
 
@@ -38,6 +39,7 @@ if __package__ in (None, ""):
 from data_prep.encode import EncodeError, TextEncoder  # noqa: E402
 from data_prep.format import FormatError  # noqa: E402
 from pipeline import finetuning as ft  # noqa: E402
+from pipeline.choice import ChoiceDataError  # noqa: E402
 from pipeline.inference import ExportError  # noqa: E402
 from pipeline.reading import SpanDataError  # noqa: E402
 
@@ -93,19 +95,24 @@ class FineTuned:
         except Exception as exc:  # noqa: BLE001 - safetensors' own error type, torch's size mismatches, OSError
             raise PredictError(f"{self.directory / ft.HEADS_FILE} cannot be loaded ({' '.join(str(exc).split())[:200]}); "
                                f"save the model again (fine-tune with --save-models)") from None
-        self.model.eval()
+        self.device = ft.default_device()  # a GPU when there is one
+        self.model.to(self.device).eval()
         limit = pretrained.model_config.max_position_embeddings
         self.max_fine = min(self.task["max_length"], limit)
         self.max_coarse = min(self.task["max_coarse_length"] or self.task["max_length"], limit)
 
-    # ---- the three tasks ------------------------------------------------------------------------
+    def _forward(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """The model's outputs for a batch of encoded examples, back on the CPU."""
+        return {k: v.cpu() for k, v in self.model(ft.to_device(ft.collate(examples), self.device)).items()}
+
+    # ---- the tasks ------------------------------------------------------------------------------
     @torch.no_grad()
     def predict_sequence(self, texts: list, pairs: list | None, batch_size: int, path: str = "input") -> list[dict]:
         examples = [ft.encode_example(self.encoder, t, pairs[i] if pairs else None, self.max_fine, self.max_coarse,
                                       ft._where(path, i)) for i, t in enumerate(texts)]
         out = []
         for start in _progress(range(0, len(examples), batch_size), len(examples), batch_size, path):
-            probabilities = self.model(ft.collate(examples[start:start + batch_size]))["logits"].float().softmax(-1)
+            probabilities = self._forward(examples[start:start + batch_size])["logits"].float().softmax(-1)
             for row in probabilities.numpy():
                 out.append({"label": self.labels.names[int(row.argmax())],
                             "probabilities": {name: round(float(p), 6) for name, p in zip(self.labels.names, row)}})
@@ -127,7 +134,7 @@ class FineTuned:
         out = []
         for start in _progress(range(0, len(encoded), batch_size), len(encoded), batch_size, path):
             chunk = encoded[start:start + batch_size]
-            logits = self.model(ft.collate([e for e, _, _ in chunk]))["logits"]
+            logits = self._forward([e for e, _, _ in chunk])["logits"]
             for row, (_, owner, n_units) in zip(logits.argmax(-1).numpy(), chunk):
                 tags: list = [None] * n_units
                 for position in range(len(owner) - 1, -1, -1):  # backwards: each unit ends with its FIRST token's tag
@@ -148,6 +155,27 @@ class FineTuned:
                                            self.task["allow_null"])
         return [{"id": e.id, "answer": t} for e, t in zip(split.examples, texts)], split
 
+    @torch.no_grad()
+    def predict_choice(self, path: str, fields: dict, batch_size: int) -> tuple[list[dict], list]:
+        from pipeline import choice
+
+        examples = choice.read_choice_file(path, fields["context_field"], fields["question_field"],
+                                           fields["choices_field"], fields["label_field"], require_labels=False)
+        ft.warn_if_other_language(self.encoder, [f"{e.context}\n{e.question}" for e in examples[:ft.LANGUAGE_CHECK_EXAMPLES]],
+                                  path, str(self.directory))
+        encoded = choice.encode_choice_split(self.encoder, examples, path, self.max_fine, self.max_coarse)
+        for item in encoded:
+            item.pop("label", None)  # the gold answer is scored by the caller, never given to the model
+        out = []
+        for start in _progress(range(0, len(encoded), batch_size), len(encoded), batch_size, path):
+            probabilities = self._forward(encoded[start:start + batch_size])["logits"].softmax(-1)
+            for row, example in zip(probabilities.numpy(), examples[start:start + batch_size]):
+                row = row[:len(example.options)]
+                best = int(row.argmax())
+                out.append({"id": example.id, "answer": best, "option": example.options[best],
+                            "probabilities": [round(float(p), 6) for p in row]})
+        return out, examples
+
 
 def _task_problem(task) -> str | None:
     """What is wrong with a task.json's content, or None."""
@@ -161,7 +189,7 @@ def _task_problem(task) -> str | None:
             return f"{key!r} is {'missing' if key not in task else repr(task[key])[:40]}"
     if task["task"] not in ft.TASKS:
         return f"unknown task {task['task']!r}"
-    if task["task"] != "span" and len(task["labels"]) < 2:
+    if task["task"] in ("sequence", "token") and len(task["labels"]) < 2:
         return f"{len(task['labels'])} labels"
     return None
 
@@ -199,7 +227,9 @@ def run(args: argparse.Namespace) -> dict | None:
     task = model.task
     fields = {name: getattr(args, name) or task.get(name) or name.removesuffix("_field") for name in
               ("text_field", "text_pair_field", "label_field", "tokens_field", "tags_field", "question_field",
-               "context_field", "answers_field")}
+               "context_field", "answers_field", "choices_field")}
+    if not args.context_field and "context_field" in task:  # "" in task.json: fine-tuned without a context
+        fields["context_field"] = task["context_field"]
     kind = task["task"]
     metrics = None
     if kind == "span":
@@ -210,6 +240,14 @@ def run(args: argparse.Namespace) -> dict | None:
         if rows:
             metrics = reading.span_report([predictions[i]["answer"] for i in rows],
                                           [[text for text, _ in split.examples[i].answers] for i in rows], split.language)
+    elif kind == "choice":
+        from pipeline.choice import choice_report
+
+        predictions, examples = model.predict_choice(args.input, fields, args.batch_size)
+        rows = _gold([e.label for e in examples], args.input, fields["label_field"])
+        if rows:
+            metrics = choice_report(np.asarray([predictions[i]["answer"] for i in rows]),
+                                    np.asarray([examples[i].label for i in rows]))
     else:
         table = ft.load_table(args.input)
         if len(table) == 0:
@@ -278,7 +316,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="JSON-lines file of predictions, one per input example")
     parser.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default: 64)")
     for name in ("text_field", "text_pair_field", "label_field", "tokens_field", "tags_field", "question_field",
-                 "context_field", "answers_field"):
+                 "context_field", "answers_field", "choices_field"):
         parser.add_argument("--" + name.replace("_", "-"), default="", help="column name (default: the one fine-tuning used)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -299,10 +337,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # megatron-core's start-up notes (Megatron-FSDP, ...)
     args = parse_args(argv)
     try:
         run(args)
-    except (PredictError, ft.FinetuneError, SpanDataError, ExportError, FormatError, EncodeError) as exc:
+    except (PredictError, ft.FinetuneError, SpanDataError, ChoiceDataError, ExportError, FormatError, EncodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -421,7 +421,7 @@ def best_span(start_logits: np.ndarray, end_logits: np.ndarray, max_answer: int)
 def predict_answers(model, split: SpanSplit, batch_size: int, max_answer: int, allow_null: bool
                     ) -> tuple[list[str], float]:
     """The predicted answer text of every question of ``split`` and the mean loss over its windows."""
-    from pipeline.finetuning import _batches
+    from pipeline.finetuning import _batches, model_device
 
     was_training = model.training
     model.eval()
@@ -429,9 +429,9 @@ def predict_answers(model, split: SpanSplit, batch_size: int, max_answer: int, a
     null = [np.inf] * len(split.examples)
     losses, weights = [], []
     position = 0
-    for batch in _batches(split.features, batch_size, shuffle=False):
+    for batch in _batches(split.features, batch_size, shuffle=False, device=model_device(model)):
         out = model(batch)
-        starts, ends = out["start_logits"].float().numpy(), out["end_logits"].float().numpy()
+        starts, ends = out["start_logits"].float().cpu().numpy(), out["end_logits"].float().cpu().numpy()
         for row in range(len(starts)):
             feature = split.features[position + row]
             k, offset, n = feature["example_index"], feature["context_offset"], feature["window_tokens"]

@@ -817,6 +817,7 @@ def _parser(argument_default=None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """The command: 0, 2 with `error: ...` on bad input, 130 / 143 (128 + signal) when interrupted."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # megatron-core's start-up notes (Megatron-FSDP, ...)
     config = parse_args(argv)
     handler = None
     try:

@@ -1,0 +1,251 @@
+"""Multiple-choice reading comprehension (RACE, C3, ...) for AMBERT and the BERT baselines.
+
+An example is a context (a passage; C3's list of dialogue turns is joined with line breaks; none with
+``--context-field ''``), a question and two or more options, one of them right. Each option is one
+sequence pair, BERT's RACE recipe: ``[CLS] context [SEP] question option [SEP]`` on both
+granularities (a question with a blank "_" gets the option in the blank instead), truncated longest
+first at coarse-token boundaries, so a long context loses its end first. The context is encoded once
+per question.
+
+Head: the sequence head with one output, applied to each option's [CLS] vectors, and a softmax over
+the options of a question. For AMBERT the paper's three classifiers (fine, coarse, joint) each score
+every option; the loss is the sum of their cross-entropies + lambda x ||p_fine - p_coarse||_2, and
+the joint scores predict. Questions may have different numbers of options (C3: 2 to 4); a missing
+option gets probability 0.
+
+Labels: the right option as a 0-based index, a letter (RACE: "A".."D") or the option's text (C3).
+Files: flat rows (JSON lines / CSV / parquet; HF's race and clue/c3 layouts) or C3's original
+nested JSON (``[[context turns, [{question, choice, answer}, ...], id], ...]``). Metric: accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from data_prep.encode import EncodeError, TextEncoder
+
+log = logging.getLogger("finetune")
+PROGRESS_SECONDS = 30.0  # encoding logs a progress line this often
+
+
+class ChoiceDataError(ValueError):
+    """A multiple-choice file that cannot be used; the message names the example and the fix."""
+
+
+@dataclass
+class ChoiceExample:
+    """One question with its options; ``label`` = the right option's index (None: no gold answer)."""
+
+    id: str
+    context: str
+    question: str
+    options: list[str]
+    label: int | None
+    where: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the files
+# ---------------------------------------------------------------------------------------------
+def _text(value, where: str, name: str) -> str:
+    """A string column; a list of strings (C3's dialogue turns) is joined with line breaks."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return "\n".join(value)
+    raise ChoiceDataError(f"{where}: {name!r} holds {str(value)[:60]!r} (of type {type(value).__name__}); give a string "
+                          f"(or a list of strings, joined with line breaks)")
+
+
+def label_index(value, options: Sequence[str], where: str, field: str = "label") -> int | None:
+    """The right option's index from a 0-based index, a letter ("A" = the first option) or the option's
+    text; None for a missing gold answer (null)."""
+    if value is None:
+        return None
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        if 0 <= int(value) < len(options):
+            return int(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        matches = [i for i, option in enumerate(options) if option.strip() == text]
+        if len(matches) == 1:
+            return matches[0]
+        if len(text) == 1 and "A" <= text.upper() <= "Z" and ord(text.upper()) - ord("A") < len(options) and not matches:
+            return ord(text.upper()) - ord("A")
+        if len(matches) > 1:
+            raise ChoiceDataError(f"{where}: the answer {value!r} is the text of options {matches}; make the options "
+                                  f"distinct, or give the answer as an index / a letter")
+    raise ChoiceDataError(
+        f"{where}: {field!r} is {str(value)[:60]!r}, which names none of its {len(options)} options {str(options)[:120]}; "
+        f"give the right option as a 0-based index (0-{len(options) - 1}), a letter (A-{chr(ord('A') + len(options) - 1)}) "
+        f"or the option's text")
+
+
+def _c3_examples(records: list, path: str) -> list[dict]:
+    """C3's original layout: ``[[context turns, [{"question", "choice", "answer"}, ...], id], ...]`` -> flat rows."""
+    rows = []
+    for d, record in enumerate(records):
+        if not (isinstance(record, (list, tuple)) and len(record) >= 2 and isinstance(record[1], list)):
+            raise ChoiceDataError(f"{path} document {d + 1} is not [context, questions, id] (C3's layout); give "
+                                  f"one JSON object per question (JSON lines) or C3's nested JSON")
+        document_id = str(record[2]) if len(record) > 2 else str(d)
+        for q, question in enumerate(record[1]):
+            if not isinstance(question, dict):
+                raise ChoiceDataError(f"{path} document {d + 1} question {q + 1} is not an object with question, "
+                                      f"choice and answer")
+            rows.append({"id": f"{document_id}-{q}", "context": record[0], "question": question.get("question"),
+                         "choices": question.get("choice"), "label": question.get("answer")})
+    return rows
+
+
+def read_choice_file(path: str, context_field: str, question_field: str, choices_field: str, label_field: str,
+                     require_labels: bool = True, limit: int = 0) -> list[ChoiceExample]:
+    """The examples of a multiple-choice file (see the module doc for the layouts)."""
+    from pipeline import finetuning as ft
+
+    nested = None
+    if ft._file_type(path) == (".json", None):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                head = fh.read(64).lstrip()
+            if head.startswith("[") and head[1:].lstrip().startswith("["):  # a list of lists: C3's layout
+                with open(path, encoding="utf-8") as fh:
+                    nested = _c3_examples(json.load(fh), path)
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ChoiceDataError(f"{path} cannot be read as JSON ({exc}); fix the file") from None
+    if nested is not None:
+        rows = nested
+        fields = {"context": "context" if context_field else "", "question": "question", "choices": "choices",
+                  "label": "label"}
+        columns = list(fields.values())
+    else:
+        table = ft.load_table(path)
+        columns = table.column_names
+        fields = {"context": context_field, "question": question_field, "choices": choices_field, "label": label_field}
+        rows = None
+    for key, name in fields.items():
+        if key == "context" and not name:
+            continue
+        if name not in columns and not (key == "label" and not require_labels):
+            extra = " (or --context-field '' for questions without a context)" if key == "context" else ""
+            raise ChoiceDataError(f"{path} has no column {name!r} ({key}_field); its columns are {columns}: rename the "
+                                  f"column or pass --{key}-field NAME{extra}")
+    if rows is None:
+        if limit:
+            table = table.select(range(min(limit, len(table))))
+        data = {key: (table[name] if name in columns else [None] * len(table)) for key, name in fields.items() if name}
+        ids = table["id"] if "id" in columns else table["example_id"] if "example_id" in columns else None
+        rows = [{key: data[key][i] for key in data} | {"id": ids[i] if ids is not None else None} for i in range(len(table))]
+    elif limit:
+        rows = rows[:limit]
+    if not rows:
+        raise ChoiceDataError(f"{path} has no examples")
+    examples = []
+    for i, row in enumerate(rows):
+        where = ft._where(path, i) if nested is None else f"{path} question {i + 1} ({row['id']})"
+        options = row["choices"]
+        if not isinstance(options, (list, tuple)) or not all(isinstance(o, str) for o in options):
+            raise ChoiceDataError(f"{where}: {fields['choices']!r} holds {str(options)[:60]!r}; "
+                                  f"give a list of options, each a string")
+        if len(options) < 2:
+            raise ChoiceDataError(f"{where}: {len(options)} option(s); a multiple-choice question needs at least 2")
+        question = _text(row["question"], where, fields["question"])
+        context = _text(row["context"], where, fields["context"]) if fields["context"] else ""
+        label = label_index(row.get("label"), options, where, fields["label"])
+        if label is None and require_labels:
+            raise ChoiceDataError(f"{where}: no answer ({fields['label']!r} is null or missing); label the question or "
+                                  f"remove it")
+        examples.append(ChoiceExample(str(row["id"]) if row.get("id") is not None else str(i), context, question,
+                                      list(options), label, where))
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+# ---------------------------------------------------------------------------------------------
+def option_text(question: str, option: str) -> str:
+    """The second segment of an option's sequence: the option in the question's blank ("_"), else after it."""
+    if "_" in question:
+        return question.replace("_", f" {option} ", 1)
+    return f"{question} {option}" if question.strip() else option
+
+
+def encode_choice_split(encoder: TextEncoder, examples: list[ChoiceExample], path: str, max_fine: int,
+                        max_coarse: int) -> list[dict]:
+    """Each example as {"options": [one sequence pair per option], "label": index} (no "label" without gold)."""
+    from pipeline import finetuning as ft
+
+    encoded, cut, total = [], 0, 0
+    started = last_line = time.time()
+    for n, example in enumerate(examples):
+        try:
+            context = encoder.encode(example.context, example.where + " (context)") if example.context.strip() else None
+            options = []
+            for k, option in enumerate(example.options):
+                text = option_text(example.question, option)
+                if not text.strip():
+                    raise ChoiceDataError(f"{example.where}: option {k} and the question are both empty; give the "
+                                          f"question or the option a text")
+                second = encoder.encode(text, f"{example.where} (question + option {k})")
+                segments = [context, second] if context is not None else [second]
+                built = ft.build_example(segments, max_fine, max_coarse)
+                options.append(built)
+                cut += int(built["kept_fine"].sum()) < sum(len(s.fine) for s in segments)
+                total += 1
+        except EncodeError as exc:
+            raise ChoiceDataError(str(exc)) from None
+        item = {"options": options}
+        if example.label is not None:
+            item["label"] = example.label
+        encoded.append(item)
+        if time.time() - last_line >= PROGRESS_SECONDS:
+            rate = (n + 1) / (time.time() - started)
+            log.info("encoding %s: %d/%d questions (%.0f/s, ETA %.0f s)", path, n + 1, len(examples), rate,
+                     (len(examples) - n - 1) / rate)
+            last_line = time.time()
+    if cut and ft._world()[1] == 0:
+        log.warning("WARNING: %d of the %d option sequences of %s are longer than --max-length %d (--max-coarse-length "
+                    "%d): their contexts (or, when longer, their questions and options) are cut at the end; raise the "
+                    "limits (up to the model's max_position_embeddings) to keep them whole", cut, total, path,
+                    max_fine, max_coarse)
+    return encoded
+
+
+def collate_choices(examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """One row per option (the ``collate`` contract) + where each row goes: ``choice_example`` (the
+    question's index in the batch) and ``choice_position`` (the option's index); ``num_choices``
+    per question; ``labels`` when every question has one."""
+    from pipeline.finetuning import collate
+
+    rows = [option for e in examples for option in e["options"]]
+    batch = collate(rows)
+    counts = [len(e["options"]) for e in examples]
+    batch["num_choices"] = torch.tensor(counts, dtype=torch.long)
+    batch["choice_example"] = torch.repeat_interleave(torch.arange(len(counts)), batch["num_choices"])
+    batch["choice_position"] = torch.cat([torch.arange(n) for n in counts])
+    if all("label" in e for e in examples):
+        batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+    return batch
+
+
+def to_grid(scores: torch.Tensor, batch: dict) -> torch.Tensor:
+    """One score per option row -> [questions, most options] (float32); missing options at the minimum."""
+    shape = (len(batch["num_choices"]), int(batch["num_choices"].max()))
+    grid = torch.full(shape, torch.finfo(torch.float32).min, dtype=torch.float32, device=scores.device)
+    return grid.index_put((batch["choice_example"].to(scores.device), batch["choice_position"].to(scores.device)),
+                          scores.reshape(-1).float())
+
+
+def choice_report(predictions: np.ndarray, labels: np.ndarray) -> dict:
+    return {"accuracy": float((predictions == labels).mean()) if len(labels) else 0.0, "examples": int(len(labels))}
+
+
+__all__ = ["ChoiceDataError", "ChoiceExample", "choice_report", "collate_choices", "encode_choice_split", "label_index",
+           "option_text", "read_choice_file", "to_grid"]

@@ -1,0 +1,208 @@
+"""Multiple choice (RACE / C3 style): file layouts and labels, option sequences, the per-question
+softmax and loss, bad input, and a run end to end through a saved model and pipeline.predict.
+
+Data is generated here (the tiny Chinese tokenizer directory of test_finetune.py), nothing third-party
+is copied."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_prep.format import CLS_ID, SEP_ID
+from pipeline import choice
+from tests import test_finetune_span as span
+from tests.test_finetune import FILLER, NEGATIVE, POSITIVE
+
+zh_dataset, encoder, export = span.zh_dataset, span.encoder, span.export  # the same tiny tokenizers and model (fixtures)
+
+
+def make_choice_files(directory: Path, sizes=(200, 100, 100), seed: int = 0) -> dict[str, Path]:
+    """A context with one positive and one negative word among fillers; the question (很好？ / 很差？) asks
+    for one of them; three options: both words and a filler, in random order. Answers alternate
+    between an index and a letter."""
+    rng = random.Random(seed)
+    paths = {}
+    for split, n in zip(("train", "dev", "test"), sizes):
+        path = directory / f"{split}.jsonl"
+        with path.open("w", encoding="utf-8") as f:
+            for i in range(n):
+                words = [rng.choice(FILLER) for _ in range(rng.randint(2, 6))]
+                positive, negative = rng.choice(POSITIVE), rng.choice(NEGATIVE)
+                words.insert(rng.randint(0, len(words)), positive)
+                words.insert(rng.randint(0, len(words)), negative)
+                good = rng.random() < 0.5
+                right = positive if good else negative
+                options = [positive, negative, rng.choice(FILLER[:12])]
+                rng.shuffle(options)
+                answer = options.index(right) if i % 2 else "ABC"[options.index(right)]
+                f.write(json.dumps({"id": f"{split}{i}", "context": "".join(words) + "。", "question": "很好？" if good else "很差？",
+                                    "choices": options, "label": answer}, ensure_ascii=False) + "\n")
+        paths[split] = path
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and labels
+# ---------------------------------------------------------------------------------------------
+def test_index_letter_and_text_labels_and_c3_nested_json_give_the_same_examples(tmp_path):
+    turns = ["我们觉得很好。", "朋友觉得很差。"]
+    questions = [("谁觉得很好？", ["我们", "朋友"], 0), ("朋友觉得？", ["很好", "很差", "真的"], 1)]
+    layouts = {
+        "index.jsonl": [{"id": f"d1-{k}", "context": turns, "question": q, "choices": o, "label": a}
+                        for k, (q, o, a) in enumerate(questions)],
+        "letter.jsonl": [{"id": f"d1-{k}", "context": "\n".join(turns), "question": q, "choices": o, "label": "AB"[a].lower()}
+                         for k, (q, o, a) in enumerate(questions)],
+        "text.jsonl": [{"id": f"d1-{k}", "context": turns, "question": q, "choices": o, "label": o[a]}
+                       for k, (q, o, a) in enumerate(questions)],
+    }
+    read = {}
+    for name, rows in layouts.items():
+        (tmp_path / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        read[name] = choice.read_choice_file(str(tmp_path / name), "context", "question", "choices", "label")
+    c3 = [[turns, [{"question": q, "choice": o, "answer": o[a]} for q, o, a in questions], "d1"]]
+    (tmp_path / "c3.json").write_text(json.dumps(c3, ensure_ascii=False), encoding="utf-8")
+    read["c3.json"] = choice.read_choice_file(str(tmp_path / "c3.json"), "context", "question", "choices", "label")
+    for name, examples in read.items():
+        got = [(e.id, e.context, e.question, e.options, e.label) for e in examples]
+        assert got == [(f"d1-{k}", "我们觉得很好。\n朋友觉得很差。", q, o, a) for k, (q, o, a) in enumerate(questions)], name
+    # without a context column, and without gold answers (prediction)
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text(json.dumps({"question": "很好？", "choices": ["喜欢", "讨厌"]}, ensure_ascii=False) + "\n", encoding="utf-8")
+    example, = choice.read_choice_file(str(bare), "", "question", "choices", "label", require_labels=False)
+    assert (example.context, example.options, example.label) == ("", ["喜欢", "讨厌"], None)
+    # an option whose text is a letter is taken as that option, not as the letter's position
+    assert choice.label_index("B", ["B", "A"], "x") == 0 and choice.label_index("b", ["A", "B"], "x") == 1
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"question": "很好？", "choices": "喜欢 讨厌", "label": 0}, "'choices' holds '喜欢 讨厌'; give a list of options"),
+    ({"question": "很好？", "choices": ["喜欢"], "label": 0}, "1 option(s); a multiple-choice question needs at least 2"),
+    ({"question": "很好？", "choices": ["喜欢", "讨厌"], "label": 2}, "names none of its 2 options"),
+    ({"question": "很好？", "choices": ["喜欢", "讨厌"], "label": "E"}, "a letter (A-B) or the option's text"),
+    ({"question": "很好？", "choices": ["喜欢", "喜欢"], "label": "喜欢"}, "is the text of options [0, 1]"),
+    ({"question": "很好？", "choices": ["喜欢", "讨厌"], "label": None}, "no answer ('label' is null or missing)"),
+    ({"question": ["很好？", 3], "choices": ["喜欢", "讨厌"], "label": 0}, "'question' holds"),
+])
+def test_malformed_rows_are_named_with_the_fix(tmp_path, row, message):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"id": "a", "context": "我们觉得。", **row}, ensure_ascii=False) + "\n" +
+                    json.dumps({"id": "b", "context": "我们", **row}, ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(choice.ChoiceDataError, match="record 1") as info:
+        choice.read_choice_file(str(path), "context", "question", "choices", "label")
+    assert message in str(info.value), str(info.value)
+
+
+def test_a_missing_column_names_the_flag_and_the_no_context_form(tmp_path, export, capsys):
+    from pipeline.finetune import main
+
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"article": "我们。", "question": "很好？", "options": ["喜欢", "讨厌"], "answer": "A"},
+                               ensure_ascii=False) + "\n", encoding="utf-8")
+    flags = ["--model", str(export), "--train", str(path), "--dev", str(path), "--task", "choice",
+             "--output", str(tmp_path / "out")]
+    assert main(flags) == 2
+    error = capsys.readouterr().err
+    assert "has no column 'context' (context_field)" in error and "--context-field ''" in error, error
+    assert not (tmp_path / "out" / "results.json").exists()
+    assert main([*flags, "--context-field", "article", "--choices-field", "options", "--label-field", "answer",
+                 "--seeds", "1", "--epochs", "1", "--no-tensorboard"]) == 0  # RACE's column names
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["dev"]["accuracy"]["values"][0] in (0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Option sequences
+# ---------------------------------------------------------------------------------------------
+def test_each_option_is_context_then_question_and_option_and_long_contexts_are_cut_first(encoder, caplog):
+    example = choice.ChoiceExample("1", "我们今天觉得这个手机很好。朋友觉得服务很差。", "哪个词_？", ["很好", "很差"], 1, "ex")
+    item, = choice.encode_choice_split(encoder, [example], "dev", 64, 64)
+    assert item["label"] == 1 and len(item["options"]) == 2
+    context = encoder.encode(example.context)
+    for option, built in zip(example.options, item["options"]):
+        second = encoder.encode(f"哪个词 {option} ？")  # the option in the question's blank
+        assert built["fine_ids"].tolist() == [CLS_ID, *context.fine.tolist(), SEP_ID, *second.fine.tolist(), SEP_ID]
+        assert built["coarse_ids"].tolist() == [CLS_ID, *context.coarse.tolist(), SEP_ID, *second.coarse.tolist(), SEP_ID]
+        assert built["fine_token_types"].tolist() == [0] * (len(context.fine) + 2) + [1] * (len(second.fine) + 1)
+    # a short limit: the context (the longer segment) loses its end; question and option stay whole
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        item, = choice.encode_choice_split(encoder, [example], "dev", 16, 16)
+    for option, built in zip(example.options, item["options"]):
+        second = encoder.encode(f"哪个词 {option} ？")
+        kept_context, kept_second = built["kept_fine"].tolist()
+        assert kept_second == len(second.fine) and kept_context < len(context.fine)
+        assert built["fine_ids"][1:1 + kept_context].tolist() == context.fine[:kept_context].tolist()
+        assert len(built["fine_ids"]) <= 16
+    assert "2 of the 2 option sequences of dev are longer than --max-length 16" in caplog.text
+    assert choice.option_text("我们", "很好") == "我们 很好" and choice.option_text("", "很好") == "很好"
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores, softmax over options, loss
+# ---------------------------------------------------------------------------------------------
+def test_options_are_scored_alone_and_missing_options_get_no_probability(encoder, export):
+    from pipeline.finetuning import AmbertForClassification, collate, three_classifier_loss
+    from pipeline.inference import build_backbone, load_state_dict, read_model_config
+
+    torch.manual_seed(0)
+    model = AmbertForClassification(build_backbone(read_model_config(export), load_state_dict(export)), 7, "choice",
+                                    dropout=0.0).eval()
+    hidden = model.backbone.config.hidden_size
+    assert {k: tuple(v.weight.shape) for k, v in model.heads.items()} == \
+        {"fine": (1, hidden), "coarse": (1, hidden), "joint": (1, 2 * hidden)}  # a score per option, whatever num_labels
+    questions = [choice.ChoiceExample("a", "我们觉得很好。", "很好？", ["很好", "很差"], 0, "a"),
+                 choice.ChoiceExample("b", "朋友觉得很差。", "很差？", ["喜欢", "很差", "真的"], 1, "b")]
+    encoded = choice.encode_choice_split(encoder, questions, "dev", 32, 32)
+    with torch.no_grad():
+        out = model(collate(encoded))
+        # each option's score alone: the option as a one-row question
+        alone = [[float(model(collate([{"options": [o, o]}]))["logits"][0, 0]) for o in e["options"]] for e in encoded]
+        # the options of a question in another order: the same scores in that order
+        reversed_out = model(collate([{"options": e["options"][::-1], "label": 0} for e in encoded]))
+    assert out["logits"].shape == (2, 3)
+    np.testing.assert_allclose(out["logits"][0, :2].numpy(), alone[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["logits"][1].numpy(), alone[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(reversed_out["logits"][1].numpy(), alone[1][::-1], rtol=1e-5, atol=1e-6)
+    probabilities = out["logits"].softmax(-1)
+    assert probabilities[0, 2] == 0 and torch.allclose(probabilities.sum(-1), torch.ones(2))
+    # the paper's loss over the real options: the padded one changes nothing
+    expected = (three_classifier_loss(out["fine_logits"][0:1, :2], out["coarse_logits"][0:1, :2], out["logits"][0:1, :2],
+                                      torch.tensor([0]), 1.0)["loss"] +
+                three_classifier_loss(out["fine_logits"][1:], out["coarse_logits"][1:], out["logits"][1:],
+                                      torch.tensor([1]), 1.0)["loss"]) / 2
+    torch.testing.assert_close(out["loss"], expected, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------
+def test_choice_finetuning_learns_and_the_saved_model_predicts_the_same(tmp_path, export):
+    from pipeline.finetuning import FinetuneConfig, run
+    from pipeline.predict import main as predict
+
+    files = make_choice_files(tmp_path)
+    config = FinetuneConfig(model=str(export), train=str(files["train"]), dev=str(files["dev"]), test=str(files["test"]),
+                            output=str(tmp_path / "out"), task="choice", seeds=[1], epochs=6.0, lr=4e-3, batch_size=16,
+                            max_length=40, patience=3, save_models=True)
+    results = run(config)
+    seed = json.loads((tmp_path / "out" / "results.json").read_text())["seeds"][0]
+    assert seed["dev_curve_columns"] == ["step", "loss", "accuracy"]
+    assert results["test"]["accuracy"]["mean"] > 0.9, results["test"]  # chance: 1/3
+    assert seed["test"]["examples"] == 100
+    task = json.loads((tmp_path / "out" / "models" / "seed1" / "task.json").read_text())
+    assert task["task"] == "choice" and task["choices_field"] == "choices" and task["labels"] == []
+    output = tmp_path / "pred.jsonl"
+    assert predict([str(tmp_path / "out" / "models" / "seed1"), "--input", str(files["test"]), "--output", str(output)]) == 0
+    rows = [json.loads(line) for line in output.open(encoding="utf-8")]
+    gold = [json.loads(line) for line in files["test"].open(encoding="utf-8")]
+    assert [r["id"] for r in rows] == [g["id"] for g in gold]
+    assert all(r["option"] == g["choices"][r["answer"]] and abs(sum(r["probabilities"]) - 1) < 1e-4 for r, g in zip(rows, gold))
+    right = [choice.label_index(g["label"], g["choices"], "") for g in gold]
+    accuracy = np.mean([r["answer"] == k for r, k in zip(rows, right)])
+    assert accuracy == pytest.approx(seed["test"]["accuracy"])
+    assert json.loads(output.with_name("pred.jsonl.metrics.json").read_text())["accuracy"] == pytest.approx(accuracy)
