@@ -161,7 +161,8 @@ def read_choice_file(path: str, context_field: str, question_field: str, choices
         label = label_index(row.get("label"), options, where, fields["label"])
         if label is None and require_labels:
             raise ChoiceDataError(f"{where}: no answer ({fields['label']!r} is null or missing); label the question or "
-                                  f"remove it")
+                                  f"remove it (questions without answers, such as a benchmark's hidden test set, are "
+                                  f"for `python -m pipeline.predict` with a model saved by --save-models)")
         examples.append(ChoiceExample(str(row["id"]) if row.get("id") is not None else str(i), context, question,
                                       list(options), label, where))
     return examples

@@ -28,6 +28,7 @@ def make_choice_files(directory: Path, sizes=(200, 100, 100), seed: int = 0) -> 
     for one of them; three options: both words and a filler, in random order. Answers alternate
     between an index and a letter."""
     rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, n in zip(("train", "dev", "test"), sizes):
         path = directory / f"{split}.jsonl"

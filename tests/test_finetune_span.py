@@ -297,17 +297,22 @@ def test_no_answer_is_predicted_only_when_training_had_unanswerable_questions(en
     assert reading.span_report(texts, [[]], "zh") == {"exact_match": 0.0, "f1": 0.0, "examples": 1, "unanswerable": 1}
 
 
-def _deepspeed_span_finetune(values: dict) -> list:
+def _deepspeed_finetunes(runs: list[dict]) -> list:
+    """Several fine-tuning runs, one after the other, in the same ranks (one process group)."""
     from pipeline.finetuning import FinetuneConfig, run
 
-    results = run(FinetuneConfig(**values))
-    return [results["seeds"][0]["train_curve"], results["seeds"][0]["dev"], results["seeds"][0]["dev_predictions"]]
+    out = []
+    for values in runs:
+        seed = run(FinetuneConfig(**values))["seeds"][0]
+        out.append([seed["train_curve"], seed["dev"], seed.get("dev_predictions")])
+    return out
 
 
 def test_zero3_on_2_ranks_matches_one_process_and_saves_the_whole_model(tmp_path, export):
     """Span fine-tuning under DeepSpeed ZeRO-3 on 2 ranks: the same curve, dev scores and answers as one
     process; and the saved model is whole (rank 0 alone saved the pre-training MLM heads, which
-    fine-tuning never gathers, as empty tensors) and predicts the run's test answers."""
+    fine-tuning never gathers, as empty tensors) and predicts the run's test answers. Multiple choice
+    (a batch row per option, regrouped per question) too, in the same ranks."""
     from dataclasses import asdict
 
     from pipeline.finetuning import FinetuneConfig, run
@@ -320,14 +325,29 @@ def test_zero3_on_2_ranks_matches_one_process_and_saves_the_whole_model(tmp_path
                             task="span", seeds=[1], epochs=2.0, lr=1e-3, batch_size=16, max_length=40, max_query_length=8,
                             doc_stride=16, classifier_dropout=0.0, eval_every=2, patience=0)
     reference = run(single)["seeds"][0]
+    zero3 = str(Path(__file__).resolve().parents[1] / "ds_configs" / "zero3_cpu.json")
     distributed = asdict(single)
     distributed.update(deepspeed=True, output=str(tmp_path / "out-ds"), test=str(files["test"]), save_models=True,
-                       deepspeed_config=str(Path(__file__).resolve().parents[1] / "ds_configs" / "zero3_cpu.json"))
-    ranks = run_distributed(_deepspeed_span_finetune, world_size=2, args=(distributed,), init=None, timeout=400)
-    for curve, dev, predictions in ranks:
+                       deepspeed_config=zero3)
+    from tests.test_finetune_choice import make_choice_files
+
+    choices = make_choice_files(tmp_path / "choice", sizes=(32, 8, 0))
+    choice_single = FinetuneConfig(model=str(export), train=str(choices["train"]), dev=str(choices["dev"]),
+                                   output=str(tmp_path / "choice-out"), task="choice", seeds=[1], epochs=1.0, lr=1e-3,
+                                   batch_size=16, max_length=32, classifier_dropout=0.0, eval_every=1, patience=0,
+                                   tensorboard=False)
+    choice_reference = run(choice_single)["seeds"][0]
+    choice_distributed = {**asdict(choice_single), "deepspeed": True, "output": str(tmp_path / "choice-ds"),
+                          "deepspeed_config": zero3}
+    ranks = run_distributed(_deepspeed_finetunes, world_size=2, args=([distributed, choice_distributed],), init=None,
+                            timeout=400)
+    for (curve, dev, predictions), (choice_curve, choice_dev, _) in ranks:
         assert [s for s, _ in curve] == [s for s, _ in reference["train_curve"]]
         np.testing.assert_allclose([v for _, v in curve], [v for _, v in reference["train_curve"]], rtol=1e-5)
         assert dev == pytest.approx(reference["dev"]) and predictions == reference["dev_predictions"]
+        assert [s for s, _ in choice_curve] == [s for s, _ in choice_reference["train_curve"]] == [1, 2]
+        np.testing.assert_allclose([v for _, v in choice_curve], [v for _, v in choice_reference["train_curve"]], rtol=1e-5)
+        assert choice_dev == pytest.approx(choice_reference["dev"])
     saved = tmp_path / "out-ds" / "models" / "seed1"
     assert {k: tuple(v.shape) for k, v in load_state_dict(saved).items()} == \
         {k: tuple(v.shape) for k, v in load_state_dict(export).items()}

@@ -337,7 +337,7 @@ def test_study_interrupt_saves_pretraining_and_rerun_resumes(tmp_path):
     out = tmp_path / "study"
     run = out / "pretrain" / "zh-ambert"
     args = ["--output", str(out), "--languages", "zh", "--dataset-zh", str(_study_dataset(tmp_path)),
-            "--recipe", str(recipe), "--pretrain-steps", "30", "--no-equal-flops", "--nproc", "2",
+            "--recipe", str(recipe), "--pretrain-steps", "12", "--no-equal-flops", "--nproc", "2",
             "--seeds", "1", "--train-examples", "32", "--eval-examples", "16", "--epochs", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}
     seen: set = set()
@@ -359,17 +359,17 @@ def test_study_interrupt_saves_pretraining_and_rerun_resumes(tmp_path):
                       r"resume$", output, re.M)
     assert saved, output[-4000:]
     step = int(saved.group(1))
-    assert 3 <= step < 30
+    assert 3 <= step < 12
     assert (run / "checkpoints" / f"step_{step:08d}" / "COMPLETE").is_file()
     marker = json.loads((run / "checkpoints" / f"step_{step:08d}" / "COMPLETE").read_text())
     assert marker["reason"] == "preemption"
-    assert f"step {step}/30" in (out / "logs" / "pretrain_zh-ambert.log").read_text()
+    assert f"step {step}/12" in (out / "logs" / "pretrain_zh-ambert.log").read_text()
 
     # 2. The same command continues from that checkpoint (then SIGTERM once pre-training is done).
     second_log = tmp_path / "second.log"
     proc = _start_study(args, second_log, env)
     try:
-        _wait_for(proc, lambda: (run / "checkpoints" / "step_00000030" / "COMPLETE").is_file(), second_log, seen)
+        _wait_for(proc, lambda: (run / "checkpoints" / "step_00000012" / "COMPLETE").is_file(), second_log, seen)
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=120)
     finally:
@@ -380,10 +380,10 @@ def test_study_interrupt_saves_pretraining_and_rerun_resumes(tmp_path):
     assert re.search(r"^interrupted.*run the same command again", output, re.M), output[-4000:]
     pretrain_log = (out / "logs" / "pretrain_zh-ambert.log").read_text()
     assert "resumed from" in pretrain_log and f"step_{step:08d}" in pretrain_log, pretrain_log[-4000:]
-    assert f"step {step + 1}/30" in pretrain_log and f"step {step}/30" not in pretrain_log, pretrain_log[-4000:]
+    assert f"step {step + 1}/12" in pretrain_log and f"step {step}/12" not in pretrain_log, pretrain_log[-4000:]
     # An exact continuation: the same data settings, the saved RNG states restored.
     assert "other data settings" not in pretrain_log and "re-seeding dropout" not in pretrain_log, pretrain_log[-4000:]
-    assert sorted(read_metrics(run)) == list(range(1, 31))
+    assert sorted(read_metrics(run)) == list(range(1, 13))
 
 
 def test_plot_output_without_a_suffix_is_named_as_written(tmp_path, capsys):
