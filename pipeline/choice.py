@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data_prep.encode import EncodeError, TextEncoder
+from data_prep.encode import EncodedText, EncodeError, TextEncoder
 
 log = logging.getLogger("finetune")
 PROGRESS_SECONDS = 30.0  # encoding logs a progress line this often
@@ -65,20 +67,30 @@ def _text(value, where: str, name: str) -> str:
 
 
 def label_index(value, options: Sequence[str], where: str, field: str = "label") -> int | None:
-    """The right option's index from a 0-based index, a letter ("A" = the first option) or the option's
-    text; None for a missing gold answer (null)."""
-    if value is None:
+    """The right option's index from a 0-based index (also "2" or 2.0), a letter ("A" = the first option)
+    or the option's text; None for a missing gold answer: null, NaN, "" or -1 (hidden test sets)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        value = int(value)  # an int column with nulls, as parquet / pandas store it
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        if int(value) == -1:
+            return None
         if 0 <= int(value) < len(options):
             return int(value)
     elif isinstance(value, str):
         text = value.strip()
+        if not text:
+            return None
         matches = [i for i, option in enumerate(options) if option.strip() == text]
         if len(matches) == 1:
             return matches[0]
-        if len(text) == 1 and "A" <= text.upper() <= "Z" and ord(text.upper()) - ord("A") < len(options) and not matches:
+        if not matches and len(text) == 1 and "A" <= text.upper() <= "Z" and ord(text.upper()) - ord("A") < len(options):
             return ord(text.upper()) - ord("A")
+        if not matches and re.fullmatch(r"[0-9]+", text) and int(text) < len(options):
+            return int(text)
+        if not matches and text == "-1":
+            return None
         if len(matches) > 1:
             raise ChoiceDataError(f"{where}: the answer {value!r} is the text of options {matches}; make the options "
                                   f"distinct, or give the answer as an index / a letter")
@@ -100,30 +112,34 @@ def _c3_examples(records: list, path: str) -> list[dict]:
             if not isinstance(question, dict):
                 raise ChoiceDataError(f"{path} document {d + 1} question {q + 1} is not an object with question, "
                                       f"choice and answer")
-            rows.append({"id": f"{document_id}-{q}", "context": record[0], "question": question.get("question"),
-                         "choices": question.get("choice"), "label": question.get("answer")})
+            own = question.get("id")  # CLUE's release numbers its questions (its submissions need the numbers)
+            rows.append({"id": str(own) if own is not None else f"{document_id}-{q}", "context": record[0],
+                         "question": question.get("question"), "choice": question.get("choice"),
+                         "answer": question.get("answer")})
     return rows
 
 
 def read_choice_file(path: str, context_field: str, question_field: str, choices_field: str, label_field: str,
-                     require_labels: bool = True, limit: int = 0) -> list[ChoiceExample]:
-    """The examples of a multiple-choice file (see the module doc for the layouts)."""
+                     require_labels: bool = True, limit: int = 0, no_context_hint: bool = True) -> list[ChoiceExample]:
+    """The examples of a multiple-choice file (see the module doc for the layouts). ``no_context_hint``:
+    a missing context column's message also offers ``--context-field ''``."""
     from pipeline import finetuning as ft
 
     nested = None
-    if ft._file_type(path) == (".json", None):
+    suffix, compression = ft._file_type(path)
+    if suffix == ".json":
         try:
-            with open(path, encoding="utf-8") as fh:
-                head = fh.read(64).lstrip()
+            with ft._open_binary(path, compression) as fh:
+                head = fh.read(256).decode("utf-8-sig", errors="replace").lstrip()
             if head.startswith("[") and head[1:].lstrip().startswith("["):  # a list of lists: C3's layout
-                with open(path, encoding="utf-8") as fh:
-                    nested = _c3_examples(json.load(fh), path)
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
+                with ft._open_binary(path, compression) as fh:
+                    nested = _c3_examples(json.loads(fh.read().decode("utf-8-sig")), path)
+        except (OSError, EOFError, UnicodeDecodeError, ValueError) as exc:
             raise ChoiceDataError(f"{path} cannot be read as JSON ({exc}); fix the file") from None
     if nested is not None:
         rows = nested
-        fields = {"context": "context" if context_field else "", "question": "question", "choices": "choices",
-                  "label": "label"}
+        fields = {"context": "context" if context_field else "", "question": "question", "choices": "choice",
+                  "label": "answer"}  # C3's own key names
         columns = list(fields.values())
     else:
         table = ft.load_table(path)
@@ -134,7 +150,7 @@ def read_choice_file(path: str, context_field: str, question_field: str, choices
         if key == "context" and not name:
             continue
         if name not in columns and not (key == "label" and not require_labels):
-            extra = " (or --context-field '' for questions without a context)" if key == "context" else ""
+            extra = " (or --context-field '' for questions without a context)" if key == "context" and no_context_hint else ""
             raise ChoiceDataError(f"{path} has no column {name!r} ({key}_field); its columns are {columns}: rename the "
                                   f"column or pass --{key}-field NAME{extra}")
     if rows is None:
@@ -142,7 +158,8 @@ def read_choice_file(path: str, context_field: str, question_field: str, choices
             table = table.select(range(min(limit, len(table))))
         data = {key: (table[name] if name in columns else [None] * len(table)) for key, name in fields.items() if name}
         ids = table["id"] if "id" in columns else table["example_id"] if "example_id" in columns else None
-        rows = [{key: data[key][i] for key in data} | {"id": ids[i] if ids is not None else None} for i in range(len(table))]
+        rows = [{fields[key]: data[key][i] for key in data} | {"id": ids[i] if ids is not None else None}
+                for i in range(len(table))]
     elif limit:
         rows = rows[:limit]
     if not rows:
@@ -150,40 +167,97 @@ def read_choice_file(path: str, context_field: str, question_field: str, choices
     examples = []
     for i, row in enumerate(rows):
         where = ft._where(path, i) if nested is None else f"{path} question {i + 1} ({row['id']})"
-        options = row["choices"]
+        options = row[fields["choices"]]
         if not isinstance(options, (list, tuple)) or not all(isinstance(o, str) for o in options):
             raise ChoiceDataError(f"{where}: {fields['choices']!r} holds {str(options)[:60]!r}; "
                                   f"give a list of options, each a string")
         if len(options) < 2:
             raise ChoiceDataError(f"{where}: {len(options)} option(s); a multiple-choice question needs at least 2")
-        question = _text(row["question"], where, fields["question"])
-        context = _text(row["context"], where, fields["context"]) if fields["context"] else ""
-        label = label_index(row.get("label"), options, where, fields["label"])
+        question = _text(row[fields["question"]], where, fields["question"])
+        context = _text(row[fields["context"]], where, fields["context"]) if fields["context"] else ""
+        label = label_index(row.get(fields["label"]), options, where, fields["label"])
         if label is None and require_labels:
             raise ChoiceDataError(f"{where}: no answer ({fields['label']!r} is null or missing); label the question or "
                                   f"remove it (questions without answers, such as a benchmark's hidden test set, are "
                                   f"for `python -m pipeline.predict` with a model saved by --save-models)")
         examples.append(ChoiceExample(str(row["id"]) if row.get("id") is not None else str(i), context, question,
                                       list(options), label, where))
+    _unique_ids(examples, path)
     return examples
+
+
+def _unique_ids(examples: list[ChoiceExample], path: str) -> None:
+    """Give repeated ids (HF race's example_id and clue/c3's id name the passage, shared by its questions)
+    a ``-k`` suffix: the k-th question with that id, so every prediction can be matched to its question."""
+    counts: dict[str, int] = {}
+    for e in examples:
+        counts[e.id] = counts.get(e.id, 0) + 1
+    repeated = {k for k, n in counts.items() if n > 1}
+    if not repeated:
+        return
+    seen: dict[str, int] = {}
+    for e in examples:
+        if e.id in repeated:
+            k = seen.get(e.id, 0)
+            seen[e.id] = k + 1
+            e.id = f"{e.id}-{k}"
+    from pipeline import finetuning as ft
+
+    if ft._world()[1] == 0:
+        log.info("%s: %d ids are shared by several questions (a passage's id, as in HF's race and clue/c3): their "
+                 "questions are numbered <id>-0, <id>-1, ... in the predictions", path, len(repeated))
 
 
 # ---------------------------------------------------------------------------------------------
 # Encoding
 # ---------------------------------------------------------------------------------------------
+_BLANK = re.compile("_+")
+
+
 def option_text(question: str, option: str) -> str:
-    """The second segment of an option's sequence: the option in the question's blank ("_"), else after it."""
+    """The second segment of an option's sequence: the option in the question's first blank (a run of "_"),
+    else after it."""
     if "_" in question:
-        return question.replace("_", f" {option} ", 1)
+        return _BLANK.sub(lambda _: f" {option} ", question, count=1)
     return f"{question} {option}" if question.strip() else option
+
+
+def _head(enc: EncodedText, fine_limit: int, coarse_limit: int) -> EncodedText:
+    """The longest start of ``enc`` within both limits, cut at a coarse-token boundary."""
+    cum = np.cumsum(enc.align)
+    k = min(int(np.searchsorted(cum, max(fine_limit, 0), side="right")), max(coarse_limit, 0), len(enc.coarse))
+    return EncodedText(enc.fine[:int(cum[k - 1]) if k else 0], enc.coarse[:k], enc.align[:k])
+
+
+def _tail(enc: EncodedText, fine_limit: int, coarse_limit: int) -> EncodedText:
+    """The longest end of ``enc`` within both limits, cut at a coarse-token boundary."""
+    from_end = np.cumsum(enc.align[::-1])
+    k = min(int(np.searchsorted(from_end, max(fine_limit, 0), side="right")), max(coarse_limit, 0), len(enc.coarse))
+    start = len(enc.coarse) - k
+    return EncodedText(enc.fine[int(enc.align[:start].sum()):], enc.coarse[start:], enc.align[start:])
+
+
+def fit_option(context: EncodedText | None, second: EncodedText, max_fine: int, max_coarse: int
+               ) -> tuple[EncodedText | None, EncodedText]:
+    """Cut (context, question + option) to the budgets so the option survives: the question + option
+    keeps its end (the option) and loses its start first, taking at most what leaves the context half
+    the budget; the context keeps its start and loses its end."""
+    specials = 3 if context is not None else 2
+    fine_budget, coarse_budget = max_fine - specials, max_coarse - specials
+    if context is None:
+        return None, _tail(second, fine_budget, coarse_budget)
+    second = _tail(second, fine_budget - min(len(context.fine), fine_budget // 2),
+                   coarse_budget - min(len(context.coarse), coarse_budget // 2))
+    return _head(context, fine_budget - len(second.fine), coarse_budget - len(second.coarse)), second
 
 
 def encode_choice_split(encoder: TextEncoder, examples: list[ChoiceExample], path: str, max_fine: int,
                         max_coarse: int) -> list[dict]:
-    """Each example as {"options": [one sequence pair per option], "label": index} (no "label" without gold)."""
+    """Each example as {"id", "options": [one sequence pair per option], "label": index} (no "label"
+    without gold). Long sequences are cut by ``fit_option``."""
     from pipeline import finetuning as ft
 
-    encoded, cut, total = [], 0, 0
+    encoded, cut, cut_question, total = [], 0, 0, 0
     started = last_line = time.time()
     for n, example in enumerate(examples):
         try:
@@ -195,14 +269,16 @@ def encode_choice_split(encoder: TextEncoder, examples: list[ChoiceExample], pat
                     raise ChoiceDataError(f"{example.where}: option {k} and the question are both empty; give the "
                                           f"question or the option a text")
                 second = encoder.encode(text, f"{example.where} (question + option {k})")
-                segments = [context, second] if context is not None else [second]
-                built = ft.build_example(segments, max_fine, max_coarse)
-                options.append(built)
-                cut += int(built["kept_fine"].sum()) < sum(len(s.fine) for s in segments)
+                kept_context, kept_second = fit_option(context, second, max_fine, max_coarse)
+                segments = [kept_context, kept_second] if context is not None else [kept_second]
+                options.append(ft.build_example(segments, max_fine, max_coarse))
+                cut_question += len(kept_second.fine) < len(second.fine)
+                cut += (len(kept_second.fine) < len(second.fine) or
+                        (context is not None and len(kept_context.fine) < len(context.fine)))
                 total += 1
         except EncodeError as exc:
             raise ChoiceDataError(str(exc)) from None
-        item = {"options": options}
+        item = {"id": example.id, "options": options}
         if example.label is not None:
             item["label"] = example.label
         encoded.append(item)
@@ -213,9 +289,9 @@ def encode_choice_split(encoder: TextEncoder, examples: list[ChoiceExample], pat
             last_line = time.time()
     if cut and ft._world()[1] == 0:
         log.warning("WARNING: %d of the %d option sequences of %s are longer than --max-length %d (--max-coarse-length "
-                    "%d): their contexts (or, when longer, their questions and options) are cut at the end; raise the "
-                    "limits (up to the model's max_position_embeddings) to keep them whole", cut, total, path,
-                    max_fine, max_coarse)
+                    "%d): their contexts lose their ends%s (the options are kept); raise the limits (up to the model's "
+                    "max_position_embeddings) to keep them whole", cut, total, path, max_fine, max_coarse,
+                    f", and {cut_question} questions their beginnings" if cut_question else "")
     return encoded
 
 

@@ -1182,18 +1182,20 @@ def train_seed(config: FinetuneConfig, pretrained: Pretrained, labels: LabelSet,
     span = config.task == "span"
     allow_null = bool(span and train.has_unanswerable)  # SQuAD 2.0 style: "no answer" can be predicted
 
-    def evaluate(split) -> tuple[dict, float, list[str] | None]:
-        """(report, mean loss, predicted answer texts for span tasks) on a dev / test split."""
+    def evaluate(split) -> tuple[dict, float, dict | None]:
+        """(report, mean loss, each question's prediction by id: the answer text for span tasks, the option's
+        index for choice tasks; None for the others) on a dev / test split."""
         if span:
             from pipeline import reading
 
-            return reading.evaluate(model, split, config.eval_batch_size, config.max_answer_length, allow_null,
-                                    split.language)
+            report, loss, texts = reading.evaluate(model, split, config.eval_batch_size, config.max_answer_length,
+                                                   allow_null, split.language)
+            return report, loss, {e.id: t for e, t in zip(split.examples, texts)}
         predictions, gold, loss = predict(model, split, config.eval_batch_size)
         if config.task == "choice":
             from pipeline.choice import choice_report
 
-            return choice_report(predictions, gold), loss, None
+            return choice_report(predictions, gold), loss, {e["id"]: int(p) for e, p in zip(split, predictions)}
         return classification_report(predictions, gold, labels.names), loss, None
 
     if span:
@@ -1284,16 +1286,16 @@ def train_seed(config: FinetuneConfig, pretrained: Pretrained, labels: LabelSet,
     if board is not None:
         board.close()
     model.load_state_dict(best_state)
-    report, _, texts = evaluate(dev)
+    report, _, by_id = evaluate(dev)
     result = {"seed": seed, "steps": step, "best_step": best_step, "train_seconds": time.time() - started,
               "dev": report, "train_curve": curve, "dev_curve_columns": ["step", "loss", *metric_names],
               "dev_curve": dev_curve}
-    if texts is not None:  # span tasks: each question's predicted answer (for an official evaluation script)
-        result["dev_predictions"] = {e.id: t for e, t in zip(dev.examples, texts)}
+    if by_id is not None:  # span / choice tasks: each question's predicted answer (for an official evaluation script)
+        result["dev_predictions"] = by_id
     if test is not None:  # touched once, with the state chosen on dev
-        result["test"], _, texts = evaluate(test)
-        if texts is not None:
-            result["test_predictions"] = {e.id: t for e, t in zip(test.examples, texts)}
+        result["test"], _, by_id = evaluate(test)
+        if by_id is not None:
+            result["test_predictions"] = by_id
     if config.save_models:
         import contextlib
 

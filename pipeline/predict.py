@@ -160,7 +160,8 @@ class FineTuned:
         from pipeline import choice
 
         examples = choice.read_choice_file(path, fields["context_field"], fields["question_field"],
-                                           fields["choices_field"], fields["label_field"], require_labels=False)
+                                           fields["choices_field"], fields["label_field"], require_labels=False,
+                                           no_context_hint=False)  # the model was fine-tuned with a context
         ft.warn_if_other_language(self.encoder, [f"{e.context}\n{e.question}" for e in examples[:ft.LANGUAGE_CHECK_EXAMPLES]],
                                   path, str(self.directory))
         encoded = choice.encode_choice_split(self.encoder, examples, path, self.max_fine, self.max_coarse)
@@ -244,6 +245,8 @@ def run(args: argparse.Namespace) -> dict | None:
         from pipeline.choice import choice_report
 
         predictions, examples = model.predict_choice(args.input, fields, args.batch_size)
+        if all(e.label is None for e in examples):
+            log.info("%s has no gold answers (column %r: --label-field): no metrics", args.input, fields["label_field"])
         rows = _gold([e.label for e in examples], args.input, fields["label_field"])
         if rows:
             metrics = choice_report(np.asarray([predictions[i]["answer"] for i in rows]),

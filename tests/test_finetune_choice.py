@@ -80,6 +80,34 @@ def test_index_letter_and_text_labels_and_c3_nested_json_give_the_same_examples(
     assert (example.context, example.options, example.label) == ("", ["喜欢", "讨厌"], None)
     # an option whose text is a letter is taken as that option, not as the letter's position
     assert choice.label_index("B", ["B", "A"], "x") == 0 and choice.label_index("b", ["A", "B"], "x") == 1
+    # an index as a string or as a float (an int column with nulls); hidden test sets' "no answer" forms
+    assert [choice.label_index(v, ["x", "y", "z"], "x") for v in ("2", 2.0, np.int64(1))] == [2, 2, 1]
+    assert [choice.label_index(v, ["x", "y"], "x") for v in ("", " ", -1, "-1", float("nan"), None)] == [None] * 6
+
+
+def test_shared_passage_ids_are_numbered_and_c3_question_ids_are_kept(tmp_path):
+    """HF race's example_id and clue/c3's id name the passage: its questions got the same id, so their
+    predictions could not be told apart. CLUE's C3 release numbers its questions: those ids are kept."""
+    rows = [{"example_id": "high1.txt", "article": "我们。", "question": q, "options": ["喜欢", "讨厌"], "answer": "A"}
+            for q in ("很好？", "很差？")] + [{"example_id": "high2.txt", "article": "朋友。", "question": "很好？",
+                                              "options": ["喜欢", "讨厌"], "answer": "B"}]
+    path = tmp_path / "race.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    examples = choice.read_choice_file(str(path), "article", "question", "options", "answer")
+    assert [e.id for e in examples] == ["high1.txt-0", "high1.txt-1", "high2.txt"]
+    c3 = [[["我们觉得很好。"], [{"question": "谁？", "choice": ["我们", "朋友"], "answer": "我们", "id": "17"},
+                            {"question": "觉得？", "choice": ["很好", "很差"], "answer": ""}], "m1-1"]]
+    import gzip
+
+    with gzip.open(tmp_path / "c3.json.gz", "wt", encoding="utf-8-sig") as f:  # compressed, with a BOM
+        json.dump(c3, f, ensure_ascii=False)
+    examples = choice.read_choice_file(str(tmp_path / "c3.json.gz"), "context", "question", "choices", "label",
+                                       require_labels=False)
+    assert [(e.id, e.label) for e in examples] == [("17", 0), ("m1-1-1", None)]
+    c3[0][1][0]["choice"] = "我们"
+    (tmp_path / "bad.json").write_text(json.dumps(c3, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(choice.ChoiceDataError, match="'choice' holds '我们'"):  # C3's own key names
+        choice.read_choice_file(str(tmp_path / "bad.json"), "context", "question", "choices", "label")
 
 
 @pytest.mark.parametrize("row,message", [
@@ -141,6 +169,22 @@ def test_each_option_is_context_then_question_and_option_and_long_contexts_are_c
         assert len(built["fine_ids"]) <= 16
     assert "2 of the 2 option sequences of dev are longer than --max-length 16" in caplog.text
     assert choice.option_text("我们", "很好") == "我们 很好" and choice.option_text("", "很好") == "很好"
+    assert choice.option_text("The word ____ means __.", "big") == "The word  big  means __."
+    # a long question: it loses its beginning, never the option, and the context keeps half the budget
+    caplog.clear()
+    long = choice.ChoiceExample("2", example.context, "这个手机的质量真的觉得" * 3 + "？", ["很好很好", "很差很差"], 0, "ex")
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        item, = choice.encode_choice_split(encoder, [long], "dev", 24, 24)
+    sequences = []
+    for option, built in zip(long.options, item["options"]):
+        kept_context, kept_second = built["kept_fine"].tolist()
+        option_ids = encoder.encode(option).fine.tolist()
+        second = built["fine_ids"][2 + kept_context:-1].tolist()
+        assert second[-len(option_ids):] == option_ids  # the option ends the sequence, whole
+        assert kept_context == (24 - 3) // 2 and len(built["fine_ids"]) <= 24
+        sequences.append(built["fine_ids"].tolist())
+    assert sequences[0] != sequences[1]
+    assert "and 2 questions their beginnings (the options are kept)" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,4 +250,5 @@ def test_choice_finetuning_learns_and_the_saved_model_predicts_the_same(tmp_path
     right = [choice.label_index(g["label"], g["choices"], "") for g in gold]
     accuracy = np.mean([r["answer"] == k for r, k in zip(rows, right)])
     assert accuracy == pytest.approx(seed["test"]["accuracy"])
+    assert seed["test_predictions"] == {r["id"]: r["answer"] for r in rows} and len(seed["dev_predictions"]) == 100
     assert json.loads(output.with_name("pred.jsonl.metrics.json").read_text())["accuracy"] == pytest.approx(accuracy)
