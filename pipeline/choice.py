@@ -15,7 +15,9 @@ option gets probability 0.
 
 Labels: the right option as a 0-based index, a letter (RACE: "A".."D") or the option's text (C3).
 Files: flat rows (JSON lines / CSV / parquet; HF's race and clue/c3 layouts) or C3's original
-nested JSON (``[[context turns, [{question, choice, answer}, ...], id], ...]``). Metric: accuracy.
+nested JSON (``[[context turns, [{question, choice, answer}, ...], id], ...]``). Cloze (ChID): HF's
+clue/chid rows become one question per ``#idiom...#`` blank, each candidate filled into it
+(``_chid_examples``). Metric: accuracy.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ class ChoiceExample:
     options: list[str]
     label: int | None
     where: str
+    blank: str = ""
+    """Cloze (ChID): the marker in ``question`` that each option replaces (the passage is cut around it)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,6 +148,8 @@ def read_choice_file(path: str, context_field: str, question_field: str, choices
     else:
         table = ft.load_table(path)
         columns = table.column_names
+        if {"candidates", "content"} <= set(columns) and choices_field not in columns:
+            return _chid_examples(table.select(range(min(limit, len(table)))) if limit else table, path, require_labels)
         fields = {"context": context_field, "question": question_field, "choices": choices_field, "label": label_field}
         rows = None
     for key, name in fields.items():
@@ -186,6 +192,55 @@ def read_choice_file(path: str, context_field: str, question_field: str, choices
     return examples
 
 
+_IDIOM = re.compile(r"#idiom\d*#")
+OTHER_BLANK = "……"
+"""What the other blanks of a ChID passage read as while one of them is being filled."""
+
+
+def _chid_examples(table, path: str, require_labels: bool) -> list[ChoiceExample]:
+    """ChID cloze rows (HF's clue/chid: ``candidates``, ``content`` passages with ``#idiomNNNNNN#`` blanks,
+    ``answers`` = [{"candidate_id", "text"}] in the order of the blanks; or ``answer`` = {blank: index},
+    CLUE's answer file merged) -> one question per blank: the passage with that blank to fill, the other
+    blanks read as "……", the row's candidates as options. Ids are the blanks' tags (CLUE's submission keys)."""
+    from pipeline import finetuning as ft
+
+    examples = []
+    for i in range(len(table)):
+        row, where = table[i], ft._where(path, i)
+        candidates, contents = row["candidates"], row["content"]
+        contents = [contents] if isinstance(contents, str) else contents
+        if not (isinstance(candidates, list) and len(candidates) >= 2 and all(isinstance(c, str) for c in candidates)):
+            raise ChoiceDataError(f"{where}: 'candidates' holds {str(candidates)[:60]!r}; give a list of 2 or more idioms")
+        if not (isinstance(contents, list) and all(isinstance(c, str) for c in contents)):
+            raise ChoiceDataError(f"{where}: 'content' holds {str(contents)[:60]!r}; give a passage or a list of passages")
+        blanks = [(passage, m) for passage in contents for m in _IDIOM.finditer(passage)]
+        if not blanks:
+            raise ChoiceDataError(f"{where}: no #idiom...# blank in its content; every ChID passage has one or more")
+        answers = row.get("answers") if "answers" in table.column_names else row.get("answer")
+        if isinstance(answers, dict) and "candidate_id" in answers:  # Arrow's list of structs, as columns
+            answers = list(answers["candidate_id"])
+        elif isinstance(answers, list) and all(isinstance(a, dict) for a in answers):
+            answers = [a.get("candidate_id") for a in answers]
+        elif isinstance(answers, dict):  # {tag: index}
+            answers = [answers.get(m.group()) for _, m in blanks]
+        if answers and len(answers) != len(blanks):
+            raise ChoiceDataError(f"{where}: {len(blanks)} blanks but {len(answers)} answers; give one answer per blank, "
+                                  f"in their order")
+        for b, (passage, m) in enumerate(blanks):
+            tag = m.group()
+            text = _IDIOM.sub(lambda x, tag=tag: x.group() if x.group() == tag else OTHER_BLANK, passage)
+            label = label_index(answers[b], candidates, f"{where} blank {tag}", "answers") if answers else None
+            if label is None and require_labels:
+                raise ChoiceDataError(f"{where}: blank {tag} has no answer; label it or remove the row (unlabelled "
+                                      f"rows are for `python -m pipeline.predict`)")
+            examples.append(ChoiceExample(tag if tag != "#idiom#" else f"{i}-{b}", "", text, list(candidates), label,
+                                          f"{where} blank {tag}", blank=tag))
+    if not examples:
+        raise ChoiceDataError(f"{path} has no examples")
+    _unique_ids(examples, path)
+    return examples
+
+
 def _unique_ids(examples: list[ChoiceExample], path: str) -> None:
     """Give repeated ids (HF race's example_id and clue/c3's id name the passage, shared by its questions)
     a ``-k`` suffix: the k-th question with that id, so every prediction can be matched to its question."""
@@ -214,9 +269,11 @@ def _unique_ids(examples: list[ChoiceExample], path: str) -> None:
 _BLANK = re.compile("_+")
 
 
-def option_text(question: str, option: str) -> str:
-    """The second segment of an option's sequence: the option in the question's first blank (a run of "_"),
-    else after it."""
+def option_text(question: str, option: str, blank: str = "") -> str:
+    """The second segment of an option's sequence: the option in ``blank`` (cloze), else in the question's
+    first blank (a run of "_"), else after the question."""
+    if blank:
+        return question.replace(blank, option, 1)
     if "_" in question:
         return _BLANK.sub(lambda _: f" {option} ", question, count=1)
     return f"{question} {option}" if question.strip() else option
@@ -264,7 +321,12 @@ def encode_choice_split(encoder: TextEncoder, examples: list[ChoiceExample], pat
             context = encoder.encode(example.context, example.where + " (context)") if example.context.strip() else None
             options = []
             for k, option in enumerate(example.options):
-                text = option_text(example.question, option)
+                text = option_text(example.question, option, example.blank)
+                if example.blank:  # a cloze passage: the characters around the filled blank (the rest is cut;
+                    # each token covers at least one character, so they fit the budget)
+                    at, room = example.question.index(example.blank), max(min(max_fine, max_coarse) - 2 - len(option), 0)
+                    start = max(0, min(at - room // 2, len(text) - len(option) - room))
+                    text = text[start:start + len(option) + room]
                 if not text.strip():
                     raise ChoiceDataError(f"{example.where}: option {k} and the question are both empty; give the "
                                           f"question or the option a text")

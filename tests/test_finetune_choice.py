@@ -252,3 +252,64 @@ def test_choice_finetuning_learns_and_the_saved_model_predicts_the_same(tmp_path
     assert accuracy == pytest.approx(seed["test"]["accuracy"])
     assert seed["test_predictions"] == {r["id"]: r["answer"] for r in rows} and len(seed["dev_predictions"]) == 100
     assert json.loads(output.with_name("pred.jsonl.metrics.json").read_text())["accuracy"] == pytest.approx(accuracy)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cloze (ChID)
+# ---------------------------------------------------------------------------------------------
+def _chid_rows() -> list[dict]:
+    """HF clue/chid rows: passages with #idiom# blanks, shared candidates, answers in the blanks' order."""
+    return [{"idx": 0, "candidates": ["很好", "很差", "喜欢"],
+             "content": ["我们觉得#idiom000001#，朋友#idiom000002#。", "东西#idiom000003#。"],
+             "answers": [{"candidate_id": 0, "text": "很好"}, {"candidate_id": 2, "text": "喜欢"},
+                         {"candidate_id": 1, "text": "很差"}]},
+            {"idx": 1, "candidates": ["很好", "很差"], "content": ["这个" * 200 + "手机#idiom000004#" + "真的" * 200],
+             "answers": [{"candidate_id": 1, "text": "很差"}]}]
+
+
+def test_chid_rows_give_one_question_per_blank_filled_by_each_candidate(tmp_path, encoder):
+    path = tmp_path / "chid.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _chid_rows()), encoding="utf-8")
+    examples = choice.read_choice_file(str(path), "context", "question", "choices", "label")
+    assert [(e.id, e.label, e.options) for e in examples] == [
+        ("#idiom000001#", 0, ["很好", "很差", "喜欢"]), ("#idiom000002#", 2, ["很好", "很差", "喜欢"]),
+        ("#idiom000003#", 1, ["很好", "很差", "喜欢"]), ("#idiom000004#", 1, ["很好", "很差"])]
+    assert examples[1].question == "我们觉得……，朋友#idiom000002#。"  # the other blank reads as "……"
+    assert choice.option_text(examples[1].question, "喜欢", examples[1].blank) == "我们觉得……，朋友喜欢。"
+    # CLUE's answer file merged into the rows: {tag: index}
+    merged = [{**r, "answer": {a: x["candidate_id"] for a, x in zip(["#idiom000001#", "#idiom000002#", "#idiom000003#"],
+                                                                      r["answers"])}} for r in _chid_rows()[:1]]
+    for r in merged:
+        r.pop("answers")
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged), encoding="utf-8")
+    assert [e.label for e in choice.read_choice_file(str(path), "context", "question", "choices", "label")] == [0, 2, 1]
+    # a long passage: the window around the filled blank, whatever the limit
+    item = choice.encode_choice_split(encoder, examples[3:], "dev", 32, 32)[0]
+    for option, built in zip(examples[3].options, item["options"]):
+        tokens = built["fine_ids"].tolist()
+        assert len(tokens) <= 32 and tokens[0] == CLS_ID and tokens[-1] == SEP_ID
+        option_ids = encoder.encode("手机" + option).fine.tolist()
+        assert any(tokens[k:k + len(option_ids)] == option_ids for k in range(len(tokens)))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**_chid_rows()[0], "answers": [{"candidate_id": 0}]}, ensure_ascii=False) + "\n",
+                   encoding="utf-8")
+    with pytest.raises(choice.ChoiceDataError, match="3 blanks but 1 answers"):
+        choice.read_choice_file(str(bad), "context", "question", "choices", "label")
+
+
+def test_chid_fine_tuning_and_prediction_key_the_blanks_by_their_tags(tmp_path, export):
+    from pipeline.finetuning import FinetuneConfig, run
+    from pipeline.predict import main as predict
+
+    path = tmp_path / "chid.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _chid_rows() * 4), encoding="utf-8")
+    results = run(FinetuneConfig(model=str(export), train=str(path), dev=str(path), output=str(tmp_path / "out"),
+                                 task="choice", seeds=[1], epochs=1.0, batch_size=8, max_length=32, save_models=True,
+                                 tensorboard=False))
+    seed = results["seeds"][0]
+    tags = ["#idiom000001#", "#idiom000002#", "#idiom000003#", "#idiom000004#"]
+    assert sorted(seed["dev_predictions"]) == sorted(f"{t}-{k}" for t in tags for k in range(4))  # repeated rows
+    assert predict([str(tmp_path / "out" / "models" / "seed1"), "--input", str(path), "--output",
+                    str(tmp_path / "pred.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").open(encoding="utf-8")]
+    assert {r["id"]: r["answer"] for r in rows} == seed["dev_predictions"]
