@@ -200,9 +200,10 @@ class AmbertEncoder:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, max_length: int | None = None, dataset: str = "",
-             flag: str = "directory") -> AmbertEncoder:
+             flag: str = "directory", device: str | torch.device | None = None) -> AmbertEncoder:
         """``directory``: an exported model, or a training checkpoint (step_XXXXXXXX, TP=1). ``flag``
-        names it in error messages."""
+        names it in error messages. ``device``: where the model runs ("cuda", "cuda:1"; default the CPU);
+        ``encode`` returns its vectors there."""
         from data_prep.encode import TextEncoder
         from pipeline.finetuning import resolve_pretrained
 
@@ -211,11 +212,13 @@ class AmbertEncoder:
         check_vocabularies(pretrained.model_config, len(text_encoder.fine_vocab), len(text_encoder.coarse_vocab),
                            str(directory))
         model = build_backbone(pretrained.model_config, pretrained.state_dict)
+        if device is not None:
+            model.to(device)
         return cls(model, text_encoder, max_length)
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None) -> EncodedBatch:
-        from pipeline.finetuning import collate, encode_example
+        from pipeline.finetuning import collate, encode_example, model_device, to_device
 
         if isinstance(texts, str) or (text_pairs is not None and isinstance(text_pairs, str)):
             raise TypeError("encode() takes a list of texts (and of text_pairs): wrap a single text in a list")
@@ -229,7 +232,7 @@ class AmbertEncoder:
                            self.max_length, where=f"texts[{i}]")
             for i, t in enumerate(texts)
         ]
-        batch = collate(examples)
+        batch = to_device(collate(examples), model_device(self.model))  # where the model is (a GPU if moved there)
         hidden = self.model.encode(batch)
         out = EncodedBatch([], [], [], [])
         for g in self.model.config.granularities:

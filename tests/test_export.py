@@ -54,6 +54,8 @@ def test_exported_model_loads_without_deepspeed_and_encodes_the_same(tmp_path, z
         torch.testing.assert_close(out.fine_vectors[i], reference["fine_hidden"][i, :n_fine], rtol=0, atol=1e-6)
         torch.testing.assert_close(out.coarse_vectors[i], reference["coarse_hidden"][i, :n_coarse], rtol=0, atol=1e-6)
     assert out.fine_cls.shape == out.coarse_cls.shape == (2, model.config.hidden_size)
+    placed = AmbertEncoder.load(export, device="cpu").encode(TEXTS)  # (a GPU here would be "cuda")
+    assert placed.fine_cls.device.type == "cpu" and torch.equal(placed.fine_cls, out.fine_cls)
 
 
 @pytest.mark.parametrize("variant", ["ambert", "ambert-combo", "bert-fine"])
