@@ -3,9 +3,9 @@
 An example is a context (a passage; C3's list of dialogue turns is joined with line breaks; none with
 ``--context-field ''``), a question and two or more options, one of them right. Each option is one
 sequence pair, BERT's RACE recipe: ``[CLS] context [SEP] question option [SEP]`` on both
-granularities (a question with a blank "_" gets the option in the blank instead), truncated longest
-first at coarse-token boundaries, so a long context loses its end first. The context is encoded once
-per question.
+granularities (a question with a blank "_" gets the option in the blank instead), cut at coarse-token
+boundaries so that the option survives (``fit_option``): the context loses its end, a long question
+what is farthest from the option. The context is encoded once per question.
 
 Head: the sequence head with one output, applied to each option's [CLS] vectors, and a softmax over
 the options of a question. For AMBERT the paper's three classifiers (fine, coarse, joint) each score
@@ -53,8 +53,9 @@ class ChoiceExample:
     options: list[str]
     label: int | None
     where: str
-    blank: str = ""
-    """Cloze (ChID): the marker in ``question`` that each option replaces (the passage is cut around it)."""
+    blank: tuple[int, int] | None = None
+    """Cloze (ChID): the characters of ``question`` that each option replaces (None: its first run of "_",
+    if any, else the option follows the question)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +74,7 @@ def _text(value, where: str, name: str) -> str:
 def label_index(value, options: Sequence[str], where: str, field: str = "label") -> int | None:
     """The right option's index from a 0-based index (also "2" or 2.0), a letter ("A" = the first option)
     or the option's text; None for a missing gold answer: null, NaN, "" or -1 (hidden test sets)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
         return None
     if isinstance(value, (float, np.floating)) and float(value).is_integer():
         value = int(value)  # an int column with nulls, as parquet / pandas store it
@@ -137,9 +138,11 @@ def read_choice_file(path: str, context_field: str, question_field: str, choices
                 head = fh.read(256).decode("utf-8-sig", errors="replace").lstrip()
             if head.startswith("[") and head[1:].lstrip().startswith("["):  # a list of lists: C3's layout
                 with ft._open_binary(path, compression) as fh:
-                    nested = _c3_examples(json.loads(fh.read().decode("utf-8-sig")), path)
+                    nested = json.loads(fh.read().decode("utf-8-sig"))
         except (OSError, EOFError, UnicodeDecodeError, ValueError) as exc:
             raise ChoiceDataError(f"{path} cannot be read as JSON ({exc}); fix the file") from None
+        if nested is not None:
+            nested = _c3_examples(nested, path)
     if nested is not None:
         rows = nested
         fields = {"context": "context" if context_field else "", "question": "question", "choices": "choice",
@@ -216,25 +219,32 @@ def _chid_examples(table, path: str, require_labels: bool) -> list[ChoiceExample
         blanks = [(passage, m) for passage in contents for m in _IDIOM.finditer(passage)]
         if not blanks:
             raise ChoiceDataError(f"{where}: no #idiom...# blank in its content; every ChID passage has one or more")
-        answers = row.get("answers") if "answers" in table.column_names else row.get("answer")
-        if isinstance(answers, dict) and "candidate_id" in answers:  # Arrow's list of structs, as columns
-            answers = list(answers["candidate_id"])
+        answers = row.get("answers") if "answers" in table.column_names else None
+        if not answers and "answer" in table.column_names:  # (HF's test rows have answers: [])
+            answers = row.get("answer")
+        if isinstance(answers, dict) and ("candidate_id" in answers or "text" in answers):  # Arrow's list of structs
+            answers = list(answers.get("candidate_id") or answers.get("text") or [])
         elif isinstance(answers, list) and all(isinstance(a, dict) for a in answers):
-            answers = [a.get("candidate_id") for a in answers]
+            answers = [a["candidate_id"] if a.get("candidate_id") is not None else a.get("text") for a in answers]
         elif isinstance(answers, dict):  # {tag: index}
             answers = [answers.get(m.group()) for _, m in blanks]
+        if answers is not None and not isinstance(answers, list):
+            raise ChoiceDataError(f"{where}: the answers are {str(answers)[:60]!r}; give a list of {{candidate_id, text}} "
+                                  f"in the order of the blanks (HF's clue/chid) or {{blank tag: index}} (CLUE's answer file)")
         if answers and len(answers) != len(blanks):
             raise ChoiceDataError(f"{where}: {len(blanks)} blanks but {len(answers)} answers; give one answer per blank, "
                                   f"in their order")
         for b, (passage, m) in enumerate(blanks):
             tag = m.group()
-            text = _IDIOM.sub(lambda x, tag=tag: x.group() if x.group() == tag else OTHER_BLANK, passage)
+            # this blank kept where it is, the passage's other blanks read as OTHER_BLANK
+            before = _IDIOM.sub(OTHER_BLANK, passage[:m.start()])
+            text = before + tag + _IDIOM.sub(OTHER_BLANK, passage[m.end():])
             label = label_index(answers[b], candidates, f"{where} blank {tag}", "answers") if answers else None
             if label is None and require_labels:
                 raise ChoiceDataError(f"{where}: blank {tag} has no answer; label it or remove the row (unlabelled "
                                       f"rows are for `python -m pipeline.predict`)")
             examples.append(ChoiceExample(tag if tag != "#idiom#" else f"{i}-{b}", "", text, list(candidates), label,
-                                          f"{where} blank {tag}", blank=tag))
+                                          f"{where} blank {tag}", blank=(len(before), len(before) + len(tag))))
     if not examples:
         raise ChoiceDataError(f"{path} has no examples")
     _unique_ids(examples, path)
@@ -250,17 +260,21 @@ def _unique_ids(examples: list[ChoiceExample], path: str) -> None:
     repeated = {k for k, n in counts.items() if n > 1}
     if not repeated:
         return
+    taken = set(counts)
     seen: dict[str, int] = {}
     for e in examples:
         if e.id in repeated:
             k = seen.get(e.id, 0)
+            while f"{e.id}-{k}" in taken:  # an id of the file itself ("a" twice and "a-0")
+                k += 1
             seen[e.id] = k + 1
+            taken.add(f"{e.id}-{k}")
             e.id = f"{e.id}-{k}"
     from pipeline import finetuning as ft
 
     if ft._world()[1] == 0:
-        log.info("%s: %d ids are shared by several questions (a passage's id, as in HF's race and clue/c3): their "
-                 "questions are numbered <id>-0, <id>-1, ... in the predictions", path, len(repeated))
+        log.info("%s: %d ids are shared by several questions (as a passage's id is in HF's race and clue/c3): each "
+                 "of their questions is numbered <id>-0, <id>-1, ... in the predictions", path, len(repeated))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,14 +283,18 @@ def _unique_ids(examples: list[ChoiceExample], path: str) -> None:
 _BLANK = re.compile("_+")
 
 
-def option_text(question: str, option: str, blank: str = "") -> str:
-    """The second segment of an option's sequence: the option in ``blank`` (cloze), else in the question's
-    first blank (a run of "_"), else after the question."""
-    if blank:
-        return question.replace(blank, option, 1)
-    if "_" in question:
-        return _BLANK.sub(lambda _: f" {option} ", question, count=1)
-    return f"{question} {option}" if question.strip() else option
+def option_text(question: str, option: str, blank: tuple[int, int] | None = None) -> tuple[str, int, int]:
+    """The second segment of an option's sequence and where the option is in it: the option in ``blank``
+    (a cloze blank's characters), else in the question's first blank (a run of "_"), else after the question."""
+    if blank is not None:
+        return question[:blank[0]] + option + question[blank[1]:], blank[0], blank[0] + len(option)
+    found = _BLANK.search(question)
+    if found:
+        start = found.start() + 1
+        return f"{question[:found.start()]} {option} {question[found.end():]}", start, start + len(option)
+    if not question.strip():
+        return option, 0, len(option)
+    return f"{question} {option}", len(question) + 1, len(question) + 1 + len(option)
 
 
 def _head(enc: EncodedText, fine_limit: int, coarse_limit: int) -> EncodedText:
@@ -286,25 +304,47 @@ def _head(enc: EncodedText, fine_limit: int, coarse_limit: int) -> EncodedText:
     return EncodedText(enc.fine[:int(cum[k - 1]) if k else 0], enc.coarse[:k], enc.align[:k])
 
 
-def _tail(enc: EncodedText, fine_limit: int, coarse_limit: int) -> EncodedText:
-    """The longest end of ``enc`` within both limits, cut at a coarse-token boundary."""
-    from_end = np.cumsum(enc.align[::-1])
-    k = min(int(np.searchsorted(from_end, max(fine_limit, 0), side="right")), max(coarse_limit, 0), len(enc.coarse))
-    start = len(enc.coarse) - k
-    return EncodedText(enc.fine[int(enc.align[:start].sum()):], enc.coarse[start:], enc.align[start:])
+def _coarse_range(enc: EncodedText, first: int, last: int) -> tuple[int, int]:
+    """[c0, c1): the coarse tokens covering fine tokens ``first``..``last``."""
+    cum = np.cumsum(enc.align)
+    return int(np.searchsorted(cum, first, side="right")), int(np.searchsorted(cum, last, side="right")) + 1
 
 
-def fit_option(context: EncodedText | None, second: EncodedText, max_fine: int, max_coarse: int
-               ) -> tuple[EncodedText | None, EncodedText]:
-    """Cut (context, question + option) to the budgets so the option survives: the question + option
-    keeps its end (the option) and loses its start first, taking at most what leaves the context half
-    the budget; the context keeps its start and loses its end."""
+def _around(enc: EncodedText, first: int, last: int, fine_limit: int, coarse_limit: int) -> EncodedText:
+    """The coarse tokens covering fine tokens ``first``..``last`` (the option) and as many around them as both
+    limits allow: up to half the room before them, the rest after (and before again if the text ends).
+    An option over the limits keeps its start."""
+    cum = np.concatenate([[0], np.cumsum(enc.align)])
+    n = len(enc.coarse)
+    a, b = _coarse_range(enc, first, last)
+    if fine_limit <= 0 or coarse_limit <= 0:
+        c0 = c1 = a
+    elif cum[b] - cum[a] > fine_limit or b - a > coarse_limit:
+        c0, c1 = a, min(int(np.searchsorted(cum, cum[a] + fine_limit, side="right")) - 1, a + coarse_limit)
+    else:
+        spare_fine, spare_coarse = fine_limit - int(cum[b] - cum[a]), coarse_limit - (b - a)
+        c0 = max(int(np.searchsorted(cum, cum[a] - spare_fine // 2, side="left")), a - spare_coarse // 2, 0)
+        c1 = min(int(np.searchsorted(cum, cum[c0] + fine_limit, side="right")) - 1, c0 + coarse_limit, n)
+        c0 = max(int(np.searchsorted(cum, cum[c1] - fine_limit, side="left")), c1 - coarse_limit, 0)
+    c1 = max(c1, c0)
+    return EncodedText(enc.fine[int(cum[c0]):int(cum[c1])], enc.coarse[c0:c1], enc.align[c0:c1])
+
+
+def fit_option(context: EncodedText | None, second: EncodedText, first: int, last: int, max_fine: int,
+               max_coarse: int) -> tuple[EncodedText | None, EncodedText]:
+    """Cut (context, question + option) to the budgets so that the option (fine tokens ``first``..``last`` of
+    ``second``) survives: the question + option keeps the option and what is around it (``_around``), taking
+    at most what leaves the context half the budget, or the option's own size if more; the context keeps
+    its start and loses its end."""
     specials = 3 if context is not None else 2
     fine_budget, coarse_budget = max_fine - specials, max_coarse - specials
     if context is None:
-        return None, _tail(second, fine_budget, coarse_budget)
-    second = _tail(second, fine_budget - min(len(context.fine), fine_budget // 2),
-                   coarse_budget - min(len(context.coarse), coarse_budget // 2))
+        return None, _around(second, first, last, fine_budget, coarse_budget)
+    a, b = _coarse_range(second, first, last)
+    option_fine = int(second.align[a:b].sum())
+    second = _around(second, first, last,
+                     max(fine_budget - min(len(context.fine), fine_budget // 2), min(option_fine, fine_budget)),
+                     max(coarse_budget - min(len(context.coarse), coarse_budget // 2), min(b - a, coarse_budget)))
     return _head(context, fine_budget - len(second.fine), coarse_budget - len(second.coarse)), second
 
 
@@ -313,6 +353,7 @@ def encode_choice_split(encoder: TextEncoder, examples: list[ChoiceExample], pat
     """Each example as {"id", "options": [one sequence pair per option], "label": index} (no "label"
     without gold). Long sequences are cut by ``fit_option``."""
     from pipeline import finetuning as ft
+    from pipeline import reading
 
     encoded, cut, cut_question, total = [], 0, 0, 0
     started = last_line = time.time()
@@ -321,17 +362,18 @@ def encode_choice_split(encoder: TextEncoder, examples: list[ChoiceExample], pat
             context = encoder.encode(example.context, example.where + " (context)") if example.context.strip() else None
             options = []
             for k, option in enumerate(example.options):
-                text = option_text(example.question, option, example.blank)
-                if example.blank:  # a cloze passage: the characters around the filled blank (the rest is cut;
-                    # each token covers at least one character, so they fit the budget)
-                    at, room = example.question.index(example.blank), max(min(max_fine, max_coarse) - 2 - len(option), 0)
-                    start = max(0, min(at - room // 2, len(text) - len(option) - room))
-                    text = text[start:start + len(option) + room]
+                text, start, end = option_text(example.question, option, example.blank)
                 if not text.strip():
                     raise ChoiceDataError(f"{example.where}: option {k} and the question are both empty; give the "
                                           f"question or the option a text")
-                second = encoder.encode(text, f"{example.where} (question + option {k})")
-                kept_context, kept_second = fit_option(context, second, max_fine, max_coarse)
+                # encoded whole (the tokens of the whole text), each fine token knowing its characters
+                encoded_text = reading.encode_context(encoder, text, f"{example.where} (question + option {k})")
+                second = encoded_text.enc
+                span = encoded_text.token_span(start, end)
+                if span is None:  # a blank option: the tokens where it would be
+                    at = min(int(np.searchsorted(encoded_text.char_start, start)), len(second.fine) - 1)
+                    span = (at, at)
+                kept_context, kept_second = fit_option(context, second, span[0], span[1], max_fine, max_coarse)
                 segments = [kept_context, kept_second] if context is not None else [kept_second]
                 options.append(ft.build_example(segments, max_fine, max_coarse))
                 cut_question += len(kept_second.fine) < len(second.fine)
@@ -351,9 +393,10 @@ def encode_choice_split(encoder: TextEncoder, examples: list[ChoiceExample], pat
             last_line = time.time()
     if cut and ft._world()[1] == 0:
         log.warning("WARNING: %d of the %d option sequences of %s are longer than --max-length %d (--max-coarse-length "
-                    "%d): their contexts lose their ends%s (the options are kept); raise the limits (up to the model's "
-                    "max_position_embeddings) to keep them whole", cut, total, path, max_fine, max_coarse,
-                    f", and {cut_question} questions their beginnings" if cut_question else "")
+                    "%d): their contexts lose their ends%s (the options are kept, unless one alone is over the limits); "
+                    "raise the limits (up to the model's max_position_embeddings) to keep them whole", cut, total, path,
+                    max_fine, max_coarse, f", and {cut_question} questions (or cloze passages) what is farthest from "
+                    "the option" if cut_question else "")
     return encoded
 
 

@@ -246,7 +246,8 @@ def run(args: argparse.Namespace) -> dict | None:
 
         predictions, examples = model.predict_choice(args.input, fields, args.batch_size)
         if all(e.label is None for e in examples):
-            log.info("%s has no gold answers (column %r: --label-field): no metrics", args.input, fields["label_field"])
+            log.info("%s has no gold answers (for rows: column %r, --label-field; for ChID rows: answers): no metrics",
+                     args.input, fields["label_field"])
         rows = _gold([e.label for e in examples], args.input, fields["label_field"])
         if rows:
             metrics = choice_report(np.asarray([predictions[i]["answer"] for i in rows]),

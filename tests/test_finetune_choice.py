@@ -82,7 +82,8 @@ def test_index_letter_and_text_labels_and_c3_nested_json_give_the_same_examples(
     assert choice.label_index("B", ["B", "A"], "x") == 0 and choice.label_index("b", ["A", "B"], "x") == 1
     # an index as a string or as a float (an int column with nulls); hidden test sets' "no answer" forms
     assert [choice.label_index(v, ["x", "y", "z"], "x") for v in ("2", 2.0, np.int64(1))] == [2, 2, 1]
-    assert [choice.label_index(v, ["x", "y"], "x") for v in ("", " ", -1, "-1", float("nan"), None)] == [None] * 6
+    assert [choice.label_index(v, ["x", "y"], "x") for v in ("", " ", -1, "-1", float("nan"), np.float32("nan"), None)] \
+        == [None] * 7
 
 
 def test_shared_passage_ids_are_numbered_and_c3_question_ids_are_kept(tmp_path):
@@ -95,6 +96,10 @@ def test_shared_passage_ids_are_numbered_and_c3_question_ids_are_kept(tmp_path):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     examples = choice.read_choice_file(str(path), "article", "question", "options", "answer")
     assert [e.id for e in examples] == ["high1.txt-0", "high1.txt-1", "high2.txt"]
+    rows = [{"id": i, "question": "很好？", "choices": ["喜欢", "讨厌"], "label": 0} for i in ("a", "a", "a-0")]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    ids = [e.id for e in choice.read_choice_file(str(path), "", "question", "choices", "label")]
+    assert ids == ["a-1", "a-2", "a-0"]  # numbered around the file's own "a-0": every id stays distinct
     c3 = [[["我们觉得很好。"], [{"question": "谁？", "choice": ["我们", "朋友"], "answer": "我们", "id": "17"},
                             {"question": "觉得？", "choice": ["很好", "很差"], "answer": ""}], "m1-1"]]
     import gzip
@@ -168,8 +173,8 @@ def test_each_option_is_context_then_question_and_option_and_long_contexts_are_c
         assert built["fine_ids"][1:1 + kept_context].tolist() == context.fine[:kept_context].tolist()
         assert len(built["fine_ids"]) <= 16
     assert "2 of the 2 option sequences of dev are longer than --max-length 16" in caplog.text
-    assert choice.option_text("我们", "很好") == "我们 很好" and choice.option_text("", "很好") == "很好"
-    assert choice.option_text("The word ____ means __.", "big") == "The word  big  means __."
+    assert choice.option_text("我们", "很好") == ("我们 很好", 3, 5) and choice.option_text("", "很好") == ("很好", 0, 2)
+    assert choice.option_text("The word ____ means __.", "big") == ("The word  big  means __.", 10, 13)
     # a long question: it loses its beginning, never the option, and the context keeps half the budget
     caplog.clear()
     long = choice.ChoiceExample("2", example.context, "这个手机的质量真的觉得" * 3 + "？", ["很好很好", "很差很差"], 0, "ex")
@@ -184,7 +189,15 @@ def test_each_option_is_context_then_question_and_option_and_long_contexts_are_c
         assert kept_context == (24 - 3) // 2 and len(built["fine_ids"]) <= 24
         sequences.append(built["fine_ids"].tolist())
     assert sequences[0] != sequences[1]
-    assert "and 2 questions their beginnings (the options are kept)" in caplog.text
+    assert "and 2 questions (or cloze passages) what is farthest from the option" in caplog.text
+    # the option in a blank at the start of a long question: kept, with what follows it
+    blank = choice.ChoiceExample("3", example.context, "_" + "这个手机的质量真的觉得" * 3 + "？", ["很好很好", "很差很差"], 0, "ex")
+    item, = choice.encode_choice_split(encoder, [blank], "dev", 24, 24)
+    for option, built in zip(blank.options, item["options"]):
+        kept_context, _ = built["kept_fine"].tolist()
+        option_ids = encoder.encode(option).fine.tolist()
+        assert built["fine_ids"][2 + kept_context:2 + kept_context + len(option_ids)].tolist() == option_ids
+    assert item["options"][0]["fine_ids"].tolist() != item["options"][1]["fine_ids"].tolist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +288,7 @@ def test_chid_rows_give_one_question_per_blank_filled_by_each_candidate(tmp_path
         ("#idiom000001#", 0, ["很好", "很差", "喜欢"]), ("#idiom000002#", 2, ["很好", "很差", "喜欢"]),
         ("#idiom000003#", 1, ["很好", "很差", "喜欢"]), ("#idiom000004#", 1, ["很好", "很差"])]
     assert examples[1].question == "我们觉得……，朋友#idiom000002#。"  # the other blank reads as "……"
-    assert choice.option_text(examples[1].question, "喜欢", examples[1].blank) == "我们觉得……，朋友喜欢。"
+    assert choice.option_text(examples[1].question, "喜欢", examples[1].blank)[0] == "我们觉得……，朋友喜欢。"
     # CLUE's answer file merged into the rows: {tag: index}
     merged = [{**r, "answer": {a: x["candidate_id"] for a, x in zip(["#idiom000001#", "#idiom000002#", "#idiom000003#"],
                                                                       r["answers"])}} for r in _chid_rows()[:1]]
@@ -295,6 +308,32 @@ def test_chid_rows_give_one_question_per_blank_filled_by_each_candidate(tmp_path
                    encoding="utf-8")
     with pytest.raises(choice.ChoiceDataError, match="3 blanks but 1 answers"):
         choice.read_choice_file(str(bad), "context", "question", "choices", "label")
+    bad.write_text(json.dumps({**_chid_rows()[0], "answers": 1}, ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(choice.ChoiceDataError, match="the answers are '1'; give a list of"):
+        choice.read_choice_file(str(bad), "context", "question", "choices", "label")
+
+
+def test_a_chid_blank_is_filled_where_it_is_and_kept_in_a_passage_of_many_blanks(tmp_path, encoder):
+    """Other blanks read as "……" (6 fine tokens for 2 characters): a window of characters lost the filled
+    idiom of a blank near the start of such a passage; untagged blanks all filled the first one."""
+    filler = "我们今天觉得这个手机"
+    rows = [{"candidates": ["很好", "很差", "喜欢"], "content": ["东西#idiom000001#" + filler * 4 + "#idiom000002#" + filler * 4 +
+                                                           "#idiom000003#" + filler * 20],
+             "answers": [{"candidate_id": 0}, {"candidate_id": 1}, {"candidate_id": 2}]},
+            {"candidates": ["很好", "很差", "喜欢"], "content": "我们#idiom#，朋友#idiom#。", "answer": [0, 2]}]
+    path = tmp_path / "chid.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    examples = choice.read_choice_file(str(path), "context", "question", "choices", "label")
+    assert [choice.option_text(e.question, "喜欢", e.blank)[0] for e in examples[3:]] == \
+        ["我们喜欢，朋友……。", "我们……，朋友喜欢。"]
+    assert [(e.id, e.label) for e in examples[3:]] == [("1-0", 0), ("1-1", 2)]
+    for limit in (32, 128):
+        item = choice.encode_choice_split(encoder, examples[:1], "dev", limit, limit)[0]
+        sequences = [built["fine_ids"].tolist() for built in item["options"]]
+        assert len({tuple(x) for x in sequences}) == 3 and all(len(x) <= limit for x in sequences)
+        for option, tokens in zip(examples[0].options, sequences):
+            filled = encoder.encode("东西" + option).fine.tolist()
+            assert any(tokens[k:k + len(filled)] == filled for k in range(len(tokens))), (limit, option)
 
 
 def test_chid_fine_tuning_and_prediction_key_the_blanks_by_their_tags(tmp_path, export):
