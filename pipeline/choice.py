@@ -342,10 +342,43 @@ def fit_option(context: EncodedText | None, second: EncodedText, first: int, las
         return None, _around(second, first, last, fine_budget, coarse_budget)
     a, b = _coarse_range(second, first, last)
     option_fine = int(second.align[a:b].sum())
-    second = _around(second, first, last,
-                     max(fine_budget - min(len(context.fine), fine_budget // 2), min(option_fine, fine_budget)),
-                     max(coarse_budget - min(len(context.coarse), coarse_budget // 2), min(b - a, coarse_budget)))
-    return _head(context, fine_budget - len(second.fine), coarse_budget - len(second.coarse)), second
+    kept = _around(second, first, last,
+                   max(fine_budget - min(len(context.fine), fine_budget // 2), min(option_fine, fine_budget)),
+                   max(coarse_budget - min(len(context.coarse), coarse_budget // 2), min(b - a, coarse_budget)))
+    context = _head(context, fine_budget - len(kept.fine), coarse_budget - len(kept.coarse))
+    # room the context's next coarse token did not fit in goes back to the question + option
+    return context, _around(second, first, last, fine_budget - len(context.fine), coarse_budget - len(context.coarse))
+
+
+def _option_tokens(encoder: TextEncoder, text: str, start: int, end: int, max_fine: int, where: str
+                   ) -> tuple[EncodedText, int, int, bool]:
+    """The question + option's encoding (of a window of it around the option when it is much longer than the
+    budget: 6 characters a fine token on each side, more than English words take) and the option's first
+    and last fine token; and whether the window cut the text."""
+    from pipeline import reading
+
+    margin = 6 * max_fine + 32
+    w0, w1 = max(0, start - margin), min(len(text), end + margin)
+    if w0 > 0:  # start the window at a blank when there is one near (an English word is not cut)
+        blank = text.rfind(" ", max(0, w0 - 32), w0)
+        w0 = blank + 1 if blank >= 0 else w0
+    if w1 < len(text):
+        blank = text.find(" ", w1, w1 + 32)
+        w1 = blank if blank >= 0 else w1
+    window = text[w0:w1]
+    try:
+        encoded = reading.encode_context(encoder, window, where)
+    except EncodeError:  # rare character sequences the character-level encoding cannot map: the plain encoding
+        enc = encoder.encode(window, where)
+        before = len(encoder.encode(window[:start - w0]).fine) if window[:start - w0].strip() else 0
+        upto = len(encoder.encode(window[:end - w0]).fine) if window[:end - w0].strip() else 0
+        first = min(before, len(enc.fine) - 1)
+        return enc, first, max(first, min(upto - 1, len(enc.fine) - 1)), (w0, w1) != (0, len(text))
+    span = encoded.token_span(start - w0, end - w0)
+    if span is None:  # a blank option: the tokens where it would be
+        at = min(int(np.searchsorted(encoded.char_start, start - w0)), len(encoded.enc.fine) - 1)
+        span = (at, at)
+    return encoded.enc, span[0], span[1], (w0, w1) != (0, len(text))
 
 
 def encode_choice_split(encoder: TextEncoder, examples: list[ChoiceExample], path: str, max_fine: int,
@@ -353,7 +386,6 @@ def encode_choice_split(encoder: TextEncoder, examples: list[ChoiceExample], pat
     """Each example as {"id", "options": [one sequence pair per option], "label": index} (no "label"
     without gold). Long sequences are cut by ``fit_option``."""
     from pipeline import finetuning as ft
-    from pipeline import reading
 
     encoded, cut, cut_question, total = [], 0, 0, 0
     started = last_line = time.time()
@@ -366,18 +398,14 @@ def encode_choice_split(encoder: TextEncoder, examples: list[ChoiceExample], pat
                 if not text.strip():
                     raise ChoiceDataError(f"{example.where}: option {k} and the question are both empty; give the "
                                           f"question or the option a text")
-                # encoded whole (the tokens of the whole text), each fine token knowing its characters
-                encoded_text = reading.encode_context(encoder, text, f"{example.where} (question + option {k})")
-                second = encoded_text.enc
-                span = encoded_text.token_span(start, end)
-                if span is None:  # a blank option: the tokens where it would be
-                    at = min(int(np.searchsorted(encoded_text.char_start, start)), len(second.fine) - 1)
-                    span = (at, at)
-                kept_context, kept_second = fit_option(context, second, span[0], span[1], max_fine, max_coarse)
+                # encoded as a whole (around the option when long), each fine token knowing its characters
+                second, first, last, windowed = _option_tokens(encoder, text, start, end, max_fine,
+                                                               f"{example.where} (question + option {k})")
+                kept_context, kept_second = fit_option(context, second, first, last, max_fine, max_coarse)
                 segments = [kept_context, kept_second] if context is not None else [kept_second]
                 options.append(ft.build_example(segments, max_fine, max_coarse))
-                cut_question += len(kept_second.fine) < len(second.fine)
-                cut += (len(kept_second.fine) < len(second.fine) or
+                cut_question += windowed or len(kept_second.fine) < len(second.fine)
+                cut += (windowed or len(kept_second.fine) < len(second.fine) or
                         (context is not None and len(kept_context.fine) < len(context.fine)))
                 total += 1
         except EncodeError as exc:
@@ -393,10 +421,10 @@ def encode_choice_split(encoder: TextEncoder, examples: list[ChoiceExample], pat
             last_line = time.time()
     if cut and ft._world()[1] == 0:
         log.warning("WARNING: %d of the %d option sequences of %s are longer than --max-length %d (--max-coarse-length "
-                    "%d): their contexts lose their ends%s (the options are kept, unless one alone is over the limits); "
-                    "raise the limits (up to the model's max_position_embeddings) to keep them whole", cut, total, path,
-                    max_fine, max_coarse, f", and {cut_question} questions (or cloze passages) what is farthest from "
-                    "the option" if cut_question else "")
+                    "%d) and were cut: contexts (if any) lose their ends; in %d of them the question (or cloze passage) loses "
+                    "the tokens farthest from the option, which is kept (unless it alone is over the limits); raise the "
+                    "limits (up to the model's max_position_embeddings) to keep more", cut, total, path, max_fine,
+                    max_coarse, cut_question)
     return encoded
 
 

@@ -189,7 +189,7 @@ def test_each_option_is_context_then_question_and_option_and_long_contexts_are_c
         assert kept_context == (24 - 3) // 2 and len(built["fine_ids"]) <= 24
         sequences.append(built["fine_ids"].tolist())
     assert sequences[0] != sequences[1]
-    assert "and 2 questions (or cloze passages) what is farthest from the option" in caplog.text
+    assert "in 2 of them the question (or cloze passage) loses the tokens farthest from the option" in caplog.text
     # the option in a blank at the start of a long question: kept, with what follows it
     blank = choice.ChoiceExample("3", example.context, "_" + "这个手机的质量真的觉得" * 3 + "？", ["很好很好", "很差很差"], 0, "ex")
     item, = choice.encode_choice_split(encoder, [blank], "dev", 24, 24)
@@ -352,3 +352,29 @@ def test_chid_fine_tuning_and_prediction_key_the_blanks_by_their_tags(tmp_path, 
                     str(tmp_path / "pred.jsonl")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").open(encoding="utf-8")]
     assert {r["id"]: r["answer"] for r in rows} == seed["dev_predictions"]
+
+
+def test_a_question_much_longer_than_the_budget_is_encoded_around_the_option(encoder, monkeypatch):
+    """Only a window of a long passage is encoded (a ChID row re-encoded its whole passage for every candidate
+    of every blank); the sequence is the same as with the whole text encoded."""
+    from pipeline import reading
+
+    passage = "我们今天觉得这个手机" * 60 + "#idiom000001#" + "朋友觉得服务很差" * 60
+    example = choice.ChoiceExample("1", "", passage, ["很好", "喜欢"], 0, "ex", blank=(600, 613))
+    lengths = []
+    original = reading.encode_context
+    monkeypatch.setattr(reading, "encode_context", lambda enc, text, where: lengths.append(len(text)) or
+                        original(enc, text, where))
+    windowed = choice.encode_choice_split(encoder, [example], "dev", 24, 24)[0]
+    assert lengths and max(lengths) < 6 * 24 * 2 + 200 < len(passage)
+    whole = choice.fit_option(None, *_whole(encoder, passage, example, 0), 24, 24)[1]
+    assert windowed["options"][0]["fine_ids"][1:-1].tolist() == whole.fine.tolist()
+
+
+def _whole(encoder, passage, example, k):
+    from pipeline import reading
+
+    text, start, end = choice.option_text(passage, example.options[k], example.blank)
+    encoded = reading.encode_context(encoder, text, "whole")
+    first, last = encoded.token_span(start, end)
+    return encoded.enc, first, last
