@@ -208,9 +208,16 @@ def context_units(context: str, language: str) -> tuple[list[str], np.ndarray, n
         ends = np.cumsum([len(u) for u in units], dtype=np.int64)
         return units, ends - np.array([len(u) for u in units], dtype=np.int64), ends
     if language == "en":
-        from data_prep.english import word_spans
+        from data_prep.english import normalize, word_spans, words_of
 
-        spans = word_spans(context)
+        spans: list[tuple[int, int]] = []
+        for start, end in word_spans(context):
+            # words touching each other that are ONE word once normalised (a separate combining accent:
+            # "cafe" + U+0301, "Blair" + U+0301 + "s"): one unit, or they would be words the build never sees
+            if spans and spans[-1][1] == start and len(words_of(normalize(context[spans[-1][0]:end], False))) == 1:
+                spans[-1] = (spans[-1][0], end)
+            else:
+                spans.append((start, end))
         starts = np.array([s for s, _ in spans], dtype=np.int64)
         ends = np.array([e for _, e in spans], dtype=np.int64)
         return [context[s:e] for s, e in spans], starts, ends

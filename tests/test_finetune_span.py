@@ -459,3 +459,15 @@ def test_the_first_seed_is_not_reseeded_by_the_parallel_set_up(tmp_path, export)
     assert [s for s, _ in fresh] == [s for s, _ in here]
     # (before the fix the first step's loss differed by ~2%; float sums may differ in the last bits)
     np.testing.assert_allclose([v for _, v in fresh], [v for _, v in here], rtol=1e-5)
+
+
+def test_an_english_word_with_a_separate_combining_accent_is_one_unit(tmp_path):
+    """"cafe" + U+0301 were two units, normalised apart: two words where the build (NFKC of the whole text)
+    sees one ("café"), so the tokens differed from the whole text's."""
+    en = TextEncoder(make_tiny_en_dataset(tmp_path / "en"))
+    for context in ("the cafe\u0301 is big", "Tony Blair\u0301s said"):
+        encoded = reading.encode_context(en, context, "test")
+        whole = en.encode(context)
+        assert encoded.enc.fine.tolist() == whole.fine.tolist() and encoded.enc.coarse.tolist() == whole.coarse.tolist()
+    first, last = encoded.token_span(0, 4)
+    assert context[encoded.char_start[first]:encoded.char_end[last]] == "Tony"
