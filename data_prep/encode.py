@@ -141,14 +141,20 @@ class TextEncoder:
         enc, first, _, _ = self.encode_unit_spans(units, where)
         return enc, first
 
-    def encode_unit_spans(self, units: Sequence[str], where: str = "example"
+    def encode_unit_spans(self, units: Sequence[str], where: str = "example", text: str | None = None
                           ) -> tuple[EncodedText, np.ndarray, np.ndarray, np.ndarray]:
         """``encode_units`` with, for each fine token, the first AND the last unit it covers (a Chinese
         Latin/digit run is one fine token over several character units) and its character offsets
         [start in the first unit, end in the last unit) (an English WordPiece piece is part of its word:
         "1990" of "1990s"); span extraction maps a predicted token span back to the text with them.
         A unit whose normalised form is not its own characters one for one (NFKC: "½", "ﬁ") counts
-        as a whole for each of its tokens."""
+        as a whole for each of its tokens.
+
+        ``text``: the text the units were cut from, in order (span extraction's context). English then
+        splits the units' words into the build's sentences (line breaks, sentence ends, the 256-word
+        cut), so that phrases never join across them, as in pre-training; without it (or if the text's
+        words are not the units' words) the units are one sentence. Chinese needs no text: the units
+        are its characters, blanks and line breaks included."""
         if not units or not any(isinstance(u, str) and u.strip() for u in units):
             raise EncodeError(f"{where}: no tokens; remove the example")
         if self.language == "zh":
@@ -156,7 +162,7 @@ class TextEncoder:
             ends = np.fromiter((len(units[k]) for k in last.tolist()), dtype=np.int64, count=len(last))
             return enc, first, last, np.stack([np.zeros_like(ends), ends], axis=1)
         if self.language == "en":
-            return self._encode_units_en(units, where)
+            return self._encode_units_en(units, where, text)
         raise EncodeError(f"token tasks are implemented for zh and en; {self.language!r} needs an encode_units path")
 
     def _encode_units_zh(self, units: Sequence[str], where: str) -> tuple[EncodedText, np.ndarray, np.ndarray]:
@@ -182,8 +188,9 @@ class TextEncoder:
         starts = np.cumsum(lengths) - lengths
         return enc, owner[starts], owner[starts + lengths - 1]
 
-    def _encode_units_en(self, units: Sequence[str], where: str) -> tuple[EncodedText, np.ndarray, np.ndarray, np.ndarray]:
-        from data_prep.english import normalize, words_of
+    def _encode_units_en(self, units: Sequence[str], where: str, text: str | None
+                         ) -> tuple[EncodedText, np.ndarray, np.ndarray, np.ndarray]:
+        from data_prep.english import MAX_SENTENCE_WORDS, document_sentences, normalize, words_of
 
         lowercase = self.plugin.config.lowercase
         tokenizers = self.plugin.tokenizers
@@ -197,7 +204,11 @@ class TextEncoder:
             exact += [len(w) == 1 and len(w[0]) == len(unit)] * len(w)
         if not words:
             raise EncodeError(f"{where}: no words after normalisation; remove the example")
-        fine, coarse, align = tokenizers.encode_words([words])[0]
+        sizes = [len(w) for w in document_sentences(text, lowercase)] if text is not None else []
+        if sum(sizes) != len(words):  # no text, or its words are cut otherwise (a dropped invisible character)
+            sizes = [min(MAX_SENTENCE_WORDS, len(words) - k) for k in range(0, len(words), MAX_SENTENCE_WORDS)]
+        bounds = np.cumsum([0, *sizes]).tolist()
+        enc = _concat(tokenizers.encode_words([words[a:b] for a, b in zip(bounds, bounds[1:])]))
         # The same fine tokenizer again, to learn which word each piece came from and where in it.
         pieces = tokenizers.fine_tokenizer.encode(words, is_pretokenized=True, add_special_tokens=False)
         word_of_piece = np.asarray(pieces.word_ids, dtype=np.int64)
@@ -206,7 +217,9 @@ class TextEncoder:
         whole = ~np.asarray(exact, dtype=bool)[word_of_piece]
         offsets[whole, 0] = 0
         offsets[whole, 1] = np.fromiter((len(units[k]) for k in owner[whole].tolist()), dtype=np.int64, count=int(whole.sum()))
-        enc = EncodedText(np.asarray(fine, np.int64), np.asarray(coarse, np.int64), np.asarray(align, np.int64))
+        if len(word_of_piece) != len(enc.fine):
+            raise EncodeError(f"{where}: the fine tokenizer gives {len(word_of_piece)} pieces for the words but the "
+                              f"dataset's encoding {len(enc.fine)}; the tokenizer files do not belong to this dataset")
         return enc, owner, owner, offsets
 
 

@@ -241,7 +241,7 @@ class EncodedContext:
 
 def encode_context(encoder: TextEncoder, context: str, where: str) -> EncodedContext:
     units, starts, _ = context_units(context, encoder.language)
-    enc, first, last, offsets = encoder.encode_unit_spans(units, where)
+    enc, first, last, offsets = encoder.encode_unit_spans(units, where, text=context)
     return EncodedContext(enc, starts[first] + offsets[:, 0], starts[last] + offsets[:, 1])
 
 

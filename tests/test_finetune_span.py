@@ -471,3 +471,28 @@ def test_an_english_word_with_a_separate_combining_accent_is_one_unit(tmp_path):
         assert encoded.enc.fine.tolist() == whole.fine.tolist() and encoded.enc.coarse.tolist() == whole.coarse.tolist()
     first, last = encoded.token_span(0, 4)
     assert context[encoded.char_start[first]:encoded.char_end[last]] == "Tony"
+
+
+def test_english_phrases_do_not_join_across_the_build_sentences(tmp_path):
+    """A context was one sentence to the phrase tokenizer: "New" at a line's end and "York" at the next
+    line's start became the phrase new_york, which the build (and pre-training) never sees across a line
+    break, and sentences over 256 words were not cut where the build cuts them."""
+    from data_prep.english import MAX_SENTENCE_WORDS
+
+    en = TextEncoder(make_tiny_en_dataset(tmp_path / "en"))
+    long_sentence = " ".join(["big"] * (MAX_SENTENCE_WORDS - 1) + ["New", "York", "is", "big"])
+    for context in ("Tony Blair said the New\nYork Times is big", "He said it. New York is big.\n\nThe New York Times",
+                    long_sentence):
+        encoded = reading.encode_context(en, context, "test")
+        whole = en.encode(context)  # the build's path: document_sentences, then the phrases of each sentence
+        assert encoded.enc.coarse.tolist() == whole.coarse.tolist()
+        assert encoded.enc.fine.tolist() == whole.fine.tolist() and encoded.enc.align.tolist() == whole.align.tolist()
+        start = context.index("York")
+        first, last = encoded.token_span(start, start + 4)
+        assert context[encoded.char_start[first]:encoded.char_end[last]] == "York"
+    coarse = [[en.coarse_vocab.token(i) for i in reading.encode_context(en, c, "t").enc.coarse]
+              for c in ("Tony Blair said the New\nYork Times is big", long_sentence, "the New York Times")]
+    assert "new_york" not in coarse[0] and "new_york" not in coarse[1] and "new_york" in coarse[2]
+    # the units alone (no text: token classification's pre-split words) are still one sentence
+    units, _ = en.encode_units(["the", "New", "York"])
+    assert [en.coarse_vocab.token(i) for i in units.coarse] == ["the", "new_york"]
