@@ -591,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 5. Resume: engine state from DeepSpeed, the rest (data position, RNG) from client_state.
     step, consumed_samples = 0, 0
+    consumed_flops: float | None = 0.0  # training FLOPs so far (real lengths, every rank); None: unknown
     if resume_path is not None:
         if resume_universal:
             from pipeline.convert import prepare_universal_load
@@ -610,6 +611,7 @@ def main(argv: list[str] | None = None) -> int:
                 if isinstance(state.get("step"), torch.Tensor):
                     state["step"] = state["step"].clone()
         step, consumed_samples = int(client_state["step"]), int(client_state["consumed_samples"])
+        consumed_flops = client_state.get("consumed_flops")  # checkpoints from before this count have none
         log.info("resumed from %s at step %d (%d samples consumed)", resume_path, step, consumed_samples)
 
     p = config.parallelism
@@ -624,6 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         client_state = {
             "step": step,
             "consumed_samples": consumed_samples,
+            "consumed_flops": consumed_flops,
             "rng_states": ckpt.gather_rng_states(parallel.rng_state()),
             "config": config.to_dict(),
             "model_config": model_config.to_dict(),
@@ -633,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         marker = {
             "reason": reason,
             "consumed_samples": consumed_samples,
+            "consumed_flops": consumed_flops,
             "dataset_path": str(config.dataset_dir),
             "dataset_fingerprint": dataset.fingerprint,
             # the token ids' meaning, checked by a later run's checkpointing.init_from even after the
@@ -670,6 +674,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics = train_step(engine, batches, p.gradient_accumulation_steps, dp_group)
             step += 1
             consumed_samples += global_batch
+            if consumed_flops is not None:
+                consumed_flops += metrics["flops"]
             step_time = time.perf_counter() - start
             _step_fault_injection(step)
 
@@ -685,6 +691,7 @@ def main(argv: list[str] | None = None) -> int:
                     mfu=flops / step_time / (dist.get_world_size() * peak_flops),
                     memory_mb=memory_mb(),
                     consumed_samples=consumed_samples,
+                    **({} if consumed_flops is None else {"consumed_flops": consumed_flops}),
                 )
                 metrics_log.log(step, metrics)
             if config.data.valid_every and step % config.data.valid_every == 0:

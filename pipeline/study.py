@@ -15,8 +15,10 @@ What it does, for each language (zh, en):
    with the reviews); en = the BBC articles of the train+dev splits only (test articles are never
    pre-trained on). Pass --dataset-zh / --dataset-en to reuse builds.
 3. Pre-training through the deepspeed launcher (or torchrun) with the same recipe, data and number
-   of steps for ``ambert`` and ``bert-fine``, plus ``bert-fine`` at equal FLOPs (its steps scaled by
-   the FLOPs ratio from pipeline.model.flops_per_sample).
+   of steps for ``ambert`` and ``bert-fine``, plus ``bert-fine`` at equal FLOPs: as many steps as
+   match the training FLOPs the two runs counted (their checkpoints' ``consumed_flops``: each sample's
+   real lengths and masked tokens, pipeline.model.flops_per_sample), or, for checkpoints without that
+   count, the ratio estimated from the dataset's average lengths.
 4. Fine-tuning (python -m pipeline.finetune) of every pre-trained model with several seeds.
 5. OUTPUT/study.md (table: mean +- std over seeds of test accuracy and macro-F1), OUTPUT/study.json,
    OUTPUT/pretrain_loss_<lang>.png and OUTPUT/finetune_loss_<lang>.png.
@@ -530,7 +532,8 @@ def pretrain(run_dir: Path, dataset: Path, variant: str, steps: int, config: Stu
 
 
 def flops_ratio(config: StudyConfig, dataset: Path) -> tuple[float, dict]:
-    """FLOPs per sample of ambert / bert-fine for this recipe and dataset (average lengths)."""
+    """FLOPs per sample of ambert / bert-fine for this recipe and dataset, estimated from full-length
+    samples and the dataset's average coarse/fine length ratio (the runs' measured FLOPs replace it)."""
     from pipeline.config import build_model_config, load_config
     from pipeline.model import flops_per_sample
 
@@ -546,6 +549,28 @@ def flops_ratio(config: StudyConfig, dataset: Path) -> tuple[float, dict]:
         run.model.overrides = {**run.model.overrides, "variant": variant}
         flops[variant] = flops_per_sample(build_model_config(run, meta), fine_len, coarse_len, fine_masked, coarse_masked)
     return flops["ambert"] / flops["bert-fine"], flops
+
+
+def consumed_flops(checkpoint: Path) -> float | None:
+    """The training FLOPs a pre-training run counted up to ``checkpoint`` (None: a checkpoint from
+    before that count)."""
+    from pipeline.checkpoint import read_marker
+
+    value = read_marker(checkpoint).get("consumed_flops")
+    return float(value) if value else None
+
+
+def equal_flops_steps(language: str, steps: int, estimated_ratio: float, measured: dict[str, float | None]) -> int:
+    """Steps of bert-fine that cost what ``steps`` of ambert cost: from the two runs' measured FLOPs
+    (``steps`` each), else from the estimated per-sample ratio."""
+    ambert, bert = measured.get("ambert"), measured.get("bert-fine")
+    if not (ambert and bert):
+        log.info("%s: equal-FLOPs steps from the estimated ratio %.2f (the checkpoints carry no FLOPs count)",
+                 language, estimated_ratio)
+        return int(math.ceil(steps * estimated_ratio))
+    log.info("%s: measured training FLOPs ambert %.4g, bert-fine %.4g over %d steps each: ratio %.3f (estimated "
+             "%.3f)", language, ambert, bert, steps, ambert / bert, estimated_ratio)
+    return int(math.ceil(steps * ambert / bert - 1e-9))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -676,12 +701,16 @@ def run_study(config: StudyConfig) -> list[dict]:
         splits = write_splits(language, out / "labeled" / language, config)
         dataset = pretraining_dataset(language, config, out / "labeled" / language, out)
         ratio, flops = flops_ratio(config, dataset)
-        log.info("%s: FLOPs per sample ambert %.3g, bert-fine %.3g (ratio %.2f)", language, flops["ambert"],
-                 flops["bert-fine"], ratio)
-        runs = [("ambert", "ambert", config.pretrain_steps), ("bert-fine", "bert-fine", config.pretrain_steps)]
+        log.info("%s: FLOPs per sample, estimated (full-length samples): ambert %.3g, bert-fine %.3g (ratio %.2f)",
+                 language, flops["ambert"], flops["bert-fine"], ratio)
+        runs: list[tuple[str, str, int | None]] = [("ambert", "ambert", config.pretrain_steps),
+                                                  ("bert-fine", "bert-fine", config.pretrain_steps)]
         if config.equal_flops:
-            runs.append(("bert-fine (equal FLOPs)", "bert-fine", int(math.ceil(config.pretrain_steps * ratio))))
+            runs.append(("bert-fine (equal FLOPs)", "bert-fine", None))  # steps from the two runs' FLOPs
+        measured: dict[str, float | None] = {}
         for name, variant, steps in runs:
+            if steps is None:
+                steps = equal_flops_steps(language, config.pretrain_steps, ratio, measured)
             slug = f"{language}-{name.replace(' ', '').replace('(', '-').replace(')', '')}"
             pretrain_dir = out / "pretrain" / slug
             checkpoint = pretrain(pretrain_dir, dataset, variant, steps, config, out)
@@ -690,9 +719,10 @@ def run_study(config: StudyConfig) -> list[dict]:
 
             recipe = load_config(ROOT / config.recipe if (ROOT / config.recipe).is_file() else config.recipe, [])
             batch = recipe.parallelism.micro_batch_size * recipe.parallelism.gradient_accumulation_steps * config.nproc
+            measured[name] = consumed_flops(checkpoint)
             rows.append({
                 "language": language, "task": tasks[language], "model": name, "variant": variant, "steps": steps,
-                "pretrain_flops": steps * batch * flops[variant], "pretrain_dir": str(pretrain_dir),
+                "pretrain_flops": measured[name] or steps * batch * flops[variant], "pretrain_dir": str(pretrain_dir),
                 "dev": results["dev"], "test": results["test"],
                 "seed_curves": [s["train_curve"] for s in results["seeds"]],
             })

@@ -118,6 +118,12 @@ def test_exact_resume_through_kill_during_save_and_sigterm(tmp_path_factory, tmp
     _assert_same_losses(tmp_path / "d", reference, d_steps)
     # valid losses at step 20 agree too (the evaluation sees the same weights)
     assert abs(read_metrics(tmp_path / "d", "valid")[20]["loss"] - read_metrics(reference_dir, "valid")[20]["loss"]) < 1e-5
+    # the training FLOPs counted across the kill and the two resumes are the uninterrupted run's (the
+    # study's equal-FLOPs runs are sized from them): the same per-step sums, carried in the checkpoints
+    flops = read_metrics(tmp_path / "d")[20]["consumed_flops"]
+    assert flops > 0 and flops == pytest.approx(reference[20]["consumed_flops"], rel=1e-12)
+    assert json.loads((checkpoints / "step_00000020" / COMPLETE).read_text())["consumed_flops"] == flops
+    assert all(reference[s]["consumed_flops"] > reference[s - 1]["consumed_flops"] for s in range(2, 21))
 
 
 def test_resume_refuses_another_dataset_or_model(tmp_path_factory, tmp_path):

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
@@ -384,6 +385,25 @@ def test_study_interrupt_saves_pretraining_and_rerun_resumes(tmp_path):
     # An exact continuation: the same data settings, the saved RNG states restored.
     assert "other data settings" not in pretrain_log and "re-seeding dropout" not in pretrain_log, pretrain_log[-4000:]
     assert sorted(read_metrics(run)) == list(range(1, 13))
+    # the training FLOPs count went on from the checkpoint (not from 0) and the final checkpoint carries it
+    flops = [read_metrics(run)[s]["consumed_flops"] for s in range(1, 13)]
+    steps = np.diff([0.0, *flops])
+    assert steps.min() > 0.5 * steps.max(), flops  # a restart at 0 would make one step's count negative or tiny
+    final = json.loads((run / "checkpoints" / "step_00000012" / "COMPLETE").read_text())
+    assert final["consumed_flops"] == pytest.approx(flops[-1], rel=1e-12)
+    assert study.consumed_flops(run / "checkpoints" / "step_00000012") == pytest.approx(flops[-1], rel=1e-12)
+
+
+def test_equal_flops_steps_come_from_the_runs_measured_flops(caplog):
+    """They came from full-length samples and the dataset's average coarse/fine ratio, whatever the
+    samples' real lengths; the runs count their FLOPs from each sample's real lengths."""
+    caplog.set_level("INFO")
+    assert study.equal_flops_steps("zh", 2000, 3.74, {"ambert": 3.0e12, "bert-fine": 1.0e12}) == 6000
+    assert study.equal_flops_steps("zh", 2000, 3.74, {"ambert": 3.0e12 + 1, "bert-fine": 1.0e12}) == 6001
+    assert "measured training FLOPs" in caplog.text and "ratio 3.000 (estimated 3.740)" in caplog.text
+    # checkpoints from before the count: the estimate
+    assert study.equal_flops_steps("zh", 2000, 3.74, {"ambert": None, "bert-fine": 1.0e12}) == 7480
+    assert "from the estimated ratio 3.74" in caplog.text
 
 
 def test_plot_output_without_a_suffix_is_named_as_written(tmp_path, capsys):
