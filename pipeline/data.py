@@ -347,11 +347,12 @@ def collate(samples: Sequence[MaskedSample], fine_length: int, coarse_length: in
 
 
 def _leave_preemption_signals_to_the_rank(_worker_id: int) -> None:
-    """Loader workers ignore SIGTERM / SIGUSR1. Schedulers signal every process of a job (SLURM's
-    --signal, a killed process group, DeepSpeed's launcher terminating the process tree): a worker
-    killed by it would make its rank fail ("DataLoader worker is killed by signal") instead of saving
-    the preemption checkpoint. The rank stops its workers itself when it exits."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    """Loader workers ignore SIGTERM / SIGUSR1 / SIGINT. Schedulers signal every process of a job (SLURM's
+    --signal, a killed process group, DeepSpeed's launcher terminating the process tree), and Ctrl-C
+    reaches every process in the terminal's process group: a worker killed by it would make its rank
+    fail ("DataLoader worker is killed by signal") instead of saving the preemption checkpoint. The rank
+    stops its workers itself when it exits."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
 

@@ -9,7 +9,8 @@ demo recipe (pipeline/recipes/demo.yaml) on the Chinese demo dataset, building i
 The loop, top to bottom: config -> validate (no collective yet) -> distributed + TP groups ->
 data -> model under zero.Init -> engine -> resume -> [train step -> log -> evaluate -> save] ->
 final save. Preemption (SIGTERM / SIGUSR1) is noticed at the end of a step: every rank saves, then
-exits 0 so the scheduler can requeue the job.
+exits 0 so the scheduler can requeue the job. Ctrl-C (SIGINT) does the same and exits 130; a second
+Ctrl-C stops at once, without saving.
 """
 
 from __future__ import annotations
@@ -211,15 +212,31 @@ def ensure_demo_dataset(config: PretrainConfig, rank: int) -> None:
 
 
 class PreemptionFlag:
-    """Set by SIGTERM / SIGUSR1; checked (and agreed on by all ranks) once per step."""
+    """Set by SIGTERM / SIGUSR1 / SIGINT; checked (and agreed on by all ranks) once per step.
+
+    Ctrl-C reaches every rank of a run started from a terminal (and the launcher, which sends them
+    SIGTERM): it used to raise KeyboardInterrupt mid-step, losing the steps since the last save. Now it
+    is a preemption too; a second one on a rank raises KeyboardInterrupt there (stop without saving)."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.interrupted = False  # a Ctrl-C (SIGINT) among the signals: the run exits 130, not 0
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handler)
+        signal.signal(signal.SIGINT, self._interrupt)
 
     def _handler(self, signum, frame) -> None:
-        self.signal = signum
+        if self.signal is None:
+            self.signal = signum
+
+    def _interrupt(self, signum, frame) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        self._handler(signum, frame)
+        # not `log`: a handler must not take the logging lock the interrupted code may hold
+        os.write(2, b"Ctrl-C: saving a checkpoint at the end of this step, then stopping (Ctrl-C again: stop "
+                    b"now, without saving)\n")
 
     def any_rank(self, job_start: float = 0.0, minutes_limit: float = 0.0) -> bool:
         """True on every rank if any rank got a signal or (minutes_limit > 0) ran out of time."""
@@ -716,6 +733,9 @@ def main(argv: list[str] | None = None) -> int:
     metrics_log.close()
     log.info("done at step %d", step)
     dist.barrier()
+    if preemption.interrupted:
+        log.warning("stopped by Ctrl-C after saving step %d: the same command with --resume auto continues from it", step)
+        return 130
     return 0
 
 
@@ -791,3 +811,7 @@ if __name__ == "__main__":
                    f"--resume auto to continue from the newest complete checkpoint. ({text.strip().splitlines()[-1]})")
         report_error(message)
         _exit_job(1)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now (the first one asks for a save at the end of the step)
+        report_error("stopped by a second Ctrl-C, without saving: --resume auto continues from the newest complete "
+                     "checkpoint")
+        _exit_job(130)

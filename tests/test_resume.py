@@ -304,3 +304,59 @@ def test_damaged_checkpoint_file_is_named_with_the_older_checkpoint_to_use(tmp_p
     assert convert(["export", str(checkpoints / "step_00000020"), str(tmp_path / "export")]) == 2
     assert f"checkpoint {checkpoints / 'step_00000020'} cannot be read" in capsys.readouterr().err
     assert not (tmp_path / "export").exists() and not list(tmp_path.glob("export.*"))
+
+
+def _start_in_terminal_group(command: list[str], log: Path, fault: str) -> subprocess.Popen:
+    """A run in a process group of its own, as a shell starts it: Ctrl-C reaches every process in it."""
+    return subprocess.Popen(command, cwd=ROOT, env=run_env({"AMBERT_FAULT": fault}), stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _ctrl_c(proc: subprocess.Popen, run: Path, log: Path, times: int, after_step: int) -> int:
+    import os
+    import signal
+
+    try:
+        deadline = time.monotonic() + 240
+        while not ((run / "metrics.jsonl").exists() and max(read_metrics(run), default=0) >= after_step):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        for _ in range(times):
+            os.killpg(proc.pid, signal.SIGINT)  # the rank and its loader worker, as a terminal delivers it
+            time.sleep(0.05)
+        return proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_a_second_one_stops_at_once(tmp_path_factory, tmp_path):
+    """Ctrl-C raised KeyboardInterrupt mid-step: a traceback, the steps since the last save lost (and the
+    loader workers died of it too). Now it saves at the end of the step and exits 130; a second Ctrl-C
+    stops at once without saving, in one line."""
+    import sys
+
+    dataset = get_dataset(tmp_path_factory)
+    command = [sys.executable, str(ROOT / "pipeline" / "pretrain.py"), "model.recipe=tiny", "data.seq_length=32",
+               "parallelism.micro_batch_size=4", "logging.tensorboard=false", "data.valid_every=0",
+               f"data.path={dataset}", "schedule.train_steps=500", "checkpointing.save_every=0", "data.num_workers=1"]
+    run = tmp_path / "once"
+    log = tmp_path / "once.log"
+    code = _ctrl_c(_start_in_terminal_group([*command, f"output_dir={run}"], log, "sleep_per_step=0.2"), run, log, 1, 2)
+    output = log.read_text()
+    assert code == 130, output[-3000:]
+    assert "Traceback" not in output and "Ctrl-C: saving a checkpoint at the end of this step" in output, output[-3000:]
+    step, newest = complete_checkpoints(run / "checkpoints")[-1]
+    assert step == max(read_metrics(run)) >= 2  # nothing trained is lost
+    assert json.loads((newest / COMPLETE).read_text())["reason"] == "preemption"
+    assert f"stopped by Ctrl-C after saving step {step}: the same command with --resume auto continues" in output
+
+    run = tmp_path / "twice"
+    log = tmp_path / "twice.log"
+    code = _ctrl_c(_start_in_terminal_group([*command, f"output_dir={run}"], log, "sleep_per_step=1.5"), run, log, 2, 1)
+    output = log.read_text()
+    assert code == 130, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert "error: stopped by a second Ctrl-C, without saving" in output, output[-3000:]
+    assert complete_checkpoints(run / "checkpoints") == []
