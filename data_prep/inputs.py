@@ -376,6 +376,9 @@ def _guess_encoding(data: bytes) -> str | None:
     return None
 
 
+guess_encoding = _guess_encoding  # for the fine-tuning readers' message
+
+
 # --encoding-errors replace is for a few bad bytes: beyond this share of the text (and MOSTLY_MIN
 # sequences) an input is in another encoding, and would be read as U+FFFD noise (or blamed on --lang).
 MOSTLY_UNDECODABLE = 0.01

@@ -139,7 +139,10 @@ def read_choice_file(path: str, context_field: str, question_field: str, choices
             if head.startswith("[") and head[1:].lstrip().startswith("["):  # a list of lists: C3's layout
                 with ft._open_binary(path, compression) as fh:
                     nested = json.loads(fh.read().decode("utf-8-sig"))
-        except (OSError, EOFError, UnicodeDecodeError, ValueError) as exc:
+        except UnicodeDecodeError:
+            ft.check_utf8(path, compression)  # names the line, the encoding and the iconv command
+            raise ChoiceDataError(f"{path} is not UTF-8; convert it") from None
+        except (OSError, EOFError, ValueError) as exc:
             raise ChoiceDataError(f"{path} cannot be read as JSON ({exc}); fix the file") from None
         if nested is not None:
             nested = _c3_examples(nested, path)

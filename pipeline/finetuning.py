@@ -507,6 +507,53 @@ def _open_binary(path: str, compression: str | None):
     return {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}.get(compression, open)(path, "rb")
 
 
+def check_utf8(path: str, compression: str | None) -> None:
+    """FinetuneError naming the line, the byte, the encoding the bytes look like and the iconv command
+    when ``path`` is not UTF-8 (HF datasets read a GB18030 JSON-lines file without complaint and failed on
+    its first string, deep in pyarrow, with a bare UnicodeDecodeError)."""
+    import codecs
+
+    from data_prep.inputs import guess_encoding
+
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    offset, line, utf8_before = 0, 1, False
+    try:
+        with _open_binary(path, compression) as fh:
+            while chunk := fh.read(1 << 20):
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as exc:
+                    start = max(exc.start, 0)
+                    # valid multi-byte UTF-8 before: a damaged UTF-8 file, not another encoding
+                    looks = guess_encoding(chunk[start:start + (1 << 16)]) if not utf8_before and chunk[:start].isascii() else None
+                    line += chunk.count(b"\n", 0, start)
+                    offset += start
+                    break
+                line += chunk.count(b"\n")
+                offset += len(chunk)
+                utf8_before = utf8_before or not chunk.isascii()
+            else:
+                try:
+                    decoder.decode(b"", final=True)
+                    return
+                except UnicodeDecodeError:
+                    looks = None
+    except (OSError, EOFError):
+        return  # the reader names a damaged file
+    suffix = _file_type(path)[0]
+    name = Path(path)
+    stem = name.name[:len(name.name) - len(compression or "") - len(suffix)]
+    target = name.with_name(f"{stem}.utf8{suffix}")
+    source = f"{path} " if compression is None else ""
+    unpack = {".gz": "gzip", ".xz": "xz", ".bz2": "bzip2"}.get(compression or "")
+    pipe = f"{unpack} -dc {path} | " if unpack else ""
+    encoding = looks.upper() if looks and looks != "latin-1" else "ENCODING"
+    command = f"`{pipe}iconv -f {encoding} -t UTF-8 {source}> {target}`"
+    hint = (f"it reads as {encoding}: convert it with {command}" if encoding != "ENCODING" else
+            f"find its encoding (`file -i {path}`) and convert it with {command}")
+    raise FinetuneError(f"{path} is not UTF-8 (line {line}, byte {offset:,}): {hint}, then give the converted file")
+
+
 def load_table(path: str) -> datasets.Dataset:  # noqa: F821
     """A local file as an HF Dataset (offline)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -523,6 +570,7 @@ def load_table(path: str) -> datasets.Dataset:  # noqa: F821
         raise FinetuneError(f"{path} cannot be read ({type(exc).__name__}: {exc}); fix or replace the file") from None
     if not start.strip():
         raise FinetuneError(f"{path} is empty: no examples")
+    check_utf8(path, compression)
     try:
         return datasets.load_dataset(_BUILDERS[suffix], data_files={"data": str(path)}, split="data", **kwargs)
     except Exception as exc:  # noqa: BLE001 - datasets wraps the parser's error several levels deep
@@ -567,15 +615,40 @@ def _column(table, name: str, path: str, what: str) -> list:
     return table[name]
 
 
+def label_name(value) -> str:
+    """A label as the model names it: a whole float is its integer (a column of 0/1 is read as 1.0 from
+    one file and as 1 from another: they were two classes, and a dev set's "1" unknown to training's "1.0")."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _is_number(name: str) -> bool:
+    try:
+        float(name)
+        return True
+    except ValueError:
+        return False
+
+
 class LabelSet:
     """Label names of the training set; ids are their sorted order (numbers numerically)."""
 
-    def __init__(self, values: Sequence):
+    def __init__(self, values: Sequence, path: str | None = None):
         distinct = set(values)
         if any(v is None for v in distinct):
-            raise FinetuneError("the training set has examples without a label (null); drop or label them")
-        self.names = [str(v) for v in sorted(distinct, key=lambda v: (isinstance(v, str), v))]
+            first = next(i for i, v in enumerate(values) if v is None)
+            where = _where(path, first) if path else f"the training set's example {first + 1}"
+            raise FinetuneError(f"{where} has no label (null; {sum(v is None for v in values)} such examples): drop "
+                                f"or label them")
+        path = path or "the training set"
+        self.names = list(dict.fromkeys(label_name(v) for v in sorted(distinct, key=lambda v: (isinstance(v, str), v))))
         self.index = {name: i for i, name in enumerate(self.names)}
+        numbers = [n for n in self.names if _is_number(n)]
+        if numbers and len(numbers) < len(self.names):  # "pos"/"neg" and 1/0 in one column: four classes
+            log.warning("WARNING: the labels of %s mix numbers (%s) and names (%s): each is a class of its own (%d "
+                        "classes); if a number and a name mean the same class, write them the same way", path,
+                        ", ".join(numbers[:5]), ", ".join([n for n in self.names if not _is_number(n)][:5]), len(self))
 
     @classmethod
     def from_names(cls, names: Sequence[str]) -> LabelSet:
@@ -583,18 +656,21 @@ class LabelSet:
         labels = cls.__new__(cls)
         labels.names = list(names)
         labels.index = {name: i for i, name in enumerate(labels.names)}
+        for name, i in list(labels.index.items()):  # a model saved before label_name: "1.0" is also "1"
+            if name.endswith(".0") and name[:-2].lstrip("-").isdigit():
+                labels.index.setdefault(name[:-2], i)
         return labels
 
     def __len__(self) -> int:
         return len(self.names)
 
     def ids(self, values: Sequence, path: str) -> list[int]:
-        unseen = sorted({str(v) for v in values} - set(self.index))
+        unseen = sorted({label_name(v) for v in values} - set(self.index))
         if unseen:
             raise FinetuneError(
                 f"{path} has label(s) {unseen[:10]} that never occur in the training set (known: {self.names[:20]}); "
                 f"a classifier cannot predict a class it never saw: fix the labels or add training examples")
-        return [self.index[str(v)] for v in values]
+        return [self.index[label_name(v)] for v in values]
 
 
 LANGUAGE_CHECK_EXAMPLES = 200
@@ -657,7 +733,7 @@ def encode_split(config: FinetuneConfig, encoder: TextEncoder, path: str, labels
                 raise FinetuneError(f"{_where(path, i)}: {config.label_field!r} holds a {type(value).__name__} "
                                     f"({str(value)[:60]}), not one label; give each example one label (a string or "
                                     f"a number), or use --task token for one tag per token")
-        labels = labels or LabelSet(raw)
+        labels = labels or LabelSet(raw, path)
         ids = labels.ids(raw, path)
         for i, text in enumerate(texts):
             where = _where(path, i)
@@ -681,7 +757,7 @@ def encode_split(config: FinetuneConfig, encoder: TextEncoder, path: str, labels
         if labels is None:  # the training file: is it in the model's language?
             warn_if_other_language(encoder, [" ".join(map(str, units)) for units in tokens[:LANGUAGE_CHECK_EXAMPLES]],
                                    path, config.model)
-        labels = labels or LabelSet([t for tags in raw for t in tags])
+        labels = labels or LabelSet([t for tags in raw for t in tags], path)
         for i, (units, tags) in enumerate(zip(tokens, raw)):
             where = _where(path, i)
             examples.append(encode_token_example(encoder, units, labels.ids(tags, path), max_fine, max_coarse, where))

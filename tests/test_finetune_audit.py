@@ -307,3 +307,55 @@ def test_loading_a_training_checkpoint_prints_nothing_on_stdout(tmp_path_factory
     out, err = capfd.readouterr()
     assert state and out == "", out[:500]
     assert "zero checkpoint" in err  # DeepSpeed's progress is still shown, on stderr
+
+
+def _write_gb18030(path: Path, rows: list[dict]) -> Path:
+    path.write_bytes("\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode("gb18030") + b"\n")
+    return path
+
+
+def test_files_not_in_utf8_name_the_line_the_encoding_and_the_iconv_command(tmp_path):
+    """A GB18030 JSON-lines file was read by HF datasets without complaint and failed on its first
+    string deep in pyarrow: a bare UnicodeDecodeError traceback (a TSV: a cryptic ArrowInvalid)."""
+    import gzip
+
+    from pipeline.choice import read_choice_file
+    from pipeline.finetuning import FinetuneError, load_table
+
+    rows = [{"text": "这部电影很好看", "label": 1}, {"text": "太差了", "label": 0}]
+    gb = _write_gb18030(tmp_path / "dev.jsonl", rows)
+    with pytest.raises(FinetuneError) as exc:
+        load_table(str(gb))
+    assert str(exc.value) == (f"{gb} is not UTF-8 (line 1, byte 10): it reads as GB18030: convert it with "
+                              f"`iconv -f GB18030 -t UTF-8 {gb} > {tmp_path / 'dev.utf8.jsonl'}`, then give the converted file")
+    tsv = tmp_path / "train.tsv"
+    tsv.write_bytes("text\tlabel\n好看\t1\n".encode("utf-16"))
+    with pytest.raises(FinetuneError, match=r"train.tsv is not UTF-8 \(line 1, byte 0\): it reads as UTF-16: convert it with "
+                                            r"`iconv -f UTF-16 -t UTF-8 .*train.tsv > .*train.utf8.tsv`"):
+        load_table(str(tsv))
+    packed = tmp_path / "test.jsonl.gz"
+    packed.write_bytes(gzip.compress("\n".join(json.dumps(r) for r in rows).encode() + b'\n{"text": "ab\xff"}\n'))
+    with pytest.raises(FinetuneError, match=r"line 3, byte \d+\): find its encoding .*`gzip -dc .*test.jsonl.gz \| iconv -f "
+                                            r"ENCODING -t UTF-8 > .*test.utf8.jsonl`"):
+        load_table(str(packed))
+    c3 = tmp_path / "c3.json"
+    c3.write_bytes(json.dumps([[["文章"], [{"question": "问", "choice": ["甲", "乙"], "answer": "甲"}], "1"]],
+                              ensure_ascii=False).encode("gb18030"))
+    with pytest.raises(FinetuneError, match="c3.json is not UTF-8 .* GB18030"):
+        read_choice_file(str(c3), "context", "question", "choices", "label")
+    assert gb.read_bytes().decode("gb18030").startswith('{"text": "这部')  # nothing was touched
+
+
+def test_whole_number_labels_are_one_class_whatever_their_type(tmp_path, caplog):
+    """Training labels read as 1.0 / 0.0 (a CSV column) and dev labels 1 / 0 were four names: the dev set was
+    refused for labels "never seen in training"; names and numbers mixed in one column trained silently."""
+    from pipeline.finetuning import FinetuneError, LabelSet
+
+    labels = LabelSet([1.0, 0.0, 1.0], "train.csv")
+    assert labels.names == ["0", "1"] and labels.ids([1, 0, "1", 1.0], "dev.jsonl") == [1, 0, 1, 1]
+    assert LabelSet.from_names(["0.0", "1.0"]).ids([1, 0], "dev.jsonl") == [1, 0]  # a model saved before
+    caplog.set_level("WARNING")
+    assert len(LabelSet(["pos", "neg", 1, 0], "train.jsonl")) == 4
+    assert "the labels of train.jsonl mix numbers (0, 1) and names (neg, pos): each is a class of its own" in caplog.text
+    with pytest.raises(FinetuneError, match=r"^train.jsonl record 3 has no label \(null; 2 such examples\)"):
+        LabelSet(["pos", "neg", None, None], "train.jsonl")
