@@ -17,7 +17,17 @@ optional. One JSON line per input example is written (atomically) to ``--output`
 When the input has the gold column, the metrics (accuracy and macro-F1; for token tasks per input token,
 where fine-tuning scores every fine token: the same when each input token is one fine token; exact match
 and F1 for span tasks; accuracy for choice tasks) are logged and written to ``<output>.metrics.json`` (rows whose gold is null or
-missing are left out of them, with a warning). Numeric labels are written as strings ("10").
+missing are left out of them, with a warning). Numeric labels are written as strings ("10"). A gold label (or
+tag) the model was not fine-tuned on does not stop the run: every row is predicted, and such rows (tokens)
+are counted wrong in the metrics (a class of their own in macro-F1, F1 0; ``unknown_gold`` in the metrics
+file counts them), with one warning naming how many and which labels; likewise, for a span model trained
+without unanswerable questions, the unanswerable gold questions are counted (and warned about): it can never
+answer "".
+
+An existing ``--output`` is replaced only when it is an earlier prediction file of this tool (every line, up
+to the first 1000, one of the records above) or with ``--overwrite``; an ``--output`` inside a model export,
+training checkpoint or data_prep dataset directory is refused (``--overwrite`` does not apply). Both checks
+run before the model is loaded.
 """
 
 from __future__ import annotations
@@ -37,10 +47,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_prep.encode import EncodeError, TextEncoder  # noqa: E402
-from data_prep.format import FormatError  # noqa: E402
+from data_prep.format import META_FILE, FormatError  # noqa: E402
 from pipeline import finetuning as ft  # noqa: E402
 from pipeline.choice import ChoiceDataError  # noqa: E402
-from pipeline.inference import ExportError  # noqa: E402
+from pipeline.inference import CONFIG_FILE, WEIGHTS_FILE, ExportError  # noqa: E402
 from pipeline.reading import SpanDataError  # noqa: E402
 
 log = logging.getLogger("predict")
@@ -73,8 +83,6 @@ class FineTuned:
             problem = str(exc)
         if problem:
             raise PredictError(f"{task_file} is damaged ({problem}); save the model again (fine-tune with --save-models)")
-        from pipeline.inference import CONFIG_FILE, WEIGHTS_FILE
-
         missing = [name for name in (WEIGHTS_FILE, CONFIG_FILE, ft.HEADS_FILE) if not (self.directory / name).is_file()]
         if missing:
             raise PredictError(f"{self.directory} has no {' / '.join(missing)}: the fine-tuned model is incomplete; save "
@@ -223,6 +231,145 @@ def _gold(values: list, path: str, what: str) -> list[int]:
     return rows
 
 
+def _report_with_unknown_gold(labels: ft.LabelSet, predicted: list[str], gold: list, path: str, what: str) -> dict:
+    """``ft.classification_report`` of the ``predicted`` label names against the ``gold`` values, where gold
+    values the model was not fine-tuned on are allowed (fine-tuning refuses them: a classifier cannot learn a
+    class it never saw; for predicting, they are the data's, and every row is predicted all the same).
+
+    Such rows are COUNTED WRONG, not left out: the model cannot predict their label, so leaving them out would
+    score it only on the rows it can get right and inflate the accuracy of the file it was given. Each unknown
+    label is a class of its own, never predicted (recall and F1 0, counted in macro-F1): what scikit-learn
+    gives on the label strings. ``unknown_gold`` in the report counts them; one warning names them."""
+    gold = [str(g) for g in gold]  # as LabelSet.ids: numeric labels are their strings ("10")
+    unknown = sorted({g for g in gold if g not in labels.index})
+    names = list(labels.names) + unknown
+    index = {name: i for i, name in enumerate(names)}
+    report = ft.classification_report(np.asarray([index[p] for p in predicted], dtype=np.int64),
+                                       np.asarray([index[g] for g in gold], dtype=np.int64), names)
+    if unknown:
+        count = sum(g not in labels.index for g in gold)
+        report["unknown_gold"] = count
+        log.warning("WARNING: %d of the %d scored %s of %s have a gold label the model was not fine-tuned on (%s%s; the "
+                    "model's: %s): they are predicted like the others, and counted wrong in the metrics",
+                    count, len(gold), what, path, unknown[:10], f" and {len(unknown) - 10} more" if len(unknown) > 10 else "",
+                    labels.names[:20])
+    return report
+
+
+# ---- --output: what may be replaced -------------------------------------------------------------
+PREDICTION_LINES_CHECKED = 1000
+"""How many lines of an existing --output are checked to be prediction records before it may be replaced."""
+_LONGEST_LINE = 1 << 24  # bytes; a longer "line" (e.g. a binary file without line breaks) is no prediction record
+CHECKPOINT_MARKER = "COMPLETE"  # pipeline.checkpoint.COMPLETE (not imported: that module pulls in torch.distributed)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_prediction_record(record) -> bool:
+    """Whether a parsed JSON line has exactly the shape of a record this tool writes (the module docstring)."""
+    if not isinstance(record, dict):
+        return False
+    keys = set(record)
+    if keys == {"label", "probabilities"}:  # sequence
+        probabilities = record["probabilities"]
+        return (isinstance(record["label"], str) and isinstance(probabilities, dict) and record["label"] in probabilities
+                and all(_number(p) for p in probabilities.values()))
+    if keys == {"tags"}:  # token
+        return isinstance(record["tags"], list) and all(t is None or isinstance(t, str) for t in record["tags"])
+    if keys == {"id", "answer"}:  # span
+        return isinstance(record["answer"], str) and isinstance(record["id"], (str, int)) and not isinstance(record["id"], bool)
+    if keys == {"id", "answer", "option", "probabilities"}:  # choice
+        answer, probabilities = record["answer"], record["probabilities"]
+        return (isinstance(answer, int) and not isinstance(answer, bool) and isinstance(record["option"], str)
+                and isinstance(probabilities, list) and 0 <= answer < len(probabilities)
+                and all(_number(p) for p in probabilities))
+    return False
+
+
+def _is_prediction_file(path: Path) -> bool:
+    """Whether ``path`` is a prediction file this tool wrote: JSON lines whose first PREDICTION_LINES_CHECKED
+    lines (all of them in a shorter file; at least one) are prediction records of one shape. A data file
+    (it has input columns: text, tokens, question, ...), a model's weights, an empty file are not."""
+    shapes = set()
+    try:
+        with open(path, "rb") as f:
+            for _ in range(PREDICTION_LINES_CHECKED):
+                line = f.readline(_LONGEST_LINE)
+                if not line:
+                    break
+                if not line.lstrip().startswith(b"{"):
+                    return False
+                record = json.loads(line)
+                if not _is_prediction_record(record):
+                    return False
+                shapes.add(frozenset(record))
+    except (OSError, ValueError):  # unreadable; not UTF-8 / not JSON (UnicodeDecodeError, JSONDecodeError)
+        return False
+    return len(shapes) == 1
+
+
+def _is_metrics_file(path: Path) -> bool:
+    """Whether ``path`` is a ``<output>.metrics.json`` this tool wrote (a JSON object with "examples" and a score)."""
+    try:
+        if path.stat().st_size > _LONGEST_LINE:
+            return False
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(metrics, dict) and _number(metrics.get("examples"))
+            and any(_number(metrics.get(k)) for k in ("accuracy", "exact_match")))
+
+
+def _kept_directory(directory: Path) -> str | None:
+    """What ``directory`` is when predictions must not be written into it (None: they may)."""
+    if (directory / CHECKPOINT_MARKER).is_file():
+        return (f"training checkpoint {directory} (it has a {CHECKPOINT_MARKER} marker; checkpoint retention deletes "
+                f"such directories with everything in them)")
+    if (directory / CONFIG_FILE).is_file() and (directory / WEIGHTS_FILE).is_file():
+        return (f"model directory {directory} (an export or a saved fine-tuned model: it has {CONFIG_FILE} and "
+                f"{WEIGHTS_FILE}; its files are the model's, loaded and copied as one)")
+    if (directory / META_FILE).is_file():
+        try:
+            meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = None
+        if isinstance(meta, dict) and "format_version" in meta and "language" in meta:
+            return (f"pre-training dataset {directory} (data_prep's {META_FILE}; a rebuild replaces the directory and "
+                    f"refuses one holding files it does not write)")
+    return None
+
+
+def output_problem(output: str | Path, overwrite: bool = False) -> str | None:
+    """Why predictions must not be written to ``output`` (None: they may); checked before the model is loaded,
+    and again just before writing. Refused: a path inside a model export, training checkpoint or data_prep
+    dataset directory (always); an existing file that is not an earlier prediction file of this tool, or a
+    ``<output>.metrics.json`` that is not its metrics (unless ``overwrite``)."""
+    path = Path(output)
+    parent = path.absolute().parent.resolve()
+    for directory in (parent, *parent.parents):
+        what = _kept_directory(directory) if directory.is_dir() else None
+        if what:
+            return (f"--output {output} is inside {what}: predictions do not belong there; give a path outside it "
+                    f"(--overwrite does not apply)")
+    if overwrite:
+        return None
+    if path.exists():
+        if not path.is_file():
+            return f"--output {output} exists and is not a regular file; give a new path"
+        if not _is_prediction_file(path):
+            return (f"--output {output} already exists and is not a prediction file of pipeline.predict (its lines are "
+                    f"not prediction records): writing would replace it; give a new path, or pass --overwrite to "
+                    f"replace it")
+    metrics = path.with_name(path.name + ".metrics.json")
+    if metrics.exists() and not _is_metrics_file(metrics):
+        return (f"{metrics}, where the metrics of --output {output} go, already exists and is not a metrics file of "
+                f"pipeline.predict: writing would replace (or remove) it; give a new --output path, or pass "
+                f"--overwrite to replace it")
+    return None
+
+
 def run(args: argparse.Namespace) -> dict | None:
     model = FineTuned(args.model)
     task = model.task
@@ -238,6 +385,14 @@ def run(args: argparse.Namespace) -> dict | None:
 
         predictions, split = model.predict_span(args.input, fields, args.batch_size)
         rows = _gold([e.answers if e.has_gold else None for e in split.examples], args.input, "answers")
+        unanswerable = [split.examples[i].id for i in rows if not split.examples[i].answers]
+        if unanswerable and not task["allow_null"]:
+            # the span form of a gold label the model never saw: it was fine-tuned without unanswerable questions,
+            # so it always answers; as in the other tasks, they are predicted and counted (wrong), not left out
+            log.warning("WARNING: %d of the %d scored questions of %s are unanswerable (no gold answer; ids %s%s) but "
+                        "the model was fine-tuned without unanswerable questions and always answers: they are predicted "
+                        "like the others, and counted wrong in the metrics", len(unanswerable), len(rows), args.input,
+                        unanswerable[:5], " ..." if len(unanswerable) > 5 else "")
         if rows:
             metrics = reading.span_report([predictions[i]["answer"] for i in rows],
                                           [[text for text, _ in split.examples[i].answers] for i in rows], split.language)
@@ -249,6 +404,8 @@ def run(args: argparse.Namespace) -> dict | None:
             log.info("%s has no gold answers (for rows: column %r, --label-field; for ChID rows: answers): no metrics",
                      args.input, fields["label_field"])
         rows = _gold([e.label for e in examples], args.input, fields["label_field"])
+        # no unknown-gold case here: a gold answer is an index into the question's own options (checked when
+        # read), and the model scores each option alone, whatever their number
         if rows:
             metrics = choice_report(np.asarray([predictions[i]["answer"] for i in rows]),
                                     np.asarray([examples[i].label for i in rows]))
@@ -271,9 +428,8 @@ def run(args: argparse.Namespace) -> dict | None:
                 gold = table[fields["label_field"]]
                 rows = _gold(gold, args.input, fields["label_field"])
                 if rows:
-                    ids = model.labels.ids([gold[i] for i in rows], args.input)
-                    predicted = model.labels.ids([predictions[i]["label"] for i in rows], args.input)
-                    metrics = ft.classification_report(np.asarray(predicted), np.asarray(ids), model.labels.names)
+                    metrics = _report_with_unknown_gold(model.labels, [predictions[i]["label"] for i in rows],
+                                                        [gold[i] for i in rows], args.input, "rows")
         else:
             token_lists = ft._column(table, fields["tokens_field"], args.input, "tokens_field")
             _token_rows(token_lists, args.input, fields["tokens_field"])
@@ -291,17 +447,20 @@ def run(args: argparse.Namespace) -> dict | None:
                 rows = _gold(gold, args.input, fields["tags_field"])
                 pairs = [(p, g) for i in rows for p, g in zip(predictions[i]["tags"], gold[i]) if p is not None]
                 if pairs:
-                    ids = model.labels.ids([g for _, g in pairs], args.input)
-                    predicted = model.labels.ids([p for p, _ in pairs], args.input)
-                    metrics = ft.classification_report(np.asarray(predicted), np.asarray(ids), model.labels.names)
+                    metrics = _report_with_unknown_gold(model.labels, [p for p, _ in pairs], [g for _, g in pairs],
+                                                        args.input, "tokens")
     output = Path(args.output)
     metrics_file = output.with_name(output.name + ".metrics.json")
+    problem = output_problem(output, getattr(args, "overwrite", False))  # again: a file may have appeared meanwhile
+    if problem:
+        raise PredictError(f"{problem} (nothing was written)")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
+        # the earlier metrics go first: an interruption between the two writes leaves new predictions without
+        # metrics, never next to an earlier run's; each file is replaced atomically (never half-written)
+        metrics_file.unlink(missing_ok=True)
         ft.write_atomically(output, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
-        if metrics is None:
-            metrics_file.unlink(missing_ok=True)  # an earlier run's metrics would pass for these predictions'
-        else:
+        if metrics is not None:
             ft.write_atomically(metrics_file, json.dumps(metrics, indent=1))
     except OSError as exc:
         raise PredictError(f"cannot write --output {output} ({exc.strerror or exc}); give a path in a writable "
@@ -309,6 +468,8 @@ def run(args: argparse.Namespace) -> dict | None:
     log.info("%d predictions -> %s", len(predictions), output)
     if metrics is not None:
         shown = {k: round(v, 4) for k, v in metrics.items() if k in ("accuracy", "macro_f1", "exact_match", "f1")}
+        if metrics.get("unknown_gold"):
+            shown["unknown_gold (counted wrong)"] = metrics["unknown_gold"]
         log.info("metrics against the gold column of %s: %s -> %s", args.input, shown, metrics_file)
     return metrics
 
@@ -318,6 +479,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("model", help="a fine-tuned model directory (pipeline.finetune --save-models: OUTPUT/models/seed<k>)")
     parser.add_argument("--input", required=True, help="examples to predict (.jsonl/.json/.csv/.tsv/.parquet, also compressed)")
     parser.add_argument("--output", required=True, help="JSON-lines file of predictions, one per input example")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output (and its .metrics.json) even when it is not an earlier "
+                             "prediction file (those are replaced without it); never the input, never inside a model, "
+                             "checkpoint or dataset directory")
     parser.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default: 64)")
     for name in ("text_field", "text_pair_field", "label_field", "tokens_field", "tags_field", "question_field",
                  "context_field", "answers_field", "choices_field"):
@@ -336,6 +501,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ancestor = ancestor.parent
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
         parser.error(f"--output {args.output} cannot be written: {ancestor} is {'not a directory' if not ancestor.is_dir() else 'not writable'}")
+    problem = output_problem(args.output, args.overwrite)  # before any work: the model is loaded after this
+    if problem:
+        parser.error(problem)
     return args
 
 

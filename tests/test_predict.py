@@ -174,7 +174,7 @@ def test_predict_refuses_inputs_unlike_the_training_ones_and_keeps_files_apart(t
     assert f"model directory {missing} does not exist" in capsys.readouterr().err
 
 
-def test_token_inputs_are_checked_row_by_row(tmp_path, export, capsys):
+def test_token_inputs_are_checked_row_by_row(tmp_path, export, capsys, caplog):
     from pipeline.predict import main
 
     rows = [{"tokens": list(w), "tags": ["B"] + ["E"] * (len(w) - 1)} for w in POSITIVE + NEGATIVE] * 2
@@ -192,6 +192,20 @@ def test_token_inputs_are_checked_row_by_row(tmp_path, export, capsys):
         err = capsys.readouterr().err
         assert f"{bad} record 2: " in err and message in err, err
     assert not (tmp_path / "p.jsonl").exists()
+    # a gold tag the model was not fine-tuned on: every row is predicted, its tokens counted wrong, one warning
+    import logging
+
+    unknown = _write(tmp_path / "unknown.jsonl", [rows[0], {"tokens": ["很", "好"], "tags": ["B", "X"]}])
+    with caplog.at_level(logging.WARNING, logger="predict"):
+        assert main([model, "--input", str(unknown), "--output", str(tmp_path / "p.jsonl")]) == 0
+    predictions = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [len(p["tags"]) for p in predictions] == [len(rows[0]["tokens"]), 2]
+    assert "1 of the 4 scored tokens of" in caplog.text and "['X']" in caplog.text
+    metrics = json.loads((tmp_path / "p.jsonl.metrics.json").read_text())
+    gold = rows[0]["tags"] + ["B", "X"]
+    tags = predictions[0]["tags"] + predictions[1]["tags"]
+    assert metrics["unknown_gold"] == 1 and metrics["examples"] == 4
+    assert metrics["accuracy"] == pytest.approx(sum(p == g for p, g in zip(tags, gold)) / 4)
 
 
 def test_span_metrics_leave_out_questions_without_answers(tmp_path, export, caplog):
@@ -212,3 +226,117 @@ def test_span_metrics_leave_out_questions_without_answers(tmp_path, export, capl
     assert "4 of the 8 rows of" in caplog.text and "the metrics are over the other 4" in caplog.text
     metrics = json.loads((tmp_path / "p.jsonl.metrics.json").read_text())
     assert metrics["examples"] == 4 and "unanswerable" not in metrics
+    # an unanswerable gold question for a model fine-tuned without them: predicted, warned about, counted wrong
+    unanswerable = _write(tmp_path / "unanswerable.jsonl", rows[:3] + [{**rows[3], "answers": {"text": [], "answer_start": []}}])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="predict"):
+        predictions = _predict(tmp_path / "out" / "models" / "seed1", unanswerable, tmp_path / "p.jsonl")
+    assert len(predictions) == 4 and predictions[3]["answer"] != ""
+    assert "1 of the 4 scored questions of" in caplog.text and rows[3]["id"] in caplog.text
+    metrics = json.loads((tmp_path / "p.jsonl.metrics.json").read_text())
+    assert metrics["examples"] == 4 and metrics["unanswerable"] == 1
+
+
+def test_an_existing_file_that_is_not_predictions_is_refused_before_any_work(tmp_path, export, sequence_model, capsys,
+                                                                             monkeypatch):
+    """A data file, a model's weights, a foreign .metrics.json: refused with the fix, left byte-identical, and
+    refused before the model is loaded; as is any --output inside an export, checkpoint or dataset directory."""
+    import pipeline.predict as predict
+
+    data = _write(tmp_path / "data.jsonl", [{"text": "很好", "label": "pos"}])
+    dev = _write(tmp_path / "dev.jsonl", [{"text": "很差", "label": "neg"}, {"text": "很好", "label": "pos"}])
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(bytes(range(256)) * 4)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    span_like = _write(tmp_path / "questions.jsonl", [{"id": "q1", "question": "很好？", "context": "很好。"}])
+
+    def not_loaded(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before --output was checked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(predict, "FineTuned", not_loaded)
+        for existing in (dev, weights, empty, span_like):
+            before = existing.read_bytes()
+            with pytest.raises(SystemExit):
+                predict.main([str(sequence_model), "--input", str(data), "--output", str(existing)])
+            err = capsys.readouterr().err
+            assert f"--output {existing} already exists and is not a prediction file" in err, err
+            assert "give a new path, or pass --overwrite" in err
+            assert existing.read_bytes() == before
+        # inside a model export (its weights too), a saved fine-tuned model, a checkpoint, a dataset
+        from tests.test_finetune import make_tiny_zh_dataset
+
+        checkpoint = tmp_path / "run" / "checkpoints" / "step_00000010"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "COMPLETE").write_text(json.dumps({"step": 10}), encoding="utf-8")
+        dataset = make_tiny_zh_dataset(tmp_path / "dataset")
+        weights_before = (export / "model.safetensors").read_bytes()
+        for output, what in ((export / "model.safetensors", f"model directory {export}"),
+                             (export / "sub" / "pred.jsonl", f"model directory {export}"),
+                             (sequence_model / "pred.jsonl", f"model directory {sequence_model}"),
+                             (checkpoint / "pred.jsonl", f"training checkpoint {checkpoint}"),
+                             (dataset / "pred.jsonl", f"pre-training dataset {dataset}")):
+            for extra in ([], ["--overwrite"]):
+                with pytest.raises(SystemExit):
+                    predict.main([str(sequence_model), "--input", str(data), "--output", str(output), *extra])
+                err = capsys.readouterr().err
+                assert f"--output {output} is inside {what}" in err and "give a path outside it" in err, err
+        assert (export / "model.safetensors").read_bytes() == weights_before
+        assert not (export / "sub").exists() and not (sequence_model / "pred.jsonl").exists()
+        assert not (checkpoint / "pred.jsonl").exists() and not (dataset / "pred.jsonl").exists()
+        # a .metrics.json next to a new --output that predict did not write
+        foreign = tmp_path / "new.jsonl.metrics.json"
+        foreign.write_text('{"note": "mine"}', encoding="utf-8")
+        with pytest.raises(SystemExit):
+            predict.main([str(sequence_model), "--input", str(data), "--output", str(tmp_path / "new.jsonl")])
+        assert "new.jsonl.metrics.json, where the metrics of --output" in capsys.readouterr().err
+        assert foreign.read_text(encoding="utf-8") == '{"note": "mine"}'
+    # --overwrite replaces a file that is not a prediction file (and a foreign metrics file)
+    predictions = _predict(sequence_model, data, tmp_path / "ignored.jsonl")
+    from pipeline.predict import main
+
+    assert main([str(sequence_model), "--input", str(data), "--output", str(dev), "--overwrite"]) == 0
+    assert [json.loads(line) for line in dev.read_text(encoding="utf-8").splitlines()] == predictions
+    assert main([str(sequence_model), "--input", str(data), "--output", str(tmp_path / "new.jsonl"), "--overwrite"]) == 0
+    assert json.loads(foreign.read_text(encoding="utf-8"))["examples"] == 1
+
+
+def test_predict_replaces_its_own_earlier_predictions(tmp_path, sequence_model):
+    first = _write(tmp_path / "first.jsonl", [{"text": "很好", "label": "pos"}])
+    second = _write(tmp_path / "second.jsonl", [{"text": "很差"}, {"text": "喜欢"}, {"text": "很好"}])
+    output = tmp_path / "p.jsonl"
+    assert len(_predict(sequence_model, first, output)) == 1
+    assert (tmp_path / "p.jsonl.metrics.json").exists()
+    assert len(_predict(sequence_model, second, output)) == 3  # its own earlier output (and metrics): replaced
+    assert not (tmp_path / "p.jsonl.metrics.json").exists()
+    assert len(_predict(sequence_model, first, output)) == 1
+    from pipeline.predict import _is_prediction_file
+
+    # the records of the other tasks are recognised too; a data file with one of their keys is not
+    for records, expected in (([{"tags": ["B", None]}], True), ([{"id": "q1", "answer": ""}], True),
+                              ([{"id": 3, "answer": 1, "option": "甲", "probabilities": [0.1, 0.9]}], True),
+                              ([{"tokens": ["很"], "tags": ["S"]}], False), ([{"label": "pos"}], False),
+                              ([{"label": "pos", "probabilities": {"pos": 1.0}}, {"text": "很好"}], False)):
+        assert _is_prediction_file(_write(tmp_path / "x.jsonl", records)) is expected, records
+
+
+def test_gold_labels_the_model_never_saw_are_predicted_and_counted_wrong(tmp_path, sequence_model, caplog):
+    """Fine-tuning refuses them; predict writes every row's prediction, warns once, and counts those rows wrong."""
+    import logging
+
+    rows = [{"text": "很好。", "label": "pos"}, {"text": "很差。", "label": "neg"}, {"text": "喜欢。", "label": "neutral"},
+            {"text": "讨厌。", "label": "mixed"}, {"text": "很好。", "label": "neutral"}, {"text": "很差。", "label": None}]
+    data = _write(tmp_path / "data.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="predict"):
+        predictions = _predict(sequence_model, data, tmp_path / "p.jsonl")
+    assert len(predictions) == 6 and all(p["label"] in ("pos", "neg") for p in predictions)
+    warnings = [r.getMessage() for r in caplog.records if "not fine-tuned on" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text
+    assert "3 of the 5 scored rows of" in warnings[0] and "['mixed', 'neutral']" in warnings[0]
+    assert "counted wrong" in warnings[0]
+    metrics = json.loads((tmp_path / "p.jsonl.metrics.json").read_text())
+    right = sum(p["label"] == r["label"] for p, r in zip(predictions, rows))
+    assert metrics["examples"] == 5 and metrics["unknown_gold"] == 3
+    assert metrics["accuracy"] == pytest.approx(right / 5)  # the unknown rows count, as wrong
+    assert metrics["per_class"]["neutral"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 2}
