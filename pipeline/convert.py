@@ -233,9 +233,7 @@ def to_universal(source: Path, target_dir: Path, workers: int = 1) -> Path:
     target = target_dir / source.name
     if target.exists():
         raise ConvertError(f"{target} already exists: remove it or choose another target directory")
-    partial = target_dir / (source.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    target_dir.mkdir(parents=True, exist_ok=True)
+    partial = scratch_directory(target, "partial")  # a new name: an older folder is never deleted
     args = argparse.Namespace(
         input_folder=str(source), output_folder=str(partial), num_extract_workers=workers, num_merge_workers=workers,
         keep_temp_folder=False, strict=True, inject_missing_state=False,
@@ -254,32 +252,71 @@ def to_universal(source: Path, target_dir: Path, workers: int = 1) -> Path:
                                f"command again") from None
         raise ConvertError(f"checkpoint {source} cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}): "
                            f"one of its files is missing or damaged; convert an older complete checkpoint") from None
-    _wrap_bare_zero3_states(partial)
-    (target_dir / "latest_universal").unlink(missing_ok=True)  # DeepSpeed's pointer: we use COMPLETE markers
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    try:
+        _wrap_bare_zero3_states(partial)
+        (target_dir / "latest_universal").unlink(missing_ok=True)  # DeepSpeed's pointer: we use COMPLETE markers
+        partial.rename(target)
+    except BaseException as exc:
+        from pipeline.checkpoint import disk_full
+
+        why = disk_full(target_dir, exc) if isinstance(exc, (OSError, RuntimeError)) else None
+        shutil.rmtree(partial, ignore_errors=True)
+        if why is not None:
+            raise ConvertError(f"converting {source} into {target_dir} failed: {why}. What it had written was "
+                               f"removed (the source is untouched): free space, or write elsewhere, then run the same "
+                               f"command again") from None
+        raise
     marker = {**marker, "universal": True, "converted_from": str(source), "universal_format": UNIVERSAL_FORMAT}
-    partial.rename(target)
     (target / COMPLETE).write_text(json.dumps(marker, indent=1, default=str), encoding="utf-8")
     return target
 
 
 def export(source: Path, output: Path) -> Path:
     """Consolidated fp32 weights (TP shards merged, ZeRO partitions gathered) as safetensors, plus
-    config.json (the ModelConfig) and the run config: loadable with ``load_exported`` and no DeepSpeed."""
-    from safetensors.torch import save_file
-
+    config.json (the ModelConfig) and the run config: loadable with ``load_exported`` and no DeepSpeed.
+    Written next to ``output`` and renamed into place when complete (see ``check_export_output``)."""
     from pipeline.checkpoint import read_marker
 
     source = _complete_checkpoint(source)
-    output = Path(output)
-    _refuse_inside(source, output, "output")
-    check_export_output(output, ("config.json", "model.safetensors"), "an export")  # before the expensive part
+    final = Path(output)
+    _refuse_inside(source, final, "output")
+    refuse_containing(source, final, "checkpoint")
+    check_export_output(final, ("config.json", "model.safetensors"), "an export")  # before the expensive part
     marker = read_marker(source)
-    tmp_universal = Path(str(output) + ".universal-tmp")
-    shutil.rmtree(tmp_universal, ignore_errors=True)
+    scratch: list[Path] = []  # what this export created: removed on failure, never anything else
+    try:
+        state = _consolidated_state(source, marker, final, scratch)
+        output = scratch_directory(final, "partial")  # written aside, renamed when complete
+        scratch.append(output)
+        _write_export(state, marker, output, final)
+        return commit_output(output, final, "an export")
+    except (OSError, RuntimeError) as exc:  # a full disk: say so, and remove what was half written
+        from pipeline.checkpoint import disk_full
+
+        why = disk_full(final, exc)  # before the scratch directories are removed (which frees space)
+        _remove_scratch(scratch)
+        if why is None:
+            raise
+        raise ConvertError(f"export of {source} to {final} failed: {why}. What it had written was removed (the "
+                           f"source and any earlier output are untouched): free space, or give another OUTPUT, "
+                           f"then run the same command again") from None
+    except BaseException:
+        _remove_scratch(scratch)
+        raise
+
+
+def _consolidated_state(source: Path, marker: dict, final: Path, scratch: list[Path]) -> dict[str, torch.Tensor]:
+    """The full fp32 tensors of a checkpoint (through a universal conversion next to ``final``, removed after)."""
+    tmp_universal = None
     try:
         if marker.get("universal"):
             zero_dir = source / "zero"
         else:
+            tmp_universal = scratch_directory(final, "universal-tmp")
+            scratch.append(tmp_universal)
             zero_dir = to_universal(source, tmp_universal) / "zero"
         # Without TP, DeepSpeed's ZeRO-3 merge writes flat tensors: shape them from the recorded
         # parameter shapes (with TP the merge already yields full-shape tensors).
@@ -296,10 +333,16 @@ def export(source: Path, output: Path) -> Path:
                 tensor = tensor.view(shape)
             state[param_dir.name] = tensor.float().contiguous().clone()
     finally:
-        shutil.rmtree(tmp_universal, ignore_errors=True)
-    final, output = output, Path(str(output) + ".partial")  # written aside, renamed when complete
-    shutil.rmtree(output, ignore_errors=True)
-    output.mkdir(parents=True)
+        if tmp_universal is not None:
+            shutil.rmtree(tmp_universal, ignore_errors=True)
+            scratch.remove(tmp_universal)
+    return state
+
+
+def _write_export(state: dict[str, torch.Tensor], marker: dict, output: Path, final: Path) -> None:
+    """The export's files into ``output`` (a scratch directory; ``final`` is where it will be)."""
+    from safetensors.torch import save_file
+
     save_file(state, str(output / "model.safetensors"), metadata={"format": "pt", "step": str(marker["step"])})
     shareable(output / "model.safetensors")
     (output / "config.json").write_text(json.dumps(marker["model_config"], indent=1), encoding="utf-8")
@@ -329,7 +372,6 @@ def export(source: Path, output: Path) -> Path:
                                         "tensor_parallel", "data_parallel", "started_from")}, indent=1),
         encoding="utf-8",
     )
-    return commit_output(output, final)
 
 
 class ConvertError(ValueError):
@@ -367,11 +409,43 @@ def shareable(*paths: Path) -> None:
 _EXPORT_KINDS = {"an export": ("fine_vocab.txt", "coarse_vocab.txt"),
                  "a Hugging Face model": ("vocab.txt", "tokenizer_config.json")}
 
+# Every name each kind of export writes (`_write_export` here and `save_exported` in pipeline/inference.py:
+# the weights, config.json, training.json and data_prep's TOKENIZER_FILES; pipeline/export_hf.py's
+# `_write_hf`: what transformers 4.x / 5.x save for a BertForMaskedLM and its fast tokenizer, sharded
+# weights included). Replacing an output deletes it whole, so it is replaced only when it holds nothing else.
+_HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+             "vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+_HF_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def export_file_names(kind: str) -> frozenset[str]:
+    """The names ``kind`` (a key of ``_EXPORT_KINDS``) writes into its output directory."""
+    if kind == "a Hugging Face model":
+        return frozenset(_HF_FILES)
+    from data_prep.encode import TOKENIZER_FILES
+
+    return frozenset(("model.safetensors", "config.json", "training.json", *TOKENIZER_FILES))
+
+
+def _not_written_by(output: Path, kind: str) -> list[str]:
+    """The entries of ``output`` that ``kind`` does not write (a folder never: it writes files only)."""
+    names = export_file_names(kind)
+    extra = []
+    for entry in output.iterdir():
+        written = entry.name in names or (kind == "a Hugging Face model" and _HF_SHARD.fullmatch(entry.name))
+        if not written or (entry.is_dir() and not entry.is_symlink()):
+            extra.append(entry.name + ("/" if entry.is_dir() and not entry.is_symlink() else ""))
+    return sorted(extra)
+
 
 def check_export_output(output: Path, signature: tuple[str, ...], kind: str) -> None:
-    """An output directory may be new, empty, or ``kind`` written before (it is replaced); nothing else
-    (another kind of export included) is overwritten. Checked before any work."""
+    """An output directory may be new, empty, or ``kind`` written before and holding nothing else (it is
+    replaced whole); nothing else (another kind of export, an export a user or fine-tuning added files
+    to, a training run) is overwritten. Checked before any work, and again just before the replacement."""
     output = Path(output)
+    if output.is_symlink():  # renaming it aside would move the link, not the export it points to
+        raise ConvertError(f"output {output} is a symbolic link: give the directory it points to "
+                           f"({output.resolve()}) or a new one")
     if output.exists() and not output.is_dir():
         raise ConvertError(f"output {output} is a file: give a directory to write {kind} into")
     if not output.is_dir() or not any(output.iterdir()):
@@ -383,19 +457,63 @@ def check_export_output(output: Path, signature: tuple[str, ...], kind: str) -> 
     if not all((output / name).is_file() for name in signature):
         raise ConvertError(f"output {output} is a non-empty folder that does not hold {kind}: give a new or "
                            f"empty directory, or one holding {kind} written before (it is replaced)")
+    extra = _not_written_by(output, kind)
+    if extra:
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise ConvertError(f"output {output} holds {kind} but also {shown}, which {kind} does not write: replacing "
+                           f"the folder would delete {'it' if len(extra) == 1 else 'them'}. Give a new or empty "
+                           f"directory, or move {'it' if len(extra) == 1 else 'them'} out of {output} first")
 
 
-def commit_output(partial: Path, final: Path) -> Path:
-    """Put a completely written ``partial`` directory in place of ``final`` (a previous output is replaced)."""
-    if final.exists():
-        old = Path(str(final) + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        partial.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+def refuse_containing(source: Path, output: Path, role: str) -> None:
+    """An output that contains what it is made from (``convert export RUN/checkpoints/step_N RUN``):
+    replacing it would delete the source, and the run around it, with the old output."""
+    if source.resolve().is_relative_to(output.resolve()):
+        raise ConvertError(f"output {output} contains the {role} {source} it is made from: replacing {output} "
+                           f"would delete it. Give an output directory outside it (a new or empty one)")
+
+
+def scratch_directory(final: Path, tag: str) -> Path:
+    """A new directory next to ``final`` (the same filesystem: renaming it is atomic) named
+    ``<final>.<tag>-<pid>-<random>``: created here, so it is never a path that existed before."""
+    import tempfile
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f"{final.name}.{tag}-{os.getpid()}-", dir=final.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o777 & ~mask)  # mkdtemp's 0700 would make the renamed output private
+    return path
+
+
+def _remove_scratch(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+    paths.clear()
+
+
+def commit_output(partial: Path, final: Path, kind: str | None = None) -> Path:
+    """Put a completely written ``partial`` directory in place of ``final`` (a previous output of ``kind``
+    is replaced; checked again here, as files may have been added while the export ran). The previous
+    output is renamed aside under a new name, then removed: no other path is deleted."""
+    if kind is not None:
+        check_export_output(final, (), kind)
+    if not final.exists():
         final.parent.mkdir(parents=True, exist_ok=True)
         partial.rename(final)
+        return final
+    old = scratch_directory(final, "old")
+    final.rename(old)  # replaces the empty directory just made
+    try:
+        partial.rename(final)
+    except BaseException:
+        old.rename(final)  # the previous output back in place
+        raise
+    try:
+        shutil.rmtree(old)
+    except OSError as exc:
+        print(f"warning: {final} was written, but the previous output moved aside to {old} could not be removed "
+              f"({type(exc).__name__}: {exc}); remove it yourself", file=sys.stderr)
     return final
 
 
@@ -458,10 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         why = disk_full(where, exc)
         if why is None:
             raise
-        partial = ([args.target_dir / (args.source.name + ".partial")] if universal else
-                   [Path(str(args.output) + ".partial"), Path(str(args.output) + ".universal-tmp")])
-        for leftover in partial:
-            shutil.rmtree(leftover, ignore_errors=True)
+        # export and to_universal remove the scratch directories they made (and nothing else)
         print(f"error: {args.command} of {args.source} to {where} failed: {why}. What it had written was removed "
               f"(the source and any earlier output are untouched): free space, or give another "
               f"{'TARGET_DIR' if universal else 'OUTPUT'}, then run the same command again", file=sys.stderr)

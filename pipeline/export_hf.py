@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from data_prep import format as fmt
-from pipeline.convert import check_export_output, commit_output, shareable
+from pipeline.convert import check_export_output, commit_output, scratch_directory, shareable
 
 
 class HFExportError(ValueError):
@@ -149,16 +149,14 @@ def export_hf(state: dict[str, torch.Tensor], config, tokenizer_dir: str | Path,
                             f"tokenizer files the export copies from the pre-training dataset; copy the dataset's "
                             f"meta.json there again (or export again from the checkpoint)") from None
     vocab = fmt.Vocab.load(Path(tokenizer_dir) / fmt.FINE_VOCAB_FILE)
-    output = Path(str(final) + ".partial")  # written aside, renamed when complete
-    shutil.rmtree(output, ignore_errors=True)
-    output.mkdir(parents=True)
+    output = scratch_directory(final, "partial")  # written aside (a new name), renamed when complete
     try:
         _write_hf(model, meta, vocab, config, output)
+        shareable(*(p for p in output.iterdir() if p.is_file()))  # model.safetensors is written 0600
+        return commit_output(output, final, "a Hugging Face model")
     except BaseException:
         shutil.rmtree(output, ignore_errors=True)  # nothing half-written is left behind
         raise
-    shareable(*(p for p in output.iterdir() if p.is_file()))  # model.safetensors is written 0600
-    return commit_output(output, final)
 
 
 def _write_hf(model, meta: dict, vocab, config, output: Path) -> None:

@@ -148,32 +148,48 @@ def test_the_tools_do_not_print_megatrons_import_warnings():
     assert "Transformer Engine and Apex are not installed" not in result.stderr, result.stderr
 
 
-def test_an_export_that_fills_the_disk_says_so_and_removes_what_it_wrote(tmp_path, monkeypatch, capsys):
+def universal_checkpoint(root, dataset, step: int = 2):
+    """A complete checkpoint as `pipeline.convert universal` writes it (marker + zero/<param>/fp32.pt),
+    with one tiny tensor: enough for `pipeline.convert export` to run end to end in a moment."""
+    import json
+
+    source = root / "checkpoints" / f"step_{step:08d}"
+    (source / "zero" / "weight").mkdir(parents=True)
+    torch.save({"param": torch.full((2, 3), float(step))}, source / "zero" / "weight" / "fp32.pt")
+    marker = {"step": step, "universal": True, "model_config": {"hidden_size": 3}, "dataset_path": str(dataset)}
+    (source / "COMPLETE").write_text(json.dumps(marker), encoding="utf-8")
+    return source
+
+
+def test_an_export_that_fills_the_disk_says_so_and_removes_what_it_wrote(tmp_path, zh_dataset, monkeypatch, capsys):
     """`pipeline.convert export` / `universal` on a full disk (safetensors and torch.save report it as a
     bare I/O or "unexpected pos" error): one line that says so, the half-written output removed; a
     failure with space left is raised as it is."""
     import shutil
     from collections import namedtuple
 
+    import safetensors.torch
+
     from pipeline import convert
 
+    source = universal_checkpoint(tmp_path / "run", zh_dataset)
     out = tmp_path / "export"
 
-    def fills_the_disk(source, output):
-        partial = tmp_path / "export.partial"
-        partial.mkdir()
-        (partial / "model.safetensors").write_bytes(b"x" * 1000)
+    def fills_the_disk(state, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"x" * 1000)
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2688 vs 2580")
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(convert, "export", fills_the_disk)
+    monkeypatch.setattr(safetensors.torch, "save_file", fills_the_disk)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 40, 1 << 40, 0))
-    assert convert.main(["export", str(tmp_path / "step_00000020"), str(out)]) == 2
+    assert convert.main(["export", str(source), str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: export of {tmp_path / 'step_00000020'} to {out} failed: the disk is full (0.0 MB free "
+    assert err.startswith(f"error: export of {source} to {out} failed: the disk is full (0.0 MB free "
                           f"of 1099.51 GB there; RuntimeError: [enforce fail")
     assert "free space, or give another OUTPUT, then run the same command again" in err
-    assert not (tmp_path / "export.partial").exists() and not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # nothing half-written left next to OUTPUT
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 40, 1 << 30, 1 << 39))
     with pytest.raises(RuntimeError, match="unexpected pos"):
-        convert.main(["export", str(tmp_path / "step_00000020"), str(out)])
+        convert.main(["export", str(source), str(out)])
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
