@@ -297,6 +297,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             raise ConfigError(f"--config {path}: not UTF-8 text; give a YAML recipe") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config {path}: expected a YAML mapping of sections")
+        deepspeed_keys = {"zero_optimization", "train_batch_size", "train_micro_batch_size_per_gpu", "fp16", "bf16"}
+        if deepspeed_keys & set(loaded) and not {"model", "data", "parallelism"} & set(loaded):
+            raise ConfigError(f"--config {path} is a DeepSpeed JSON config, not a recipe: give it as "
+                              f"--deepspeed_config {path} (or parallelism.deepspeed_config={path}), and a recipe "
+                              f"(pipeline/recipes/*.yaml) as --config")
         # Recipes may set model fields directly under `model:`; route them into model.overrides.
         model = dict(loaded.get("model") or {})
         section_fields = {f.name for f in dataclasses.fields(ModelSection)}
@@ -391,13 +396,20 @@ def validate_paths(config: PretrainConfig) -> None:
         _need(os.access(base, os.W_OK | os.X_OK),
               f"{what}={where}: {base} is not writable by this user, so nothing could be saved there; give a "
               f"writable directory")
+        from pipeline.inference import kept_directory
+
+        inside = kept_directory(where)
+        _need(not inside, f"{what}={where} is (inside) {inside}: a training run does not belong there; give another "
+                          f"directory")
     ds_path = resolve_path(p.deepspeed_config)
     _need(ds_path.is_file(), f"parallelism.deepspeed_config={p.deepspeed_config}: no such file (see ds_configs/README.md)")
     if c.resume not in ("", "auto"):
         _need(Path(c.resume).is_dir(), f"checkpointing.resume={c.resume}: no such checkpoint directory (use 'auto' or a step_* directory)")
     if c.init_from:
-        _need(Path(c.init_from).is_dir(), f"checkpointing.init_from={c.init_from}: no such directory (give an export of "
-                                           f"`python -m pipeline.convert export` or a complete step_* checkpoint)")
+        _need(Path(c.init_from).is_dir(), f"checkpointing.init_from={c.init_from}: "
+                                           f"{'a file, not a directory' if Path(c.init_from).is_file() else 'no such directory'} "
+                                           f"(give an export of `python -m pipeline.convert export` or a complete step_* "
+                                           f"checkpoint directory)")
 
 
 def validate(config: PretrainConfig, world_size: int, dataset_meta: dict | None = None, model_config=None,

@@ -180,7 +180,7 @@ class FinetuneConfig:
         for name in ("train", "dev", "test"):
             path = getattr(self, name)
             if path and not Path(path).is_file():
-                fail(name, f"{path} does not exist")
+                fail(name, f"{path} is a directory, not a data file" if Path(path).is_dir() else f"{path} does not exist")
         if self.task not in TASKS:
             fail("task", f"unknown task {self.task!r}; use one of {TASKS}")
         if self.metric and self.metric not in METRICS[self.task]:
@@ -204,6 +204,10 @@ class FinetuneConfig:
             fail("warmup_ratio", "must be in [0, 1)")
         if self.agreement_weight < 0:
             fail("agreement_weight", "must be >= 0")
+        if self.weight_decay < 0:
+            fail("weight_decay", "must be >= 0 (a negative decay pushes weights away from 0)")
+        if any(seed < 0 for seed in self.seeds):
+            fail("seeds", f"{[s for s in self.seeds if s < 0]}: seeds must be >= 0 (NumPy refuses negative seeds)")
         if not 0 <= self.classifier_dropout < 1:
             fail("classifier_dropout", "must be in [0, 1)")
         for name in ("patience", "max_train_examples", "eval_every", "threads"):
@@ -222,6 +226,12 @@ class FinetuneConfig:
                 created = "" if ancestor == Path(self.output).absolute() else f"{self.output} cannot be created: "
                 fail("output", f"{created}{ancestor} is not writable by this user; give an --output in a directory "
                                f"you can write to")
+        from pipeline.inference import kept_directory
+
+        inside = kept_directory(self.output)
+        if inside:
+            fail("output", f"{self.output} is (inside) {inside}: fine-tuning results and models do not belong there; "
+                           f"give an --output outside it")
         results = Path(self.output) / RESULTS_FILE
         if results.is_file() and not self.overwrite:
             fail("output", f"{results} already holds the results of an earlier run; choose another --output, "

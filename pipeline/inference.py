@@ -34,6 +34,39 @@ import torch
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+CHECKPOINT_MARKER = "COMPLETE"  # pipeline.checkpoint.COMPLETE (not imported: that module pulls in torch.distributed)
+
+
+def _kept(directory: Path) -> str | None:
+    if (directory / CHECKPOINT_MARKER).is_file():
+        return (f"training checkpoint {directory} (it has a {CHECKPOINT_MARKER} marker; checkpoint retention deletes "
+                f"such directories with everything in them)")
+    if (directory / CONFIG_FILE).is_file() and (directory / WEIGHTS_FILE).is_file():
+        return (f"model directory {directory} (an export or a saved fine-tuned model: it has {CONFIG_FILE} and "
+                f"{WEIGHTS_FILE}; its files are the model's, loaded, copied and replaced as one)")
+    from data_prep.format import META_FILE
+
+    if (directory / META_FILE).is_file():
+        try:
+            meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = None
+        if isinstance(meta, dict) and "format_version" in meta and "language" in meta:
+            return (f"pre-training dataset {directory} (data_prep's {META_FILE}; a rebuild replaces the directory and "
+                    f"refuses one holding files it does not write)")
+    return None
+
+
+def kept_directory(path: str | os.PathLike) -> str | None:
+    """What ``path`` or the nearest of its parent directories is when outputs (predictions, fine-tuning
+    results, a training run) must not be written into it: a training checkpoint, a model export or saved
+    fine-tuned model, a data_prep dataset. None: they may."""
+    path = Path(path).absolute().resolve()
+    for directory in (path, *path.parents):
+        what = _kept(directory) if directory.is_dir() else None
+        if what:
+            return what
+    return None
 
 
 class ExportError(ValueError):

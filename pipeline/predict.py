@@ -47,10 +47,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_prep.encode import EncodeError, TextEncoder  # noqa: E402
-from data_prep.format import META_FILE, FormatError  # noqa: E402
+from data_prep.format import FormatError  # noqa: E402
 from pipeline import finetuning as ft  # noqa: E402
 from pipeline.choice import ChoiceDataError  # noqa: E402
-from pipeline.inference import CONFIG_FILE, WEIGHTS_FILE, ExportError  # noqa: E402
+from pipeline.inference import CONFIG_FILE, WEIGHTS_FILE, ExportError, kept_directory  # noqa: E402
 from pipeline.reading import SpanDataError  # noqa: E402
 
 log = logging.getLogger("predict")
@@ -240,7 +240,7 @@ def _report_with_unknown_gold(labels: ft.LabelSet, predicted: list[str], gold: l
     score it only on the rows it can get right and inflate the accuracy of the file it was given. Each unknown
     label is a class of its own, never predicted (recall and F1 0, counted in macro-F1): what scikit-learn
     gives on the label strings. ``unknown_gold`` in the report counts them; one warning names them."""
-    gold = [str(g) for g in gold]  # as LabelSet.ids: numeric labels are their strings ("10")
+    gold = [ft.label_name(g) for g in gold]  # as LabelSet.ids: numeric labels are their strings ("10", 1.0 -> "1")
     unknown = sorted({g for g in gold if g not in labels.index})
     names = list(labels.names) + unknown
     index = {name: i for i, name in enumerate(names)}
@@ -260,7 +260,6 @@ def _report_with_unknown_gold(labels: ft.LabelSet, predicted: list[str], gold: l
 PREDICTION_LINES_CHECKED = 1000
 """How many lines of an existing --output are checked to be prediction records before it may be replaced."""
 _LONGEST_LINE = 1 << 24  # bytes; a longer "line" (e.g. a binary file without line breaks) is no prediction record
-CHECKPOINT_MARKER = "COMPLETE"  # pipeline.checkpoint.COMPLETE (not imported: that module pulls in torch.distributed)
 
 
 def _number(value) -> bool:
@@ -322,37 +321,16 @@ def _is_metrics_file(path: Path) -> bool:
             and any(_number(metrics.get(k)) for k in ("accuracy", "exact_match")))
 
 
-def _kept_directory(directory: Path) -> str | None:
-    """What ``directory`` is when predictions must not be written into it (None: they may)."""
-    if (directory / CHECKPOINT_MARKER).is_file():
-        return (f"training checkpoint {directory} (it has a {CHECKPOINT_MARKER} marker; checkpoint retention deletes "
-                f"such directories with everything in them)")
-    if (directory / CONFIG_FILE).is_file() and (directory / WEIGHTS_FILE).is_file():
-        return (f"model directory {directory} (an export or a saved fine-tuned model: it has {CONFIG_FILE} and "
-                f"{WEIGHTS_FILE}; its files are the model's, loaded and copied as one)")
-    if (directory / META_FILE).is_file():
-        try:
-            meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            meta = None
-        if isinstance(meta, dict) and "format_version" in meta and "language" in meta:
-            return (f"pre-training dataset {directory} (data_prep's {META_FILE}; a rebuild replaces the directory and "
-                    f"refuses one holding files it does not write)")
-    return None
-
-
 def output_problem(output: str | Path, overwrite: bool = False) -> str | None:
     """Why predictions must not be written to ``output`` (None: they may); checked before the model is loaded,
     and again just before writing. Refused: a path inside a model export, training checkpoint or data_prep
     dataset directory (always); an existing file that is not an earlier prediction file of this tool, or a
     ``<output>.metrics.json`` that is not its metrics (unless ``overwrite``)."""
     path = Path(output)
-    parent = path.absolute().parent.resolve()
-    for directory in (parent, *parent.parents):
-        what = _kept_directory(directory) if directory.is_dir() else None
-        if what:
-            return (f"--output {output} is inside {what}: predictions do not belong there; give a path outside it "
-                    f"(--overwrite does not apply)")
+    what = kept_directory(path.absolute().parent)
+    if what:
+        return (f"--output {output} is inside {what}: predictions do not belong there; give a path outside it "
+                f"(--overwrite does not apply)")
     if overwrite:
         return None
     if path.exists():

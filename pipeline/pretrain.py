@@ -160,6 +160,9 @@ def check_dataset_dir(config: PretrainConfig) -> None:
             f"(the dataset appears as {unfinished} when it completes): finish it by running the same "
             f"`python data_prep/build.py ... --output {unfinished}` command again with --resume, then point data.path at {unfinished}"
         )
+    if path.is_file() and (path.parent / META_FILE).is_file():  # .../meta.json or .../train_fine.bin
+        raise ConfigError(f"data.path={config.data.path} is a file of the dataset {path.parent}: point data.path at "
+                          f"that directory")
     raise ConfigError(
         f"data.path={config.data.path}: {path} is not a dataset (no {META_FILE}); build one with "
         f"`python data_prep/build.py --lang zh|en --output {path}` or point data.path at one"

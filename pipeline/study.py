@@ -166,9 +166,25 @@ class StudyConfig:
         for name in ("save_every", "train_examples", "eval_examples", "threads"):
             if getattr(self, name) < 0:
                 raise StudyError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
+        # the fine-tuning flags: checked by pipeline.finetune too, but only after the data build and the
+        # pre-training runs (hours with a real recipe)
+        for name, value, least in (("epochs", self.epochs, 0.0), ("lr", self.lr, 0.0)):
+            if not value > least:
+                raise StudyError(f"--{name} {value}: must be > 0")
+        if self.batch_size < 1:
+            raise StudyError(f"--batch-size {self.batch_size}: must be >= 1")
+        if self.max_length < 4:
+            raise StudyError(f"--max-length {self.max_length}: must leave room for [CLS], [SEP] and tokens (>= 4)")
         if not (ROOT / self.recipe).is_file() and not Path(self.recipe).is_file():
             raise StudyError(f"--recipe {self.recipe} does not exist: give a pre-training recipe YAML "
                              f"(pipeline/recipes/*.yaml)")
+        from pipeline.config import ConfigError, load_config, validate
+
+        try:  # a DeepSpeed JSON or a broken recipe failed after the data build, in a traceback
+            validate(load_config(ROOT / self.recipe if (ROOT / self.recipe).is_file() else self.recipe, []),
+                     self.nproc, paths=False)
+        except ConfigError as exc:
+            raise StudyError(f"--recipe {self.recipe}: {exc}") from None
         for language in self.languages:
             given = self.dataset_zh if language == "zh" else self.dataset_en
             if given:

@@ -212,3 +212,41 @@ def test_mistakes_deepspeed_would_find_late_or_never(tmp_path):
         cfg = C.load_config(None, ["model.ffn_hidden_size=-1"])
         meta = {"fine_vocab_size": 64, "coarse_vocab_size": 96, "language": "zh"}
         C.validate(cfg, 2, meta, C.build_model_config(cfg, meta))
+
+
+def test_a_run_is_not_written_into_a_dataset_an_export_or_a_checkpoint(tmp_path):
+    """output_dir inside a data_prep dataset or an export was accepted: the dataset could no longer be
+    rebuilt (it held files data_prep did not write), and exporting into the run's own folder deleted the
+    whole run. Paths that point at a file of a dataset, or init_from a file, were called missing."""
+    from pipeline.pretrain import check_dataset_dir
+
+    dataset = tmp_path / "zh"
+    dataset.mkdir()
+    (dataset / "meta.json").write_text(json.dumps({"format_version": 3, "language": "zh"}), encoding="utf-8")
+    export = tmp_path / "export"
+    export.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (export / name).write_text("{}", encoding="utf-8")
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "COMPLETE").write_text("{}", encoding="utf-8")
+    for where, what in ((dataset, f"pre-training dataset {dataset}"), (dataset / "run", f"pre-training dataset {dataset}"),
+                        (export, f"model directory {export}"), (checkpoint / "x", f"training checkpoint {checkpoint}")):
+        with pytest.raises(C.ConfigError, match=rf"output_dir={where} is \(inside\) {what} .*a training run does not "
+                                                rf"belong there; give another directory"):
+            C.validate_paths(C.load_config(None, [f"output_dir={where}"]))
+    C.validate_paths(C.load_config(None, [f"output_dir={tmp_path / 'run'}"]))  # the run's own folder: fine
+    with pytest.raises(C.ConfigError, match=rf"data.path={dataset / 'meta.json'} is a file of the dataset {dataset}: "
+                                            rf"point data.path at that directory"):
+        check_dataset_dir(C.load_config(None, [f"data.path={dataset / 'meta.json'}"]))
+    with pytest.raises(C.ConfigError, match=r"checkpointing.init_from=.*config.json: a file, not a directory"):
+        C.validate_paths(C.load_config(None, [f"checkpointing.init_from={export / 'config.json'}"]))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(
+        ["zh", "meta.json", "export", "config.json", "model.safetensors", "run", "checkpoints", "step_00000002", "COMPLETE"])
+
+
+def test_a_deepspeed_json_given_as_the_recipe_says_which_flag_takes_it():
+    """It listed the JSON's keys as unknown recipe fields."""
+    with pytest.raises(C.ConfigError, match=r"--config ds_configs/zero1_cpu.json is a DeepSpeed JSON config, not a recipe: "
+                                            r"give it as --deepspeed_config ds_configs/zero1_cpu.json"):
+        C.load_config("ds_configs/zero1_cpu.json")

@@ -359,3 +359,27 @@ def test_whole_number_labels_are_one_class_whatever_their_type(tmp_path, caplog)
     assert "the labels of train.jsonl mix numbers (0, 1) and names (neg, pos): each is a class of its own" in caplog.text
     with pytest.raises(FinetuneError, match=r"^train.jsonl record 3 has no label \(null; 2 such examples\)"):
         LabelSet(["pos", "neg", None, None], "train.jsonl")
+
+
+def test_fine_tuning_output_inside_a_model_or_dataset_and_bad_flags_are_refused(tmp_path):
+    """--output X with --model X was accepted (a later export into X deleted the results and models);
+    --weight-decay -1, --seeds -1 ran; --train DIRECTORY was called missing."""
+    from pipeline.finetuning import FinetuneConfig, FinetuneError
+
+    files = make_sentiment_files(tmp_path, sizes=(4, 4, 4))
+    export = tmp_path / "export"
+    export.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (export / name).write_text("{}", encoding="utf-8")
+    base = dict(model="random:tiny", dataset=str(tmp_path), train=str(files["train"]), dev=str(files["dev"]),
+                test=str(files["test"]), output=str(tmp_path / "out"), seeds=[1])
+    for change, message in (
+        ({"output": str(export)}, rf"--output: {export} is \(inside\) model directory {export} .*give an --output outside it"),
+        ({"output": str(export / "ft")}, r"--output: .* is \(inside\) model directory"),
+        ({"weight_decay": -1.0}, r"--weight-decay: must be >= 0"),
+        ({"seeds": [1, -1]}, r"--seeds: \[-1\]: seeds must be >= 0"),
+        ({"train": str(tmp_path)}, rf"--train: {tmp_path} is a directory, not a data file"),
+    ):
+        with pytest.raises(FinetuneError, match=message):
+            FinetuneConfig(**{**base, **change}).validate()
+    assert sorted(p.name for p in export.iterdir()) == ["config.json", "model.safetensors"]

@@ -144,6 +144,13 @@ def no_work(monkeypatch):
     (["--nproc", "0"], ["--nproc 0", ">= 1"]),
     (["--nproc", "-2"], ["--nproc -2", ">= 1"]),
     (["--seeds", "1", "2", "1"], ["--seeds 1 2 1", "seed 1 given more than once", "distinct seeds"]),
+    # fine-tuning flags and the recipe: refused by pipeline.finetune / pretrain only after the data build and the
+    # pre-training runs (a DeepSpeed JSON as --recipe: a ConfigError traceback)
+    (["--epochs", "0"], ["--epochs 0", "must be > 0"]),
+    (["--lr", "-1"], ["--lr -1.0", "must be > 0"]),
+    (["--max-length", "2"], ["--max-length 2", ">= 4"]),
+    (["--recipe", "ds_configs/zero1.json"], ["--recipe ds_configs/zero1.json", "is a DeepSpeed JSON config, not a recipe",
+                                             "--deepspeed_config"]),
 ])
 def test_study_refuses_bad_nproc_and_repeated_seeds(tmp_path, capsys, no_work, flags, fragments):
     code, err = _main(study, ["--output", tmp_path / "out", "--quick", *flags], capsys)
