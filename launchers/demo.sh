@@ -16,6 +16,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 log() { printf '[demo %(%H:%M:%S)T] %s\n' -1 "$*"; }
 
+STEPS="${AMBERT_DEMO_STEPS:-200}"  # checked before the set-up, which can take minutes
+if ! [[ "$STEPS" =~ ^[0-9]+$ ]] || [ "$STEPS" -lt 2 ]; then
+  echo "AMBERT_DEMO_STEPS=$STEPS: give a whole number >= 2 (the first job stops at half of it)" >&2; exit 2
+fi
+
 # 1. Set-up (idempotent: seconds when already done).
 bash launchers/setup.sh
 VENV="${AMBERT_VENV:-$ROOT/.venv}"
@@ -26,10 +31,6 @@ if ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 fi
 
-STEPS="${AMBERT_DEMO_STEPS:-200}"
-if ! [[ "$STEPS" =~ ^[0-9]+$ ]] || [ "$STEPS" -lt 2 ]; then
-  echo "AMBERT_DEMO_STEPS=$STEPS: give a whole number >= 2 (the first job stops at half of it)" >&2; exit 2
-fi
 HALF=$(( STEPS / 2 ))
 WARMUP=$(( STEPS / 10 < 20 ? STEPS / 10 : 20 ))  # the recipe's 20, shortened for a shorter demo
 OUT="${AMBERT_DEMO_OUT:-runs/demo}"
@@ -40,7 +41,7 @@ NPROC="${AMBERT_NPROC:-2}"
 if [ ! -f "$DATA/meta.json" ]; then
   log "building the demo dataset in $DATA (~10 s)"
   "$PY" data_prep/build.py --lang zh --output "$DATA"
-  "$PY" data_prep/build.py --verify "$DATA"  # every document re-read and checked (~1 s)
+  "$PY" data_prep/build.py --verify "$DATA"  # every document re-read and checked (a few s)
 fi
 
 # 3. Pre-training: the first job stops after $HALF steps with a checkpoint (as a preempted or

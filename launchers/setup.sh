@@ -120,7 +120,9 @@ fi
 # rebuilds it only when its sources or flags change; a built op loads in ~2 s).
 if ! have_gpu; then
   log "DeepSpeed's CPU communication op (built the first time: ~40 s)"
-  DS_ACCELERATOR=cpu "$VENV/bin/python" -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+  # with the venv's ninja, the one every job uses (pipeline.parallel puts it first on PATH): a build log
+  # of Debian's older ninja makes the venv's rebuild the op, and the reverse
+  PATH="$VENV/bin:$PATH" DS_ACCELERATOR=cpu "$VENV/bin/python" -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 ShareMemCommBuilder().load(verbose=False)" >/dev/null 2>&1 \
     || log "could not build DeepSpeed's CPU op now (the first CPU job builds it instead)"
 fi

@@ -134,6 +134,18 @@ def warn_cpu_torch_on_gpu_node() -> bool:
     return True
 
 
+def use_this_environments_ninja() -> None:
+    """Put this interpreter's bin directory first on PATH when it holds a ``ninja``. torch JIT-builds
+    DeepSpeed's CPU op with the first ``ninja`` on PATH, and the venv's (pip's 1.13) and Debian's (1.11)
+    do not read each other's build log: a job started without the venv's bin on PATH (``.venv/bin/python
+    pipeline/pretrain.py``, the launchers) rebuilt the op an activated shell or set-up had built, and
+    the reverse, 60-90 s of a start-up each time."""
+    bindir = Path(sys.executable).parent
+    paths = os.environ.get("PATH", "").split(os.pathsep)
+    if (bindir / "ninja").is_file() and paths[0] != str(bindir):
+        os.environ["PATH"] = os.pathsep.join([str(bindir), *(p for p in paths if p != str(bindir))])
+
+
 def init_distributed(backend: str | None = None, auto_mpi_discovery: bool = True, timeout_minutes: float = 30.0) -> None:
     """``deepspeed.init_distributed`` (gloo on CPU, nccl on GPU, or ``backend``), then the
     release of DeepSpeed's CPU shared-memory names (``release_deepspeed_shm``). A collective that
@@ -142,6 +154,7 @@ def init_distributed(backend: str | None = None, auto_mpi_discovery: bool = True
 
     warn_deepspeed_build_lock()  # before DeepSpeed may wait on it (forever, if it is stale)
     warn_cpu_torch_on_gpu_node()
+    use_this_environments_ninja()  # the ninja set-up built DeepSpeed's CPU op with
     import deepspeed
 
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
@@ -293,6 +306,12 @@ class PeerStartupError(RuntimeError):
     """Another rank failed its own start-up checks (``agree_on_startup``): this rank stops too."""
 
 
+# What ``startup_failed`` already logged on this rank, and the lower rank (if any) that failed with the
+# very same error: the error line is then left to that rank (one per job, not one per rank).
+startup_error_logged: str | None = None
+startup_error_same_as_rank: int | None = None
+
+
 # How long a rank whose own start-up checks failed waits for its peers to join the process group
 # that tells them so (``startup_failed``). They are starting at the same time, so minutes suffice.
 STARTUP_JOIN_MINUTES = 5.0
@@ -312,6 +331,10 @@ def agree_on_startup(error: BaseException | None = None) -> None:
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (socket.gethostname(), None if error is None else str(error).strip()))
     failed = [(rank, host, message) for rank, (host, message) in enumerate(gathered) if message]
+    if error is not None:
+        global startup_error_same_as_rank
+        same = [rank for rank, _, message in failed if message == str(error).strip() and rank < dist.get_rank()]
+        startup_error_same_as_rank = same[0] if same else None
     if failed and error is None:
         rank, host, message = failed[0]
         others = f" (and {len(failed) - 1} other rank(s): {', '.join(str(r) for r, _, _ in failed[1:])})" if len(failed) > 1 else ""
@@ -327,7 +350,9 @@ def startup_failed(error: BaseException, world_size: int, timeout_minutes: float
     stops at once. Best effort: if the peers never come, this rank still raises its own error."""
     if world_size <= 1:
         return
-    log.error("%s", str(error).strip())  # at once: the peers may take a while to answer
+    global startup_error_logged
+    startup_error_logged = str(error).strip()
+    log.error("%s", startup_error_logged)  # at once: the peers may take a while to answer
     log.warning("telling the other %d rank(s) that this one cannot start (waiting up to %.0f min for them)",
                 world_size - 1, timeout_minutes)
     try:

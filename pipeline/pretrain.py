@@ -777,6 +777,12 @@ def report_error(message: str) -> None:
     """A stopping error: on stderr, and in this rank's log file; on the console's log lines too (with
     the rank in front) only when several ranks share the console, where it says whose error it is."""
     log = logging.getLogger("pretrain")
+    parallel = sys.modules.get("pipeline.parallel")
+    if parallel is not None and parallel.startup_error_logged == message:
+        # logged (console and log file) when it was found; a lower rank with the same error prints the line
+        if parallel.startup_error_same_as_rank is None:
+            print(f"error: {message}", file=sys.stderr)
+        return
     if launch_env()[1] > 1:
         log.error("%s", message)
     else:  # one process: the stderr line alone (the same message twice read as two errors)

@@ -61,3 +61,25 @@ def test_stale_workspaces_are_reported_not_deleted(tmp_path, monkeypatch, caplog
     message = caplog.records[-1].getMessage()
     assert "1 DeepSpeed CPU all-reduce workspaces" in message and f"rm {tmp_path}/deepspeed_allreduce_buffer_" in message
     assert stale.exists()  # they may belong to a running job: only reported
+
+
+def test_deepspeed_op_builds_use_the_venvs_ninja_whatever_the_callers_path(monkeypatch):
+    """Set-up built DeepSpeed's CPU op with one ninja and jobs started without the venv's bin on PATH
+    with Debian's older one, which does not read the newer build log: the op was rebuilt (60-90 s) at
+    the start of such jobs, and again by the next job from an activated shell."""
+    import sys
+    from pathlib import Path
+
+    from pipeline.parallel import use_this_environments_ninja
+
+    bindir = Path(sys.executable).parent
+    if not (bindir / "ninja").is_file():
+        pytest.skip(f"no ninja in {bindir} (set-up installs one)")
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/local/bin", "/usr/bin", str(bindir), "/bin"]))
+    use_this_environments_ninja()
+    assert os.environ["PATH"].split(os.pathsep) == [str(bindir), "/usr/local/bin", "/usr/bin", "/bin"]
+    use_this_environments_ninja()  # already first: unchanged
+    assert os.environ["PATH"].split(os.pathsep) == [str(bindir), "/usr/local/bin", "/usr/bin", "/bin"]
+    import shutil
+
+    assert Path(shutil.which("ninja")).parent == bindir  # what torch's JIT build runs

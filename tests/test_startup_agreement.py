@@ -53,6 +53,22 @@ def test_agreement_stops_every_rank_with_the_failing_ranks_message():
     assert two_failed[1:] == ("passed", "passed")
 
 
+def _same_errors(errors: list[str | None]) -> int | None:
+    import torch.distributed as dist
+
+    from pipeline import parallel
+
+    mine = errors[dist.get_rank()]
+    parallel.agree_on_startup(ValueError(mine))
+    return parallel.startup_error_same_as_rank
+
+
+def test_ranks_failing_with_the_same_error_leave_its_line_to_the_lowest_one():
+    """Every rank of a job started with a wrong setting finds the same problem: each printed the same
+    error three times (six lines for two ranks). The lowest rank with that error prints its line."""
+    assert run_distributed(_same_errors, world_size=3, args=(["same", "same", "other"],)) == [None, 0, None]
+
+
 def _late_peer(delay: float) -> str:
     """Rank 1 fails before any process group and tells the others (``startup_failed``); rank 0 is
     slower to start and then meets it in ``init_distributed``."""
