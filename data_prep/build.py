@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         output = Path(config.output)  # `--output .` resolved to the folder's name (a log ".build.log" went inside it)
         log_file = output.parent / (output.name + ".build.log")
+        new_log = not log_file.exists()
         try:
             log_file.parent.mkdir(parents=True, exist_ok=True)
             handler = _LogFile(log_file, encoding="utf-8")
@@ -224,14 +225,20 @@ def main(argv: list[str] | None = None) -> int:
             if console is not handler:
                 console.addFilter(_not_file_only)
                 filtered.append(console)
+    code = 1
     try:
-        return _build(config, args)
+        code = _build(config, args)
+        return code
     finally:  # a second main() in the same process (a notebook, the tests) must not write into this log
         for console in filtered:
             console.removeFilter(_not_file_only)
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()
+            # refused before any work (the inputs' language, encoding, sizes): no work directory to resume,
+            # so no log either; a log next to nothing read as a build that had run
+            if code == 2 and new_log and not core.work_dir_for(config.output).exists() and not Path(config.output).exists():
+                Path(handler.baseFilename).unlink(missing_ok=True)
 
 
 def _not_file_only(record: logging.LogRecord) -> bool:

@@ -152,6 +152,10 @@ def _resolve_inputs(patterns: list[str], text_mode: str, text_field: str) -> lis
         if any((path / m).is_file() for m in _HF_MARKERS):
             add(path)
             return
+        built = _built_by_this_project(path)
+        if built:  # its meta.json was read as a JSON-lines input and failed as "not valid JSON"
+            raise InputError(f"input folder {path} is {built}, not a corpus: give the text it was made from"
+                             + (f", or pass --vocab-from {path} to reuse its vocabularies" if "dataset" in built else ""))
         visible = _folder_entries(path)
         # a saved HF dataset inside the folder is one input (its .arrow and .json files are not text)
         datasets = []
@@ -190,6 +194,46 @@ def _resolve_inputs(patterns: list[str], text_mode: str, text_field: str) -> lis
     if not specs:
         raise InputError("no input files given")
     return specs
+
+
+def _built_by_this_project(folder: Path) -> str | None:
+    """What ``folder`` is when this project wrote it (a data_prep dataset, a model export, a training
+    run or checkpoint); None for anything else."""
+    meta = folder / "meta.json"
+    if meta.is_file():
+        try:
+            record = json.loads(meta.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = None
+        if isinstance(record, dict) and "format_version" in record and "language" in record:
+            kind = "a model export" if (folder / "model.safetensors").is_file() else "a dataset built by data_prep"
+            return f"{kind} (its meta.json says so)"
+    if (folder / "COMPLETE").is_file() or (folder / "checkpoints").is_dir() and (folder / "metrics.jsonl").is_file():
+        return "a training checkpoint or run"
+    return None
+
+
+# The first bytes of compressed or binary files a corpus may hold under another name ("corpus.txt" that
+# is really gzip): read as text they were "not valid UTF-8", with an iconv command that cannot help.
+_MAGIC = ((b"\x1f\x8b", "gzip-compressed", ".gz"), (b"\xfd7zXZ\x00", "xz-compressed", ".xz"),
+          (b"BZh", "bzip2-compressed", ".bz2"), (b"(\xb5/\xfd", "zstd-compressed", None),
+          (b"PK\x03\x04", "a zip archive", None), (b"PAR1", "a parquet file", ".parquet"))
+
+
+def _magic_hint(path: str) -> str | None:
+    """What a file that failed as UTF-8 text really is, from its first bytes, and how to give it."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return None
+    for magic, what, suffix in _MAGIC:
+        if head.startswith(magic) and not (suffix and path.lower().endswith(suffix)):
+            if suffix is None:
+                return f"{path} is {what}, not text: unpack it first and pass the files inside"
+            return (f"{path} is {what}, but its name does not end in {suffix} (inputs are recognised by their "
+                    f"suffix): rename it, e.g. `mv {path} {path}{suffix}`, and pass the new name")
+    return None
 
 
 def _folder_entries(top: Path) -> list[Path]:
@@ -443,6 +487,10 @@ def check_scan(scan: InputScan, encoding_errors: str) -> list[str]:
     """Raise InputError for undecodable input (unless --encoding-errors replace); return warnings."""
     warnings = []
     where = " of the decompressed content" if Path(scan.path).suffix.lower() in COMPRESSED else ""
+    if scan.invalid_utf8 and scan.first_invalid_offset is not None and scan.first_invalid_offset < 8:
+        magic = _magic_hint(scan.path)
+        if magic:
+            raise InputError(magic)
     if scan.invalid_utf8 and encoding_errors == "strict":
         hint = ""
         looks_like = _encoding_of_mostly_undecodable(scan)

@@ -555,6 +555,13 @@ def test_a_refused_build_writes_no_log(tmp_path, capsys):
         assert build.main(["--lang", "zh", "--input", str(good), "--output", str(out), "--no-progress", *extra]) == 2
         assert f"output directory {out} already exists" in capsys.readouterr().err
         assert log.read_bytes() == written
+    # refused once it has read its inputs (English text given --lang zh): nothing to resume, so no log either
+    english = tmp_path / "en.txt"
+    english.write_text("The weather in Beijing is fine today, so we walk in the park.\n\n" * 40, encoding="utf-8")
+    assert build.main(["--lang", "zh", "--input", str(english), "--output", str(tmp_path / "e"), "--no-progress"]) == 2
+    assert "does not look like Chinese" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists() and not (tmp_path / "e.build.log").exists()
+    assert not (tmp_path / "e.partial").exists()
 
 
 def test_an_option_of_the_other_language_is_refused_not_ignored(tmp_path, capsys):
@@ -773,3 +780,26 @@ def test_resume_of_an_older_work_directory_is_named_as_such(tmp_path, monkeypatc
     with pytest.raises(core.BuildError, match=r"started by another version of data_prep, which recorded the \(unchanged\) "
                                               r"inputs differently"):
         core.build(_config(tmp_path, [good], language_options={"user_dict": str(user)}, resume=True))
+
+
+def test_a_compressed_file_without_its_suffix_and_a_built_dataset_as_input_are_named(tmp_path, capsys):
+    """A gzip file named .txt was "not valid UTF-8 ... convert it with iconv"; a dataset folder given as
+    --input failed on its meta.json as "not valid JSON" (and left a build log)."""
+    import gzip
+
+    from data_prep import build
+
+    packed = tmp_path / "corpus.txt"
+    packed.write_bytes(gzip.compress(("今天北京的天气很好，我们去公园散步。\n\n" * 50).encode("utf-8")))
+    assert build.main(["--lang", "zh", "--input", str(packed), "--output", str(tmp_path / "a"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert (f"error: {packed} is gzip-compressed, but its name does not end in .gz (inputs are recognised by their "
+            f"suffix): rename it, e.g. `mv {packed} {packed}.gz`") in err and "iconv" not in err
+    good = _good(tmp_path)
+    assert build.main(["--lang", "zh", "--input", str(good), "--output", str(tmp_path / "ds"), "--no-progress",
+                       "--shard-documents", "50", "--valid-fraction", "0.05"]) == 0
+    capsys.readouterr()
+    assert build.main(["--lang", "zh", "--input", str(tmp_path / "ds"), "--output", str(tmp_path / "b"), "--no-progress"]) == 2
+    assert (f"error: input folder {tmp_path / 'ds'} is a dataset built by data_prep (its meta.json says so), not a "
+            f"corpus: give the text it was made from, or pass --vocab-from {tmp_path / 'ds'}") in capsys.readouterr().err
+    assert not any(tmp_path.glob("a*")) and not any(tmp_path.glob("b*"))
