@@ -57,7 +57,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--coarse-vocab-size", type=int, help="max coarse vocabulary size incl. specials (default: the paper's, zh 21,128 characters + "
                    "72,635 words = 93,763; en 30,522 words + 77,645 phrases = 108,167)")
     p.add_argument("--fine-min-count", type=int, help="minimum corpus count of a fine unit (default: per language)")
-    p.add_argument("--coarse-min-count", type=int, help="minimum corpus count of a coarse word/phrase (default: per language)")
+    p.add_argument("--coarse-min-count", type=int,
+                   help="a coarse unit needs this many occurrences for a coarse id: en, a word/phrase, else coarse "
+                        "[UNK]; zh, a word, else it backs off to pieces (default: 2 for both)")
     p.add_argument("--valid-fraction", type=float, default=0.01, help="share of documents in the valid split")
     p.add_argument("--shard-documents", type=int, default=2000,
                    help="at most this many documents per shard (unit of parallelism/resume)")

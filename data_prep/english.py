@@ -972,9 +972,6 @@ class English(Language):
                                 "(default %(default)s)")
         group.add_argument("--max-phrases", type=int, default=0,
                            help="(en) keep at most this many phrases, best first (default: 0, no limit)")
-        group.add_argument("--coarse-min-count", type=int, default=2,
-                           help="a coarse unit needs this many occurrences for a coarse id: en, a word/phrase, "
-                                "else coarse [UNK]; zh, a word, else it backs off to pieces (default %(default)s)")
         group.add_argument("--lmplz", metavar="PATH", default=None,
                            help="(en) KenLM lmplz binary (default: $AMBERT_LMPLZ, PATH, third_party/kenlm/bin)")
         group.add_argument("--lmplz-memory", default=d.lmplz_memory,
@@ -996,7 +993,7 @@ class English(Language):
             fine_tokenizer=o.get("fine_tokenizer"),
             lowercase=not o.get("cased", False),
             coarse_vocab_size=o.get("coarse_vocab_size") or self.default_coarse_vocab_size,
-            coarse_min_count=o.get("coarse_min_count", 2),
+            coarse_min_count=2 if o.get("coarse_min_count") is None else o["coarse_min_count"],
             phrases=o.get("phrases"),
             mining=PhraseMiningConfig(
                 ngram_order=o.get("ngram_order", 4),
