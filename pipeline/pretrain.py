@@ -533,7 +533,8 @@ def main(argv: list[str] | None = None) -> int:
         # says nothing of the job's (the bert-base recipe's global_batch_size=256 is 8 ranks' worth)
         layout_free = copy.deepcopy(config)
         layout_free.parallelism.global_batch_size = 0
-        validate(layout_free, max(1, config.parallelism.tensor_parallel), paths=False)
+        validate(layout_free, max(1, config.parallelism.tensor_parallel), paths=False,
+                 model_config=build_model_config(layout_free))
         return finished_status(config)
     rank, world_size, _ = launch_env()
     setup_logging(rank)

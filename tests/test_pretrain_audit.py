@@ -320,6 +320,18 @@ def test_finished_check_refuses_a_config_training_would_refuse(tmp_path):
     assert pretrain.main([*args, "schedule.train_steps=11", "schedule.warmup_steps=2"]) == pretrain.STOPPED_EARLY
     with pytest.raises(ConfigError, match="schedule.warmup_steps=50"):
         pretrain.main([*args, "schedule.warmup_steps=50"])
+    # The model's settings too (they said "finished" or "not finished"): checked on the recipe,
+    # without the dataset, and without importing the model's megatron-core layers.
+    import sys
+
+    for override, message in (("model.variant=foo", "unknown variant 'foo'"), ("model.recipe=nope", "unknown model recipe"),
+                              ("model.num_layers=abc", "expected an integer"),
+                              ("data.seq_length=100000", "exceeds the model's limit"),
+                              ("model.num_attention_heads=3", "not divisible by num_attention_heads=3")):
+        with pytest.raises(ConfigError, match=message):
+            pretrain.main([*args, "schedule.warmup_steps=2", override])
+    if "megatron.core" not in sys.modules:  # a test before this one in the process may have loaded it
+        assert pretrain.main([*args, "schedule.warmup_steps=2"]) == 0 and "megatron.core" not in sys.modules
     # The check runs without the job's layout: a global batch size of 8 ranks' worth (the bert-base
     # recipe's 256) is not refused there, nor on 8 data-parallel ranks; on 16 the fix is named.
     base = ["--config", str(ROOT / "pipeline" / "recipes" / "bert-base.yaml"), f"output_dir={tmp_path}"]
