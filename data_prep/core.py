@@ -1128,17 +1128,30 @@ FINE_OOV_WARNING = 0.05
 COARSE_OOV_WARNING = 0.10
 
 
-def _oov_warnings(stats: dict, fine_size: int, coarse_size: int) -> list[str]:
+def _oov_warnings(stats: dict, fine_size: int, coarse_size: int, vocab_from: str | None = None,
+                  coarse_cap: int | None = None) -> list[str]:
     """Warnings (logged, and in meta.json) for a dataset whose vocabularies do not fit its text: a build
-    with 100% fine [UNK] (a sentencepiece .vocab given as --fine-tokenizer) ended with exit 0 and none."""
+    with 100% fine [UNK] (a sentencepiece .vocab given as --fine-tokenizer) ended with exit 0 and none.
+    The advice fits the build: under --vocab-from the size options are refused, and a larger
+    --coarse-vocab-size changes nothing when the vocabulary stayed below it."""
     out = []
     fine, coarse = stats.get("fine_oov_rate") or 0.0, stats.get("coarse_oov_rate") or 0.0
+    refit = (f"the vocabularies of --vocab-from {vocab_from} do not fit this text (another language, domain or "
+             f"casing?): build without --vocab-from to fit new ones" if vocab_from else None)
     if fine > FINE_OOV_WARNING:
-        out.append(f"{100 * fine:.1f}% of the fine tokens are [UNK] (fine vocabulary: {fine_size:,} entries): it does "
-                   f"not fit this text (a --fine-tokenizer for other text, or casing? --fine-vocab-size too small?)")
+        out.append(f"{100 * fine:.1f}% of the fine tokens are [UNK] (fine vocabulary: {fine_size:,} entries): "
+                   + (refit or "it does not fit this text (a --fine-tokenizer for other text, or casing? "
+                                "--fine-vocab-size too small?)"))
     if coarse > COARSE_OOV_WARNING:
+        if refit:
+            advice = refit
+        elif coarse_cap is not None and coarse_size < coarse_cap:
+            advice = (f"it stayed below --coarse-vocab-size {coarse_cap:,}, so only a lower --coarse-min-count (or more "
+                      f"text) adds entries")
+        else:
+            advice = "raise --coarse-vocab-size or lower --coarse-min-count"
         out.append(f"{100 * coarse:.1f}% of the coarse tokens are [UNK] (coarse vocabulary: {coarse_size:,} entries): "
-                   f"raise --coarse-vocab-size or lower --coarse-min-count")
+                   f"{advice}")
     for w in out:
         log.warning(w)
     return out
@@ -1827,7 +1840,8 @@ def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_siz
                 **({"resumed": True} if resumed else {}),
             },
         }
-        warnings = warnings + _oov_warnings(stats, fine_size, coarse_size)
+        warnings = warnings + _oov_warnings(stats, fine_size, coarse_size, config.vocab_from,
+                                            lang.options.get("coarse_vocab_size"))
         scratch = work / "scratch"
         scratch.mkdir(exist_ok=True)
         corpus = Corpus(shards, read_shard_documents, scratch)

@@ -115,6 +115,8 @@ def _kind_of(path: Path) -> str:
     if last == ".tar":  # a compressed tar archive: its headers and files would be read as one text
         raise InputError(f"{path}: tar archives are not read as input; unpack it first (`tar -xf {path.name}`) and "
                          f"pass the files or the folder inside")
+    if last == ".arrow":
+        raise InputError(_arrow_message(str(path)))
     if last in (".jsonl", ".json", ".ndjson"):
         return "jsonl"
     if last == ".parquet":
@@ -220,6 +222,13 @@ _MAGIC = ((b"\x1f\x8b", "gzip-compressed", ".gz"), (b"\xfd7zXZ\x00", "xz-compres
           (b"PK\x03\x04", "a zip archive", None), (b"PAR1", "a parquet file", ".parquet"))
 
 
+def _arrow_message(path: str) -> str:
+    return (f"{path} is an Arrow file (the data of a saved Hugging Face dataset?), not text: pass the folder that "
+            f"holds it with its dataset_info.json / state.json (`datasets.Dataset.save_to_disk`), or write it as "
+            f"parquet first: `python -c \"import datasets; datasets.Dataset.from_file('{path}')"
+            f".to_parquet('{Path(path).with_suffix('.parquet')}')\"`")
+
+
 def _magic_hint(path: str) -> str | None:
     """What a file that failed as UTF-8 text really is, from its first bytes, and how to give it."""
     try:
@@ -227,6 +236,8 @@ def _magic_hint(path: str) -> str | None:
             head = fh.read(8)
     except OSError:
         return None
+    if head.startswith((b"ARROW1", b"\xff\xff\xff\xff")):  # Arrow IPC file / stream (HF datasets' .arrow)
+        return _arrow_message(path)
     for magic, what, suffix in _MAGIC:
         if head.startswith(magic) and not (suffix and path.lower().endswith(suffix)):
             if suffix is None:
@@ -404,10 +415,26 @@ def _scan(spec: InputSpec) -> InputScan:
     return scan
 
 
+_HIGH_BYTES = bytes.maketrans(bytes(range(256)), b"a" * 0x80 + b"H" * 0x80)
+
+
+def _single_byte_western(data: bytes) -> bool:
+    """Non-ASCII bytes that stand alone between ASCII ones (café, naïve, smart quotes and dashes of
+    Windows-1252): a Western single-byte encoding. In GB18030, Big5 or Shift-JIS text most of them
+    come in pairs or runs."""
+    marks = data.translate(_HIGH_BYTES)
+    high = marks.count(b"H")
+    in_runs = sum(len(run) for run in re.findall(rb"H{2,}", marks))
+    return high >= 3 and in_runs <= 0.2 * high  # (one odd byte is as likely damage)
+
+
 def _guess_encoding(data: bytes) -> str | None:
     """An encoding ``data`` (bytes from the first invalid UTF-8 sequence on, possibly cut inside a
-    character at the end) decodes as; UTF-16 only (and first) when it has a BOM or many NUL bytes."""
+    character at the end) decodes as; UTF-16 only (and first) when it has a BOM or many NUL bytes;
+    Windows-1252 (first) when its non-ASCII bytes (3 or more) stand alone, as in Western text."""
     candidates = ["gb18030", "big5", "latin-1"]  # UTF-16 decodes almost any even-length bytes: only with a sign of it
+    if _single_byte_western(data):  # "’s" is a valid GB18030 pair too: checked before it
+        candidates.insert(0, "cp1252")
     if data[:2] in (b"\xff\xfe", b"\xfe\xff") or data.count(b"\0") > len(data) // 10:
         candidates.insert(0, "utf-16")
     for enc in candidates:
@@ -423,6 +450,18 @@ def _guess_encoding(data: bytes) -> str | None:
 guess_encoding = _guess_encoding  # for the fine-tuning readers' message
 
 
+def guess_encoding_of_head(head: bytes) -> str | None:
+    """The encoding a file's first bytes decode as from their start, if they are mostly not UTF-8
+    (at least MOSTLY_MIN undecodable sequences and over MOSTLY_UNDECODABLE of the text); None for a
+    UTF-8 file with a few damaged bytes. Unlike a guess from the first invalid byte on, it also names
+    a GB18030 file whose first characters happen to be valid UTF-8 too (散 is C9 A2 in both)."""
+    text = head.decode("utf-8", "replace")
+    bad = text.count("\ufffd") - head.count(_REAL_FFFD)
+    if bad < MOSTLY_MIN or bad <= MOSTLY_UNDECODABLE * len(text):
+        return None
+    return _guess_encoding(head)
+
+
 # --encoding-errors replace is for a few bad bytes: beyond this share of the text (and MOSTLY_MIN
 # sequences) an input is in another encoding, and would be read as U+FFFD noise (or blamed on --lang).
 MOSTLY_UNDECODABLE = 0.01
@@ -435,6 +474,38 @@ def _convert_hint(path: str, looks_like: str | None) -> str:
                 f"`iconv -f {looks_like.upper()} -t UTF-8 {path} > {path}.utf8.txt`.")
     return (f" Find its encoding (`file -i {path}`) and convert it with "
             f"`iconv -f ENCODING -t UTF-8 {path} > {path}.utf8.txt`.")
+
+
+def utf16_variant(head: bytes) -> str | None:
+    """The iconv name of the UTF-16 a file's first bytes are in: a byte-order mark, or text whose NUL
+    bytes (the high byte of every ASCII character) sit at every other position. Such a file is valid
+    "UTF-8" with NULs when its text is ASCII: read as UTF-8, the NULs were removed and every other
+    character dropped without an error."""
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff") and head[:4] != b"\xff\xfe\x00\x00":  # (not UTF-32LE)
+        return "UTF-16"
+    even, odd = head[0::2].count(0), head[1::2].count(0)
+    if even + odd < max(MOSTLY_MIN, len(head) // 10):
+        return None
+    if odd >= 0.9 * (even + odd):
+        return "UTF-16LE"
+    if even >= 0.9 * (even + odd):
+        return "UTF-16BE"
+    return None
+
+
+def _utf16_message(scan: InputScan) -> str | None:
+    if not (scan.nul_bytes >= MOSTLY_MIN or scan.first_invalid_offset == 0):
+        return None
+    try:
+        with open_binary(scan.path) as fh:
+            variant = utf16_variant(fh.read(1 << 16))
+    except _read_errors():
+        return None
+    if variant is None:
+        return None
+    return (f"{scan.path} is {variant} text, not UTF-8 (--encoding-errors replace would keep its ASCII characters "
+            f"and drop or garble the rest): convert it with `iconv -f {variant} -t UTF-8 {scan.path} > "
+            f"{scan.path}.utf8.txt` and pass the converted file")
 
 
 def _mostly(scan: InputScan) -> bool:
@@ -465,7 +536,7 @@ def mostly_undecodable(spec: InputSpec) -> str | None:
     try:
         head.decode("utf-8")
     except UnicodeDecodeError as exc:
-        looks_like = _guess_encoding(head[exc.start:]) if head[:exc.start].isascii() else None
+        looks_like = _guess_encoding(head[exc.start:]) if head[:exc.start].isascii() else _guess_encoding(head)
     return (f"{spec.path} is not UTF-8: {bad:,} of its first {len(text):,} characters are undecodable bytes, which "
             f"--encoding-errors replace would turn into U+FFFD (it is for a few bad bytes, not another "
             f"encoding).{_convert_hint(spec.path, looks_like)}")
@@ -491,6 +562,9 @@ def check_scan(scan: InputScan, encoding_errors: str) -> list[str]:
         magic = _magic_hint(scan.path)
         if magic:
             raise InputError(magic)
+    utf16 = _utf16_message(scan)  # whatever --encoding-errors says
+    if utf16:
+        raise InputError(utf16)
     if scan.invalid_utf8 and encoding_errors == "strict":
         hint = ""
         looks_like = _encoding_of_mostly_undecodable(scan)

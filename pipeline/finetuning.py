@@ -523,7 +523,7 @@ def check_utf8(path: str, compression: str | None) -> None:
     its first string, deep in pyarrow, with a bare UnicodeDecodeError)."""
     import codecs
 
-    from data_prep.inputs import guess_encoding
+    from data_prep.inputs import guess_encoding, guess_encoding_of_head
 
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     offset, line, utf8_before = 0, 1, False
@@ -548,6 +548,9 @@ def check_utf8(path: str, compression: str | None) -> None:
                     return
                 except UnicodeDecodeError:
                     looks = None
+        if looks is None:  # valid UTF-8 before the error: damaged UTF-8, or another encoding that starts like it
+            with _open_binary(path, compression) as fh:
+                looks = guess_encoding_of_head(fh.read(1 << 20))
     except (OSError, EOFError):
         return  # the reader names a damaged file
     suffix = _file_type(path)[0]

@@ -80,7 +80,9 @@ def test_another_encoding_is_named_even_with_encoding_errors_replace(tmp_path, e
                                                  rf"convert it with `iconv -f {name} -t UTF-8"):
             core.build(_config(tmp_path, [_good(tmp_path), other], encoding_errors="replace", skip_language_check=check))
     assert not core.work_dir_for(tmp_path / "ds").exists()
-    with pytest.raises(inp.InputError, match=rf"is not valid UTF-8: .*iconv -f {name} -t UTF-8 [^`]+`\.$"):
+    strict = (rf"is not valid UTF-8: .*iconv -f {name} -t UTF-8 [^`]+`\.$" if name != "UTF-16" else
+              r"is UTF-16 text, not UTF-8 .*: convert it with `iconv -f UTF-16 -t UTF-8 [^`]+` and pass the converted file$")
+    with pytest.raises(inp.InputError, match=strict):
         core.build(_config(tmp_path, [other]))
     # U+FFFD written in UTF-8 text (or held by a parquet string) is a character, not a bad byte: not refused
     import pyarrow as pa
@@ -95,11 +97,21 @@ def test_another_encoding_is_named_even_with_encoding_errors_replace(tmp_path, e
         meta = core.build(_config(tmp_path, [tmp_path / name], encoding_errors="replace", output=str(tmp_path / "f"),
                                   overwrite=True))
         assert meta["stats"]["documents"] >= len(DOCS), name
-    # a Western legacy encoding is not called UTF-16 (that iconv turned it into noise): the generic hint
+    # a Western legacy encoding is not called UTF-16 (that iconv turned it into noise), nor GB18030 ("’s", "él"
+    # are GB18030 pairs too): its accents stand alone between ASCII letters, Windows-1252 is named
     french = tmp_path / "french.txt"
     french.write_bytes(("Les élèves préfèrent le café à l'école, déjà très tôt.\n" * 300).encode("cp1252")[:-1])
-    assert "UTF-16" not in inp.mostly_undecodable(inp.resolve_inputs([str(french)])[0]) and "file -i" in \
-        inp.mostly_undecodable(inp.resolve_inputs([str(french)])[0])
+    assert "`iconv -f CP1252 -t UTF-8" in inp.mostly_undecodable(inp.resolve_inputs([str(french)])[0])
+    english = tmp_path / "english.txt"  # a few smart quotes and dashes in English: strict mode names it too
+    english.write_bytes(("The model’s loss — measured twice — fell. " + "Plain ASCII text follows here. " * 40 + "\n")
+                        .encode("cp1252") * 50)
+    with pytest.raises(inp.InputError, match=r"english.txt is not valid UTF-8: \d+ bad byte sequence.*It decodes as "
+                                             r"CP1252: convert it with `iconv -f CP1252 -t UTF-8"):
+        core.build(_config(tmp_path, [english]))
+    # Chinese: its bytes come in pairs, not named CP1252 (Big5 bytes decode as GB18030 too, which is tried first)
+    traditional = "\n".join(DOCS[:20]).encode("big5", "ignore").decode("big5")  # (some simplified have no Big5)
+    assert inp._guess_encoding(traditional.encode("gb18030")) == "gb18030"
+    assert inp._guess_encoding(traditional.encode("big5")) in ("gb18030", "big5")
     # good text whose other-encoded part starts after the sampled head: stopped by the byte scan (no single
     # encoding converts a file that is part UTF-8: the message does not name one)
     late = tmp_path / "late.txt"
@@ -212,6 +224,38 @@ def test_missing_user_dict_refused_before_work(tmp_path):
     with pytest.raises(LanguageError, match=r"--user-dict .*nope.dict does not exist.*jieba-format"):
         core.build(_config(tmp_path, [_good(tmp_path)], workers=2,
                            language_options={"user_dict": str(tmp_path / "nope.dict")}))
+    assert not core.work_dir_for(tmp_path / "ds").exists() and not (tmp_path / "ds").exists()
+
+
+def test_utf16_and_arrow_files_are_refused_whatever_encoding_errors_says(tmp_path):
+    """UTF-16 English text is valid "UTF-8" with NUL bytes: it was built with exit 0 and a NUL warning,
+    every character beyond ASCII dropped, paragraphs split in two (the NULs made blank lines non-blank);
+    with a BOM and --encoding-errors replace the same. An Arrow file (the data file of a saved HF dataset)
+    was read as text: a few documents of binary junk. Both refused before any work, naming the fix."""
+    import pyarrow as pa
+
+    text = "God’s heart—a Father’s heart.\nA second line of the same paragraph.\n\n" * 200
+    for encoding, name in (("utf-16-le", "UTF-16LE"), ("utf-16-be", "UTF-16BE"), ("utf-16", "UTF-16")):
+        path = tmp_path / f"{encoding}.txt"
+        path.write_bytes(text.encode(encoding))
+        for errors in ("strict", "replace"):
+            with pytest.raises(inp.InputError, match=rf"{encoding}.txt is {name} text, not UTF-8 .*`iconv -f {name} -t "
+                                                     rf"UTF-8 .*{encoding}.txt > .*{encoding}.txt.utf8.txt`"):
+                core.build(_config(tmp_path, [_good(tmp_path), path], encoding_errors=errors, skip_language_check=True,
+                                   text_mode="auto"))
+    assert inp.utf16_variant(("\n".join(DOCS) + "\n").encode("utf-8")) is None
+    assert inp.utf16_variant(b"binary\0data\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0x") is None  # no pattern
+    table = pa.table({"text": DOCS})
+    stream = tmp_path / "data-00000-of-00001.arrow"
+    with pa.ipc.new_stream(str(stream), table.schema) as writer:  # what save_to_disk writes
+        writer.write_table(table)
+    renamed = tmp_path / "shard.bin"
+    shutil.copy(stream, renamed)
+    for path in (stream, renamed):
+        for errors in ("strict", "replace"):
+            with pytest.raises(inp.InputError, match=rf"{path.name} is an Arrow file .* pass the folder that holds it "
+                                                     rf"with its dataset_info.json"):
+                core.build(_config(tmp_path, [path], encoding_errors=errors))
     assert not core.work_dir_for(tmp_path / "ds").exists() and not (tmp_path / "ds").exists()
 
 
@@ -703,6 +747,16 @@ def test_vocabularies_that_do_not_fit_the_text_are_warned_about(tmp_path):
         "50.0% of the coarse tokens are [UNK] (coarse vocabulary: 200 entries): raise --coarse-vocab-size or lower "
         "--coarse-min-count"]
     assert core._oov_warnings({"fine_oov_rate": 0.0, "coarse_oov_rate": None}, 100, 200) == []
+    # advice a build can follow: a cap it stayed below is not "raise" it; --vocab-from refuses the sizes
+    assert core._oov_warnings({"coarse_oov_rate": 0.5}, 100, 200, coarse_cap=108_167) == [
+        "50.0% of the coarse tokens are [UNK] (coarse vocabulary: 200 entries): it stayed below --coarse-vocab-size "
+        "108,167, so only a lower --coarse-min-count (or more text) adds entries"]
+    refit = ("the vocabularies of --vocab-from ds1 do not fit this text (another language, domain or casing?): build "
+             "without --vocab-from to fit new ones")
+    assert core._oov_warnings({"fine_oov_rate": 0.3, "coarse_oov_rate": 0.5}, 100, 200, vocab_from="ds1",
+                              coarse_cap=108_167) == [
+        f"30.0% of the fine tokens are [UNK] (fine vocabulary: 100 entries): {refit}",
+        f"50.0% of the coarse tokens are [UNK] (coarse vocabulary: 200 entries): {refit}"]
 
 
 def test_overwrite_takes_a_plugin_dataset_with_its_own_artifacts(tmp_path, monkeypatch):

@@ -328,6 +328,12 @@ def test_files_not_in_utf8_name_the_line_the_encoding_and_the_iconv_command(tmp_
         load_table(str(gb))
     assert str(exc.value) == (f"{gb} is not UTF-8 (line 1, byte 10): it reads as GB18030: convert it with "
                               f"`iconv -f GB18030 -t UTF-8 {gb} > {tmp_path / 'dev.utf8.jsonl'}`, then give the converted file")
+    # its first Chinese character also a valid UTF-8 sequence (散 is C9 A2 in GB18030): taken for damaged
+    # UTF-8, the encoding was not named
+    tricky = _write_gb18030(tmp_path / "tricky.jsonl", [{"text": "散热很好", "label": 1}, *rows * 20])
+    with pytest.raises(FinetuneError, match=r"tricky.jsonl is not UTF-8 \(line 1, byte \d+\): it reads as GB18030: "
+                                            r"convert it with `iconv -f GB18030 -t UTF-8"):
+        load_table(str(tricky))
     tsv = tmp_path / "train.tsv"
     tsv.write_bytes("text\tlabel\n好看\t1\n".encode("utf-16"))
     with pytest.raises(FinetuneError, match=r"train.tsv is not UTF-8 \(line 1, byte 0\): it reads as UTF-16: convert it with "
