@@ -151,14 +151,25 @@ def load_init_weights(path: str, dataset, model_config: dict) -> dict[str, torch
     except FinetuneError as exc:
         raise CheckpointError(str(exc)) from None
     saved = pretrained.model_config.to_dict()
+    try:  # the model's language: what its --vocab-from command needs (a zh model cannot encode an en corpus)
+        language = json.loads((Path(pretrained.tokenizer_dir) / "meta.json").read_text(encoding="utf-8"))["language"]
+    except (OSError, ValueError, KeyError, TypeError):
+        language = dataset.meta.get("language", "LANG")
+    if language != dataset.meta.get("language", language):
+        raise CheckpointError(
+            f"{flag}={path} is a --lang {language} model and data.path={dataset.directory} a --lang "
+            f"{dataset.meta.get('language')} dataset: its vocabularies are for the other language. Give a --lang "
+            f"{language} dataset (python data_prep/build.py --lang {language} --input ... --output ... --vocab-from "
+            f"{pretrained.tokenizer_dir}) or another {flag}")
+    rebuild = (f"python data_prep/build.py --lang {language} --input ... --output ... --vocab-from "
+               f"{pretrained.tokenizer_dir}")
     sizes = [f"{k}: {saved.get(k)!r} there vs {model_config.get(k)!r} here" for k in ("fine_vocab_size", "coarse_vocab_size")
              if saved.get(k) != model_config.get(k)]
     if sizes:  # the run's vocabulary sizes come from its dataset, not from model settings
         raise CheckpointError(
             f"{flag}={path} was pre-trained with vocabularies of other sizes than data.path={dataset.directory} has "
             f"({'; '.join(sizes)}): its token ids would mean other tokens. Build the dataset with the model's "
-            f"vocabularies: python data_prep/build.py --lang {dataset.meta.get('language', 'LANG')} --input ... "
-            f"--output ... --vocab-from {pretrained.tokenizer_dir}")
+            f"vocabularies: {rebuild}")
     diffs = [f"{k}: {saved.get(k)!r} there vs {model_config.get(k)!r} here" for k in SHAPE_FIELDS
              if saved.get(k) != model_config.get(k)]
     if diffs:
@@ -181,8 +192,7 @@ def load_init_weights(path: str, dataset, model_config: dict) -> dict[str, torch
             raise CheckpointError(
                 f"{flag}={path} was pre-trained with another {name} ({Path(pretrained.tokenizer_dir) / name}) than "
                 f"data.path={dataset.directory} has: its token ids would mean other tokens. Build the dataset with "
-                f"the model's vocabularies: python data_prep/build.py --lang {dataset.meta.get('language', 'LANG')} "
-                f"--input ... --output ... --vocab-from {pretrained.tokenizer_dir}")
+                f"the model's vocabularies: {rebuild}")
     return pretrained.state_dict
 
 

@@ -6,6 +6,7 @@ with other vocabularies is refused before any process group."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -87,6 +88,10 @@ def test_init_from_refusals_before_any_process_group(export, tmp_path, tmp_path_
     stale_export = tmp_path / "stale_export"
     shutil.copytree(export, stale_export)
     shutil.copy(other_vocab / "fine_vocab.txt", stale_export / "fine_vocab.txt")
+    english = tmp_path / "english"  # the same files, said to be --lang en: the model's --vocab-from is a zh build
+    shutil.copytree(dataset, english)
+    meta = json.loads((english / "meta.json").read_text(encoding="utf-8"))
+    (english / "meta.json").write_text(json.dumps({**meta, "language": "en"}), encoding="utf-8")
     monkeypatch.setattr(parallel, "startup_failed", lambda *a, **k: None)
     common = [*BASE, "schedule.train_steps=2"]
     cases = [
@@ -101,6 +106,9 @@ def test_init_from_refusals_before_any_process_group(export, tmp_path, tmp_path_
          "was pre-trained with another fine_vocab.txt (fingerprint "),
         (CheckpointError, [f"data.path={smaller_vocab}", f"checkpointing.init_from={export}"],
          "was pre-trained with vocabularies of other sizes"),
+        (CheckpointError, [f"data.path={english}", f"checkpointing.init_from={export}"],
+         f"is a --lang zh model and data.path={english} a --lang en dataset: its vocabularies are for the other "
+         f"language. Give a --lang zh dataset (python data_prep/build.py --lang zh --input ... --output ... --vocab-from"),
     ]
     for i, (error, overrides, message) in enumerate(cases):
         with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
