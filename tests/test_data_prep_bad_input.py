@@ -58,6 +58,8 @@ def test_invalid_utf8_stops_with_offset_and_iconv_hint(tmp_path):
     tricky.write_bytes(("Title " + both + "\n" + "\n".join(DOCS[:50])).encode("gb18030"))
     with pytest.raises(inp.InputError, match=r"tricky.txt is not valid UTF-8: \d+ bad byte.*iconv -f GB18030 -t UTF-8"):
         core.build(_config(tmp_path, [tricky]))
+    with pytest.raises(inp.InputError, match=r"tricky.txt is not UTF-8: .*It decodes as GB18030: convert it with `iconv"):
+        core.build(_config(tmp_path, [tricky], encoding_errors="replace"))  # (it said `iconv -f ENCODING`)
     # --encoding-errors replace goes on, and says so
     mixed = tmp_path / "mixed.txt"
     mixed.write_bytes(("\n".join(DOCS[:60]) + "\n").encode() + b"\xff\xfe broken \xc3\n" + ("\n".join(DOCS[60:]) + "\n").encode())
