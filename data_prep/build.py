@@ -70,7 +70,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="text files: one document per blank-line-separated block (paragraph), per line, or auto "
                         "(paragraph if the file's first MB has a blank line, else line); wrapped: blank-line-separated "
                         "blocks of hard-wrapped lines, joined (a line break inside a document otherwise ends a "
-                        "sentence)")
+                        "sentence); file: each file one document (a folder of articles)")
     p.add_argument("--text-field", default="text", help="JSON field / column holding the text")
     p.add_argument("--encoding-errors", choices=inputs.ENCODING_ERRORS, default="strict",
                    help="invalid UTF-8: stop (strict) or replace with U+FFFD")

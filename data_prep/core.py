@@ -141,7 +141,8 @@ class BuildConfig:
     """--shard-characters: a shard also closes at this many characters (None: corpus size / 64, clamped
     to [50k, 16M], so a small corpus still gets enough shards to keep every worker busy)."""
     text_mode: str = "auto"
-    """--text-mode: text inputs hold one document per blank-line-separated block, per line, or auto-detect."""
+    """--text-mode: text inputs hold one document per blank-line-separated block, per line, per file
+    (``file``), blocks of hard-wrapped lines (``wrapped``), or auto-detect."""
     text_field: str = "text"
     """--text-field: the JSON field / column with the text (jsonl, parquet, HF datasets)."""
     encoding_errors: str = "strict"

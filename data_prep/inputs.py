@@ -38,7 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-TEXT_MODES = ("auto", "paragraph", "line", "wrapped")
+TEXT_MODES = ("auto", "paragraph", "line", "wrapped", "file")
+# --text-mode file: a file this large (characters) is given as pieces cut at blank lines, so memory stays
+# bounded (each piece is still cut at --max-document-chars like any document)
+FILE_DOCUMENT_PIECE = 16_000_000
 ENCODING_ERRORS = ("strict", "replace")
 COMPRESSED = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
 # Archives and compressors that are not read (they would be read as text): the tool that unpacks them.
@@ -64,8 +67,8 @@ class InputSpec:
     """text | jsonl | parquet | hf_disk | tagged (word/TAG lines, see tagged_words)."""
     text_mode: str = "auto"
     """For text inputs: 'paragraph' (blank-line separated documents), 'line' (one a line), 'wrapped'
-    (blank-line separated documents whose line breaks are only wraps: joined, ``join_wrapped``), or
-    'auto' (paragraph if the first MB has a blank line, else line; see ``resolve_text_mode``)."""
+    (blank-line separated documents whose line breaks are only wraps: joined, ``join_wrapped``), 'file'
+    (the whole file one document: a folder of articles), or 'auto' (paragraph if the first MB has a blank line, else line; see ``resolve_text_mode``)."""
     text_field: str = "text"
     """Field/column holding the text (jsonl, parquet, hf_disk)."""
 
@@ -645,6 +648,18 @@ def _documents_of(spec: InputSpec, encoding_errors: str) -> Iterator[str]:
         if spec.text_mode == "line":
             for line in _text_lines(spec, encoding_errors):
                 yield line
+            return
+        if spec.text_mode == "file":
+            lines: list[str] = []
+            size = 0
+            for line in _text_lines(spec, encoding_errors):
+                lines.append(line)
+                size += len(line)
+                if size >= FILE_DOCUMENT_PIECE and not line.strip():
+                    yield "".join(lines)
+                    lines, size = [], 0
+            if lines:
+                yield "".join(lines)
             return
         join = join_wrapped if spec.text_mode == "wrapped" else "".join
         block: list[str] = []

@@ -105,6 +105,32 @@ def test_wrapped_text_builds_as_its_unwrapped_paragraphs(tmp_path, lang):
     assert meta["stats"]["sentences"] > flat_meta["stats"]["sentences"]
 
 
+def test_file_mode_makes_each_file_one_document(tmp_path, monkeypatch):
+    """--text-mode file: a folder of articles (title, blank line, paragraphs) gives one document per file,
+    its blank lines kept as line breaks; a whitespace-only file is an empty document (counted); a file
+    beyond FILE_DOCUMENT_PIECE characters is given in pieces cut at blank lines (bounded memory)."""
+    folder = tmp_path / "articles"
+    (folder / "sub").mkdir(parents=True)
+    articles = {}
+    for i in range(6):
+        name = f"{'sub/' if i % 2 else ''}a{i}.txt"
+        articles[name] = f"{DOCS[3 * i][:12]}\n\n{DOCS[3 * i + 1]}\n{DOCS[3 * i + 2]}\n"
+        (folder / name).write_text(articles[name], encoding="utf-8")
+    (folder / "blank.txt").write_text("  \n\n", encoding="utf-8")
+    counters = inp.ReadCounters()
+    specs = inp.resolve_inputs([str(folder)], text_mode="file")
+    got = list(inp.iter_documents(specs, counters=counters))
+    assert got == [articles[name] for name in sorted(articles, key=lambda n: str(folder / n))]
+    assert counters.empty_documents == 1
+    assert len(_read([folder], text_mode="paragraph")) == 2 * len(articles)  # what it was without the mode
+    monkeypatch.setattr(inp, "FILE_DOCUMENT_PIECE", 100)
+    big = tmp_path / "big.txt"
+    big.write_text("\n\n".join(DOCS[:10]) + "\n", encoding="utf-8")
+    pieces = _read([big], text_mode="file")
+    assert 1 < len(pieces) < 10 and "".join(pieces) == big.read_text(encoding="utf-8")
+    assert all(p.endswith("\n\n") for p in pieces[:-1])  # cut at blank lines
+
+
 def test_compressed_jsonl_parquet_hf_disk_read_the_same(tmp_path):
     text = "\n".join(DOCS) + "\n"
     (tmp_path / "a.txt.gz").write_bytes(gzip.compress(text.encode()))
