@@ -35,6 +35,9 @@ from data_prep.encode import EncodeError  # noqa: E402
 from data_prep.format import FormatError  # noqa: E402
 from pipeline.finetuning import FinetuneConfig, FinetuneError, run  # noqa: E402
 from pipeline.inference import ExportError  # noqa: E402
+from pipeline.run_lock import LockHeld, RunLock  # noqa: E402
+
+RUN_LOCK = ".finetune.lock"  # in --output: held by a live run's rank 0 (pipeline/run_lock.py)
 
 
 def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
@@ -82,13 +85,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("megatron").setLevel(logging.WARNING)  # megatron-core's start-up notes (Megatron-FSDP, ...)
     config = None
     handler = None
+    run_lock = RunLock(RUN_LOCK)
     try:
         config = parse_args(argv)
         config.validate()  # bad flags (or an --output holding results.json) leave no trace behind
         if rank == 0 and config.output:  # the log also goes to OUTPUT/finetune.log (appended)
             if Path(config.output).exists() and not Path(config.output).is_dir():
                 raise FinetuneError(f"--output {config.output} is an existing file; give a directory")
-            Path(config.output).mkdir(parents=True, exist_ok=True)
+            try:  # before anything is written there: a run still going in --output refuses this one
+                run_lock.acquire(config.output)
+            except LockHeld as held:
+                raise FinetuneError(
+                    f"--output {config.output} is in use by a fine-tuning run that is still running ({held.holder}; "
+                    f"lock {held.path}): a second run there would mix its models, log and results.json with it. "
+                    f"Wait for it to finish or stop it, or give this run another --output") from None
             handler = logging.FileHandler(Path(config.output) / "finetune.log", encoding="utf-8")
             handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%Y-%m-%d %H:%M:%S"))
             logging.getLogger().addHandler(handler)
@@ -111,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             handler.handle(logging.makeLogRecord({"name": "finetune", "levelno": logging.ERROR, "levelname": "ERROR",
                                                   "msg": "error: %s", "args": (exc,)}))
         return 2
+    finally:
+        run_lock.release()  # the process exit would too; an in-process caller may start another run
     return 0
 
 

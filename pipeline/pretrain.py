@@ -6,11 +6,12 @@ r"""AMBERT pre-training: DeepSpeed ZeRO (1/2/3) + megatron-core tensor paralleli
 The same script runs under torchrun, mpirun (MPI discovery) and srun. Without --config it runs the
 demo recipe (pipeline/recipes/demo.yaml) on the Chinese demo dataset, building it first if missing.
 
-The loop, top to bottom: config -> validate (no collective yet) -> distributed + TP groups ->
-data -> model under zero.Init -> engine -> resume -> [train step -> log -> evaluate -> save] ->
-final save. Preemption (SIGTERM / SIGUSR1) is noticed at the end of a step: every rank saves, then
-exits 0 so the scheduler can requeue the job. Ctrl-C (SIGINT) does the same and exits 130; a second
-Ctrl-C stops at once, without saving.
+The loop, top to bottom: config -> validate (no collective yet) -> rank 0 locks output_dir (a run
+still going there refuses this one) -> distributed + TP groups -> data -> model under zero.Init ->
+engine -> resume -> [train step -> log -> evaluate -> save] -> final save. Preemption (SIGTERM /
+SIGUSR1) is noticed at the end of a step: every rank saves, then exits 0 so the scheduler can
+requeue the job. Ctrl-C (SIGINT) does the same and exits 130; a second Ctrl-C stops at once, without
+saving.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from pipeline.config import (
 )
 from pipeline.data import MaskingConfig, PretrainingData
 from pipeline.metrics import MetricsLogger, default_peak_flops, memory_mb
+from pipeline.run_lock import LockHeld, RunLock, holder
 
 log = logging.getLogger("pretrain")
 DEFAULT_RECIPE = ROOT / "pipeline" / "recipes" / "demo.yaml"
@@ -524,7 +526,53 @@ def finished_status(config) -> int:
     return STOPPED_EARLY
 
 
+RUN_LOCK = ".pretrain.lock"  # in output_dir (and a checkpointing.dir outside it): held by a live run's rank 0
+
+
+def lock_run_dirs(config: PretrainConfig, run_lock: RunLock) -> None:
+    """Rank 0, before anything is written in output_dir: lock it, and checkpointing.dir if that is
+    outside it, for the whole run (pipeline/run_lock.py). A live run holding either (a resubmitted job
+    while the first still runs, ranks left running by a killed launcher) refuses this one: the two
+    would write interleaved checkpoints and metrics into one place."""
+    output_dir = Path(config.output_dir)
+    where = [("output_dir", config.output_dir, output_dir)]
+    if not config.checkpoint_dir.is_relative_to(output_dir.resolve()):
+        where.append(("checkpointing.dir", config.checkpointing.dir, config.checkpoint_dir))
+    for field, value, directory in where:
+        try:
+            run_lock.acquire(directory)
+        except LockHeld as held:
+            raise ConfigError(
+                f"{field}={value} is in use by a pre-training run that is still running ({held.holder}; lock "
+                f"{held.path}): a second run there would interleave its checkpoints and metrics with it. Wait for "
+                f"it to finish or stop it, then start this job again with --resume auto (it continues from the "
+                f"newest complete checkpoint), or give this run another {field}") from None
+        except OSError as exc:
+            raise ConfigError(f"{field}={value}: cannot make the lock file {run_lock.path(directory)} "
+                              f"({exc.strerror}); give a writable directory") from None
+
+
+def _leave_the_live_runs_logs(config: PretrainConfig, message: str) -> None:
+    """A rank > 0 whose rank 0 was refused output_dir's lock: the logs/rank<k>.log it opened are the
+    live run's, which must not get this job's error (it goes to the console only)."""
+    path = Path(config.output_dir) / RUN_LOCK
+    who = holder(path)
+    if who and f"({who}; lock {path})" in message:
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+            root.removeHandler(handler)
+            handler.close()
+
+
 def main(argv: list[str] | None = None) -> int:
+    run_lock = RunLock(RUN_LOCK)  # taken by rank 0 (lock_run_dirs)
+    try:
+        return _main(argv, run_lock)
+    finally:
+        run_lock.release()  # the process exit would too; an in-process caller may start another run
+
+
+def _main(argv: list[str] | None, run_lock: RunLock) -> int:
     args, overrides = parse_args(argv)
     if args.finished:  # no process group, no logs: a job script's check after the training step
         config = load_config(args.config or DEFAULT_RECIPE, overrides)
@@ -550,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     timeout = config.parallelism.collective_timeout_minutes
     try:
         validate_paths(config)
+        if rank == 0:  # first: a refused run leaves the live one's files as they are (logs included)
+            lock_run_dirs(config, run_lock)
         log_to_file(Path(config.output_dir), rank)
         state = _startup_checks(config, rank, world_size)
     except (ConfigError, ckpt.CheckpointError, FormatError) as exc:
@@ -576,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parallel.agree_on_startup()  # a peer that failed its own start-up checks stops this rank too
     except parallel.PeerStartupError as exc:
+        if rank != 0:
+            _leave_the_live_runs_logs(config, str(exc))
         raise ConfigError(str(exc)) from None
     check_same_settings(config, dataset.fingerprint, ds_config)
     parallel.initialize_parallel(config.parallelism.tensor_parallel, seed=config.seed, timeout_minutes=timeout)
