@@ -850,10 +850,17 @@ def build_lock_path(output: str | os.PathLike) -> Path:
 
 def running_build(output: str | os.PathLike) -> str | None:
     """Who holds DIR's build lock ("pid N on HOST") while a build of DIR runs, else None."""
+    return lock_holder(build_lock_path(output))
+
+
+def lock_holder(path: str | os.PathLike) -> str | None:
+    """Who holds the flock on the lock file ``path`` ("pid N on HOST", what the holder wrote in it) while
+    it runs; None if nobody does (no file, or one a finished or killed process left). Read-only: takes
+    no lock that outlives the call. (data_prep's build lock; pre-training's and fine-tuning's run lock.)"""
     import fcntl
 
     try:
-        fd = os.open(build_lock_path(output), os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
     try:

@@ -41,7 +41,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distribu
 import torch
 import torch.distributed as dist
 
-from data_prep.format import META_FILE, FormatError
+from data_prep.format import META_FILE, FormatError, lock_holder
 from pipeline import checkpoint as ckpt
 from pipeline.batch import IGNORE_INDEX
 from pipeline.config import (
@@ -57,7 +57,7 @@ from pipeline.config import (
 )
 from pipeline.data import MaskingConfig, PretrainingData
 from pipeline.metrics import MetricsLogger, default_peak_flops, memory_mb
-from pipeline.run_lock import LockHeld, RunLock, holder
+from pipeline.run_lock import LockHeld, RunLock
 
 log = logging.getLogger("pretrain")
 DEFAULT_RECIPE = ROOT / "pipeline" / "recipes" / "demo.yaml"
@@ -556,7 +556,7 @@ def _leave_the_live_runs_logs(config: PretrainConfig, message: str) -> None:
     """A rank > 0 whose rank 0 was refused output_dir's lock: the logs/rank<k>.log it opened are the
     live run's, which must not get this job's error (it goes to the console only)."""
     path = Path(config.output_dir) / RUN_LOCK
-    who = holder(path)
+    who = lock_holder(path)
     if who and f"({who}; lock {path})" in message:
         root = logging.getLogger()
         for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:

@@ -10,7 +10,8 @@ crash, SIGKILL), so a stale file left by a finished or killed run never blocks t
 
 On NFS, flock works across machines only where the client maps it to NFS byte-range locks (Linux
 does since 2.6.12, with a working lock manager); some setups (``local_lock=flock``/``all`` mounts)
-keep it on one machine, and then only runs on the same host are told apart.
+keep it on one machine, and then only runs on the same host are told apart. Who holds a lock file,
+read-only: ``data_prep.format.lock_holder``.
 """
 
 from __future__ import annotations
@@ -78,23 +79,3 @@ class RunLock:
                 fcntl.flock(fd, fcntl.LOCK_UN)
             finally:
                 os.close(fd)
-
-
-def holder(path: str | os.PathLike) -> str | None:
-    """Who holds the lock file ``path`` ("pid N on HOST") while its run is live; None if nobody does
-    (no file, or a stale one). Read-only: takes no lock that outlives the call."""
-    import fcntl
-
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return os.read(fd, 200).decode(errors="replace").strip() or "a process"
-    except OSError:
-        return None
-    finally:
-        os.close(fd)  # (also drops the shared lock taken above)
-    return None

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.run_lock import RunLock, holder
+from data_prep.format import lock_holder as holder
+from pipeline.run_lock import RunLock
 from tests.distributed import free_port
 from tests.test_pretrain import BASE, PRETRAIN, ROOT, TORCHRUN, get_dataset, run_env
 
