@@ -120,10 +120,14 @@ fi
 # rebuilds it only when its sources or flags change; a built op loads in ~2 s).
 if ! have_gpu; then
   log "DeepSpeed's CPU communication op (built the first time: ~40 s)"
-  # with the venv's ninja, the one every job uses (pipeline.parallel puts it first on PATH): a build log
-  # of Debian's older ninja makes the venv's rebuild the op, and the reverse
-  PATH="$VENV/bin:$PATH" DS_ACCELERATOR=cpu "$VENV/bin/python" -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
-ShareMemCommBuilder().load(verbose=False)" >/dev/null 2>&1 \
+  # With the venv's ninja, the one every job uses (pipeline.parallel puts it first on PATH): a build log
+  # of Debian's older ninja makes the venv's rebuild the op, and the reverse. Into the venv's own
+  # torch_extensions/ (pipeline.parallel.use_this_environments_extensions_dir), where every job of this
+  # venv loads it from: torch's default, ~/.cache/torch_extensions, is shared by every venv of the user.
+  (cd "$ROOT" && PATH="$VENV/bin:$PATH" DS_ACCELERATOR=cpu "$VENV/bin/python" -c "from pipeline.parallel import use_this_environments_extensions_dir
+use_this_environments_extensions_dir()
+from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+ShareMemCommBuilder().load(verbose=False)") >/dev/null 2>&1 \
     || log "could not build DeepSpeed's CPU op now (the first CPU job builds it instead)"
 fi
 

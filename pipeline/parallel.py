@@ -146,12 +146,50 @@ def use_this_environments_ninja() -> None:
         os.environ["PATH"] = os.pathsep.join([str(bindir), *(p for p in paths if p != str(bindir))])
 
 
+def _extensions_flavour() -> str:
+    """torch's name for this interpreter and accelerator in its JIT-build directory: ``py311_cpu``."""
+    if torch.version.hip is not None:
+        accelerator = "rocm" + torch.version.hip.replace(".", "")
+    elif torch.version.cuda is not None:
+        accelerator = "cu" + torch.version.cuda.replace(".", "")
+    else:
+        accelerator = "cpu"
+    return f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_{accelerator}"
+
+
+def this_environments_extensions_dir() -> Path | None:
+    """Where this environment's JIT-built ops go: ``<venv>/torch_extensions/pyXY_<accelerator>`` for a
+    virtual environment (or conda environment) that can be written to; None elsewhere (a system
+    Python, a read-only shared environment: torch's default, ``~/.cache/torch_extensions``)."""
+    prefix = Path(sys.prefix)
+    in_env = sys.prefix != sys.base_prefix or os.environ.get("CONDA_PREFIX") == sys.prefix
+    root = prefix / "torch_extensions"
+    if not in_env or not os.access(root if root.is_dir() else prefix, os.W_OK):
+        return None
+    return root / _extensions_flavour()
+
+
+def use_this_environments_extensions_dir() -> str:
+    """Set TORCH_EXTENSIONS_DIR, unless the user did, to ``this_environments_extensions_dir()``.
+
+    torch JIT-builds DeepSpeed's ops (on CPU its shared-memory communication op; DeepSpeedCPUAdam
+    for ZeRO-Offload) into one directory per user by default, shared by every environment: two
+    clones with their own venvs rebuilt the op (60-90 s) whenever their jobs alternated, their build
+    files naming different paths. Set-up builds the op where this points. Returns the directory used."""
+    if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+        mine = this_environments_extensions_dir()
+        if mine is not None:
+            os.environ["TORCH_EXTENSIONS_DIR"] = str(mine)
+    return str(deepspeed_build_lock().parent.parent)
+
+
 def init_distributed(backend: str | None = None, auto_mpi_discovery: bool = True, timeout_minutes: float = 30.0) -> None:
     """``deepspeed.init_distributed`` (gloo on CPU, nccl on GPU, or ``backend``), then the
     release of DeepSpeed's CPU shared-memory names (``release_deepspeed_shm``). A collective that
     waits longer than ``timeout_minutes`` for a peer fails instead of hanging the job."""
     from datetime import timedelta
 
+    use_this_environments_extensions_dir()  # where set-up built DeepSpeed's CPU op (unless the user chose)
     warn_deepspeed_build_lock()  # before DeepSpeed may wait on it (forever, if it is stale)
     warn_cpu_torch_on_gpu_node()
     use_this_environments_ninja()  # the ninja set-up built DeepSpeed's CPU op with
@@ -181,20 +219,14 @@ STALE_BUILD_LOCK_MINUTES = 10.0
 
 def deepspeed_build_lock() -> Path:
     """The lock file torch's JIT build of DeepSpeed's CPU op uses, where torch would put it:
-    $TORCH_EXTENSIONS_DIR/deepspeed_shm_comm/lock, else ~/.cache/torch_extensions/pyXY_<cpu|cuXYZ|rocmX>/
+    $TORCH_EXTENSIONS_DIR/deepspeed_shm_comm/lock (``init_distributed`` sets it to the environment's own
+    directory unless the user did), else ~/.cache/torch_extensions/pyXY_<cpu|cuXYZ|rocmX>/
     deepspeed_shm_comm/lock (XDG_CACHE_HOME replaces ~/.cache), as torch.utils.cpp_extension does."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if root is None:
         from torch.utils.cpp_extension import get_default_build_root
 
-        if torch.version.hip is not None:
-            accelerator = "rocm" + torch.version.hip.replace(".", "")
-        elif torch.version.cuda is not None:
-            accelerator = "cu" + torch.version.cuda.replace(".", "")
-        else:
-            accelerator = "cpu"
-        python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
-        root = os.path.join(get_default_build_root(), f"{python}_{accelerator}")
+        root = os.path.join(get_default_build_root(), _extensions_flavour())
     return Path(root) / DEEPSPEED_JIT_OP / "lock"
 
 

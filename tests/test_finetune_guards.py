@@ -53,6 +53,19 @@ def _home_with_build_lock(monkeypatch, home: Path, age_seconds: float) -> Path:
     return lock
 
 
+def _extensions_dir_with_build_lock(monkeypatch, directory: Path, age_seconds: float) -> Path:
+    """A lock file where torch's JIT build of DeepSpeed's CPU op would wait on it, under the
+    user's TORCH_EXTENSIONS_DIR ``directory``."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(directory))
+    from torch.utils.cpp_extension import _get_build_directory  # torch's own answer (creates the directory)
+
+    lock = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
+    assert lock == directory / "deepspeed_shm_comm" / "lock"
+    lock.touch()
+    os.utime(lock, (time.time() - age_seconds, time.time() - age_seconds))
+    return lock
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. A stale lock of DeepSpeed's JIT build
 # ---------------------------------------------------------------------------------------------
@@ -87,13 +100,55 @@ def test_stale_build_lock_is_reported_with_path_age_and_fix(tmp_path, monkeypatc
     assert parallel.deepspeed_build_lock() == tmp_path / "ext" / "deepspeed_shm_comm" / "lock"
 
 
+def test_each_environment_builds_deepspeeds_ops_in_its_own_directory(tmp_path, monkeypatch):
+    """torch's default JIT-build directory is one per user, shared by every venv: two clones rebuilt
+    DeepSpeed's CPU op (60-90 s) whenever their jobs alternated. A venv now builds in its own, unless
+    the user set TORCH_EXTENSIONS_DIR; outside a virtual environment torch's default stays."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from pipeline import parallel
+
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    # set, then deleted: monkeypatch then removes what the code under test sets (a delenv of an absent
+    # variable records nothing, and the later tests' ranks would build DeepSpeed's op in this tmp_path)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    monkeypatch.setattr(sys, "base_prefix", str(tmp_path / "system-python"))
+    mine = parallel.use_this_environments_extensions_dir()
+    flavour = f"py{sys.version_info.major}{sys.version_info.minor}"
+    assert Path(mine).parent == venv / "torch_extensions" and Path(mine).name.startswith(flavour + "_"), mine
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == mine
+    lock = parallel.deepspeed_build_lock()
+    assert lock == Path(mine) / "deepspeed_shm_comm" / "lock"
+    assert Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) == lock.parent  # where torch builds
+    assert parallel.use_this_environments_extensions_dir() == mine  # again: the same
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "users-choice"))  # the user's choice is kept
+    assert parallel.use_this_environments_extensions_dir() == str(tmp_path / "users-choice")
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "users-choice")
+
+    # A system Python (not a virtual or conda environment): torch's default, under the user's home.
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    monkeypatch.setattr(sys, "base_prefix", str(venv))
+    monkeypatch.delenv("CONDA_PREFIX", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    default = parallel.use_this_environments_extensions_dir()
+    assert "TORCH_EXTENSIONS_DIR" not in os.environ
+    assert Path(default).parent == tmp_path / "home" / ".cache" / "torch_extensions", default
+    monkeypatch.setenv("CONDA_PREFIX", str(venv))  # a conda environment: its own again
+    assert parallel.use_this_environments_extensions_dir() == mine
+
+
 def test_finetune_cli_prints_the_stale_lock_warning_before_deepspeed_waits(tmp_path, monkeypatch, zh_dataset):
-    """The real scenario: the lock sits where this job's DeepSpeed would build its CPU op (under a
-    temporary HOME, so neither the real cache nor other jobs see it). DeepSpeed then waits on it
+    """The real scenario: the lock sits where this job's DeepSpeed would build its CPU op (a
+    TORCH_EXTENSIONS_DIR of its own, so neither the venv's op nor other jobs see it). DeepSpeed then waits on it
     forever, so the job is killed as soon as the warning is on stderr (or after a deadline)."""
     from tests.distributed import free_port
 
-    lock = _home_with_build_lock(monkeypatch, tmp_path / "home", age_seconds=3600)
+    lock = _extensions_dir_with_build_lock(monkeypatch, tmp_path / "ext", age_seconds=3600)
     files = make_sentiment_files(tmp_path, sizes=(20, 10, 10))
     env = {**os.environ, "HOME": str(tmp_path / "home"), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
            "LOCAL_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu",

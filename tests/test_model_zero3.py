@@ -4,7 +4,7 @@ the plain-PyTorch trajectory. Run for (TP, DP) = (1, 2) and (2, 1) in one launch
 adapter and the explicit data-parallel group are what ENVIRONMENT.md's "silent bug" needs.
 
 DeepSpeed on CPU JIT-builds deepspeed_shm_comm on the first init_distributed (~50 s cold, cached in
-~/.cache/torch_extensions afterwards)."""
+the venv's torch_extensions/ afterwards: set-up builds it there)."""
 
 from __future__ import annotations
 
