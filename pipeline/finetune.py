@@ -127,4 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from pipeline import skip_final_garbage_collection
+
+    skip_final_garbage_collection()
     sys.exit(main())

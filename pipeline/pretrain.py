@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from data_prep.format import META_FILE, FormatError, lock_holder
 from pipeline import checkpoint as ckpt
+from pipeline import skip_final_garbage_collection
 from pipeline.batch import IGNORE_INDEX
 from pipeline.config import (
     DEMO_DATASET,
@@ -847,6 +848,7 @@ def report_error(message: str) -> None:
 
 
 if __name__ == "__main__":
+    skip_final_garbage_collection()
     try:
         sys.exit(main())
     except (ConfigError, ckpt.CheckpointError, FormatError) as exc:

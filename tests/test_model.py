@@ -4,6 +4,10 @@ parameter counts. Multi-rank parity lives in test_model_parallel.py, ZeRO-3 in t
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +19,8 @@ from pipeline.model import VARIANTS, build_model, count_parameters, flops_per_sa
 from pipeline.model.config import ModelConfig
 from pipeline.model.synthetic import synthetic_batch
 from tests.distributed import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -397,3 +403,31 @@ def test_grouped_query_attention_fallback_for_older_torch_matches(monkeypatch):
         monkeypatch.setattr(layers, "_SDPA_HAS_GQA", False)
         repeated = model(batch)["loss"]
     assert float(repeated) == pytest.approx(float(native), rel=1e-6)
+
+
+def test_megatron_is_imported_without_compiling_its_unused_kernels():
+    """Importing ``pipeline`` makes megatron-core's import skip torch.compile (TorchDynamo and Inductor,
+    ~2 s of every process's start) for kernels this project never calls; torch.compile itself is left
+    as it was, and the CLI entry points freeze the heap at exit (the last collections took ~2 s)."""
+    code = textwrap.dedent("""
+        import atexit, gc, sys
+        import torch
+        compile_ = torch.compile
+        import pipeline
+        from megatron.core import jit, parallel_state  # noqa: F401
+        from megatron.core.fusions import fused_bias_geglu
+        import deepspeed.runtime.zero.muon.original_muon as muon
+        import pipeline.model.ambert  # noqa: F401  (the model's modules: nothing of theirs compiled either)
+        assert torch.compile is compile_, "torch.compile was not restored"
+        assert jit.jit_fuser is pipeline._no_compile
+        assert type(fused_bias_geglu.bias_geglu).__name__ == "function", type(fused_bias_geglu.bias_geglu)
+        assert type(muon.zeropower_via_newtonschulz5).__name__ == "function", type(muon.zeropower_via_newtonschulz5)
+        assert "torch._inductor.compile_fx" not in sys.modules
+        assert not any(isinstance(f, pipeline._ImportWithoutTorchCompile) for f in sys.meta_path)  # removed once done
+        pipeline.skip_final_garbage_collection()
+        atexit._run_exitfuncs()
+        assert gc.get_freeze_count() > 100_000, gc.get_freeze_count()
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
