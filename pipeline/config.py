@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -154,6 +155,10 @@ class LoggingSection:
     """write TensorBoard event files to <output_dir>/tensorboard"""
     peak_flops: float = 0.0
     """peak FLOP/s of one device for MFU (0 = a guess: 312e12 for a GPU in bf16, 1e11 per CPU process)"""
+    profile_steps: str = ""
+    """trace these steps with torch.profiler, e.g. "10-12" or "10" ("" = off): <output_dir>/profile/rank<R>_steps<A>-<B>.pt.trace.json (Chrome / Perfetto / TensorBoard's profiler plugin), a .txt table of operators by self time and, on GPUs, the CUDA allocator's history (.memory.pickle)"""
+    profile_ranks: str = "0"
+    """global ranks that trace logging.profile_steps: "0", "0,8" or "all" (every rank)"""
 
 
 @dataclass
@@ -483,6 +488,11 @@ def validate(config: PretrainConfig, world_size: int, dataset_meta: dict | None 
     need(c.keep_last >= 1, f"checkpointing.keep_last={c.keep_last}: must be >= 1")
     need(c.save_every >= 0, f"checkpointing.save_every={c.save_every}: must be >= 0")
     need(config.logging.every >= 1, f"logging.every={config.logging.every}: must be >= 1")
+    window = parse_profile_steps(config.logging.profile_steps)
+    parse_profile_ranks(config.logging.profile_ranks, world_size)
+    need(window is None or window[0] <= s.train_steps,
+         f"logging.profile_steps={config.logging.profile_steps!r}: after the run's last step (schedule.train_steps="
+         f"{s.train_steps}); choose steps up to {s.train_steps}")
     if p.precision == "fp16" and not _cuda_available():
         need(False, "parallelism.precision=fp16: DeepSpeed has no fp16 on CPU; use fp32 (or bf16) here, fp16 on GPUs")
     if paths:
@@ -521,6 +531,43 @@ def validate(config: PretrainConfig, world_size: int, dataset_meta: dict | None 
             model_config.validate(p.tensor_parallel)
         except ValueError as exc:
             raise ConfigError(f"model: {exc}") from None
+
+
+_PROFILE_STEPS = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+def parse_profile_steps(text: str) -> tuple[int, int] | None:
+    """``"10-12"`` -> (10, 12), ``"7"`` -> (7, 7), ``""`` -> None (off). Steps count from 1 (the
+    step numbers of the metrics)."""
+    if not str(text).strip():
+        return None
+    match = _PROFILE_STEPS.match(str(text))
+    if not match:
+        raise ConfigError(
+            f"logging.profile_steps={text!r}: expected a step or a range of steps, e.g. 10 or 10-12 (\"\" = off)")
+    first = int(match.group(1))
+    last = int(match.group(2)) if match.group(2) is not None else first
+    if first < 1 or last < first:
+        raise ConfigError(
+            f"logging.profile_steps={text!r}: expected FIRST-LAST with 1 <= FIRST <= LAST, e.g. 10-12")
+    return first, last
+
+
+def parse_profile_ranks(text: str, world_size: int) -> frozenset[int]:
+    """``"0"``, ``"0,8"`` or ``"all"``: the global ranks that record a trace."""
+    if str(text).strip().lower() == "all":
+        return frozenset(range(world_size))
+    try:
+        ranks = frozenset(int(r) for r in str(text).split(",") if r.strip())
+    except ValueError:
+        raise ConfigError(
+            f"logging.profile_ranks={text!r}: expected global ranks separated by commas (e.g. 0 or 0,8) or all") from None
+    outside = sorted(r for r in ranks if not 0 <= r < world_size)
+    if not ranks or outside:
+        raise ConfigError(
+            f"logging.profile_ranks={text!r}: {'no rank given' if not ranks else f'rank {outside[0]} is not in this job'} "
+            f"(ranks 0..{world_size - 1}); e.g. 0, 0,{world_size - 1} or all")
+    return ranks
 
 
 def _cuda_available() -> bool:

@@ -53,11 +53,14 @@ from pipeline.config import (
     build_model_config,
     deepspeed_config,
     load_config,
+    parse_profile_ranks,
+    parse_profile_steps,
     validate,
     validate_paths,
 )
 from pipeline.data import MaskingConfig, PretrainingData
 from pipeline.metrics import MetricsLogger, default_peak_flops, memory_mb
+from pipeline.profiling import StepProfiler
 from pipeline.run_lock import LockHeld, RunLock
 
 log = logging.getLogger("pretrain")
@@ -582,6 +585,7 @@ def _main(argv: list[str] | None, run_lock: RunLock) -> int:
         # says nothing of the job's (the bert-base recipe's global_batch_size=256 is 8 ranks' worth)
         layout_free = copy.deepcopy(config)
         layout_free.parallelism.global_batch_size = 0
+        layout_free.logging.profile_ranks = "0"  # ranks of the job's world size
         validate(layout_free, max(1, config.parallelism.tensor_parallel), paths=False,
                  model_config=build_model_config(layout_free))
         return finished_status(config)
@@ -691,7 +695,6 @@ def _main(argv: list[str] | None, run_lock: RunLock) -> int:
     p = config.parallelism
     global_batch = p.micro_batch_size * p.gradient_accumulation_steps * dp_size
     loader = data.loader("train", consumed_samples, p.micro_batch_size, p.gradient_accumulation_steps, dp_rank, dp_size, config.data.num_workers)
-    batches = iter(loader)
 
     peak_flops = config.logging.peak_flops or default_peak_flops(p.precision)
     metrics_log = MetricsLogger(output_dir, rank == 0, config.logging.tensorboard, config.schedule.train_steps)
@@ -741,11 +744,17 @@ def _main(argv: list[str] | None, run_lock: RunLock) -> int:
                     "schedule.train_steps to continue)", step, config.schedule.train_steps)
     engine.train()
     job_start, job_first_step = time.time(), step
+    profiler = StepProfiler(parse_profile_steps(config.logging.profile_steps),
+                            rank in parse_profile_ranks(config.logging.profile_ranks, world_size), output_dir, rank)
+    # The loader's workers start here, right before the loop whose `finally` stops them: an error
+    # between the two left the rank waiting for its live workers at exit, forever.
+    batches = iter(loader)
     try:
         while step < config.schedule.train_steps:
             start = time.perf_counter()
             lr = engine.get_lr()[0]
-            metrics = train_step(engine, batches, p.gradient_accumulation_steps, dp_group)
+            with profiler.step(step + 1):
+                metrics = train_step(engine, batches, p.gradient_accumulation_steps, dp_group)
             step += 1
             consumed_samples += global_batch
             if consumed_flops is not None:
@@ -785,6 +794,7 @@ def _main(argv: list[str] | None, run_lock: RunLock) -> int:
                 save("end")
 
     finally:
+        profiler.close()
         stop_loader_workers(batches)
 
     metrics_log.close()
