@@ -56,6 +56,10 @@ class ModelSection:
 class DataSection:
     path: str = DEMO_DATASET
     """paired dataset directory (data_prep/build.py output); relative paths are from the repo root"""
+    blend: list[dict[str, Any]] = field(default_factory=list)
+    """more datasets to train on, each {path: DIR, weight: W}, built with data.path's vocabularies (data_prep/build.py --vocab-from data.path): the train samples come from each in proportion to its weight (data.weight is data.path's), each dataset in its own shuffled epochs; valid losses are data.path's"""
+    weight: float = 1.0
+    """data.path's weight when data.blend adds datasets (weights are relative: 0.7 and 0.3, or 7 and 3)"""
     build_demo_if_missing: bool = True
     """if `path` is the demo dataset and missing, rank 0 builds it (python data_prep/build.py --lang zh)"""
     seq_length: int = 64
@@ -179,6 +183,11 @@ class PretrainConfig:
     @property
     def dataset_dir(self) -> Path:
         return resolve_path(self.data.path)
+
+    @property
+    def blend_dirs(self) -> list[tuple[Path, float]]:
+        """data.blend's datasets and weights (empty: data.path alone)."""
+        return [(resolve_path(e["path"]), float(e["weight"])) for e in self.data.blend]
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -467,6 +476,27 @@ def validate(config: PretrainConfig, world_size: int, dataset_meta: dict | None 
         f"data.mask_token_prob + data.random_token_prob = {d.mask_token_prob + d.random_token_prob}: must be in [0, 1]",
     )
     need(d.num_workers >= 0, f"data.num_workers={d.num_workers}: must be >= 0")
+    for i, entry in enumerate(d.blend):
+        where = f"data.blend[{i}]"
+        need(set(entry) == {"path", "weight"} and isinstance(entry.get("path"), str) and bool(entry["path"].strip()),
+             f"{where}={entry!r}: expected {{path: DIR, weight: W}} (e.g. data.blend='[{{path: data/wiki, weight: 0.3}}]')")
+        try:  # PyYAML reads 1e-4 (no dot) as a string
+            weight = None if isinstance(entry["weight"], bool) else float(entry["weight"])
+        except (TypeError, ValueError):
+            weight = None
+        need(weight is not None and math.isfinite(weight) and weight > 0,
+             f"{where}.weight={entry['weight']!r}: must be a number > 0 (weights are relative to data.weight={d.weight})")
+    if d.blend:
+        need(math.isfinite(d.weight) and d.weight > 0, f"data.weight={d.weight}: must be > 0 (data.path's share of the blend)")
+        weights = [d.weight] + [float(e["weight"]) for e in d.blend]
+        smallest = min(range(len(weights)), key=weights.__getitem__)
+        need(weights[smallest] * 10_000 >= sum(weights),
+             f"{'data.weight' if smallest == 0 else f'data.blend[{smallest - 1}].weight'}={weights[smallest]}: below "
+             f"1/10000 of the weights' total {sum(weights)}, its dataset would never be sampled; raise it or drop the dataset")
+        paths = [resolve_path(d.path)] + [resolve_path(e["path"]) for e in d.blend]
+        for i, path in enumerate(paths[1:]):
+            need(path not in paths[: i + 1], f"data.blend[{i}].path={d.blend[i]['path']}: {path} is already in the blend "
+                                             f"(data.path or an earlier entry); give each dataset once, with its total weight")
     need(d.valid_every >= 0, f"data.valid_every={d.valid_every}: must be >= 0 (0 = never evaluate)")
     need(d.valid_batches >= 1, f"data.valid_batches={d.valid_batches}: must be >= 1 (to skip evaluation, set "
                                f"data.valid_every=0)")

@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 # packed sample, a slice for a piece of an over-long sentence).
 FIRST_SENTENCE, END_SENTENCE, COARSE_BEGIN, COARSE_END = range(4)
 
+# data.blend's i-th dataset (from 1) is shuffled and masked with seed + i * BLEND_SEED_STRIDE.
+BLEND_SEED_STRIDE = 7919
+
 
 @dataclass(frozen=True)
 class MaskingConfig:
@@ -280,6 +283,70 @@ class PretrainingSamples(torch.utils.data.Dataset):
         return mask_sample(raw, rng, self.masking, self.fine_vocab_size, self.coarse_vocab_size)
 
 
+class BlendedSamples(torch.utils.data.Dataset):
+    """Several datasets' samples in proportion to weights (``data.blend``), as Megatron's
+    ``BlendedDataset`` but with O(1) random access and no index file.
+
+    Global positions come in blocks of ``BLOCK``; each block gives dataset i exactly ``counts[i]``
+    positions (the weights' largest-remainder rounding, so every dataset's realised share is within
+    1 / BLOCK of its weight at every block boundary), spread evenly through the block. Position g is
+    dataset ``pattern[g % BLOCK]``'s position ``(g // BLOCK) * counts[i] + within[g % BLOCK]``; each
+    dataset maps its own positions to its samples as ``PretrainingSamples`` does (its own shuffled
+    epochs: a small dataset with a large weight is repeated, a large one with a small weight is not
+    seen whole). Like them, a pure function of g: resuming, layouts and workers see the same samples.
+    """
+
+    BLOCK = 10_000
+
+    def __init__(self, parts: Sequence[PretrainingSamples], weights: Sequence[float]):
+        shares = np.asarray(weights, dtype=np.float64)
+        if len(parts) != len(shares) or len(parts) < 1 or not np.all(np.isfinite(shares)) or not np.all(shares > 0):
+            raise ValueError(f"one positive weight per dataset expected, got {list(weights)} for {len(parts)} datasets")
+        shares = shares / shares.sum()
+        ideal = shares * self.BLOCK
+        counts = np.floor(ideal).astype(np.int64)
+        order = np.argsort(-(ideal - counts), kind="stable")  # largest remainders first, then the lower index
+        counts[order[: self.BLOCK - int(counts.sum())]] += 1
+        if np.any(counts == 0):
+            raise ValueError(f"a weight below 1/{self.BLOCK} of the total would never be sampled: {list(weights)}")
+        # Dataset i's j-th position of the block sits at (j + 0.5) / counts[i] of the block.
+        owner = np.repeat(np.arange(len(parts)), counts)
+        within = np.concatenate([np.arange(c) for c in counts])
+        at = (within + 0.5) / counts[owner]
+        order = np.lexsort((owner, at))
+        self.pattern, self.within = owner[order], within[order]
+        self.counts = counts
+        self.parts = list(parts)
+        self.shares = shares
+        self.seed = parts[0].seed  # the loader's generator, as for the first dataset alone
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    @property
+    def max_coarse_tokens(self) -> int:
+        return max(p.max_coarse_tokens for p in self.parts)
+
+    @property
+    def coarse_length(self) -> int:
+        return self.parts[0].coarse_length
+
+    @coarse_length.setter
+    def coarse_length(self, value: int) -> None:
+        for part in self.parts:
+            part.coarse_length = value
+
+    def part_of_position(self, position: int) -> tuple[int, int]:
+        """(dataset index, that dataset's own position) of a global position."""
+        block, offset = divmod(int(position), self.BLOCK)
+        part = int(self.pattern[offset])
+        return part, block * int(self.counts[part]) + int(self.within[offset])
+
+    def __getitem__(self, position: int) -> MaskedSample:
+        part, own = self.part_of_position(position)
+        return self.parts[part][own]
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Sampler driven by consumed samples
 # ---------------------------------------------------------------------------------------------
@@ -375,7 +442,7 @@ class PretrainingData:
     """The train and valid sample sets of one run, with the sequence lengths they agree on."""
 
     dataset: PairedDataset
-    train: PretrainingSamples
+    train: PretrainingSamples | BlendedSamples
     valid: PretrainingSamples | None
     fine_length: int
     coarse_length: int
@@ -389,11 +456,21 @@ class PretrainingData:
         seed: int,
         coarse_length: int = 0,
         with_valid: bool = True,
+        blend: Sequence[tuple[str, float]] = (),
+        weight: float = 1.0,
     ) -> PretrainingData:
+        """``blend``: more (path, weight) datasets whose train splits are mixed with ``path``'s (weight
+        ``weight``) by ``BlendedSamples``; the valid split is ``path``'s."""
         dataset = PairedDataset(path)
         # A fixed coarse_length is a packing budget (the text of a sample always fits both sides).
         fixed = coarse_length or None
         train = PretrainingSamples(dataset, "train", fine_length, fixed, masking, seed, shuffle=True)
+        if blend:
+            # Each dataset its own data order and masks: seeds far from seed + 1 (the valid split's).
+            parts = [train] + [PretrainingSamples(PairedDataset(p), "train", fine_length, fixed, masking,
+                                                  seed + BLEND_SEED_STRIDE * (i + 1), shuffle=True)
+                               for i, (p, _) in enumerate(blend)]
+            train = BlendedSamples(parts, [weight] + [w for _, w in blend])
         valid = None
         if with_valid and len(dataset.split("valid")) > 0:
             valid = PretrainingSamples(dataset, "valid", fine_length, fixed, masking, seed + 1, shuffle=False)

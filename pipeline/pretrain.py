@@ -119,7 +119,9 @@ def data_order_settings(config: PretrainConfig) -> dict:
     d = config.data
     return {"data.seq_length": d.seq_length, "data.coarse_seq_length": d.coarse_seq_length, "seed": config.seed,
             "data.mask_rate": d.mask_rate, "data.mask_token_prob": d.mask_token_prob,
-            "data.random_token_prob": d.random_token_prob}
+            "data.random_token_prob": d.random_token_prob,
+            "data.blend": [[str(path), weight] for path, weight in config.blend_dirs],
+            "data.weight": d.weight if d.blend else 1.0}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -132,7 +134,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def check_same_settings(config: PretrainConfig, fingerprint: str, ds_config: dict) -> None:
+def check_same_settings(config: PretrainConfig, fingerprint: str, ds_config: dict, blend: list[dict] = ()) -> None:
     """Collective, right after the process group exists: every rank's resolved config, dataset and
     DeepSpeed config must equal rank 0's. Ranks started with other overrides (one node's job script
     edited, not the other's) would otherwise train inconsistently or wait for each other forever
@@ -140,8 +142,9 @@ def check_same_settings(config: PretrainConfig, fingerprint: str, ds_config: dic
     nodes may mount it in different places. On any difference every rank raises the same error."""
     from pipeline import parallel
 
-    settings = {k: v for k, v in _flatten(config.to_dict()).items() if k != "data.path"}
+    settings = {k: v for k, v in _flatten(config.to_dict()).items() if k not in ("data.path", "data.blend")}
     settings.update({"dataset (fingerprint)": fingerprint, **_flatten(ds_config, "deepspeed: ")})
+    settings.update({f"data.blend[{i}] (weight, fingerprint)": [b["weight"], b["fingerprint"]] for i, b in enumerate(blend)})
     differences = parallel.settings_differing_from_rank0(settings)
     if differences:
         listed = "; ".join(f"rank {rank}: {name}={mine!r} (rank 0: {ours!r})" for name, rank, mine, ours in differences[:8])
@@ -150,28 +153,29 @@ def check_same_settings(config: PretrainConfig, fingerprint: str, ds_config: dic
                           f"same recipe, overrides and dataset")
 
 
-def check_dataset_dir(config: PretrainConfig) -> None:
-    """data.path must be a finished dataset; a data_prep work directory or an interrupted build is
-    named as such, with the command that finishes it."""
-    path = config.dataset_dir
+def check_dataset_dir(config: PretrainConfig, path: Path | None = None, field: str = "data.path", given: str = "") -> None:
+    """data.path (or the ``field`` data.blend[i].path, ``given`` as ``path``) must be a finished dataset;
+    a data_prep work directory or an interrupted build is named as such, with the command that finishes it."""
+    if path is None:
+        path, given = config.dataset_dir, config.data.path
     if (path / META_FILE).is_file():
         return
     unfinished = path.with_name(path.name.removesuffix(".partial"))
     if path.name.endswith(".partial") and (unfinished / META_FILE).is_file():  # the build finished meanwhile
-        raise ConfigError(f"data.path={config.data.path}: {path} is not a dataset (the work directory of a data_prep "
-                          f"build); the finished dataset is {unfinished}: point data.path at it")
+        raise ConfigError(f"{field}={given}: {path} is not a dataset (the work directory of a data_prep "
+                          f"build); the finished dataset is {unfinished}: point {field} at it")
     if unfinished.with_name(unfinished.name + ".partial").is_dir():
         raise ConfigError(
-            f"data.path={config.data.path}: {path} is not a dataset but the work of an unfinished data_prep build "
+            f"{field}={given}: {path} is not a dataset but the work of an unfinished data_prep build "
             f"(the dataset appears as {unfinished} when it completes): finish it by running the same "
-            f"`python data_prep/build.py ... --output {unfinished}` command again with --resume, then point data.path at {unfinished}"
+            f"`python data_prep/build.py ... --output {unfinished}` command again with --resume, then point {field} at {unfinished}"
         )
     if path.is_file() and (path.parent / META_FILE).is_file():  # .../meta.json or .../train_fine.bin
-        raise ConfigError(f"data.path={config.data.path} is a file of the dataset {path.parent}: point data.path at "
+        raise ConfigError(f"{field}={given} is a file of the dataset {path.parent}: point {field} at "
                           f"that directory")
     raise ConfigError(
-        f"data.path={config.data.path}: {path} is not a dataset (no {META_FILE}); build one with "
-        f"`python data_prep/build.py --lang zh|en --output {path}` or point data.path at one"
+        f"{field}={given}: {path} is not a dataset (no {META_FILE}); build one with "
+        f"`python data_prep/build.py --lang zh|en --output {path}` or point {field} at one"
     )
 
 
@@ -435,7 +439,7 @@ def log_to_file(output_dir: Path, rank: int) -> Path:
 def _startup_checks(config: PretrainConfig, rank: int, world_size: int):
     """What this rank checks on its own node before any process group: the dataset (built first if
     it is the missing demo), the model it implies, the DeepSpeed config, and the checkpoint to resume.
-    Returns (dataset, model_config, ds_config, resume_path, resume_universal, init_weights)."""
+    Returns (dataset, model_config, ds_config, resume_path, resume_universal, init_weights, blend)."""
     ensure_demo_dataset(config, rank)
     check_dataset_dir(config)
     from data_prep.format import PairedDataset
@@ -446,6 +450,7 @@ def _startup_checks(config: PretrainConfig, rank: int, world_size: int):
     edited = token_file_problems(config.dataset_dir, dataset.meta)
     if edited:  # the ids would be trained under one vocabulary and exported with another
         raise FormatError(f"data.path={config.data.path}: {edited[0]}")
+    blend = check_blend(config, dataset)
     model_config = build_model_config(config, dataset.meta)
     if config.model.activation_checkpointing:
         model_config.activation_checkpointing = True
@@ -510,7 +515,30 @@ def _startup_checks(config: PretrainConfig, rank: int, world_size: int):
                          resume_path, config.checkpointing.init_from)
         else:  # every rank reads them (a shared file system, as for the dataset): no broadcast of a whole model
             init_weights = ckpt.load_init_weights(config.checkpointing.init_from, dataset, model_config.to_dict())
-    return dataset, model_config, ds_config, resume_path, resume_universal, init_weights
+    return dataset, model_config, ds_config, resume_path, resume_universal, init_weights, blend
+
+
+def check_blend(config: PretrainConfig, dataset) -> list[dict]:
+    """data.blend's datasets: each finished, undamaged and built with data.path's vocabularies (the
+    same token ids for the same tokens). Returns {path, weight, fingerprint} for each."""
+    from data_prep.format import PairedDataset, token_file_problems
+
+    blend = []
+    for i, (path, weight) in enumerate(config.blend_dirs):
+        field, given = f"data.blend[{i}].path", config.data.blend[i]["path"]
+        check_dataset_dir(config, path, field, given)
+        other = PairedDataset(path)
+        edited = token_file_problems(path, other.meta)
+        if edited:
+            raise FormatError(f"{field}={given}: {edited[0]}")
+        for side in ("fine", "coarse"):
+            if getattr(other, f"{side}_vocab").fingerprint() != getattr(dataset, f"{side}_vocab").fingerprint():
+                raise ConfigError(
+                    f"{field}={given}: its {side} vocabulary differs from data.path={config.data.path}'s: the same token "
+                    f"ids would mean other tokens. Build it with data.path's vocabularies: `python data_prep/build.py "
+                    f"--lang {dataset.meta.get('language', 'zh|en')} --input ... --output {path} --vocab-from {config.dataset_dir}`")
+        blend.append({"path": str(path), "weight": weight, "fingerprint": other.fingerprint})
+    return blend
 
 
 STOPPED_EARLY = 3  # ``--finished``'s exit code for a run that has not reached its last step
@@ -614,7 +642,7 @@ def _main(argv: list[str] | None, run_lock: RunLock) -> int:
 
         parallel.startup_failed(exc, world_size, min(timeout, parallel.STARTUP_JOIN_MINUTES))
         raise
-    dataset, model_config, ds_config, resume_path, resume_universal, init_weights = state
+    dataset, model_config, ds_config, resume_path, resume_universal, init_weights, blend = state
     # Lineage, in every checkpoint's marker (and an export's training.json): the weights this run
     # started from (None: a random initialisation), carried over when it is continued.
     if resume_path is not None:
@@ -634,7 +662,7 @@ def _main(argv: list[str] | None, run_lock: RunLock) -> int:
         if rank != 0:
             _leave_the_live_runs_logs(config, str(exc))
         raise ConfigError(str(exc)) from None
-    check_same_settings(config, dataset.fingerprint, ds_config)
+    check_same_settings(config, dataset.fingerprint, ds_config, blend)
     parallel.initialize_parallel(config.parallelism.tensor_parallel, seed=config.seed, timeout_minutes=timeout)
     dp_rank, dp_size, dp_group = parallel.data_parallel_rank(), parallel.data_parallel_size(), parallel.data_parallel_group()
     output_dir = Path(config.output_dir)
@@ -649,11 +677,16 @@ def _main(argv: list[str] | None, run_lock: RunLock) -> int:
     data = PretrainingData.open(
         str(config.dataset_dir), config.data.seq_length, masking, config.seed,
         coarse_length=config.data.coarse_seq_length, with_valid=config.data.valid_every > 0,
+        blend=[(b["path"], b["weight"]) for b in blend], weight=config.data.weight,
     )
     log.info(
         "data: %d train samples, fine length %d, coarse length %d (%s)",
         len(data.train), data.fine_length, data.coarse_length, config.dataset_dir,
     )
+    if blend:
+        log.info("data: a blend, shares of the train samples: %s", ", ".join(
+            f"{share:.4f} {path} ({len(part)} samples)" for share, path, part
+            in zip(data.train.shares, [str(config.dataset_dir)] + [b["path"] for b in blend], data.train.parts)))
     global_samples = config.parallelism.micro_batch_size * config.parallelism.gradient_accumulation_steps * (
         world_size // config.parallelism.tensor_parallel)
     if len(data.train) < global_samples and rank == 0:
@@ -716,6 +749,8 @@ def _main(argv: list[str] | None, run_lock: RunLock) -> int:
             "consumed_flops": consumed_flops,
             "dataset_path": str(config.dataset_dir),
             "dataset_fingerprint": dataset.fingerprint,
+            **({"data_blend": [{"path": str(config.dataset_dir), "weight": config.data.weight,
+                                "fingerprint": dataset.fingerprint}, *blend]} if blend else {}),
             # the token ids' meaning, checked by a later run's checkpointing.init_from even after the
             # dataset at dataset_path was rebuilt (the dataset fingerprint also covers the text)
             "vocab_fingerprints": ckpt.vocab_fingerprints(dataset),
