@@ -94,6 +94,8 @@ class OptimizerSection:
     """decoupled weight decay (not applied to biases, norms and embeddings' norms)"""
     grad_clip: float = 1.0
     """clip the global gradient norm to this value (0 = off)"""
+    stop_on_nonfinite: bool = True
+    """stop the job (exit 1, nothing saved) at the first step whose loss or gradient norm is NaN or infinite, naming the newest complete checkpoint to resume from; fp16 runs check the loss only (DeepSpeed's loss scaling skips overflowing steps itself)"""
 
 
 @dataclass

@@ -259,6 +259,35 @@ class PreemptionFlag:
         return bool(flag.item())
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm is NaN or infinite: the weights are no longer usable."""
+
+
+def check_finite(step: int, metrics: dict, grad_norm: float | None, checkpoint_dir: Path) -> None:
+    """Raise TrainingDiverged if this step's loss (averaged over the data-parallel ranks, so every rank
+    sees the same value) or global gradient norm is not finite. Nothing is saved after it."""
+    losses = {k: v for k, v in metrics.items() if k == "loss" or k.endswith("_loss")}
+    if all(math.isfinite(v) for v in losses.values()) and (grad_norm is None or math.isfinite(grad_norm)):
+        return
+    found = ckpt.complete_checkpoints(checkpoint_dir)
+    newest = f"{found[-1][1]} (step {found[-1][0]})" if found else f"none yet in {checkpoint_dir}"
+    values = ", ".join(f"{k} {v:.4g}" for k, v in losses.items())
+    if grad_norm is not None:
+        values += f", gradient norm {grad_norm:.4g}"
+    raise TrainingDiverged(
+        f"step {step}: training diverged ({values}); the weights are no longer usable and nothing was saved. The "
+        f"newest complete checkpoint is {newest}: lower optimizer.lr, raise schedule.warmup_steps, keep "
+        f"optimizer.grad_clip on, or check the data (python data_prep/build.py --verify DIR), then run again with "
+        f"--resume auto to continue from it (optimizer.stop_on_nonfinite=false trains on regardless)")
+
+
+def _nan_injection(step: int) -> bool:
+    """Test hook: AMBERT_FAULT=nan_loss_at=<step> multiplies that step's loss by NaN before backward (on
+    every rank), so the gradients, the weights and the reported loss become NaN as in a real divergence."""
+    spec = os.environ.get("AMBERT_FAULT", "")
+    return spec.startswith("nan_loss_at=") and step == int(spec.split("=", 1)[1])
+
+
 def _step_fault_injection(step: int) -> None:
     """Test hooks: AMBERT_FAULT=sleep_per_step=<s> slows steps so a test can signal mid-run;
     AMBERT_FAULT=fail_rank0_at=<step> makes rank 0 fail with an ordinary exception after that step."""
@@ -332,7 +361,7 @@ def micro_batch_work(model_config, batch) -> torch.Tensor:
                          flops], dtype=torch.float64)
 
 
-def train_step(engine, batches, accumulation_steps: int, dp_group) -> dict:
+def train_step(engine, batches, accumulation_steps: int, dp_group, poison: bool = False) -> dict:
     """One optimizer step over ``accumulation_steps`` micro-batches; metrics averaged over DP ranks,
     work (tokens, masked tokens, FLOPs) summed over them."""
     model_config = engine.module.config
@@ -344,6 +373,9 @@ def train_step(engine, batches, accumulation_steps: int, dp_group) -> dict:
         work += micro_batch_work(model_config, cpu_batch)  # from the loader's CPU tensors: no device sync
         batch = {k: v.to(engine.device) for k, v in cpu_batch.items()}
         out = engine(batch)
+        if poison:  # _nan_injection
+            out = {**out, "loss": out["loss"] * float("nan")}
+            out.update({k: out[k] * float("nan") for k in keys if k.endswith("_loss")})
         engine.backward(out["loss"])
         engine.step()
         totals += torch.tensor([float(out[k].detach()) for k in keys], dtype=torch.float64)
@@ -789,8 +821,11 @@ def _main(argv: list[str] | None, run_lock: RunLock) -> int:
             start = time.perf_counter()
             lr = engine.get_lr()[0]
             with profiler.step(step + 1):
-                metrics = train_step(engine, batches, p.gradient_accumulation_steps, dp_group)
+                metrics = train_step(engine, batches, p.gradient_accumulation_steps, dp_group, _nan_injection(step + 1))
             step += 1
+            if config.optimizer.stop_on_nonfinite:
+                norm = engine.get_global_grad_norm() if p.precision != "fp16" else None
+                check_finite(step, metrics, None if norm is None else float(norm), config.checkpoint_dir)
             consumed_samples += global_batch
             if consumed_flops is not None:
                 consumed_flops += metrics["flops"]
@@ -885,11 +920,17 @@ def report_error(message: str) -> None:
     if launch_env()[1] > 1:
         log.error("%s", message)
     else:  # one process: the stderr line alone (the same message twice read as two errors)
-        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (message,), None)
-        for handler in logging.getLogger().handlers:
-            if isinstance(handler, logging.FileHandler):
-                handler.handle(record)
+        log_to_file_only(message)
     print(f"error: {message}", file=sys.stderr)
+
+
+def log_to_file_only(message: str) -> None:
+    """An error line in this rank's log file (logs/rank<k>.log), not on the console."""
+    log = logging.getLogger("pretrain")
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (message,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 if __name__ == "__main__":
@@ -902,6 +943,12 @@ if __name__ == "__main__":
             message = message.splitlines()[-1].split(": ", 1)[-1]
         report_error(message)
         _exit_job(2)
+    except TrainingDiverged as exc:  # every rank sees the same averaged values: one error line, rank 0's
+        if launch_env()[0] == 0:
+            report_error(str(exc))
+        else:
+            log_to_file_only(f"error: {exc}")
+        _exit_job(1)
     except RuntimeError as exc:  # torch.distributed's errors when a peer stops answering
         text = str(exc)
         if "Timed out" in text or "timed out" in text:

@@ -1,0 +1,50 @@
+"""A diverged run (NaN / inf loss or gradient norm) stops at once, saves nothing, names the checkpoint to resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tests.test_pretrain import REFERENCE_OVERRIDES, assert_ok, get_dataset, get_reference_run, launch, losses
+
+
+def test_check_finite_names_the_values_and_the_newest_checkpoint(tmp_path):
+    from pipeline.pretrain import TrainingDiverged, check_finite
+
+    check_finite(3, {"loss": 7.5, "fine_loss": 3.5, "coarse_loss": 4.0, "fine_accuracy": 0.1}, 1.25, tmp_path)
+    check_finite(3, {"loss": 7.5}, None, tmp_path)  # no gradient norm (no clipping): the loss alone
+    with pytest.raises(TrainingDiverged) as info:
+        check_finite(3, {"loss": 7.5, "fine_loss": 3.5, "coarse_loss": 4.0}, math.inf, tmp_path)
+    assert str(info.value).startswith("step 3: training diverged (loss 7.5, fine_loss 3.5, coarse_loss 4, gradient norm inf)")
+    assert f"newest complete checkpoint is none yet in {tmp_path}" in str(info.value)
+    with pytest.raises(TrainingDiverged, match=r"\(loss nan, fine_loss nan, coarse_loss 4\)"):
+        check_finite(3, {"loss": math.nan, "fine_loss": math.nan, "coarse_loss": 4.0}, None, tmp_path)
+
+
+def test_a_nan_step_stops_every_rank_saves_nothing_and_the_resumed_run_follows_the_reference(tmp_path, tmp_path_factory):
+    """The reference run's settings (2 ranks, ZeRO-3, a loader worker), checkpoints every 2 steps; step 5's
+    loss is multiplied by NaN before backward (gradients, weights, loss: NaN). The job stops at step 5
+    with exit code 1 and one error line, keeps steps 2 and 4 and logs no step 5; resumed from step 4
+    without the fault, its steps 5 and 6 equal the uninterrupted reference run's."""
+    reference = losses(get_reference_run(tmp_path_factory))
+    out = tmp_path / "run"
+    common = [f"data.path={get_dataset(tmp_path_factory)}", f"output_dir={out}", *REFERENCE_OVERRIDES,
+              "checkpointing.save_every=2"]
+    code, output = launch(common, env={"AMBERT_FAULT": "nan_loss_at=5"}, launcher="torchrun")
+    assert code == 1, output[-4000:]
+    newest = out / "checkpoints" / "step_00000004"
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: step 5: training diverged (loss nan"), output[-4000:]
+    assert "error: step 5: training diverged" in (out / "logs" / "rank1.log").read_text(encoding="utf-8")
+    assert f"The newest complete checkpoint is {newest} (step 4)" in errors[0]
+    assert "--resume auto" in errors[0]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000004"]
+    assert sorted(losses(out)) == [1, 2, 3, 4]
+
+    code, output = launch([*common, "checkpointing.resume=auto", "schedule.stop_after=2"], launcher="torchrun")
+    assert_ok(code, output)
+    resumed = losses(out)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(reference[step], rel=1e-6), (step, loss, reference[step])
