@@ -332,6 +332,52 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     return _from_dict(PretrainConfig, values)
 
 
+def field_docs() -> dict[str, dict[str, str]]:
+    """{section class: {field: its docstring}}, read from this file (the docstring under each field)."""
+    import ast
+
+    docs: dict[str, dict[str, str]] = {}
+    for node in ast.parse(Path(__file__).read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.ClassDef):
+            docs[node.name] = {
+                a.target.id: " ".join(b.value.value.split()) for a, b in zip(node.body, node.body[1:])
+                if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+                and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)}
+    return docs
+
+
+def commented_yaml(config: PretrainConfig) -> str:
+    """The config as YAML (load_saved_config reads it back), each field under its documentation."""
+    import textwrap
+
+    docs = field_docs()
+
+    def block(owner, indent: str) -> list[str]:
+        lines = []
+        for f in dataclasses.fields(owner):
+            value = getattr(owner, f.name)
+            doc = docs.get(type(owner).__name__, {}).get(f.name)
+            if isinstance(owner, ModelSection) and f.name == "overrides":
+                try:
+                    resolved = build_model_config(config).to_dict()
+                    doc = (f"{doc}; the model they give (fine_vocab_size and coarse_vocab_size come from the dataset "
+                           "unless set here): "
+                           + ", ".join(f"{k}={v}" for k, v in resolved.items()))
+                except (ConfigError, ValueError):
+                    pass
+            if doc:
+                lines += textwrap.wrap(doc, 100, initial_indent=f"{indent}# ", subsequent_indent=f"{indent}# ",
+                                       break_on_hyphens=False, break_long_words=False)
+            if dataclasses.is_dataclass(value):
+                lines += [f"{indent}{f.name}:", *block(value, indent + "  ")]
+            else:
+                dumped = yaml.safe_dump({f.name: value}, allow_unicode=True, sort_keys=False, default_flow_style=False, width=1000)
+                lines += [indent + line for line in dumped.splitlines()]
+        return lines
+
+    return "\n".join(block(config, "")) + "\n"
+
+
 def load_saved_config(path: str | os.PathLike) -> PretrainConfig:
     """Read back the config.yaml written with a run (or stored in a checkpoint)."""
     return _from_dict(PretrainConfig, yaml.safe_load(Path(path).read_text(encoding="utf-8")))

@@ -51,6 +51,7 @@ from pipeline.config import (
     ConfigError,
     PretrainConfig,
     build_model_config,
+    commented_yaml,
     deepspeed_config,
     load_config,
     parse_profile_ranks,
@@ -79,6 +80,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                         help="do not train: exit 0 if the run this command line describes has a complete checkpoint "
                              "at schedule.train_steps, 3 if it stopped before (preemption, time limit: a job script "
                              "requeues or restarts it), 2 if its config is wrong (launchers/slurm.sbatch, kubernetes.yaml)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="do not train: print the config this command line resolves to (recipe + overrides) as "
+                             "YAML, each field under its documentation, and exit (2 if it is wrong); --config takes "
+                             "the output back")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. schedule.train_steps=100")
     args = parser.parse_intermixed_args(argv)  # options may come between key=value overrides
@@ -638,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None, run_lock: RunLock) -> int:
     args, overrides = parse_args(argv)
-    if args.finished:  # no process group, no logs: a job script's check after the training step
+    if args.finished or args.print_config:  # no process group, no logs
         config = load_config(args.config or DEFAULT_RECIPE, overrides)
         # the checks that need no world size, dataset or file system (a config training would refuse is
         # not "finished"); the world size is taken as one tensor-parallel group, whose batch arithmetic
@@ -648,6 +653,9 @@ def _main(argv: list[str] | None, run_lock: RunLock) -> int:
         layout_free.logging.profile_ranks = "0"  # ranks of the job's world size
         validate(layout_free, max(1, config.parallelism.tensor_parallel), paths=False,
                  model_config=build_model_config(layout_free))
+        if args.print_config:
+            print(commented_yaml(config), end="")
+            return 0
         return finished_status(config)
     rank, world_size, _ = launch_env()
     setup_logging(rank)

@@ -250,3 +250,43 @@ def test_a_deepspeed_json_given_as_the_recipe_says_which_flag_takes_it():
     with pytest.raises(C.ConfigError, match=r"--config ds_configs/zero1_cpu.json is a DeepSpeed JSON config, not a recipe: "
                                             r"give it as --deepspeed_config ds_configs/zero1_cpu.json"):
         C.load_config("ds_configs/zero1_cpu.json")
+
+
+@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "pipeline" / "recipes").glob("*.yaml")))
+def test_print_config_is_documented_yaml_that_reads_back_as_the_same_config(recipe, tmp_path, capsys):
+    """`pretrain.py --print-config`: every field under its docstring; the output, given back as --config,
+    is the same config (the recipe's model fields, routed into model.overrides, included)."""
+    import dataclasses
+    import typing
+
+    from pipeline import pretrain
+    from pipeline.config import PretrainConfig, field_docs
+
+    overrides = ["schedule.train_steps=100000", "data.blend=[{path: /data/wiki, weight: 0.25}]", "model.hidden_dropout=0.0"]
+    assert pretrain.main(["--print-config", "--config", recipe, *overrides]) == 0
+    text = capsys.readouterr().out
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(text, encoding="utf-8")
+    assert C.load_config(saved).to_dict() == C.load_config(recipe, overrides).to_dict()
+    assert pretrain.main(["--print-config", "--config", str(saved)]) == 0
+    assert capsys.readouterr().out == text
+
+    docs = field_docs()
+    hints = typing.get_type_hints(PretrainConfig)
+    sections = [hints[f.name] for f in dataclasses.fields(PretrainConfig) if dataclasses.is_dataclass(hints[f.name])]
+    assert len(sections) == 7
+    for section in [PretrainConfig, *sections]:
+        types = typing.get_type_hints(section)
+        missing = [f.name for f in dataclasses.fields(section)
+                   if not dataclasses.is_dataclass(types[f.name]) and f.name not in docs[section.__name__]]
+        assert not missing, f"{section.__name__} fields without a docstring: {missing}"
+    comments = [line for line in text.splitlines() if line.lstrip().startswith("# ")]
+    prose = " ".join(c.strip().removeprefix("# ") for c in comments)
+    assert "  # peak learning rate" in comments and "the model they give" in prose and "hidden_dropout=0.0" in prose
+
+
+def test_print_config_refuses_a_wrong_config_like_training_would():
+    from pipeline import pretrain
+
+    with pytest.raises(C.ConfigError, match=r"schedule.warmup_steps=10000: must be in \[0, schedule.train_steps\]"):
+        pretrain.main(["--print-config", "--config", "pipeline/recipes/bert-base.yaml", "schedule.train_steps=7"])
