@@ -7,6 +7,7 @@ import math
 import pytest
 
 from tests.test_pretrain import REFERENCE_OVERRIDES, assert_ok, get_dataset, get_reference_run, launch, losses
+from tests.test_profiling import assert_traced
 
 
 def test_check_finite_names_the_values_and_the_newest_checkpoint(tmp_path):
@@ -23,22 +24,24 @@ def test_check_finite_names_the_values_and_the_newest_checkpoint(tmp_path):
 
 
 def test_a_nan_step_stops_every_rank_saves_nothing_and_the_resumed_run_follows_the_reference(tmp_path, tmp_path_factory):
-    """The reference run's settings (2 ranks, ZeRO-3, a loader worker), checkpoints every 2 steps; step 5's
-    loss is multiplied by NaN before backward (gradients, weights, loss: NaN). The job stops at step 5
-    with exit code 1 and one error line, keeps steps 2 and 4 and logs no step 5; resumed from step 4
-    without the fault, its steps 5 and 6 equal the uninterrupted reference run's."""
+    """The reference run's settings (2 ranks, ZeRO-3, a loader worker), checkpoints every 2 steps, steps
+    4-6 profiled on rank 1; step 5's loss is multiplied by NaN before backward (gradients, weights, loss:
+    NaN). The job stops at step 5 with exit code 1 and one error line, keeps steps 2 and 4, logs no step
+    5, and writes the trace it was recording (steps 4-5). Resumed from step 4 without the fault, it
+    traces the rest of the window (steps 5-6), and its steps 5 and 6 equal the uninterrupted reference
+    run's (the profiler changes nothing either)."""
     reference = losses(get_reference_run(tmp_path_factory))
     out = tmp_path / "run"
     common = [f"data.path={get_dataset(tmp_path_factory)}", f"output_dir={out}", *REFERENCE_OVERRIDES,
-              "checkpointing.save_every=2"]
+              "checkpointing.save_every=2", "logging.profile_steps=4-6", "logging.profile_ranks=1"]
     code, output = launch(common, env={"AMBERT_FAULT": "nan_loss_at=5"}, launcher="torchrun")
     assert code == 1, output[-4000:]
     newest = out / "checkpoints" / "step_00000004"
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith("error: step 5: training diverged (loss nan"), output[-4000:]
-    assert "error: step 5: training diverged" in (out / "logs" / "rank1.log").read_text(encoding="utf-8")
     assert f"The newest complete checkpoint is {newest} (step 4)" in errors[0]
     assert "--resume auto" in errors[0]
+    assert "error: step 5: training diverged" in (out / "logs" / "rank1.log").read_text(encoding="utf-8")
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000004"]
     assert sorted(losses(out)) == [1, 2, 3, 4]
 
@@ -48,3 +51,4 @@ def test_a_nan_step_stops_every_rank_saves_nothing_and_the_resumed_run_follows_t
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     for step, loss in resumed.items():
         assert loss == pytest.approx(reference[step], rel=1e-6), (step, loss, reference[step])
+    assert_traced(out / "profile", {"rank1_steps4-5": {"step 4", "step 5"}, "rank1_steps5-6": {"step 5", "step 6"}})
