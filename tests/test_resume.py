@@ -294,7 +294,7 @@ def test_damaged_checkpoint_file_is_named_with_the_older_checkpoint_to_use(tmp_p
     optim.write_bytes(optim.read_bytes()[: optim.stat().st_size // 2])  # truncated after the commit
     code, output = launch([f"data.path={get_dataset(tmp_path_factory)}", *REFERENCE_OVERRIDES, "schedule.train_steps=22",
                            f"checkpointing.dir={checkpoints}", f"output_dir={tmp_path / 'run'}", "--resume", "auto"],
-                          log=tmp_path / "log.txt", timeout=240)
+                          log=tmp_path / "log.txt", timeout=240, launcher="torchrun")
     assert code != 0
     assert f"error: checkpoint {checkpoints / 'step_00000020'} cannot be loaded" in output, output[-3000:]
     assert f"checkpointing.resume={checkpoints / 'step_00000010'}" in output
