@@ -483,6 +483,15 @@ def tensor_parallel_size() -> int:
     return parallel_state.get_tensor_model_parallel_world_size() if _initialized() else 1
 
 
+def collective_device() -> torch.device:
+    """Where a tensor passed to a collective must live: this rank's GPU under NCCL, which takes no CPU
+    tensors ("No backend type associated with device type cpu"), else the CPU (gloo). The loop's small
+    bookkeeping collectives (metrics, the preemption flag, valid sums) build their tensors here."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def tensor_parallel_group():
     return parallel_state.get_tensor_model_parallel_group()
 

@@ -125,8 +125,14 @@ def data_order_settings(config: PretrainConfig) -> dict:
     return {"data.seq_length": d.seq_length, "data.coarse_seq_length": d.coarse_seq_length, "seed": config.seed,
             "data.mask_rate": d.mask_rate, "data.mask_token_prob": d.mask_token_prob,
             "data.random_token_prob": d.random_token_prob,
-            "data.blend": [[str(path), weight] for path, weight in config.blend_dirs],
-            "data.weight": d.weight if d.blend else 1.0}
+            **blend_shares(config)}
+
+
+def blend_shares(config: PretrainConfig) -> dict:
+    """data.blend as each dataset's share of the samples (weights 7 and 3 are 0.7 and 0.3)."""
+    weights = [config.data.weight if config.data.blend else 1.0] + [w for _, w in config.blend_dirs]
+    shares = [round(w / sum(weights), 6) for w in weights]
+    return {"data.weight": shares[0], "data.blend": [[str(p), s] for (p, _), s in zip(config.blend_dirs, shares[1:])]}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -259,7 +265,9 @@ class PreemptionFlag:
     def any_rank(self, job_start: float = 0.0, minutes_limit: float = 0.0) -> bool:
         """True on every rank if any rank got a signal or (minutes_limit > 0) ran out of time."""
         out_of_time = minutes_limit > 0 and time.time() - job_start >= 60 * minutes_limit
-        flag = torch.tensor([1.0 if self.signal is not None or out_of_time else 0.0])
+        from pipeline.parallel import collective_device
+
+        flag = torch.tensor([1.0 if self.signal is not None or out_of_time else 0.0], device=collective_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -268,22 +276,41 @@ class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm is NaN or infinite: the weights are no longer usable."""
 
 
-def check_finite(step: int, metrics: dict, grad_norm: float | None, checkpoint_dir: Path) -> None:
+def check_finite(step: int, metrics: dict, grad_norm: float | None, checkpoint_dir: Path,
+                 weights_finite: bool = True) -> None:
     """Raise TrainingDiverged if this step's loss (averaged over the data-parallel ranks, so every rank
-    sees the same value) or global gradient norm is not finite. Nothing is saved after it."""
+    sees the same value) or global gradient norm is not finite, or (``weights_finite``: where the engine
+    keeps no gradient norm, ZeRO stage 0 in fp32) a weight is. Nothing is saved after it."""
     losses = {k: v for k, v in metrics.items() if k == "loss" or k.endswith("_loss")}
-    if all(math.isfinite(v) for v in losses.values()) and (grad_norm is None or math.isfinite(grad_norm)):
+    if (all(math.isfinite(v) for v in losses.values()) and (grad_norm is None or math.isfinite(grad_norm))
+            and weights_finite):
         return
-    found = ckpt.complete_checkpoints(checkpoint_dir)
-    newest = f"{found[-1][1]} (step {found[-1][0]})" if found else f"none yet in {checkpoint_dir}"
     values = ", ".join(f"{k} {v:.4g}" for k, v in losses.items())
     if grad_norm is not None:
         values += f", gradient norm {grad_norm:.4g}"
+    if not weights_finite:
+        values += ", non-finite weights"
+    found = ckpt.complete_checkpoints(checkpoint_dir)
+    if found:
+        then = (f"The newest complete checkpoint is {found[-1][1]} (step {found[-1][0]}): {FIX_DIVERGENCE}, then run "
+                f"again with --resume auto to continue from it")
+    else:
+        then = f"There is no complete checkpoint in {checkpoint_dir} yet: {FIX_DIVERGENCE}, then start again"
     raise TrainingDiverged(
-        f"step {step}: training diverged ({values}); the weights are no longer usable and nothing was saved. The "
-        f"newest complete checkpoint is {newest}: lower optimizer.lr, raise schedule.warmup_steps, keep "
-        f"optimizer.grad_clip on, or check the data (python data_prep/build.py --verify DIR), then run again with "
-        f"--resume auto to continue from it (optimizer.stop_on_nonfinite=false trains on regardless)")
+        f"step {step}: training diverged ({values}); the run stops here, saving nothing from this step on. {then} "
+        f"(optimizer.stop_on_nonfinite=false trains on regardless)")
+
+
+FIX_DIVERGENCE = ("lower optimizer.lr, raise schedule.warmup_steps, keep optimizer.grad_clip on, or check the data "
+                  "(python data_prep/build.py --verify DIR)")
+
+
+def weights_are_finite(module: torch.nn.Module) -> bool:
+    """Every parameter of this rank finite (one fused norm per device: NaN and inf propagate into it)."""
+    params = [p.detach() for p in module.parameters() if p.numel()]
+    if not params:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(params))).all())
 
 
 def _nan_injection(step: int) -> bool:
@@ -384,11 +411,14 @@ def train_step(engine, batches, accumulation_steps: int, dp_group, poison: bool 
         engine.backward(out["loss"])
         engine.step()
         totals += torch.tensor([float(out[k].detach()) for k in keys], dtype=torch.float64)
-    packed = torch.cat([totals / accumulation_steps, work])
+    from pipeline.parallel import collective_device
+
+    packed = torch.cat([totals / accumulation_steps, work]).to(collective_device())
     dist.all_reduce(packed, group=dp_group)
+    values = packed.tolist()
     dp = dist.get_world_size(dp_group)
-    metrics = {k: packed[i].item() / dp for i, k in enumerate(keys)}
-    tokens, fine_masked, coarse_masked, flops = packed[len(keys):].tolist()
+    metrics = {k: values[i] / dp for i, k in enumerate(keys)}
+    tokens, fine_masked, coarse_masked, flops = values[len(keys):]
     metrics["tokens"] = tokens
     for g, count in (("fine", fine_masked), ("coarse", coarse_masked)):
         if g in model_config.granularities:
@@ -438,10 +468,12 @@ def valid_metrics(sums: torch.Tensor, granularities: tuple[str, ...]) -> dict:
 def evaluate(engine, data: PretrainingData, config: PretrainConfig, dp_rank: int, dp_size: int, dp_group) -> dict:
     """Loss and accuracy on the same fixed valid samples every time, whatever the layout (valid_sums)."""
     engine.eval()
-    sums = valid_sums(engine, data, config, dp_rank, dp_size)
+    from pipeline.parallel import collective_device
+
+    sums = valid_sums(engine, data, config, dp_rank, dp_size).to(collective_device())
     engine.train()
     dist.all_reduce(sums, group=dp_group)
-    return valid_metrics(sums, engine.module.config.granularities)
+    return valid_metrics(sums.cpu(), engine.module.config.granularities)
 
 
 def setup_logging(rank: int) -> None:
@@ -572,8 +604,14 @@ def check_blend(config: PretrainConfig, dataset) -> list[dict]:
             if getattr(other, f"{side}_vocab").fingerprint() != getattr(dataset, f"{side}_vocab").fingerprint():
                 raise ConfigError(
                     f"{field}={given}: its {side} vocabulary differs from data.path={config.data.path}'s: the same token "
-                    f"ids would mean other tokens. Build it with data.path's vocabularies: `python data_prep/build.py "
-                    f"--lang {dataset.meta.get('language', 'zh|en')} --input ... --output {path} --vocab-from {config.dataset_dir}`")
+                    f"ids would mean other tokens. Build its text again with data.path's vocabularies, into a new "
+                    f"directory: `python data_prep/build.py --lang {dataset.meta.get('language', 'zh|en')} --input ... "
+                    f"--output NEW_DIR --vocab-from {config.dataset_dir}`, and point {field} at NEW_DIR")
+        same = [name for name, fp in [("data.path", dataset.fingerprint)] + [
+            (f"data.blend[{j}].path", b["fingerprint"]) for j, b in enumerate(blend)] if fp == other.fingerprint]
+        if same:
+            raise ConfigError(f"{field}={given} is the same dataset as {same[0]} (a copy or another path to it): give "
+                              f"each dataset once, with its total weight")
         blend.append({"path": str(path), "weight": weight, "fingerprint": other.fingerprint})
     return blend
 
@@ -650,7 +688,8 @@ def _main(argv: list[str] | None, run_lock: RunLock) -> int:
         # says nothing of the job's (the bert-base recipe's global_batch_size=256 is 8 ranks' worth)
         layout_free = copy.deepcopy(config)
         layout_free.parallelism.global_batch_size = 0
-        layout_free.logging.profile_ranks = "0"  # ranks of the job's world size
+        parse_profile_ranks(config.logging.profile_ranks, 1 << 30)  # the syntax; the ranks are the job's
+        layout_free.logging.profile_ranks = "0"
         validate(layout_free, max(1, config.parallelism.tensor_parallel), paths=False,
                  model_config=build_model_config(layout_free))
         if args.print_config:
@@ -833,7 +872,15 @@ def _main(argv: list[str] | None, run_lock: RunLock) -> int:
             step += 1
             if config.optimizer.stop_on_nonfinite:
                 norm = engine.get_global_grad_norm() if p.precision != "fp16" else None
-                check_finite(step, metrics, None if norm is None else float(norm), config.checkpoint_dir)
+                weights_finite = True
+                if norm is None and p.precision != "fp16":
+                    # No norm kept (ZeRO stage 0 in fp32 clips without keeping it): an inf gradient with a
+                    # finite loss would reach the weights, and the next save, unseen. Check the weights,
+                    # all ranks together (tensor-parallel ranks hold other slices).
+                    flag = torch.tensor([0.0 if weights_are_finite(engine.module) else 1.0], device=parallel.collective_device())
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    weights_finite = not flag.item()
+                check_finite(step, metrics, None if norm is None else float(norm), config.checkpoint_dir, weights_finite)
             consumed_samples += global_batch
             if consumed_flops is not None:
                 consumed_flops += metrics["flops"]
@@ -857,6 +904,7 @@ def _main(argv: list[str] | None, run_lock: RunLock) -> int:
                 metrics_log.log(step, metrics)
             if config.data.valid_every and step % config.data.valid_every == 0:
                 metrics_log.log(step, evaluate(engine, data, config, dp_rank, dp_size, dp_group), split="valid")
+            profiler.close_if_done()
 
             if preemption.any_rank(job_start, config.schedule.stop_after_minutes):
                 log.warning("preemption signal or job time limit: saving at step %d, then exiting", step)

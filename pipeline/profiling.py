@@ -23,7 +23,8 @@ import torch
 log = logging.getLogger("pretrain")
 
 class StepProfiler:
-    """Wraps the training loop's steps: ``with profiler.step(n): ...`` for the step that ends as step n.
+    """Wraps the training loop's steps: ``with profiler.step(n): ...`` for the step that ends as step n,
+    then ``close_if_done()`` once the step's metrics are logged.
 
     Recording starts with the window's first step this job runs (a job resumed inside the window
     traces the rest of it) and stops after its last step, or at ``close()`` (a preemption, an error).
@@ -59,7 +60,11 @@ class StepProfiler:
 
     def _after(self, step: int) -> None:
         self.last_traced = step
-        if step >= self.window[1]:
+
+    def close_if_done(self) -> None:
+        """After the loop's bookkeeping of a step (so writing the trace is not timed as part of it): stop
+        and write once the window's last step ran."""
+        if self.profiler is not None and self.last_traced >= self.window[1]:
             self.close()
 
     def close(self) -> None:

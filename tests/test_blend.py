@@ -80,7 +80,10 @@ def test_a_dataset_with_other_vocabularies_or_no_dataset_is_refused(datasets, tm
         pretrain.check_blend(config, PairedDataset(a))
     text = str(info.value)
     assert f"data.blend[1].path={other}: its fine vocabulary differs from data.path={a}'s" in text
-    assert f"--output {other} --vocab-from {a}" in text
+    assert f"--output NEW_DIR --vocab-from {a}`, and point data.blend[1].path at NEW_DIR" in text
+    config = load_config(None, [f"data.path={a}", f"data.blend=[{{path: {b}, weight: 1}}, {{path: {b}/../b, weight: 1}}]"])
+    with pytest.raises(ConfigError, match=r"data.blend\[1\].path=.*/b/../b is the same dataset as data.blend\[0\].path"):
+        pretrain.check_blend(config, PairedDataset(a))
     config = load_config(None, [f"data.path={a}", f"data.blend=[{{path: {tmp_path / 'none'}, weight: 1}}]"])
     with pytest.raises(ConfigError, match=r"data.blend\[0\].path=.*none: .* is not a dataset \(no meta.json\)"):
         pretrain.check_blend(config, PairedDataset(a))
@@ -108,4 +111,10 @@ def test_blended_run_trains_records_the_blend_and_a_changed_blend_is_warned_abou
     with caplog.at_level(logging.WARNING, logger="pretrain"):
         pretrain._startup_checks(config, rank=0, world_size=2)
     warned = [r.getMessage() for r in caplog.records if "other data settings" in r.getMessage()]
-    assert len(warned) == 1 and f"data.blend [['{b}', 1.0]] -> [['{b}', 3.0]]" in warned[0], warned
+    assert len(warned) == 1 and f"data.blend [['{b}', 0.333333]] -> [['{b}', 0.6]]" in warned[0], warned
+    assert "data.weight 0.666667 -> 0.4" in warned[0], warned
+    caplog.clear()
+    config.data.blend[0]["weight"], config.data.weight = 10, 20  # the same shares: nothing to warn about
+    with caplog.at_level(logging.WARNING, logger="pretrain"):
+        pretrain._startup_checks(config, rank=0, world_size=2)
+    assert not [r for r in caplog.records if "other data settings" in r.getMessage()]

@@ -290,3 +290,6 @@ def test_print_config_refuses_a_wrong_config_like_training_would():
 
     with pytest.raises(C.ConfigError, match=r"schedule.warmup_steps=10000: must be in \[0, schedule.train_steps\]"):
         pretrain.main(["--print-config", "--config", "pipeline/recipes/bert-base.yaml", "schedule.train_steps=7"])
+    with pytest.raises(C.ConfigError, match=r"logging.profile_ranks='first': expected global ranks"):
+        pretrain.main(["--print-config", "logging.profile_ranks=first"])
+    assert pretrain.main(["--print-config", "logging.profile_ranks=0,64"]) == 0  # ranks of a job of any size

@@ -18,7 +18,10 @@ def test_check_finite_names_the_values_and_the_newest_checkpoint(tmp_path):
     with pytest.raises(TrainingDiverged) as info:
         check_finite(3, {"loss": 7.5, "fine_loss": 3.5, "coarse_loss": 4.0}, math.inf, tmp_path)
     assert str(info.value).startswith("step 3: training diverged (loss 7.5, fine_loss 3.5, coarse_loss 4, gradient norm inf)")
-    assert f"newest complete checkpoint is none yet in {tmp_path}" in str(info.value)
+    assert f"There is no complete checkpoint in {tmp_path} yet: lower optimizer.lr" in str(info.value)
+    assert str(info.value).endswith("then start again (optimizer.stop_on_nonfinite=false trains on regardless)")
+    with pytest.raises(TrainingDiverged, match=r"\(loss 7.5, non-finite weights\)"):  # ZeRO-0 in fp32: no norm kept
+        check_finite(3, {"loss": 7.5}, None, tmp_path, weights_finite=False)
     with pytest.raises(TrainingDiverged, match=r"\(loss nan, fine_loss nan, coarse_loss 4\)"):
         check_finite(3, {"loss": math.nan, "fine_loss": math.nan, "coarse_loss": 4.0}, None, tmp_path)
 
@@ -39,7 +42,7 @@ def test_a_nan_step_stops_every_rank_saves_nothing_and_the_resumed_run_follows_t
     newest = out / "checkpoints" / "step_00000004"
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith("error: step 5: training diverged (loss nan"), output[-4000:]
-    assert f"The newest complete checkpoint is {newest} (step 4)" in errors[0]
+    assert f"The newest complete checkpoint is {newest} (step 4): lower optimizer.lr" in errors[0]
     assert "--resume auto" in errors[0]
     assert "error: step 5: training diverged" in (out / "logs" / "rank1.log").read_text(encoding="utf-8")
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000004"]
@@ -52,3 +55,35 @@ def test_a_nan_step_stops_every_rank_saves_nothing_and_the_resumed_run_follows_t
     for step, loss in resumed.items():
         assert loss == pytest.approx(reference[step], rel=1e-6), (step, loss, reference[step])
     assert_traced(out / "profile", {"rank1_steps4-5": {"step 4", "step 5"}, "rank1_steps5-6": {"step 5", "step 6"}})
+
+
+def test_weights_check_finds_a_non_finite_weight():
+    import torch
+
+    from pipeline.pretrain import weights_are_finite
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    assert weights_are_finite(model)
+    with torch.no_grad():
+        model[1].bias[2] = float("inf")
+    assert not weights_are_finite(model)
+    with torch.no_grad():
+        model[1].bias[2] = float("nan")
+    assert not weights_are_finite(model)
+
+
+def test_bookkeeping_collectives_use_the_gpu_under_nccl(monkeypatch):
+    """NCCL takes no CPU tensors ("No backend type associated with device type cpu"): the loop's metrics,
+    preemption-flag and valid-sum collectives build their tensors on parallel.collective_device()."""
+    import torch
+    import torch.distributed as dist
+
+    from pipeline import parallel
+
+    assert parallel.collective_device() == torch.device("cpu")  # no process group
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert parallel.collective_device() == torch.device("cpu")
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert parallel.collective_device() == torch.device("cuda", 3)
