@@ -160,7 +160,7 @@ class LoggingSection:
     tensorboard: bool = True
     """write TensorBoard event files to <output_dir>/tensorboard"""
     peak_flops: float = 0.0
-    """peak FLOP/s of one device for MFU (0 = a guess: 312e12 for a GPU in bf16, 1e11 per CPU process)"""
+    """peak FLOP/s of one device for MFU (0 = a guess: an A100's 312e12 in bf16/fp16 and 19.5e12 in fp32 on a GPU, a matmul measured at start-up on CPU)"""
     profile_steps: str = ""
     """trace these steps with torch.profiler, e.g. "10-12" or "10" ("" = off): <output_dir>/profile/rank<R>_steps<A>-<B>.pt.trace.json (Chrome / Perfetto / TensorBoard's profiler plugin), a .txt table of operators by self time and, on GPUs, the CUDA allocator's history (.memory.pickle)"""
     profile_ranks: str = "0"

@@ -195,7 +195,9 @@ def init_distributed(backend: str | None = None, auto_mpi_discovery: bool = True
     use_this_environments_ninja()  # the ninja set-up built DeepSpeed's CPU op with
     import deepspeed
 
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    # NCCL exactly when DeepSpeed's accelerator is the GPU (pretrain.py sets DS_ACCELERATOR from
+    # torch.cuda.is_available(); DS_ACCELERATOR=cpu keeps a GPU node's job on the CPU, over gloo).
+    backend = backend or ("nccl" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu" else "gloo")
     if backend == "nccl":  # before any collective: NCCL object collectives use the current device
         torch.cuda.set_device(_local_rank())
     # DeepSpeed's MPI discovery (plain `mpirun`, or no launcher at all) sets MASTER_PORT to its
@@ -460,6 +462,14 @@ def rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+def rng_state_fits(state: dict) -> bool:
+    """Whether a saved ``rng_state`` can be restored here: its tracker states (megatron's dropout streams)
+    are of this run's kind, CUDA generator states on GPUs, CPU ones on CPU (other sizes: set_rng_state
+    would raise "RNG state is wrong size" for a checkpoint moved between CPU and GPU machines)."""
+    mine, saved = rng_tracker().get_states(), state.get("tracker") or {}
+    return set(saved) == set(mine) and all(torch.as_tensor(saved[k]).numel() == mine[k].numel() for k in mine)
 
 
 def set_rng_state(state: dict) -> None:

@@ -30,7 +30,6 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # `deepspeed pipeline/pretrain.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("DS_ACCELERATOR", "cpu" if not os.path.exists("/dev/nvidia0") else "cuda")
 import warnings  # noqa: E402
 
 # Import-time noise of the stack, once per rank: megatron-core without TransformerEngine/Apex (its
@@ -40,6 +39,11 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distribu
 
 import torch
 import torch.distributed as dist
+
+# DeepSpeed's accelerator, before deepspeed is imported: the GPU exactly when torch can use one (as
+# parallel.init_distributed picks NCCL), not when /dev/nvidia0 exists (a Kubernetes pod given GPU 1 sees
+# only /dev/nvidia1; a CPU build of torch on a GPU node must run on the CPU). DS_ACCELERATOR=cpu forces it.
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
 from data_prep.format import META_FILE, FormatError, lock_holder
 from pipeline import checkpoint as ckpt
@@ -846,6 +850,9 @@ def _main(argv: list[str] | None, run_lock: RunLock) -> int:
     # RNG state last, right before the loop: anything above may draw random numbers.
     if resume_path is not None:
         state = ckpt.rng_state_for_rank(client_state, dist.get_rank(), dist.get_world_size(), p.tensor_parallel)
+        if state is not None and not parallel.rng_state_fits(state):
+            log.warning("the checkpoint's RNG state was saved on another kind of device (CPU vs GPU)")
+            state = None
         if state is not None:
             parallel.set_rng_state(state)
         else:  # another layout (a converted checkpoint): fresh, but distinct, dropout streams

@@ -527,7 +527,7 @@ def pretrain(run_dir: Path, dataset: Path, variant: str, steps: int, config: Stu
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(config.nproc),
                    "--master_port", str(_free_port()), *script]
-    env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}  # DS_ACCELERATOR: the user's, or pretrain.py's choice
     log_file = out / "logs" / f"pretrain_{run_dir.name}.log"
     try:
         _run(command, log_file, env, what=f"pre-training of {run_dir.name}", pretraining=True)

@@ -359,3 +359,46 @@ def test_console_line_shows_only_the_sides_the_variant_trains(tmp_path, caplog):
     one, both = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     assert "nan" not in one and "| loss 1.5000 | acc fine 0.500 |" in one, one
     assert "| loss 3.0000 (fine 1.0000, coarse 2.0000) | acc fine 0.500 coarse 0.250 |" in both, both
+
+
+def test_an_rng_state_of_another_device_kind_is_not_restored(monkeypatch):
+    """A checkpoint saved on GPUs holds megatron's CUDA generator states (16 bytes each), one saved on CPU
+    CPU generator states (5056 bytes): restoring one kind on the other raised in set_rng_state at the
+    resume. rng_state_fits tells them apart, and the resume re-seeds instead."""
+    import torch
+
+    from pipeline import parallel
+
+    cpu_state = torch.get_rng_state()
+
+    class Tracker:
+        def __init__(self, size):
+            self.states = {"model-parallel-rng": torch.zeros(size, dtype=torch.uint8)}
+
+        def get_states(self):
+            return self.states
+
+    monkeypatch.setattr(parallel, "rng_tracker", lambda: Tracker(cpu_state.numel()))  # this run: CPU
+    assert parallel.rng_state_fits({"tracker": {"model-parallel-rng": cpu_state}})
+    assert not parallel.rng_state_fits({"tracker": {"model-parallel-rng": torch.zeros(16, dtype=torch.uint8)}})
+    assert not parallel.rng_state_fits({"tracker": {}})
+
+
+def test_the_accelerator_follows_what_torch_can_use():
+    """pretrain.py sets DeepSpeed's accelerator from torch.cuda.is_available(), not from /dev/nvidia0
+    (absent in a Kubernetes pod given GPU 1, or under WSL2; present on a GPU node with a CPU build of
+    torch): with torch seeing a GPU it is cuda, without it cpu; a DS_ACCELERATOR already set is kept."""
+    import os
+
+    def accelerator(cuda: bool, preset: str | None = None) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+        if preset:
+            env["DS_ACCELERATOR"] = preset
+        code = (f"import torch; torch.cuda.is_available = lambda: {cuda}; import pipeline.pretrain, os; "
+                f"print(os.environ['DS_ACCELERATOR'])")
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                              cwd=ROOT).stdout.strip()
+
+    assert accelerator(cuda=True) == "cuda"
+    assert accelerator(cuda=False) == "cpu"
+    assert accelerator(cuda=True, preset="cpu") == "cpu"
