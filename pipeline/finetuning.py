@@ -1251,6 +1251,34 @@ def _tensorboard(config: FinetuneConfig, seed: int):
 PROGRESS_SECONDS = 30.0  # fine-tuning logs a train-loss line this often between dev evaluations
 
 
+def _gathered(model: torch.nn.Module, modifier_rank: int | None):
+    """ZeRO-3's full parameters for the duration of the block (a no-op for any other model)."""
+    import contextlib
+
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def weights_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of the model's weights. Under ZeRO-3 the parameters are empty placeholders outside a
+    gather: ``model.state_dict()`` held shape-(0,) tensors, and restoring it changed nothing (the model
+    kept its last step's weights while results.json named the best step's)."""
+    with _gathered(model, modifier_rank=None):
+        return {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                for k, v in model.state_dict().items()}  # (megatron's _extra_state entries are None)
+
+
+def restore_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a ``weights_snapshot`` back (under ZeRO-3: into the gathered parameters, re-partitioned
+    from rank 0's copy on the way out; every rank holds the same snapshot)."""
+    with _gathered(model, modifier_rank=0):
+        model.load_state_dict(state)
+
+
 def train_seed(config: FinetuneConfig, pretrained: Pretrained, labels: LabelSet, train: list[dict], dev: list[dict],
                test: list[dict] | None, seed: int, seeds_after: int = 0) -> dict:
     """Fine-tune from the pre-trained weights with one seed; returns curves and dev/test reports.
@@ -1362,7 +1390,7 @@ def train_seed(config: FinetuneConfig, pretrained: Pretrained, labels: LabelSet,
                 last_line, since_line = time.time(), []
                 if score > best:
                     best, best_step, stale = score, step, 0
-                    best_state = copy.deepcopy(model.state_dict())
+                    best_state = weights_snapshot(model)
                 else:
                     stale += 1
                     if config.patience and stale >= config.patience:
@@ -1374,7 +1402,7 @@ def train_seed(config: FinetuneConfig, pretrained: Pretrained, labels: LabelSet,
                 break
     if board is not None:
         board.close()
-    model.load_state_dict(best_state)
+    restore_weights(model, best_state)
     report, _, by_id = evaluate(dev)
     result = {"seed": seed, "steps": step, "best_step": best_step, "train_seconds": time.time() - started,
               "dev": report, "train_curve": curve, "dev_curve_columns": ["step", "loss", *metric_names],
