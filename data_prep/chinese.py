@@ -35,23 +35,27 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import logging
 import os
 import re
 import sys
 import tempfile
-from collections import Counter, defaultdict
+from collections import Counter
 from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
 
 from data_prep import format as fmt
+from data_prep import languages
 from data_prep.languages import (
     Corpus,
     EncodedShard,
     Language,
     LanguageError,
+    PackedCounter,
     StringIds,
+    StringNumbering,
     bincount,
     compact_ints,
     concat_ranges,
@@ -324,19 +328,32 @@ def segment_document(segmenter: Segmenter, sentences: list[str]) -> list[str]:
     return lines
 
 
+_NOT_COMPILED_WARNED = []
+
+
+def _warn_if_not_compiled() -> None:
+    """Once per process: the build runs without data_prep._native (same output, slower)."""
+    if languages._native is None and not _NOT_COMPILED_WARNED and os.environ.get("AMBERT_PURE_PYTHON", "") in ("", "0"):
+        _NOT_COMPILED_WARNED.append(True)
+        logging.getLogger("data_prep").warning(
+            "data_prep/_native.c is not compiled: the Chinese build numbers words in Python (the same output, "
+            "~1 s slower per 20 MB of text). Compile it with `bash launchers/setup.sh` (or `pip install -e .`; needs gcc)")
+
+
 class WordIds:
     """Shard-local word ids: each distinct word gets the next id the first time it is seen.
 
-    The numbering runs in C (a ``defaultdict`` whose factory is a counter, mapped over the
-    segmenter's list), so a shard's words become one integer array without a Python-level loop, and
-    the strings of a chunk are freed as soon as it is numbered (the segmenter's output is never kept).
-    Ids 0 and 1 are the line break (a sentence boundary) and the space (dropped)."""
+    The numbering runs in C (``StringNumbering``), so a shard's words become one integer array
+    without a Python-level loop, and the strings of a chunk are freed as soon as it is numbered (the
+    segmenter's output is never kept). Ids 0 and 1 are the line break (a sentence boundary) and the
+    space (dropped)."""
 
     NEWLINE, SPACE = 0, 1
 
     def __init__(self) -> None:
-        self.index: defaultdict[str, int] = defaultdict(itertools.count().__next__)
-        self.index["\n"], self.index[" "]  # ids 0 and 1
+        self.numbering = StringNumbering()
+        self.index = self.numbering.index
+        self.numbering(["\n", " "])  # ids 0 and 1
         self.words: list[str] = []  # id -> word, extended by ``_extend``
         self.starts_alnum = np.zeros(0, dtype=bool)
         self.ends_alnum = np.zeros(0, dtype=bool)
@@ -347,7 +364,7 @@ class WordIds:
     def __call__(self, words: list[str]) -> np.ndarray:
         """Ids of ``words``, numbering the new ones."""
         seen = len(self.words)
-        ids = np.fromiter(map(self.index.__getitem__, words), dtype=np.int64, count=len(words))
+        ids = self.numbering(words)
         if len(self.index) > seen:  # new ids were handed out in order of first occurrence
             where = np.flatnonzero(ids >= seen)
             first = where[np.unique(ids[where], return_index=True)[1]]
@@ -422,7 +439,8 @@ class WordIds:
         return self(segment_sentence(segmenter, sentence))
 
 
-def segment_shard(segmenter: Segmenter, sentences: list[str], chunk_chars: int = 1 << 14) -> tuple[list[str], np.ndarray, np.ndarray]:
+def segment_shard(segmenter: Segmenter, sentences: list[str], chunk_chars: int = 1 << 14,
+                  table: WordIds | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Segment a shard's sentences into (words, word ids, words per sentence): ``words[id]`` is the
     cached word (``segment_sentence``'s output, "##" marks included) of each id; every listed word
     occurs; a sentence may have 0 words (only when the general path gives none).
@@ -431,8 +449,12 @@ def segment_shard(segmenter: Segmenter, sentences: list[str], chunk_chars: int =
     get one call per ~``chunk_chars`` characters of sentences, whose words are numbered and freed at
     once (the build's time inside rjieba fell by about a third against one call per megabyte whose
     words were kept); a sentence containing "##", a chunk that fails a check, and other segmenters
-    take the per-sentence path."""
-    table = WordIds()
+    take the per-sentence path.
+
+    ``table``: a ``WordIds`` kept across a worker's shards (``Chinese.analyze_shard``), so a shard only
+    numbers the words no earlier shard had (most recur); the shard's words are listed in the table's
+    order either way."""
+    table = WordIds() if table is None else table
     ids_parts: list[np.ndarray] = []
     length_parts: list[np.ndarray] = []
 
@@ -478,7 +500,8 @@ def segment_shard(segmenter: Segmenter, sentences: list[str], chunk_chars: int =
     used = np.flatnonzero(counts)
     remap = np.zeros(len(table.words), dtype=np.int32 if len(table.words) < 2**31 else np.int64)
     remap[used] = np.arange(len(used))
-    return [table.words[i] for i in used.tolist()], remap[ids], lengths
+    words = [table.words[int(used[0])]] if len(used) == 1 else list(itemgetter(*used.tolist())(table.words)) if len(used) else []
+    return words, remap[ids], lengths
 
 
 _ENCODE_CHUNK = 1 << 18  # words per slice of encode_shard's gather
@@ -537,11 +560,13 @@ class _EncodedWords:
             self.fine_start, self.coarse_start = self.fine_start[:k], self.coarse_start[:k]
 
 
-def write_shard_cache(cache_dir: Path, words: list[str], ids: np.ndarray, sentence_words: np.ndarray,
+def write_shard_cache(cache_dir: Path, words: list[str] | str, ids: np.ndarray, sentence_words: np.ndarray,
                       sentences_per_document: np.ndarray) -> None:
-    """A shard's segmentation, in one file (file creation is what shared filesystems are slow at)."""
+    """A shard's segmentation, in one file (file creation is what shared filesystems are slow at).
+    ``words``: the distinct words, or them joined by WORD_SEP."""
+    joined = words if isinstance(words, str) else WORD_SEP.join(words)
     with open(Path(cache_dir) / SHARD_CACHE_FILE, "wb") as fh:
-        np.savez(fh, words=np.frombuffer(WORD_SEP.join(words).encode("utf-8"), dtype=np.uint8),
+        np.savez(fh, words=np.frombuffer(joined.encode("utf-8"), dtype=np.uint8),
                  ids=ids.astype(np.int32, copy=False), sentence_words=np.asarray(sentence_words, dtype=np.int64),
                  sentences_per_document=np.asarray(sentences_per_document, dtype=np.int64))
 
@@ -629,6 +654,9 @@ class Chinese(Language):
     # back-off spelling): the reading that gives its 176M parameters, as pipeline/model/config.py.
     default_coarse_vocab_size = 21128 + 72635
     default_fine_min_count = 1
+    # Distinct words a worker's shard-to-shard word table (``analyze_shard``) may hold before it starts
+    # a new one: ~100 bytes a word (the string, its dict entry, the per-word flags).
+    MAX_KEPT_WORDS = 500_000
 
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
@@ -671,6 +699,7 @@ class Chinese(Language):
     def check_build_options(self) -> None:
         if self.options.get("fine_vocab_size") is not None:
             _check_fine_vocab_size(self.options["fine_vocab_size"])
+        _warn_if_not_compiled()
         fixed = fmt.NUM_SPECIAL + 2 * len(_ASCII_ALNUM)  # in every fine vocabulary, so in every coarse one
         coarse = self.options.get("coarse_vocab_size")
         if coarse is not None and coarse < fixed:  # refused before the analysis, not after it
@@ -718,16 +747,24 @@ class Chinese(Language):
         return peoples_daily_inputs()
 
     # ---- analyze: normalise, split, segment, cache, count --------------------------------------
-    def analyze_shard(self, documents: list[str], cache_dir: Path) -> dict[str, Counter]:
+    def analyze_shard(self, documents: list[str], cache_dir: Path) -> dict[str, Counter | PackedCounter]:
         sentences = split_sentences_batch(normalize_documents(documents), self.options["max_sentence_chars"])
         flat = list(itertools.chain.from_iterable(sentences))
-        words, ids, lengths = segment_shard(self.segmenter, flat)
+        table = getattr(self, "_word_ids", None)
+        if table is None or len(table.words) > self.MAX_KEPT_WORDS:  # bounded: a new table past the cap
+            table = self._word_ids = WordIds()
+        words, ids, lengths = segment_shard(self.segmenter, flat, table=table)
         # Sentences without words (the general path can give none) are not kept.
         document = np.repeat(np.arange(len(sentences)), np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences)))
         sentences_per_document = np.bincount(document[lengths > 0], minlength=len(sentences))
-        write_shard_cache(cache_dir, words, ids, lengths[lengths > 0], sentences_per_document)
+        joined = WORD_SEP.join(words)
+        write_shard_cache(cache_dir, joined, ids, lengths[lengths > 0], sentences_per_document)
         # Character and Latin-run counts follow from the word counts: ``fit`` derives them once.
-        return {"word": Counter(dict(zip(words, bincount(ids, minlength=len(words)).tolist())))}
+        counts = bincount(ids, minlength=len(words))
+        keys = joined.replace(WORD_SEP, "\0")  # packed as it is (no Counter of the shard's words)
+        if "\0" in joined or (counts >= 2**40).any():
+            return {"word": Counter(dict(zip(words, counts.tolist())))}  # cannot be packed: left to core
+        return {"word": PackedCounter(keys, counts.astype(np.int64, copy=False))}
 
     # ---- fit: vocabularies ----------------------------------------------------------------------
     def fit(self, counts: dict[str, Counter], corpus: Corpus, artifacts_dir: Path) -> dict:

@@ -852,7 +852,8 @@ def _analyze(shard_dir: str) -> tuple[str, int]:
         shutil.rmtree(cache)  # left by a killed run
     cache.mkdir()
     counts = _WORKER["lang"].analyze_shard(documents, cache)
-    tables = {k: PackedCounter.pack(v if isinstance(v, Counter) else Counter(v)) for k, v in counts.items()}
+    tables = {k: v if isinstance(v, PackedCounter) else PackedCounter.pack(v if isinstance(v, Counter) else Counter(v))
+              for k, v in counts.items()}
     _write_atomic(shard / SHARD_COUNTS_FILE, pickle.dumps(tables, protocol=4))
     return shard_dir, sum(len(d.encode("utf-8")) for d in documents)
 

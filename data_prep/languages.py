@@ -27,7 +27,8 @@ How to implement a language (English does this in ``data_prep/english.py``)
    ``documents`` is the list of raw document strings of the shard, in corpus order. Normalise, split
    sentences, pre-tokenize (segment) and WRITE what ``encode_shard`` needs into ``cache_dir`` (so an
    expensive segmenter never runs twice); return count tables (e.g. {"char": ..., "word": ...}).
-   The core sums the Counters of all shards (and all MPI ranks) key by key.
+   The core sums the Counters of all shards (and all MPI ranks) key by key. A table may also be
+   returned already packed (``PackedCounter``: the keys joined by NUL, an int64 count each).
 7. ``fit(counts, corpus, artifacts_dir) -> dict``: runs ONCE (main process / MPI rank 0) after
    every shard was analysed. ``counts`` are the summed Counters. ``corpus`` (a ``Corpus``) streams
    the documents again if a corpus-level training step needs the text: ``corpus.documents()``
@@ -74,6 +75,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import itertools
+import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -167,6 +169,47 @@ def arrow_ints(array) -> np.ndarray:
         raise ValueError("arrow_ints: the array has nulls")
     values = np.frombuffer(array.buffers()[1], dtype=np.dtype(f"int{array.type.bit_width}"))
     return values[array.offset:array.offset + len(array)]
+
+
+def load_native():
+    """data_prep._native (C string numbering, compiled by ``pip install -e .``), or None: not compiled
+    (no C compiler at install time, a checkout not re-installed since) or AMBERT_PURE_PYTHON=1."""
+    if os.environ.get("AMBERT_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from data_prep import _native
+    except ImportError:
+        return None
+    return _native
+
+
+_native = load_native()
+
+
+class StringNumbering:
+    """Ids of strings in first-seen order: ``numbering(strings)`` -> their ids (int64), numbering the
+    new ones; ``index`` (a dict, complete) maps every string numbered to its id.
+
+    With ``data_prep._native``: a C loop with a table of packed short strings in front of the dict
+    (~30 ns a string). Without it: ``np.fromiter`` over the ``defaultdict``'s ``__getitem__`` (C as
+    well, but a dict probe hashes each new string object and compares it with the stored key: ~250 ns).
+    Same ids either way (tests/test_native.py)."""
+
+    def __init__(self, native=None) -> None:
+        native = _native if native is None else native
+        self.index: defaultdict[str, int] = defaultdict()
+        self.index.default_factory = self.index.__len__  # a new string's id: the strings numbered before it
+        self._c = native.WordNumbers(self.index) if native else None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __call__(self, strings: Sequence[str]) -> np.ndarray:
+        if self._c is None:
+            return np.fromiter(map(self.index.__getitem__, strings), dtype=np.int64, count=len(strings))
+        ids = np.empty(len(strings), dtype=np.int64)
+        self._c.number(strings, ids)
+        return ids
 
 
 class StringIds:
@@ -286,14 +329,14 @@ def sum_count_tables(tables: Sequence[PackedCounter | Counter]) -> PackedCounter
     # shards) but held all their keys at once and imported pyarrow (~40 MB) into every Chinese
     # worker: the 2-worker build's peak grew with the corpus (5.5 -> 89 MB of text: 366 -> 503 MB
     # against 261 -> 289 MB).
-    index: defaultdict[str, int] = defaultdict(itertools.count().__next__)
+    numbering = StringNumbering()
     total = np.zeros(0, dtype=np.int64)
     for table in packed:
-        ids = np.fromiter(map(index.__getitem__, table.key_list()), dtype=np.int64, count=len(table.values))
-        if len(index) > len(total):
-            total = np.concatenate([total, np.zeros(len(index) - len(total), dtype=np.int64)])
+        ids = numbering(table.key_list())
+        if len(numbering) > len(total):
+            total = np.concatenate([total, np.zeros(len(numbering) - len(total), dtype=np.int64)])
         total[ids] += table.values  # the keys of one table are distinct
-    return PackedCounter("\0".join(index), total)
+    return PackedCounter("\0".join(numbering.index), total)
 
 
 class LanguageError(ValueError):

@@ -500,7 +500,7 @@ def test_encode_shard_with_the_word_memo_equals_fresh_encoding(tmp_path):
     counts = []
     for k, shard in enumerate(shards):
         (tmp_path / f"s{k}").mkdir()
-        counts.append(lang.analyze_shard(shard, tmp_path / f"s{k}")["word"])
+        counts.append(lang.analyze_shard(shard, tmp_path / f"s{k}")["word"].unpack())  # packed (PackedCounter)
     lang.fit({"word": sum(counts, Counter())}, None, tmp_path)
 
     def encoded(worker, k):
@@ -577,7 +577,7 @@ def test_encode_shard_in_slices_equals_the_int64_gather(tmp_path, monkeypatch):
     lang = Chinese({"fine_vocab_size": 1500, "coarse_vocab_size": 4000, "fine_min_count": 1, "coarse_min_count": 3})
     shard = tmp_path / "s"
     shard.mkdir()
-    lang.fit({"word": lang.analyze_shard(docs, shard)["word"]}, None, tmp_path)
+    lang.fit({"word": lang.analyze_shard(docs, shard)["word"].unpack()}, None, tmp_path)
     for chunk in (chinese._ENCODE_CHUNK, 1, 7, 1000):
         monkeypatch.setattr(chinese, "_ENCODE_CHUNK", chunk)
         worker = Chinese(lang.options)

@@ -17,6 +17,8 @@ too, to show what is left for everything else and what the goal would leave for 
 Each round runs the segmenter, the 1-worker build and the 2-worker build one after the other; the
 best round of each row counts, and the 2/1-worker ratio is also given as the median of the per-round
 pairs (this machine's speed drifts by up to 25% within minutes).
+The 1-worker build also runs without data_prep._native (its C word numbering; the Python path a machine
+without a C compiler gets), for the gain of the compiled part side by side.
 Goals (issue): build(1 worker) >= 50% of the segmenter alone; build(2) >= 1.7x build(1).
 """
 
@@ -59,7 +61,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from data_prep import core
+    from data_prep import core, languages
     from data_prep.chinese import make_segmenter
     from data_prep.demo import peoples_daily_gold
     from tests.bench.machine import machine_line
@@ -140,8 +142,10 @@ def main() -> None:
                          if name in vars(segmenter_class)}
         assert issubclass(segmenter_class, chinese.Segmenter)
 
-        def run_build(workers: int) -> tuple[float, float]:
-            out = tmp / f"ds_w{workers}"
+        def run_build(workers: int, pure: bool = False) -> tuple[float, float]:
+            """One build; ``pure``: the 1-worker build without data_prep._native (the word numbering in
+            Python, as on a machine where it did not compile), for the side-by-side row."""
+            out = tmp / f"ds_w{workers}{'_pure' if pure else ''}"
             shutil.rmtree(out, ignore_errors=True)
             cfg = core.BuildConfig(language="zh", output=str(out), inputs=[str(text_path)], workers=workers,
                                    text_mode="line", shard_documents=args.shard_documents,
@@ -151,13 +155,20 @@ def main() -> None:
             for name in saved:
                 setattr(segmenter_class, name, timed_methods[name])
             inside["seconds"] = 0.0
+            native = languages._native
+            languages._native = None if pure else native
+            os.environ["AMBERT_PURE_PYTHON"] = "1" if pure else "0"  # (no "not compiled" warning for this row)
             t0, c0 = time.perf_counter(), cpu()
             try:
                 meta = core.build(cfg)
             finally:
+                languages._native = native
+                os.environ.pop("AMBERT_PURE_PYTHON")
                 for name, method in saved.items():
                     setattr(segmenter_class, name, method)
             seconds = time.perf_counter() - t0
+            if pure:
+                return seconds, cpu() - c0
             stages.setdefault(workers, {})
             if seconds <= stages[workers].get("_best", float("inf")):
                 stages[workers] = {"_best": seconds, **meta["run"]["stage_seconds"]}
@@ -170,7 +181,7 @@ def main() -> None:
         ceilings: list[float] = []
         for r in range(args.rounds):
             this = {"seg": run_segmenter(), "segc": run_segmenter_chunks(), "seg1p": run_segmenter_pool(1), "seg2p": run_segmenter_pool(2),
-                    "w1": run_build(1), "w2": run_build(2)}
+                    "w1": run_build(1), "w2": run_build(2), "w1py": run_build(1, pure=True)}
             for k, v in this.items():
                 if v[0] < best.get(k, (float("inf"), 0.0))[0]:
                     best[k] = v
@@ -179,22 +190,25 @@ def main() -> None:
             print(f"  round {r + 1}: segmenter {this['seg'][0]:.2f}s per line, {this['segc'][0]:.2f}s per chunk "
                   f"(pool: {this['seg1p'][0]:.2f}s in 1 process, {this['seg2p'][0]:.2f}s in 2), "
                   f"1 worker {this['w1'][0]:.2f}s, "
-                  f"2 workers {this['w2'][0]:.2f}s", flush=True)
+                  f"2 workers {this['w2'][0]:.2f}s, 1 worker without the C numbering {this['w1py'][0]:.2f}s", flush=True)
         (line_seg, line_cpu), (t1, cpu1), (t2, cpu2) = best["seg"], best["w1"], best["w2"]
         best_seg, seg_cpu = min(best["seg"], best["segc"])  # the ratio is taken against the faster way
-        same = all((tmp / "ds_w1" / f).read_bytes() == (tmp / "ds_w2" / f).read_bytes()
-                   for f in os.listdir(tmp / "ds_w1") if f != "meta.json")
+        same = all((tmp / "ds_w1" / f).read_bytes() == (tmp / other / f).read_bytes()
+                   for f in os.listdir(tmp / "ds_w1") if f != "meta.json" for other in ("ds_w2", "ds_w1_pure"))
         rows = [
             (f"segmenter alone ({args.segmenter}.cut per line)", line_seg, line_cpu),
             (f"segmenter alone (per {args.shard_documents}-line chunk)", *best["segc"]),
             ("build --workers 1 (end to end)", t1, cpu1),
             ("build --workers 2 (end to end)", t2, cpu2),
+            ("build --workers 1, no data_prep._native", *best["w1py"]),
         ]
         print(f"{'':40s} {'wall s':>8s} {'MB/s':>7s} {'Mchars/s':>9s} {'CPU s':>7s}")
         for name, secs, used in rows:
             print(f"{name:40s} {secs:8.2f} {mb / secs:7.2f} {chars / secs / 1e6:9.2f} {used:7.2f}")
         print(f"build(1 worker) / segmenter alone (the faster of its two rows): {best_seg / t1:.2f} by wall time, "
               f"{seg_cpu / cpu1:.2f} by CPU time (goal >= 0.50)")
+        print(f"data_prep._native (C word numbering) vs the pure-Python path, 1 worker: {best['w1py'][0] / t1:.2f}x "
+              f"({'compiled' if languages._native is not None else 'NOT COMPILED: both rows are the Python path'})")
         print(f"build(2 workers) / build(1 worker) speed-up: {t1 / t2:.2f}x best rows, "
               f"{sorted(pairs)[len(pairs) // 2]:.2f}x median of per-round pairs "
               f"({', '.join(f'{x:.2f}' for x in pairs)})  (goal >= 1.7x)")
@@ -211,7 +225,7 @@ def main() -> None:
         print(f"inside the best 1-worker build: the segmenter {inside_seg:.2f} s ({inside_seg / t1:.0%}), everything else "
               f"{t1 - inside_seg:.2f} s; the goal (half the segmenter-alone speed) leaves everything else "
               f"{max(0.0, 2 * best_seg - inside_seg):.2f} s")
-        print(f"outputs of 1 and 2 workers byte-identical (except meta.json run info): {same}")
+        print(f"outputs of 1 and 2 workers and of the pure-Python path byte-identical (except meta.json run info): {same}")
         pool.terminate()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,136 @@
+"""data_prep._native (the C string numbering, compiled by `pip install -e .`) against the pure-Python
+path it replaces: the same ids for any strings, the same shard segmentation and count sums, and a
+Chinese build byte-identical with and without it (AMBERT_PURE_PYTHON=1)."""
+
+import os
+import random
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep import languages
+from data_prep.languages import PackedCounter, StringNumbering, sum_count_tables
+
+REPO = Path(__file__).resolve().parents[1]
+native = languages.load_native()
+needs_native = pytest.mark.skipif(native is None and not os.environ.get("CI"),
+                                  reason="data_prep._native is not compiled (run `bash launchers/setup.sh`)")
+
+
+def test_the_extension_is_built_where_ci_runs():
+    """The set-up compiles it (a C compiler is installed for KenLM anyway): on CI it must be there, or
+    every speed figure of the Chinese build would silently be the slower path's."""
+    if os.environ.get("CI") or native is not None:
+        assert native is not None, "data_prep._native is missing: launchers/setup.sh should have compiled it"
+        assert hasattr(native, "WordNumbers")
+
+
+def _strings(rng: random.Random, n: int) -> list[str]:
+    """Strings of every kind the cache treats differently: 1-4 BMP characters (packed), longer ones,
+    ones with a character above U+FFFF or a NUL (dict only), the empty string, Latin-1 only."""
+    alphabet = ["中", "国", "人", "a", "b", "1", "\x00", "\U00020000", "é", " ", "\n", "##", "\uffff", "\u0100"]
+    out = []
+    for _ in range(n):
+        k = rng.choice([0, 1, 1, 2, 2, 2, 3, 4, 5, 7])
+        out.append("".join(rng.choice(alphabet) for _ in range(k)))
+    return out
+
+
+@needs_native
+def test_numbering_equals_the_dict_path_for_any_strings():
+    rng = random.Random(0)
+    batches = [_strings(rng, n) for n in (0, 1, 50, 3000, 20000, 7)]
+    fast, slow = StringNumbering(native), StringNumbering(False)
+    assert fast._c is not None and slow._c is None
+    for batch in batches:
+        # fresh string objects each time (equal, not identical), as a segmenter returns them
+        a, b = fast([s.encode().decode() for s in batch]), slow(batch)
+        assert a.dtype == b.dtype == np.int64
+        assert a.tolist() == b.tolist()
+    assert dict(fast.index) == dict(slow.index) and len(fast) == len(slow)
+    assert sorted(fast.index.values()) == list(range(len(fast)))  # first-seen order, no gaps
+    # the table grows past its first capacity (65,536 slots, half full) and keeps every id
+    many = [chr(0x4E00 + i // 300) + chr(0x4E00 + i % 300) for i in range(80_000)]
+    ids = fast(many)
+    assert fast(list(reversed(many))).tolist() == ids[::-1].tolist()
+    assert [fast.index[w] for w in many[:1000]] == ids[:1000].tolist()
+
+
+@needs_native
+def test_numbering_sees_words_added_to_the_dict_by_python():
+    """The dict stays the truth: a word the Python side added (``index[word]`` of the defaultdict) is
+    found by the C table with its id, and the next new word gets the next id."""
+    fast = StringNumbering(native)
+    fast(["中国", "人"])
+    assert fast.index["abc"] == 2 and fast.index["人民"] == 3  # added through the defaultdict
+    assert fast(["人民", "abc", "中国", "新"]).tolist() == [3, 2, 0, 4]
+
+
+@needs_native
+def test_numbering_refuses_bad_arguments():
+    table = native.WordNumbers({})
+    with pytest.raises(TypeError, match="str"):
+        table.number(["a", 1], np.empty(2, dtype=np.int64))
+    with pytest.raises(ValueError, match="room for every word"):
+        table.number(["a", "b"], np.empty(1, dtype=np.int64))
+    with pytest.raises(TypeError):
+        native.WordNumbers([])  # not a dict
+    with pytest.raises(RuntimeError, match="not initialised"):
+        native.WordNumbers.__new__(native.WordNumbers).number(["a"], np.empty(1, dtype=np.int64))
+
+
+@needs_native
+def test_count_sums_and_shard_segmentation_equal_the_pure_path(monkeypatch):
+    from data_prep import chinese
+    from data_prep.chinese import make_segmenter, segment_shard
+    from data_prep.demo import peoples_daily_gold
+    from data_prep.normalize import normalize_text, split_sentences
+
+    rng = random.Random(1)
+    tables = [PackedCounter.pack(Counter({s: rng.randint(1, 9) for s in _strings(rng, 500) if "\x00" not in s}))
+              for _ in range(5)]
+    results = []
+    for mod in (native, None):
+        monkeypatch.setattr(languages, "_native", mod)
+        total = sum_count_tables(tables)
+        results.append((total.keys, total.values.tolist()))
+    assert results[0] == results[1]
+
+    docs = ["".join(words) for words in peoples_daily_gold(600)] + ["Windows 98和iPhone6s", "C##x 和 ##b", "ab12.5%cd abc中文"]
+    sentences = [s for d in docs for s in split_sentences(normalize_text(d))]
+    seg = make_segmenter("rjieba")
+    outs = []
+    for mod in (native, None):
+        monkeypatch.setattr(languages, "_native", mod)
+        table = chinese.WordIds()  # one table over two shards, as a worker keeps it
+        outs.append([(w, i.tolist(), n.tolist()) for w, i, n in
+                     (segment_shard(seg, part, table=table) for part in (sentences[:900], sentences[900:]))])
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.slow
+@needs_native
+def test_chinese_build_is_byte_identical_without_the_extension(tmp_path):
+    """The demo build (People's Daily, 2 workers) with the extension and with AMBERT_PURE_PYTHON=1:
+    every file but meta.json's run information is byte-identical."""
+    text = tmp_path / "pd.txt"
+    from data_prep.demo import peoples_daily_gold
+
+    text.write_text("".join("".join(w) + "\n" for w in peoples_daily_gold(4000)), encoding="utf-8")
+    outs = {}
+    for name, pure in (("native", "0"), ("pure", "1")):
+        out = tmp_path / name
+        env = {**os.environ, "AMBERT_PURE_PYTHON": pure}
+        subprocess.run([sys.executable, str(REPO / "data_prep" / "build.py"), "--lang", "zh", "--input", str(text),
+                        "--text-mode", "line", "--output", str(out), "--workers", "2", "--shard-documents", "700"],
+                       check=True, env=env, capture_output=True, timeout=300)
+        outs[name] = out
+    files = sorted(p.name for p in outs["native"].iterdir())
+    assert files == sorted(p.name for p in outs["pure"].iterdir()) and "train_fine.bin" in files
+    for name in files:
+        if name != "meta.json":
+            assert (outs["native"] / name).read_bytes() == (outs["pure"] / name).read_bytes(), name
