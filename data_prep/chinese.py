@@ -359,6 +359,7 @@ class WordIds:
         self.ends_alnum = np.zeros(0, dtype=bool)
         self.odd = np.zeros(0, dtype=bool)  # whitespace inside a word other than the two above
         self.pieces: dict[int, np.ndarray] = {}  # rjieba words jieba splits -> the pieces' ids
+        self.split = np.zeros(0, dtype=bool)  # the ids that are keys of ``pieces``
         self._extend(list(self.index))
 
     def __call__(self, words: list[str]) -> np.ndarray:
@@ -392,6 +393,7 @@ class WordIds:
         self.starts_alnum = np.append(self.starts_alnum, starts_alnum)
         self.ends_alnum = np.append(self.ends_alnum, ends_alnum)
         self.odd = np.append(self.odd, odd)
+        self.split = np.append(self.split, np.zeros(len(new), dtype=bool))
 
     def chunk(self, segmenter: Segmenter, sentences: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
         """(word ids, words per sentence) of ``sentences`` (none containing "##") with ONE segmenter
@@ -410,9 +412,11 @@ class WordIds:
             for m in _NON_HAN_WORD.finditer(WORD_SEP.join(self.words[seen:])):
                 pieces = segmenter.split_like_jieba(m.group())
                 if pieces is not None:
-                    self.pieces[self.index[m.group()]] = self(pieces)
+                    word_id = self.index[m.group()]
+                    self.pieces[word_id] = self(pieces)
+                    self.split[word_id] = True
             if self.pieces:
-                where = np.flatnonzero(np.isin(ids, np.fromiter(self.pieces, dtype=np.int64, count=len(self.pieces))))
+                where = np.flatnonzero(self.split[ids])
                 if len(where):
                     parts, last = [], 0
                     for pos in where.tolist():
@@ -467,30 +471,30 @@ def segment_shard(segmenter: Segmenter, sentences: list[str], chunk_chars: int =
     if not _fast_path(segmenter):
         general(sentences)
     else:
-        hashes = {i for i, s in enumerate(sentences) if "##" in s} if any("##" in s for s in sentences) else set()
-        start = size = 0
-        for i, sentence in enumerate(sentences):
-            if i in hashes or size >= chunk_chars:
-                if start < i:
-                    done = table.chunk(segmenter, sentences[start:i])
-                    if done is None:
-                        general(sentences[start:i])
-                    else:
-                        ids_parts.append(compact_ints(done[0]))
-                        length_parts.append(done[1])
-                if i in hashes:
-                    general([sentence])
-                    start, size = i + 1, 0
-                    continue
-                start, size = i, 0
-            size += len(sentence) + 1
-        if start < len(sentences):
-            done = table.chunk(segmenter, sentences[start:])
-            if done is None:
-                general(sentences[start:])
-            else:
-                ids_parts.append(compact_ints(done[0]))
-                length_parts.append(done[1])
+        # Chunks: a chunk ends before the first sentence at which its sentences (+1 each) reach
+        # ``chunk_chars``, and around each sentence holding "##" (the general path); found with one
+        # search per chunk over the prefix sums, not a Python step per sentence.
+        n = len(sentences)
+        hashes = [i for i, s in enumerate(sentences) if "##" in s] if "##" in "\n".join(sentences) else []
+        hashes.append(n)
+        prefix = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, sentences), dtype=np.int64, count=n) + 1, out=prefix[1:])
+        start = next_hash = 0
+        while start < n:
+            while hashes[next_hash] < start:
+                next_hash += 1
+            end = min(int(np.searchsorted(prefix, prefix[start] + max(chunk_chars, 1))), hashes[next_hash], n)
+            if start < end:
+                done = table.chunk(segmenter, sentences[start:end])
+                if done is None:
+                    general(sentences[start:end])
+                else:
+                    ids_parts.append(compact_ints(done[0]))
+                    length_parts.append(done[1])
+            if end == hashes[next_hash] and end < n:
+                general([sentences[end]])
+                end += 1
+            start = end
     empty = np.zeros(0, dtype=np.int64)
     ids = np.concatenate(ids_parts) if ids_parts else empty
     ids_parts.clear()  # the shard's ids are held once (int32: the chunks are compacted as they come)
