@@ -205,6 +205,29 @@ class PretrainConfig:
 # ---------------------------------------------------------------------------------------------
 # Loading: dict -> dataclass with type checks
 # ---------------------------------------------------------------------------------------------
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader without YAML 1.1's base-60 numbers: ``10:12`` stays the string it looks like
+    (1.1 reads it as 612: ``logging.profile_steps=10:12`` traced step 612), as in YAML 1.2."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"))
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9_]+(?:[eE][-+][0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _coerce(value: Any, annotation: Any, name: str) -> Any:
     origin = typing.get_origin(annotation)
     if dataclasses.is_dataclass(annotation):
@@ -285,7 +308,7 @@ def parse_override(text: str) -> dict:
         raise ConfigError(f"override {text!r} is not key=value (e.g. schedule.train_steps=100)")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         raise ConfigError(f"override {text!r}: the value {raw!r} is not valid YAML (an unclosed bracket or quote?); "
                           f"fix it") from None
@@ -306,7 +329,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         if not p.is_file():
             raise ConfigError(f"--config {path}: no such file (recipes live in pipeline/recipes/)")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            loaded = _yaml_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"--config {path}: not valid YAML ({' '.join(str(exc).split())}); fix the file") from None
         except UnicodeDecodeError:
@@ -380,7 +403,7 @@ def commented_yaml(config: PretrainConfig) -> str:
 
 def load_saved_config(path: str | os.PathLike) -> PretrainConfig:
     """Read back the config.yaml written with a run (or stored in a checkpoint)."""
-    return _from_dict(PretrainConfig, yaml.safe_load(Path(path).read_text(encoding="utf-8")))
+    return _from_dict(PretrainConfig, _yaml_load(Path(path).read_text(encoding="utf-8")))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -293,3 +293,21 @@ def test_print_config_refuses_a_wrong_config_like_training_would():
     with pytest.raises(C.ConfigError, match=r"logging.profile_ranks='first': expected global ranks"):
         pretrain.main(["--print-config", "logging.profile_ranks=first"])
     assert pretrain.main(["--print-config", "logging.profile_ranks=0,64"]) == 0  # ranks of a job of any size
+
+
+def test_yaml_base_60_numbers_stay_strings(tmp_path):
+    """YAML 1.1 reads 10:12 as 612 (base 60): logging.profile_steps=10:12 traced step 612. The config's
+    loader keeps it the string it looks like, so the error names what the user wrote; other numbers
+    (1_000, 0x10, 1.5e-4, .5) are read as before."""
+    from pipeline.config import ConfigError, load_config
+
+    assert load_config(None, ["logging.profile_steps=10:12"]).logging.profile_steps == "10:12"
+    with pytest.raises(ConfigError, match=r"profile_steps='10:12': expected a step or a range"):
+        C.parse_profile_steps(load_config(None, ["logging.profile_steps=10:12"]).logging.profile_steps)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("logging:\n  profile_steps: 1:30\n", encoding="utf-8")
+    assert load_config(cfg).logging.profile_steps == "1:30"
+    config = load_config(None, ["schedule.train_steps=1_000", "schedule.warmup_steps=0x10", "optimizer.lr=1.5e-4",
+                                "optimizer.weight_decay=.5", "logging.profile_steps=10-12"])
+    assert (config.schedule.train_steps, config.schedule.warmup_steps) == (1000, 16)
+    assert (config.optimizer.lr, config.optimizer.weight_decay, config.logging.profile_steps) == (1.5e-4, 0.5, "10-12")
