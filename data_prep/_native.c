@@ -160,5 +160,8 @@ PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "WordNumbers", (PyObject *)&WordNumbersType) < 0) { Py_DECREF(m); return NULL; }
+    /* data_prep/languages.py (NATIVE_VERSION) uses a compiled module only if this matches: a module
+       compiled from an older _native.c (a checkout updated without re-running the set-up) is skipped. */
+    if (PyModule_AddIntConstant(m, "VERSION", 1) < 0) { Py_DECREF(m); return NULL; }
     return m;
 }

@@ -171,16 +171,20 @@ def arrow_ints(array) -> np.ndarray:
     return values[array.offset:array.offset + len(array)]
 
 
+NATIVE_VERSION = 1  # data_prep/_native.c's VERSION this code expects
+
+
 def load_native():
     """data_prep._native (C string numbering, compiled by ``pip install -e .``), or None: not compiled
-    (no C compiler at install time, a checkout not re-installed since) or AMBERT_PURE_PYTHON=1."""
+    (no C compiler at install time, a checkout not re-installed since), compiled from another version
+    of _native.c, or AMBERT_PURE_PYTHON=1."""
     if os.environ.get("AMBERT_PURE_PYTHON", "") not in ("", "0"):
         return None
     try:
-        from data_prep import _native
+        _native = importlib.import_module("data_prep._native")
     except ImportError:
         return None
-    return _native
+    return _native if getattr(_native, "VERSION", None) == NATIVE_VERSION else None
 
 
 _native = load_native()

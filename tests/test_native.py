@@ -25,8 +25,23 @@ def test_the_extension_is_built_where_ci_runs():
     """The set-up compiles it (a C compiler is installed for KenLM anyway): on CI it must be there, or
     every speed figure of the Chinese build would silently be the slower path's."""
     if os.environ.get("CI") or native is not None:
-        assert native is not None, "data_prep._native is missing: launchers/setup.sh should have compiled it"
-        assert hasattr(native, "WordNumbers")
+        assert native is not None, "data_prep._native is missing or stale: launchers/setup.sh should have compiled it"
+        assert hasattr(native, "WordNumbers") and native.VERSION == languages.NATIVE_VERSION
+
+
+def test_a_module_of_another_version_is_not_used(monkeypatch):
+    """A module compiled from an older _native.c (a checkout updated without re-running the set-up)
+    is skipped, not called with arguments it does not know: the Python path runs instead."""
+    import types
+
+    fake = types.ModuleType("data_prep._native")
+    fake.VERSION = languages.NATIVE_VERSION - 1
+    fake.WordNumbers = None
+    monkeypatch.setitem(sys.modules, "data_prep._native", fake)
+    monkeypatch.delenv("AMBERT_PURE_PYTHON", raising=False)
+    assert languages.load_native() is None
+    fake.VERSION = languages.NATIVE_VERSION
+    assert languages.load_native() is fake
 
 
 def _strings(rng: random.Random, n: int) -> list[str]:
