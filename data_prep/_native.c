@@ -3,9 +3,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-/* data_prep._native: the word numbering of the Chinese build's analysis (data_prep/chinese.py, WordIds),
+/* data_prep._native: the word numbering of the Chinese build's analysis (data_prep/chinese.py, WordIds)
+   and its sentence splitting (split_sentences below; data_prep/normalize.py, split_sentences_batch),
    compiled by `pip install -e .` (setup.py; launchers/setup.sh runs it). Optional: without it the same
-   numbering runs through the dict in Python (same ids; tests/test_native.py holds both equal).
+   numbering runs through the dict in Python and the split through regular expressions (same results;
+   tests/test_native.py holds both paths equal).
 
    WordNumbers(index).number(words, out) numbers a list of words through the dict ``index`` (word -> id;
    a word not in it gets id len(index) and is added), writing the ids to ``out`` (int64). In front of
@@ -138,6 +140,104 @@ fail:
     return NULL;
 }
 
+/* ---- sentence splitting (data_prep/normalize.py, split_sentences_batch) ---------------------------
+   split_sentences(documents, limit) -> (sentences of each document, indices of the documents holding
+   a sentence longer than ``limit`` characters). A sentence ends at a line break and after a match of
+   normalize._SENTENCE_END: a run of 。！？!? or a run of … or a "." followed by a space, then any
+   closing quotes/brackets; each piece is stripped of whitespace (str.strip) and kept if not empty.
+   The caller cuts the long ones (normalize._add). tests/test_data_prep_zh.py holds it equal to the
+   regular-expression split of every document. */
+
+static inline int is_end(Py_UCS4 c) {
+    return c == 0x3002 || c == 0xFF01 || c == 0xFF1F || c == '!' || c == '?';  /* 。！？!? */
+}
+
+static inline int is_closer(Py_UCS4 c) {
+    switch (c) {  /* ”’」』）)]】"'》 */
+    case 0x201D: case 0x2019: case 0x300D: case 0x300F: case 0xFF09: case ')': case ']': case 0x3011:
+    case '"': case '\'': case 0x300B:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* Appends text[a:b] stripped, if not empty; *longest: its length if larger. 0 ok, -1 error. */
+static int add_piece(PyObject *out, PyObject *text, int kind, const void *data, Py_ssize_t a, Py_ssize_t b,
+                     Py_ssize_t *longest) {
+    while (a < b && Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, a))) a++;
+    while (b > a && Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, b - 1))) b--;
+    if (a == b) return 0;
+    PyObject *piece = PyUnicode_Substring(text, a, b);
+    if (!piece) return -1;
+    int rc = PyList_Append(out, piece);
+    Py_DECREF(piece);
+    if (b - a > *longest) *longest = b - a;
+    return rc;
+}
+
+static PyObject *split_sentences(PyObject *self, PyObject *args) {
+    PyObject *documents;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "On", &documents, &limit)) return NULL;
+    PyObject *seq = PySequence_Fast(documents, "documents must be a sequence");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject *all = PyList_New(n), *long_docs = PyList_New(0);
+    if (!all || !long_docs) goto fail;
+    for (Py_ssize_t d = 0; d < n; d++) {
+        PyObject *text = PySequence_Fast_GET_ITEM(seq, d);
+        if (!PyUnicode_Check(text)) { PyErr_SetString(PyExc_TypeError, "documents must be str"); goto fail; }
+        PyObject *out = PyList_New(0);
+        if (!out) goto fail;
+        PyList_SET_ITEM(all, d, out);
+        int kind = PyUnicode_KIND(text);
+        const void *data = PyUnicode_DATA(text);
+        Py_ssize_t len = PyUnicode_GET_LENGTH(text), start = 0, i = 0, longest = 0;
+        while (i < len) {
+            Py_UCS4 c = PyUnicode_READ(kind, data, i);
+            Py_ssize_t j = i;
+            if (c == '\n') {
+                if (add_piece(out, text, kind, data, start, i, &longest) < 0) goto fail;
+                start = i + 1;
+                i++;
+                continue;
+            }
+            if (is_end(c)) {
+                while (j < len && is_end(PyUnicode_READ(kind, data, j))) j++;
+            } else if (c == 0x2026) {  /* … */
+                while (j < len && PyUnicode_READ(kind, data, j) == 0x2026) j++;
+            } else if (c == '.' && i + 1 < len && PyUnicode_READ(kind, data, i + 1) == ' ') {
+                j = i + 1;
+            } else {
+                i++;
+                continue;
+            }
+            while (j < len && is_closer(PyUnicode_READ(kind, data, j))) j++;
+            if (add_piece(out, text, kind, data, start, j, &longest) < 0) goto fail;
+            start = i = j;
+        }
+        if (add_piece(out, text, kind, data, start, len, &longest) < 0) goto fail;
+        if (longest > limit) {
+            PyObject *index = PyLong_FromSsize_t(d);
+            if (!index || PyList_Append(long_docs, index) < 0) { Py_XDECREF(index); goto fail; }
+            Py_DECREF(index);
+        }
+    }
+    Py_DECREF(seq);
+    PyObject *result = PyTuple_Pack(2, all, long_docs);
+    Py_DECREF(all); Py_DECREF(long_docs);
+    return result;
+fail:
+    Py_DECREF(seq); Py_XDECREF(all); Py_XDECREF(long_docs);
+    return NULL;
+}
+
+static PyMethodDef module_methods[] = {
+    {"split_sentences", split_sentences, METH_VARARGS,
+     "split_sentences(documents, limit) -> (sentences of each document, documents with a sentence over limit)"},
+    {NULL, NULL, 0, NULL}};
+
 static PyMethodDef wn_methods[] = {
     {"number", (PyCFunction)wn_number, METH_VARARGS, "number(words, out) -> how many words were new"},
     {NULL, NULL, 0, NULL}};
@@ -154,7 +254,7 @@ static PyTypeObject WordNumbersType = {
     .tp_methods = wn_methods,
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "data_prep._native", "The Chinese build's word numbering in C.", -1, NULL};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "data_prep._native", "The Chinese build's word numbering and sentence splitting in C.", -1, module_methods};
 PyMODINIT_FUNC PyInit__native(void) {
     if (PyType_Ready(&WordNumbersType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
@@ -162,6 +262,6 @@ PyMODINIT_FUNC PyInit__native(void) {
     if (PyModule_AddObjectRef(m, "WordNumbers", (PyObject *)&WordNumbersType) < 0) { Py_DECREF(m); return NULL; }
     /* data_prep/languages.py (NATIVE_VERSION) uses a compiled module only if this matches: a module
        compiled from an older _native.c (a checkout updated without re-running the set-up) is skipped. */
-    if (PyModule_AddIntConstant(m, "VERSION", 1) < 0) { Py_DECREF(m); return NULL; }
+    if (PyModule_AddIntConstant(m, "VERSION", 2) < 0) { Py_DECREF(m); return NULL; }
     return m;
 }

@@ -171,11 +171,12 @@ def arrow_ints(array) -> np.ndarray:
     return values[array.offset:array.offset + len(array)]
 
 
-NATIVE_VERSION = 1  # data_prep/_native.c's VERSION this code expects
+NATIVE_VERSION = 2  # data_prep/_native.c's VERSION this code expects
 
 
 def load_native():
-    """data_prep._native (C string numbering, compiled by ``pip install -e .``), or None: not compiled
+    """data_prep._native (the Chinese build's word numbering and sentence splitting in C, compiled by
+    ``pip install -e .``), or None: not compiled
     (no C compiler at install time, a checkout not re-installed since), compiled from another version
     of _native.c, or AMBERT_PURE_PYTHON=1."""
     if os.environ.get("AMBERT_PURE_PYTHON", "") not in ("", "0"):

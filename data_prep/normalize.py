@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from data_prep import languages
+
 # C0/C1 controls except \t \n, zero-width space/joiners, word joiner, BOM, soft hyphen.
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u00ad\u200b-\u200d\u2060\ufeff]")
 _LINE_BREAKS = re.compile("\r\n|[\r\u2028\u2029\x85]")
@@ -155,7 +157,19 @@ def split_sentences_batch(documents: list[str], max_sentence_chars: int = 512) -
     batch: a line break is inserted after every sentence end (one regular-expression substitution;
     a match never spans a line break, so the pieces are those of the per-line scan), documents are
     told apart by a NUL line (no document holds a NUL: the reader removes them), and only sentences
-    over the limit go through the cutting loop. A test compares it with the per-document function."""
+    over the limit go through the cutting loop. A test compares it with the per-document function.
+
+    With data_prep._native (compiled C), one scan of each document's characters finds the same ends
+    and strips the same pieces (~5x faster); only documents with a sentence over the limit go through
+    the cutting loop here."""
+    if languages._native is not None:
+        out, long_documents = languages._native.split_sentences(documents, max_sentence_chars)
+        for i in long_documents:
+            cut: list[str] = []
+            for sentence in out[i]:
+                _add(cut, sentence, max_sentence_chars)
+            out[i] = cut
+        return out
     joined = "\n\0\n".join(documents)
     if joined.count("\0") != max(0, len(documents) - 1):  # a NUL inside a document
         return [split_sentences(d, max_sentence_chars) for d in documents]

@@ -97,9 +97,9 @@ if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ] || [ "$ROOT/setu
   "${PIP[@]}" -e "$ROOT[dev]"
   touch "$stamp"
 fi
-# The C string numbering of the Chinese build (optional: without a C compiler the build runs the same
-# numbering in Python, ~1 s slower per 20 MB of text).
-if ! (cd "$ROOT" && "$VENV/bin/python" -c "from data_prep import _native") 2>/dev/null; then
+# The C word numbering and sentence splitting of the Chinese build (optional: without a C compiler the
+# build runs the same steps in Python, ~1.5-2 s slower per 20 MB of text).
+if ! (cd "$ROOT" && AMBERT_PURE_PYTHON= "$VENV/bin/python" -c "import sys; from data_prep.languages import load_native; sys.exit(load_native() is None)") 2>/dev/null; then
   log "warning: data_prep/_native.c did not compile (is gcc installed?): the Chinese build uses its slower Python path"
 fi
 

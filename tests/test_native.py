@@ -149,3 +149,24 @@ def test_chinese_build_is_byte_identical_without_the_extension(tmp_path):
     for name in files:
         if name != "meta.json":
             assert (outs["native"] / name).read_bytes() == (outs["pure"] / name).read_bytes(), name
+
+
+@needs_native
+def test_sentence_split_equals_the_regular_expression_split(monkeypatch):
+    """split_sentences_batch through the C scan and through the pure path (one substitution over the
+    batch) == the per-document regular-expression split, with every sentence end, closer, whitespace
+    (stripped with str.strip's Unicode set), line breaks, NULs, characters of all three string kinds
+    and sentences over the limit (cut at commas, else hard)."""
+    from data_prep.normalize import split_sentences, split_sentences_batch
+
+    pool = list("。！？!?…. \n”’」』）)]】\"'》，,、；;：:ab中文字x\u2028\x1c\u3000\xa0é\U00020000\x00") + ["  ", "Mr. X", "..."]
+    rng = random.Random(5)
+    docs = ["".join(rng.choice(pool) for _ in range(rng.randint(0, 60))) for _ in range(4000)] + ["", "。", "a" * 40]
+    for limit in (4, 9, 512):
+        expected = [split_sentences(d, limit) for d in docs]
+        assert split_sentences_batch(docs, limit) == expected  # C
+        monkeypatch.setattr(languages, "_native", None)
+        assert split_sentences_batch(docs, limit) == expected  # pure
+        monkeypatch.setattr(languages, "_native", native)
+    with pytest.raises(TypeError, match="str"):
+        native.split_sentences(["a", None], 10)
