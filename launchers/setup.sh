@@ -33,11 +33,13 @@ command -v mpirun >/dev/null 2>&1 || need_apt+=(libopenmpi-dev openmpi-bin)
 command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 command -v ninja >/dev/null 2>&1 || need_apt+=(ninja-build)
+"$PY" -c "import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" 2>/dev/null \
+  || need_apt+=(python3-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=(); [ "$(id -u)" -ne 0 ] && SUDO=(sudo)
   # Without root or sudo (a cluster login node) this step cannot be done here: say what is missing and
   # what needs it, and go on (a GPU training node needs none of KenLM's; the steps that do say so).
-  missing="install them (an administrator, or your cluster's modules), then run this script again: ${need_apt[*]} (Open MPI: mpi4py and the MPI launchers; Boost/zlib/bz2/lzma, cmake, g++: KenLM's lmplz; ninja: DeepSpeed's CPU ops)"
+  missing="install them (an administrator, or your cluster's modules), then run this script again: ${need_apt[*]} (Open MPI: mpi4py and the MPI launchers; Boost/zlib/bz2/lzma, cmake, g++: KenLM's lmplz; ninja: DeepSpeed's CPU ops; python3-dev: data_prep/_native.c, optional)"
   if ! command -v apt-get >/dev/null 2>&1; then
     log "WARNING: not a Debian/Ubuntu system; $missing"
   elif [ ${#SUDO[@]} -gt 0 ] && ! command -v sudo >/dev/null 2>&1; then
@@ -91,8 +93,7 @@ fi
 # ---- 4. the project ----------------------------------------------------------------------
 stamp="$VENV/.ambert-installed"
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ] || [ "$ROOT/setup.py" -nt "$stamp" ] \
-   || [ "$ROOT/data_prep/_native.c" -nt "$stamp" ] \
-   || ! ls "$ROOT"/data_prep/_native.*.so >/dev/null 2>&1; then
+   || [ "$ROOT/data_prep/_native.c" -nt "$stamp" ]; then
   log "installing the project and its dependencies (and compiling data_prep/_native.c)"
   "${PIP[@]}" -e "$ROOT[dev]"
   touch "$stamp"
@@ -100,7 +101,7 @@ fi
 # The C word numbering and sentence splitting of the Chinese build (optional: without a C compiler the
 # build runs the same steps in Python, ~1.5-2 s slower per 20 MB of text).
 if ! (cd "$ROOT" && AMBERT_PURE_PYTHON= "$VENV/bin/python" -c "import sys; from data_prep.languages import load_native; sys.exit(load_native() is None)") 2>/dev/null; then
-  log "warning: data_prep/_native.c did not compile (is gcc installed?): the Chinese build uses its slower Python path"
+  log "warning: data_prep/_native.c did not compile (gcc and the Python headers, python3-dev, are needed; then touch data_prep/_native.c and run this again): the Chinese build uses its slower Python path"
 fi
 
 # ---- 5. KenLM lmplz / build_binary -------------------------------------------------------
