@@ -152,6 +152,18 @@ def bincount(ids: np.ndarray, minlength: int = 0, chunk: int = 1 << 20) -> np.nd
     return counts
 
 
+def count_chars(text: str, *patterns) -> list[int]:
+    """How many characters of ``text`` each one-character regular expression matches, testing
+    each distinct character once (a regex pass over 256k characters with a Unicode class such as
+    ``[^\\W\\d_]`` takes ~25 ms; this, ~2 ms)."""
+    cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    counts = np.bincount(cps)
+    distinct = np.flatnonzero(counts)
+    chars = [chr(c) for c in distinct.tolist()]
+    return [int(counts[distinct[np.fromiter((p.fullmatch(c) is not None for c in chars), dtype=bool, count=len(chars))]].sum())
+            for p in patterns]
+
+
 def arrow_strings(chunks: Sequence[bytes]):
     """A pyarrow LargeStringArray of UTF-8 ``chunks``, made from its buffers: ``pa.array`` imports
     pandas on its first call (~0.15 s in every process that calls it: each pool worker)."""

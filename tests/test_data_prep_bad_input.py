@@ -200,6 +200,21 @@ def test_non_chinese_corpus_refused_before_work(tmp_path):
     assert not core.work_dir_for(tmp_path / "ds").exists()
 
 
+def test_language_check_counts_letters_as_the_regular_expressions_do():
+    """``count_chars`` (each distinct character tested once) gives the counts of a regex pass over
+    the text, for mixed scripts, digits, underscores, astral characters and a lone surrogate; the
+    check's percentage on a mixed sample follows from them."""
+    from data_prep.chinese import _CJK, _LETTER
+    from data_prep.languages import count_chars
+
+    text = "".join(peoples_daily_gold()[0]) + " GDP增长3.5%_x ça \U00020001\U0001F600 ١٢ \ud800 Ⅻ ½ naïve" * 3
+    assert count_chars(text, _LETTER, _CJK) == [len(_LETTER.findall(text)), len(_CJK.findall(text))]
+    assert count_chars("", _LETTER) == [0]
+    mixed = "汉字" * 10 + "abc " * 60  # 20 of 200 letters are Chinese: 10%
+    problem = Chinese({}).check_sample(mixed, "mixed.txt")
+    assert problem is not None and "only 10.0% of the letters in its first 260 characters" in problem
+
+
 def test_many_small_non_chinese_files_refused_together(tmp_path):
     """Files too short to judge one by one (< 50 letters each) are judged together: a folder of
     small English files given --lang zh stops before any work; small Chinese files still build."""
