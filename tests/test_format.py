@@ -214,11 +214,35 @@ def test_bin_concatenation_during_encoding_equals_the_merge(tmp_path):
         fmt.merge_splits(short, "train", part_dirs, 300, 70000, bin_written=True)
 
 
-def test_part_files_merge_like_plain_datasets(tmp_path):
+def _copy_refused_after(limit: int):
+    """A ``copy_file_range`` that copies ``limit`` bytes in all, then fails as across filesystems."""
+    import errno
+    import os
+
+    left = [limit]
+
+    def copy(src, dst, count, offset_src=None):
+        if not left[0]:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        n = os.copy_file_range(src, dst, min(count, left[0], 7), offset_src)
+        left[0] -= n
+        return n
+
+    return copy
+
+
+@pytest.mark.parametrize("copy", ["kernel", "plain", "refused", "refused-midway"])
+def test_part_files_merge_like_plain_datasets(tmp_path, monkeypatch, copy):
     """A shard's six IndexedDatasets in one part file (write_part, values given whole or in slices)
     merge, plainly or through BinConcatenator, into the bytes the plain .bin/.idx parts merge into
     (themselves checked against megatron-core's builder above); its extra comes back; a part file
-    cut short, or not one at all, is refused by name."""
+    cut short, or not one at all, is refused by name. The values are copied in the kernel
+    (``os.copy_file_range``), in Python where it does not exist, and in Python from where the kernel
+    refused (another filesystem), from the start or midway: the same bytes every way."""
+    if copy != "kernel":
+        monkeypatch.setattr(fmt, "_copy_file_range", None if copy == "plain" else _copy_refused_after(0 if copy == "refused" else 50))
+    elif fmt._copy_file_range is None:
+        pytest.skip("os.copy_file_range is Linux only")
     rng = np.random.default_rng(3)
     dtypes = {"fine": fmt.id_dtype(300), "coarse": fmt.id_dtype(70000), "align": fmt.ALIGN_DTYPE}
     part_dirs, part_files = [], []
