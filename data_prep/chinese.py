@@ -61,6 +61,7 @@ from data_prep.languages import (
     concat_ranges,
     count_chars,
     register,
+    sum_count_tables,
 )
 from data_prep.normalize import normalize_documents, normalize_text, split_sentences, split_sentences_batch
 
@@ -362,6 +363,7 @@ class WordIds:
         self.odd = np.zeros(0, dtype=bool)  # whitespace inside a word other than the two above
         self.pieces: dict[int, np.ndarray] = {}  # rjieba words jieba splits -> the pieces' ids
         self.split = np.zeros(0, dtype=bool)  # the ids that are keys of ``pieces``
+        self.shard_ids = np.zeros(0, dtype=np.int64)  # the ids of the last ``segment_shard``'s words, in its order
         self._extend(list(self.index))
 
     def __call__(self, words: list[str]) -> np.ndarray:
@@ -503,7 +505,7 @@ def segment_shard(segmenter: Segmenter, sentences: list[str], chunk_chars: int =
     lengths = np.concatenate(length_parts) if length_parts else empty
     # Keep the words that occur (not the line break, the space, nor a word seen only before its "##").
     counts = bincount(ids, minlength=len(table.words))
-    used = np.flatnonzero(counts)
+    used = table.shard_ids = np.flatnonzero(counts)
     remap = np.zeros(len(table.words), dtype=np.int32 if len(table.words) < 2**31 else np.int64)
     remap[used] = np.arange(len(used))
     words = [table.words[int(used[0])]] if len(used) == 1 else list(itemgetter(*used.tolist())(table.words)) if len(used) else []
@@ -701,6 +703,9 @@ class Chinese(Language):
         if self.options["user_dict"]:
             read_user_dict(self.options["user_dict"])  # missing or not UTF-8: said now, not in a worker
         self._segmenter: Segmenter | None = None
+        self._word_ids: WordIds | None = None
+        self._totals: np.ndarray | None = np.zeros(0, dtype=np.int64)
+        self._folded: tuple[PackedCounter, ...] = ()
 
     def check_build_options(self) -> None:
         if self.options.get("fine_vocab_size") is not None:
@@ -755,8 +760,9 @@ class Chinese(Language):
     def analyze_shard(self, documents: list[str], cache_dir: Path) -> dict[str, Counter | PackedCounter]:
         sentences = split_sentences_batch(normalize_documents(documents), self.options["max_sentence_chars"])
         flat = list(itertools.chain.from_iterable(sentences))
-        table = getattr(self, "_word_ids", None)
+        table = self._word_ids
         if table is None or len(table.words) > self.MAX_KEPT_WORDS:  # bounded: a new table past the cap
+            self._fold_totals()
             table = self._word_ids = WordIds()
         words, ids, lengths = segment_shard(self.segmenter, flat, table=table)
         # Sentences without words (the general path can give none) are not kept.
@@ -768,8 +774,42 @@ class Chinese(Language):
         counts = bincount(ids, minlength=len(words))
         keys = joined.replace(WORD_SEP, "\0")  # packed as it is (no Counter of the shard's words)
         if "\0" in joined or (counts >= 2**40).any():
+            self._totals = None  # (``counts_so_far``: a table it cannot keep; the build reads them all back)
             return {"word": Counter(dict(zip(words, counts.tolist())))}  # cannot be packed: left to core
+        self._add_to_totals(table, counts)
         return {"word": PackedCounter(keys, counts.astype(np.int64, copy=False))}
+
+    # The sum of the word counts of the shards this object analysed (``counts_so_far``): ``_totals``,
+    # an int64 array over the kept word table's ids (``_word_ids``: adding a shard's counts is one
+    # indexed add, no string is hashed; None once a shard's table could not be kept), plus the
+    # tables of word tables dropped at the cap (``_folded``).
+    def _add_to_totals(self, table: WordIds, counts: np.ndarray) -> None:
+        if self._totals is None:
+            return
+        if len(self._totals) < len(table.words):  # grown by half at least: not a copy per shard
+            grown = np.zeros(max(len(table.words), len(self._totals) * 3 // 2), dtype=np.int64)
+            grown[: len(self._totals)] = self._totals
+            self._totals = grown
+        self._totals[table.shard_ids] += counts  # the shard's words (distinct) in the table's ids
+
+    def _fold_totals(self) -> None:
+        """Keep the totals of the word table about to be dropped (at ``MAX_KEPT_WORDS``) as a packed table."""
+        table = self._word_ids
+        if table is not None and self._totals is not None:
+            self._folded = (*self._folded, self._packed_totals(table))
+            self._totals = np.zeros(0, dtype=np.int64)
+
+    def _packed_totals(self, table: WordIds) -> PackedCounter:
+        used = np.flatnonzero(self._totals)
+        words = [table.words[i] for i in used.tolist()]
+        return PackedCounter("\0".join(words), self._totals[used])
+
+    def counts_so_far(self) -> dict[str, PackedCounter | Counter] | None:
+        table = self._word_ids
+        if self._totals is None or (table is None and not self._folded):
+            return None if self._totals is None else {}
+        tables = list(self._folded) + ([self._packed_totals(table)] if table is not None else [])
+        return {"word": sum_count_tables(tables) if len(tables) > 1 else tables[0]}
 
     # ---- fit: vocabularies ----------------------------------------------------------------------
     def fit(self, counts: dict[str, Counter], corpus: Corpus, artifacts_dir: Path) -> dict:

@@ -46,6 +46,7 @@ import os
 import pickle
 import shutil
 import sys
+import threading
 import time
 import warnings
 from collections import Counter
@@ -780,10 +781,11 @@ RESUME_AFTER_WORKER_DIED = ("The work finished so far is kept: run the same comm
                             "--workers, or a larger memory limit, if memory ran out)")
 
 
-def _pool_worker_init(language: str, options: dict) -> None:
+def _pool_worker_init(language: str, options: dict, barrier=None) -> None:
     detach_pool_worker()
     keep_freed_memory()
     _worker_init(language, options, warm_up=True)
+    _WORKER["barrier"] = barrier
 
 
 def keep_freed_memory() -> None:
@@ -852,6 +854,7 @@ def _analyze(shard_dir: str) -> tuple[str, int]:
         shutil.rmtree(cache)  # left by a killed run
     cache.mkdir()
     counts = _WORKER["lang"].analyze_shard(documents, cache)
+    _WORKER.setdefault("analysed", []).append(shard_dir)  # in the language's counts_so_far() from now on
     tables = {k: v if isinstance(v, PackedCounter) else PackedCounter.pack(v if isinstance(v, Counter) else Counter(v))
               for k, v in counts.items()}
     _write_atomic(shard / SHARD_COUNTS_FILE, pickle.dumps(tables, protocol=4))
@@ -942,7 +945,8 @@ class _Executor:
             # fork: workers start in milliseconds and inherit the imported modules. The pool is made
             # before any input is read, so no reader thread (pyarrow, tqdm) exists at fork time.
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            self.pool = mp.get_context(method).Pool(workers, initializer=_pool_worker_init, initargs=(language, options))
+            context = mp.get_context(method)
+            self.pool = context.Pool(workers, initializer=_pool_worker_init, initargs=(language, options, context.Barrier(workers)))
             self.pids = pool_pids(self.pool)
         else:
             _worker_init(language, options)
@@ -998,12 +1002,27 @@ class _Executor:
             arg_path.unlink(missing_ok=True)
 
     def sum_counts(self, shard_dirs: list[str]) -> dict[str, Counter]:
-        """The shards' count tables summed key by key: one task per worker (shards dealt round-robin)."""
+        """The shards' count tables summed key by key: each worker's sum of the shards it analysed
+        (kept by the language as it went, ``_counts_kept_here``), plus the tables of the other shards
+        (analysed before a --resume, or by a language that keeps none) read back on the workers,
+        dealt round-robin. The sum is the same either way (its key order may differ)."""
         if self.pool is None:
-            return _sum_shard_counts(shard_dirs)
-        n = self.pool._processes
-        return _sum_count_tables(self._get(self.pool.map_async(_sum_shard_counts, [shard_dirs[i::n] for i in range(n)],
-                                                               chunksize=1)))
+            kept = [_counts_kept_here()]
+        else:
+            kept = self._get(self.pool.map_async(_counts_kept_here, range(self.pool._processes), chunksize=1))
+        tables, done, pids = [], set(), set()
+        for pid, analysed, counts in kept:
+            if counts is not None and pid not in pids and done.isdisjoint(analysed) and set(analysed) <= set(shard_dirs):
+                pids.add(pid)
+                done.update(analysed)
+                tables.append(counts)
+        rest = [d for d in shard_dirs if d not in done]
+        if rest and self.pool is None:
+            tables.append(_sum_shard_counts(rest))
+        elif rest:
+            n = self.pool._processes
+            tables += self._get(self.pool.map_async(_sum_shard_counts, [rest[i::n] for i in range(n)], chunksize=1))
+        return _sum_count_tables(tables)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -1393,6 +1412,23 @@ def _sum_shard_counts(shard_dirs: list[str]) -> dict[str, PackedCounter | Counte
             with open(Path(shard_dir) / SHARD_COUNTS_FILE, "rb") as fh:
                 parts.append(pickle.load(fh))
         return _sum_count_tables(parts)
+
+
+def _counts_kept_here(_=None) -> tuple[int, list[str], dict | None]:
+    """(this process's pid, the shards it analysed, their count tables summed): what the language
+    kept while it analysed them (``Language.counts_so_far``), or ([], None) if it kept nothing. A
+    pool task: each worker takes one (``_WORKER["barrier"]``: it waits until every worker has one)."""
+    barrier = _WORKER.get("barrier")
+    if barrier is not None:
+        try:
+            barrier.wait(timeout=60)
+        except threading.BrokenBarrierError:  # a worker that never came: its shards are read back instead
+            pass
+    kept = _WORKER["lang"].counts_so_far() if "lang" in _WORKER else None
+    analysed = list(_WORKER.get("analysed", ()))
+    if kept is None or not analysed:
+        return os.getpid(), [], None
+    return os.getpid(), analysed, kept
 
 
 def auto_shard_characters(records: list[dict]) -> int:

@@ -337,6 +337,8 @@ def sum_count_tables(tables: Sequence[PackedCounter | Counter]) -> PackedCounter
     """``sum_counters`` for tables that may be packed: the same keys, values and key order. Packed
     tables are summed in one pass over their keys (numbered in first-seen order, in C) and stay
     packed; any other table makes it the plain sum of Counters."""
+    if len(tables) == 1 and isinstance(tables[0], PackedCounter):
+        return tables[0]  # (its keys are distinct)
     packed = [t for t in tables if isinstance(t, PackedCounter)]
     bound = sum(int(t.values.max()) for t in packed if len(t.values))
     if len(packed) != len(tables) or bound >= 2**62:
@@ -540,6 +542,13 @@ class Language:
 
     def analyze_shard(self, documents: list[str], cache_dir: Path) -> dict[str, Counter]:
         raise NotImplementedError
+
+    def counts_so_far(self) -> dict[str, Counter | PackedCounter] | None:
+        """Optional: the sum of every count table ``analyze_shard`` has returned on this object, kept
+        as it analysed (each worker's sum then costs nothing at the end of the analysis: the build
+        reads back only the tables of shards analysed elsewhere, e.g. by an earlier run before a
+        --resume). None (the default): not kept, every shard's table is read back."""
+        return None
 
     def fit(self, counts: dict[str, Counter], corpus: Corpus, artifacts_dir: Path) -> dict:
         raise NotImplementedError

@@ -49,6 +49,33 @@ def test_two_workers_identical_to_one(reference, tmp_path):
     assert dataset_bytes(tmp_path / "w2") == expected
 
 
+def test_workers_sum_the_counts_of_their_own_shards(reference, tmp_path, monkeypatch):
+    """Each worker (and the inline one) sums the word counts of the shards it analyses as it goes
+    (``Chinese.counts_so_far``; here its word table is dropped and folded at a small cap, as on a
+    large corpus): no shard's table is read back, and the bytes are those of the reference. A
+    language that keeps no sum has every table read back, with the same bytes."""
+    from data_prep.chinese import Chinese
+
+    corpus, expected = reference
+    real_read_back = core._sum_shard_counts
+
+    def refuse(shard_dirs):
+        raise AssertionError(f"count tables read back: {shard_dirs}")
+
+    monkeypatch.setattr(core, "_sum_shard_counts", refuse)
+    monkeypatch.setattr(Chinese, "MAX_KEPT_WORDS", 300)
+    for workers in (1, 2):  # the pool is forked from this process: the patches hold in its workers
+        out = tmp_path / f"kept{workers}"
+        core.build(small_config(corpus, out, shard_documents=SHARD_DOCS, workers=workers))
+        assert dataset_bytes(out) == expected, workers
+    read_back = []
+    monkeypatch.setattr(core, "_sum_shard_counts", lambda dirs: read_back.append(len(dirs)) or real_read_back(dirs))
+    monkeypatch.setattr(Chinese, "counts_so_far", lambda self: None)
+    core.build(small_config(corpus, tmp_path / "none", shard_documents=SHARD_DOCS))
+    assert dataset_bytes(tmp_path / "none") == expected
+    assert read_back == [1200 // SHARD_DOCS]
+
+
 def test_shard_size_does_not_change_the_output(reference, tmp_path):
     """Shards cut by characters (uneven documents per shard) and one big shard: the same bytes."""
     corpus, expected = reference
