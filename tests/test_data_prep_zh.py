@@ -519,7 +519,8 @@ def test_encode_shard_with_the_word_memo_equals_fresh_encoding(tmp_path):
         if max_words:
             worker._encoded = chinese._EncodedWords(max_words)
         assert [encoded(worker, k) for k in range(len(shards))] == fresh
-        assert len(worker._encoded.slot) <= (max_words or 10**9)
+        last_words = len(chinese.read_shard_cache(tmp_path / f"s{len(shards) - 1}")[0].split(chinese.WORD_SEP))
+        assert len(worker._encoded.slot) <= (max_words + last_words if max_words else 10**9)  # bounded
     # ... and those are the per-word encodings of each sentence's cached words.
     seg = make_segmenter("rjieba")
     lines = [line for d in shards[1] for line in segment_document(seg, split_sentences(normalize_text(d)))]
@@ -530,10 +531,11 @@ def test_encode_shard_with_the_word_memo_equals_fresh_encoding(tmp_path):
 
 
 def test_encoded_words_slots_equal_a_dict_memo():
-    """``_EncodedWords.slots`` finds short BMP words by packed code-point keys and the others by a
-    dict: the slots must be those of a plain dict memo (new words numbered in their order, each
-    encoded once per worker; beyond ``max_words`` new words get slots for their shard only)."""
-    from data_prep.chinese import WORD_SEP, _EncodedWords
+    """``_EncodedWords.slots`` numbers words in C (short BMP words as packed code-point keys, the
+    others through a dict): the slots must be those of a plain dict memo (new words numbered in their
+    order, each encoded once per worker; once past ``max_words`` words, it starts over at the next
+    shard), and the memo's arrays hold each slot's encoding."""
+    from data_prep.chinese import _EncodedWords
 
     rng = np.random.default_rng(1)
     alphabet = ["中", "国", "人", "的", "\uffff", "\u0100", "a", "#", "\U0002000b", "\U0010ffff", "。", "1"]
@@ -543,25 +545,27 @@ def test_encoded_words_slots_equal_a_dict_memo():
     def encode(new):
         encoded.extend(new)
         counts = np.array([len(w) for w in new], dtype=np.int64)
-        return (np.arange(int(counts.sum())), np.arange(len(new)), counts, counts, np.ones(len(new), dtype=np.int64))
+        fine = np.array([ord(c) for w in new for c in w], dtype=np.int64)  # a word's fine ids: its code points
+        return (fine, np.arange(len(new)), counts, counts, np.ones(len(new), dtype=np.int64))
 
     for max_words in (10**6, 700):
-        memo, encoded, reference, kept = _EncodedWords(max_words=max_words), [], {}, 0
-        for shard in range(12):
+        memo, encoded, reference, restarts = _EncodedWords(max_words=max_words), [], {}, 0
+        for _ in range(12):
             words = list(dict.fromkeys(rng.choice(pool, size=int(rng.integers(1, 600))).tolist()))
-            text = WORD_SEP.join(words) if shard % 2 else None
+            if len(reference) > max_words:
+                reference, restarts = {}, restarts + 1
             before = len(encoded)
-            slots = memo.slots(words, encode, text)
+            slots = memo.slots(words, encode)
             new = [w for w in words if w not in reference]
             assert encoded[before:] == new  # only the words not kept yet are encoded, in order
-            expected = {w: reference[w] if w in reference else kept + new.index(w) for w in words}
-            assert slots.tolist() == [expected[w] for w in words]
-            if kept + len(new) <= max_words:
-                reference.update((w, expected[w]) for w in new)
-                kept += len(new)
-            # the memo's arrays hold each slot's encoding
+            base = len(reference)
+            reference.update((w, base + i) for i, w in enumerate(new))
+            assert slots.tolist() == [reference[w] for w in words]
             assert memo.fine_count[slots].tolist() == [len(w) for w in words]
-        assert (kept == len(reference)) and (max_words > 10**5 or kept <= max_words)
+            assert memo.chars[slots].tolist() == [len(w) - 2 * w.startswith("##") for w in words]
+            starts = memo.fine_start[slots]
+            assert [memo.fine[a:a + len(w)].tolist() for a, w in zip(starts.tolist(), words)] == [list(map(ord, w)) for w in words]
+        assert len(memo.slot) == len(reference) and (restarts > 0) == (max_words < 10**5)
 
 
 def test_encode_shard_in_slices_equals_the_int64_gather(tmp_path, monkeypatch):
