@@ -572,9 +572,10 @@ def count_shard_documents(shard_dir: Path) -> int:
 
 def _write_shard_documents(shard_dir: Path, documents: list[str]) -> None:
     shard_dir.mkdir(parents=True, exist_ok=True)
-    if any("\0" in d for d in documents):
+    joined = "\0".join(documents)
+    if joined.count("\0") != max(len(documents) - 1, 0):
         raise ValueError("internal: a document with a NUL reached a shard (the reader removes them)")
-    _write_atomic(shard_dir / SHARD_DOCUMENTS_FILE, "\0".join(documents).encode("utf-8"))
+    _write_atomic(shard_dir / SHARD_DOCUMENTS_FILE, joined.encode("utf-8"))
 
 
 def is_valid_document(index: np.ndarray | int, num_documents: int, num_valid: int):
@@ -834,9 +835,9 @@ class _NoCyclicGC:
             gc.enable()
 
 
-def _analyze_task(shard_dir: str) -> tuple[str, int]:
+def _analyze_task(task: str | tuple[str, list[str]]) -> tuple[str, int]:
     with _NoCyclicGC():
-        return _analyze(shard_dir)
+        return _analyze(task)
 
 
 def _encode_task(args: tuple) -> str:
@@ -844,11 +845,15 @@ def _encode_task(args: tuple) -> str:
         return _encode(args)
 
 
-def _analyze(shard_dir: str) -> tuple[str, int]:
+def _analyze(task: str | tuple[str, list[str]]) -> tuple[str, int]:
+    """Analyse a shard: ``task`` is its directory, or (its directory, its documents) when the caller
+    holds them (--workers 1: the documents just written are not read back)."""
+    shard_dir, documents = (task, None) if isinstance(task, str) else task
     shard = Path(shard_dir)
     if (shard / SHARD_COUNTS_FILE).exists():
         return shard_dir, 0
-    documents = read_shard_documents(shard)
+    if documents is None:
+        documents = read_shard_documents(shard)
     cache = shard / "cache"
     if cache.exists():
         shutil.rmtree(cache)  # left by a killed run
@@ -1466,7 +1471,8 @@ def _read_into_shards(config, comm, specs, work: Path, executor: _Executor, on_a
             shard = _shard_dir(work, k)
             if not (shard / SHARD_DOCUMENTS_FILE).exists():
                 _write_shard_documents(shard, documents)
-            executor.submit(_analyze_task, str(shard))
+            # inline (--workers 1) the documents in hand are analysed; pool workers read the file
+            executor.submit(_analyze_task, str(shard) if executor.pool is not None else (str(shard), documents))
         documents = []
         characters = 0
         # Collect finished analyses once per shard, not per document: with tens of thousands of

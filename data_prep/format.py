@@ -188,10 +188,11 @@ class Vocab:
         return self.tokens[token_id]
 
     def save(self, path: str | os.PathLike) -> None:
-        for t in self.tokens:
-            if "\n" in t or "\r" in t:
-                raise FormatError(f"vocabulary entry {t!r} contains a line break")
-        Path(path).write_text("".join(t + "\n" for t in self.tokens), encoding="utf-8")
+        text = "\n".join(self.tokens) + "\n"
+        if text.count("\n") != len(self.tokens) or "\r" in text:
+            bad = next(t for t in self.tokens if "\n" in t or "\r" in t)
+            raise FormatError(f"vocabulary entry {bad!r} contains a line break")
+        Path(path).write_text(text, encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocab:

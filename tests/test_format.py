@@ -1,5 +1,7 @@
 """The on-disk format: write -> read round trip, invariants, atomic directories."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -105,6 +107,11 @@ def test_vocab_rules(tmp_path):
     assert len(v) == fmt.NUM_SPECIAL + 2 and v.id("中") == 5 and v.id("x") == fmt.UNK_ID
     v.save(tmp_path / "v.txt")
     assert fmt.Vocab.load(tmp_path / "v.txt").tokens == v.tokens
+    assert (tmp_path / "v.txt").read_bytes() == "".join(t + "\n" for t in v.tokens).encode("utf-8")
+    for bad in ("a\nb", "x\r", "\n"):  # one token a line: a line break inside one is refused, nothing written
+        with pytest.raises(fmt.FormatError, match=f"vocabulary entry {re.escape(repr(bad))} contains a line break"):
+            fmt.Vocab.from_tokens(["中", bad, "国"]).save(tmp_path / "bad.txt")
+        assert not (tmp_path / "bad.txt").exists()
 
 
 def test_detokenize_conventions():
