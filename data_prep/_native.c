@@ -2,6 +2,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* data_prep._native: the word numbering of the Chinese build's analysis (data_prep/chinese.py, WordIds)
    and its sentence splitting (split_sentences below; data_prep/normalize.py, split_sentences_batch),
@@ -233,9 +234,66 @@ fail:
     return NULL;
 }
 
+/* gather_ranges(values, starts, counts, tokens, out) -> how many values were written: the concatenation
+   of values[starts[t] : starts[t] + counts[t]] for t in tokens, into out (the Chinese encoding's gather
+   of each word's tokens from the worker's memo, data_prep/chinese.py encode_shard; NumPy needs five
+   passes over the output for it: concat_ranges' cumsum, repeat, arange and add, then the take).
+   values and out: integers of one width (4 or 8 bytes); starts and tokens: int64; counts: int32 or
+   int64. Every index is checked (a bad one raises IndexError/ValueError; out is then partly written). */
+static int get_ints(PyObject *obj, Py_buffer *view, int writable, const char *name, int widths) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return -1;
+    const char *f = view->format ? view->format : "B";
+    if (*f == '<' || *f == '=' || *f == '@') f++;
+    int integer = f[1] == 0 && strchr("bhilqn", *f) != NULL;  /* signed integers */
+    if (!integer || !(view->itemsize & widths)) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_TypeError, "%s must be a contiguous array of signed %s-byte integers", name,
+                     widths == 8 ? "8" : "4- or 8");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *gather_ranges(PyObject *self, PyObject *args) {
+    PyObject *ov, *os, *oc, *ot, *oo;
+    if (!PyArg_ParseTuple(args, "OOOOO", &ov, &os, &oc, &ot, &oo)) return NULL;
+    Py_buffer v, s, c, t, o;
+    if (get_ints(ov, &v, 0, "values", 4 | 8) < 0) return NULL;
+    if (get_ints(os, &s, 0, "starts", 8) < 0) { PyBuffer_Release(&v); return NULL; }
+    if (get_ints(oc, &c, 0, "counts", 4 | 8) < 0) { PyBuffer_Release(&v); PyBuffer_Release(&s); return NULL; }
+    if (get_ints(ot, &t, 0, "tokens", 8) < 0) { PyBuffer_Release(&v); PyBuffer_Release(&s); PyBuffer_Release(&c); return NULL; }
+    if (get_ints(oo, &o, 1, "out", 4 | 8) < 0) {
+        PyBuffer_Release(&v); PyBuffer_Release(&s); PyBuffer_Release(&c); PyBuffer_Release(&t); return NULL;
+    }
+    PyObject *result = NULL;
+    Py_ssize_t width = v.itemsize, nv = v.len / width, ns = s.len / 8, nc = c.len / c.itemsize;
+    Py_ssize_t nt = t.len / 8, no = o.len / o.itemsize, pos = 0;
+    if (o.itemsize != width) { PyErr_SetString(PyExc_TypeError, "out and values must hold integers of the same width"); goto done; }
+    if (nc != ns) { PyErr_SetString(PyExc_ValueError, "starts and counts must have the same length"); goto done; }
+    const int64_t *st = (const int64_t *)s.buf, *tok = (const int64_t *)t.buf;
+    const char *src = (const char *)v.buf;
+    char *dst = (char *)o.buf;
+    for (Py_ssize_t i = 0; i < nt; i++) {
+        int64_t k = tok[i];
+        if (k < 0 || k >= ns) { PyErr_Format(PyExc_IndexError, "token %lld is outside starts (%zd entries)", (long long)k, ns); goto done; }
+        int64_t a = st[k], n = c.itemsize == 4 ? ((const int32_t *)c.buf)[k] : ((const int64_t *)c.buf)[k];
+        if (a < 0 || n < 0 || a > nv - n) { PyErr_Format(PyExc_IndexError, "range %lld + %lld of token %lld is outside values (%zd)", (long long)a, (long long)n, (long long)k, nv); goto done; }
+        if (n > no - pos) { PyErr_SetString(PyExc_ValueError, "out has no room for every value gathered"); goto done; }
+        memcpy(dst + pos * width, src + a * width, (size_t)(n * width));
+        pos += n;
+    }
+    result = PyLong_FromSsize_t(pos);
+done:
+    PyBuffer_Release(&v); PyBuffer_Release(&s); PyBuffer_Release(&c); PyBuffer_Release(&t); PyBuffer_Release(&o);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
     {"split_sentences", split_sentences, METH_VARARGS,
      "split_sentences(documents, limit) -> (sentences of each document, documents with a sentence over limit)"},
+    {"gather_ranges", gather_ranges, METH_VARARGS,
+     "gather_ranges(values, starts, counts, tokens, out) -> values written: values[starts[t]:starts[t] + counts[t]] for t in tokens, concatenated"},
     {NULL, NULL, 0, NULL}};
 
 static PyMethodDef wn_methods[] = {
@@ -262,6 +320,6 @@ PyMODINIT_FUNC PyInit__native(void) {
     if (PyModule_AddObjectRef(m, "WordNumbers", (PyObject *)&WordNumbersType) < 0) { Py_DECREF(m); return NULL; }
     /* data_prep/languages.py (NATIVE_VERSION) uses a compiled module only if this matches: a module
        compiled from an older _native.c (a checkout updated without re-running the set-up) is skipped. */
-    if (PyModule_AddIntConstant(m, "VERSION", 2) < 0) { Py_DECREF(m); return NULL; }
+    if (PyModule_AddIntConstant(m, "VERSION", 3) < 0) { Py_DECREF(m); return NULL; }
     return m;
 }

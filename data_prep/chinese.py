@@ -1127,10 +1127,17 @@ class Chinese(Language):
             fine_offsets[lo:hi] = f + fine_local[sentence_starts[lo:hi] - a]
             coarse_offsets[lo:hi] = c + coarse_local[sentence_starts[lo:hi] - a]
             nf, nc = int(fine_local[-1]) + int(fine_count[-1]), int(coarse_local[-1]) + int(coarse_count[-1])
-            fine[f:f + nf] = memo.fine[concat_ranges(memo.fine_start[tokens], fine_count)]
-            coarse_src = concat_ranges(memo.coarse_start[tokens], coarse_count)
-            coarse[c:c + nc] = memo.coarse[coarse_src]
-            align[c:c + nc] = memo.align[coarse_src]
+            if languages._native is not None:  # each word's tokens copied in C (one pass, no index arrays)
+                gather = languages._native.gather_ranges
+                tokens = tokens.astype(np.int64, copy=False)
+                gather(memo.fine, memo.fine_start, memo.fine_count, tokens, fine[f:f + nf])
+                gather(memo.coarse, memo.coarse_start, memo.coarse_count, tokens, coarse[c:c + nc])
+                gather(memo.align, memo.coarse_start, memo.coarse_count, tokens, align[c:c + nc])
+            else:
+                fine[f:f + nf] = memo.fine[concat_ranges(memo.fine_start[tokens], fine_count)]
+                coarse_src = concat_ranges(memo.coarse_start[tokens], coarse_count)
+                coarse[c:c + nc] = memo.coarse[coarse_src]
+                align[c:c + nc] = memo.align[coarse_src]
             f, c = f + nf, c + nc
         return EncodedShard(
             fine=fine,

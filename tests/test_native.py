@@ -127,6 +127,46 @@ def test_count_sums_and_shard_segmentation_equal_the_pure_path(monkeypatch):
     assert outs[0] == outs[1]
 
 
+@needs_native
+@pytest.mark.parametrize("value_type,count_type", [(np.int32, np.int32), (np.int64, np.int32), (np.int32, np.int64)])
+def test_gather_ranges_equals_the_numpy_gather(value_type, count_type):
+    """gather_ranges (the encoding's per-word token copy) writes what concat_ranges + take gives, for
+    either integer width; bad indices, a short out, mixed widths and non-integer arrays are refused
+    with a message instead of reading or writing outside the arrays."""
+    from data_prep.languages import concat_ranges
+
+    rng = np.random.default_rng(4)
+    counts = rng.integers(0, 5, 300).astype(count_type)
+    starts = np.cumsum(counts, dtype=np.int64) - counts
+    values = rng.integers(-2**31, 2**31, int(counts.sum())).astype(value_type)
+    tokens = rng.integers(0, 300, 5000).astype(np.int64)
+    expected = values[concat_ranges(starts[tokens], counts[tokens].astype(np.int64))]
+    out = np.full(len(expected) + 3, 7, dtype=value_type)
+    assert native.gather_ranges(values, starts, counts, tokens, out) == len(expected)
+    assert out[:len(expected)].tolist() == expected.tolist() and out[len(expected):].tolist() == [7, 7, 7]
+    assert native.gather_ranges(values, starts, counts, tokens[:0], out[:0]) == 0
+    with pytest.raises(IndexError, match="token 300 is outside starts"):
+        native.gather_ranges(values, starts, counts, np.array([0, 300]), out)
+    with pytest.raises(IndexError, match="token -1 is outside starts"):
+        native.gather_ranges(values, starts, counts, np.array([-1]), out)
+    bad = starts.copy()
+    bad[5] = len(values)
+    with pytest.raises(IndexError, match="outside values"):
+        native.gather_ranges(values, bad, np.ones_like(counts), np.array([5]), out)
+    with pytest.raises(ValueError, match="no room"):
+        native.gather_ranges(values, starts, counts, tokens, out[: len(expected) - 1])
+    with pytest.raises(TypeError, match="same width"):
+        native.gather_ranges(values, starts, counts, tokens, out.astype(np.int64 if value_type == np.int32 else np.int32))
+    with pytest.raises(TypeError, match="out must be a contiguous array of signed 4- or 8-byte integers"):
+        native.gather_ranges(values, starts, counts, tokens, out.astype(np.int16))
+    with pytest.raises(TypeError, match="starts must be a contiguous array of signed 8-byte integers"):
+        native.gather_ranges(values, starts.astype(np.float64), counts, tokens, out)
+    with pytest.raises(ValueError, match="same length"):
+        native.gather_ranges(values, starts, counts[:-1], tokens, out)
+    with pytest.raises((TypeError, ValueError, BufferError)):
+        native.gather_ranges(values, starts, counts, tokens[::2], out)  # not contiguous
+
+
 @pytest.mark.slow
 @needs_native
 def test_chinese_build_is_byte_identical_without_the_extension(tmp_path):
