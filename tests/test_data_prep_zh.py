@@ -459,6 +459,12 @@ def test_batch_normalization_equals_per_document(keep_space):
     assert normalize_documents(docs[:50] + ["x\ue000y"], keep_space) == expected[:50] + [normalize_text("x\ue000y", keep_space)]
     assert normalize_documents(["a\ud800b", "c"], keep_space) == [normalize_text("a\ud800b", keep_space), "c"]
     assert normalize_documents([], keep_space) == [] and normalize_documents(["\uff21 b"], keep_space) == [normalize_text("\uff21 b", keep_space)]
+    # A batch of text without spaces or controls skips those passes; one that NFKC gives a space
+    # (U+00A8 -> " \u0308"), or with a control, an ideographic space or a line separator does not.
+    plain = ["".join(words) for words in peoples_daily_gold(300)]
+    for extra in ([], ["a\u00a8b"], ["x\x07y"], ["ab\u3000cd"], ["\u3000"], ["a\u2028b"], ["\x1c"], ["1. 2"]):
+        docs = plain + extra
+        assert normalize_documents(docs, keep_space) == [normalize_text(d, keep_space) for d in docs], extra
 
 
 def test_segment_shard_word_ids_equal_per_sentence_segmentation():
