@@ -863,7 +863,8 @@ def _analyze(task: str | tuple[str, list[str]]) -> tuple[str, int]:
     tables = {k: v if isinstance(v, PackedCounter) else PackedCounter.pack(v if isinstance(v, Counter) else Counter(v))
               for k, v in counts.items()}
     _write_atomic(shard / SHARD_COUNTS_FILE, pickle.dumps(tables, protocol=4))
-    return shard_dir, sum(len(d.encode("utf-8")) for d in documents)
+    # the documents' UTF-8 bytes (the progress bar's unit): the file holds them joined by NUL bytes
+    return shard_dir, (shard / SHARD_DOCUMENTS_FILE).stat().st_size - max(len(documents) - 1, 0)
 
 
 def _encode(args: tuple) -> str:

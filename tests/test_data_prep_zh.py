@@ -706,3 +706,20 @@ def test_a_user_dict_changes_only_its_own_segmenter(tmp_path):
     plain = make_segmenter("rjieba").cut(text)
     assert "迈向充满" in make_segmenter("rjieba", str(user)).cut(text)
     assert make_segmenter("rjieba").cut(text) == plain and "迈向充满" not in plain
+
+
+def test_shard_analysis_reports_the_documents_utf8_bytes(tmp_path):
+    """A shard's analysis returns its documents' UTF-8 bytes (the progress bar's unit), whether the
+    documents come from the caller (--workers 1) or from the shard's file (pool workers)."""
+    docs = ["".join(words) for words in peoples_daily_gold(40)] + ["Windows 98和iPhone 6s", "é\U0002000b中"]
+    expected = sum(len(d.encode("utf-8")) for d in docs)
+    core._worker_init("zh", {})
+    try:
+        for k, task in enumerate(("file", "memory")):
+            shard = tmp_path / f"shard{k}"
+            core._write_shard_documents(shard, docs)
+            result = core._analyze(str(shard) if task == "file" else (str(shard), docs))
+            assert result == (str(shard), expected), task
+            assert (shard / core.SHARD_COUNTS_FILE).is_file()
+    finally:
+        core._WORKER.clear()
