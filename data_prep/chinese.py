@@ -525,7 +525,9 @@ class _EncodedWords:
     ``max_words`` words (a huge corpus) it starts over at the next shard (the frequent words are
     encoded again, once)."""
 
-    def __init__(self, max_words: int = 4_000_000) -> None:
+    def __init__(self, max_words: int = 500_000) -> None:
+        # (every word kept is a str in the numbering's dict, ~150 bytes with its entry: ~75 MB at the
+        # cap, as for the analysis's word table, ``Chinese.MAX_KEPT_WORDS``)
         self.max_words = max_words
         self._clear()
 

@@ -17,7 +17,7 @@ too, to show what is left for everything else and what the goal would leave for 
 Each round runs the segmenter, the 1-worker build and the 2-worker build one after the other; the
 best round of each row counts, and the 2/1-worker ratio is also given as the median of the per-round
 pairs (this machine's speed drifts by up to 25% within minutes).
-The 1-worker build also runs without data_prep._native (its C word numbering and sentence splitting; the
+The 1-worker build also runs without data_prep._native (its C word numbering, sentence splitting and token gather; the
 Python path a machine without a C compiler gets), for the gain of the compiled part side by side.
 Goals (issue): build(1 worker) >= 50% of the segmenter alone; build(2) >= 1.7x build(1).
 """
@@ -207,7 +207,7 @@ def main() -> None:
             print(f"{name:40s} {secs:8.2f} {mb / secs:7.2f} {chars / secs / 1e6:9.2f} {used:7.2f}")
         print(f"build(1 worker) / segmenter alone (the faster of its two rows): {best_seg / t1:.2f} by wall time, "
               f"{seg_cpu / cpu1:.2f} by CPU time (goal >= 0.50)")
-        print(f"data_prep._native (C word numbering and sentence splitting) vs the pure-Python path, 1 worker: {best['w1py'][0] / t1:.2f}x "
+        print(f"data_prep._native (C word numbering, sentence splitting and token gather) vs the pure-Python path, 1 worker: {best['w1py'][0] / t1:.2f}x "
               f"({'compiled' if languages._native is not None else 'NOT COMPILED: both rows are the Python path'})")
         print(f"build(2 workers) / build(1 worker) speed-up: {t1 / t2:.2f}x best rows, "
               f"{sorted(pairs)[len(pairs) // 2]:.2f}x median of per-round pairs "
