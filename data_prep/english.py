@@ -77,6 +77,7 @@ from data_prep.phrases import (
     mine_phrases,
     parse_size,
     read_phrases_tsv,
+    save_encoded_words,
     write_phrases_tsv,
 )
 
@@ -712,6 +713,7 @@ def write_shard_words(documents: Iterable[str], path: str | os.PathLike, lowerca
     word_counts: Counter = Counter()
     if lines:
         distinct, tokens = encode_words_bytes(data)
+        save_encoded_words(path, distinct, tokens)  # for the fit's counting passes
         counts = np.bincount(tokens, minlength=len(distinct))
         lengths = np.fromiter(map(len, distinct), dtype=np.int64, count=len(distinct))
         words = np.flatnonzero((counts > 0) & (lengths > 0) & np.fromiter((w != "\n" for w in distinct), dtype=bool,

@@ -824,12 +824,43 @@ def count_ngrams(sentences: Iterable[Sequence[str]], ngrams: Iterable[tuple[str,
 WORDS_BLOCK_BYTES = 1 << 24
 
 
+def encoded_words_path(words_file: str | os.PathLike) -> Path:
+    """Where ``save_encoded_words`` keeps a words file's encoding (beside it)."""
+    return Path(str(words_file) + ".ids.npz")
+
+
+def save_encoded_words(words_file: str | os.PathLike, distinct: list[str], tokens: np.ndarray) -> None:
+    """Keep ``encode_words_bytes`` of a whole words file beside it (the build's analysis has it in hand),
+    so that the fit's counting passes read it instead of splitting and encoding the text again (twice);
+    with the words file's size, which ``encoded_word_blocks`` checks."""
+    with open(encoded_words_path(words_file), "wb") as fh:
+        np.savez(fh, distinct=np.frombuffer(" ".join(distinct).encode("utf-8"), dtype=np.uint8),
+                 tokens=tokens.astype(np.int32 if len(distinct) < 2**31 else np.int64),
+                 words_bytes=np.int64(os.path.getsize(words_file)))
+
+
+def _saved_encoding(words_file: str | os.PathLike) -> tuple[list[str], np.ndarray] | None:
+    """``save_encoded_words``' encoding of this words file, or None (none, or not of this file)."""
+    path = encoded_words_path(words_file)
+    if not path.is_file():
+        return None
+    with np.load(path) as z:
+        if int(z["words_bytes"]) != os.path.getsize(words_file):
+            return None
+        return z["distinct"].tobytes().decode("utf-8").split(" "), z["tokens"].astype(np.int64)
+
+
 def encoded_word_blocks(words_file: str | os.PathLike, block_bytes: int = WORDS_BLOCK_BYTES) -> Iterator[tuple[list[str], np.ndarray]]:
     """The words of a words file (one sentence a line, words separated by one space, as the build
     writes them; words never contain whitespace), a block of whole lines at a time, split and
     dictionary-encoded by Arrow: (distinct tokens, int64 index of each token into them), where a
     "\n" token ends each sentence (and a final "" may follow). One Python string per distinct word,
-    not one per word; memory bounded by ``block_bytes``."""
+    not one per word; memory bounded by ``block_bytes``. A words file the build's analysis encoded
+    (``save_encoded_words``; a shard is at most 16M characters) comes back as that one block."""
+    saved = _saved_encoding(words_file)
+    if saved is not None:
+        yield saved
+        return
     rest = b""
     with open(words_file, "rb") as f:
         while chunk := f.read(block_bytes):

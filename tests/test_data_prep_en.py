@@ -132,16 +132,17 @@ def test_shard_words_file_and_counts_equal_the_sentence_by_sentence_definition(t
         assert np.load(tmp_path / english.DOC_SENTENCES_FILE).tolist() == [len(english.document_sentences(d)) for d in docs]
 
 
-@pytest.mark.parametrize("block_bytes", [None, 41])
+@pytest.mark.parametrize("block_bytes", [None, 41, "saved"])
 def test_coarse_token_counts_equal_tokenizing_each_sentence(tmp_path, block_bytes, monkeypatch):
     """``count_coarse_tokens`` (array matching over Arrow blocks) == ``PhraseTokenizer.tokenize``
-    sentence by sentence: overlapping phrases, phrases inside longer ones, empty lines, small blocks."""
+    sentence by sentence: overlapping phrases, phrases inside longer ones, empty lines, small blocks,
+    and the encoding the analysis saves beside a words file (``save_encoded_words``)."""
     import random
 
     from data_prep import english
-    from data_prep.phrases import PhraseTokenizer, encoded_word_blocks
+    from data_prep.phrases import PhraseTokenizer, encode_words_bytes, encoded_word_blocks, save_encoded_words
 
-    if block_bytes:
+    if block_bytes and block_bytes != "saved":
         monkeypatch.setattr(english, "encoded_word_blocks", lambda f: encoded_word_blocks(f, block_bytes))
     rng = random.Random(3)
     phrase_tokens = 0
@@ -152,6 +153,8 @@ def test_coarse_token_counts_equal_tokenizing_each_sentence(tmp_path, block_byte
         tokenizer = PhraseTokenizer(phrases)
         path = tmp_path / f"words{trial}.txt"
         path.write_text("".join(" ".join(s) + "\n" for s in sentences), encoding="utf-8")
+        if block_bytes == "saved":
+            save_encoded_words(path, *encode_words_bytes(path.read_bytes()))
         expected = Counter(t for s in sentences for t in tokenizer.tokenize(s, english.PHRASE_JOINER))
         got = english.count_coarse_tokens(path, tokenizer)
         assert dict(got) == dict(expected)

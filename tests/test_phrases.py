@@ -9,6 +9,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from data_prep import phrases as ph
@@ -113,6 +114,25 @@ def test_count_ngrams_in_words_file_matches_brute_force(tmp_path, block_bytes, m
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     assert ph.count_ngrams_in_words_file(empty, ph.NgramIndex({("a", "b")})) == Counter()
+
+
+def test_saved_encoding_of_a_words_file_is_used_only_for_that_file(tmp_path):
+    """The encoding the analysis keeps beside a words file (``save_encoded_words``) is what
+    ``encoded_word_blocks`` reads (same distinct words, in order, and tokens as the text gives); one
+    left by other content (another size) is ignored and the text is read."""
+    words = tmp_path / "words.txt"
+    words.write_text("a b  c\n\nb a é\n", encoding="utf-8")
+    from_text = [(d, t.tolist()) for d, t in ph.encoded_word_blocks(words)]
+    distinct, tokens = ph.encode_words_bytes(words.read_bytes())
+    ph.save_encoded_words(words, distinct, tokens)
+    assert ph.encoded_words_path(words).is_file()
+    assert [(d, t.tolist()) for d, t in ph.encoded_word_blocks(words)] == from_text
+    ph.save_encoded_words(words, ["zz", "\n"], np.array([0, 1]))  # recorded with the same size...
+    assert [(d, t.tolist()) for d, t in ph.encoded_word_blocks(words)] == [(["zz", "\n"], [0, 1])]  # ...is taken
+    words.write_text("x y\n", encoding="utf-8")  # the file changed: its size no longer matches
+    expected = ph.encode_words_bytes(words.read_bytes())
+    assert [(d, t.tolist()) for d, t in ph.encoded_word_blocks(words)] == [(expected[0], expected[1].tolist())]
+    assert expected[0][:3] == ["x", "y", "\n"]
 
 
 def test_longest_match_is_the_longest_phrase_at_each_position():
