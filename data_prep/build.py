@@ -130,10 +130,21 @@ class _LogFile(logging.FileHandler):
     failed = False
 
     def handleError(self, record: logging.LogRecord) -> None:
+        self._warn(sys.exc_info()[1])
+
+    def _warn(self, exc: BaseException | None) -> None:
         if not self.failed:
             self.failed = True
-            print(f"warning: cannot write the build log {self.baseFilename} ({sys.exc_info()[1]}); the console "
+            print(f"warning: cannot write the build log {self.baseFilename} ({exc}); the console "
                   f"has everything", file=sys.stderr)
+
+    def close(self) -> None:
+        """Closing flushes what is buffered: on a full disk that raised out of main(), a traceback
+        after the build's own one-line error (and exit status 1 instead of its own)."""
+        try:
+            super().close()
+        except OSError as exc:
+            self._warn(exc)
 
 
 def config_from_args(args: argparse.Namespace, explicit: set[str] | None = None) -> core.BuildConfig:

@@ -734,6 +734,32 @@ def test_a_full_disk_names_the_fix_and_keeps_the_work_for_resume(tmp_path, monke
     assert core.no_space_message(_config(tmp_path, [good]), exc).startswith("the disk quota is exceeded")
 
 
+def test_a_log_file_on_a_full_disk_is_one_warning_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """The log's handler flushes when it closes: on a full disk that flush raised out of main()'s
+    ``finally`` (a traceback after the build's one-line error, and exit status 1 instead of its own)."""
+    import errno
+
+    from data_prep import build
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(build._LogFile, "flush", full)
+    good = _good(tmp_path)
+    out = tmp_path / "x"
+    assert build.main(["--lang", "zh", "--input", str(good), "--output", str(out), "--no-progress",
+                       "--shard-documents", "50", "--valid-fraction", "0.05"]) == 0
+    err = capsys.readouterr().err
+    assert err.count(f"warning: cannot write the build log {tmp_path / 'x.build.log'}") == 1, err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert fmt.PairedDataset(out).meta["stats"]["documents"] == len(DOCS)
+    # closing alone (nothing logged before): the one warning, no exception
+    handler = build._LogFile(tmp_path / "y.log")
+    handler.stream.write("buffered")
+    handler.close()
+    assert capsys.readouterr().err.count("cannot write the build log") == 1
+
+
 def test_output_dot_names_the_folder_and_verify_refuses_build_options(tmp_path, monkeypatch, capsys):
     """`--output .` is the current folder by its name (its log went *inside* it as ".build.log", and the
     build then called the folder "not a dataset"); build options next to --verify were silently ignored."""
