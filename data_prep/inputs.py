@@ -300,17 +300,45 @@ def _is_wide(ch: str) -> bool:
             or 0xFE30 <= cp <= 0xFE4F or 0xFF00 <= cp <= 0xFF60 or 0x20000 <= cp <= 0x3FFFF)
 
 
+def _is_shared_punctuation(ch: str) -> bool:
+    """Punctuation both scripts use (General Punctuation: dashes, curly quotes, the ellipsis; the
+    middle dot): Chinese text writes it without spaces (“……”, ——), English with them."""
+    cp = ord(ch)
+    return 0x2010 <= cp <= 0x205E or cp == 0xB7
+
+
+def _joins_without_space(left: str, right: str) -> bool:
+    """A wrap between ``left``'s last character and ``right``'s first joins with nothing: both are of
+    a script written without spaces, or shared punctuation (``_is_shared_punctuation``) next to such
+    a script: the nearest other character on either side of the punctuation is wide (``材……”`` cut
+    inside the ellipsis joins; ``said.” “Come`` keeps its space)."""
+    a, b = left[-1], right[0]
+    wide_a, wide_b = _is_wide(a), _is_wide(b)
+    if not ((wide_a or _is_shared_punctuation(a)) and (wide_b or _is_shared_punctuation(b))):
+        return False
+    if wide_a or wide_b:
+        return True
+    i = len(left) - 1
+    while i >= 0 and _is_shared_punctuation(left[i]):
+        i -= 1
+    j = 0
+    while j < len(right) and _is_shared_punctuation(right[j]):
+        j += 1
+    return (i >= 0 and _is_wide(left[i])) or (j < len(right) and _is_wide(right[j]))
+
+
 def join_wrapped(lines: list[str]) -> str:
     """The lines of one hard-wrapped paragraph (``--text-mode wrapped``) as one line: each line break
     (and the spaces around it) becomes one space, or nothing between two characters of a script
-    written without spaces (Chinese, Japanese), so a word or sentence cut by the wrap is whole again."""
+    written without spaces (Chinese, Japanese) and the punctuation it shares with others
+    (``_joins_without_space``), so a word or sentence cut by the wrap is whole again."""
     parts = [line.strip() for line in lines]
     parts = [p for p in parts if p]
     if not parts:
         return ""
     out = [parts[0]]
     for part in parts[1:]:
-        out.append("" if _is_wide(out[-1][-1]) and _is_wide(part[0]) else " ")
+        out.append("" if _joins_without_space(out[-1], part) else " ")
         out.append(part)
     return "".join(out) + "\n"
 

@@ -51,17 +51,33 @@ def test_auto_text_mode_sees_the_blank_lines_the_paragraph_reader_sees(tmp_path,
 
 
 def _wrap(paragraph: str, width: int) -> str:
-    """Hard-wrap ``paragraph`` near ``width`` characters: at a space, or between two characters of a
-    script written without spaces (never inside a Latin word or number)."""
+    """Hard-wrap ``paragraph`` near ``width`` characters: at a space, or between two characters each
+    of a script written without spaces or punctuation Chinese shares with others (inside “……” or
+    ——, as a Chinese wrapper cuts; never inside a Latin word or number)."""
+    def cjk(ch: str) -> bool:
+        return inp._is_wide(ch) or inp._is_shared_punctuation(ch)
+
     lines, start = [], 0
     while len(paragraph) - start > width:
         cut = next((i for i in range(start + width, len(paragraph) - 1)
-                    if paragraph[i] == " " or (inp._is_wide(paragraph[i - 1]) and inp._is_wide(paragraph[i]))), None)
+                    if paragraph[i] == " " or (cjk(paragraph[i - 1]) and cjk(paragraph[i]))), None)
         if cut is None:
             break
         lines.append(paragraph[start:cut])
         start = cut + (paragraph[cut] == " ")
     return "\n".join(lines + [paragraph[start:]])
+
+
+def test_join_wrapped_keeps_the_space_only_where_the_text_had_one():
+    """A wrap inside punctuation Chinese shares with English (the ellipsis, dashes, curly quotes)
+    joined with a space: "有用之材…" + "…”" became "… …”", and after NFKC ". ." split a sentence."""
+    join = inp.join_wrapped
+    assert join(["是有用之材…", "…”他说。"]) == "是有用之材……”他说。\n"
+    assert join(["他说：“", "你好——", "——再见”"]) == "他说：“你好————再见”\n"
+    assert join(["再见。”", "“你好"]) == "再见。”“你好\n"
+    assert join(["he said.”", "“Come in"]) == "he said.” “Come in\n"  # English keeps its spaces
+    assert join(["wait…", "then", "— no"]) == "wait… then — no\n"
+    assert join(["  北京 ", "", " 上海"]) == "北京上海\n"
 
 
 @pytest.mark.parametrize("lang", ["zh", "en"])
