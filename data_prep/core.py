@@ -1188,9 +1188,15 @@ def _output_exists(out: Path, resume: bool) -> FileExistsError:
     if resume and (out / fmt.META_FILE).is_file():  # e.g. a requeued job whose build had finished
         work = work_dir_for(out)
         holder = fmt.running_build(out)  # this build's own lock, or another build (its work: not to be removed)
-        left = (f" ({work} is left from a build killed just after it renamed {out} into place: remove it, "
-                f"`rm -rf {work}`)" if work.is_dir() and (not holder or holder.startswith(f"pid {os.getpid()} "))
-                else "")
+        left = ""
+        if work.is_dir() and (not holder or holder.startswith(f"pid {os.getpid()} ")):
+            if not _work_encoded_every_shard(work):  # only an --overwrite build of DIR can leave one beside DIR
+                return FileExistsError(
+                    f"output directory {out} already exists and is complete (it has {fmt.META_FILE}); {work} beside it "
+                    f"is an --overwrite build of it that was interrupted ({work_progress(work)}): continue it with "
+                    f"--overwrite --resume (it replaces {out} once it is complete), or keep {out} as it is and remove "
+                    f"the unfinished one, `rm -rf {work}`")
+            left = f" ({work} is left from a build killed just after it renamed {out} into place: remove it, `rm -rf {work}`)"
         return FileExistsError(
             f"output directory {out} already exists and is complete (it has {fmt.META_FILE}): there is nothing to "
             f"--resume{left}. Use it as it is, pass --overwrite without --resume to build it again, or choose another "
@@ -1320,6 +1326,16 @@ def no_space_message(config, exc: OSError) -> str:
             f"then run the same command with --resume. A build needs about 5x its input's size in the work "
             f"directory while it runs (the shards' text, segmentation caches and datasets) and about 2x more for "
             f"the dataset at the end")
+
+
+def _work_encoded_every_shard(work: Path) -> bool:
+    """The build in ``work`` read its corpus, fitted and encoded every shard (what is left of one
+    killed after it renamed its dataset into place)."""
+    try:
+        total = json.loads((work / READ_FILE).read_text())["num_shards"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return (work / "fit.done").exists() and sum((d / SHARD_PART_FILE).exists() for d in work.glob("shards/*/")) == total
 
 
 def work_progress(work: Path) -> str:

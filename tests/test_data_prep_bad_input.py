@@ -324,6 +324,18 @@ def test_existing_output_refused_then_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match=r"done already exists and is complete .*nothing to --resume \(.*done.partial "
                                               r"is left from a build killed just after it renamed .*`rm -rf .*done.partial`\)"):
         core.build(_config(tmp_path, [good], output=str(tmp_path / "done"), resume=True))
+    # an --overwrite build of it interrupted before it encoded every shard: --resume alone was told the same
+    # (remove the work directory: the work lost), now the command that continues it
+    parts = sorted((tmp_path / "done.partial").glob(f"shards/*/{core.SHARD_PART_FILE}"))
+    assert len(parts) >= 2
+    parts[-1].unlink()
+    with pytest.raises(FileExistsError, match=r"done.partial beside it is an --overwrite build of it that was interrupted "
+                                              r"\(.*analysed, vocabularies fitted, \d+ of \d+ encoded.*\): continue it with "
+                                              r"--overwrite --resume"):
+        core.build(_config(tmp_path, [good], output=str(tmp_path / "done"), resume=True))
+    meta = core.build(_config(tmp_path, [good], output=str(tmp_path / "done"), resume=True, overwrite=True))
+    assert meta["run"]["resumed"] is True and not (tmp_path / "done.partial").exists()
+    assert meta["stats"]["documents"] == len(DOCS)
     # --overwrite replaces a dataset, never a folder that is not one (it used to delete it)
     with pytest.raises(FileExistsError, match=r"exists and it is not a dataset \(no meta.json\): --overwrite only replaces"):
         core.build(_config(tmp_path, [good], overwrite=True))
