@@ -222,8 +222,9 @@ def _built_by_this_project(folder: Path) -> str | None:
 # The first bytes of compressed or binary files a corpus may hold under another name ("corpus.txt" that
 # is really gzip): read as text they were "not valid UTF-8", with an iconv command that cannot help.
 _MAGIC = ((b"\x1f\x8b", "gzip-compressed", ".gz"), (b"\xfd7zXZ\x00", "xz-compressed", ".xz"),
-          (b"BZh", "bzip2-compressed", ".bz2"), (b"(\xb5/\xfd", "zstd-compressed", None),
-          (b"PK\x03\x04", "a zip archive", None), (b"PAR1", "a parquet file", ".parquet"))
+          (re.compile(rb"BZh[1-9](1AY&SY|\x17rE8P\x90)", re.S), "bzip2-compressed", ".bz2"),
+          (b"(\xb5/\xfd", "zstd-compressed", None), (b"PK\x03\x04", "a zip archive", None),
+          (b"PK\x05\x06", "a zip archive", None), (b"PAR1", "a parquet file", ".parquet"))
 
 
 def _arrow_message(path: str) -> str:
@@ -237,18 +238,34 @@ def _magic_hint(path: str) -> str | None:
     """What a file that failed as UTF-8 text really is, from its first bytes, and how to give it."""
     try:
         with open(path, "rb") as fh:
-            head = fh.read(8)
+            head = fh.read(16)
     except OSError:
         return None
     if head.startswith((b"ARROW1", b"\xff\xff\xff\xff")):  # Arrow IPC file / stream (HF datasets' .arrow)
         return _arrow_message(path)
     for magic, what, suffix in _MAGIC:
-        if head.startswith(magic) and not (suffix and path.lower().endswith(suffix)):
+        found = magic.match(head) if isinstance(magic, re.Pattern) else head.startswith(magic)
+        if found and not (suffix and path.lower().endswith(suffix)):
             if suffix is None:
                 return f"{path} is {what}, not text: unpack it first and pass the files inside"
             return (f"{path} is {what}, but its name does not end in {suffix} (inputs are recognised by their "
                     f"suffix): rename it, e.g. `mv {path} {path}{suffix}`, and pass the new name")
     return None
+
+
+def _tar_hint(path: str) -> str | None:
+    """A tar archive given as a text input (``x.txt``, or a .tar.gz named ``x.txt.gz``): read as text,
+    its headers' names and NUL padding went into the documents."""
+    try:
+        with open_binary(path) as fh:
+            head = fh.read(512)
+    except _read_errors():
+        return None
+    if len(head) < 512 or head[257:262] != b"ustar":
+        return None
+    inside = " (compressed)" if Path(path).suffix.lower() in COMPRESSED else ""
+    return (f"{path} is a tar archive{inside}, not text: unpack it first (`mkdir corpus && tar -xf {path} -C corpus`) "
+            f"and pass the folder (`--input corpus`)")
 
 
 def _folder_entries(top: Path) -> list[Path]:
@@ -590,10 +607,14 @@ def check_scan(scan: InputScan, encoding_errors: str) -> list[str]:
     """Raise InputError for undecodable input (unless --encoding-errors replace); return warnings."""
     warnings = []
     where = " of the decompressed content" if Path(scan.path).suffix.lower() in COMPRESSED else ""
-    if scan.invalid_utf8 and scan.first_invalid_offset is not None and scan.first_invalid_offset < 8:
+    if scan.invalid_utf8:  # (bzip2's and zip's first 10+ bytes are ASCII: the first bad byte comes later)
         magic = _magic_hint(scan.path)
         if magic:
             raise InputError(magic)
+    if scan.nul_bytes:  # a tar archive is valid UTF-8 when the files in it are: its headers are NUL-padded
+        tar = _tar_hint(scan.path)
+        if tar:
+            raise InputError(tar)
     utf16 = _utf16_message(scan)  # whatever --encoding-errors says
     if utf16:
         raise InputError(utf16)

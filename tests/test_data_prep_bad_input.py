@@ -904,6 +904,33 @@ def test_a_compressed_file_without_its_suffix_and_a_built_dataset_as_input_are_n
     err = capsys.readouterr().err
     assert (f"error: {packed} is gzip-compressed, but its name does not end in .gz (inputs are recognised by their "
             f"suffix): rename it, e.g. `mv {packed} {packed}.gz`") in err and "iconv" not in err
+    # bzip2 and zip start with 10+ ASCII bytes: they were only "not valid UTF-8 ... iconv"; a tar of UTF-8
+    # text IS valid UTF-8: its header names and NUL padding were read as text (only "NUL bytes removed")
+    import bz2
+    import tarfile
+    import zipfile
+
+    text = ("今天北京的天气很好，我们去公园散步。\n\n" * 50).encode("utf-8")
+    (tmp_path / "x_bz.txt").write_bytes(bz2.compress(text))
+    with zipfile.ZipFile(tmp_path / "x_zip.txt", "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("x_inside.txt", text)
+    (tmp_path / "x_inside.txt").write_bytes(text)
+    for name, mode in (("x_tar.txt", "w"), ("x_tar.txt.gz", "w:gz")):
+        with tarfile.open(tmp_path / name, mode) as t:
+            t.add(tmp_path / "x_inside.txt", "x_inside.txt")
+    for name, expected in (("x_bz.txt", "is bzip2-compressed, but its name does not end in .bz2"),
+                           ("x_zip.txt", "is a zip archive, not text: unpack it first"),
+                           ("x_tar.txt", "is a tar archive, not text: unpack it first (`mkdir corpus && tar -xf"),
+                           ("x_tar.txt.gz", "is a tar archive (compressed), not text: unpack it first")):
+        assert build.main(["--lang", "zh", "--input", str(tmp_path / name), "--output", str(tmp_path / "a"),
+                           "--no-progress"]) == 2, name
+        err = capsys.readouterr().err
+        assert f"error: {tmp_path / name} {expected}" in err and "iconv" not in err, (name, err)
+    # text that merely starts like a bzip2 header, with a bad byte later, is still told about its encoding
+    (tmp_path / "x_bzh.txt").write_bytes(b"BZh is a word here\n" + "天气很好".encode("gbk") + b"\n")
+    assert build.main(["--lang", "zh", "--input", str(tmp_path / "x_bzh.txt"), "--output", str(tmp_path / "a"),
+                       "--no-progress"]) == 2
+    assert "is not valid UTF-8" in capsys.readouterr().err
     good = _good(tmp_path)
     assert build.main(["--lang", "zh", "--input", str(good), "--output", str(tmp_path / "ds"), "--no-progress",
                        "--shard-documents", "50", "--valid-fraction", "0.05"]) == 0
