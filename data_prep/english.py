@@ -57,6 +57,7 @@ from data_prep.format import (
     CONTINUATION,
     FINE_TOKENIZER_FILE,
     FINE_VOCAB_FILE,
+    META_FILE,
     NUM_SPECIAL,
     PHRASE_JOINER,
     PHRASES_FILE,
@@ -219,6 +220,19 @@ class EnglishConfig:
             except (UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
                 raise ValueError(f"--fine-tokenizer {self.fine_tokenizer} is neither a Hugging Face tokenizer.json "
                                  f"nor a BERT vocab.txt ({type(exc).__name__}: {exc})") from None
+            body = [t for t in tokens if not (t.startswith("[") and t.endswith("]"))]
+            cjk = sum(1 for t in body if any("\u4e00" <= c <= "\u9fff" for c in t))
+            built = Path(self.fine_tokenizer).parent / META_FILE  # the fine_vocab.txt of a data_prep dataset?
+            try:
+                language = json.loads(built.read_text(encoding="utf-8")).get("language") if built.is_file() else None
+            except (OSError, ValueError, AttributeError):
+                language = None
+            if (language not in (None, "en") and isinstance(language, str)) or cjk > len(body) // 2:
+                what = (f"the vocabulary of a --lang {language} dataset ({built} says so)" if language not in (None, "en")
+                        else f"a Chinese vocabulary ({cjk:,} of its {len(body):,} tokens hold Chinese characters)")
+                raise ValueError(f"--fine-tokenizer {self.fine_tokenizer} is {what}: English text would be split into "
+                                 f"letters. Give an English WordPiece vocabulary (a BERT vocab.txt or tokenizer.json), "
+                                 f"or leave --fine-tokenizer out to train one")
             if not self.lowercase and not any(t != t.lower() for t in tokens if not t.startswith("[")):
                 raise ValueError(f"--fine-tokenizer {self.fine_tokenizer} has no upper-case letters (an uncased "
                                  f"vocabulary) but --cased keeps the text's case: every capitalised word would be a "

@@ -587,6 +587,31 @@ def test_uncased_fine_tokenizer_with_cased_is_refused_before_work(tmp_path):
     english.EnglishConfig(fine_tokenizer=str(cased), lowercase=False).validate()
 
 
+def test_a_chinese_fine_vocabulary_is_refused_for_english(tmp_path):
+    """--lang en --fine-tokenizer ZH_DATASET/fine_vocab.txt built without a word: English split into
+    letters (coarse/fine 0.33, most coarse tokens over several fine ones). Refused before any work:
+    by the dataset's meta.json beside the file, or by the file's content alone."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Some English text for a build.\n", encoding="utf-8")
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    zh = tmp_path / "zh_dataset"
+    zh.mkdir()
+    (zh / "fine_vocab.txt").write_text("\n".join(specials + list("的一是在不了有和人这") + ["a", "b", "##s"]) + "\n",
+                                       encoding="utf-8")
+    (zh / "meta.json").write_text('{"language": "zh", "format_version": 1}', encoding="utf-8")
+    alone = tmp_path / "vocab.txt"
+    alone.write_text((zh / "fine_vocab.txt").read_text(encoding="utf-8"), encoding="utf-8")
+    for path, message in ((zh / "fine_vocab.txt", r"is the vocabulary of a --lang zh dataset \(.*meta.json says so\)"),
+                          (alone, r"is a Chinese vocabulary \(10 of its 13 tokens hold Chinese characters\)")):
+        with pytest.raises(BUILD_ERRORS, match=rf"--fine-tokenizer .*{message}: English text would be split into letters"):
+            core.build(_config(corpus, tmp_path / "out", language_options={"fine_tokenizer": str(path)}))
+        assert not core.work_dir_for(tmp_path / "out").exists()
+    # an English vocabulary with some Chinese characters (a multilingual one) is taken
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text("\n".join(specials + ["some", "text", "##s", "build", "中"]) + "\n", encoding="utf-8")
+    english.EnglishConfig(fine_tokenizer=str(mixed)).validate()
+
+
 def test_cli_bad_phrase_file(tmp_path):
     proc = subprocess.run([*BUILD, "--lang", "en", "--output", str(tmp_path / "x"), "--phrases", str(tmp_path / "none.tsv")],
                           capture_output=True, text=True, timeout=300)
