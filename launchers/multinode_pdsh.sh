@@ -3,7 +3,11 @@
 # Run on the first node of the hostfile; the launcher starts every rank on every node.
 #
 #   HOSTFILE=launchers/hostfile.example RECIPE=pipeline/recipes/bert-base.yaml \
-#     bash launchers/multinode_pdsh.sh data.path=/shared/data/zh output_dir=/shared/runs/bert-base
+#     bash launchers/multinode_pdsh.sh data.path=/shared/data/zh output_dir=/shared/runs/bert-base \
+#     parallelism.micro_batch_size=16
+#
+# bert-base.yaml's global batch (256 sequences) is micro-batch 32 x 8 ranks: on the example hostfile's
+# 16 ranks, micro-batch 16 (on 32 ranks, 8; the start-up check names the value for any other count).
 #
 # Parameters (environment):
 #   HOSTFILE      nodes and slots (default launchers/hostfile.example)

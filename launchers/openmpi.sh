@@ -5,7 +5,8 @@
 #   MODE=mpirun:    plain mpirun; pipeline/pretrain.py finds rank/world size through mpi4py
 #                   (deepspeed.init_distributed(auto_mpi_discovery=True)).
 #
-#   HOSTFILE=launchers/hostfile.example MODE=mpirun NP=16 bash launchers/openmpi.sh data.path=/shared/data/zh
+#   HOSTFILE=launchers/hostfile.example MODE=mpirun NP=16 bash launchers/openmpi.sh data.path=/shared/data/zh \
+#     parallelism.micro_batch_size=16   # bert-base's global batch 256 = micro-batch 16 x 16 ranks
 #
 # Parameters (environment):
 #   MODE          deepspeed | mpirun (default mpirun)

@@ -3,8 +3,9 @@
 # scheduler, a container entrypoint or by hand), each with its NODE_RANK. All nodes must use the
 # same HOSTFILE, MASTER_ADDR (node 0's address) and MASTER_PORT.
 #
-#   node 0:  NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash launchers/per_node.sh data.path=/shared/data/zh
-#   node 1:  NODE_RANK=1 MASTER_ADDR=10.0.0.1 bash launchers/per_node.sh data.path=/shared/data/zh
+#   node 0:  NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash launchers/per_node.sh data.path=/shared/data/zh parallelism.micro_batch_size=16
+#   node 1:  NODE_RANK=1 MASTER_ADDR=10.0.0.1 bash launchers/per_node.sh data.path=/shared/data/zh parallelism.micro_batch_size=16
+#   (bert-base's global batch 256 = micro-batch 16 x the example hostfile's 16 ranks)
 #
 # Parameters (environment):
 #   NODE_RANK     this node's index in HOSTFILE (required)

@@ -55,6 +55,28 @@ def test_every_template_parses():
     assert all(len(h) == 2 and h[1].startswith("slots=") for h in hosts)
 
 
+def test_the_launchers_examples_keep_the_recipes_global_batch():
+    """The examples (16 ranks on the example hostfile and two pods, 32 with `sbatch --nodes 4`) ran
+    bert-base.yaml, whose micro-batch 32 x 8 ranks is its global batch 256: each one stopped at
+    start-up. Each example's micro-batch, at its world size, now passes the start-up check."""
+    import re
+
+    from pipeline.config import ConfigError, load_config, validate
+
+    examples = {"multinode_pdsh.sh": 16, "openmpi.sh": 16, "per_node.sh": 16, "slurm.sbatch": 32, "kubernetes.yaml": 16}
+    for name, world in examples.items():
+        text = (ROOT / "launchers" / name).read_text()
+        micro = set(re.findall(r"parallelism\.micro_batch_size=(\d+)", text))
+        assert len(micro) == 1, (name, micro)
+        override = f"parallelism.micro_batch_size={micro.pop()}"
+        validate(load_config(ROOT / "pipeline/recipes/bert-base.yaml", [override]), world, paths=False)
+        with pytest.raises(ConfigError, match="parallelism.global_batch_size=256 != micro_batch_size 32"):
+            validate(load_config(ROOT / "pipeline/recipes/bert-base.yaml", []), world, paths=False)
+    readme = (ROOT / "README.md").read_text()
+    assert "sbatch --nodes 4 launchers/slurm.sbatch --config pipeline/recipes/bert-base.yaml data.path=... " \
+           "parallelism.micro_batch_size=8" in readme
+
+
 def test_openmpi_template_renders_the_mpirun_command(tmp_path):
     """Run the template with `mpirun` replaced by an echo: the command it would run is complete."""
     fake_bin = tmp_path / "bin"
