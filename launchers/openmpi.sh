@@ -15,6 +15,7 @@
 #   RECIPE        run config (default pipeline/recipes/bert-base.yaml)
 #   DS_CONFIG     DeepSpeed JSON (default: the recipe's parallelism.deepspeed_config)
 #   MASTER_PORT   rendezvous port (default 29500)
+#   OMP_NUM_THREADS  torch threads per rank for MODE=mpirun (default: this node's cores / its slots)
 #   MPI_ARGS      extra mpirun arguments, e.g. "--mca btl_tcp_if_include eth0"
 #                 (as root add "--allow-run-as-root"; more ranks than cores: "--oversubscribe");
 #                 split like a shell line (shlex), so a value with spaces can be quoted:
@@ -34,6 +35,13 @@ MODE="${MODE:-mpirun}"
 HOSTFILE="${HOSTFILE:-launchers/hostfile.example}"
 RECIPE="${RECIPE:-pipeline/recipes/bert-base.yaml}"
 MASTER_PORT="${MASTER_PORT:-29500}"
+if [ ! -f "$HOSTFILE" ]; then
+  echo "HOSTFILE $HOSTFILE: no such file (one line per node: \"<hostname> slots=<GPUs>\", see launchers/hostfile.example)" >&2; exit 2
+fi
+SLOTS="$(awk '!/^#/ && NF {split($2, a, "="); print a[2]; exit}' "$HOSTFILE")"
+if ! [[ "$SLOTS" =~ ^[1-9][0-9]*$ ]]; then
+  echo "HOSTFILE $HOSTFILE: its first host line has no slots=N (GPUs on that node), e.g. \"node001 slots=8\"" >&2; exit 2
+fi
 NP="${NP:-$(awk '!/^#/ && NF {split($2, a, "="); n += a[2]} END {print n}' "$HOSTFILE")}"
 # MPI_ARGS split as DeepSpeed splits --launcher_args (shlex): quotes group a value with spaces
 mpi_extra=()
@@ -61,8 +69,21 @@ case "$MODE" in
       pipeline/pretrain.py --config "$RECIPE" "${ds_args[@]}" --resume auto "$@"
     ;;
   mpirun)
-    exec mpirun -np "$NP" --hostfile "$HOSTFILE" --map-by ppr:"$(awk '!/^#/ && NF {split($2, a, "="); print a[2]; exit}' "$HOSTFILE")":node \
-      -x PATH -x LD_LIBRARY_PATH -x MASTER_PORT="$MASTER_PORT" -x DS_ACCELERATOR -x HF_DATASETS_OFFLINE -x HF_HUB_OFFLINE \
+    # Only the variables that are set (mpirun warns about each -x VAR it cannot find). No binding by
+    # default: Open MPI pins each of <= 2 ranks to ONE core, where the data loader's workers and
+    # torch's threads would share it (MPI_ARGS may give its own --bind-to / --map-by).
+    # Unbound, each rank's torch would start a thread per core of the node: the node's cores shared
+    # between its ranks instead (as torchrun sets OMP_NUM_THREADS), unless OMP_NUM_THREADS is given.
+    cores="$(nproc 2>/dev/null || echo 1)"
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / SLOTS > 0 ? cores / SLOTS : 1 ))}"
+    forward=(-x PATH -x MASTER_PORT="$MASTER_PORT" -x OMP_NUM_THREADS)
+    for var in LD_LIBRARY_PATH DS_ACCELERATOR HF_DATASETS_OFFLINE HF_HUB_OFFLINE; do
+      if [ -n "${!var:-}" ]; then forward+=(-x "$var"); fi
+    done
+    placement=(--map-by "ppr:$SLOTS:node")
+    case " ${mpi_extra[*]:-} " in *" --map-by "*|*" --npernode "*) placement=() ;; esac
+    case " ${mpi_extra[*]:-} " in *" --bind-to "*) ;; *) placement+=(--bind-to none) ;; esac
+    exec mpirun -np "$NP" --hostfile "$HOSTFILE" "${placement[@]}" "${forward[@]}" \
       "${mpi_extra[@]}" \
       "$VENV/bin/python" pipeline/pretrain.py --config "$RECIPE" "${ds_args[@]}" --resume auto "$@"
     ;;

@@ -88,6 +88,21 @@ def test_openmpi_template_renders_the_mpirun_command(tmp_path):
     assert result.returncode == 0, result.stderr
     line = result.stdout.strip()
     assert line.startswith("mpirun -np 16 ") and "ppr:8:node" in line and line.endswith("--resume auto data.path=/x")
+    # not pinned to one core per rank (Open MPI's default for <= 2 ranks); no -x for a variable that is unset
+    # (mpirun warned about each); the user's own binding replaces ours
+    assert "--bind-to none" in line and f"-x MASTER_PORT={env.get('MASTER_PORT', 29500)}" in line
+    assert "-x OMP_NUM_THREADS" in line  # the node's cores shared between its ranks (set unless given)
+    quiet = {k: v for k, v in env.items() if k not in ("LD_LIBRARY_PATH", "HF_HUB_OFFLINE")}
+    line = subprocess.run(["bash", str(LAUNCHERS / "openmpi.sh"), "data.path=/x"], env={**quiet, "MPI_ARGS": "--bind-to socket"},
+                          capture_output=True, text=True, timeout=30).stdout.strip()
+    assert "-x LD_LIBRARY_PATH" not in line and "-x HF_HUB_OFFLINE" not in line and "-x HF_DATASETS_OFFLINE" in line
+    assert "--bind-to socket" in line and "--bind-to none" not in line
+    # a hostfile that is missing, or has no slots=, is named (it was `-np 0 --map-by ppr::node`, or an awk error)
+    (tmp_path / "noslots").write_text("node001\nnode002\n")
+    for hostfile, message in ((tmp_path / "missing", "missing: no such file"), (tmp_path / "noslots", "has no slots=N")):
+        result = subprocess.run(["bash", str(LAUNCHERS / "openmpi.sh"), "data.path=/x"], env={**env, "HOSTFILE": str(hostfile)},
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 2 and message in result.stderr and not result.stdout, result.stderr
 
 
 def test_every_template_passes_ds_config_relative_to_the_caller(tmp_path):
