@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{', '.join('--' + name.replace('_', '-') for name in ignored)} (to build, leave out --verify)")
         from data_prep.verify import verify_dataset
 
+        core.warn_oversubscribed(args.workers)  # as a build warns: more workers than CPUs only take turns
         try:
             report = verify_dataset(args.verify, progress=not args.no_progress, workers=args.workers)
         except core.WorkerDied as exc:

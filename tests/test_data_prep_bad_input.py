@@ -701,6 +701,13 @@ def test_more_workers_than_cpus_is_warned_about_and_still_builds(tmp_path, monke
     assert meta["stats"]["documents"] > 0
     assert "--workers 2 is more than the 1 CPU(s) this process may use" in caplog.text
     assert "--workers 1 is the most that helps here" in caplog.text
+    # --verify with more workers than CPUs: the same warning (it said nothing), and it still verifies
+    from data_prep import build
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="data_prep"):
+        assert build.main(["--verify", str(tmp_path / "ds"), "--workers", "2", "--no-progress"]) == 0
+    assert "--workers 2 is more than the 1 CPU(s) this process may use" in caplog.text
 
 
 def test_a_full_disk_names_the_fix_and_keeps_the_work_for_resume(tmp_path, monkeypatch):
