@@ -181,7 +181,7 @@ class StudyConfig:
         from pipeline.config import ConfigError, load_config, validate
 
         try:  # a DeepSpeed JSON or a broken recipe failed after the data build, in a traceback
-            validate(load_config(ROOT / self.recipe if (ROOT / self.recipe).is_file() else self.recipe, []),
+            validate(load_config(recipe_path(self.recipe), []),
                      self.nproc, paths=False)
         except ConfigError as exc:
             raise StudyError(f"--recipe {self.recipe}: {exc}") from None
@@ -481,6 +481,13 @@ def _run(command: list[str], log_file: Path, env: dict | None = None, what: str 
     log.info("done in %.0f s", time.time() - started)
 
 
+def recipe_path(recipe: str) -> Path:
+    """--recipe as a path: inside the repository (``pipeline/recipes/x.yaml``), else from the folder the
+    study was started in, made absolute (the pre-training runs start in the repository: a recipe
+    given relative to another folder passed the check and was not found there, after work began)."""
+    return ROOT / recipe if (ROOT / recipe).is_file() else Path(recipe).resolve()
+
+
 def pretraining_dataset(language: str, config: StudyConfig, labeled_dir: Path, out: Path) -> Path:
     given = config.dataset_zh if language == "zh" else config.dataset_en
     if given:
@@ -520,7 +527,7 @@ def pretrain(run_dir: Path, dataset: Path, variant: str, steps: int, config: Stu
                  f"schedule.warmup_steps={max(1, steps // 10)}", f"output_dir={run_dir}",
                  f"checkpointing.save_every={config.save_every}", "checkpointing.save_at_end=true",
                  "checkpointing.resume=auto", "logging.tensorboard=false"]
-    script = ["pipeline/pretrain.py", "--config", str(config.recipe), *overrides]
+    script = ["pipeline/pretrain.py", "--config", str(recipe_path(config.recipe)), *overrides]  # (run from ROOT)
     if config.launcher == "deepspeed":
         launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
         command = [launcher, "--num_gpus", str(config.nproc), "--master_port", str(_free_port()), *script]
@@ -554,7 +561,7 @@ def flops_ratio(config: StudyConfig, dataset: Path) -> tuple[float, dict]:
     from pipeline.model import flops_per_sample
 
     meta = json.loads((dataset / "meta.json").read_text(encoding="utf-8"))
-    run = load_config(ROOT / config.recipe if (ROOT / config.recipe).is_file() else config.recipe, [f"data.path={dataset}"])
+    run = load_config(recipe_path(config.recipe), [f"data.path={dataset}"])
     fine_len = run.data.seq_length
     train = meta["splits"]["train"]
     coarse_len = fine_len * train["coarse_tokens"] / max(train["fine_tokens"], 1)
@@ -733,7 +740,7 @@ def run_study(config: StudyConfig) -> list[dict]:
             results = finetune(checkpoint, dataset, splits, out / "finetune" / slug, config, out)
             from pipeline.config import load_config
 
-            recipe = load_config(ROOT / config.recipe if (ROOT / config.recipe).is_file() else config.recipe, [])
+            recipe = load_config(recipe_path(config.recipe), [])
             batch = recipe.parallelism.micro_batch_size * recipe.parallelism.gradient_accumulation_steps * config.nproc
             measured[name] = consumed_flops(checkpoint)
             rows.append({
@@ -777,7 +784,7 @@ def _contents(config: StudyConfig) -> dict[str, str]:
     dataset's fingerprint (vocabularies + content checksums, what checkpoints record)."""
     from data_prep.format import FormatError, PairedDataset
 
-    recipe = ROOT / config.recipe if (ROOT / config.recipe).is_file() else Path(config.recipe)
+    recipe = recipe_path(config.recipe)
     contents = {"recipe": hashlib.sha256(recipe.read_bytes()).hexdigest()[:16]}
     for key in ("dataset_zh", "dataset_en"):
         if getattr(config, key):

@@ -433,3 +433,35 @@ def test_study_rerun_into_an_output_with_splits_of_an_older_release_is_refused(t
     code, err = _main(study, ["--output", out, "--quick"], capsys)
     _assert_error(code, err, "made by an older release", "splits version 1, now 2", "choose another --output")
     assert json.loads((out / "study_config.json").read_text()) == recorded
+
+
+def test_a_recipe_relative_to_the_current_folder_reaches_the_pretraining_run(tmp_path, monkeypatch):
+    """`--recipe myrecipe.yaml` from another folder passed the check (relative to either folder) and the
+    pre-training run, started in the repository, then failed with "no such file" after work began."""
+    import shutil
+
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    shutil.copy(study.ROOT / "pipeline" / "recipes" / "demo.yaml", here / "myrecipe.yaml")
+    monkeypatch.chdir(here)
+    config = study.StudyConfig(output=str(tmp_path / "out"), recipe="myrecipe.yaml", languages=["zh"], nproc=1)
+    config.validate()
+    commands = []
+
+    class Ran(Exception):
+        pass
+
+    def run(command, *args, **kwargs):
+        commands.append(command)
+        raise Ran
+
+    monkeypatch.setattr(study, "_run", run)
+    with pytest.raises(Ran):
+        study.pretrain(tmp_path / "out" / "run", tmp_path / "data", "ambert", 5, config, tmp_path / "out")
+    recipe = commands[0][commands[0].index("--config") + 1]
+    assert Path(recipe).is_absolute() and Path(recipe) == here / "myrecipe.yaml"
+    # a recipe inside the repository is taken from there, whatever the current folder
+    config.recipe = "pipeline/recipes/demo.yaml"
+    with pytest.raises(Ran):
+        study.pretrain(tmp_path / "out" / "run", tmp_path / "data", "ambert", 5, config, tmp_path / "out")
+    assert commands[1][commands[1].index("--config") + 1] == str(study.ROOT / "pipeline" / "recipes" / "demo.yaml")
