@@ -1053,6 +1053,8 @@ def resolve_pretrained(model: str, dataset: str = "", flag: str = "--model", all
             original = Path(marker.get("dataset_path", ""))
             if (original / "meta.json").is_file():
                 _check_same_vocabularies(original, tokenizer_dir, path)
+            else:  # moved or deleted: the vocabularies' fingerprints its marker records (same sizes are not enough)
+                _check_recorded_vocabularies(marker, tokenizer_dir, path)
         return Pretrained(model_config, _checkpoint_state_dict(path, flag), tokenizer_dir, str(path))
     from pipeline.checkpoint import why_not_a_checkpoint
 
@@ -1086,6 +1088,25 @@ def _check_same_vocabularies(original: Path, given: Path, checkpoint: Path) -> N
             raise FinetuneError(
                 f"--dataset {given}: its {name} differs from the one model {checkpoint} was pre-trained with "
                 f"({original / name}): token ids would mean other tokens. Pass --dataset {original} (or omit --dataset)")
+
+
+def _check_recorded_vocabularies(marker: dict, given: Path, checkpoint: Path) -> None:
+    """Refuse tokenizers whose vocabularies differ from the fingerprints a checkpoint's marker records
+    (``vocab_fingerprints``; markers written before them are not checked)."""
+    from data_prep.format import COARSE_VOCAB_FILE, FINE_VOCAB_FILE, Vocab
+
+    recorded = marker.get("vocab_fingerprints")
+    if not isinstance(recorded, dict):
+        return
+    for side, name in (("fine", FINE_VOCAB_FILE), ("coarse", COARSE_VOCAB_FILE)):
+        here = Vocab.load(given / name).fingerprint()
+        if recorded.get(side) is not None and recorded[side] != here:
+            raise FinetuneError(
+                f"--dataset {given}: its {name} (fingerprint {here}) is not the one model {checkpoint} was pre-trained "
+                f"with (fingerprint {recorded[side]}, in the dataset {marker.get('dataset_path')}, which is no longer "
+                f"there): token ids would mean other tokens, even with vocabularies of the same size. Pass --dataset "
+                f"with that dataset (a copy of it), or export the model while it is there (`python -m pipeline.convert "
+                f"export`: the export keeps its tokenizer files)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -394,6 +394,23 @@ def test_model_and_dataset_with_different_vocabularies_are_refused(tmp_path, zh_
                                                      "model_config": tiny_model.config.to_dict()}))
     with pytest.raises(FinetuneError, match="token ids would mean other tokens"):
         resolve_pretrained(str(checkpoint), str(other))
+    # ... and once its dataset has moved away: the vocabularies' fingerprints its marker records (any
+    # dataset whose vocabularies had the same sizes was taken without a word)
+    from data_prep.format import PairedDataset
+    from pipeline.checkpoint import vocab_fingerprints
+
+    moved = tmp_path / "moved" / "step_00000010"
+    moved.mkdir(parents=True)
+    (moved / "COMPLETE").write_text(json.dumps({"step": 10, "dataset_path": str(tmp_path / "gone"),
+                                                "vocab_fingerprints": vocab_fingerprints(PairedDataset(zh_dataset)),
+                                                "model_config": tiny_model.config.to_dict()}))
+    with pytest.raises(FinetuneError, match=r"--dataset .*other: its fine_vocab.txt \(fingerprint \w+\) is not the one model "
+                                            r".* was pre-trained with \(fingerprint \w+, in the dataset .*gone, which is no "
+                                            r"longer there\): token ids would mean other tokens"):
+        resolve_pretrained(str(moved), str(other))
+    with pytest.raises(FinetuneError) as info:  # the right vocabularies pass this check (no weights here)
+        resolve_pretrained(str(moved), str(zh_dataset))
+    assert "token ids would mean other tokens" not in str(info.value)
     # Same vocabulary files, but a model built for other sizes.
     from pipeline.inference import ExportError, check_vocabularies
 
