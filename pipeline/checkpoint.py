@@ -119,6 +119,11 @@ def why_not_a_checkpoint(path: str | os.PathLike) -> str:
         return f"{path} is a checkpoints folder: pass one of its step_NNNNNNNN directories ({newest_complete(path)})"
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return f"{path} is an exported model (python -m pipeline.convert export), not a training checkpoint"
+    export_files = [name for name in ("config.json", "model.safetensors", "training.json") if (path / name).is_file()]
+    if export_files:  # (an export holds its dataset's meta.json too: not to be called a dataset)
+        missing = [name for name in ("config.json", "model.safetensors") if name not in export_files]
+        return (f"{path} is an exported model missing its {' and '.join(missing)}: export it again from its "
+                f"checkpoint (`python -m pipeline.convert export CHECKPOINT {path}`)")
     if (path / "meta.json").is_file():
         return f"{path} is a pre-training dataset (data_prep/build.py), not a checkpoint"
     return f"{path} is not a training checkpoint (no {COMPLETE} marker; expected .../checkpoints/step_NNNNNNNN)"

@@ -386,6 +386,16 @@ def test_model_and_dataset_with_different_vocabularies_are_refused(tmp_path, zh_
     other = make_tiny_zh_dataset(tmp_path / "other", extra_chars="天地")  # two more characters
     with pytest.raises(FinetuneError, match=r"fine_vocab.txt differs from the one model .* was pre-trained with"):
         run(_config(export, files, tmp_path, dataset=str(other)))
+    # an export that lost its weights or config was called "a pre-training dataset" (it holds a meta.json)
+    import shutil
+
+    for name in ("model.safetensors", "config.json"):
+        damaged = tmp_path / f"damaged_{name}"
+        shutil.copytree(export, damaged)
+        (damaged / name).unlink()
+        with pytest.raises(FinetuneError, match=rf"damaged_{name} is an exported model missing its {name}: export it "
+                                                rf"again from its checkpoint \(`python -m pipeline.convert export"):
+            resolve_pretrained(str(damaged))
     # A training checkpoint records its dataset: another dataset's vocabularies are refused before
     # any weight is read.
     checkpoint = tmp_path / "checkpoints" / "step_00000010"
