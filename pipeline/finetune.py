@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # `deepspeed pipeline/finetune.py` runs this file
 
 from data_prep.encode import EncodeError  # noqa: E402
 from data_prep.format import FormatError  # noqa: E402
-from pipeline.finetuning import FinetuneConfig, FinetuneError, run  # noqa: E402
+from pipeline.finetuning import FinetuneConfig, FinetuneError, FinetuneInterrupted, run  # noqa: E402
 from pipeline.inference import ExportError  # noqa: E402
 from pipeline.run_lock import LockHeld, RunLock  # noqa: E402
 
@@ -121,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
             handler.handle(logging.makeLogRecord({"name": "finetune", "levelno": logging.ERROR, "levelname": "ERROR",
                                                   "msg": "error: %s", "args": (exc,)}))
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line (and the log keeps it), not a 40-line traceback
+        message = str(exc) if isinstance(exc, FinetuneInterrupted) else "fine-tuning interrupted"
+        print(f"\ninterrupted: {message}", file=sys.stderr)
+        if handler is not None:
+            handler.handle(logging.makeLogRecord({"name": "finetune", "levelno": logging.WARNING, "levelname": "WARNING",
+                                                  "msg": "interrupted: %s", "args": (message,)}))
+        return 130
     finally:
         run_lock.release()  # the process exit would too; an in-process caller may start another run
     return 0

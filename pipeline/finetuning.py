@@ -54,6 +54,7 @@ METRICS = {"sequence": ("accuracy", "macro_f1"), "token": ("accuracy", "macro_f1
            "choice": ("accuracy",)}
 """Each task's metrics: the first is the default --metric, both are logged and reported."""
 RESULTS_FILE = "results.json"
+PARTIAL_RESULTS_FILE = "results.partial.json"  # the finished seeds of a run stopped by Ctrl-C
 MODELS_DIR = "models"  # OUTPUT/models/seed<k>: each seed's fine-tuned model (--save-models)
 TASK_FILE = "task.json"  # in a saved fine-tuned model: the task, labels and encoding settings
 HEADS_FILE = "heads.safetensors"  # in a saved fine-tuned model: the task heads (the backbone is model.safetensors)
@@ -61,6 +62,10 @@ HEADS_FILE = "heads.safetensors"  # in a saved fine-tuned model: the task heads 
 
 class FinetuneError(ValueError):
     """Bad fine-tuning input (data, labels, model/tokenizer mismatch); the message names the fix."""
+
+
+class FinetuneInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a seed: the message says what was kept and what to run."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1575,17 +1580,32 @@ def run(config: FinetuneConfig) -> dict:
             log.warning("WARNING: %s holds fine-tuned models of an earlier run (%s) that this run does not replace; "
                         "move or delete them so they are not taken for this run's", models, ", ".join(stale))
     results = []
+    output = Path(config.output)
+
+    def summarize() -> dict:
+        return {"config": asdict(config), "variant": pretrained.model_config.variant,
+                "labels": labels.names if labels is not None else [], "dev": _summary(results, "dev", config.task),
+                "test": _summary(results, "test", config.task), "seeds": results}
+
     for k, seed in enumerate(config.seeds):
-        result = train_seed(config, pretrained, labels, train, dev, test, seed, seeds_after=len(config.seeds) - k - 1)
+        try:
+            result = train_seed(config, pretrained, labels, train, dev, test, seed, seeds_after=len(config.seeds) - k - 1)
+        except KeyboardInterrupt:  # Ctrl-C: the seeds that finished are kept (their scores were lost)
+            kept = ""
+            if results and _world()[1] == 0:
+                output.mkdir(parents=True, exist_ok=True)
+                write_atomically(output / PARTIAL_RESULTS_FILE, json.dumps(summarize(), indent=1))
+                kept = (f"; the {len(results)} seed(s) that finished ({', '.join(str(r['seed']) for r in results)}) "
+                        f"are in {output / PARTIAL_RESULTS_FILE}")
+            raise FinetuneInterrupted(f"fine-tuning interrupted during seed {seed}{kept}; run the same command "
+                                      f"again to run every seed (results.json is written once all have finished)") from None
         result.pop("model")
         results.append(result)
-    summary = {"config": asdict(config), "variant": pretrained.model_config.variant,
-               "labels": labels.names if labels is not None else [], "dev": _summary(results, "dev", config.task),
-               "test": _summary(results, "test", config.task), "seeds": results}
-    output = Path(config.output)
+    summary = summarize()
     if _world()[1] == 0:
         output.mkdir(parents=True, exist_ok=True)
         write_atomically(output / RESULTS_FILE, json.dumps(summary, indent=1))
+        (output / PARTIAL_RESULTS_FILE).unlink(missing_ok=True)  # an interrupted run's: superseded
     log.info("results: dev %s test %s -> %s", {k: round(v["mean"], 4) for k, v in summary["dev"].items()},
              {k: round(v["mean"], 4) for k, v in summary["test"].items()}, output / RESULTS_FILE)
     return summary

@@ -300,6 +300,37 @@ def test_interrupted_results_write_leaves_no_half_written_file(tmp_path, monkeyp
     assert [p.name for p in (tmp_path / "out").iterdir()] in ([], ["tensorboard"])
 
 
+def test_ctrl_c_keeps_the_finished_seeds_and_says_so_in_one_line(tmp_path, monkeypatch, zh_dataset, capsys):
+    """Ctrl-C during the second seed printed a 40-line KeyboardInterrupt traceback, logged nothing, and
+    the first seed's scores were lost."""
+    from pipeline import finetune, finetuning
+
+    config = _config(zh_dataset, tmp_path, seeds=[1, 2, 3])
+    real = finetuning.train_seed
+
+    def interrupted_at_seed_2(*args, **kwargs):
+        if args[6] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(finetuning, "train_seed", interrupted_at_seed_2)
+    argv = ["--model", config.model, "--dataset", config.dataset, "--train", config.train, "--dev", config.dev,
+            "--test", config.test, "--output", config.output, "--seeds", "1", "2", "3", "--epochs", "1",
+            "--batch-size", "16", "--max-length", "32"]
+    assert finetune.main(argv) == 130
+    err = capsys.readouterr().err
+    out = Path(config.output)
+    assert ("interrupted: fine-tuning interrupted during seed 2; the 1 seed(s) that finished (1) are in "
+            f"{out / finetuning.PARTIAL_RESULTS_FILE}; run the same command again") in err and "Traceback" not in err
+    partial = json.loads((out / finetuning.PARTIAL_RESULTS_FILE).read_text())
+    assert [r["seed"] for r in partial["seeds"]] == [1] and "accuracy" in partial["test"]
+    assert not (out / "results.json").exists()  # a re-run is not refused
+    assert "interrupted: fine-tuning interrupted during seed 2" in (out / "finetune.log").read_text()
+    monkeypatch.setattr(finetuning, "train_seed", real)
+    assert finetune.main(argv[:-10] + ["--seeds", "1", "--epochs", "1", "--batch-size", "16", "--max-length", "32"]) == 0
+    assert (out / "results.json").is_file() and not (out / finetuning.PARTIAL_RESULTS_FILE).exists()
+
+
 def test_overwrite_replaces_earlier_results_only_with_complete_ones(tmp_path, monkeypatch, zh_dataset):
     from pipeline.finetuning import run
 
