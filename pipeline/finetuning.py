@@ -296,7 +296,9 @@ def encode_example(encoder: TextEncoder, text: str, text_pair: str | None, max_f
     segments = [encoder.encode(text, where)]
     if text_pair is not None:
         segments.append(encoder.encode(text_pair, where + " (text_pair)"))
-    return build_example(segments, max_fine, max_coarse)
+    example = build_example(segments, max_fine, max_coarse)
+    example["cut_fine"] = sum(len(s.fine) for s in segments) - int(example["kept_fine"].sum())  # past the limit
+    return example
 
 
 def encode_token_example(encoder: TextEncoder, tokens: Sequence[str], tag_ids: Sequence[int], max_fine: int,

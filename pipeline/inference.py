@@ -25,6 +25,7 @@ the model was pre-trained with.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+log = logging.getLogger("inference")
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CHECKPOINT_MARKER = "COMPLETE"  # pipeline.checkpoint.COMPLETE (not imported: that module pulls in torch.distributed)
@@ -265,6 +267,11 @@ class AmbertEncoder:
                            self.max_length, where=f"texts[{i}]")
             for i, t in enumerate(texts)
         ]
+        cut = [(i, int(e["cut_fine"])) for i, e in enumerate(examples) if e["cut_fine"] > 0]
+        if cut:  # the model sees only its max_position_embeddings tokens: say so rather than cut silently
+            log.warning("%d of %d text(s) are longer than the %d tokens this encoder takes and were cut (texts[%d] "
+                        "lost %d fine tokens%s)", len(cut), len(texts), self.max_length, cut[0][0], cut[0][1],
+                        ", ..." if len(cut) > 1 else "")
         batch = to_device(collate(examples), model_device(self.model))  # where the model is (a GPU if moved there)
         hidden = self.model.encode(batch)
         out = EncodedBatch([], [], [], [])

@@ -58,6 +58,25 @@ def test_exported_model_loads_without_deepspeed_and_encodes_the_same(tmp_path, z
     assert placed.fine_cls.device.type == "cpu" and torch.equal(placed.fine_cls, out.fine_cls)
 
 
+def test_texts_longer_than_the_encoder_takes_are_cut_with_a_warning(tmp_path, zh_dataset, caplog):
+    """Texts past the model's positions were cut without a word (the CLI printed the whole text above
+    the shortened tokens)."""
+    import logging
+
+    from pipeline.inference import AmbertEncoder, save_exported
+
+    export = save_exported(_model(zh_dataset), zh_dataset, tmp_path / "export")
+    encoder = AmbertEncoder.load(export, max_length=16)
+    with caplog.at_level(logging.WARNING, logger="inference"):
+        out = encoder.encode([TEXTS[0][:4], TEXTS[0] * 3])
+    assert "1 of 2 text(s) are longer than the 16 tokens this encoder takes and were cut (texts[1] lost " in caplog.text
+    assert len(out.fine_ids[1]) == 16 and len(out.fine_ids[0]) < 16
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="inference"):
+        encoder.encode([TEXTS[0][:4]])
+    assert "longer than" not in caplog.text
+
+
 @pytest.mark.parametrize("variant", ["ambert", "ambert-combo", "bert-fine"])
 def test_fine_branch_round_trips_through_transformers_with_identical_logits(tmp_path, zh_dataset, variant):
     from transformers import BertForMaskedLM, BertTokenizerFast
