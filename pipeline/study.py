@@ -488,6 +488,15 @@ def recipe_path(recipe: str) -> Path:
     return ROOT / recipe if (ROOT / recipe).is_file() else Path(recipe).resolve()
 
 
+def fine_tuning_length(config: StudyConfig) -> int:
+    """The fine-tuning sequence length: --max-length, at most the recipe's model positions (the full
+    study's default 128 against demo.yaml's 64 made every fine-tuning run warn and cut at 64, and
+    study.md report 128)."""
+    from pipeline.config import build_model_config, load_config
+
+    return min(config.max_length, build_model_config(load_config(recipe_path(config.recipe), [])).max_position_embeddings)
+
+
 def pretraining_dataset(language: str, config: StudyConfig, labeled_dir: Path, out: Path) -> Path:
     given = config.dataset_zh if language == "zh" else config.dataset_en
     if given:
@@ -606,7 +615,7 @@ def finetune(checkpoint: Path, dataset: Path, splits: dict[str, Path], run_dir: 
         command = [sys.executable, "-m", "pipeline.finetune", "--model", str(checkpoint), "--dataset", str(dataset),
                    "--train", str(splits["train"]), "--dev", str(splits["dev"]), "--test", str(splits["test"]),
                    "--output", str(run_dir), "--seeds", *map(str, config.seeds), "--epochs", str(config.epochs),
-                   "--lr", str(config.lr), "--batch-size", str(config.batch_size), "--max-length", str(config.max_length),
+                   "--lr", str(config.lr), "--batch-size", str(config.batch_size), "--max-length", str(fine_tuning_length(config)),
                    "--threads", str(config.threads), *extra]
         _run(command, out / "logs" / f"finetune_{run_dir.name}.log", {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"},
              what=f"fine-tuning of {run_dir.name} (it starts over on the next run; finished runs are kept)")
@@ -623,12 +632,14 @@ def _fmt(summary: dict, metric: str) -> str:
 
 
 def write_report(rows: list[dict], config: StudyConfig, out: Path) -> None:
+    length = fine_tuning_length(config)
+    cut = "" if length == config.max_length else f" (--max-length {config.max_length}: the recipe has {length} positions)"
     lines = [
         "# AMBERT vs BERT (fine-grained) study", "",
         f"Command: `python -m pipeline.study {' '.join(sys.argv[1:])}`", "",
         f"Recipe {config.recipe}; {config.pretrain_steps} pre-training steps; fine-tuning seeds {config.seeds}, "
         f"{config.epochs} epochs max (early stopping on dev), lr {config.lr}, batch {config.batch_size}, "
-        f"max length {config.max_length}. Test = mean ± std over seeds (percent), evaluated once per seed with "
+        f"max length {length}{cut}. Test = mean ± std over seeds (percent), evaluated once per seed with "
         f"the best dev state.", "",
         "| language | task | model | pre-train steps | pre-train FLOPs | dev acc | test acc | test macro-F1 |",
         "|---|---|---|---|---|---|---|---|",
@@ -712,6 +723,9 @@ def run_study(config: StudyConfig) -> list[dict]:
     if config.quick:
         config.apply_quick()
     config.validate()
+    if fine_tuning_length(config) < config.max_length:
+        log.info("--max-length %d is more than the recipe's %d positions: fine-tuning uses %d", config.max_length,
+                 fine_tuning_length(config), fine_tuning_length(config))
     out = Path(config.output).resolve()
     _check_same_settings(config, out / "study_config.json")
     (out / "logs").mkdir(parents=True, exist_ok=True)

@@ -465,3 +465,16 @@ def test_a_recipe_relative_to_the_current_folder_reaches_the_pretraining_run(tmp
     with pytest.raises(Ran):
         study.pretrain(tmp_path / "out" / "run", tmp_path / "data", "ambert", 5, config, tmp_path / "out")
     assert commands[1][commands[1].index("--config") + 1] == str(study.ROOT / "pipeline" / "recipes" / "demo.yaml")
+
+
+def test_fine_tuning_length_is_at_most_the_recipes_positions(tmp_path):
+    """The full study's defaults (--max-length 128, demo.yaml: 64 positions) made every fine-tuning run
+    warn and cut at 64 while study.md reported 128."""
+    config = study.StudyConfig(output=str(tmp_path), languages=["zh"])
+    assert config.max_length == 128 and study.fine_tuning_length(config) == 64
+    study.write_report([], config, tmp_path)
+    assert "max length 64 (--max-length 128: the recipe has 64 positions)." in (tmp_path / "study.md").read_text()
+    config.max_length = 32
+    assert study.fine_tuning_length(config) == 32
+    study.write_report([], config, tmp_path)
+    assert "max length 32. " in (tmp_path / "study.md").read_text()
