@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import shutil
 import sys
 import typing
 from pathlib import Path
@@ -78,6 +79,15 @@ def _field_docs() -> dict[str, str]:
     return docs
 
 
+def _remove_if_only(directory: Path, names: set[str]) -> None:
+    """Remove ``directory`` when it holds nothing but ``names`` (what a refused run wrote there)."""
+    try:
+        if {p.name for p in directory.iterdir()} <= names:
+            shutil.rmtree(directory)
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -85,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("megatron").setLevel(logging.WARNING)  # megatron-core's start-up notes (Megatron-FSDP, ...)
     config = None
     handler = None
+    created = False  # --output made by this run: removed again if the run is refused before any result
     run_lock = RunLock(RUN_LOCK)
     try:
         config = parse_args(argv)
@@ -92,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0 and config.output:  # the log also goes to OUTPUT/finetune.log (appended)
             if Path(config.output).exists() and not Path(config.output).is_dir():
                 raise FinetuneError(f"--output {config.output} is an existing file; give a directory")
+            created = not Path(config.output).exists()
             try:  # before anything is written there: a run still going in --output refuses this one
                 run_lock.acquire(config.output)
             except LockHeld as held:
@@ -120,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         if handler is not None:  # the log file keeps why the run stopped (the console got it above)
             handler.handle(logging.makeLogRecord({"name": "finetune", "levelno": logging.ERROR, "levelname": "ERROR",
                                                   "msg": "error: %s", "args": (exc,)}))
+        if created and handler is not None:  # refused (a typo'd --model, a bad column): no folder left for nothing
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+            handler = None
+            run_lock.release()
+            _remove_if_only(Path(config.output), {"finetune.log", RUN_LOCK})
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C: one line (and the log keeps it), not a 40-line traceback
         message = str(exc) if isinstance(exc, FinetuneInterrupted) else "fine-tuning interrupted"

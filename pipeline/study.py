@@ -209,8 +209,8 @@ def check_dataset(path: str, language: str) -> None:
         raise StudyError(f"{flag} {path}: cannot read its meta.json ({exc}); {build}") from None
     other = meta.get("language") if isinstance(meta, dict) else None
     if other and other != language:
-        raise StudyError(f"{flag} {path}: a {other} dataset (meta.json says language {other}); give a {language} "
-                         f"dataset, or pass it as --dataset-{other}")
+        raise StudyError(f"{flag} {path}: a --lang {other} dataset (meta.json says language {other}); give a --lang "
+                         f"{language} dataset, or pass it as --dataset-{other}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -255,6 +255,22 @@ def test_existing_results_are_refused_before_any_work(tmp_path, monkeypatch, zh_
     assert sorted(p.name for p in results.parent.iterdir()) == ["results.json"]  # not even a log was added
 
 
+def test_a_refused_run_leaves_no_output_folder_it_made(tmp_path, zh_dataset, capsys):
+    """A typo'd --model (or a bad label column) still made --output with finetune.log and .finetune.lock in it;
+    an --output that was there before keeps its log (why the run stopped)."""
+    from pipeline import finetune
+
+    config = _config(zh_dataset, tmp_path)
+    argv = ["--model", str(tmp_path / "no_such_model"), "--dataset", config.dataset, "--train", config.train,
+            "--dev", config.dev, "--seeds", "1"]
+    assert finetune.main([*argv, "--output", str(tmp_path / "new")]) == 2
+    assert "no_such_model does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "there").mkdir()
+    assert finetune.main([*argv, "--output", str(tmp_path / "there")]) == 2
+    assert "no_such_model does not exist" in (tmp_path / "there" / "finetune.log").read_text()
+
+
 def _failing_writes_in(directory: Path, monkeypatch) -> None:
     """Every file opened for writing in ``directory`` gets half of its text, then the disk is full."""
     real_open = builtins.open
