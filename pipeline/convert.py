@@ -450,6 +450,10 @@ def check_export_output(output: Path, signature: tuple[str, ...], kind: str) -> 
         raise ConvertError(f"output {output} is a file: give a directory to write {kind} into")
     if not output.is_dir() or not any(output.iterdir()):
         return
+    exported = any((output / name).exists() for name in ("config.json", "model.safetensors", "training.json"))
+    if (output / "meta.json").is_file() and (any(output.glob("*.idx")) or not exported):  # (an export's vocabularies too)
+        raise ConvertError(f"output {output} is a pre-training dataset (data_prep/build.py), not {kind}: give a new or "
+                           f"empty directory")
     for other, files in _EXPORT_KINDS.items():
         if other != kind and any((output / name).is_file() for name in files):
             raise ConvertError(f"output {output} holds {other}, not {kind}: give a new or empty directory, or one "

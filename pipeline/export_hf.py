@@ -62,7 +62,8 @@ def check_bert_compatible(config) -> None:
     if problems:
         raise HFExportError(
             "this model cannot be exported as a Hugging Face BertForMaskedLM: " + "; ".join(problems)
-            + ". Export it with `python -m pipeline.convert export` (our own format, any options) instead")
+            + ". Keep it in our own format, which takes any options and which pipeline.finetune / pipeline.inference "
+              "load (`python -m pipeline.convert export` for a checkpoint; an export already is in it)")
 
 
 def bert_state_dict(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:

@@ -132,6 +132,13 @@ def test_export_hf_names_a_wrong_model_and_replaces_only_its_own_output(tmp_path
     assert main([str(export_dir), str(export_dir)]) == 2
     assert f"output {export_dir} holds an export, not a Hugging Face model" in capsys.readouterr().err
     assert sorted(p.name for p in export_dir.iterdir()) == before
+    # a dataset (it has the vocabularies an export has) is named as one, by either kind of export
+    dataset_files = sorted(p.name for p in zh_dataset.iterdir())
+    assert main([str(export_dir), str(zh_dataset)]) == 2
+    assert f"output {zh_dataset} is a pre-training dataset (data_prep/build.py), not a Hugging Face model" in capsys.readouterr().err
+    assert convert_main(["export", str(checkpoints / "step_00000010"), str(zh_dataset)]) == 2
+    assert f"output {zh_dataset} is a pre-training dataset (data_prep/build.py), not an export" in capsys.readouterr().err
+    assert sorted(p.name for p in zh_dataset.iterdir()) == dataset_files
 
 
 def test_finetune_names_a_dataset_folder_that_is_not_one(tmp_path, capsys, zh_dataset, export_dir):
