@@ -152,6 +152,15 @@ def prefix(directory: str | os.PathLike, split: str, stream: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Vocabularies
 # ---------------------------------------------------------------------------------------------
+def _whose(path: str | os.PathLike) -> str:
+    """What a vocabulary file belongs to, for the fix of an error about it: an exported model (its
+    folder holds the weights) is exported again, a dataset is rebuilt."""
+    folder = Path(path).parent
+    if any((folder / name).exists() for name in ("model.safetensors", "config.json", "training.json")):
+        return f"the export (`python -m pipeline.convert export CHECKPOINT {folder}`)"
+    return "the dataset"
+
+
 class Vocab:
     """A token <-> id table whose first NUM_SPECIAL entries are SPECIAL_TOKENS."""
 
@@ -196,14 +205,14 @@ class Vocab:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocab:
-        """A vocabulary file (one token a line); errors name the file."""
+        """A vocabulary file (one token a line); errors name the file (and what to rebuild: ``_whose``)."""
         try:
             text = Path(path).read_text(encoding="utf-8")
             return cls(text.split("\n")[:-1] if text.endswith("\n") else text.split("\n"))
         except FileNotFoundError:
-            raise FormatError(f"{path} is missing: restore it, or rebuild the dataset") from None
+            raise FormatError(f"{path} is missing: restore it, or rebuild {_whose(path)}") from None
         except (UnicodeDecodeError, FormatError) as exc:
-            raise FormatError(f"{path}: {exc}; restore it, or rebuild the dataset") from None
+            raise FormatError(f"{path}: {exc}; restore it, or rebuild {_whose(path)}") from None
 
     def fingerprint(self) -> str:
         return hashlib.sha256("\n".join(self.tokens).encode("utf-8")).hexdigest()[:16]

@@ -212,3 +212,22 @@ def test_an_export_that_fills_the_disk_says_so_and_removes_what_it_wrote(tmp_pat
     with pytest.raises(RuntimeError, match="unexpected pos"):
         convert.main(["export", str(source), str(out)])
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_a_missing_vocabulary_names_what_to_rebuild(tmp_path, zh_dataset):
+    """A vocabulary missing from an export said "rebuild the dataset"; an export is exported again."""
+    import shutil
+
+    from data_prep.format import FormatError, Vocab
+    from pipeline.inference import save_exported
+
+    export = save_exported(_model(zh_dataset), zh_dataset, tmp_path / "export")
+    (export / "fine_vocab.txt").unlink()
+    with pytest.raises(FormatError, match=r"fine_vocab.txt is missing: restore it, or rebuild the export "
+                                          r"\(`python -m pipeline.convert export CHECKPOINT .*export`\)"):
+        Vocab.load(export / "fine_vocab.txt")
+    dataset = tmp_path / "dataset"
+    shutil.copytree(zh_dataset, dataset)
+    (dataset / "coarse_vocab.txt").unlink()
+    with pytest.raises(FormatError, match=r"coarse_vocab.txt is missing: restore it, or rebuild the dataset$"):
+        Vocab.load(dataset / "coarse_vocab.txt")
