@@ -466,30 +466,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "context_field", "answers_field", "choices_field"):
         parser.add_argument("--" + name.replace("_", "-"), default="", help="column name (default: the one fine-tuning used)")
     args = parser.parse_args(argv)
+    # the values argparse cannot check: one error line (main), not the usage block of parser.error
     if args.batch_size < 1:
-        parser.error("--batch-size must be >= 1")
+        raise PredictError("--batch-size must be >= 1")
     if not Path(args.input).is_file():
-        parser.error(f"--input {args.input} does not exist")
+        raise PredictError(f"--input {args.input} does not exist")
     if Path(args.output).is_dir():
-        parser.error(f"--output {args.output} is a directory; give a file name")
+        raise PredictError(f"--output {args.output} is a directory; give a file name")
     if Path(args.output).resolve() in (Path(args.input).resolve(), Path(args.input + ".metrics.json").resolve()):
-        parser.error(f"--output {args.output} would overwrite the input (or its metrics); give another file name")
+        raise PredictError(f"--output {args.output} would overwrite the input (or its metrics); give another file name")
     ancestor = Path(args.output).absolute().parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        parser.error(f"--output {args.output} cannot be written: {ancestor} is {'not a directory' if not ancestor.is_dir() else 'not writable'}")
+        raise PredictError(f"--output {args.output} cannot be written: {ancestor} is {'not a directory' if not ancestor.is_dir() else 'not writable'}")
     problem = output_problem(args.output, args.overwrite)  # before any work: the model is loaded after this
     if problem:
-        parser.error(problem)
+        raise PredictError(problem)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # megatron-core's start-up notes (Megatron-FSDP, ...)
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         run(args)
     except (PredictError, ft.FinetuneError, SpanDataError, ChoiceDataError, ExportError, FormatError, EncodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

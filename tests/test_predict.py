@@ -158,9 +158,9 @@ def test_predict_refuses_inputs_unlike_the_training_ones_and_keeps_files_apart(t
     assert main([str(sequence_model), "--input", str(pairs), "--output", str(tmp_path / "p.jsonl")]) == 2
     assert "has column 'text_pair' but the model was fine-tuned on single texts" in capsys.readouterr().err
     single = _write(tmp_path / "single.jsonl", [{"text": "很好", "label": "pos"}, {"text": "很差", "label": None}])
-    with pytest.raises(SystemExit):
-        main([str(sequence_model), "--input", str(single), "--output", str(single)])
-    assert "would overwrite the input" in capsys.readouterr().err
+    assert main([str(sequence_model), "--input", str(single), "--output", str(single)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --output ") and "would overwrite the input" in err and "usage:" not in err
     assert json.loads(single.read_text(encoding="utf-8").splitlines()[0])["label"] == "pos"  # untouched
     assert main([str(sequence_model), "--input", str(single), "--output", str(tmp_path / "p.jsonl")]) == 0
     metrics = json.loads((tmp_path / "p.jsonl.metrics.json").read_text())
@@ -258,8 +258,7 @@ def test_an_existing_file_that_is_not_predictions_is_refused_before_any_work(tmp
         patch.setattr(predict, "FineTuned", not_loaded)
         for existing in (dev, weights, empty, span_like):
             before = existing.read_bytes()
-            with pytest.raises(SystemExit):
-                predict.main([str(sequence_model), "--input", str(data), "--output", str(existing)])
+            assert predict.main([str(sequence_model), "--input", str(data), "--output", str(existing)]) == 2
             err = capsys.readouterr().err
             assert f"--output {existing} already exists and is not a prediction file" in err, err
             assert "give a new path, or pass --overwrite" in err
@@ -278,8 +277,7 @@ def test_an_existing_file_that_is_not_predictions_is_refused_before_any_work(tmp
                              (checkpoint / "pred.jsonl", f"training checkpoint {checkpoint}"),
                              (dataset / "pred.jsonl", f"pre-training dataset {dataset}")):
             for extra in ([], ["--overwrite"]):
-                with pytest.raises(SystemExit):
-                    predict.main([str(sequence_model), "--input", str(data), "--output", str(output), *extra])
+                assert predict.main([str(sequence_model), "--input", str(data), "--output", str(output), *extra]) == 2
                 err = capsys.readouterr().err
                 assert f"--output {output} is inside {what}" in err and "give a path outside it" in err, err
         assert (export / "model.safetensors").read_bytes() == weights_before
@@ -288,8 +286,7 @@ def test_an_existing_file_that_is_not_predictions_is_refused_before_any_work(tmp
         # a .metrics.json next to a new --output that predict did not write
         foreign = tmp_path / "new.jsonl.metrics.json"
         foreign.write_text('{"note": "mine"}', encoding="utf-8")
-        with pytest.raises(SystemExit):
-            predict.main([str(sequence_model), "--input", str(data), "--output", str(tmp_path / "new.jsonl")])
+        assert predict.main([str(sequence_model), "--input", str(data), "--output", str(tmp_path / "new.jsonl")]) == 2
         assert "new.jsonl.metrics.json, where the metrics of --output" in capsys.readouterr().err
         assert foreign.read_text(encoding="utf-8") == '{"note": "mine"}'
     # --overwrite replaces a file that is not a prediction file (and a foreign metrics file)
