@@ -139,6 +139,10 @@ def test_zh_refusals_before_any_work(zh, tmp_path, capsys):
     meta = json.loads((tmp / "A" / fmt.META_FILE).read_text())
     (other / fmt.META_FILE).write_text(json.dumps({**meta, "language": "en"}))
     _refused(capsys, tmp_path, [*base, "--vocab-from", str(other)], "is a --lang en dataset, but this build is --lang zh")
+    # a corpus folder: was told to build a dataset with --output <that folder>, which the build refuses
+    _refused(capsys, tmp_path, [*base, "--vocab-from", str(corpus_b.parent)],
+             f"--vocab-from {corpus_b.parent} is not a dataset (no meta.json)",
+             f"--output {corpus_b.parent.name}-dataset`, then pass --vocab-from {corpus_b.parent.name}-dataset")
 
 
 def test_zh_explicit_options_equal_to_the_source_or_input_only_are_accepted(zh):
