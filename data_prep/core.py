@@ -221,8 +221,8 @@ def read_vocab_source(config: BuildConfig) -> tuple[Path, dict]:
     try:
         meta = fmt.PairedDataset(source).meta  # meta.json, format version, both vocabularies
     except fmt.FormatError as exc:
-        if source.is_dir() and not (source / fmt.META_FILE).exists():  # (FormatError's "build one --output DIR"
-            # would put a dataset into a corpus folder, which the build refuses)
+        if isinstance(exc, fmt.NotADataset) and source.is_dir():  # (its fix, "--output DIR", would put a dataset
+            # into what is likely a corpus folder, which the build refuses)
             raise BuildError(f"--vocab-from {source} is not a dataset (no {fmt.META_FILE}): it takes a finished dataset "
                              f"directory whose vocabularies this build reuses; build one first, e.g. `python "
                              f"data_prep/build.py --lang {config.language} --input ... --output {source.name}-dataset`, "

@@ -137,6 +137,10 @@ class FormatError(ValueError):
     """A dataset directory is missing, incomplete or inconsistent. The message says how to fix it."""
 
 
+class NotADataset(FormatError):
+    """A directory (or path) with no meta.json and no build of it under way or interrupted."""
+
+
 def id_dtype(vocab_size: int) -> type:
     """Smallest dtype that holds every id of a vocabulary (uint16 up to 65,535 entries)."""
     return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
@@ -940,7 +944,7 @@ class PairedDataset:
             partial = sorted(self.directory.parent.glob(self.directory.name + ".partial-*"))
             hint = f" (found unfinished build {partial[0]}; it was interrupted, rebuild)" if partial else ""
             what = f"{META_FILE} is missing" if self.directory.is_dir() else "it does not exist"
-            raise FormatError(
+            raise NotADataset(
                 f"{self.directory} is not a paired dataset: {what}{hint}. "
                 f"Build one with `python data_prep/build.py --lang zh|en --output {self.directory}`"
             )

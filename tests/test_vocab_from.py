@@ -114,7 +114,7 @@ def test_zh_refusals_before_any_work(zh, tmp_path, capsys):
              "--vocab-from", "does not exist")
     (tmp_path / "empty").mkdir()
     _refused(capsys, tmp_path, [*base, "--vocab-from", str(tmp_path / "empty")],
-             "--vocab-from", "meta.json is missing")
+             "--vocab-from", "is not a dataset (no meta.json)")
     (tmp_path / "half.partial").mkdir()  # an interrupted build's work directory
     _refused(capsys, tmp_path, [*base, "--vocab-from", str(tmp_path / "half.partial")],
              "--vocab-from", "--resume")
