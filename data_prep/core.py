@@ -441,9 +441,9 @@ def preflight(config: BuildConfig) -> None:
     out = Path(config.output)
     if out.exists() and not config.overwrite:
         raise _output_exists(out, config.resume)
+    if config.inputs:  # a missing path or an empty glob (the build resolves them again, on every rank): named
+        inp.resolve_inputs(config.inputs, config.text_mode, config.text_field)  # before the tools (lmplz) it would need
     checked_language(config)
-    if config.inputs:  # a missing path or an empty glob (the build resolves them again, on every rank)
-        inp.resolve_inputs(config.inputs, config.text_mode, config.text_field)
 
 
 def _agree_on_settings(comm, config: BuildConfig) -> tuple[Language, list[inp.InputSpec]]:
