@@ -50,9 +50,11 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = hints[f.name]
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=docs.get(f.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=f"{docs.get(f.name, '')} (default: {'on' if default else 'off'})")
         elif kind == list[int]:
-            parser.add_argument(flag, type=int, nargs="+", default=default, help=docs.get(f.name))
+            parser.add_argument(flag, type=int, nargs="+", default=default,
+                                help=f"{docs.get(f.name, '')} (default: {' '.join(map(str, default))})")
         else:
             parser.add_argument(flag, type=kind, default=default, help=f"{docs.get(f.name, '')} (default: {default})")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
