@@ -234,7 +234,11 @@ def test_bad_span_settings_and_columns_are_one_error_before_any_work(tmp_path, e
     assert "--max-query-length: 30 leaves no room for the context in --max-length 32" in capsys.readouterr().err
     assert main(common + ["--question-field", "query"]) == 2
     assert "has no column 'query' (question_field)" in capsys.readouterr().err
-    # the log file keeps why the run stopped
+    assert not (tmp_path / "out").exists()  # a refused run removes the --output folder it made
+    (tmp_path / "out").mkdir()
+    assert main(common + ["--question-field", "query"]) == 2
+    assert "has no column 'query' (question_field)" in capsys.readouterr().err
+    # an --output that was there keeps the log, with why the run stopped
     assert "error: " in (tmp_path / "out" / "finetune.log").read_text() and "has no column 'query'" in \
         (tmp_path / "out" / "finetune.log").read_text()
     assert not (tmp_path / "out" / "results.json").exists()
