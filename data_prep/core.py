@@ -1238,6 +1238,7 @@ def _resume_difference(key: str, then: Any, now: Any) -> str:
 def _prepare_work_dir(config: BuildConfig, params: dict) -> Path:
     out = Path(config.output)
     work = work_dir_for(out)
+    shutil.rmtree(_trash_of(work), ignore_errors=True)  # what a build killed while removing its work left
     if out.exists() and not config.overwrite:
         raise _output_exists(out, config.resume)
     if work.exists():
@@ -1937,8 +1938,25 @@ def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_siz
         fmt.write_meta(out, meta)
         atomic.commit()
     if not config.keep_work_dir:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_work_dir(work)
     return {"format_version": fmt.FORMAT_VERSION, **meta}
+
+
+def _trash_of(work: Path) -> Path:
+    return work.with_name(f".{work.name}.removing")
+
+
+def remove_work_dir(work: Path) -> None:
+    """Remove a finished build's work directory: renamed aside first (one step), then deleted. Deleted
+    in place, a kill during the deletion (seconds on a shared filesystem) left DIR.partial half-removed
+    beside the complete DIR, which a --resume then took for an interrupted --overwrite build."""
+    trash = _trash_of(work)
+    shutil.rmtree(trash, ignore_errors=True)
+    try:
+        work.rename(trash)
+    except OSError:  # (renamed by nothing else; a filesystem that refuses: deleted where it is)
+        trash = work
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def summarize(meta: dict) -> str:

@@ -310,6 +310,34 @@ def test_resume_refused_when_user_dict_changed(tmp_path, monkeypatch):
     assert meta["stats"]["documents"] == len(DOCS) and meta["run"]["resumed"] is True
 
 
+def test_a_kill_while_the_work_directory_is_removed_leaves_no_half_work_beside_the_dataset(tmp_path, monkeypatch):
+    """The finished build deleted DIR.partial in place: killed during that (seconds on a shared
+    filesystem), the half-deleted work beside the complete DIR was taken by --resume for an interrupted
+    --overwrite build, whose advice then failed ("params.json missing": start over). It is renamed aside
+    first; what a kill leaves there is removed by the next build of DIR."""
+    good = _good(tmp_path)
+    real_rmtree = shutil.rmtree
+    killed = []
+
+    def killed_midway(path, *args, **kwargs):
+        if Path(path).name == ".ds.partial.removing" and Path(path).is_dir() and not killed:
+            killed.append(path)
+            (Path(path) / core.PARAMS_FILE).unlink()  # part of it deleted, then the process dies
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(core.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        core.build(_config(tmp_path, [good]))
+    monkeypatch.undo()
+    assert killed and fmt.PairedDataset(tmp_path / "ds").meta["stats"]["documents"] == len(DOCS)
+    assert not core.work_dir_for(tmp_path / "ds").exists() and (tmp_path / ".ds.partial.removing").is_dir()
+    with pytest.raises(FileExistsError, match=r"ds already exists and is complete .*there is nothing to --resume\. "):
+        core.build(_config(tmp_path, [good], resume=True))
+    core.build(_config(tmp_path, [good], overwrite=True))  # the next build of DIR removes the leftover
+    assert not (tmp_path / ".ds.partial.removing").exists()
+
+
 def test_existing_output_refused_then_overwrite(tmp_path):
     good = _good(tmp_path)
     (tmp_path / "ds").mkdir()
