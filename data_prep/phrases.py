@@ -129,10 +129,12 @@ class PhraseMiningConfig:
         if not 0 < self.subsume_ratio <= 1:
             raise ValueError(f"subsume_ratio must be in (0, 1], got {self.subsume_ratio}")
         parse_size(self.lm_sample, "--lm-sample")
-        memory = re.fullmatch(r"(\d+(?:\.\d+)?)([bKMGTPEZY%]?)", str(self.lmplz_memory))
+        memory = re.fullmatch(r"(\d+)([bKMGTPEZY%]?)", str(self.lmplz_memory))  # lmplz takes whole numbers only
         if self.lmplz_memory != "auto" and not memory:
+            whole = (" (a whole number: lmplz refuses 1.5G; write 1536M)"
+                     if re.fullmatch(r"\d*\.\d+[bKMGTPEZY%]?", str(self.lmplz_memory)) else "")
             raise ValueError(f"--lmplz-memory must be auto, a size such as 512M, 8G or 80% (a share of the RAM; "
-                             f"lmplz's suffixes: b K M G T P E Z Y %), got {self.lmplz_memory!r}")
+                             f"lmplz's suffixes: b K M G T P E Z Y %){whole}, got {self.lmplz_memory!r}")
         if memory:  # lmplz's own failures come after the corpus pass: say these before it
             value, unit = float(memory.group(1)), memory.group(2)
             if unit == "%" and not 0 < value <= 100:

@@ -202,8 +202,11 @@ def test_config_validation():
         PhraseMiningConfig(max_phrases=-1).validate()
     with pytest.raises(ValueError, match="--lmplz-memory must be auto, a size such as 512M.*got '5Q'"):
         PhraseMiningConfig(lmplz_memory="5Q").validate()
-    for memory in ("auto", "512M", "8G", "80%", "1.5G", "2048"):  # a bare number is KiB, as lmplz reads it
+    for memory in ("auto", "512M", "8G", "80%", "2048"):  # a bare number is KiB, as lmplz reads it
         PhraseMiningConfig(lmplz_memory=memory).validate()
+    for memory in ("1.5G", "50.5%", ".5M"):  # lmplz fails on them after the corpus pass ("Failed to parse 1.5G")
+        with pytest.raises(ValueError, match=rf"a whole number: lmplz refuses 1.5G; write 1536M\), got '{re.escape(memory)}'"):
+            PhraseMiningConfig(lmplz_memory=memory).validate()
     # what lmplz would refuse (or fail to allocate) only after the corpus pass: refused before it
     for memory, message in (("150%", r"is not a share of the RAM \(0-100%\)"), ("0%", "is not a share"),
                             ("0", "is below the 1 MB lmplz needs"), ("1K", "is below the 1 MB"), ("100b", "is below the 1 MB"),
