@@ -376,7 +376,11 @@ def run_lmplz(words_files: str | os.PathLike | Sequence[str | os.PathLike], arpa
         if "below the minimum block size" in stderr:
             raise PhraseMiningError(f"lmplz -S {memory} is too little for its sort blocks: run the same command with "
                                     f"--resume and a larger --lmplz-memory (e.g. 64M, or auto). lmplz said: {tail}")
-        raise PhraseMiningError(f"lmplz failed (exit {returncode}): {tail}")
+        said = f"it said: {tail}" if tail else "it wrote nothing to stderr"
+        raise PhraseMiningError(
+            f"lmplz failed (exit {returncode}; {said}). Check that {lmplz} is KenLM's lmplz (`{lmplz} --help` "
+            f"prints its options; --lmplz or AMBERT_LMPLZ choose it, `bash launchers/setup.sh` builds it), then run "
+            f"the same command with --resume: the corpus pass is kept")
     if any(f.returncode == -13 or (f.returncode != 0 and ("signal 13" in e or "Broken pipe" in e))
            for f, e in zip(feeders, feed_errors)):  # SIGPIPE: the reader, lmplz, was gone
         # lmplz exited 0 without reading all of its input (a binary that is not lmplz, e.g. /bin/true)

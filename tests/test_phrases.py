@@ -237,6 +237,12 @@ def test_bad_discount_on_a_sample_names_lm_sample(tmp_path):
         with pytest.raises(PhraseMiningError, match=rf"lmplz ran out of memory \(-S \S+{re.escape(killed)}\): run the "
                                                     rf"same command with --resume and a smaller --lmplz-memory"):
             run_lmplz(words, None, config, tmp_path, intermediate=tmp_path / "im")
+    # any other failure (AMBERT_LMPLZ=/bin/false: "lmplz failed (exit 1): " and nothing more): what to check, --resume
+    fake.write_text("#!/bin/sh\ncat > /dev/null\nexit 3\n")
+    with pytest.raises(PhraseMiningError, match=rf"lmplz failed \(exit 3; it wrote nothing to stderr\)\. Check that "
+                                                rf"{re.escape(str(fake))} is KenLM's lmplz .* then run the same command "
+                                                rf"with --resume: the corpus pass is kept"):
+        run_lmplz(words, None, config, tmp_path, intermediate=tmp_path / "im")
 
 
 def test_an_empty_top_order_is_warned_about(tmp_path, caplog):
