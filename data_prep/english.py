@@ -233,6 +233,11 @@ class EnglishConfig:
                 raise ValueError(f"--fine-tokenizer {self.fine_tokenizer} is {what}: English text would be split into "
                                  f"letters. Give an English WordPiece vocabulary (a BERT vocab.txt or tokenizer.json), "
                                  f"or leave --fine-tokenizer out to train one")
+            if not body or not any(t.startswith(CONTINUATION) and len(t) > len(CONTINUATION) for t in body):
+                raise ValueError(f"--fine-tokenizer {self.fine_tokenizer} is not a WordPiece vocabulary: "
+                                 f"{'it holds only special tokens' if not body else 'it has no ## continuation pieces'}, "
+                                 f"so every word not in it whole would be one fine [UNK]. Give a BERT vocab.txt or "
+                                 f"tokenizer.json, or leave --fine-tokenizer out to train one")
             if not self.lowercase and not any(t != t.lower() for t in tokens if not t.startswith("[")):
                 raise ValueError(f"--fine-tokenizer {self.fine_tokenizer} has no upper-case letters (an uncased "
                                  f"vocabulary) but --cased keeps the text's case: every capitalised word would be a "
@@ -244,6 +249,12 @@ class EnglishConfig:
                 raise ValueError(f"--phrases {self.phrases} is not UTF-8 text ({exc}); give a phrases.tsv that "
                                  f"data_prep wrote, or one phrase a line") from None
             check_phrase_file(self.phrases)
+            if not self.lowercase:
+                text = Path(self.phrases).read_text(encoding="utf-8")
+                if text.lower() == text:
+                    raise ValueError(f"--phrases {self.phrases} has no upper-case letters (the dictionary of an uncased "
+                                     f"build) but --cased keeps the text's case: 'New York' would never match 'new "
+                                     f"york'. Drop --cased, or give the phrases.tsv of a --cased build")
         if self.phrases is None:
             self.mining.validate()
 
@@ -266,11 +277,13 @@ def check_phrase_file(path: str | os.PathLike) -> None:
             if f.readline().rstrip("\n") == TSV_HEADER:  # an empty dictionary data_prep wrote: a choice
                 return
         raise ValueError(f"--phrases {path} holds no phrase of two or more words; {hint}")
-    odd = [p for p in phrases if not all(map(is_content_token, p.words))]
+    # every word of a phrase must be one word of the text as the build splits it (``words_of``): "html>" or
+    # "york,5" (an HTML page, a CSV of phrases and counts) never occurs there
+    odd = [p for p in phrases if not all(is_content_token(w) and words_of(w) == [w] for w in p.words)]
     if len(odd) > len(phrases) // 2:
         raise ValueError(f"--phrases {path} does not look like a phrase dictionary: {len(odd)} of its {len(phrases)} "
-                         f"entries hold punctuation or bare numbers (e.g. {' '.join(odd[0].words)!r}; is it "
-                         f"phrase_report.txt?); {hint}")
+                         f"entries hold punctuation, bare numbers or words the text is never split into (e.g. "
+                         f"{' '.join(odd[0].words)!r}; is it phrase_report.txt / .html, or a CSV?); {hint}")
 
 
 # ---------------------------------------------------------------------------------------------

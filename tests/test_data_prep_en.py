@@ -561,6 +561,18 @@ def test_phrase_file_that_is_malformed_or_not_a_dictionary_stops_before_work(tmp
         with pytest.raises(BUILD_ERRORS, match=message):
             core.build(_config(corpus, tmp_path / "out", language_options={"phrases": str(path)}))
         assert not core.work_dir_for(tmp_path / "out").exists()
+    # an HTML page (the build's own phrase_report.html) and a CSV of phrases and counts were taken as
+    # phrases ("< ! doctype html >", "new york , 5"): none occurs in any text, the build said nothing
+    html = tmp_path / "phrase_report.html"
+    html.write_text("<!doctype html>\n<html><head><title>phrases</title></head>\n<body><table>\n"
+                    + "".join(f"<tr><td>new york</td><td>{n}</td></tr>\n" for n in range(20)) + "</table></body></html>\n",
+                    encoding="utf-8")
+    csv = tmp_path / "phrases.csv"
+    csv.write_text("new york,5\nlos angeles,3\nhong kong,2\n", encoding="utf-8")
+    for path in (html, csv):
+        with pytest.raises(ValueError, match=rf"--phrases .*{path.name} does not look like a phrase dictionary: .*words "
+                                             rf"the text is never split into"):
+            english.check_phrase_file(path)
     # what is accepted: one phrase a line, and an empty dictionary that data_prep wrote
     from data_prep.phrases import write_phrases_tsv
 
@@ -583,8 +595,21 @@ def test_uncased_fine_tokenizer_with_cased_is_refused_before_work(tmp_path):
     assert not core.work_dir_for(tmp_path / "out").exists()
     english.EnglishConfig(fine_tokenizer=str(uncased)).validate()  # uncased text: fine
     cased = tmp_path / "cased.txt"
-    cased.write_text("\n".join(specials + ["Some", "some", "text"]) + "\n", encoding="utf-8")
+    cased.write_text("\n".join(specials + ["Some", "some", "text", "##s"]) + "\n", encoding="utf-8")
     english.EnglishConfig(fine_tokenizer=str(cased), lowercase=False).validate()
+    # a file of special tokens only, or a word list with no ## pieces: built with every word a fine [UNK]
+    for tokens, what in ((specials, "it holds only special tokens"), (specials + ["Some", "text"], "it has no ## continuation pieces")):
+        cased.write_text("\n".join(tokens) + "\n", encoding="utf-8")
+        with pytest.raises(ValueError, match=rf"--fine-tokenizer .*cased.txt is not a WordPiece vocabulary: {what}"):
+            english.EnglishConfig(fine_tokenizer=str(cased)).validate()
+    # --cased with an uncased build's phrases: every capitalised name lost without a word
+    phrases = tmp_path / "phrases.txt"
+    phrases.write_text("new york\nlos angeles\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"--phrases .*phrases.txt has no upper-case letters .*Drop --cased"):
+        english.EnglishConfig(phrases=str(phrases), lowercase=False).validate()
+    english.EnglishConfig(phrases=str(phrases)).validate()
+    phrases.write_text("New York\nlos angeles\n", encoding="utf-8")
+    english.EnglishConfig(phrases=str(phrases), lowercase=False).validate()
 
 
 def test_a_chinese_fine_vocabulary_is_refused_for_english(tmp_path):
