@@ -169,12 +169,35 @@ def check_is_english(sample: str, source: str = "the input") -> None:
     """Raise EnglishInputError when a text sample is mostly Chinese (or has no letters at all)."""
     if not any(ch.isalpha() for ch in sample):
         raise EnglishInputError(f"{source} contains no letters: nothing to tokenize. Check --input.")
+    scripts = letter_scripts(sample)
+    letters = sum(scripts.values())
+    kana = scripts.get("HIRAGANA", 0) + scripts.get("KATAKANA", 0)
+    if kana > 0.05 * letters and kana + scripts.get("CJK", 0) > 0.3 * letters:  # (before the Chinese test)
+        raise EnglishInputError(
+            f"{source} looks Japanese ({(kana + scripts.get('CJK', 0)) / letters:.0%} of its letters are kana or CJK "
+            f"ideographs) but --lang en was given; data_prep builds English (--lang en) and Chinese (--lang zh).")
     share = cjk_fraction(sample)
     if share > 0.3:
         raise EnglishInputError(
             f"{source} looks Chinese ({share:.0%} of its letters are CJK ideographs) but --lang en was given; "
             f"use --lang zh for Chinese text."
         )
+    latin = scripts.get("LATIN", 0)
+    if latin < 0.5 * letters:  # Russian, Korean, Greek, Arabic ... built without a word
+        other, count = max(((k, v) for k, v in scripts.items() if k != "LATIN"), key=lambda kv: kv[1])
+        raise EnglishInputError(
+            f"{source} does not look English: {latin / letters:.0%} of its letters are Latin, {count / letters:.0%} "
+            f"{other.title()}; --lang en is for English text (data_prep builds English and Chinese).")
+
+
+def letter_scripts(text: str) -> Counter:
+    """Letters of ``text`` by script (the first word of each letter's Unicode name: LATIN, CYRILLIC,
+    HANGUL, CJK, HIRAGANA, ...), counted per distinct character."""
+    scripts: Counter = Counter()
+    for ch, n in Counter(text).items():
+        if ch.isalpha():
+            scripts[unicodedata.name(ch, "UNKNOWN").split(" ")[0]] += n
+    return scripts
 
 
 # ---------------------------------------------------------------------------------------------

@@ -76,6 +76,19 @@ def test_chinese_text_is_refused():
         english.check_is_english("中华人民共和国成立了。人民日报记者报道。" * 20)
 
 
+def test_text_in_other_scripts_is_refused_and_named():
+    """Only Chinese was caught: Russian or Korean given --lang en built without a word, and Japanese was
+    "looks Chinese ... use --lang zh"."""
+    for text, message in (("Привет, как дела? Это русский текст о погоде. " * 20, r"0% of its letters are Latin, 100% Cyrillic"),
+                          ("안녕하세요. 이것은 한국어 텍스트입니다. " * 20, r"0% of its letters are Latin, 100% Hangul"),
+                          ("これは日本語のテキストです。東京に行きました。" * 20, r"looks Japanese \(100% of its letters are kana")):
+        with pytest.raises(english.EnglishInputError, match=message):
+            english.check_is_english(text)
+    # English with accented words, a Greek formula and a Russian name in it: English
+    english.check_is_english("The café served a naïve crème brûlée; the angle α and Пушкин were mentioned. " * 20)
+    assert english.letter_scripts("ab Пд 中") == {"LATIN": 2, "CYRILLIC": 2, "CJK": 1}
+
+
 # ---------------------------------------------------------------------------------------------
 # Vocabularies
 # ---------------------------------------------------------------------------------------------
