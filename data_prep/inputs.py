@@ -227,6 +227,11 @@ _MAGIC = ((b"\x1f\x8b", "gzip-compressed", ".gz"), (b"\xfd7zXZ\x00", "xz-compres
           (b"PK\x05\x06", "a zip archive", None), (b"PAR1", "a parquet file", ".parquet"))
 
 
+_BINARY = ((b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+           (b"%PDF-", "a PDF document"), (b"\x7fELF", "a program (ELF)"), (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"),
+           (b"Rar!\x1a\x07", "a RAR archive"))
+
+
 def _arrow_message(path: str) -> str:
     return (f"{path} is an Arrow file (the data of a saved Hugging Face dataset?), not text: pass the folder that "
             f"holds it with its dataset_info.json / state.json (`datasets.Dataset.save_to_disk`), or write it as "
@@ -243,6 +248,10 @@ def _magic_hint(path: str) -> str | None:
         return None
     if head.startswith((b"ARROW1", b"\xff\xff\xff\xff")):  # Arrow IPC file / stream (HF datasets' .arrow)
         return _arrow_message(path)
+    for magic, what in _BINARY:  # (not an encoding to convert: iconv advice was given for a PNG)
+        if head.startswith(magic):
+            return (f"{path} is {what}, not text: leave it out of --input (a folder's files are all read: move it "
+                    f"out, or give the text files by name or by a glob such as 'corpus/*.txt')")
     for magic, what, suffix in _MAGIC:
         found = magic.match(head) if isinstance(magic, re.Pattern) else head.startswith(magic)
         if found and not (suffix and path.lower().endswith(suffix)):

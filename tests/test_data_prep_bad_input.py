@@ -961,6 +961,15 @@ def test_a_compressed_file_without_its_suffix_and_a_built_dataset_as_input_are_n
                            "--no-progress"]) == 2, name
         err = capsys.readouterr().err
         assert f"error: {tmp_path / name} {expected}" in err and "iconv" not in err, (name, err)
+    # a picture or a PDF in a corpus folder was told to convert its encoding with iconv
+    (tmp_path / "x_img").mkdir()
+    (tmp_path / "x_img" / "a.txt").write_bytes(text)
+    (tmp_path / "x_img" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    assert build.main(["--lang", "zh", "--input", str(tmp_path / "x_img"), "--output", str(tmp_path / "a"),
+                       "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'x_img' / 'b.png'} is a PNG image, not text: leave it out of --input" in err, err
+    assert "iconv" not in err
     # text that merely starts like a bzip2 header, with a bad byte later, is still told about its encoding
     (tmp_path / "x_bzh.txt").write_bytes(b"BZh is a word here\n" + "天气很好".encode("gbk") + b"\n")
     assert build.main(["--lang", "zh", "--input", str(tmp_path / "x_bzh.txt"), "--output", str(tmp_path / "a"),
