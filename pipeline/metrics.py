@@ -60,10 +60,17 @@ def _fmt_time(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1)
+
+
 class MetricsLogger:
     """Rank-0 sink for per-step metrics (other ranks get a no-op logger)."""
 
-    def __init__(self, output_dir: str | os.PathLike, enabled: bool, tensorboard: bool, total_steps: int):
+    def __init__(self, output_dir: str | os.PathLike, enabled: bool, tensorboard: bool, total_steps: int,
+                 resumed_step: int | None = None):
         self.enabled = enabled
         self.total_steps = total_steps
         self.start_time = time.time()
@@ -74,13 +81,21 @@ class MetricsLogger:
             return
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        # Appending keeps one file across preemptions; readers keep the last record of each step.
-        self.jsonl = open(out / "metrics.jsonl", "a", encoding="utf-8")
+        # Appending keeps one file across preemptions; readers keep the last record of each step. A run
+        # killed while writing left its last line cut: this run's records start on a line of their own.
+        path = out / "metrics.jsonl"
+        cut = path.is_file() and path.stat().st_size > 0 and _last_byte(path) != b"\n"
+        self.jsonl = open(path, "a", encoding="utf-8")
+        if cut:
+            self.jsonl.write("\n")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out / "tensorboard"))
+                # resumed: the steps after the checkpoint, which the killed run may have logged, are
+                # dropped from the event files (TensorBoard's purge), so each curve has one point a step
+                purge = {"purge_step": resumed_step + 1} if resumed_step is not None else {}
+                self.tb = SummaryWriter(str(out / "tensorboard"), **purge)
             except Exception as exc:  # noqa: BLE001 - logging must never stop training
                 log.warning("TensorBoard disabled: %s", exc)
 

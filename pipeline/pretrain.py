@@ -813,7 +813,8 @@ def _main(argv: list[str] | None, run_lock: RunLock) -> int:
     loader = data.loader("train", consumed_samples, p.micro_batch_size, p.gradient_accumulation_steps, dp_rank, dp_size, config.data.num_workers)
 
     peak_flops = config.logging.peak_flops or default_peak_flops(p.precision)
-    metrics_log = MetricsLogger(output_dir, rank == 0, config.logging.tensorboard, config.schedule.train_steps)
+    metrics_log = MetricsLogger(output_dir, rank == 0, config.logging.tensorboard, config.schedule.train_steps,
+                                resumed_step=step if resume_path else None)
 
     def save(reason: str) -> None:
         client_state = {

@@ -402,3 +402,31 @@ def test_the_accelerator_follows_what_torch_can_use():
     assert accelerator(cuda=True) == "cuda"
     assert accelerator(cuda=False) == "cpu"
     assert accelerator(cuda=True, preset="cpu") == "cpu"
+
+
+def test_a_resumed_run_logs_one_point_a_step_and_its_records_on_their_own_line(tmp_path):
+    """After kill -9 + --resume: TensorBoard showed the replayed steps twice (1..27 then 21..40: the curve
+    doubled back), and a metrics.jsonl line the kill had cut swallowed the resumed run's first record."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pipeline.metrics import MetricsLogger, read_metrics
+
+    first = MetricsLogger(tmp_path, True, True, 10)
+    for step in range(1, 8):  # checkpoint at 5, killed after logging 7
+        first.log(step, {"loss": 10.0 - step, "step_time": 0.1})
+    first.close()
+    with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        fh.write('{"step": 8, "split": "tra')  # the kill cut the last line
+    resumed = MetricsLogger(tmp_path, True, True, 10, resumed_step=5)
+    for step in range(6, 11):
+        resumed.log(step, {"loss": 100.0 + step, "step_time": 0.1})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    points = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [s for s, _ in points] == list(range(1, 11)), points
+    assert dict(points)[6] == 106.0 and dict(points)[5] == 5.0
+    lines = (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    assert lines[-6] == '{"step": 8, "split": "tra' and json.loads(lines[-5])["step"] == 6
+    train = read_metrics(tmp_path, split="train")
+    assert sorted(train) == list(range(1, 11)) and train[8]["loss"] == 108.0
