@@ -605,6 +605,12 @@ def check_blend(config: PretrainConfig, dataset) -> list[dict]:
         if edited:
             raise FormatError(f"{field}={given}: {edited[0]}")
         for side in ("fine", "coarse"):
+            theirs, ours = other.meta.get("language"), dataset.meta.get("language")
+            if theirs and ours and theirs != ours:  # (rebuilding it with --vocab-from would be the wrong fix)
+                raise ConfigError(
+                    f"{field}={given} is a --lang {theirs} dataset and data.path={config.data.path} a --lang {ours} one: "
+                    f"a blend mixes datasets of one language (their vocabularies give the token ids their meaning). "
+                    f"Blend --lang {ours} datasets, or train on the --lang {theirs} one in its own run")
             if getattr(other, f"{side}_vocab").fingerprint() != getattr(dataset, f"{side}_vocab").fingerprint():
                 raise ConfigError(
                     f"{field}={given}: its {side} vocabulary differs from data.path={config.data.path}'s: the same token "

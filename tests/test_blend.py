@@ -81,6 +81,19 @@ def test_a_dataset_with_other_vocabularies_or_no_dataset_is_refused(datasets, tm
     text = str(info.value)
     assert f"data.blend[1].path={other}: its fine vocabulary differs from data.path={a}'s" in text
     assert f"--output NEW_DIR --vocab-from {a}`, and point data.blend[1].path at NEW_DIR" in text
+    # a dataset of the other language: named as such (rebuilding English text as --lang zh was the advice)
+    import json
+    import shutil
+
+    english = tmp_path / "english"
+    shutil.copytree(other, english)
+    meta = json.loads((english / "meta.json").read_text(encoding="utf-8"))
+    (english / "meta.json").write_text(json.dumps({**meta, "language": "en"}), encoding="utf-8")
+    language = PairedDataset(a).meta.get("language")
+    config = load_config(None, [f"data.path={a}", f"data.blend=[{{path: {english}, weight: 1}}]"])
+    with pytest.raises(ConfigError, match=rf"data.blend\[0\].path=.*english is a --lang en dataset and data.path=.* a "
+                                          rf"--lang {language} one: a blend mixes datasets of one language"):
+        pretrain.check_blend(config, PairedDataset(a))
     config = load_config(None, [f"data.path={a}", f"data.blend=[{{path: {b}, weight: 1}}, {{path: {b}/../b, weight: 1}}]"])
     with pytest.raises(ConfigError, match=r"data.blend\[1\].path=.*/b/../b is the same dataset as data.blend\[0\].path"):
         pretrain.check_blend(config, PairedDataset(a))
