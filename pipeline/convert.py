@@ -212,6 +212,11 @@ def to_universal(source: Path, target_dir: Path, workers: int = 1) -> Path:
 
     source = _complete_checkpoint(source)
     marker = read_marker(source)
+    if marker.get("universal"):  # ds_to_universal reads ZeRO optimizer shards, which a universal checkpoint has not
+        raise ConvertError(f"{source} is already a universal checkpoint (converted from "
+                           f"{marker.get('converted_from', 'another checkpoint')}): a run continues from it at any TP / "
+                           f"data-parallel size as it is (checkpointing.dir={source.parent}); to convert again, convert "
+                           f"a checkpoint that run saved")
     target_dir = Path(target_dir)
     _refuse_inside(source, target_dir, "target")
     if target_dir.exists() and not target_dir.is_dir():

@@ -1039,6 +1039,10 @@ def resolve_pretrained(model: str, dataset: str = "", flag: str = "--model", all
             marker = read_marker(path)
         except CheckpointError as exc:  # a damaged COMPLETE marker
             raise FinetuneError(str(exc)) from None
+        if marker.get("universal"):  # its weights are in DeepSpeed's universal layout, not ZeRO shards
+            raise FinetuneError(f"{path} is a universal checkpoint (`pipeline.convert universal`, for a run that continues "
+                                f"at another layout): export it first, `python -m pipeline.convert export {path} OUT`, "
+                                f"and pass {_pass_as(flag, 'OUT')}")
         try:
             model_config = ModelConfig.from_dict(marker["model_config"])
             model_config.validate()

@@ -421,6 +421,22 @@ def test_model_and_dataset_with_different_vocabularies_are_refused(tmp_path, zh_
     with pytest.raises(FinetuneError) as info:  # the right vocabularies pass this check (no weights here)
         resolve_pretrained(str(moved), str(zh_dataset))
     assert "token ids would mean other tokens" not in str(info.value)
+    # a universal checkpoint (`convert universal`): was "cannot be read ... one of its files is missing or
+    # damaged"; converting it again failed the same way
+    universal = tmp_path / "universal" / "step_00000010"
+    universal.mkdir(parents=True)
+    (universal / "COMPLETE").write_text(json.dumps({"step": 10, "dataset_path": str(zh_dataset), "universal": True,
+                                                    "converted_from": str(checkpoint),
+                                                    "model_config": tiny_model.config.to_dict()}))
+    with pytest.raises(FinetuneError, match=r"step_00000010 is a universal checkpoint .*export it first, `python -m "
+                                            r"pipeline.convert export .*step_00000010 OUT`, and pass --model OUT"):
+        resolve_pretrained(str(universal))
+    from pipeline.convert import ConvertError, to_universal
+
+    with pytest.raises(ConvertError, match=r"is already a universal checkpoint \(converted from .*step_00000010\): a run "
+                                           r"continues from it at any TP / data-parallel size as it is"):
+        to_universal(universal, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
     # Same vocabulary files, but a model built for other sizes.
     from pipeline.inference import ExportError, check_vocabularies
 
