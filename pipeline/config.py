@@ -542,9 +542,12 @@ def validate(config: PretrainConfig, world_size: int, dataset_meta: dict | None 
         f"data.coarse_seq_length={d.coarse_seq_length}: 0 (from the packing) or between 3 and data.seq_length",
     )
     need(0.0 < d.mask_rate < 1.0, f"data.mask_rate={d.mask_rate}: must be in (0, 1) (0.15 BERT, 0.3 ModernBERT)")
+    for name, value in (("mask_token_prob", d.mask_token_prob), ("random_token_prob", d.random_token_prob)):
+        need(0.0 <= value <= 1.0, f"data.{name}={value}: must be in [0, 1] (BERT: 0.8 [MASK], 0.1 random)")
     need(
-        d.mask_token_prob >= 0 and d.random_token_prob >= 0 and d.mask_token_prob + d.random_token_prob <= 1.0,
-        f"data.mask_token_prob + data.random_token_prob = {d.mask_token_prob + d.random_token_prob}: must be in [0, 1]",
+        d.mask_token_prob + d.random_token_prob <= 1.0,
+        f"data.mask_token_prob + data.random_token_prob = {d.mask_token_prob + d.random_token_prob:g}: must be at most 1 "
+        f"(the rest of the masked tokens stay as they are)",
     )
     need(d.num_workers >= 0, f"data.num_workers={d.num_workers}: must be >= 0")
     for i, entry in enumerate(d.blend):
@@ -576,9 +579,10 @@ def validate(config: PretrainConfig, world_size: int, dataset_meta: dict | None 
     need(config.seed >= 0, f"seed={config.seed}: must be >= 0 (numpy and torch seeds are non-negative)")
     need(bool(str(config.output_dir).strip()), "output_dir is empty: give a directory for config.yaml, logs and checkpoints")
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optimizer.betas={o.betas}: two values in [0, 1)")
-    need(o.grad_clip >= 0, f"optimizer.grad_clip={o.grad_clip}: must be >= 0 (0 = off)")
-    need(o.eps >= 0, f"optimizer.eps={o.eps}: must be >= 0 (1e-6 BERT)")
-    need(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay}: must be >= 0 (0 = off)")
+    need(math.isfinite(o.grad_clip) and o.grad_clip >= 0, f"optimizer.grad_clip={o.grad_clip}: must be a finite number >= 0 (0 = off)")
+    need(math.isfinite(o.eps) and o.eps >= 0, f"optimizer.eps={o.eps}: must be a finite number >= 0 (1e-6 BERT)")
+    need(math.isfinite(o.weight_decay) and o.weight_decay >= 0,
+         f"optimizer.weight_decay={o.weight_decay}: must be a finite number >= 0 (0 = off)")
     need(config.logging.peak_flops >= 0, f"logging.peak_flops={config.logging.peak_flops}: must be >= 0 (0 = a guess)")
     need(s.train_steps >= 1, f"schedule.train_steps={s.train_steps}: must be >= 1")
     need(s.style in ("linear", "wsd"), f"schedule.style={s.style!r}: expected linear or wsd")

@@ -55,8 +55,14 @@ def test_bad_overrides_name_the_field(override, message):
         # 0 batches logged a NaN valid loss
         (["data.valid_every=-1"], 2, "data.valid_every=-1: must be >= 0"),
         (["data.valid_batches=0"], 2, "data.valid_batches=0: must be >= 1"),
-        (["optimizer.weight_decay=-0.01"], 2, "optimizer.weight_decay=-0.01: must be >= 0"),
-        (["optimizer.eps=-1e-6"], 2, "optimizer.eps=-1e-06: must be >= 0"),
+        (["optimizer.weight_decay=-0.01"], 2, "optimizer.weight_decay=-0.01: must be a finite number >= 0"),
+        (["optimizer.eps=-1e-6"], 2, "optimizer.eps=-1e-06: must be a finite number >= 0"),
+        # infinite values were taken; a negative probability was "= 0.30000000000000004: must be in [0, 1]"
+        (["optimizer.eps=.inf"], 2, "optimizer.eps=inf: must be a finite number >= 0"),
+        (["optimizer.grad_clip=.inf"], 2, "optimizer.grad_clip=inf: must be a finite number >= 0"),
+        (["data.random_token_prob=-0.5"], 2, r"data\.random_token_prob=-0\.5: must be in \[0, 1\]"),
+        (["data.mask_token_prob=0.9", "data.random_token_prob=0.2"], 2,
+         r"data\.mask_token_prob \+ data\.random_token_prob = 1\.1: must be at most 1"),
         (["logging.peak_flops=-1"], 2, "logging.peak_flops=-1.0: must be >= 0"),
     ],
 )
