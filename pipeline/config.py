@@ -788,6 +788,12 @@ def deepspeed_config(config: PretrainConfig, world_size: int, override_path: str
                 f"(parallelism.* / optimizer.grad_clip) and use \"auto\" in the JSON"
             )
         ds[key] = value
+    for name in ("bf16", "fp16"):  # precision has one source, as the batch: a JSON that enables another is an error
+        enabled = (ds.get(name) or {}).get("enabled", "auto") if isinstance(ds.get(name), dict) else "auto"
+        if enabled not in ("auto", False) and p.precision != name:
+            raise ConfigError(f"deepspeed config {path} enables {name} but the run config has parallelism.precision="
+                              f"{p.precision}; set parallelism.precision={name} (precision is taken from the run config) "
+                              f"and leave 'enabled' out of the JSON or set it to 'auto'")
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": p.precision == "bf16"}
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": p.precision == "fp16"}
     if p.precision != "fp16":

@@ -104,6 +104,15 @@ def test_deepspeed_config_merge_and_conflict(tmp_path):
     bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 1}}))
     with pytest.raises(C.ConfigError, match="train_micro_batch_size_per_gpu=16 but the run config gives 4"):
         C.deepspeed_config(cfg, world_size=4, override_path=str(bad))
+    # precision: a JSON enabling bf16 in an fp32 run trained in fp32 without a word
+    bad.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}))
+    fp32 = C.load_config(None, ["parallelism.precision=fp32"])
+    with pytest.raises(C.ConfigError, match=r"enables bf16 but the run config has parallelism.precision=fp32; set "
+                                            r"parallelism.precision=bf16"):
+        C.deepspeed_config(fp32, world_size=4, override_path=str(bad))
+    assert C.deepspeed_config(cfg, world_size=4, override_path=str(bad))["bf16"]["enabled"]  # the same: taken
+    bad.write_text(json.dumps({"fp16": {"enabled": "auto", "loss_scale": 0}, "bf16": {"enabled": False}}))
+    assert not C.deepspeed_config(fp32, world_size=4, override_path=str(bad))["fp16"]["enabled"]
 
 
 def test_optimizer_offload_needs_deepspeed_adamw():
