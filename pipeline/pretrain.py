@@ -431,6 +431,17 @@ def train_step(engine, batches, accumulation_steps: int, dp_group, poison: bool 
     return metrics
 
 
+def valid_set_warning(config: PretrainConfig, available: int) -> str | None:
+    """An evaluation asks for more samples than the valid split has (it wraps around: the same samples
+    again, with other masks), as the start-up warns for a train split smaller than a global batch."""
+    wanted = config.data.valid_batches * config.parallelism.micro_batch_size
+    if not config.data.valid_every or available >= wanted:
+        return None
+    return (f"the valid split has {available} samples, fewer than an evaluation's data.valid_batches x "
+            f"micro_batch_size = {wanted}: each evaluation repeats them (with other masks); set data.valid_batches="
+            f"{max(1, available // config.parallelism.micro_batch_size)} to use each once")
+
+
 def valid_sums(engine, data: PretrainingData, config: PretrainConfig, dp_rank: int, dp_size: int) -> torch.Tensor:
     """This DP rank's share of one evaluation: per granularity of the model, [loss x predicted tokens,
     correct predictions, predicted tokens] over its rows of the valid set.
@@ -781,6 +792,9 @@ def _main(argv: list[str] | None, run_lock: RunLock) -> int:
     if len(data.train) < global_samples and rank == 0:
         log.warning("the train split has %d samples, fewer than one global batch (%d): every step repeats them "
                     "(use a larger dataset or a smaller batch)", len(data.train), global_samples)
+    small_valid = valid_set_warning(config, len(data.valid)) if data.valid is not None else None  # (not opened: no evaluation)
+    if small_valid and rank == 0:
+        log.warning(small_valid)
 
     # 4. Model, optimizer, schedule, engine.
     engine = build_engine(config, model_config, ds_config, init_weights)

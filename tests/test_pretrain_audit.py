@@ -430,3 +430,18 @@ def test_a_resumed_run_logs_one_point_a_step_and_its_records_on_their_own_line(t
     assert lines[-6] == '{"step": 8, "split": "tra' and json.loads(lines[-5])["step"] == 6
     train = read_metrics(tmp_path, split="train")
     assert sorted(train) == list(range(1, 11)) and train[8]["loss"] == 108.0
+
+
+def test_an_evaluation_larger_than_the_valid_split_is_warned_about():
+    """data.valid_batches x micro_batch_size beyond the valid split wrapped around into the same samples
+    (other masks) without a word; the train split gets this warning at start-up."""
+    from pipeline.config import load_config
+    from pipeline.pretrain import valid_set_warning
+
+    config = load_config(None, ["data.valid_batches=50", "parallelism.micro_batch_size=8", "data.valid_every=10"])
+    assert valid_set_warning(config, 400) is None
+    assert valid_set_warning(config, 30) == (
+        "the valid split has 30 samples, fewer than an evaluation's data.valid_batches x micro_batch_size = 400: each "
+        "evaluation repeats them (with other masks); set data.valid_batches=3 to use each once")
+    config.data.valid_every = 0  # no evaluation: nothing to say
+    assert valid_set_warning(config, 30) is None
