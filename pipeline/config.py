@@ -455,6 +455,23 @@ def global_batch_size(config: PretrainConfig, world_size: int) -> int:
     return p.micro_batch_size * p.gradient_accumulation_steps * data_parallel_size(config, world_size)
 
 
+def batch_fix(config: PretrainConfig, world_size: int, target: int) -> str:
+    """How to get a global batch of ``target`` samples at this world size: the accumulation steps
+    (or a smaller micro-batch) to set, or why it cannot be had at this data-parallel size."""
+    p, dp = config.parallelism, data_parallel_size(config, world_size)
+    per_step = p.micro_batch_size * dp
+    if target > 0 and target % per_step == 0:
+        return f"set parallelism.gradient_accumulation_steps={target // per_step}"
+    if target > 0 and target % dp == 0:  # fewer samples per rank: a smaller micro-batch
+        per_rank = target // dp
+        micro = max(d for d in range(1, min(per_rank, p.micro_batch_size) + 1) if per_rank % d == 0)
+        return (f"set parallelism.micro_batch_size={micro} and parallelism.gradient_accumulation_steps="
+                f"{per_rank // micro} ({per_rank} samples per data-parallel rank)")
+    below, above = target // dp * dp, (target // dp + 1) * dp
+    return (f"parallelism.global_batch_size must be a positive multiple of the data-parallel size {dp} "
+            f"(e.g. {' or '.join(str(n) for n in (below, above) if n > 0)})")
+
+
 def _need(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -515,23 +532,11 @@ def validate(config: PretrainConfig, world_size: int, dataset_meta: dict | None 
     need(p.gradient_accumulation_steps >= 1, f"parallelism.gradient_accumulation_steps={p.gradient_accumulation_steps}: must be >= 1")
     dp = data_parallel_size(config, world_size)
     product = global_batch_size(config, world_size)
-    per_step = p.micro_batch_size * dp
-    if p.global_batch_size > 0 and p.global_batch_size % per_step == 0:
-        fix = f"set parallelism.gradient_accumulation_steps={p.global_batch_size // per_step}"
-    elif p.global_batch_size > 0 and p.global_batch_size % dp == 0:  # fewer samples per rank: a smaller micro-batch
-        per_rank = p.global_batch_size // dp
-        micro = max(d for d in range(1, min(per_rank, p.micro_batch_size) + 1) if per_rank % d == 0)
-        fix = (f"set parallelism.micro_batch_size={micro} and parallelism.gradient_accumulation_steps="
-               f"{per_rank // micro} ({per_rank} samples per data-parallel rank)")
-    else:
-        below, above = p.global_batch_size // dp * dp, (p.global_batch_size // dp + 1) * dp
-        fix = (f"parallelism.global_batch_size must be a positive multiple of the data-parallel size {dp} "
-               f"(e.g. {' or '.join(str(n) for n in (below, above) if n > 0)})")
     need(
         p.global_batch_size in (0, product),
         f"parallelism.global_batch_size={p.global_batch_size} != micro_batch_size {p.micro_batch_size} x "
         f"gradient_accumulation_steps {p.gradient_accumulation_steps} x data-parallel size {dp} = {product}; "
-        f"{fix}, or set parallelism.global_batch_size=0",
+        f"{batch_fix(config, world_size, p.global_batch_size)}, or set parallelism.global_batch_size=0",
     )
     need(math.isfinite(p.collective_timeout_minutes) and p.collective_timeout_minutes > 0,
          f"parallelism.collective_timeout_minutes={p.collective_timeout_minutes}: must be > 0")

@@ -54,9 +54,11 @@ from pipeline.config import (
     ROOT,
     ConfigError,
     PretrainConfig,
+    batch_fix,
     build_model_config,
     commented_yaml,
     deepspeed_config,
+    global_batch_size,
     load_config,
     parse_profile_ranks,
     parse_profile_steps,
@@ -573,6 +575,18 @@ def _startup_checks(config: PretrainConfig, rank: int, world_size: int):
                 "run does not see the data an uninterrupted run would (fine for a deliberate change, e.g. a longer "
                 "seq_length for the last phase)", resume_path.name,
                 ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), marker.get("consumed_samples", 0))
+        saved_batch, batch = marker.get("global_batch_size"), global_batch_size(config, world_size)
+        if saved_batch and saved_batch != batch and rank == 0:  # (checkpoints from before it was recorded: unknown)
+            fix = batch_fix(config, world_size, saved_batch)
+            keep = (f"to keep {saved_batch} on this job, {fix}; parallelism.global_batch_size={saved_batch} makes "
+                    f"every later resume check it" if fix.startswith("set ") else
+                    f"{saved_batch} cannot be kept at data-parallel size {layout['data_parallel']} (not a multiple of it)")
+            log.warning(
+                "resuming with a global batch of %d samples per step (micro_batch_size %d x gradient_accumulation_steps "
+                "%d x data-parallel size %d); %s was trained with %d: the schedule goes on by steps, so each step left "
+                "sees %s samples than the run was planned with (fine for a deliberate change): %s",
+                batch, config.parallelism.micro_batch_size, config.parallelism.gradient_accumulation_steps,
+                layout["data_parallel"], resume_path.name, saved_batch, "more" if batch > saved_batch else "fewer", keep)
         changed = ckpt.changed_function_fields(marker.get("model_config", {}), model_config.to_dict())
         if changed and rank == 0:
             log.warning(
@@ -861,6 +875,7 @@ def _main(argv: list[str] | None, run_lock: RunLock) -> int:
             "model_config": model_config.to_dict(),
             "tensor_parallel": p.tensor_parallel,
             "data_parallel": dp_size,
+            "global_batch_size": global_batch,
             "world_size": dist.get_world_size(),
             "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0),
             "data_order": data_order_settings(config),

@@ -348,6 +348,47 @@ def test_resuming_with_other_data_settings_is_warned_about(tmp_path, tmp_path_fa
     assert not [r for r in caplog.records if "other data settings" in r.getMessage()]
 
 
+def test_resuming_with_another_global_batch_is_warned_about(tmp_path_factory, caplog, monkeypatch):
+    """With parallelism.global_batch_size=0 (the default) a resume on another job size or with other
+    batch settings changed the global batch silently; the marker records it now and a resume that
+    changes it is told, with the settings that keep it. Checkpoints from before say nothing."""
+    import logging
+
+    from pipeline import checkpoint, pretrain
+    from pipeline.config import load_config
+    from tests.test_pretrain import REFERENCE_OVERRIDES, get_reference_run
+
+    reference = get_reference_run(tmp_path_factory)
+    newest = sorted((reference / "checkpoints").glob("step_*"))[-1]
+    assert checkpoint.read_marker(newest)["global_batch_size"] == 8  # micro 4 x DP 2
+
+    def warnings(*overrides: str) -> list[str]:
+        config = load_config(pretrain.DEFAULT_RECIPE, [
+            *BASE, f"data.path={get_dataset(tmp_path_factory)}", f"output_dir={reference}", *REFERENCE_OVERRIDES,
+            "checkpointing.resume=auto", *overrides])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pretrain"):
+            pretrain._startup_checks(config, rank=0, world_size=2)
+        return [r.getMessage() for r in caplog.records if "global batch" in r.getMessage()]
+
+    warned = warnings("parallelism.gradient_accumulation_steps=3")
+    assert len(warned) == 1, warned
+    assert "global batch of 24 samples per step" in warned[0] and "trained with 8" in warned[0], warned
+    assert "sees more samples" in warned[0], warned
+    assert "to keep 8 on this job, set parallelism.gradient_accumulation_steps=1;" in warned[0], warned
+    warned = warnings("parallelism.micro_batch_size=2")
+    assert len(warned) == 1 and "fewer samples" in warned[0], warned
+    assert "set parallelism.gradient_accumulation_steps=2;" in warned[0], warned
+    warned = warnings("parallelism.micro_batch_size=3")  # 6: 8 is reachable with micro-batches of 2 or 4
+    assert len(warned) == 1 and "set parallelism.micro_batch_size=2 and parallelism.gradient_accumulation_steps=2" in warned[0]
+    assert warnings() == []
+    assert warnings("parallelism.micro_batch_size=2", "parallelism.gradient_accumulation_steps=2") == []
+    real = checkpoint.read_marker
+    monkeypatch.setattr(checkpoint, "read_marker", lambda path: {
+        k: v for k, v in real(path).items() if k != "global_batch_size"})
+    assert warnings("parallelism.gradient_accumulation_steps=3") == []  # an older checkpoint: not known
+
+
 def test_converting_into_the_checkpoints_own_folder_is_refused(tmp_path_factory):
     from pipeline.convert import ConvertError, to_universal
     from tests.test_pretrain import get_reference_run
