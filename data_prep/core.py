@@ -454,10 +454,12 @@ def _agree_on_settings(comm, config: BuildConfig) -> tuple[Language, list[inp.In
     with another --output would wait forever for the rest. The MPI command line must be the same on
     every rank; only --workers (and progress bars) may differ per machine.
     """
+    repeated: list[str] = []
+
     def local():
         lang = checked_language(config)
         try:
-            specs = (inp.resolve_inputs(config.inputs, config.text_mode, config.text_field) if config.inputs
+            specs = (inp.resolve_inputs(config.inputs, config.text_mode, config.text_field, repeated) if config.inputs
                      else lang.demo_inputs())
         except inp.InputError as exc:
             if comm.size > 1:
@@ -467,6 +469,11 @@ def _agree_on_settings(comm, config: BuildConfig) -> tuple[Language, list[inp.In
         return lang, [inp.resolve_text_mode(s) for s in specs]
 
     lang, specs = _collective(comm, local)
+    if repeated and comm.rank == 0:  # e.g. a folder and a glob inside it: reading a file twice is never meant here
+        log.warning("%d input%s named more than once (by --input's files, globs or folders) %s read once: %s%s. To "
+                    "give a corpus more weight, copy it under another name", len(repeated),
+                    "s" if len(repeated) > 1 else "", "are" if len(repeated) > 1 else "is",
+                    ", ".join(repeated[:5]), f" and {len(repeated) - 5} more" if len(repeated) > 5 else "")
     if comm.size == 1:
         return lang, specs
     settings = {k: v for k, v in asdict(config).items() if k not in _PER_RANK_SETTINGS}

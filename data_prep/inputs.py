@@ -133,15 +133,17 @@ def _kind_of(path: Path) -> str:
     return "text"
 
 
-def resolve_inputs(patterns: list[str], text_mode: str = "auto", text_field: str = "text") -> list[InputSpec]:
-    """Expand files, globs and folders into a sorted, de-duplicated list of inputs; missing paths raise."""
+def resolve_inputs(patterns: list[str], text_mode: str = "auto", text_field: str = "text",
+                   repeated: list[str] | None = None) -> list[InputSpec]:
+    """Expand files, globs and folders into a sorted, de-duplicated list of inputs; missing paths raise.
+    ``repeated`` (if given) receives the inputs named more than once (read once: say so to the user)."""
     try:
-        return _resolve_inputs(patterns, text_mode, text_field)
+        return _resolve_inputs(patterns, text_mode, text_field, repeated if repeated is not None else [])
     except OSError as exc:  # an unreadable folder
         raise read_error(exc.filename or ", ".join(patterns), "folder", exc) from None
 
 
-def _resolve_inputs(patterns: list[str], text_mode: str, text_field: str) -> list[InputSpec]:
+def _resolve_inputs(patterns: list[str], text_mode: str, text_field: str, repeated: list[str]) -> list[InputSpec]:
     if text_mode not in TEXT_MODES:
         raise InputError(f"--text-mode must be one of {TEXT_MODES}, got {text_mode!r}")
     specs: list[InputSpec] = []
@@ -153,6 +155,8 @@ def _resolve_inputs(patterns: list[str], text_mode: str, text_field: str) -> lis
         if key not in seen:
             seen.add(key)
             specs.append(InputSpec(str(path), _kind_of(path), text_mode, text_field))
+        elif str(path) not in repeated:
+            repeated.append(str(path))
 
     def add_folder(path: Path, required: bool = True) -> None:
         if any((path / m).is_file() for m in _HF_MARKERS):

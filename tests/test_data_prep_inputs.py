@@ -182,6 +182,9 @@ def test_folders_and_globs_sorted_and_deduplicated(tmp_path):
     (tmp_path / "corpus" / ".git" / "config").write_text("[core]\n", encoding="utf-8")
     specs = inp.resolve_inputs([str(tmp_path / "corpus"), str(tmp_path / "corpus" / "*.txt")])
     assert [s.path for s in specs] == [str(tmp_path / "corpus" / "b.txt"), str(sub / "a.txt")]
+    repeated = []
+    inp.resolve_inputs([str(tmp_path / "corpus"), str(tmp_path / "corpus" / "*.txt"), str(sub / "a.txt")], repeated=repeated)
+    assert repeated == [str(tmp_path / "corpus" / "b.txt"), str(sub / "a.txt")]
     with pytest.raises(inp.InputError, match="glob matched nothing"):
         inp.resolve_inputs([str(tmp_path / "nothing*.txt")])
     only_hidden = tmp_path / "only_hidden"
@@ -247,7 +250,7 @@ def test_tagged_demo_file_gives_raw_text():
     assert first == DOCS[0] and "/" not in first and " " not in first
 
 
-def test_build_over_mixed_inputs_records_checksums(tmp_path):
+def test_build_over_mixed_inputs_records_checksums(tmp_path, caplog):
     half = len(DOCS) // 2
     jsonl = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in DOCS[:half])
     (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(jsonl.encode()))
@@ -255,9 +258,15 @@ def test_build_over_mixed_inputs_records_checksums(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": DOCS[half:]}), tmp_path / "b.parquet")
-    meta = core.build(core.BuildConfig(language="zh", output=str(tmp_path / "ds"),
-                                       inputs=[str(tmp_path / "a.jsonl.gz"), str(tmp_path / "b.parquet")],
-                                       shard_documents=25, valid_fraction=0.1, progress=False))
+    # b.parquet named twice (by name and by a glob): read once, and the user is told
+    with caplog.at_level("WARNING", logger="data_prep"):
+        meta = core.build(core.BuildConfig(language="zh", output=str(tmp_path / "ds"),
+                                           inputs=[str(tmp_path / "a.jsonl.gz"), str(tmp_path / "b.parquet"),
+                                                   str(tmp_path / "*.parquet")],
+                                           shard_documents=25, valid_fraction=0.1, progress=False))
+    warned = [r.getMessage() for r in caplog.records if "named more than once" in r.getMessage()]
+    assert warned == [f"1 input named more than once (by --input's files, globs or folders) is read once: "
+                      f"{tmp_path / 'b.parquet'}. To give a corpus more weight, copy it under another name"], warned
     assert meta["stats"]["documents"] == len(DOCS)
     assert [i["sha256"] for i in meta["inputs"]] == [
         hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in ("a.jsonl.gz", "b.parquet")]
