@@ -306,6 +306,10 @@ def test_kubernetes_pod_restarts_until_the_run_reached_its_last_step(tmp_path):
     assert "--nnodes 2 --node_rank 1 --nproc_per_node 8" in args and "--master_port 23456" in args
     assert f"pipeline/pretrain.py --config pipeline/recipes/bert-base.yaml --resume auto data.path=/shared/data/zh output_dir={run_dir}" in args
 
+    # an operator that sets spec.nprocPerNode's variables: WORLD_SIZE counts processes, PET_NNODES the pods
+    pod(WORLD_SIZE="16", RANK="1", PET_NNODES="2", PET_NODE_RANK="1", PET_NPROC_PER_NODE="8")
+    assert "--nnodes 2 --node_rank 1 --nproc_per_node 8" in (tmp_path / "torchrun.args").read_text()
+
     failed = pod(TORCHRUN_STATUS="7")  # a failed run keeps its status
     assert failed.returncode == 7, failed.stdout + failed.stderr
 
