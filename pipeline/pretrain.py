@@ -887,12 +887,14 @@ def _main(argv: list[str] | None, run_lock: RunLock) -> int:
     if resume_path is not None:
         state = ckpt.rng_state_for_rank(client_state, dist.get_rank(), dist.get_world_size(), p.tensor_parallel)
         if state is not None and not parallel.rng_state_fits(state):
-            log.warning("the checkpoint's RNG state was saved on another kind of device (CPU vs GPU)")
+            if rank == 0:  # (every rank's alike: said once)
+                log.warning("the checkpoint's RNG state was saved on another kind of device (CPU vs GPU)")
             state = None
         if state is not None:
             parallel.set_rng_state(state)
         else:  # another layout (a converted checkpoint): fresh, but distinct, dropout streams
-            log.warning("checkpoint has no RNG state for this layout: re-seeding dropout")
+            if rank == 0:
+                log.warning("checkpoint has no RNG state for this layout: re-seeding dropout")
             parallel.set_seed(config.seed + step)
 
     # 6. Train.
@@ -950,7 +952,8 @@ def _main(argv: list[str] | None, run_lock: RunLock) -> int:
             profiler.close_if_done()
 
             if preemption.any_rank(job_start, config.schedule.stop_after_minutes):
-                log.warning("preemption signal or job time limit: saving at step %d, then exiting", step)
+                if rank == 0:  # every rank saves; one line says so
+                    log.warning("preemption signal or job time limit: saving at step %d, then exiting", step)
                 save("preemption")
                 break
             if config.schedule.stop_after and step - job_first_step >= config.schedule.stop_after:
@@ -970,7 +973,8 @@ def _main(argv: list[str] | None, run_lock: RunLock) -> int:
     log.info("done at step %d", step)
     dist.barrier()
     if preemption.interrupted:
-        log.warning("stopped by Ctrl-C after saving step %d: the same command with --resume auto continues from it", step)
+        if rank == 0:
+            log.warning("stopped by Ctrl-C after saving step %d: the same command with --resume auto continues from it", step)
         return 130
     return 0
 

@@ -292,6 +292,7 @@ def test_continue_on_another_tp_dp_layout(layout_runs, tmp_path, tmp_path_factor
             log=tmp_path / f"tp{tp}_dp{dp}.log", launcher="torchrun",
         )
         assert_ok(code, output)
+        assert output.count("re-seeding dropout") == 1, output[-3000:]  # said once, not by every rank
         got = losses(out)
         assert sorted(got) == [6, 7, 8, 9, 10], sorted(got)
         for step, value in got.items():

@@ -103,6 +103,7 @@ def test_exact_resume_through_kill_during_save_and_sigterm(tmp_path_factory, tmp
     c_log = (tmp_path / "c.log").read_text()
     assert code == 0, c_log[-3000:]
     assert "resumed from" in c_log and "step_00000005" in c_log
+    assert c_log.count("preemption signal or job time limit: saving at step") == 1, c_log[-3000:]  # not once per rank
     c_steps = sorted(read_metrics(c_dir))
     assert c_steps[0] == 6 and c_steps[-1] < 20
     newest_step, newest = complete_checkpoints(checkpoints)[-1]
