@@ -659,6 +659,15 @@ def finished_status(config) -> int:
     scripts train with checkpointing.save_at_end=true), STOPPED_EARLY if not; prints which."""
     found = ckpt.complete_checkpoints(config.checkpoint_dir)
     step = found[-1][0] if found else 0
+    saved = ckpt.read_marker(found[-1][1]).get("model_config") if found else None
+    if saved:  # another model than this command line's: training would refuse it, so it is not "finished"
+        model = build_model_config(config).to_dict()
+        diffs = [f"{k}: checkpoint {saved.get(k)!r} vs command line {model.get(k)!r}" for k in ckpt.SHAPE_FIELDS
+                 if not k.endswith("_vocab_size") and saved.get(k) != model.get(k)]  # (vocabularies: the dataset's)
+        if diffs:
+            raise ckpt.CheckpointError(
+                f"{found[-1][1]} has another model shape than this command line ({'; '.join(diffs)}): it is another "
+                f"run's. Use its model settings, or give this run another output_dir (or checkpointing.dir)")
     if step >= config.schedule.train_steps:
         print(f"finished: {config.checkpoint_dir} has a complete checkpoint at step {step} "
               f"(schedule.train_steps={config.schedule.train_steps})")

@@ -332,6 +332,18 @@ def test_finished_check_refuses_a_config_training_would_refuse(tmp_path):
             pretrain.main([*args, "schedule.warmup_steps=2", override])
     if "megatron.core" not in sys.modules:  # a test before this one in the process may have loaded it
         assert pretrain.main([*args, "schedule.warmup_steps=2"]) == 0 and "megatron.core" not in sys.modules
+    # A checkpoint of another model (the recipe changed, the output_dir not) is not "finished": training
+    # would refuse it. Its vocabulary sizes are the dataset's, which the check does not read.
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.config import build_model_config, load_config
+
+    tiny = build_model_config(load_config(str(ROOT / "pipeline" / "recipes" / "demo.yaml"), ["model.recipe=tiny"])).to_dict()
+    (last / "COMPLETE").write_text(json.dumps({"model_config": {**tiny, "fine_vocab_size": 21128}}), encoding="utf-8")
+    assert pretrain.main([*args, "schedule.warmup_steps=2", "model.recipe=tiny"]) == 0
+    with pytest.raises(CheckpointError, match=r"has another model shape than this command line \(hidden_size: "
+                                              r"checkpoint 64 vs command line 128.*another output_dir"):
+        pretrain.main([*args, "schedule.warmup_steps=2", "model.recipe=tiny", "model.hidden_size=128"])
+    (last / "COMPLETE").write_text("{}", encoding="utf-8")
     # The check runs without the job's layout: a global batch size of 8 ranks' worth (the bert-base
     # recipe's 256) is not refused there, nor on 8 data-parallel ranks; on 16 the fix is named.
     base = ["--config", str(ROOT / "pipeline" / "recipes" / "bert-base.yaml"), f"output_dir={tmp_path}"]
