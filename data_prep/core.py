@@ -1440,13 +1440,26 @@ def _sum_count_tables(parts: list[dict[str, PackedCounter | Counter]]) -> dict[s
     return {key: sum_count_tables(counters) for key, counters in tables.items()}
 
 
+def _work_json(path: Path):
+    """A JSON file of the work directory; a damaged one raises ValueError naming it (a resume's
+    "missing or damaged" message then says which file)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+
+
 def _sum_shard_counts(shard_dirs: list[str]) -> dict[str, PackedCounter | Counter]:
     """The count tables (counts.pkl) of these shards, summed key by key (a worker task)."""
     parts = []
     with _NoCyclicGC():
         for shard_dir in shard_dirs:
-            with open(Path(shard_dir) / SHARD_COUNTS_FILE, "rb") as fh:
-                parts.append(pickle.load(fh))
+            path = Path(shard_dir) / SHARD_COUNTS_FILE
+            with open(path, "rb") as fh:
+                try:
+                    parts.append(pickle.load(fh))
+                except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as exc:
+                    raise ValueError(f"{path} is damaged ({type(exc).__name__}: {exc})") from None
         return _sum_count_tables(parts)
 
 
@@ -1478,7 +1491,7 @@ def _read_into_shards(config, comm, specs, work: Path, executor: _Executor, on_a
                       params: dict) -> dict:
     """Stage 2 (+ 3 in the background): stream the corpus into shards, analyse each as it is written."""
     if read_done:  # a resumed build: every rank had written its shards before
-        summary = json.loads((work / READ_FILE).read_text())
+        summary = _work_json(work / READ_FILE)
         mine = [k for k in range(summary["num_shards"]) if k % comm.size == comm.rank]
         unwritten = [k for k in mine if not (_shard_dir(work, k) / SHARD_DOCUMENTS_FILE).exists()]
         if not unwritten:
@@ -1764,7 +1777,7 @@ def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.Inp
             raise
         stage_seconds["fit"] = round(time.time() - started - sum(stage_seconds.values()), 2)
         all_counts = None  # free the gathered tables
-        fit_stats = json.loads((work / "fit.done").read_text())
+        fit_stats = _work_json(work / "fit.done")
         fine_size = len(fmt.Vocab.load(artifacts / fmt.FINE_VOCAB_FILE))
         coarse_size = len(fmt.Vocab.load(artifacts / fmt.COARSE_VOCAB_FILE))
 

@@ -542,6 +542,11 @@ def test_resume_of_a_damaged_work_directory_names_the_fix(reference, tmp_path, d
     if damage == "bin":
         assert f"000003/{core.SHARD_PART_FILE} is not a complete shard part" in str(info.value)
         assert "truncated" in str(info.value)
+    if damage in ("counts", "read_json"):  # the file is named
+        named = (f"000003/{core.SHARD_COUNTS_FILE} is damaged (UnpicklingError" if damage == "counts" else
+                 f"{core.READ_FILE} is not valid JSON (Expecting property name")
+        assert named in str(info.value), str(info.value)
+        assert "a file of that build is missing or damaged (removed by hand, or a machine crash)" in str(info.value)
     assert not out.exists()
     core.build(small_config(corpus, out, shard_documents=SHARD_DOCS, overwrite=True))  # the fix works
     assert dataset_bytes(out) == expected
