@@ -813,7 +813,7 @@ def test_output_dot_names_the_folder_and_verify_refuses_build_options(tmp_path, 
     here = tmp_path / "here"
     here.mkdir()
     monkeypatch.chdir(here)
-    for given in (".", "./", "sub/..", "."):
+    for given in (".", "./", "sub/..", "sub/../."):
         assert core.BuildConfig(language="zh", output=given).output == str(here)
     assert core.BuildConfig(language="zh", output="ds").output == "ds"  # other paths stay as given
     from data_prep.build import main

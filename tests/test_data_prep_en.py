@@ -744,10 +744,15 @@ def test_cased_build_keeps_case(bbc_corpus, tmp_path):
     ds = PairedDataset(out)
     assert "Blair" in ds.coarse_vocab and "London" in ds.coarse_vocab
     doc = ds.split("train").document(0)
-    text = ds.decode_fine(doc.fine)
-    assert any(ch.isupper() for ch in text)
-    if 1 not in doc.coarse:
-        assert ds.decode_coarse(doc.coarse) == text
+    assert any(ch.isupper() for ch in ds.decode_fine(doc.fine))
+    checked = 0  # the sentences without a coarse [UNK] (a rare word) read the same at both granularities
+    for s in range(doc.num_sentences):
+        fine = doc.fine[doc.fine_offsets[s]:doc.fine_offsets[s + 1]]
+        coarse = doc.coarse[doc.coarse_offsets[s]:doc.coarse_offsets[s + 1]]
+        if 1 not in coarse:
+            assert ds.decode_coarse(coarse) == ds.decode_fine(fine)
+            checked += 1
+    assert checked >= 3, (checked, doc.num_sentences)
 
 
 def test_report_samples_a_bounded_spread_of_the_corpus(tmp_path):

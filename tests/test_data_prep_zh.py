@@ -265,7 +265,7 @@ def test_segeval_scores_gold_segmentation(built):
     assert 0.6 < scores["coarse_tokens"].f1 <= 1.0
 
 
-def test_segeval_dataset_uses_its_segmenter_and_refuses_another_language(built, tmp_path):
+def test_segeval_dataset_uses_its_segmenter_and_refuses_another_language(built, tmp_path, capsys):
     from data_prep.segeval import evaluate, main
 
     _, ds_dir, _ = built
@@ -280,12 +280,16 @@ def test_segeval_dataset_uses_its_segmenter_and_refuses_another_language(built, 
     (other / fmt.META_FILE).write_text(json.dumps({**meta, "language": "en"}))
     with pytest.raises(ValueError, match=r"is a --lang en dataset: --dataset scores .* Chinese"):
         evaluate(None, lines=50, dataset=str(other))
+    capsys.readouterr()
     assert main(["--lines", "5", "--dataset", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'missing'} is not a paired dataset: it does not exist. Build one with" in err, err
     # --lines 0 or -5 scored one paragraph; an edited vocabulary was scored as the build's
     for lines in ("0", "-5"):
         with pytest.raises(SystemExit) as exit_info:
             main(["--lines", lines])
         assert exit_info.value.code == 2
+        assert f"--lines must be >= 1, got {lines}" in capsys.readouterr().err
     assert peoples_daily_gold(0) == [] and len(peoples_daily_gold(3)) == 3
     edited = tmp_path / "edited"
     shutil.copytree(ds_dir, edited)

@@ -330,8 +330,12 @@ def test_finished_check_refuses_a_config_training_would_refuse(tmp_path):
                               ("model.num_attention_heads=3", "not divisible by num_attention_heads=3")):
         with pytest.raises(ConfigError, match=message):
             pretrain.main([*args, "schedule.warmup_steps=2", override])
-    if "megatron.core" not in sys.modules:  # a test before this one in the process may have loaded it
-        assert pretrain.main([*args, "schedule.warmup_steps=2"]) == 0 and "megatron.core" not in sys.modules
+    # (in a process of its own: a test before this one may have loaded megatron-core into pytest's)
+    probe = ("import sys; from pipeline import pretrain; code = pretrain.main(sys.argv[1:]); "
+             "print(code, 'megatron.core' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", probe, *args, "schedule.warmup_steps=2"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "0 False", proc.stdout + proc.stderr
     # A checkpoint of another model (the recipe changed, the output_dir not) is not "finished": training
     # would refuse it. Its vocabulary sizes are the dataset's, which the check does not read.
     from pipeline.checkpoint import CheckpointError

@@ -25,10 +25,17 @@ def test_bad_profile_settings_name_the_field_and_the_fix(override, message):
     assert message in str(info.value)
 
 
-def test_good_profile_settings_pass():
-    for overrides in (["logging.profile_steps=200"], ["logging.profile_steps= 10 - 12", "logging.profile_ranks=all"],
-                      ["logging.profile_steps=3", "logging.profile_ranks=0,3"], ["logging.profile_steps="]):
-        validate(load_config(None, overrides), 4, paths=False)
+def test_good_profile_settings_pass_and_parse():
+    from pipeline.config import parse_profile_ranks, parse_profile_steps
+
+    for overrides, steps, ranks in ((["logging.profile_steps=200"], (200, 200), {0}),
+                                    (["logging.profile_steps= 10 - 12", "logging.profile_ranks=all"], (10, 12), {0, 1, 2, 3}),
+                                    (["logging.profile_steps=3", "logging.profile_ranks= 0, 3"], (3, 3), {0, 3}),
+                                    (["logging.profile_steps="], None, {0})):
+        config = load_config(None, overrides)
+        validate(config, 4, paths=False)
+        assert parse_profile_steps(config.logging.profile_steps) == steps, overrides
+        assert parse_profile_ranks(config.logging.profile_ranks, 4) == ranks, overrides
 
 
 def assert_traced(profile, expected: dict[str, set[str]]) -> None:
