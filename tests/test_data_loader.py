@@ -235,7 +235,8 @@ def test_empty_split_is_refused(tmp_path):
     write_synthetic_dataset(d, num_docs=4)
     w = fmt.SplitWriter(d, "train", 64, 200)
     w.finalize()  # an empty train split
-    with pytest.raises(ValueError, match="yields no samples"):
+    with pytest.raises(ValueError, match=r"split 'train' of .*ds yields no samples \(no documents\); rebuild the "
+                                         r"dataset with a non-empty train split"):
         D.PretrainingData.open(str(d), 32, D.MaskingConfig(), seed=0)
 
 

@@ -99,9 +99,10 @@ def test_existing_output_needs_overwrite(tmp_path):
 
 
 def test_vocab_rules(tmp_path):
-    with pytest.raises(fmt.FormatError, match="special tokens"):
+    with pytest.raises(fmt.FormatError, match=r"a vocabulary must start with the special tokens \('\[PAD\]', "
+                                              r"'\[UNK\]', '\[CLS\]', '\[SEP\]', '\[MASK\]'\), got \['a', 'b'\]"):
         fmt.Vocab(["a", "b"])
-    with pytest.raises(fmt.FormatError, match="duplicate"):
+    with pytest.raises(fmt.FormatError, match="duplicate vocabulary entry 'a'"):
         fmt.Vocab(list(fmt.SPECIAL_TOKENS) + ["a", "a"])
     v = fmt.Vocab.from_tokens(["中", "国", "[MASK]"])
     assert len(v) == fmt.NUM_SPECIAL + 2 and v.id("中") == 5 and v.id("x") == fmt.UNK_ID
@@ -303,7 +304,7 @@ def test_merge_refuses_parts_with_other_vocabulary_sizes(tmp_path):
             fmt.write_indexed_dataset(fmt.prefix(d, "train", stream), dtype, np.ones(3), [3], [0, 1])
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(fmt.FormatError, match="different vocabularies"):
+    with pytest.raises(fmt.FormatError, match="different vocabularies; rebuild them with the same ones"):
         fmt.merge_splits(out, "train", [tmp_path / "a", tmp_path / "b"], 300, 300)
     (tmp_path / "a" / "train_fine.idx").write_bytes(b"garbage")
     with pytest.raises(fmt.FormatError, match="not a megatron-core IndexedDataset index"):
