@@ -2,8 +2,9 @@
 # Multi-node pre-training over Open MPI, two ways (MODE=deepspeed | mpirun).
 #
 #   MODE=deepspeed: `deepspeed --launcher openmpi` builds the mpirun command from the hostfile.
-#   MODE=mpirun:    plain mpirun; pipeline/pretrain.py finds rank/world size through mpi4py
-#                   (deepspeed.init_distributed(auto_mpi_discovery=True)).
+#   MODE=mpirun:    plain mpirun; pipeline/pretrain.py takes rank / world size from Open MPI's
+#                   OMPI_COMM_WORLD_* and the rendezvous from MASTER_ADDR / MASTER_PORT (plain mpirun
+#                   without MASTER_ADDR falls back to DeepSpeed's mpi4py discovery).
 #
 #   HOSTFILE=launchers/hostfile.example MODE=mpirun NP=16 bash launchers/openmpi.sh data.path=/shared/data/zh \
 #     parallelism.micro_batch_size=16   # bert-base's global batch 256 = micro-batch 16 x 16 ranks
@@ -14,9 +15,13 @@
 #   NP            total processes for MODE=mpirun (default: sum of slots)
 #   RECIPE        run config (default pipeline/recipes/bert-base.yaml)
 #   DS_CONFIG     DeepSpeed JSON (default: the recipe's parallelism.deepspeed_config)
+#   MASTER_ADDR   rendezvous host for MODE=mpirun (default: the hostfile's first host; without it
+#                 DeepSpeed's MPI discovery would take rank 0's first `hostname -I` address)
 #   MASTER_PORT   rendezvous port (default 29500)
 #   OMP_NUM_THREADS  torch threads per rank for MODE=mpirun (default: this node's cores / its slots)
-#   MPI_ARGS      extra mpirun arguments, e.g. "--mca btl_tcp_if_include eth0"
+#   MPI_ARGS      extra mpirun arguments, e.g. "--mca btl_tcp_if_include ib0" (MODE=deepspeed: DeepSpeed
+#                 adds "--mca btl_tcp_if_include eth0" unless MPI_ARGS names btl_tcp_if_include: name the
+#                 nodes' interface there if it is not eth0)
 #                 (as root add "--allow-run-as-root"; more ranks than cores: "--oversubscribe");
 #                 split like a shell line (shlex), so a value with spaces can be quoted:
 #                 MPI_ARGS='-x NCCL_IB_HCA="mlx5_0 mlx5_1"' (DeepSpeed splits --launcher_args the same way)
@@ -76,7 +81,8 @@ case "$MODE" in
     # between its ranks instead (as torchrun sets OMP_NUM_THREADS), unless OMP_NUM_THREADS is given.
     cores="$(nproc 2>/dev/null || echo 1)"
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / SLOTS > 0 ? cores / SLOTS : 1 ))}"
-    forward=(-x PATH -x MASTER_PORT="$MASTER_PORT" -x OMP_NUM_THREADS)
+    MASTER_ADDR="${MASTER_ADDR:-$(awk '!/^#/ && NF {print $1; exit}' "$HOSTFILE")}"
+    forward=(-x PATH -x MASTER_ADDR="$MASTER_ADDR" -x MASTER_PORT="$MASTER_PORT" -x OMP_NUM_THREADS)
     for var in LD_LIBRARY_PATH DS_ACCELERATOR HF_DATASETS_OFFLINE HF_HUB_OFFLINE; do
       if [ -n "${!var:-}" ]; then forward+=(-x "$var"); fi
     done

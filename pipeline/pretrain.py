@@ -121,6 +121,13 @@ def launch_env() -> tuple[int, int, int]:
             )
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
         os.environ.setdefault("MASTER_PORT", "29500")
+    elif "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" in os.environ and os.environ.get("MASTER_ADDR"):
+        # Plain mpirun with MASTER_ADDR given (launchers/openmpi.sh gives its hostfile's first host):
+        # torch's env:// rendezvous from Open MPI's variables. Without them DeepSpeed's MPI discovery
+        # replaces MASTER_ADDR with the first address of rank 0's `hostname -I`, which other nodes may
+        # not reach (a docker bridge, a management network): a hang at start-up.
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+        os.environ.setdefault("MASTER_PORT", "29500")
     return rank, world, local
 
 

@@ -91,6 +91,8 @@ def test_openmpi_template_renders_the_mpirun_command(tmp_path):
     # not pinned to one core per rank (Open MPI's default for <= 2 ranks); no -x for a variable that is unset
     # (mpirun warned about each); the user's own binding replaces ours
     assert "--bind-to none" in line and f"-x MASTER_PORT={env.get('MASTER_PORT', 29500)}" in line
+    # the rendezvous host: the hostfile's first (DeepSpeed's MPI discovery took rank 0's `hostname -I`)
+    assert f"-x MASTER_ADDR={env.get('MASTER_ADDR', 'node001')}" in line
     assert "-x OMP_NUM_THREADS" in line  # the node's cores shared between its ranks (set unless given)
     quiet = {k: v for k, v in env.items() if k not in ("LD_LIBRARY_PATH", "HF_HUB_OFFLINE")}
     line = subprocess.run(["bash", str(LAUNCHERS / "openmpi.sh"), "data.path=/x"], env={**quiet, "MPI_ARGS": "--bind-to socket"},
@@ -148,6 +150,24 @@ def test_srun_environment_is_mapped(monkeypatch):
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "8", "1")
 
 
+def test_plain_mpirun_with_master_addr_is_mapped(monkeypatch):
+    """mpirun sets only OMPI_*: with MASTER_ADDR given (openmpi.sh gives its hostfile's first host) the
+    env:// variables are exported, so DeepSpeed does not run its MPI discovery, which replaced
+    MASTER_ADDR with rank 0's first `hostname -I` address. Without MASTER_ADDR: left to the discovery."""
+    from pipeline.pretrain import launch_env
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_ID"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "3")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "16")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "3")
+    assert launch_env() == (3, 16, 3) and "RANK" not in os.environ  # MPI discovery's job
+    monkeypatch.setenv("MASTER_ADDR", "node001")
+    assert launch_env() == (3, 16, 3)
+    assert [os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")] == ["3", "16", "3", "29500"]
+
+
 def test_two_nodes_on_loopback_and_mpirun_agree_with_single_node(tmp_path_factory, tmp_path):
     reference = get_reference_run(tmp_path_factory)
     dataset = get_dataset(tmp_path_factory)
@@ -177,7 +197,8 @@ def test_two_nodes_on_loopback_and_mpirun_agree_with_single_node(tmp_path_factor
     if shutil.which("mpirun") is None:
         pytest.skip("mpirun (Open MPI) is not installed: apt-get install openmpi-bin")
     cmd = ["mpirun", "-np", "2", "--bind-to", "none", "--oversubscribe",
-           "-x", "DS_ACCELERATOR", "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", "-x", f"MASTER_PORT={free_port()}"]
+           "-x", "DS_ACCELERATOR", "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", "-x", f"MASTER_PORT={free_port()}",
+           "-x", "MASTER_ADDR=127.0.0.1"]  # as openmpi.sh gives it: no MPI discovery
     if os.geteuid() == 0:
         cmd.insert(1, "--allow-run-as-root")
     result = subprocess.run([*cmd, sys.executable, PRETRAIN, *common, f"output_dir={tmp_path / 'mpirun'}"],

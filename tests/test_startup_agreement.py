@@ -398,10 +398,12 @@ def test_converting_into_the_checkpoints_own_folder_is_refused(tmp_path_factory)
         to_universal(newest, newest.parent)
 
 
-def test_a_rank_stopping_with_an_error_under_plain_mpirun_ends_the_job(tmp_path, tmp_path_factory):
+@pytest.mark.parametrize("master_addr", [None, "127.0.0.1"], ids=["mpi-discovery", "master-addr-given"])
+def test_a_rank_stopping_with_an_error_under_plain_mpirun_ends_the_job(tmp_path, tmp_path_factory, master_addr):
     """Under `mpirun` (no torch launcher), a rank that stops with its own error line used to sit in
     MPI_Finalize (mpi4py calls it at exit; it waits for the other ranks) while its peer waited for it
-    in the rendezvous: the job hung until the collective timeout. It now aborts the MPI job."""
+    in the rendezvous: the job hung until the collective timeout. It now aborts the MPI job. With
+    MASTER_ADDR given (as openmpi.sh gives it: no mpi4py), mpirun ends the job on the rank's exit code."""
     import shutil
     import socket
 
@@ -412,7 +414,7 @@ def test_a_rank_stopping_with_an_error_under_plain_mpirun_ends_the_job(tmp_path,
         held.listen(1)
         port = held.getsockname()[1]
         cmd = ["mpirun", "-np", "2", "--bind-to", "none", "--oversubscribe", "-x", "DS_ACCELERATOR", "-x", "OMP_NUM_THREADS",
-               "-x", "PYTHONPATH", "-x", f"MASTER_PORT={port}"]
+               "-x", "PYTHONPATH", "-x", f"MASTER_PORT={port}", *(["-x", f"MASTER_ADDR={master_addr}"] if master_addr else [])]
         if os.geteuid() == 0:
             cmd.insert(1, "--allow-run-as-root")
         started = time.monotonic()
