@@ -199,7 +199,7 @@ def init_distributed(backend: str | None = None, auto_mpi_discovery: bool = True
     # torch.cuda.is_available(); DS_ACCELERATOR=cpu keeps a GPU node's job on the CPU, over gloo).
     backend = backend or ("nccl" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu" else "gloo")
     if backend == "nccl":  # before any collective: NCCL object collectives use the current device
-        torch.cuda.set_device(_local_rank())
+        select_gpu()
     # DeepSpeed's MPI discovery (plain `mpirun`, or no launcher at all) sets MASTER_PORT to its
     # distributed_port, 29500 unless told: the user's MASTER_PORT is passed on, or it would be ignored.
     port = os.environ.get("MASTER_PORT", "29500")
@@ -230,6 +230,20 @@ def deepspeed_build_lock() -> Path:
 
         root = os.path.join(get_default_build_root(), _extensions_flavour())
     return Path(root) / DEEPSPEED_JIT_OP / "lock"
+
+
+def select_gpu() -> None:
+    """``torch.cuda.set_device(local rank)``, or an error that says why this process cannot: each
+    process takes GPU <local rank> of its node, so it must see all of the node's GPUs (a scheduler
+    that gives each task one GPU made it fail with CUDA's bare "invalid device ordinal")."""
+    local, count = _local_rank(), torch.cuda.device_count()
+    if local >= count:
+        raise RuntimeError(
+            f"local rank {local}, but this process sees {count} GPU(s) (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): each process takes GPU <local rank> of its node, so "
+            f"every process must see all of the node's GPUs (under srun: --gpu-bind=none and no --gpus-per-task, as "
+            f"launchers/slurm.sbatch does), or start no more processes per node than it has GPUs")
+    torch.cuda.set_device(local)
 
 
 def _local_rank() -> int:
@@ -417,14 +431,17 @@ def initialize_parallel(tensor_parallel_size: int = 1, seed: int = 1234, timeout
             "use a divisor of the number of processes"
         )
     if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        select_gpu()
     if (parallel_state.model_parallel_is_initialized()
             and parallel_state.get_tensor_model_parallel_world_size() != tensor_parallel_size):
         parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         # (megatron annotates the timeout as int minutes; it only builds a timedelta from it)
+        # (no gloo copies of the groups: nothing here uses them, and on GPU nodes they opened a full
+        # mesh of extra TCP connections at start-up, through whatever interface gloo picks)
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size,
-                                                 distributed_timeout_minutes=timeout_minutes)
+                                                 distributed_timeout_minutes=timeout_minutes,
+                                                 create_gloo_process_groups=False)
     if not torch.cuda.is_available():
         # megatron's buffer allocates on torch.cuda.current_device(): replace it.
         parallel_state._GLOBAL_MEMORY_BUFFER = DeviceGlobalMemoryBuffer()

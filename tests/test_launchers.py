@@ -283,3 +283,25 @@ def test_slurm_template_requeues_until_the_last_step_is_saved(tmp_path, tmp_path
     elsewhere.mkdir()
     code, output = _sbatch(tmp_path, elsewhere, args, job=12)
     assert code == 2 and f"error: {elsewhere} is not the AMBERT repository" in output and "AMBERT_ROOT" in output, output
+
+
+def test_a_process_that_cannot_see_its_gpu_is_told_why(monkeypatch):
+    """Each process takes GPU <local rank> of its node; a scheduler that shows a task one GPU made
+    local rank 5 fail with CUDA's bare "invalid device ordinal" (slurm.sbatch now passes --gpu-bind=none)."""
+    import torch
+
+    from pipeline import parallel
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+    with pytest.raises(RuntimeError, match=r"local rank 5, but this process sees 1 GPU\(s\) \(CUDA_VISIBLE_DEVICES=5\).*"
+                                           r"--gpu-bind=none"):
+        parallel.select_gpu()
+    assert chosen == []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    parallel.select_gpu()
+    assert chosen == [5]
+    assert "--gpu-bind=none" in (LAUNCHERS / "slurm.sbatch").read_text().split("\nsrun ", 1)[1].split("\n", 1)[0]
