@@ -250,6 +250,19 @@ class FinetuneConfig:
                 fail("batch_size", f"{self.batch_size} is not divisible by the {world} ranks; use a multiple of {world}")
             if self.deepspeed_config and not Path(self.deepspeed_config).is_file():
                 fail("deepspeed_config", f"{self.deepspeed_config} does not exist")
+            if self.deepspeed_config:
+                try:
+                    zero = json.loads(Path(self.deepspeed_config).read_text(encoding="utf-8")).get("zero_optimization") or {}
+                except (OSError, ValueError, AttributeError) as exc:
+                    fail("deepspeed_config", f"{self.deepspeed_config} is not a DeepSpeed JSON object ({exc})")
+                offload = zero.get("offload_optimizer") or {} if isinstance(zero, dict) else {}
+                if isinstance(offload, dict) and str(offload.get("device", "none")).lower() in ("cpu", "nvme"):
+                    # DeepSpeed runs ZeRO-Offload only with its own CPU Adam; fine-tuning passes its own AdamW
+                    # (decay groups): deepspeed.initialize refused it after the model was loaded
+                    fail("deepspeed_config", f"{self.deepspeed_config} offloads the optimizer "
+                                             f"(offload_optimizer.device={offload.get('device')}), which fine-tuning "
+                                             f"does not support: give a config without offload (ds_configs/zero1.json "
+                                             f"or zero2.json; the default is ZeRO-1)")
 
 
 # ---------------------------------------------------------------------------------------------

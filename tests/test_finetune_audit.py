@@ -389,3 +389,27 @@ def test_fine_tuning_output_inside_a_model_or_dataset_and_bad_flags_are_refused(
         with pytest.raises(FinetuneError, match=message):
             FinetuneConfig(**{**base, **change}).validate()
     assert sorted(p.name for p in export.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_an_optimizer_offload_config_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """Fine-tuning passes its own AdamW (decay groups), which DeepSpeed's ZeRO-Offload does not run:
+    --deepspeed-config ds_configs/zero3_offload.json failed inside deepspeed.initialize, after the
+    model had loaded. Refused by the config check now, naming the configs that work."""
+    from pipeline.finetuning import FinetuneConfig, FinetuneError
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    files = make_sentiment_files(tmp_path, sizes=(4, 4, 4))
+    root = Path(__file__).resolve().parents[1]
+    config = FinetuneConfig(model="random:tiny", train=str(files["train"]), dev=str(files["dev"]),
+                            output=str(tmp_path / "out"), deepspeed=True,
+                            deepspeed_config=str(root / "ds_configs" / "zero3_offload.json"))
+    with pytest.raises(FinetuneError, match=r"--deepspeed-config: .*zero3_offload.json offloads the optimizer "
+                                            r"\(offload_optimizer.device=cpu\), which fine-tuning does not support: "
+                                            r"give a config without offload \(ds_configs/zero1.json"):
+        config.validate()
+    for name in ("zero1.json", "zero3.json", "zero3_cpu.json"):
+        FinetuneConfig(**{**config.__dict__, "deepspeed_config": str(root / "ds_configs" / name)}).validate()
+    broken = tmp_path / "broken.json"
+    broken.write_text("[1, 2]")
+    with pytest.raises(FinetuneError, match=r"--deepspeed-config: .*broken.json is not a DeepSpeed JSON object"):
+        FinetuneConfig(**{**config.__dict__, "deepspeed_config": str(broken)}).validate()
