@@ -411,22 +411,24 @@ def train_step(engine, batches, accumulation_steps: int, dp_group, poison: bool 
     work (tokens, masked tokens, FLOPs) summed over them."""
     model_config = engine.module.config
     keys = metric_keys(model_config)
-    totals = torch.zeros(len(keys), dtype=torch.float64)
+    totals = None  # summed on the model's device: no host sync per micro-batch (one, after the all-reduce)
     work = torch.zeros(4, dtype=torch.float64)
     for _ in range(accumulation_steps):
         cpu_batch = next(batches)
         work += micro_batch_work(model_config, cpu_batch)  # from the loader's CPU tensors: no device sync
-        batch = {k: v.to(engine.device) for k, v in cpu_batch.items()}
+        batch = {k: v.to(engine.device, non_blocking=True) for k, v in cpu_batch.items()}  # (pinned on GPU)
         out = engine(batch)
         if poison:  # _nan_injection
             out = {**out, "loss": out["loss"] * float("nan")}
             out.update({k: out[k] * float("nan") for k in keys if k.endswith("_loss")})
         engine.backward(out["loss"])
         engine.step()
-        totals += torch.tensor([float(out[k].detach()) for k in keys], dtype=torch.float64)
+        step_values = torch.stack([out[k].detach().reshape(()).to(torch.float64) for k in keys])
+        totals = step_values if totals is None else totals + step_values
     from pipeline.parallel import collective_device
 
-    packed = torch.cat([totals / accumulation_steps, work]).to(collective_device())
+    device = collective_device()
+    packed = torch.cat([(totals / accumulation_steps).to(device), work.to(device)])
     dist.all_reduce(packed, group=dp_group)
     values = packed.tolist()
     dp = dist.get_world_size(dp_group)
