@@ -741,7 +741,8 @@ def _main(argv: list[str] | None, run_lock: RunLock) -> int:
         # says nothing of the job's (the bert-base recipe's global_batch_size=256 is 8 ranks' worth)
         layout_free = copy.deepcopy(config)
         layout_free.parallelism.global_batch_size = 0
-        parse_profile_ranks(config.logging.profile_ranks, 1 << 30)  # the syntax; the ranks are the job's
+        if str(config.logging.profile_ranks).strip().lower() != "all":  # ("all" would be a set of 2^30 ranks)
+            parse_profile_ranks(config.logging.profile_ranks, 1 << 30)  # the syntax; the ranks are the job's
         layout_free.logging.profile_ranks = "0"
         validate(layout_free, max(1, config.parallelism.tensor_parallel), paths=False,
                  model_config=build_model_config(layout_free))
@@ -758,8 +759,13 @@ def _main(argv: list[str] | None, run_lock: RunLock) -> int:
 
     # 1. Config, validated on every rank before any collective call or allocation. A mistake in the
     #    command line or recipe is the same on every rank: each stops here, no process group needed.
-    config = load_config(args.config or DEFAULT_RECIPE, overrides)
-    validate(config, world_size, paths=False)
+    try:
+        config = load_config(args.config or DEFAULT_RECIPE, overrides)
+        validate(config, world_size, paths=False)
+    except ConfigError as exc:
+        if launch_env()[2] != 0:  # the same line on every rank of a node: printed once, by its local rank 0
+            raise SameOnEveryRank(str(exc)) from None
+        raise
     timeout = config.parallelism.collective_timeout_minutes
     try:
         validate_paths(config)
@@ -1028,6 +1034,11 @@ def _exit_job(code: int) -> None:
     sys.exit(code)
 
 
+class SameOnEveryRank(ConfigError):
+    """A command-line or recipe error, found alike by every rank before any process group: only each
+    node's local rank 0 prints it (a line per rank said the same thing 8 or 64 times)."""
+
+
 def report_error(message: str) -> None:
     """A stopping error: on stderr, and in this rank's log file; on the console's log lines too (with
     the rank in front) only when several ranks share the console, where it says whose error it is."""
@@ -1058,6 +1069,9 @@ if __name__ == "__main__":
     skip_final_garbage_collection()
     try:
         sys.exit(main())
+    except SameOnEveryRank:
+        time.sleep(1.0)  # the node's local rank 0 prints it first (a launcher stops the others when one exits)
+        _exit_job(2)
     except (ConfigError, ckpt.CheckpointError, FormatError) as exc:
         message = str(exc).strip()
         if "Original Traceback" in message:  # raised in a DataLoader worker: its message is the last line

@@ -51,3 +51,17 @@ def test_two_builds_in_one_process_keep_their_own_logs(tmp_path, capsys):
     first, second = ((tmp_path / f"{name}.build.log").read_text(encoding="utf-8") for name in ("m1", "m2"))
     assert str(tmp_path / "m1") in first and str(tmp_path / "m2") not in first
     assert str(tmp_path / "m2") in second and "wrote" in second
+
+
+def test_a_config_error_every_rank_finds_is_printed_once_per_node(tmp_path):
+    """`parallelism.tensor_parallel=3` on 2 ranks: every rank finds it before any process group; it
+    printed an `error:` line (and a log line) per rank. Now the node's local rank 0 prints it, and the
+    job still exits 2."""
+    from tests.test_pretrain import launch
+
+    for launcher in ("torchrun", "deepspeed"):
+        code, output = launch([f"output_dir={tmp_path / launcher}", "parallelism.tensor_parallel=3"], nproc=2,
+                              launcher=launcher, timeout=120)
+        assert code != 0, output[-3000:]
+        line = "error: parallelism.tensor_parallel=3 does not divide the world size 2"
+        assert output.count(line) == 1, (launcher, output[-3000:])

@@ -336,6 +336,10 @@ def test_finished_check_refuses_a_config_training_would_refuse(tmp_path):
     proc = subprocess.run([sys.executable, "-c", probe, *args, "schedule.warmup_steps=2"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "0 False", proc.stdout + proc.stderr
+    # logging.profile_ranks=all: the check ran out of memory (a set of 2^30 ranks for "all ranks")
+    assert pretrain.main([*args, "schedule.warmup_steps=2", "logging.profile_steps=2", "logging.profile_ranks=all"]) == 0
+    with pytest.raises(ConfigError, match="logging.profile_ranks='x'"):
+        pretrain.main([*args, "schedule.warmup_steps=2", "logging.profile_steps=2", "logging.profile_ranks=x"])
     # A checkpoint of another model (the recipe changed, the output_dir not) is not "finished": training
     # would refuse it. Its vocabulary sizes are the dataset's, which the check does not read.
     from pipeline.checkpoint import CheckpointError
