@@ -260,7 +260,11 @@ def _magic_hint(path: str) -> str | None:
         found = magic.match(head) if isinstance(magic, re.Pattern) else head.startswith(magic)
         if found and not (suffix and path.lower().endswith(suffix)):
             if suffix is None:
-                return f"{path} is {what}, not text: unpack it first and pass the files inside"
+                unpack = (f"mkdir corpus && unzip {path} -d corpus" if "zip" in what else
+                          f"zstd -d {path} -o {path}.unpacked")
+                return (f"{path} is {what}, not text: unpack it first (`{unpack}`) and pass the files inside"
+                        if "zip" in what else
+                        f"{path} is {what}, not text: unpack it first (`{unpack}`) and pass the unpacked file")
             return (f"{path} is {what}, but its name does not end in {suffix} (inputs are recognised by their "
                     f"suffix): rename it, e.g. `mv {path} {path}{suffix}`, and pass the new name")
     return None

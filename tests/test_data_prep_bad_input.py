@@ -950,11 +950,15 @@ def test_a_compressed_file_without_its_suffix_and_a_built_dataset_as_input_are_n
     with zipfile.ZipFile(tmp_path / "x_zip.txt", "w", compression=zipfile.ZIP_DEFLATED) as z:
         z.writestr("x_inside.txt", text)
     (tmp_path / "x_inside.txt").write_bytes(text)
+    (tmp_path / "x_zst.txt").write_bytes(b"(\xb5/\xfd" + bytes(range(256)) * 4)  # a zstd frame's magic
     for name, mode in (("x_tar.txt", "w"), ("x_tar.txt.gz", "w:gz")):
         with tarfile.open(tmp_path / name, mode) as t:
             t.add(tmp_path / "x_inside.txt", "x_inside.txt")
     for name, expected in (("x_bz.txt", "is bzip2-compressed, but its name does not end in .bz2"),
-                           ("x_zip.txt", "is a zip archive, not text: unpack it first"),
+                           ("x_zip.txt", f"is a zip archive, not text: unpack it first (`mkdir corpus && unzip "
+                                         f"{tmp_path / 'x_zip.txt'} -d corpus`) and pass the files inside"),
+                           ("x_zst.txt", f"is zstd-compressed, not text: unpack it first (`zstd -d "
+                                         f"{tmp_path / 'x_zst.txt'} -o {tmp_path / 'x_zst.txt'}.unpacked`)"),
                            ("x_tar.txt", "is a tar archive, not text: unpack it first (`mkdir corpus && tar -xf"),
                            ("x_tar.txt.gz", "is a tar archive (compressed), not text: unpack it first")):
         assert build.main(["--lang", "zh", "--input", str(tmp_path / name), "--output", str(tmp_path / "a"),
