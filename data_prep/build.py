@@ -219,11 +219,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     handler, filtered = None, []
     if core.launch_rank() == 0:  # the build's log also goes next to the dataset (appended on --resume)
+        early = _Collect()  # the warnings of the checks below, copied into the log once it exists
+        logging.getLogger().addHandler(early)
         try:  # before the log file is made: never inside an input folder, nor a refused build's error
             core.preflight(config)  # in the log of the dataset already there
         except (core.BuildError, inputs.InputError, LanguageError, FileExistsError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        finally:
+            logging.getLogger().removeHandler(early)
         output = Path(config.output)  # `--output .` resolved to the folder's name (a log ".build.log" went inside it)
         log_file = output.parent / (output.name + ".build.log")
         new_log = not log_file.exists()
@@ -234,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: cannot write the build log {log_file}: {exc}; choose another --output", file=sys.stderr)
             return 2
         handler.setFormatter(logging.Formatter("[data_prep %(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
+        for record in early.records:  # (e.g. data_prep/_native.c not compiled: said once per process)
+            handler.handle(record)
         logging.getLogger().addHandler(handler)
         for console in logging.getLogger().handlers:  # the error is printed already: file only
             if console is not handler:
@@ -253,6 +259,17 @@ def main(argv: list[str] | None = None) -> int:
             # so no log either; a log next to nothing read as a build that had run
             if code == 2 and new_log and not core.work_dir_for(config.output).exists() and not Path(config.output).exists():
                 Path(handler.baseFilename).unlink(missing_ok=True)
+
+
+class _Collect(logging.Handler):
+    """Keeps the warnings logged before the build log exists."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 def _not_file_only(record: logging.LogRecord) -> bool:

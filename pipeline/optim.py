@@ -104,6 +104,10 @@ class LearningRateSchedule:
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * (1.0 - progress)
 
 
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+
+
 class ScheduleLR(torch.optim.lr_scheduler.LambdaLR):
     """LambdaLR whose schedule and peak learning rate always come from the current config.
 
@@ -121,13 +125,14 @@ class ScheduleLR(torch.optim.lr_scheduler.LambdaLR):
         super().load_state_dict({**state, "lr_lambdas": [None] * len(self.lr_lambdas)})
         schedule = self.lr_lambdas[0]
         old = saved[0] if saved and isinstance(saved[0], dict) else None
-        if old is not None and old != vars(schedule):
+        if old is not None and old != vars(schedule) and _rank() == 0:  # (the same on every rank: said once)
             changed = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in vars(schedule).items() if old.get(k) != v)
             log.warning("schedule changed since the checkpoint (%s): the learning rate follows the new schedule "
                         "from step %d on", changed, self.last_epoch + 1)
         if list(self.base_lrs) != current_base:
-            log.warning("optimizer.lr changed since the checkpoint (%s -> %s): the new peak learning rate is used",
-                        self.base_lrs[0], current_base[0])
+            if _rank() == 0:
+                log.warning("optimizer.lr changed since the checkpoint (%s -> %s): the new peak learning rate is used",
+                            self.base_lrs[0], current_base[0])
             self.base_lrs = current_base
         self._last_lr = [base * fn(self.last_epoch) for base, fn in zip(self.base_lrs, self.lr_lambdas)]
         for group, lr in zip(self.optimizer.param_groups, self._last_lr):

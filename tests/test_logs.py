@@ -65,3 +65,20 @@ def test_a_config_error_every_rank_finds_is_printed_once_per_node(tmp_path):
         assert code != 0, output[-3000:]
         line = "error: parallelism.tensor_parallel=3 does not divide the world size 2"
         assert output.count(line) == 1, (launcher, output[-3000:])
+
+
+def test_a_warning_of_the_checks_before_the_log_exists_is_in_the_log(tmp_path, monkeypatch, capsys):
+    """The checks before the build log is opened (next to the dataset) warned on the console only:
+    "data_prep/_native.c is not compiled" was missing from the build log."""
+    from data_prep import build, chinese, languages
+
+    monkeypatch.delenv("AMBERT_PURE_PYTHON", raising=False)
+    monkeypatch.setattr(languages, "_native", None)
+    monkeypatch.setattr(chinese, "_NOT_COMPILED_WARNED", [])
+    corpus = tmp_path / "zh.txt"
+    corpus.write_text("".join(f"今天北京的天气很好，我们去公园散步{i}次。\n\n" for i in range(40)), encoding="utf-8")
+    assert build.main(["--lang", "zh", "--input", str(corpus), "--output", str(tmp_path / "ds"), "--no-progress",
+                       "--fine-min-count", "1"]) == 0
+    log = (tmp_path / "ds.build.log").read_text(encoding="utf-8")
+    assert log.count("data_prep/_native.c is not compiled") == 1, log[:2000]
+    assert capsys.readouterr().err.count("data_prep/_native.c is not compiled") <= 1

@@ -72,6 +72,8 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--micro", type=int, default=8)
     args = parser.parse_args()
+    if args.steps < 6:  # the medians skip 5 warm-up steps
+        parser.error(f"--steps {args.steps}: give at least 6 (the first 5 steps are warm-up, left out of the medians)")
 
     work = Path(tempfile.mkdtemp(prefix="bench_pretrain_"))
     data = args.data
