@@ -603,7 +603,7 @@ def validate(config: PretrainConfig, world_size: int, dataset_meta: dict | None 
     need(window is None or window[0] <= s.train_steps,
          f"logging.profile_steps={config.logging.profile_steps!r}: after the run's last step (schedule.train_steps="
          f"{s.train_steps}); choose steps up to {s.train_steps}")
-    if p.precision == "fp16" and not _cuda_available():
+    if p.precision == "fp16" and not uses_gpu():
         need(False, "parallelism.precision=fp16: DeepSpeed has no fp16 on CPU; use fp32 (or bf16) here, fp16 on GPUs")
     if paths:
         validate_paths(config)
@@ -680,10 +680,13 @@ def parse_profile_ranks(text: str, world_size: int) -> frozenset[int]:
     return ranks
 
 
-def _cuda_available() -> bool:
+def uses_gpu() -> bool:
+    """Whether this run computes on GPUs: a CUDA device is there and DeepSpeed's accelerator is not forced
+    to the CPU (``DS_ACCELERATOR=cpu`` keeps a GPU node's job on the CPU, over gloo: then the RNG
+    streams, memory buffers, precision checks and metrics must be the CPU's too)."""
     import torch
 
-    return torch.cuda.is_available()
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "") != "cpu"
 
 
 def read_deepspeed_config(path: str) -> dict:
@@ -811,6 +814,6 @@ def deepspeed_config(config: PretrainConfig, world_size: int, override_path: str
             "type": "AdamW",
             "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
                        # no GPU: torch's Adam instead of JIT-compiling DeepSpeed's fused op (~80 s)
-                       "torch_adam": not _cuda_available()},
+                       "torch_adam": not uses_gpu()},
         }
     return ds

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config import uses_gpu
+
 log = logging.getLogger("pretrain")
 
 
@@ -35,7 +37,7 @@ def measure_peak_flops(seconds: float = 0.3, size: int = 512) -> float:
 
 def default_peak_flops(precision: str) -> float:
     """Per-device peak used for MFU when logging.peak_flops is 0."""
-    if torch.cuda.is_available():
+    if uses_gpu():
         # A100 dense: 312 TFLOP/s bf16/fp16, 19.5 fp32 (156 with TF32, which torch leaves off for matmuls and
         # this project does not enable). Set logging.peak_flops for other GPUs.
         return 312e12 if precision in ("bf16", "fp16") else 19.5e12
@@ -43,7 +45,7 @@ def default_peak_flops(precision: str) -> float:
 
 
 def memory_mb() -> float:
-    if torch.cuda.is_available():
+    if uses_gpu():
         return torch.cuda.max_memory_allocated() / 2**20
     try:
         import psutil

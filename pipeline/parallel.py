@@ -29,6 +29,8 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import random as megatron_random
 from megatron.core.utils import GlobalMemoryBuffer
 
+from pipeline.config import uses_gpu
+
 log = logging.getLogger(__name__)
 
 MODEL_PARALLEL_RNG = megatron_random._MODEL_PARALLEL_RNG_TRACKER_NAME
@@ -38,7 +40,7 @@ _TP_SEED_OFFSET = 2718
 
 def accelerator_device() -> torch.device:
     """The device this rank computes on: its CUDA device if there is one, else the CPU."""
-    if torch.cuda.is_available():
+    if uses_gpu():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -197,7 +199,7 @@ def init_distributed(backend: str | None = None, auto_mpi_discovery: bool = True
 
     # NCCL exactly when DeepSpeed's accelerator is the GPU (pretrain.py sets DS_ACCELERATOR from
     # torch.cuda.is_available(); DS_ACCELERATOR=cpu keeps a GPU node's job on the CPU, over gloo).
-    backend = backend or ("nccl" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu" else "gloo")
+    backend = backend or ("nccl" if uses_gpu() else "gloo")
     if backend == "nccl":  # before any collective: NCCL object collectives use the current device
         select_gpu()
     # DeepSpeed's MPI discovery (plain `mpirun`, or no launcher at all) sets MASTER_PORT to its
@@ -430,7 +432,7 @@ def initialize_parallel(tensor_parallel_size: int = 1, seed: int = 1234, timeout
             f"tensor_parallel_size={tensor_parallel_size} does not divide the world size {world}; "
             "use a divisor of the number of processes"
         )
-    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+    if uses_gpu() and "LOCAL_RANK" in os.environ:
         select_gpu()
     if (parallel_state.model_parallel_is_initialized()
             and parallel_state.get_tensor_model_parallel_world_size() != tensor_parallel_size):
@@ -442,7 +444,7 @@ def initialize_parallel(tensor_parallel_size: int = 1, seed: int = 1234, timeout
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size,
                                                  distributed_timeout_minutes=timeout_minutes,
                                                  create_gloo_process_groups=False)
-    if not torch.cuda.is_available():
+    if not uses_gpu():
         # megatron's buffer allocates on torch.cuda.current_device(): replace it.
         parallel_state._GLOBAL_MEMORY_BUFFER = DeviceGlobalMemoryBuffer()
     set_seed(seed)
@@ -454,7 +456,7 @@ def set_seed(seed: int) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     tp_seed = seed + _TP_SEED_OFFSET + tensor_parallel_rank()
-    if torch.cuda.is_available():
+    if uses_gpu():
         megatron_random.model_parallel_cuda_manual_seed(seed)
     else:
         tracker = CpuRNGStatesTracker()
@@ -476,7 +478,7 @@ def rng_state() -> dict:
         "torch": torch.get_rng_state(),
         "tracker": rng_tracker().get_states(),
     }
-    if torch.cuda.is_available():
+    if uses_gpu():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
@@ -494,7 +496,7 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     rng_tracker().set_states(state["tracker"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and uses_gpu():
         torch.cuda.set_rng_state(state["cuda"])
 
 

@@ -802,6 +802,9 @@ def _main(argv: list[str] | None, run_lock: RunLock) -> int:
         raise ConfigError(str(exc)) from None
     check_same_settings(config, dataset.fingerprint, ds_config, blend)
     parallel.initialize_parallel(config.parallelism.tensor_parallel, seed=config.seed, timeout_minutes=timeout)
+    slow_bf16 = bf16_emulated(config.parallelism.precision)
+    if slow_bf16 and rank == 0:
+        log.warning(slow_bf16)
     dp_rank, dp_size, dp_group = parallel.data_parallel_rank(), parallel.data_parallel_size(), parallel.data_parallel_group()
     output_dir = Path(config.output_dir)
     if rank == 0:
@@ -1032,6 +1035,21 @@ def _exit_job(code: int) -> None:
         sys.stderr.flush()
         mpi.COMM_WORLD.Abort(code)
     sys.exit(code)
+
+
+def bf16_emulated(precision: str) -> str | None:
+    """A warning when bf16 runs on a GPU without bf16 units (before Ampere: V100, T4): torch counts its
+    emulation as support, so DeepSpeed accepts it and the run is many times slower than in fp16."""
+    from pipeline.config import uses_gpu
+
+    if precision != "bf16" or not uses_gpu():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    if major >= 8:
+        return None
+    return (f"parallelism.precision=bf16 on {torch.cuda.get_device_name()} (compute capability {major}.{minor}): "
+            f"GPUs before Ampere have no bf16 units and emulate it, many times slower; use "
+            f"parallelism.precision=fp16 on them")
 
 
 class SameOnEveryRank(ConfigError):

@@ -20,7 +20,10 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config import uses_gpu
+
 log = logging.getLogger("pretrain")
+
 
 class StepProfiler:
     """Wraps the training loop's steps: ``with profiler.step(n): ...`` for the step that ends as step n,
@@ -46,7 +49,7 @@ class StepProfiler:
 
     def _start(self, step: int) -> None:
         activities = [torch.profiler.ProfilerActivity.CPU]
-        if torch.cuda.is_available():
+        if uses_gpu():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
             try:  # the allocator's history (every allocation and its stack), dumped with the trace
                 torch.cuda.memory._record_memory_history(max_entries=200_000)
@@ -80,7 +83,7 @@ class StepProfiler:
             self.directory.mkdir(parents=True, exist_ok=True)
             trace = self.directory / f"{stem}.pt.trace.json"
             profiler.export_chrome_trace(str(trace))
-            sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            sort = "self_device_time_total" if uses_gpu() else "self_cpu_time_total"
             table = profiler.key_averages().table(sort_by=sort, row_limit=40)
             (self.directory / f"{stem}.txt").write_text(table + "\n", encoding="utf-8")
             if self.memory_history:

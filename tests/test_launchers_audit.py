@@ -213,6 +213,48 @@ def test_a_cpu_torch_on_a_gpu_node_is_warned_about(tmp_path, monkeypatch, capsys
     assert not parallel.warn_cpu_torch_on_gpu_node() and not capsys.readouterr().err
 
 
+def test_ds_accelerator_cpu_on_a_gpu_node_keeps_every_choice_on_the_cpu(monkeypatch):
+    """DS_ACCELERATOR=cpu on a GPU node (the test suite sets it) ran gloo on the CPU, but the RNG
+    streams, megatron's memory buffer, the fp16 check and the metrics followed torch.cuda.is_available():
+    a CUDA dropout tracker the CPU attention never read, fp16 accepted and failing inside DeepSpeed,
+    MFU against an A100 and memory as CUDA memory. All follow one switch now."""
+    import torch
+
+    from pipeline import config as C
+    from pipeline import metrics, parallel
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert not C.uses_gpu() and parallel.accelerator_device() == torch.device("cpu")
+    with pytest.raises(C.ConfigError, match="parallelism.precision=fp16: DeepSpeed has no fp16 on CPU"):
+        C.validate(C.load_config(None, ["parallelism.precision=fp16"]), 1, paths=False)
+    assert metrics.memory_mb() > 0  # this process's resident memory, not CUDA's (0 here)
+    parallel.set_seed(3)  # the CPU tracker (the CUDA one would need a GPU)
+    assert isinstance(parallel.rng_tracker(), parallel.CpuRNGStatesTracker) and "cuda" not in parallel.rng_state()
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    assert C.uses_gpu()
+    C.validate(C.load_config(None, ["parallelism.precision=fp16"]), 1, paths=False)  # a GPU run may use fp16
+
+
+def test_bf16_on_a_gpu_without_bf16_units_is_warned_about(monkeypatch):
+    import torch
+
+    from pipeline.pretrain import bf16_emulated
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100-SXM2-32GB")
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
+    assert "bf16 on Tesla V100-SXM2-32GB (compute capability 7.0)" in bf16_emulated("bf16")
+    assert "use parallelism.precision=fp16" in bf16_emulated("bf16")
+    assert bf16_emulated("fp16") is None and bf16_emulated("fp32") is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))  # A100
+    assert bf16_emulated("bf16") is None
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
+    assert bf16_emulated("bf16") is None  # on the CPU
+
+
 def _argv_recorder(path: Path) -> None:
     """A fake launcher that writes its argv, one argument per line (JSON), to stdout."""
     path.write_text('#!/usr/bin/env python3\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n')
