@@ -450,6 +450,15 @@ def initialize_parallel(tensor_parallel_size: int = 1, seed: int = 1234, timeout
     set_seed(seed)
 
 
+def shutdown_distributed() -> None:
+    """At the end of a run, after its last collective: megatron's groups, then the process group (NCCL
+    warns at exit about a group never destroyed, and its exit-time teardown can hang)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def set_seed(seed: int) -> None:
     """Seed python/numpy/torch identically on every rank and the per-TP-rank dropout stream."""
     random.seed(seed)

@@ -999,6 +999,7 @@ def _main(argv: list[str] | None, run_lock: RunLock) -> int:
     metrics_log.close()
     log.info("done at step %d", step)
     dist.barrier()
+    parallel.shutdown_distributed()
     if preemption.interrupted:
         if rank == 0:
             log.warning("stopped by Ctrl-C after saving step %d: the same command with --resume auto continues from it", step)
