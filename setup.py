@@ -6,4 +6,4 @@ Chinese build numbers words in Python instead (slower, same output)."""
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("data_prep._native", ["data_prep/_native.c"], optional=True,
-                             extra_compile_args=["-O2"])])
+                             extra_compile_args=["-O2"], libraries=["m"])])

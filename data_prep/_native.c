@@ -1,8 +1,10 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 /* data_prep._native: the word numbering of the Chinese build's analysis (data_prep/chinese.py, WordIds)
    and its sentence splitting (split_sentences below; data_prep/normalize.py, split_sentences_batch),
@@ -26,6 +28,8 @@ typedef struct {
     size_t mask;          /* capacity - 1 (a power of 2; at most half full) */
     size_t used;
 } WordNumbers;
+
+static PyTypeObject WordNumbersType;
 
 static inline uint64_t mix(uint64_t k) {
     k ^= k >> 33; k *= 0xff51afd7ed558ccdULL; k ^= k >> 33; k *= 0xc4ceb9fe1a85ec53ULL; k ^= k >> 33;
@@ -289,6 +293,579 @@ done:
     return result;
 }
 
+/* ---- jieba in C (data_prep/chinese.py, JiebaCSegmenter: --segmenter jieba-c) ------------------------
+   Jieba(dictionary, start, trans, emit) segments exactly as jieba 0.42's Tokenizer.cut(text) (HMM on):
+   the same dictionary (jieba's dict.txt, given as its text), the same prefix-dictionary DAG and
+   maximum-probability route, and the same HMM (finalseg: its start/transition/emission log
+   probabilities, given as Python dicts) for runs of single characters outside the dictionary, with
+   the same floating-point sums in the same order and the same tie-breaks. tests/test_native.py holds
+   it equal to jieba word for word on People's Daily and on random text.
+
+   Why: the build's words went from rjieba's list of new str objects (one per word) through the C
+   numbering above; here the words are found as (start, end) spans of the text and numbered straight
+   from its code points (``cut_number``), so only a word never seen before becomes a str.
+
+   The dictionary is a trie: node 0 is the root; a root's child is looked up in a direct table for
+   code points below 0x10000, any other child in an open-addressing table keyed by (parent, code
+   point). Each node is a prefix of a dictionary word (jieba's FREQ holds every prefix, at 0) and
+   carries the word's frequency (0: a prefix only), its log and whether it is a word jieba force-
+   splits (a user word added with frequency 0). */
+
+#define MIN_FLOAT (-3.14e100)
+#define HAN_LO 0x4E00
+#define HAN_HI 0x9FD5
+
+/* A child: node -1 = none; logf: the log of its frequency, < 0 for a prefix only (the log of a
+   frequency >= 1 is >= 0). A table entry holds both (16 bytes): the DAG's walk is bound by the latency
+   of reading it (a random place in ~16 MB), one read a step. kn = key << NODE_BITS | node, key =
+   (parent + 1) << 21 | code point; kn 0 = an empty slot. */
+#define NODE_BITS 21
+#define MAX_NODES ((1 << NODE_BITS) - 1)
+typedef struct { double logf; int32_t node; } JChild;
+typedef struct { uint64_t kn; double logf; } JEntry;
+
+typedef struct {
+    PyObject_HEAD
+    JEntry *table;
+    size_t mask, used;
+    JChild *root;     /* the root's children, for code points < 0x10000 */
+    int64_t *freq;
+    uint8_t *force;
+    Py_ssize_t forced;  /* words force-split */
+    int32_t nodes, cap;
+    int64_t total;
+    double start[4], trans[4][4];  /* states B M E S */
+    double *emit;                  /* [(c - HAN_LO) * 4 + state], c in HAN_LO..HAN_HI */
+} Jieba;
+
+static const JChild NO_CHILD = {-1.0, -1};
+
+static inline uint64_t jb_key(int32_t node, Py_UCS4 c) { return ((uint64_t)(node + 1) << 21) | c; }
+
+/* The table entry of (node, c), or NULL. */
+static inline JEntry *jb_entry(const Jieba *j, uint64_t key) {
+    size_t i = mix(key) & j->mask;
+    while (j->table[i].kn) {
+        if (j->table[i].kn >> NODE_BITS == key) return &j->table[i];
+        i = (i + 1) & j->mask;
+    }
+    return NULL;
+}
+
+static inline JChild jb_step(const Jieba *j, int32_t node, Py_UCS4 c) {
+    if (node == 0 && c < 0x10000) return j->root[c];
+    const JEntry *e = jb_entry(j, jb_key(node, c));
+    if (!e) return NO_CHILD;
+    JChild child = {e->logf, (int32_t)(e->kn & MAX_NODES)};
+    return child;
+}
+
+static inline int32_t jb_child(const Jieba *j, int32_t node, Py_UCS4 c) { return jb_step(j, node, c).node; }
+
+static int jb_grow_nodes(Jieba *j) {
+    int32_t cap = j->cap ? j->cap * 2 : 1 << 16;
+    int64_t *freq = realloc(j->freq, cap * sizeof(int64_t));
+    if (freq) j->freq = freq;
+    uint8_t *force = realloc(j->force, cap);
+    if (force) j->force = force;
+    if (!freq || !force) { PyErr_NoMemory(); return -1; }
+    j->cap = cap;
+    return 0;
+}
+
+/* A zeroed table of cap entries on 2 MB pages where the kernel gives them (transparent huge pages on
+   madvise): its reads land anywhere in ~16 MB, and with 4 KB pages most also missed the TLB. */
+static JEntry *jb_new_table(size_t cap) {
+    void *p = NULL;
+    size_t bytes = cap * sizeof(JEntry), huge = (size_t)2 << 20;
+    if (bytes >= huge && posix_memalign(&p, huge, bytes) == 0) {
+#ifdef MADV_HUGEPAGE
+        madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+        memset(p, 0, bytes);
+        return p;
+    }
+    return calloc(cap, sizeof(JEntry));
+}
+
+static int jb_grow_table(Jieba *j) {
+    size_t cap = (j->mask + 1) * 2;
+    JEntry *table = jb_new_table(cap);
+    if (!table) { PyErr_NoMemory(); return -1; }
+    for (size_t i = 0; i <= j->mask; i++) {
+        if (!j->table[i].kn) continue;
+        size_t k = mix(j->table[i].kn >> NODE_BITS) & (cap - 1);
+        while (table[k].kn) k = (k + 1) & (cap - 1);
+        table[k] = j->table[i];
+    }
+    free(j->table);
+    j->table = table; j->mask = cap - 1;
+    return 0;
+}
+
+/* The node of c under node, created (frequency 0: a prefix) if missing. -1 on error. */
+static int32_t jb_add_child(Jieba *j, int32_t node, Py_UCS4 c) {
+    int32_t found = jb_child(j, node, c);
+    if (found >= 0) return found;
+    if (j->nodes >= MAX_NODES) {
+        PyErr_Format(PyExc_ValueError, "the dictionary has more than %d prefixes of words: too many for jieba-c", MAX_NODES);
+        return -1;
+    }
+    if (j->nodes == j->cap && jb_grow_nodes(j) < 0) return -1;
+    int32_t id = j->nodes++;
+    j->freq[id] = 0; j->force[id] = 0;
+    if (node == 0 && c < 0x10000) { j->root[c].node = id; j->root[c].logf = -1.0; return id; }
+    uint64_t key = jb_key(node, c);
+    size_t i = mix(key) & j->mask;
+    while (j->table[i].kn) i = (i + 1) & j->mask;
+    j->table[i].kn = key << NODE_BITS | (uint64_t)id; j->table[i].logf = -1.0;
+    if (++j->used * 2 > j->mask + 1 && jb_grow_table(j) < 0) return -1;
+    return id;
+}
+
+/* jieba's FREQ[word] = freq (every prefix kept, at 0 if new); total += freq, as gen_pfdict and add_word. */
+static int jb_set_word(Jieba *j, const Py_UCS4 *w, Py_ssize_t n, int64_t freq) {
+    int32_t node = 0, parent = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        parent = node;
+        if ((node = jb_add_child(j, node, w[i])) < 0) return -1;
+    }
+    if (node == 0) return 0;
+    double logf = freq > 0 ? log((double)freq) : -1.0;
+    if (parent == 0 && w[n - 1] < 0x10000) j->root[w[n - 1]].logf = logf;
+    else jb_entry(j, jb_key(parent, w[n - 1]))->logf = logf;
+    j->freq[node] = freq;
+    if (freq == 0 && !j->force[node]) { j->force[node] = 1; j->forced++; }  /* finalseg.add_force_split: only add_word */
+    j->total += freq;
+    return 0;
+}
+
+/* The node of s[a:b], or -1 if it is not in FREQ. */
+static int32_t jb_find(const Jieba *j, const Py_UCS4 *s, Py_ssize_t a, Py_ssize_t b) {
+    int32_t node = 0;
+    for (Py_ssize_t i = a; i < b && node >= 0; i++) node = jb_child(j, node, s[i]);
+    return node;
+}
+
+static void jb_dealloc(Jieba *j) {
+    free(j->table); free(j->root); free(j->freq); free(j->force); free(j->emit);
+    Py_TYPE(j)->tp_free((PyObject *)j);
+}
+
+static int jb_state(PyObject *key) {
+    if (!PyUnicode_Check(key) || PyUnicode_GET_LENGTH(key) != 1) return -1;
+    switch (PyUnicode_READ_CHAR(key, 0)) {
+    case 'B': return 0; case 'M': return 1; case 'E': return 2; case 'S': return 3;
+    default: return -1;
+    }
+}
+
+/* A dict {state: float} into out[4] (missing states: MIN_FLOAT). */
+static int jb_state_dict(PyObject *d, double *out, const char *name) {
+    if (!PyDict_Check(d)) { PyErr_Format(PyExc_TypeError, "%s must be a dict of the states B M E S", name); return -1; }
+    for (int s = 0; s < 4; s++) out[s] = MIN_FLOAT;
+    PyObject *k, *v;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(d, &pos, &k, &v)) {
+        int s = jb_state(k);
+        if (s < 0) { PyErr_Format(PyExc_ValueError, "%s: unknown state %R", name, k); return -1; }
+        out[s] = PyFloat_AsDouble(v);
+        if (out[s] == -1.0 && PyErr_Occurred()) return -1;
+    }
+    return 0;
+}
+
+static int jb_init(Jieba *j, PyObject *args, PyObject *kwds) {
+    PyObject *dictionary, *start, *trans, *emit;
+    if (!PyArg_ParseTuple(args, "UO!O!O!", &dictionary, &PyDict_Type, &start, &PyDict_Type, &trans, &PyDict_Type, &emit))
+        return -1;
+    if (j->table) { PyErr_SetString(PyExc_RuntimeError, "Jieba is initialised once"); return -1; }
+    j->mask = (1 << 20) - 1;
+    j->table = jb_new_table(j->mask + 1);
+    j->root = malloc(0x10000 * sizeof(JChild));
+    j->emit = malloc((size_t)(HAN_HI - HAN_LO + 1) * 4 * sizeof(double));
+    if (!j->table || !j->root || !j->emit || jb_grow_nodes(j) < 0) { PyErr_NoMemory(); return -1; }
+    for (int c = 0; c < 0x10000; c++) j->root[c] = NO_CHILD;
+    j->nodes = 1; j->freq[0] = 0; j->force[0] = 0;
+    /* the HMM: start and transition log probabilities, then the emissions of the Chinese characters */
+    if (jb_state_dict(start, j->start, "start") < 0) return -1;
+    for (int s = 0; s < 4; s++) for (int t = 0; t < 4; t++) j->trans[s][t] = MIN_FLOAT;
+    PyObject *k, *v;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(trans, &pos, &k, &v)) {
+        int s = jb_state(k);
+        if (s < 0) { PyErr_Format(PyExc_ValueError, "trans: unknown state %R", k); return -1; }
+        if (jb_state_dict(v, j->trans[s], "trans") < 0) return -1;
+    }
+    for (Py_ssize_t i = 0; i < (HAN_HI - HAN_LO + 1) * 4; i++) j->emit[i] = MIN_FLOAT;
+    pos = 0;
+    while (PyDict_Next(emit, &pos, &k, &v)) {
+        int s = jb_state(k);
+        if (s < 0 || !PyDict_Check(v)) { PyErr_Format(PyExc_ValueError, "emit: unknown state %R (or not a dict)", k); return -1; }
+        PyObject *ch, *p;
+        Py_ssize_t pos2 = 0;
+        while (PyDict_Next(v, &pos2, &ch, &p)) {
+            if (!PyUnicode_Check(ch) || PyUnicode_GET_LENGTH(ch) != 1) { PyErr_SetString(PyExc_ValueError, "emit: keys must be characters"); return -1; }
+            Py_UCS4 c = PyUnicode_READ_CHAR(ch, 0);
+            if (c < HAN_LO || c > HAN_HI) continue;  /* the HMM only sees runs of these */
+            double x = PyFloat_AsDouble(p);
+            if (x == -1.0 && PyErr_Occurred()) return -1;
+            j->emit[(c - HAN_LO) * 4 + s] = x;
+        }
+    }
+    /* the dictionary, parsed as gen_pfdict: each line stripped, "word freq [tag]" */
+    Py_ssize_t n = PyUnicode_GET_LENGTH(dictionary), a = 0, line = 0;
+    Py_UCS4 *text = PyUnicode_AsUCS4Copy(dictionary);
+    if (!text) return -1;
+    while (a < n) {
+        Py_ssize_t b = a;
+        while (b < n && text[b] != '\n') b++;
+        Py_ssize_t next = b + 1, s = a, e = b;
+        line++;
+        while (s < e && Py_UNICODE_ISSPACE(text[s])) s++;
+        while (e > s && Py_UNICODE_ISSPACE(text[e - 1])) e--;
+        Py_ssize_t sp = s;
+        while (sp < e && text[sp] != ' ') sp++;
+        int64_t freq = 0;
+        Py_ssize_t f = sp + 1, digits = 0;
+        for (; f < e && text[f] != ' '; f++, digits++) {
+            if (text[f] < '0' || text[f] > '9' || digits > 15) { digits = -1; break; }
+            freq = freq * 10 + (text[f] - '0');
+        }
+        if (sp >= e || digits <= 0 || sp == s) {
+            PyMem_Free(text);
+            PyErr_Format(PyExc_ValueError, "invalid dictionary entry at line %zd (not \"word freq [tag]\")", line);
+            return -1;
+        }
+        if (jb_set_word(j, text + s, sp - s, freq) < 0) { PyMem_Free(text); return -1; }
+        a = next;
+    }
+    PyMem_Free(text);
+    for (int32_t i = 1; i < j->nodes; i++) j->force[i] = 0;  /* dict.txt entries at 0 are not force-split */
+    j->forced = 0;
+    return 0;
+}
+
+/* Spans (start, end) of the words found, appended to a growing int32 array. */
+typedef struct { Py_ssize_t *v; Py_ssize_t n, cap; } Spans;
+
+static int sp_add(Spans *sp, Py_ssize_t a, Py_ssize_t b) {
+    if (sp->n + 2 > sp->cap) {
+        Py_ssize_t cap = sp->cap ? sp->cap * 2 : 1024;
+        Py_ssize_t *v = realloc(sp->v, cap * sizeof(Py_ssize_t));
+        if (!v) { PyErr_NoMemory(); return -1; }
+        sp->v = v; sp->cap = cap;
+    }
+    sp->v[sp->n++] = a; sp->v[sp->n++] = b;
+    return 0;
+}
+
+static inline int ascii_alnum(Py_UCS4 c) {
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+}
+static inline int is_han(Py_UCS4 c) { return c >= HAN_LO && c <= HAN_HI; }
+/* jieba's re_han_default: [\u4E00-\u9FD5a-zA-Z0-9+#&\._%\-] */
+static inline int is_han_default(Py_UCS4 c) {
+    return is_han(c) || ascii_alnum(c) || c == '+' || c == '#' || c == '&' || c == '.' || c == '_' || c == '%' || c == '-';
+}
+
+/* finalseg.__cut: the Viterbi path of the Chinese run s[a:b] over B M E S, then its words. */
+static int jb_viterbi(const Jieba *j, const Py_UCS4 *s, Py_ssize_t a, Py_ssize_t b, Spans *out, uint8_t *back) {
+    static const int prev[4][2] = {{2, 3}, {1, 0}, {0, 1}, {3, 2}};  /* PrevStatus B:ES M:MB E:BM S:SE */
+    static const int letter[4] = {0, 2, 1, 3};                       /* B < E < M < S: max()'s tie-break */
+    Py_ssize_t L = b - a;
+    double V[4], W[4];
+    const double *em = j->emit + (size_t)(s[a] - HAN_LO) * 4;
+    for (int y = 0; y < 4; y++) V[y] = j->start[y] + em[y];
+    for (Py_ssize_t t = 1; t < L; t++) {
+        em = j->emit + (size_t)(s[a + t] - HAN_LO) * 4;
+        for (int y = 0; y < 4; y++) {
+            int p = prev[y][0], q = prev[y][1];
+            double pp = V[p] + j->trans[p][y] + em[y], pq = V[q] + j->trans[q][y] + em[y];
+            int take_q = pq > pp || (pq == pp && letter[q] > letter[p]);
+            W[y] = take_q ? pq : pp;
+            back[t * 4 + y] = (uint8_t)(take_q ? q : p);
+        }
+        memcpy(V, W, sizeof V);
+    }
+    int state = V[3] >= V[2] ? 3 : 2;  /* max over E, S: S on a tie */
+    /* the path, backwards into back[t * 4] (slot 0 of each step is free once read) */
+    for (Py_ssize_t t = L - 1; t >= 0; t--) {
+        int here = state;
+        if (t > 0) state = back[t * 4 + here];
+        back[t * 4] = (uint8_t)here;
+    }
+    Py_ssize_t begin = 0, nexti = 0;
+    for (Py_ssize_t i = 0; i < L; i++) {
+        int pos = back[i * 4];
+        if (pos == 0) begin = i;
+        else if (pos == 2) {
+            int32_t node = j->forced ? jb_find(j, s, a + begin, a + i + 1) : -1;
+            if (node > 0 && j->force[node]) {
+                for (Py_ssize_t c = a + begin; c <= a + i; c++) if (sp_add(out, c, c + 1) < 0) return -1;
+            } else if (sp_add(out, a + begin, a + i + 1) < 0) return -1;
+            nexti = i + 1;
+        } else if (pos == 3) {
+            if (sp_add(out, a + i, a + i + 1) < 0) return -1;
+            nexti = i + 1;
+        }
+    }
+    if (nexti < L && sp_add(out, a + nexti, b) < 0) return -1;
+    return 0;
+}
+
+/* finalseg.cut of s[a:b]: Chinese runs through the HMM, the rest split by [a-zA-Z0-9]+(?:\.\d+)?%? */
+static int jb_hmm(const Jieba *j, const Py_UCS4 *s, Py_ssize_t a, Py_ssize_t b, Spans *out, uint8_t *back) {
+    Py_ssize_t i = a;
+    while (i < b) {
+        Py_ssize_t k = i;
+        if (is_han(s[i])) {
+            while (k < b && is_han(s[k])) k++;
+            if (jb_viterbi(j, s, i, k, out, back) < 0) return -1;
+        } else {
+            while (k < b && !is_han(s[k])) k++;
+            Py_ssize_t piece = i, m = i;
+            while (m < k) {
+                if (!ascii_alnum(s[m])) { m++; continue; }
+                Py_ssize_t e = m;
+                while (e < k && ascii_alnum(s[e])) e++;
+                if (e + 1 < k && s[e] == '.' && s[e + 1] >= '0' && s[e + 1] <= '9') {
+                    e += 1;
+                    while (e < k && s[e] >= '0' && s[e] <= '9') e++;
+                }
+                if (e < k && s[e] == '%') e++;
+                if (piece < m && sp_add(out, piece, m) < 0) return -1;
+                if (sp_add(out, m, e) < 0) return -1;
+                piece = m = e;
+            }
+            if (piece < k && sp_add(out, piece, k) < 0) return -1;
+        }
+        i = k;
+    }
+    return 0;
+}
+
+/* A run of single-character route steps s[a:b] (__cut_DAG's buf). */
+static int jb_flush(const Jieba *j, const Py_UCS4 *s, Py_ssize_t a, Py_ssize_t b, Spans *out, uint8_t *back) {
+    if (b - a == 1) return sp_add(out, a, b);
+    int32_t node = jb_find(j, s, a, b);
+    if (node < 0 || j->freq[node] == 0) return jb_hmm(j, s, a, b, out, back);
+    for (Py_ssize_t c = a; c < b; c++) if (sp_add(out, c, c + 1) < 0) return -1;
+    return 0;
+}
+
+/* __cut_DAG (hmm) or __cut_DAG_NO_HMM of the block s[a:b]; route/where: scratch of b - a + 1. */
+static int jb_block(const Jieba *j, const Py_UCS4 *s, Py_ssize_t a, Py_ssize_t b, int hmm, double logtotal,
+                    double *route, Py_ssize_t *where, Spans *out, uint8_t *back) {
+    Py_ssize_t N = b - a;
+    route[N] = 0.0; where[N] = 0;
+    for (Py_ssize_t idx = N - 1; idx >= 0; idx--) {
+        /* The walks' first two table reads (most walks end by then), fetched ahead: the second step
+           of the walk 6 positions on (the first is the root's direct table), and the third of the walk
+           3 positions on, its second step being in cache by now. */
+        if (idx >= 6 && s[a + idx - 6] < 0x10000) {
+            int32_t first = j->root[s[a + idx - 6]].node;
+            if (first >= 0) __builtin_prefetch(&j->table[mix(jb_key(first, s[a + idx - 5])) & j->mask]);
+        }
+        if (idx >= 3 && s[a + idx - 3] < 0x10000) {
+            int32_t first = j->root[s[a + idx - 3]].node;
+            if (first >= 0) {
+                int32_t second = jb_step(j, first, s[a + idx - 2]).node;
+                if (second >= 0) __builtin_prefetch(&j->table[mix(jb_key(second, s[a + idx - 1])) & j->mask]);
+            }
+        }
+        double best = 0.0;
+        Py_ssize_t bx = -1;
+        int32_t node = 0;
+        for (Py_ssize_t i = idx; i < N; i++) {
+            JChild step = jb_step(j, node, s[a + i]);
+            if ((node = step.node) < 0) break;
+            if (step.logf >= 0) {
+                double p = step.logf - logtotal + route[i + 1];
+                if (bx < 0 || p >= best) { best = p; bx = i; }
+            }
+        }
+        if (bx < 0) { best = 0.0 - logtotal + route[idx + 1]; bx = idx; }
+        route[idx] = best; where[idx] = bx;
+    }
+    Py_ssize_t x = 0, buf = -1;
+    while (x < N) {
+        Py_ssize_t y = where[x] + 1;
+        if (hmm ? y - x == 1 : (y - x == 1 && ascii_alnum(s[a + x]))) {
+            if (buf < 0) buf = x;
+        } else {
+            if (buf >= 0) {
+                if (hmm ? jb_flush(j, s, a + buf, a + x, out, back) < 0 : sp_add(out, a + buf, a + x) < 0) return -1;
+                buf = -1;
+            }
+            if (sp_add(out, a + x, a + y) < 0) return -1;
+        }
+        x = y;
+    }
+    if (buf >= 0 && (hmm ? jb_flush(j, s, a + buf, a + N, out, back) < 0 : sp_add(out, a + buf, a + N) < 0)) return -1;
+    return 0;
+}
+
+/* jieba.Tokenizer.cut(text, HMM=hmm) as spans of the UCS4 text s[0:n]. */
+static int jb_spans(const Jieba *j, const Py_UCS4 *s, Py_ssize_t n, int hmm, Spans *out) {
+    double *route = malloc((n + 1) * sizeof(double));
+    Py_ssize_t *where = malloc((n + 1) * sizeof(Py_ssize_t));
+    uint8_t *back = malloc((n + 1) * 4);
+    int rc = -1;
+    if (!route || !where || !back) { PyErr_NoMemory(); goto done; }
+    double logtotal = log((double)j->total);
+    Py_ssize_t i = 0;
+    while (i < n) {
+        if (is_han_default(s[i])) {
+            Py_ssize_t k = i;
+            while (k < n && is_han_default(s[k])) k++;
+            if (jb_block(j, s, i, k, hmm, logtotal, route, where, out, back) < 0) goto done;
+            i = k;
+        } else if (s[i] == '\r' && i + 1 < n && s[i + 1] == '\n') {
+            if (sp_add(out, i, i + 2) < 0) goto done;
+            i += 2;
+        } else {
+            if (sp_add(out, i, i + 1) < 0) goto done;
+            i++;
+        }
+    }
+    rc = 0;
+done:
+    free(route); free(where); free(back);
+    return rc;
+}
+
+static PyObject *jb_cut(Jieba *j, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"text", "hmm", NULL};
+    PyObject *text;
+    int hmm = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "U|p", kwlist, &text, &hmm)) return NULL;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
+    Py_UCS4 *s = PyUnicode_AsUCS4Copy(text);
+    if (!s) return NULL;
+    Spans sp = {0};
+    PyObject *words = NULL;
+    if (jb_spans(j, s, n, hmm, &sp) < 0) goto done;
+    words = PyList_New(sp.n / 2);
+    if (!words) goto done;
+    for (Py_ssize_t w = 0; w < sp.n / 2; w++) {
+        PyObject *word = PyUnicode_Substring(text, sp.v[2 * w], sp.v[2 * w + 1]);
+        if (!word) { Py_CLEAR(words); goto done; }
+        PyList_SET_ITEM(words, w, word);
+    }
+done:
+    PyMem_Free(s); free(sp.v);
+    return words;
+}
+
+/* cut_number(text, numbers, out) -> (words, new words): the words of cut(text) numbered by the
+   WordNumbers ``numbers`` (as numbers.number(cut(text), out) would) without a str for a word already
+   numbered; ``new words``: the list of the words that got new ids, in id order. */
+static PyObject *jb_cut_number(Jieba *j, PyObject *args) {
+    PyObject *text, *out;
+    WordNumbers *t;
+    if (!PyArg_ParseTuple(args, "UO!O", &text, &WordNumbersType, &t, &out)) return NULL;
+    if (!t->keys) { PyErr_SetString(PyExc_RuntimeError, "WordNumbers was not initialised"); return NULL; }
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
+    Py_buffer view;
+    if (PyObject_GetBuffer(out, &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (view.len < n * (Py_ssize_t)sizeof(int64_t)) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "out must be an int64 buffer with room for len(text) ids");
+        return NULL;
+    }
+    Py_UCS4 *s = PyUnicode_AsUCS4Copy(text);
+    if (!s) { PyBuffer_Release(&view); return NULL; }
+    Spans sp = {0};
+    PyObject *result = NULL, *added_words = PyList_New(0);
+    if (!added_words || jb_spans(j, s, n, 1, &sp) < 0) goto done;
+    int64_t *ids = (int64_t *)view.buf;
+    Py_ssize_t words = sp.n / 2, added = 0;
+    for (Py_ssize_t w = 0; w < words; w++) {
+        Py_ssize_t a = sp.v[2 * w], b = sp.v[2 * w + 1];
+        uint64_t key = 0;
+        if (b - a <= 4) {
+            for (Py_ssize_t i = a; i < b; i++) {
+                if (s[i] == 0 || s[i] > 0xFFFF) { key = 0; break; }
+                key |= (uint64_t)s[i] << (16 * (i - a));
+            }
+        }
+        size_t slot = 0;
+        if (key) {
+            slot = mix(key) & t->mask;
+            while (t->keys[slot] && t->keys[slot] != key) slot = (slot + 1) & t->mask;
+            if (t->keys[slot]) { ids[w] = t->vals[slot]; continue; }
+        }
+        PyObject *word = PyUnicode_Substring(text, a, b);
+        if (!word) goto done;
+        Py_ssize_t before = added, id = dict_id(t, word, &added);
+        if (id >= 0 && added > before && PyList_Append(added_words, word) < 0) id = -1;
+        Py_DECREF(word);
+        if (id < 0) goto done;
+        ids[w] = id;
+        if (key) {
+            t->keys[slot] = key; t->vals[slot] = id;
+            if (++t->used * 2 > t->mask + 1 && grow(t) < 0) goto done;
+        }
+    }
+    result = Py_BuildValue("nO", words, added_words);
+done:
+    if (!result && !PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad id in the word index");
+    PyMem_Free(s); free(sp.v); Py_XDECREF(added_words);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+/* add_word(word, freq): jieba's add_word with a given frequency (FREQ, prefixes, total; 0: force-split). */
+static PyObject *jb_add_word(Jieba *j, PyObject *args) {
+    PyObject *word;
+    long long freq;
+    if (!PyArg_ParseTuple(args, "UL", &word, &freq)) return NULL;
+    if (freq < 0) { PyErr_SetString(PyExc_ValueError, "freq must be >= 0"); return NULL; }
+    Py_UCS4 *w = PyUnicode_AsUCS4Copy(word);
+    if (!w) return NULL;
+    int rc = jb_set_word(j, w, PyUnicode_GET_LENGTH(word), freq);
+    PyMem_Free(w);
+    if (rc < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* get(word) -> FREQ.get(word): its frequency (0: a prefix of a word only), None if not in FREQ. */
+static PyObject *jb_get(Jieba *j, PyObject *word) {
+    if (!PyUnicode_Check(word)) { PyErr_SetString(PyExc_TypeError, "word must be str"); return NULL; }
+    Py_UCS4 *w = PyUnicode_AsUCS4Copy(word);
+    if (!w) return NULL;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(word);
+    int32_t node = n ? jb_find(j, w, 0, n) : -1;
+    PyMem_Free(w);
+    if (node <= 0) Py_RETURN_NONE;
+    return PyLong_FromLongLong(j->freq[node]);
+}
+
+static PyObject *jb_total(Jieba *j, void *closure) { return PyLong_FromLongLong(j->total); }
+
+static PyMethodDef jb_methods[] = {
+    {"cut", (PyCFunction)(void (*)(void))jb_cut, METH_VARARGS | METH_KEYWORDS, "cut(text, hmm=True) -> jieba's words of text"},
+    {"cut_number", (PyCFunction)jb_cut_number, METH_VARARGS, "cut_number(text, numbers, out) -> (words, new words): cut(text) numbered"},
+    {"add_word", (PyCFunction)jb_add_word, METH_VARARGS, "add_word(word, freq): jieba's add_word with a frequency"},
+    {"get", (PyCFunction)jb_get, METH_O, "get(word) -> jieba's FREQ.get(word)"},
+    {NULL, NULL, 0, NULL}};
+
+static PyGetSetDef jb_getset[] = {{"total", (getter)jb_total, NULL, "jieba's total frequency", NULL}, {NULL}};
+
+static PyTypeObject JiebaType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "data_prep._native.Jieba",
+    .tp_basicsize = sizeof(Jieba),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Jieba(dictionary_text, start, trans, emit): jieba 0.42's segmentation in C (see the comment in _native.c)",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)jb_init,
+    .tp_dealloc = (destructor)jb_dealloc,
+    .tp_methods = jb_methods,
+    .tp_getset = jb_getset,
+};
+
 static PyMethodDef module_methods[] = {
     {"split_sentences", split_sentences, METH_VARARGS,
      "split_sentences(documents, limit) -> (sentences of each document, documents with a sentence over limit)"},
@@ -314,12 +891,13 @@ static PyTypeObject WordNumbersType = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "data_prep._native", "The Chinese build's word numbering and sentence splitting in C.", -1, module_methods};
 PyMODINIT_FUNC PyInit__native(void) {
-    if (PyType_Ready(&WordNumbersType) < 0) return NULL;
+    if (PyType_Ready(&WordNumbersType) < 0 || PyType_Ready(&JiebaType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "WordNumbers", (PyObject *)&WordNumbersType) < 0) { Py_DECREF(m); return NULL; }
+    if (PyModule_AddObjectRef(m, "Jieba", (PyObject *)&JiebaType) < 0) { Py_DECREF(m); return NULL; }
     /* data_prep/languages.py (NATIVE_VERSION) uses a compiled module only if this matches: a module
        compiled from an older _native.c (a checkout updated without re-running the set-up) is skipped. */
-    if (PyModule_AddIntConstant(m, "VERSION", 3) < 0) { Py_DECREF(m); return NULL; }
+    if (PyModule_AddIntConstant(m, "VERSION", 4) < 0) { Py_DECREF(m); return NULL; }
     return m;
 }

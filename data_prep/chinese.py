@@ -12,10 +12,14 @@ Fine tokens
     segmenter cut inside it) starts with "##" too, so ``format.detokenize`` restores the text exactly:
     decode(fine) == decode(coarse) == the normalised sentence (data_prep/normalize.py).
 Coarse tokens
-    Words of a segmenter: rjieba by default (the Rust port of jieba, ~20x faster; with one
-    post-processing rule for non-Chinese runs, see RJiebaSegmenter, its output is identical to
-    jieba's on every sentence of People's Daily, which tests/test_data_prep_zh.py checks), jieba, or pkuseg
-    (optional extra). --user-dict adds words (jieba format: "word [freq] [tag]" per line).
+    Words of a segmenter: jieba-c by default (jieba's algorithm, dictionary and HMM in C, in
+    data_prep/_native.c: the same words as jieba, which tests/test_native.py checks word for word, at
+    ~1.5x the speed of rjieba and ~30x jieba's, its words numbered without a Python string each);
+    rjieba (the Rust port of jieba; with one post-processing rule for non-Chinese runs, see
+    RJiebaSegmenter, its output is identical to jieba's on every sentence of People's Daily, which
+    tests/test_data_prep_zh.py checks; the default where _native.c is not compiled), jieba, or pkuseg
+    (optional extra). The three jiebas give the same words: datasets byte-identical.
+    --user-dict adds words (jieba format: "word [freq] [tag]" per line).
     Vocabulary = specials + every fine token (so any text the fine side knows can be spelled) + the
     most frequent multi-token words, up to --coarse-vocab-size. A word outside the vocabulary backs
     off to in-vocabulary words by greedy longest match over its fine tokens, finally to single fine
@@ -64,7 +68,11 @@ from data_prep.languages import (
 )
 from data_prep.normalize import normalize_documents, normalize_text, split_sentences, split_sentences_batch
 
-SEGMENTERS = ("rjieba", "jieba", "pkuseg")
+SEGMENTERS = ("jieba-c", "rjieba", "jieba", "pkuseg")
+# The default: jieba-c where data_prep/_native.c is compiled (setup.sh, pip install -e .), else rjieba.
+DEFAULT_SEGMENTER = "jieba-c" if languages._native is not None else "rjieba"
+# Segmenters that give the same words (jieba's): a --vocab-from build may use any of them.
+SAME_WORDS = frozenset({"jieba-c", "rjieba", "jieba"})
 WORD_SEP = "\x1f"
 # A shard's cache (``analyze_shard``), one uncompressed .npz file: its distinct words (UTF-8, joined
 # by WORD_SEP), the word id of every token (int32), the words of every sentence, and the sentences
@@ -204,6 +212,47 @@ class RJiebaSegmenter(Segmenter):
         return out
 
 
+class JiebaCSegmenter(Segmenter):
+    """jieba in C (data_prep/_native.c, ``Jieba``): jieba's dictionary (its dict.txt) and HMM (its
+    finalseg tables), the same words as jieba word for word (tests/test_native.py), ~1.4x rjieba's
+    speed; and ``WordIds.chunk`` numbers its words without a str for a word seen before.
+    Needs data_prep._native compiled."""
+
+    name = "jieba-c"
+
+    def __init__(self, user_dict: str | None = None):
+        native = languages._native
+        if native is None:  # (make_segmenter gives rjieba instead)
+            raise LanguageError("--segmenter jieba-c needs data_prep/_native.c compiled (it is not, or it is stale): "
+                                "run `bash launchers/setup.sh` (or `pip install -e .`; needs gcc), or use "
+                                "--segmenter rjieba (the same words)", final=True)
+        import jieba
+        from jieba.finalseg import prob_emit, prob_start, prob_trans
+
+        dictionary = (Path(jieba.__file__).parent / "dict.txt").read_text(encoding="utf-8")
+        self.jieba = native.Jieba(dictionary, prob_start.P, prob_trans.P, prob_emit.P)
+        for word, freq, _tag in self._user_words(user_dict):  # jieba's load_userdict -> add_word
+            self.jieba.add_word(word, freq if freq is not None else self._suggest_freq(word))
+
+    def _suggest_freq(self, word: str) -> int:
+        """jieba's ``suggest_freq(word, tune=False)``: the frequency add_word gives a user word without one."""
+        total = self.jieba.total
+        freq = 1.0
+        for piece in self.jieba.cut(word, hmm=False):
+            known = self.jieba.get(piece)
+            freq *= (1 if known is None else known) / float(total)
+        known = self.jieba.get(word)
+        return max(int(freq * total) + 1, 1 if known is None else known)
+
+    def cut(self, text: str) -> list[str]:
+        return self.jieba.cut(text)
+
+    def cut_number(self, text: str, numbers, out: np.ndarray) -> tuple[int, list[str]]:
+        """``cut(text)`` numbered by the ``_native.WordNumbers`` ``numbers`` into ``out`` (int64, room
+        for len(text) ids): (how many words, the words that got new ids, in id order)."""
+        return self.jieba.cut_number(text, numbers, out)
+
+
 class JiebaSegmenter(Segmenter):
     name = "jieba"
 
@@ -246,10 +295,23 @@ class PkusegSegmenter(Segmenter):
 
 
 def make_segmenter(name: str, user_dict: str | None = None) -> Segmenter:
-    classes = {"rjieba": RJiebaSegmenter, "jieba": JiebaSegmenter, "pkuseg": PkusegSegmenter}
+    """The segmenter ``name``; jieba-c where data_prep._native is not compiled: rjieba (the same words,
+    slower), with a warning, so a dataset built with jieba-c is still read and extended everywhere."""
+    classes = {"jieba-c": JiebaCSegmenter, "rjieba": RJiebaSegmenter, "jieba": JiebaSegmenter, "pkuseg": PkusegSegmenter}
     if name not in classes:
         raise LanguageError(f"unknown --segmenter {name!r}; choose one of {SEGMENTERS}")
+    if name == "jieba-c" and languages._native is None:
+        if not _FALLBACK_WARNED:
+            _FALLBACK_WARNED.append(True)
+            logging.getLogger("data_prep").warning(
+                "--segmenter jieba-c needs data_prep/_native.c compiled (it is not, or it is stale): segmenting with "
+                "rjieba instead (the same words, slower). Compile it with `bash launchers/setup.sh` (or `pip install "
+                "-e .`; needs gcc)")
+        name = "rjieba"
     return classes[name](user_dict)
+
+
+_FALLBACK_WARNED: list[bool] = []
 
 
 def segment_sentence(segmenter: Segmenter, sentence: str) -> list[str]:
@@ -311,7 +373,7 @@ def _segment_lines(segmenter: Segmenter, sentences: list[str]) -> list[str] | No
 
 
 def _fast_path(segmenter: Segmenter) -> bool:
-    return isinstance(segmenter, (RJiebaSegmenter, JiebaSegmenter))
+    return isinstance(segmenter, (JiebaCSegmenter, RJiebaSegmenter, JiebaSegmenter))
 
 
 def segment_document(segmenter: Segmenter, sentences: list[str]) -> list[str]:
@@ -405,7 +467,12 @@ class WordIds:
         A word that starts with an ASCII letter/digit right after one that ends with one (no space
         word between: the segmenter cut a Latin run) becomes its "##" form; space words are dropped."""
         text = "\n".join(sentences)
-        if not isinstance(segmenter, RJiebaSegmenter):
+        if isinstance(segmenter, JiebaCSegmenter) and self.numbering.native is not None:
+            out = np.empty(len(text), dtype=np.int64)  # (a word is at least one character)
+            count, new = segmenter.cut_number(text, self.numbering.native, out)
+            self._extend(new)
+            ids = out[:count]
+        elif not isinstance(segmenter, RJiebaSegmenter):
             ids = self(segmenter.cut(text))
         else:  # rjieba's words made jieba's on the distinct words (RJiebaSegmenter.cut does it per call)
             seen = len(self.words)
@@ -658,8 +725,9 @@ class Chinese(Language):
 
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        group.add_argument("--segmenter", choices=SEGMENTERS, default="rjieba",
-                           help="word segmenter for coarse tokens (rjieba == jieba's output, faster)")
+        group.add_argument("--segmenter", choices=SEGMENTERS, default=DEFAULT_SEGMENTER,
+                           help="word segmenter for coarse tokens (default %(default)s; jieba-c, rjieba and jieba "
+                                "give the same words: jieba-c is jieba in C, the fastest, compiled by the set-up)")
         group.add_argument("--user-dict", help="extra words for the segmenter (jieba format: word [freq] [tag])")
         group.add_argument("--latin-min-count", type=int, default=5,
                            help="a Latin/digit run seen this often becomes one fine token")
@@ -669,6 +737,10 @@ class Chinese(Language):
                            help="refuse an input whose letters are less than this share Chinese")
 
     @classmethod
+    def same_option(cls, name: str, a, b) -> bool:
+        return a == b or (name == "segmenter" and a in SAME_WORDS and b in SAME_WORDS)
+
+    @classmethod
     def options_from_args(cls, args: argparse.Namespace) -> dict:
         options = super().options_from_args(args)
         if options.get("user_dict"):
@@ -676,7 +748,7 @@ class Chinese(Language):
         return options
 
     def __init__(self, options: dict):
-        defaults = {"segmenter": "rjieba", "user_dict": None, "latin_min_count": 5, "coarse_min_count": 2,
+        defaults = {"segmenter": DEFAULT_SEGMENTER, "user_dict": None, "latin_min_count": 5, "coarse_min_count": 2,
                     "max_sentence_chars": 510, "min_cjk_fraction": 0.25}
         super().__init__({**defaults, **options})
         if self.options["segmenter"] not in SEGMENTERS:
@@ -724,8 +796,9 @@ class Chinese(Language):
     def package_versions(self) -> dict[str, str]:
         from importlib.metadata import PackageNotFoundError, version
 
-        try:
-            return {self.options["segmenter"]: version(self.options["segmenter"])}
+        try:  # jieba-c: jieba's dictionary and HMM tables, from the jieba package
+            name = "jieba" if self.options["segmenter"] == "jieba-c" else self.options["segmenter"]
+            return {name: version(name)}
         except PackageNotFoundError:
             return {}
 

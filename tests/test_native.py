@@ -1,6 +1,7 @@
-"""data_prep._native (the C string numbering, compiled by `pip install -e .`) against the pure-Python
-path it replaces: the same ids for any strings, the same shard segmentation and count sums, and a
-Chinese build byte-identical with and without it (AMBERT_PURE_PYTHON=1)."""
+"""data_prep._native (the C string numbering, sentence split, gather and jieba-c segmenter, compiled by
+`pip install -e .`) against the pure-Python path it replaces and against jieba: the same ids for any
+strings, the same shard segmentation and count sums, jieba's words, and a Chinese build byte-identical
+with and without it (AMBERT_PURE_PYTHON=1)."""
 
 import os
 import random
@@ -128,14 +129,14 @@ def test_count_sums_and_shard_segmentation_equal_the_pure_path(monkeypatch):
 
     docs = ["".join(words) for words in peoples_daily_gold(600)] + ["Windows 98和iPhone6s", "C##x 和 ##b", "ab12.5%cd abc中文"]
     sentences = [s for d in docs for s in split_sentences(normalize_text(d))]
-    seg = make_segmenter("rjieba")
     outs = []
-    for mod in (native, None):
+    for mod, name in ((native, "jieba-c"), (native, "rjieba"), (None, "rjieba")):  # jieba-c: words numbered in C
+        seg = make_segmenter(name)
         monkeypatch.setattr(languages, "_native", mod)
         table = chinese.WordIds()  # one table over two shards, as a worker keeps it
         outs.append([(w, i.tolist(), n.tolist()) for w, i, n in
                      (segment_shard(seg, part, table=table) for part in (sentences[:900], sentences[900:]))])
-    assert outs[0] == outs[1]
+    assert outs[0] == outs[1] == outs[2]
 
 
 @needs_native
@@ -181,8 +182,8 @@ def test_gather_ranges_equals_the_numpy_gather(value_type, count_type):
 @pytest.mark.slow
 @needs_native
 def test_chinese_build_is_byte_identical_without_the_extension(tmp_path):
-    """The demo build (People's Daily, 2 workers) with the extension and with AMBERT_PURE_PYTHON=1:
-    every file but meta.json's run information is byte-identical."""
+    """The demo build (People's Daily, 2 workers) with the extension (its default segmenter: jieba-c)
+    and with AMBERT_PURE_PYTHON=1 (rjieba): every file but meta.json is byte-identical."""
     text = tmp_path / "pd.txt"
     from data_prep.demo import peoples_daily_gold
 
@@ -221,3 +222,138 @@ def test_sentence_split_equals_the_regular_expression_split(monkeypatch):
         monkeypatch.setattr(languages, "_native", native)
     with pytest.raises(TypeError, match="str"):
         native.split_sentences(["a", None], 10)
+
+
+# ---- jieba-c: jieba 0.42's segmentation in C (data_prep/_native.c, Jieba) -------------------------
+def _jieba_tokenizer():
+    import logging
+
+    import jieba
+
+    jieba.setLogLevel(logging.WARNING)
+    tokenizer = jieba.Tokenizer()
+    tokenizer.initialize()
+    return tokenizer
+
+
+def _tricky_texts(rng: random.Random, n: int) -> list[str]:
+    """Random text over what each branch of jieba's cut treats differently: Chinese characters in and
+    out of the dictionary (the HMM), the other characters of its blocks (+#&._%-), letters and digits
+    (the HMM's [a-zA-Z0-9]+(?:\\.\\d+)?%? split), spaces, "\\r\\n", tabs, punctuation, characters above
+    U+FFFF and outside the Chinese range."""
+    han = list("的一是了我不人在他有这个上们来到时大地为子中你说生国年着就那和要她出也得里后自以会家可下而过天去能对小"
+               "多然于心学么之都好看起发当没成只如事把还用第样道想作种开美总从无情己面最女但现前些所同日手又行意动方期它"
+               "头经长儿回位分爱老因很给名法间斯知世什两次使身者被高已亲其进此话常与活正感亻乂氵饕餮龘靐齉")
+    other = list("abcXYZ0123456789.%+#&_-") + [" ", "\n", "\r\n", "\t", "，", "。", "！", "“", "”", "　", "\U00020000",
+                                                "\u3400", "é", "\x00"]
+    return ["".join(rng.choice(han if rng.random() < 0.7 else other) for _ in range(rng.randint(0, 80)))
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def jieba_c():
+    if native is None:
+        pytest.skip("data_prep._native is not compiled")
+    from data_prep.chinese import make_segmenter
+
+    return make_segmenter("jieba-c")
+
+
+@needs_native
+def test_jieba_c_gives_jiebas_words_with_and_without_the_hmm(jieba_c):
+    """Word for word jieba's Tokenizer.cut (HMM on, and off: the path user words' frequencies take) on
+    People's Daily and on random text over every branch of the algorithm; and rjieba's (after the rule
+    that makes its words jieba's) on People's Daily."""
+    from data_prep.chinese import make_segmenter
+    from data_prep.demo import peoples_daily_gold
+
+    reference = _jieba_tokenizer()
+    assert jieba_c.jieba.total == reference.total  # the same dictionary, summed as gen_pfdict sums it
+    rng = random.Random(7)
+    lines = ["".join(words) for words in peoples_daily_gold()]
+    texts = rng.sample(lines, 2500) + _tricky_texts(rng, 2500)
+    for text in texts:
+        assert jieba_c.cut(text) == reference.lcut(text), text
+        assert jieba_c.jieba.cut(text, hmm=False) == reference.lcut(text, HMM=False), text
+    # long text in one call (the build joins ~16k characters of sentences with line breaks)
+    joined = "\n".join(texts[:400])
+    assert jieba_c.cut(joined) == reference.lcut(joined)
+    rjieba = make_segmenter("rjieba")
+    assert all(jieba_c.cut(line) == rjieba.cut(line) for line in lines[::7])
+
+
+@needs_native
+def test_jieba_c_numbers_its_words_as_the_numbering_of_its_cut(jieba_c):
+    """cut_number == numbering(cut(text)): the same ids (short words through the packed table, long ones
+    and characters above U+FFFF through the dict), the new words listed in id order, across calls."""
+    rng = random.Random(3)
+    texts = _tricky_texts(rng, 300) + ["中华人民共和国中央人民政府今天成立了", "", "\U00020000\U00020000中国"]
+    direct, through_cut = StringNumbering(), StringNumbering()
+    for text in texts:
+        out = np.full(len(text) + 1, -1, dtype=np.int64)
+        seen = len(direct)
+        count, new = jieba_c.cut_number(text, direct.native, out)
+        words = jieba_c.cut(text)
+        assert count == len(words) and out[count] == -1
+        assert out[:count].tolist() == through_cut(words).tolist()
+        assert new == list(direct.index)[seen:]  # the new words, in the order of their ids
+    assert direct.index == through_cut.index
+    with pytest.raises(ValueError, match="room for len"):
+        jieba_c.cut_number("中文", direct.native, np.zeros(1, dtype=np.int64))
+    with pytest.raises(TypeError):
+        jieba_c.cut_number("中文", {}, np.zeros(4, dtype=np.int64))
+
+
+@needs_native
+def test_jieba_c_user_words_are_added_as_jiebas_load_userdict_adds_them(tmp_path):
+    """--user-dict through jieba-c == jieba's load_userdict: a word with a frequency, one without (jieba's
+    suggest_freq), a word that was only a prefix, a dictionary word re-weighted, and a word at frequency 0
+    (jieba then splits it where its HMM would give it)."""
+    import jieba.finalseg
+
+    from data_prep.chinese import make_segmenter
+
+    user = tmp_path / "user.txt"
+    user.write_text("迈向充满 5\n云计算\n石墨烯 n\n中华人 0\n希望 3 v\n江大桥 20000\n南京市长 0\n", encoding="utf-8")
+    text = ("迈向充满希望的新世纪，云计算和石墨烯。中华人民共和国，南京市长江大桥。江大桥同志说，"
+            "他是南京市长。乂乂饕餮中华人，凇氵龘。")
+    reference = _jieba_tokenizer()
+    before = set(jieba.finalseg.Force_Split_Words)
+    try:
+        reference.load_userdict(str(user))
+        ours = make_segmenter("jieba-c", str(user))
+        assert ours.jieba.total == reference.total
+        for word in ("迈向充满", "云计算", "石墨烯", "中华人", "希望", "南京市长", "中华", "不在词典里"):
+            assert ours.jieba.get(word) == reference.FREQ.get(word), word
+        rng = random.Random(5)
+        for piece in [text] + [text[i:i + rng.randint(1, 30)] for i in rng.sample(range(len(text)), 40)]:
+            assert ours.cut(piece) == reference.lcut(piece), piece
+        assert "云计算" in ours.cut(text) and "江大桥" in ours.cut(text)
+    finally:  # jieba keeps force-split words in a module-level set: as it was for the other tests
+        jieba.finalseg.Force_Split_Words.clear()
+        jieba.finalseg.Force_Split_Words.update(before)
+
+
+@needs_native
+def test_jieba_c_refuses_a_bad_dictionary_and_falls_back_to_rjieba_uncompiled(monkeypatch, caplog):
+    from jieba.finalseg import prob_emit, prob_start, prob_trans
+
+    from data_prep import chinese
+
+    with pytest.raises(ValueError, match="line 2"):
+        native.Jieba("中国 5 ns\n中华人民\n", prob_start.P, prob_trans.P, prob_emit.P)
+    with pytest.raises(ValueError, match="unknown state"):
+        native.Jieba("中国 5\n", {"X": 0.0}, prob_trans.P, prob_emit.P)
+    with pytest.raises(ValueError, match="line 2"):  # a blank line, as jieba's gen_pfdict
+        native.Jieba("中国 5\n\n中国人 2 n\n", prob_start.P, prob_trans.P, prob_emit.P)
+    small = native.Jieba("中国 5\n中国人 2 n\n", prob_start.P, prob_trans.P, prob_emit.P)
+    assert (small.total, small.get("中国"), small.get("中"), small.get("国")) == (7, 5, 0, None)
+    with pytest.raises(RuntimeError, match="once"):
+        small.__init__("中国 5\n", prob_start.P, prob_trans.P, prob_emit.P)
+    # without the compiled module a jieba-c dataset is still segmented: by rjieba (the same words), said once
+    monkeypatch.setattr(languages, "_native", None)
+    monkeypatch.setattr(chinese, "_FALLBACK_WARNED", [])
+    with caplog.at_level("WARNING", logger="data_prep"):
+        seg = chinese.make_segmenter("jieba-c")
+    assert isinstance(seg, chinese.RJiebaSegmenter)
+    assert "segmenting with rjieba instead (the same words" in caplog.text

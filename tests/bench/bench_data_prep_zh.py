@@ -54,7 +54,8 @@ def _cut_chunks(bounds: tuple[int, int]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--copies", type=int, default=4, help="repeat the demo text this many times (4: ~22 MB, the size of the English benchmark)")
-    ap.add_argument("--segmenter", default="rjieba")
+    ap.add_argument("--segmenter", default="jieba-c", help="the build's (default: the build's default)")
+    ap.add_argument("--peer", default="rjieba", help="the fastest published jieba, timed alone beside the build's own")
     ap.add_argument("--shard-documents", type=int, default=2000)
     ap.add_argument("--shard-characters", type=int, default=None, help="default: the build's (corpus size / 64)")
     ap.add_argument("--rounds", type=int, default=5, help="rounds of (segmenter, 1 worker, 2 workers)")
@@ -85,20 +86,23 @@ def main() -> None:
 
         seg = make_segmenter(args.segmenter)
         seg.cut("预热")
+        peer = make_segmenter(args.peer) if args.peer != args.segmenter else None
+        if peer is not None:
+            peer.cut("预热")
 
-        def run_segmenter() -> tuple[float, float]:
+        def run_segmenter(which=seg) -> tuple[float, float]:
             t0, c0 = time.perf_counter(), cpu()
             for line in lines:
-                seg.cut(line)
+                which.cut(line)
             return time.perf_counter() - t0, cpu() - c0
 
         # One call per shard-sized chunk, as the build calls it: fewer calls, faster (the stricter peer).
         chunks = ["\n".join(lines[i:i + args.shard_documents]) for i in range(0, len(lines), args.shard_documents)]
 
-        def run_segmenter_chunks() -> tuple[float, float]:
+        def run_segmenter_chunks(which=seg) -> tuple[float, float]:
             t0, c0 = time.perf_counter(), cpu()
             for chunk in chunks:
-                seg.cut(chunk)
+                which.cut(chunk)
             return time.perf_counter() - t0, cpu() - c0
 
         # This machine's ceiling for two processes: the segmenter alone over all chunks in one forked
@@ -130,27 +134,29 @@ def main() -> None:
         inside = {"seconds": 0.0}
 
         def timed(method):
-            def run(self, text):
+            def run(self, text, *args):
                 t0 = time.perf_counter()
                 try:
-                    return method(self, text)
+                    return method(self, text, *args)
                 finally:
                     inside["seconds"] += time.perf_counter() - t0
             return run
 
-        timed_methods = {name: timed(getattr(segmenter_class, name)) for name in ("cut", "cut_raw")
+        timed_methods = {name: timed(getattr(segmenter_class, name)) for name in ("cut", "cut_raw", "cut_number")
                          if name in vars(segmenter_class)}
         assert issubclass(segmenter_class, chinese.Segmenter)
 
         def run_build(workers: int, pure: bool = False) -> tuple[float, float]:
             """One build; ``pure``: the 1-worker build without data_prep._native (the word numbering in
-            Python, as on a machine where it did not compile), for the side-by-side row."""
+            Python, as on a machine where it did not compile; its segmenter: rjieba if the build's is
+            jieba-c, which is compiled code), for the side-by-side row."""
             out = tmp / f"ds_w{workers}{'_pure' if pure else ''}"
             shutil.rmtree(out, ignore_errors=True)
             cfg = core.BuildConfig(language="zh", output=str(out), inputs=[str(text_path)], workers=workers,
                                    text_mode="line", shard_documents=args.shard_documents,
                                    shard_characters=args.shard_characters, progress=False,
-                                   language_options={"segmenter": args.segmenter})
+                                   language_options={"segmenter": "rjieba" if pure and args.segmenter == "jieba-c"
+                                                     else args.segmenter})
             saved = {name: vars(segmenter_class)[name] for name in timed_methods} if workers == 1 else {}
             for name in saved:
                 setattr(segmenter_class, name, timed_methods[name])
@@ -182,12 +188,15 @@ def main() -> None:
         for r in range(args.rounds):
             this = {"seg": run_segmenter(), "segc": run_segmenter_chunks(), "seg1p": run_segmenter_pool(1), "seg2p": run_segmenter_pool(2),
                     "w1": run_build(1), "w2": run_build(2), "w1py": run_build(1, pure=True)}
+            if peer is not None:
+                this["peer"], this["peerc"] = run_segmenter(peer), run_segmenter_chunks(peer)
             for k, v in this.items():
                 if v[0] < best.get(k, (float("inf"), 0.0))[0]:
                     best[k] = v
             pairs.append(this["w1"][0] / this["w2"][0])
             ceilings.append(this["seg1p"][0] / this["seg2p"][0])
-            print(f"  round {r + 1}: segmenter {this['seg'][0]:.2f}s per line, {this['segc'][0]:.2f}s per chunk "
+            print(f"  round {r + 1}: segmenter {this['seg'][0]:.2f}s per line, {this['segc'][0]:.2f}s per chunk"
+                  + (f" ({args.peer} {this['peer'][0]:.2f}s / {this['peerc'][0]:.2f}s)" if peer is not None else "") + " "
                   f"(pool: {this['seg1p'][0]:.2f}s in 1 process, {this['seg2p'][0]:.2f}s in 2), "
                   f"1 worker {this['w1'][0]:.2f}s, "
                   f"2 workers {this['w2'][0]:.2f}s, 1 worker without data_prep._native {this['w1py'][0]:.2f}s", flush=True)
@@ -202,12 +211,21 @@ def main() -> None:
             ("build --workers 2 (end to end)", t2, cpu2),
             ("build --workers 1, no data_prep._native", *best["w1py"]),
         ]
+        if peer is not None:
+            rows[2:2] = [(f"peer: {args.peer}.cut per line", *best["peer"]), (f"peer: {args.peer} per chunk", *best["peerc"])]
         print(f"{'':40s} {'wall s':>8s} {'MB/s':>7s} {'Mchars/s':>9s} {'CPU s':>7s}")
         for name, secs, used in rows:
             print(f"{name:40s} {secs:8.2f} {mb / secs:7.2f} {chars / secs / 1e6:9.2f} {used:7.2f}")
         print(f"build(1 worker) / segmenter alone (the faster of its two rows): {best_seg / t1:.2f} by wall time, "
               f"{seg_cpu / cpu1:.2f} by CPU time (goal >= 0.50)")
-        print(f"data_prep._native (C word numbering, sentence splitting and token gather) vs the pure-Python path, 1 worker: {best['w1py'][0] / t1:.2f}x "
+        if peer is not None:
+            best_peer, peer_cpu = min(best["peer"], best["peerc"])
+            print(f"build(1 worker) / {args.peer} alone (the faster of its two rows): {best_peer / t1:.2f} by wall time, "
+                  f"{peer_cpu / cpu1:.2f} by CPU time; {args.segmenter} alone / {args.peer} alone: "
+                  f"{best_peer / best_seg:.2f}x the speed")
+        print(f"data_prep._native (C word numbering, sentence splitting and token gather"
+              f"{', jieba-c' if args.segmenter == 'jieba-c' else ''}) vs the pure-Python path"
+              f"{' (rjieba)' if args.segmenter == 'jieba-c' else ''}, 1 worker: {best['w1py'][0] / t1:.2f}x "
               f"({'compiled' if languages._native is not None else 'NOT COMPILED: both rows are the Python path'})")
         print(f"build(2 workers) / build(1 worker) speed-up: {t1 / t2:.2f}x best rows, "
               f"{sorted(pairs)[len(pairs) // 2]:.2f}x median of per-round pairs "
