@@ -706,13 +706,33 @@ static int jb_block(const Jieba *j, const Py_UCS4 *s, Py_ssize_t a, Py_ssize_t b
     return 0;
 }
 
-/* jieba.Tokenizer.cut(text, HMM=hmm) as spans of the UCS4 text s[0:n]. */
-static int jb_spans(const Jieba *j, const Py_UCS4 *s, Py_ssize_t n, int hmm, Spans *out) {
-    double *route = malloc((n + 1) * sizeof(double));
-    Py_ssize_t *where = malloc((n + 1) * sizeof(Py_ssize_t));
-    uint8_t *back = malloc((n + 1) * 4);
+/* The work arrays of a segmentation (the route and the Viterbi back-pointers), kept across the
+   sentences of one call. */
+typedef struct { double *route; Py_ssize_t *where; uint8_t *back; Py_ssize_t cap; } Scratch;
+
+static int sc_fit(Scratch *w, Py_ssize_t n) {
+    if (n + 1 <= w->cap) return 0;
+    Py_ssize_t cap = n + 1 > 2 * w->cap ? n + 1 : 2 * w->cap;
+    double *route = realloc(w->route, cap * sizeof(double));
+    if (route) w->route = route;
+    Py_ssize_t *where = realloc(w->where, cap * sizeof(Py_ssize_t));
+    if (where) w->where = where;
+    uint8_t *back = realloc(w->back, cap * 4);
+    if (back) w->back = back;
+    if (!route || !where || !back) { PyErr_NoMemory(); return -1; }
+    w->cap = cap;
+    return 0;
+}
+
+static void sc_free(Scratch *w) { free(w->route); free(w->where); free(w->back); }
+
+/* jieba.Tokenizer.cut(text, HMM=hmm) as spans of the UCS4 text s[0:n], appended to out. */
+static int jb_spans_in(const Jieba *j, const Py_UCS4 *s, Py_ssize_t n, int hmm, Spans *out, Scratch *w) {
+    if (sc_fit(w, n) < 0) return -1;
+    double *route = w->route;
+    Py_ssize_t *where = w->where;
+    uint8_t *back = w->back;
     int rc = -1;
-    if (!route || !where || !back) { PyErr_NoMemory(); goto done; }
     double logtotal = log((double)j->total);
     Py_ssize_t i = 0;
     while (i < n) {
@@ -731,7 +751,13 @@ static int jb_spans(const Jieba *j, const Py_UCS4 *s, Py_ssize_t n, int hmm, Spa
     }
     rc = 0;
 done:
-    free(route); free(where); free(back);
+    return rc;
+}
+
+static int jb_spans(const Jieba *j, const Py_UCS4 *s, Py_ssize_t n, int hmm, Spans *out) {
+    Scratch w = {0};
+    int rc = jb_spans_in(j, s, n, hmm, out, &w);
+    sc_free(&w);
     return rc;
 }
 
@@ -758,6 +784,49 @@ done:
     return words;
 }
 
+/* The id of the word text[a:b] (s: text's code points) in t, numbering it if new (then appended to
+   added). Words of 1-4 characters below U+10000 through t's packed table, the others through its
+   dict: a str is made only for a word the packed table does not hold. -1 on error. */
+static Py_ssize_t wn_span(WordNumbers *t, PyObject *text, const Py_UCS4 *s, Py_ssize_t a, Py_ssize_t b, PyObject *added) {
+    uint64_t key = 0;
+    if (b - a <= 4) {
+        for (Py_ssize_t i = a; i < b; i++) {
+            if (s[i] == 0 || s[i] > 0xFFFF) { key = 0; break; }
+            key |= (uint64_t)s[i] << (16 * (i - a));
+        }
+    }
+    size_t slot = 0;
+    if (key) {
+        slot = mix(key) & t->mask;
+        while (t->keys[slot] && t->keys[slot] != key) slot = (slot + 1) & t->mask;
+        if (t->keys[slot]) return t->vals[slot];
+    }
+    PyObject *word = PyUnicode_Substring(text, a, b);
+    if (!word) return -1;
+    Py_ssize_t count = 0, id = dict_id(t, word, &count);
+    if (id >= 0 && count && PyList_Append(added, word) < 0) id = -1;
+    Py_DECREF(word);
+    if (id < 0) return -1;
+    if (key) {
+        t->keys[slot] = key; t->vals[slot] = id;
+        if (++t->used * 2 > t->mask + 1 && grow(t) < 0) return -1;
+    }
+    return id;
+}
+
+/* The id of "##" + text[a:b] (a continuation word), numbered through t's dict. -1 on error. */
+static Py_ssize_t wn_continuation(WordNumbers *t, PyObject *text, Py_ssize_t a, Py_ssize_t b, PyObject *added) {
+    PyObject *piece = PyUnicode_Substring(text, a, b);
+    if (!piece) return -1;
+    PyObject *word = PyUnicode_FromFormat("##%U", piece);
+    Py_DECREF(piece);
+    if (!word) return -1;
+    Py_ssize_t count = 0, id = dict_id(t, word, &count);
+    if (id >= 0 && count && PyList_Append(added, word) < 0) id = -1;
+    Py_DECREF(word);
+    return id;
+}
+
 /* cut_number(text, numbers, out) -> (words, new words): the words of cut(text) numbered by the
    WordNumbers ``numbers`` (as numbers.number(cut(text), out) would) without a str for a word already
    numbered; ``new words``: the list of the words that got new ids, in id order. */
@@ -780,39 +849,87 @@ static PyObject *jb_cut_number(Jieba *j, PyObject *args) {
     PyObject *result = NULL, *added_words = PyList_New(0);
     if (!added_words || jb_spans(j, s, n, 1, &sp) < 0) goto done;
     int64_t *ids = (int64_t *)view.buf;
-    Py_ssize_t words = sp.n / 2, added = 0;
-    for (Py_ssize_t w = 0; w < words; w++) {
-        Py_ssize_t a = sp.v[2 * w], b = sp.v[2 * w + 1];
-        uint64_t key = 0;
-        if (b - a <= 4) {
-            for (Py_ssize_t i = a; i < b; i++) {
-                if (s[i] == 0 || s[i] > 0xFFFF) { key = 0; break; }
-                key |= (uint64_t)s[i] << (16 * (i - a));
-            }
-        }
-        size_t slot = 0;
-        if (key) {
-            slot = mix(key) & t->mask;
-            while (t->keys[slot] && t->keys[slot] != key) slot = (slot + 1) & t->mask;
-            if (t->keys[slot]) { ids[w] = t->vals[slot]; continue; }
-        }
-        PyObject *word = PyUnicode_Substring(text, a, b);
-        if (!word) goto done;
-        Py_ssize_t before = added, id = dict_id(t, word, &added);
-        if (id >= 0 && added > before && PyList_Append(added_words, word) < 0) id = -1;
-        Py_DECREF(word);
-        if (id < 0) goto done;
-        ids[w] = id;
-        if (key) {
-            t->keys[slot] = key; t->vals[slot] = id;
-            if (++t->used * 2 > t->mask + 1 && grow(t) < 0) goto done;
-        }
-    }
+    Py_ssize_t words = sp.n / 2;
+    for (Py_ssize_t w = 0; w < words; w++)
+        if ((ids[w] = wn_span(t, text, s, sp.v[2 * w], sp.v[2 * w + 1], added_words)) < 0) goto done;
     result = Py_BuildValue("nO", words, added_words);
 done:
     if (!result && !PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad id in the word index");
     PyMem_Free(s); free(sp.v); Py_XDECREF(added_words);
     PyBuffer_Release(&view);
+    return result;
+}
+
+/* segment_sentences(sentences, start, numbers, ids, lengths, pos) -> (stop, pos, new words): the
+   Chinese build's words of sentences[start:] (data_prep/chinese.py segment_shard, its chunk path in
+   one pass): each sentence cut (jieba's words; a sentence holds no line break, so cutting it alone is
+   cutting it within the text), its space words dropped, a word that starts with an ASCII letter/digit
+   right after one that ends with one (no space between: the segmenter cut a Latin run) numbered as
+   "##" + the word, the others as they are, through the WordNumbers ``numbers``. Sentence i's ids go
+   to ids[pos:] (int32), their count to lengths[i] (int64). Stops before a sentence the general path
+   must take: one holding "##", one with a word holding a space or a line break (never from jieba
+   after normalisation), or one without a word; ``stop`` is its index (len(sentences): all done), pos
+   the ids written; ``new words``: the words numbered anew, in id order. */
+static PyObject *jb_segment_sentences(Jieba *j, PyObject *args) {
+    PyObject *sentences, *oids, *olens;
+    WordNumbers *t;
+    Py_ssize_t start, pos;
+    if (!PyArg_ParseTuple(args, "O!nO!OOn", &PyList_Type, &sentences, &start, &WordNumbersType, &t, &oids, &olens, &pos))
+        return NULL;
+    if (!t->keys) { PyErr_SetString(PyExc_RuntimeError, "WordNumbers was not initialised"); return NULL; }
+    Py_ssize_t n = PyList_GET_SIZE(sentences);
+    Py_buffer vi, vl;
+    if (get_ints(oids, &vi, 1, "ids", 4) < 0) return NULL;
+    if (get_ints(olens, &vl, 1, "lengths", 8) < 0) { PyBuffer_Release(&vi); return NULL; }
+    PyObject *result = NULL, *added = PyList_New(0);
+    Py_UCS4 *s = NULL;
+    Py_ssize_t cap = 0, room = vi.len / 4, i = start;
+    Spans sp = {0};
+    Scratch w = {0};
+    if (!added) goto done;
+    if (vi.itemsize != 4 || vl.itemsize != 8 || vl.len / 8 < n || start < 0 || start > n || pos < 0 || pos > room) {
+        PyErr_SetString(PyExc_ValueError, "segment_sentences: ids must be int32 and lengths int64 with an entry per "
+                        "sentence; start and pos within them");
+        goto done;
+    }
+    int32_t *ids = (int32_t *)vi.buf;
+    int64_t *lengths = (int64_t *)vl.buf;
+    for (; i < n; i++) {
+        PyObject *text = PyList_GET_ITEM(sentences, i);
+        if (!PyUnicode_Check(text)) { PyErr_SetString(PyExc_TypeError, "sentences must be str"); goto done; }
+        Py_ssize_t len = PyUnicode_GET_LENGTH(text), count = 0;
+        if (len + 1 > cap) {
+            Py_UCS4 *grown = PyMem_Realloc(s, (len + 1) * sizeof(Py_UCS4));
+            if (!grown) { PyErr_NoMemory(); goto done; }
+            s = grown; cap = len + 1;
+        }
+        if (!PyUnicode_AsUCS4(text, s, cap, 0)) goto done;
+        int general = 0;
+        for (Py_ssize_t k = 0; k + 1 < len && !general; k++) general = s[k] == '#' && s[k + 1] == '#';
+        sp.n = 0;
+        if (!general && jb_spans_in(j, s, len, 1, &sp, &w) < 0) goto done;
+        int prev_alnum = 0;
+        for (Py_ssize_t k = 0; k < sp.n / 2 && !general; k++) {
+            Py_ssize_t a = sp.v[2 * k], b = sp.v[2 * k + 1];
+            if (b - a == 1 && s[a] == ' ') { prev_alnum = 0; continue; }
+            for (Py_ssize_t c = a; c < b && !general; c++) general = s[c] == ' ' || s[c] == '\n';
+            if (general) break;
+            if (pos + count >= room) { PyErr_SetString(PyExc_ValueError, "segment_sentences: ids has no room"); goto done; }
+            int cont = prev_alnum && ascii_alnum(s[a]);
+            prev_alnum = ascii_alnum(s[b - 1]);
+            Py_ssize_t id = cont ? wn_continuation(t, text, a, b, added) : wn_span(t, text, s, a, b, added);
+            if (id < 0) goto done;
+            if (id > INT32_MAX) { PyErr_SetString(PyExc_OverflowError, "segment_sentences: word id beyond int32"); goto done; }
+            ids[pos + count++] = (int32_t)id;
+        }
+        if (general || count == 0) break;
+        lengths[i] = count;
+        pos += count;
+    }
+    result = Py_BuildValue("nnO", i, pos, added);
+done:
+    PyMem_Free(s); free(sp.v); sc_free(&w); Py_XDECREF(added);
+    PyBuffer_Release(&vi); PyBuffer_Release(&vl);
     return result;
 }
 
@@ -847,6 +964,8 @@ static PyObject *jb_total(Jieba *j, void *closure) { return PyLong_FromLongLong(
 static PyMethodDef jb_methods[] = {
     {"cut", (PyCFunction)(void (*)(void))jb_cut, METH_VARARGS | METH_KEYWORDS, "cut(text, hmm=True) -> jieba's words of text"},
     {"cut_number", (PyCFunction)jb_cut_number, METH_VARARGS, "cut_number(text, numbers, out) -> (words, new words): cut(text) numbered"},
+    {"segment_sentences", (PyCFunction)jb_segment_sentences, METH_VARARGS,
+     "segment_sentences(sentences, start, numbers, ids, lengths, pos) -> (stop, pos, new words): the build's words of each sentence"},
     {"add_word", (PyCFunction)jb_add_word, METH_VARARGS, "add_word(word, freq): jieba's add_word with a frequency"},
     {"get", (PyCFunction)jb_get, METH_O, "get(word) -> jieba's FREQ.get(word)"},
     {NULL, NULL, 0, NULL}};

@@ -252,6 +252,11 @@ class JiebaCSegmenter(Segmenter):
         for len(text) ids): (how many words, the words that got new ids, in id order)."""
         return self.jieba.cut_number(text, numbers, out)
 
+    def segment_sentences(self, sentences: list[str], start: int, numbers, ids: np.ndarray, lengths: np.ndarray,
+                          pos: int) -> tuple[int, int, list[str]]:
+        """The build's words of ``sentences[start:]`` (``segment_shard``): see ``_native.Jieba.segment_sentences``."""
+        return self.jieba.segment_sentences(sentences, start, numbers, ids, lengths, pos)
+
 
 class JiebaSegmenter(Segmenter):
     name = "jieba"
@@ -519,8 +524,10 @@ def segment_shard(segmenter: Segmenter, sentences: list[str], chunk_chars: int =
     cached word (``segment_sentence``'s output, "##" marks included) of each id; every listed word
     occurs; a sentence may have 0 words (only when the general path gives none).
 
-    Equal to ``segment_document`` over the same sentences (a test checks it). The jieba segmenters
-    get one call per ~``chunk_chars`` characters of sentences, whose words are numbered and freed at
+    Equal to ``segment_document`` over the same sentences (a test checks it). jieba-c does it all in
+    C, one sentence after the other (``Jieba.segment_sentences``: no str for a word seen before, no
+    pass over the ids afterwards), handing a sentence the general path must take back to it. The
+    other jieba segmenters get one call per ~``chunk_chars`` characters of sentences, whose words are numbered and freed at
     once (the build's time inside rjieba fell by about a third against one call per megabyte whose
     words were kept); a sentence containing "##", a chunk that fails a check, and other segmenters
     take the per-sentence path.
@@ -538,7 +545,23 @@ def segment_shard(segmenter: Segmenter, sentences: list[str], chunk_chars: int =
             ids_parts.append(compact_ints(ids))
             length_parts.append(np.array([len(ids)], dtype=np.int64))
 
-    if not _fast_path(segmenter):
+    if isinstance(segmenter, JiebaCSegmenter) and table.numbering.native is not None:
+        n = len(sentences)
+        out = np.empty(sum(map(len, sentences)), dtype=np.int32)  # room: a word is at least one character
+        lengths = np.empty(n, dtype=np.int64)
+        start = pos = 0
+        while start < n:
+            start, pos, new = segmenter.segment_sentences(sentences, start, table.numbering.native, out, lengths, pos)
+            table._extend(new)
+            if start < n:  # "##" in it, or a word holding whitespace: the general path
+                ids = table.sentence(segmenter, sentences[start])
+                out[pos:pos + len(ids)] = ids
+                lengths[start] = len(ids)
+                pos += len(ids)
+                start += 1
+        ids_parts.append(out[:pos])
+        length_parts.append(lengths)
+    elif not _fast_path(segmenter):
         general(sentences)
     else:
         # Chunks: a chunk ends before the first sentence at which its sentences (+1 each) reach

@@ -357,3 +357,37 @@ def test_jieba_c_refuses_a_bad_dictionary_and_falls_back_to_rjieba_uncompiled(mo
         seg = chinese.make_segmenter("jieba-c")
     assert isinstance(seg, chinese.RJiebaSegmenter)
     assert "segmenting with rjieba instead (the same words" in caplog.text
+
+
+@needs_native
+def test_jieba_c_segments_sentences_as_the_chunk_path_and_hands_back_the_general_ones(jieba_c):
+    """segment_sentences (jieba-c's whole shard segmentation in C) gives segment_shard's words: Latin runs
+    the segmenter cut become "##" continuations (not across a space), space words are dropped; it stops
+    at a sentence holding "##" (the general path's), and segment_shard resumes after it."""
+    from data_prep.chinese import WordIds, make_segmenter, segment_sentence, segment_shard
+
+    sentences = ["研制1.3nm的芯片", "Windows 98和iPhone6s", "C##x 和 ##b", "ab12.5%cd abc中文", "3.5%的GDP增长",
+                 "中华人民共和国", "x"]
+    table = WordIds()
+    ids = np.full(200, -1, dtype=np.int32)
+    lengths = np.zeros(len(sentences), dtype=np.int64)
+    stop, pos, new = jieba_c.segment_sentences(sentences, 0, table.numbering.native, ids, lengths, 0)
+    table._extend(new)
+    assert stop == 2 and pos == lengths[:2].sum() and (ids[pos:] == -1).all()
+    assert [table.words[i] for i in ids[:lengths[0]]] == ["研制", "1.3", "##nm", "的", "芯片"]
+    assert [table.words[i] for i in ids[lengths[0]:pos]] == ["Windows", "98", "和", "iPhone6s"]
+    stop, pos2, new = jieba_c.segment_sentences(sentences, 3, table.numbering.native, ids, lengths, pos)
+    table._extend(new)
+    assert stop == len(sentences) and pos2 == pos + lengths[3:].sum()
+    assert [table.words[i] for i in ids[pos:pos + lengths[3]]] == ["ab12.5%", "cd", "abc", "中文"]  # a space between
+    # the whole shard, against the chunk path of rjieba (the same words)
+    words_c, ids_c, lengths_c = segment_shard(jieba_c, sentences)
+    words_r, ids_r, lengths_r = segment_shard(make_segmenter("rjieba"), sentences)
+    assert [words_c[i] for i in ids_c] == [words_r[i] for i in ids_r] and lengths_c.tolist() == lengths_r.tolist()
+    assert sorted(words_c) == sorted(words_r)
+    general = lengths_c[:2].sum()  # the "##" sentence, through the general path
+    assert [words_c[i] for i in ids_c[general:general + lengths_c[2]]] == segment_sentence(jieba_c, sentences[2])
+    with pytest.raises(TypeError, match="ids must be"):
+        jieba_c.segment_sentences(sentences, 0, table.numbering.native, ids.astype(np.int64), lengths, 0)
+    with pytest.raises(ValueError, match="no room"):
+        jieba_c.segment_sentences(sentences, 0, table.numbering.native, np.zeros(3, dtype=np.int32), lengths, 0)
