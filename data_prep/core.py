@@ -964,6 +964,11 @@ class _Executor:
             # fork: workers start in milliseconds and inherit the imported modules. The pool is made
             # before any input is read, so no reader thread (pyarrow, tqdm) exists at fork time.
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            if method == "fork":
+                try:
+                    get_language(language)(options).before_fork()
+                except Exception:  # noqa: BLE001 - raised again by the workers' first task, which reports it
+                    pass
             context = mp.get_context(method)
             self.pool = context.Pool(workers, initializer=_pool_worker_init, initargs=(language, options, context.Barrier(workers)))
             self.pids = pool_pids(self.pool)

@@ -475,6 +475,12 @@ class Language:
         (the first ``analyze_shard`` raises it again, and the build reports it)."""
         return None
 
+    def before_fork(self) -> None:
+        """Optional: load, in the main process before it forks the pool, what the workers can share
+        read-only (their pages stay one copy in memory and in the CPU's caches). Errors are ignored
+        here too (each worker's first task raises them again)."""
+        return None
+
     def analyze_shard(self, documents: list[str], cache_dir: Path) -> dict[str, Counter]:
         raise NotImplementedError
 

@@ -391,3 +391,30 @@ def test_jieba_c_segments_sentences_as_the_chunk_path_and_hands_back_the_general
         jieba_c.segment_sentences(sentences, 0, table.numbering.native, ids.astype(np.int64), lengths, 0)
     with pytest.raises(ValueError, match="no room"):
         jieba_c.segment_sentences(sentences, 0, table.numbering.native, np.zeros(3, dtype=np.int32), lengths, 0)
+
+
+def _jieba_c_address(_=None) -> int:
+    from data_prep.chinese import make_segmenter
+
+    return id(make_segmenter("jieba-c").jieba)
+
+
+@needs_native
+def test_jieba_c_dictionary_is_built_once_and_shared_with_the_forked_workers(monkeypatch):
+    """The build's pool is forked after the main process built jieba-c's dictionary (Chinese.before_fork):
+    each worker's segmenter uses that one (the same object, its pages shared), not a copy of its own."""
+    import multiprocessing as mp
+
+    from data_prep import chinese, core
+
+    monkeypatch.setattr(chinese, "_JIEBA_C", {})
+    executor = core._Executor(2, "zh", {"segmenter": "jieba-c"})
+    try:
+        assert len(chinese._JIEBA_C) == 1  # built in this process before the fork
+        here = _jieba_c_address()
+        assert here == id(next(iter(chinese._JIEBA_C.values())))
+    finally:
+        executor.terminate()  # (its workers ignore SIGTERM: Pool.terminate would wait for them)
+    with mp.get_context("fork").Pool(2) as pool:
+        assert pool.map(_jieba_c_address, range(2)) == [here, here]
+    assert chinese.make_segmenter("jieba-c").jieba is chinese.make_segmenter("jieba-c").jieba
