@@ -6,11 +6,12 @@
 #include <string.h>
 #include <sys/mman.h>
 
-/* data_prep._native: the word numbering of the Chinese build's analysis (data_prep/chinese.py, WordIds)
-   and its sentence splitting (split_sentences below; data_prep/normalize.py, split_sentences_batch),
-   compiled by `pip install -e .` (setup.py; launchers/setup.sh runs it). Optional: without it the same
-   numbering runs through the dict in Python and the split through regular expressions (same results;
-   tests/test_native.py holds both paths equal).
+/* data_prep._native: the word numbering of the Chinese build's analysis (data_prep/chinese.py, WordIds),
+   its sentence splitting (split_sentences below; data_prep/normalize.py, split_sentences_batch), the
+   encoding's token gather (gather_ranges) and its default segmenter, jieba in C (Jieba, --segmenter
+   jieba-c), compiled by `pip install -e .` (setup.py; launchers/setup.sh runs it). Optional: without it
+   the same numbering runs through the dict in Python, the split through regular expressions and the
+   segmentation through rjieba (same results; tests/test_native.py holds the paths equal).
 
    WordNumbers(index).number(words, out) numbers a list of words through the dict ``index`` (word -> id;
    a word not in it gets id len(index) and is added), writing the ids to ``out`` (int64). In front of

@@ -14,7 +14,7 @@ Fine tokens
 Coarse tokens
     Words of a segmenter: jieba-c by default (jieba's algorithm, dictionary and HMM in C, in
     data_prep/_native.c: the same words as jieba, which tests/test_native.py checks word for word, at
-    ~1.5x the speed of rjieba and ~30x jieba's, its words numbered without a Python string each);
+    1.5-1.8x the speed of rjieba and ~25x jieba's, its words numbered without a Python string each);
     rjieba (the Rust port of jieba; with one post-processing rule for non-Chinese runs, see
     RJiebaSegmenter, its output is identical to jieba's on every sentence of People's Daily, which
     tests/test_data_prep_zh.py checks; the default where _native.c is not compiled), jieba, or pkuseg
@@ -27,9 +27,10 @@ Coarse tokens
 Alignment
     Fine tokens are produced inside each coarse word, so every coarse boundary is a fine boundary.
 
-Segmentation runs once per shard (``analyze_shard`` -> ``segment_shard``): one segmenter call per
-~16k characters of sentences, whose words are numbered at once (``WordIds``), so the shard's cache is
-its distinct words (joined by U+001F, a control character normalisation removes from the text), an
+Segmentation runs once per shard (``analyze_shard`` -> ``segment_shard``): jieba-c segments and
+numbers the shard's sentences in one C pass (``Jieba.segment_sentences``); the other jieba segmenters
+get one call per ~16k characters of sentences, whose words are numbered at once (``WordIds``). The
+shard's cache is its distinct words (joined by U+001F, a control character normalisation removes from the text), an
 int32 word id per token and the words per sentence; ``encode_shard`` only reads the cache. Each
 distinct word is encoded once per worker (``_EncodedWords``; most go through array operations: one
 fine token per character through a code-point table) and the tokens are gathered by id.
@@ -221,8 +222,8 @@ _JIEBA_C: dict[tuple, object] = {}
 
 class JiebaCSegmenter(Segmenter):
     """jieba in C (data_prep/_native.c, ``Jieba``): jieba's dictionary (its dict.txt) and HMM (its
-    finalseg tables), the same words as jieba word for word (tests/test_native.py), ~1.4x rjieba's
-    speed; and ``WordIds.chunk`` numbers its words without a str for a word seen before.
+    finalseg tables), the same words as jieba word for word (tests/test_native.py), 1.5-1.8x rjieba's
+    speed; ``segment_shard`` numbers its words in C (``segment_sentences``), a str only for a new word.
     Needs data_prep._native compiled."""
 
     name = "jieba-c"
