@@ -762,8 +762,16 @@ static int jb_spans(const Jieba *j, const Py_UCS4 *s, Py_ssize_t n, int hmm, Spa
     return rc;
 }
 
+/* 0, or -1 with RuntimeError for a Jieba whose __init__ did not run (Jieba.__new__(Jieba)). */
+static int jb_ready(const Jieba *j) {
+    if (j->table) return 0;
+    PyErr_SetString(PyExc_RuntimeError, "Jieba was not initialised (call Jieba(dictionary, start, trans, emit))");
+    return -1;
+}
+
 static PyObject *jb_cut(Jieba *j, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"text", "hmm", NULL};
+    if (jb_ready(j) < 0) return NULL;
     PyObject *text;
     int hmm = 1;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "U|p", kwlist, &text, &hmm)) return NULL;
@@ -834,6 +842,7 @@ static Py_ssize_t wn_continuation(WordNumbers *t, PyObject *text, Py_ssize_t a, 
 static PyObject *jb_cut_number(Jieba *j, PyObject *args) {
     PyObject *text, *out;
     WordNumbers *t;
+    if (jb_ready(j) < 0) return NULL;
     if (!PyArg_ParseTuple(args, "UO!O", &text, &WordNumbersType, &t, &out)) return NULL;
     if (!t->keys) { PyErr_SetString(PyExc_RuntimeError, "WordNumbers was not initialised"); return NULL; }
     Py_ssize_t n = PyUnicode_GET_LENGTH(text);
@@ -875,6 +884,7 @@ static PyObject *jb_segment_sentences(Jieba *j, PyObject *args) {
     PyObject *sentences, *oids, *olens;
     WordNumbers *t;
     Py_ssize_t start, pos;
+    if (jb_ready(j) < 0) return NULL;
     if (!PyArg_ParseTuple(args, "O!nO!OOn", &PyList_Type, &sentences, &start, &WordNumbersType, &t, &oids, &olens, &pos))
         return NULL;
     if (!t->keys) { PyErr_SetString(PyExc_RuntimeError, "WordNumbers was not initialised"); return NULL; }
@@ -938,7 +948,7 @@ done:
 static PyObject *jb_add_word(Jieba *j, PyObject *args) {
     PyObject *word;
     long long freq;
-    if (!PyArg_ParseTuple(args, "UL", &word, &freq)) return NULL;
+    if (jb_ready(j) < 0 || !PyArg_ParseTuple(args, "UL", &word, &freq)) return NULL;
     if (freq < 0) { PyErr_SetString(PyExc_ValueError, "freq must be >= 0"); return NULL; }
     Py_UCS4 *w = PyUnicode_AsUCS4Copy(word);
     if (!w) return NULL;
@@ -950,6 +960,7 @@ static PyObject *jb_add_word(Jieba *j, PyObject *args) {
 
 /* get(word) -> FREQ.get(word): its frequency (0: a prefix of a word only), None if not in FREQ. */
 static PyObject *jb_get(Jieba *j, PyObject *word) {
+    if (jb_ready(j) < 0) return NULL;
     if (!PyUnicode_Check(word)) { PyErr_SetString(PyExc_TypeError, "word must be str"); return NULL; }
     Py_UCS4 *w = PyUnicode_AsUCS4Copy(word);
     if (!w) return NULL;

@@ -350,6 +350,11 @@ def test_jieba_c_refuses_a_bad_dictionary_and_falls_back_to_rjieba_uncompiled(mo
     assert (small.total, small.get("中国"), small.get("中"), small.get("国")) == (7, 5, 0, None)
     with pytest.raises(RuntimeError, match="once"):
         small.__init__("中国 5\n", prob_start.P, prob_trans.P, prob_emit.P)
+    bare = native.Jieba.__new__(native.Jieba)  # __init__ never ran: refused, not a crash
+    for call in (lambda: bare.cut("中国"), lambda: bare.get("中国"), lambda: bare.add_word("中国", 3),
+                 lambda: bare.cut_number("中国", StringNumbering().native, np.zeros(2, dtype=np.int64))):
+        with pytest.raises(RuntimeError, match="not initialised"):
+            call()
     # without the compiled module a jieba-c dataset is still segmented: by rjieba (the same words), said once
     monkeypatch.setattr(languages, "_native", None)
     monkeypatch.setattr(chinese, "_FALLBACK_WARNED", [])
