@@ -1004,8 +1004,44 @@ static PyMethodDef module_methods[] = {
      "gather_ranges(values, starts, counts, tokens, out) -> values written: values[starts[t]:starts[t] + counts[t]] for t in tokens, concatenated"},
     {NULL, NULL, 0, NULL}};
 
+/* number_joined(text, sep, out) -> (words, new words): number(text.split(sep), out) without a str
+   for a word the packed table holds (the Chinese encoding's per-worker word memo: a shard's distinct
+   words arrive joined); ``new words``: the words given new ids, in id order. */
+static PyObject *wn_number_joined(WordNumbers *self, PyObject *args) {
+    PyObject *text, *sep, *out;
+    if (!PyArg_ParseTuple(args, "UUO", &text, &sep, &out)) return NULL;
+    if (!self->keys) { PyErr_SetString(PyExc_RuntimeError, "WordNumbers was not initialised"); return NULL; }
+    if (PyUnicode_GET_LENGTH(sep) != 1) { PyErr_SetString(PyExc_ValueError, "sep must be one character"); return NULL; }
+    Py_UCS4 cut = PyUnicode_READ_CHAR(sep, 0);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text), words = 1;
+    Py_UCS4 *s = PyUnicode_AsUCS4Copy(text);
+    if (!s) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) words += s[i] == cut;
+    Py_buffer view;
+    PyObject *result = NULL, *added = NULL;
+    if (PyObject_GetBuffer(out, &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) { PyMem_Free(s); return NULL; }
+    if (view.len < words * (Py_ssize_t)sizeof(int64_t)) {
+        PyErr_SetString(PyExc_ValueError, "out must be an int64 buffer with room for every word");
+        goto done;
+    }
+    if (!(added = PyList_New(0))) goto done;
+    int64_t *ids = (int64_t *)view.buf;
+    Py_ssize_t a = 0, w = 0;
+    for (Py_ssize_t i = 0; i <= n; i++) {
+        if (i < n && s[i] != cut) continue;
+        if ((ids[w++] = wn_span(self, text, s, a, i, added)) < 0) goto done;
+        a = i + 1;
+    }
+    result = Py_BuildValue("nO", words, added);
+done:
+    PyMem_Free(s); Py_XDECREF(added); PyBuffer_Release(&view);
+    return result;
+}
+
 static PyMethodDef wn_methods[] = {
     {"number", (PyCFunction)wn_number, METH_VARARGS, "number(words, out) -> how many words were new"},
+    {"number_joined", (PyCFunction)wn_number_joined, METH_VARARGS,
+     "number_joined(text, sep, out) -> (words, new words): number(text.split(sep), out)"},
     {NULL, NULL, 0, NULL}};
 
 static PyTypeObject WordNumbersType = {

@@ -642,14 +642,18 @@ class _EncodedWords:
         self.fine_start = self.coarse_start = empty
         self.chars = empty  # characters of text per word ("##" marks excluded)
 
-    def slots(self, words: list[str], encode) -> np.ndarray:
-        """The slot of each of ``words`` (distinct), encoding (``encode``) those not kept yet."""
+    def slots(self, words: list[str] | str, encode) -> np.ndarray:
+        """The slot of each of ``words`` (distinct; or them joined by WORD_SEP: numbered in C without a
+        str for a word kept already), encoding (``encode``) those not kept yet."""
         if len(self.slot) > self.max_words:
             self._clear()
         seen = len(self.slot)
-        slots = self.slot(words)  # the new words are numbered seen, seen + 1, ... in their order
-        if len(self.slot) > seen:
-            new = [words[i] for i in np.flatnonzero(slots >= seen).tolist()]
+        if isinstance(words, str):
+            slots, new = self.slot.joined(words, WORD_SEP)
+        else:
+            slots = self.slot(words)  # the new words are numbered seen, seen + 1, ... in their order
+            new = [words[i] for i in np.flatnonzero(slots >= seen).tolist()] if len(self.slot) > seen else []
+        if new:
             fine, coarse, align, fine_count, coarse_count = encode(new)
             self.fine = np.concatenate([self.fine, compact_ints(fine)])
             self.coarse = np.concatenate([self.coarse, compact_ints(coarse)])
@@ -1215,12 +1219,11 @@ class Chinese(Language):
         if int(sentence_words.sum()) != len(ids):
             raise fmt.FormatError(f"{cache_dir}: the shard cache is inconsistent ({int(sentence_words.sum())} words in its "
                                   f"sentences, {len(ids)} word ids); delete the build's .partial work directory and run again")
-        words = text.split(WORD_SEP)
         memo = self._encoded
-        slots = memo.slots(words, self.encode_words)
+        slots = memo.slots(text, self.encode_words)  # (the words joined: no str for a word kept already)
         del text
         # Totals from the occurrences of each distinct word (exact int64 dot products).
-        occurrences = bincount(ids, minlength=len(words))
+        occurrences = bincount(ids, minlength=len(slots))
         fine_total = int(occurrences @ memo.fine_count[slots].astype(np.int64))
         coarse_total = int(occurrences @ memo.coarse_count[slots].astype(np.int64))
         characters = int(occurrences @ memo.chars[slots])

@@ -228,6 +228,19 @@ class StringNumbering:
         self._c.number(strings, ids)
         return ids
 
+    def joined(self, text: str, sep: str) -> tuple[np.ndarray, list[str]]:
+        """(ids of ``text.split(sep)``, the strings numbered anew, in id order): in C without a str for
+        a string already numbered (a packed one)."""
+        if self._c is not None:
+            ids = np.empty(text.count(sep) + 1, dtype=np.int64)
+            return ids, self._c.number_joined(text, sep, ids)[1]
+        strings = text.split(sep)
+        seen = len(self.index)
+        ids = self(strings)
+        where = np.flatnonzero(ids >= seen)
+        first = where[np.unique(ids[where], return_index=True)[1]]  # each new string's first place, in id order
+        return ids, [strings[i] for i in first.tolist()]
+
 
 class PackedCounter(NamedTuple):
     """A count table of str keys as ONE string (the keys joined by NUL) and an int64 array: a shard's

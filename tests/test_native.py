@@ -88,6 +88,28 @@ def test_numbering_equals_the_dict_path_for_any_strings():
 
 
 @needs_native
+def test_joined_numbering_equals_the_numbering_of_the_split_strings():
+    """StringNumbering.joined(text, sep) (C: no str for a string already numbered) == numbering
+    text.split(sep), with the strings numbered anew listed in id order; the pure path likewise."""
+    rng = random.Random(4)
+    fast, slow, reference = StringNumbering(native), StringNumbering(False), StringNumbering(False)
+    for n in (1, 40, 3000, 2, 500):
+        strings = [s.replace("\x1f", "") for s in _strings(rng, n)] + [""]
+        text = "\x1f".join(strings)
+        seen = len(reference)
+        expected = reference(text.split("\x1f")).tolist()
+        new_expected = [w for w in dict.fromkeys(text.split("\x1f")) if reference.index[w] >= seen]
+        for numbering in (fast, slow):
+            ids, new = numbering.joined(text, "\x1f")
+            assert ids.tolist() == expected and new == new_expected
+    assert dict(fast.index) == dict(reference.index)
+    with pytest.raises(ValueError, match="one character"):
+        fast.native.number_joined("a", "ab", np.zeros(2, dtype=np.int64))
+    with pytest.raises(ValueError, match="room"):
+        fast.native.number_joined("a\x1fb", "\x1f", np.zeros(1, dtype=np.int64))
+
+
+@needs_native
 def test_numbering_sees_words_added_to_the_dict_by_python():
     """The dict stays the truth: a word the Python side added (``index[word]`` of the defaultdict) is
     found by the C table with its id, and the next new word gets the next id."""
