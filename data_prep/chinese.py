@@ -241,8 +241,13 @@ class JiebaCSegmenter(Segmenter):
         key = (native, tuple(words))
         self.jieba = _JIEBA_C.get(key)
         if self.jieba is None:
-            dictionary = (Path(jieba.__file__).parent / "dict.txt").read_text(encoding="utf-8")
-            self.jieba = native.Jieba(dictionary, prob_start.P, prob_trans.P, prob_emit.P)
+            source = Path(jieba.__file__).parent / "dict.txt"
+            try:
+                self.jieba = native.Jieba(source.read_text(encoding="utf-8"), prob_start.P, prob_trans.P, prob_emit.P)
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                raise LanguageError(f"--segmenter jieba-c reads jieba's dictionary, {source}, which is missing or damaged "
+                                    f"({exc}): reinstall jieba (`pip install --force-reinstall jieba==0.42.1`), or use "
+                                    f"--segmenter rjieba (the same words)", final=True) from None
             for word, freq, _tag in words:  # jieba's load_userdict -> add_word
                 self.jieba.add_word(word, freq if freq is not None else self._suggest_freq(word))
             _JIEBA_C.clear()  # one kept (a process building with several user dictionaries does not pile them up)

@@ -377,6 +377,14 @@ def test_jieba_c_refuses_a_bad_dictionary_and_falls_back_to_rjieba_uncompiled(mo
                  lambda: bare.cut_number("中国", StringNumbering().native, np.zeros(2, dtype=np.int64))):
         with pytest.raises(RuntimeError, match="not initialised"):
             call()
+    # jieba's dictionary missing or damaged: named, with the fix
+    import jieba
+
+    monkeypatch.setattr(chinese, "_JIEBA_C", {})
+    monkeypatch.setattr(jieba, "__file__", "/nonexistent/jieba/__init__.py")
+    with pytest.raises(chinese.LanguageError, match=r"/nonexistent/jieba/dict.txt, which is missing or damaged .*reinstall"):
+        chinese.make_segmenter("jieba-c")
+    monkeypatch.undo()
     # without the compiled module a jieba-c dataset is still segmented: by rjieba (the same words), said once
     monkeypatch.setattr(languages, "_native", None)
     monkeypatch.setattr(chinese, "_FALLBACK_WARNED", [])
