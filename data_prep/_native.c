@@ -304,7 +304,7 @@ done:
 
    Why: the build's words went from rjieba's list of new str objects (one per word) through the C
    numbering above; here the words are found as (start, end) spans of the text and numbered straight
-   from its code points (``cut_number``), so only a word never seen before becomes a str.
+   from its code points (``segment_sentences``), so only a word never seen before becomes a str.
 
    The dictionary is a trie: node 0 is the root; a root's child is looked up in a direct table for
    code points below 0x10000, any other child in an open-addressing table keyed by (parent, code
@@ -836,40 +836,6 @@ static Py_ssize_t wn_continuation(WordNumbers *t, PyObject *text, Py_ssize_t a, 
     return id;
 }
 
-/* cut_number(text, numbers, out) -> (words, new words): the words of cut(text) numbered by the
-   WordNumbers ``numbers`` (as numbers.number(cut(text), out) would) without a str for a word already
-   numbered; ``new words``: the list of the words that got new ids, in id order. */
-static PyObject *jb_cut_number(Jieba *j, PyObject *args) {
-    PyObject *text, *out;
-    WordNumbers *t;
-    if (jb_ready(j) < 0) return NULL;
-    if (!PyArg_ParseTuple(args, "UO!O", &text, &WordNumbersType, &t, &out)) return NULL;
-    if (!t->keys) { PyErr_SetString(PyExc_RuntimeError, "WordNumbers was not initialised"); return NULL; }
-    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
-    Py_buffer view;
-    if (PyObject_GetBuffer(out, &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
-    if (view.len < n * (Py_ssize_t)sizeof(int64_t)) {
-        PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_ValueError, "out must be an int64 buffer with room for len(text) ids");
-        return NULL;
-    }
-    Py_UCS4 *s = PyUnicode_AsUCS4Copy(text);
-    if (!s) { PyBuffer_Release(&view); return NULL; }
-    Spans sp = {0};
-    PyObject *result = NULL, *added_words = PyList_New(0);
-    if (!added_words || jb_spans(j, s, n, 1, &sp) < 0) goto done;
-    int64_t *ids = (int64_t *)view.buf;
-    Py_ssize_t words = sp.n / 2;
-    for (Py_ssize_t w = 0; w < words; w++)
-        if ((ids[w] = wn_span(t, text, s, sp.v[2 * w], sp.v[2 * w + 1], added_words)) < 0) goto done;
-    result = Py_BuildValue("nO", words, added_words);
-done:
-    if (!result && !PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad id in the word index");
-    PyMem_Free(s); free(sp.v); Py_XDECREF(added_words);
-    PyBuffer_Release(&view);
-    return result;
-}
-
 /* segment_sentences(sentences, start, numbers, ids, lengths, pos) -> (stop, pos, new words): the
    Chinese build's words of sentences[start:] (data_prep/chinese.py segment_shard, its chunk path in
    one pass): each sentence cut (jieba's words; a sentence holds no line break, so cutting it alone is
@@ -975,7 +941,6 @@ static PyObject *jb_total(Jieba *j, void *closure) { return PyLong_FromLongLong(
 
 static PyMethodDef jb_methods[] = {
     {"cut", (PyCFunction)(void (*)(void))jb_cut, METH_VARARGS | METH_KEYWORDS, "cut(text, hmm=True) -> jieba's words of text"},
-    {"cut_number", (PyCFunction)jb_cut_number, METH_VARARGS, "cut_number(text, numbers, out) -> (words, new words): cut(text) numbered"},
     {"segment_sentences", (PyCFunction)jb_segment_sentences, METH_VARARGS,
      "segment_sentences(sentences, start, numbers, ids, lengths, pos) -> (stop, pos, new words): the build's words of each sentence"},
     {"add_word", (PyCFunction)jb_add_word, METH_VARARGS, "add_word(word, freq): jieba's add_word with a frequency"},

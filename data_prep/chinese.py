@@ -266,11 +266,6 @@ class JiebaCSegmenter(Segmenter):
     def cut(self, text: str) -> list[str]:
         return self.jieba.cut(text)
 
-    def cut_number(self, text: str, numbers, out: np.ndarray) -> tuple[int, list[str]]:
-        """``cut(text)`` numbered by the ``_native.WordNumbers`` ``numbers`` into ``out`` (int64, room
-        for len(text) ids): (how many words, the words that got new ids, in id order)."""
-        return self.jieba.cut_number(text, numbers, out)
-
     def segment_sentences(self, sentences: list[str], start: int, numbers, ids: np.ndarray, lengths: np.ndarray,
                           pos: int) -> tuple[int, int, list[str]]:
         """The build's words of ``sentences[start:]`` (``segment_shard``): see ``_native.Jieba.segment_sentences``."""
@@ -491,12 +486,7 @@ class WordIds:
         A word that starts with an ASCII letter/digit right after one that ends with one (no space
         word between: the segmenter cut a Latin run) becomes its "##" form; space words are dropped."""
         text = "\n".join(sentences)
-        if isinstance(segmenter, JiebaCSegmenter) and self.numbering.native is not None:
-            out = np.empty(len(text), dtype=np.int64)  # (a word is at least one character)
-            count, new = segmenter.cut_number(text, self.numbering.native, out)
-            self._extend(new)
-            ids = out[:count]
-        elif not isinstance(segmenter, RJiebaSegmenter):
+        if not isinstance(segmenter, RJiebaSegmenter):
             ids = self(segmenter.cut(text))
         else:  # rjieba's words made jieba's on the distinct words (RJiebaSegmenter.cut does it per call)
             seen = len(self.words)

@@ -305,25 +305,40 @@ def test_jieba_c_gives_jiebas_words_with_and_without_the_hmm(jieba_c):
 
 
 @needs_native
-def test_jieba_c_numbers_its_words_as_the_numbering_of_its_cut(jieba_c):
-    """cut_number == numbering(cut(text)): the same ids (short words through the packed table, long ones
-    and characters above U+FFFF through the dict), the new words listed in id order, across calls."""
-    rng = random.Random(3)
-    texts = _tricky_texts(rng, 300) + ["中华人民共和国中央人民政府今天成立了", "", "\U00020000\U00020000中国"]
-    direct, through_cut = StringNumbering(), StringNumbering()
-    for text in texts:
-        out = np.full(len(text) + 1, -1, dtype=np.int64)
-        seen = len(direct)
-        count, new = jieba_c.cut_number(text, direct.native, out)
-        words = jieba_c.cut(text)
-        assert count == len(words) and out[count] == -1
-        assert out[:count].tolist() == through_cut(words).tolist()
-        assert new == list(direct.index)[seen:]  # the new words, in the order of their ids
-    assert direct.index == through_cut.index
-    with pytest.raises(ValueError, match="room for len"):
-        jieba_c.cut_number("中文", direct.native, np.zeros(1, dtype=np.int64))
-    with pytest.raises(TypeError):
-        jieba_c.cut_number("中文", {}, np.zeros(4, dtype=np.int64))
+def test_jieba_c_segments_random_sentences_as_the_general_path_does(jieba_c):
+    """segment_sentences on random normalised sentences over every branch of jieba (and characters above
+    U+FFFF, Latin runs cut by the segmenter, spaces between them): the words of each sentence are segment_sentence's (the
+    general path: cut, "##" continuations, space words dropped), numbered as a StringNumbering numbers
+    them (short words through the packed table, long ones and those above U+FFFF through the dict), the
+    new words listed in id order, across calls sharing one table."""
+    from data_prep.chinese import WordIds, segment_sentence
+    from data_prep.normalize import normalize_text, split_sentences
+
+    rng = random.Random(3)  # normalised, as the build's sentences are (no tab, no "\r", single spaces)
+    sentences = [s for text in _tricky_texts(rng, 600) for s in split_sentences(normalize_text(text.replace("#", "")))]
+    sentences += ["中华人民共和国中央人民政府今天成立了", "\U00020000\U00020000中国", "研究1.3nm工艺和5G",
+                  "型号x1.5y和3.5GHz的芯片", "1.3nm 2.5nm"]
+    table, reference = WordIds(), StringNumbering(False)
+    reference(["\n", " "])  # WordIds' ids 0 and 1
+    for a in range(0, len(sentences), 97):  # several calls, one table
+        batch = sentences[a:a + 97]
+        ids = np.full(sum(map(len, batch)) + 1, -1, dtype=np.int32)
+        lengths = np.zeros(len(batch), dtype=np.int64)
+        start = pos = 0
+        while start < len(batch):
+            seen = len(table.words)
+            start, pos, new = jieba_c.segment_sentences(batch, start, table.numbering.native, ids, lengths, pos)
+            assert new == list(table.index)[seen:]  # the new words, in the order of their ids
+            table._extend(new)
+            if start < len(batch):  # a sentence without a word (only spaces: none here) goes back to Python
+                start += 1
+        assert ids[pos] == -1 and pos == lengths.sum()
+        expected = [segment_sentence(jieba_c, s) for s in batch]
+        assert lengths.tolist() == [len(w) for w in expected]
+        assert [table.words[i] for i in ids[:pos]] == [w for words in expected for w in words]
+        assert ids[:pos].tolist() == reference([w for words in expected for w in words]).tolist()
+    assert dict(table.index) == dict(reference.index)
+    assert {"##nm", "##y", "##GHz"} <= set(table.index)  # continuations (not across the space of "1.3nm 2.5nm")
 
 
 @needs_native
@@ -374,7 +389,8 @@ def test_jieba_c_refuses_a_bad_dictionary_and_falls_back_to_rjieba_uncompiled(mo
         small.__init__("中国 5\n", prob_start.P, prob_trans.P, prob_emit.P)
     bare = native.Jieba.__new__(native.Jieba)  # __init__ never ran: refused, not a crash
     for call in (lambda: bare.cut("中国"), lambda: bare.get("中国"), lambda: bare.add_word("中国", 3),
-                 lambda: bare.cut_number("中国", StringNumbering().native, np.zeros(2, dtype=np.int64))):
+                 lambda: bare.segment_sentences(["中国"], 0, StringNumbering().native, np.zeros(2, dtype=np.int32),
+                                                np.zeros(1, dtype=np.int64), 0)):
         with pytest.raises(RuntimeError, match="not initialised"):
             call()
     # jieba's dictionary missing or damaged: named, with the fix
