@@ -649,11 +649,17 @@ class _EncodedWords:
             slots = self.slot(words)  # the new words are numbered seen, seen + 1, ... in their order
             new = [words[i] for i in np.flatnonzero(slots >= seen).tolist()] if len(self.slot) > seen else []
         if new:
-            fine, coarse, align, fine_count, coarse_count = encode(new)
+            lens = np.fromiter(map(len, new), dtype=np.int64, count=len(new))
+            cps = _code_points(new)
+            fine, coarse, align, fine_count, coarse_count = encode(new, lens, cps)
             self.fine = np.concatenate([self.fine, compact_ints(fine)])
             self.coarse = np.concatenate([self.coarse, compact_ints(coarse)])
             self.align = np.concatenate([self.align, compact_ints(align)])
-            self.chars = np.concatenate([self.chars, [len(w) - 2 * w.startswith("##") for w in new]]).astype(np.int64)
+            # characters of text: a word's length less its "##" mark (a continuation: "##" + a Latin run)
+            starts = np.cumsum(lens) - lens
+            marked = lens >= 2
+            marked[marked] = (cps[starts[marked]] == 0x23) & (cps[starts[marked] + 1] == 0x23)
+            self.chars = np.concatenate([self.chars, lens - 2 * marked])
             self.fine_count = np.concatenate([self.fine_count, compact_ints(fine_count)])
             self.coarse_count = np.concatenate([self.coarse_count, compact_ints(coarse_count)])
             self.fine_start = np.cumsum(self.fine_count, dtype=np.int64) - self.fine_count
@@ -1017,6 +1023,10 @@ class Chinese(Language):
         # loads this: built from one UTF-32 buffer, not a Python expression per prefix.
         pairs = _code_points([t[:2] for t in multi]).astype(np.int64)
         self.prefix_pairs = np.unique(pairs[0::2] * 0x110000 + pairs[1::2])
+        # The coarse vocabulary by code points, for encode_words' lookups and back-offs in C (None:
+        # through the dict in Python; the same ids).
+        native = languages._native
+        self.coarse_index = native.TokenIndex(self.coarse_vocab.tokens) if native is not None else None
 
     def _split_run(self, run: str, continuation: bool) -> list[str]:
         index = self.fine_vocab.index
@@ -1125,12 +1135,17 @@ class Chinese(Language):
         passed when the caller has them.
         """
         W = len(words)
-        cget = self.coarse_vocab.index.get
-        coarse_w = np.fromiter(map(cget, words, itertools.repeat(-1, W)), dtype=np.int64, count=W)
         if lens is None:
             lens = np.fromiter(map(len, words), dtype=np.int64, count=W)
         if cps is None:
             cps = np.frombuffer("".join(words).encode("utf-32-le"), dtype=np.uint32)
+        index = getattr(self, "coarse_index", None)
+        if index is not None:  # in C, from the code points (no dict probe per word)
+            coarse_w = np.empty(W, dtype=np.int64)
+            index.lookup(cps, lens, coarse_w, -1)
+        else:
+            cget = self.coarse_vocab.index.get
+            coarse_w = np.fromiter(map(cget, words, itertools.repeat(-1, W)), dtype=np.int64, count=W)
         fine_chars = self.char_table[cps]
         special = np.zeros(W, dtype=bool)
         special_char = self.special_chars[cps]
@@ -1157,12 +1172,13 @@ class Chinese(Language):
         code = np.array([distinct.setdefault(words[w], len(distinct)) for w in irregular.tolist()], dtype=np.int64)
         first = np.zeros(len(distinct), dtype=np.int64)
         first[code[::-1]] = irregular[::-1]  # an occurrence of each distinct word
-        encoded = [self.encode_word(word, bool(special[w])) for word, w in zip(distinct, first.tolist())]
-        d_fine_count = np.fromiter(map(len, (e[0] for e in encoded)), dtype=np.int64, count=len(encoded))
-        d_coarse_count = np.fromiter(map(len, (e[1] for e in encoded)), dtype=np.int64, count=len(encoded))
-        d_fine = np.fromiter(itertools.chain.from_iterable(e[0] for e in encoded), dtype=np.int64, count=int(d_fine_count.sum()))
-        d_coarse = np.fromiter(itertools.chain.from_iterable(e[1] for e in encoded), dtype=np.int64, count=int(d_coarse_count.sum()))
-        d_align = np.fromiter(itertools.chain.from_iterable(e[2] for e in encoded), dtype=np.int64, count=len(d_coarse))
+        char_start = np.cumsum(lens) - lens
+        d_fine, d_coarse, d_align, d_fine_count, d_coarse_count, order = self._encode_distinct(
+            list(distinct), first, special, lens, cps, char_start, fine_chars)
+        if order is not None:  # the distinct words were encoded in another order: renumber them
+            rank = np.empty(len(order), dtype=np.int64)
+            rank[order] = np.arange(len(order))
+            code = rank[code]
         irr_fine_count = d_fine_count[code]
         irr_coarse_count = d_coarse_count[code]
         irr_fine = d_fine[concat_ranges((np.cumsum(d_fine_count) - d_fine_count)[code], irr_fine_count)]
@@ -1182,7 +1198,6 @@ class Chinese(Language):
         regular[irregular] = False
         if word_of_char is None:
             word_of_char = np.repeat(np.arange(W), lens)
-        char_start = np.cumsum(lens) - lens
         regular_char = regular[word_of_char]
         wc = word_of_char[regular_char]
         fine[fine_start[wc] + (np.nonzero(regular_char)[0] - char_start[wc])] = fine_chars[regular_char]
@@ -1199,6 +1214,45 @@ class Chinese(Language):
         coarse[positions] = d_coarse[coarse_src]
         align[positions] = d_align[coarse_src]
         return fine, coarse, align, fine_count, coarse_count
+
+    def _encode_distinct(self, words: list[str], first: np.ndarray, special: np.ndarray, lens: np.ndarray,
+                         cps: np.ndarray, char_start: np.ndarray, fine_chars: np.ndarray):
+        """``encode_word`` for each of the distinct ``words`` (word k occurs at position first[k] of the
+        batch) -> (fine, coarse, align, fine count, coarse count, order): the encodings concatenated in
+        ``order`` (the words' indices; None: as given). With the C index the plain words (one fine token
+        per character, outside the coarse vocabulary: most of them) back off in one C call, ahead of
+        the special ones (Latin letters, digits, "#"), which take the general path."""
+        index = getattr(self, "coarse_index", None)
+        if index is None:
+            order, plain_n, general = None, 0, words
+        else:
+            is_special = special[first]
+            plain, rest = np.flatnonzero(~is_special), np.flatnonzero(is_special)
+            order, plain_n = np.concatenate([plain, rest]), len(plain)
+            general = [words[k] for k in rest.tolist()]
+        parts: list[tuple[np.ndarray, ...]] = []
+        if plain_n:
+            at = first[order[:plain_n]]
+            p_lens = lens[at]
+            chars = concat_ranges(char_start[at], p_lens)
+            p_cps = np.ascontiguousarray(cps[chars])
+            ids, align = np.empty(len(p_cps), dtype=np.int64), np.empty(len(p_cps), dtype=np.int64)
+            counts = np.empty(plain_n, dtype=np.int64)
+            n = index.backoff(p_cps, p_lens, self.max_coarse_chars, fmt.UNK_ID, ids, align, counts)
+            parts.append((fine_chars[chars].astype(np.int64), ids[:n], align[:n], p_lens, counts))
+        if general:
+            flags = special[first[order[plain_n:]]] if order is not None else special[first]
+            encoded = [self.encode_word(word, bool(flag)) for word, flag in zip(general, flags.tolist())]
+            fine_count = np.fromiter(map(len, (e[0] for e in encoded)), dtype=np.int64, count=len(encoded))
+            coarse_count = np.fromiter(map(len, (e[1] for e in encoded)), dtype=np.int64, count=len(encoded))
+            fine = np.fromiter(itertools.chain.from_iterable(e[0] for e in encoded), dtype=np.int64, count=int(fine_count.sum()))
+            coarse = np.fromiter(itertools.chain.from_iterable(e[1] for e in encoded), dtype=np.int64, count=int(coarse_count.sum()))
+            align = np.fromiter(itertools.chain.from_iterable(e[2] for e in encoded), dtype=np.int64, count=len(coarse))
+            parts.append((fine, coarse, align, fine_count, coarse_count))
+        if not parts:  # (no irregular word: only trivial ones)
+            parts.append(tuple(np.zeros(0, dtype=np.int64) for _ in range(5)))
+        joined = [np.concatenate(column) for column in zip(*parts)]
+        return (*joined, order)
 
     def encode_shard(self, cache_dir: Path) -> EncodedShard:
         """Each distinct word is encoded once per worker (``encode_words``, kept across shards by

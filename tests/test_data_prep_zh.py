@@ -557,7 +557,9 @@ def test_encoded_words_slots_equal_a_dict_memo():
     pool = sorted({"".join(rng.choice(alphabet, size=int(rng.integers(1, 7)))) for _ in range(3000)})
     pool += ["##ab", "中国人的中国", "\U0002000b", "ab\uffff\uffff"]
 
-    def encode(new):
+    def encode(new, lens=None, cps=None):
+        if lens is not None:  # the lengths and code points slots passes along
+            assert lens.tolist() == [len(w) for w in new] and "".join(map(chr, cps.tolist())) == "".join(new)
         encoded.extend(new)
         counts = np.array([len(w) for w in new], dtype=np.int64)
         fine = np.array([ord(c) for w in new for c in w], dtype=np.int64)  # a word's fine ids: its code points

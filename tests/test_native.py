@@ -201,6 +201,56 @@ def test_gather_ranges_equals_the_numpy_gather(value_type, count_type):
         native.gather_ranges(values, starts, counts, tokens[::2], out)  # not contiguous
 
 
+@needs_native
+def test_token_index_lookups_and_back_offs_equal_the_dict_path():
+    """TokenIndex (the encoding's coarse-vocabulary lookups in C) gives dict.get's id of every word and
+    ChineseLanguage._backoff_plain's tokens for every word (forward longest match of at most max_chars
+    characters, else the single character or [UNK]), for words over BMP and astral characters, the
+    empty word, and tokens that share prefixes; bad arguments are refused with a message."""
+    from types import SimpleNamespace
+
+    from data_prep import format as fmt
+    from data_prep.chinese import Chinese
+
+    rng = random.Random(5)
+    alphabet = ["中", "国", "人", "民", "的", "\uffff", "\u0100", "\U0002000b", "\U0010ffff", "a"]
+    tokens = list(fmt.SPECIAL_TOKENS) + sorted({"".join(rng.choices(alphabet, k=rng.randint(1, 6))) for _ in range(400)})
+    tokens = [t for t in tokens if t != "的"]  # a character that is no token: [UNK]
+    index = native.TokenIndex(tokens)
+    assert index.size == len(tokens)
+    ids = {t: i for i, t in enumerate(tokens)}
+    words = ["".join(rng.choices(alphabet, k=rng.randint(0, 12))) for _ in range(3000)] + tokens[:50] + [""]
+    cps = np.frombuffer("".join(words).encode("utf-32-le"), dtype=np.uint32)
+    lens = np.array([len(w) for w in words], dtype=np.int64)
+    out = np.empty(len(words), dtype=np.int64)
+    index.lookup(cps, lens, out, -7)
+    assert out.tolist() == [ids.get(w, -7) for w in words]
+    assert (out >= 0).sum() > 100 and (out < 0).sum() > 100
+    for max_chars in (1, 3, 6):
+        python = SimpleNamespace(coarse_vocab=SimpleNamespace(index=ids), max_coarse_chars=max_chars)
+        expected = [Chinese._backoff_plain(python, w) for w in words]
+        got_ids, got_align = np.full(len(cps), -9, dtype=np.int64), np.full(len(cps), -9, dtype=np.int64)
+        counts = np.empty(len(words), dtype=np.int64)
+        n = index.backoff(cps, lens, max_chars, fmt.UNK_ID, got_ids, got_align, counts)
+        assert n == sum(len(i) for i, _ in expected) and (got_ids[n:] == -9).all()
+        assert got_ids[:n].tolist() == [t for i, _ in expected for t in i]
+        assert got_align[:n].tolist() == [a for _, al in expected for a in al]
+        assert counts.tolist() == [len(i) for i, _ in expected]
+    assert fmt.UNK_ID in got_ids[:n] and (got_align[:n] > 1).sum() > 100
+    with pytest.raises(TypeError, match="cps must be a contiguous array of uint32"):
+        index.lookup(cps.astype(np.int64), lens, out, -1)
+    with pytest.raises(ValueError, match="runs past the .* code points"):
+        index.lookup(cps[:-1], lens, out, -1)
+    with pytest.raises(ValueError, match="room for every word"):
+        index.lookup(cps, lens, out[:-1], -1)
+    with pytest.raises(ValueError, match="room for every code point"):
+        index.backoff(cps, lens, 3, 1, got_ids[:-1], got_align, counts)
+    with pytest.raises(ValueError, match="max_chars"):
+        index.backoff(cps, lens, 0, 1, got_ids, got_align, counts)
+    with pytest.raises(TypeError, match="tokens must be str"):
+        native.TokenIndex(["a", 1])
+
+
 @pytest.mark.slow
 @needs_native
 def test_chinese_build_is_byte_identical_without_the_extension(tmp_path):
