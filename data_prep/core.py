@@ -1006,6 +1006,12 @@ class _Executor:
     def _get(self, result):
         return wait_result(self.pool, result, self.pids, RESUME_AFTER_WORKER_DIED)
 
+    def map(self, fn: Callable, args: list) -> list:
+        """[fn(a) for a in args], on the pool's workers when there is one (results in order)."""
+        if self.pool is None:
+            return [fn(a) for a in args]
+        return self._get(self.pool.map_async(fn, args, chunksize=1))
+
     def map_shards(self, fn: Callable, cache_dirs: list[Path], arg: Any, scratch: Path, add: bool = False):
         """``Corpus.map_shards`` / ``Corpus.sum_shards`` on this executor (inline with one worker)."""
         if self.pool is None:
@@ -1086,11 +1092,45 @@ def _package_versions(lang: Language) -> dict[str, str]:
     return out
 
 
-def _check_inputs(config: BuildConfig, lang: Language, specs: list[inp.InputSpec]) -> tuple[list[dict], list[str]]:
+def _scan_or_error(spec: inp.InputSpec) -> tuple[inp.InputScan | None, Exception | None]:
+    """``scan_input`` on a pool worker: its InputError returned, so the first input's is raised."""
+    try:
+        return inp.scan_input(spec), None
+    except inp.InputError as exc:
+        return None, exc
+
+
+def _digest_on_worker(spec: inp.InputSpec) -> tuple[str, int]:
+    return inp.stored_digest(spec)
+
+
+def _stored_size(spec: inp.InputSpec) -> int:
+    try:
+        return sum(f.stat().st_size for f in inp._data_files(spec))
+    except OSError:
+        return 0
+
+
+def _map_inputs(fn: Callable, specs: list[inp.InputSpec], executor: _Executor | None) -> list:
+    """[fn(spec) for spec in specs], on the executor's workers when there are several inputs (the
+    largest first, so that the last to finish is a small one); results in the inputs' order."""
+    if executor is None or executor.pool is None or len(specs) < 2:
+        return [fn(spec) for spec in specs]
+    order = sorted(range(len(specs)), key=lambda i: -_stored_size(specs[i]))
+    results = executor.map(fn, [specs[i] for i in order])
+    out: list = [None] * len(specs)
+    for i, result in zip(order, results):
+        out[i] = result
+    return out
+
+
+def _check_inputs(config: BuildConfig, lang: Language, specs: list[inp.InputSpec],
+                  executor: _Executor | None = None) -> tuple[list[dict], list[str]]:
     """Stage 1: everything cheap that can fail, before any expensive work.
 
     First the head of every input (format, text field, language: seconds), then one pass over the
-    bytes of every input (sha256, NUL bytes, UTF-8 validity: ~1 GB/s).
+    bytes of every input (sha256, NUL bytes, UTF-8 validity: ~1 GB/s; on the pool's workers, an input
+    each, when there are several: the workers are idle until the analysis).
     """
     pooled: list[str] = []  # the samples, pooled up to one sample's size: many small files are judged together
     pooled_chars = 0
@@ -1115,8 +1155,9 @@ def _check_inputs(config: BuildConfig, lang: Language, specs: list[inp.InputSpec
             raise LanguageError(problem.rstrip(". ") + ", or pass --skip-language-check if this is intended")
     warnings: list[str] = []
     records = []
-    for spec in specs:
-        scan = inp.scan_input(spec)
+    for spec, (scan, error) in zip(specs, _map_inputs(_scan_or_error, specs, executor)):
+        if error is not None:
+            raise error
         warnings += inp.check_scan(scan, config.encoding_errors)
         record = {"path": spec.path, "kind": spec.kind, "sha256": scan.sha256, "bytes": scan.bytes,
                   "content_bytes": scan.content_bytes}
@@ -1639,7 +1680,7 @@ def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.Inp
         check_output(config)
         if out.exists() and not config.overwrite:  # the cheapest check first
             raise _output_exists(out, config.resume)
-        records, warnings = _check_inputs(config, lang, specs)
+        records, warnings = _check_inputs(config, lang, specs, executor)
         for w in warnings:
             log.warning(w)
         params = {
@@ -1675,7 +1716,7 @@ def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.Inp
         executor = _Executor(config.workers, config.language, options)
         # Rank 0 checks the inputs (and takes their sha256) while the other ranks take the sha256 of
         # what they see at the same paths: a stale node-local copy must not slip in its documents.
-        mine = _collective(comm, check if comm.rank == 0 else (lambda: [inp.stored_digest(s) for s in specs]))
+        mine = _collective(comm, check if comm.rank == 0 else (lambda: _map_inputs(_digest_on_worker, specs, executor)))
         params, warnings, read_done = comm.bcast(mine if comm.rank == 0 else None)
         work = work_dir_for(config.output)
         if comm.size > 1:

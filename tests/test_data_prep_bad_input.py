@@ -127,6 +127,35 @@ def test_another_encoding_is_named_even_with_encoding_errors_replace(tmp_path, e
     assert len(head) <= offset < len(head) + 4  # where the other encoding starts (its first bytes may pass as UTF-8)
 
 
+def test_inputs_scanned_on_the_workers_report_the_first_bad_input_and_the_same_records(tmp_path, monkeypatch):
+    """With --workers 2 the inputs' byte scans (sha256, NUL bytes, UTF-8) run on the pool's workers,
+    the largest first: the error is still the first bad input's in the order given (not the first
+    scan to finish), before any work, and the recorded inputs are those of the 1-worker build."""
+    good, other = _good(tmp_path), _good(tmp_path, "other.txt", DOCS[::-1])
+    small_bad = tmp_path / "small_bad.txt"
+    small_bad.write_bytes(("\n".join(DOCS[:20]) + "\n").encode() + b"\xff\n")
+    large_bad = tmp_path / "large_bad.txt"
+    large_bad.write_bytes(("\n".join(DOCS * 3) + "\n").encode() + b"\xfe\n")
+    main, scan = os.getpid(), inp.scan_input
+
+    def scan_on_a_worker(spec):  # (the forked workers inherit it)
+        assert os.getpid() != main, "an input was scanned in the main process, not on a worker"
+        return scan(spec)
+
+    monkeypatch.setattr(inp, "scan_input", scan_on_a_worker)
+    with pytest.raises(inp.InputError, match=r"small_bad.txt is not valid UTF-8"):
+        core.build(_config(tmp_path, [good, small_bad, large_bad], workers=2))
+    assert not core.work_dir_for(tmp_path / "ds").exists()
+    monkeypatch.setattr(inp, "scan_input", scan)
+    third = _good(tmp_path, "third.txt", DOCS[::2])
+    records = {}
+    for workers in (1, 2):
+        out = tmp_path / f"ds{workers}"
+        core.build(_config(tmp_path, [good, other, third], workers=workers, output=str(out)))
+        records[workers] = json.loads((out / "meta.json").read_text())["inputs"]
+    assert records[1] == records[2] and len(records[1]) == 3 and records[1][0]["sha256"] != records[1][1]["sha256"]
+
+
 def test_file_cut_inside_a_character_names_where_that_character_starts(tmp_path):
     """A file cut at a byte count: the offset is the incomplete character's first byte (inside the
     file), not the file's length, and the message says the file was cut; also for an .xz input."""
