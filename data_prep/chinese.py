@@ -706,7 +706,21 @@ def _by_count_then_token(items: list[tuple[str, int]]) -> None:
     items.sort(key=itemgetter(1), reverse=True)
 
 
-def char_and_run_counts(words: Counter) -> tuple[Counter, Counter]:
+def _word_table(words: Counter | PackedCounter) -> tuple[str, np.ndarray]:
+    """(the distinct words joined by WORD_SEP, their counts as int64) of a word count table: a
+    PackedCounter (the build's) without a Python object per word, or a Counter (tools, tests)."""
+    if isinstance(words, PackedCounter):
+        return words.keys.replace("\0", WORD_SEP), words.values.astype(np.int64, copy=False)
+    return WORD_SEP.join(words), np.fromiter(words.values(), dtype=np.int64, count=len(words))
+
+
+def _vocab_coverage(words: list[str], counts: np.ndarray, vocab: fmt.Vocab) -> tuple[int, int]:
+    """(words of text, of which in ``vocab``) from the distinct ``words`` and their ``counts``."""
+    known = np.fromiter(map(vocab.index.__contains__, words), dtype=bool, count=len(words))
+    return int(counts.sum()), int(counts[known].sum())
+
+
+def char_and_run_counts(words: Counter | PackedCounter) -> tuple[Counter, Counter]:
     """Character counts and Latin-run counts (``_CACHED_RUN``) of a text, from its word counts.
 
     Computed over the distinct words, each weighted by its count (a fraction of the text): a
@@ -714,13 +728,12 @@ def char_and_run_counts(words: Counter) -> tuple[Counter, Counter]:
     crosses a word boundary)."""
     chars: Counter = Counter()
     runs: Counter = Counter()
-    if not words:
+    joined, weight = _word_table(words)
+    if not len(weight):
         return chars, runs
-    distinct = list(words)
-    weight = np.fromiter(words.values(), dtype=np.int64, count=len(distinct))
-    span = np.fromiter(map(len, distinct), dtype=np.int64, count=len(distinct)) + 1  # + the separator
-    joined = WORD_SEP.join(distinct)
     cps = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
+    ends = np.append(np.flatnonzero(cps == ord(WORD_SEP)), len(cps))  # where each word ends (its separator)
+    span = np.diff(ends, prepend=-1)  # each word's length + its separator
     hist = np.bincount(cps, weights=np.repeat(weight, span)[: len(cps)]).astype(np.int64)
     hist[ord(WORD_SEP)] = 0  # the separators (words never contain one)
     for cp in np.nonzero(hist)[0].tolist():
@@ -756,6 +769,7 @@ class Chinese(Language):
     fit_options = ("latin_min_count",)  # --vocab-from refuses it (it only shapes the fine vocabulary)
     input_options = ("min_cjk_fraction",)  # only the input check: free with --vocab-from
     file_options = ("user_dict",)  # each shard is segmented with it: a --resume must see the same words
+    fit_takes_packed = True  # (a corpus's million distinct words are never a Counter)
     default_fine_vocab_size = 21128
     # The paper's 72,635 words on top of the 21,128 characters the coarse vocabulary also holds (the
     # back-off spelling): the reading that gives its 176M parameters, as pipeline/model/config.py.
@@ -925,11 +939,13 @@ class Chinese(Language):
         max_fine = self.options["fine_vocab_size"]
         max_coarse = self.options["coarse_vocab_size"]
         min_count = self.options["fine_min_count"]
-        words = counts.get("word", Counter())
+        words = counts.get("word", Counter())  # a PackedCounter from the build (``fit_takes_packed``)
         if "char" in counts:  # given (tools, tests); analyze_shard leaves them to be derived here
             chars, runs = counts["char"], counts.get("run", Counter())
         else:
             chars, runs = char_and_run_counts(words)
+        joined, values = _word_table(words)
+        keys = joined.split(WORD_SEP) if len(values) else []
         # "#" only appears in the char counts through real text ("##" prefixes are not counted).
         always = list(_ASCII_ALNUM) + ["##" + c for c in _ASCII_ALNUM]
         _check_fine_vocab_size(max_fine)
@@ -948,19 +964,20 @@ class Chinese(Language):
                                 f"off; raise --coarse-vocab-size or lower --fine-vocab-size",
                                 final=True)  # the fix is an option, which a --resume refuses: nothing kept
         coarse_min = self.options["coarse_min_count"]
-        multi = [(w, n) for w, n in words.items() if n >= coarse_min and w not in fine.index and not w.isspace()]
+        frequent = np.flatnonzero(values >= coarse_min)  # (most distinct words are rarer: no str looked at)
+        multi = [(w, n) for w, n in zip(map(keys.__getitem__, frequent.tolist()), values[frequent].tolist())
+                 if w not in fine.index and not w.isspace()]
         _by_count_then_token(multi)
         coarse = fmt.Vocab(fine.tokens + [w for w, _ in multi[: max_coarse - len(fine)]])
         fine.save(artifacts_dir / fmt.FINE_VOCAB_FILE)
         coarse.save(artifacts_dir / fmt.COARSE_VOCAB_FILE)
         self._keep_user_dict(artifacts_dir)
-        total_words = sum(words.values())
-        in_vocab = sum(filter(None, map(words.get, coarse.tokens)))
+        total_words, in_vocab = _vocab_coverage(keys, values, coarse)
         return {
             "segmenter": self.options["segmenter"],
             "fine_vocab_latin_runs": sum(1 for t in fine.tokens if len(t) > 1 and t[0] != "[" and not t.startswith("##")),
             "coarse_vocab_words": len(coarse) - len(fine),
-            "distinct_words": len(words),
+            "distinct_words": len(values),
             "word_vocab_coverage": round(in_vocab / total_words, 6) if total_words else None,
         }
 
@@ -968,11 +985,10 @@ class Chinese(Language):
         """--vocab-from: the source's vocabularies, and how well its coarse words cover this corpus."""
         stats = super().fit_from(source_dir, counts, corpus, artifacts_dir)
         self._keep_user_dict(artifacts_dir)  # DIR's copy (``dataset_options``), as it segmented this text
-        words = counts.get("word", Counter())
+        joined, values = _word_table(counts.get("word", Counter()))
         coarse = fmt.Vocab.load(Path(artifacts_dir) / fmt.COARSE_VOCAB_FILE)
-        total_words = sum(words.values())
-        in_vocab = sum(filter(None, map(words.get, coarse.tokens)))
-        return {**stats, "segmenter": self.options["segmenter"], "distinct_words": len(words),
+        total_words, in_vocab = _vocab_coverage(joined.split(WORD_SEP) if len(values) else [], values, coarse)
+        return {**stats, "segmenter": self.options["segmenter"], "distinct_words": len(values),
                 "word_vocab_coverage": round(in_vocab / total_words, 6) if total_words else None}
 
     def _keep_user_dict(self, artifacts_dir: Path) -> None:

@@ -1777,7 +1777,8 @@ def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.Inp
                     comm.bcast(None)  # the other ranks stop serving corpus passes (also when the fit failed)
 
         def fit_on_rank0():
-            counts = {k: v.unpack() if isinstance(v, PackedCounter) else v for k, v in _sum_count_tables(all_counts).items()}
+            counts = {k: v.unpack() if isinstance(v, PackedCounter) and not lang.fit_takes_packed else v
+                      for k, v in _sum_count_tables(all_counts).items()}
             tmp = work / "artifacts.tmp"
             scratch = work / "scratch"
             for d in (tmp, scratch):

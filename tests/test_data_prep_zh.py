@@ -20,6 +20,7 @@ from data_prep import core
 from data_prep import format as fmt
 from data_prep.chinese import Chinese, make_segmenter, segment_sentence
 from data_prep.demo import peoples_daily_gold, write_peoples_daily_text
+from data_prep.languages import PackedCounter
 from data_prep.normalize import normalize_text, split_sentences
 from data_prep.verify import verify_dataset
 
@@ -409,11 +410,51 @@ def test_char_and_run_counts_from_word_counts():
     seg = make_segmenter("rjieba")
     docs = ["".join(words) for words in peoples_daily_gold(1500)] + MIXED.split("\n") + ["C##x ## #a 和 ##b ab12cd ##9"]
     text = "\n".join(line for doc in docs for line in segment_document(seg, split_sentences(normalize_text(doc))))
-    chars, runs = char_and_run_counts(Counter(text.replace("\n", WORD_SEP).split(WORD_SEP)))
+    words = Counter(text.replace("\n", WORD_SEP).split(WORD_SEP))
+    chars, runs = char_and_run_counts(words)
     assert chars == Counter(text.replace(WORD_SEP, "").replace("\n", ""))
     assert runs == Counter(_CACHED_RUN.findall(text))
     assert any(r.startswith("##") for r in runs) and runs["GDP"] >= 8 and chars["中"] > 10
     assert char_and_run_counts(Counter()) == (Counter(), Counter())
+    # the build's packed table (the keys joined by NUL, the counts in an array) gives the same
+    assert char_and_run_counts(PackedCounter.pack(words)) == (chars, runs)
+    assert char_and_run_counts(PackedCounter.pack(Counter())) == (Counter(), Counter())
+
+
+def test_fit_of_the_packed_word_counts_equals_the_fit_of_the_counter(tmp_path):
+    """The build hands Chinese.fit (and fit_from) the summed word counts packed (``fit_takes_packed``):
+    the same vocabulary files and statistics as from the Counter, for words of every kind (continuations,
+    Latin runs, a space word, counts below every minimum)."""
+    from collections import Counter
+
+    from data_prep.chinese import WORD_SEP, segment_document
+
+    seg = make_segmenter("rjieba")
+    docs = ["".join(words) for words in peoples_daily_gold(800)] + MIXED.split("\n") + ["C##x ## #a 和 ##b ab12cd ##9"]
+    text = "\n".join(line for doc in docs for line in segment_document(seg, split_sentences(normalize_text(doc))))
+    words = Counter(text.replace("\n", WORD_SEP).split(WORD_SEP))
+    words[" "] += 5
+    assert Chinese.fit_takes_packed
+    lang = Chinese({"fine_vocab_size": 1300, "coarse_vocab_size": 3000, "fine_min_count": 2, "coarse_min_count": 3})
+    stats, files = [], []
+    for table, out in ((words, tmp_path / "counter"), (PackedCounter.pack(words), tmp_path / "packed")):
+        out.mkdir()
+        stats.append(lang.fit({"word": table}, None, out))
+        files.append([(out / name).read_text(encoding="utf-8") for name in lang.artifact_files])
+        (out / "from").mkdir()
+        stats.append(lang.fit_from(tmp_path / "counter", {"word": table}, None, out / "from"))
+    assert isinstance(PackedCounter.pack(words), PackedCounter)
+    assert stats[0] == stats[2] and stats[1] == stats[3] and files[0] == files[1]
+    assert stats[0]["distinct_words"] == len(words) and 0.5 < stats[0]["word_vocab_coverage"] < 1
+    # against the definitions, word by word: the coarse words are the most frequent (then by text)
+    # words seen at least --coarse-min-count times that are no fine token nor white space
+    fine, coarse = (files[0][0].split("\n")[:-1], files[0][1].split("\n")[:-1])
+    expected = sorted((w for w, n in words.items() if n >= 3 and w not in set(fine) and not w.isspace()),
+                      key=lambda w: (-words[w], w))
+    assert coarse == fine + expected[:3000 - len(fine)] and len(expected) > 3000 - len(fine)
+    in_vocab = sum(n for w, n in words.items() if w in set(coarse))
+    assert stats[0]["word_vocab_coverage"] == round(in_vocab / sum(words.values()), 6)
+    assert stats[1]["word_vocab_coverage"] == stats[0]["word_vocab_coverage"]
 
 
 @pytest.mark.parametrize("limit", [5, 12, 512])
