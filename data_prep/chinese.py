@@ -15,10 +15,13 @@ Coarse tokens
     Words of a segmenter: jieba-c by default (jieba's algorithm, dictionary and HMM in C, in
     data_prep/_native.c: the same words as jieba, which tests/test_native.py checks word for word, at
     1.5-1.8x the speed of rjieba and ~25x jieba's, its words numbered without a Python string each);
-    rjieba (the Rust port of jieba; with one post-processing rule for non-Chinese runs, see
-    RJiebaSegmenter, its output is identical to jieba's on every sentence of People's Daily, which
-    tests/test_data_prep_zh.py checks; the default where _native.c is not compiled), jieba, or pkuseg
-    (optional extra). The three jiebas give the same words: datasets byte-identical.
+    rjieba (the Rust port of jieba; with a post-processing rule for non-Chinese runs and the text cut
+    around the Han characters jieba does not take for Chinese, see RJiebaSegmenter, its output is
+    identical to jieba's on every sentence of People's Daily, which tests/test_data_prep_zh.py checks,
+    and on all but 15 of the 147,595 lines of the shared corpora, where its HMM joins two characters
+    jieba keeps apart ("常在不": jieba "常" "在" "不", rjieba "常在" "不"); the default where _native.c is
+    not compiled), jieba, or pkuseg (optional extra). The three jiebas give the same words up to those
+    rare HMM cases: jieba-c and jieba datasets byte-identical, rjieba's on People's Daily.
     --user-dict adds words (jieba format: "word [freq] [tag]" per line).
     Vocabulary = specials + every fine token (so any text the fine side knows can be spelled) + the
     most frequent multi-token words, up to --coarse-vocab-size. A word outside the vocabulary backs
@@ -156,8 +159,17 @@ _NON_HAN_WORD = re.compile("(?<![^\x1f])[^\x1f\u4E00-\u9FD5]*[A-Za-z0-9][^\x1f\u
 _NON_HAN = re.compile("[^\x1f\u4E00-\u9FD5]*[A-Za-z0-9][^\x1f\u4E00-\u9FD5]*")  # the same, for one word
 
 
+# Han characters that jieba (0.42) leaves outside its Chinese blocks, yielding each one alone, and that
+# jieba-rs (rjieba) takes into them (CJK Extension A, Extensions B and later, the compatibility
+# ideographs, U+9FD6-U+9FFF), so that it joins runs of them into words ("𫄥𫄥" for jieba's "𫄥" "𫄥"):
+# rjieba cuts the text between them instead, which gives jieba's words (the rare characters of
+# classical poetry; tested on the shared corpora).
+_RJIEBA_ONLY_HAN = re.compile("([\u3400-\u4DBF\u9FD6-\u9FFF\uF900-\uFAFF\U00020000-\U0003FFFF])")
+
+
 class RJiebaSegmenter(Segmenter):
-    """rjieba (jieba-rs): jieba's algorithm and dictionary in Rust, ~20x faster, same output."""
+    """rjieba (jieba-rs): jieba's algorithm and dictionary in Rust, ~20x faster, jieba's words (but for
+    rare HMM cases, see the module docstring)."""
 
     name = "rjieba"
 
@@ -175,8 +187,17 @@ class RJiebaSegmenter(Segmenter):
         self._has_word = jieba.has_word
 
     def cut_raw(self, text: str) -> list[str]:
-        """rjieba's words, before the rule that makes them jieba's (``split_like_jieba``)."""
-        return self._cut(text)
+        """rjieba's words, before the rule that makes them jieba's (``split_like_jieba``); each Han
+        character jieba does not take for Chinese is a word alone (``_RJIEBA_ONLY_HAN``)."""
+        if not _RJIEBA_ONLY_HAN.search(text):
+            return self._cut(text)
+        words: list[str] = []
+        for i, piece in enumerate(_RJIEBA_ONLY_HAN.split(text)):
+            if i % 2:
+                words.append(piece)
+            elif piece:
+                words += self._cut(piece)
+        return words
 
     def split_like_jieba(self, word: str) -> list[str] | None:
         """The pieces jieba gives for this rjieba word, or None if jieba gives the word itself."""
@@ -186,7 +207,7 @@ class RJiebaSegmenter(Segmenter):
         return None
 
     def cut(self, text: str) -> list[str]:
-        words = self._cut(text)
+        words = self.cut_raw(text)
         if not _ASCII_ALNUM_RE.search(text):
             return words
         # A word changes only if it is non-Chinese, contains a letter/digit, is not ONE match of the

@@ -79,6 +79,33 @@ def test_rjieba_matches_jieba_on_demo_text():
     assert not differ, f"{len(differ)} sentences segment differently, e.g. {differ[0]!r}"
 
 
+def test_rjieba_gives_jiebas_words_around_the_han_characters_jieba_does_not_take_for_chinese():
+    """jieba yields each Han character outside U+4E00-U+9FD5 alone (CJK Extension A, B and later,
+    compatibility ideographs: classical poetry, names); jieba-rs takes them for Chinese and joins runs
+    of them ("𫄥𫄥"). The rjieba segmenter cuts the text between them: jieba's words again, through
+    ``cut`` and through the build's chunk path (``cut_raw`` + numbering), on random sentences."""
+    import random
+
+    from data_prep.chinese import WordIds, segment_shard
+
+    rj, jb = make_segmenter("rjieba"), make_segmenter("jieba")
+    import rjieba
+
+    assert rjieba.cut("中国㤽㤽人民") == ["中国", "㤽㤽", "人民"]  # (the difference this works around)
+    rare = ["㤽", "䶵", "\u9fd6", "\u9fef", "\uf900", "\U00020000", "𫄥", "𬳵", "\U0002f800", "\U00030000"]
+    common = ["中国", "人民", "的", "在", "了", "发展", "经济", "，", "。", " ", "GDP", "3.5%", "a", "我们", "上海"]
+    rng = random.Random(3)
+    sentences = ["".join(rng.choices(rare + common, weights=[1] * len(rare) + [3] * len(common), k=rng.randint(1, 14)))
+                 for _ in range(2000)] + ["𫄥𫄥中国人", "中国㤽㤽人民", "\uf900\uf901的"]
+    differ = [s for s in sentences if rj.cut(s) != jb.cut(s)]
+    assert not differ, f"{len(differ)} sentences segment differently, e.g. {differ[0]!r}: {rj.cut(differ[0])} vs {jb.cut(differ[0])}"
+    sentences = [s.strip() for s in sentences if s.strip() and "##" not in s]
+    words_rj, ids_rj, lengths_rj = segment_shard(rj, sentences, table=WordIds())
+    words_jb, ids_jb, lengths_jb = segment_shard(jb, sentences, table=WordIds())
+    assert [words_rj[i] for i in ids_rj] == [words_jb[i] for i in ids_jb]
+    assert lengths_rj.tolist() == lengths_jb.tolist() and len(ids_rj) > 5000
+
+
 def test_round_trip_through_real_build(built):
     corpus, ds_dir, meta = built
     ds = fmt.PairedDataset(ds_dir)
