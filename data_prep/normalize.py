@@ -65,9 +65,19 @@ def normalize_text(text: str, keep_space: str = "wordlike") -> str:
     text = nfkc(text)
     text = _LINE_BREAKS.sub("\n", text)
     text = _CONTROL.sub("", text)
+    return _clean_spaces(text, keep_space)
+
+
+def _clean_spaces(text: str, keep_space: str) -> str:
+    """Runs of whitespace (not line breaks) -> one space; "wordlike": then ". " -> ".\n" and only
+    the spaces between two ASCII letters/digits kept (in C with data_prep._native: one pass)."""
+    if languages._native is not None:
+        return languages._native.clean_spaces(text, keep_space == "wordlike")
     text = _SPACES.sub(" ", text)
     if keep_space == "wordlike":
-        text = _NON_WORD_SPACE.sub("", _PERIOD_SPACE.sub(".\n", text))
+        if ". " in text:
+            text = _PERIOD_SPACE.sub(".\n", text)
+        text = _NON_WORD_SPACE.sub("", text)
     return text
 
 
@@ -164,12 +174,7 @@ def _normalize_batch(documents: list[str], keep_space: str) -> list[str]:
         joined = _CONTROL.sub("", joined)
     if not found & _SPACE:
         return joined.split(_DOC_SEP)
-    joined = _SPACES.sub(" ", joined)
-    if keep_space == "wordlike":
-        if ". " in joined:
-            joined = _PERIOD_SPACE.sub(".\n", joined)
-        joined = _NON_WORD_SPACE.sub("", joined)
-    return joined.split(_DOC_SEP)
+    return _clean_spaces(joined, keep_space).split(_DOC_SEP)
 
 
 def split_sentences(text: str, max_sentence_chars: int = 512) -> list[str]:

@@ -296,6 +296,30 @@ def test_sentence_split_equals_the_regular_expression_split(monkeypatch):
         native.split_sentences(["a", None], 10)
 
 
+@needs_native
+def test_space_clean_up_equals_the_regular_expressions(monkeypatch):
+    """clean_spaces (one C pass) == the three substitutions it replaces (runs of whitespace but line
+    breaks -> one space; Chinese: ". " -> ".\n", a space kept only between ASCII letters/digits), for
+    every Unicode space, line breaks, periods, runs, the ends of the text and all three string kinds;
+    and the batch and per-document normalisations through it equal the pure path's."""
+    from data_prep import normalize
+
+    pool = list(" \t\x0b\x0c\r\x1c\x1f\x85\xa0\u1680\u2000\u2028\u3000\u200b\n.。aZ9_中\ue000é\U00020000") + ["  ", ". ", "a b"]
+    rng = random.Random(7)
+    texts = ["".join(rng.choice(pool) for _ in range(rng.randint(0, 40))) for _ in range(5000)] + ["", " ", ".", "a  1"]
+    for text in texts:
+        spaced = normalize._SPACES.sub(" ", text)
+        assert native.clean_spaces(text, False) == spaced, repr(text)
+        assert native.clean_spaces(text, True) == normalize._NON_WORD_SPACE.sub("", normalize._PERIOD_SPACE.sub(".\n", spaced)), repr(text)
+    docs = ["".join(rng.choice(pool + ["中国", "ＧＤＰ", "Windows 98", "１９９８"]) for _ in range(rng.randint(0, 30))) for _ in range(3000)]
+    fast = (normalize.normalize_documents(docs), [normalize.normalize_text(d) for d in docs])
+    monkeypatch.setattr(languages, "_native", None)
+    assert fast == (normalize.normalize_documents(docs), [normalize.normalize_text(d) for d in docs])
+    assert sum(" " in d for d in fast[0]) > 100 and sum("." in d for d in fast[0]) > 100
+    with pytest.raises(TypeError):
+        native.clean_spaces(b"a b", True)
+
+
 # ---- jieba-c: jieba 0.42's segmentation in C (data_prep/_native.c, Jieba) -------------------------
 def _jieba_tokenizer():
     import logging
