@@ -37,6 +37,11 @@ static inline uint64_t mix(uint64_t k) {
     return k;
 }
 
+/* A hash of code points (FNV-1a, then mixed with the length): TokenIndex and sum_tables. */
+#define TI_SEED 0xcbf29ce484222325ULL
+static inline uint64_t ti_step(uint64_t h, Py_UCS4 c) { return (h ^ c) * 0x100000001b3ULL; }  /* FNV-1a */
+static inline uint64_t ti_final(uint64_t h, Py_ssize_t n) { return mix(h ^ ((uint64_t)n << 40)); }
+
 /* 1-4 characters, each in 1..0xFFFF: key = c0 | c1<<16 | c2<<32 | c3<<48 (never 0: 0 marks an empty
    slot; the length is implied, no character being 0). Any other word: 0 (it goes to the dict). */
 static inline uint64_t pack(PyObject *w) {
@@ -962,6 +967,107 @@ static PyTypeObject JiebaType = {
     .tp_getset = jb_getset,
 };
 
+/* ---- summing packed count tables (data_prep/languages.py, sum_count_tables) ------------------------
+   sum_tables(keys, values) -> (keys, values bytes): tables given as their keys joined by NUL (a str) and
+   their counts (int64 arrays, one per key; an empty array: no key at all), summed key by key, keys in
+   first-seen order (the tables in order, each in its order), joined by NUL again, the sums as the bytes
+   of an int64 array. Keys are hashed from their code points, so no str is made per key: a Chinese
+   build's two workers' word tables (~400k words each) summed in ~0.1 s instead of ~0.5 s through the
+   numbering's dict. The caller keeps the sums below 2**62 (no overflow check here). */
+typedef struct { uint64_t hash; int64_t start, len, out; } SumEntry;
+typedef struct { Py_UCS4 *chars; int64_t *sums; SumEntry *slots; size_t cap, room, nchars, used, kept; } SumTable;
+
+/* Room for one more key of n characters (the arrays grow by doubling: memory follows the distinct keys,
+   not the keys given). -1 on error. */
+static int st_reserve(SumTable *t, Py_ssize_t n) {
+    if (t->nchars + (size_t)n + 1 > t->room) {
+        size_t room = t->room * 2 > t->nchars + (size_t)n + 1 ? t->room * 2 : t->nchars + (size_t)n + 1;
+        Py_UCS4 *chars = PyMem_Realloc(t->chars, room * sizeof(Py_UCS4));
+        if (!chars) { PyErr_NoMemory(); return -1; }
+        t->chars = chars; t->room = room;
+    }
+    if (t->used + 1 > t->kept) {
+        size_t kept = t->kept * 2;
+        int64_t *sums = PyMem_Realloc(t->sums, kept * sizeof(int64_t));
+        if (!sums) { PyErr_NoMemory(); return -1; }
+        t->sums = sums; t->kept = kept;
+    }
+    if ((t->used + 1) * 2 > t->cap) {
+        size_t cap = t->cap * 2;
+        SumEntry *slots = PyMem_Calloc(cap, sizeof(SumEntry));
+        if (!slots) { PyErr_NoMemory(); return -1; }
+        for (size_t i = 0; i < t->cap; i++) {
+            if (!t->slots[i].hash) continue;
+            size_t j = t->slots[i].hash & (cap - 1);
+            while (slots[j].hash) j = (j + 1) & (cap - 1);
+            slots[j] = t->slots[i];
+        }
+        PyMem_Free(t->slots);
+        t->slots = slots; t->cap = cap;
+    }
+    return 0;
+}
+
+static PyObject *sum_tables(PyObject *self, PyObject *args) {
+    PyObject *okeys, *ovalues;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &okeys, &PyList_Type, &ovalues)) return NULL;
+    Py_ssize_t tables = PyList_GET_SIZE(okeys);
+    if (PyList_GET_SIZE(ovalues) != tables) { PyErr_SetString(PyExc_ValueError, "keys and values must have one entry per table"); return NULL; }
+    SumTable t = {PyMem_Malloc(1024 * sizeof(Py_UCS4)), PyMem_Malloc(1024 * sizeof(int64_t)),
+                  PyMem_Calloc(1024, sizeof(SumEntry)), 1024, 1024, 0, 0, 1024};
+    PyObject *result = NULL;
+    if (!t.chars || !t.sums || !t.slots) { PyErr_NoMemory(); goto done; }
+    for (Py_ssize_t k = 0; k < tables; k++) {
+        PyObject *text = PyList_GET_ITEM(okeys, k);
+        if (!PyUnicode_Check(text)) { PyErr_SetString(PyExc_TypeError, "keys must be str"); goto done; }
+        Py_buffer v;
+        if (get_ints(PyList_GET_ITEM(ovalues, k), &v, 0, "values", 8) < 0) goto done;
+        const int64_t *vals = (const int64_t *)v.buf;
+        Py_ssize_t nv = v.len / 8, n = PyUnicode_GET_LENGTH(text), key = 0, a = 0;
+        if (!nv) { PyBuffer_Release(&v); continue; }  /* an empty table (its keys: "") */
+        int kind = PyUnicode_KIND(text);
+        const void *data = PyUnicode_DATA(text);
+        for (Py_ssize_t i = 0; i <= n && key < nv; i++) {
+            if (i < n && PyUnicode_READ(kind, data, i) != 0) continue;
+            /* the key text[a:i]: hashed, then found among the keys kept so far, or kept */
+            uint64_t h = TI_SEED;
+            for (Py_ssize_t c = a; c < i; c++) h = ti_step(h, PyUnicode_READ(kind, data, c));
+            h = ti_final(h, i - a) | 1;  /* (0 marks an empty slot) */
+            if (st_reserve(&t, i - a) < 0) { PyBuffer_Release(&v); goto done; }
+            for (size_t j = h & (t.cap - 1);; j = (j + 1) & (t.cap - 1)) {
+                SumEntry *e = &t.slots[j];
+                if (!e->hash) {
+                    e->hash = h; e->start = (int64_t)t.nchars; e->len = i - a; e->out = (int64_t)t.used;
+                    for (Py_ssize_t c = a; c < i; c++) t.chars[t.nchars++] = PyUnicode_READ(kind, data, c);
+                    t.chars[t.nchars++] = 0;
+                    t.sums[t.used++] = vals[key];
+                    break;
+                }
+                if (e->hash == h && e->len == i - a) {
+                    Py_ssize_t c = 0;
+                    while (c < e->len && t.chars[e->start + c] == PyUnicode_READ(kind, data, a + c)) c++;
+                    if (c == e->len) { t.sums[e->out] += vals[key]; break; }
+                }
+            }
+            key++;
+            a = i + 1;
+        }
+        PyBuffer_Release(&v);
+        if (key != nv || a <= n) {
+            PyErr_Format(PyExc_ValueError, "table %zd: its keys and its %zd values do not pair up", k, nv);
+            goto done;
+        }
+    }
+    PyObject *joined = PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, t.chars, t.nchars ? (Py_ssize_t)t.nchars - 1 : 0);
+    if (!joined) goto done;
+    PyObject *counts = PyBytes_FromStringAndSize((const char *)t.sums, (Py_ssize_t)(t.used * sizeof(int64_t)));
+    if (!counts) { Py_DECREF(joined); goto done; }
+    result = Py_BuildValue("NN", joined, counts);
+done:
+    PyMem_Free(t.chars); PyMem_Free(t.sums); PyMem_Free(t.slots);
+    return result;
+}
+
 /* ---- whitespace clean-up (data_prep/normalize.py, _normalize_batch and normalize_text) -----------------
    clean_spaces(text, wordlike) -> text: each run of whitespace other than the line break
    (Py_UNICODE_ISSPACE, as the pattern [^\S\n]+) becomes one space; with ``wordlike`` (Chinese) that space
@@ -1004,6 +1110,8 @@ static PyObject *clean_spaces(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef module_methods[] = {
+    {"sum_tables", sum_tables, METH_VARARGS,
+     "sum_tables(keys, values) -> (keys, values bytes): packed count tables summed key by key, first-seen order"},
     {"clean_spaces", clean_spaces, METH_VARARGS,
      "clean_spaces(text, wordlike) -> text with its whitespace cleaned up as data_prep/normalize.py does"},
     {"split_sentences", split_sentences, METH_VARARGS,
@@ -1088,9 +1196,6 @@ typedef struct {
     Py_ssize_t n;
 } TokenIndex;
 
-#define TI_SEED 0xcbf29ce484222325ULL
-static inline uint64_t ti_step(uint64_t h, Py_UCS4 c) { return (h ^ c) * 0x100000001b3ULL; }  /* FNV-1a */
-static inline uint64_t ti_final(uint64_t h, Py_ssize_t n) { return mix(h ^ ((uint64_t)n << 40)); }
 
 static uint64_t ti_hash(const Py_UCS4 *s, Py_ssize_t n) {
     uint64_t h = TI_SEED;
@@ -1302,6 +1407,6 @@ PyMODINIT_FUNC PyInit__native(void) {
     if (PyModule_AddObjectRef(m, "TokenIndex", (PyObject *)&TokenIndexType) < 0) { Py_DECREF(m); return NULL; }
     /* data_prep/languages.py (NATIVE_VERSION) uses a compiled module only if this matches: a module
        compiled from an older _native.c (a checkout updated without re-running the set-up) is skipped. */
-    if (PyModule_AddIntConstant(m, "VERSION", 6) < 0) { Py_DECREF(m); return NULL; }
+    if (PyModule_AddIntConstant(m, "VERSION", 7) < 0) { Py_DECREF(m); return NULL; }
     return m;
 }

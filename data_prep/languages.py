@@ -183,7 +183,7 @@ def arrow_ints(array) -> np.ndarray:
     return values[array.offset:array.offset + len(array)]
 
 
-NATIVE_VERSION = 6  # data_prep/_native.c's VERSION this code expects
+NATIVE_VERSION = 7  # data_prep/_native.c's VERSION this code expects
 
 
 def load_native():
@@ -285,6 +285,10 @@ def sum_count_tables(tables: Sequence[PackedCounter | Counter]) -> PackedCounter
     bound = sum(int(t.values.max()) for t in packed if len(t.values))
     if len(packed) != len(tables) or bound >= 2**62:
         return sum_counters([t.unpack() if isinstance(t, PackedCounter) else t for t in tables])
+    if _native is not None:  # in C, hashing the keys' code points: no str per key (~5x faster)
+        live = [t for t in packed if len(t.values)]
+        keys, sums = _native.sum_tables([t.keys for t in live], [np.ascontiguousarray(t.values, dtype=np.int64) for t in live])
+        return PackedCounter(keys, np.frombuffer(sums, dtype=np.int64).copy())
     # Streamed, a table at a time (memory: the distinct keys, not every shard's keys at once). Arrow's
     # dictionary_encode over all the tables' joined keys was 4x faster (0.25 -> 0.06 s for 39 zh
     # shards) but held all their keys at once and imported pyarrow (~40 MB) into every Chinese

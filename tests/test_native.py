@@ -145,9 +145,13 @@ def test_count_sums_and_shard_segmentation_equal_the_pure_path(monkeypatch):
     results = []
     for mod in (native, None):
         monkeypatch.setattr(languages, "_native", mod)
-        total = sum_count_tables(tables)
+        total = sum_count_tables([*tables, PackedCounter.pack(Counter()), PackedCounter.pack(Counter({"": 4}))])
         results.append((total.keys, total.values.tolist()))
-    assert results[0] == results[1]
+    assert results[0] == results[1] and len(results[0][1]) > 500
+    with pytest.raises(ValueError, match="table 0: its keys and its 2 values do not pair up"):
+        native.sum_tables(["a\0b\0c"], [np.array([1, 2])])
+    with pytest.raises(TypeError, match="values must be a contiguous array of signed 8-byte integers"):
+        native.sum_tables(["a"], [np.array([1.0])])
 
     docs = ["".join(words) for words in peoples_daily_gold(600)] + ["Windows 98和iPhone6s", "C##x 和 ##b", "ab12.5%cd abc中文"]
     sentences = [s for d in docs for s in split_sentences(normalize_text(d))]
