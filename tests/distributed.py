@@ -133,8 +133,12 @@ def run_distributed(
                         results[r] = ("error", f"process exited with code {procs[r].exitcode} without reporting")
                     deadline = min(deadline, time.monotonic() + 10.0)
     finally:
-        for p in procs:
-            p.join(timeout=5)
+        # The ranks that reported get 5 s in all to exit; a rank that never reported (hung past the
+        # timeout, or killed by an error elsewhere) is killed at once, not waited for 5 s more each.
+        grace = time.monotonic() + 5
+        for rank, p in enumerate(procs):
+            if rank in results:
+                p.join(timeout=max(0.0, grace - time.monotonic()))
         for p in procs:
             if p.is_alive():
                 p.kill()
