@@ -534,12 +534,14 @@ def test_jieba_c_dictionary_is_built_once_and_shared_with_the_forked_workers(mon
     each worker's segmenter uses that one (the same object, its pages shared), not a copy of its own."""
     import multiprocessing as mp
 
-    from data_prep import chinese, core
+    from data_prep import chinese, core, normalize
 
     monkeypatch.setattr(chinese, "_JIEBA_C", {})
+    normalize._cleanup_flags.cache_clear()
     executor = core._Executor(2, "zh", {"segmenter": "jieba-c"})
     try:
         assert len(chinese._JIEBA_C) == 1  # built in this process before the fork
+        assert normalize._cleanup_flags.cache_info().currsize == 1  # the normalisation's table too
         here = _jieba_c_address()
         assert here == id(next(iter(chinese._JIEBA_C.values())))
     finally:
