@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from data_prep import languages
 from data_prep.format import (
     COARSE_VOCAB_FILE,
     CONTINUATION,
@@ -524,6 +525,16 @@ class EnglishTokenizers:
         self._reset_word_cache()
         self.stats = EnglishStats()
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_word_numbers"] = None  # (a C object; rebuilt on unpickling)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        native = languages._native
+        self._word_numbers = native.WordNumbers(self._word_index) if native is not None else None
+
     # --- persistence --------------------------------------------------------------------------
     @classmethod
     def load(cls, directory: str | os.PathLike, lowercase: bool = True, word_cache: bool = True) -> EnglishTokenizers:
@@ -583,6 +594,10 @@ class EnglishTokenizers:
 
     def _reset_word_cache(self) -> None:
         self._word_index: dict[str, int] = {}
+        # Each token's id through the word index, in C (data_prep._native's numbering: a table of packed
+        # short words in front of the dict) when compiled: ~0.8 s of Python lookups for 6.6M tokens.
+        native = languages._native
+        self._word_numbers = native.WordNumbers(self._word_index) if native is not None else None
         self._piece_offsets = np.zeros(0, dtype=np.int64)
         self._piece_counts = np.zeros(0, dtype=np.int64)
         self._pieces = np.zeros(0, dtype=np.int64)
@@ -604,7 +619,12 @@ class EnglishTokenizers:
             empty = np.zeros(0, dtype=np.int64)
             return {"fine": empty, "coarse": empty, "align": empty, "fine_lengths": empty, "coarse_lengths": empty}
         self._ensure_words(set(words))
-        word_ids = np.fromiter(map(self._word_index.__getitem__, words), dtype=np.int64, count=len(words))
+        if self._word_numbers is not None:
+            word_ids = np.empty(len(words), dtype=np.int64)
+            if self._word_numbers.number(words, word_ids):  # (every word was indexed just above)
+                raise RuntimeError("internal: a word of the block was not in the encoder's word index")
+        else:
+            word_ids = np.fromiter(map(self._word_index.__getitem__, words), dtype=np.int64, count=len(words))
         unique_counts, unique_offsets, unique_flat, unique_coarse = (
             self._piece_counts, self._piece_offsets, self._pieces, self._word_coarse)
         coarse_index = self._coarse_index

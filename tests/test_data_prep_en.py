@@ -326,6 +326,38 @@ def test_encoding_from_the_fit_word_cache_equals_encoding_from_scratch(built, bb
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_token_ids_through_the_c_numbering_equal_the_dict_lookups(built, bbc_corpus):
+    """encode_block maps each token to its word id through data_prep._native's numbering (packed short
+    words in front of the word index) when compiled: the same arrays as the dict lookups, over blocks
+    that add new words (and a cache reset), words of every length, and after a pickle round trip."""
+    import pickle
+
+    from data_prep import languages
+
+    sentences = [s for line in bbc_corpus.read_text(encoding="utf-8").splitlines()[:300]
+                 for s in english.document_sentences(json.loads(line)["text"])]
+    sentences += [["x" * 300, "\u2603", "a", "中", "\U00020000", "naïve", "abcd", "abcde"]]
+    results = []
+    for native in (languages._native, None):
+        tk = english.EnglishTokenizers.load(built, word_cache=False)
+        if native is None:
+            tk._word_numbers = None  # the dict lookups
+        elif languages._native is None:
+            pytest.skip("data_prep._native is not compiled here")
+        blocks = [tk.encode_block(sentences[i:i + 500]) for i in range(0, len(sentences), 500)]
+        tk._reset_word_cache()
+        if native is None:
+            tk._word_numbers = None
+        again = pickle.loads(pickle.dumps(tk))
+        if native is None:
+            again._word_numbers = None
+        blocks.append(again.encode_block(sentences[::-1]))
+        results.append(blocks)
+    assert len(results[0]) > 3
+    for a, b in zip(*results):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_two_workers_identical(built, bbc_corpus, tmp_path):
     out = tmp_path / "en2"
     core.build(_config(bbc_corpus, out, workers=2))
