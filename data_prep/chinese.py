@@ -638,40 +638,58 @@ class _EncodedWords:
     """The encodings of the words a worker has met, kept across its shards: a shard only encodes
     the words no earlier shard had (most words recur), then gathers every token from these arrays.
 
-    ``slots(words)`` -> the slot of each word (numbered by ``StringNumbering``: in C, ~30 ns a word);
-    slot k's fine ids are ``fine[fine_start[k]:fine_start[k] + fine_count[k]]``, its coarse ids and
+    ``slots(words)`` -> the slot of each word (numbered in C by a growing ``_native.TokenIndex`` over
+    the words' code points: a new word costs no str, a dict entry or a Python int; else by
+    ``StringNumbering``); slot k's fine ids are ``fine[fine_start[k]:fine_start[k] + fine_count[k]]``, its coarse ids and
     alignment likewise. Ids, alignments and counts are kept as int32 (int64 only if a value needs
     it), so the shard's tokens gathered from them are int32 too. Bounded: once it holds more than
     ``max_words`` words (a huge corpus) it starts over at the next shard (the frequent words are
     encoded again, once)."""
 
     def __init__(self, max_words: int = 500_000) -> None:
-        # (every word kept is a str in the numbering's dict, ~150 bytes with its entry: ~75 MB at the
-        # cap, as for the analysis's word table, ``Chinese.MAX_KEPT_WORDS``)
+        # (numbered in C a word kept takes ~60 bytes, ~30 MB at the cap (measured on real text);
+        # in Python it is a str in a dict, ~170 bytes with its entry: ~85 MB, as for the analysis's
+        # word table, ``Chinese.MAX_KEPT_WORDS``; its encoding arrays add ~60 bytes either way, by their sizes)
         self.max_words = max_words
+        self._native = languages._native
         self._clear()
 
     def _clear(self) -> None:
-        self.slot = StringNumbering()  # the kept words -> their slots (slot k = the k-th word kept)
+        # the kept words -> their slots (slot k = the k-th word kept)
+        self.slot = self._native.TokenIndex([]) if self._native is not None else StringNumbering()
         empty = np.zeros(0, dtype=np.int64)
         self.fine = self.coarse = self.align = self.fine_count = self.coarse_count = np.zeros(0, dtype=np.int32)
         self.fine_start = self.coarse_start = empty
         self.chars = empty  # characters of text per word ("##" marks excluded)
 
-    def slots(self, words: list[str] | str, encode) -> np.ndarray:
-        """The slot of each of ``words`` (distinct; or them joined by WORD_SEP: numbered in C without a
-        str for a word kept already), encoding (``encode``) those not kept yet."""
-        if len(self.slot) > self.max_words:
-            self._clear()
-        seen = len(self.slot)
-        if isinstance(words, str):
-            slots, new = self.slot.joined(words, WORD_SEP)
+    def __len__(self) -> int:
+        """How many words are kept."""
+        return len(self.slot) if isinstance(self.slot, StringNumbering) else self.slot.size
+
+    def slots(self, words: str | list[str], encode) -> np.ndarray:
+        """The slot of each of ``words`` (distinct words, or them joined by WORD_SEP), encoding
+        (``encode``) those not kept yet."""
+        if not isinstance(words, str):
+            words = WORD_SEP.join(words)
+        if isinstance(self.slot, StringNumbering):
+            if len(self.slot) > self.max_words:
+                self._clear()
+            slots, new_words = self.slot.joined(words, WORD_SEP)
+            new = new_words or None
+            if new:
+                lens = np.fromiter(map(len, new_words), dtype=np.int64, count=len(new_words))
+                cps = _code_points(new_words)
         else:
-            slots = self.slot(words)  # the new words are numbered seen, seen + 1, ... in their order
-            new = [words[i] for i in np.flatnonzero(slots >= seen).tolist()] if len(self.slot) > seen else []
-        if new:
-            lens = np.fromiter(map(len, new), dtype=np.int64, count=len(new))
-            cps = _code_points(new)
+            if self.slot.size > self.max_words:
+                self._clear()
+            slots = np.empty(words.count(WORD_SEP) + 1, dtype=np.int64)
+            _, _, cps_bytes, lens_bytes = self.slot.number_joined(words, WORD_SEP, slots)
+            new = None
+            if lens_bytes:
+                lens = np.frombuffer(lens_bytes, dtype=np.int64)
+                cps = np.frombuffer(cps_bytes, dtype=np.uint32)
+                new = _WordsOfCodePoints(cps_bytes, lens)
+        if new is not None:
             fine, coarse, align, fine_count, coarse_count = encode(new, lens, cps)
             self.fine = np.concatenate([self.fine, compact_ints(fine)])
             self.coarse = np.concatenate([self.coarse, compact_ints(coarse)])
@@ -686,6 +704,29 @@ class _EncodedWords:
             self.fine_start = np.cumsum(self.fine_count, dtype=np.int64) - self.fine_count
             self.coarse_start = np.cumsum(self.coarse_count, dtype=np.int64) - self.coarse_count
         return slots
+
+
+class _WordsOfCodePoints:
+    """Words as a sequence of str, made on demand from their code points (UTF-32 bytes, concatenated)
+    and lengths: ``encode_words`` needs the str of only a few of the new words it encodes."""
+
+    def __init__(self, cps: bytes, lens: np.ndarray) -> None:
+        self._cps, self._lens = cps, lens
+        self._text: str | None = None
+        self._starts: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self._lens)
+
+    def __getitem__(self, w: int) -> str:
+        if self._text is None:
+            self._text = self._cps.decode("utf-32-le")
+            self._starts = (np.cumsum(self._lens) - self._lens).tolist()
+        a = self._starts[w]
+        return self._text[a:a + int(self._lens[w])]
+
+    def __iter__(self):
+        return map(self.__getitem__, range(len(self)))
 
 
 def write_shard_cache(cache_dir: Path, words: list[str] | str, ids: np.ndarray, sentence_words: np.ndarray,

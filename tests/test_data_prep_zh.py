@@ -20,7 +20,7 @@ from data_prep import core
 from data_prep import format as fmt
 from data_prep.chinese import Chinese, make_segmenter, segment_sentence
 from data_prep.demo import peoples_daily_gold, write_peoples_daily_text
-from data_prep.languages import PackedCounter
+from data_prep.languages import PackedCounter, StringNumbering
 from data_prep.normalize import normalize_text, split_sentences
 from data_prep.verify import verify_dataset
 
@@ -603,7 +603,7 @@ def test_encode_shard_with_the_word_memo_equals_fresh_encoding(tmp_path):
             worker._encoded = chinese._EncodedWords(max_words)
         assert [encoded(worker, k) for k in range(len(shards))] == fresh
         last_words = len(chinese.read_shard_cache(tmp_path / f"s{len(shards) - 1}")[0].split(chinese.WORD_SEP))
-        assert len(worker._encoded.slot) <= (max_words + last_words if max_words else 10**9)  # bounded
+        assert len(worker._encoded) <= (max_words + last_words if max_words else 10**9)  # bounded
     # ... and those are the per-word encodings of each sentence's cached words.
     seg = make_segmenter("rjieba")
     lines = [line for d in shards[1] for line in segment_document(seg, split_sentences(normalize_text(d)))]
@@ -613,13 +613,19 @@ def test_encode_shard_with_the_word_memo_equals_fresh_encoding(tmp_path):
     assert sum(fresh[1][3]) == len(fresh[1][0]) and len(fresh[1][3]) == len(lines)
 
 
-def test_encoded_words_slots_equal_a_dict_memo():
-    """``_EncodedWords.slots`` numbers words in C (short BMP words as packed code-point keys, the
-    others through a dict): the slots must be those of a plain dict memo (new words numbered in their
-    order, each encoded once per worker; once past ``max_words`` words, it starts over at the next
-    shard), and the memo's arrays hold each slot's encoding."""
+@pytest.mark.parametrize("compiled", [True, False], ids=["C", "python"])
+def test_encoded_words_slots_equal_a_dict_memo(compiled, monkeypatch):
+    """``_EncodedWords.slots`` numbers words in C (a growing TokenIndex; StringNumbering without the
+    extension): the slots must be those of a plain dict memo (new words numbered in their order, each
+    encoded once per worker; once past ``max_words`` words, it starts over at the next shard), and
+    the memo's arrays hold each slot's encoding."""
+    from data_prep import languages
     from data_prep.chinese import _EncodedWords
 
+    if compiled and languages._native is None:
+        pytest.skip("data_prep._native is not compiled")
+    if not compiled:
+        monkeypatch.setattr(languages, "_native", None)
     rng = np.random.default_rng(1)
     alphabet = ["中", "国", "人", "的", "\uffff", "\u0100", "a", "#", "\U0002000b", "\U0010ffff", "。", "1"]
     pool = sorted({"".join(rng.choice(alphabet, size=int(rng.integers(1, 7)))) for _ in range(3000)})
@@ -650,7 +656,8 @@ def test_encoded_words_slots_equal_a_dict_memo():
             assert memo.chars[slots].tolist() == [len(w) - 2 * w.startswith("##") for w in words]
             starts = memo.fine_start[slots]
             assert [memo.fine[a:a + len(w)].tolist() for a, w in zip(starts.tolist(), words)] == [list(map(ord, w)) for w in words]
-        assert len(memo.slot) == len(reference) and (restarts > 0) == (max_words < 10**5)
+        assert len(memo) == len(reference) and (restarts > 0) == (max_words < 10**5)
+        assert isinstance(memo.slot, StringNumbering) != compiled
 
 
 def test_encode_shard_in_slices_equals_the_int64_gather(tmp_path, monkeypatch):

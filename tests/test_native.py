@@ -87,26 +87,21 @@ def test_numbering_equals_the_dict_path_for_any_strings():
     assert [fast.index[w] for w in many[:1000]] == ids[:1000].tolist()
 
 
-@needs_native
 def test_joined_numbering_equals_the_numbering_of_the_split_strings():
-    """StringNumbering.joined(text, sep) (C: no str for a string already numbered) == numbering
-    text.split(sep), with the strings numbered anew listed in id order; the pure path likewise."""
+    """StringNumbering.joined(text, sep) == numbering text.split(sep), with the strings numbered anew
+    listed in id order (the encoding's word memo without the extension; TokenIndex.number_joined is
+    held to it below)."""
     rng = random.Random(4)
-    fast, slow, reference = StringNumbering(native), StringNumbering(False), StringNumbering(False)
+    numbering, reference = StringNumbering(native), StringNumbering(False)
     for n in (1, 40, 3000, 2, 500):
         strings = [s.replace("\x1f", "") for s in _strings(rng, n)] + [""]
         text = "\x1f".join(strings)
         seen = len(reference)
         expected = reference(text.split("\x1f")).tolist()
         new_expected = [w for w in dict.fromkeys(text.split("\x1f")) if reference.index[w] >= seen]
-        for numbering in (fast, slow):
-            ids, new = numbering.joined(text, "\x1f")
-            assert ids.tolist() == expected and new == new_expected
-    assert dict(fast.index) == dict(reference.index)
-    with pytest.raises(ValueError, match="one character"):
-        fast.native.number_joined("a", "ab", np.zeros(2, dtype=np.int64))
-    with pytest.raises(ValueError, match="room"):
-        fast.native.number_joined("a\x1fb", "\x1f", np.zeros(1, dtype=np.int64))
+        ids, new = numbering.joined(text, "\x1f")
+        assert ids.tolist() == expected and new == new_expected
+    assert dict(numbering.index) == dict(reference.index)
 
 
 @needs_native
@@ -253,6 +248,38 @@ def test_token_index_lookups_and_back_offs_equal_the_dict_path():
         index.backoff(cps, lens, 0, 1, got_ids, got_align, counts)
     with pytest.raises(TypeError, match="tokens must be str"):
         native.TokenIndex(["a", 1])
+
+
+@needs_native
+def test_token_index_numbers_joined_words_as_string_numbering_does():
+    """TokenIndex.number_joined (the encoding's per-worker word memo in C) gives every word of each
+    joined batch StringNumbering.joined's id (new words numbered in order of first appearance, across
+    batches and through many table growths), and returns the new words' code points and lengths;
+    the empty word, astral characters and a one-word batch included; bad arguments refused."""
+    rng = random.Random(11)
+    alphabet = ["中", "国", "人", "\uffff", "\u0100", "\U0002000b", "\U0010ffff", "a", "#"]
+    index, python = native.TokenIndex([]), StringNumbering()
+    vocab = ["".join(rng.choices(alphabet, k=rng.randint(0, 7))) for _ in range(20000)]
+    total_new = 0
+    for batch in range(60):
+        words = rng.sample(vocab, rng.randint(1, 600)) if batch else [""]
+        text = "\x1f".join(words)
+        expected, expected_new = python.joined(text, "\x1f")
+        out = np.full(len(words) + 3, -9, dtype=np.int64)
+        n, first, cps, lens = index.number_joined(text, "\x1f", out)
+        assert (n, first) == (len(words), total_new) and (out[n:] == -9).all()
+        assert out[:n].tolist() == expected.tolist()
+        lens = np.frombuffer(lens, dtype=np.int64)
+        assert lens.tolist() == [len(w) for w in expected_new]
+        assert cps == "".join(expected_new).encode("utf-32-le")
+        total_new += len(expected_new)
+        assert index.size == len(python) == total_new
+    assert total_new > 5000  # (the table grew from 16 slots to 16384)
+    with pytest.raises(ValueError, match="room for every word"):
+        index.number_joined("a\x1fb", "\x1f", np.empty(1, dtype=np.int64))
+    with pytest.raises(ValueError, match="sep must be one character"):
+        index.number_joined("a", "", np.empty(1, dtype=np.int64))
+    assert index.size == total_new  # nothing added by a refused call
 
 
 @pytest.mark.slow
