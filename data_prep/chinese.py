@@ -49,6 +49,7 @@ import re
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from operator import itemgetter
 from pathlib import Path
 
@@ -690,7 +691,7 @@ class _EncodedWords:
                 cps = np.frombuffer(cps_bytes, dtype=np.uint32)
                 new = _WordsOfCodePoints(cps_bytes, lens)
         if new is not None:
-            fine, coarse, align, fine_count, coarse_count = encode(new, lens, cps)
+            fine, coarse, align, fine_count, coarse_count = encode(new, lens, cps, distinct=True)
             self.fine = np.concatenate([self.fine, compact_ints(fine)])
             self.coarse = np.concatenate([self.coarse, compact_ints(coarse)])
             self.align = np.concatenate([self.align, compact_ints(align)])
@@ -704,6 +705,22 @@ class _EncodedWords:
             self.fine_start = np.cumsum(self.fine_count, dtype=np.int64) - self.fine_count
             self.coarse_start = np.cumsum(self.coarse_count, dtype=np.int64) - self.coarse_count
         return slots
+
+
+class _Picked:
+    """words[at[0]], words[at[1]], ... as a sequence, each taken when asked for."""
+
+    def __init__(self, words: Sequence[str], at: np.ndarray) -> None:
+        self._words, self._at = words, at
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def __getitem__(self, k: int) -> str:
+        return self._words[int(self._at[k])]
+
+    def __iter__(self):
+        return map(self.__getitem__, range(len(self)))
 
 
 class _WordsOfCodePoints:
@@ -1205,15 +1222,16 @@ class Chinese(Language):
     def _needs_pieces(word: str) -> bool:
         return _NEEDS_CARE.search(word) is not None
 
-    def encode_words(self, words: list[str], lens: np.ndarray | None = None,
-                     cps: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def encode_words(self, words: Sequence[str], lens: np.ndarray | None = None, cps: np.ndarray | None = None,
+                     distinct: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Encode a flat list of cached words -> (fine, coarse, align, fine count per word, coarse count per word).
 
         Regular words (in the coarse vocabulary, no Latin letters/digits) are encoded with array
         operations: one fine token per character through the code-point table. The others (a few
         percent) go through ``encode_word`` once per distinct word and are gathered into place.
         ``lens`` (characters per word) and ``cps`` (the words' code points, concatenated) may be
-        passed when the caller has them.
+        passed when the caller has them; ``distinct``: no word occurs twice (the word memo's new
+        words), so a str is made only for the words the general path takes.
         """
         W = len(words)
         if lens is None:
@@ -1249,13 +1267,18 @@ class Chinese(Language):
         if len(irregular) == 0 and not trivial.any():
             return fine_chars, coarse_w, lens.copy(), lens, np.ones(W, dtype=np.int64)
         # Distinct irregular words, each encoded once; ``code`` maps each occurrence to its word.
-        distinct: dict[str, int] = {}
-        code = np.array([distinct.setdefault(words[w], len(distinct)) for w in irregular.tolist()], dtype=np.int64)
-        first = np.zeros(len(distinct), dtype=np.int64)
-        first[code[::-1]] = irregular[::-1]  # an occurrence of each distinct word
+        if distinct:
+            code, first = np.arange(len(irregular)), irregular
+            names: Sequence[str] = _Picked(words, irregular)
+        else:
+            seen: dict[str, int] = {}
+            code = np.array([seen.setdefault(words[w], len(seen)) for w in irregular.tolist()], dtype=np.int64)
+            first = np.zeros(len(seen), dtype=np.int64)
+            first[code[::-1]] = irregular[::-1]  # an occurrence of each distinct word
+            names = list(seen)
         char_start = np.cumsum(lens) - lens
         d_fine, d_coarse, d_align, d_fine_count, d_coarse_count, order = self._encode_distinct(
-            list(distinct), first, special, lens, cps, char_start, fine_chars)
+            names, first, special, lens, cps, char_start, fine_chars)
         if order is not None:  # the distinct words were encoded in another order: renumber them
             rank = np.empty(len(order), dtype=np.int64)
             rank[order] = np.arange(len(order))
@@ -1296,7 +1319,7 @@ class Chinese(Language):
         align[positions] = d_align[coarse_src]
         return fine, coarse, align, fine_count, coarse_count
 
-    def _encode_distinct(self, words: list[str], first: np.ndarray, special: np.ndarray, lens: np.ndarray,
+    def _encode_distinct(self, words: Sequence[str], first: np.ndarray, special: np.ndarray, lens: np.ndarray,
                          cps: np.ndarray, char_start: np.ndarray, fine_chars: np.ndarray):
         """``encode_word`` for each of the distinct ``words`` (word k occurs at position first[k] of the
         batch) -> (fine, coarse, align, fine count, coarse count, order): the encodings concatenated in

@@ -631,7 +631,8 @@ def test_encoded_words_slots_equal_a_dict_memo(compiled, monkeypatch):
     pool = sorted({"".join(rng.choice(alphabet, size=int(rng.integers(1, 7)))) for _ in range(3000)})
     pool += ["##ab", "中国人的中国", "\U0002000b", "ab\uffff\uffff"]
 
-    def encode(new, lens=None, cps=None):
+    def encode(new, lens=None, cps=None, distinct=False):
+        assert distinct  # (the memo's new words: each once)
         if lens is not None:  # the lengths and code points slots passes along
             assert lens.tolist() == [len(w) for w in new] and "".join(map(chr, cps.tolist())) == "".join(new)
         encoded.extend(new)
@@ -749,6 +750,17 @@ def test_vectorised_word_encoding_equals_word_by_word(tmp_path):
     assert coarse_count.tolist() == [len(c) for _, c, _ in per_word]
     oov = sum(1 for w in set(words) if w not in lang.coarse_vocab.index)
     assert oov > 1000  # the test exercised the back-off, in bulk and word by word
+    # The word memo's call: distinct words given as code points (a str only for those the general path takes).
+    from data_prep.chinese import _WordsOfCodePoints
+
+    unique = list(dict.fromkeys(words))
+    lens = np.array([len(w) for w in unique], dtype=np.int64)
+    cps = "".join(unique).encode("utf-32-le")
+    got = lang.encode_words(_WordsOfCodePoints(cps, lens), lens, np.frombuffer(cps, dtype=np.uint32), distinct=True)
+    per_word = [lang.encode_word(w) for w in unique]
+    for column, k in zip(got[:3], range(3)):
+        assert column.tolist() == [i for e in per_word for i in e[k]]
+    assert got[3].tolist() == [len(e[0]) for e in per_word] and got[4].tolist() == [len(e[1]) for e in per_word]
 
 
 def test_sorted_membership_equals_isin():
