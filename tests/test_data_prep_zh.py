@@ -446,13 +446,24 @@ def test_char_and_run_counts_from_word_counts():
     # the build's packed table (the keys joined by NUL, the counts in an array) gives the same
     assert char_and_run_counts(PackedCounter.pack(words)) == (chars, runs)
     assert char_and_run_counts(PackedCounter.pack(Counter())) == (Counter(), Counter())
+    # no Latin letter or digit anywhere; runs in the first and the last word
+    assert char_and_run_counts(Counter({"中国": 3, "人": 1})) == (Counter({"中": 3, "国": 3, "人": 1}), Counter())
+    assert char_and_run_counts(Counter({"##ab": 2, "中": 1, "a##b": 4, "x9": 5}))[1] == Counter({"##ab": 2, "x9": 5})
 
 
-def test_fit_of_the_packed_word_counts_equals_the_fit_of_the_counter(tmp_path):
+@pytest.mark.parametrize("compiled", [True, False], ids=["C", "python"])
+def test_fit_of_the_packed_word_counts_equals_the_fit_of_the_counter(tmp_path, compiled, monkeypatch):
     """The build hands Chinese.fit (and fit_from) the summed word counts packed (``fit_takes_packed``):
     the same vocabulary files and statistics as from the Counter, for words of every kind (continuations,
-    Latin runs, a space word, counts below every minimum)."""
+    Latin runs, a space word, counts below every minimum); the coverage in C (a TokenIndex) and in Python."""
     from collections import Counter
+
+    from data_prep import languages
+
+    if compiled and languages._native is None:
+        pytest.skip("data_prep._native is not compiled")
+    if not compiled:
+        monkeypatch.setattr(languages, "_native", None)
 
     from data_prep.chinese import WORD_SEP, segment_document
 
