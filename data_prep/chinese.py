@@ -673,6 +673,8 @@ class _EncodedWords:
         """The slot of each of ``words`` (distinct words, or them joined by WORD_SEP), encoding
         (``encode``) those not kept yet."""
         if not isinstance(words, str):
+            if not words:
+                return np.zeros(0, dtype=np.int64)
             words = WORD_SEP.join(words)
         if isinstance(self.slot, StringNumbering):
             if len(self.slot) > self.max_words:

@@ -670,6 +670,7 @@ def test_encoded_words_slots_equal_a_dict_memo(compiled, monkeypatch):
             assert [memo.fine[a:a + len(w)].tolist() for a, w in zip(starts.tolist(), words)] == [list(map(ord, w)) for w in words]
         assert len(memo) == len(reference) and (restarts > 0) == (max_words < 10**5)
         assert isinstance(memo.slot, StringNumbering) != compiled
+        assert memo.slots([], encode).tolist() == [] and len(memo) == len(reference)  # no words: no slot
 
 
 def test_encode_shard_in_slices_equals_the_int64_gather(tmp_path, monkeypatch):
