@@ -8,4 +8,11 @@ if [ ! -x "${AMBERT_VENV:-$ROOT/.venv}/bin/python" ]; then
   bash launchers/setup.sh
 fi
 export DS_ACCELERATOR=cpu HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec "${AMBERT_VENV:-$ROOT/.venv}/bin/python" -m pytest -q -p no:cacheprovider "$@" tests
+# Test files run two at a time on 2 cores (pytest-xdist, a file to a worker, the longest first: a
+# serial run leaves ~40% of 2 cores idle while its jobs start up, rendezvous and wait), up to 4 at a
+# time on more cores. AMBERT_TEST_WORKERS=1 runs them one after another.
+workers="${AMBERT_TEST_WORKERS:-$(nproc)}"
+[ "$workers" -gt 4 ] && workers=4
+parallel=()
+[ "$workers" -gt 1 ] && parallel=(-n "$workers" --dist loadfile --no-loadscope-reorder)
+exec "${AMBERT_VENV:-$ROOT/.venv}/bin/python" -m pytest -q -p no:cacheprovider "${parallel[@]}" "$@" tests

@@ -86,18 +86,37 @@ def assert_ok(code: int, output: str) -> None:
 
 
 # Runs shared between test modules (test_resume.py, test_launchers.py import these getters): a
-# plain per-process memo, since a fixture imported into another module would run twice.
+# plain per-process memo, since a fixture imported into another module would run twice. Under
+# pytest-xdist (launchers/test.sh) the memo is also on disk, in the directory all workers' temporary
+# directories share, behind a file lock: one worker builds a run, the others wait for it and read it.
 _SHARED: dict[str, object] = {}
 
 
-def _shared(name: str, build):
-    if name not in _SHARED:
+def _shared(name: str, build, tmp_path_factory):
+    if name in _SHARED:
+        return _SHARED[name]
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
         _SHARED[name] = build()
-    return _SHARED[name]
+        return _SHARED[name]
+    import pickle
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent  # the session's directory (each worker's is below it)
+    saved = root / f"shared-{name}.pickle"
+    with FileLock(str(root / f"shared-{name}.lock")):
+        if saved.is_file():
+            value = pickle.loads(saved.read_bytes())
+        else:
+            value = build()
+            saved.write_bytes(pickle.dumps(value))
+    _SHARED[name] = value
+    return value
 
 
 def get_dataset(tmp_path_factory) -> Path:
-    return _shared("dataset", lambda: write_synthetic_dataset(tmp_path_factory.mktemp("pretrain_data") / "ds", num_docs=300))
+    return _shared("dataset", lambda: write_synthetic_dataset(tmp_path_factory.mktemp("pretrain_data") / "ds", num_docs=300),
+                   tmp_path_factory)
 
 
 REFERENCE_OVERRIDES = ["schedule.train_steps=20", "data.num_workers=1", "data.valid_every=10"]
@@ -115,7 +134,7 @@ def get_reference_run(tmp_path_factory) -> Path:
         assert_ok(code, output)
         return out
 
-    return _shared("reference", build)
+    return _shared("reference", build, tmp_path_factory)
 
 
 @pytest.fixture
@@ -172,7 +191,7 @@ def get_layout_runs(tmp_path_factory) -> dict[tuple[int, int], Path]:
             runs[(tp, dp)] = out
         return runs
 
-    return _shared("layouts", build)
+    return _shared("layouts", build, tmp_path_factory)
 
 
 def layout_overrides(tp: int, dp: int) -> list[str]:
