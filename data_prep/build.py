@@ -277,7 +277,21 @@ def _not_file_only(record: logging.LogRecord) -> bool:
 
 
 def _build(config: core.BuildConfig, args: argparse.Namespace) -> int:
+    import signal
+
+    # SIGTERM ends this build like Ctrl-C; an in-process caller (a notebook, the tests) gets its own
+    # handler back after it (left installed, it raised BuildInterrupted in the caller and in every
+    # process it forked later).
+    caller_sigterm = signal.getsignal(signal.SIGTERM)
     core.raise_on_sigterm()
+    try:
+        return _build_with_handler(config, args)
+    finally:
+        if caller_sigterm is not None:
+            signal.signal(signal.SIGTERM, caller_sigterm)
+
+
+def _build_with_handler(config: core.BuildConfig, args: argparse.Namespace) -> int:
     core.keep_freed_memory()  # this process builds inline with --workers 1 (see the function)
     try:
         meta = core.build(config)

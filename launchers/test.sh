@@ -3,8 +3,10 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-# A clone that was never set up (no venv yet) is set up first: the same idempotent setup.sh.
-if [ ! -x "${AMBERT_VENV:-$ROOT/.venv}/bin/python" ]; then
+# A clone that was never set up (no venv yet) is set up first, and a venv installed before the last
+# change of pyproject.toml (a new test dependency, say) is brought up to date: the same idempotent setup.sh.
+VENV="${AMBERT_VENV:-$ROOT/.venv}"
+if [ ! -x "$VENV/bin/python" ] || [ "$ROOT/pyproject.toml" -nt "$VENV/.ambert-installed" ]; then
   bash launchers/setup.sh
 fi
 export DS_ACCELERATOR=cpu HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -15,4 +17,4 @@ workers="${AMBERT_TEST_WORKERS:-$(nproc)}"
 [ "$workers" -gt 4 ] && workers=4
 parallel=()
 [ "$workers" -gt 1 ] && parallel=(-n "$workers" --dist loadfile --no-loadscope-reorder)
-exec "${AMBERT_VENV:-$ROOT/.venv}/bin/python" -m pytest -q -p no:cacheprovider "${parallel[@]}" "$@" tests
+exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "${parallel[@]}" "$@" tests

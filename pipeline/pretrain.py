@@ -724,12 +724,30 @@ def _leave_the_live_runs_logs(config: PretrainConfig, message: str) -> None:
             handler.close()
 
 
+_PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
 def main(argv: list[str] | None = None) -> int:
     run_lock = RunLock(RUN_LOCK)  # taken by rank 0 (lock_run_dirs)
+    # The preemption handlers (PreemptionFlag) are this run's: an in-process caller (a notebook, a
+    # sweep driver, the tests) gets its own back. Left installed, they made SIGTERM a no-op in the
+    # caller and in every process it forked later (a multiprocessing pool's terminate() waited forever).
+    handlers = {sig: signal.getsignal(sig) for sig in _PREEMPTION_SIGNALS}
     try:
         return _main(argv, run_lock)
     finally:
         run_lock.release()  # the process exit would too; an in-process caller may start another run
+        _restore_signal_handlers(handlers)
+
+
+def _restore_signal_handlers(handlers: dict) -> None:
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return  # (no handler could have been installed: PreemptionFlag would have raised)
+    for sig, handler in handlers.items():
+        if handler is not None:  # None: not installed from Python, nothing to put back
+            signal.signal(sig, handler)
 
 
 def _main(argv: list[str] | None, run_lock: RunLock) -> int:

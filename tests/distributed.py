@@ -43,6 +43,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def one_rank_group():
+    """A fixture body (a generator): a 1-rank gloo group in the test process, so megatron-core layers
+    have a TP group (TP=1); the group, the parallel state and MASTER_ADDR / MASTER_PORT are taken down
+    or put back afterwards (the next test file in this process, under pytest-xdist any file, must not
+    find this one's rendezvous variables in its environment)."""
+    import torch.distributed as dist
+
+    from pipeline import parallel
+
+    saved = {name: os.environ.get(name) for name in ("MASTER_ADDR", "MASTER_PORT")}
+    created = not dist.is_initialized()
+    if created:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(free_port())
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    parallel.initialize_parallel(tensor_parallel_size=1, seed=1234)
+    try:
+        yield
+    finally:
+        if created:
+            from megatron.core import parallel_state
+
+            parallel_state.destroy_model_parallel()
+            dist.destroy_process_group()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _worker(fn, rank, world_size, port, init, args, kwargs, env, queue):
     os.environ.update(
         {

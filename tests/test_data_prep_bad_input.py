@@ -1016,3 +1016,32 @@ def test_a_compressed_file_without_its_suffix_and_a_built_dataset_as_input_are_n
     assert (f"error: input folder {tmp_path / 'ds'} is a dataset built by data_prep (its meta.json says so), not a "
             f"corpus: give the text it was made from, or pass --vocab-from {tmp_path / 'ds'}") in capsys.readouterr().err
     assert not any(tmp_path.glob("a*")) and not any(tmp_path.glob("b*"))
+
+
+def test_an_in_process_build_gives_the_callers_sigterm_handler_back(tmp_path, monkeypatch):
+    """build.main makes SIGTERM end the build (BuildInterrupted) for the build only: an in-process caller
+    gets its own handler back, error or not (left installed, every process the caller forked later
+    raised BuildInterrupted on SIGTERM)."""
+    import signal
+
+    from data_prep import build
+
+    during = []
+
+    def failing_build(config):
+        during.append(signal.getsignal(signal.SIGTERM))
+        raise core.BuildError("stopped here by the test")
+
+    def mine(signum, frame):
+        pass
+
+    good = tmp_path / "in.txt"
+    good.write_text("今天天气很好。\n", encoding="utf-8")
+    monkeypatch.setattr(core, "build", failing_build)
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        assert build.main(["--lang", "zh", "--input", str(good), "--output", str(tmp_path / "out"), "--no-progress"]) == 2
+        assert len(during) == 1 and during[0] is not mine and during[0] not in (signal.SIG_DFL, signal.SIG_IGN)
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)

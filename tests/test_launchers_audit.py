@@ -272,10 +272,11 @@ def test_openmpi_mpi_args_and_forwarded_values_keep_their_quoted_spaces(tmp_path
     for name in ("mpirun", "deepspeed"):
         _argv_recorder(fake_venv / "bin" / name)
     os.symlink(sys.executable, fake_venv / "bin" / "python")
-    env = {**os.environ, "PATH": f"{fake_venv / 'bin'}:{os.environ['PATH']}", "AMBERT_VENV": str(fake_venv),
-           "HOSTFILE": str(ROOT / "launchers" / "hostfile.example"),
-           "MPI_ARGS": '--mca btl_tcp_if_include eth0 -x NCCL_IB_HCA="mlx5_0 mlx5_1"',
-           "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "a b"}
+    env = {name: value for name, value in os.environ.items() if name not in ("MASTER_ADDR", "MASTER_PORT")}
+    env.update({"PATH": f"{fake_venv / 'bin'}:{os.environ['PATH']}", "AMBERT_VENV": str(fake_venv),
+                "HOSTFILE": str(ROOT / "launchers" / "hostfile.example"),
+                "MPI_ARGS": '--mca btl_tcp_if_include eth0 -x NCCL_IB_HCA="mlx5_0 mlx5_1"',
+                "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "a b"})  # (the template's default MASTER_PORT below)
     script = str(ROOT / "launchers" / "openmpi.sh")
     result = subprocess.run(["bash", script, "data.path=/x"], env={**env, "MODE": "mpirun"},
                             capture_output=True, text=True, timeout=30)

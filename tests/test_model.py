@@ -3,7 +3,6 @@ parameter counts. Multi-rank parity lives in test_model_parallel.py, ZeRO-3 in t
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -11,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline.batch import IGNORE_INDEX
 from pipeline.model import VARIANTS, build_model, count_parameters, flops_per_sample, model_recipe
 from pipeline.model.config import ModelConfig
 from pipeline.model.synthetic import synthetic_batch
-from tests.distributed import free_port
+from tests.distributed import one_rank_group
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,21 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module", autouse=True)
 def single_rank_group():
     """A 1-rank gloo group so megatron-core layers have a TP group (TP=1)."""
-    from pipeline import parallel
-
-    created = False
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(free_port())
-        dist.init_process_group("gloo", rank=0, world_size=1)
-        created = True
-    parallel.initialize_parallel(tensor_parallel_size=1, seed=1234)
-    yield
-    if created:
-        from megatron.core import parallel_state
-
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
+    yield from one_rank_group()
 
 
 def _config(recipe="tiny", **overrides) -> ModelConfig:

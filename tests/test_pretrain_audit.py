@@ -177,25 +177,9 @@ class _Engine:
 
 @pytest.fixture(scope="module")
 def one_rank_group():
-    import os
+    from tests import distributed
 
-    import torch.distributed as dist
-
-    from pipeline import parallel
-    from tests.distributed import free_port
-
-    created = not dist.is_initialized()
-    if created:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(free_port())
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    parallel.initialize_parallel(tensor_parallel_size=1, seed=1234)
-    yield
-    if created:
-        from megatron.core import parallel_state
-
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
+    yield from distributed.one_rank_group()
 
 
 @pytest.mark.parametrize("variant", ["ambert", "bert-coarse"])

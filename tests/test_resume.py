@@ -374,3 +374,36 @@ def test_a_second_ctrl_c_stops_at_once():
     finally:
         for sig, handler in zip((signal.SIGINT, signal.SIGTERM, signal.SIGUSR1), previous):
             signal.signal(sig, handler)
+
+
+def test_an_in_process_run_gives_the_callers_signal_handlers_back(tmp_path, monkeypatch):
+    """pretrain.main's preemption handlers are the run's: a caller in the same process (a notebook, a
+    sweep driver, these tests) gets its own back, error or not. Left installed, SIGTERM only set a flag
+    in the caller and in every process it forked later: a multiprocessing pool's terminate() hung."""
+    import signal
+
+    from pipeline import parallel, pretrain
+    from pipeline.config import ConfigError
+    from tests.test_pretrain import BASE
+
+    during = []
+
+    class Recorded(pretrain.PreemptionFlag):
+        def __init__(self) -> None:
+            super().__init__()
+            during.append([signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)])
+
+    def mine(signum, frame):
+        pass
+
+    monkeypatch.setattr(pretrain, "PreemptionFlag", Recorded)
+    monkeypatch.setattr(parallel, "startup_failed", lambda *a, **k: None)
+    previous = {sig: signal.signal(sig, mine) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        with pytest.raises(ConfigError, match="is not a dataset"):  # refused after the handlers are in
+            pretrain.main([*BASE, f"data.path={tmp_path / 'ds'}", f"output_dir={tmp_path / 'run'}"])
+        assert len(during) == 1 and all(handler is not mine for handler in during[0])  # the run's own, during it
+        assert all(signal.getsignal(sig) is mine for sig in previous)  # the caller's, after it
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
