@@ -944,12 +944,122 @@ static PyObject *jb_get(Jieba *j, PyObject *word) {
 
 static PyObject *jb_total(Jieba *j, void *closure) { return PyLong_FromLongLong(j->total); }
 
+/* ---- jieba-c's built dictionary as bytes (data_prep/chinese.py keeps it in a disk cache) ----------
+   state() -> bytes: the table, the root's children, the frequencies, force-split marks and HMM tables
+   as they are in memory; Jieba.from_state(buffer) makes the same object from them without parsing
+   dict.txt (~0.2 s -> ~0.01 s a process). Native byte order and struct layout: the header records
+   the sizes, and a state from another build of this file (JB_STATE_VERSION) is refused. from_state
+   checks every size, that each node id is one of the nodes and that the table has its free slots,
+   so a damaged buffer gives ValueError, never a read out of bounds (the caller's checksum catches
+   a damaged number). */
+#define JB_STATE_MAGIC 0x3143424a54424d41ULL  /* "AMBTJBC1" */
+#define JB_STATE_VERSION 1
+#define JB_EMIT ((size_t)(HAN_HI - HAN_LO + 1) * 4)
+typedef struct {
+    uint64_t magic, version, entry_size, child_size, mask, used;
+    int64_t total, forced, nodes, emit;
+    double start[4], trans[4][4];
+} JStateHeader;
+
+static size_t jb_state_bytes(size_t mask, size_t nodes) {
+    return sizeof(JStateHeader) + (mask + 1) * sizeof(JEntry) + 0x10000 * sizeof(JChild)
+           + nodes * (sizeof(int64_t) + 1) + JB_EMIT * sizeof(double);
+}
+
+static PyObject *jb_dump_state(Jieba *j, PyObject *unused) {
+    if (jb_ready(j) < 0) return NULL;
+    size_t nodes = (size_t)j->nodes;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)jb_state_bytes(j->mask, nodes));
+    if (!out) return NULL;
+    char *p = PyBytes_AS_STRING(out);
+    JStateHeader h;
+    memset(&h, 0, sizeof h);
+    h.magic = JB_STATE_MAGIC; h.version = JB_STATE_VERSION; h.entry_size = sizeof(JEntry); h.child_size = sizeof(JChild);
+    h.mask = j->mask; h.used = j->used; h.total = j->total; h.forced = j->forced; h.nodes = j->nodes; h.emit = (int64_t)JB_EMIT;
+    memcpy(h.start, j->start, sizeof h.start); memcpy(h.trans, j->trans, sizeof h.trans);
+    memcpy(p, &h, sizeof h); p += sizeof h;
+    memcpy(p, j->table, (j->mask + 1) * sizeof(JEntry)); p += (j->mask + 1) * sizeof(JEntry);
+    for (int c = 0; c < 0x10000; c++, p += sizeof(JChild)) {  /* field by field: no padding bytes */
+        JChild child;
+        memset(&child, 0, sizeof child);
+        child.logf = j->root[c].logf; child.node = j->root[c].node;
+        memcpy(p, &child, sizeof child);
+    }
+    memcpy(p, j->freq, nodes * sizeof(int64_t)); p += nodes * sizeof(int64_t);
+    memcpy(p, j->force, nodes); p += nodes;
+    memcpy(p, j->emit, JB_EMIT * sizeof(double));
+    return out;
+}
+
+static PyObject *jb_from_state(PyTypeObject *type, PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+    Jieba *j = NULL;
+    const char *p = view.buf, *why = NULL;
+    JStateHeader h;
+    if ((size_t)view.len < sizeof h) { why = "shorter than its header"; goto bad; }
+    memcpy(&h, p, sizeof h);
+    if (h.magic != JB_STATE_MAGIC) { why = "not a jieba-c state"; goto bad; }
+    if (h.version != JB_STATE_VERSION || h.entry_size != sizeof(JEntry) || h.child_size != sizeof(JChild) || h.emit != (int64_t)JB_EMIT) {
+        why = "written by another version of data_prep/_native.c"; goto bad;
+    }
+    if (h.mask < 1 || h.mask > ((size_t)1 << 30) - 1 || (h.mask & (h.mask + 1)) || h.used * 2 > h.mask + 1
+        || h.nodes < 1 || h.nodes > MAX_NODES || h.forced < 0 || h.forced > h.nodes) { why = "its sizes are out of range"; goto bad; }
+    if ((size_t)view.len != jb_state_bytes(h.mask, (size_t)h.nodes)) { why = "its length does not match its header"; goto bad; }
+    p += sizeof h;
+    const JEntry *table = (const void *)p;
+    size_t used = 0;
+    for (size_t i = 0; i <= h.mask; i++) {
+        uint64_t kn;
+        memcpy(&kn, (const char *)(table + i), sizeof kn);
+        if (!kn) continue;
+        used++;
+        int64_t node = (int64_t)(kn & MAX_NODES);
+        if (node < 1 || node >= h.nodes) { why = "a table entry names no node"; goto bad; }
+    }
+    if (used != h.used) { why = "its table does not hold the entries its header counts"; goto bad; }
+    const char *root = p + (h.mask + 1) * sizeof(JEntry);
+    for (int c = 0; c < 0x10000; c++) {
+        JChild child;
+        memcpy(&child, root + (size_t)c * sizeof(JChild), sizeof child);
+        if (child.node != -1 && (child.node < 1 || child.node >= h.nodes)) { why = "a child of the root names no node"; goto bad; }
+    }
+    j = (Jieba *)type->tp_alloc(type, 0);
+    if (!j) { PyBuffer_Release(&view); return NULL; }
+    int32_t cap = 1 << 16;
+    while (cap < h.nodes) cap *= 2;
+    j->table = jb_new_table(h.mask + 1);
+    j->root = malloc(0x10000 * sizeof(JChild));
+    j->freq = malloc((size_t)cap * sizeof(int64_t));
+    j->force = malloc((size_t)cap);
+    j->emit = malloc(JB_EMIT * sizeof(double));
+    if (!j->table || !j->root || !j->freq || !j->force || !j->emit) { PyErr_NoMemory(); goto fail; }
+    j->mask = h.mask; j->used = h.used; j->total = h.total; j->forced = h.forced; j->nodes = (int32_t)h.nodes; j->cap = cap;
+    memcpy(j->start, h.start, sizeof h.start); memcpy(j->trans, h.trans, sizeof h.trans);
+    memcpy(j->table, p, (h.mask + 1) * sizeof(JEntry)); p += (h.mask + 1) * sizeof(JEntry);
+    memcpy(j->root, p, 0x10000 * sizeof(JChild)); p += 0x10000 * sizeof(JChild);
+    memcpy(j->freq, p, (size_t)h.nodes * sizeof(int64_t)); p += (size_t)h.nodes * sizeof(int64_t);
+    memcpy(j->force, p, (size_t)h.nodes); p += h.nodes;
+    memcpy(j->emit, p, JB_EMIT * sizeof(double));
+    PyBuffer_Release(&view);
+    return (PyObject *)j;
+bad:
+    PyErr_Format(PyExc_ValueError, "not a usable jieba-c state: %s", why);
+fail:
+    PyBuffer_Release(&view);
+    Py_XDECREF(j);
+    return NULL;
+}
+
 static PyMethodDef jb_methods[] = {
     {"cut", (PyCFunction)(void (*)(void))jb_cut, METH_VARARGS | METH_KEYWORDS, "cut(text, hmm=True) -> jieba's words of text"},
     {"segment_sentences", (PyCFunction)jb_segment_sentences, METH_VARARGS,
      "segment_sentences(sentences, start, numbers, ids, lengths, pos) -> (stop, pos, new words): the build's words of each sentence"},
     {"add_word", (PyCFunction)jb_add_word, METH_VARARGS, "add_word(word, freq): jieba's add_word with a frequency"},
     {"get", (PyCFunction)jb_get, METH_O, "get(word) -> jieba's FREQ.get(word)"},
+    {"state", (PyCFunction)jb_dump_state, METH_NOARGS, "state() -> bytes: the built dictionary and HMM tables (Jieba.from_state)"},
+    {"from_state", (PyCFunction)(void (*)(void))jb_from_state, METH_O | METH_CLASS,
+     "Jieba.from_state(buffer) -> the Jieba whose state() gave buffer (ValueError if it is damaged or from another version)"},
     {NULL, NULL, 0, NULL}};
 
 static PyGetSetDef jb_getset[] = {{"total", (getter)jb_total, NULL, "jieba's total frequency", NULL}, {NULL}};
@@ -1466,6 +1576,6 @@ PyMODINIT_FUNC PyInit__native(void) {
     if (PyModule_AddObjectRef(m, "TokenIndex", (PyObject *)&TokenIndexType) < 0) { Py_DECREF(m); return NULL; }
     /* data_prep/languages.py (NATIVE_VERSION) uses a compiled module only if this matches: a module
        compiled from an older _native.c (a checkout updated without re-running the set-up) is skipped. */
-    if (PyModule_AddIntConstant(m, "VERSION", 8) < 0) { Py_DECREF(m); return NULL; }
+    if (PyModule_AddIntConstant(m, "VERSION", 9) < 0) { Py_DECREF(m); return NULL; }
     return m;
 }

@@ -183,7 +183,7 @@ def arrow_ints(array) -> np.ndarray:
     return values[array.offset:array.offset + len(array)]
 
 
-NATIVE_VERSION = 8  # data_prep/_native.c's VERSION this code expects
+NATIVE_VERSION = 9  # data_prep/_native.c's VERSION this code expects
 
 
 def load_native():
@@ -201,6 +201,17 @@ def load_native():
 
 
 _native = load_native()
+
+
+def cache_dir() -> Path | None:
+    """Where data_prep keeps what it can rebuild at any time (jieba-c's built dictionary):
+    $AMBERT_CACHE_DIR, else $XDG_CACHE_HOME/ambert, else ~/.cache/ambert; None when AMBERT_CACHE_DIR
+    is set to the empty string (no cache: everything is built in each process)."""
+    given = os.environ.get("AMBERT_CACHE_DIR")
+    if given is not None:
+        return Path(given).expanduser() if given else None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ambert"
 
 
 class StringNumbering:

@@ -1,6 +1,7 @@
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# jieba-c's built dictionary (data_prep.languages.cache_dir): one cache for the whole run (every
+# pytest-xdist worker and subprocess), outside the user's ~/.cache.
+os.environ.setdefault("AMBERT_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"ambert-test-cache-{os.getuid()}"))
 
 
 # Under pytest-xdist (launchers/test.sh: `-n 2 --dist loadfile`, a file a unit) the longest files go

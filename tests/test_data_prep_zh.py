@@ -786,6 +786,34 @@ def test_sorted_membership_equals_isin():
         assert np.array_equal(_in_sorted(values, table), np.isin(values, table))
 
 
+def test_numpy_word_order_equals_pythons_sort(monkeypatch):
+    """The coarse vocabulary's order (count descending, then text) sorted in NumPy as NUL-padded UTF-32
+    strings equals Python's sort by (-count, word): words that begin other words, characters above
+    U+FFFF and across the BMP, ties, an empty word; a word with a NUL and a too-wide table take the
+    Python sort (the same order). The sort-based unique equals np.unique."""
+    from data_prep import chinese
+    from data_prep.chinese import WORD_SEP, _by_count_then_text, _sorted_unique, _word_bounds
+
+    rng = np.random.default_rng(5)
+    alphabet = list("中国人民abAZ09#的\u3000\uffff\U00020000\U0010fffd") + ["\u00e9", "\ud7ff"]
+    words = sorted({"".join(rng.choice(alphabet, rng.integers(1, 7))) for _ in range(4000)}) + ["中", "中国", "中国人"]
+    for extra in ([], [""], ["", "a\0b", "ab\0"]):
+        table = words + extra
+        counts = rng.integers(1, 6, len(table)).astype(np.int64)
+        joined = WORD_SEP.join(table)
+        at = rng.permutation(len(table))[: len(table) - 10]
+        expected = [table[i] for i in sorted(at.tolist(), key=lambda i: (-counts[i], table[i]))]
+        cps, starts, lens = _word_bounds(joined)
+        assert _by_count_then_text(joined, cps, starts, lens, at, counts[at]) == expected
+        monkeypatch.setattr(chinese, "_SORT_CELLS", 10)  # the Python path
+        assert _by_count_then_text(joined, cps, starts, lens, at, counts[at]) == expected
+        monkeypatch.undo()
+    assert _by_count_then_text("", *_word_bounds(""), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)) == []
+    for n in (0, 1, 5, 3000):
+        values = rng.integers(-50, 50, n) * 0x110000 + rng.integers(0, 3, n)
+        assert np.array_equal(_sorted_unique(values), np.unique(values))
+
+
 def test_word_table_flags_from_code_points_equal_per_word_rules():
     """``WordIds._extend`` computes its per-word flags from the words' code points at once: they must
     equal the per-word rules (Latin letter/digit at either end; whitespace inside a longer word)."""

@@ -576,3 +576,110 @@ def test_jieba_c_dictionary_is_built_once_and_shared_with_the_forked_workers(mon
     with mp.get_context("fork").Pool(2) as pool:
         assert pool.map(_jieba_c_address, range(2)) == [here, here]
     assert chinese.make_segmenter("jieba-c").jieba is chinese.make_segmenter("jieba-c").jieba
+
+
+_STATE_HEADER = 240  # JStateHeader: 10 64-bit fields, then start[4] and trans[4][4] (doubles)
+
+
+@needs_native
+def test_jieba_c_state_gives_the_same_segmenter_and_a_damaged_one_is_refused(jieba_c):
+    """Jieba.state() / Jieba.from_state (the disk cache's content): the copy cuts, counts and looks up
+    as the original, on People's Daily and random text over every branch, and words added to it stay
+    its own; a truncated, foreign or inconsistent state is a ValueError naming what is wrong (from_state
+    checks sizes and node ids before it copies anything), never a crash."""
+    from data_prep.demo import peoples_daily_gold
+
+    state = jieba_c.jieba.state()
+    copy = native.Jieba.from_state(state)
+    assert copy.state() == state
+    assert copy.total == jieba_c.jieba.total and copy.get("中国") == jieba_c.jieba.get("中国")
+    lines = ["".join(words) for words in peoples_daily_gold()[:3000]] + _tricky_texts(random.Random(3), 300)
+    for line in lines:
+        assert copy.cut(line) == jieba_c.jieba.cut(line)
+        assert copy.cut(line, hmm=False) == jieba_c.jieba.cut(line, hmm=False)
+    copy.add_word("测试词语", 50)
+    assert copy.cut("这是测试词语吗") == ["这是", "测试词语", "吗"]
+    assert jieba_c.jieba.cut("这是测试词语吗") == ["这是", "测试", "词语", "吗"]  # the original is untouched
+    header = np.frombuffer(state, dtype=np.uint64, count=10)
+    mask, nodes = int(header[4]), int(header[8])
+    table = np.frombuffer(state, dtype=np.uint64, count=2 * (mask + 1), offset=_STATE_HEADER)[0::2]
+    entry = _STATE_HEADER + 16 * int(np.flatnonzero(table)[0])  # the first used table slot's key|node
+
+    def damaged(offset: int, value: int) -> bytearray:
+        out = bytearray(state)
+        out[offset:offset + 8] = int(value).to_bytes(8, "little")
+        return out
+
+    bad_node = (int(table[table != 0][0]) & ~((1 << 21) - 1)) | (nodes + 5)
+    for buffer, why in ((state[:100], "shorter than its header"), (state[:-1], "length does not match"),
+                        (b"\0" * 8 + state[8:], "not a jieba-c state"), (damaged(8, 99), "another version"),
+                        (damaged(32, mask * 2 + 1), "length does not match"), (damaged(32, 6), "out of range"),
+                        (damaged(40, int(header[5]) + 1), "does not hold the entries"),
+                        (damaged(entry, bad_node), "names no node"), (damaged(64, 0), "out of range")):
+        with pytest.raises(ValueError, match=why):
+            native.Jieba.from_state(buffer)
+    with pytest.raises(TypeError):
+        native.Jieba.from_state("not bytes")
+
+
+@needs_native
+def test_jieba_c_dictionary_comes_from_the_disk_cache_and_a_bad_cache_costs_only_time(monkeypatch, tmp_path):
+    """jieba-c's built dictionary is kept in languages.cache_dir() (AMBERT_CACHE_DIR): a second process
+    reads it instead of building it; a damaged (one byte changed: CRC-32) or truncated file is built
+    again and rewritten; a cache folder that cannot be made, or AMBERT_CACHE_DIR="", builds each time
+    without an error; only the 4 newest states are kept."""
+    import types
+    import zlib
+
+    from data_prep import chinese
+
+    builds = []
+
+    def counting_jieba(*args):
+        builds.append(1)
+        return native.Jieba(*args)
+
+    counting_jieba.from_state = native.Jieba.from_state
+    counting = types.ModuleType("counting_native")  # (hashable: the in-process memo's key holds it)
+    vars(counting).update({**vars(native), "Jieba": counting_jieba})
+    monkeypatch.setattr(languages, "_native", counting)
+    text = "我们是中国人民的朋友，１９９８年新年讲话。ABC测试"
+
+    def segmenter_words() -> list[str]:
+        monkeypatch.setattr(chinese, "_JIEBA_C", {})  # a new process
+        return chinese.make_segmenter("jieba-c").cut(text)
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("AMBERT_CACHE_DIR", str(cache))
+    reference = segmenter_words()
+    assert len(builds) == 1
+    states = list(cache.glob("jieba-c-*.state"))
+    assert len(states) == 1 and not list(cache.glob(".*tmp"))
+    blob = states[0].read_bytes()
+    assert zlib.crc32(blob[:-4]) == int.from_bytes(blob[-4:], "little")
+    assert (segmenter_words(), len(builds)) == (reference, 1)  # read back, not built
+    damaged = bytearray(blob)
+    damaged[len(blob) // 2] ^= 0x40
+    states[0].write_bytes(damaged)
+    assert (segmenter_words(), len(builds)) == (reference, 2)
+    assert states[0].read_bytes() == blob  # rewritten
+    states[0].write_bytes(blob[:1000])
+    assert (segmenter_words(), len(builds)) == (reference, 3)
+    assert segmenter_words() == reference and len(builds) == 3
+    # only the newest states stay
+    for k in range(5):
+        old = cache / f"jieba-c-old{k}.state"
+        old.write_bytes(b"x")
+        os.utime(old, (1_000_000 + k, 1_000_000 + k))
+    states[0].unlink()
+    assert segmenter_words() == reference and len(builds) == 4
+    assert sorted(p.name for p in cache.glob("jieba-c-*.state")) == sorted(
+        [states[0].name] + [f"jieba-c-old{k}.state" for k in (2, 3, 4)])
+    # no usable cache folder: built each time, no error, nothing left behind
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.setenv("AMBERT_CACHE_DIR", str(tmp_path / "a_file" / "cache"))
+    assert segmenter_words() == reference and len(builds) == 5
+    monkeypatch.setenv("AMBERT_CACHE_DIR", "")
+    assert languages.cache_dir() is None
+    assert segmenter_words() == reference and len(builds) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "cache"]
