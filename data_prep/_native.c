@@ -1219,6 +1219,66 @@ static PyObject *clean_spaces(PyObject *self, PyObject *args) {
     return result;
 }
 
+/* ---- English words (data_prep/english.py, words_of) -------------------------------------------------
+   english_words(text) -> text's words as _WORD_RE.findall(text) gives them, the pattern
+   [CJK]|[^\W_CJK]+|[^\w\s]|_ (CJK: U+3400-4DBF, U+4E00-9FFF, U+F900-FAFF, U+20000-2FFFF): a CJK
+   character alone, a run of word characters other than "_" and CJK, any other character that is not
+   white space alone. \w and \s as the re module has them for str patterns (Modules/_sre: alnum, i.e.
+   alpha, decimal, digit or numeric, or "_"; Py_UNICODE_ISSPACE). One scan instead of the pattern's
+   negated classes tried at each character: the English analysis's 4M words of BBC News x4 in
+   ~0.2 s instead of ~2.5 s. */
+static inline int en_cjk(Py_UCS4 c) {
+    return (c >= 0x3400 && c <= 0x4DBF) || (c >= 0x4E00 && c <= 0x9FFF) || (c >= 0xF900 && c <= 0xFAFF)
+           || (c >= 0x20000 && c <= 0x2FFFF);
+}
+static inline int en_word(Py_UCS4 c) { return c < 128 ? (ascii_alnum(c) || c == '_') : (Py_UNICODE_ISALNUM(c) || c == '_'); }
+static inline int en_run(Py_UCS4 c) { return c != '_' && !en_cjk(c) && en_word(c); }
+
+static inline int en_space(Py_UCS4 c) {
+    return c < 128 ? (c == ' ' || (c >= '\t' && c <= '\r') || (c >= 0x1c && c <= 0x1f)) : Py_UNICODE_ISSPACE(c);
+}
+
+/* english_words(text, join=False): the words as a list, or with join=True (the joined words, how many):
+   "w1 w2 ..." in one str (no word holds white space, so str.split(" ") gives the words back), for the
+   analysis, which writes each sentence as that line (no str a word). */
+static PyObject *english_words(PyObject *self, PyObject *args, PyObject *kwds) {
+    static char *names[] = {"text", "join", NULL};
+    PyObject *text;
+    int join = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "U|p", names, &text, &join)) return NULL;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text), i = 0, count = 0, used = 0;
+    int kind = PyUnicode_KIND(text);
+    const void *data = PyUnicode_DATA(text);
+    PyObject *out = join ? NULL : PyList_New(0);
+    Py_UCS4 *line = join ? PyMem_Malloc((size_t)(2 * n + 1) * sizeof(Py_UCS4)) : NULL;
+    if (join ? !line : !out) { Py_XDECREF(out); return PyErr_NoMemory(); }
+    while (i < n) {
+        Py_UCS4 c = PyUnicode_READ(kind, data, i);
+        Py_ssize_t j = i + 1;
+        if (en_run(c)) {
+            while (j < n && en_run(PyUnicode_READ(kind, data, j))) j++;
+        } else if (c != '_' && !en_cjk(c) && en_space(c)) {
+            i = j;  /* white space: no word */
+            continue;
+        }
+        if (join) {
+            if (count) line[used++] = ' ';
+            for (Py_ssize_t k = i; k < j; k++) line[used++] = PyUnicode_READ(kind, data, k);
+        } else {
+            PyObject *w = PyUnicode_Substring(text, i, j);
+            if (!w || PyList_Append(out, w) < 0) { Py_XDECREF(w); Py_DECREF(out); return NULL; }
+            Py_DECREF(w);
+        }
+        count++;
+        i = j;
+    }
+    if (!join) return out;
+    PyObject *joined = PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, line, used);
+    PyMem_Free(line);
+    if (!joined) return NULL;
+    return Py_BuildValue("(Nn)", joined, count);
+}
+
 static PyMethodDef module_methods[] = {
     {"sum_tables", sum_tables, METH_VARARGS,
      "sum_tables(keys, values) -> (keys, values bytes): packed count tables summed key by key, first-seen order"},
@@ -1226,6 +1286,8 @@ static PyMethodDef module_methods[] = {
      "clean_spaces(text, wordlike) -> text with its whitespace cleaned up as data_prep/normalize.py does"},
     {"split_sentences", split_sentences, METH_VARARGS,
      "split_sentences(documents, limit) -> (sentences of each document, documents with a sentence over limit)"},
+    {"english_words", (PyCFunction)(void (*)(void))english_words, METH_VARARGS | METH_KEYWORDS,
+     "english_words(text, join=False) -> data_prep.english's words of text (_WORD_RE.findall), or (\" \".join(words), len(words))"},
     {"gather_ranges", gather_ranges, METH_VARARGS,
      "gather_ranges(values, starts, counts, tokens, out) -> values written: values[starts[t]:starts[t] + counts[t]] for t in tokens, concatenated"},
     {NULL, NULL, 0, NULL}};
@@ -1576,6 +1638,6 @@ PyMODINIT_FUNC PyInit__native(void) {
     if (PyModule_AddObjectRef(m, "TokenIndex", (PyObject *)&TokenIndexType) < 0) { Py_DECREF(m); return NULL; }
     /* data_prep/languages.py (NATIVE_VERSION) uses a compiled module only if this matches: a module
        compiled from an older _native.c (a checkout updated without re-running the set-up) is skipped. */
-    if (PyModule_AddIntConstant(m, "VERSION", 9) < 0) { Py_DECREF(m); return NULL; }
+    if (PyModule_AddIntConstant(m, "VERSION", 10) < 0) { Py_DECREF(m); return NULL; }
     return m;
 }

@@ -48,6 +48,48 @@ def test_words(text, words):
     assert english.words_of(english.normalize(text)) == words
 
 
+def test_words_in_c_equal_the_pattern_for_every_code_point(monkeypatch):
+    """data_prep._native.english_words (words_of, and document_lines' joined lines) == _WORD_RE.findall:
+    every code point in one string, random strings over the classes' edges (CJK ranges, "_", digits and
+    numerics of other scripts, combining marks, every kind of white space, lone surrogates); the
+    analysis's lines equal the word lists joined, long sentences cut the same, with and without C."""
+    import random
+
+    from data_prep import languages
+
+    native = languages._native
+    if native is None:
+        pytest.skip("data_prep._native is not compiled")
+    every = "".join(map(chr, range(0x110000)))
+    assert native.english_words(every) == english._WORD_RE.findall(every)
+    edges = [0x3400, 0x4DBF, 0x4E00, 0x9FFF, 0xF900, 0xFAFF, 0x20000, 0x2FFFF]
+    alphabet = [chr(c + d) for c in edges for d in (-1, 0, 1)] + list("aZ09_-.'\u00bd\u00b2\u0663\u0301\u00e9\u0394\U0001d7d8") \
+        + list(" \t\n\x0b\x0c\r\x1c\x1f\x85\xa0\u2028\u3000\ud800\U0010ffff")
+    rng = random.Random(11)
+    for _ in range(5000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        words = english._WORD_RE.findall(text)
+        assert native.english_words(text) == words
+        assert native.english_words(text, join=True) == (" ".join(words), len(words))
+    documents = ["Mr. Blair met Dr. Smith. They talked!\n\nA new line", " ".join(f"w{i}" for i in range(600)) + ". End.",
+                 "", " \u200b ", "混合 text 中文_x"] + ["".join(rng.choice(alphabet + list("Ab. ")) for _ in range(300))
+                                                     for _ in range(200)]
+    for lowercase in (True, False):
+        expected = [[" ".join(w) for w in english.document_sentences(d, lowercase)] for d in documents]
+        assert [english.document_lines(d, lowercase) for d in documents] == expected
+        monkeypatch.setattr(languages, "_native", None)
+        assert [english.document_lines(d, lowercase) for d in documents] == expected
+        monkeypatch.undo()
+
+
+def test_ascii_text_is_normalised_as_any_text():
+    """normalize's ASCII shortcut drops the controls the general path drops and keeps the white-space
+    ones (\\x0b \\x0c \\x1c-\\x1f: a form feed between two words kept them apart only in non-ASCII text)."""
+    for c in map(chr, range(128)):
+        assert english.normalize(f"a{c}b", lowercase=False) + "\u00e9" == english.normalize(f"a{c}b\u00e9", lowercase=False)
+    assert english.words_of(english.normalize("page\x0cNext")) == ["page", "next"]
+
+
 def test_cased_keeps_case():
     assert english.words_of(english.normalize("New York", lowercase=False)) == ["New", "York"]
 
