@@ -1279,6 +1279,88 @@ static PyObject *english_words(PyObject *self, PyObject *args, PyObject *kwds) {
     return Py_BuildValue("(Nn)", joined, count);
 }
 
+/* english_sentences(text) -> data_prep.english.split_sentences(text): the sentences of a paragraph.
+   A sentence ends where _SENTENCE_END_RE matches, [.!?]+ then closing quotes/brackets, then white space,
+   before something that can start a sentence (opening quotes/brackets, then [A-Z0-9]), unless the last
+   12 characters before the white space end as _NO_BREAK_AFTER says (an abbreviation or a single capital
+   letter, after a word boundary, then "." and closers). Each piece is stripped, empty ones dropped.
+   The match is deterministic (no alternative of the pattern can succeed where the greedy one fails), so
+   one scan finds what re.finditer finds; tests/test_data_prep_en.py compares them on random text. */
+static const char *const EN_NO_BREAK[] = {
+    "Mr", "Mrs", "Ms", "Dr", "Prof", "Sr", "Jr", "St", "Mt", "vs", "etc", "e.g", "i.e", "No", "Vol", "Fig", "Inc", "Ltd",
+    "Co", "Corp", "Gen", "Gov", "Sen", "Rep", "Jan", "Feb", "Mar", "Apr", "Jun", "Jul", "Aug", "Sep", "Sept", "Oct", "Nov",
+    "Dec", NULL};
+
+static inline int en_closer(Py_UCS4 c) { return c == '"' || c == '\'' || c == 0x201D || c == 0x2019 || c == ')' || c == ']'; }
+static inline int en_opener(Py_UCS4 c) { return c == '"' || c == '\'' || c == 0x201C || c == 0x2018 || c == '(' || c == '['; }
+
+/* _NO_BREAK_AFTER.search(text[a:b]) (b - a <= 12; "\b" counts the slice's start as a boundary). */
+static int en_no_break(int kind, const void *d, Py_ssize_t a, Py_ssize_t b) {
+    Py_ssize_t q = b;
+    while (q > a && en_closer(PyUnicode_READ(kind, d, q - 1))) q--;
+    if (q <= a) return 0;
+    q--;  /* the last character before the closers: it must be the "." */
+    if (PyUnicode_READ(kind, d, q) != '.') return 0;
+    for (const char *const *w = EN_NO_BREAK; *w; w++) {
+        Py_ssize_t n = (Py_ssize_t)strlen(*w), k;
+        if (q - a < n) continue;
+        for (k = 0; k < n && PyUnicode_READ(kind, d, q - n + k) == (Py_UCS4)(unsigned char)(*w)[k]; k++) {}
+        if (k == n && (q - n == a || !en_word(PyUnicode_READ(kind, d, q - n - 1)))) return 1;
+    }
+    if (q - a >= 1) {
+        Py_UCS4 c = PyUnicode_READ(kind, d, q - 1);
+        if (c >= 'A' && c <= 'Z' && (q - 1 == a || !en_word(PyUnicode_READ(kind, d, q - 2)))) return 1;
+    }
+    return 0;
+}
+
+/* Append text[a:b] stripped (str.strip), if anything is left. */
+static int en_add_piece(PyObject *out, PyObject *text, int kind, const void *d, Py_ssize_t a, Py_ssize_t b) {
+    while (a < b && Py_UNICODE_ISSPACE(PyUnicode_READ(kind, d, a))) a++;
+    while (b > a && Py_UNICODE_ISSPACE(PyUnicode_READ(kind, d, b - 1))) b--;
+    if (a == b) return 0;
+    PyObject *piece = PyUnicode_Substring(text, a, b);
+    if (!piece) return -1;
+    int rc = PyList_Append(out, piece);
+    Py_DECREF(piece);
+    return rc;
+}
+
+static PyObject *english_sentences(PyObject *self, PyObject *text) {
+    if (!PyUnicode_Check(text)) { PyErr_SetString(PyExc_TypeError, "english_sentences: text must be str"); return NULL; }
+    int kind = PyUnicode_KIND(text);
+    const void *d = PyUnicode_DATA(text);
+    Py_ssize_t lo = 0, hi = PyUnicode_GET_LENGTH(text);
+    while (lo < hi && Py_UNICODE_ISSPACE(PyUnicode_READ(kind, d, lo))) lo++;  /* text.strip() */
+    while (hi > lo && Py_UNICODE_ISSPACE(PyUnicode_READ(kind, d, hi - 1))) hi--;
+    PyObject *out = PyList_New(0);
+    if (!out) return NULL;
+    Py_ssize_t start = lo, i = lo;
+    while (i < hi) {
+        Py_UCS4 c = PyUnicode_READ(kind, d, i);
+        if (c != '.' && c != '!' && c != '?') { i++; continue; }
+        Py_ssize_t j = i;
+        while (j < hi && ((c = PyUnicode_READ(kind, d, j)) == '.' || c == '!' || c == '?')) j++;
+        while (j < hi && en_closer(PyUnicode_READ(kind, d, j))) j++;
+        Py_ssize_t space = j;  /* group 1: the white space */
+        while (j < hi && Py_UNICODE_ISSPACE(PyUnicode_READ(kind, d, j))) j++;
+        Py_ssize_t after = j, k = j;
+        while (k < hi && en_opener(PyUnicode_READ(kind, d, k))) k++;
+        if (after == space || k >= hi || !((c = PyUnicode_READ(kind, d, k)) >= 'A' && c <= 'Z') && !(c >= '0' && c <= '9')) {
+            i = space > i ? space : i + 1;  /* no match from any position of this run of ends */
+            continue;
+        }
+        Py_ssize_t tail = space - start > 12 ? space - 12 : start;
+        if (!en_no_break(kind, d, tail, space)) {
+            if (en_add_piece(out, text, kind, d, start, space) < 0) { Py_DECREF(out); return NULL; }
+            start = after;
+        }
+        i = after;  /* finditer goes on after the match */
+    }
+    if (en_add_piece(out, text, kind, d, start, hi) < 0) { Py_DECREF(out); return NULL; }
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
     {"sum_tables", sum_tables, METH_VARARGS,
      "sum_tables(keys, values) -> (keys, values bytes): packed count tables summed key by key, first-seen order"},
@@ -1286,6 +1368,7 @@ static PyMethodDef module_methods[] = {
      "clean_spaces(text, wordlike) -> text with its whitespace cleaned up as data_prep/normalize.py does"},
     {"split_sentences", split_sentences, METH_VARARGS,
      "split_sentences(documents, limit) -> (sentences of each document, documents with a sentence over limit)"},
+    {"english_sentences", english_sentences, METH_O, "english_sentences(text) -> data_prep.english.split_sentences(text)"},
     {"english_words", (PyCFunction)(void (*)(void))english_words, METH_VARARGS | METH_KEYWORDS,
      "english_words(text, join=False) -> data_prep.english's words of text (_WORD_RE.findall), or (\" \".join(words), len(words))"},
     {"gather_ranges", gather_ranges, METH_VARARGS,
@@ -1638,6 +1721,6 @@ PyMODINIT_FUNC PyInit__native(void) {
     if (PyModule_AddObjectRef(m, "TokenIndex", (PyObject *)&TokenIndexType) < 0) { Py_DECREF(m); return NULL; }
     /* data_prep/languages.py (NATIVE_VERSION) uses a compiled module only if this matches: a module
        compiled from an older _native.c (a checkout updated without re-running the set-up) is skipped. */
-    if (PyModule_AddIntConstant(m, "VERSION", 10) < 0) { Py_DECREF(m); return NULL; }
+    if (PyModule_AddIntConstant(m, "VERSION", 11) < 0) { Py_DECREF(m); return NULL; }
     return m;
 }

@@ -82,6 +82,57 @@ def test_words_in_c_equal_the_pattern_for_every_code_point(monkeypatch):
         monkeypatch.undo()
 
 
+def test_sentences_in_c_equal_the_patterns(monkeypatch):
+    """data_prep._native.english_sentences == split_sentences' regular expressions: abbreviations and
+    initials at the 12-character window's edge, runs of ends, closers and openers, Unicode white space
+    and word characters beside an abbreviation, digits and capitals after the space."""
+    import random
+
+    from data_prep import languages
+
+    native = languages._native
+    if native is None:
+        pytest.skip("data_prep._native is not compiled")
+    pieces = ["Mr", "Mrs", "Sept", "Sep", "e.g", "i.e", "etc", "No", "St", "J", "A", "x", "é", "_", "abc", "Word", "3", "42",
+              ".", ".", ".", "!", "?", "...", "?!", '"', "'", "\u201d", "\u2019", ")", "]", "\u201c", "\u2018", "(", "[",
+              " ", " ", "  ", "\n", "\t", "\u3000", "\xa0", "\u2028", "\x1c", ",", "-", "中"]
+    rng = random.Random(5)
+    texts = ["Mr. Blair met Dr. Smith in St. Louis. They talked. Then?  Yes!", "", "   ", ". A", "x.  (\"B",
+             "abcdefghijkMr. B", "abcdefghijMr. B", "bcdefghijkMr. B", "(e.g. X) then. Y"]
+    texts += ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 40))) for _ in range(20000)]
+    for text in texts:
+        with monkeypatch.context() as m:
+            m.setattr(languages, "_native", None)
+            expected = english.split_sentences(text)
+        assert native.english_sentences(text) == expected, repr(text)
+
+
+def test_normalize_by_tables_equals_the_regular_expressions():
+    """normalize drops controls with bytes.translate (ASCII) and a code-point table (other text): the
+    same text as NFKC + the _invisible_characters pattern, for every code point at once and random text
+    over controls, format characters, private use, lone surrogates, compatibility forms and spaces."""
+    import random
+    import re
+    import unicodedata
+
+    def reference(text: str, lowercase: bool) -> str:
+        if text.isascii():
+            text = re.sub(r"[\x00-\x08\x0e-\x1b\x7f]+", "", text)
+        else:
+            text = english._invisible_characters().sub("", unicodedata.normalize("NFKC", text))
+        return text.lower() if lowercase else text
+
+    every = "".join(map(chr, range(0x110000)))
+    assert english.normalize(every, lowercase=False) == reference(every, False)
+    alphabet = [chr(c) for c in range(0x80)] + list("\u00ad\u200b\u200e\u2028\u3000\ufeff\ue000\U000f0000\ud800\udfff"
+                                                    "\u0301\u00e9\uff21\ufb03\U000e0001\U0001d400\x85\xa0")
+    rng = random.Random(2)
+    for _ in range(5000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        for lowercase in (True, False):
+            assert english.normalize(text, lowercase) == reference(text, lowercase), repr(text)
+
+
 def test_ascii_text_is_normalised_as_any_text():
     """normalize's ASCII shortcut drops the controls the general path drops and keeps the white-space
     ones (\\x0b \\x0c \\x1c-\\x1f: a form feed between two words kept them apart only in non-ASCII text)."""
