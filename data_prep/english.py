@@ -675,10 +675,12 @@ class EnglishTokenizers:
         candidates = np.flatnonzero(self._word_starts_phrase[word_ids])
         starts, lengths = self.phrase_tokenizer.flat_matches(words, sentence_lengths, candidates,
                                                              self._word_pair_id[word_ids])
-        for start, length in zip(starts, lengths):
-            keep[start + 1:start + length] = False
-            coarse[start] = coarse_index[PHRASE_JOINER.join(words[start:start + length])]
-            align[start] = counts[start:start + length].sum()
+        if starts:  # each phrase: its coarse id at its first word, the rest of its words dropped
+            at, n = np.asarray(starts, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
+            keep[concat_ranges(at + 1, n - 1)] = False
+            coarse[at] = [coarse_index[PHRASE_JOINER.join(words[a:a + k])] for a, k in zip(starts, lengths)]
+            pieces_before = np.concatenate(([0], np.cumsum(counts)))
+            align[at] = pieces_before[at + n] - pieces_before[at]  # its words' fine pieces
         sentence_starts = np.cumsum(sentence_lengths) - sentence_lengths
         st = self.stats
         st.sentences += len(sentences)
