@@ -725,23 +725,21 @@ def count_coarse_tokens(words_file: str | os.PathLike, phrase_tokenizer: PhraseT
         is_word = np.fromiter((w != "\n" and w != "" for w in distinct), dtype=bool, count=len(distinct))
         per_word = np.bincount(tokens, minlength=len(distinct)) * is_word
         table = np.fromiter(map(index.word_id.get, distinct, itertools.repeat(-1)), dtype=np.int64, count=len(distinct))
-        positions, longest = index.longest_match(table[tokens])
-        starts, lengths = [], []
+        positions, longest, grams = index.longest_match(table[tokens], grams=True)
+        chosen = []
         covered = 0
-        for i, length in zip(positions.tolist(), longest.tolist()):  # greedy, left to right
+        for j, (i, length) in enumerate(zip(positions.tolist(), longest.tolist())):  # greedy, left to right
             if i >= covered:
-                starts.append(i)
-                lengths.append(length)
+                chosen.append(j)
                 covered = i + length
-        if starts:
-            starts_a, lengths_a = np.asarray(starts, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
+        if chosen:
+            starts_a, lengths_a, grams_a = positions[chosen], longest[chosen], grams[chosen]
             per_word -= np.bincount(tokens[concat_ranges(starts_a, lengths_a)], minlength=len(distinct))
-            for length in np.unique(lengths_a).tolist():
-                at = starts_a[lengths_a == length]
-                rows = tokens[at[:, None] + np.arange(length)]
-                seen, n = np.unique(rows, axis=0, return_counts=True)
-                for row, k in zip(seen.tolist(), n.tolist()):
-                    phrases[PHRASE_JOINER.join(map(distinct.__getitem__, row))] += k
+            for length in range(2, int(lengths_a.max()) + 1):  # each phrase counted by its n-gram's index
+                level = index.levels[length - 2][2]
+                n = np.bincount(grams_a[lengths_a == length], minlength=len(level))
+                for g in np.flatnonzero(n).tolist():
+                    phrases[PHRASE_JOINER.join(level[g])] += int(n[g])
         kept = np.flatnonzero(per_word)
         # (a Counter's update from a dict is one C-level dict update while the Counter is empty)
         counts.update(dict(zip(map(distinct.__getitem__, kept.tolist()), per_word[kept].tolist())))

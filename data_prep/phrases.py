@@ -775,15 +775,21 @@ class NgramIndex:
                     counts[grams[i]] = k
         return counts
 
-    def longest_match(self, ids: np.ndarray, min_length: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    def longest_match(self, ids: np.ndarray, min_length: int = 2, grams: bool = False) -> tuple[np.ndarray, ...]:
         """For every position of ``ids`` where one of the n-grams (of ``min_length`` words or more)
-        starts: (positions, length of the longest such n-gram there), positions increasing."""
+        starts: (positions, length of the longest such n-gram there), positions increasing; with
+        ``grams``, also which n-gram: its index among the level's (``self.levels[length - 2][2]``)."""
         longest = np.zeros(len(ids), dtype=np.int64)
+        which = np.zeros(len(ids), dtype=np.int64) if grams else None
         for n, start, index in self._walk(ids):
             if n >= min_length:
-                is_wanted = self.levels[n - 2][1]
-                longest[start[is_wanted[index]]] = n  # n grows: the longest wins
+                hit = self.levels[n - 2][1][index]
+                longest[start[hit]] = n  # n grows: the longest wins
+                if which is not None:
+                    which[start[hit]] = index[hit]
         positions = np.flatnonzero(longest)
+        if which is not None:
+            return positions, longest[positions], which[positions]
         return positions, longest[positions]
 
     def _walk(self, ids: np.ndarray):

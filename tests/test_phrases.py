@@ -139,6 +139,12 @@ def test_longest_match_is_the_longest_phrase_at_each_position():
     positions, lengths = index.longest_match(ids)
     # "a b c" is only a prefix (not a phrase): the longest phrase at 5 is "a b"
     assert dict(zip(positions.tolist(), lengths.tolist())) == {0: 4, 1: 2, 5: 2, 6: 2, 8: 3}
+    # grams=True names the n-gram found at each position (its index in its length's level)
+    words = ["a", "b", "c", "d", None, "a", "b", "c", "x", "y", "z", "x", "y"]
+    at, n, which = index.longest_match(ids, grams=True)
+    assert (at.tolist(), n.tolist()) == (positions.tolist(), lengths.tolist())
+    assert [index.levels[k - 2][2][g] for k, g in zip(n.tolist(), which.tolist())] == \
+        [tuple(words[i:i + k]) for i, k in zip(at.tolist(), n.tolist())]
 
 
 def test_drop_subsumed():
