@@ -1314,18 +1314,6 @@ static int en_no_break(int kind, const void *d, Py_ssize_t a, Py_ssize_t b) {
     return 0;
 }
 
-/* Append text[a:b] stripped (str.strip), if anything is left. */
-static int en_add_piece(PyObject *out, PyObject *text, int kind, const void *d, Py_ssize_t a, Py_ssize_t b) {
-    while (a < b && Py_UNICODE_ISSPACE(PyUnicode_READ(kind, d, a))) a++;
-    while (b > a && Py_UNICODE_ISSPACE(PyUnicode_READ(kind, d, b - 1))) b--;
-    if (a == b) return 0;
-    PyObject *piece = PyUnicode_Substring(text, a, b);
-    if (!piece) return -1;
-    int rc = PyList_Append(out, piece);
-    Py_DECREF(piece);
-    return rc;
-}
-
 static PyObject *english_sentences(PyObject *self, PyObject *text) {
     if (!PyUnicode_Check(text)) { PyErr_SetString(PyExc_TypeError, "english_sentences: text must be str"); return NULL; }
     int kind = PyUnicode_KIND(text);
@@ -1335,7 +1323,7 @@ static PyObject *english_sentences(PyObject *self, PyObject *text) {
     while (hi > lo && Py_UNICODE_ISSPACE(PyUnicode_READ(kind, d, hi - 1))) hi--;
     PyObject *out = PyList_New(0);
     if (!out) return NULL;
-    Py_ssize_t start = lo, i = lo;
+    Py_ssize_t start = lo, i = lo, longest = 0;  /* (add_piece's longest piece: not needed here) */
     while (i < hi) {
         Py_UCS4 c = PyUnicode_READ(kind, d, i);
         if (c != '.' && c != '!' && c != '?') { i++; continue; }
@@ -1352,12 +1340,12 @@ static PyObject *english_sentences(PyObject *self, PyObject *text) {
         }
         Py_ssize_t tail = space - start > 12 ? space - 12 : start;
         if (!en_no_break(kind, d, tail, space)) {
-            if (en_add_piece(out, text, kind, d, start, space) < 0) { Py_DECREF(out); return NULL; }
+            if (add_piece(out, text, kind, d, start, space, &longest) < 0) { Py_DECREF(out); return NULL; }
             start = after;
         }
         i = after;  /* finditer goes on after the match */
     }
-    if (en_add_piece(out, text, kind, d, start, hi) < 0) { Py_DECREF(out); return NULL; }
+    if (add_piece(out, text, kind, d, start, hi, &longest) < 0) { Py_DECREF(out); return NULL; }
     return out;
 }
 
