@@ -683,3 +683,28 @@ def test_jieba_c_dictionary_comes_from_the_disk_cache_and_a_bad_cache_costs_only
     assert languages.cache_dir() is None
     assert segmenter_words() == reference and len(builds) == 6
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "cache"]
+
+
+def _segmenter_words_in_a_new_process(text: str) -> list[str]:
+    from data_prep import chinese
+
+    chinese._JIEBA_C.clear()
+    return chinese.make_segmenter("jieba-c").cut(text)
+
+
+@needs_native
+def test_jieba_c_cache_written_by_processes_at_once(monkeypatch, tmp_path):
+    """MPI ranks on one node build at the same time: each writes its own temporary file and renames it,
+    so every process gets the same words and one whole state is left, no temporary file."""
+    import multiprocessing as mp
+    import zlib
+
+    monkeypatch.setenv("AMBERT_CACHE_DIR", str(tmp_path))
+    text = "我们是中国人民的朋友，１９９８年新年讲话。"
+    with mp.get_context("fork").Pool(3) as pool:
+        results = pool.map(_segmenter_words_in_a_new_process, [text] * 6)
+    assert all(words == results[0] for words in results) and len(results[0]) > 3
+    states = list(tmp_path.iterdir())
+    assert len(states) == 1 and states[0].name.startswith("jieba-c-")
+    blob = states[0].read_bytes()
+    assert zlib.crc32(blob[:-4]) == int.from_bytes(blob[-4:], "little")
