@@ -124,7 +124,8 @@ def _invisible_ranges() -> tuple[tuple[int, int], ...]:
 
 @functools.lru_cache(maxsize=1)
 def _invisible_characters() -> re.Pattern:
-    """``_invisible_ranges`` as one regex class (the reference ``normalize``'s table is checked against)."""
+    """``_invisible_ranges`` as one regex class: what ``normalize`` dropped with before its table, kept as
+    the reference the tests hold the table to."""
     cls = "".join(re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in _invisible_ranges())
     return re.compile(f"[{cls}]+")
 
