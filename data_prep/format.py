@@ -402,22 +402,28 @@ def check_index_size(path_prefix: str) -> None:
                           f"written to; rebuild the dataset")
 
 
+def _read_index_header(fh, path: str) -> tuple[np.dtype, int, int]:
+    """dtype, sequences and document indices of the open .idx file ``fh`` (at its start), left after the header."""
+    head = fh.read(len(_INDEX_HEADER) + 8 + 1 + 8 + 8)
+    if len(head) < 34 or head[: len(_INDEX_HEADER)] != _INDEX_HEADER:
+        raise FormatError(f"{path} is not a megatron-core IndexedDataset index (bad header); rebuild the dataset")
+    version, code, num_seq, num_docs = struct.unpack("<QBQQ", head[len(_INDEX_HEADER):])
+    if version != _INDEX_VERSION or code not in _DTYPES:
+        raise FormatError(f"{path}: unsupported index version {version} / dtype code {code}")
+    return _DTYPES[code], num_seq, num_docs
+
+
 def read_index(path_prefix: str) -> IndexInfo:
     """Parse ``path_prefix.idx`` (megatron-core's layout) without megatron-core."""
     path = path_prefix + ".idx"
     with open(path, "rb") as fh:
-        head = fh.read(len(_INDEX_HEADER) + 8 + 1 + 8 + 8)
-        if len(head) < 34 or head[: len(_INDEX_HEADER)] != _INDEX_HEADER:
-            raise FormatError(f"{path} is not a megatron-core IndexedDataset index (bad header); rebuild the dataset")
-        version, code, num_seq, num_docs = struct.unpack("<QBQQ", head[len(_INDEX_HEADER):])
-        if version != _INDEX_VERSION or code not in _DTYPES:
-            raise FormatError(f"{path}: unsupported index version {version} / dtype code {code}")
+        dtype, num_seq, num_docs = _read_index_header(fh, path)
         lengths = np.fromfile(fh, dtype=np.int32, count=num_seq)
         fh.seek(num_seq * 8, os.SEEK_CUR)  # pointers: recomputed from the lengths
         docs = np.fromfile(fh, dtype=np.int64, count=num_docs)
     if len(lengths) != num_seq or len(docs) != num_docs:
         raise FormatError(f"{path} is truncated; rebuild the dataset")
-    return IndexInfo(_DTYPES[code], lengths, docs)
+    return IndexInfo(dtype, lengths, docs)
 
 
 @dataclass
@@ -434,16 +440,14 @@ def merge_indexed_datasets(out_prefix: str, parts: Sequence[PartSection], dtype,
     in chunks (``bin_written``: the caller already wrote their concatenation to ``out_prefix.bin``;
     its size is checked); the indexes are read one part at a time per section."""
     dtype = np.dtype(dtype)
-    counts = []
-    for p in parts:
-        info = p.index()
-        if info.dtype != dtype:
+    shapes = [p.shape() for p in parts]  # (dtype, sequences, document indices): no index read yet
+    for p, (part_dtype, _, _) in zip(parts, shapes):
+        if part_dtype != dtype:
             where = f"{p.index_path}.idx" if p.index_path is not None else p.path
-            raise FormatError(f"{where} holds {info.dtype} ids, the merged dataset {dtype}: the parts "
+            raise FormatError(f"{where} holds {part_dtype} ids, the merged dataset {dtype}: the parts "
                               f"were built with different vocabularies; rebuild them with the same ones")
-        counts.append((len(info.sequence_lengths), len(info.document_indices) - 1))
-    num_seq = sum(c[0] for c in counts)
-    num_docs = sum(c[1] for c in counts)
+    num_seq = sum(n for _, n, _ in shapes)
+    num_docs = sum(d - 1 for _, _, d in shapes)
     if bin_written:
         expected = sum(p.nbytes for p in parts)
         if os.path.getsize(out_prefix + ".bin") != expected:
@@ -453,21 +457,29 @@ def merge_indexed_datasets(out_prefix: str, parts: Sequence[PartSection], dtype,
         with open(out_prefix + ".bin", "wb") as out:
             for p in parts:
                 p.copy_values(out)
+    # Each part's index is read once and its three pieces written where they go in the three sections
+    # (sequence lengths, byte pointers, document starts): one part's index in memory at a time.
     with open(out_prefix + ".idx", "wb") as out:
         _write_index_header(out, dtype, num_seq, num_docs + 1)
-        for p in parts:  # section 1: sequence lengths
-            out.write(p.index().sequence_lengths.tobytes())
-        byte_offset = 0
-        for p in parts:  # section 2: byte pointers, continuing over the parts
-            lengths = p.index().sequence_lengths
-            out.write(_pointers(lengths, dtype.itemsize, byte_offset).tobytes())
-            byte_offset += int(lengths.sum(dtype=np.int64)) * dtype.itemsize
+        lengths_at = out.tell()
+        pointers_at = lengths_at + 4 * num_seq
+        docs_at = pointers_at + 8 * num_seq
+        out.seek(docs_at)
         out.write(np.zeros(1, dtype=np.int64).tobytes())
-        offset = 0
-        for p in parts:  # section 3: document starts, shifted by the sequences before
+        seq = doc = byte_offset = 0
+        for p, (_, n, nd) in zip(parts, shapes):
             info = p.index()
-            out.write((info.document_indices[1:] + offset).tobytes())
-            offset += len(info.sequence_lengths)
+            lengths = info.sequence_lengths
+            if len(lengths) != n or len(info.document_indices) != nd:
+                raise FormatError(f"{p.index_path or p.path} changed during the merge; rebuild it")
+            out.seek(lengths_at + 4 * seq)
+            out.write(lengths.tobytes())
+            out.seek(pointers_at + 8 * seq)
+            out.write(_pointers(lengths, dtype.itemsize, byte_offset).tobytes())
+            out.seek(docs_at + 8 * (1 + doc))
+            out.write((info.document_indices[1:] + seq).tobytes())
+            seq, doc = seq + n, doc + nd - 1
+            byte_offset += int(lengths.sum(dtype=np.int64)) * dtype.itemsize
     return MergeTotals(sequences=num_seq, documents=num_docs, tokens=byte_offset // dtype.itemsize)
 
 
@@ -556,11 +568,22 @@ class PartSection:
     docs_offset: int = 0
     index_path: str | None = None  # a plain IndexedDataset: ``read_index`` of this prefix
 
+    def shape(self) -> tuple[np.dtype, int, int]:
+        """dtype, sequences and document indices (of a plain IndexedDataset: its header only)."""
+        if self.index_path is None:
+            return self.dtype, self.num_sequences, self.num_document_indices
+        path = self.index_path + ".idx"
+        with open(path, "rb") as fh:
+            return _read_index_header(fh, path)
+
     def index(self) -> IndexInfo:
         if self.index_path is not None:
             return read_index(self.index_path)
-        lengths = np.fromfile(self.path, dtype=np.int32, count=self.num_sequences, offset=self.lengths_offset)
-        docs = np.fromfile(self.path, dtype=np.int64, count=self.num_document_indices, offset=self.docs_offset)
+        with open(self.path, "rb") as fh:  # (one open: the lengths and document indices are adjacent)
+            fh.seek(self.lengths_offset)
+            lengths = np.fromfile(fh, dtype=np.int32, count=self.num_sequences)
+            fh.seek(self.docs_offset)
+            docs = np.fromfile(fh, dtype=np.int64, count=self.num_document_indices)
         if len(lengths) != self.num_sequences or len(docs) != self.num_document_indices:
             raise FormatError(f"{self.path} is truncated; rebuild it")
         return IndexInfo(self.dtype, lengths, docs)
