@@ -827,6 +827,12 @@ def _code_points(strings: list[str]) -> np.ndarray:
     return np.frombuffer("".join(strings).encode("utf-32-le"), dtype=np.uint32)
 
 
+def _tokens_code_points(tokens: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The code points of ``tokens`` concatenated, each token's length and its start among them."""
+    lens = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
+    return _code_points(tokens), lens, np.cumsum(lens) - lens
+
+
 def _in_sorted(values: np.ndarray, table: np.ndarray) -> np.ndarray:
     """``np.isin(values, table)`` for a sorted, unique ``table``: a binary search per value (np.isin
     hashes the table again on every call, ~6 ms for the encoder's tens of thousands of pairs, once
@@ -1255,29 +1261,32 @@ class Chinese(Language):
         self.char_table = np.full(0x110000, fmt.UNK_ID, dtype=np.int32)
         self.special_chars = np.zeros(0x110000, dtype=bool)
         self.special_chars[[ord(c) for c in _ASCII_ALNUM + "#"]] = True
-        self.char_table[_code_points([t for t in self.fine_vocab.tokens if len(t) == 1])] = \
-            [i for i, t in enumerate(self.fine_vocab.tokens) if len(t) == 1]
+        # The vocabularies' code points and lengths (one UTF-32 buffer each, no Python expression per
+        # token: every pool worker loads this).
+        fine_cps, fine_lens, fine_starts = _tokens_code_points(self.fine_vocab.tokens)
+        coarse_cps, coarse_lens, coarse_starts = _tokens_code_points(self.coarse_vocab.tokens)
+        single = np.flatnonzero(fine_lens == 1)
+        self.char_table[fine_cps[fine_starts[single]]] = single
         # Coarse ids of single characters: the fine ones, plus characters that are coarse words only
         # (rare characters outside a full fine vocabulary that occur as words).
         self.coarse_char_table = self.char_table.copy()
         n_fine = len(self.fine_vocab)
-        rare = [(t, self.coarse_vocab.index[t]) for t in self.coarse_vocab.tokens[n_fine:] if len(t) == 1]
-        if rare:
-            self.coarse_char_table[_code_points([t for t, _ in rare])] = [i for _, i in rare]
+        rare = n_fine + np.flatnonzero(coarse_lens[n_fine:] == 1)
+        self.coarse_char_table[coarse_cps[coarse_starts[rare]]] = rare
         # Latin runs of the fine vocabulary (a cheap first-character test before the pattern)
         latin = [t for t in self.fine_vocab.tokens
                  if t.removeprefix("##")[:1] in _ASCII_ALNUM_SET and _RUN.fullmatch(t.removeprefix("##"))]
         self.max_run_piece = max((len(t.removeprefix("##")) for t in latin), default=1)
-        body = self.coarse_vocab.tokens[fmt.NUM_SPECIAL:]
-        multi = [t for t in body if len(t) > 1]
-        self.max_coarse_chars = max(map(len, multi), default=1)  # bounds ``_backoff_plain``'s longest match
-        self.max_word_pieces = min(MAX_BACKOFF_PIECES, max(map(len, body), default=1))
+        body_lens = coarse_lens[fmt.NUM_SPECIAL:]
+        multi = fmt.NUM_SPECIAL + np.flatnonzero(body_lens > 1)
+        self.max_coarse_chars = int(coarse_lens[multi].max()) if len(multi) else 1  # bounds ``_backoff_plain``'s longest match
+        self.max_word_pieces = min(MAX_BACKOFF_PIECES, int(body_lens.max()) if len(body_lens) else 1)
         # The first two characters of every multi-character coarse word, as code-point pair keys: an
         # out-of-vocabulary word none of whose adjacent character pairs is among them backs off to
-        # single characters (``_backoff_plain`` cannot match anything longer). Every pool worker
-        # loads this: built from one UTF-32 buffer, not a Python expression per prefix.
-        pairs = _code_points([t[:2] for t in multi]).astype(np.int64)
-        self.prefix_pairs = _sorted_unique(pairs[0::2] * 0x110000 + pairs[1::2])
+        # single characters (``_backoff_plain`` cannot match anything longer).
+        first = coarse_starts[multi]
+        pairs = coarse_cps[first].astype(np.int64) * 0x110000 + coarse_cps[first + 1]
+        self.prefix_pairs = _sorted_unique(pairs)
         # The coarse vocabulary by code points, for encode_words' lookups and back-offs in C (None:
         # through the dict in Python; the same ids).
         native = languages._native
