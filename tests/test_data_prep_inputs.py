@@ -272,3 +272,50 @@ def test_build_over_mixed_inputs_records_checksums(tmp_path, caplog):
         hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in ("a.jsonl.gz", "b.parquet")]
     ds = fmt.PairedDataset(tmp_path / "ds")
     assert len(ds.split("train")) + len(ds.split("valid")) == len(DOCS)
+
+
+def test_content_scans_are_cached_by_the_stored_bytes_and_how_they_unpack(tmp_path, monkeypatch):
+    """A second scan of the same stored bytes reads the findings from the cache (no decompression,
+    the same InputScan, warnings included); the same bytes unpacked another way (.gz read as text),
+    a damaged or mismatched entry and AMBERT_CACHE_DIR="" each mean a real scan."""
+    monkeypatch.setenv("AMBERT_CACHE_DIR", str(tmp_path / "cache"))
+    content = ("\n".join(DOCS[:30]) + "\n").encode() + b"\xff\xfe bad \0 NUL\n" + "尾".encode()[:2]
+    gz = tmp_path / "a.txt.gz"
+    gz.write_bytes(gzip.compress(content))
+    as_text = tmp_path / "same_bytes.txt"
+    as_text.write_bytes(gz.read_bytes())
+
+    def scan(path):
+        return inp.scan_input(inp.resolve_inputs([str(path)])[0])
+
+    first = scan(gz)
+    assert (first.nul_bytes, first.invalid_utf8, first.first_invalid_offset) == (1, 3, content.index(b"\xff"))
+    assert first.content_bytes == len(content)
+    entries = list((tmp_path / "cache" / "input-scans").glob("*.json"))
+    assert len(entries) == 1 and entries[0].name.startswith(first.sha256 + "-gzip-")
+
+    def no_content_scan(spec, scan):
+        raise AssertionError(f"{spec.path} was decompressed and decoded again")
+
+    with monkeypatch.context() as m:
+        m.setattr(inp, "_content_scan", no_content_scan)
+        again = scan(gz)
+    assert again == first
+    assert inp.check_scan(again, "replace") == inp.check_scan(first, "replace")
+
+    # the same stored bytes (same sha256), read as plain text: a different content, scanned for real
+    plain = scan(as_text)
+    assert plain.sha256 == first.sha256 and plain.content_bytes == len(gz.read_bytes()) != first.content_bytes
+    assert len(list((tmp_path / "cache" / "input-scans").glob("*.json"))) == 2
+
+    calls = []
+    real = inp._content_scan
+    monkeypatch.setattr(inp, "_content_scan", lambda spec, s: (calls.append(spec.path), real(spec, s)))
+    entries[0].write_text("{not json", encoding="utf-8")  # damaged: scanned again, and rewritten
+    assert scan(gz) == first and len(calls) == 1
+    entries[0].write_text(json.dumps({**json.loads(entries[0].read_text()), "bytes": 1}), encoding="utf-8")
+    assert scan(gz) == first and len(calls) == 2  # an entry for another size: not taken
+    assert scan(gz) == first and len(calls) == 2  # (rewritten by the scan before)
+
+    monkeypatch.setenv("AMBERT_CACHE_DIR", "")
+    assert scan(gz) == first and scan(gz) == first and len(calls) == 4
