@@ -715,10 +715,28 @@ class _EncodedWords:
     def _clear(self) -> None:
         # the kept words -> their slots (slot k = the k-th word kept)
         self.slot = self._native.TokenIndex([]) if self._native is not None else StringNumbering()
-        empty = np.zeros(0, dtype=np.int64)
-        self.fine = self.coarse = self.align = self.fine_count = self.coarse_count = np.zeros(0, dtype=np.int32)
-        self.fine_start = self.coarse_start = empty
-        self.chars = empty  # characters of text per word ("##" marks excluded)
+        self._fine, self._coarse, self._align = _Growing(np.int32), _Growing(np.int32), _Growing(np.int32)
+        self._fine_count, self._coarse_count = _Growing(np.int32), _Growing(np.int32)
+        self._fine_start, self._coarse_start = _Growing(np.int64), _Growing(np.int64)
+        self._chars = _Growing(np.int64)  # characters of text per word ("##" marks excluded)
+        # With data_prep._native, each word's tokens also as one block of ``data`` (its fine ids, coarse
+        # ids, alignments; int32) and ``heads`` (per word: the block's start, nf | nc << 32), which
+        # ``_native.gather_words`` copies a shard's tokens from in one pass; None: not kept (no
+        # _native, or a value needs int64), the gather goes through the arrays above.
+        self._heads: _Growing | None = _Growing(np.int64) if self._native is not None else None
+        self._data = _Growing(np.int32)
+
+    # (views of the growing arrays: valid until the next ``slots``)
+    fine = property(lambda self: self._fine.values)
+    coarse = property(lambda self: self._coarse.values)
+    align = property(lambda self: self._align.values)
+    fine_count = property(lambda self: self._fine_count.values)
+    coarse_count = property(lambda self: self._coarse_count.values)
+    fine_start = property(lambda self: self._fine_start.values)
+    coarse_start = property(lambda self: self._coarse_start.values)
+    chars = property(lambda self: self._chars.values)
+    heads = property(lambda self: self._heads.values if self._heads is not None else None)
+    data = property(lambda self: self._data.values)
 
     def __len__(self) -> int:
         """How many words are kept."""
@@ -751,19 +769,70 @@ class _EncodedWords:
                 new = _WordsOfCodePoints(cps_bytes, lens)
         if new is not None:
             fine, coarse, align, fine_count, coarse_count = encode(new, lens, cps, distinct=True)
-            self.fine = np.concatenate([self.fine, compact_ints(fine)])
-            self.coarse = np.concatenate([self.coarse, compact_ints(coarse)])
-            self.align = np.concatenate([self.align, compact_ints(align)])
+            fine, coarse, align = compact_ints(fine), compact_ints(coarse), compact_ints(align)
+            nf, nc = np.asarray(fine_count, dtype=np.int64), np.asarray(coarse_count, dtype=np.int64)
+            # each word's first fine / coarse value, continuing the kept ones
+            self._fine_start.append(len(self._fine) + np.cumsum(nf) - nf)
+            self._coarse_start.append(len(self._coarse) + np.cumsum(nc) - nc)
+            self._fine.append(fine)
+            self._coarse.append(coarse)
+            self._align.append(align)
             # characters of text: a word's length less its "##" mark (a continuation: "##" + a Latin run)
             starts = np.cumsum(lens) - lens
             marked = lens >= 2
             marked[marked] = (cps[starts[marked]] == 0x23) & (cps[starts[marked] + 1] == 0x23)
-            self.chars = np.concatenate([self.chars, lens - 2 * marked])
-            self.fine_count = np.concatenate([self.fine_count, compact_ints(fine_count)])
-            self.coarse_count = np.concatenate([self.coarse_count, compact_ints(coarse_count)])
-            self.fine_start = np.cumsum(self.fine_count, dtype=np.int64) - self.fine_count
-            self.coarse_start = np.cumsum(self.coarse_count, dtype=np.int64) - self.coarse_count
+            self._chars.append(lens - 2 * marked)
+            self._fine_count.append(compact_ints(nf))
+            self._coarse_count.append(compact_ints(nc))
+            if self._heads is not None:
+                self._add_blocks(fine, coarse, align, nf, nc)
         return slots
+
+    def _add_blocks(self, fine: np.ndarray, coarse: np.ndarray, align: np.ndarray, nf: np.ndarray, nc: np.ndarray) -> None:
+        """Append the new words' blocks (``heads`` / ``data``); stop keeping them if a value needs int64."""
+        if any(a.dtype != np.int32 for a in (fine, coarse, align)) or (len(nf) and max(int(nf.max()), int(nc.max())) >= 2**31):
+            self._heads = None
+            return
+        sizes = nf + 2 * nc
+        local = np.cumsum(sizes) - sizes  # each new block's start among the new blocks
+        block = np.empty(int(sizes.sum()), dtype=np.int32)
+        # element e of word w's fine ids goes to local[w] + (e - its first fine index) (likewise the rest)
+        for values, counts, offset in ((fine, nf, local), (coarse, nc, local + nf), (align, nc, local + nf + nc)):
+            firsts = np.cumsum(counts) - counts
+            block[np.repeat(offset - firsts, counts) + np.arange(len(values))] = values
+        heads = np.empty(2 * len(nf), dtype=np.int64)
+        heads[0::2] = len(self._data) + local
+        heads[1::2] = nf | (nc << 32)
+        self._data.append(block)
+        self._heads.append(heads)
+
+
+class _Growing:
+    """An array appended to in place: its capacity doubles (amortised O(1) a value, where growing by
+    ``np.concatenate`` copied the whole array at every shard); ``values`` is a view of what it holds.
+    A value its dtype cannot hold widens it (as ``np.concatenate`` would)."""
+
+    def __init__(self, dtype) -> None:
+        self._buf = np.zeros(0, dtype=dtype)
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def values(self) -> np.ndarray:
+        return self._buf[: self._n]
+
+    def append(self, values: np.ndarray) -> None:
+        values = np.asarray(values)
+        dtype = np.result_type(self._buf.dtype, values.dtype)
+        need = self._n + len(values)
+        if need > len(self._buf) or dtype != self._buf.dtype:
+            grown = np.empty(max(need, 2 * len(self._buf), 1024), dtype=dtype)
+            grown[: self._n] = self._buf[: self._n]
+            self._buf = grown
+        self._buf[self._n: need] = values
+        self._n = need
 
 
 class _Picked:
@@ -1281,6 +1350,7 @@ class Chinese(Language):
         multi = fmt.NUM_SPECIAL + np.flatnonzero(body_lens > 1)
         self.max_coarse_chars = int(coarse_lens[multi].max()) if len(multi) else 1  # bounds ``_backoff_plain``'s longest match
         self.max_word_pieces = min(MAX_BACKOFF_PIECES, int(body_lens.max()) if len(body_lens) else 1)
+        self.max_token_chars = int(coarse_lens.max()) if len(coarse_lens) else 1  # special tokens included
         # The first two characters of every multi-character coarse word, as code-point pair keys: an
         # out-of-vocabulary word none of whose adjacent character pairs is among them backs off to
         # single characters (``_backoff_plain`` cannot match anything longer).
@@ -1329,14 +1399,24 @@ class Chinese(Language):
         i, n = 0, len(pieces)
         if all(len(p) == 1 for p in pieces):
             return self._backoff_plain("".join(pieces))
+        bare = [p.removeprefix("##") for p in pieces]
+        longest = self.max_token_chars  # (no longer candidate can be in the vocabulary)
         while i < n:
-            for j in range(min(n, i + self.max_word_pieces), i + 1, -1):
-                candidate = pieces[i] + "".join(p.removeprefix("##") for p in pieces[i + 1:j])
-                cid = index.get(candidate)
+            # pieces i..j-1 joined, for j = i + 2 .. i + max_word_pieces, built once each (not re-joined
+            # for every j) and only while they fit; tried longest first
+            candidates = []
+            candidate = pieces[i]
+            for j in range(i + 1, min(n, i + self.max_word_pieces)):
+                candidate += bare[j]
+                if len(candidate) > longest:
+                    break
+                candidates.append(candidate)
+            for k in range(len(candidates) - 1, -1, -1):
+                cid = index.get(candidates[k])
                 if cid is not None:
                     ids.append(cid)
-                    align.append(j - i)
-                    i = j
+                    align.append(k + 2)
+                    i += k + 2
                     break
             else:
                 ids.append(index.get(pieces[i], fmt.UNK_ID))
@@ -1550,6 +1630,16 @@ class Chinese(Language):
         fine = np.empty(fine_total, dtype=memo.fine.dtype)
         coarse = np.empty(coarse_total, dtype=memo.coarse.dtype)
         align = np.empty(coarse_total, dtype=memo.align.dtype)
+        if memo.heads is not None and fine.dtype == np.int32 and coarse.dtype == np.int32 and align.dtype == np.int32:
+            # one pass in C over the words, from their blocks (no per-slice index arrays)
+            fine_lengths = np.empty(len(sentence_words), dtype=np.int64)
+            coarse_lengths = np.empty(len(sentence_words), dtype=np.int64)
+            languages._native.gather_words(memo.heads, memo.data, slots, np.ascontiguousarray(ids),
+                                           np.ascontiguousarray(sentence_words, dtype=np.int64), fine, coarse, align,
+                                           fine_lengths, coarse_lengths)
+            return EncodedShard(fine=fine, coarse=coarse, align=align, fine_lengths=fine_lengths,
+                                coarse_lengths=coarse_lengths, document_sentences=sentences_per_document,
+                                characters=characters)
         # Per sentence: the offset of its first fine / coarse token (lengths are their differences).
         sentence_starts = np.cumsum(sentence_words, dtype=np.int64) - sentence_words
         fine_offsets = np.empty(len(sentence_starts) + 1, dtype=np.int64)

@@ -183,7 +183,7 @@ def arrow_ints(array) -> np.ndarray:
     return values[array.offset:array.offset + len(array)]
 
 
-NATIVE_VERSION = 11  # data_prep/_native.c's VERSION this code expects
+NATIVE_VERSION = 12  # data_prep/_native.c's VERSION this code expects
 
 
 def load_native():

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep import core
+from data_prep import core, languages
 from data_prep import format as fmt
 from data_prep.chinese import Chinese, make_segmenter, segment_sentence
 from data_prep.demo import peoples_daily_gold, write_peoples_daily_text
@@ -217,6 +217,56 @@ def test_backoff_is_the_longest_match_over_the_coarse_vocabulary(built):
     assert len(longest) == lang.max_coarse_chars > 2
     for word in words:
         assert lang._backoff_plain(word) == reference(word), word
+
+
+def test_backoff_of_pieces_equals_joining_every_candidate(built):
+    """``_backoff`` (a word with Latin runs: its fine pieces, "##" continuations among them) builds
+    each candidate once and stops at the longest token's length: the ids of the plain algorithm,
+    which joined pieces i..j-1 again for every j (longest first), on random piece lists."""
+    _, ds_dir, _ = built
+    lang = Chinese({"segmenter": "rjieba"})
+    lang.load(ds_dir)
+    index = lang.coarse_vocab.index
+
+    def reference(pieces):
+        ids, align, i, n = [], [], 0, len(pieces)
+        while i < n:
+            for j in range(min(n, i + lang.max_word_pieces), i + 1, -1):
+                cid = index.get(pieces[i] + "".join(p.removeprefix("##") for p in pieces[i + 1:j]))
+                if cid is not None:
+                    ids.append(cid)
+                    align.append(j - i)
+                    i = j
+                    break
+            else:
+                ids.append(index.get(pieces[i], fmt.UNK_ID))
+                align.append(1)
+                i += 1
+        return ids, align
+
+    tokens = lang.coarse_vocab.tokens[fmt.NUM_SPECIAL:]
+    latin = [t for t in lang.fine_vocab.tokens if t.removeprefix("##")[:1].isascii() and t.removeprefix("##")[:1].isalnum()]
+    assert len(latin) > 20
+    multi = [t for t in tokens if len(t) > 1]
+    rng = np.random.default_rng(1)
+    checked = 0
+    for _ in range(3000):
+        pieces = []
+        for _ in range(int(rng.integers(1, 24))):
+            kind = int(rng.integers(4))
+            if kind == 0:
+                pieces.append(latin[int(rng.integers(len(latin)))])
+            elif kind == 1:  # a coarse word cut into characters: a longer match exists
+                pieces.extend(multi[int(rng.integers(len(multi)))])
+            elif kind == 2:
+                pieces.append("##" + latin[int(rng.integers(len(latin)))].removeprefix("##"))
+            else:
+                pieces.append(tokens[int(rng.integers(len(tokens)))][:1])
+        if all(len(p) == 1 for p in pieces):
+            continue
+        assert lang._backoff(pieces) == reference(pieces), pieces
+        checked += 1
+    assert checked > 2000
 
 
 def test_coarse_backoff_never_unk_where_fine_knows(tmp_path):
@@ -687,10 +737,14 @@ def test_encode_shard_in_slices_equals_the_int64_gather(tmp_path, monkeypatch):
     shard = tmp_path / "s"
     shard.mkdir()
     lang.fit({"word": lang.analyze_shard(docs, shard)["word"].unpack()}, None, tmp_path)
-    for chunk in (chinese._ENCODE_CHUNK, 1, 7, 1000):
-        monkeypatch.setattr(chinese, "_ENCODE_CHUNK", chunk)
+    # (None: _native.gather_words from the memo's word blocks, in one pass; else the slices' gather)
+    for chunk in (None, chinese._ENCODE_CHUNK, 1, 7, 1000):
+        monkeypatch.setattr(chinese, "_ENCODE_CHUNK", chunk or chinese._ENCODE_CHUNK)
         worker = Chinese(lang.options)
         worker.load(tmp_path)
+        if chunk is not None or languages._native is None:
+            worker._encoded._heads = None
+        assert (worker._encoded.heads is not None) == (chunk is None and languages._native is not None)
         enc = worker.encode_shard(shard)
         assert enc.fine.dtype == enc.coarse.dtype == enc.align.dtype == np.int32
         # The reference: the whole shard at once, int64 (the memo now holds every word of the shard).
