@@ -259,7 +259,7 @@ static int get_ints(PyObject *obj, Py_buffer *view, int writable, const char *na
     if (!integer || !(view->itemsize & widths)) {
         PyBuffer_Release(view);
         PyErr_Format(PyExc_TypeError, "%s must be a contiguous array of signed %s-byte integers", name,
-                     widths == 8 ? "8" : "4- or 8");
+                     widths == 8 ? "8" : widths == 4 ? "4" : "4- or 8");
         return -1;
     }
     return 0;

@@ -161,6 +161,73 @@ def test_count_sums_and_shard_segmentation_equal_the_pure_path(monkeypatch):
 
 
 @needs_native
+@pytest.mark.parametrize("id_type", [np.int32, np.int64])
+def test_gather_words_equals_the_per_stream_gathers(id_type):
+    """gather_words (a shard's tokens from the memo's per-word blocks: fine ids, coarse ids,
+    alignments) writes what three concat_ranges gathers give, and each sentence's token counts; bad
+    ids, slots, blocks, sentence sizes and short outputs are refused with a message instead of
+    reading or writing outside the arrays."""
+    from data_prep.languages import concat_ranges
+
+    rng = np.random.default_rng(5)
+    words = 400
+    nf = rng.integers(1, 6, words).astype(np.int64)
+    nc = np.minimum(nf, rng.integers(1, 4, words)).astype(np.int64)
+    fine = rng.integers(0, 2**31, int(nf.sum())).astype(np.int32)
+    coarse = rng.integers(0, 2**31, int(nc.sum())).astype(np.int32)
+    align = rng.integers(1, 5, int(nc.sum())).astype(np.int32)
+    fs, cs = np.cumsum(nf) - nf, np.cumsum(nc) - nc
+    blocks = [np.concatenate([fine[fs[k]:fs[k] + nf[k]], coarse[cs[k]:cs[k] + nc[k]], align[cs[k]:cs[k] + nc[k]]])
+              for k in range(words)]
+    order = rng.permutation(words)  # blocks stored in another order than the words
+    data = np.concatenate([blocks[k] for k in order])
+    start = np.empty(words, dtype=np.int64)
+    start[order] = np.cumsum([len(blocks[k]) for k in order]) - [len(blocks[k]) for k in order]
+    heads = np.column_stack([start, nf | (nc << 32)]).ravel()
+    slots = rng.permutation(words).astype(np.int64)  # shard-local id -> memo word
+    ids = rng.integers(0, words, 6000).astype(id_type)
+    sentence_words = np.array([0, 1, 2999, 0, 3000, 0], dtype=np.int64)
+    k = slots[ids.astype(np.int64)]
+    f_src, c_src = concat_ranges(fs[k], nf[k]), concat_ranges(cs[k], nc[k])
+    out = [np.empty(len(f_src), np.int32), np.empty(len(c_src), np.int32), np.empty(len(c_src), np.int32),
+           np.empty(6, np.int64), np.empty(6, np.int64)]
+    assert native.gather_words(heads, data, slots, ids, sentence_words, *out) is None
+    assert out[0].tolist() == fine[f_src].tolist()
+    assert out[1].tolist() == coarse[c_src].tolist() and out[2].tolist() == align[c_src].tolist()
+    bounds = np.concatenate([[0], np.cumsum(sentence_words)])
+    assert out[3].tolist() == [int(nf[k[a:b]].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
+    assert out[4].tolist() == [int(nc[k[a:b]].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def call(**change):
+        args = dict(heads=heads, data=data, slots=slots, ids=ids, sentence_words=sentence_words, fine=out[0],
+                    coarse=out[1], align=out[2], fine_lengths=out[3], coarse_lengths=out[4])
+        native.gather_words(*{**args, **change}.values())
+
+    with pytest.raises(IndexError, match="word id 400 is outside slots"):
+        call(ids=np.where(np.arange(len(ids)) == 77, 400, ids).astype(id_type))
+    with pytest.raises(IndexError, match="word id -1 is outside slots"):
+        call(ids=np.where(np.arange(len(ids)) == 5000, -1, ids).astype(id_type))
+    with pytest.raises(IndexError, match="slot 400 is outside heads"):
+        call(slots=np.where(slots == slots[ids[0]], 400, slots))
+    beyond = heads.copy()
+    beyond[2 * k[100]] = len(data) - 1  # a block that would end past the data
+    with pytest.raises(IndexError, match=f"the block of word {k[100]} .* is outside data"):
+        call(heads=beyond)
+    with pytest.raises(ValueError, match="more than the"):
+        call(sentence_words=sentence_words + 1)
+    with pytest.raises(ValueError, match="gathered 5999 of 6000 ids"):
+        call(sentence_words=np.array([0, 1, 2999, 0, 2999, 0], dtype=np.int64))
+    with pytest.raises(ValueError, match="no room"):
+        call(fine=out[0][:-1])
+    with pytest.raises(ValueError, match="same length"):
+        call(align=out[2][:-1])
+    with pytest.raises(ValueError, match="one entry per sentence"):
+        call(fine_lengths=out[3][:-1])
+    with pytest.raises(TypeError, match="data must be a contiguous array of signed 4-byte"):
+        call(data=data.astype(np.int64))
+
+
+@needs_native
 @pytest.mark.parametrize("value_type,count_type", [(np.int32, np.int32), (np.int64, np.int32), (np.int32, np.int64)])
 def test_gather_ranges_equals_the_numpy_gather(value_type, count_type):
     """gather_ranges (the encoding's per-word token copy) writes what concat_ranges + take gives, for
