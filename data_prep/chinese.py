@@ -698,16 +698,21 @@ class _EncodedWords:
 
     ``slots(words)`` -> the slot of each word (numbered in C by a growing ``_native.TokenIndex`` over
     the words' code points: a new word costs no str, a dict entry or a Python int; else by
-    ``StringNumbering``); slot k's fine ids are ``fine[fine_start[k]:fine_start[k] + fine_count[k]]``, its coarse ids and
-    alignment likewise. Ids, alignments and counts are kept as int32 (int64 only if a value needs
-    it), so the shard's tokens gathered from them are int32 too. Bounded: once it holds more than
-    ``max_words`` words (a huge corpus) it starts over at the next shard (the frequent words are
-    encoded again, once)."""
+    ``StringNumbering``). With data_prep._native ("packed") slot k's tokens are one block of ``data``
+    (its fine ids, then coarse ids, then their alignments; int32) at ``heads[2k]``, with
+    ``heads[2k + 1] = nf | nc << 32``: ``_native.gather_words`` copies a shard's tokens from them in one
+    pass. Without it slot k's fine ids are ``fine[fine_start[k]:fine_start[k] + fine_count[k]]``, its
+    coarse ids and alignment likewise (in packed mode these are derived from the blocks when asked
+    for; a value that needs int64 turns the memo into this layout, which keeps int64). Ids, alignments
+    and counts are kept as int32 where every value fits, so the shard's tokens gathered from them are
+    int32 too. Bounded: once it holds more than ``max_words`` words (a huge corpus) it starts over at
+    the next shard (the frequent words are encoded again, once)."""
 
     def __init__(self, max_words: int = 500_000) -> None:
         # (numbered in C a word kept takes ~60 bytes, ~30 MB at the cap (measured on real text);
         # in Python it is a str in a dict, ~170 bytes with its entry: ~85 MB, as for the analysis's
-        # word table, ``Chinese.MAX_KEPT_WORDS``; its encoding arrays add ~60 bytes either way, by their sizes)
+        # word table, ``Chinese.MAX_KEPT_WORDS``; its encodings add ~35-40 bytes (packed) or ~55
+        # (separate arrays), by their sizes, and up to half again of room to grow)
         self.max_words = max_words
         self._native = languages._native
         self._clear()
@@ -715,28 +720,38 @@ class _EncodedWords:
     def _clear(self) -> None:
         # the kept words -> their slots (slot k = the k-th word kept)
         self.slot = self._native.TokenIndex([]) if self._native is not None else StringNumbering()
-        self._fine, self._coarse, self._align = _Growing(np.int32), _Growing(np.int32), _Growing(np.int32)
         self._fine_count, self._coarse_count = _Growing(np.int32), _Growing(np.int32)
-        self._fine_start, self._coarse_start = _Growing(np.int64), _Growing(np.int64)
-        self._chars = _Growing(np.int64)  # characters of text per word ("##" marks excluded)
-        # With data_prep._native, each word's tokens also as one block of ``data`` (its fine ids, coarse
-        # ids, alignments; int32) and ``heads`` (per word: the block's start, nf | nc << 32), which
-        # ``_native.gather_words`` copies a shard's tokens from in one pass; None: not kept (no
-        # _native, or a value needs int64), the gather goes through the arrays above.
-        self._heads: _Growing | None = _Growing(np.int64) if self._native is not None else None
-        self._data = _Growing(np.int32)
+        self._chars = _Growing(np.int32)  # characters of text per word ("##" marks excluded)
+        self.packed = self._native is not None
+        self._heads, self._data = _Growing(np.int64), _Growing(np.int32)  # (packed)
+        self._separate = {name: _Growing(np.int32) for name in ("fine", "coarse", "align")}  # (not packed)
+        self._separate.update(fine_start=_Growing(np.int64), coarse_start=_Growing(np.int64))
+        self._derived: dict[str, np.ndarray] | None = None  # (packed: the separate arrays, when asked for)
 
-    # (views of the growing arrays: valid until the next ``slots``)
-    fine = property(lambda self: self._fine.values)
-    coarse = property(lambda self: self._coarse.values)
-    align = property(lambda self: self._align.values)
     fine_count = property(lambda self: self._fine_count.values)
     coarse_count = property(lambda self: self._coarse_count.values)
-    fine_start = property(lambda self: self._fine_start.values)
-    coarse_start = property(lambda self: self._coarse_start.values)
     chars = property(lambda self: self._chars.values)
-    heads = property(lambda self: self._heads.values if self._heads is not None else None)
-    data = property(lambda self: self._data.values)
+    heads = property(lambda self: self._heads.values if self.packed else None)
+    data = property(lambda self: self._data.values if self.packed else None)
+    fine = property(lambda self: self._array("fine"))
+    coarse = property(lambda self: self._array("coarse"))
+    align = property(lambda self: self._array("align"))
+    fine_start = property(lambda self: self._array("fine_start"))
+    coarse_start = property(lambda self: self._array("coarse_start"))
+
+    def _array(self, name: str) -> np.ndarray:
+        """One of the separate arrays (views, valid until the next ``slots``); packed: from the blocks."""
+        if not self.packed:
+            return self._separate[name].values
+        if self._derived is None:
+            heads = self._heads.values.reshape(-1, 2)
+            start, nf, nc = heads[:, 0], heads[:, 1] & 0xFFFFFFFF, heads[:, 1] >> 32
+            data = self._data.values
+            self._derived = {
+                "fine": data[concat_ranges(start, nf)], "coarse": data[concat_ranges(start + nf, nc)],
+                "align": data[concat_ranges(start + nf + nc, nc)],
+                "fine_start": np.cumsum(nf) - nf, "coarse_start": np.cumsum(nc) - nc}
+        return self._derived[name]
 
     def __len__(self) -> int:
         """How many words are kept."""
@@ -769,29 +784,29 @@ class _EncodedWords:
                 new = _WordsOfCodePoints(cps_bytes, lens)
         if new is not None:
             fine, coarse, align, fine_count, coarse_count = encode(new, lens, cps, distinct=True)
-            fine, coarse, align = compact_ints(fine), compact_ints(coarse), compact_ints(align)
-            nf, nc = np.asarray(fine_count, dtype=np.int64), np.asarray(coarse_count, dtype=np.int64)
-            # each word's first fine / coarse value, continuing the kept ones
-            self._fine_start.append(len(self._fine) + np.cumsum(nf) - nf)
-            self._coarse_start.append(len(self._coarse) + np.cumsum(nc) - nc)
-            self._fine.append(fine)
-            self._coarse.append(coarse)
-            self._align.append(align)
+            self._add(compact_ints(fine), compact_ints(coarse), compact_ints(align),
+                      np.asarray(fine_count, dtype=np.int64), np.asarray(coarse_count, dtype=np.int64))
             # characters of text: a word's length less its "##" mark (a continuation: "##" + a Latin run)
             starts = np.cumsum(lens) - lens
             marked = lens >= 2
             marked[marked] = (cps[starts[marked]] == 0x23) & (cps[starts[marked] + 1] == 0x23)
-            self._chars.append(lens - 2 * marked)
-            self._fine_count.append(compact_ints(nf))
-            self._coarse_count.append(compact_ints(nc))
-            if self._heads is not None:
-                self._add_blocks(fine, coarse, align, nf, nc)
+            self._chars.append(compact_ints(lens - 2 * marked))
         return slots
 
-    def _add_blocks(self, fine: np.ndarray, coarse: np.ndarray, align: np.ndarray, nf: np.ndarray, nc: np.ndarray) -> None:
-        """Append the new words' blocks (``heads`` / ``data``); stop keeping them if a value needs int64."""
-        if any(a.dtype != np.int32 for a in (fine, coarse, align)) or (len(nf) and max(int(nf.max()), int(nc.max())) >= 2**31):
-            self._heads = None
+    def _add(self, fine: np.ndarray, coarse: np.ndarray, align: np.ndarray, nf: np.ndarray, nc: np.ndarray) -> None:
+        """Keep the new words' encodings: as blocks (packed), or in the separate arrays."""
+        self._derived = None
+        if self.packed and any(a.dtype != np.int32 for a in (fine, coarse, align)):
+            self._unpack()  # (a value needs int64: blocks are int32)
+        self._fine_count.append(compact_ints(nf))
+        self._coarse_count.append(compact_ints(nc))
+        if not self.packed:
+            separate = self._separate
+            # each word's first fine / coarse value, continuing the kept ones
+            separate["fine_start"].append(len(separate["fine"]) + np.cumsum(nf) - nf)
+            separate["coarse_start"].append(len(separate["coarse"]) + np.cumsum(nc) - nc)
+            for name, values in (("fine", fine), ("coarse", coarse), ("align", align)):
+                separate[name].append(values)
             return
         sizes = nf + 2 * nc
         local = np.cumsum(sizes) - sizes  # each new block's start among the new blocks
@@ -806,11 +821,19 @@ class _EncodedWords:
         self._data.append(block)
         self._heads.append(heads)
 
+    def _unpack(self) -> None:
+        """Packed -> separate arrays (the words kept so far, from their blocks)."""
+        for name in self._separate:
+            self._separate[name] = _Growing(np.int64 if name.endswith("_start") else np.int32)
+            self._separate[name].append(self._array(name))
+        self.packed = False
+        self._heads, self._data, self._derived = _Growing(np.int64), _Growing(np.int32), None
+
 
 class _Growing:
-    """An array appended to in place: its capacity doubles (amortised O(1) a value, where growing by
-    ``np.concatenate`` copied the whole array at every shard); ``values`` is a view of what it holds.
-    A value its dtype cannot hold widens it (as ``np.concatenate`` would)."""
+    """An array appended to in place: its capacity grows by half (amortised O(1) a value, where
+    growing by ``np.concatenate`` copied the whole array at every shard); ``values`` is a view of what
+    it holds. A value its dtype cannot hold widens it (as ``np.concatenate`` would)."""
 
     def __init__(self, dtype) -> None:
         self._buf = np.zeros(0, dtype=dtype)
@@ -828,7 +851,7 @@ class _Growing:
         dtype = np.result_type(self._buf.dtype, values.dtype)
         need = self._n + len(values)
         if need > len(self._buf) or dtype != self._buf.dtype:
-            grown = np.empty(max(need, 2 * len(self._buf), 1024), dtype=dtype)
+            grown = np.empty(max(need, len(self._buf) * 3 // 2, 1024), dtype=dtype)
             grown[: self._n] = self._buf[: self._n]
             self._buf = grown
         self._buf[self._n: need] = values
@@ -1627,10 +1650,10 @@ class Chinese(Language):
         coarse_total = int(occurrences @ memo.coarse_count[slots].astype(np.int64))
         characters = int(occurrences @ memo.chars[slots])
         del occurrences
-        fine = np.empty(fine_total, dtype=memo.fine.dtype)
-        coarse = np.empty(coarse_total, dtype=memo.coarse.dtype)
-        align = np.empty(coarse_total, dtype=memo.align.dtype)
-        if memo.heads is not None and fine.dtype == np.int32 and coarse.dtype == np.int32 and align.dtype == np.int32:
+        fine = np.empty(fine_total, dtype=np.int32 if memo.packed else memo.fine.dtype)
+        coarse = np.empty(coarse_total, dtype=np.int32 if memo.packed else memo.coarse.dtype)
+        align = np.empty(coarse_total, dtype=np.int32 if memo.packed else memo.align.dtype)
+        if memo.packed:  # (int32 throughout)
             # one pass in C over the words, from their blocks (no per-slice index arrays)
             fine_lengths = np.empty(len(sentence_words), dtype=np.int64)
             coarse_lengths = np.empty(len(sentence_words), dtype=np.int64)

@@ -723,6 +723,42 @@ def test_encoded_words_slots_equal_a_dict_memo(compiled, monkeypatch):
         assert memo.slots([], encode).tolist() == [] and len(memo) == len(reference)  # no words: no slot
 
 
+def test_word_memo_blocks_turn_into_separate_arrays_for_a_value_beyond_int32():
+    """The memo keeps each word's tokens as one int32 block (packed, with data_prep._native): a word
+    whose encoding holds a value beyond int32 turns it into the separate arrays (int64 where needed),
+    the words kept before it unchanged; the arrays derived from the blocks are those arrays."""
+    from data_prep import languages
+    from data_prep.chinese import _EncodedWords
+
+    if languages._native is None:
+        pytest.skip("data_prep._native is not compiled")
+    values = {"a": ([5], [7], [1]), "bc": ([6, 8], [9, 10], [1, 1]), "def": ([1, 2, 3], [4], [3]),
+              "gh": ([11, 12], [2**40], [2])}
+
+    def encode(new, lens=None, cps=None, distinct=False):
+        enc = [values[w] for w in new]
+        return (np.array([i for f, _, _ in enc for i in f], dtype=np.int64), np.array([i for _, c, _ in enc for i in c], dtype=np.int64),
+                np.array([i for _, _, a in enc for i in a], dtype=np.int64), np.array([len(f) for f, _, _ in enc]),
+                np.array([len(c) for _, c, _ in enc]))
+
+    def kept(memo, slots):
+        out = []
+        for k in slots.tolist():
+            f0, c0 = int(memo.fine_start[k]), int(memo.coarse_start[k])
+            nf, nc = int(memo.fine_count[k]), int(memo.coarse_count[k])
+            out.append((memo.fine[f0:f0 + nf].tolist(), memo.coarse[c0:c0 + nc].tolist(), memo.align[c0:c0 + nc].tolist()))
+        return out
+
+    memo = _EncodedWords()
+    first = memo.slots(["a", "bc", "def"], encode)
+    assert memo.packed and memo.data.dtype == np.int32 and len(memo.heads) == 6
+    assert kept(memo, first) == [tuple(map(list, values[w])) for w in ["a", "bc", "def"]]
+    second = memo.slots(["gh", "bc"], encode)
+    assert not memo.packed and memo.heads is None and memo.coarse.dtype == np.int64
+    assert second.tolist() == [3, 1]
+    assert kept(memo, np.arange(4)) == [tuple(map(list, values[w])) for w in ["a", "bc", "def", "gh"]]
+
+
 def test_encode_shard_in_slices_equals_the_int64_gather(tmp_path, monkeypatch):
     """encode_shard gathers a shard's tokens a slice of words at a time into int32 arrays: the same
     values as the whole-shard int64 gather (the encoding before the slices), for slices that cut
@@ -743,7 +779,7 @@ def test_encode_shard_in_slices_equals_the_int64_gather(tmp_path, monkeypatch):
         worker = Chinese(lang.options)
         worker.load(tmp_path)
         if chunk is not None or languages._native is None:
-            worker._encoded._heads = None
+            worker._encoded.packed = False
         assert (worker._encoded.heads is not None) == (chunk is None and languages._native is not None)
         enc = worker.encode_shard(shard)
         assert enc.fine.dtype == enc.coarse.dtype == enc.align.dtype == np.int32
