@@ -439,9 +439,14 @@ def _stored_digest(spec: InputSpec) -> tuple[str, int]:
 # (``languages.cache_dir()``/input-scans): building again from the same corpus (another vocabulary
 # size, segmenter or variant) hashes it but does not decompress and decode it again (an .xz corpus
 # decompresses at ~40 MB/s: 46 min for 100 GB). Bump the version when _content_scan's findings change.
+# Only inputs of at least _SCAN_CACHE_MIN_BYTES stored bytes are kept (a small file scans faster than
+# an entry is read: a folder of many small files must not pay a file per file); the _SCAN_CACHE_KEPT
+# newest entries are kept, pruned once per process.
 _SCAN_CACHE_VERSION = 1
 _SCAN_FIELDS = ("nul_bytes", "invalid_utf8", "first_invalid_offset", "looks_like", "content_bytes", "truncated")
-_SCAN_CACHE_KEPT = 1000
+_SCAN_CACHE_MIN_BYTES = 1 << 20
+_SCAN_CACHE_KEPT = 10_000
+_scan_cache_pruned = False
 
 
 def _scan_cache_path(sha256: str, path: str) -> Path | None:
@@ -472,8 +477,9 @@ def _cached_scan(scan: InputScan) -> bool:
 
 
 def _keep_scan(scan: InputScan) -> None:
-    """Write ``scan``'s findings to the cache (atomically; any OSError: nothing kept), keeping the
-    ``_SCAN_CACHE_KEPT`` newest."""
+    """Write ``scan``'s findings to the cache (atomically; any OSError: nothing kept); the first time
+    in a process, drop all but the ``_SCAN_CACHE_KEPT`` newest entries."""
+    global _scan_cache_pruned
     cached = _scan_cache_path(scan.sha256, scan.path)
     if cached is None:
         return
@@ -482,9 +488,11 @@ def _keep_scan(scan: InputScan) -> None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps({"bytes": scan.bytes, **{k: getattr(scan, k) for k in _SCAN_FIELDS}}), encoding="utf-8")
         os.replace(tmp, cached)
-        kept = sorted(cached.parent.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in kept[_SCAN_CACHE_KEPT:]:
-            old.unlink(missing_ok=True)
+        if not _scan_cache_pruned:
+            _scan_cache_pruned = True
+            kept = sorted(cached.parent.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+            for old in kept[_SCAN_CACHE_KEPT:]:
+                old.unlink(missing_ok=True)
     except OSError:
         try:
             tmp.unlink(missing_ok=True)
@@ -496,7 +504,9 @@ def _scan(spec: InputSpec) -> InputScan:
     scan = InputScan(spec.path, *_stored_digest(spec))
     if spec.kind not in ("text", "jsonl", "tagged"):
         return scan
-    if not _cached_scan(scan):
+    if scan.bytes < _SCAN_CACHE_MIN_BYTES:
+        _content_scan(spec, scan)
+    elif not _cached_scan(scan):
         _content_scan(spec, scan)
         _keep_scan(scan)
     return scan

@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import json
 import lzma
+import os
 
 import pytest
 
@@ -288,7 +289,12 @@ def test_content_scans_are_cached_by_the_stored_bytes_and_how_they_unpack(tmp_pa
     def scan(path):
         return inp.scan_input(inp.resolve_inputs([str(path)])[0])
 
+    small = scan(gz)  # below _SCAN_CACHE_MIN_BYTES: scanned, nothing kept (an entry costs more than the scan)
+    assert len(gz.read_bytes()) < inp._SCAN_CACHE_MIN_BYTES and not (tmp_path / "cache").exists()
+    monkeypatch.setattr(inp, "_SCAN_CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(inp, "_scan_cache_pruned", False)
     first = scan(gz)
+    assert first == small
     assert (first.nul_bytes, first.invalid_utf8, first.first_invalid_offset) == (1, 3, content.index(b"\xff"))
     assert first.content_bytes == len(content)
     entries = list((tmp_path / "cache" / "input-scans").glob("*.json"))
@@ -319,3 +325,21 @@ def test_content_scans_are_cached_by_the_stored_bytes_and_how_they_unpack(tmp_pa
 
     monkeypatch.setenv("AMBERT_CACHE_DIR", "")
     assert scan(gz) == first and scan(gz) == first and len(calls) == 4
+
+    # the first entry a process writes prunes the folder to the newest _SCAN_CACHE_KEPT (once a process)
+    monkeypatch.setenv("AMBERT_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "input-scans"
+    for k, old in enumerate(["old1", "old2", "old3"]):
+        (folder / f"{old}.json").write_text("{}")
+        os.utime(folder / f"{old}.json", (1_000_000 + k, 1_000_000 + k))
+    for entry in folder.glob("*.json"):
+        if not entry.name.startswith("old"):  # (scanned again below: written anew)
+            entry.unlink()
+    monkeypatch.setattr(inp, "_SCAN_CACHE_KEPT", 2)
+    monkeypatch.setattr(inp, "_scan_cache_pruned", False)
+    scan(gz)
+    assert sorted(p.name.split("-")[0] for p in folder.glob("*.json")) == sorted([first.sha256, "old3.json"])
+    (folder / "old4.json").write_text("{}")
+    os.utime(folder / "old4.json", (1_000_000, 1_000_000))
+    scan(as_text)  # (pruned already in this process)
+    assert len(list(folder.glob("*.json"))) == 4
