@@ -1631,8 +1631,10 @@ class Chinese(Language):
         """Each distinct word is encoded once per worker (``encode_words``, kept across shards by
         ``_EncodedWords``); the shard's tokens are gathered from those encodings by word id.
 
-        The gather runs over slices of ``_ENCODE_CHUNK`` words into preallocated output arrays (of
-        the memo's dtype: int32), so its index arrays take memory per slice, not per shard token."""
+        The gather fills preallocated output arrays (of the memo's dtype: int32): with data_prep._native
+        in one C pass over the words from the memo's per-word blocks (``_native.gather_words``: no index
+        array); else over slices of ``_ENCODE_CHUNK`` words, so its index arrays take memory per slice,
+        not per shard token."""
         cache_dir = Path(cache_dir)
         text, ids, sentence_words, sentences_per_document = read_shard_cache(cache_dir)
         empty = np.zeros(0, dtype=np.int64)
