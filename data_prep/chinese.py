@@ -80,10 +80,10 @@ DEFAULT_SEGMENTER = "jieba-c" if languages._native is not None else "rjieba"
 # Segmenters that give the same words (jieba's): a --vocab-from build may use any of them.
 SAME_WORDS = frozenset({"jieba-c", "rjieba", "jieba"})
 WORD_SEP = "\x1f"
-# A shard's cache (``analyze_shard``), one uncompressed .npz file: its distinct words (UTF-8, joined
-# by WORD_SEP), the word id of every token (int32), the words of every sentence, and the sentences
-# of every document (``write_shard_cache`` / ``read_shard_cache``).
-SHARD_CACHE_FILE = "segmented.npz"
+# A shard's cache (``analyze_shard``), one file of raw arrays (``languages.save_arrays``): its distinct
+# words (UTF-8, joined by WORD_SEP), the word id of every token (int32), the words of every sentence,
+# and the sentences of every document (``write_shard_cache`` / ``read_shard_cache``).
+SHARD_CACHE_FILE = "segmented.arrays"
 _ASCII_ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 _ASCII_ALNUM_SET = frozenset(_ASCII_ALNUM)
 _ASCII_ALNUM_TABLE = np.zeros(128, dtype=bool)  # by code point
@@ -902,16 +902,15 @@ def write_shard_cache(cache_dir: Path, words: list[str] | str, ids: np.ndarray, 
     """A shard's segmentation, in one file (file creation is what shared filesystems are slow at).
     ``words``: the distinct words, or them joined by WORD_SEP."""
     joined = words if isinstance(words, str) else WORD_SEP.join(words)
-    with open(Path(cache_dir) / SHARD_CACHE_FILE, "wb") as fh:
-        np.savez(fh, words=np.frombuffer(joined.encode("utf-8"), dtype=np.uint8),
-                 ids=ids.astype(np.int32, copy=False), sentence_words=np.asarray(sentence_words, dtype=np.int64),
-                 sentences_per_document=np.asarray(sentences_per_document, dtype=np.int64))
+    languages.save_arrays(Path(cache_dir) / SHARD_CACHE_FILE, words=np.frombuffer(joined.encode("utf-8"), dtype=np.uint8),
+                          ids=ids.astype(np.int32, copy=False), sentence_words=np.asarray(sentence_words, dtype=np.int64),
+                          sentences_per_document=np.asarray(sentences_per_document, dtype=np.int64))
 
 
 def read_shard_cache(cache_dir: Path) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
     """(distinct words joined by WORD_SEP, word id per token, words per sentence, sentences per document)."""
-    with np.load(Path(cache_dir) / SHARD_CACHE_FILE) as z:
-        return (z["words"].tobytes().decode("utf-8"), z["ids"], z["sentence_words"], z["sentences_per_document"])
+    z = languages.load_arrays(Path(cache_dir) / SHARD_CACHE_FILE)
+    return (z["words"].tobytes().decode("utf-8"), z["ids"], z["sentence_words"], z["sentences_per_document"])
 
 
 def _code_points(strings: list[str]) -> np.ndarray:
@@ -976,29 +975,39 @@ def _vocab_coverage(joined: str, counts: np.ndarray, vocab: fmt.Vocab) -> tuple[
         words = joined.split(WORD_SEP)
         known = np.fromiter(map(vocab.index.__contains__, words), dtype=bool, count=len(words))
     else:
-        cps, starts, lens = _word_bounds(joined)
-        ids = np.empty(len(lens), dtype=np.int64)
-        native.TokenIndex(vocab.tokens).lookup(np.delete(cps, starts[1:] - 1), lens, ids, -1)
-        known = ids >= 0
+        known = _words_in(_word_bounds(joined), vocab.tokens)
     return int(counts.sum()), int(counts[known].sum())
 
 
-def _top_words(joined: str, counts: np.ndarray, min_count: int, fine: fmt.Vocab, k: int) -> list[str]:
+def _words_in(bounds: tuple[np.ndarray, np.ndarray, np.ndarray], tokens: Sequence[str]) -> np.ndarray:
+    """Which of the words ``bounds`` (``_word_bounds``) are among ``tokens``: in C, by code points."""
+    cps, starts, lens = bounds
+    ids = np.empty(len(lens), dtype=np.int64)
+    languages._native.TokenIndex(tokens).lookup(np.delete(cps, starts[1:] - 1), lens, ids, -1)
+    return ids >= 0
+
+
+def _top_words(joined: str, counts: np.ndarray, min_count: int, fine: fmt.Vocab, k: int,
+               bounds: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+               in_fine: np.ndarray | None = None) -> tuple[list[str], np.ndarray]:
     """The coarse vocabulary's words: the ``k`` most frequent (then by text: ``_by_count_then_token``)
     of the distinct words (``joined`` by WORD_SEP, with their ``counts``) seen at least ``min_count``
-    times that are no fine token nor white space. A str is made only for the words that can be among
-    them (in C the fine tokens are found by code points; most distinct words are rarer than
-    ``min_count``, and only those counted at least as often as the k-th are sorted)."""
+    times that are no fine token nor white space; and their indices among the distinct words. A str is
+    made only for the words that can be among them (in C the fine tokens are found by code points:
+    ``in_fine``, which the caller may pass with the words' ``bounds``; most distinct words are rarer
+    than ``min_count``, and only those counted at least as often as the k-th are sorted)."""
     frequent = np.flatnonzero(counts >= min_count)
     if not len(frequent) or k <= 0:
-        return []
-    cps, starts, lens = _word_bounds(joined)
+        return [], np.zeros(0, dtype=np.int64)
+    cps, starts, lens = bounds if bounds is not None else _word_bounds(joined)
 
     def words_at(at: np.ndarray):
         return map(joined.__getitem__, map(slice, starts[at].tolist(), (starts[at] + lens[at]).tolist()))
 
     native = languages._native
-    if native is not None:
+    if in_fine is not None:
+        keep = frequent[~in_fine[frequent]]
+    elif native is not None:
         ids = np.empty(len(frequent), dtype=np.int64)
         native.TokenIndex(fine.tokens).lookup(cps[concat_ranges(starts[frequent], lens[frequent])], lens[frequent], ids, -1)
         keep = frequent[ids < 0]
@@ -1016,34 +1025,36 @@ def _top_words(joined: str, counts: np.ndarray, min_count: int, fine: fmt.Vocab,
     if len(keep) > k:  # every word counted at least as often as the k-th most frequent (ties by text)
         kth = np.partition(counts[keep], len(keep) - k)[len(keep) - k]
         keep = keep[counts[keep] >= kth]
-    return _by_count_then_text(joined, cps, starts, lens, keep, counts[keep])[:k]
+    words, order = _by_count_then_text(joined, cps, starts, lens, keep, counts[keep])
+    return words[:k], keep[order[:k]]
 
 
 _SORT_CELLS = 1 << 23  # _by_count_then_text sorts in NumPy up to this many code points (32 MB), else in Python
 
 
 def _by_count_then_text(joined: str, cps: np.ndarray, starts: np.ndarray, lens: np.ndarray, at: np.ndarray,
-                        counts: np.ndarray) -> list[str]:
+                        counts: np.ndarray) -> tuple[list[str], np.ndarray]:
     """The words ``at`` (of ``joined``: ``_word_bounds``) with their ``counts``, as str, in
-    ``_by_count_then_token``'s order (count descending, then text), sorted in NumPy as fixed-width
+    ``_by_count_then_token``'s order (count descending, then text), and that order (positions in ``at``);
+    sorted in NumPy as fixed-width
     UTF-32 strings (padded with NUL, which sorts a word before the longer words it begins, as
     Python's str order does): 72k words 30-55 ms against ~125 ms for a str each and the list sorts.
     Words holding a NUL, or too many code points padded (one long word), take the Python sort."""
     if not len(at):
-        return []
+        return [], np.zeros(0, dtype=np.int64)
     width = max(int(lens[at].max()), 1)
     points = cps[concat_ranges(starts[at], lens[at])]
     if len(at) * width > _SORT_CELLS or not points.all():
         items = list(zip(map(joined.__getitem__, map(slice, starts[at].tolist(), (starts[at] + lens[at]).tolist())),
-                         counts.tolist()))
+                         counts.tolist(), range(len(at))))
         _by_count_then_token(items)
-        return [w for w, _ in items]
+        return [w for w, _, _ in items], np.fromiter((i for _, _, i in items), dtype=np.int64, count=len(items))
     table = np.zeros((len(at), width), dtype=np.uint32)
     table[np.arange(width) < lens[at][:, None]] = points
     text = table.view(f"<U{width}").ravel()
     order = np.argsort(text, kind="stable")
     order = order[np.argsort(-counts[order], kind="stable")]
-    return text[order].tolist()
+    return text[order].tolist(), order
 
 
 def char_and_run_counts(words: Counter | PackedCounter) -> tuple[Counter, Counter]:
@@ -1304,16 +1315,28 @@ class Chinese(Language):
                                 f"the coarse vocabulary contains every fine token so out-of-vocabulary words can back "
                                 f"off; raise --coarse-vocab-size or lower --fine-vocab-size",
                                 final=True)  # the fix is an option, which a --resume refuses: nothing kept
-        multi = _top_words(joined, values, self.options["coarse_min_count"], fine, max_coarse - len(fine))
-        coarse = fmt.Vocab(fine.tokens + multi)
+        bounds = in_fine = None
+        if languages._native is not None and len(values):  # which words are fine tokens, found once
+            bounds = _word_bounds(joined)
+            in_fine = _words_in(bounds, fine.tokens)
+        multi, chosen = _top_words(joined, values, self.options["coarse_min_count"], fine, max_coarse - len(fine),
+                                   bounds, in_fine)
         fine.save(artifacts_dir / fmt.FINE_VOCAB_FILE)
-        coarse.save(artifacts_dir / fmt.COARSE_VOCAB_FILE)
+        if in_fine is not None:
+            # A word is in the coarse vocabulary if it is a fine token or one of ``multi`` (none is a fine
+            # token): its coverage needs no table of 100k words, and the file none either (every worker
+            # checks it as it loads it, ``fmt.Vocab.load``).
+            fmt.Vocab.save_tokens(artifacts_dir / fmt.COARSE_VOCAB_FILE, fine.tokens + multi)
+            total_words, in_vocab = int(values.sum()), int(values[in_fine].sum()) + int(values[chosen].sum())
+        else:
+            coarse = fmt.Vocab(fine.tokens + multi)
+            coarse.save(artifacts_dir / fmt.COARSE_VOCAB_FILE)
+            total_words, in_vocab = _vocab_coverage(joined, values, coarse)
         self._keep_user_dict(artifacts_dir)
-        total_words, in_vocab = _vocab_coverage(joined, values, coarse)
         return {
             "segmenter": self.options["segmenter"],
             "fine_vocab_latin_runs": sum(1 for t in fine.tokens if len(t) > 1 and t[0] != "[" and not t.startswith("##")),
-            "coarse_vocab_words": len(coarse) - len(fine),
+            "coarse_vocab_words": len(multi),
             "distinct_words": len(values),
             "word_vocab_coverage": round(in_vocab / total_words, 6) if total_words else None,
         }

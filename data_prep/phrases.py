@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.languages import arrow_ints, arrow_strings
+from data_prep.languages import arrow_ints, arrow_strings, load_arrays, save_arrays
 
 log = logging.getLogger("data_prep.phrases")
 
@@ -838,17 +838,16 @@ WORDS_BLOCK_BYTES = 1 << 24
 
 def encoded_words_path(words_file: str | os.PathLike) -> Path:
     """Where ``save_encoded_words`` keeps a words file's encoding (beside it)."""
-    return Path(str(words_file) + ".ids.npz")
+    return Path(str(words_file) + ".ids.arrays")
 
 
 def save_encoded_words(words_file: str | os.PathLike, distinct: list[str], tokens: np.ndarray) -> None:
     """Keep ``encode_words_bytes`` of a whole words file beside it (the build's analysis has it in hand),
     so that the fit's counting passes read it instead of splitting and encoding the text again (twice);
     with the words file's size, which ``encoded_word_blocks`` checks."""
-    with open(encoded_words_path(words_file), "wb") as fh:
-        np.savez(fh, distinct=np.frombuffer(" ".join(distinct).encode("utf-8"), dtype=np.uint8),
-                 tokens=tokens.astype(np.int32 if len(distinct) < 2**31 else np.int64),
-                 words_bytes=np.int64(os.path.getsize(words_file)))
+    save_arrays(encoded_words_path(words_file), distinct=np.frombuffer(" ".join(distinct).encode("utf-8"), dtype=np.uint8),
+                tokens=tokens.astype(np.int32 if len(distinct) < 2**31 else np.int64),
+                words_bytes=np.int64(os.path.getsize(words_file)))
 
 
 def _saved_encoding(words_file: str | os.PathLike) -> tuple[list[str], np.ndarray] | None:
@@ -856,10 +855,10 @@ def _saved_encoding(words_file: str | os.PathLike) -> tuple[list[str], np.ndarra
     path = encoded_words_path(words_file)
     if not path.is_file():
         return None
-    with np.load(path) as z:
-        if int(z["words_bytes"]) != os.path.getsize(words_file):
-            return None
-        return z["distinct"].tobytes().decode("utf-8").split(" "), z["tokens"].astype(np.int64)
+    z = load_arrays(path)
+    if int(z["words_bytes"]) != os.path.getsize(words_file):
+        return None
+    return z["distinct"].tobytes().decode("utf-8").split(" "), z["tokens"].astype(np.int64)
 
 
 def encoded_word_blocks(words_file: str | os.PathLike, block_bytes: int = WORDS_BLOCK_BYTES) -> Iterator[tuple[list[str], np.ndarray]]:

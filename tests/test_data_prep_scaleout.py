@@ -12,10 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from data_prep import core
 from data_prep import format as fmt
+from data_prep.chinese import SHARD_CACHE_FILE
 from tests.distributed import run_distributed
 from tests.test_data_prep_zh import dataset_bytes, small_config, write_corpus
 
@@ -339,7 +341,7 @@ def test_kill9_then_resume_gives_identical_bytes(reference, tmp_path):
     # is deleted once the part is written (the kill may fall in between, once per worker)
     assert all((d / "docs.txt").is_file() and (d / "counts.pkl").is_file() for d in encoded)
     assert sum((d / "cache").exists() for d in encoded) <= 2, [d.name for d in encoded if (d / "cache").exists()]
-    assert all((d / "cache" / "segmented.npz").is_file() for d in work.glob("shards/*/") if d not in encoded)
+    assert all((d / "cache" / SHARD_CACHE_FILE).is_file() for d in work.glob("shards/*/") if d not in encoded)
     resumed = subprocess.run(_cli(corpus, out, "--resume"), env=_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stderr
@@ -441,6 +443,32 @@ def test_packed_count_tables_sum_like_counters():
     assert isinstance(empty, PackedCounter) and empty.unpack() == Counter()
 
 
+def test_array_files_round_trip_and_name_a_damaged_file(tmp_path):
+    """languages.save_arrays / load_arrays (the shards' caches): every dtype, shape and value back, the
+    arrays writable; a truncated file, another file, a header that lies: a ValueError naming the file."""
+    from data_prep.languages import ARRAYS_MAGIC, load_arrays, save_arrays
+
+    arrays = {"words": np.frombuffer("中国\x1fword".encode(), dtype=np.uint8), "ids": np.arange(7, dtype=np.int32),
+              "empty": np.zeros(0, dtype=np.int64), "grid": np.arange(12, dtype=np.float64).reshape(3, 4)[:, ::2],
+              "scalar": np.int64(2**40), "flags": np.array([True, False, True])}
+    path = tmp_path / "a.arrays"
+    save_arrays(path, **arrays)
+    got = load_arrays(path)
+    assert list(got) == list(arrays)
+    for name, a in arrays.items():
+        a = np.asarray(a)
+        assert got[name].dtype == a.dtype and got[name].shape == a.shape and np.array_equal(got[name], a), name
+    got["ids"][0] = 5  # writable, as np.load's arrays were
+    assert path.stat().st_size % 8 == 0
+    data = path.read_bytes()
+    for bad in (data[:-8], data + bytes(8), b"PK\x03\x04" + data[4:], ARRAYS_MAGIC + (10**6).to_bytes(8, "little") + b"{}", b""):
+        path.write_bytes(bad)
+        with pytest.raises(ValueError, match=f"{path} is not a complete array file"):
+            load_arrays(path)
+    with pytest.raises(TypeError, match="objects"):
+        save_arrays(path, words=np.array(["a"], dtype=object))
+
+
 def test_arrow_helpers_give_the_values_without_importing_pandas():
     """pa.array() and to_numpy(zero_copy_only=False) import pandas on first use: ~0.15 s in each pool
     worker of an English build (its words files are numbered by Arrow) and in the count sum."""
@@ -514,11 +542,11 @@ def _kept_work(corpus: Path, tmp_path: Path) -> Path:
     core.build(small_config(corpus, out, shard_documents=SHARD_DOCS, keep_work_dir=True))
     shutil.rmtree(out)
     shards = list(core.work_dir_for(out).glob("shards/*/"))
-    assert shards and all((d / "cache" / "segmented.npz").is_file() for d in shards)  # kept, caches included
+    assert shards and all((d / "cache" / SHARD_CACHE_FILE).is_file() for d in shards)  # kept, caches included
     return out
 
 
-@pytest.mark.parametrize("damage", ["counts", "read_json", "bin", "params"])
+@pytest.mark.parametrize("damage", ["counts", "read_json", "bin", "params", "cache"])
 def test_resume_of_a_damaged_work_directory_names_the_fix(reference, tmp_path, damage):
     """A work-directory file removed or damaged (by hand, a crash without fsync): --resume used to end
     in a raw traceback, or - a truncated shard .bin - to write a damaged dataset and exit 0."""
@@ -532,6 +560,10 @@ def test_resume_of_a_damaged_work_directory_names_the_fix(reference, tmp_path, d
         (work / core.READ_FILE).write_text("{")
     elif damage == "params":  # it used to call every parameter "different"
         (work / core.PARAMS_FILE).unlink()
+    elif damage == "cache":  # the segmentation a shard still to encode reads back
+        (work / "shards" / "000003" / core.SHARD_PART_FILE).unlink()
+        cache = work / "shards" / "000003" / "cache" / SHARD_CACHE_FILE
+        cache.write_bytes(cache.read_bytes()[:-8])
     else:
         part = work / "shards" / "000003" / core.SHARD_PART_FILE
         part.write_bytes(part.read_bytes()[:100])
@@ -542,6 +574,8 @@ def test_resume_of_a_damaged_work_directory_names_the_fix(reference, tmp_path, d
     if damage == "bin":
         assert f"000003/{core.SHARD_PART_FILE} is not a complete shard part" in str(info.value)
         assert "truncated" in str(info.value)
+    if damage == "cache":
+        assert f"000003/cache/{SHARD_CACHE_FILE} is not a complete array file" in str(info.value), str(info.value)
     if damage in ("counts", "read_json"):  # the file is named
         named = (f"000003/{core.SHARD_COUNTS_FILE} is damaged (UnpicklingError" if damage == "counts" else
                  f"{core.READ_FILE} is not valid JSON (Expecting property name")

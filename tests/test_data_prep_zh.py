@@ -894,11 +894,14 @@ def test_numpy_word_order_equals_pythons_sort(monkeypatch):
         at = rng.permutation(len(table))[: len(table) - 10]
         expected = [table[i] for i in sorted(at.tolist(), key=lambda i: (-counts[i], table[i]))]
         cps, starts, lens = _word_bounds(joined)
-        assert _by_count_then_text(joined, cps, starts, lens, at, counts[at]) == expected
-        monkeypatch.setattr(chinese, "_SORT_CELLS", 10)  # the Python path
-        assert _by_count_then_text(joined, cps, starts, lens, at, counts[at]) == expected
+        for path in ("numpy", "python"):
+            if path == "python":
+                monkeypatch.setattr(chinese, "_SORT_CELLS", 10)
+            got, order = _by_count_then_text(joined, cps, starts, lens, at, counts[at])
+            assert got == expected and [table[i] for i in at[order].tolist()] == expected, path
         monkeypatch.undo()
-    assert _by_count_then_text("", *_word_bounds(""), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)) == []
+    got, order = _by_count_then_text("", *_word_bounds(""), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    assert got == [] and len(order) == 0
     for n in (0, 1, 5, 3000):
         values = rng.integers(-50, 50, n) * 0x110000 + rng.integers(0, 3, n)
         assert np.array_equal(_sorted_unique(values), np.unique(values))
