@@ -19,6 +19,8 @@ Stages (each resumable, each independent of the number of workers / MPI ranks):
 6. merge   rank 0 concatenates the shard datasets IN SHARD ORDER (``format.merge_splits``: the bytes
            megatron-core's builder merge writes, without importing it) into ``DIR.partial-<pid>`` (an
            ``AtomicDirectory``), copies the artifacts, writes meta.json last and renames it to DIR.
+           Most of it is done during stage 5: ``format.BinConcatenator`` appends each shard's token
+           bytes and index pieces as soon as it and the shards before it are encoded.
 
 Every stage's output is written to a temporary name and renamed, so its presence marks the stage
 done (a shard's docs.txt, counts.pkl, encoded.part; the corpus's read.json and fit.done):
@@ -570,17 +572,12 @@ def _shard_dir(work: Path, k: int) -> Path:
 SHARD_DOCUMENTS_FILE = "docs.txt"
 SHARD_COUNTS_FILE = "counts.pkl"
 SHARD_PART_FILE = "encoded.part"
-WORK_FORMAT = 4  # of DIR.partial (params.json): a --resume of a work dir in another layout is refused
+WORK_FORMAT = 5  # of DIR.partial (params.json): a --resume of a work dir in another layout is refused
 
 
 def read_shard_documents(shard_dir: Path) -> list[str]:
     text = (shard_dir / SHARD_DOCUMENTS_FILE).read_bytes().decode("utf-8")
     return text.split("\0") if text else []
-
-
-def count_shard_documents(shard_dir: Path) -> int:
-    data = (shard_dir / SHARD_DOCUMENTS_FILE).read_bytes()
-    return data.count(b"\0") + 1 if data else 0
 
 
 def _write_shard_documents(shard_dir: Path, documents: list[str]) -> None:
@@ -881,7 +878,7 @@ def _analyze(task: str | tuple[str, list[str]]) -> tuple[str, int]:
 
 
 def _encode(args: tuple) -> str:
-    shard_dir, artifacts, first_document, num_documents, num_valid, fine_size, coarse_size, drop_cache = args
+    shard_dir, artifacts, first_document, expected, num_documents, num_valid, fine_size, coarse_size, drop_cache = args
     shard = Path(shard_dir)
     if (shard / SHARD_PART_FILE).exists():
         return shard_dir
@@ -890,7 +887,6 @@ def _encode(args: tuple) -> str:
         lang.load(Path(artifacts))
         _WORKER["loaded"] = artifacts
     enc = lang.encode_shard(shard / "cache")
-    expected = count_shard_documents(shard)
     if enc.num_documents != expected:
         raise fmt.FormatError(f"{shard}: the language plugin encoded {enc.num_documents} documents, the shard has {expected}")
     check_encoded_shard(enc, fine_size, coarse_size, str(shard))
@@ -1054,11 +1050,15 @@ class _Executor:
             tables += self._get(self.pool.map_async(_sum_shard_counts, [rest[i::n] for i in range(n)], chunksize=1))
         return _sum_count_tables(tables)
 
-    def close(self) -> None:
+    def close(self, join: bool = True) -> None:
+        """No more tasks: the workers exit once idle. ``join`` waits for that (``Pool.join``: the
+        workers' exit, and up to 0.1 s of the pool's handler thread polling): the build leaves it
+        until after its merge."""
         if self.pool is not None:
             self.pool.close()
-            self.pool.join()
-            self.pool = None
+            if join:
+                self.pool.join()
+                self.pool = None
 
     def terminate(self) -> None:
         """Stop the pool at once (an error, Ctrl-C, SIGTERM): ``kill_pool``."""
@@ -1825,8 +1825,9 @@ def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.Inp
         stage_seconds["fit"] = round(time.time() - started - sum(stage_seconds.values()), 2)
         all_counts = None  # free the gathered tables
         fit_stats = _work_json(work / "fit.done")
-        fine_size = len(fmt.Vocab.load(artifacts / fmt.FINE_VOCAB_FILE))
-        coarse_size = len(fmt.Vocab.load(artifacts / fmt.COARSE_VOCAB_FILE))
+        # (sizes only: every worker loads and checks the vocabularies before it encodes a shard)
+        fine_size = fmt.Vocab.size_of(artifacts / fmt.FINE_VOCAB_FILE)
+        coarse_size = fmt.Vocab.size_of(artifacts / fmt.COARSE_VOCAB_FILE)
 
         # ---- 5. encode ---------------------------------------------------------------------------
         num_documents = summary["num_documents"]
@@ -1850,10 +1851,13 @@ def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.Inp
                 staging = work / "merged"
                 shutil.rmtree(staging, ignore_errors=True)
                 concatenator = fmt.BinConcatenator(staging, [_shard_dir(work, k) / SHARD_PART_FILE
-                                                             for k in range(summary["num_shards"])])
+                                                             for k in range(summary["num_shards"])],
+                                                   vocab_sizes=(fine_size, coarse_size))
             with _progress(config.progress and comm.rank == 0, desc="encode", unit="shard", total=len(mine)) as bar:
                 for k in mine:
-                    task = (str(_shard_dir(work, k)), str(artifacts), summary["shard_starts"][k], num_documents,
+                    starts = summary["shard_starts"]
+                    task = (str(_shard_dir(work, k)), str(artifacts), starts[k],  # its documents' range
+                            (starts[k + 1] if k + 1 < len(starts) else num_documents) - starts[k], num_documents,
                             num_valid, fine_size, coarse_size,
                             not config.keep_work_dir and not lang.cache_needed_after_encode(k, summary["num_shards"]))
                     executor.submit(_encode_task, task)
@@ -1870,7 +1874,7 @@ def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.Inp
                     bar.update(len(list(executor.ready())))
                     if concatenator is not None:
                         concatenator.append_ready(encoded)
-            executor.close()
+            executor.close(join=False)  # joined after the merge
 
         _collective(comm, encode)
         stage_seconds["encode"] = round(time.time() - started - sum(stage_seconds.values()), 2)
@@ -1895,8 +1899,12 @@ def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.Inp
 
     try:
         meta = _collective(comm, merge)
-    except KeyboardInterrupt as exc:
-        raise _interrupted(exc, config) from None
+    except BaseException as exc:
+        executor.terminate()
+        if isinstance(exc, KeyboardInterrupt):
+            raise _interrupted(exc, config) from None
+        raise
+    executor.close()  # the workers, told to exit after the encoding, have exited meanwhile
     return comm.bcast(meta)
 
 
@@ -1918,9 +1926,10 @@ def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_siz
     totals: Counter = Counter()
     extra: Counter = Counter()
     parts = [str(shard / SHARD_PART_FILE) for shard in shards]
-    for part in parts:
+    indexed = concatenator is not None and concatenator.complete and concatenator.indexed
+    for k, part in enumerate(parts):
         try:
-            stats = fmt.read_part(part)[1]
+            stats = concatenator.extras[k] if indexed else fmt.read_part(part)[1]
         except fmt.FormatError as exc:
             raise BuildError(f"{exc}. Pass --overwrite without --resume to start over") from None
         for key in ("documents", "empty_after_normalization", "sentences", "characters", "fine_tokens",
@@ -1936,7 +1945,10 @@ def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_siz
                     shutil.move(fmt.prefix(concatenator.directory, split, stream) + ".bin", fmt.prefix(out, split, stream) + ".bin")
         for split in _progress(config.progress, desc="merge", unit="split", iterable=fmt.SPLITS):
             try:
-                splits[split] = fmt.merge_splits(out, split, parts, fine_size, coarse_size, bin_written)
+                if indexed:  # the indexes too (``fmt.BinConcatenator.write_split``)
+                    splits[split] = concatenator.write_split(out, split)
+                else:
+                    splits[split] = fmt.merge_splits(out, split, parts, fine_size, coarse_size, bin_written)
             except fmt.FormatError as exc:  # nothing is written to DIR; the damaged shard must be redone
                 raise BuildError(f"{exc}. Pass --overwrite without --resume to start over") from None
             # The clear error the format needs (a 0-document split makes megatron's samplers spin forever).

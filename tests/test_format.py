@@ -1,6 +1,7 @@
 """The on-disk format: write -> read round trip, invariants, atomic directories."""
 
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -109,9 +110,21 @@ def test_vocab_rules(tmp_path):
     v.save(tmp_path / "v.txt")
     assert fmt.Vocab.load(tmp_path / "v.txt").tokens == v.tokens
     assert (tmp_path / "v.txt").read_bytes() == "".join(t + "\n" for t in v.tokens).encode("utf-8")
+    fmt.Vocab.save_tokens(tmp_path / "w.txt", v.tokens)  # (no Vocab made): the same bytes
+    assert (tmp_path / "w.txt").read_bytes() == (tmp_path / "v.txt").read_bytes()
+    assert fmt.Vocab.size_of(tmp_path / "v.txt") == len(v)
+    (tmp_path / "w.txt").write_text("\n".join(v.tokens), encoding="utf-8")  # no final line break
+    assert fmt.Vocab.size_of(tmp_path / "w.txt") == len(fmt.Vocab.load(tmp_path / "w.txt")) == len(v)
+    with pytest.raises(fmt.FormatError, match="missing.txt is missing: restore it, or rebuild the dataset"):
+        fmt.Vocab.size_of(tmp_path / "missing.txt")
+    (tmp_path / "w.txt").write_bytes(b"\xff\n")
+    with pytest.raises(fmt.FormatError, match="w.txt: 'utf-8' codec can't decode"):
+        fmt.Vocab.size_of(tmp_path / "w.txt")
     for bad in ("a\nb", "x\r", "\n"):  # one token a line: a line break inside one is refused, nothing written
         with pytest.raises(fmt.FormatError, match=f"vocabulary entry {re.escape(repr(bad))} contains a line break"):
             fmt.Vocab.from_tokens(["中", bad, "国"]).save(tmp_path / "bad.txt")
+        with pytest.raises(fmt.FormatError, match="contains a line break"):
+            fmt.Vocab.save_tokens(tmp_path / "bad.txt", [*fmt.SPECIAL_TOKENS, bad])
         assert not (tmp_path / "bad.txt").exists()
 
 
@@ -212,6 +225,30 @@ def test_bin_concatenation_during_encoding_equals_the_merge(tmp_path):
         for stream in fmt.STREAMS:
             for ext in (".bin", ".idx"):
                 assert (ours / f"{split}_{stream}{ext}").read_bytes() == (plain / f"{split}_{stream}{ext}").read_bytes()
+    # with the vocabularies' sizes it builds the indexes as it goes: write_split gives the same bytes
+    concat = fmt.BinConcatenator(tmp_path / "staging2", part_dirs, vocab_sizes=(300, 70000))
+    for k in (1, 0, 3, 2):
+        ready.discard(k)
+    for k in (3, 0, 2, 1):
+        ready.add(k)
+        concat.append_ready(ready.__contains__)
+    with pytest.raises(fmt.FormatError, match="internal"):  # the parts' .bin files are not in place yet
+        fmt.BinConcatenator(tmp_path / "staging3", part_dirs, vocab_sizes=(300, 70000)).write_split(tmp_path, "train")
+    streamed = tmp_path / "streamed"
+    streamed.mkdir()
+    for split in fmt.SPLITS:
+        for stream in fmt.STREAMS:
+            (tmp_path / "staging2" / f"{split}_{stream}.bin").rename(streamed / f"{split}_{stream}.bin")
+        assert concat.write_split(streamed, split) == expected[split]
+        for stream in fmt.STREAMS:
+            for ext in (".bin", ".idx"):
+                assert (streamed / f"{split}_{stream}{ext}").read_bytes() == (plain / f"{split}_{stream}{ext}").read_bytes()
+    assert concat.extras == [None] * 4  # (plain parts carry no extra)
+    assert sorted(p.name for p in (tmp_path / "staging2").iterdir()) == []  # the index pieces are gone
+    wrong = fmt.BinConcatenator(tmp_path / "staging4", part_dirs, vocab_sizes=(70000, 70000))
+    with pytest.raises(fmt.FormatError, match="different vocabularies; rebuild them with the same ones"):
+        wrong.append_ready(lambda k: True)
+    wrong.close()
     short = tmp_path / "short"
     short.mkdir()
     concat = fmt.BinConcatenator(short, part_dirs)
@@ -276,9 +313,12 @@ def test_part_files_merge_like_plain_datasets(tmp_path, monkeypatch, copy):
     plain, ours = tmp_path / "plain", tmp_path / "ours"
     plain.mkdir()
     ours.mkdir()
-    concat = fmt.BinConcatenator(tmp_path / "staging", part_files)
+    concat = fmt.BinConcatenator(tmp_path / "staging", part_files, vocab_sizes=(300, 70000))
     concat.append_ready(lambda k: True)
     concat.close()
+    assert concat.extras == [{"documents": 2 * n, "k": k} for k, n in enumerate((5, 9, 0, 4))]
+    streamed = tmp_path / "streamed"
+    streamed.mkdir()
     for split in fmt.SPLITS:
         expected = fmt.merge_splits(plain, split, part_dirs, 300, 70000)
         assert fmt.merge_splits(ours, split, part_files, 300, 70000) == expected
@@ -286,6 +326,10 @@ def test_part_files_merge_like_plain_datasets(tmp_path, monkeypatch, copy):
             for ext in (".bin", ".idx"):
                 assert (ours / f"{split}_{stream}{ext}").read_bytes() == (plain / f"{split}_{stream}{ext}").read_bytes()
             assert (tmp_path / "staging" / f"{split}_{stream}.bin").read_bytes() == (plain / f"{split}_{stream}.bin").read_bytes()
+            shutil.copy(tmp_path / "staging" / f"{split}_{stream}.bin", streamed)
+        assert concat.write_split(streamed, split) == expected
+        for stream in fmt.STREAMS:
+            assert (streamed / f"{split}_{stream}.idx").read_bytes() == (plain / f"{split}_{stream}.idx").read_bytes()
     data = part_files[1].read_bytes()
     part_files[1].write_bytes(data[:-5])
     with pytest.raises(fmt.FormatError, match=r"part1.part is not a complete shard part .*truncated"):
