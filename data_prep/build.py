@@ -61,8 +61,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="a coarse unit needs this many occurrences for a coarse id: en, a word/phrase, else coarse "
                         "[UNK]; zh, a word, else it backs off to pieces (default: 2 for both)")
     p.add_argument("--valid-fraction", type=float, default=0.01, help="share of documents in the valid split")
-    p.add_argument("--shard-documents", type=int, default=2000,
-                   help="at most this many documents per shard (unit of parallelism/resume)")
+    p.add_argument("--shard-documents", type=int, default=100_000,
+                   help="at most this many documents per shard (unit of parallelism/resume; shards are sized by "
+                        "--shard-characters, this caps a corpus of very short documents)")
     p.add_argument("--shard-characters", type=int, default=None,
                    help="a shard also closes at this many characters (default: corpus size / 64, "
                         "between 50k and 16M)")

@@ -138,7 +138,7 @@ class BuildConfig:
     """--coarse-min-count: a coarse unit seen fewer times stays out of the coarse vocabulary."""
     valid_fraction: float = 0.01
     """--valid-fraction: share of documents in the valid split (deterministic, evenly spread)."""
-    shard_documents: int = 2000
+    shard_documents: int = 100_000
     """--shard-documents: at most this many documents per shard (the unit of parallel work and of resume)."""
     shard_characters: int | None = None
     """--shard-characters: a shard also closes at this many characters (None: corpus size / 64, clamped
