@@ -65,7 +65,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="at most this many documents per shard (unit of parallelism/resume; shards are sized by "
                         "--shard-characters, this caps a corpus of very short documents)")
     p.add_argument("--shard-characters", type=int, default=None,
-                   help="a shard also closes at this many characters (default: corpus size / 64, "
+                   help="a shard also closes at this many characters (default: corpus bytes / 32, "
                         "between 50k and 16M)")
     p.add_argument("--text-mode", choices=inputs.TEXT_MODES, default="auto",
                    help="text files: one document per blank-line-separated block (paragraph), per line, or auto "

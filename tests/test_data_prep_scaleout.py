@@ -96,7 +96,7 @@ def test_shard_size_does_not_change_the_output(reference, tmp_path):
 
 
 def test_default_shard_size_scales_with_the_corpus():
-    assert core.auto_shard_characters([{"bytes": 10, "content_bytes": 5_000_000}]) == 5_000_000 // 64
+    assert core.auto_shard_characters([{"bytes": 10, "content_bytes": 5_000_000}]) == 5_000_000 // 32
     assert core.auto_shard_characters([{"bytes": 1000, "content_bytes": None}]) == 50_000
     assert core.auto_shard_characters([{"bytes": 10**12, "content_bytes": 10**12}]) == 16_000_000
 

@@ -17,7 +17,7 @@ copies add (almost) no new words: counts pass the minimum counts (English: 4x mo
 copies). "same" takes the vocabularies of the smallest full build (``--vocab-from``), so what can
 grow is only what a build holds per document, sentence or token; its shards have the same size
 (``--shard-characters``, default 250k) at every corpus size. The build's default shard size is the
-corpus / 64 within [50k, 16M] characters, so below ~1 GB shards (and the "full" rows' per-worker
+corpus bytes / 32 within [50k, 16M] characters, so below 512 MB shards (and the "full" rows' per-worker
 memory) grow with the corpus; one more row, "cap", builds the largest text with 16M-character shards:
 what a build of any larger corpus holds per worker. Printed as ratios against the smallest size;
 goal: the "same" peak without lmplz at 16x the text stays within 1.25x (streaming: flat).
@@ -130,7 +130,7 @@ def main() -> None:
                         cmd += reuse
                     if kind == "same":  # shards of the same size at every corpus size
                         cmd += ["--shard-characters", str(args.shard_characters), "--shard-documents", "1000000000"]
-                    if kind == "cap":  # shards at the default cap (what a corpus beyond ~1 GB gets)
+                    if kind == "cap":  # shards at the default cap (what a corpus beyond 512 MB gets)
                         cmd += ["--shard-characters", "16000000", "--shard-documents", "1000000000"]
                     peak = measure(cmd, env)
                     meta = json.loads((out / "meta.json").read_text())
@@ -156,7 +156,7 @@ def main() -> None:
                 if kind == "same":
                     failed |= ratio > 1.25
             _, size_cap, cap = rows["cap"][-1]
-            print(f"{lang}, shards of 16M characters (the default cap, reached by corpora beyond ~1 GB), --workers "
+            print(f"{lang}, shards of 16M characters (the default cap, reached by corpora beyond 512 MB), --workers "
                   f"{args.workers}: peak tree PSS {cap['tree'] / mb:.0f} MB, largest process {cap['rss'] / mb:.0f} MB: "
                   f"the memory a build of any larger corpus needs with these vocabularies")
     finally:

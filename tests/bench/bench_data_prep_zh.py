@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--segmenter", default="jieba-c", help="the build's (default: the build's default)")
     ap.add_argument("--peer", default="rjieba", help="the fastest published jieba, timed alone beside the build's own")
     ap.add_argument("--shard-documents", type=int, default=2000)
-    ap.add_argument("--shard-characters", type=int, default=None, help="default: the build's (corpus size / 64)")
+    ap.add_argument("--shard-characters", type=int, default=None, help="default: the build's (corpus bytes / 32)")
     ap.add_argument("--rounds", type=int, default=5, help="rounds of (segmenter, 1 worker, 2 workers)")
     ap.add_argument("--input", nargs="+", default=None, metavar="FILE",
                     help="time on this text instead (files, .xz/.gz too: decoded once, bad bytes replaced, one "
