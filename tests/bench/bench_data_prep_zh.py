@@ -10,7 +10,7 @@ stay as they are for 2 copies; at 2 copies (11 MB) 2 workers gain less. ``--inpu
 real text instead (e.g. ../shared/corpora/zh/*.txt.xz), where new words keep coming and every cost paid
 per distinct word shows (the copies add none). Printed side by side:
 - segmenter alone: ``cut`` over every line of the same text (no normalisation, no I/O), and over
-  chunks of ``--shard-documents`` lines joined by newlines (one call per chunk, as the build calls it;
+  chunks of ``--chunk-lines`` lines joined by newlines (one call per chunk, as the build calls it;
   faster); the goal's ratio is taken against the faster of the two;
 - this build (``data_prep.core.build``) end to end with --workers 1 and --workers 2 (reading,
   normalising, segmenting, counting, vocabularies, encoding, writing, merging, meta.json).
@@ -67,7 +67,9 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=4, help="repeat the demo text this many times (4: ~22 MB, the size of the English benchmark)")
     ap.add_argument("--segmenter", default="jieba-c", help="the build's (default: the build's default)")
     ap.add_argument("--peer", default="rjieba", help="the fastest published jieba, timed alone beside the build's own")
-    ap.add_argument("--shard-documents", type=int, default=2000)
+    ap.add_argument("--chunk-lines", type=int, default=2000,
+                    help="lines per call of the segmenter-alone chunk row (default %(default)s)")
+    ap.add_argument("--shard-documents", type=int, default=None, help="default: the build's (a cap of 100,000)")
     ap.add_argument("--shard-characters", type=int, default=None, help="default: the build's (corpus bytes / 32)")
     ap.add_argument("--rounds", type=int, default=5, help="rounds of (segmenter, 1 worker, 2 workers)")
     ap.add_argument("--input", nargs="+", default=None, metavar="FILE",
@@ -117,7 +119,7 @@ def main() -> None:
             return time.perf_counter() - t0, cpu() - c0
 
         # One call per shard-sized chunk, as the build calls it: fewer calls, faster (the stricter peer).
-        chunks = ["\n".join(lines[i:i + args.shard_documents]) for i in range(0, len(lines), args.shard_documents)]
+        chunks = ["\n".join(lines[i:i + args.chunk_lines]) for i in range(0, len(lines), args.chunk_lines)]
 
         def run_segmenter_chunks(which=seg) -> tuple[float, float]:
             t0, c0 = time.perf_counter(), cpu()
@@ -173,8 +175,8 @@ def main() -> None:
             out = tmp / f"ds_w{workers}{'_pure' if pure else ''}"
             shutil.rmtree(out, ignore_errors=True)
             cfg = core.BuildConfig(language="zh", output=str(out), inputs=[str(text_path)], workers=workers,
-                                   text_mode="line", shard_documents=args.shard_documents,
-                                   shard_characters=args.shard_characters, progress=False,
+                                   text_mode="line", shard_characters=args.shard_characters, progress=False,
+                                   **({"shard_documents": args.shard_documents} if args.shard_documents else {}),
                                    language_options={"segmenter": "rjieba" if pure and args.segmenter == "jieba-c"
                                                      else args.segmenter})
             saved = {name: vars(segmenter_class)[name] for name in timed_methods} if workers == 1 else {}
@@ -227,7 +229,7 @@ def main() -> None:
                        for f in os.listdir(tmp / "ds_w1") if f != "meta.json")
         rows = [
             (f"segmenter alone ({args.segmenter}.cut per line)", line_seg, line_cpu),
-            (f"segmenter alone (per {args.shard_documents}-line chunk)", *best["segc"]),
+            (f"segmenter alone (per {args.chunk_lines}-line chunk)", *best["segc"]),
             ("build --workers 1 (end to end)", t1, cpu1),
             ("build --workers 2 (end to end)", t2, cpu2),
             ("build --workers 1, no data_prep._native", *best["w1py"]),
