@@ -1264,32 +1264,137 @@ static inline int ascii_alnum_char(Py_UCS4 c) {
     return (c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z');
 }
 
+/* The clean-up of buf[0:n] in place (it never grows: one character out at most per one read); -> the new length. */
+static Py_ssize_t clean_spaces_in(Py_UCS4 *buf, Py_ssize_t n, int wordlike) {
+    Py_ssize_t o = 0, i = 0;
+    while (i < n) {
+        Py_UCS4 c = buf[i];
+        if (!space_not_break(c)) { buf[o++] = c; i++; continue; }
+        Py_ssize_t j = i + 1;
+        while (j < n && space_not_break(buf[j])) j++;
+        if (!wordlike) {
+            buf[o++] = ' ';
+        } else if (o && buf[o - 1] == '.') {
+            buf[o++] = '\n';
+        } else if (o && ascii_alnum_char(buf[o - 1]) && j < n && ascii_alnum_char(buf[j])) {
+            buf[o++] = ' ';
+        }
+        i = j;
+    }
+    return o;
+}
+
 static PyObject *clean_spaces(PyObject *self, PyObject *args) {
     PyObject *text;
     int wordlike;
     if (!PyArg_ParseTuple(args, "Up", &text, &wordlike)) return NULL;
-    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
-    int kind = PyUnicode_KIND(text);
-    const void *data = PyUnicode_DATA(text);
-    Py_UCS4 *out = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(Py_UCS4));  /* never longer than the text */
-    if (!out) return PyErr_NoMemory();
-    Py_ssize_t o = 0, i = 0;
-    while (i < n) {
-        Py_UCS4 c = PyUnicode_READ(kind, data, i);
-        if (!space_not_break(c)) { out[o++] = c; i++; continue; }
-        Py_ssize_t j = i + 1;
-        while (j < n && space_not_break(PyUnicode_READ(kind, data, j))) j++;
-        if (!wordlike) {
-            out[o++] = ' ';
-        } else if (o && out[o - 1] == '.') {
-            out[o++] = '\n';
-        } else if (o && ascii_alnum_char(out[o - 1]) && j < n && ascii_alnum_char(PyUnicode_READ(kind, data, j))) {
-            out[o++] = ' ';
-        }
-        i = j;
+    Py_UCS4 *buf = PyUnicode_AsUCS4Copy(text);
+    if (!buf) return NULL;
+    Py_ssize_t o = clean_spaces_in(buf, PyUnicode_GET_LENGTH(text), wordlike);
+    PyObject *result = PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, buf, o);
+    PyMem_Free(buf);
+    return result;
+}
+
+/* ---- normalisation (data_prep/normalize.py, normalize_documents) ------------------------------------
+   normalize_fast(documents, kinds, map_starts, map_data, wordlike) -> (texts, fallback): normalize_text of
+   each document in one pass over its characters, from a table per BMP code point that normalize.py builds
+   from unicodedata (_fast_tables; kinds: a byte for each code point below its length, 0x10000 or more): NK_KEEP (NFKC leaves it, and nothing next to
+   it, as it is), NK_MAP (NFKC maps it alone to map_data[map_starts[c]:map_starts[c + 1]], KEEP or SPACE
+   characters, whatever is around it: "１" -> "1", "…" -> "...", U+3000 -> " "), NK_BREAK (a line break
+   -> "\n"; "\r\n" -> "\n"), NK_DROP (a control character, removed), NK_SPACE (whitespace other than
+   "\n": clean_spaces_in does the rest), NK_UNSAFE (anything NFKC might change together with its
+   neighbours: combining marks and what they compose with, Hangul jamo; surrogates; and every code point
+   beyond the table). A document holding an unsafe character is left as it is in texts and its index put
+   in fallback: normalize.py takes those through the general path. */
+enum { NK_UNSAFE = 0, NK_KEEP = 1, NK_MAP = 2, NK_BREAK = 3, NK_DROP = 4, NK_SPACE = 5 };
+
+static PyObject *normalize_fast(PyObject *self, PyObject *args) {
+    PyObject *documents, *starts_obj, *data_obj;
+    Py_buffer kinds_view, starts, data;
+    int wordlike;
+    if (!PyArg_ParseTuple(args, "Oy*OOp", &documents, &kinds_view, &starts_obj, &data_obj, &wordlike)) return NULL;
+    PyObject *seq = NULL, *texts = NULL, *fallback = NULL, *result = NULL;
+    Py_UCS4 *buf = NULL;
+    int have_starts = 0, have_data = 0;
+    Py_ssize_t size = kinds_view.len;  /* code points with a kind */
+    if (size < 0x10000 || size > 0x110000) {
+        PyErr_SetString(PyExc_ValueError, "kinds must hold a byte for each of 0x10000 to 0x110000 code points"); goto done;
     }
-    PyObject *result = PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, out, o);
-    PyMem_Free(out);
+    if (get_ints(starts_obj, &starts, 0, "map_starts", 4) < 0) goto done;
+    have_starts = 1;
+    if (get_ints(data_obj, &data, 0, "map_data", 4) < 0) goto done;
+    have_data = 1;
+    if (starts.len / 4 != size + 1) { PyErr_SetString(PyExc_ValueError, "map_starts must hold len(kinds) + 1 offsets"); goto done; }
+    const uint8_t *kinds = (const uint8_t *)kinds_view.buf;
+    const int32_t *ms = (const int32_t *)starts.buf, *md = (const int32_t *)data.buf;
+    Py_ssize_t data_n = data.len / 4, longest_map = 1;
+    for (Py_ssize_t c = 0; c < size; c++) {  /* every mapping checked once: in range, to KEEP / SPACE only */
+        if (ms[c + 1] < ms[c] || ms[c] < 0 || ms[c + 1] > data_n) {
+            PyErr_SetString(PyExc_ValueError, "map_starts out of range"); goto done;
+        }
+        if (ms[c + 1] - ms[c] > longest_map) longest_map = ms[c + 1] - ms[c];
+        for (int32_t k = ms[c]; k < ms[c + 1]; k++)
+            if (md[k] < 0 || md[k] >= size || (kinds[md[k]] != NK_KEEP && kinds[md[k]] != NK_SPACE)) {
+                PyErr_SetString(PyExc_ValueError, "map_data holds a character that is not KEEP or SPACE"); goto done;
+            }
+    }
+    seq = PySequence_Fast(documents, "documents must be a sequence");
+    if (!seq) goto done;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), cap = 0;
+    texts = PyList_New(n);
+    fallback = PyList_New(0);
+    if (!texts || !fallback) goto done;
+    for (Py_ssize_t d = 0; d < n; d++) {
+        PyObject *text = PySequence_Fast_GET_ITEM(seq, d);
+        if (!PyUnicode_Check(text)) { PyErr_SetString(PyExc_TypeError, "documents must be str"); goto done; }
+        Py_ssize_t len = PyUnicode_GET_LENGTH(text), o = 0;
+        int kind = PyUnicode_KIND(text), spaces = 0, safe = kind != PyUnicode_4BYTE_KIND || size > 0x10000;  /* (UCS-4: beyond the BMP) */
+        const void *src = PyUnicode_DATA(text);
+        if (safe && len * longest_map > cap) {
+            cap = len * longest_map;
+            PyMem_Free(buf);
+            buf = PyMem_Malloc((size_t)(cap ? cap : 1) * sizeof(Py_UCS4));
+            if (!buf) { PyErr_NoMemory(); goto done; }
+        }
+        for (Py_ssize_t i = 0; safe && i < len; i++) {
+            Py_UCS4 c = PyUnicode_READ(kind, src, i);
+            switch (c < size ? kinds[c] : NK_UNSAFE) {
+            case NK_KEEP: buf[o++] = c; break;
+            case NK_MAP:
+                for (int32_t k = ms[c]; k < ms[c + 1]; k++) {
+                    buf[o++] = (Py_UCS4)md[k];
+                    spaces |= kinds[md[k]] == NK_SPACE;
+                }
+                break;
+            case NK_BREAK:
+                if (!(c == '\r' && i + 1 < len && PyUnicode_READ(kind, src, i + 1) == '\n')) buf[o++] = '\n';
+                break;
+            case NK_DROP: break;
+            case NK_SPACE: buf[o++] = c; spaces = 1; break;
+            default: safe = 0;
+            }
+        }
+        PyObject *out;
+        if (!safe) {
+            PyObject *index = PyLong_FromSsize_t(d);
+            if (!index || PyList_Append(fallback, index) < 0) { Py_XDECREF(index); goto done; }
+            Py_DECREF(index);
+            out = Py_NewRef(text);
+        } else {
+            if (spaces) o = clean_spaces_in(buf, o, wordlike);
+            out = PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, buf, o);
+            if (!out) goto done;
+        }
+        PyList_SET_ITEM(texts, d, out);
+    }
+    result = PyTuple_Pack(2, texts, fallback);
+done:
+    PyMem_Free(buf);
+    Py_XDECREF(seq); Py_XDECREF(texts); Py_XDECREF(fallback);
+    PyBuffer_Release(&kinds_view);
+    if (have_starts) PyBuffer_Release(&starts);
+    if (have_data) PyBuffer_Release(&data);
     return result;
 }
 
@@ -1428,6 +1533,8 @@ static PyMethodDef module_methods[] = {
      "sum_tables(keys, values) -> (keys, values bytes): packed count tables summed key by key, first-seen order"},
     {"clean_spaces", clean_spaces, METH_VARARGS,
      "clean_spaces(text, wordlike) -> text with its whitespace cleaned up as data_prep/normalize.py does"},
+    {"normalize_fast", normalize_fast, METH_VARARGS,
+     "normalize_fast(documents, kinds, map_starts, map_data, wordlike) -> (normalised texts, documents left to the general path)"},
     {"split_sentences", split_sentences, METH_VARARGS,
      "split_sentences(documents, limit) -> (sentences of each document, documents with a sentence over limit)"},
     {"english_sentences", english_sentences, METH_O, "english_sentences(text) -> data_prep.english.split_sentences(text)"},
@@ -1785,6 +1892,6 @@ PyMODINIT_FUNC PyInit__native(void) {
     if (PyModule_AddObjectRef(m, "TokenIndex", (PyObject *)&TokenIndexType) < 0) { Py_DECREF(m); return NULL; }
     /* data_prep/languages.py (NATIVE_VERSION) uses a compiled module only if this matches: a module
        compiled from an older _native.c (a checkout updated without re-running the set-up) is skipped. */
-    if (PyModule_AddIntConstant(m, "VERSION", 12) < 0) { Py_DECREF(m); return NULL; }
+    if (PyModule_AddIntConstant(m, "VERSION", 13) < 0) { Py_DECREF(m); return NULL; }
     return m;
 }

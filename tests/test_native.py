@@ -395,6 +395,44 @@ def test_sentence_split_equals_the_regular_expression_split(monkeypatch):
 
 
 @needs_native
+def test_normalisation_in_one_pass_equals_normalize_text():
+    """normalize_fast (one C pass through a table per code point) == normalize_text, document by
+    document: every BMP code point alone, between letters and doubled; random text over every kind
+    (full-width forms, compatibility characters, combining marks and what they compose with, Hangul
+    syllables and jamo, controls, line breaks, spaces, surrogates, beyond the BMP); the documents it
+    cannot do are handed back and get normalize_text's result through normalize_documents."""
+    from data_prep import normalize
+
+    kinds, starts, data = normalize._fast_tables()
+    counts = np.bincount(np.frombuffer(kinds, dtype=np.uint8), minlength=6)
+    assert counts[normalize._NK_KEEP] > 50_000 and counts[normalize._NK_MAP] > 2_000 and counts[normalize._NK_UNSAFE] > 2_000
+    chars = [chr(c) for c in range(0x10000)] + [chr(c) for c in range(0x10000, normalize._PLANES_0_TO_3, 5)]
+    docs = chars + [f"a{c}b" for c in chars] + [c + c for c in chars]
+    pool = list("中国ａＺ０９。，…①ﬁ¨ｶﾞ\u3099\u0301eé\u1100\u1161\u11a8가각ㄱㅏ\u00a0\u3000\u2028\r\n\t \x85\x0b\x1c\u200b\ufeff"
+                "\u00ad\ud800\U00020000\U0002f800\U0001d400\U0001f600\U000e0100\U0010fffd.Aa1\u0b47\u0b3e\u1680\u2002\u202f\ue000\ufffd")
+    rng = random.Random(11)
+    docs += ["".join(rng.choice(pool) for _ in range(rng.randint(0, 12))) for _ in range(20_000)]
+    for size in (0x10000, normalize._PLANES_0_TO_3):
+        tables = normalize._fast_tables(size)
+        for wordlike, keep in ((True, "wordlike"), (False, "all")):
+            texts, rest = native.normalize_fast(docs, *tables, wordlike)
+            handed_back = set(rest)
+            assert 0 < len(handed_back) < len(docs) // 2
+            assert (size > 0x10000) == ("\U00020000" not in {docs[i] for i in rest})
+            for i, (doc, text) in enumerate(zip(docs, texts)):
+                if i in handed_back:
+                    assert text is doc
+                else:
+                    assert text == normalize.normalize_text(doc, keep), (doc, text)
+    for keep in ("wordlike", "all"):
+        assert normalize.normalize_documents(docs, keep) == [normalize.normalize_text(d, keep) for d in docs]
+    for bad, message in (((b"x",) + (starts, data), "0x10000"), ((kinds, starts[:-1], data), "len.kinds. . 1"),
+                         ((kinds, starts, np.array(data, dtype=np.float32)), "integers")):
+        with pytest.raises((ValueError, TypeError), match=message):
+            native.normalize_fast(["a"], *bad, True)
+
+
+@needs_native
 def test_space_clean_up_equals_the_regular_expressions(monkeypatch):
     """clean_spaces (one C pass) == the three substitutions it replaces (runs of whitespace but line
     breaks -> one space; Chinese: ". " -> ".\n", a space kept only between ASCII letters/digits), for
