@@ -51,9 +51,11 @@ import sys
 import threading
 import time
 import warnings
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -1574,12 +1576,20 @@ def _read_into_shards(config, comm, specs, work: Path, executor: _Executor, on_a
         for result in executor.ready():
             on_analyzed(result)
 
-    for text in inp.iter_documents(specs, config.encoding_errors, config.max_document_chars, counters):
-        documents.append(text)
-        num_documents += 1
-        characters += len(text)
-        if len(documents) == config.shard_documents or characters >= max_characters:
-            flush()
+    for batch in inp.iter_document_batches(specs, config.encoding_errors, config.max_document_chars, counters):
+        # A shard ends with the document that brings it to --shard-documents or to its characters.
+        ends = list(accumulate(map(len, batch)))  # characters of batch[:i + 1]
+        start = 0
+        while start < len(batch):
+            before = ends[start - 1] if start else 0
+            end = min(bisect_left(ends, max_characters - characters + before, lo=start) + 1,
+                      start + config.shard_documents - len(documents), len(batch))
+            documents += batch[start:end]
+            num_documents += end - start
+            characters += ends[end - 1] - before
+            start = end
+            if len(documents) == config.shard_documents or characters >= max_characters:
+                flush()
     if documents:
         flush()
     summary = {"num_documents": num_documents, "num_shards": len(shard_starts), "shard_starts": shard_starts,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 
 from data_prep import core
 from data_prep import format as fmt
+from data_prep import inputs as inp
 from data_prep.chinese import SHARD_CACHE_FILE
 from tests.distributed import run_distributed
 from tests.test_data_prep_zh import dataset_bytes, small_config, write_corpus
@@ -93,6 +95,55 @@ def test_shard_size_does_not_change_the_output(reference, tmp_path):
     assert without_shard_params(dataset_bytes(tmp_path / "chars")) == without_shard_params(expected)
     core.build(small_config(corpus, tmp_path / "one", shard_documents=10**6, shard_characters=10**9))
     assert without_shard_params(dataset_bytes(tmp_path / "one")) == without_shard_params(expected)
+
+
+@pytest.mark.parametrize("batch_chars", [300, 1 << 18])
+def test_shards_end_where_documents_reach_the_size_whatever_the_read_batches(tmp_path, monkeypatch, batch_chars):
+    """The reader hands over documents a batch at a time: each shard still ends with the document that
+    brings it to --shard-documents or to its characters (the rule applied one document at a time),
+    batches smaller and larger than a shard alike; empty lines, NULs and over-long lines counted."""
+    rng = random.Random(3)
+    lines = ["中" * rng.choice([1, 5, 40, 300]) + "\n" for _ in range(400)]
+    lines[7] = "  \n"
+    lines[50] = "a\0b\n"
+    lines[90] = "字" * 1200 + "\n"
+    path = tmp_path / "docs.txt"
+    path.write_text("".join(lines), encoding="utf-8")
+    monkeypatch.setattr(inp, "_BATCH_CHARS", batch_chars)
+    specs = [inp.resolve_text_mode(s) for s in inp.resolve_inputs([str(path)], text_mode="line")]
+    config = core.BuildConfig(language="zh", output=str(tmp_path / "out"), inputs=[str(path)], shard_documents=9,
+                              max_document_chars=1000)
+
+    class Recorder:
+        pool = None
+
+        def __init__(self):
+            self.tasks = []
+
+        def submit(self, fn, task):
+            self.tasks.append(task[1])
+
+        def ready(self):
+            return iter(())
+
+    executor = Recorder()
+    summary = core._read_into_shards(config, core.SingleProcess(), specs, tmp_path / "work", executor, None, False,
+                                     {"shard_characters": 700})
+    read = list(inp.iter_documents(specs, max_document_chars=1000))
+    kept = [d.replace("\0", "") for d in lines if d.strip()]
+    assert "".join(read) == "".join(kept) and len(read) == len(kept) + 1  # the long line cut in two
+    expected, shard, size = [], [], 0
+    for d in read:
+        shard.append(d)
+        size += len(d)
+        if len(shard) == 9 or size >= 700:
+            expected.append(shard)
+            shard, size = [], 0
+    expected += [shard] if shard else []
+    assert executor.tasks == expected
+    assert summary["shard_starts"] == [sum(map(len, expected[:k])) for k in range(len(expected))]
+    assert (summary["empty_documents_skipped"], summary["nul_bytes_removed"], summary["long_documents_cut"]) == (1, 1, 1)
+    assert any(len(s) == 9 for s in expected) and any(len(s) < 9 for s in expected[:-1])
 
 
 def test_default_shard_size_scales_with_the_corpus():
