@@ -651,17 +651,25 @@ def check_encoded_shard(enc: EncodedShard, fine_vocab_size: int, coarse_vocab_si
 def _selected_tokens(values: np.ndarray, lengths: np.ndarray, sentence_mask: np.ndarray,
                      chunk: int = 1 << 20) -> Iterator[np.ndarray]:
     """The tokens of the selected sentences (``values[np.repeat(sentence_mask, lengths)]``), in
-    slices of ``chunk`` tokens: no full-size mask nor copy of the stream."""
+    pieces of about ``chunk`` tokens: each run of consecutive selected sentences is one slice (a
+    split's documents are long runs: the valid ones are every ~100th), short runs joined up to
+    ``chunk``; no token mask, and no copy of the stream beyond the joins."""
     ends = np.cumsum(lengths, dtype=np.int64)
-    starts = ends - lengths
-    for a in range(0, len(values), chunk):
-        b = min(a + chunk, len(values))
-        i = int(np.searchsorted(ends, a, side="right"))  # the sentences overlapping [a, b)
-        j = int(np.searchsorted(starts, b, side="left"))
-        if sentence_mask[i:j].all():
-            yield values[a:b]
-        elif sentence_mask[i:j].any():
-            yield values[a:b][np.repeat(sentence_mask[i:j], np.minimum(ends[i:j], b) - np.maximum(starts[i:j], a))]
+    edges = np.flatnonzero(np.diff(sentence_mask.astype(np.int8), prepend=np.int8(0), append=np.int8(0)))
+    firsts, lasts = edges[0::2], edges[1::2]  # each run: sentences [first, last)
+    pending: list[np.ndarray] = []
+    size = 0
+    for a, b in zip((ends[firsts] - lengths[firsts]).tolist(), ends[lasts - 1].tolist()):
+        while a < b:
+            take = min(b - a, chunk - size)
+            pending.append(values[a:a + take])
+            size += take
+            a += take
+            if size >= chunk:
+                yield pending[0] if len(pending) == 1 else np.concatenate(pending)
+                pending, size = [], 0
+    if pending:
+        yield pending[0] if len(pending) == 1 else np.concatenate(pending)
 
 
 def write_shard_splits(shard_dir: Path, enc: EncodedShard, valid_mask: np.ndarray,

@@ -817,6 +817,7 @@ def test_encode_shard_in_slices_equals_the_int64_gather(tmp_path, monkeypatch):
             for chunk in (1, 3, 50, 1 << 20):  # slices that start and end inside sentences
                 parts = list(core._selected_tokens(getattr(enc, stream), lengths, sentence_mask, chunk))
                 assert np.concatenate(parts).tolist() == values.tolist()
+                assert all(0 < len(part) <= chunk for part in parts)
         assert stats["splits"][split]["fine_tokens"] == int(np.repeat(sentence_mask, enc.fine_lengths).sum())
 
 
