@@ -343,3 +343,46 @@ def test_content_scans_are_cached_by_the_stored_bytes_and_how_they_unpack(tmp_pa
     os.utime(folder / "old4.json", (1_000_000, 1_000_000))
     scan(as_text)  # (pruned already in this process)
     assert len(list(folder.glob("*.json"))) == 4
+
+
+def test_input_digest_is_kept_by_the_files_stat_data(tmp_path, monkeypatch):
+    """An input's sha256 is kept by its stat data (path, size, inode, modification and status-change
+    times): a build again reads none of its bytes for it. A file changed just before (it may change
+    again within one clock tick) is not kept; a file rewritten with its size and modification time
+    restored (its ctime moved), a damaged entry and AMBERT_CACHE_DIR="" each mean a real hashing."""
+    import time
+
+    monkeypatch.setenv("AMBERT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(inp, "_SCAN_CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(inp, "_digest_cache_pruned", False)
+    path = tmp_path / "a.txt"
+    path.write_text("一二三\n" * 100, encoding="utf-8")
+    spec = inp.resolve_inputs([str(path)])[0]
+    truth = (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_size)
+    hashed = []
+    real = inp._hash_into
+    monkeypatch.setattr(inp, "_hash_into", lambda digest, p: hashed.append(p) or real(digest, p))
+    folder = tmp_path / "cache" / "input-digests"
+    assert inp.stored_digest(spec) == truth and len(hashed) == 1
+    assert not folder.exists()  # changed just now: not kept
+    monkeypatch.setattr(inp, "_DIGEST_SETTLED", -60.0)  # (as if it had been written a minute earlier)
+    assert inp.stored_digest(spec) == truth and len(hashed) == 2
+    assert len(list(folder.glob("*.json"))) == 1
+    assert inp.stored_digest(spec) == truth and inp.scan_input(spec).sha256 == truth[0] and len(hashed) == 2
+
+    time.sleep(0.05)  # (file times advance by clock ticks of a few ms)
+    st = path.stat()
+    path.write_text("一二四\n" * 100, encoding="utf-8")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    changed = (hashlib.sha256(path.read_bytes()).hexdigest(), st.st_size)
+    assert changed != truth
+    assert inp.stored_digest(spec) == changed and len(hashed) == 3
+    assert inp.stored_digest(spec) == changed and len(hashed) == 3
+
+    for entry in folder.glob("*.json"):
+        entry.write_text("{not json", encoding="utf-8")
+    assert inp.stored_digest(spec) == changed and len(hashed) == 4
+    assert inp.stored_digest(spec) == changed and len(hashed) == 4  # (written again)
+    monkeypatch.setenv("AMBERT_CACHE_DIR", "")
+    assert inp.stored_digest(spec) == changed and len(hashed) == 5
