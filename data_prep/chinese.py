@@ -523,6 +523,7 @@ class WordIds:
         self.pieces: dict[int, np.ndarray] = {}  # rjieba words jieba splits -> the pieces' ids
         self.split = np.zeros(0, dtype=bool)  # the ids that are keys of ``pieces``
         self.shard_ids = np.zeros(0, dtype=np.int64)  # the ids of the last ``segment_shard``'s words, in its order
+        self.shard_counts = np.zeros(0, dtype=np.int64)  # and how often each occurs in it
         self._extend(list(self.index))
 
     def __call__(self, words: list[str]) -> np.ndarray:
@@ -683,6 +684,7 @@ def segment_shard(segmenter: Segmenter, sentences: list[str], chunk_chars: int =
     # Keep the words that occur (not the line break, the space, nor a word seen only before its "##").
     counts = bincount(ids, minlength=len(table.words))
     used = table.shard_ids = np.flatnonzero(counts)
+    table.shard_counts = counts[used]  # (the count of each word listed)
     remap = np.zeros(len(table.words), dtype=np.int32 if len(table.words) < 2**31 else np.int64)
     remap[used] = np.arange(len(used))
     words = [table.words[int(used[0])]] if len(used) == 1 else list(itemgetter(*used.tolist())(table.words)) if len(used) else []
@@ -1243,12 +1245,14 @@ class Chinese(Language):
             table = self._word_ids = WordIds()
         words, ids, lengths = segment_shard(self.segmenter, flat, table=table)
         # Sentences without words (the general path can give none) are not kept.
-        document = np.repeat(np.arange(len(sentences)), np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences)))
-        sentences_per_document = np.bincount(document[lengths > 0], minlength=len(sentences))
+        sentences_per_document = np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences))
+        if not lengths.all():
+            document = np.repeat(np.arange(len(sentences)), sentences_per_document)
+            sentences_per_document = np.bincount(document[lengths > 0], minlength=len(sentences))
         joined = WORD_SEP.join(words)
         write_shard_cache(cache_dir, joined, ids, lengths[lengths > 0], sentences_per_document)
         # Character and Latin-run counts follow from the word counts: ``fit`` derives them once.
-        counts = bincount(ids, minlength=len(words))
+        counts = table.shard_counts  # (of the words listed: bincount(ids))
         keys = joined.replace(WORD_SEP, "\0")  # packed as it is (no Counter of the shard's words)
         if "\0" in joined or (counts >= 2**40).any():
             self._totals = None  # (``counts_so_far``: a table it cannot keep; the build reads them all back)
