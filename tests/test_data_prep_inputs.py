@@ -386,3 +386,24 @@ def test_input_digest_is_kept_by_the_files_stat_data(tmp_path, monkeypatch):
     assert inp.stored_digest(spec) == changed and len(hashed) == 4  # (written again)
     monkeypatch.setenv("AMBERT_CACHE_DIR", "")
     assert inp.stored_digest(spec) == changed and len(hashed) == 5
+
+
+@pytest.mark.parametrize("batch_chars", [7, 1 << 18])
+def test_line_documents_read_in_batches_split_at_every_line_break(tmp_path, monkeypatch, batch_chars):
+    """Batches are read with lines ending at "\\n" only; one holding a "\\r" gets universal newlines'
+    lines ("\\r\\n" and a lone "\\r" end a line, as "\\n"): the documents of the per-line reader, text and
+    .gz, a "\\r" at the very end and blank lines between included."""
+    import random
+
+    monkeypatch.setattr(inp, "_BATCH_CHARS", batch_chars)
+    rng = random.Random(5)
+    pieces = ["中文", "abc", " ", "\n", "\r", "\r\n", "\r\r\n", "\n\r", "句。"]
+    for k in range(20):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 60))) + rng.choice(["", "\r", "\n", "x"])
+        for name, data in ((f"t{k}.txt", text.encode()), (f"t{k}.txt.gz", gzip.compress(text.encode()))):
+            path = tmp_path / name
+            path.write_bytes(data)
+            spec = inp.resolve_inputs([str(path)], text_mode="line")[0]
+            expected = [line for line in inp._text_lines(spec, "strict") if line.strip()]
+            assert list(inp.iter_documents([spec])) == expected, repr(text)
+            assert "\r" not in "".join(expected)
