@@ -265,6 +265,40 @@ static int get_ints(PyObject *obj, Py_buffer *view, int writable, const char *na
     return 0;
 }
 
+/* join_items(items, indices, sep) -> sep.join(items[i] for i in indices): items a list of str, indices
+   int64 (each checked), in two passes (lengths and widest character, then the copies) without the list
+   of the chosen strs (a Chinese shard's ~40k words out of its worker's word table: 3-4x faster). */
+static PyObject *join_items(PyObject *self, PyObject *args) {
+    PyObject *items, *oidx, *sep;
+    if (!PyArg_ParseTuple(args, "O!OU", &PyList_Type, &items, &oidx, &sep)) return NULL;
+    Py_buffer vi;
+    if (get_ints(oidx, &vi, 0, "indices", 8) < 0) return NULL;
+    const int64_t *idx = (const int64_t *)vi.buf;
+    Py_ssize_t k = vi.len / 8, n = PyList_GET_SIZE(items), seplen = PyUnicode_GET_LENGTH(sep), total = 0;
+    Py_UCS4 widest = k > 1 ? PyUnicode_MAX_CHAR_VALUE(sep) : 0;
+    PyObject *result = NULL;
+    for (Py_ssize_t i = 0; i < k; i++) {
+        if (idx[i] < 0 || idx[i] >= n) { PyErr_SetString(PyExc_IndexError, "join_items: an index is out of range"); goto done; }
+        PyObject *item = PyList_GET_ITEM(items, idx[i]);
+        if (!PyUnicode_Check(item)) { PyErr_SetString(PyExc_TypeError, "join_items: items must be str"); goto done; }
+        total += PyUnicode_GET_LENGTH(item) + (i ? seplen : 0);
+        if (PyUnicode_MAX_CHAR_VALUE(item) > widest) widest = PyUnicode_MAX_CHAR_VALUE(item);
+    }
+    result = PyUnicode_New(total, widest);
+    if (!result) goto done;
+    Py_ssize_t at = 0;
+    for (Py_ssize_t i = 0; i < k; i++) {
+        PyObject *item = PyList_GET_ITEM(items, idx[i]);
+        if (i) { PyUnicode_CopyCharacters(result, at, sep, 0, seplen); at += seplen; }
+        Py_ssize_t len = PyUnicode_GET_LENGTH(item);
+        if (PyUnicode_CopyCharacters(result, at, item, 0, len) < 0) { Py_CLEAR(result); goto done; }
+        at += len;
+    }
+done:
+    PyBuffer_Release(&vi);
+    return result;
+}
+
 static PyObject *gather_ranges(PyObject *self, PyObject *args) {
     PyObject *ov, *os, *oc, *ot, *oo;
     if (!PyArg_ParseTuple(args, "OOOOO", &ov, &os, &oc, &ot, &oo)) return NULL;
@@ -1542,6 +1576,7 @@ static PyMethodDef module_methods[] = {
      "english_words(text, join=False) -> data_prep.english's words of text (_WORD_RE.findall), or (\" \".join(words), len(words))"},
     {"gather_words", gather_words, METH_VARARGS,
      "gather_words(heads, data, slots, ids, sentence_words, fine, coarse, align, fine_lengths, coarse_lengths): a shard's tokens from the memo's word blocks, in one pass"},
+    {"join_items", join_items, METH_VARARGS, "join_items(items, indices, sep) -> sep.join(items[i] for i in indices)"},
     {"gather_ranges", gather_ranges, METH_VARARGS,
      "gather_ranges(values, starts, counts, tokens, out) -> values written: values[starts[t]:starts[t] + counts[t]] for t in tokens, concatenated"},
     {NULL, NULL, 0, NULL}};
@@ -1892,6 +1927,6 @@ PyMODINIT_FUNC PyInit__native(void) {
     if (PyModule_AddObjectRef(m, "TokenIndex", (PyObject *)&TokenIndexType) < 0) { Py_DECREF(m); return NULL; }
     /* data_prep/languages.py (NATIVE_VERSION) uses a compiled module only if this matches: a module
        compiled from an older _native.c (a checkout updated without re-running the set-up) is skipped. */
-    if (PyModule_AddIntConstant(m, "VERSION", 13) < 0) { Py_DECREF(m); return NULL; }
+    if (PyModule_AddIntConstant(m, "VERSION", 14) < 0) { Py_DECREF(m); return NULL; }
     return m;
 }

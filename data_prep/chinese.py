@@ -609,6 +609,15 @@ class WordIds:
 
 def segment_shard(segmenter: Segmenter, sentences: list[str], chunk_chars: int = 1 << 14,
                   table: WordIds | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``_segment_shard`` with the shard's words as a list (``table.words`` at its ids)."""
+    table = WordIds() if table is None else table
+    used, ids, lengths = _segment_shard(segmenter, sentences, chunk_chars, table)
+    words = [table.words[int(used[0])]] if len(used) == 1 else list(itemgetter(*used.tolist())(table.words)) if len(used) else []
+    return words, ids, lengths
+
+
+def _segment_shard(segmenter: Segmenter, sentences: list[str], chunk_chars: int,
+                   table: WordIds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Segment a shard's sentences into (words, word ids, words per sentence): ``words[id]`` is the
     cached word (``segment_sentence``'s output, "##" marks included) of each id; every listed word
     occurs; a sentence may have 0 words (only when the general path gives none).
@@ -623,8 +632,8 @@ def segment_shard(segmenter: Segmenter, sentences: list[str], chunk_chars: int =
 
     ``table``: a ``WordIds`` kept across a worker's shards (``Chinese.analyze_shard``), so a shard only
     numbers the words no earlier shard had (most recur); the shard's words are listed in the table's
-    order either way."""
-    table = WordIds() if table is None else table
+    order either way. Returns the shard's words as their ids in ``table`` (``used``: word k of the shard
+    is ``table.words[used[k]]``)."""
     ids_parts: list[np.ndarray] = []
     length_parts: list[np.ndarray] = []
 
@@ -687,8 +696,7 @@ def segment_shard(segmenter: Segmenter, sentences: list[str], chunk_chars: int =
     table.shard_counts = counts[used]  # (the count of each word listed)
     remap = np.zeros(len(table.words), dtype=np.int32 if len(table.words) < 2**31 else np.int64)
     remap[used] = np.arange(len(used))
-    words = [table.words[int(used[0])]] if len(used) == 1 else list(itemgetter(*used.tolist())(table.words)) if len(used) else []
-    return words, remap[ids], lengths
+    return used, remap[ids], lengths
 
 
 _ENCODE_CHUNK = 1 << 18  # words per slice of encode_shard's gather
@@ -1243,20 +1251,23 @@ class Chinese(Language):
         if table is None or len(table.words) > self.MAX_KEPT_WORDS:  # bounded: a new table past the cap
             self._fold_totals()
             table = self._word_ids = WordIds()
-        words, ids, lengths = segment_shard(self.segmenter, flat, table=table)
+        used, ids, lengths = _segment_shard(self.segmenter, flat, 1 << 14, table)
         # Sentences without words (the general path can give none) are not kept.
         sentences_per_document = np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences))
         if not lengths.all():
             document = np.repeat(np.arange(len(sentences)), sentences_per_document)
             sentences_per_document = np.bincount(document[lengths > 0], minlength=len(sentences))
-        joined = WORD_SEP.join(words)
+        if languages._native is not None:  # (no list of the shard's ~40k words)
+            joined = languages._native.join_items(table.words, used, WORD_SEP)
+        else:
+            joined = WORD_SEP.join([table.words[i] for i in used.tolist()])
         write_shard_cache(cache_dir, joined, ids, lengths[lengths > 0], sentences_per_document)
         # Character and Latin-run counts follow from the word counts: ``fit`` derives them once.
         counts = table.shard_counts  # (of the words listed: bincount(ids))
         keys = joined.replace(WORD_SEP, "\0")  # packed as it is (no Counter of the shard's words)
         if "\0" in joined or (counts >= 2**40).any():
             self._totals = None  # (``counts_so_far``: a table it cannot keep; the build reads them all back)
-            return {"word": Counter(dict(zip(words, counts.tolist())))}  # cannot be packed: left to core
+            return {"word": Counter(dict(zip(joined.split(WORD_SEP), counts.tolist())))}  # cannot be packed: left to core
         self._add_to_totals(table, counts)
         return {"word": PackedCounter(keys, counts.astype(np.int64, copy=False))}
 

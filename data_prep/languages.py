@@ -234,7 +234,7 @@ def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise ValueError(f"{path} is not a complete array file ({exc})") from None
 
 
-NATIVE_VERSION = 13  # data_prep/_native.c's VERSION this code expects
+NATIVE_VERSION = 14  # data_prep/_native.c's VERSION this code expects
 
 
 def load_native():

@@ -395,6 +395,26 @@ def test_sentence_split_equals_the_regular_expression_split(monkeypatch):
 
 
 @needs_native
+def test_join_items_equals_str_join():
+    """join_items(items, indices, sep) == sep.join(items[i] for i in indices): strings of every kind
+    (ASCII, BMP, beyond it, empty), repeats, no index and one; a bad index or item is refused."""
+    rng = random.Random(3)
+    items = ["", "a", "中国", "\U00020000x", "é", "\x01", "word"] + [chr(rng.randrange(32, 0x30000)) * 3 for _ in range(50)]
+    for _ in range(500):
+        idx = [rng.randrange(len(items)) for _ in range(rng.randint(0, 20))]
+        for sep in ("\x01", "--", "中"):
+            assert native.join_items(items, np.array(idx, dtype=np.int64), sep) == sep.join(items[i] for i in idx)
+    with pytest.raises(IndexError):
+        native.join_items(items, np.array([len(items)], dtype=np.int64), "-")
+    with pytest.raises(IndexError):
+        native.join_items(items, np.array([-1], dtype=np.int64), "-")
+    with pytest.raises(TypeError):
+        native.join_items(["a", 1], np.array([1], dtype=np.int64), "-")
+    with pytest.raises(TypeError):
+        native.join_items(items, np.array([1], dtype=np.int32), "-")
+
+
+@needs_native
 def test_normalisation_in_one_pass_equals_normalize_text():
     """normalize_fast (one C pass through a table per code point) == normalize_text, document by
     document: every BMP code point alone, between letters and doubled; random text over every kind
