@@ -1130,6 +1130,7 @@ class Chinese(Language):
     input_options = ("min_cjk_fraction",)  # only the input check: free with --vocab-from
     file_options = ("user_dict",)  # each shard is segmented with it: a --resume must see the same words
     fit_takes_packed = True  # (a corpus's million distinct words are never a Counter)
+    reads_documents_again = False  # (the shard caches hold every word: encode_shard reads them)
     default_fine_vocab_size = 21128
     # The paper's 72,635 words on top of the 21,128 characters the coarse vocabulary also holds (the
     # back-off spelling): the reading that gives its 176M parameters, as pipeline/model/config.py.

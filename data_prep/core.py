@@ -865,24 +865,27 @@ def _encode_task(args: tuple) -> str:
         return _encode(args)
 
 
-def _analyze(task: str | tuple[str, list[str]]) -> tuple[str, int]:
+def _analyze(task: str | tuple) -> tuple[str, int]:
     """Analyse a shard: ``task`` is its directory, or (its directory, its documents) when the caller
-    holds them (--workers 1: the documents just written are not read back)."""
-    shard_dir, documents = (task, None) if isinstance(task, str) else task
+    holds them (--workers 1: the documents just written are not read back), or (its directory, its
+    documents, their bytes) when no file of them was written."""
+    shard_dir, documents, *known_bytes = (task, None) if isinstance(task, str) else task
     shard = Path(shard_dir)
     if (shard / SHARD_COUNTS_FILE).exists():
-        return shard_dir, 0
+        return shard_dir, known_bytes[0] if known_bytes else 0
     if documents is None:
         documents = read_shard_documents(shard)
     cache = shard / "cache"
     if cache.exists():
         shutil.rmtree(cache)  # left by a killed run
-    cache.mkdir()
+    cache.mkdir(parents=True)
     counts = _WORKER["lang"].analyze_shard(documents, cache)
     _WORKER.setdefault("analysed", []).append(shard_dir)  # in the language's counts_so_far() from now on
     tables = {k: v if isinstance(v, PackedCounter) else PackedCounter.pack(v if isinstance(v, Counter) else Counter(v))
               for k, v in counts.items()}
     _write_atomic(shard / SHARD_COUNTS_FILE, pickle.dumps(tables, protocol=4))
+    if known_bytes:
+        return shard_dir, known_bytes[0]
     # the documents' UTF-8 bytes (the progress bar's unit): the file holds them joined by NUL bytes
     return shard_dir, (shard / SHARD_DOCUMENTS_FILE).stat().st_size - max(len(documents) - 1, 0)
 
@@ -1423,7 +1426,8 @@ def work_progress(work: Path) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         total, read = None, False
     of = f" of {total}" if total is not None else ""
-    parts = [f"corpus read into {total} shards" if read else f"{count(SHARD_DOCUMENTS_FILE)} shard(s) written",
+    written = sum((d / SHARD_DOCUMENTS_FILE).exists() or (d / SHARD_COUNTS_FILE).exists() for d in shards)
+    parts = [f"corpus read into {total} shards" if read else f"{written} shard(s) written",
              f"{count(SHARD_COUNTS_FILE)}{of} analysed"]
     if (work / "fit.done").exists():
         parts += ["vocabularies fitted", f"{count(SHARD_PART_FILE)}{of} encoded"]
@@ -1552,7 +1556,8 @@ def _read_into_shards(config, comm, specs, work: Path, executor: _Executor, on_a
     if read_done:  # a resumed build: every rank had written its shards before
         summary = _work_json(work / READ_FILE)
         mine = [k for k in range(summary["num_shards"]) if k % comm.size == comm.rank]
-        unwritten = [k for k in mine if not (_shard_dir(work, k) / SHARD_DOCUMENTS_FILE).exists()]
+        unwritten = [k for k in mine if not (_shard_dir(work, k) / SHARD_DOCUMENTS_FILE).exists()
+                     and not (_shard_dir(work, k) / SHARD_COUNTS_FILE).exists()]  # (analysed in hand: no copy)
         if not unwritten:
             for k in mine:
                 executor.submit(_analyze_task, str(_shard_dir(work, k)))
@@ -1563,30 +1568,41 @@ def _read_into_shards(config, comm, specs, work: Path, executor: _Executor, on_a
     documents: list[str] = []
     num_documents = 0
     characters = 0
+    text_bytes = 0.0  # of the shard's documents (the progress bar's unit), when the reader knows them
     max_characters = params["shard_characters"]
     shard_starts: list[int] = []  # global index of each shard's first document
+    # Inline (--workers 1) the documents in hand are analysed; pool workers read the shard's file. A
+    # language that never reads them again gets no file inline (if the reader tells the bytes read).
+    in_hand = executor.pool is None and not get_language(config.language).reads_documents_again
 
     def flush() -> None:
-        nonlocal documents, characters
+        nonlocal documents, characters, text_bytes
         k = len(shard_starts)
         shard_starts.append(num_documents - len(documents))
         if k % comm.size == comm.rank:
             shard = _shard_dir(work, k)
-            if not (shard / SHARD_DOCUMENTS_FILE).exists():
-                _write_shard_documents(shard, documents)
-            # inline (--workers 1) the documents in hand are analysed; pool workers read the file
-            executor.submit(_analyze_task, str(shard) if executor.pool is not None else (str(shard), documents))
+            if in_hand and counters.text_bytes is not None:
+                executor.submit(_analyze_task, (str(shard), documents, round(text_bytes)))
+            else:
+                if not (shard / SHARD_DOCUMENTS_FILE).exists():
+                    _write_shard_documents(shard, documents)
+                executor.submit(_analyze_task, str(shard) if executor.pool is not None else (str(shard), documents))
         documents = []
         characters = 0
+        text_bytes = 0.0
         # Collect finished analyses once per shard, not per document: with tens of thousands of
         # documents, polling every pending task each time cost the main process ~0.4 s of CPU that
         # the busy workers needed.
         for result in executor.ready():
             on_analyzed(result)
 
+    read_bytes = 0
     for batch in inp.iter_document_batches(specs, config.encoding_errors, config.max_document_chars, counters):
         # A shard ends with the document that brings it to --shard-documents or to its characters.
         ends = list(accumulate(map(len, batch)))  # characters of batch[:i + 1]
+        # the batch's bytes (blank lines skipped before it included), shared out by characters
+        per_character = ((counters.text_bytes or 0) - read_bytes) / max(ends[-1], 1)
+        read_bytes = counters.text_bytes or 0
         start = 0
         while start < len(batch):
             before = ends[start - 1] if start else 0
@@ -1595,6 +1611,7 @@ def _read_into_shards(config, comm, specs, work: Path, executor: _Executor, on_a
             documents += batch[start:end]
             num_documents += end - start
             characters += ends[end - 1] - before
+            text_bytes += (ends[end - 1] - before) * per_character
             start = end
             if len(documents) == config.shard_documents or characters >= max_characters:
                 flush()

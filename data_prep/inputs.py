@@ -103,6 +103,9 @@ class ReadCounters:
     nul_bytes_removed: int = 0
     split_long_documents: int = 0
     empty_files: list[str] = field(default_factory=list)
+    text_bytes: int | None = 0
+    """Bytes of text read so far, as stored once unpacked (to within a read-ahead block), for inputs of
+    one document a line; None once another kind of input was read."""
 
 
 def _kind_of(path: Path) -> str:
@@ -866,10 +869,11 @@ def _universal_newlines(lines: list[str]) -> list[str]:
     return out
 
 
-def _raw_batches(spec: InputSpec, encoding_errors: str) -> Iterator[list[str]]:
-    """``_raw_documents`` in lists: a text input of one document a line ~``_BATCH_CHARS`` characters of
-    lines at a time (``readlines``: a C loop, no generator step per line), the others
-    ``_BATCH_DOCUMENTS`` documents at a time."""
+def _raw_batches(spec: InputSpec, encoding_errors: str) -> Iterator[tuple[list[str], int | None]]:
+    """``_raw_documents`` in lists, each with the input's bytes read so far (unpacked; None if not
+    known): a text input of one document a line ~``_BATCH_CHARS`` characters of lines at a time
+    (``readlines``: a C loop, no generator step per line), the others ``_BATCH_DOCUMENTS`` documents
+    at a time."""
     if spec.kind == "text" and spec.text_mode == "line":
         try:
             with open_binary(spec.path) as raw:
@@ -877,7 +881,9 @@ def _raw_batches(spec: InputSpec, encoding_errors: str) -> Iterator[list[str]]:
                 # "\r" gets what universal newlines would have given (``_text_lines``).
                 reader = io.TextIOWrapper(raw, encoding="utf-8", errors=encoding_errors, newline="\n")
                 while lines := reader.readlines(_BATCH_CHARS):
-                    yield _universal_newlines(lines) if any(map(str.__contains__, lines, repeat("\r"))) else lines
+                    if any(map(str.__contains__, lines, repeat("\r"))):
+                        lines = _universal_newlines(lines)
+                    yield lines, raw.tell()  # (the wrapper reads ahead by at most a block of 8 KB)
         except (InputError, UnicodeDecodeError):
             raise
         except _read_errors() as exc:
@@ -887,10 +893,10 @@ def _raw_batches(spec: InputSpec, encoding_errors: str) -> Iterator[list[str]]:
     for text in _raw_documents(spec, encoding_errors):
         batch.append(text)
         if len(batch) == _BATCH_DOCUMENTS:
-            yield batch
+            yield batch, None
             batch = []
     if batch:
-        yield batch
+        yield batch, None
 
 
 def _documents_of(spec: InputSpec, encoding_errors: str) -> Iterator[str]:
@@ -1039,7 +1045,9 @@ def iter_document_batches(specs: list[InputSpec], encoding_errors: str = "strict
     """``iter_documents`` in lists (none empty): each test is one C-level pass over a batch."""
     counters = counters if counters is not None else ReadCounters()
     for spec in specs:
-        for batch in _raw_batches(spec, encoding_errors):
+        before = counters.text_bytes
+        for batch, position in _raw_batches(spec, encoding_errors):
+            counters.text_bytes = None if position is None or before is None else before + position
             if any(map(str.__contains__, batch, repeat("\0"))):
                 counters.nul_bytes_removed += sum(map(str.count, batch, repeat("\0")))
                 batch = [text.replace("\0", "") for text in batch]

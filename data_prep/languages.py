@@ -511,6 +511,11 @@ class Language:
     its sha256 is among the build's parameters, so a ``--resume`` after the file changed is refused."""
     artifact_files: ClassVar[tuple[str, ...]] = ("fine_vocab.txt", "coarse_vocab.txt")
     """The files ``fit`` writes into ``artifacts_dir`` that ``load`` reads (copied by ``fit_from``)."""
+    reads_documents_again: ClassVar[bool] = True
+    """False: after ``analyze_shard`` nothing of this language reads a shard's documents again (``fit``,
+    ``prepare_finish``, ``finish`` and ``encode_shard`` use the counts and the shard caches only): a
+    --workers 1 build then analyses each shard from the documents in hand and writes no copy of them
+    (a killed build reads the inputs again for the shards it had not analysed)."""
     fit_takes_packed: ClassVar[bool] = False
     """True: ``fit`` / ``fit_from`` take the summed count tables as they are (``PackedCounter``: the keys
     joined in one string, the counts in an array; a Counter otherwise); False: as Counters (``unpack``:

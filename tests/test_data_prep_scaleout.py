@@ -308,9 +308,10 @@ def test_mpirun_ranks_naming_the_same_files_differently_agree(reference, tmp_pat
 
 @needs_mpirun
 def test_mpirun_rank_killed_while_writing_its_shards_then_resume(reference, tmp_path):
-    """Rank 1 stopped after writing its first shard, rank 0 left to finish its own, then the job is
-    killed: --resume used to fail (rank 0 had marked the corpus as read, rank 1's shards did not
-    exist). Now the read is marked only once every rank has written its shards: identical bytes."""
+    """Rank 1 stopped once at its first shard (--workers 1: analysed from the documents in hand, no
+    copy of them written), rank 0 left to finish its own, then the job is killed: --resume used to fail
+    (rank 0 had marked the corpus as read, rank 1's shards did not exist). Now the read is marked only
+    once every rank has written its shards: identical bytes."""
     import psutil
 
     corpus, expected = reference
@@ -322,7 +323,7 @@ def test_mpirun_rank_killed_while_writing_its_shards_then_resume(reference, tmp_
         deadline = time.monotonic() + 120
         rank1 = None
         while time.monotonic() < deadline and rank1 is None and proc.poll() is None:
-            if (work / "shards" / "000001" / "docs.txt").exists():
+            if (work / "shards" / "000001").exists():
                 for child in psutil.Process(proc.pid).children(recursive=True):
                     try:
                         if child.environ().get("OMPI_COMM_WORLD_RANK") == "1":
@@ -339,7 +340,7 @@ def test_mpirun_rank_killed_while_writing_its_shards_then_resume(reference, tmp_
         assert all((work / "shards" / f"{k:06d}" / "counts.pkl").exists() for k in rank0_shards), \
             "rank 0 did not finish its shards: not the scenario this test is about"
         time.sleep(0.5)  # rank 0 is past its read loop, waiting for rank 1
-        assert not (work / "shards" / "000019" / "docs.txt").exists()
+        assert not (work / "shards" / "000019" / "counts.pkl").exists()
     finally:
         ranks = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
         os.killpg(proc.pid, signal.SIGKILL)
@@ -371,6 +372,23 @@ def _run_until(cmd: list[str], work: Path, marker: str, count: int) -> None:
         time.sleep(0.005)
     proc.wait(timeout=60)
     assert killed, f"the build finished (rc={proc.returncode}) before {count} shards had {marker}"
+
+
+def test_one_worker_writes_no_copy_of_the_documents_and_resumes(reference, tmp_path):
+    """--workers 1 (Chinese): each shard is analysed from the documents in hand and no copy of them is
+    written. Killed while segmenting, the resume reads the inputs again for the shards not analysed;
+    killed while encoding, it reads nothing again (every shard was analysed); identical bytes."""
+    corpus, expected = reference
+    out = tmp_path / "inline"
+    work = core.work_dir_for(out)
+    _run_until(_cli(corpus, out, "--workers", "1"), work, "counts.pkl", 3)
+    assert 3 <= len(list(work.glob("shards/*/counts.pkl"))) < 20 and not list(work.glob("shards/*/docs.txt"))
+    _run_until(_cli(corpus, out, "--workers", "1", "--resume"), work, "encoded.part", 3)
+    assert (work / "fit.done").exists() and not list(work.glob("shards/*/docs.txt"))
+    resumed = subprocess.run(_cli(corpus, out, "--resume"), env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stderr and "reading the inputs again" not in resumed.stderr
+    assert dataset_bytes(out) == expected
 
 
 def test_kill9_then_resume_gives_identical_bytes(reference, tmp_path):
