@@ -65,8 +65,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="at most this many documents per shard (unit of parallelism/resume; shards are sized by "
                         "--shard-characters, this caps a corpus of very short documents)")
     p.add_argument("--shard-characters", type=int, default=None,
-                   help="a shard also closes at this many characters (default: corpus bytes / 32, "
-                        "between 50k and 16M)")
+                   help="a shard also closes at this many characters (default: en, corpus bytes / 32; zh, "
+                        "~4 shards a worker, corpus bytes / (12 x workers x ranks); between 50k and 16M)")
     p.add_argument("--text-mode", choices=inputs.TEXT_MODES, default="auto",
                    help="text files: one document per blank-line-separated block (paragraph), per line, or auto "
                         "(paragraph if the file's first MB has a blank line, else line); wrapped: blank-line-separated "

@@ -1131,6 +1131,14 @@ class Chinese(Language):
     file_options = ("user_dict",)  # each shard is segmented with it: a --resume must see the same words
     fit_takes_packed = True  # (a corpus's million distinct words are never a Counter)
     reads_documents_again = False  # (the shard caches hold every word: encode_shard reads them)
+
+    @classmethod
+    def shard_characters_for(cls, text_bytes: int, workers: int) -> int:
+        """~4 shards a worker (Chinese text is ~3 bytes a character in UTF-8): each shard costs ~10-20 ms
+        of fixed work (its distinct words listed, numbered and stored again, its files), and nothing of
+        the output depends on the shard size (a test). People's Daily x4 (22 MB), 1 worker: 4 shards
+        instead of 11, 1.22x faster (real text 1.09x); 2 workers: 8, as fast as 11 (0.99x)."""
+        return text_bytes // (12 * max(workers, 1))
     default_fine_vocab_size = 21128
     # The paper's 72,635 words on top of the 21,128 characters the coarse vocabulary also holds (the
     # back-off spelling): the reading that gives its 176M parameters, as pipeline/model/config.py.

@@ -1318,6 +1318,9 @@ def _prepare_work_dir(config: BuildConfig, params: dict) -> Path:
                     f"cannot resume: {work / PARAMS_FILE} (the interrupted build's parameters) is missing or damaged "
                     f"({type(exc).__name__}), so what it started cannot be checked; pass --overwrite without --resume "
                     f"to start over") from None
+            if config.shard_characters is None and "shard_characters" in recorded:
+                # the default size follows the workers; the shards already cut keep theirs
+                params["shard_characters"] = recorded["shard_characters"]
             if recorded != params:
                 diff = sorted(k for k in set(params) | set(recorded or {}) if (recorded or {}).get(k) != params.get(k))
                 if "inputs" in diff and config.shard_characters is None and "shard_characters" in diff:
@@ -1540,14 +1543,16 @@ def _counts_kept_here(_=None) -> tuple[int, list[str], dict | None]:
     return os.getpid(), analysed, kept
 
 
-def auto_shard_characters(records: list[dict]) -> int:
-    """Default shard size in characters: the corpus's bytes / 32 (~32 shards of English, ~11 of
-    Chinese, 3 bytes a character: so N workers share the work evenly), at least 50k, at most 16M
-    characters (resume granularity, worker memory) for a corpus beyond 512 MB. Not more shards: each
-    costs fixed work (file creations, per-shard tables of distinct words: ~40 ms an English shard
-    here), and 64 made the English build 1.15x slower on 20 MB."""
+def auto_shard_characters(records: list[dict], lang_cls: type[Language] | None = None, workers: int = 1) -> int:
+    """Default shard size in characters: the language's choice for the corpus's bytes and the workers
+    in all (``Language.shard_characters_for``: bytes / 32, ~32 shards of English, so N workers share
+    the work evenly; Chinese ~4 shards a worker), at least 50k, at most 16M characters (resume
+    granularity, worker memory) for a corpus beyond 512 MB (English) or 192 MB a worker (Chinese). Not
+    more shards: each costs fixed work (file creations, per-shard tables of distinct words: ~40 ms an
+    English shard here), and 64 made the English build 1.15x slower on 20 MB."""
     total = sum(r.get("content_bytes") or r["bytes"] for r in records)
-    return int(min(16_000_000, max(50_000, total // 32)))
+    wanted = lang_cls.shard_characters_for(total, workers) if lang_cls is not None else total // 32
+    return int(min(16_000_000, max(50_000, wanted)))
 
 
 def _read_into_shards(config, comm, specs, work: Path, executor: _Executor, on_analyzed, read_done: bool,
@@ -1731,7 +1736,8 @@ def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.Inp
             "encoding_errors": config.encoding_errors,
             "max_document_chars": config.max_document_chars,
             "shard_documents": config.shard_documents,
-            "shard_characters": config.shard_characters or auto_shard_characters(records),
+            "shard_characters": config.shard_characters or auto_shard_characters(records, type(lang),
+                                                                                   comm.size * config.workers),
             "valid_fraction": config.valid_fraction,
             "format_version": fmt.FORMAT_VERSION,
             "work_format": WORK_FORMAT,
@@ -2038,7 +2044,8 @@ def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_siz
             "language": config.language,
             "fine_vocab_size": fine_size,
             "coarse_vocab_size": coarse_size,
-            "build": {k: v for k, v in params.items() if k != "inputs"},
+            # (the shard sizes shape how the build ran, not what it wrote: in "run")
+            "build": {k: v for k, v in params.items() if k not in ("inputs", "shard_documents", "shard_characters")},
             "inputs": params["inputs"],
             "versions": _package_versions(lang),
             "splits": splits,
@@ -2049,6 +2056,7 @@ def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_siz
             # run-dependent (not part of the reproducible output): a resumed run's throughput
             # covers only the work it did itself
             "run": {"workers": config.workers, "ranks": comm.size, "resumed": resumed,
+                    "shard_documents": params["shard_documents"], "shard_characters": params["shard_characters"],
                     "stage_seconds": {**stage_seconds,
                                       "merge": round(time.time() - started - sum(stage_seconds.values()), 2)}},
         }

@@ -535,6 +535,16 @@ class Language:
         return {name: getattr(args, name) for name in cls.option_names if hasattr(args, name)}
 
     @classmethod
+    def shard_characters_for(cls, text_bytes: int, workers: int) -> int:
+        """The default shard size (characters; the core keeps it within [50k, 16M]) for ``text_bytes``
+        of text and ``workers`` processes in all (ranks x --workers). This one: text_bytes / 32 for any
+        number of workers (English: ~32 shards; its report's example sentences come from evenly spaced
+        shards, so they would change with a size that followed the workers). A language whose output
+        does not depend on the shard size may size them to the workers: fewer shards cost less fixed
+        work (a shard's own tables of distinct words, its files), more share the work out evenly."""
+        return text_bytes // 32
+
+    @classmethod
     def same_option(cls, name: str, a, b) -> bool:
         """Whether option values ``a`` and ``b`` encode text the same way (a --vocab-from build may give
         either; e.g. two segmenters that give the same words)."""

@@ -81,20 +81,57 @@ def test_workers_sum_the_counts_of_their_own_shards(reference, tmp_path, monkeyp
 
 
 def test_shard_size_does_not_change_the_output(reference, tmp_path):
-    """Shards cut by characters (uneven documents per shard) and one big shard: the same bytes."""
+    """Shards cut by characters (uneven documents per shard) and one big shard: the same bytes (the
+    shard sizes are recorded with the run, in meta.json "run": they shape how the build ran)."""
     corpus, expected = reference
-
-    def without_shard_params(files: dict) -> dict:
-        meta = json.loads(files[fmt.META_FILE])
-        for key in ("shard_documents", "shard_characters"):
-            meta["build"].pop(key)
-        return {**files, fmt.META_FILE: meta}
-
     meta = core.build(small_config(corpus, tmp_path / "chars", shard_documents=SHARD_DOCS, shard_characters=700))
-    assert meta["build"]["shard_characters"] == 700
-    assert without_shard_params(dataset_bytes(tmp_path / "chars")) == without_shard_params(expected)
+    assert meta["run"]["shard_characters"] == 700 and meta["run"]["shard_documents"] == SHARD_DOCS
+    assert "shard_characters" not in meta["build"]
+    assert dataset_bytes(tmp_path / "chars") == expected
     core.build(small_config(corpus, tmp_path / "one", shard_documents=10**6, shard_characters=10**9))
-    assert without_shard_params(dataset_bytes(tmp_path / "one")) == without_shard_params(expected)
+    assert dataset_bytes(tmp_path / "one") == expected
+
+
+def test_resume_with_other_workers_keeps_the_shard_size_it_started_with(tmp_path, monkeypatch):
+    """The default Chinese shard size follows the workers: a build stopped after its analysis with 1
+    worker and resumed with 2 keeps the shards it had cut: the bytes of an uninterrupted build."""
+    corpus = write_corpus(tmp_path / "pd.txt", lines=6000)
+    fresh = core.build(small_config(corpus, tmp_path / "fresh", shard_documents=10**6, workers=2))
+    out = tmp_path / "resumed"
+    real_mark = core._mark
+
+    def stop_after_the_analysis(path, info=None):
+        if path.name == core.READ_FILE:
+            raise KeyboardInterrupt
+        real_mark(path, info)
+
+    with monkeypatch.context() as m:
+        m.setattr(core, "_mark", stop_after_the_analysis)
+        with pytest.raises(KeyboardInterrupt):
+            core.build(small_config(corpus, out, shard_documents=10**6, workers=1))
+    started = json.loads((core.work_dir_for(out) / core.PARAMS_FILE).read_text())["shard_characters"]
+    assert abs(started - 2 * fresh["run"]["shard_characters"]) <= 1 and started > 100_000  # 1 worker: twice as large
+    analysed = len(list(core.work_dir_for(out).glob("shards/*/counts.pkl")))
+    assert analysed >= 3
+    meta = core.build(small_config(corpus, out, shard_documents=10**6, workers=2, resume=True))
+    assert meta["run"]["shard_characters"] == started and meta["run"]["workers"] == 2
+    assert dataset_bytes(out) == dataset_bytes(tmp_path / "fresh")
+
+
+def test_default_shard_size_scales_with_the_corpus_and_the_workers():
+    """English: the corpus's bytes / 32 whatever the workers (its report reads evenly spaced shards);
+    Chinese: ~4 shards a worker (bytes / 12 a worker, ~3 bytes a character); both within [50k, 16M]."""
+    from data_prep.chinese import Chinese
+    from data_prep.english import English
+
+    for lang in (None, English):
+        assert core.auto_shard_characters([{"bytes": 10, "content_bytes": 5_000_000}], lang, 4) == 5_000_000 // 32
+        assert core.auto_shard_characters([{"bytes": 1000, "content_bytes": None}], lang) == 50_000
+        assert core.auto_shard_characters([{"bytes": 10**12, "content_bytes": 10**12}], lang) == 16_000_000
+    one, two = (core.auto_shard_characters([{"bytes": 10, "content_bytes": 24_000_000}], Chinese, w) for w in (1, 2))
+    assert (one, two) == (2_000_000, 1_000_000)  # 24 MB of Chinese, ~8M characters: 4 shards, then 8
+    assert core.auto_shard_characters([{"bytes": 10**12, "content_bytes": 10**12}], Chinese, 64) == 16_000_000
+    assert core.auto_shard_characters([{"bytes": 1000, "content_bytes": 100_000}], Chinese, 2) == 50_000
 
 
 @pytest.mark.parametrize("batch_chars", [300, 1 << 18])
@@ -144,12 +181,6 @@ def test_shards_end_where_documents_reach_the_size_whatever_the_read_batches(tmp
     assert summary["shard_starts"] == [sum(map(len, expected[:k])) for k in range(len(expected))]
     assert (summary["empty_documents_skipped"], summary["nul_bytes_removed"], summary["long_documents_cut"]) == (1, 1, 1)
     assert any(len(s) == 9 for s in expected) and any(len(s) < 9 for s in expected[:-1])
-
-
-def test_default_shard_size_scales_with_the_corpus():
-    assert core.auto_shard_characters([{"bytes": 10, "content_bytes": 5_000_000}]) == 5_000_000 // 32
-    assert core.auto_shard_characters([{"bytes": 1000, "content_bytes": None}]) == 50_000
-    assert core.auto_shard_characters([{"bytes": 10**12, "content_bytes": 10**12}]) == 16_000_000
 
 
 def _rank_build(corpus: str, output: str) -> dict:
