@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import random
 import socket
 import time
 import traceback
@@ -37,8 +38,31 @@ class DistributedTestError(AssertionError):
     pass
 
 
+_PORT_SLICE = 1500
+_ports_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port free on 127.0.0.1 now, for a run to bind a moment later. Not one the kernel picks
+    (bind to port 0): those come from its ephemeral range (32768-60999 here), from which every
+    outgoing connection (gloo's, another test's) also takes its own port, so one could take it before
+    the run binds it ("MASTER_PORT ... is in use" under pytest-xdist). Below that range instead, each
+    xdist worker in a slice of its own, in random order, none given twice by this process."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    low = 20000 + _PORT_SLICE * ((int(worker) if worker.isdigit() else 0) % 8)
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        port = rng.randrange(low, low + _PORT_SLICE)
+        if port in _ports_given:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _ports_given.add(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # (the slice is full: any free port)
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
