@@ -251,10 +251,9 @@ def _jieba_c_dictionary(native, source: Path):
     """jieba's dictionary (``source``, its dict.txt) built by jieba-c, through a disk cache: building
     it parses ~350k entries (0.15-0.2 s a process); its state (``Jieba.state``, ~23 MB) is kept in
     ``languages.cache_dir()`` under a name made from the dictionary's bytes, jieba's version and
-    _native.c's, with a CRC-32 after it, and read back in ~0.05 s. A missing, damaged or unwritable
-    cache only costs the build: the dictionary is built again (and the state rewritten if it can be)."""
-    import zlib
-
+    _native.c's (``languages.keep_cached``: a CRC-32 after it), and read back in ~0.05 s. A missing,
+    damaged or unwritable cache only costs the build: the dictionary is built again (and the state
+    rewritten if it can be)."""
     import jieba
     from jieba.finalseg import prob_emit, prob_start, prob_trans
 
@@ -262,42 +261,16 @@ def _jieba_c_dictionary(native, source: Path):
     key = hashlib.sha1(data + f"|jieba {jieba.__version__}|native {native.VERSION}".encode()).hexdigest()[:20]
     folder = languages.cache_dir()
     path = folder / f"jieba-c-{key}.state" if folder is not None else None
-    if path is not None and path.is_file():
+    state = languages.read_cached(path)
+    if state is not None:
         try:
-            blob = memoryview(path.read_bytes())
-            if len(blob) > 4 and zlib.crc32(blob[:-4]) == int.from_bytes(blob[-4:], "little"):
-                return native.Jieba.from_state(blob[:-4])
-            logging.getLogger("data_prep").debug("%s: damaged (CRC-32); building jieba's dictionary again", path)
-        except (OSError, ValueError) as exc:
+            return native.Jieba.from_state(state)
+        except ValueError as exc:
             logging.getLogger("data_prep").debug("%s: %s; building jieba's dictionary again", path, exc)
     built = native.Jieba(data.decode("utf-8"), prob_start.P, prob_trans.P, prob_emit.P)
     if path is not None:
-        _keep_state(path, built.state())
+        languages.keep_cached(path, built.state(), _JIEBA_C_KEPT)
     return built
-
-
-def _keep_state(path: Path, state: bytes) -> None:
-    """Write ``state`` + its CRC-32 to ``path`` atomically (a temporary file renamed: a killed or
-    concurrent writer never leaves a partial file under the name), then drop all but the
-    ``_JIEBA_C_KEPT`` newest states. Any OSError (a read-only home, a full disk): nothing kept."""
-    import zlib
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            fh.write(state)
-            fh.write(zlib.crc32(state).to_bytes(4, "little"))
-        os.replace(tmp, path)
-        states = sorted(path.parent.glob("jieba-c-*.state"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in states[_JIEBA_C_KEPT:]:
-            old.unlink(missing_ok=True)
-    except OSError as exc:
-        logging.getLogger("data_prep").debug("jieba-c's dictionary is not cached (%s: %s)", path, exc)
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
 
 
 class JiebaCSegmenter(Segmenter):
@@ -1221,7 +1194,8 @@ class Chinese(Language):
     def before_fork(self) -> None:
         from data_prep import normalize
 
-        normalize._fast_tables()  # the normalisation's code-point tables (~40 ms to build; cached)
+        normalize._fast_tables()  # the normalisation's code-point tables (from the disk cache: ~1 ms)
+        normalize._fast_tables(normalize._PLANES_0_TO_3)  # (and for the CJK extensions': each worker built it)
         normalize._cleanup_flags()
         if self.options["segmenter"] == "jieba-c":
             make_segmenter("jieba-c", self.options["user_dict"])  # kept in _JIEBA_C, inherited by the workers

@@ -265,6 +265,69 @@ def cache_dir() -> Path | None:
     return Path(base) / "ambert"
 
 
+def cached_bytes(name: str, recipe: str, build: Callable[[], bytes], kept: int = 4) -> bytes:
+    """``build()``, through the disk cache: kept in ``cache_dir()`` as ``{name}-{sha1(recipe)}.bin``
+    (``recipe``: everything the bytes depend on, e.g. the Unicode version and the rules' version), read
+    back from there by later processes. A missing, damaged or unwritable cache costs only ``build()``;
+    the ``kept`` newest files of ``name`` stay."""
+    import hashlib
+
+    folder = cache_dir()
+    path = folder / f"{name}-{hashlib.sha1(recipe.encode()).hexdigest()[:20]}.bin" if folder is not None else None
+    blob = read_cached(path)
+    if blob is not None:
+        return bytes(blob)
+    data = build()
+    if path is not None:
+        keep_cached(path, data, kept)
+    return data
+
+
+def read_cached(path: Path | None) -> memoryview | None:
+    """What ``keep_cached`` wrote to ``path`` (its CRC-32 checked), or None: no such file, unreadable
+    or damaged (the caller builds the thing again; a damaged file is overwritten then)."""
+    import logging
+    import zlib
+
+    if path is None or not path.is_file():
+        return None
+    try:
+        blob = memoryview(path.read_bytes())
+    except OSError as exc:
+        logging.getLogger("data_prep").debug("%s: %s; building it again", path, exc)
+        return None
+    if len(blob) > 4 and zlib.crc32(blob[:-4]) == int.from_bytes(blob[-4:], "little"):
+        return blob[:-4]
+    logging.getLogger("data_prep").debug("%s: damaged (CRC-32); building it again", path)
+    return None
+
+
+def keep_cached(path: Path, data: bytes, kept: int) -> None:
+    """Write ``data`` + its CRC-32 to ``path`` atomically (a temporary file renamed: a killed or
+    concurrent writer never leaves a partial file under the name), then drop all but the ``kept``
+    newest files of its folder named like it (the same prefix up to the last "-", the same suffix).
+    Any OSError (a read-only home, a full disk): nothing kept, the caller goes on."""
+    import logging
+    import zlib
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.write(zlib.crc32(data).to_bytes(4, "little"))
+        os.replace(tmp, path)
+        siblings = path.parent.glob(f"{path.stem.rsplit('-', 1)[0]}-*{path.suffix}")
+        for old in sorted(siblings, key=lambda p: p.stat().st_mtime, reverse=True)[kept:]:
+            old.unlink(missing_ok=True)
+    except OSError as exc:
+        logging.getLogger("data_prep").debug("%s is not cached (%s)", path, exc)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
 class StringNumbering:
     """Ids of strings in first-seen order: ``numbering(strings)`` -> their ids (int64), numbering the
     new ones; ``index`` (a dict, complete) maps every string numbered to its id.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 import unicodedata
 from collections.abc import Callable, Iterator
 
@@ -143,11 +144,35 @@ _NK_UNSAFE, _NK_KEEP, _NK_MAP, _NK_BREAK, _NK_DROP, _NK_SPACE = range(6)
 _PLANES_0_TO_3 = 0x40000
 
 
+_TABLES_VERSION = 1  # of ``_derive_fast_tables``'s rules (a change makes the disk cache's entries stale)
+
+
 @functools.cache
 def _fast_tables(size: int = 0x10000) -> tuple[bytes, np.ndarray, np.ndarray]:
     """``_native.normalize_fast``'s tables for the first ``size`` code points (the BMP, or planes 0-3
-    for the CJK extensions), from this Python's unicodedata (~40 ms for the BMP; cached, built before
-    the workers fork): (kinds: a byte per code point, map_starts, map_data).
+    for the CJK extensions): (kinds: a byte per code point, map_starts, map_data). Derived from this
+    Python's unicodedata (``_derive_fast_tables``: ~40 ms for the BMP, ~0.12 s for planes 0-3: in each
+    pool worker that met a CJK extension character, 0.2 s of its first shard), so kept in
+    ``languages.cache_dir()`` under a name made from the Unicode version, the rules' version and the
+    patterns they use, and read back in ~1 ms (both before the workers fork: they inherit them). A
+    missing, damaged or unwritable cache costs only the derivation."""
+    recipe = f"{size}|{sys.version_info[:2]}|{unicodedata.unidata_version}|{_TABLES_VERSION}|{_CONTROL.pattern}|{_LINE_BREAK_CHARS}|{_SPACES}"
+    blob = languages.cached_bytes("nfkc-tables", recipe, lambda: _table_bytes(*_derive_fast_tables(size)))
+    if len(blob) >= 5 * size + 4 and (len(blob) - size) % 4 == 0:
+        starts = np.frombuffer(blob, dtype="<i4", count=size + 1, offset=size).astype(np.int32, copy=False)
+        data = np.frombuffer(blob, dtype="<i4", offset=5 * size + 4).astype(np.int32, copy=False)
+        if starts[0] == 0 and starts[-1] == len(data) and (np.diff(starts) >= 0).all():
+            return blob[:size], starts, data
+    return _derive_fast_tables(size)  # (bytes of another layout under the name: never written by this version)
+
+
+def _table_bytes(kinds: bytes, starts: np.ndarray, data: np.ndarray) -> bytes:
+    """The tables as ``_fast_tables`` keeps them: kinds, then starts and data as little-endian int32."""
+    return kinds + starts.astype("<i4").tobytes() + data.astype("<i4").tobytes()
+
+
+def _derive_fast_tables(size: int) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """``_fast_tables`` from unicodedata.
 
     A code point is *plain* if NFKC leaves it and its neighbours alone whatever they are: no
     decomposition, combining class 0, and not the second character of any canonical pair (NFC composes
@@ -158,7 +183,8 @@ def _fast_tables(size: int = 0x10000) -> tuple[bytes, np.ndarray, np.ndarray]:
     (so nothing composes: its NFKC is that NFKD, next to anything) that are KEEP or SPACE, itself of
     class 0 and not a second character: ``normalize_text`` gives the same as with the map applied
     first. Everything else is UNSAFE (its document takes the general path)."""
-    chars = [chr(c) for c in range(size)]
+    # every code point below size as a str (surrogates too), from one UTF-32 decode (faster than chr)
+    chars = list(np.arange(size, dtype="<u4").tobytes().decode("utf-32-le", "surrogatepass"))
     decomposition = list(map(unicodedata.decomposition, chars))
     seconds = np.zeros(size, dtype=bool)
     seconds[[int(d.split()[1], 16) for d in decomposition if d and d[0] != "<" and len(d.split()) == 2]] = True

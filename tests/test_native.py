@@ -452,6 +452,46 @@ def test_normalisation_in_one_pass_equals_normalize_text():
             native.normalize_fast(["a"], *bad, True)
 
 
+def test_unicode_tables_come_from_the_disk_cache_and_a_bad_cache_costs_only_time(monkeypatch, tmp_path):
+    """The code-point tables derived from unicodedata (the normalisation's, for the BMP and planes 0-3;
+    English's invisible characters) are kept in languages.cache_dir(): a new process reads the same
+    tables back (no derivation); a damaged or truncated file is derived again and rewritten;
+    AMBERT_CACHE_DIR="" derives them each time without an error."""
+    from data_prep import english, languages, normalize
+
+    derived = []
+    for mod, name in ((normalize, "_derive_fast_tables"), (english, "_find_invisible_ranges")):
+        monkeypatch.setattr(mod, name, (lambda f: lambda *a: derived.append(f.__name__) or f(*a))(getattr(mod, name)))
+
+    def tables() -> list:
+        normalize._fast_tables.cache_clear()  # a new process
+        english._invisible_ranges.cache_clear()
+        kinds, starts, data = normalize._fast_tables()
+        astral = normalize._fast_tables(normalize._PLANES_0_TO_3)
+        return [kinds, starts.tolist(), data.tolist(), astral[0], astral[1].tolist(), astral[2].tolist(),
+                english._invisible_ranges()]
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("AMBERT_CACHE_DIR", str(cache))
+    reference = tables()
+    assert len(derived) == 3 and len(list(cache.glob("*.bin"))) == 3
+    assert reference[6] == english._find_invisible_ranges() and (0xD800, 0xF8FF) in reference[6]
+    assert (len(reference[0]), len(reference[3])) == (0x10000, normalize._PLANES_0_TO_3)
+    assert tables() == reference and len(derived) == 4  # read back (the one call above derived)
+    for path in sorted(cache.glob("*.bin")):
+        blob = path.read_bytes()
+        for bad in (blob[: len(blob) // 2], blob[:-5] + bytes([blob[-5] ^ 1]) + blob[-4:]):
+            path.write_bytes(bad)
+            derived.clear()
+            assert tables() == reference and len(derived) == 1
+            assert path.read_bytes() == blob  # rewritten
+    monkeypatch.setenv("AMBERT_CACHE_DIR", "")
+    derived.clear()
+    assert languages.cache_dir() is None and tables() == reference and len(derived) == 3
+    normalize._fast_tables.cache_clear()
+    english._invisible_ranges.cache_clear()
+
+
 @needs_native
 def test_space_clean_up_equals_the_regular_expressions(monkeypatch):
     """clean_spaces (one C pass) == the three substitutions it replaces (runs of whitespace but line
