@@ -141,7 +141,8 @@ class BuildConfig:
     valid_fraction: float = 0.01
     """--valid-fraction: share of documents in the valid split (deterministic, evenly spread)."""
     shard_documents: int = 100_000
-    """--shard-documents: at most this many documents per shard (the unit of parallel work and of resume)."""
+    """--shard-documents: at most this many documents per shard (the unit of parallel work and of resume);
+    about this many for inputs read in byte ranges (``inp.plan_ranges``: by the file's mean line length)."""
     shard_characters: int | None = None
     """--shard-characters: a shard also closes at this many characters (None: corpus bytes / 32, clamped
     to [50k, 16M], so a small corpus still gets enough shards to keep every worker busy)."""
@@ -570,11 +571,14 @@ def _shard_dir(work: Path, k: int) -> Path:
 # stage done for the shard: read (its documents), analysed (its count tables; the language's cache
 # is in cache/), encoded (its train/valid datasets and statistics in one part file,
 # ``format.write_part``). Four files a shard (+ the language's cache): creating a file is what
-# parallel filesystems are slow at.
+# parallel filesystems are slow at. A shard read in byte ranges (``inp.plan_ranges``: by the worker
+# that analyses it) has a range file instead of its documents (unless the language reads them again):
+# its ranges, and what the reading found (documents, empty ones skipped, ...).
 SHARD_DOCUMENTS_FILE = "docs.txt"
 SHARD_COUNTS_FILE = "counts.pkl"
 SHARD_PART_FILE = "encoded.part"
-WORK_FORMAT = 5  # of DIR.partial (params.json): a --resume of a work dir in another layout is refused
+SHARD_RANGE_FILE = "range.json"
+WORK_FORMAT = 6  # of DIR.partial (params.json): a --resume of a work dir in another layout is refused
 
 
 def read_shard_documents(shard_dir: Path) -> list[str]:
@@ -858,6 +862,52 @@ class _NoCyclicGC:
 def _analyze_task(task: str | tuple[str, list[str]]) -> tuple[str, int]:
     with _NoCyclicGC():
         return _analyze(task)
+
+
+def _read_range_task(task: tuple) -> tuple[str, int]:
+    """Read a shard's byte ranges of the inputs (``inp.plan_ranges``) and analyse its documents: the
+    pool workers read the text themselves, the main process none of it. The shard's range file (its
+    ranges and what the reading found) is written before its counts, so counts mean the range file is
+    there; counts from other ranges (a shard of another plan) are not taken."""
+    shard_dir, segments, encoding_errors, max_document_chars, keep_documents = task
+    shard = Path(shard_dir)
+    size = sum(end - start for _, start, end in segments)
+    with _NoCyclicGC():
+        if (shard / SHARD_COUNTS_FILE).exists():
+            try:
+                if _work_json(shard / SHARD_RANGE_FILE)["segments"] == [list(s) for s in segments]:
+                    return shard_dir, size
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+            (shard / SHARD_COUNTS_FILE).unlink()
+        counters = inp.ReadCounters()
+        documents = [d for batch in inp.iter_range_batches(segments, encoding_errors, max_document_chars, counters)
+                     for d in batch]
+        shard.mkdir(parents=True, exist_ok=True)
+        if keep_documents and not (shard / SHARD_DOCUMENTS_FILE).exists():
+            _write_shard_documents(shard, documents)
+        info = {"segments": segments, "documents": len(documents), "empty_documents": counters.empty_documents,
+                "nul_bytes_removed": counters.nul_bytes_removed, "long_documents_cut": counters.split_long_documents}
+        _write_atomic(shard / SHARD_RANGE_FILE, json.dumps(info).encode())
+        return _analyze((shard_dir, documents, size))
+
+
+def _range_summary(work: Path, num_shards: int) -> dict:
+    """The read summary of a build read in byte ranges, from every shard's range file (each rank's
+    shards: read once every rank has analysed its own)."""
+    infos = []
+    for k in range(num_shards):
+        path = _shard_dir(work, k) / SHARD_RANGE_FILE
+        try:
+            infos.append(_work_json(path))
+        except OSError:
+            raise BuildError(f"internal: {path} is missing after its shard was analysed") from None
+    documents = [info["documents"] for info in infos]
+    return {"num_documents": sum(documents), "num_shards": num_shards,
+            "shard_starts": list(accumulate([0] + documents[:-1])),
+            "empty_documents_skipped": sum(info["empty_documents"] for info in infos),
+            "nul_bytes_removed": sum(info["nul_bytes_removed"] for info in infos),
+            "long_documents_cut": sum(info["long_documents_cut"] for info in infos)}
 
 
 def _encode_task(args: tuple) -> str:
@@ -1176,6 +1226,8 @@ def _check_inputs(config: BuildConfig, lang: Language, specs: list[inp.InputSpec
                   "content_bytes": scan.content_bytes}
         if spec.kind == "text":
             record["text_mode"] = spec.text_mode
+        if inp.reads_in_ranges(spec):  # (how its shards are cut: ``inp.plan_ranges``)
+            record.update(characters=scan.characters, lines=scan.lines)
         records.append(record)
     if all(r["bytes"] == 0 for r in records):
         raise inp.InputError("every input is empty: " + ", ".join(r["path"] for r in records))
@@ -1557,7 +1609,9 @@ def auto_shard_characters(records: list[dict], lang_cls: type[Language] | None =
 
 def _read_into_shards(config, comm, specs, work: Path, executor: _Executor, on_analyzed, read_done: bool,
                       params: dict) -> dict:
-    """Stage 2 (+ 3 in the background): stream the corpus into shards, analyse each as it is written."""
+    """Stage 2 (+ 3 in the background): stream the corpus into shards, analyse each as it is written;
+    or, for inputs read in byte ranges, have the workers read and analyse the shards (the summary,
+    ``{"num_shards", "ranges": True}``, is completed by ``_range_summary`` once every rank is done)."""
     if read_done:  # a resumed build: every rank had written its shards before
         summary = _work_json(work / READ_FILE)
         mine = [k for k in range(summary["num_shards"]) if k % comm.size == comm.rank]
@@ -1569,6 +1623,15 @@ def _read_into_shards(config, comm, specs, work: Path, executor: _Executor, on_a
             return summary
         # (a work directory from a version that marked the read before every rank had finished)
         log.info("rank %d: %d shard(s) were never written; reading the inputs again", comm.rank, len(unwritten))
+    if params.get("reading") == "ranges":  # (shards with their counts for the same ranges are not read again)
+        plan = inp.plan_ranges(params["inputs"], params["shard_characters"], config.shard_documents)
+        keep = get_language(config.language).reads_documents_again
+        for k in range(comm.rank, len(plan), comm.size):
+            executor.submit(_read_range_task, (str(_shard_dir(work, k)), plan[k], config.encoding_errors,
+                                               config.max_document_chars, keep))
+            for result in executor.ready():
+                on_analyzed(result)
+        return {"num_shards": len(plan), "ranges": True}
     counters = inp.ReadCounters()
     documents: list[str] = []
     num_documents = 0
@@ -1738,6 +1801,8 @@ def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.Inp
             "shard_documents": config.shard_documents,
             "shard_characters": config.shard_characters or auto_shard_characters(records, type(lang),
                                                                                    comm.size * config.workers),
+            # uncompressed text of one document a line: the workers read their shards' byte ranges
+            "reading": "ranges" if all(inp.reads_in_ranges(s) for s in specs) else "stream",
             "valid_fraction": config.valid_fraction,
             "format_version": fmt.FORMAT_VERSION,
             "work_format": WORK_FORMAT,
@@ -1793,6 +1858,8 @@ def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.Inp
 
         stage_seconds["check"] = round(time.time() - started, 2)
         summary, my_counts = _collective(comm, read_and_analyze)
+        if summary.get("ranges"):  # every rank has analysed its shards: their range files are all there
+            summary = _collective(comm, lambda: _range_summary(work, summary["num_shards"]))
         if comm.rank == 0 and not read_done:
             # Only now: a rank killed while writing its shards must not leave a work directory whose
             # --resume believes every shard exists.
@@ -2045,7 +2112,7 @@ def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_siz
             "fine_vocab_size": fine_size,
             "coarse_vocab_size": coarse_size,
             # (the shard sizes shape how the build ran, not what it wrote: in "run")
-            "build": {k: v for k, v in params.items() if k not in ("inputs", "shard_documents", "shard_characters")},
+            "build": {k: v for k, v in params.items() if k not in ("inputs", "shard_documents", "shard_characters", "reading")},
             "inputs": params["inputs"],
             "versions": _package_versions(lang),
             "splits": splits,
@@ -2057,6 +2124,7 @@ def _merge(config, lang, params, work, summary, fit_stats, fine_size, coarse_siz
             # covers only the work it did itself
             "run": {"workers": config.workers, "ranks": comm.size, "resumed": resumed,
                     "shard_documents": params["shard_documents"], "shard_characters": params["shard_characters"],
+                    "reading": params["reading"],
                     "stage_seconds": {**stage_seconds,
                                       "merge": round(time.time() - started - sum(stage_seconds.values()), 2)}},
         }

@@ -93,6 +93,10 @@ class InputScan:
     """Decompressed size (text/jsonl inputs): the total of the progress bar."""
     truncated: bool = False
     """The content ends inside a multi-byte character (a file cut at a byte count)."""
+    characters: int | None = None
+    """Characters of the content (its bytes that are not UTF-8 continuation bytes; text/jsonl inputs)."""
+    lines: int | None = None
+    """Line breaks (b"\\n") in the content (text/jsonl inputs)."""
 
 
 @dataclass
@@ -503,8 +507,9 @@ def _file_digest(path: Path) -> tuple[str, int]:
 # Only inputs of at least _SCAN_CACHE_MIN_BYTES stored bytes are kept (a small file scans faster than
 # an entry is read: a folder of many small files must not pay a file per file); the _SCAN_CACHE_KEPT
 # newest entries are kept, pruned once per process.
-_SCAN_CACHE_VERSION = 1
-_SCAN_FIELDS = ("nul_bytes", "invalid_utf8", "first_invalid_offset", "looks_like", "content_bytes", "truncated")
+_SCAN_CACHE_VERSION = 3
+_SCAN_FIELDS = ("nul_bytes", "invalid_utf8", "first_invalid_offset", "looks_like", "content_bytes", "truncated",
+                "characters", "lines")
 _SCAN_CACHE_MIN_BYTES = 1 << 20
 _SCAN_CACHE_KEPT = 10_000
 _scan_cache_pruned = False
@@ -581,13 +586,16 @@ def _scan(spec: InputSpec) -> InputScan:
 
 
 def _content_scan(spec: InputSpec, scan: InputScan) -> None:
-    """NUL bytes, UTF-8 validity and decompressed size of the content, into ``scan``."""
+    """NUL bytes, UTF-8 validity, decompressed size, characters and lines of the content, into ``scan``."""
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     offset = 0
     utf8_before = False
+    scan.characters = scan.lines = 0
     with open_binary(spec.path) as fh:
         while chunk := fh.read(_CHUNK):
             scan.nul_bytes += chunk.count(b"\0")
+            scan.characters += len(chunk.translate(None, _CONTINUATION_BYTES))
+            scan.lines += chunk.count(b"\n")
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError as exc:
@@ -608,6 +616,8 @@ def _content_scan(spec: InputSpec, scan: InputScan) -> None:
                         offset += len(head)
                         head = fh.read(_CHUNK)
                         scan.nul_bytes += head.count(b"\0")  # the first chunk's are counted above
+                        scan.characters += len(head.translate(None, _CONTINUATION_BYTES))
+                        scan.lines += head.count(b"\n")
                     scan.invalid_utf8 += lenient.decode(b"", final=True).count("\ufffd")
                     scan.content_bytes = offset
                     break
@@ -624,6 +634,8 @@ def _content_scan(spec: InputSpec, scan: InputScan) -> None:
                 scan.truncated = True
 
 
+# UTF-8 continuation bytes (10xxxxxx): a character is any other byte (``bytes.translate`` deletes these)
+_CONTINUATION_BYTES = bytes(range(0x80, 0xC0))
 _HIGH_BYTES = bytes.maketrans(bytes(range(256)), b"a" * 0x80 + b"H" * 0x80)
 
 
@@ -869,21 +881,26 @@ def _universal_newlines(lines: list[str]) -> list[str]:
     return out
 
 
+def _line_batches(raw: BinaryIO, encoding_errors: str) -> Iterator[tuple[list[str], int]]:
+    """The lines of a binary stream of UTF-8 (each with its "\\n"), ~``_BATCH_CHARS`` characters at a
+    time (``readlines``: a C loop, no generator step per line), with the bytes read so far. Lines end at
+    "\\n" only (no translation pass: 30% of the reading); a batch holding a "\\r" gets what universal
+    newlines would have given (``_text_lines``)."""
+    reader = io.TextIOWrapper(raw, encoding="utf-8", errors=encoding_errors, newline="\n")
+    while lines := reader.readlines(_BATCH_CHARS):
+        if any(map(str.__contains__, lines, repeat("\r"))):
+            lines = _universal_newlines(lines)
+        yield lines, raw.tell()  # (the wrapper reads ahead by at most a block of 8 KB)
+
+
 def _raw_batches(spec: InputSpec, encoding_errors: str) -> Iterator[tuple[list[str], int | None]]:
     """``_raw_documents`` in lists, each with the input's bytes read so far (unpacked; None if not
     known): a text input of one document a line ~``_BATCH_CHARS`` characters of lines at a time
-    (``readlines``: a C loop, no generator step per line), the others ``_BATCH_DOCUMENTS`` documents
-    at a time."""
+    (``_line_batches``), the others ``_BATCH_DOCUMENTS`` documents at a time."""
     if spec.kind == "text" and spec.text_mode == "line":
         try:
             with open_binary(spec.path) as raw:
-                # Lines end at "\n" only (no translation pass: 30% of the reading); a batch holding a
-                # "\r" gets what universal newlines would have given (``_text_lines``).
-                reader = io.TextIOWrapper(raw, encoding="utf-8", errors=encoding_errors, newline="\n")
-                while lines := reader.readlines(_BATCH_CHARS):
-                    if any(map(str.__contains__, lines, repeat("\r"))):
-                        lines = _universal_newlines(lines)
-                    yield lines, raw.tell()  # (the wrapper reads ahead by at most a block of 8 KB)
+                yield from _line_batches(raw, encoding_errors)
         except (InputError, UnicodeDecodeError):
             raise
         except _read_errors() as exc:
@@ -1048,22 +1065,117 @@ def iter_document_batches(specs: list[InputSpec], encoding_errors: str = "strict
         before = counters.text_bytes
         for batch, position in _raw_batches(spec, encoding_errors):
             counters.text_bytes = None if position is None or before is None else before + position
-            if any(map(str.__contains__, batch, repeat("\0"))):
-                counters.nul_bytes_removed += sum(map(str.count, batch, repeat("\0")))
-                batch = [text.replace("\0", "") for text in batch]
-            kept = list(filterfalse(str.isspace, filter(None, batch)))  # (not text.strip())
-            counters.empty_documents += len(batch) - len(kept)
-            if kept and max(map(len, kept)) > max_document_chars:
-                cut: list[str] = []
-                for text in kept:
-                    if len(text) > max_document_chars:
-                        counters.split_long_documents += 1
-                        cut.extend(_cut_long(text, max_document_chars))
-                    else:
-                        cut.append(text)
-                kept = cut
+            kept = _clean_batch(batch, max_document_chars, counters)
             if kept:
                 yield kept
+
+
+def _clean_batch(batch: list[str], max_document_chars: int, counters: ReadCounters) -> list[str]:
+    """A batch of raw documents as the build takes them: NULs removed, empty ones skipped, huge ones
+    cut (each counted in ``counters``); each test one C-level pass over the batch."""
+    if any(map(str.__contains__, batch, repeat("\0"))):
+        counters.nul_bytes_removed += sum(map(str.count, batch, repeat("\0")))
+        batch = [text.replace("\0", "") for text in batch]
+    kept = list(filterfalse(str.isspace, filter(None, batch)))  # (not text.strip())
+    counters.empty_documents += len(batch) - len(kept)
+    if kept and max(map(len, kept)) > max_document_chars:
+        cut: list[str] = []
+        for text in kept:
+            if len(text) > max_document_chars:
+                counters.split_long_documents += 1
+                cut.extend(_cut_long(text, max_document_chars))
+            else:
+                cut.append(text)
+        kept = cut
+    return kept
+
+
+# ---- reading in byte ranges: the pool's workers read their shards themselves ----------------------
+# An uncompressed text file of one document a line can be cut into byte ranges that end at a line
+# break: the lines of the ranges, read one after the other, are the lines of the file (a line break
+# is one byte that no other UTF-8 sequence contains, so a decoder's state is the same at every range
+# start as when it reads the whole file). The main process then reads no text at all: each worker
+# reads, decodes and cleans the ranges of the shards it analyses (in parallel, with no copy of the
+# documents written for it and read back).
+
+def reads_in_ranges(spec: InputSpec) -> bool:
+    """Whether ``spec`` can be read in byte ranges (``plan_ranges``): an uncompressed text file of one
+    document a line."""
+    return spec.kind == "text" and spec.text_mode == "line" and Path(spec.path).suffix.lower() not in COMPRESSED
+
+
+Segment = tuple[str, int, int]
+"""(path, first byte, end byte) of a range of an input."""
+
+
+def plan_ranges(records: list[dict], shard_characters: int, shard_documents: int) -> list[list[Segment]]:
+    """The shards of inputs that ``reads_in_ranges`` (their records: path, bytes, characters, lines) as
+    lists of byte ranges, in input order: each closes at ~``shard_characters`` characters or
+    ``shard_documents`` lines, converted to bytes by its file's own bytes per character and per line
+    (from the input scan), at the first line break from there; a shard may span files. The same
+    inputs and sizes give the same plan (a --resume finds the same shards)."""
+    shards: list[list[Segment]] = []
+    current: list[Segment] = []
+    room = 1.0  # of a shard, still to fill
+    for record in records:
+        size = record["bytes"]
+        if not size:
+            continue
+        # a shard's bytes in this file: the smaller of its characters' and its lines' worth
+        per_shard = min(shard_characters * size / max(record["characters"], 1),
+                        shard_documents * size / max(record["lines"], 1))
+        with open(record["path"], "rb") as fh:
+            start = 0
+            while start < size:
+                wanted = max(1, round(room * per_shard))
+                end = _line_end(fh, start + wanted, size)
+                current.append((record["path"], start, end))
+                room -= (end - start) / per_shard
+                if end - start >= wanted:  # (else the file ended first: the shard goes on in the next one)
+                    shards.append(current)
+                    current, room = [], 1.0
+                start = end
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _line_end(fh: BinaryIO, position: int, size: int) -> int:
+    """The offset just past the first b"\\n" at or after ``position - 1`` (``size`` if none)."""
+    if position >= size:
+        return size
+    fh.seek(position - 1)
+    offset = position - 1
+    while block := fh.read(1 << 16):
+        found = block.find(b"\n")
+        if found >= 0:
+            return offset + found + 1
+        offset += len(block)
+    return size
+
+
+def iter_range_batches(segments: list[Segment], encoding_errors: str = "strict", max_document_chars: int = 1_000_000,
+                       counters: ReadCounters | None = None) -> Iterator[list[str]]:
+    """The documents of byte ranges of inputs (``plan_ranges``) in lists, as ``iter_document_batches``
+    gives those of the whole inputs: the same lines, cleaned the same way."""
+    counters = counters if counters is not None else ReadCounters()
+    for path, start, end in segments:
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(start)
+                data = fh.read(end - start)
+            if len(data) != end - start:
+                raise EOFError(f"{path} ends at byte {start + len(data):,}, before {end:,}: it changed while the build ran")
+            for lines, _ in _line_batches(io.BytesIO(data), encoding_errors):
+                kept = _clean_batch(lines, max_document_chars, counters)
+                if kept:
+                    yield kept
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{path}: not valid UTF-8 between bytes {start:,} and {end:,} ({exc.reason}), though it "
+                             f"was when the build checked it: did the file change while the build ran? Fix or convert "
+                             f"it, or pass --encoding-errors replace") from None
+        except _read_errors() as exc:
+            raise read_error(path, "text", exc) from None
 
 
 SAMPLE_CHARS = 256_000

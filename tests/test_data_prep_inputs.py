@@ -407,3 +407,67 @@ def test_line_documents_read_in_batches_split_at_every_line_break(tmp_path, monk
             expected = [line for line in inp._text_lines(spec, "strict") if line.strip()]
             assert list(inp.iter_documents([spec])) == expected, repr(text)
             assert "\r" not in "".join(expected)
+
+
+@pytest.mark.parametrize("batch_chars", [5, 1 << 18])
+def test_byte_ranges_read_the_documents_of_the_whole_files(tmp_path, monkeypatch, batch_chars):
+    """The shards of uncompressed one-document-a-line text read in byte ranges (``plan_ranges``: by
+    the pool's workers) hold the documents of the files read whole, in order, counted alike (empty
+    lines, NULs, long documents cut), for shard sizes from one character to all of it: ranges tile
+    every file and end at a line break; shards close at their size in characters or documents (by
+    the scan's characters and lines), a shard spans files; a BOM, "\\r" line ends, a file without a
+    final line break, an empty file and bad bytes read with "replace" included."""
+    import random
+
+    monkeypatch.setattr(inp, "_BATCH_CHARS", batch_chars)
+    rng = random.Random(11)
+    pool = ["中文", "abc", " ", "。", "\r", "\r\n", "\0", "\ufeff", "\u2028", "é", "字" * 30, "\U00020000"]
+    paths = []
+    for k in range(4):
+        lines = ["".join(rng.choice(pool) for _ in range(rng.randint(0, 12))) for _ in range(300)]
+        data = ("\ufeff" if k == 0 else "").encode() + "\n".join(lines).encode() + [b"", b"\n", b"\xe4\xb8", b"x\xffy\n"][k]
+        path = tmp_path / f"f{k}.txt"
+        path.write_bytes(data)
+        paths.append(path)
+    (tmp_path / "empty.txt").write_bytes(b"")
+    paths.insert(2, tmp_path / "empty.txt")
+    specs = [inp.resolve_inputs([str(p)], text_mode="line")[0] for p in paths]
+    assert all(inp.reads_in_ranges(s) for s in specs)
+    expected_counters = inp.ReadCounters()
+    expected = [d for batch in inp.iter_document_batches(specs, "replace", 40, expected_counters) for d in batch]
+    assert expected_counters.nul_bytes_removed and expected_counters.empty_documents and expected_counters.split_long_documents
+    records = []
+    for spec in specs:
+        scan = inp.scan_input(spec)
+        text = open(spec.path, encoding="utf-8", errors="replace", newline="").read()
+        assert scan.lines == text.count("\n") and abs(scan.characters - len(text)) <= 2  # (bad bytes: U+FFFD per sequence)
+        records.append({"path": spec.path, "bytes": scan.bytes, "characters": scan.characters, "lines": scan.lines})
+    total_characters = sum(r["characters"] for r in records)
+    for shard_characters, shard_documents in ((1, 10**6), (50, 10**6), (700, 10**6), (10**6, 10**6), (10**6, 40), (400, 25)):
+        plan = inp.plan_ranges(records, shard_characters, shard_documents)
+        for record in records:
+            segments = [s for shard in plan for s in shard if s[0] == record["path"]]
+            if record["bytes"]:
+                assert segments[0][1] == 0 and segments[-1][2] == record["bytes"]
+                assert all(a[2] == b[1] and a[1] < a[2] for a, b in zip(segments, segments[1:]))
+                data = (tmp_path / record["path"]).read_bytes()
+                assert all(data[end - 1:end] == b"\n" for _, _, end in segments[:-1])
+            else:
+                assert not segments
+        if shard_characters == 10**6 == shard_documents:
+            assert len(plan) == 1 and len(plan[0]) == 4  # one shard spanning the files
+        elif shard_documents == 10**6:
+            assert len(plan) >= min(total_characters // shard_characters, sum(r["lines"] for r in records)) // 2
+        counters = inp.ReadCounters()
+        read = [d for shard in plan for batch in inp.iter_range_batches(shard, "replace", 40, counters) for d in batch]
+        assert read == expected, (shard_characters, shard_documents)
+        assert ((counters.empty_documents, counters.nul_bytes_removed, counters.split_long_documents)
+                == (expected_counters.empty_documents, expected_counters.nul_bytes_removed, expected_counters.split_long_documents))
+    assert inp.plan_ranges(records, 10**6, 40) == inp.plan_ranges(records, 10**6, 40)  # (a resume finds the same)
+    assert not inp.reads_in_ranges(inp.InputSpec(str(tmp_path / "a.txt.gz"), "text", text_mode="line"))
+    assert not inp.reads_in_ranges(inp.InputSpec(str(paths[0]), "text", text_mode="paragraph"))
+    assert not inp.reads_in_ranges(inp.InputSpec(str(paths[0]), "jsonl"))
+    # strict: bad bytes in a range (a file changed since the build checked it) are named, with the fix
+    with pytest.raises(inp.InputError, match=r"f2.txt: not valid UTF-8 between bytes .*did the file change.*--encoding-errors replace"):
+        for shard in inp.plan_ranges(records, 50, 10**6):
+            list(inp.iter_range_batches(shard, "strict"))

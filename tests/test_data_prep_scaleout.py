@@ -35,6 +35,61 @@ def reference(tmp_path_factory):
     return corpus, dataset_bytes(tmp / "ref")
 
 
+@pytest.fixture(scope="module")
+def gz_reference(reference, tmp_path_factory):
+    """The reference corpus gzipped: read by the main process as a stream (not in byte ranges)."""
+    import gzip
+
+    tmp = tmp_path_factory.mktemp("scale_gz")
+    corpus = tmp / "pd.txt.gz"
+    corpus.write_bytes(gzip.compress(reference[0].read_bytes()))
+    meta = core.build(small_config(corpus, tmp / "ref", shard_documents=SHARD_DOCS))
+    assert meta["run"]["reading"] == "stream"
+    return corpus, dataset_bytes(tmp / "ref")
+
+
+def test_byte_ranges_and_a_stream_give_the_same_dataset(reference, gz_reference, tmp_path):
+    """Uncompressed text of one document a line is read in byte ranges (each shard by the worker that
+    analyses it; meta.json run.reading "ranges"), the same text gzipped as one stream by the main
+    process: the same token files, with 1 and 2 workers (meta.json differs only in what it records
+    of the inputs)."""
+    for (corpus, expected), reading in ((reference, "ranges"), (gz_reference, "stream")):
+        meta = core.build(small_config(corpus, tmp_path / f"{reading}2", shard_documents=SHARD_DOCS, workers=2))
+        assert meta["run"]["reading"] == reading and "reading" not in meta["build"]
+        assert dataset_bytes(tmp_path / f"{reading}2") == expected
+    tokens = [{k: v for k, v in dataset_bytes(tmp_path / f"{r}2").items() if k != "meta.json"} for r in ("ranges", "stream")]
+    assert tokens[0] == tokens[1] and len(tokens[0]) > 5
+
+
+def test_a_shard_analysed_from_other_byte_ranges_is_analysed_again(reference, tmp_path):
+    """A shard's counts are only taken if its range file lists the ranges the plan gives it now: one
+    from other ranges, or without its range file, is read and analysed again."""
+    corpus, _ = reference
+    scan = inp.scan_input(inp.InputSpec(str(corpus), "text", text_mode="line"))
+    record = {"path": str(corpus), "bytes": scan.bytes, "characters": scan.characters, "lines": scan.lines}
+    plan = inp.plan_ranges([record], 10**6, SHARD_DOCS)
+    assert len(plan) > 3 and all(len(shard) == 1 for shard in plan)
+    core._worker_init("zh", small_config(corpus, tmp_path / "x").language_plugin_options(core.get_language("zh")))
+    shard = tmp_path / "shard"
+    task = (str(shard), plan[1], "strict", 10**6, False)
+    assert core._read_range_task(task) == (str(shard), plan[1][0][2] - plan[1][0][1])
+    info = json.loads((shard / core.SHARD_RANGE_FILE).read_text())
+    assert info["segments"] == [list(plan[1][0])] and SHARD_DOCS // 2 < info["documents"] < 2 * SHARD_DOCS
+    counts = (shard / core.SHARD_COUNTS_FILE).read_bytes()
+    (shard / core.SHARD_COUNTS_FILE).write_bytes(b"kept")
+    core._read_range_task(task)  # the same ranges: the counts are kept
+    assert (shard / core.SHARD_COUNTS_FILE).read_bytes() == b"kept"
+    for stale in ({**info, "segments": [list(plan[2][0])]}, None):
+        (shard / core.SHARD_COUNTS_FILE).write_bytes(b"kept")
+        if stale is None:
+            (shard / core.SHARD_RANGE_FILE).unlink()
+        else:
+            (shard / core.SHARD_RANGE_FILE).write_text(json.dumps(stale))
+        core._read_range_task(task)
+        assert (shard / core.SHARD_COUNTS_FILE).read_bytes() == counts
+        assert json.loads((shard / core.SHARD_RANGE_FILE).read_text()) == info
+
+
 def _cli(corpus: Path, output: Path, *extra: str) -> list[str]:
     return [sys.executable, str(ROOT / "data_prep" / "build.py"), "--lang", "zh", "--input", str(corpus),
             "--output", str(output), "--text-mode", "line", "--shard-documents", str(SHARD_DOCS),
@@ -405,11 +460,13 @@ def _run_until(cmd: list[str], work: Path, marker: str, count: int) -> None:
     assert killed, f"the build finished (rc={proc.returncode}) before {count} shards had {marker}"
 
 
-def test_one_worker_writes_no_copy_of_the_documents_and_resumes(reference, tmp_path):
-    """--workers 1 (Chinese): each shard is analysed from the documents in hand and no copy of them is
-    written. Killed while segmenting, the resume reads the inputs again for the shards not analysed;
-    killed while encoding, it reads nothing again (every shard was analysed); identical bytes."""
-    corpus, expected = reference
+@pytest.mark.parametrize("compressed", [False, True])
+def test_one_worker_writes_no_copy_of_the_documents_and_resumes(reference, gz_reference, tmp_path, compressed):
+    """--workers 1 (Chinese): each shard is analysed from the documents in hand (read in a stream, or
+    its byte ranges) and no copy of them is written. Killed while segmenting, the resume reads the
+    inputs again for the shards not analysed; killed while encoding, it reads nothing again (every
+    shard was analysed); identical bytes."""
+    corpus, expected = gz_reference if compressed else reference
     out = tmp_path / "inline"
     work = core.work_dir_for(out)
     _run_until(_cli(corpus, out, "--workers", "1"), work, "counts.pkl", 3)
@@ -422,9 +479,11 @@ def test_one_worker_writes_no_copy_of_the_documents_and_resumes(reference, tmp_p
     assert dataset_bytes(out) == expected
 
 
-def test_kill9_then_resume_gives_identical_bytes(reference, tmp_path):
-    """Killed while segmenting, resumed and killed again while encoding, resumed to the end."""
-    corpus, expected = reference
+@pytest.mark.parametrize("compressed", [False, True])
+def test_kill9_then_resume_gives_identical_bytes(reference, gz_reference, tmp_path, compressed):
+    """Killed while segmenting, resumed and killed again while encoding, resumed to the end; the
+    workers reading their shards' byte ranges, or the main process reading the (gzipped) text."""
+    corpus, expected = gz_reference if compressed else reference
     out = tmp_path / "killed"
     work = core.work_dir_for(out)
     _run_until(_cli(corpus, out, "--workers", "2"), work, "counts.pkl", 3)
@@ -437,9 +496,12 @@ def test_kill9_then_resume_gives_identical_bytes(reference, tmp_path):
     assert not out.exists() and (work / "fit.done").exists()
     encoded = [p.parent for p in work.glob("shards/*/encoded.part")]
     assert 3 <= len(encoded) < 20
-    # an encoded shard keeps its documents and counts (the resume's markers); its segmentation cache
-    # is deleted once the part is written (the kill may fall in between, once per worker)
-    assert all((d / "docs.txt").is_file() and (d / "counts.pkl").is_file() for d in encoded)
+    # an encoded shard keeps its byte ranges (text of one document a line, which the workers read
+    # themselves) or its documents (written by the main process), and its counts (the resume's
+    # markers); its segmentation cache is deleted once the part is written (the kill may fall in
+    # between, once per worker)
+    kept = "docs.txt" if compressed else "range.json"
+    assert all((d / kept).is_file() and (d / "counts.pkl").is_file() for d in encoded)
     assert sum((d / "cache").exists() for d in encoded) <= 2, [d.name for d in encoded if (d / "cache").exists()]
     assert all((d / "cache" / SHARD_CACHE_FILE).is_file() for d in work.glob("shards/*/") if d not in encoded)
     resumed = subprocess.run(_cli(corpus, out, "--resume"), env=_env(), capture_output=True, text=True, timeout=300)
