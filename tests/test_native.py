@@ -664,13 +664,19 @@ def test_jieba_c_refuses_a_bad_dictionary_and_falls_back_to_rjieba_uncompiled(mo
         with pytest.raises(RuntimeError, match="not initialised"):
             call()
     # jieba's dictionary missing or damaged: named, with the fix
-    import jieba
-
     monkeypatch.setattr(chinese, "_JIEBA_C", {})
-    monkeypatch.setattr(jieba, "__file__", "/nonexistent/jieba/__init__.py")
+    monkeypatch.setattr(chinese, "_jieba_folder", lambda: Path("/nonexistent/jieba"))
     with pytest.raises(chinese.LanguageError, match=r"/nonexistent/jieba/dict.txt, which is missing or damaged .*reinstall"):
         chinese.make_segmenter("jieba-c")
     monkeypatch.undo()
+    import importlib.util  # (found without importing jieba; not installed at all: named, with the fix)
+
+    monkeypatch.setattr(chinese, "_JIEBA_C", {})
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(chinese.LanguageError, match=r"jieba is not installed: `pip install jieba==0.42.1`"):
+        chinese.make_segmenter("jieba-c")
+    monkeypatch.undo()
+    assert chinese._jieba_folder() == Path(__import__("jieba").__file__).parent
     # without the compiled module a jieba-c dataset is still segmented: by rjieba (the same words), said once
     monkeypatch.setattr(languages, "_native", None)
     monkeypatch.setattr(chinese, "_FALLBACK_WARNED", [])
