@@ -281,55 +281,67 @@ class EnglishConfig:
             raise ValueError(f"--coarse-vocab-size must be > {NUM_SPECIAL}, got {self.coarse_vocab_size}")
         if self.coarse_min_count < 1:
             raise ValueError(f"--coarse-min-count must be >= 1, got {self.coarse_min_count}")
+        stats = []
         for option, path in (("--fine-tokenizer", self.fine_tokenizer), ("--phrases", self.phrases)):
             if path is not None and Path(path).is_dir():
                 raise FileNotFoundError(f"{option} {path} is a directory; give the file itself")
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"{option} {path}: no such file")
-        # read both now (milliseconds), not after lmplz: a wrong file must stop the build before any work
-        if self.fine_tokenizer is not None:
-            try:
-                tokens = load_fine_vocabulary(self.fine_tokenizer)
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
-                raise ValueError(f"--fine-tokenizer {self.fine_tokenizer} is neither a Hugging Face tokenizer.json "
-                                 f"nor a BERT vocab.txt ({type(exc).__name__}: {exc})") from None
-            body = [t for t in tokens if not (t.startswith("[") and t.endswith("]"))]
-            cjk = sum(1 for t in body if any("\u4e00" <= c <= "\u9fff" for c in t))
-            built = Path(self.fine_tokenizer).parent / META_FILE  # the fine_vocab.txt of a data_prep dataset?
-            try:
-                language = json.loads(built.read_text(encoding="utf-8")).get("language") if built.is_file() else None
-            except (OSError, ValueError, AttributeError):
-                language = None
-            if (language not in (None, "en") and isinstance(language, str)) or cjk > len(body) // 2:
-                what = (f"the vocabulary of a --lang {language} dataset ({built} says so)" if language not in (None, "en")
-                        else f"a Chinese vocabulary ({cjk:,} of its {len(body):,} tokens hold Chinese characters)")
-                raise ValueError(f"--fine-tokenizer {self.fine_tokenizer} is {what}: English text would be split into "
-                                 f"letters. Give an English WordPiece vocabulary (a BERT vocab.txt or tokenizer.json), "
-                                 f"or leave --fine-tokenizer out to train one")
-            if not body or not any(t.startswith(CONTINUATION) and len(t) > len(CONTINUATION) for t in body):
-                raise ValueError(f"--fine-tokenizer {self.fine_tokenizer} is not a WordPiece vocabulary: "
-                                 f"{'it holds only special tokens' if not body else 'it has no ## continuation pieces'}, "
-                                 f"so every word not in it whole would be one fine [UNK]. Give a BERT vocab.txt or "
-                                 f"tokenizer.json, or leave --fine-tokenizer out to train one")
-            if not self.lowercase and not any(t != t.lower() for t in tokens if not t.startswith("[")):
-                raise ValueError(f"--fine-tokenizer {self.fine_tokenizer} has no upper-case letters (an uncased "
-                                 f"vocabulary) but --cased keeps the text's case: every capitalised word would be a "
-                                 f"fine [UNK]. Drop --cased, or give a cased vocabulary")
-        if self.phrases is not None:
-            try:
-                Path(self.phrases).read_bytes().decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"--phrases {self.phrases} is not UTF-8 text ({exc}); give a phrases.tsv that "
-                                 f"data_prep wrote, or one phrase a line") from None
-            check_phrase_file(self.phrases)
-            if not self.lowercase:
-                text = Path(self.phrases).read_text(encoding="utf-8")
-                if text.lower() == text:
-                    raise ValueError(f"--phrases {self.phrases} has no upper-case letters (the dictionary of an uncased "
-                                     f"build) but --cased keeps the text's case: 'New York' would never match 'new "
-                                     f"york'. Drop --cased, or give the phrases.tsv of a --cased build")
+            stat = os.stat(path) if path is not None else None
+            stats.append((stat.st_size, stat.st_mtime_ns, stat.st_ino) if stat else None)
+        # read both now, not after lmplz: a wrong file must stop the build before any work
+        _check_reused_files(self.fine_tokenizer, self.phrases, self.lowercase, tuple(stats))
         if self.phrases is None:
             self.mining.validate()
+
+
+@functools.lru_cache(maxsize=8)
+def _check_reused_files(fine_tokenizer: str | None, phrases: str | None, lowercase: bool, stats: tuple) -> None:
+    """``EnglishConfig.validate``'s checks of a --fine-tokenizer and --phrases file (~0.4 s for a
+    phrases.tsv of 14k phrases): once a process, by the files' stat data (``stats``: a changed file is
+    checked again); the pool's workers, forked after the main process checked them, not again (each
+    used to, in its first task). A check that fails raises each time (nothing is cached)."""
+    if fine_tokenizer is not None:
+        try:
+            tokens = load_fine_vocabulary(fine_tokenizer)
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
+            raise ValueError(f"--fine-tokenizer {fine_tokenizer} is neither a Hugging Face tokenizer.json "
+                             f"nor a BERT vocab.txt ({type(exc).__name__}: {exc})") from None
+        body = [t for t in tokens if not (t.startswith("[") and t.endswith("]"))]
+        cjk = sum(1 for t in body if any("\u4e00" <= c <= "\u9fff" for c in t))
+        built = Path(fine_tokenizer).parent / META_FILE  # the fine_vocab.txt of a data_prep dataset?
+        try:
+            language = json.loads(built.read_text(encoding="utf-8")).get("language") if built.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            language = None
+        if (language not in (None, "en") and isinstance(language, str)) or cjk > len(body) // 2:
+            what = (f"the vocabulary of a --lang {language} dataset ({built} says so)" if language not in (None, "en")
+                    else f"a Chinese vocabulary ({cjk:,} of its {len(body):,} tokens hold Chinese characters)")
+            raise ValueError(f"--fine-tokenizer {fine_tokenizer} is {what}: English text would be split into "
+                             f"letters. Give an English WordPiece vocabulary (a BERT vocab.txt or tokenizer.json), "
+                             f"or leave --fine-tokenizer out to train one")
+        if not body or not any(t.startswith(CONTINUATION) and len(t) > len(CONTINUATION) for t in body):
+            raise ValueError(f"--fine-tokenizer {fine_tokenizer} is not a WordPiece vocabulary: "
+                             f"{'it holds only special tokens' if not body else 'it has no ## continuation pieces'}, "
+                             f"so every word not in it whole would be one fine [UNK]. Give a BERT vocab.txt or "
+                             f"tokenizer.json, or leave --fine-tokenizer out to train one")
+        if not lowercase and not any(t != t.lower() for t in tokens if not t.startswith("[")):
+            raise ValueError(f"--fine-tokenizer {fine_tokenizer} has no upper-case letters (an uncased "
+                             f"vocabulary) but --cased keeps the text's case: every capitalised word would be a "
+                             f"fine [UNK]. Drop --cased, or give a cased vocabulary")
+    if phrases is not None:
+        try:
+            Path(phrases).read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"--phrases {phrases} is not UTF-8 text ({exc}); give a phrases.tsv that "
+                             f"data_prep wrote, or one phrase a line") from None
+        check_phrase_file(phrases)
+        if not lowercase:
+            text = Path(phrases).read_text(encoding="utf-8")
+            if text.lower() == text:
+                raise ValueError(f"--phrases {phrases} has no upper-case letters (the dictionary of an uncased "
+                                 f"build) but --cased keeps the text's case: 'New York' would never match 'new "
+                                 f"york'. Drop --cased, or give the phrases.tsv of a --cased build")
 
 
 def check_phrase_file(path: str | os.PathLike) -> None:
