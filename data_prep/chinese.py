@@ -1289,8 +1289,9 @@ class Chinese(Language):
 
     def _packed_totals(self, table: WordIds) -> PackedCounter:
         used = np.flatnonzero(self._totals)
-        words = [table.words[i] for i in used.tolist()]
-        return PackedCounter("\0".join(words), self._totals[used])
+        if languages._native is not None:  # (in C: no list of the ~100k words)
+            return PackedCounter(languages._native.join_items(table.words, used, "\0"), self._totals[used])
+        return PackedCounter("\0".join([table.words[i] for i in used.tolist()]), self._totals[used])
 
     def counts_so_far(self) -> dict[str, PackedCounter | Counter] | None:
         table = self._word_ids
