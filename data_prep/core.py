@@ -7,8 +7,10 @@ Stages (each resumable, each independent of the number of workers / MPI ranks):
            refused). Nothing expensive has run yet.
 2. read    the inputs are streamed once into SHARDS of consecutive documents: a shard closes at
            --shard-documents documents or --shard-characters characters (default: from the corpus
-           size), so shard contents depend only on the corpus, never on --workers. Each shard is written to
-           ``DIR.partial/shards/<k>/docs.txt`` and handed at once to a worker, which runs
+           size), so shard contents depend only on the corpus and the recorded sizes. Each shard is written to
+           ``DIR.partial/shards/<k>/docs.txt`` and handed at once to a worker. Uncompressed text of one
+           document a line is instead cut into shards of byte ranges ending at line breaks
+           (``inputs.plan_ranges``), which each worker reads itself (``range.json``). The worker runs
 3. analyze ``Language.analyze_shard``: normalise, split sentences, segment, cache the result,
            return count tables (counts.pkl). Shards finish in any order; that is fine because
 4. fit     sums the counts (over shards, and over MPI ranks with a gather) and lets the language
@@ -23,13 +25,13 @@ Stages (each resumable, each independent of the number of workers / MPI ranks):
            bytes and index pieces as soon as it and the shards before it are encoded.
 
 Every stage's output is written to a temporary name and renamed, so its presence marks the stage
-done (a shard's docs.txt, counts.pkl, encoded.part; the corpus's read.json and fit.done):
+done (a shard's docs.txt or range.json, counts.pkl, encoded.part; the corpus's read.json and fit.done):
 ``--resume`` re-runs only what was not finished and the
 final bytes are the same as an uninterrupted build. ``DIR.partial/params.json`` records the build
 parameters; a resume with different ones is refused.
 
 Parallelism: ``--workers N`` runs stages 3 and 5 on a pool of N processes (the main process
-reads). Under ``mpirun -np K`` (detected from OMPI_COMM_WORLD_SIZE / PMI_SIZE; mpi4py is imported
+reads, unless the workers read byte ranges). Under ``mpirun -np K`` (detected from OMPI_COMM_WORLD_SIZE / PMI_SIZE; mpi4py is imported
 only then) rank r owns the shards k with k % K == r; every rank reads the inputs (reading is
 cheap next to segmentation) but analyses/encodes only its own shards; counts are gathered to rank
 0, rank 0 fits and merges. The same code runs on an initialised torch.distributed (gloo) group,
