@@ -63,9 +63,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--valid-fraction", type=float, default=0.01, help="share of documents in the valid split")
     p.add_argument("--shard-documents", type=int, default=100_000,
                    help="at most this many documents per shard (unit of parallelism/resume; shards are sized by "
-                        "--shard-characters, this caps a corpus of very short documents; about this many for "
-                        "uncompressed text of one document a line, whose shards are byte ranges sized by the "
-                        "file's mean line length)")
+                        "--shard-characters, this caps a corpus of very short documents; about this many lines for "
+                        "uncompressed text, whose shards are byte ranges sized by the file's mean line length)")
     p.add_argument("--shard-characters", type=int, default=None,
                    help="a shard also closes at this many characters (default: en, corpus bytes / 32; zh, "
                         "~4 shards a worker, corpus bytes / (12 x workers x ranks); between 50k and 16M)")

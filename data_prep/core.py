@@ -8,9 +8,9 @@ Stages (each resumable, each independent of the number of workers / MPI ranks):
 2. read    the inputs are streamed once into SHARDS of consecutive documents: a shard closes at
            --shard-documents documents or --shard-characters characters (default: from the corpus
            size), so shard contents depend only on the corpus and the recorded sizes. Each shard is written to
-           ``DIR.partial/shards/<k>/docs.txt`` and handed at once to a worker. Uncompressed text of one
-           document a line is instead cut into shards of byte ranges ending at line breaks
-           (``inputs.plan_ranges``), which each worker reads itself (``range.json``). The worker runs
+           ``DIR.partial/shards/<k>/docs.txt`` and handed at once to a worker. Uncompressed text (one
+           document a line, or blank-line separated) is instead cut into shards of byte ranges ending
+           at line breaks (``inputs.plan_ranges``), which each worker reads itself (``range.json``). The worker runs
 3. analyze ``Language.analyze_shard``: normalise, split sentences, segment, cache the result,
            return count tables (counts.pkl). Shards finish in any order; that is fine because
 4. fit     sums the counts (over shards, and over MPI ranks with a gather) and lets the language
@@ -144,7 +144,7 @@ class BuildConfig:
     """--valid-fraction: share of documents in the valid split (deterministic, evenly spread)."""
     shard_documents: int = 100_000
     """--shard-documents: at most this many documents per shard (the unit of parallel work and of resume);
-    about this many for inputs read in byte ranges (``inp.plan_ranges``: by the file's mean line length)."""
+    about this many lines for inputs read in byte ranges (``inp.plan_ranges``: by the file's mean line length)."""
     shard_characters: int | None = None
     """--shard-characters: a shard also closes at this many characters (None: corpus bytes / 32, clamped
     to [50k, 16M], so a small corpus still gets enough shards to keep every worker busy)."""
@@ -873,7 +873,7 @@ def _read_range_task(task: tuple) -> tuple[str, int]:
     there; counts from other ranges (a shard of another plan) are not taken."""
     shard_dir, segments, encoding_errors, max_document_chars, keep_documents = task
     shard = Path(shard_dir)
-    size = sum(end - start for _, start, end in segments)
+    size = sum(end - start for _, start, end, _ in segments)
     with _NoCyclicGC():
         if (shard / SHARD_COUNTS_FILE).exists():
             try:
@@ -1803,7 +1803,7 @@ def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.Inp
             "shard_documents": config.shard_documents,
             "shard_characters": config.shard_characters or auto_shard_characters(records, type(lang),
                                                                                    comm.size * config.workers),
-            # uncompressed text of one document a line: the workers read their shards' byte ranges
+            # uncompressed text (line, paragraph, wrapped): the workers read their shards' byte ranges
             "reading": "ranges" if all(inp.reads_in_ranges(s) for s in specs) else "stream",
             "valid_fraction": config.valid_fraction,
             "format_version": fmt.FORMAT_VERSION,

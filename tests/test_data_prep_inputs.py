@@ -451,7 +451,7 @@ def test_byte_ranges_read_the_documents_of_the_whole_files(tmp_path, monkeypatch
                 assert segments[0][1] == 0 and segments[-1][2] == record["bytes"]
                 assert all(a[2] == b[1] and a[1] < a[2] for a, b in zip(segments, segments[1:]))
                 data = (tmp_path / record["path"]).read_bytes()
-                assert all(data[end - 1:end] == b"\n" for _, _, end in segments[:-1])
+                assert all(data[end - 1:end] == b"\n" and mode == "line" for _, _, end, mode in segments[:-1])
             else:
                 assert not segments
         if shard_characters == 10**6 == shard_documents:
@@ -465,9 +465,50 @@ def test_byte_ranges_read_the_documents_of_the_whole_files(tmp_path, monkeypatch
                 == (expected_counters.empty_documents, expected_counters.nul_bytes_removed, expected_counters.split_long_documents))
     assert inp.plan_ranges(records, 10**6, 40) == inp.plan_ranges(records, 10**6, 40)  # (a resume finds the same)
     assert not inp.reads_in_ranges(inp.InputSpec(str(tmp_path / "a.txt.gz"), "text", text_mode="line"))
-    assert not inp.reads_in_ranges(inp.InputSpec(str(paths[0]), "text", text_mode="paragraph"))
+    assert not inp.reads_in_ranges(inp.InputSpec(str(paths[0]), "text", text_mode="file"))
     assert not inp.reads_in_ranges(inp.InputSpec(str(paths[0]), "jsonl"))
     # strict: bad bytes in a range (a file changed since the build checked it) are named, with the fix
     with pytest.raises(inp.InputError, match=r"f2.txt: not valid UTF-8 between bytes .*did the file change.*--encoding-errors replace"):
         for shard in inp.plan_ranges(records, 50, 10**6):
             list(inp.iter_range_batches(shard, "strict"))
+
+
+@pytest.mark.parametrize("mode", ["paragraph", "wrapped"])
+def test_byte_ranges_of_blank_line_separated_documents_hold_whole_documents(tmp_path, mode):
+    """Paragraph and wrapped text is cut into byte ranges after an empty line ("\\n\\n", "\\n\\r\\n"):
+    read range by range, the documents (and the empty / NUL counts) are those of the whole files read
+    with universal newlines, for shard sizes from one character to all of it; blank lines of spaces,
+    "\\r" line ends, a file without a final line break, empty files included."""
+    import random
+
+    rng = random.Random(3)
+    pieces = ["中文", "abc", " ", "\n", "\n\n", "\r\n", "\r\n\r\n", "\n\r\n", "\r", "  \n", "\u3000\n", "句。", "\0",
+              "x" * 50, "wrapped\nline"]
+    for k in range(12):
+        specs = []
+        for j in range(3):
+            path = tmp_path / f"{k}_{j}.txt"
+            path.write_bytes("".join(rng.choice(pieces) for _ in range(rng.randint(0, 300) if j != 1 else k % 2)).encode())
+            specs.append(inp.InputSpec(str(path), "text", text_mode=mode))
+        assert all(inp.reads_in_ranges(s) for s in specs)
+        expected_counters = inp.ReadCounters()
+        expected = [d for batch in inp.iter_document_batches(specs, "strict", 1000, expected_counters) for d in batch]
+        records = []
+        for spec in specs:
+            scan = inp.scan_input(spec)
+            records.append({"path": spec.path, "bytes": scan.bytes, "characters": scan.characters,
+                            "lines": scan.lines, "text_mode": mode})
+        for shard_characters in (1, 5, 40, 10**6):
+            plan = inp.plan_ranges(records, shard_characters, 10**6)
+            for record in records:
+                with open(record["path"], "rb") as fh:
+                    data = fh.read()
+                ends = [end for shard in plan for p, _, end, _ in shard if p == record["path"]][:-1]
+                assert all(data[:end].endswith((b"\n\n", b"\n\r\n")) for end in ends)
+            counters = inp.ReadCounters()
+            read = [d for shard in plan for batch in inp.iter_range_batches(shard, "strict", 1000, counters) for d in batch]
+            assert read == expected, (k, shard_characters)
+            assert (counters.empty_documents, counters.nul_bytes_removed) == (expected_counters.empty_documents,
+                                                                            expected_counters.nul_bytes_removed)
+        if k == 0:
+            assert len(inp.plan_ranges(records, 1, 10**6)) > 3  # cut somewhere
