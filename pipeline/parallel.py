@@ -360,6 +360,9 @@ class PeerStartupError(RuntimeError):
 # very same error: the error line is then left to that rank (one per job, not one per rank).
 startup_error_logged: str | None = None
 startup_error_same_as_rank: int | None = None
+# Set on every rank by ``agree_on_startup`` when some rank failed its start-up checks: the job stops
+# before it has written anything but logs (``pretrain._exit_job`` then leaves without the teardown).
+startup_stopped = False
 
 
 # How long a rank whose own start-up checks failed waits for its peers to join the process group
@@ -381,6 +384,9 @@ def agree_on_startup(error: BaseException | None = None) -> None:
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (socket.gethostname(), None if error is None else str(error).strip()))
     failed = [(rank, host, message) for rank, (host, message) in enumerate(gathered) if message]
+    if failed:
+        global startup_stopped
+        startup_stopped = True
     if error is not None:
         global startup_error_same_as_rank
         same = [rank for rank, _, message in failed if message == str(error).strip() and rank < dist.get_rank()]

@@ -1053,6 +1053,17 @@ def _exit_job(code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         mpi.COMM_WORLD.Abort(code)
+    parallel = sys.modules.get("pipeline.parallel")
+    if parallel is not None and parallel.startup_stopped and torch.distributed.is_initialized():
+        # Every rank learned at start-up that the job stops (``parallel.agree_on_startup``), before it
+        # wrote anything but logs: leave without the interpreter's teardown. Destroying the live gloo
+        # process group there (its threads never joined) aborted a rank now and then ("terminate called
+        # without an active exception": 3 runs in 12 on a loaded machine), and the launcher reported
+        # SIGABRT instead of this exit code.
+        logging.shutdown()  # (flushes and closes the log files)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 
