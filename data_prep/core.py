@@ -1536,15 +1536,26 @@ def _check_shared_work_dir(comm, work: Path, params: dict, digests: list[tuple[s
 
 
 class _AnalysisProgress:
-    """Counts finished shard analyses (the progress bar advances by each shard's bytes)."""
+    """Counts finished shard analyses (the progress bar advances by each shard's bytes); with a
+    language whose fit runs in this process, tells it each shard in corpus order as soon as it and
+    every one before it are analysed (``Language.on_shard_analysed``)."""
 
-    def __init__(self, bar):
+    def __init__(self, bar, lang=None):
         self.bar = bar
         self.merged = 0
+        self.lang = lang
+        self.analysed: set[int] = set()
+        self.next_shard = 0  # every shard before it has been told
 
     def __call__(self, result: tuple[str, int]) -> None:
         self.merged += 1
         self.bar.update(result[1])
+        if self.lang is not None:
+            self.analysed.add(int(Path(result[0]).name))
+            while self.next_shard in self.analysed:
+                self.analysed.remove(self.next_shard)
+                self.lang.on_shard_analysed(self.next_shard, Path(result[0]).parent / f"{self.next_shard:06d}" / "cache")
+                self.next_shard += 1
 
 
 def _sum_count_tables(parts: list[dict[str, PackedCounter | Counter]]) -> dict[str, PackedCounter | Counter]:
@@ -1844,7 +1855,7 @@ def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.Inp
             total = sum(sizes) if None not in sizes else None
             with _progress(config.progress and comm.rank == 0, desc="analyze", unit="B", unit_scale=True,
                            total=total) as bar:
-                progress = _AnalysisProgress(bar)
+                progress = _AnalysisProgress(bar, lang if streaming else None)
                 summary = _read_into_shards(config, comm, specs, work, executor, progress, read_done, params)
                 for result in executor.ready(wait=True):
                     progress(result)
@@ -1854,10 +1865,20 @@ def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.Inp
             mine = [k for k in range(summary["num_shards"]) if k % comm.size == comm.rank]
             if progress.merged != len(mine):
                 raise BuildError(f"internal: {progress.merged} shards analysed, {len(mine)} expected")
+            if streaming:
+                if progress.next_shard != summary["num_shards"]:
+                    raise BuildError(f"internal: {progress.next_shard} of {summary['num_shards']} shards streamed")
+                lang.on_analysis_end(summary["num_shards"])
             # Summed on the workers, each over its share of the shards: while they analysed, every
             # core was busy, and the main process would only have taken CPU from them.
             return summary, executor.sum_counts([str(_shard_dir(work, k)) for k in mine])
 
+        # A one-rank build whose fit is still to do lets its language work on the analysed shards
+        # while the rest are analysed (English: KenLM's lmplz reads their words).
+        streaming = comm.size == 1 and not config.vocab_from and not (work / "fit.done").exists()
+        if streaming:
+            sizes = [r.get("content_bytes") for r in params["inputs"]]
+            lang.on_analysis_start(work / "scratch-streamed", None if None in sizes else sum(sizes))
         stage_seconds["check"] = round(time.time() - started, 2)
         summary, my_counts = _collective(comm, read_and_analyze)
         if summary.get("ranges"):  # every rank has analysed its shards: their range files are all there
@@ -1992,6 +2013,7 @@ def _build_stages(config: BuildConfig, comm, lang: Language, specs: list[inp.Inp
         _collective(comm, encode)
         stage_seconds["encode"] = round(time.time() - started - sum(stage_seconds.values()), 2)
     except BaseException as exc:
+        lang.abort_background()
         if executor is not None:
             executor.terminate()
         if concatenator is not None:

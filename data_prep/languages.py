@@ -649,6 +649,26 @@ class Language:
         --resume). None (the default): not kept, every shard's table is read back."""
         return None
 
+    # ---- optional: work on the analysed shards while the rest are analysed -------------------
+    def on_analysis_start(self, scratch_dir: Path, text_bytes: int | None) -> None:
+        """Called by the process that will run ``fit`` (a one-rank build whose fit is still to do)
+        before any shard is analysed: ``scratch_dir`` is this language's own directory in the work
+        directory (it may hold files of a killed run), ``text_bytes`` the inputs' text size when known.
+        Then ``on_shard_analysed(k, cache_dir)`` for shards 0, 1, ... in order, each as soon as it and
+        every shard before it are analysed, ``on_analysis_end(num_shards)`` after the last, and
+        ``fit``. ``abort_background()`` stops what these started (a build that failed or was stopped
+        before its fit). English streams the shards' words into KenLM's lmplz here."""
+        return None
+
+    def on_shard_analysed(self, k: int, cache_dir: Path) -> None:
+        return None
+
+    def on_analysis_end(self, num_shards: int) -> None:
+        return None
+
+    def abort_background(self) -> None:
+        return None
+
     def fit(self, counts: dict[str, Counter], corpus: Corpus, artifacts_dir: Path) -> dict:
         raise NotImplementedError
 

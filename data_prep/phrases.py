@@ -34,6 +34,7 @@ import itertools
 import logging
 import math
 import os
+import queue
 import re
 import shutil
 import subprocess
@@ -287,118 +288,207 @@ def run_lmplz(words_files: str | os.PathLike | Sequence[str | os.PathLike], arpa
     """Estimate a pruned order-N model of the words files (one sentence a line, read in the given
     order as one text) into ``arpa_file`` and/or, with ``intermediate`` (a path prefix), KenLM's
     intermediate binary files (``read_intermediate``: the same n-grams and probabilities, without
-    the ARPA text stage). Several files stream into lmplz's stdin through
-    ``xargs cat`` (no concatenated copy, no Python in the data path); with ``line_stride`` k > 1
-    only every k-th sentence of that stream (``awk``), spread evenly over the corpus.
-    ``while_running()`` is called while lmplz works (the build trains the fine vocabulary there).
-    ``vocab_size`` (distinct words, when known) sizes lmplz's hash table instead of its default
-    guess of a million words."""
-    lmplz = find_lmplz(config.lmplz)
+    the ARPA text stage). ``LmplzRun`` with every file given at once: see there.
+    ``while_running()`` is called while lmplz works (the build trains the fine vocabulary there)."""
     files = [words_files] if isinstance(words_files, (str, os.PathLike)) else list(words_files)
     missing = [str(f) for f in files if not os.path.exists(f)]
     if missing:
         raise PhraseMiningError(f"words file(s) for lmplz missing: {', '.join(missing[:3])}")
-    for tool, package in (("xargs", "findutils"), ("cat", "coreutils")) + ((("awk", "mawk"),) if line_stride > 1 else ()):
-        if shutil.which(tool) is None:
-            raise PhraseMiningError(f"`{tool}` is not on PATH (it feeds lmplz): install {package}"
-                                    + (" or pass --lm-sample 0" if tool == "awk" else ""))
-    order = config.ngram_order
-    words_bytes = sum(os.path.getsize(f) for f in files)
-    memory = lmplz_memory(config.lmplz_memory, words_bytes // line_stride, vocab_size or 0)
-    # lmplz --prune drops n-grams whose raw count is <= threshold; order 1 must stay 0. On a sample
-    # the threshold shrinks with it: a phrase seen min_count times in the corpus is expected
-    # min_count / stride times in the sample (its count is then taken over the whole corpus).
-    # Singletons of a sample are always dropped (when min_count > 1): they are most of its distinct
-    # n-grams, and on a corpus big enough to be sampled a phrase seen once in the sample is far too
-    # rare for the coarse vocabulary; keeping them would make the ARPA file of a 4G sample huge.
-    threshold = max(0, -(-config.min_count // line_stride) - 1)
-    if line_stride > 1 and config.min_count > 1:
-        threshold = max(threshold, 1)
-    prune = ["0"] + [str(threshold)] * (order - 1)
-    if arpa_file is None and intermediate is None:
-        raise ValueError("run_lmplz needs arpa_file and/or intermediate")
-    cmd = [lmplz, "-o", str(order), "-S", memory, "-T", str(temp_dir), "--prune", *prune]
-    cmd += ["--arpa", str(arpa_file)] if arpa_file is not None else []
-    cmd += ["--intermediate", str(intermediate)] if intermediate is not None else []
-    if vocab_size:
-        cmd += ["--vocab_estimate", str(vocab_size + 3)]  # + <s>, </s>, <unk>
-    if config.discount_fallback:
-        cmd.append("--discount_fallback")
-    t0 = time.time()
-    log.info("phrases: running %s < %d words file(s)%s", " ".join(cmd), len(files),
-             f", every {line_stride}-th sentence" if line_stride > 1 else "")
-    with tempfile.TemporaryFile(dir=temp_dir) as err, tempfile.TemporaryFile(dir=temp_dir) as names:
-        names.write(b"\0".join(os.fsencode(f) for f in files))
-        names.seek(0)
-        # xargs splits a long file list over several `cat`s (ARG_MAX), in order.
+    run = LmplzRun(config, temp_dir, sum(os.path.getsize(f) for f in files), vocab_size, line_stride,
+                   arpa_file=arpa_file, intermediate=intermediate, described=f"{len(files)} words file(s)")
+    try:
+        run.add(files)
+        run.close()
+        run.wait(while_running)
+    finally:
+        run.kill()
+
+
+class LmplzRun:
+    """KenLM's lmplz estimating a model of words files (one sentence a line) named in corpus order
+    by ``add``, also while later ones are still being written (the build streams each shard's words
+    into it as soon as that shard and every one before it are analysed); ``close()`` ends its input,
+    ``wait()`` waits for the model and raises ``PhraseMiningError`` with the fix, ``kill()`` stops it.
+
+    The files reach lmplz's stdin through ``xargs -0 -n 1 cat`` (each file read once it is named; no
+    concatenated copy, no Python in the data path); with ``line_stride`` k > 1 only every k-th
+    sentence of that stream (``awk``), spread evenly over the corpus. ``words_bytes`` (the words
+    text's size, or an estimate before it is written) sizes ``-S`` for --lmplz-memory auto and the
+    progress lines; ``vocab_size`` (distinct words, when known) sizes lmplz's hash table instead of its
+    default guess of a million words. Neither changes the model."""
+
+    def __init__(self, config: PhraseMiningConfig, temp_dir: str | os.PathLike, words_bytes: int,
+                 vocab_size: int | None = None, line_stride: int = 1, arpa_file: str | os.PathLike | None = None,
+                 intermediate: str | os.PathLike | None = None, described: str = "streamed words files"):
+        lmplz = find_lmplz(config.lmplz)
+        for tool, package in (("xargs", "findutils"), ("cat", "coreutils")) + ((("awk", "mawk"),) if line_stride > 1 else ()):
+            if shutil.which(tool) is None:
+                raise PhraseMiningError(f"`{tool}` is not on PATH (it feeds lmplz): install {package}"
+                                        + (" or pass --lm-sample 0" if tool == "awk" else ""))
+        if arpa_file is None and intermediate is None:
+            raise ValueError("run_lmplz needs arpa_file and/or intermediate")
+        self.lmplz, self.line_stride, self.order = lmplz, line_stride, config.ngram_order
+        order = config.ngram_order
+        self.memory = memory = lmplz_memory(config.lmplz_memory, words_bytes // line_stride, vocab_size or 0)
+        # lmplz --prune drops n-grams whose raw count is <= threshold; order 1 must stay 0. On a sample
+        # the threshold shrinks with it: a phrase seen min_count times in the corpus is expected
+        # min_count / stride times in the sample (its count is then taken over the whole corpus).
+        # Singletons of a sample are always dropped (when min_count > 1): they are most of its distinct
+        # n-grams, and on a corpus big enough to be sampled a phrase seen once in the sample is far too
+        # rare for the coarse vocabulary; keeping them would make the ARPA file of a 4G sample huge.
+        threshold = max(0, -(-config.min_count // line_stride) - 1)
+        if line_stride > 1 and config.min_count > 1:
+            threshold = max(threshold, 1)
+        self.prune = prune = ["0"] + [str(threshold)] * (order - 1)
+        self.min_count = config.min_count
+        cmd = [lmplz, "-o", str(order), "-S", memory, "-T", str(temp_dir), "--prune", *prune]
+        cmd += ["--arpa", str(arpa_file)] if arpa_file is not None else []
+        cmd += ["--intermediate", str(intermediate)] if intermediate is not None else []
+        if vocab_size:
+            cmd += ["--vocab_estimate", str(vocab_size + 3)]  # + <s>, </s>, <unk>
+        if config.discount_fallback:
+            cmd.append("--discount_fallback")
+        self.started = time.time()
+        log.info("phrases: running %s < %s%s", " ".join(cmd), described,
+                 f", every {line_stride}-th sentence" if line_stride > 1 else "")
+        self._files: list[tempfile._TemporaryFileWrapper] = []  # lmplz's and the feeders' stderr
+        self.err = self._temp(temp_dir)
         dies_with_us = _die_with_parent()
-        feeders = [subprocess.Popen(["xargs", "-0", "cat", "--"], stdin=names, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, preexec_fn=dies_with_us)]
-        if line_stride > 1:
-            feeders.append(subprocess.Popen(["awk", f"NR % {line_stride} == 1"], stdin=feeders[0].stdout,
-                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=dies_with_us))
-            feeders[0].stdout.close()
-        proc = subprocess.Popen(cmd, stdin=feeders[-1].stdout, stdout=subprocess.DEVNULL, stderr=err,
-                                preexec_fn=dies_with_us)
-        feeders[-1].stdout.close()  # lmplz holds the read end; the feeders get SIGPIPE if it dies
-        progress = _LmplzProgress(proc.pid, err.fileno(), words_bytes // line_stride)
-        progress.start()
+        self.processes: list[subprocess.Popen] = []
+        try:
+            # one `cat` a name, run as the name arrives (xargs would otherwise wait for a batch of names)
+            self.feeders = [subprocess.Popen(["xargs", "-0", "-n", "1", "cat", "--"], stdin=subprocess.PIPE,
+                                             stdout=subprocess.PIPE, stderr=self._temp(temp_dir),
+                                             preexec_fn=dies_with_us)]
+            self.processes.append(self.feeders[0])
+            if line_stride > 1:
+                self.feeders.append(subprocess.Popen(["awk", f"NR % {line_stride} == 1"], stdin=self.feeders[0].stdout,
+                                                     stdout=subprocess.PIPE, stderr=self._temp(temp_dir),
+                                                     preexec_fn=dies_with_us))
+                self.processes.append(self.feeders[-1])
+                self.feeders[0].stdout.close()
+            self.proc = subprocess.Popen(cmd, stdin=self.feeders[-1].stdout, stdout=subprocess.DEVNULL, stderr=self.err,
+                                         preexec_fn=dies_with_us)
+            self.processes.append(self.proc)
+            self.feeders[-1].stdout.close()  # lmplz holds the read end; the feeders get SIGPIPE if it dies
+        except BaseException:
+            self.kill()
+            raise
+        # The names go through a thread: a feeder blocked on a slow lmplz must not block the caller.
+        self._names: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_names, name="lmplz-names", daemon=True)
+        self._writer.start()
+        self.progress = _LmplzProgress(self.proc.pid, self.err.fileno(), words_bytes // line_stride)
+        self.progress.start()
+        self.closed = False
+
+    def _temp(self, temp_dir) -> tempfile._TemporaryFileWrapper:
+        f = tempfile.TemporaryFile(dir=temp_dir)
+        self._files.append(f)
+        return f
+
+    def _write_names(self) -> None:
+        stdin = self.feeders[0].stdin
+        while (name := self._names.get()) is not None:
+            try:
+                stdin.write(name + b"\0")
+                stdin.flush()
+            except (BrokenPipeError, ValueError):  # xargs gone (lmplz died): wait() reports why
+                break
+        try:
+            stdin.close()
+        except BrokenPipeError:
+            pass
+
+    def add(self, files: Iterable[str | os.PathLike]) -> None:
+        """Feed these words files (complete, in corpus order after those added before)."""
+        for f in files:
+            self._names.put(os.fsencode(f))
+
+    def close(self) -> None:
+        """No more files: lmplz's input ends after the last one added."""
+        if not self.closed:
+            self.closed = True
+            self._names.put(None)
+
+    def wait(self, while_running: Callable[[], None] | None = None) -> None:
+        """Wait for the model (closing the input first); ``while_running()`` runs meanwhile."""
+        self.close()
         try:
             if while_running is not None:
                 while_running()
-            returncode = proc.wait()
-            feed_errors = [f.communicate()[1].decode(errors="replace").strip() for f in feeders]
+            returncode = self.proc.wait()
+            self._writer.join()
+            for f in self.feeders:
+                f.wait()
         finally:
-            progress.finished.set()
-            progress.join()
-            for p in (proc, *feeders):
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-        err.seek(0)
-        stderr = err.read().decode(errors="replace")
-    if returncode != 0:
-        if "BadDiscountException" in stderr or "discount out of range" in stderr:
+            self.progress.finished.set()
+            self.progress.join()
+        self.err.seek(0)
+        stderr = self.err.read().decode(errors="replace")
+        feed_errors = []
+        for out in self._files[1:1 + len(self.feeders)]:  # (after lmplz's own)
+            out.seek(0)
+            feed_errors.append(out.read().decode(errors="replace").strip())
+        self._check(returncode, stderr, feed_errors)
+
+    def kill(self) -> None:
+        """Stop lmplz and its feeders (when they still run) and free their files: a failed build."""
+        if not getattr(self, "closed", True):
+            self.close()
+        for p in self.processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        if getattr(self, "progress", None) is not None:
+            self.progress.finished.set()
+        for f in self._files:
+            f.close()
+
+    def _check(self, returncode: int, stderr: str, feed_errors: list[str]) -> None:
+        order, memory, line_stride, lmplz, feeders = self.order, self.memory, self.line_stride, self.lmplz, self.feeders
+        if returncode != 0:
+            if "BadDiscountException" in stderr or "discount out of range" in stderr:
+                raise PhraseMiningError(
+                    f"KenLM cannot estimate an order-{order} model on this corpus (BadDiscountException: too little "
+                    f"text, or too repetitive, for order {order}"
+                    + (f"; it saw every {line_stride}-th sentence only: raise --lm-sample, or pass --lm-sample 0 to give it "
+                       f"all the text" if line_stride > 1 else "")
+                    + f"). Use a larger corpus, {'lower --ngram-order, ' if order > 2 else ''}pass --discount-fallback "
+                      f"(KenLM then uses fixed discounts), or reuse a dictionary with --phrases FILE."
+                )
+            tail = "\n".join(stderr.strip().splitlines()[-5:])
+            if returncode == -9 or "MallocException" in stderr or "Cannot allocate memory" in stderr:
+                raise PhraseMiningError(
+                    f"lmplz ran out of memory (-S {memory}{', killed by SIGKILL: the OOM killer?' if returncode == -9 else ''}):"
+                    f" run the same command with --resume and a smaller --lmplz-memory (it sorts the rest on disk), or a "
+                    f"smaller --lm-sample; the corpus pass is kept. lmplz said: {tail}")
+            if "below the minimum block size" in stderr:
+                raise PhraseMiningError(f"lmplz -S {memory} is too little for its sort blocks: run the same command with "
+                                        f"--resume and a larger --lmplz-memory (e.g. 64M, or auto). lmplz said: {tail}")
+            said = f"it said: {tail}" if tail else "it wrote nothing to stderr"
             raise PhraseMiningError(
-                f"KenLM cannot estimate an order-{order} model on this corpus (BadDiscountException: too little "
-                f"text, or too repetitive, for order {order}"
-                + (f"; it saw every {line_stride}-th sentence only: raise --lm-sample, or pass --lm-sample 0 to give it "
-                   f"all the text" if line_stride > 1 else "")
-                + f"). Use a larger corpus, {'lower --ngram-order, ' if order > 2 else ''}pass --discount-fallback "
-                  f"(KenLM then uses fixed discounts), or reuse a dictionary with --phrases FILE."
-            )
-        tail = "\n".join(stderr.strip().splitlines()[-5:])
-        if returncode == -9 or "MallocException" in stderr or "Cannot allocate memory" in stderr:
+                f"lmplz failed (exit {returncode}; {said}). Check that {lmplz} is KenLM's lmplz (`{lmplz} --help` "
+                f"prints its options; --lmplz or AMBERT_LMPLZ choose it, `bash launchers/setup.sh` builds it), then run "
+                f"the same command with --resume: the corpus pass is kept")
+        if any(f.returncode == -13 or (f.returncode != 0 and ("signal 13" in e or "Broken pipe" in e))
+               for f, e in zip(feeders, feed_errors)):  # SIGPIPE: the reader, lmplz, was gone
+            # lmplz exited 0 without reading all of its input (a binary that is not lmplz, e.g. /bin/true)
             raise PhraseMiningError(
-                f"lmplz ran out of memory (-S {memory}{', killed by SIGKILL: the OOM killer?' if returncode == -9 else ''}):"
-                f" run the same command with --resume and a smaller --lmplz-memory (it sorts the rest on disk), or a "
-                f"smaller --lm-sample; the corpus pass is kept. lmplz said: {tail}")
-        if "below the minimum block size" in stderr:
-            raise PhraseMiningError(f"lmplz -S {memory} is too little for its sort blocks: run the same command with "
-                                    f"--resume and a larger --lmplz-memory (e.g. 64M, or auto). lmplz said: {tail}")
-        said = f"it said: {tail}" if tail else "it wrote nothing to stderr"
-        raise PhraseMiningError(
-            f"lmplz failed (exit {returncode}; {said}). Check that {lmplz} is KenLM's lmplz (`{lmplz} --help` "
-            f"prints its options; --lmplz or AMBERT_LMPLZ choose it, `bash launchers/setup.sh` builds it), then run "
-            f"the same command with --resume: the corpus pass is kept")
-    if any(f.returncode == -13 or (f.returncode != 0 and ("signal 13" in e or "Broken pipe" in e))
-           for f, e in zip(feeders, feed_errors)):  # SIGPIPE: the reader, lmplz, was gone
-        # lmplz exited 0 without reading all of its input (a binary that is not lmplz, e.g. /bin/true)
-        raise PhraseMiningError(
-            f"{lmplz} exited (status 0) without reading its input: it is not KenLM's lmplz, or a broken one. Point "
-            f"--lmplz (or ${LMPLZ_ENV}) at KenLM's lmplz, or run `bash launchers/setup.sh`, which builds it into "
-            f"third_party/kenlm/bin")
-    for feeder, error in zip(feeders, feed_errors):
-        if feeder.returncode != 0:  # lmplz saw a truncated corpus: never mine phrases from that
-            raise PhraseMiningError(f"reading the words files for lmplz failed ({feeder.args[0]} exit "
-                                    f"{feeder.returncode}): {error}")
-    log.info("phrases: lmplz order %d (-S %s) done in %.1fs", order, memory, time.time() - t0)
-    kept = {int(m.group(1)): int(m.group(2)) for m in _LMPLZ_KEPT.finditer(stderr)}
-    if order > 2 and kept.get(order) == 0:  # KenLM's step 3 crawls on an empty order (16 s instead of 0.2 on 2 MB)
-        log.warning("phrases: lmplz kept no %d-gram (--prune %s: --phrase-min-count %d), so no phrase has %d words; "
-                    "--ngram-order %d would give phrases as long as these ones in less time (KenLM is slow on an "
-                    "empty order)", order, " ".join(prune), config.min_count, order,
-                    max([o for o, n in kept.items() if n > 0] + [2]))
+                f"{lmplz} exited (status 0) without reading its input: it is not KenLM's lmplz, or a broken one. Point "
+                f"--lmplz (or ${LMPLZ_ENV}) at KenLM's lmplz, or run `bash launchers/setup.sh`, which builds it into "
+                f"third_party/kenlm/bin")
+        for feeder, error in zip(feeders, feed_errors):
+            if feeder.returncode != 0:  # lmplz saw a truncated corpus: never mine phrases from that
+                raise PhraseMiningError(f"reading the words files for lmplz failed ({feeder.args[0]} exit "
+                                        f"{feeder.returncode}): {error}")
+        log.info("phrases: lmplz order %d (-S %s) done in %.1fs", order, memory, time.time() - self.started)
+        kept = {int(m.group(1)): int(m.group(2)) for m in _LMPLZ_KEPT.finditer(stderr)}
+        if order > 2 and kept.get(order) == 0:  # KenLM's step 3 crawls on an empty order (16 s instead of 0.2 on 2 MB)
+            log.warning("phrases: lmplz kept no %d-gram (--prune %s: --phrase-min-count %d), so no phrase has %d words; "
+                        "--ngram-order %d would give phrases as long as these ones in less time (KenLM is slow on an "
+                        "empty order)", order, " ".join(self.prune), self.min_count, order,
+                        max([o for o, n in kept.items() if n > 0] + [2]))
 
 
 # lmplz's "Statistics:" lines: "<order> <kept>/<total> D1=..." (kept after --prune), or "<order> <count> D1=..."
@@ -920,25 +1010,36 @@ def mine_phrases(words_file: str | os.PathLike | Sequence[str | os.PathLike], co
                  temp_dir: str | os.PathLike | None = None,
                  count: Callable[[set[tuple[str, ...]]], Counter] | None = None,
                  while_lmplz_runs: Callable[[], None] | None = None, vocab_size: int | None = None,
-                 line_stride: int = 1) -> list[Phrase]:
+                 line_stride: int = 1, running: tuple[LmplzRun, Path] | None = None) -> list[Phrase]:
     """Mine the phrase dictionary of a word-tokenized corpus (one sentence a line, words space-separated;
     one file, or several read in order as one text).
 
     ``count(candidates)`` counts the candidate n-grams over the corpus (default: one pass over the
     words files; the build passes a parallel count over its shards). ``while_lmplz_runs()`` runs
-    while lmplz estimates the model (independent work: lmplz leaves part of a second core free)."""
+    while lmplz estimates the model (independent work: lmplz leaves part of a second core free).
+    ``running``: an ``LmplzRun`` already started on these files (and its ``intermediate`` prefix),
+    waited for instead of starting one."""
     config.validate()
     find_lmplz(config.lmplz)  # fail before any expensive work
     files = [words_file] if isinstance(words_file, (str, os.PathLike)) else list(words_file)
 
-    with tempfile.TemporaryDirectory(prefix="ambert-kenlm-", dir=temp_dir) as tmp:
-        # KenLM's intermediate binary model, not the ARPA text: the same numbers (a test checks the
-        # candidates against the ARPA reader's), without lmplz printing and us parsing 400k lines
-        # per 20 MB of text on the build's serial path.
-        model = Path(tmp) / "model"
-        run_lmplz(files, None, config, tmp, while_lmplz_runs, vocab_size, line_stride, intermediate=model)
+    if running is not None:  # (the caller's; its files are the caller's to remove)
+        run, model = running
+        try:
+            run.wait(while_lmplz_runs)
+        finally:
+            run.kill()
         t0 = time.time()
         candidates = select_candidates_intermediate(model, config)
+    else:
+        with tempfile.TemporaryDirectory(prefix="ambert-kenlm-", dir=temp_dir) as tmp:
+            # KenLM's intermediate binary model, not the ARPA text: the same numbers (a test checks the
+            # candidates against the ARPA reader's), without lmplz printing and us parsing 400k lines
+            # per 20 MB of text on the build's serial path.
+            model = Path(tmp) / "model"
+            run_lmplz(files, None, config, tmp, while_lmplz_runs, vocab_size, line_stride, intermediate=model)
+            t0 = time.time()
+            candidates = select_candidates_intermediate(model, config)
     log.info("phrases: %d candidates from the model in %.2fs; counting them", len(candidates), time.time() - t0)
     t0 = time.time()
     if count is None:

@@ -1009,3 +1009,109 @@ def test_an_empty_phrases_file_says_what_to_do(bbc_corpus, tmp_path, monkeypatch
     assert f"en: no phrases in --phrases {tmp_path / 'empty.tsv'}: the coarse side is words only. Give a file with " \
            f"phrases, or drop --phrases to mine them from this corpus" in caplog.text
     assert "Lower --phrase-min-count" not in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# lmplz reads the shards' words while the rest are analysed (a one-rank build)
+# ---------------------------------------------------------------------------------------------
+def _record_stream(monkeypatch) -> list[tuple[str, str]]:
+    """Events, in order: ("analysed", shard) as the analysis of a shard ends (inline: --workers 1),
+    ("fed", words file) as a file is named to lmplz, ("started"/"killed", "") for the lmplz run."""
+    from data_prep import phrases
+
+    events: list[tuple[str, str]] = []
+    analyse, add, init, kill = core._analyze, phrases.LmplzRun.add, phrases.LmplzRun.__init__, phrases.LmplzRun.kill
+
+    def analysed(task):
+        result = analyse(task)
+        events.append(("analysed", Path(result[0]).name))
+        return result
+
+    def fed(self, files):
+        files = list(files)
+        events.extend(("fed", Path(f).parent.parent.name) for f in files)
+        return add(self, files)
+
+    def started(self, *a, **kw):
+        init(self, *a, **kw)
+        events.append(("started", kw.get("described", "")))
+
+    def killed(self):
+        if any(p.poll() is None for p in getattr(self, "processes", [])):
+            events.append(("killed", ""))
+        return kill(self)
+
+    monkeypatch.delenv(english.LMPLZ_STREAM_ENV, raising=False)
+    monkeypatch.setattr(core, "_analyze", analysed)
+    monkeypatch.setattr(phrases.LmplzRun, "add", fed)
+    monkeypatch.setattr(phrases.LmplzRun, "__init__", started)
+    monkeypatch.setattr(phrases.LmplzRun, "kill", killed)
+    return events
+
+
+@needs_lmplz
+def test_lmplz_reads_each_shard_as_it_is_analysed_and_the_model_is_the_same(built, bbc_corpus, tmp_path, monkeypatch):
+    events = _record_stream(monkeypatch)
+    out = tmp_path / "streamed"
+    core.build(_config(bbc_corpus, out, workers=1))
+    analysed = [k for kind, k in events if kind == "analysed"]
+    fed = [k for kind, k in events if kind == "fed"]
+    assert len(analysed) > 3 and fed == sorted(analysed)  # every shard's words, in corpus order
+    assert events[0] == ("started", "the shards' words files as they are analysed")
+    # shard 0's words reached lmplz before the second shard was analysed: lmplz counted while the
+    # build analysed the rest, and the same model came out
+    assert events.index(("fed", fed[0])) < events.index(("analysed", analysed[1]))
+    assert ("killed", "") not in events
+    assert not (core.work_dir_for(out) / "scratch-streamed").exists()
+    assert _dataset_files(out) == _dataset_files(built)
+
+    # off (AMBERT_LMPLZ_STREAM=0): lmplz starts after the analysis, on the same files: same bytes
+    events.clear()
+    monkeypatch.setenv(english.LMPLZ_STREAM_ENV, "0")
+    core.build(_config(bbc_corpus, tmp_path / "after", workers=1))
+    first_fed = next(i for i, (kind, _) in enumerate(events) if kind == "fed")
+    assert max(i for i, (kind, _) in enumerate(events) if kind == "analysed") < first_fed
+    assert _dataset_files(tmp_path / "after") == _dataset_files(built)
+
+
+@needs_lmplz
+def test_a_text_larger_than_estimated_gets_lmplz_again_on_its_sample(bbc_corpus, tmp_path, monkeypatch, caplog):
+    """The stride of --lm-sample depends on the words text's size, known after the analysis: the
+    estimate said "all of it", the text is larger, so the streamed run is stopped and lmplz runs on
+    the sample, as with streaming off."""
+    import logging
+
+    events = _record_stream(monkeypatch)
+    monkeypatch.setattr(english, "WORDS_PER_TEXT_BYTE", 0.01)  # the estimate: 1/100 of the text
+    sample = {"lm_sample": "100k", "discount_fallback": True}
+    with caplog.at_level(logging.INFO, logger="data_prep"):
+        core.build(_config(bbc_corpus, tmp_path / "wrong", workers=1, language_options=sample))
+    assert ("killed", "") in events and "lmplz runs again on a sample of the words text" in caplog.text
+    monkeypatch.setenv(english.LMPLZ_STREAM_ENV, "0")
+    core.build(_config(bbc_corpus, tmp_path / "off", workers=1, language_options=sample))
+    assert json.loads((tmp_path / "off" / "meta.json").read_text())["stats"]["kenlm_text"]["sentence_stride"] > 1
+    assert _dataset_files(tmp_path / "wrong") == _dataset_files(tmp_path / "off")
+
+
+def test_a_failed_analysis_stops_the_streamed_lmplz(bbc_corpus, tmp_path, monkeypatch):
+    """A shard that fails to analyse stops the build; lmplz, started with the analysis, goes too
+    (no orphan reading a pipe nobody closes), with its files."""
+    import psutil
+
+    fake = tmp_path / "lmplz"  # an lmplz that never finishes on its own
+    fake.write_text("#!/bin/sh\nexec sleep 120\n")
+    fake.chmod(0o755)
+    events = _record_stream(monkeypatch)
+    analyse = core._analyze
+
+    def fail_third(task):
+        if len([e for e in events if e[0] == "analysed"]) == 2:
+            raise RuntimeError("injected analysis failure")
+        return analyse(task)
+
+    monkeypatch.setattr(core, "_analyze", fail_third)
+    with pytest.raises(Exception, match="injected analysis failure"):
+        core.build(_config(bbc_corpus, tmp_path / "out", workers=1, language_options={"lmplz": str(fake)}))
+    assert events[0][0] == "started" and ("killed", "") in events
+    assert not [c for c in psutil.Process().children(recursive=True) if c.name() in ("sleep", "xargs", "cat")]
+    assert not (core.work_dir_for(tmp_path / "out") / "scratch-streamed").exists()
