@@ -29,6 +29,10 @@ How to implement a language (English does this in ``data_prep/english.py``)
    expensive segmenter never runs twice); return count tables (e.g. {"char": ..., "word": ...}).
    The core sums the Counters of all shards (and all MPI ranks) key by key. A table may also be
    returned already packed (``PackedCounter``: the keys joined by NUL, an int64 count each).
+   Optional, in the process that will run ``fit`` of a one-rank build: ``on_analysis_start``,
+   ``on_shard_analysed`` (each shard in corpus order, as soon as it and those before it are
+   analysed), ``on_analysis_end``, ``abort_background``: work on the shards' caches while the rest
+   are analysed (English starts KenLM's lmplz there and feeds it each shard's words).
 7. ``fit(counts, corpus, artifacts_dir) -> dict``: runs ONCE (main process / MPI rank 0) after
    every shard was analysed. ``counts`` are the summed Counters. ``corpus`` (a ``Corpus``) streams
    the documents again if a corpus-level training step needs the text: ``corpus.documents()``
