@@ -1042,6 +1042,7 @@ def _record_stream(monkeypatch) -> list[tuple[str, str]]:
         return kill(self)
 
     monkeypatch.delenv(english.LMPLZ_STREAM_ENV, raising=False)
+    monkeypatch.setattr(core, "usable_cpus", lambda: 4)  # a core the workers leave free
     monkeypatch.setattr(core, "_analyze", analysed)
     monkeypatch.setattr(phrases.LmplzRun, "add", fed)
     monkeypatch.setattr(phrases.LmplzRun, "__init__", started)
@@ -1072,6 +1073,14 @@ def test_lmplz_reads_each_shard_as_it_is_analysed_and_the_model_is_the_same(buil
     first_fed = next(i for i, (kind, _) in enumerate(events) if kind == "fed")
     assert max(i for i, (kind, _) in enumerate(events) if kind == "analysed") < first_fed
     assert _dataset_files(tmp_path / "after") == _dataset_files(built)
+
+    # on, but with no core left free (2 workers, 2 CPUs): lmplz would only slow the workers down
+    events.clear()
+    monkeypatch.delenv(english.LMPLZ_STREAM_ENV)
+    monkeypatch.setattr(core, "usable_cpus", lambda: 2)
+    core.build(_config(bbc_corpus, tmp_path / "busy", workers=2))
+    assert [kind for kind, _ in events][0] == "started" and events[0][1].endswith("words file(s)")
+    assert _dataset_files(tmp_path / "busy") == _dataset_files(built)
 
 
 @needs_lmplz
