@@ -679,15 +679,61 @@ class EnglishTokenizers:
         words = list(itertools.chain.from_iterable(sentences))
         sentence_lengths = np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences))
         if not words:
-            empty = np.zeros(0, dtype=np.int64)
-            return {"fine": empty, "coarse": empty, "align": empty, "fine_lengths": empty, "coarse_lengths": empty}
+            return self._empty_block()
         self._ensure_words(set(words))
+        self.stats.characters += sum(map(len, words))
+        return self._encode_flat(self._word_ids(words), sentence_lengths, words)
+
+    def encode_token_block(self, distinct: list[str], tokens: np.ndarray,
+                           max_sentences: int = 20_000) -> Iterator[dict[str, np.ndarray]]:
+        """``encode_block`` of a words file's dictionary encoding (``encoded_word_blocks``: the distinct
+        tokens and each token's index into them, "\n" ending each sentence), a piece of at most
+        ``max_sentences`` sentences at a time: the same arrays as ``encode_block`` of its sentences,
+        without a Python string per word (the build's analysis keeps this encoding of every shard)."""
+        is_word = np.fromiter((w != "\n" and w != "" for w in distinct), dtype=bool, count=len(distinct))
+        present = np.zeros(len(distinct), dtype=bool)
+        present[tokens] = True
+        self._ensure_words({w for w, keep in zip(distinct, (is_word & present).tolist()) if keep})
+        table = np.full(len(distinct), -1, dtype=np.int64)  # each distinct token's word id (-1: not a word)
+        table[present & is_word] = self._word_ids([w for w, keep in zip(distinct, (is_word & present).tolist()) if keep])
+        characters = np.fromiter(map(len, distinct), dtype=np.int64, count=len(distinct))
+        strings = np.empty(len(distinct), dtype=object)
+        strings[:] = distinct
+        word = is_word[tokens]
+        words_before = np.cumsum(word)  # words up to and including each token
+        ends = np.flatnonzero(tokens == distinct.index("\n")) if "\n" in distinct else np.zeros(0, dtype=np.int64)
+        sentence_ends = words_before[ends]  # flat word position where each sentence ends (exclusive)
+        word_tokens = tokens[word]
+        for first in range(0, len(ends), max_sentences):
+            last = min(first + max_sentences, len(ends))
+            begin = int(sentence_ends[first - 1]) if first else 0
+            end = int(sentence_ends[last - 1])
+            lengths = np.diff(sentence_ends[first:last], prepend=begin)
+            piece = word_tokens[begin:end]
+            if end == begin:
+                yield self._empty_block(last - first)
+                continue
+            self.stats.characters += int(characters[piece].sum())
+            # the words as strings for the phrase matching: a gather of object pointers, no string copies
+            yield self._encode_flat(table[piece], lengths, strings[piece].tolist())
+
+    @staticmethod
+    def _empty_block(sentences: int = 0) -> dict[str, np.ndarray]:
+        empty, zeros = np.zeros(0, dtype=np.int64), np.zeros(sentences, dtype=np.int64)
+        return {"fine": empty, "coarse": empty, "align": empty, "fine_lengths": zeros, "coarse_lengths": zeros}
+
+    def _word_ids(self, words: Sequence[str]) -> np.ndarray:
+        """Each word's id in the encoder's word index (every word indexed by ``_ensure_words``)."""
         if self._word_numbers is not None:
             word_ids = np.empty(len(words), dtype=np.int64)
-            if self._word_numbers.number(words, word_ids):  # (every word was indexed just above)
+            if self._word_numbers.number(words, word_ids):  # (every word was indexed before)
                 raise RuntimeError("internal: a word of the block was not in the encoder's word index")
-        else:
-            word_ids = np.fromiter(map(self._word_index.__getitem__, words), dtype=np.int64, count=len(words))
+            return word_ids
+        return np.fromiter(map(self._word_index.__getitem__, words), dtype=np.int64, count=len(words))
+
+    def _encode_flat(self, word_ids: np.ndarray, sentence_lengths: np.ndarray, words: Sequence[str]) -> dict[str, np.ndarray]:
+        """``encode_block``'s arrays from the words' ids (``words``: the same words as strings, read
+        where a phrase may start)."""
         unique_counts, unique_offsets, unique_flat, unique_coarse = (
             self._piece_counts, self._piece_offsets, self._pieces, self._word_coarse)
         coarse_index = self._coarse_index
@@ -711,9 +757,8 @@ class EnglishTokenizers:
             align[at] = pieces_before[at + n] - pieces_before[at]  # its words' fine pieces
         sentence_starts = np.cumsum(sentence_lengths) - sentence_lengths
         st = self.stats
-        st.sentences += len(sentences)
+        st.sentences += len(sentence_lengths)
         st.words += len(words)
-        st.characters += sum(map(len, words))
         st.phrase_tokens += len(starts)
         st.phrase_words += sum(lengths)
         return {
@@ -881,13 +926,18 @@ def write_shard_words(documents: Iterable[str], path: str | os.PathLike, lowerca
     return sizes, word_counts
 
 
-def read_shard_documents(path: str | os.PathLike) -> Iterator[list[list[str]]]:
-    """Documents of a shard words file: each a list of sentences, each a list of words."""
+def shard_document_sentences(path: str | os.PathLike) -> np.ndarray:
+    """How many sentences each document of a shard words file has (``DOC_SENTENCES_FILE`` beside it)."""
     counts_file = Path(path).with_name(DOC_SENTENCES_FILE)
     if not counts_file.is_file():
         raise FileNotFoundError(f"{counts_file} is missing: the shard cache was written by an older version; "
                                 f"delete the build's .partial work directory and run again")
-    per_document = np.load(counts_file)
+    return np.load(counts_file).astype(np.int64)
+
+
+def read_shard_documents(path: str | os.PathLike) -> Iterator[list[list[str]]]:
+    """Documents of a shard words file: each a list of sentences, each a list of words."""
+    per_document = shard_document_sentences(path)
     with open(path, encoding="utf-8") as f:
         for n in per_document.tolist():
             yield [f.readline().split() for _ in range(n)]
@@ -1346,22 +1396,19 @@ class English(Language):
         tk = self.tokenizers
         tk.stats = EnglishStats()
         parts: dict[str, list[np.ndarray]] = {k: [] for k in ("fine", "coarse", "align", "fine_lengths", "coarse_lengths")}
-        document_sentences: list[int] = []
-        block: list[list[str]] = []
-
-        def flush() -> None:
-            for key, value in tk.encode_block(block).items():
-                parts[key].append(compact_ints(value))  # int32: half the memory of the shard's tokens
-            block.clear()
-
-        for document in read_shard_documents(Path(cache_dir) / SHARD_WORDS_FILE):
-            document_sentences.append(len(document))
-            block.extend(document)
-            if len(block) >= 20_000:
-                flush()
-        if block:
-            flush()
+        words_file = Path(cache_dir) / SHARD_WORDS_FILE
+        document_sentences = shard_document_sentences(words_file)
+        # The analysis's dictionary encoding of the words (one block for a shard; the text is split
+        # again only if it is gone), not a Python list of strings per sentence.
+        for distinct, tokens in encoded_word_blocks(words_file):
+            for block in tk.encode_token_block(distinct, tokens):
+                for key, value in block.items():
+                    parts[key].append(compact_ints(value))  # int32: half the memory of the shard's tokens
         st = tk.stats
+        if st.sentences != int(document_sentences.sum()):
+            raise FileNotFoundError(f"{words_file} holds {st.sentences} sentences, {DOC_SENTENCES_FILE} beside it "
+                                    f"{int(document_sentences.sum())}: the shard cache is damaged; delete the "
+                                    f"build's .partial work directory and run again")
         arrays = {}
         for k in list(parts):  # each stream's blocks freed as soon as they are concatenated
             v = parts.pop(k)
@@ -1369,7 +1416,7 @@ class English(Language):
             del v
         return EncodedShard(
             **arrays,
-            document_sentences=np.asarray(document_sentences, dtype=np.int64),
+            document_sentences=document_sentences,
             characters=st.characters,
             extra={"words": st.words, "multiword_phrase_tokens": st.phrase_tokens,
                    "words_inside_phrases": st.phrase_words},

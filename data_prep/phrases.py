@@ -1200,22 +1200,21 @@ class PhraseTokenizer:
             return [], []
         ids = self.pair_word_ids(words) if pair_ids is None else np.asarray(pair_ids, dtype=np.int64)
         _, base, table, pair_longest, pair_is_phrase = self._pair_tables()
-        keys = ids[:-1] * base + ids[1:]
-        slot = np.minimum(np.searchsorted(table, keys), len(table) - 1)
-        pair = table[slot] == keys  # position i starts a (first, second) word pair of some phrase
         if candidates is None:
-            candidates = np.flatnonzero(pair)
+            candidates = np.arange(len(ids) - 1)
         else:
             candidates = np.asarray(candidates, dtype=np.int64)
-            candidates = candidates[candidates < len(pair)]
-            candidates = candidates[pair[candidates]]
+            candidates = candidates[candidates < len(ids) - 1]
+        keys = ids[candidates] * base + ids[candidates + 1]
+        slot = np.minimum(np.searchsorted(table, keys), len(table) - 1)
+        pair = table[slot] == keys  # the candidate starts a (first, second) word pair of some phrase
+        candidates, slot = candidates[pair], slot[pair]
         if len(candidates) == 0:
             return [], []
         lengths = np.asarray(sentence_lengths, dtype=np.int64)
         ends = np.cumsum(lengths)
         # end (exclusive) of the sentence holding each candidate position
         limit = ends[np.searchsorted(ends, candidates, side="right")]
-        slot = slot[candidates]
         longest_here = np.minimum(pair_longest[slot], limit - candidates)
         pair_is_phrase = pair_is_phrase[slot]
         phrases = self.phrases

@@ -23,7 +23,7 @@ from data_prep import core, english
 from data_prep import format as fmt
 from data_prep.format import PHRASES_FILE, PairedDataset, detokenize
 from data_prep.languages import LanguageError
-from data_prep.phrases import read_phrases_tsv
+from data_prep.phrases import encoded_words_path, read_phrases_tsv
 from tests.kenlm_marks import have_lmplz, needs_lmplz
 
 BUILD_ERRORS = (LanguageError, core.BuildError)  # the engine re-raises a plugin's error as BuildError
@@ -449,6 +449,44 @@ def test_token_ids_through_the_c_numbering_equal_the_dict_lookups(built, bbc_cor
     assert len(results[0]) > 3
     for a, b in zip(*results):
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_shard_encoding_from_the_analysis_ids_equals_the_text_path(built, bbc_corpus, tmp_path, monkeypatch):
+    """encode_shard encodes the dictionary encoding of the shard's words that the analysis kept (or,
+    when it is gone, the words file split again by Arrow), in pieces of sentences: the same arrays
+    and counts as encode_block of the words file's sentences read as text, and a damaged cache
+    (sentence counts that do not add up) is an error that names the fix."""
+    docs = [json.loads(line)["text"] for line in bbc_corpus.read_text(encoding="utf-8").splitlines()[:300]]
+    docs += ["A naïve snowman \u2603 met 中 and \U00020000 in " + "x" * 300 + ". The prime minister said so.", "",
+             "The prime minister. Prime minister Tony Blair; the prime minister."]
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    words_file = cache / english.SHARD_WORDS_FILE
+    english.write_shard_words(docs, words_file)
+    text_path = english.EnglishTokenizers.load(built)
+    expected = text_path.encode_block([s for d in english.read_shard_documents(words_file) for s in d])
+    assert text_path.stats.phrase_tokens > 20  # phrases are matched, some of them at sentence ends
+
+    lang = english.English({})
+    runs = {}
+    for case in ("saved", "pieces", "from text"):
+        if case == "pieces":  # pieces of 7 sentences: the arrays are concatenated as one
+            monkeypatch.setattr(english.EnglishTokenizers.encode_token_block, "__defaults__", (7,))
+        if case == "from text":
+            encoded_words_path(words_file).unlink()
+        lang.load(built)
+        runs[case] = enc = lang.encode_shard(cache)
+        for key in expected:
+            assert np.array_equal(getattr(enc, key), expected[key]), (case, key)
+        assert enc.characters == text_path.stats.characters
+        assert enc.extra == {"words": text_path.stats.words, "multiword_phrase_tokens": text_path.stats.phrase_tokens,
+                             "words_inside_phrases": text_path.stats.phrase_words}
+        assert enc.document_sentences.tolist() == [len(d) for d in english.read_shard_documents(words_file)]
+    assert runs["from text"].num_documents == len(docs)
+
+    np.save(cache / english.DOC_SENTENCES_FILE, np.asarray([1, 2], dtype=np.int64))
+    with pytest.raises(FileNotFoundError, match="shard cache is damaged; delete the build's .partial work directory"):
+        lang.encode_shard(cache)
 
 
 def test_two_workers_identical(built, bbc_corpus, tmp_path):
