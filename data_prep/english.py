@@ -77,6 +77,7 @@ from data_prep.phrases import (
     count_ngrams_in_words_file,
     encode_words_bytes,
     encoded_word_blocks,
+    greedy_choice,
     lm_line_stride,
     mine_phrases,
     parse_size,
@@ -591,6 +592,7 @@ class EnglishTokenizers:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_word_numbers"] = None  # (a C object; rebuilt on unpickling)
+        state["_gram_coarse"] = None  # (follows the phrase tokenizer's NgramIndex, rebuilt where used)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -682,7 +684,14 @@ class EnglishTokenizers:
             return self._empty_block()
         self._ensure_words(set(words))
         self.stats.characters += sum(map(len, words))
-        return self._encode_flat(self._word_ids(words), sentence_lengths, words)
+        word_ids = self._word_ids(words)
+        starts, lengths = self.phrase_tokenizer.flat_matches(words, sentence_lengths,
+                                                             np.flatnonzero(self._word_starts_phrase[word_ids]),
+                                                             self._word_pair_id[word_ids])
+        coarse_index = self._coarse_index
+        phrase_coarse = [coarse_index[PHRASE_JOINER.join(words[a:a + k])] for a, k in zip(starts, lengths)]
+        return self._encode_flat(word_ids, sentence_lengths, np.asarray(starts, dtype=np.int64),
+                                 np.asarray(lengths, dtype=np.int64), np.asarray(phrase_coarse, dtype=np.int64))
 
     def encode_token_block(self, distinct: list[str], tokens: np.ndarray,
                            max_sentences: int = 20_000) -> Iterator[dict[str, np.ndarray]]:
@@ -697,8 +706,10 @@ class EnglishTokenizers:
         table = np.full(len(distinct), -1, dtype=np.int64)  # each distinct token's word id (-1: not a word)
         table[present & is_word] = self._word_ids([w for w, keep in zip(distinct, (is_word & present).tolist()) if keep])
         characters = np.fromiter(map(len, distinct), dtype=np.int64, count=len(distinct))
-        strings = np.empty(len(distinct), dtype=object)
-        strings[:] = distinct
+        # The phrases are matched on the tokens (the "\n" tokens keep them inside sentences) as the
+        # fit's coarse counting matches them: ``NgramIndex.longest_match`` + ``greedy_choice``.
+        index = self.phrase_tokenizer.ngram_index()
+        index_ids = np.fromiter(map(index.word_id.get, distinct, itertools.repeat(-1)), dtype=np.int64, count=len(distinct))
         word = is_word[tokens]
         words_before = np.cumsum(word)  # words up to and including each token
         ends = np.flatnonzero(tokens == distinct.index("\n")) if "\n" in distinct else np.zeros(0, dtype=np.int64)
@@ -714,8 +725,25 @@ class EnglishTokenizers:
                 yield self._empty_block(last - first)
                 continue
             self.stats.characters += int(characters[piece].sum())
-            # the words as strings for the phrase matching: a gather of object pointers, no string copies
-            yield self._encode_flat(table[piece], lengths, strings[piece].tolist())
+            t0 = int(ends[first - 1]) + 1 if first else 0  # the piece's tokens
+            positions, longest, grams = index.longest_match(index_ids[tokens[t0:int(ends[last - 1]) + 1]], grams=True)
+            chosen = greedy_choice(positions, longest)
+            starts = words_before[positions[chosen] + t0] - 1 - begin  # token -> word position in the piece
+            yield self._encode_flat(table[piece], lengths, starts, longest[chosen],
+                                    self._phrase_coarse_ids(longest[chosen], grams[chosen]))
+
+    def _phrase_coarse_ids(self, lengths: np.ndarray, grams: np.ndarray) -> np.ndarray:
+        """The coarse id of each phrase given as (length, index among the n-grams of its length in the
+        phrase tokenizer's ``NgramIndex``)."""
+        if getattr(self, "_gram_coarse", None) is None:
+            coarse_index, levels = self._coarse_index, self.phrase_tokenizer.ngram_index().levels
+            self._gram_coarse = [np.fromiter((coarse_index.get(PHRASE_JOINER.join(g), -1) for g in level[2]),
+                                             dtype=np.int64, count=len(level[2])) for level in levels]
+        out = np.empty(len(lengths), dtype=np.int64)
+        for n in np.unique(lengths).tolist():
+            at = lengths == n
+            out[at] = self._gram_coarse[n - 2][grams[at]]
+        return out
 
     @staticmethod
     def _empty_block(sentences: int = 0) -> dict[str, np.ndarray]:
@@ -731,12 +759,12 @@ class EnglishTokenizers:
             return word_ids
         return np.fromiter(map(self._word_index.__getitem__, words), dtype=np.int64, count=len(words))
 
-    def _encode_flat(self, word_ids: np.ndarray, sentence_lengths: np.ndarray, words: Sequence[str]) -> dict[str, np.ndarray]:
-        """``encode_block``'s arrays from the words' ids (``words``: the same words as strings, read
-        where a phrase may start)."""
+    def _encode_flat(self, word_ids: np.ndarray, sentence_lengths: np.ndarray, starts: np.ndarray,
+                     lengths: np.ndarray, phrase_coarse: np.ndarray) -> dict[str, np.ndarray]:
+        """``encode_block``'s arrays from the words' ids and the phrases greedy tokenization chose
+        (their first words' positions, lengths in words and coarse ids)."""
         unique_counts, unique_offsets, unique_flat, unique_coarse = (
             self._piece_counts, self._piece_offsets, self._pieces, self._word_coarse)
-        coarse_index = self._coarse_index
 
         counts = unique_counts[word_ids]  # fine pieces of each word
         total = int(counts.sum())
@@ -745,22 +773,21 @@ class EnglishTokenizers:
 
         coarse = unique_coarse[word_ids]
         align = counts.copy()
-        keep = np.ones(len(words), dtype=bool)
-        candidates = np.flatnonzero(self._word_starts_phrase[word_ids])
-        starts, lengths = self.phrase_tokenizer.flat_matches(words, sentence_lengths, candidates,
-                                                             self._word_pair_id[word_ids])
-        if starts:  # each phrase: its coarse id at its first word, the rest of its words dropped
-            at, n = np.asarray(starts, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
+        keep = np.ones(len(word_ids), dtype=bool)
+        if len(starts):  # each phrase: its coarse id at its first word, the rest of its words dropped
+            at, n = starts, lengths
+            if (phrase_coarse < 0).any():
+                raise RuntimeError("internal: a phrase of the phrase tokenizer is not in the coarse vocabulary")
             keep[concat_ranges(at + 1, n - 1)] = False
-            coarse[at] = [coarse_index[PHRASE_JOINER.join(words[a:a + k])] for a, k in zip(starts, lengths)]
+            coarse[at] = phrase_coarse
             pieces_before = np.concatenate(([0], np.cumsum(counts)))
             align[at] = pieces_before[at + n] - pieces_before[at]  # its words' fine pieces
         sentence_starts = np.cumsum(sentence_lengths) - sentence_lengths
         st = self.stats
         st.sentences += len(sentence_lengths)
-        st.words += len(words)
+        st.words += len(word_ids)
         st.phrase_tokens += len(starts)
-        st.phrase_words += sum(lengths)
+        st.phrase_words += int(lengths.sum())
         return {
             "fine": fine,
             "coarse": coarse[keep],
@@ -799,13 +826,8 @@ def count_coarse_tokens(words_file: str | os.PathLike, phrase_tokenizer: PhraseT
         per_word = np.bincount(tokens, minlength=len(distinct)) * is_word
         table = np.fromiter(map(index.word_id.get, distinct, itertools.repeat(-1)), dtype=np.int64, count=len(distinct))
         positions, longest, grams = index.longest_match(table[tokens], grams=True)
-        chosen = []
-        covered = 0
-        for j, (i, length) in enumerate(zip(positions.tolist(), longest.tolist())):  # greedy, left to right
-            if i >= covered:
-                chosen.append(j)
-                covered = i + length
-        if chosen:
+        chosen = greedy_choice(positions, longest)
+        if len(chosen):
             starts_a, lengths_a, grams_a = positions[chosen], longest[chosen], grams[chosen]
             per_word -= np.bincount(tokens[concat_ranges(starts_a, lengths_a)], minlength=len(distinct))
             for length in range(2, int(lengths_a.max()) + 1):  # each phrase counted by its n-gram's index

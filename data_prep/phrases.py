@@ -906,6 +906,29 @@ class NgramIndex:
         return self._words[i]
 
 
+def greedy_choice(positions: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Which of the longest matches (at increasing ``positions``, ``lengths`` words long) greedy
+    left-to-right tokenization keeps: a match is dropped when it starts inside the last one kept.
+    Matches that overlap no earlier one are all kept at once; the loop only visits the runs of
+    overlapping matches (a few percent of them)."""
+    n = len(positions)
+    if n < 2:
+        return np.arange(n)
+    touches = np.zeros(n, dtype=bool)  # starts before the end of some earlier match
+    touches[1:] = positions[1:] < np.maximum.accumulate(positions + lengths)[:-1]
+    if not touches.any():
+        return np.arange(n)
+    keep = np.ones(n, dtype=bool)
+    runs = np.flatnonzero(touches | np.append(touches[1:], False))  # the overlapping runs' matches, in order
+    covered = 0  # (a run's first match starts after every earlier match's end: it is always kept)
+    for j, i, length in zip(runs.tolist(), positions[runs].tolist(), lengths[runs].tolist()):
+        if i >= covered:
+            covered = i + length
+        else:
+            keep[j] = False
+    return np.flatnonzero(keep)
+
+
 def count_ngrams(sentences: Iterable[Sequence[str]], ngrams: Iterable[tuple[str, ...]] | NgramIndex) -> Counter:
     """Occurrences of each of ``ngrams`` (overlapping) in ``sentences``; memory ~ len(ngrams) + a
     block of sentences (``NgramIndex``: array lookups, no Python loop per word)."""

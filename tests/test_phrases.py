@@ -549,3 +549,30 @@ def test_lmplz_model_does_not_depend_on_its_memory(tmp_path):
     ph.run_lmplz(words, tmp_path / "large.arpa", PhraseMiningConfig(lmplz_memory="256M"), tmp_path, vocab_size=vocab)
     assert (tmp_path / "small.arpa").stat().st_size > 150_000
     assert (tmp_path / "small.arpa").read_bytes() == (tmp_path / "large.arpa").read_bytes()
+
+
+def test_greedy_choice_equals_the_left_to_right_loop():
+    """greedy_choice keeps the matches a left-to-right loop keeps (a match is dropped when it starts
+    inside the last one kept), over runs of overlapping matches, isolated ones, and none."""
+    rng = np.random.default_rng(0)
+
+    def loop(positions, lengths):
+        kept, covered = [], 0
+        for j, (i, n) in enumerate(zip(positions.tolist(), lengths.tolist())):
+            if i >= covered:
+                kept.append(j)
+                covered = i + n
+        return kept
+
+    cases = [(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)),
+             (np.array([3]), np.array([2])), (np.array([0, 2, 4]), np.array([2, 2, 2])),
+             (np.array([0, 1, 2, 3]), np.array([2, 2, 2, 2])), (np.array([0, 1, 5, 6, 7]), np.array([4, 2, 2, 3, 2]))]
+    for _ in range(300):
+        positions = np.sort(rng.choice(60, size=int(rng.integers(1, 30)), replace=False)).astype(np.int64)
+        cases.append((positions, rng.integers(2, 6, size=len(positions)).astype(np.int64)))
+    dropped = 0
+    for positions, lengths in cases:
+        expected = loop(positions, lengths)
+        assert ph.greedy_choice(positions, lengths).tolist() == expected, (positions, lengths)
+        dropped += len(positions) - len(expected)
+    assert dropped > 100  # the random cases overlap
