@@ -710,25 +710,23 @@ class EnglishTokenizers:
         # fit's coarse counting matches them: ``NgramIndex.longest_match`` + ``greedy_choice``.
         index = self.phrase_tokenizer.ngram_index()
         index_ids = np.fromiter(map(index.word_id.get, distinct, itertools.repeat(-1)), dtype=np.int64, count=len(distinct))
-        word = is_word[tokens]
-        words_before = np.cumsum(word)  # words up to and including each token
         ends = np.flatnonzero(tokens == distinct.index("\n")) if "\n" in distinct else np.zeros(0, dtype=np.int64)
-        sentence_ends = words_before[ends]  # flat word position where each sentence ends (exclusive)
-        word_tokens = tokens[word]
-        for first in range(0, len(ends), max_sentences):
+        for first in range(0, len(ends), max_sentences):  # piece by piece: the temporaries stay small
             last = min(first + max_sentences, len(ends))
-            begin = int(sentence_ends[first - 1]) if first else 0
-            end = int(sentence_ends[last - 1])
-            lengths = np.diff(sentence_ends[first:last], prepend=begin)
-            piece = word_tokens[begin:end]
-            if end == begin:
+            t0 = int(ends[first - 1]) + 1 if first else 0
+            piece_tokens = tokens[t0:int(ends[last - 1]) + 1]
+            word = is_word[piece_tokens]
+            words_before = np.cumsum(word)  # the piece's words up to and including each token
+            sentence_ends = words_before[ends[first:last] - t0]  # word position where each sentence ends (exclusive)
+            if not len(sentence_ends) or not sentence_ends[-1]:
                 yield self._empty_block(last - first)
                 continue
+            lengths = np.diff(sentence_ends, prepend=0)
+            piece = piece_tokens[word]
             self.stats.characters += int(characters[piece].sum())
-            t0 = int(ends[first - 1]) + 1 if first else 0  # the piece's tokens
-            positions, longest, grams = index.longest_match(index_ids[tokens[t0:int(ends[last - 1]) + 1]], grams=True)
+            positions, longest, grams = index.longest_match(index_ids[piece_tokens], grams=True)
             chosen = greedy_choice(positions, longest)
-            starts = words_before[positions[chosen] + t0] - 1 - begin  # token -> word position in the piece
+            starts = words_before[positions[chosen]] - 1  # token -> word position in the piece
             yield self._encode_flat(table[piece], lengths, starts, longest[chosen],
                                     self._phrase_coarse_ids(longest[chosen], grams[chosen]))
 
