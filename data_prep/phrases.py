@@ -971,7 +971,7 @@ def _saved_encoding(words_file: str | os.PathLike) -> tuple[list[str], np.ndarra
     z = load_arrays(path)
     if int(z["words_bytes"]) != os.path.getsize(words_file):
         return None
-    return z["distinct"].tobytes().decode("utf-8").split(" "), z["tokens"].astype(np.int64)
+    return z["distinct"].tobytes().decode("utf-8").split(" "), z["tokens"]  # as saved: int32 below 2**31 distinct tokens
 
 
 def encoded_word_blocks(words_file: str | os.PathLike, block_bytes: int = WORDS_BLOCK_BYTES) -> Iterator[tuple[list[str], np.ndarray]]:
@@ -980,7 +980,8 @@ def encoded_word_blocks(words_file: str | os.PathLike, block_bytes: int = WORDS_
     dictionary-encoded by Arrow: (distinct tokens, int64 index of each token into them), where a
     "\n" token ends each sentence (and a final "" may follow). One Python string per distinct word,
     not one per word; memory bounded by ``block_bytes``. A words file the build's analysis encoded
-    (``save_encoded_words``; a shard is at most 16M characters) comes back as that one block."""
+    (``save_encoded_words``; a shard is at most 16M characters) comes back as that one block, its
+    index as saved (int32: half the memory of an int64 copy)."""
     saved = _saved_encoding(words_file)
     if saved is not None:
         yield saved
