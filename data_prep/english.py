@@ -694,7 +694,7 @@ class EnglishTokenizers:
                                  np.asarray(lengths, dtype=np.int64), np.asarray(phrase_coarse, dtype=np.int64))
 
     def encode_token_block(self, distinct: list[str], tokens: np.ndarray,
-                           max_sentences: int = 20_000) -> Iterator[dict[str, np.ndarray]]:
+                           max_sentences: int = 5_000) -> Iterator[dict[str, np.ndarray]]:
         """``encode_block`` of a words file's dictionary encoding (``encoded_word_blocks``: the distinct
         tokens and each token's index into them, "\n" ending each sentence), a piece of at most
         ``max_sentences`` sentences at a time: the same arrays as ``encode_block`` of its sentences,
