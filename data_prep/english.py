@@ -956,7 +956,8 @@ def shard_document_sentences(path: str | os.PathLike) -> np.ndarray:
 
 
 def read_shard_documents(path: str | os.PathLike) -> Iterator[list[list[str]]]:
-    """Documents of a shard words file: each a list of sentences, each a list of words."""
+    """Documents of a shard words file: each a list of sentences, each a list of words, read as text
+    (the encoding reads the analysis's dictionary encoding instead; tests hold the two equal)."""
     per_document = shard_document_sentences(path)
     with open(path, encoding="utf-8") as f:
         for n in per_document.tolist():
