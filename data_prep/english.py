@@ -1003,6 +1003,7 @@ def fit_english(words_files: Sequence[Path], sizes: Counter, word_counts: Counte
     The fine vocabulary is trained while lmplz runs (they are independent). ``streamed``: lmplz already
     reading these files (started before the analysis), used when it reads what this fit would give it.
     """
+    t_fit = time.time()
     words_files = [Path(f) for f in words_files]
     seconds: dict[str, float] = {"corpus_counts": 0.0}  # the two counting passes: the fit's parallel part
 
@@ -1103,7 +1104,12 @@ def fit_english(words_files: Sequence[Path], sizes: Counter, word_counts: Counte
             streamed.run.kill()
         elif streamed is not None:
             running = (streamed.run, streamed.model)
-        phrases = mine_phrases(words_files, config.mining, temp_dir=scratch_dir, count=count_ngrams_in_corpus,
+        def count_candidates(ngrams: set) -> Counter:
+            # the fit's seconds until lmplz's model gave the candidates (the WordPiece trains beside it)
+            seconds["kenlm"] = round(time.time() - t_fit, 2)
+            return count_ngrams_in_corpus(ngrams)
+
+        phrases = mine_phrases(words_files, config.mining, temp_dir=scratch_dir, count=count_candidates,
                                while_lmplz_runs=fit_fine, vocab_size=len(word_counts) or None,
                                line_stride=stride, running=running)
     write_phrases_tsv(artifacts_dir / PHRASES_FILE, phrases)

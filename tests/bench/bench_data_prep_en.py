@@ -28,7 +28,8 @@ Goals printed as ratios: build (both granularities) >= 0.5x the peer's MB/s; 2 w
 phrase tokenization >= 5x faster than the fine tokenizer. With them, the two physical limits of the
 2-worker speed-up on this machine (from the best 1-worker round): its cores (2 / the cores the
 1-worker build already keeps busy) and Amdahl's law (the stages the workers share out twice as fast,
-the rest as long as before).
+the rest as long as before); and KenLM's limit on any machine: lmplz on the whole text is serial, so
+with L its time and P what the 1-worker build does after it, 2 / 1 workers <= (L + P) / (L + P/2).
 """
 
 from __future__ import annotations
@@ -151,6 +152,7 @@ def main() -> None:
     cpu: dict[str, float] = {}
     paired: dict[str, list[float]] = {"build": [], "encode": [], "sampled": []}  # 1-worker / 2-worker, same round
     best_one: tuple[float, float, dict] = (0.0, 0.0, {})
+    kenlm_2 = float("inf")  # the 2-worker build's wait for lmplz (it starts after the analysis there)
     for r in range(args.rounds):
         this_round: dict[str, float] = {}
         for name, cmd in commands.items():
@@ -162,6 +164,9 @@ def main() -> None:
             print(f"  round {r + 1}: {name:9s} {seconds:7.2f}s wall {cpu_seconds:7.2f}s CPU", flush=True)
             if name == "build-1" and seconds <= rows[name]:  # the best 1-worker round: its CPU and stage times
                 best_one = (seconds, cpu_seconds, json.loads((work / "b1" / "meta.json").read_text()))
+            if name == "build-2":
+                fit2 = json.loads((work / "b2" / "meta.json").read_text())["stats"]["fit_seconds"]
+                kenlm_2 = min(kenlm_2, fit2.get("kenlm", float("inf")))
         for kind in paired:
             paired[kind].append(this_round[f"{kind}-1"] / this_round[f"{kind}-2"])
 
@@ -245,6 +250,16 @@ def main() -> None:
           f"{ceiling_cores:.2f}x (the 1-worker build keeps {cpu1 / wall1:.2f} cores busy), Amdahl "
           f"{ceiling_amdahl:.2f}x ({shared:.2f} of its {wall1:.2f} s in the stages the workers share out); the "
           f"build reaches {rows['build-1'] / rows['build-2'] / min(ceiling_cores, ceiling_amdahl):.0%} of it")
+    # - KenLM, on any number of cores: lmplz reads the whole text and has no parallel estimator. With
+    #   L its wall time (the 2-worker build's wait for it) and P what the 1-worker build does after it
+    #   (the rest of the fit, the encoding, the merge): 1 worker >= L + P (its analysis can hide behind
+    #   lmplz), 2 workers >= L + P/2 (all of P shared out perfectly).
+    fit1 = meta1["stats"]["fit_seconds"]
+    if "kenlm" in fit1 and kenlm_2 != float("inf"):
+        after = stages["fit"] - fit1["kenlm"] + stages["encode"] + stages["merge"]
+        print(f"  KenLM's ceiling on any number of cores        = {(kenlm_2 + after) / (kenlm_2 + after / 2):.2f}x: "
+              f"(L + P) / (L + P/2), L = lmplz's {kenlm_2:.2f} s in the 2-worker build, P = the 1-worker build's "
+              f"{after:.2f} s after it; 1.7x needs P >= 4.7 L")
     print(f"  build with lmplz on a sample, 2 / 1 workers  = {rows['sampled-1'] / rows['sampled-2']:.2f}x, median of pairs "
           f"{med['sampled']:.2f}x  (a corpus beyond --lm-sample: KenLM's serial share bounded)")
     print(f"  lmplz reading the words as they are analysed  = {rows['after-1'] / rows['build-1']:.2f}x faster with 1 "
