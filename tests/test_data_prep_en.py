@@ -330,6 +330,9 @@ def test_build_round_trip(built, bbc_corpus):
     stats = ds.meta["stats"]
     assert stats["phrases_in_coarse_vocab"] > 50 and 0 < stats["multiword_phrase_fraction_of_coarse_tokens"] < 0.5
     assert stats["multiword_phrase_tokens"] > 0 and stats["fine_oov_rate"] == 0
+    fit = stats["fit_seconds"]  # the wait for lmplz's candidates: within the mining, before its counting
+    assert 0 < fit["kenlm"] <= fit["phrases"] and set(fit) == {"kenlm", "phrases", "fine_tokenizer", "corpus_counts",
+                                                              "coarse_vocab"}
     assert (built / PHRASES_FILE).is_file() and (built / "phrase_report.txt").is_file()
     assert "[" in (built / "phrase_report.txt").read_text()  # examples show phrases
     decoded = Counter()
